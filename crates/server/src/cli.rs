@@ -1,0 +1,82 @@
+//! The flags every service binary takes, and the shape of its `main`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError};
+
+/// Flags shared by the five service binaries.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// TOML config file; every field can also be set by a `BERTH_<SECTION>__<FIELD>` env var.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC address, `HOST:PORT` or `unix:///path` (sets server.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// HTTP address for metrics and HTTP APIs, empty to disable (sets server.http_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// Sets any config field, e.g. `--set store.path=/var/lib/berth/state.db`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl CommonArgs {
+    /// Loads the service's config with these flags applied last.
+    pub fn load<T: DeserializeOwned + Serialize + Default>(&self) -> Result<T, ConfigError> {
+        let mut overrides = config::parse_overrides(&self.overrides)?;
+        if let Some(listen) = &self.listen {
+            overrides.push(("server.listen".into(), listen.clone()));
+        }
+        if let Some(http) = &self.http_listen {
+            overrides.push(("server.http_listen".into(), http.clone()));
+        }
+        config::load(self.config.as_deref(), &overrides)
+    }
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            () = terminate => tracing::info!("SIGTERM received"),
+        }
+        token.cancel();
+    });
+}
+
+/// Prints a start-up or serving error the way every binary does, and gives
+/// the exit code.
+pub fn exit_with(service: &str, result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    message.push_str(": ");
+                    message.push_str(&text);
+                }
+                source = cause.source();
+            }
+            eprintln!("{service}: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The parts every berth service shares: typed config loaded from TOML,
+//! `BERTH_*` env vars and flags; the gRPC server bootstrap (reflection,
+//! health, tower layers, graceful shutdown, metrics HTTP endpoint);
+//! telemetry; and the error code that maps a service error to gRPC and HTTP.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod listen;
+pub mod metrics;
+pub mod serve;
+pub mod telemetry;
+
+pub use config::{ConfigError, ServerConfig};
+pub use error::{ErrorCode, ServiceError};
+pub use listen::{GrpcListener, ListenAddr};
+pub use serve::{ServeError, ServiceHost};
+pub use tokio_util::sync::CancellationToken;
