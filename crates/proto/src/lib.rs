@@ -3,7 +3,8 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
 
 /// The encoded `FileDescriptorSet` of every berth proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));
 
 pub mod common {
     pub mod v1 {

@@ -80,3 +80,50 @@ pub fn exit_with(service: &str, result: Result<(), Box<dyn std::error::Error>>) 
         }
     }
 }
+
+/// Flags of a service binary.
+#[derive(Debug, clap::Parser)]
+struct ServiceArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// The whole `main` of a service binary: parse flags, load the config (a
+/// type with a `[server]` section), start telemetry, start the service with
+/// `start`, stop it on SIGTERM/SIGINT. Errors go to stderr and exit 1.
+pub fn service_main<C, F, Fut>(name: &'static str, about: &'static str, start: F) -> ExitCode
+where
+    C: DeserializeOwned + Serialize + Default + HasServerConfig,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::RunningService, Box<dyn std::error::Error>>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = ServiceArgs::command()
+        .name(name)
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let args = match ServiceArgs::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(error) => error.exit(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return exit_with(name, Err(error.into())),
+    };
+    let result = runtime.block_on(async move {
+        let config: C = args.common.load()?;
+        let _telemetry = crate::telemetry::init(name, config.server_config())?;
+        let running = start(config).await?;
+        tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, "{name} started");
+        cancel_on_signal(running.shutdown_token());
+        running.wait().await?;
+        Ok(())
+    });
+    exit_with(name, result)
+}
+
+/// A service config that has the shared `[server]` section.
+pub trait HasServerConfig {
+    fn server_config(&self) -> &crate::ServerConfig;
+}

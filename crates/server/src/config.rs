@@ -132,7 +132,9 @@ where
         figment = figment.merge(Toml::file_exact(path));
     }
     for (name, value) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         let key = rest.to_ascii_lowercase().replace("__", ".");
         if known.contains(&key) {
             figment = figment.merge(Serialized::default(&key, parse_scalar(&value)));
@@ -178,7 +180,11 @@ fn field_paths<T: Serialize>(value: &T) -> BTreeSet<String> {
         match value {
             serde_json::Value::Object(map) if !map.is_empty() => {
                 for (key, child) in map {
-                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
                     walk(&path, child, out);
                 }
             }
@@ -214,7 +220,10 @@ mod tests {
 
     impl Default for Store {
         fn default() -> Self {
-            Self { path: "state.db".into(), retries: 3 }
+            Self {
+                path: "state.db".into(),
+                retries: 3,
+            }
         }
     }
 
@@ -226,11 +235,18 @@ mod tests {
 
     #[test]
     fn file_env_and_flags_override_in_order() {
-        let file = write("[server]\nlisten = \"127.0.0.1:9\"\n[store]\npath = \"a.db\"\nretries = 5\n");
+        let file =
+            write("[server]\nlisten = \"127.0.0.1:9\"\n[store]\npath = \"a.db\"\nretries = 5\n");
         let env = vec![
             ("BERTH_STORE__PATH".to_string(), "b.db".to_string()),
-            ("BERTH_SERVER__MAX_CONCURRENT_REQUESTS".to_string(), "8".to_string()),
-            ("BERTH_MODEL_CACHE".to_string(), "/ignored: not a field".to_string()),
+            (
+                "BERTH_SERVER__MAX_CONCURRENT_REQUESTS".to_string(),
+                "8".to_string(),
+            ),
+            (
+                "BERTH_MODEL_CACHE".to_string(),
+                "/ignored: not a field".to_string(),
+            ),
         ];
         let overrides = vec![("store.retries".to_string(), "7".to_string())];
         let config: Example = load_from_env(Some(file.path()), &overrides, env).unwrap();
@@ -243,28 +259,43 @@ mod tests {
     #[test]
     fn unknown_field_in_file_is_named() {
         let file = write("[store]\npaht = \"a.db\"\n");
-        let error = load_from_env::<Example>(Some(file.path()), &[], vec![]).unwrap_err().to_string();
+        let error = load_from_env::<Example>(Some(file.path()), &[], vec![])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("paht"), "{error}");
     }
 
     #[test]
     fn bad_value_names_field_and_value() {
         let env = vec![("BERTH_STORE__RETRIES".to_string(), "many".to_string())];
-        let error = load_from_env::<Example>(None, &[], env).unwrap_err().to_string();
-        assert!(error.contains("retries") && error.contains("many"), "{error}");
+        let error = load_from_env::<Example>(None, &[], env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("retries") && error.contains("many"),
+            "{error}"
+        );
     }
 
     #[test]
     fn syntax_error_has_line() {
         let file = write("[store]\npath = \n");
-        let error = load_from_env::<Example>(Some(file.path()), &[], vec![]).unwrap_err().to_string();
+        let error = load_from_env::<Example>(Some(file.path()), &[], vec![])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]
     fn missing_file_and_unknown_flag_are_errors() {
-        let missing = load_from_env::<Example>(Some(Path::new("/nonexistent/berth.toml")), &[], vec![]);
-        assert!(missing.unwrap_err().to_string().contains("/nonexistent/berth.toml"));
+        let missing =
+            load_from_env::<Example>(Some(Path::new("/nonexistent/berth.toml")), &[], vec![]);
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent/berth.toml")
+        );
         let flag = load_from_env::<Example>(None, &[("store.nope".into(), "1".into())], vec![]);
         assert!(flag.unwrap_err().to_string().contains("store.nope"));
     }

@@ -14,5 +14,9 @@ pub mod telemetry;
 pub use config::{ConfigError, ServerConfig};
 pub use error::{ErrorCode, ServiceError};
 pub use listen::{GrpcListener, ListenAddr};
-pub use serve::{ServeError, ServiceHost};
+pub use serve::{RunningService, ServeError, ServiceHost};
 pub use tokio_util::sync::CancellationToken;
+
+/// The response stream type of a server-streaming RPC.
+pub type GrpcStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;

@@ -29,11 +29,14 @@ impl ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        value.parse::<SocketAddr>().map(Self::Tcp).map_err(|e| ServeError::BadAddress {
-            field: field.to_string(),
-            value: value.to_string(),
-            reason: format!("{e} (expected HOST:PORT with an IP address, or unix:///path)"),
-        })
+        value
+            .parse::<SocketAddr>()
+            .map(Self::Tcp)
+            .map_err(|e| ServeError::BadAddress {
+                field: field.to_string(),
+                value: value.to_string(),
+                reason: format!("{e} (expected HOST:PORT with an IP address, or unix:///path)"),
+            })
     }
 }
 
@@ -50,7 +53,10 @@ impl fmt::Display for ListenAddr {
 #[derive(Debug)]
 pub enum GrpcListener {
     Tcp(TcpListener),
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
 }
 
 impl GrpcListener {
@@ -61,7 +67,10 @@ impl GrpcListener {
             source: e,
         };
         match addr {
-            ListenAddr::Tcp(socket) => TcpListener::bind(socket).await.map(Self::Tcp).map_err(bind_error),
+            ListenAddr::Tcp(socket) => TcpListener::bind(socket)
+                .await
+                .map(Self::Tcp)
+                .map_err(bind_error),
             ListenAddr::Unix(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(bind_error)?;
@@ -70,7 +79,10 @@ impl GrpcListener {
                 let listener = UnixListener::bind(path).map_err(bind_error)?;
                 // The agent can start root containers: only its owner may connect.
                 set_owner_only(path).map_err(bind_error)?;
-                Ok(Self::Unix { listener, path: path.clone() })
+                Ok(Self::Unix {
+                    listener,
+                    path: path.clone(),
+                })
             }
         }
     }
@@ -94,7 +106,10 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
         return Ok(());
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a server is already listening on this socket")),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "a server is already listening on this socket",
+        )),
         Err(_) => std::fs::remove_file(path),
     }
 }
@@ -110,22 +125,43 @@ mod tests {
 
     #[test]
     fn parses_tcp_and_unix() {
-        assert_eq!(ListenAddr::parse("listen", "127.0.0.1:7700").unwrap().to_string(), "127.0.0.1:7700");
+        assert_eq!(
+            ListenAddr::parse("listen", "127.0.0.1:7700")
+                .unwrap()
+                .to_string(),
+            "127.0.0.1:7700"
+        );
         assert_eq!(
             ListenAddr::parse("listen", "unix:///run/berth/agent.sock").unwrap(),
             ListenAddr::Unix(PathBuf::from("/run/berth/agent.sock"))
         );
-        let error = ListenAddr::parse("server.listen", "localhost:x").unwrap_err().to_string();
-        assert!(error.contains("server.listen") && error.contains("localhost:x"), "{error}");
+        let error = ListenAddr::parse("server.listen", "localhost:x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server.listen") && error.contains("localhost:x"),
+            "{error}"
+        );
         assert!(ListenAddr::parse("listen", "unix://relative").is_err());
     }
 
     #[tokio::test]
     async fn port_in_use_names_port_and_field() {
-        let first = GrpcListener::bind("server.listen", &ListenAddr::parse("l", "127.0.0.1:0").unwrap()).await.unwrap();
+        let first = GrpcListener::bind(
+            "server.listen",
+            &ListenAddr::parse("l", "127.0.0.1:0").unwrap(),
+        )
+        .await
+        .unwrap();
         let taken = first.local_addr();
-        let error = GrpcListener::bind("server.listen", &taken).await.unwrap_err().to_string();
-        assert!(error.contains(&taken.to_string()) && error.contains("server.listen"), "{error}");
+        let error = GrpcListener::bind("server.listen", &taken)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(&taken.to_string()) && error.contains("server.listen"),
+            "{error}"
+        );
     }
 
     #[tokio::test]
@@ -136,8 +172,14 @@ mod tests {
         std::fs::write(&path, b"stale").unwrap();
         let addr = ListenAddr::Unix(path.clone());
         let bound = GrpcListener::bind("listen", &addr).await.unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(GrpcListener::bind("listen", &addr).await.is_err(), "live socket must not be replaced");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            GrpcListener::bind("listen", &addr).await.is_err(),
+            "live socket must not be replaced"
+        );
         drop(bound);
     }
 }

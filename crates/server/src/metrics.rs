@@ -39,7 +39,11 @@ impl GrpcMetrics {
         let seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 4.0, 10))
         });
-        registry.register(GRPC_REQUESTS, "gRPC calls by method and status code", requests.clone());
+        registry.register(
+            GRPC_REQUESTS,
+            "gRPC calls by method and status code",
+            requests.clone(),
+        );
         registry.register(
             GRPC_REQUEST_SECONDS,
             "Time to the response headers of gRPC calls",
@@ -56,7 +60,10 @@ pub struct GrpcMetricsLayer(pub GrpcMetrics);
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetricsService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetricsService { inner, metrics: self.0.clone() }
+        GrpcMetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
     }
 }
 
@@ -74,7 +81,8 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -98,11 +106,16 @@ where
             };
             metrics
                 .seconds
-                .get_or_create(&MethodLabels { method: method.clone() })
+                .get_or_create(&MethodLabels {
+                    method: method.clone(),
+                })
                 .observe(started.elapsed().as_secs_f64());
             metrics
                 .requests
-                .get_or_create(&MethodStatusLabels { method, code: format!("{code:?}") })
+                .get_or_create(&MethodStatusLabels {
+                    method,
+                    code: format!("{code:?}"),
+                })
                 .inc();
             result
         })
@@ -126,7 +139,10 @@ pub fn router(registry: Arc<Registry>) -> axum::Router {
             let registry = registry.clone();
             async move {
                 (
-                    [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     render(&registry),
                 )
             }

@@ -22,13 +22,19 @@ use crate::listen::{GrpcListener, ListenAddr};
 use crate::metrics::{GrpcMetrics, GrpcMetricsLayer};
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
-const REFLECTION_SERVICES: [&str; 2] =
-    ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+const REFLECTION_SERVICES: [&str; 2] = [
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{field} = \"{value}\" is not a valid address: {reason}")]
-    BadAddress { field: String, value: String, reason: String },
+    BadAddress {
+        field: String,
+        value: String,
+        reason: String,
+    },
     #[error("cannot listen on {addr} ({field}): {source}")]
     Bind {
         field: String,
@@ -83,11 +89,13 @@ impl ServiceHost {
                     });
                 }
             };
-            let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
-                field: "server.http_listen".into(),
-                addr: addr.to_string(),
-                source,
-            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    field: "server.http_listen".into(),
+                    addr: addr.to_string(),
+                    source,
+                })?;
             Some(listener)
         };
         let (health, _) = tonic_health::server::health_reporter();
@@ -193,7 +201,9 @@ impl ServiceHost {
                 tower::ServiceBuilder::new()
                     .layer(tower_http::trace::TraceLayer::new_for_grpc())
                     .layer(GrpcMetricsLayer(grpc_metrics))
-                    .layer(GlobalConcurrencyLimitLayer::new(self.config.max_concurrent_requests.max(1))),
+                    .layer(GlobalConcurrencyLimitLayer::new(
+                        self.config.max_concurrent_requests.max(1),
+                    )),
             );
         let router = server.add_routes(routes.routes());
         tracing::info!(addr = %grpc_addr, services = ?self.service_names, "serving gRPC");
@@ -260,5 +270,56 @@ async fn set_all(health: &HealthReporter, names: &[&'static str], status: Servin
     health.set_service_status("", status).await;
     for name in names {
         health.set_service_status(*name, status).await;
+    }
+}
+
+/// A service serving in the background (for binaries, tests and the
+/// quickstart, which run services in-process).
+#[derive(Debug)]
+pub struct RunningService {
+    pub grpc_addr: ListenAddr,
+    pub http_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningService {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the service stops (after its shutdown token is cancelled).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Asks the service to stop and waits for it to drain.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// The gRPC endpoint URI a tonic client connects to (TCP only).
+    pub fn grpc_uri(&self) -> String {
+        match &self.grpc_addr {
+            ListenAddr::Tcp(addr) => format!("http://{addr}"),
+            ListenAddr::Unix(path) => format!("unix://{}", path.display()),
+        }
+    }
+}
+
+impl ServiceHost {
+    /// Serves in a background task.
+    pub fn spawn(self, http_routes: Option<axum::Router>) -> RunningService {
+        let grpc_addr = self.grpc_addr();
+        let http_addr = self.http_addr();
+        let shutdown = self.shutdown_token();
+        let task = tokio::spawn(self.serve(http_routes));
+        RunningService {
+            grpc_addr,
+            http_addr,
+            shutdown,
+            task,
+        }
     }
 }

@@ -45,7 +45,11 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
             .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service)
+                    .build(),
+            )
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
         (Some(layer), Some(provider))
