@@ -65,17 +65,7 @@ pub fn exit_with(service: &str, result: Result<(), Box<dyn std::error::Error>>) 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut message = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    message.push_str(": ");
-                    message.push_str(&text);
-                }
-                source = cause.source();
-            }
-            eprintln!("{service}: error: {message}");
+            eprintln!("{service}: error: {}", crate::client::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

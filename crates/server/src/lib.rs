@@ -3,7 +3,9 @@
 //! health, tower layers, graceful shutdown, metrics HTTP endpoint);
 //! telemetry; and the error code that maps a service error to gRPC and HTTP.
 
+pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod listen;

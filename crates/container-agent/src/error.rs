@@ -1,0 +1,45 @@
+use berth_server::{ErrorCode, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("workload `{0}` not found on this agent")]
+    WorkloadNotFound(String),
+    #[error("a workload named `{0}` already exists")]
+    NameTaken(String),
+    #[error("workload `{name}` is {state}: {reason}")]
+    WrongState { name: String, state: &'static str, reason: &'static str },
+    #[error("runtime {0} is not available on this agent: {1}")]
+    RuntimeUnavailable(&'static str, String),
+    #[error("command `{command}` could not be started: {reason}")]
+    SpawnFailed { command: String, reason: String },
+    #[error("{0} execs are already running on this agent (agent.max_concurrent_execs)")]
+    TooManyExecs(usize),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError for AgentError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument { .. } => ErrorCode::BadRequest,
+            Self::WorkloadNotFound(_) => ErrorCode::NotFound,
+            Self::NameTaken(_) => ErrorCode::AlreadyExists,
+            Self::WrongState { .. } => ErrorCode::FailedPrecondition,
+            Self::RuntimeUnavailable(..) => ErrorCode::Unavailable,
+            Self::SpawnFailed { .. } => ErrorCode::FailedPrecondition,
+            Self::TooManyExecs(_) => ErrorCode::ResourceExhausted,
+            Self::Unimplemented(_) => ErrorCode::Unimplemented,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(error: AgentError) -> Self {
+        berth_server::error::into_status(error)
+    }
+}

@@ -1,0 +1,71 @@
+//! How the agent runs workloads. Each runtime (process now; docker, podman
+//! and libvirt later) implements [`WorkloadRuntime`]; the gRPC service routes
+//! each call to the runtime that owns the workload.
+
+pub mod process;
+
+use std::time::Duration;
+
+use berth_proto::agent::v1::{ExecOutput, LogLine, Workload};
+use berth_proto::common::v1::{Runtime, WorkloadSpec};
+use tokio::sync::mpsc;
+
+use crate::error::AgentError;
+use crate::process_group::HostCommand;
+
+/// An exec: a command line plus its timeout.
+#[derive(Debug, Clone)]
+pub struct ExecCommand {
+    pub command: HostCommand,
+    pub timeout: Option<Duration>,
+}
+
+#[tonic::async_trait]
+pub trait WorkloadRuntime: Send + Sync {
+    fn kind(&self) -> Runtime;
+    /// Checks that the spec can be honoured, naming the first field that cannot.
+    fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError>;
+    async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError>;
+    async fn start(&self, id: &str) -> Result<Workload, AgentError>;
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<Workload, AgentError>;
+    async fn remove(&self, id: &str, force: bool) -> Result<(), AgentError>;
+    /// `None` when the workload is not this runtime's.
+    async fn inspect(&self, id: &str) -> Result<Option<Workload>, AgentError>;
+    async fn list(&self) -> Result<Vec<Workload>, AgentError>;
+    /// Runs a command in a running workload; dropping the receiver kills it.
+    async fn exec(
+        &self,
+        id: &str,
+        exec: ExecCommand,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<mpsc::Receiver<ExecOutput>, AgentError>;
+    /// The kept log lines (the last `tail`, 0 for all), then new ones while
+    /// `follow` is set.
+    async fn logs(&self, id: &str, tail: usize, follow: bool) -> Result<mpsc::Receiver<LogLine>, AgentError>;
+}
+
+/// Workload names: what docker allows, so a name means the same on every runtime.
+pub fn validate_name(name: &str) -> Result<(), AgentError> {
+    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 128 || !valid_chars || !starts_ok {
+        return Err(AgentError::InvalidArgument {
+            field: "name",
+            reason: format!(
+                "`{name}` is not a valid workload name (1-128 of letters, digits, '-', '_', '.', starting with a letter or digit)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names() {
+        assert!(super::validate_name("bench-1.a_b").is_ok());
+        for bad in ["", "-x", "a b", "a/b", &"x".repeat(129)] {
+            assert!(super::validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The ContainerAgent gRPC service: checks requests, routes each to the
+//! runtime that owns the workload, and turns errors into statuses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::agent::v1::container_agent_server::ContainerAgent;
+use berth_proto::agent::v1::*;
+use berth_proto::common::v1::Runtime;
+use berth_server::GrpcStream;
+use berth_server::error::unimplemented;
+use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::AgentError;
+use crate::events::EventBus;
+use crate::process_group::HostCommand;
+use crate::runtime::{ExecCommand, WorkloadRuntime};
+
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_PAGE_SIZE: usize = 1000;
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_COMMAND_ARGS: usize = 4096;
+
+pub struct AgentService {
+    runtimes: BTreeMap<i32, Arc<dyn WorkloadRuntime>>,
+    events: EventBus,
+    execs: Arc<Semaphore>,
+    max_execs: usize,
+    host: HostInfo,
+}
+
+impl AgentService {
+    pub fn new(runtimes: Vec<Arc<dyn WorkloadRuntime>>, events: EventBus, max_execs: usize, host: HostInfo) -> Self {
+        Self {
+            runtimes: runtimes.into_iter().map(|r| (r.kind() as i32, r)).collect(),
+            events,
+            execs: Arc::new(Semaphore::new(max_execs)),
+            max_execs,
+            host,
+        }
+    }
+
+    fn runtime(&self, kind: i32) -> Result<&Arc<dyn WorkloadRuntime>, AgentError> {
+        let name = Runtime::try_from(kind).map(|r| r.as_str_name()).unwrap_or("RUNTIME_UNKNOWN");
+        if kind == Runtime::Unspecified as i32 {
+            return Err(AgentError::InvalidArgument {
+                field: "spec.runtime",
+                reason: "must be set (e.g. RUNTIME_PROCESS)".to_string(),
+            });
+        }
+        self.runtimes.get(&kind).ok_or_else(|| {
+            let why = self.host.unavailable_runtimes.get(name).cloned().unwrap_or_else(|| "not configured".into());
+            AgentError::RuntimeUnavailable(name, why)
+        })
+    }
+
+    /// The runtime owning workload `id` (an id or a name), and its current state.
+    async fn owner(&self, id: &str) -> Result<(&Arc<dyn WorkloadRuntime>, Workload), AgentError> {
+        if id.is_empty() {
+            return Err(AgentError::InvalidArgument { field: "id", reason: "must name a workload".into() });
+        }
+        for runtime in self.runtimes.values() {
+            if let Some(workload) = runtime.inspect(id).await? {
+                return Ok((runtime, workload));
+            }
+        }
+        Err(AgentError::WorkloadNotFound(id.to_string()))
+    }
+}
+
+fn page<T: Clone>(items: &[T], page_size: u32, token: &str) -> Result<(Vec<T>, String), AgentError> {
+    let start: usize = if token.is_empty() {
+        0
+    } else {
+        token.parse().map_err(|_| AgentError::InvalidArgument {
+            field: "page_token",
+            reason: format!("`{token}` is not a token this agent gave"),
+        })?
+    };
+    let size = match page_size as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    let end = (start + size).min(items.len());
+    let next = if end < items.len() { end.to_string() } else { String::new() };
+    Ok((items.get(start..end).unwrap_or_default().to_vec(), next))
+}
+
+fn duration(field: &'static str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, AgentError> {
+    value
+        .map(|d| {
+            Duration::try_from(d).map_err(|_| AgentError::InvalidArgument { field, reason: "must not be negative".into() })
+        })
+        .transpose()
+}
+
+#[tonic::async_trait]
+impl ContainerAgent for AgentService {
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<HostInfo>, Status> {
+        Ok(Response::new(self.host.clone()))
+    }
+
+    async fn create_workload(&self, request: Request<CreateWorkloadRequest>) -> Result<Response<Workload>, Status> {
+        let request = request.into_inner();
+        let spec = request
+            .spec
+            .ok_or(AgentError::InvalidArgument { field: "spec", reason: "is required".into() })?;
+        if self.owner(&request.name).await.is_ok() {
+            return Err(AgentError::NameTaken(request.name).into());
+        }
+        let runtime = self.runtime(spec.runtime)?;
+        Ok(Response::new(runtime.create(&request.name, spec).await?))
+    }
+
+    async fn start_workload(&self, request: Request<WorkloadRef>) -> Result<Response<Workload>, Status> {
+        let (runtime, workload) = self.owner(&request.get_ref().id).await?;
+        Ok(Response::new(runtime.start(&workload.id).await?))
+    }
+
+    async fn stop_workload(&self, request: Request<StopWorkloadRequest>) -> Result<Response<Workload>, Status> {
+        let request = request.into_inner();
+        let timeout = duration("timeout", request.timeout)?.unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let (runtime, workload) = self.owner(&request.id).await?;
+        Ok(Response::new(runtime.stop(&workload.id, timeout).await?))
+    }
+
+    async fn remove_workload(
+        &self,
+        request: Request<RemoveWorkloadRequest>,
+    ) -> Result<Response<RemoveWorkloadResponse>, Status> {
+        let request = request.into_inner();
+        let (runtime, workload) = self.owner(&request.id).await?;
+        runtime.remove(&workload.id, request.force).await?;
+        Ok(Response::new(RemoveWorkloadResponse {}))
+    }
+
+    async fn inspect_workload(&self, request: Request<WorkloadRef>) -> Result<Response<Workload>, Status> {
+        Ok(Response::new(self.owner(&request.get_ref().id).await?.1))
+    }
+
+    async fn list_workloads(
+        &self,
+        request: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        let mut all = Vec::new();
+        for runtime in self.runtimes.values() {
+            all.extend(runtime.list().await?);
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let (workloads, next_page_token) = page(&all, request.get_ref().page_size, &request.get_ref().page_token)?;
+        Ok(Response::new(ListWorkloadsResponse { workloads, next_page_token }))
+    }
+
+    type ExecStream = GrpcStream<ExecOutput>;
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        let request = request.into_inner();
+        if request.command.is_empty() || request.command[0].is_empty() {
+            return Err(AgentError::InvalidArgument { field: "command", reason: "must name a program".into() }.into());
+        }
+        if request.command.len() > MAX_COMMAND_ARGS {
+            return Err(AgentError::InvalidArgument {
+                field: "command",
+                reason: format!("has {} arguments; at most {MAX_COMMAND_ARGS}", request.command.len()),
+            }
+            .into());
+        }
+        let timeout = duration("timeout", request.timeout)?;
+        let permit = self.execs.clone().try_acquire_owned().map_err(|_| AgentError::TooManyExecs(self.max_execs))?;
+        let (runtime, workload) = self.owner(&request.workload_id).await?;
+        let exec = ExecCommand {
+            command: HostCommand {
+                argv: request.command,
+                env: request.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                working_dir: (!request.working_dir.is_empty()).then(|| request.working_dir.into()),
+            },
+            timeout,
+        };
+        let output = runtime.exec(&workload.id, exec, permit).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(output).map(Ok))))
+    }
+
+    type LogsStream = GrpcStream<LogLine>;
+
+    async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let (runtime, workload) = self.owner(&request.workload_id).await?;
+        let since = request.since.and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let lines = runtime.logs(&workload.id, request.tail as usize, request.follow).await?;
+        let stream = ReceiverStream::new(lines).filter(move |line| match (since, &line.time) {
+            (Some(since), Some(time)) => std::time::SystemTime::try_from(*time).is_ok_and(|t| t > since),
+            _ => true,
+        });
+        Ok(Response::new(Box::pin(stream.map(Ok))))
+    }
+
+    type EventsStream = GrpcStream<WorkloadEvent>;
+
+    async fn events(&self, request: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let only = request.into_inner().workload_id;
+        let stream = BroadcastStream::new(self.events.subscribe()).filter_map(move |event| match event {
+            Ok(event) if only.is_empty() || event.workload_id == only || event.workload_name == only => Some(Ok(event)),
+            Ok(_) => None,
+            // A slow subscriber learns it missed events rather than silently losing them.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
+                Some(Err(Status::data_loss(format!("subscriber too slow: {missed} events dropped"))))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StatsStream = GrpcStream<WorkloadStats>;
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<Self::StatsStream>, Status> {
+        Err(unimplemented("Stats", "resource usage of workloads arrives with the container runtimes (issue #3)"))
+    }
+
+    async fn import_image(&self, _: Request<Streaming<ImportImageChunk>>) -> Result<Response<Image>, Status> {
+        Err(unimplemented("ImportImage", "images arrive with the docker and podman runtimes (issue #3)"))
+    }
+
+    async fn list_images(&self, _: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        Err(unimplemented("ListImages", "images arrive with the docker and podman runtimes (issue #3)"))
+    }
+
+    async fn remove_image(&self, _: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+        Err(unimplemented("RemoveImage", "images arrive with the docker and podman runtimes (issue #3)"))
+    }
+}
