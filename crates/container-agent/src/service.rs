@@ -21,8 +21,6 @@ use crate::process_group::HostCommand;
 use crate::runtime::{ExecCommand, WorkloadRuntime};
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_PAGE_SIZE: usize = 1000;
-const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_COMMAND_ARGS: usize = 4096;
 
 pub struct AgentService {
@@ -70,24 +68,6 @@ impl AgentService {
         }
         Err(AgentError::WorkloadNotFound(id.to_string()))
     }
-}
-
-fn page<T: Clone>(items: &[T], page_size: u32, token: &str) -> Result<(Vec<T>, String), AgentError> {
-    let start: usize = if token.is_empty() {
-        0
-    } else {
-        token.parse().map_err(|_| AgentError::InvalidArgument {
-            field: "page_token",
-            reason: format!("`{token}` is not a token this agent gave"),
-        })?
-    };
-    let size = match page_size as usize {
-        0 => DEFAULT_PAGE_SIZE,
-        n => n.min(MAX_PAGE_SIZE),
-    };
-    let end = (start + size).min(items.len());
-    let next = if end < items.len() { end.to_string() } else { String::new() };
-    Ok((items.get(start..end).unwrap_or_default().to_vec(), next))
 }
 
 fn duration(field: &'static str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, AgentError> {
@@ -151,7 +131,9 @@ impl ContainerAgent for AgentService {
             all.extend(runtime.list().await?);
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
-        let (workloads, next_page_token) = page(&all, request.get_ref().page_size, &request.get_ref().page_token)?;
+        let (workloads, next_page_token) =
+            berth_server::paging::page(&all, request.get_ref().page_size, &request.get_ref().page_token)
+                .map_err(|e| AgentError::InvalidArgument { field: "page_token", reason: e.to_string() })?;
         Ok(Response::new(ListWorkloadsResponse { workloads, next_page_token }))
     }
 

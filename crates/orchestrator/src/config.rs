@@ -1,0 +1,81 @@
+//! The orchestrator's config: `[server]`, `[store]`, `[scheduler]`, `[auth]`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use berth_server::ServerConfig;
+use berth_server::cli::HasServerConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub scheduler: SchedulerConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite file holding all of the orchestrator's state.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Time between heartbeats to each host's agent.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Longest wait for an agent connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait between two tries to place a backend on a host.
+    #[serde(with = "humantime_serde")]
+    pub max_placement_backoff: Duration,
+    /// Campaigns running at once; more wait, pending.
+    pub max_running_campaigns: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer token the orchestrator's callers must present; empty: none.
+    pub token: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { path: berth_server::config::data_dir().join("orchestrator").join("state.db") }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            max_placement_backoff: Duration::from_secs(10),
+            max_running_campaigns: 64,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::with_defaults("127.0.0.1:7700", "127.0.0.1:9700"),
+            store: StoreConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl HasServerConfig for Config {
+    fn server_config(&self) -> &ServerConfig {
+        &self.server
+    }
+}

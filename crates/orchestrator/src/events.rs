@@ -1,0 +1,38 @@
+//! Live campaign events for WatchCampaign. Bounded per campaign; a watcher
+//! that falls behind gets a fresh snapshot instead of the events it missed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use berth_proto::orchestrator::v1::CampaignEvent;
+use tokio::sync::broadcast;
+
+const EVENTS_PER_CAMPAIGN: usize = 1024;
+
+#[derive(Default)]
+pub struct CampaignEvents {
+    channels: Mutex<HashMap<String, broadcast::Sender<CampaignEvent>>>,
+}
+
+impl CampaignEvents {
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<CampaignEvent>>> {
+        self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn subscribe(&self, campaign_id: &str) -> broadcast::Receiver<CampaignEvent> {
+        self.channels()
+            .entry(campaign_id.to_string())
+            .or_insert_with(|| broadcast::channel(EVENTS_PER_CAMPAIGN).0)
+            .subscribe()
+    }
+
+    pub fn publish(&self, campaign_id: &str, event: CampaignEvent) {
+        let mut channels = self.channels();
+        if let Some(sender) = channels.get(campaign_id) {
+            if sender.send(event).is_err() {
+                // Nobody is watching: drop the channel so idle campaigns cost nothing.
+                channels.remove(campaign_id);
+            }
+        }
+    }
+}

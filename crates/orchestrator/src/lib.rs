@@ -1,0 +1,52 @@
+//! berth orchestrator: hosts, campaigns and scheduling, with all state in
+//! one store so that a restart resumes every campaign where it was.
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod hosts;
+pub mod manifest;
+pub mod results;
+pub mod scheduler;
+pub mod service;
+pub mod stats;
+pub mod store;
+
+use std::sync::Arc;
+
+use berth_proto::orchestrator::v1::orchestrator_server::OrchestratorServer;
+use berth_server::auth::RequireBearer;
+use berth_server::{RunningService, ServiceHost};
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Serve(#[from] berth_server::ServeError),
+    #[error("store.path: {0}")]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    State(#[from] error::OrchestratorError),
+}
+
+/// Opens the store, resumes unfinished campaigns and serves in the background.
+pub async fn start(config: Config) -> Result<RunningService, StartError> {
+    let mut host = ServiceHost::bind(config.server.clone()).await?;
+    let store: Arc<dyn store::Store> = Arc::new(store::sqlite::SqliteStore::open(&config.store.path)?);
+    let hosts = Arc::new(hosts::HostRegistry::load(Arc::clone(&store), config.scheduler.connect_timeout)?);
+    let events = Arc::new(events::CampaignEvents::default());
+    let shutdown = host.shutdown_token();
+    hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());
+    let scheduler = scheduler::Scheduler::new(
+        Arc::clone(&store),
+        Arc::clone(&hosts),
+        Arc::clone(&events),
+        config.scheduler.clone(),
+        shutdown.clone(),
+    );
+    scheduler.resume_unfinished()?;
+    let service = service::OrchestratorService { store, hosts, events, scheduler, shutdown };
+    host.add_service(OrchestratorServer::with_interceptor(service, RequireBearer::new(&config.auth.token)));
+    Ok(host.spawn(None))
+}

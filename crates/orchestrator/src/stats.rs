@@ -1,0 +1,70 @@
+//! Summary statistics over cycles: mean, sample standard deviation and the
+//! half-width of the two-sided 95% confidence interval (Student's t).
+
+use berth_proto::common::v1::MetricSummary;
+
+/// t(0.975, df) for df = 1..=30.
+const T_975: [f64; 30] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+    2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+];
+
+/// t(0.975, df); beyond the table, interpolated in 1/df towards 1.960.
+fn t_critical(df: usize) -> f64 {
+    match df {
+        0 => f64::NAN,
+        1..=30 => T_975[df - 1],
+        _ => {
+            // Between df = 30 (2.042) and infinity (1.960), t is close to linear in 1/df.
+            1.960 + (2.042 - 1.960) * 30.0 / df as f64
+        }
+    }
+}
+
+pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
+    let n = values.len();
+    if n == 0 {
+        return MetricSummary { name: name.to_string(), ..Default::default() };
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let (std_dev, ci) = if n >= 2 {
+        let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let std_dev = variance.sqrt();
+        (std_dev, t_critical(n - 1) * std_dev / (n as f64).sqrt())
+    } else {
+        (0.0, 0.0)
+    };
+    MetricSummary {
+        name: name.to_string(),
+        n: n as u64,
+        mean,
+        std_dev,
+        ci95_half_width: ci,
+        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_textbook_values() {
+        // mean 5, sample variance 32/7 ≈ 4.571, sd ≈ 2.138; t(0.975, 7) = 2.365.
+        let s = summarize("x", &[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+        assert_eq!(s.n, 8);
+        assert!((s.mean - 5.0).abs() < 1e-12);
+        assert!((s.std_dev - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        assert!((s.ci95_half_width - 2.365 * s.std_dev / 8f64.sqrt()).abs() < 1e-12);
+        assert_eq!((s.min, s.max), (2.0, 9.0));
+    }
+
+    #[test]
+    fn single_value_has_no_spread_and_large_df_approaches_normal() {
+        let s = summarize("x", &[3.0]);
+        assert_eq!((s.n, s.std_dev, s.ci95_half_width), (1, 0.0, 0.0));
+        assert!((t_critical(1000) - 1.962).abs() < 0.002);
+        assert!(t_critical(31) < t_critical(30));
+    }
+}

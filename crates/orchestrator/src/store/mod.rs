@@ -1,0 +1,92 @@
+//! The orchestrator's state: campaigns, runs, hosts and backend placements.
+//! Every state change goes through here before it is acted on. Run
+//! transitions are compare-and-set, so replaying one after a crash cannot
+//! record a result twice.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Database(String),
+    #[error("state store holds a value it cannot read: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(error.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A host as registered: the token stays here and is never returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRecord {
+    pub name: String,
+    pub address: String,
+    pub token: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a campaign's backend runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub backend: String,
+    pub host: String,
+    pub workload_id: String,
+}
+
+/// Fields a run transition may set; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct RunUpdate {
+    pub host: Option<String>,
+    pub add_attempt: bool,
+    pub exit_code: Option<i32>,
+    pub result_json: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub error: Option<String>,
+    pub started_now: bool,
+    pub finished_now: bool,
+}
+
+pub trait Store: Send + Sync {
+    /// Records a campaign and all its runs at once.
+    fn insert_campaign(&self, campaign: &Campaign, source_name: &str, runs: &[Run]) -> StoreResult<()>;
+    fn campaign(&self, id: &str) -> StoreResult<Option<Campaign>>;
+    /// Newest first; `before` is a cursor from a previous page.
+    fn list_campaigns(&self, before: Option<i64>, limit: usize) -> StoreResult<Vec<(i64, Campaign)>>;
+    /// Campaigns that are pending or running (to resume after a restart).
+    fn unfinished_campaigns(&self) -> StoreResult<Vec<Campaign>>;
+    fn set_campaign_state(&self, id: &str, state: CampaignState, message: &str) -> StoreResult<()>;
+    fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()>;
+    fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts>;
+    /// Runs by sequence after `after_sequence`, optionally of one state.
+    fn runs(&self, campaign_id: &str, state: Option<RunState>, after_sequence: Option<u32>, limit: usize) -> StoreResult<Vec<Run>>;
+    fn run(&self, id: &str) -> StoreResult<Option<Run>>;
+    /// The first pending run of a backend, by sequence.
+    fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
+    /// Moves a run to `to` if its state is one of `from`; false if it was not.
+    fn transition_run(&self, id: &str, from: &[RunState], to: RunState, update: &RunUpdate) -> StoreResult<bool>;
+    /// Moves every run of the campaign in one of `from` states to `to`.
+    fn transition_all(&self, campaign_id: &str, from: &[RunState], to: RunState) -> StoreResult<usize>;
+    fn upsert_host(&self, host: &HostRecord) -> StoreResult<()>;
+    fn delete_host(&self, name: &str) -> StoreResult<bool>;
+    fn hosts(&self) -> StoreResult<Vec<HostRecord>>;
+    fn set_placement(&self, campaign_id: &str, placement: &Placement) -> StoreResult<()>;
+    fn clear_placement(&self, campaign_id: &str, backend: &str) -> StoreResult<()>;
+    fn placements(&self, campaign_id: &str) -> StoreResult<Vec<Placement>>;
+}
+
+pub fn is_terminal(state: RunState) -> bool {
+    matches!(state, RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+}
+
+pub fn campaign_is_terminal(state: CampaignState) -> bool {
+    matches!(state, CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled)
+}

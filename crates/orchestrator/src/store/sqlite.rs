@@ -1,0 +1,435 @@
+//! The default store: one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunState};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{HostRecord, Placement, RunUpdate, Store, StoreError, StoreResult};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS campaigns (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    status_message TEXT NOT NULL DEFAULT '',
+    manifest TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+    sequence INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    params TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    warmup INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    host TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    result_json TEXT NOT NULL DEFAULT '',
+    duration_ms INTEGER,
+    error TEXT NOT NULL DEFAULT '',
+    started_ms INTEGER,
+    finished_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS runs_by_campaign ON runs(campaign_id, sequence);
+CREATE INDEX IF NOT EXISTS runs_by_backend_state ON runs(campaign_id, backend, state, sequence);
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    token TEXT NOT NULL,
+    labels TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    campaign_id TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    host TEXT NOT NULL,
+    workload_id TEXT NOT NULL,
+    PRIMARY KEY (campaign_id, backend)
+);
+";
+
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
+        }
+        let connection = Connection::open(path).map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
+        // WAL: readers do not block the writer; NORMAL sync survives a kill
+        // of the process (not necessarily of the machine) with no loss.
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.execute_batch(SCHEMA)?;
+        restrict_permissions(path);
+        Ok(Self { connection: Mutex::new(connection) })
+    }
+
+    fn db(&self) -> MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The store holds agent tokens: only its owner may read it.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+    ms.map(|ms| prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 })
+}
+
+fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
+    ts.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+const CAMPAIGN_COLUMNS: &str = "seq, id, name, state, status_message, manifest, created_ms, finished_ms";
+
+fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
+    Ok((
+        row.get(0)?,
+        Campaign {
+            id: row.get(1)?,
+            name: row.get(2)?,
+            state: row.get(3)?,
+            status_message: row.get(4)?,
+            manifest_yaml: row.get(5)?,
+            created_at: timestamp(row.get(6)?),
+            finished_at: timestamp(row.get(7)?),
+            runs: None,
+        },
+    ))
+}
+
+const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
+                           exit_code, result_json, duration_ms, error, started_ms, finished_ms";
+
+fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let params: String = row.get(4)?;
+    let duration_ms: Option<i64> = row.get(13)?;
+    Ok(Run {
+        id: row.get(0)?,
+        campaign_id: row.get(1)?,
+        sequence: row.get(2)?,
+        config: row.get(3)?,
+        params: serde_json::from_str(&params).unwrap_or_default(),
+        backend: row.get(5)?,
+        cycle: row.get(6)?,
+        warmup: row.get(7)?,
+        state: row.get(8)?,
+        host: row.get(9)?,
+        attempts: row.get(10)?,
+        exit_code: row.get(11)?,
+        result_json: row.get(12)?,
+        duration: duration_ms.map(|ms| prost_types::Duration {
+            seconds: ms / 1000,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+        error: row.get(14)?,
+        started_at: timestamp(row.get(15)?),
+        finished_at: timestamp(row.get(16)?),
+    })
+}
+
+fn state_list(states: &[RunState]) -> String {
+    states.iter().map(|s| (*s as i32).to_string()).collect::<Vec<_>>().join(",")
+}
+
+impl Store for SqliteStore {
+    fn insert_campaign(&self, campaign: &Campaign, source_name: &str, runs: &[Run]) -> StoreResult<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO campaigns (id, name, state, status_message, manifest, source_name, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                campaign.id,
+                campaign.name,
+                campaign.state,
+                campaign.status_message,
+                campaign.manifest_yaml,
+                source_name,
+                timestamp_ms(&campaign.created_at).unwrap_or_else(now_ms)
+            ],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO runs (id, campaign_id, sequence, config, params, backend, cycle, warmup, state) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for run in runs {
+                let params = serde_json::to_string(&run.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                insert.execute(params![
+                    run.id,
+                    run.campaign_id,
+                    run.sequence,
+                    run.config,
+                    params,
+                    run.backend,
+                    run.cycle,
+                    run.warmup,
+                    run.state
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn campaign(&self, id: &str) -> StoreResult<Option<Campaign>> {
+        let db = self.db();
+        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?1");
+        Ok(db.query_row(&sql, [id], campaign_row).optional()?.map(|(_, c)| c))
+    }
+
+    fn list_campaigns(&self, before: Option<i64>, limit: usize) -> StoreResult<Vec<(i64, Campaign)>> {
+        let db = self.db();
+        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2");
+        let mut statement = db.prepare(&sql)?;
+        let rows = statement.query_map(params![before.unwrap_or(i64::MAX), limit as i64], campaign_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn unfinished_campaigns(&self) -> StoreResult<Vec<Campaign>> {
+        let db = self.db();
+        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE state IN (?1, ?2) ORDER BY seq");
+        let mut statement = db.prepare(&sql)?;
+        let rows = statement
+            .query_map(params![CampaignState::Pending as i32, CampaignState::Running as i32], campaign_row)?;
+        Ok(rows.map(|r| r.map(|(_, c)| c)).collect::<Result<_, _>>()?)
+    }
+
+    fn set_campaign_state(&self, id: &str, state: CampaignState, message: &str) -> StoreResult<()> {
+        let finished = super::campaign_is_terminal(state).then(now_ms);
+        self.db().execute(
+            "UPDATE campaigns SET state = ?2, status_message = ?3, finished_ms = ?4 WHERE id = ?1",
+            params![id, state as i32, message, finished],
+        )?;
+        Ok(())
+    }
+
+    fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()> {
+        self.db().execute("UPDATE campaigns SET status_message = ?2 WHERE id = ?1", params![id, message])?;
+        Ok(())
+    }
+
+    fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts> {
+        let db = self.db();
+        let mut statement = db.prepare_cached("SELECT state, COUNT(*) FROM runs WHERE campaign_id = ?1 GROUP BY state")?;
+        let mut counts = RunCounts::default();
+        let rows = statement.query_map([campaign_id], |row| Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?)))?;
+        for row in rows {
+            let (state, count) = row?;
+            counts.total += count;
+            match RunState::try_from(state).unwrap_or_default() {
+                RunState::Pending => counts.pending = count,
+                RunState::Dispatched => counts.dispatched = count,
+                RunState::Running => counts.running = count,
+                RunState::Succeeded => counts.succeeded = count,
+                RunState::Failed => counts.failed = count,
+                RunState::Cancelled => counts.cancelled = count,
+                RunState::Unspecified => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    fn runs(&self, campaign_id: &str, state: Option<RunState>, after_sequence: Option<u32>, limit: usize) -> StoreResult<Vec<Run>> {
+        let db = self.db();
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND sequence > ?2 AND (?3 = 0 OR state = ?3) \
+             ORDER BY sequence LIMIT ?4"
+        );
+        let mut statement = db.prepare_cached(&sql)?;
+        let after = after_sequence.map_or(-1, i64::from);
+        let state = state.map_or(0, |s| s as i32);
+        let rows = statement.query_map(params![campaign_id, after, state, limit as i64], run_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn run(&self, id: &str) -> StoreResult<Option<Run>> {
+        let db = self.db();
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
+        Ok(db.query_row(&sql, [id], run_row).optional()?)
+    }
+
+    fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>> {
+        let db = self.db();
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND state = ?3 ORDER BY sequence LIMIT 1"
+        );
+        let mut statement = db.prepare_cached(&sql)?;
+        Ok(statement.query_row(params![campaign_id, backend, RunState::Pending as i32], run_row).optional()?)
+    }
+
+    fn transition_run(&self, id: &str, from: &[RunState], to: RunState, update: &RunUpdate) -> StoreResult<bool> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE runs SET state = ?2,
+                host = COALESCE(?3, host),
+                attempts = attempts + ?4,
+                exit_code = COALESCE(?5, exit_code),
+                result_json = COALESCE(?6, result_json),
+                duration_ms = COALESCE(?7, duration_ms),
+                error = COALESCE(?8, error),
+                started_ms = CASE WHEN ?9 THEN ?11 ELSE started_ms END,
+                finished_ms = CASE WHEN ?10 THEN ?11 ELSE finished_ms END
+             WHERE id = ?1 AND state IN ({})",
+            state_list(from)
+        );
+        let changed = self.db().execute(
+            &sql,
+            params![
+                id,
+                to as i32,
+                update.host,
+                i32::from(update.add_attempt),
+                update.exit_code,
+                update.result_json,
+                update.duration_ms.map(|d| d as i64),
+                update.error,
+                update.started_now,
+                update.finished_now,
+                now
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn transition_all(&self, campaign_id: &str, from: &[RunState], to: RunState) -> StoreResult<usize> {
+        let sql = format!("UPDATE runs SET state = ?2 WHERE campaign_id = ?1 AND state IN ({})", state_list(from));
+        Ok(self.db().execute(&sql, params![campaign_id, to as i32])?)
+    }
+
+    fn upsert_host(&self, host: &HostRecord) -> StoreResult<()> {
+        let labels = serde_json::to_string(&host.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.db().execute(
+            "INSERT INTO hosts (name, address, token, labels) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET address = ?2, token = ?3, labels = ?4",
+            params![host.name, host.address, host.token, labels],
+        )?;
+        Ok(())
+    }
+
+    fn delete_host(&self, name: &str) -> StoreResult<bool> {
+        Ok(self.db().execute("DELETE FROM hosts WHERE name = ?1", [name])? == 1)
+    }
+
+    fn hosts(&self) -> StoreResult<Vec<HostRecord>> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT name, address, token, labels FROM hosts ORDER BY name")?;
+        let rows = statement.query_map([], |row| {
+            let labels: String = row.get(3)?;
+            Ok(HostRecord {
+                name: row.get(0)?,
+                address: row.get(1)?,
+                token: row.get(2)?,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_placement(&self, campaign_id: &str, placement: &Placement) -> StoreResult<()> {
+        self.db().execute(
+            "INSERT INTO placements (campaign_id, backend, host, workload_id) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(campaign_id, backend) DO UPDATE SET host = ?3, workload_id = ?4",
+            params![campaign_id, placement.backend, placement.host, placement.workload_id],
+        )?;
+        Ok(())
+    }
+
+    fn clear_placement(&self, campaign_id: &str, backend: &str) -> StoreResult<()> {
+        self.db().execute("DELETE FROM placements WHERE campaign_id = ?1 AND backend = ?2", params![campaign_id, backend])?;
+        Ok(())
+    }
+
+    fn placements(&self, campaign_id: &str) -> StoreResult<Vec<Placement>> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT backend, host, workload_id FROM placements WHERE campaign_id = ?1")?;
+        let rows = statement.query_map([campaign_id], |row| {
+            Ok(Placement { backend: row.get(0)?, host: row.get(1)?, workload_id: row.get(2)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    fn campaign(id: &str) -> Campaign {
+        Campaign { id: id.into(), name: "t".into(), state: CampaignState::Pending as i32, ..Default::default() }
+    }
+
+    fn run(id: &str, sequence: u32) -> Run {
+        Run {
+            id: id.into(),
+            campaign_id: "c1".into(),
+            sequence,
+            config: "a".into(),
+            backend: "b".into(),
+            cycle: 1,
+            state: RunState::Pending as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn result_is_recorded_once() {
+        let (_dir, store) = store();
+        store.insert_campaign(&campaign("c1"), "m.yaml", &[run("r1", 0), run("r2", 1)]).unwrap();
+        let done = RunUpdate { result_json: Some("{\"x\":1}".into()), finished_now: true, ..Default::default() };
+        assert!(store.transition_run("r1", &[RunState::Pending], RunState::Running, &RunUpdate::default()).unwrap());
+        assert!(store.transition_run("r1", &[RunState::Running], RunState::Succeeded, &done).unwrap());
+        // A replay of the same outcome (e.g. after a crash) changes nothing.
+        let replay = RunUpdate { result_json: Some("{\"x\":2}".into()), ..Default::default() };
+        assert!(!store.transition_run("r1", &[RunState::Running], RunState::Succeeded, &replay).unwrap());
+        assert_eq!(store.run("r1").unwrap().unwrap().result_json, "{\"x\":1}");
+        let counts = store.run_counts("c1").unwrap();
+        assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
+        assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "r2");
+    }
+
+    #[test]
+    fn survives_reopen_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.insert_campaign(&campaign("c1"), "m", &[run("r1", 0), run("r2", 1), run("r3", 2)]).unwrap();
+            store.insert_campaign(&campaign("c2"), "m", &[]).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let page = store.list_campaigns(None, 1).unwrap();
+        assert_eq!(page[0].1.id, "c2");
+        let next = store.list_campaigns(Some(page[0].0), 10).unwrap();
+        assert_eq!(next.iter().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>(), ["c1"]);
+        let runs = store.runs("c1", None, Some(0), 10).unwrap();
+        assert_eq!(runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2", "r3"]);
+        assert_eq!(store.unfinished_campaigns().unwrap().len(), 2);
+    }
+}
