@@ -143,8 +143,8 @@ pub struct NamedConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunTemplate {
-    /// Command and arguments; `{param}`, `{config}`, `{cycle}`, `{backend}`
-    /// and `{run_id}` are replaced. The run's result is the last line of its
+    /// Command and arguments; `{{param}}`, `{{config}}`, `{{cycle}}`,
+    /// `{{backend}}` and `{{run_id}}` are replaced. The run's result is the last line of its
     /// stdout that is a JSON object.
     pub command: Vec<String>,
     #[serde(default)]
@@ -281,25 +281,19 @@ impl Plan {
     }
 }
 
-/// Replaces `{name}` with its value; `{{` and `}}` are literal braces.
+/// Replaces `{{name}}` with its value. Single braces are literal, so shell
+/// scripts and JSON need no escaping.
 fn substitute(template: &str, values: &BTreeMap<String, String>) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
-    while let Some(i) = rest.find(['{', '}']) {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        if tail.starts_with("{{") || tail.starts_with("}}") {
-            out.push_str(&tail[..1]);
-            rest = &tail[2..];
-        } else if tail.starts_with('{') {
-            let end = tail.find('}').ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
-            let name = &tail[1..end];
-            let value = values.get(name).ok_or_else(|| format!("unknown placeholder `{{{name}}}` in `{template}`"))?;
-            out.push_str(value);
-            rest = &tail[end + 1..];
-        } else {
-            return Err(format!("unmatched `}}` in `{template}` (write `}}}}` for a literal brace)"));
-        }
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}").ok_or_else(|| format!("unclosed `{{{{` in `{template}`"))?;
+        let name = after[..close].trim();
+        let value = values.get(name).ok_or_else(|| format!("unknown placeholder `{{{{{name}}}}}` in `{template}`"))?;
+        out.push_str(value);
+        rest = &after[close + 2..];
     }
     out.push_str(rest);
     Ok(out)
@@ -583,7 +577,7 @@ grid:
     size: [1, 2]
     algo: [a, b]
 run:
-  command: [echo, '{size}', '{algo}']
+  command: [echo, '{{size}}', '{{ algo }}']
 cycles: 2
 ";
 
@@ -661,8 +655,15 @@ cycles: 2
 
     #[test]
     fn unknown_placeholder_rejected() {
-        let e = error(&BASE.replace("'{algo}'", "'{algorithm}'"));
-        assert!(e.message.contains("{algorithm}"), "{e}");
+        let e = error(&BASE.replace("'{{ algo }}'", "'{{algorithm}}'"));
+        assert!(e.message.contains("{{algorithm}}"), "{e}");
+    }
+
+    #[test]
+    fn single_braces_are_literal() {
+        let values = BTreeMap::from([("n".to_string(), "3".to_string())]);
+        assert_eq!(substitute("awk 'BEGIN { print {{n}} }'", &values).unwrap(), "awk 'BEGIN { print 3 }'");
+        assert!(substitute("{{n", &values).is_err());
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! What the CLI prints: tables for people, JSON and CSV for programs.
+
+use std::fmt::Write as _;
+
+use berth_proto::orchestrator::v1::{Campaign, CampaignEvent, CampaignResults, CampaignState, Host, HostStatus, RunState};
+
+use crate::Format;
+
+pub fn campaign_state(state: i32) -> &'static str {
+    match CampaignState::try_from(state).unwrap_or_default() {
+        CampaignState::Pending => "pending",
+        CampaignState::Running => "running",
+        CampaignState::Succeeded => "succeeded",
+        CampaignState::Failed => "failed",
+        CampaignState::Cancelled => "cancelled",
+        CampaignState::Unspecified => "unknown",
+    }
+}
+
+fn run_state(state: i32) -> &'static str {
+    match RunState::try_from(state).unwrap_or_default() {
+        RunState::Pending => "pending",
+        RunState::Dispatched => "dispatched",
+        RunState::Running => "running",
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+        RunState::Cancelled => "cancelled",
+        RunState::Unspecified => "unknown",
+    }
+}
+
+/// Four significant digits: enough to compare, short enough to read.
+fn number(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() {
+        return format!("{value}");
+    }
+    let magnitude = value.abs().log10().floor() as i32;
+    let decimals = (3 - magnitude).clamp(0, 6) as usize;
+    format!("{value:.decimals$}")
+}
+
+/// A line for an event worth showing: a run that ended, or a new status.
+pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<String> {
+    let campaign = event.campaign.as_ref()?;
+    let counts = campaign.runs.unwrap_or_default();
+    let done = counts.succeeded + counts.failed + counts.cancelled;
+    if let Some(run) = &event.run {
+        let state = RunState::try_from(run.state).unwrap_or_default();
+        let retried = state == RunState::Pending && !run.error.is_empty();
+        if !matches!(state, RunState::Succeeded | RunState::Failed | RunState::Cancelled) && !retried {
+            return None;
+        }
+        let cycle = if run.warmup { format!("warmup {}", run.cycle) } else { format!("cycle {}", run.cycle) };
+        let mut line = format!("[{done:>3}/{}] {} on {} ({cycle}): ", counts.total, run.config, run.backend);
+        if retried {
+            let _ = write!(line, "will run again: {}", run.error);
+            return Some(line);
+        }
+        line.push_str(run_state(run.state));
+        if let Some(duration) = run.duration {
+            let _ = write!(line, " in {} s", number(duration.seconds as f64 + f64::from(duration.nanos) / 1e9));
+        }
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(&run.result_json) {
+            for (key, value) in fields.iter().filter(|(_, v)| v.is_number()).take(4) {
+                let _ = write!(line, "  {key}={}", value.as_f64().map(number).unwrap_or_default());
+            }
+        }
+        if state == RunState::Failed {
+            let _ = write!(line, ": {}", run.error);
+        }
+        return Some(line);
+    }
+    let status = format!("{}: {}", campaign_state(campaign.state), campaign.status_message);
+    if status == *last_status {
+        return None;
+    }
+    *last_status = status;
+    let mut line = format!("campaign {} ({}) {}", campaign.id, campaign.name, campaign_state(campaign.state));
+    if !campaign.status_message.is_empty() {
+        let _ = write!(line, ": {}", campaign.status_message);
+    }
+    Some(line)
+}
+
+pub fn results(results: &CampaignResults, format: Format) -> String {
+    match format {
+        Format::Table => results_table(results),
+        Format::Json => results_json(results),
+        Format::Csv => results_csv(results),
+    }
+}
+
+/// The metric columns: every metric name in first-seen order.
+fn metric_names(results: &CampaignResults) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for row in &results.results {
+        for metric in &row.metrics {
+            if !names.contains(&metric.name) {
+                names.push(metric.name.clone());
+            }
+        }
+    }
+    names
+}
+
+fn results_table(results: &CampaignResults) -> String {
+    let names = metric_names(results);
+    let mut header = vec!["config".to_string(), "backend".to_string(), "n".to_string()];
+    header.extend(names.iter().map(|n| format!("{n} (mean ± 95% CI)")));
+    let mut rows = vec![header];
+    for row in &results.results {
+        let mut cells = vec![row.config.clone(), row.backend.clone(), row.succeeded.to_string()];
+        if row.failed > 0 {
+            cells[2] = format!("{} ({} failed)", row.succeeded, row.failed);
+        }
+        for name in &names {
+            cells.push(
+                row.metrics
+                    .iter()
+                    .find(|m| &m.name == name)
+                    .map(|m| format!("{} ± {}", number(m.mean), number(m.ci95_half_width)))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        rows.push(cells);
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    if let Some(campaign) = &results.campaign {
+        let _ = writeln!(out, "campaign {} ({}): {}", campaign.id, campaign.name, campaign_state(campaign.state));
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        if i == 0 {
+            let _ = writeln!(out, "{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        }
+    }
+    out
+}
+
+fn results_json(results: &CampaignResults) -> String {
+    let rows: Vec<serde_json::Value> = results
+        .results
+        .iter()
+        .map(|row| {
+            let metrics: serde_json::Map<String, serde_json::Value> = row
+                .metrics
+                .iter()
+                .map(|m| {
+                    let summary = serde_json::json!({
+                        "n": m.n, "mean": m.mean, "std_dev": m.std_dev,
+                        "ci95_half_width": m.ci95_half_width, "min": m.min, "max": m.max,
+                    });
+                    (m.name.clone(), summary)
+                })
+                .collect();
+            serde_json::json!({
+                "config": row.config, "params": row.params, "backend": row.backend,
+                "succeeded": row.succeeded, "failed": row.failed, "metrics": metrics,
+            })
+        })
+        .collect();
+    let campaign = results.campaign.as_ref();
+    let document = serde_json::json!({
+        "campaign": campaign.map(|c| c.id.clone()),
+        "name": campaign.map(|c| c.name.clone()),
+        "state": campaign.map(|c| campaign_state(c.state)),
+        "results": rows,
+    });
+    format!("{}\n", serde_json::to_string_pretty(&document).unwrap_or_default())
+}
+
+fn results_csv(results: &CampaignResults) -> String {
+    let mut out = String::from("config,backend,metric,n,mean,std_dev,ci95_half_width,min,max\n");
+    for row in &results.results {
+        for m in &row.metrics {
+            let _ = writeln!(
+                out,
+                "\"{}\",{},{},{},{},{},{},{},{}",
+                row.config.replace('"', "\"\""),
+                row.backend,
+                m.name,
+                m.n,
+                m.mean,
+                m.std_dev,
+                m.ci95_half_width,
+                m.min,
+                m.max
+            );
+        }
+    }
+    out
+}
+
+pub fn campaigns(campaigns: &[Campaign]) -> String {
+    let mut out = String::new();
+    for campaign in campaigns {
+        let counts = campaign.runs.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{}  {:<10} {:>5}/{:<5} {}  {}",
+            campaign.id,
+            campaign_state(campaign.state),
+            counts.succeeded + counts.failed + counts.cancelled,
+            counts.total,
+            campaign.name,
+            campaign.status_message
+        );
+    }
+    out
+}
+
+pub fn hosts(hosts: &[Host]) -> String {
+    let mut out = String::new();
+    for host in hosts {
+        let status = match HostStatus::try_from(host.status).unwrap_or_default() {
+            HostStatus::Ready => "ready",
+            HostStatus::Unreachable => "unreachable",
+            _ => "unknown",
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<12} {} cpus={} memory={}MiB gpus={} {}",
+            host.name,
+            status,
+            host.address,
+            host.cpus,
+            host.memory_bytes / (1024 * 1024),
+            host.gpu_count,
+            host.status_message
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::common::v1::MetricSummary;
+    use berth_proto::orchestrator::v1::ConfigResult;
+
+    #[test]
+    fn numbers_keep_four_significant_digits() {
+        assert_eq!(number(612.345), "612.3");
+        assert_eq!(number(0.0123456), "0.01235");
+        assert_eq!(number(12345.6), "12346");
+    }
+
+    #[test]
+    fn table_has_a_row_per_config_with_mean_and_ci() {
+        let metric = |name: &str, mean: f64| MetricSummary { name: name.into(), n: 3, mean, ci95_half_width: 1.5, ..Default::default() };
+        let results = CampaignResults {
+            campaign: None,
+            results: vec![
+                ConfigResult { config: "a".into(), backend: "b".into(), succeeded: 3, metrics: vec![metric("tps", 10.0)], ..Default::default() },
+                ConfigResult { config: "c".into(), backend: "b".into(), succeeded: 3, metrics: vec![metric("tps", 20.0)], ..Default::default() },
+            ],
+        };
+        let table = results_table(&results);
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(table.contains("10.00 ± 1.500"), "{table}");
+        assert!(results_csv(&results).contains("\"c\",b,tps,3,20,"));
+    }
+}
