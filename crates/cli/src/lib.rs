@@ -16,10 +16,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub type Client = OrchestratorClient<AuthChannel>;
 
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about = "Run LLM and AI workloads across GPU hosts, measured")]
+#[command(
+    name = "berth",
+    version,
+    about = "Run LLM and AI workloads across GPU hosts, measured"
+)]
 pub struct Cli {
     /// Orchestrator address (http://host:port or unix:///path).
-    #[arg(long, global = true, env = "BERTH_ORCHESTRATOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_ORCHESTRATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub orchestrator: String,
     /// Name of the environment variable holding the orchestrator's token.
     #[arg(long, global = true, default_value = "BERTH_TOKEN")]
@@ -102,11 +111,18 @@ pub enum CliError {
     #[error("{}", describe(.0))]
     Rpc(#[from] tonic::Status),
     #[error("{path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("campaign {id} ended {state}: {message}")]
-    CampaignFailed { id: String, state: String, message: String },
+    CampaignFailed {
+        id: String,
+        state: String,
+        message: String,
+    },
     #[error(transparent)]
     Quickstart(#[from] quickstart::QuickstartError),
 }
@@ -146,8 +162,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let mut client = connect(&cli.orchestrator, &cli.token_env).await?;
     match cli.command {
         Command::Quickstart { .. } => Ok(()),
-        Command::Submit { file, validate, watch } => {
-            let text = std::fs::read_to_string(&file).map_err(|source| CliError::File { path: file.clone(), source })?;
+        Command::Submit {
+            file,
+            validate,
+            watch,
+        } => {
+            let text = std::fs::read_to_string(&file).map_err(|source| CliError::File {
+                path: file.clone(),
+                source,
+            })?;
             let request = SubmitCampaignRequest {
                 manifest_yaml: text,
                 source_name: file.display().to_string(),
@@ -167,31 +190,54 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Watch { id } => watch_until_done(&mut client, &id).await,
         Command::Results { id, format } => {
-            let results = client.get_results(GetResultsRequest { id }).await?.into_inner();
+            let results = client
+                .get_results(GetResultsRequest { id })
+                .await?
+                .into_inner();
             print!("{}", output::results(&results, format));
             Ok(())
         }
         Command::Campaigns => {
-            let campaigns = client.list_campaigns(ListCampaignsRequest::default()).await?.into_inner();
+            let campaigns = client
+                .list_campaigns(ListCampaignsRequest::default())
+                .await?
+                .into_inner();
             print!("{}", output::campaigns(&campaigns.campaigns));
             Ok(())
         }
         Command::Cancel { id } => {
-            let campaign = client.cancel_campaign(CancelCampaignRequest { id }).await?.into_inner();
+            let campaign = client
+                .cancel_campaign(CancelCampaignRequest { id })
+                .await?
+                .into_inner();
             println!("{} {}", campaign.id, output::campaign_state(campaign.state));
             Ok(())
         }
         Command::Resume { id } => {
-            let campaign = client.resume_campaign(ResumeCampaignRequest { id }).await?.into_inner();
+            let campaign = client
+                .resume_campaign(ResumeCampaignRequest { id })
+                .await?
+                .into_inner();
             println!("{} {}", campaign.id, output::campaign_state(campaign.state));
             Ok(())
         }
         Command::Hosts { action: None } => {
-            let hosts = client.list_hosts(ListHostsRequest::default()).await?.into_inner();
+            let hosts = client
+                .list_hosts(ListHostsRequest::default())
+                .await?
+                .into_inner();
             print!("{}", output::hosts(&hosts.hosts));
             Ok(())
         }
-        Command::Hosts { action: Some(HostsAction::Add { name, address, labels, agent_token_env }) } => {
+        Command::Hosts {
+            action:
+                Some(HostsAction::Add {
+                    name,
+                    address,
+                    labels,
+                    agent_token_env,
+                }),
+        } => {
             let labels = labels
                 .iter()
                 .map(|l| {
@@ -200,13 +246,27 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         .ok_or_else(|| CliError::Usage(format!("--label {l}: expected KEY=VALUE")))
                 })
                 .collect::<Result<_, _>>()?;
-            let token = agent_token_env.map(|var| std::env::var(var).unwrap_or_default()).unwrap_or_default();
-            let host = client.register_host(RegisterHostRequest { name, address, token, labels }).await?.into_inner();
+            let token = agent_token_env
+                .map(|var| std::env::var(var).unwrap_or_default())
+                .unwrap_or_default();
+            let host = client
+                .register_host(RegisterHostRequest {
+                    name,
+                    address,
+                    token,
+                    labels,
+                })
+                .await?
+                .into_inner();
             print!("{}", output::hosts(&[host]));
             Ok(())
         }
-        Command::Hosts { action: Some(HostsAction::Remove { name }) } => {
-            client.deregister_host(DeregisterHostRequest { name }).await?;
+        Command::Hosts {
+            action: Some(HostsAction::Remove { name }),
+        } => {
+            client
+                .deregister_host(DeregisterHostRequest { name })
+                .await?;
             Ok(())
         }
     }
@@ -215,7 +275,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 /// Prints a line per finished run until the campaign ends; fails if it did
 /// not succeed.
 pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliError> {
-    let mut events = client.watch_campaign(WatchCampaignRequest { id: id.to_string() }).await?.into_inner();
+    let mut events = client
+        .watch_campaign(WatchCampaignRequest { id: id.to_string() })
+        .await?
+        .into_inner();
     let mut last_status = String::new();
     let mut campaign = None;
     while let Some(event) = events.message().await? {
@@ -224,8 +287,12 @@ pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliEr
         }
         campaign = event.campaign;
     }
-    let campaign = campaign.ok_or_else(|| CliError::Usage(format!("campaign {id}: the watch ended before any event")))?;
-    if campaign.state == CampaignState::Succeeded as i32 && campaign.runs.is_some_and(|r| r.failed == 0) {
+    let campaign = campaign.ok_or_else(|| {
+        CliError::Usage(format!("campaign {id}: the watch ended before any event"))
+    })?;
+    if campaign.state == CampaignState::Succeeded as i32
+        && campaign.runs.is_some_and(|r| r.failed == 0)
+    {
         Ok(())
     } else {
         Err(CliError::CampaignFailed {

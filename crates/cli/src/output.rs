@@ -2,7 +2,9 @@
 
 use std::fmt::Write as _;
 
-use berth_proto::orchestrator::v1::{Campaign, CampaignEvent, CampaignResults, CampaignState, Host, HostStatus, RunState};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignEvent, CampaignResults, CampaignState, Host, HostStatus, RunState,
+};
 
 use crate::Format;
 
@@ -47,22 +49,41 @@ pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<
     if let Some(run) = &event.run {
         let state = RunState::try_from(run.state).unwrap_or_default();
         let retried = state == RunState::Pending && !run.error.is_empty();
-        if !matches!(state, RunState::Succeeded | RunState::Failed | RunState::Cancelled) && !retried {
+        if !matches!(
+            state,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+        ) && !retried
+        {
             return None;
         }
-        let cycle = if run.warmup { format!("warmup {}", run.cycle) } else { format!("cycle {}", run.cycle) };
-        let mut line = format!("[{done:>3}/{}] {} on {} ({cycle}): ", counts.total, run.config, run.backend);
+        let cycle = if run.warmup {
+            format!("warmup {}", run.cycle)
+        } else {
+            format!("cycle {}", run.cycle)
+        };
+        let mut line = format!(
+            "[{done:>3}/{}] {} on {} ({cycle}): ",
+            counts.total, run.config, run.backend
+        );
         if retried {
             let _ = write!(line, "will run again: {}", run.error);
             return Some(line);
         }
         line.push_str(run_state(run.state));
         if let Some(duration) = run.duration {
-            let _ = write!(line, " in {} s", number(duration.seconds as f64 + f64::from(duration.nanos) / 1e9));
+            let _ = write!(
+                line,
+                " in {} s",
+                number(duration.seconds as f64 + f64::from(duration.nanos) / 1e9)
+            );
         }
         if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(&run.result_json) {
             for (key, value) in fields.iter().filter(|(_, v)| v.is_number()).take(4) {
-                let _ = write!(line, "  {key}={}", value.as_f64().map(number).unwrap_or_default());
+                let _ = write!(
+                    line,
+                    "  {key}={}",
+                    value.as_f64().map(number).unwrap_or_default()
+                );
             }
         }
         if state == RunState::Failed {
@@ -70,12 +91,21 @@ pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<
         }
         return Some(line);
     }
-    let status = format!("{}: {}", campaign_state(campaign.state), campaign.status_message);
+    let status = format!(
+        "{}: {}",
+        campaign_state(campaign.state),
+        campaign.status_message
+    );
     if status == *last_status {
         return None;
     }
     *last_status = status;
-    let mut line = format!("campaign {} ({}) {}", campaign.id, campaign.name, campaign_state(campaign.state));
+    let mut line = format!(
+        "campaign {} ({}) {}",
+        campaign.id,
+        campaign.name,
+        campaign_state(campaign.state)
+    );
     if !campaign.status_message.is_empty() {
         let _ = write!(line, ": {}", campaign.status_message);
     }
@@ -109,7 +139,11 @@ fn results_table(results: &CampaignResults) -> String {
     header.extend(names.iter().map(|n| format!("{n} (mean ± 95% CI)")));
     let mut rows = vec![header];
     for row in &results.results {
-        let mut cells = vec![row.config.clone(), row.backend.clone(), row.succeeded.to_string()];
+        let mut cells = vec![
+            row.config.clone(),
+            row.backend.clone(),
+            row.succeeded.to_string(),
+        ];
         if row.failed > 0 {
             cells[2] = format!("{} ({} failed)", row.succeeded, row.failed);
         }
@@ -124,17 +158,36 @@ fn results_table(results: &CampaignResults) -> String {
         }
         rows.push(cells);
     }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     if let Some(campaign) = &results.campaign {
-        let _ = writeln!(out, "campaign {} ({}): {}", campaign.id, campaign.name, campaign_state(campaign.state));
+        let _ = writeln!(
+            out,
+            "campaign {} ({}): {}",
+            campaign.id,
+            campaign.name,
+            campaign_state(campaign.state)
+        );
     }
     for (i, row) in rows.iter().enumerate() {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
         if i == 0 {
-            let _ = writeln!(out, "{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+            let _ = writeln!(
+                out,
+                "{}",
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            );
         }
     }
     out
@@ -169,7 +222,10 @@ fn results_json(results: &CampaignResults) -> String {
         "state": campaign.map(|c| campaign_state(c.state)),
         "results": rows,
     });
-    format!("{}\n", serde_json::to_string_pretty(&document).unwrap_or_default())
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&document).unwrap_or_default()
+    )
 }
 
 fn results_csv(results: &CampaignResults) -> String {
@@ -250,12 +306,30 @@ mod tests {
 
     #[test]
     fn table_has_a_row_per_config_with_mean_and_ci() {
-        let metric = |name: &str, mean: f64| MetricSummary { name: name.into(), n: 3, mean, ci95_half_width: 1.5, ..Default::default() };
+        let metric = |name: &str, mean: f64| MetricSummary {
+            name: name.into(),
+            n: 3,
+            mean,
+            ci95_half_width: 1.5,
+            ..Default::default()
+        };
         let results = CampaignResults {
             campaign: None,
             results: vec![
-                ConfigResult { config: "a".into(), backend: "b".into(), succeeded: 3, metrics: vec![metric("tps", 10.0)], ..Default::default() },
-                ConfigResult { config: "c".into(), backend: "b".into(), succeeded: 3, metrics: vec![metric("tps", 20.0)], ..Default::default() },
+                ConfigResult {
+                    config: "a".into(),
+                    backend: "b".into(),
+                    succeeded: 3,
+                    metrics: vec![metric("tps", 10.0)],
+                    ..Default::default()
+                },
+                ConfigResult {
+                    config: "c".into(),
+                    backend: "b".into(),
+                    succeeded: 3,
+                    metrics: vec![metric("tps", 20.0)],
+                    ..Default::default()
+                },
             ],
         };
         let table = results_table(&results);

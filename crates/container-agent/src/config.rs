@@ -41,7 +41,10 @@ impl Default for AgentConfig {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { server: ServerConfig::with_defaults(&default_socket(), "127.0.0.1:9701"), agent: AgentConfig::default() }
+        Self {
+            server: ServerConfig::with_defaults(&default_socket(), "127.0.0.1:9701"),
+            agent: AgentConfig::default(),
+        }
     }
 }
 

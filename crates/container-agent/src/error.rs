@@ -9,7 +9,11 @@ pub enum AgentError {
     #[error("a workload named `{0}` already exists")]
     NameTaken(String),
     #[error("workload `{name}` is {state}: {reason}")]
-    WrongState { name: String, state: &'static str, reason: &'static str },
+    WrongState {
+        name: String,
+        state: &'static str,
+        reason: &'static str,
+    },
     #[error("runtime {0} is not available on this agent: {1}")]
     RuntimeUnavailable(&'static str, String),
     #[error("command `{command}` could not be started: {reason}")]

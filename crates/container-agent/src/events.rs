@@ -14,12 +14,20 @@ pub struct EventBus {
 
 impl Default for EventBus {
     fn default() -> Self {
-        Self { sender: broadcast::channel(EVENT_BUFFER).0 }
+        Self {
+            sender: broadcast::channel(EVENT_BUFFER).0,
+        }
     }
 }
 
 impl EventBus {
-    pub fn publish(&self, workload_id: &str, workload_name: &str, kind: EventKind, message: String) {
+    pub fn publish(
+        &self,
+        workload_id: &str,
+        workload_name: &str,
+        kind: EventKind,
+        message: String,
+    ) {
         self.publish_event(WorkloadEvent {
             time: Some(std::time::SystemTime::now().into()),
             workload_id: workload_id.to_string(),

@@ -4,11 +4,19 @@ use berth_proto::agent::v1::HostInfo;
 
 pub fn probe() -> HostInfo {
     HostInfo {
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
         memory_bytes: mem_total_bytes().unwrap_or(0),
-        os: format!("{} {}", std::env::consts::OS, kernel_release().unwrap_or_default()),
+        os: format!(
+            "{} {}",
+            std::env::consts::OS,
+            kernel_release().unwrap_or_default()
+        ),
         ..Default::default()
     }
 }
@@ -21,7 +29,12 @@ fn mem_total_bytes() -> Option<u64> {
 }
 
 fn kernel_release() -> Option<String> {
-    Some(std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim().to_string())
+    Some(
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()?
+            .trim()
+            .to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -30,20 +30,42 @@ pub enum StartError {
 
 /// Binds the agent's listeners and serves in the background.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
-    if config.agent.token.is_empty() && matches!(ListenAddr::parse("server.listen", &config.server.listen)?, ListenAddr::Tcp(_)) {
+    if config.agent.token.is_empty()
+        && matches!(
+            ListenAddr::parse("server.listen", &config.server.listen)?,
+            ListenAddr::Tcp(_)
+        )
+    {
         return Err(StartError::TcpWithoutToken(config.server.listen));
     }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
     let events = events::EventBus::default();
-    let process: Arc<dyn runtime::WorkloadRuntime> =
-        Arc::new(runtime::process::ProcessRuntime::new(events.clone(), config.agent.log_lines_per_workload));
+    let process: Arc<dyn runtime::WorkloadRuntime> = Arc::new(
+        runtime::process::ProcessRuntime::new(events.clone(), config.agent.log_lines_per_workload),
+    );
     let mut info = host_info::probe();
     info.runtimes = vec![Runtime::Process as i32];
     info.labels = config.agent.labels.clone().into_iter().collect();
-    for runtime in [Runtime::Docker, Runtime::Podman, Runtime::Libvirt, Runtime::Slurm] {
-        info.unavailable_runtimes.insert(runtime.as_str_name().to_string(), "not built into this agent yet".to_string());
+    for runtime in [
+        Runtime::Docker,
+        Runtime::Podman,
+        Runtime::Libvirt,
+        Runtime::Slurm,
+    ] {
+        info.unavailable_runtimes.insert(
+            runtime.as_str_name().to_string(),
+            "not built into this agent yet".to_string(),
+        );
     }
-    let service = service::AgentService::new(vec![process], events, config.agent.max_concurrent_execs, info);
-    host.add_service(ContainerAgentServer::with_interceptor(service, RequireBearer::new(&config.agent.token)));
+    let service = service::AgentService::new(
+        vec![process],
+        events,
+        config.agent.max_concurrent_execs,
+        info,
+    );
+    host.add_service(ContainerAgentServer::with_interceptor(
+        service,
+        RequireBearer::new(&config.agent.token),
+    ));
     Ok(host.spawn(None))
 }

@@ -47,7 +47,10 @@ impl HostCommand {
         if let Some(dir) = &self.working_dir {
             command.current_dir(dir);
         }
-        command.spawn().map_err(|e| AgentError::SpawnFailed { command: program.clone(), reason: e.to_string() })
+        command.spawn().map_err(|e| AgentError::SpawnFailed {
+            command: program.clone(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -60,7 +63,9 @@ pub fn signal_group(pid: u32, signal: Signal) {
 
 /// Exit code as shells report it: 128 + N for a signal.
 pub fn exit_code(status: ExitStatus) -> i32 {
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// Runs `command` and streams its output and exit status. Dropping the
@@ -71,10 +76,18 @@ pub fn run_streaming(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
     let mut child = command.spawn()?;
-    let pid = child.id().ok_or_else(|| AgentError::Internal("spawned process has no pid".into()))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| AgentError::Internal("spawned process has no pid".into()))?;
     let (tx, rx) = mpsc::channel(EXEC_BUFFER);
-    let stdout = child.stdout.take().map(|out| tokio::spawn(forward(out, tx.clone(), true)));
-    let stderr = child.stderr.take().map(|err| tokio::spawn(forward(err, tx.clone(), false)));
+    let stdout = child
+        .stdout
+        .take()
+        .map(|out| tokio::spawn(forward(out, tx.clone(), true)));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|err| tokio::spawn(forward(err, tx.clone(), false)));
     tokio::spawn(async move {
         let _permit = permit;
         let started = Instant::now();
@@ -117,10 +130,18 @@ pub fn run_streaming(
             },
             Err(error) => {
                 tracing::warn!(%error, pid, "waiting for exec'd process failed");
-                ProtoExit { exit_code: -1, reason: ExitReason::Signaled as i32, duration: None }
+                ProtoExit {
+                    exit_code: -1,
+                    reason: ExitReason::Signaled as i32,
+                    duration: None,
+                }
             }
         };
-        let _ = tx.send(ExecOutput { output: Some(exec_output::Output::Exit(exit)) }).await;
+        let _ = tx
+            .send(ExecOutput {
+                output: Some(exec_output::Output::Exit(exit)),
+            })
+            .await;
     });
     Ok(rx)
 }
@@ -132,8 +153,18 @@ async fn forward(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<ExecOutput>,
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let data = buffer[..n].to_vec();
-                let output = if is_stdout { exec_output::Output::Stdout(data) } else { exec_output::Output::Stderr(data) };
-                if tx.send(ExecOutput { output: Some(output) }).await.is_err() {
+                let output = if is_stdout {
+                    exec_output::Output::Stdout(data)
+                } else {
+                    exec_output::Output::Stderr(data)
+                };
+                if tx
+                    .send(ExecOutput {
+                        output: Some(output),
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -152,7 +183,10 @@ mod tests {
     }
 
     fn sh(script: &str) -> HostCommand {
-        HostCommand { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() }
+        HostCommand {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
     }
 
     async fn collect(mut rx: mpsc::Receiver<ExecOutput>) -> (Vec<u8>, Vec<u8>, ProtoExit) {
@@ -180,7 +214,10 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_whole_group() {
         let marker = tempfile::NamedTempFile::new().unwrap();
-        let script = format!("(sleep 30; echo leaked > {}) & sleep 30", marker.path().display());
+        let script = format!(
+            "(sleep 30; echo leaked > {}) & sleep 30",
+            marker.path().display()
+        );
         let rx = run_streaming(&sh(&script), Some(Duration::from_millis(200)), permit()).unwrap();
         let (_, _, exit) = collect(rx).await;
         assert_eq!(exit.reason, ExitReason::TimedOut as i32);
@@ -198,19 +235,30 @@ mod tests {
         }
         drop(rx.try_recv());
         drop(rx);
-        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let gone = async {
             while nix::sys::signal::killpg(Pid::from_raw(pid), None).is_ok() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), gone).await.expect("process group still alive after cancel");
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("process group still alive after cancel");
     }
 
     #[tokio::test]
     async fn missing_program_is_a_clear_error() {
-        let command = HostCommand { argv: vec!["/nonexistent/berth-x".into()], ..Default::default() };
-        let error = run_streaming(&command, None, permit()).unwrap_err().to_string();
+        let command = HostCommand {
+            argv: vec!["/nonexistent/berth-x".into()],
+            ..Default::default()
+        };
+        let error = run_streaming(&command, None, permit())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("/nonexistent/berth-x"), "{error}");
     }
 }

@@ -32,7 +32,12 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(runtimes: Vec<Arc<dyn WorkloadRuntime>>, events: EventBus, max_execs: usize, host: HostInfo) -> Self {
+    pub fn new(
+        runtimes: Vec<Arc<dyn WorkloadRuntime>>,
+        events: EventBus,
+        max_execs: usize,
+        host: HostInfo,
+    ) -> Self {
         Self {
             runtimes: runtimes.into_iter().map(|r| (r.kind() as i32, r)).collect(),
             events,
@@ -43,7 +48,9 @@ impl AgentService {
     }
 
     fn runtime(&self, kind: i32) -> Result<&Arc<dyn WorkloadRuntime>, AgentError> {
-        let name = Runtime::try_from(kind).map(|r| r.as_str_name()).unwrap_or("RUNTIME_UNKNOWN");
+        let name = Runtime::try_from(kind)
+            .map(|r| r.as_str_name())
+            .unwrap_or("RUNTIME_UNKNOWN");
         if kind == Runtime::Unspecified as i32 {
             return Err(AgentError::InvalidArgument {
                 field: "spec.runtime",
@@ -51,7 +58,12 @@ impl AgentService {
             });
         }
         self.runtimes.get(&kind).ok_or_else(|| {
-            let why = self.host.unavailable_runtimes.get(name).cloned().unwrap_or_else(|| "not configured".into());
+            let why = self
+                .host
+                .unavailable_runtimes
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| "not configured".into());
             AgentError::RuntimeUnavailable(name, why)
         })
     }
@@ -59,7 +71,10 @@ impl AgentService {
     /// The runtime owning workload `id` (an id or a name), and its current state.
     async fn owner(&self, id: &str) -> Result<(&Arc<dyn WorkloadRuntime>, Workload), AgentError> {
         if id.is_empty() {
-            return Err(AgentError::InvalidArgument { field: "id", reason: "must name a workload".into() });
+            return Err(AgentError::InvalidArgument {
+                field: "id",
+                reason: "must name a workload".into(),
+            });
         }
         for runtime in self.runtimes.values() {
             if let Some(workload) = runtime.inspect(id).await? {
@@ -70,10 +85,16 @@ impl AgentService {
     }
 }
 
-fn duration(field: &'static str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, AgentError> {
+fn duration(
+    field: &'static str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, AgentError> {
     value
         .map(|d| {
-            Duration::try_from(d).map_err(|_| AgentError::InvalidArgument { field, reason: "must not be negative".into() })
+            Duration::try_from(d).map_err(|_| AgentError::InvalidArgument {
+                field,
+                reason: "must not be negative".into(),
+            })
         })
         .transpose()
 }
@@ -84,11 +105,15 @@ impl ContainerAgent for AgentService {
         Ok(Response::new(self.host.clone()))
     }
 
-    async fn create_workload(&self, request: Request<CreateWorkloadRequest>) -> Result<Response<Workload>, Status> {
+    async fn create_workload(
+        &self,
+        request: Request<CreateWorkloadRequest>,
+    ) -> Result<Response<Workload>, Status> {
         let request = request.into_inner();
-        let spec = request
-            .spec
-            .ok_or(AgentError::InvalidArgument { field: "spec", reason: "is required".into() })?;
+        let spec = request.spec.ok_or(AgentError::InvalidArgument {
+            field: "spec",
+            reason: "is required".into(),
+        })?;
         if self.owner(&request.name).await.is_ok() {
             return Err(AgentError::NameTaken(request.name).into());
         }
@@ -96,12 +121,18 @@ impl ContainerAgent for AgentService {
         Ok(Response::new(runtime.create(&request.name, spec).await?))
     }
 
-    async fn start_workload(&self, request: Request<WorkloadRef>) -> Result<Response<Workload>, Status> {
+    async fn start_workload(
+        &self,
+        request: Request<WorkloadRef>,
+    ) -> Result<Response<Workload>, Status> {
         let (runtime, workload) = self.owner(&request.get_ref().id).await?;
         Ok(Response::new(runtime.start(&workload.id).await?))
     }
 
-    async fn stop_workload(&self, request: Request<StopWorkloadRequest>) -> Result<Response<Workload>, Status> {
+    async fn stop_workload(
+        &self,
+        request: Request<StopWorkloadRequest>,
+    ) -> Result<Response<Workload>, Status> {
         let request = request.into_inner();
         let timeout = duration("timeout", request.timeout)?.unwrap_or(DEFAULT_STOP_TIMEOUT);
         let (runtime, workload) = self.owner(&request.id).await?;
@@ -118,7 +149,10 @@ impl ContainerAgent for AgentService {
         Ok(Response::new(RemoveWorkloadResponse {}))
     }
 
-    async fn inspect_workload(&self, request: Request<WorkloadRef>) -> Result<Response<Workload>, Status> {
+    async fn inspect_workload(
+        &self,
+        request: Request<WorkloadRef>,
+    ) -> Result<Response<Workload>, Status> {
         Ok(Response::new(self.owner(&request.get_ref().id).await?.1))
     }
 
@@ -131,28 +165,51 @@ impl ContainerAgent for AgentService {
             all.extend(runtime.list().await?);
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
-        let (workloads, next_page_token) =
-            berth_server::paging::page(&all, request.get_ref().page_size, &request.get_ref().page_token)
-                .map_err(|e| AgentError::InvalidArgument { field: "page_token", reason: e.to_string() })?;
-        Ok(Response::new(ListWorkloadsResponse { workloads, next_page_token }))
+        let (workloads, next_page_token) = berth_server::paging::page(
+            &all,
+            request.get_ref().page_size,
+            &request.get_ref().page_token,
+        )
+        .map_err(|e| AgentError::InvalidArgument {
+            field: "page_token",
+            reason: e.to_string(),
+        })?;
+        Ok(Response::new(ListWorkloadsResponse {
+            workloads,
+            next_page_token,
+        }))
     }
 
     type ExecStream = GrpcStream<ExecOutput>;
 
-    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
         let request = request.into_inner();
         if request.command.is_empty() || request.command[0].is_empty() {
-            return Err(AgentError::InvalidArgument { field: "command", reason: "must name a program".into() }.into());
+            return Err(AgentError::InvalidArgument {
+                field: "command",
+                reason: "must name a program".into(),
+            }
+            .into());
         }
         if request.command.len() > MAX_COMMAND_ARGS {
             return Err(AgentError::InvalidArgument {
                 field: "command",
-                reason: format!("has {} arguments; at most {MAX_COMMAND_ARGS}", request.command.len()),
+                reason: format!(
+                    "has {} arguments; at most {MAX_COMMAND_ARGS}",
+                    request.command.len()
+                ),
             }
             .into());
         }
         let timeout = duration("timeout", request.timeout)?;
-        let permit = self.execs.clone().try_acquire_owned().map_err(|_| AgentError::TooManyExecs(self.max_execs))?;
+        let permit = self
+            .execs
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| AgentError::TooManyExecs(self.max_execs))?;
         let (runtime, workload) = self.owner(&request.workload_id).await?;
         let exec = ExecCommand {
             command: HostCommand {
@@ -168,13 +225,22 @@ impl ContainerAgent for AgentService {
 
     type LogsStream = GrpcStream<LogLine>;
 
-    async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
         let (runtime, workload) = self.owner(&request.workload_id).await?;
-        let since = request.since.and_then(|t| std::time::SystemTime::try_from(t).ok());
-        let lines = runtime.logs(&workload.id, request.tail as usize, request.follow).await?;
+        let since = request
+            .since
+            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let lines = runtime
+            .logs(&workload.id, request.tail as usize, request.follow)
+            .await?;
         let stream = ReceiverStream::new(lines).filter(move |line| match (since, &line.time) {
-            (Some(since), Some(time)) => std::time::SystemTime::try_from(*time).is_ok_and(|t| t > since),
+            (Some(since), Some(time)) => {
+                std::time::SystemTime::try_from(*time).is_ok_and(|t| t > since)
+            }
             _ => true,
         });
         Ok(Response::new(Box::pin(stream.map(Ok))))
@@ -182,34 +248,67 @@ impl ContainerAgent for AgentService {
 
     type EventsStream = GrpcStream<WorkloadEvent>;
 
-    async fn events(&self, request: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+    async fn events(
+        &self,
+        request: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
         let only = request.into_inner().workload_id;
-        let stream = BroadcastStream::new(self.events.subscribe()).filter_map(move |event| match event {
-            Ok(event) if only.is_empty() || event.workload_id == only || event.workload_name == only => Some(Ok(event)),
-            Ok(_) => None,
-            // A slow subscriber learns it missed events rather than silently losing them.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
-                Some(Err(Status::data_loss(format!("subscriber too slow: {missed} events dropped"))))
-            }
-        });
+        let stream =
+            BroadcastStream::new(self.events.subscribe()).filter_map(move |event| match event {
+                Ok(event)
+                    if only.is_empty()
+                        || event.workload_id == only
+                        || event.workload_name == only =>
+                {
+                    Some(Ok(event))
+                }
+                Ok(_) => None,
+                // A slow subscriber learns it missed events rather than silently losing them.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
+                    Some(Err(Status::data_loss(format!(
+                        "subscriber too slow: {missed} events dropped"
+                    ))))
+                }
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
     type StatsStream = GrpcStream<WorkloadStats>;
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<Self::StatsStream>, Status> {
-        Err(unimplemented("Stats", "resource usage of workloads arrives with the container runtimes (issue #3)"))
+        Err(unimplemented(
+            "Stats",
+            "resource usage of workloads arrives with the container runtimes (issue #3)",
+        ))
     }
 
-    async fn import_image(&self, _: Request<Streaming<ImportImageChunk>>) -> Result<Response<Image>, Status> {
-        Err(unimplemented("ImportImage", "images arrive with the docker and podman runtimes (issue #3)"))
+    async fn import_image(
+        &self,
+        _: Request<Streaming<ImportImageChunk>>,
+    ) -> Result<Response<Image>, Status> {
+        Err(unimplemented(
+            "ImportImage",
+            "images arrive with the docker and podman runtimes (issue #3)",
+        ))
     }
 
-    async fn list_images(&self, _: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
-        Err(unimplemented("ListImages", "images arrive with the docker and podman runtimes (issue #3)"))
+    async fn list_images(
+        &self,
+        _: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        Err(unimplemented(
+            "ListImages",
+            "images arrive with the docker and podman runtimes (issue #3)",
+        ))
     }
 
-    async fn remove_image(&self, _: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
-        Err(unimplemented("RemoveImage", "images arrive with the docker and podman runtimes (issue #3)"))
+    async fn remove_image(
+        &self,
+        _: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        Err(unimplemented(
+            "RemoveImage",
+            "images arrive with the docker and podman runtimes (issue #3)",
+        ))
     }
 }

@@ -1,25 +1,90 @@
 //! berth LLM proxy: an OpenAI-compatible gateway configured like LiteLLM.
 //!
-//! Not built yet (issue #7): every RPC answers UNIMPLEMENTED.
+//! It reads a LiteLLM `config.yaml` (model_list, router_settings, master
+//! key), serves the OpenAI API over HTTP (SSE streams passed through as they
+//! arrive) and the same operations over gRPC, routes each request to one of
+//! the deployments of its model with retries, fallbacks and cooldowns, and
+//! enforces virtual keys' limits.
 
-use berth_proto::llmproxy::v1::llm_proxy_server::{LlmProxy, LlmProxyServer};
-use berth_proto::llmproxy::v1::*;
+pub mod auth;
+pub mod error;
+pub mod gateway;
+pub mod grpc_api;
+pub mod http_api;
+pub mod keys;
+pub mod limits;
+pub mod litellm_config;
+pub mod metrics;
+pub mod providers;
+pub mod router;
+pub mod sse;
+pub mod stream;
+pub mod upstream;
+pub mod usage;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::llmproxy::v1::llm_proxy_server::LlmProxyServer;
 use berth_server::cli::HasServerConfig;
-use berth_server::error::unimplemented;
-use berth_server::{GrpcStream, RunningService, ServeError, ServerConfig, ServiceHost};
+use berth_server::{RunningService, ServeError, ServerConfig, ServiceHost};
 use serde::{Deserialize, Serialize};
-use tonic::{Request, Response, Status};
+
+use crate::auth::Auth;
+use crate::error::ProxyError;
+use crate::gateway::Gateway;
+use crate::keys::KeyStore;
+use crate::litellm_config::{LiteLlmConfig, LiteLlmConfigError};
+use crate::router::Router;
+use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// The `[proxy]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// LiteLLM `config.yaml` with the model_list; empty: no models.
+    pub litellm_config: String,
+    /// JSON file of virtual keys (hashed); empty: keys live in memory only.
+    pub keys_path: String,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub max_request_bytes: usize,
+    /// Longest wait for a TCP connection to an upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an idle upstream connection is kept for reuse.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// How often spend is written to the key store.
+    #[serde(with = "humantime_serde")]
+    pub keys_flush_interval: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            litellm_config: String::new(),
+            keys_path: String::new(),
+            max_request_bytes: 8 << 20,
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            keys_flush_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::with_defaults("127.0.0.1:7704", "127.0.0.1:4000"),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -30,66 +95,98 @@ impl HasServerConfig for Config {
     }
 }
 
-pub async fn start(config: Config) -> Result<RunningService, ServeError> {
-    let mut host = ServiceHost::bind(config.server).await?;
-    host.add_service(LlmProxyServer::new(LlmProxyService));
-    Ok(host.spawn(None))
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    LiteLlmConfig(#[from] LiteLlmConfigError),
+    #[error("proxy.keys_path: {0}")]
+    Keys(#[source] ProxyError),
+    #[error("TLS roots for HTTPS upstreams: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
-const NOT_YET: &str = "routing to upstreams arrives with issue #7";
+/// Loads the LiteLLM config named by `proxy.litellm_config` and serves.
+pub async fn start(config: Config) -> Result<RunningService, StartError> {
+    let litellm = if config.proxy.litellm_config.is_empty() {
+        tracing::warn!("proxy.litellm_config is not set: no models to serve");
+        LiteLlmConfig::parse("(none)", "{}", &|_| None)?
+    } else {
+        LiteLlmConfig::load(config.proxy.litellm_config.as_ref())?
+    };
+    start_with(config, litellm).await
+}
 
-#[derive(Debug)]
-pub struct LlmProxyService;
+/// Serves an already loaded LiteLLM config (tests build theirs in memory).
+pub async fn start_with(
+    config: Config,
+    litellm: LiteLlmConfig,
+) -> Result<RunningService, StartError> {
+    if !litellm.unsupported.is_empty() {
+        tracing::warn!(
+            keys = %litellm.unsupported.join(", "),
+            "LiteLLM config keys not supported by berth-llm-proxy are ignored"
+        );
+    }
+    for warning in &litellm.warnings {
+        tracing::warn!("{warning}");
+    }
+    let keys_path =
+        (!config.proxy.keys_path.is_empty()).then(|| PathBuf::from(&config.proxy.keys_path));
+    let keys = Arc::new(KeyStore::open(keys_path).map_err(StartError::Keys)?);
+    if litellm.master_key.is_none() {
+        tracing::warn!(
+            "no general_settings.master_key: the proxy is open to anyone who can reach it, and has no virtual keys"
+        );
+    }
+    let auth = Arc::new(Auth::new(litellm.master_key.as_ref(), keys.clone()));
+    let client = UpstreamClient::new(config.proxy.connect_timeout, config.proxy.pool_idle_timeout)
+        .map_err(StartError::Tls)?;
 
-#[tonic::async_trait]
-impl LlmProxy for LlmProxyService {
-    async fn chat_completion(
-        &self,
-        _: Request<ChatCompletionRequest>,
-    ) -> Result<Response<ChatCompletionResponse>, Status> {
-        Err(unimplemented("ChatCompletion", NOT_YET))
+    let mut host = ServiceHost::bind(config.server).await?;
+    let metrics = Arc::new(metrics::ProxyMetrics::register(host.registry_mut()));
+    let router = Router::new(litellm.deployments, litellm.router);
+    for (model, deployments) in router.models() {
+        tracing::info!(%model, deployments, "serving model");
     }
-    type ChatCompletionStreamStream = GrpcStream<ChatCompletionChunk>;
-    async fn chat_completion_stream(
-        &self,
-        _: Request<ChatCompletionRequest>,
-    ) -> Result<Response<Self::ChatCompletionStreamStream>, Status> {
-        Err(unimplemented("ChatCompletionStream", NOT_YET))
-    }
-    async fn completion(
-        &self,
-        _: Request<CompletionRequest>,
-    ) -> Result<Response<CompletionResponse>, Status> {
-        Err(unimplemented("Completion", NOT_YET))
-    }
-    async fn embeddings(
-        &self,
-        _: Request<EmbeddingsRequest>,
-    ) -> Result<Response<EmbeddingsResponse>, Status> {
-        Err(unimplemented("Embeddings", NOT_YET))
-    }
-    async fn list_models(
-        &self,
-        _: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
-        Err(unimplemented("ListModels", NOT_YET))
-    }
-    async fn create_key(
-        &self,
-        _: Request<CreateKeyRequest>,
-    ) -> Result<Response<CreateKeyResponse>, Status> {
-        Err(unimplemented("CreateKey", NOT_YET))
-    }
-    async fn list_keys(
-        &self,
-        _: Request<ListKeysRequest>,
-    ) -> Result<Response<ListKeysResponse>, Status> {
-        Err(unimplemented("ListKeys", NOT_YET))
-    }
-    async fn delete_key(
-        &self,
-        _: Request<DeleteKeyRequest>,
-    ) -> Result<Response<DeleteKeyResponse>, Status> {
-        Err(unimplemented("DeleteKey", NOT_YET))
-    }
+    let gateway = Arc::new(Gateway::new(router, client, litellm.drop_params, metrics));
+    host.add_service(LlmProxyServer::new(grpc_api::LlmProxyService::new(
+        gateway.clone(),
+        auth.clone(),
+    )));
+    let http = http_api::router(Arc::new(http_api::HttpApi {
+        gateway,
+        auth,
+        max_body_bytes: config.proxy.max_request_bytes,
+    }));
+    spawn_key_flusher(
+        keys,
+        config.proxy.keys_flush_interval,
+        host.shutdown_token(),
+    );
+    Ok(host.spawn(Some(http)))
+}
+
+/// Writes spend to the key store now and then, and once more at shutdown.
+fn spawn_key_flusher(
+    keys: Arc<KeyStore>,
+    every: Duration,
+    shutdown: berth_server::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                () = shutdown.cancelled() => true,
+            };
+            if let Err(error) = keys.flush() {
+                tracing::error!(%error, "writing the key store");
+            }
+            if stopping {
+                break;
+            }
+        }
+    });
 }

@@ -48,7 +48,11 @@ pub struct AuthConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { path: berth_server::config::data_dir().join("orchestrator").join("state.db") }
+        Self {
+            path: berth_server::config::data_dir()
+                .join("orchestrator")
+                .join("state.db"),
+        }
     }
 }
 

@@ -14,7 +14,11 @@ pub enum OrchestratorError {
     #[error("host `{0}` is not registered")]
     HostNotFound(String),
     #[error("campaign `{id}` is {state}: {reason}")]
-    WrongState { id: String, state: &'static str, reason: &'static str },
+    WrongState {
+        id: String,
+        state: &'static str,
+        reason: &'static str,
+    },
     #[error("{0}")]
     Unimplemented(String),
     #[error(transparent)]

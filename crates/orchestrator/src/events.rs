@@ -15,8 +15,12 @@ pub struct CampaignEvents {
 }
 
 impl CampaignEvents {
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<CampaignEvent>>> {
-        self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn channels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<CampaignEvent>>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn subscribe(&self, campaign_id: &str) -> broadcast::Receiver<CampaignEvent> {
@@ -28,11 +32,12 @@ impl CampaignEvents {
 
     pub fn publish(&self, campaign_id: &str, event: CampaignEvent) {
         let mut channels = self.channels();
-        if let Some(sender) = channels.get(campaign_id) {
-            if sender.send(event).is_err() {
-                // Nobody is watching: drop the channel so idle campaigns cost nothing.
-                channels.remove(campaign_id);
-            }
+        // Nobody is watching: drop the channel so idle campaigns cost nothing.
+        if channels
+            .get(campaign_id)
+            .is_some_and(|sender| sender.send(event).is_err())
+        {
+            channels.remove(campaign_id);
         }
     }
 }

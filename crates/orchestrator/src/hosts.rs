@@ -43,7 +43,10 @@ pub struct HostRegistry {
 }
 
 impl HostRegistry {
-    pub fn load(store: Arc<dyn Store>, connect_timeout: Duration) -> Result<Self, OrchestratorError> {
+    pub fn load(
+        store: Arc<dyn Store>,
+        connect_timeout: Duration,
+    ) -> Result<Self, OrchestratorError> {
         let hosts = store
             .hosts()?
             .into_iter()
@@ -59,15 +62,23 @@ impl HostRegistry {
                 (record.name, entry)
             })
             .collect();
-        Ok(Self { store, hosts: RwLock::new(hosts), connect_timeout })
+        Ok(Self {
+            store,
+            hosts: RwLock::new(hosts),
+            connect_timeout,
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, HostEntry>> {
-        self.hosts.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.hosts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, HostEntry>> {
-        self.hosts.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.hosts
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records a host, then contacts it once; an unreachable host is still
@@ -87,7 +98,8 @@ impl HostRegistry {
             },
         );
         let _ = self.probe(&record.name).await;
-        self.host(&record.name).ok_or(OrchestratorError::HostNotFound(record.name))
+        self.host(&record.name)
+            .ok_or(OrchestratorError::HostNotFound(record.name))
     }
 
     pub fn deregister(&self, name: &str) -> Result<(), OrchestratorError> {
@@ -109,7 +121,12 @@ impl HostRegistry {
     pub fn views(&self) -> Vec<HostView> {
         self.read()
             .values()
-            .map(|e| HostView { record: e.record.clone(), status: e.status, message: e.message.clone(), info: e.info.clone() })
+            .map(|e| HostView {
+                record: e.record.clone(),
+                status: e.status,
+                message: e.message.clone(),
+                info: e.info.clone(),
+            })
             .collect()
     }
 
@@ -117,15 +134,18 @@ impl HostRegistry {
     pub async fn client(&self, name: &str) -> Result<AgentClient, String> {
         let (record, client) = {
             let hosts = self.read();
-            let entry = hosts.get(name).ok_or_else(|| format!("host `{name}` is not registered"))?;
+            let entry = hosts
+                .get(name)
+                .ok_or_else(|| format!("host `{name}` is not registered"))?;
             (entry.record.clone(), entry.client.clone())
         };
         if let Some(client) = client {
             return Ok(client);
         }
-        let channel = berth_server::client::connect(&record.address, &record.token, self.connect_timeout)
-            .await
-            .map_err(|e| e.to_string());
+        let channel =
+            berth_server::client::connect(&record.address, &record.token, self.connect_timeout)
+                .await
+                .map_err(|e| e.to_string());
         let channel = match channel {
             Ok(channel) => channel,
             Err(reason) => {
@@ -196,17 +216,27 @@ impl HostRegistry {
 pub fn describe_status(status: &tonic::Status) -> String {
     let message = status.message();
     let code = format!("{:?}", status.code());
-    if message.is_empty() { code } else { format!("{code}: {message}") }
+    if message.is_empty() {
+        code
+    } else {
+        format!("{code}: {message}")
+    }
 }
 
 fn validate_host(record: &HostRecord) -> Result<(), OrchestratorError> {
     let valid_name = !record.name.is_empty()
         && record.name.len() <= 64
-        && record.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && record
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !valid_name {
         return Err(OrchestratorError::InvalidArgument {
             field: "name",
-            reason: format!("`{}` is not a valid host name (1-64 of letters, digits, '-', '_', '.')", record.name),
+            reason: format!(
+                "`{}` is not a valid host name (1-64 of letters, digits, '-', '_', '.')",
+                record.name
+            ),
         });
     }
     let address = record.address.as_str();
@@ -215,12 +245,19 @@ fn validate_host(record: &HostRecord) -> Result<(), OrchestratorError> {
             "address `{address}`: agents over SSH tunnels are not implemented yet (issue #8); use unix:///path or http://host:port"
         )));
     }
-    let valid = address.strip_prefix("unix://").is_some_and(|p| p.starts_with('/'))
-        || address.strip_prefix("http://").or_else(|| address.strip_prefix("https://")).is_some_and(|rest| rest.contains(':'));
+    let valid = address
+        .strip_prefix("unix://")
+        .is_some_and(|p| p.starts_with('/'))
+        || address
+            .strip_prefix("http://")
+            .or_else(|| address.strip_prefix("https://"))
+            .is_some_and(|rest| rest.contains(':'));
     if !valid {
         return Err(OrchestratorError::InvalidArgument {
             field: "address",
-            reason: format!("`{address}` is not an agent address (unix:///path/agent.sock or http://host:port)"),
+            reason: format!(
+                "`{address}` is not an agent address (unix:///path/agent.sock or http://host:port)"
+            ),
         });
     }
     if address.starts_with("http") && record.token.is_empty() {
@@ -237,7 +274,13 @@ fn to_proto(entry: &HostEntry) -> Host {
     Host {
         name: entry.record.name.clone(),
         address: entry.record.address.clone(),
-        labels: entry.record.labels.clone().into_iter().chain(info.labels).collect(),
+        labels: entry
+            .record
+            .labels
+            .clone()
+            .into_iter()
+            .chain(info.labels)
+            .collect(),
         status: entry.status as i32,
         status_message: entry.message.clone(),
         last_seen: entry.last_seen.map(Into::into),

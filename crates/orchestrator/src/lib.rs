@@ -33,8 +33,12 @@ pub enum StartError {
 /// Opens the store, resumes unfinished campaigns and serves in the background.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
     let mut host = ServiceHost::bind(config.server.clone()).await?;
-    let store: Arc<dyn store::Store> = Arc::new(store::sqlite::SqliteStore::open(&config.store.path)?);
-    let hosts = Arc::new(hosts::HostRegistry::load(Arc::clone(&store), config.scheduler.connect_timeout)?);
+    let store: Arc<dyn store::Store> =
+        Arc::new(store::sqlite::SqliteStore::open(&config.store.path)?);
+    let hosts = Arc::new(hosts::HostRegistry::load(
+        Arc::clone(&store),
+        config.scheduler.connect_timeout,
+    )?);
     let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();
     hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());
@@ -46,7 +50,16 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         shutdown.clone(),
     );
     scheduler.resume_unfinished()?;
-    let service = service::OrchestratorService { store, hosts, events, scheduler, shutdown };
-    host.add_service(OrchestratorServer::with_interceptor(service, RequireBearer::new(&config.auth.token)));
+    let service = service::OrchestratorService {
+        store,
+        hosts,
+        events,
+        scheduler,
+        shutdown,
+    };
+    host.add_service(OrchestratorServer::with_interceptor(
+        service,
+        RequireBearer::new(&config.auth.token),
+    ));
     Ok(host.spawn(None))
 }

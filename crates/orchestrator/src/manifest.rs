@@ -25,7 +25,11 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.source_name, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.source_name, self.line, self.column, self.message
+        )
     }
 }
 
@@ -225,7 +229,11 @@ pub struct PlannedRun {
 
 impl PlannedRun {
     pub fn id(&self, campaign_id: &str) -> String {
-        let cycle = if self.warmup { format!("w{}", self.cycle) } else { self.cycle.to_string() };
+        let cycle = if self.warmup {
+            format!("w{}", self.cycle)
+        } else {
+            self.cycle.to_string()
+        };
         format!("{campaign_id}/{}/{}/{cycle}", self.config, self.backend)
     }
 }
@@ -250,7 +258,12 @@ impl Plan {
     /// The command line of a run, placeholders replaced.
     pub fn command_for(&self, run: &PlannedRun, run_id: &str) -> Vec<String> {
         let values = self.placeholder_values(run, run_id);
-        self.manifest.run.command.iter().map(|arg| substitute(arg, &values).unwrap_or_else(|_| arg.clone())).collect()
+        self.manifest
+            .run
+            .command
+            .iter()
+            .map(|arg| substitute(arg, &values).unwrap_or_else(|_| arg.clone()))
+            .collect()
     }
 
     /// The run's environment, placeholders replaced, plus BERTH_* variables.
@@ -261,18 +274,28 @@ impl Plan {
             .run
             .env
             .iter()
-            .map(|(k, v)| (k.clone(), substitute(v, &values).unwrap_or_else(|_| v.clone())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    substitute(v, &values).unwrap_or_else(|_| v.clone()),
+                )
+            })
             .collect();
         env.push(("BERTH_RUN_ID".into(), run_id.into()));
         env.push(("BERTH_CONFIG".into(), run.config.clone()));
         env.push(("BERTH_CYCLE".into(), run.cycle.to_string()));
-        env.push(("BERTH_WARMUP".into(), if run.warmup { "1" } else { "0" }.into()));
+        env.push((
+            "BERTH_WARMUP".into(),
+            if run.warmup { "1" } else { "0" }.into(),
+        ));
         env
     }
 
     fn placeholder_values(&self, run: &PlannedRun, run_id: &str) -> BTreeMap<String, String> {
-        let mut values: BTreeMap<String, String> =
-            self.config(&run.config).map(|c| c.params.iter().cloned().collect()).unwrap_or_default();
+        let mut values: BTreeMap<String, String> = self
+            .config(&run.config)
+            .map(|c| c.params.iter().cloned().collect())
+            .unwrap_or_default();
         values.insert("config".into(), run.config.clone());
         values.insert("cycle".into(), run.cycle.to_string());
         values.insert("backend".into(), run.backend.clone());
@@ -289,9 +312,13 @@ fn substitute(template: &str, values: &BTreeMap<String, String>) -> Result<Strin
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| format!("unclosed `{{{{` in `{template}`"))?;
+        let close = after
+            .find("}}")
+            .ok_or_else(|| format!("unclosed `{{{{` in `{template}`"))?;
         let name = after[..close].trim();
-        let value = values.get(name).ok_or_else(|| format!("unknown placeholder `{{{{{name}}}}}` in `{template}`"))?;
+        let value = values
+            .get(name)
+            .ok_or_else(|| format!("unknown placeholder `{{{{{name}}}}}` in `{template}`"))?;
         out.push_str(value);
         rest = &after[close + 2..];
     }
@@ -303,17 +330,40 @@ fn substitute(template: &str, values: &BTreeMap<String, String>) -> Result<Strin
 pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
     let at = |path: &[&str], message: String| {
         let (line, column) = locate(text, path);
-        ManifestError { source_name: source_name.to_string(), line, column, message }
+        ManifestError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            message,
+        }
     };
     if text.len() > MAX_MANIFEST_BYTES {
-        return Err(at(&[], format!("manifest is {} bytes; at most {MAX_MANIFEST_BYTES}", text.len())));
+        return Err(at(
+            &[],
+            format!(
+                "manifest is {} bytes; at most {MAX_MANIFEST_BYTES}",
+                text.len()
+            ),
+        ));
     }
     let manifest: Manifest = serde_yaml::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
         let message = e.to_string();
         // serde_yaml appends " at line L column C"; the prefix already says it.
-        let message = message.split(" at line ").next().unwrap_or(&message).to_string();
-        ManifestError { source_name: source_name.to_string(), line, column, message }
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_string();
+        ManifestError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            message,
+        }
     })?;
 
     if manifest.name.trim().is_empty() {
@@ -323,20 +373,42 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
         return Err(at(&["cycles"], "cycles: must be at least 1".into()));
     }
     if manifest.backends.is_empty() {
-        return Err(at(&["backends"], "backends: at least one backend is needed".into()));
+        return Err(at(
+            &["backends"],
+            "backends: at least one backend is needed".into(),
+        ));
     }
     let mut backend_names = BTreeSet::new();
     for backend in &manifest.backends {
-        check_identifier(&backend.name).map_err(|e| at(&["backends", "name"], format!("backends.name: {e}")))?;
+        check_identifier(&backend.name)
+            .map_err(|e| at(&["backends", "name"], format!("backends.name: {e}")))?;
         if !backend_names.insert(backend.name.as_str()) {
-            return Err(at_value(text, source_name, &backend.name, 2, format!("backends: duplicate backend name `{}`", backend.name)));
+            return Err(at_value(
+                text,
+                source_name,
+                &backend.name,
+                2,
+                format!("backends: duplicate backend name `{}`", backend.name),
+            ));
         }
-        if backend.runtime != RuntimeName::Process && backend.image.is_empty() && backend.runtime != RuntimeName::Libvirt {
-            return Err(at(&["backends", "image"], format!("backends[{}].image: a container backend needs an image", backend.name)));
+        if backend.runtime != RuntimeName::Process
+            && backend.image.is_empty()
+            && backend.runtime != RuntimeName::Libvirt
+        {
+            return Err(at(
+                &["backends", "image"],
+                format!(
+                    "backends[{}].image: a container backend needs an image",
+                    backend.name
+                ),
+            ));
         }
     }
     if manifest.run.command.is_empty() || manifest.run.command[0].is_empty() {
-        return Err(at(&["run", "command"], "run.command: must name a program".into()));
+        return Err(at(
+            &["run", "command"],
+            "run.command: must name a program".into(),
+        ));
     }
 
     let configs = expand_configs(&manifest).map_err(|(path, message)| match path {
@@ -351,20 +423,37 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
             values.insert(key.into(), String::new());
         }
         for arg in &manifest.run.command {
-            substitute(arg, &values).map_err(|e| at(&["run", "command"], format!("run.command (config `{}`): {e}", config.name)))?;
+            substitute(arg, &values).map_err(|e| {
+                at(
+                    &["run", "command"],
+                    format!("run.command (config `{}`): {e}", config.name),
+                )
+            })?;
         }
         for value in manifest.run.env.values() {
-            substitute(value, &values).map_err(|e| at(&["run", "env"], format!("run.env (config `{}`): {e}", config.name)))?;
+            substitute(value, &values).map_err(|e| {
+                at(
+                    &["run", "env"],
+                    format!("run.env (config `{}`): {e}", config.name),
+                )
+            })?;
         }
     }
 
     let per_backend = configs.len() as u64 * u64::from(manifest.cycles + manifest.warmup.runs);
     let total = per_backend.saturating_mul(manifest.backends.len() as u64);
     if total > MAX_RUNS as u64 {
-        return Err(at(&["cycles"], format!("the campaign would have {total} runs; at most {MAX_RUNS}")));
+        return Err(at(
+            &["cycles"],
+            format!("the campaign would have {total} runs; at most {MAX_RUNS}"),
+        ));
     }
     let runs = schedule(&manifest, &configs);
-    Ok(Plan { manifest, configs, runs })
+    Ok(Plan {
+        manifest,
+        configs,
+        runs,
+    })
 }
 
 enum ConfigErrorAt {
@@ -377,37 +466,60 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
     if let Some(grid) = &manifest.grid {
         let mut axes: Vec<(String, Vec<String>)> = Vec::new();
         for (key, values) in &grid.params {
-            let key = scalar(key).map_err(|e| (ConfigErrorAt::Path(vec!["grid", "params"]), format!("grid.params: key {e}")))?;
+            let key = scalar(key).map_err(|e| {
+                (
+                    ConfigErrorAt::Path(vec!["grid", "params"]),
+                    format!("grid.params: key {e}"),
+                )
+            })?;
             let list = values.as_sequence().ok_or_else(|| {
-                (ConfigErrorAt::Path(vec!["grid", "params"]), format!("grid.params.{key}: expected a list of values"))
+                (
+                    ConfigErrorAt::Path(vec!["grid", "params"]),
+                    format!("grid.params.{key}: expected a list of values"),
+                )
             })?;
             if list.is_empty() {
-                return Err((ConfigErrorAt::Path(vec!["grid", "params"]), format!("grid.params.{key}: empty list of values")));
+                return Err((
+                    ConfigErrorAt::Path(vec!["grid", "params"]),
+                    format!("grid.params.{key}: empty list of values"),
+                ));
             }
             let values = list
                 .iter()
                 .map(scalar)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| (ConfigErrorAt::Path(vec!["grid", "params"]), format!("grid.params.{key}: {e}")))?;
+                .map_err(|e| {
+                    (
+                        ConfigErrorAt::Path(vec!["grid", "params"]),
+                        format!("grid.params.{key}: {e}"),
+                    )
+                })?;
             axes.push((key, values));
         }
         if axes.is_empty() && grid.include.is_empty() {
-            return Err((ConfigErrorAt::Path(vec!["grid"]), "grid: empty grid (no params and no include)".into()));
+            return Err((
+                ConfigErrorAt::Path(vec!["grid"]),
+                "grid: empty grid (no params and no include)".into(),
+            ));
         }
         let keys: BTreeSet<&str> = axes.iter().map(|(k, _)| k.as_str()).collect();
         let matches = |point: &[(String, String)], filter: &BTreeMap<String, serde_yaml::Value>| {
-            filter.iter().all(|(k, v)| point.iter().any(|(pk, pv)| pk == k && scalar(v).is_ok_and(|v| &v == pv)))
+            filter.iter().all(|(k, v)| {
+                point
+                    .iter()
+                    .any(|(pk, pv)| pk == k && scalar(v).is_ok_and(|v| &v == pv))
+            })
         };
-        for (list, field) in [(&grid.exclude, "grid.exclude"), (&grid.include, "grid.include")] {
-            for filter in list {
-                if let Some(unknown) = filter.keys().find(|k| !keys.contains(k.as_str())) {
-                    if field == "grid.exclude" {
-                        return Err((
-                            ConfigErrorAt::Path(vec!["grid", "exclude"]),
-                            format!("{field}: unknown parameter `{unknown}` (parameters: {})", keys.iter().copied().collect::<Vec<_>>().join(", ")),
-                        ));
-                    }
-                }
+        // An include may add parameters; an exclude naming an unknown one is a typo.
+        for filter in &grid.exclude {
+            if let Some(unknown) = filter.keys().find(|k| !keys.contains(k.as_str())) {
+                return Err((
+                    ConfigErrorAt::Path(vec!["grid", "exclude"]),
+                    format!(
+                        "grid.exclude: unknown parameter `{unknown}` (parameters: {})",
+                        keys.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
             }
         }
         if !axes.is_empty() {
@@ -424,12 +536,18 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
                     })
                     .collect();
                 if points.len() > MAX_RUNS {
-                    return Err((ConfigErrorAt::Path(vec!["grid", "params"]), format!("grid: more than {MAX_RUNS} configurations")));
+                    return Err((
+                        ConfigErrorAt::Path(vec!["grid", "params"]),
+                        format!("grid: more than {MAX_RUNS} configurations"),
+                    ));
                 }
             }
             for point in points {
                 if !grid.exclude.iter().any(|filter| matches(&point, filter)) {
-                    configs.push(ConfigPoint { name: point_name(&point), params: point });
+                    configs.push(ConfigPoint {
+                        name: point_name(&point),
+                        params: point,
+                    });
                 }
             }
         }
@@ -438,39 +556,77 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
                 .iter()
                 .map(|(k, v)| scalar(v).map(|v| (k.clone(), v)))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| (ConfigErrorAt::Path(vec!["grid", "include"]), format!("grid.include: {e}")))?;
+                .map_err(|e| {
+                    (
+                        ConfigErrorAt::Path(vec!["grid", "include"]),
+                        format!("grid.include: {e}"),
+                    )
+                })?;
             // Grid parameters first, in grid order, so names read alike.
-            point.sort_by_key(|(k, _)| axes.iter().position(|(axis, _)| axis == k).unwrap_or(usize::MAX));
-            configs.push(ConfigPoint { name: point_name(&point), params: point });
+            point.sort_by_key(|(k, _)| {
+                axes.iter()
+                    .position(|(axis, _)| axis == k)
+                    .unwrap_or(usize::MAX)
+            });
+            configs.push(ConfigPoint {
+                name: point_name(&point),
+                params: point,
+            });
         }
         if configs.is_empty() {
-            return Err((ConfigErrorAt::Path(vec!["grid", "exclude"]), "grid: every combination is excluded".into()));
+            return Err((
+                ConfigErrorAt::Path(vec!["grid", "exclude"]),
+                "grid: every combination is excluded".into(),
+            ));
         }
     }
     for named in &manifest.configs {
-        check_identifier(&named.name).map_err(|e| (ConfigErrorAt::Value(named.name.clone()), format!("configs.name: {e}")))?;
+        check_identifier(&named.name).map_err(|e| {
+            (
+                ConfigErrorAt::Value(named.name.clone()),
+                format!("configs.name: {e}"),
+            )
+        })?;
         let params = named
             .params
             .iter()
             .map(|(k, v)| scalar(v).map(|v| (k.clone(), v)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| (ConfigErrorAt::Value(named.name.clone()), format!("configs[{}].params: {e}", named.name)))?;
-        configs.push(ConfigPoint { name: named.name.clone(), params });
+            .map_err(|e| {
+                (
+                    ConfigErrorAt::Value(named.name.clone()),
+                    format!("configs[{}].params: {e}", named.name),
+                )
+            })?;
+        configs.push(ConfigPoint {
+            name: named.name.clone(),
+            params,
+        });
     }
     if configs.is_empty() {
-        return Err((ConfigErrorAt::Path(vec!["run"]), "the campaign has no configurations: give `grid.params` or `configs`".into()));
+        return Err((
+            ConfigErrorAt::Path(vec!["run"]),
+            "the campaign has no configurations: give `grid.params` or `configs`".into(),
+        ));
     }
     let mut seen = BTreeSet::new();
     for config in &configs {
         if !seen.insert(config.name.as_str()) {
-            return Err((ConfigErrorAt::Value(config.name.clone()), format!("duplicate config name `{}`", config.name)));
+            return Err((
+                ConfigErrorAt::Value(config.name.clone()),
+                format!("duplicate config name `{}`", config.name),
+            ));
         }
     }
     Ok(configs)
 }
 
 fn point_name(point: &[(String, String)]) -> String {
-    point.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    point
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Names become parts of run ids and workload names: keep them plain.
@@ -478,8 +634,13 @@ fn check_identifier(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("`{name}` must be 1 to 64 characters"));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | ',')) {
-        return Err(format!("`{name}` may hold only letters, digits and - _ . = ,"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | ','))
+    {
+        return Err(format!(
+            "`{name}` may hold only letters, digits and - _ . = ,"
+        ));
     }
     Ok(())
 }
@@ -489,7 +650,9 @@ fn scalar(value: &serde_yaml::Value) -> Result<String, String> {
         serde_yaml::Value::String(s) => Ok(s.clone()),
         serde_yaml::Value::Number(n) => Ok(n.to_string()),
         serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-        other => Err(format!("expected a string, number or boolean, found {other:?}")),
+        other => Err(format!(
+            "expected a string, number or boolean, found {other:?}"
+        )),
     }
 }
 
@@ -539,7 +702,10 @@ fn locate(text: &str, path: &[&str]) -> (usize, usize) {
         let hit = text.lines().enumerate().skip(from).find_map(|(i, line)| {
             let trimmed = line.trim_start().trim_start_matches("- ");
             let indent = line.len() - trimmed.len();
-            trimmed.strip_prefix(key).filter(|rest| rest.trim_start().starts_with(':')).map(|_| (i, indent))
+            trimmed
+                .strip_prefix(key)
+                .filter(|rest| rest.trim_start().starts_with(':'))
+                .map(|_| (i, indent))
         });
         if let Some((i, indent)) = hit {
             from = i + 1;
@@ -550,7 +716,13 @@ fn locate(text: &str, path: &[&str]) -> (usize, usize) {
 }
 
 /// Position of the `nth` line holding `value` as a YAML value (for duplicates).
-fn at_value(text: &str, source_name: &str, value: &str, nth: usize, message: String) -> ManifestError {
+fn at_value(
+    text: &str,
+    source_name: &str,
+    value: &str,
+    nth: usize,
+    message: String,
+) -> ManifestError {
     let (line, column) = text
         .lines()
         .enumerate()
@@ -561,7 +733,12 @@ fn at_value(text: &str, source_name: &str, value: &str, nth: usize, message: Str
         })
         .nth(nth - 1)
         .unwrap_or((1, 1));
-    ManifestError { source_name: source_name.to_string(), line, column, message }
+    ManifestError {
+        source_name: source_name.to_string(),
+        line,
+        column,
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -585,7 +762,15 @@ cycles: 2
     fn expands_grid_and_cycles() {
         let plan = plan("t.yaml", BASE).unwrap();
         let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["size=1,algo=a", "size=1,algo=b", "size=2,algo=a", "size=2,algo=b"]);
+        assert_eq!(
+            names,
+            [
+                "size=1,algo=a",
+                "size=1,algo=b",
+                "size=2,algo=a",
+                "size=2,algo=b"
+            ]
+        );
         assert_eq!(plan.runs.len(), 8);
         assert_eq!(plan.runs[4].cycle, 2);
         let run = &plan.runs[1];
@@ -596,7 +781,11 @@ cycles: 2
     #[test]
     fn grouped_shuffled_and_warmup_orders() {
         let grouped = plan("t", &format!("{BASE}order: grouped\nwarmup: {{runs: 1}}\n")).unwrap();
-        let order: Vec<_> = grouped.runs.iter().map(|r| (r.warmup, r.cycle, r.config.as_str())).collect();
+        let order: Vec<_> = grouped
+            .runs
+            .iter()
+            .map(|r| (r.warmup, r.cycle, r.config.as_str()))
+            .collect();
         assert_eq!(order[..5].iter().filter(|r| r.0).count(), 4);
         assert_eq!(order[4], (false, 1, "size=1,algo=a"));
         assert_eq!(order[5], (false, 2, "size=1,algo=a"));
@@ -610,7 +799,10 @@ cycles: 2
 
     #[test]
     fn exclude_and_include() {
-        let text = BASE.replace("run:", "  exclude: [{size: 2}]\n  include: [{size: 9, algo: z}]\nrun:");
+        let text = BASE.replace(
+            "run:",
+            "  exclude: [{size: 2}]\n  include: [{size: 9, algo: z}]\nrun:",
+        );
         let plan = plan("t", &text).unwrap();
         let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["size=1,algo=a", "size=1,algo=b", "size=9,algo=z"]);
@@ -629,7 +821,10 @@ cycles: 2
 
     #[test]
     fn unknown_field_is_named_with_its_line() {
-        let e = error(&BASE.replace("    runtime: process", "    runtime: process\n    imagee: x"));
+        let e = error(&BASE.replace(
+            "    runtime: process",
+            "    runtime: process\n    imagee: x",
+        ));
         assert!(e.message.contains("imagee"), "{e}");
         assert_eq!(e.line, 5, "{e}");
     }
@@ -641,7 +836,10 @@ cycles: 2
         assert_eq!(e.line, 11);
         let e = error(&BASE.replace("    size: [1, 2]\n    algo: [a, b]\n", "    size: []\n"));
         assert!(e.message.contains("empty"), "{e}");
-        let e = error(&BASE.replace("  params:\n    size: [1, 2]\n    algo: [a, b]\n", "  params: {}\n"));
+        let e = error(&BASE.replace(
+            "  params:\n    size: [1, 2]\n    algo: [a, b]\n",
+            "  params: {}\n",
+        ));
         assert!(e.message.contains("empty grid"), "{e}");
     }
 
@@ -662,7 +860,10 @@ cycles: 2
     #[test]
     fn single_braces_are_literal() {
         let values = BTreeMap::from([("n".to_string(), "3".to_string())]);
-        assert_eq!(substitute("awk 'BEGIN { print {{n}} }'", &values).unwrap(), "awk 'BEGIN { print 3 }'");
+        assert_eq!(
+            substitute("awk 'BEGIN { print {{n}} }'", &values).unwrap(),
+            "awk 'BEGIN { print 3 }'"
+        );
         assert!(substitute("{{n", &values).is_err());
     }
 

@@ -16,7 +16,9 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
     let mut rows = Vec::new();
     for config in &plan.configs {
         for backend in &plan.manifest.backends {
-            let runs = runs.iter().filter(|r| r.config == config.name && r.backend == backend.name && !r.warmup);
+            let runs = runs
+                .iter()
+                .filter(|r| r.config == config.name && r.backend == backend.name && !r.warmup);
             let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             // Result fields keep the order in which they first appear.
             let mut metric_order: Vec<String> = Vec::new();
@@ -31,9 +33,14 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                     _ => continue,
                 }
                 if let Some(duration) = run.duration {
-                    samples.entry(DURATION_METRIC.into()).or_default().push(duration.seconds as f64 + f64::from(duration.nanos) / 1e9);
+                    samples
+                        .entry(DURATION_METRIC.into())
+                        .or_default()
+                        .push(duration.seconds as f64 + f64::from(duration.nanos) / 1e9);
                 }
-                if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(&run.result_json) {
+                if let Ok(serde_json::Value::Object(fields)) =
+                    serde_json::from_str(&run.result_json)
+                {
                     for (key, value) in fields {
                         if let Some(number) = value.as_f64() {
                             if !samples.contains_key(&key) {
@@ -47,7 +54,11 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
             metric_order.push(DURATION_METRIC.into());
             let metrics = metric_order
                 .iter()
-                .filter_map(|name| samples.get(name).map(|values| stats::summarize(name, values)))
+                .filter_map(|name| {
+                    samples
+                        .get(name)
+                        .map(|values| stats::summarize(name, values))
+                })
                 .collect();
             rows.push(ConfigResult {
                 config: config.name.clone(),
@@ -79,11 +90,18 @@ mod tests {
             state: state as i32,
             warmup,
             result_json: json.into(),
-            duration: Some(prost_types::Duration { seconds: 1, nanos: 500_000_000 }),
+            duration: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000,
+            }),
             ..Default::default()
         };
         let runs = [
-            run("{\"tps\": 10, \"label\": \"x\"}", RunState::Succeeded, false),
+            run(
+                "{\"tps\": 10, \"label\": \"x\"}",
+                RunState::Succeeded,
+                false,
+            ),
             run("{\"tps\": 20}", RunState::Succeeded, false),
             run("{\"tps\": 999}", RunState::Succeeded, true),
             run("", RunState::Failed, false),

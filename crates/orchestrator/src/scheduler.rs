@@ -8,10 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use berth_proto::agent::v1::{
-    CreateWorkloadRequest, ExecRequest, ExitReason, RemoveWorkloadRequest, WorkloadRef, WorkloadState, exec_output,
+    CreateWorkloadRequest, ExecRequest, ExitReason, RemoveWorkloadRequest, WorkloadRef,
+    WorkloadState, exec_output,
 };
 use berth_proto::common::v1::{EnvVar, WorkloadSpec};
-use berth_proto::orchestrator::v1::{Campaign, CampaignEvent, CampaignState, HostStatus, Run, RunState};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignEvent, CampaignState, HostStatus, Run, RunState,
+};
 use berth_server::CancellationToken;
 use tokio::sync::Semaphore;
 
@@ -89,7 +92,11 @@ impl Scheduler {
     pub fn resume_unfinished(self: &Arc<Self>) -> Result<usize, OrchestratorError> {
         let campaigns = self.store.unfinished_campaigns()?;
         for campaign in &campaigns {
-            let reset = self.store.transition_all(&campaign.id, &[RunState::Dispatched, RunState::Running], RunState::Pending)?;
+            let reset = self.store.transition_all(
+                &campaign.id,
+                &[RunState::Dispatched, RunState::Running],
+                RunState::Pending,
+            )?;
             tracing::info!(campaign = %campaign.id, reset, "resuming campaign");
             self.launch(campaign.id.clone());
         }
@@ -99,7 +106,10 @@ impl Scheduler {
     /// Starts the campaign's task unless it is already running.
     pub fn launch(self: &Arc<Self>, id: String) {
         let token = {
-            let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut running = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if running.contains_key(&id) {
                 return;
             }
@@ -112,23 +122,45 @@ impl Scheduler {
             let result = scheduler.clone().run_campaign(&id, token).await;
             if let Err(error) = result {
                 tracing::error!(campaign = %id, %error, "campaign task failed");
-                let _ = scheduler.store.set_campaign_state(&id, CampaignState::Failed, &error.to_string());
+                let _ = scheduler.store.set_campaign_state(
+                    &id,
+                    CampaignState::Failed,
+                    &error.to_string(),
+                );
                 scheduler.publish(&id, None, format!("campaign failed: {error}"));
             }
-            scheduler.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            scheduler
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
         });
     }
 
     /// Cancels a campaign: pending runs are cancelled, running ones killed.
     pub fn cancel(&self, id: &str) -> Result<Campaign, OrchestratorError> {
-        let campaign = self.store.campaign(id)?.ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
+        let campaign = self
+            .store
+            .campaign(id)?
+            .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
         let state = CampaignState::try_from(campaign.state).unwrap_or_default();
         if campaign_is_terminal(state) {
-            return Err(OrchestratorError::WrongState { id: id.to_string(), state: state_name(state), reason: "it has already ended" });
+            return Err(OrchestratorError::WrongState {
+                id: id.to_string(),
+                state: state_name(state),
+                reason: "it has already ended",
+            });
         }
-        self.store.set_campaign_state(id, CampaignState::Cancelled, "cancelled by request")?;
-        self.store.transition_all(id, &[RunState::Pending], RunState::Cancelled)?;
-        if let Some(token) = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(id) {
+        self.store
+            .set_campaign_state(id, CampaignState::Cancelled, "cancelled by request")?;
+        self.store
+            .transition_all(id, &[RunState::Pending], RunState::Cancelled)?;
+        if let Some(token) = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+        {
             token.cancel();
         }
         self.publish(id, None, "campaign cancelled".into());
@@ -137,7 +169,10 @@ impl Scheduler {
 
     /// Resumes a failed or cancelled campaign: its unfinished runs run again.
     pub fn resume(self: &Arc<Self>, id: &str) -> Result<Campaign, OrchestratorError> {
-        let campaign = self.store.campaign(id)?.ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
+        let campaign = self
+            .store
+            .campaign(id)?
+            .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
         let state = CampaignState::try_from(campaign.state).unwrap_or_default();
         if !matches!(state, CampaignState::Failed | CampaignState::Cancelled) {
             return Err(OrchestratorError::WrongState {
@@ -146,8 +181,13 @@ impl Scheduler {
                 reason: "only a failed or cancelled campaign can be resumed",
             });
         }
-        self.store.transition_all(id, &[RunState::Cancelled, RunState::Failed], RunState::Pending)?;
-        self.store.set_campaign_state(id, CampaignState::Pending, "resumed")?;
+        self.store.transition_all(
+            id,
+            &[RunState::Cancelled, RunState::Failed],
+            RunState::Pending,
+        )?;
+        self.store
+            .set_campaign_state(id, CampaignState::Pending, "resumed")?;
         self.launch(id.to_string());
         self.publish(id, None, "campaign resumed".into());
         self.snapshot(id)
@@ -155,7 +195,10 @@ impl Scheduler {
 
     /// The campaign with its run counts.
     pub fn snapshot(&self, id: &str) -> Result<Campaign, OrchestratorError> {
-        let mut campaign = self.store.campaign(id)?.ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
+        let mut campaign = self
+            .store
+            .campaign(id)?
+            .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
         campaign.runs = Some(self.store.run_counts(id)?);
         Ok(campaign)
     }
@@ -164,26 +207,47 @@ impl Scheduler {
         match self.snapshot(id) {
             Ok(campaign) => self.events.publish(
                 id,
-                CampaignEvent { time: Some(SystemTime::now().into()), campaign: Some(campaign), run, message },
+                CampaignEvent {
+                    time: Some(SystemTime::now().into()),
+                    campaign: Some(campaign),
+                    run,
+                    message,
+                },
             ),
             Err(error) => tracing::warn!(campaign = id, %error, "cannot publish campaign event"),
         }
     }
 
-    async fn run_campaign(self: Arc<Self>, id: &str, token: CancellationToken) -> Result<(), OrchestratorError> {
+    async fn run_campaign(
+        self: Arc<Self>,
+        id: &str,
+        token: CancellationToken,
+    ) -> Result<(), OrchestratorError> {
         let _slot = tokio::select! {
             slot = self.campaign_slots.clone().acquire_owned() => slot.ok(),
             () = token.cancelled() => return Ok(()),
         };
-        let campaign = self.store.campaign(id)?.ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
+        let campaign = self
+            .store
+            .campaign(id)?
+            .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
         let plan = manifest::plan("manifest", &campaign.manifest_yaml)?;
-        let ctx = Arc::new(CampaignRun { id: id.to_string(), plan, token, stopped_by_policy: AtomicBool::new(false) });
+        let ctx = Arc::new(CampaignRun {
+            id: id.to_string(),
+            plan,
+            token,
+            stopped_by_policy: AtomicBool::new(false),
+        });
         let workers: Vec<_> = ctx
             .plan
             .manifest
             .backends
             .iter()
-            .map(|backend| tokio::spawn(Arc::clone(&self).backend_worker(Arc::clone(&ctx), backend.name.clone())))
+            .map(|backend| {
+                tokio::spawn(
+                    Arc::clone(&self).backend_worker(Arc::clone(&ctx), backend.name.clone()),
+                )
+            })
             .collect();
         for worker in workers {
             if let Ok(Err(error)) = worker.await {
@@ -196,21 +260,34 @@ impl Scheduler {
         }
         let counts = self.store.run_counts(id)?;
         if ctx.stopped_by_policy.load(Ordering::SeqCst) {
-            self.store.transition_all(id, &[RunState::Pending], RunState::Cancelled)?;
+            self.store
+                .transition_all(id, &[RunState::Pending], RunState::Cancelled)?;
             self.store.set_campaign_state(
                 id,
                 CampaignState::Failed,
-                &format!("stopped after a failed run (failure.on_failure = stop); {} of {} runs failed", counts.failed, counts.total),
+                &format!(
+                    "stopped after a failed run (failure.on_failure = stop); {} of {} runs failed",
+                    counts.failed, counts.total
+                ),
             )?;
         } else if !ctx.token.is_cancelled() {
-            let message = if counts.failed > 0 { format!("{} of {} runs failed", counts.failed, counts.total) } else { String::new() };
-            self.store.set_campaign_state(id, CampaignState::Succeeded, &message)?;
+            let message = if counts.failed > 0 {
+                format!("{} of {} runs failed", counts.failed, counts.total)
+            } else {
+                String::new()
+            };
+            self.store
+                .set_campaign_state(id, CampaignState::Succeeded, &message)?;
         }
         self.publish(id, None, "campaign ended".into());
         Ok(())
     }
 
-    async fn backend_worker(self: Arc<Self>, ctx: Arc<CampaignRun>, backend: String) -> Result<(), OrchestratorError> {
+    async fn backend_worker(
+        self: Arc<Self>,
+        ctx: Arc<CampaignRun>,
+        backend: String,
+    ) -> Result<(), OrchestratorError> {
         let mut placed: Option<Placed> = None;
         let mut backoff = FIRST_BACKOFF;
         let mut previous: Option<Run> = None;
@@ -218,7 +295,9 @@ impl Scheduler {
             if ctx.token.is_cancelled() {
                 break;
             }
-            let Some(run) = self.store.next_pending_run(&ctx.id, &backend)? else { break };
+            let Some(run) = self.store.next_pending_run(&ctx.id, &backend)? else {
+                break;
+            };
             let placement = match placed.take() {
                 Some(placement) => placement,
                 None => match self.place(&ctx, &backend).await {
@@ -260,25 +339,32 @@ impl Scheduler {
             }
             previous = Some(run);
         }
-        if let Some(placement) = placed {
-            if !self.shutdown.is_cancelled() {
-                self.remove_backend(&ctx.id, &backend, placement).await;
-            }
+        if let Some(placement) = placed.filter(|_| !self.shutdown.is_cancelled()) {
+            self.remove_backend(&ctx.id, &backend, placement).await;
         }
         Ok(())
     }
 
     fn mark_running(&self, id: &str) -> Result<(), OrchestratorError> {
-        let campaign = self.store.campaign(id)?.ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
+        let campaign = self
+            .store
+            .campaign(id)?
+            .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
         if campaign.state == CampaignState::Pending as i32 || !campaign.status_message.is_empty() {
-            self.store.set_campaign_state(id, CampaignState::Running, "")?;
+            self.store
+                .set_campaign_state(id, CampaignState::Running, "")?;
             self.publish(id, None, "campaign running".into());
         }
         Ok(())
     }
 
     fn release_host(&self, host: &str) {
-        if let Some(load) = self.host_load.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(host) {
+        if let Some(load) = self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(host)
+        {
             *load = load.saturating_sub(1);
         }
     }
@@ -286,53 +372,125 @@ impl Scheduler {
     /// Reuses the backend's recorded placement if its workload still runs,
     /// otherwise creates and starts it on the least-loaded host that fits.
     async fn place(&self, ctx: &CampaignRun, backend_name: &str) -> Result<Placed, String> {
-        let backend = ctx.plan.backend(backend_name).ok_or_else(|| format!("backend `{backend_name}` is not in the manifest"))?;
-        let recorded = self.store.placements(&ctx.id).map_err(|e| e.to_string())?.into_iter().find(|p| p.backend == backend_name);
+        let backend = ctx
+            .plan
+            .backend(backend_name)
+            .ok_or_else(|| format!("backend `{backend_name}` is not in the manifest"))?;
+        let recorded = self
+            .store
+            .placements(&ctx.id)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
             if let Some(placed) = self.adopt(&recorded).await? {
                 return Ok(placed);
             }
-            self.store.clear_placement(&ctx.id, backend_name).map_err(|e| e.to_string())?;
+            self.store
+                .clear_placement(&ctx.id, backend_name)
+                .map_err(|e| e.to_string())?;
         }
         let host = self.choose_host(backend)?;
-        let mut client = self.hosts.client(&host).await.map_err(|reason| format!("host `{host}`: {reason}"))?;
+        let mut client = self
+            .hosts
+            .client(&host)
+            .await
+            .map_err(|reason| format!("host `{host}`: {reason}"))?;
         let name = format!("berth-{}-{}", ctx.id, backend.name);
         let spec = workload_spec(&ctx.id, backend);
-        let workload = match client.create_workload(CreateWorkloadRequest { name: name.clone(), spec: Some(spec) }).await {
+        let workload = match client
+            .create_workload(CreateWorkloadRequest {
+                name: name.clone(),
+                spec: Some(spec),
+            })
+            .await
+        {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::AlreadyExists => client
                 .inspect_workload(WorkloadRef { id: name.clone() })
                 .await
                 .map_err(|s| format!("host `{host}`: {}", describe_status(&s)))?
                 .into_inner(),
-            Err(status) => return Err(format!("host `{host}`: creating backend `{}`: {}", backend.name, describe_status(&status))),
+            Err(status) => {
+                return Err(format!(
+                    "host `{host}`: creating backend `{}`: {}",
+                    backend.name,
+                    describe_status(&status)
+                ));
+            }
         };
         client
-            .start_workload(WorkloadRef { id: workload.id.clone() })
+            .start_workload(WorkloadRef {
+                id: workload.id.clone(),
+            })
             .await
-            .map_err(|s| format!("host `{host}`: starting backend `{}`: {}", backend.name, describe_status(&s)))?;
-        let placement = Placement { backend: backend.name.clone(), host: host.clone(), workload_id: workload.id.clone() };
-        self.store.set_placement(&ctx.id, &placement).map_err(|e| e.to_string())?;
-        *self.host_load.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(host.clone()).or_default() += 1;
+            .map_err(|s| {
+                format!(
+                    "host `{host}`: starting backend `{}`: {}",
+                    backend.name,
+                    describe_status(&s)
+                )
+            })?;
+        let placement = Placement {
+            backend: backend.name.clone(),
+            host: host.clone(),
+            workload_id: workload.id.clone(),
+        };
+        self.store
+            .set_placement(&ctx.id, &placement)
+            .map_err(|e| e.to_string())?;
+        *self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(host.clone())
+            .or_default() += 1;
         tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, "backend placed");
-        Ok(Placed { host, workload_id: workload.id, client })
+        Ok(Placed {
+            host,
+            workload_id: workload.id,
+            client,
+        })
     }
 
     /// The recorded placement, if its workload is still there (started again if stopped).
     async fn adopt(&self, recorded: &Placement) -> Result<Option<Placed>, String> {
-        let Ok(mut client) = self.hosts.client(&recorded.host).await else { return Ok(None) };
-        match client.inspect_workload(WorkloadRef { id: recorded.workload_id.clone() }).await {
+        let Ok(mut client) = self.hosts.client(&recorded.host).await else {
+            return Ok(None);
+        };
+        match client
+            .inspect_workload(WorkloadRef {
+                id: recorded.workload_id.clone(),
+            })
+            .await
+        {
             Ok(workload) => {
                 if workload.get_ref().state != WorkloadState::Running as i32 {
                     client
-                        .start_workload(WorkloadRef { id: recorded.workload_id.clone() })
+                        .start_workload(WorkloadRef {
+                            id: recorded.workload_id.clone(),
+                        })
                         .await
-                        .map_err(|s| format!("host `{}`: restarting backend: {}", recorded.host, describe_status(&s)))?;
+                        .map_err(|s| {
+                            format!(
+                                "host `{}`: restarting backend: {}",
+                                recorded.host,
+                                describe_status(&s)
+                            )
+                        })?;
                 }
-                Ok(Some(Placed { host: recorded.host.clone(), workload_id: recorded.workload_id.clone(), client }))
+                Ok(Some(Placed {
+                    host: recorded.host.clone(),
+                    workload_id: recorded.workload_id.clone(),
+                    client,
+                }))
             }
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(format!("host `{}`: {}", recorded.host, describe_status(&status))),
+            Err(status) => Err(format!(
+                "host `{}`: {}",
+                recorded.host,
+                describe_status(&status)
+            )),
         }
     }
 
@@ -350,27 +508,56 @@ impl Scheduler {
                 continue;
             }
             let info = view.info.clone().unwrap_or_default();
-            let labels: HashMap<&String, &String> = view.record.labels.iter().chain(info.labels.iter()).collect();
-            if let Some((k, v)) = backend.placement.labels.iter().find(|(k, v)| labels.get(k) != Some(v)) {
+            let labels: HashMap<&String, &String> = view
+                .record
+                .labels
+                .iter()
+                .chain(info.labels.iter())
+                .collect();
+            if let Some((k, v)) = backend
+                .placement
+                .labels
+                .iter()
+                .find(|(k, v)| labels.get(k) != Some(v))
+            {
                 reasons.push(format!("host `{name}` lacks label {k}={v}"));
             } else if view.status != HostStatus::Ready {
                 reasons.push(format!("host `{name}` is unreachable ({})", view.message));
             } else if !info.runtimes.contains(&(runtime as i32)) {
-                let why = info.unavailable_runtimes.get(runtime.as_str_name()).cloned().unwrap_or_else(|| "not offered".into());
-                reasons.push(format!("host `{name}` cannot run {}: {why}", runtime.as_str_name()));
+                let why = info
+                    .unavailable_runtimes
+                    .get(runtime.as_str_name())
+                    .cloned()
+                    .unwrap_or_else(|| "not offered".into());
+                reasons.push(format!(
+                    "host `{name}` cannot run {}: {why}",
+                    runtime.as_str_name()
+                ));
             } else {
                 fitting.push(name.clone());
             }
         }
         if !backend.placement.host.is_empty() && reasons.is_empty() && fitting.is_empty() {
-            return Err(format!("host `{}` is not registered", backend.placement.host));
+            return Err(format!(
+                "host `{}` is not registered",
+                backend.placement.host
+            ));
         }
-        let load = self.host_load.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        fitting.into_iter().min_by_key(|h| load.get(h).copied().unwrap_or(0)).ok_or_else(|| reasons.join("; "))
+        let load = self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fitting
+            .into_iter()
+            .min_by_key(|h| load.get(h).copied().unwrap_or(0))
+            .ok_or_else(|| reasons.join("; "))
     }
 
     async fn remove_backend(&self, campaign_id: &str, backend: &str, mut placed: Placed) {
-        let request = RemoveWorkloadRequest { id: placed.workload_id.clone(), force: true };
+        let request = RemoveWorkloadRequest {
+            id: placed.workload_id.clone(),
+            force: true,
+        };
         if let Err(status) = placed.client.remove_workload(request).await {
             tracing::warn!(campaign = campaign_id, backend, host = placed.host, status = %describe_status(&status), "could not remove backend");
         }
@@ -380,7 +567,12 @@ impl Scheduler {
 
     /// Executes one run. `Ok(None)`: the run reached an end state (or was
     /// taken by someone else); `Ok(Some(_))`: it is pending again.
-    async fn execute(&self, ctx: &CampaignRun, run: &Run, placed: &Placed) -> Result<Option<Interrupted>, OrchestratorError> {
+    async fn execute(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        placed: &Placed,
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
         let planned = PlannedRun {
             config: run.config.clone(),
             backend: run.backend.clone(),
@@ -388,19 +580,43 @@ impl Scheduler {
             warmup: run.warmup,
             sequence: run.sequence,
         };
-        let dispatch = RunUpdate { host: Some(placed.host.clone()), add_attempt: true, started_now: true, ..Default::default() };
-        if !self.store.transition_run(&run.id, &[RunState::Pending], RunState::Dispatched, &dispatch)? {
+        let dispatch = RunUpdate {
+            host: Some(placed.host.clone()),
+            add_attempt: true,
+            started_now: true,
+            ..Default::default()
+        };
+        if !self.store.transition_run(
+            &run.id,
+            &[RunState::Pending],
+            RunState::Dispatched,
+            &dispatch,
+        )? {
             return Ok(None);
         }
         let attempt = run.attempts + 1;
-        self.publish_run(&ctx.id, &run.id, format!("run {} dispatched to {} (attempt {attempt})", run.id, placed.host));
+        self.publish_run(
+            &ctx.id,
+            &run.id,
+            format!(
+                "run {} dispatched to {} (attempt {attempt})",
+                run.id, placed.host
+            ),
+        );
         let template = &ctx.plan.manifest.run;
         let request = ExecRequest {
             workload_id: placed.workload_id.clone(),
             command: ctx.plan.command_for(&planned, &run.id),
-            env: ctx.plan.env_for(&planned, &run.id).into_iter().map(|(name, value)| EnvVar { name, value }).collect(),
+            env: ctx
+                .plan
+                .env_for(&planned, &run.id)
+                .into_iter()
+                .map(|(name, value)| EnvVar { name, value })
+                .collect(),
             working_dir: template.working_dir.clone(),
-            timeout: template.timeout.and_then(|t| prost_types::Duration::try_from(t).ok()),
+            timeout: template
+                .timeout
+                .and_then(|t| prost_types::Duration::try_from(t).ok()),
         };
         let mut client = placed.client.clone();
         let opened = tokio::select! {
@@ -411,8 +627,17 @@ impl Scheduler {
             Ok(stream) => stream.into_inner(),
             Err(status) => return self.exec_refused(ctx, run, attempt, &status),
         };
-        self.store.transition_run(&run.id, &[RunState::Dispatched], RunState::Running, &RunUpdate::default())?;
-        self.publish_run(&ctx.id, &run.id, format!("run {} running on {}", run.id, placed.host));
+        self.store.transition_run(
+            &run.id,
+            &[RunState::Dispatched],
+            RunState::Running,
+            &RunUpdate::default(),
+        )?;
+        self.publish_run(
+            &ctx.id,
+            &run.id,
+            format!("run {} running on {}", run.id, placed.host),
+        );
 
         let mut stdout = Tail::new(STDOUT_TAIL_BYTES);
         let mut stderr = Tail::new(STDERR_TAIL_BYTES);
@@ -428,11 +653,26 @@ impl Scheduler {
                     Some(exec_output::Output::Exit(exit)) => break exit,
                     None => {}
                 },
-                Ok(None) => return self.requeue(run, RunState::Running, Interrupted::HostLost("exec stream ended without an exit status".into())),
-                Err(status) => return self.requeue(run, RunState::Running, Interrupted::HostLost(describe_status(&status))),
+                Ok(None) => {
+                    return self.requeue(
+                        run,
+                        RunState::Running,
+                        Interrupted::HostLost("exec stream ended without an exit status".into()),
+                    );
+                }
+                Err(status) => {
+                    return self.requeue(
+                        run,
+                        RunState::Running,
+                        Interrupted::HostLost(describe_status(&status)),
+                    );
+                }
             }
         };
-        let duration_ms = exit.duration.and_then(|d| Duration::try_from(d).ok()).map(|d| d.as_millis() as u64);
+        let duration_ms = exit
+            .duration
+            .and_then(|d| Duration::try_from(d).ok())
+            .map(|d| d.as_millis() as u64);
         let succeeded = exit.exit_code == 0 && exit.reason == ExitReason::Exited as i32;
         if succeeded {
             let (result_json, error) = match result_line(stdout.bytes()) {
@@ -447,16 +687,32 @@ impl Scheduler {
                 finished_now: true,
                 ..Default::default()
             };
-            self.store.transition_run(&run.id, &[RunState::Running], RunState::Succeeded, &update)?;
+            self.store.transition_run(
+                &run.id,
+                &[RunState::Running],
+                RunState::Succeeded,
+                &update,
+            )?;
             self.publish_run(&ctx.id, &run.id, format!("run {} succeeded", run.id));
         } else {
             let why = if exit.reason == ExitReason::TimedOut as i32 {
-                format!("timed out after {}", humantime::format_duration(template.timeout.unwrap_or_default()))
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(template.timeout.unwrap_or_default())
+                )
             } else {
                 format!("exit code {}", exit.exit_code)
             };
             let error = format!("{why}: {}", String::from_utf8_lossy(stderr.bytes()).trim());
-            self.fail(ctx, run, attempt, RunState::Running, exit.exit_code, duration_ms, error)?;
+            self.fail(
+                ctx,
+                run,
+                attempt,
+                RunState::Running,
+                exit.exit_code,
+                duration_ms,
+                error,
+            )?;
         }
         Ok(None)
     }
@@ -472,37 +728,78 @@ impl Scheduler {
     ) -> Result<Option<Interrupted>, OrchestratorError> {
         let reason = describe_status(status);
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded => {
                 self.requeue(run, RunState::Dispatched, Interrupted::HostLost(reason))
             }
-            tonic::Code::NotFound => self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason)),
-            tonic::Code::FailedPrecondition if status.message().contains("needs a running workload") => {
+            tonic::Code::NotFound => {
+                self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason))
+            }
+            tonic::Code::FailedPrecondition
+                if status.message().contains("needs a running workload") =>
+            {
                 self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason))
             }
             _ => {
-                self.fail(ctx, run, attempt, RunState::Dispatched, -1, None, format!("exec refused: {reason}"))?;
+                self.fail(
+                    ctx,
+                    run,
+                    attempt,
+                    RunState::Dispatched,
+                    -1,
+                    None,
+                    format!("exec refused: {reason}"),
+                )?;
                 Ok(None)
             }
         }
     }
 
-    fn requeue(&self, run: &Run, from: RunState, why: Interrupted) -> Result<Option<Interrupted>, OrchestratorError> {
+    fn requeue(
+        &self,
+        run: &Run,
+        from: RunState,
+        why: Interrupted,
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
         let reason = match &why {
             Interrupted::HostLost(r) | Interrupted::BackendLost(r) => r.clone(),
         };
-        let update = RunUpdate { error: Some(format!("interrupted: {reason}")), ..Default::default() };
-        self.store.transition_run(&run.id, &[from], RunState::Pending, &update)?;
-        self.publish_run(&run.campaign_id, &run.id, format!("run {} interrupted ({reason}); it will run again", run.id));
+        let update = RunUpdate {
+            error: Some(format!("interrupted: {reason}")),
+            ..Default::default()
+        };
+        self.store
+            .transition_run(&run.id, &[from], RunState::Pending, &update)?;
+        self.publish_run(
+            &run.campaign_id,
+            &run.id,
+            format!("run {} interrupted ({reason}); it will run again", run.id),
+        );
         Ok(Some(why))
     }
 
     /// A stop that is not the campaign's end (orchestrator shutdown) leaves
     /// the run for the restart; a cancel records it cancelled.
-    fn interrupted(&self, run: &Run, from: &[RunState]) -> Result<Option<Interrupted>, OrchestratorError> {
+    fn interrupted(
+        &self,
+        run: &Run,
+        from: &[RunState],
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
         if !self.shutdown.is_cancelled() {
-            let update = RunUpdate { finished_now: true, error: Some("cancelled".into()), ..Default::default() };
-            self.store.transition_run(&run.id, from, RunState::Cancelled, &update)?;
-            self.publish_run(&run.campaign_id, &run.id, format!("run {} cancelled", run.id));
+            let update = RunUpdate {
+                finished_now: true,
+                error: Some("cancelled".into()),
+                ..Default::default()
+            };
+            self.store
+                .transition_run(&run.id, from, RunState::Cancelled, &update)?;
+            self.publish_run(
+                &run.campaign_id,
+                &run.id,
+                format!("run {} cancelled", run.id),
+            );
         }
         Ok(None)
     }
@@ -528,10 +825,19 @@ impl Scheduler {
             ..Default::default()
         };
         if retry {
-            self.store.transition_run(&run.id, &[from], RunState::Pending, &update)?;
-            self.publish_run(&ctx.id, &run.id, format!("run {} failed ({error}); retry {attempt} of {}", run.id, policy.retries));
+            self.store
+                .transition_run(&run.id, &[from], RunState::Pending, &update)?;
+            self.publish_run(
+                &ctx.id,
+                &run.id,
+                format!(
+                    "run {} failed ({error}); retry {attempt} of {}",
+                    run.id, policy.retries
+                ),
+            );
         } else {
-            self.store.transition_run(&run.id, &[from], RunState::Failed, &update)?;
+            self.store
+                .transition_run(&run.id, &[from], RunState::Failed, &update)?;
             self.publish_run(&ctx.id, &run.id, format!("run {} failed: {error}", run.id));
             if policy.on_failure == OnFailure::Stop {
                 ctx.stopped_by_policy.store(true, Ordering::SeqCst);
@@ -566,7 +872,14 @@ fn workload_spec(campaign_id: &str, backend: &Backend) -> WorkloadSpec {
         runtime: backend.runtime.proto() as i32,
         image: backend.image.clone(),
         command: backend.command.clone(),
-        env: backend.env.iter().map(|(name, value)| EnvVar { name: name.clone(), value: value.clone() }).collect(),
+        env: backend
+            .env
+            .iter()
+            .map(|(name, value)| EnvVar {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
         working_dir: backend.working_dir.clone(),
         labels,
         ..Default::default()
@@ -597,7 +910,10 @@ fn result_line(stdout: &[u8]) -> Result<String, String> {
         }
         if let Ok(serde_json::Value::Object(_)) = serde_json::from_str::<serde_json::Value>(line) {
             if line.len() > MAX_RESULT_BYTES {
-                return Err(format!("result JSON is {} bytes; at most {MAX_RESULT_BYTES} are recorded", line.len()));
+                return Err(format!(
+                    "result JSON is {} bytes; at most {MAX_RESULT_BYTES} are recorded",
+                    line.len()
+                ));
             }
             return Ok(line.to_string());
         }
@@ -613,7 +929,10 @@ struct Tail {
 
 impl Tail {
     fn new(capacity: usize) -> Self {
-        Self { bytes: Vec::new(), capacity }
+        Self {
+            bytes: Vec::new(),
+            capacity,
+        }
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -636,7 +955,10 @@ mod tests {
     #[test]
     fn result_is_last_json_object_line() {
         let out = b"warming up\n{\"a\": 1}\nprogress 50%\n{\"mib_per_s\": 812.5, \"n\": 3}\ndone\n";
-        assert_eq!(result_line(out).unwrap(), "{\"mib_per_s\": 812.5, \"n\": 3}");
+        assert_eq!(
+            result_line(out).unwrap(),
+            "{\"mib_per_s\": 812.5, \"n\": 3}"
+        );
         assert_eq!(result_line(b"no json here\n[1,2]\n").unwrap(), "");
     }
 

@@ -33,10 +33,13 @@ fn page_token<T: std::str::FromStr>(token: &str) -> Result<Option<T>, Orchestrat
     if token.is_empty() {
         return Ok(None);
     }
-    token.parse().map(Some).map_err(|_| OrchestratorError::InvalidArgument {
-        field: "page_token",
-        reason: format!("`{token}` is not a token this orchestrator gave"),
-    })
+    token
+        .parse()
+        .map(Some)
+        .map_err(|_| OrchestratorError::InvalidArgument {
+            field: "page_token",
+            reason: format!("`{token}` is not a token this orchestrator gave"),
+        })
 }
 
 fn is_terminal(campaign: &Campaign) -> bool {
@@ -45,10 +48,17 @@ fn is_terminal(campaign: &Campaign) -> bool {
 
 #[tonic::async_trait]
 impl Orchestrator for OrchestratorService {
-    async fn register_host(&self, request: Request<RegisterHostRequest>) -> Result<Response<Host>, Status> {
+    async fn register_host(
+        &self,
+        request: Request<RegisterHostRequest>,
+    ) -> Result<Response<Host>, Status> {
         let request = request.into_inner();
         if request.labels.len() > MAX_LABELS {
-            return Err(OrchestratorError::InvalidArgument { field: "labels", reason: format!("at most {MAX_LABELS}") }.into());
+            return Err(OrchestratorError::InvalidArgument {
+                field: "labels",
+                reason: format!("at most {MAX_LABELS}"),
+            }
+            .into());
         }
         let record = HostRecord {
             name: request.name,
@@ -67,29 +77,54 @@ impl Orchestrator for OrchestratorService {
         Ok(Response::new(DeregisterHostResponse {}))
     }
 
-    async fn list_hosts(&self, request: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
         let request = request.into_inner();
-        let (hosts, next_page_token) = berth_server::paging::page(&self.hosts.list(), request.page_size, &request.page_token)
-            .map_err(|e| OrchestratorError::InvalidArgument { field: "page_token", reason: e.to_string() })?;
-        Ok(Response::new(ListHostsResponse { hosts, next_page_token }))
+        let (hosts, next_page_token) =
+            berth_server::paging::page(&self.hosts.list(), request.page_size, &request.page_token)
+                .map_err(|e| OrchestratorError::InvalidArgument {
+                    field: "page_token",
+                    reason: e.to_string(),
+                })?;
+        Ok(Response::new(ListHostsResponse {
+            hosts,
+            next_page_token,
+        }))
     }
 
-    async fn submit_campaign(&self, request: Request<SubmitCampaignRequest>) -> Result<Response<Campaign>, Status> {
+    async fn submit_campaign(
+        &self,
+        request: Request<SubmitCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
         let request = request.into_inner();
         if request.manifest_yaml.len() > MAX_MANIFEST_BYTES {
             return Err(OrchestratorError::InvalidArgument {
                 field: "manifest_yaml",
-                reason: format!("is {} bytes; at most {MAX_MANIFEST_BYTES}", request.manifest_yaml.len()),
+                reason: format!(
+                    "is {} bytes; at most {MAX_MANIFEST_BYTES}",
+                    request.manifest_yaml.len()
+                ),
             }
             .into());
         }
-        let source = if request.source_name.is_empty() { "manifest" } else { request.source_name.as_str() };
-        let plan = manifest::plan(source, &request.manifest_yaml).map_err(OrchestratorError::from)?;
+        let source = if request.source_name.is_empty() {
+            "manifest"
+        } else {
+            request.source_name.as_str()
+        };
+        let plan =
+            manifest::plan(source, &request.manifest_yaml).map_err(OrchestratorError::from)?;
         let total = plan.runs.len() as u64;
         if request.validate_only {
             return Ok(Response::new(Campaign {
                 name: plan.manifest.name,
-                runs: Some(RunCounts { pending: total, total, ..Default::default() }),
+                runs: Some(RunCounts {
+                    pending: total,
+                    total,
+                    ..Default::default()
+                }),
                 manifest_yaml: request.manifest_yaml,
                 ..Default::default()
             }));
@@ -111,7 +146,10 @@ impl Orchestrator for OrchestratorService {
                 id: planned.id(&id),
                 campaign_id: id.clone(),
                 config: planned.config.clone(),
-                params: plan.config(&planned.config).map(|c| c.params.iter().cloned().collect()).unwrap_or_default(),
+                params: plan
+                    .config(&planned.config)
+                    .map(|c| c.params.iter().cloned().collect())
+                    .unwrap_or_default(),
                 backend: planned.backend.clone(),
                 cycle: planned.cycle,
                 warmup: planned.warmup,
@@ -120,14 +158,21 @@ impl Orchestrator for OrchestratorService {
                 ..Default::default()
             })
             .collect();
-        self.store.insert_campaign(&campaign, source, &runs).map_err(OrchestratorError::from)?;
+        self.store
+            .insert_campaign(&campaign, source, &runs)
+            .map_err(OrchestratorError::from)?;
         tracing::info!(campaign = %id, name = %campaign.name, runs = runs.len(), "campaign submitted");
         self.scheduler.launch(id.clone());
         Ok(Response::new(self.scheduler.snapshot(&id)?))
     }
 
-    async fn get_campaign(&self, request: Request<GetCampaignRequest>) -> Result<Response<Campaign>, Status> {
-        Ok(Response::new(self.scheduler.snapshot(&request.get_ref().id)?))
+    async fn get_campaign(
+        &self,
+        request: Request<GetCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
+        Ok(Response::new(
+            self.scheduler.snapshot(&request.get_ref().id)?,
+        ))
     }
 
     async fn list_campaigns(
@@ -137,15 +182,29 @@ impl Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let limit = berth_server::paging::page_size(request.page_size);
         let before = page_token::<i64>(&request.page_token)?;
-        let rows = self.store.list_campaigns(before, limit + 1).map_err(OrchestratorError::from)?;
-        let next_page_token = if rows.len() > limit { rows[limit - 1].0.to_string() } else { String::new() };
+        let rows = self
+            .store
+            .list_campaigns(before, limit + 1)
+            .map_err(OrchestratorError::from)?;
+        let next_page_token = if rows.len() > limit {
+            rows[limit - 1].0.to_string()
+        } else {
+            String::new()
+        };
         let mut campaigns = Vec::with_capacity(limit);
         for (_, mut campaign) in rows.into_iter().take(limit) {
-            campaign.runs = Some(self.store.run_counts(&campaign.id).map_err(OrchestratorError::from)?);
+            campaign.runs = Some(
+                self.store
+                    .run_counts(&campaign.id)
+                    .map_err(OrchestratorError::from)?,
+            );
             campaign.manifest_yaml.clear();
             campaigns.push(campaign);
         }
-        Ok(Response::new(ListCampaignsResponse { campaigns, next_page_token }))
+        Ok(Response::new(ListCampaignsResponse {
+            campaigns,
+            next_page_token,
+        }))
     }
 
     type WatchCampaignStream = GrpcStream<CampaignEvent>;
@@ -180,15 +239,19 @@ impl Orchestrator for OrchestratorService {
                 };
                 let event = match received {
                     Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => match scheduler.snapshot(&id) {
-                        Ok(campaign) => CampaignEvent {
-                            time: Some(std::time::SystemTime::now().into()),
-                            campaign: Some(campaign),
-                            run: None,
-                            message: format!("watcher fell behind: {missed} events skipped; this is the current state"),
-                        },
-                        Err(_) => return,
-                    },
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        match scheduler.snapshot(&id) {
+                            Ok(campaign) => CampaignEvent {
+                                time: Some(std::time::SystemTime::now().into()),
+                                campaign: Some(campaign),
+                                run: None,
+                                message: format!(
+                                    "watcher fell behind: {missed} events skipped; this is the current state"
+                                ),
+                            },
+                            Err(_) => return,
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let ended = event.campaign.as_ref().is_some_and(is_terminal);
@@ -200,55 +263,90 @@ impl Orchestrator for OrchestratorService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_campaign(&self, request: Request<CancelCampaignRequest>) -> Result<Response<Campaign>, Status> {
+    async fn cancel_campaign(
+        &self,
+        request: Request<CancelCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
         Ok(Response::new(self.scheduler.cancel(&request.get_ref().id)?))
     }
 
-    async fn resume_campaign(&self, request: Request<ResumeCampaignRequest>) -> Result<Response<Campaign>, Status> {
+    async fn resume_campaign(
+        &self,
+        request: Request<ResumeCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
         Ok(Response::new(self.scheduler.resume(&request.get_ref().id)?))
     }
 
-    async fn get_results(&self, request: Request<GetResultsRequest>) -> Result<Response<CampaignResults>, Status> {
+    async fn get_results(
+        &self,
+        request: Request<GetResultsRequest>,
+    ) -> Result<Response<CampaignResults>, Status> {
         let id = request.into_inner().id;
         let campaign = self.scheduler.snapshot(&id)?;
-        let plan = manifest::plan("manifest", &campaign.manifest_yaml).map_err(OrchestratorError::from)?;
+        let plan =
+            manifest::plan("manifest", &campaign.manifest_yaml).map_err(OrchestratorError::from)?;
         let mut runs = Vec::new();
         let mut after = None;
         loop {
-            let page = self.store.runs(&id, None, after, 10_000).map_err(OrchestratorError::from)?;
+            let page = self
+                .store
+                .runs(&id, None, after, 10_000)
+                .map_err(OrchestratorError::from)?;
             let Some(last) = page.last() else { break };
             after = Some(last.sequence);
             runs.extend(page);
         }
         let results = results::aggregate(&plan, &runs);
-        Ok(Response::new(CampaignResults { campaign: Some(campaign), results }))
+        Ok(Response::new(CampaignResults {
+            campaign: Some(campaign),
+            results,
+        }))
     }
 
-    async fn list_runs(&self, request: Request<ListRunsRequest>) -> Result<Response<ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
         let request = request.into_inner();
         self.scheduler.snapshot(&request.campaign_id)?;
         let limit = berth_server::paging::page_size(request.page_size);
         let after = page_token::<u32>(&request.page_token)?;
-        let state = RunState::try_from(request.state).ok().filter(|s| *s != RunState::Unspecified);
-        let mut runs = self.store.runs(&request.campaign_id, state, after, limit + 1).map_err(OrchestratorError::from)?;
+        let state = RunState::try_from(request.state)
+            .ok()
+            .filter(|s| *s != RunState::Unspecified);
+        let mut runs = self
+            .store
+            .runs(&request.campaign_id, state, after, limit + 1)
+            .map_err(OrchestratorError::from)?;
         let next_page_token = if runs.len() > limit {
             runs.truncate(limit);
-            runs.last().map(|r| r.sequence.to_string()).unwrap_or_default()
+            runs.last()
+                .map(|r| r.sequence.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(Response::new(ListRunsResponse { runs, next_page_token }))
+        Ok(Response::new(ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
     }
 
     async fn deploy(&self, _: Request<DeployRequest>) -> Result<Response<Deployment>, Status> {
         Err(unimplemented("Deploy", DEPLOYMENTS_NOT_YET))
     }
 
-    async fn scale_deployment(&self, _: Request<ScaleDeploymentRequest>) -> Result<Response<Deployment>, Status> {
+    async fn scale_deployment(
+        &self,
+        _: Request<ScaleDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
         Err(unimplemented("ScaleDeployment", DEPLOYMENTS_NOT_YET))
     }
 
-    async fn stop_deployment(&self, _: Request<StopDeploymentRequest>) -> Result<Response<Deployment>, Status> {
+    async fn stop_deployment(
+        &self,
+        _: Request<StopDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
         Err(unimplemented("StopDeployment", DEPLOYMENTS_NOT_YET))
     }
 
@@ -261,7 +359,10 @@ impl Orchestrator for OrchestratorService {
 
     type LogsStream = GrpcStream<DeploymentLogLine>;
 
-    async fn logs(&self, _: Request<DeploymentLogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        _: Request<DeploymentLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         Err(unimplemented("Logs", DEPLOYMENTS_NOT_YET))
     }
 }

@@ -5,8 +5,9 @@ use berth_proto::common::v1::MetricSummary;
 
 /// t(0.975, df) for df = 1..=30.
 const T_975: [f64; 30] = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
-    2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
 ];
 
 /// t(0.975, df); beyond the table, interpolated in 1/df towards 1.960.
@@ -24,7 +25,10 @@ fn t_critical(df: usize) -> f64 {
 pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
     let n = values.len();
     if n == 0 {
-        return MetricSummary { name: name.to_string(), ..Default::default() };
+        return MetricSummary {
+            name: name.to_string(),
+            ..Default::default()
+        };
     }
     let mean = values.iter().sum::<f64>() / n as f64;
     let (std_dev, ci) = if n >= 2 {

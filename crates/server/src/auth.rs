@@ -14,24 +14,36 @@ pub struct RequireBearer {
 
 impl std::fmt::Debug for RequireBearer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequireBearer").field("enabled", &self.expected.is_some()).finish()
+        f.debug_struct("RequireBearer")
+            .field("enabled", &self.expected.is_some())
+            .finish()
     }
 }
 
 impl RequireBearer {
     pub fn new(token: &str) -> Self {
-        Self { expected: (!token.is_empty()).then(|| format!("Bearer {token}")) }
+        Self {
+            expected: (!token.is_empty()).then(|| format!("Bearer {token}")),
+        }
     }
 }
 
 impl Interceptor for RequireBearer {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else { return Ok(request) };
-        let given = request.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if constant_time_eq(given, expected.as_bytes()) {
             Ok(request)
         } else if given.is_empty() {
-            Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))
+            Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` metadata",
+            ))
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
         }
@@ -50,7 +62,9 @@ pub struct AttachBearer {
 
 impl std::fmt::Debug for AttachBearer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttachBearer").field("enabled", &self.header.is_some()).finish()
+        f.debug_struct("AttachBearer")
+            .field("enabled", &self.header.is_some())
+            .finish()
     }
 }
 
@@ -60,17 +74,21 @@ impl AttachBearer {
         if token.is_empty() {
             return Ok(Self::default());
         }
-        let header = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Status::invalid_argument("token holds characters not allowed in a header"))?;
-        Ok(Self { header: Some(header) })
+        let header = format!("Bearer {token}").parse().map_err(|_| {
+            Status::invalid_argument("token holds characters not allowed in a header")
+        })?;
+        Ok(Self {
+            header: Some(header),
+        })
     }
 }
 
 impl Interceptor for AttachBearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(header) = &self.header {
-            request.metadata_mut().insert("authorization", header.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
         }
         Ok(request)
     }
@@ -86,9 +104,17 @@ mod tests {
         let mut attach = AttachBearer::new("s3cret").unwrap();
         assert!(check.call(attach.call(Request::new(())).unwrap()).is_ok());
         let mut wrong = AttachBearer::new("nope").unwrap();
-        let error = check.call(wrong.call(Request::new(())).unwrap()).unwrap_err();
+        let error = check
+            .call(wrong.call(Request::new(())).unwrap())
+            .unwrap_err();
         assert_eq!(error.code(), tonic::Code::Unauthenticated);
-        assert!(check.call(Request::new(())).unwrap_err().message().contains("missing"));
+        assert!(
+            check
+                .call(Request::new(()))
+                .unwrap_err()
+                .message()
+                .contains("missing")
+        );
         assert!(RequireBearer::new("").call(Request::new(())).is_ok());
     }
 }

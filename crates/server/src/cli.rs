@@ -65,7 +65,10 @@ pub fn exit_with(service: &str, result: Result<(), Box<dyn std::error::Error>>) 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{service}: error: {}", crate::client::error_chain(error.as_ref()));
+            eprintln!(
+                "{service}: error: {}",
+                crate::client::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

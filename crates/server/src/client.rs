@@ -21,7 +21,11 @@ pub enum ConnectError {
 }
 
 /// Connects now, so that an unreachable address fails here with its reason.
-pub async fn connect(address: &str, token: &str, timeout: Duration) -> Result<AuthChannel, ConnectError> {
+pub async fn connect(
+    address: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<AuthChannel, ConnectError> {
     let channel = if let Some(path) = address.strip_prefix("unix://") {
         let path = path.to_string();
         // The URI is unused by the connector; tonic needs a syntactically valid one.
@@ -29,12 +33,19 @@ pub async fn connect(address: &str, token: &str, timeout: Duration) -> Result<Au
             .connect_timeout(timeout)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(TokioIo::new)
+                }
             }))
             .await
     } else if address.starts_with("http://") || address.starts_with("https://") {
         Endpoint::from_shared(address.to_string())
-            .map_err(|e| ConnectError::BadAddress { address: address.to_string(), reason: e.to_string() })?
+            .map_err(|e| ConnectError::BadAddress {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(timeout)
             .connect()
             .await
@@ -44,9 +55,14 @@ pub async fn connect(address: &str, token: &str, timeout: Duration) -> Result<Au
             reason: "expected unix:///path or http://host:port".to_string(),
         });
     }
-    .map_err(|e| ConnectError::Unreachable { address: address.to_string(), reason: error_chain(&e) })?;
-    let bearer = AttachBearer::new(token)
-        .map_err(|e| ConnectError::BadAddress { address: address.to_string(), reason: e.message().to_string() })?;
+    .map_err(|e| ConnectError::Unreachable {
+        address: address.to_string(),
+        reason: error_chain(&e),
+    })?;
+    let bearer = AttachBearer::new(token).map_err(|e| ConnectError::BadAddress {
+        address: address.to_string(),
+        reason: e.message().to_string(),
+    })?;
     Ok(InterceptedService::new(channel, bearer))
 }
 

@@ -155,7 +155,11 @@ where
 /// Where berth keeps its data: `$XDG_DATA_HOME/berth`, else
 /// `~/.local/share/berth`, else `/var/lib/berth`.
 pub fn data_dir() -> PathBuf {
-    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let from_env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     from_env("XDG_DATA_HOME")
         .or_else(|| from_env("HOME").map(|home| home.join(".local").join("share")))
         .map(|dir| dir.join("berth"))

@@ -18,10 +18,24 @@ pub fn page_size(requested: u32) -> usize {
 }
 
 /// One page of `items` and the token of the next (empty on the last page).
-pub fn page<T: Clone>(items: &[T], requested_size: u32, token: &str) -> Result<(Vec<T>, String), BadPageToken> {
-    let start: usize = if token.is_empty() { 0 } else { token.parse().map_err(|_| BadPageToken(token.to_string()))? };
-    let end = start.saturating_add(page_size(requested_size)).min(items.len());
-    let next = if end < items.len() { end.to_string() } else { String::new() };
+pub fn page<T: Clone>(
+    items: &[T],
+    requested_size: u32,
+    token: &str,
+) -> Result<(Vec<T>, String), BadPageToken> {
+    let start: usize = if token.is_empty() {
+        0
+    } else {
+        token.parse().map_err(|_| BadPageToken(token.to_string()))?
+    };
+    let end = start
+        .saturating_add(page_size(requested_size))
+        .min(items.len());
+    let next = if end < items.len() {
+        end.to_string()
+    } else {
+        String::new()
+    };
     Ok((items.get(start..end).unwrap_or_default().to_vec(), next))
 }
 

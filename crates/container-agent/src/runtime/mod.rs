@@ -41,13 +41,23 @@ pub trait WorkloadRuntime: Send + Sync {
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError>;
     /// The kept log lines (the last `tail`, 0 for all), then new ones while
     /// `follow` is set.
-    async fn logs(&self, id: &str, tail: usize, follow: bool) -> Result<mpsc::Receiver<LogLine>, AgentError>;
+    async fn logs(
+        &self,
+        id: &str,
+        tail: usize,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<LogLine>, AgentError>;
 }
 
 /// Workload names: what docker allows, so a name means the same on every runtime.
 pub fn validate_name(name: &str) -> Result<(), AgentError> {
-    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 128 || !valid_chars || !starts_ok {
         return Err(AgentError::InvalidArgument {
             field: "name",

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use berth_proto::agent::v1::{EventKind, ExecOutput, Health, LogLine, LogStream, Workload, WorkloadState};
+use berth_proto::agent::v1::{
+    EventKind, ExecOutput, Health, LogLine, LogStream, Workload, WorkloadState,
+};
 use berth_proto::common::v1::{RestartPolicy, Runtime, WorkloadSpec};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -47,31 +49,59 @@ struct MainProcess {
 
 impl ProcessRuntime {
     pub fn new(events: EventBus, log_capacity: usize) -> Self {
-        Self { inner: Arc::new(Inner { workloads: Mutex::new(BTreeMap::new()), events, log_capacity }) }
+        Self {
+            inner: Arc::new(Inner {
+                workloads: Mutex::new(BTreeMap::new()),
+                events,
+                log_capacity,
+            }),
+        }
     }
 
-    fn with_entry<T>(&self, id: &str, f: impl FnOnce(&mut Entry) -> Result<T, AgentError>) -> Result<T, AgentError> {
+    fn with_entry<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Entry) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
         let mut workloads = self.inner.lock();
-        let key = find_key(&workloads, id).ok_or_else(|| AgentError::WorkloadNotFound(id.to_string()))?;
-        let entry = workloads.get_mut(&key).ok_or_else(|| AgentError::WorkloadNotFound(id.to_string()))?;
+        let key =
+            find_key(&workloads, id).ok_or_else(|| AgentError::WorkloadNotFound(id.to_string()))?;
+        let entry = workloads
+            .get_mut(&key)
+            .ok_or_else(|| AgentError::WorkloadNotFound(id.to_string()))?;
         f(entry)
     }
 
     fn spawn_main(&self, id: &str) -> Result<Workload, AgentError> {
         let (command, name) = self.with_entry(id, |entry| {
-            Ok((host_command(&entry.workload.spec.clone().unwrap_or_default(), None, &[]), entry.workload.name.clone()))
+            Ok((
+                host_command(&entry.workload.spec.clone().unwrap_or_default(), None, &[]),
+                entry.workload.name.clone(),
+            ))
         })?;
         let mut child = command.spawn()?;
-        let pid = child.id().ok_or_else(|| AgentError::Internal("spawned process has no pid".into()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| AgentError::Internal("spawned process has no pid".into()))?;
         let (exited_tx, exited_rx) = watch::channel(false);
         let workload = self.with_entry(id, |entry| {
-            entry.main = Some(MainProcess { pid, stop_requested: false, exited: exited_rx });
+            entry.main = Some(MainProcess {
+                pid,
+                stop_requested: false,
+                exited: exited_rx,
+            });
             set_running(&mut entry.workload);
             Ok(entry.workload.clone())
         })?;
         let readers: Vec<_> = [
-            child.stdout.take().map(|out| self.spawn_log_reader(workload.id.clone(), out, LogStream::Stdout)),
-            child.stderr.take().map(|err| self.spawn_log_reader(workload.id.clone(), err, LogStream::Stderr)),
+            child
+                .stdout
+                .take()
+                .map(|out| self.spawn_log_reader(workload.id.clone(), out, LogStream::Stdout)),
+            child
+                .stderr
+                .take()
+                .map(|err| self.spawn_log_reader(workload.id.clone(), err, LogStream::Stderr)),
         ]
         .into_iter()
         .flatten()
@@ -88,8 +118,11 @@ impl ProcessRuntime {
                 .with_entry(&workload_id, |entry| {
                     let stopped = entry.main.as_ref().is_some_and(|m| m.stop_requested);
                     entry.main = None;
-                    entry.workload.state =
-                        if stopped { WorkloadState::Stopped } else { WorkloadState::Exited } as i32;
+                    entry.workload.state = if stopped {
+                        WorkloadState::Stopped
+                    } else {
+                        WorkloadState::Exited
+                    } as i32;
                     entry.workload.exit_code = Some(code);
                     Ok(stopped)
                 })
@@ -98,9 +131,15 @@ impl ProcessRuntime {
             let (kind, message) = if stopped {
                 (EventKind::Stopped, format!("stopped (exit code {code})"))
             } else {
-                (EventKind::Died, format!("main process exited with code {code}"))
+                (
+                    EventKind::Died,
+                    format!("main process exited with code {code}"),
+                )
             };
-            runtime.inner.events.publish(&workload_id, &name, kind, message);
+            runtime
+                .inner
+                .events
+                .publish(&workload_id, &name, kind, message);
         });
         Ok(workload)
     }
@@ -120,7 +159,8 @@ impl ProcessRuntime {
                 match lines.read_until(b'\n', &mut buffer).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
-                        let text = String::from_utf8_lossy(&buffer[..buffer.len().min(MAX_LOG_LINE)]);
+                        let text =
+                            String::from_utf8_lossy(&buffer[..buffer.len().min(MAX_LOG_LINE)]);
                         let line = LogLine {
                             time: Some(SystemTime::now().into()),
                             stream: stream as i32,
@@ -144,7 +184,9 @@ impl ProcessRuntime {
 
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.workloads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.workloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -152,7 +194,10 @@ fn find_key(workloads: &BTreeMap<String, Entry>, id_or_name: &str) -> Option<Str
     if workloads.contains_key(id_or_name) {
         return Some(id_or_name.to_string());
     }
-    workloads.iter().find(|(_, e)| e.workload.name == id_or_name).map(|(k, _)| k.clone())
+    workloads
+        .iter()
+        .find(|(_, e)| e.workload.name == id_or_name)
+        .map(|(k, _)| k.clone())
 }
 
 fn set_running(workload: &mut Workload) {
@@ -162,14 +207,24 @@ fn set_running(workload: &mut Workload) {
 }
 
 /// The workload's command (or an exec's) with the workload's env and dir.
-fn host_command(spec: &WorkloadSpec, exec: Option<&HostCommand>, extra_env: &[(String, String)]) -> HostCommand {
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|e| (e.name.clone(), e.value.clone())).collect();
+fn host_command(
+    spec: &WorkloadSpec,
+    exec: Option<&HostCommand>,
+    extra_env: &[(String, String)],
+) -> HostCommand {
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
     env.extend(extra_env.iter().cloned());
     let working_dir = exec
         .and_then(|e| e.working_dir.clone())
         .or_else(|| (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone().into()));
     HostCommand {
-        argv: exec.map(|e| e.argv.clone()).unwrap_or_else(|| spec.command.clone()),
+        argv: exec
+            .map(|e| e.argv.clone())
+            .unwrap_or_else(|| spec.command.clone()),
         env,
         working_dir,
     }
@@ -190,7 +245,9 @@ fn state_name(state: i32) -> &'static str {
 fn unsupported(field: &'static str, what: &str) -> AgentError {
     AgentError::InvalidArgument {
         field,
-        reason: format!("the process runtime cannot honour {what}; use the docker, podman or libvirt runtime"),
+        reason: format!(
+            "the process runtime cannot honour {what}; use the docker, podman or libvirt runtime"
+        ),
     }
 }
 
@@ -202,15 +259,28 @@ impl WorkloadRuntime for ProcessRuntime {
 
     fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError> {
         if !spec.image.is_empty() {
-            return Err(unsupported("spec.image", "an image (it runs host commands)"));
+            return Err(unsupported(
+                "spec.image",
+                "an image (it runs host commands)",
+            ));
         }
         if !spec.mounts.is_empty() {
-            return Err(unsupported("spec.mounts", "mounts (host processes see the host's files)"));
+            return Err(unsupported(
+                "spec.mounts",
+                "mounts (host processes see the host's files)",
+            ));
         }
         if !spec.ports.is_empty() {
-            return Err(unsupported("spec.ports", "published ports (host processes bind host ports)"));
+            return Err(unsupported(
+                "spec.ports",
+                "published ports (host processes bind host ports)",
+            ));
         }
-        if spec.resources.as_ref().is_some_and(|r| *r != Default::default()) {
+        if spec
+            .resources
+            .as_ref()
+            .is_some_and(|r| *r != Default::default())
+        {
             return Err(unsupported("spec.resources", "CPU or memory limits"));
         }
         if !spec.ulimits.is_empty() {
@@ -240,7 +310,11 @@ impl WorkloadRuntime for ProcessRuntime {
                 return Err(AgentError::NameTaken(name.to_string()));
             }
             let id = format!("proc-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            let health = if spec.health_check.is_some() { Health::Starting } else { Health::None };
+            let health = if spec.health_check.is_some() {
+                Health::Starting
+            } else {
+                Health::None
+            };
             let workload = Workload {
                 id: id.clone(),
                 name: name.to_string(),
@@ -261,13 +335,19 @@ impl WorkloadRuntime for ProcessRuntime {
             );
             workload
         };
-        self.inner.events.publish(&workload.id, name, EventKind::Created, "created".into());
+        self.inner
+            .events
+            .publish(&workload.id, name, EventKind::Created, "created".into());
         Ok(workload)
     }
 
     async fn start(&self, id: &str) -> Result<Workload, AgentError> {
         let (current, has_command) = self.with_entry(id, |entry| {
-            let has_command = entry.workload.spec.as_ref().is_some_and(|s| !s.command.is_empty());
+            let has_command = entry
+                .workload
+                .spec
+                .as_ref()
+                .is_some_and(|s| !s.command.is_empty());
             Ok((entry.workload.clone(), has_command))
         })?;
         if current.state == WorkloadState::Running as i32 {
@@ -281,7 +361,12 @@ impl WorkloadRuntime for ProcessRuntime {
                 Ok(entry.workload.clone())
             })?
         };
-        self.inner.events.publish(&workload.id, &workload.name, EventKind::Started, "started".into());
+        self.inner.events.publish(
+            &workload.id,
+            &workload.name,
+            EventKind::Started,
+            "started".into(),
+        );
         Ok(workload)
     }
 
@@ -295,7 +380,9 @@ impl WorkloadRuntime for ProcessRuntime {
         match main {
             Some((pid, mut exited)) => {
                 process_group::signal_group(pid, Signal::SIGTERM);
-                let graceful = tokio::time::timeout(timeout, exited.wait_for(|done| *done)).await.map(|_| ());
+                let graceful = tokio::time::timeout(timeout, exited.wait_for(|done| *done))
+                    .await
+                    .map(|_| ());
                 if graceful.is_err() {
                     process_group::signal_group(pid, Signal::SIGKILL);
                     let _ = exited.wait_for(|done| *done).await.map(|_| ());
@@ -310,7 +397,12 @@ impl WorkloadRuntime for ProcessRuntime {
                     Ok(was_running.then(|| entry.workload.clone()))
                 })?;
                 if let Some(workload) = stopped {
-                    self.inner.events.publish(&workload.id, &workload.name, EventKind::Stopped, "stopped".into());
+                    self.inner.events.publish(
+                        &workload.id,
+                        &workload.name,
+                        EventKind::Stopped,
+                        "stopped".into(),
+                    );
                 }
             }
         }
@@ -330,17 +422,29 @@ impl WorkloadRuntime for ProcessRuntime {
             self.stop(&workload.id, Duration::ZERO).await?;
         }
         self.inner.lock().remove(&workload.id);
-        self.inner.events.publish(&workload.id, &workload.name, EventKind::Removed, "removed".into());
+        self.inner.events.publish(
+            &workload.id,
+            &workload.name,
+            EventKind::Removed,
+            "removed".into(),
+        );
         Ok(())
     }
 
     async fn inspect(&self, id: &str) -> Result<Option<Workload>, AgentError> {
         let workloads = self.inner.lock();
-        Ok(find_key(&workloads, id).and_then(|key| workloads.get(&key)).map(|e| e.workload.clone()))
+        Ok(find_key(&workloads, id)
+            .and_then(|key| workloads.get(&key))
+            .map(|e| e.workload.clone()))
     }
 
     async fn list(&self) -> Result<Vec<Workload>, AgentError> {
-        Ok(self.inner.lock().values().map(|e| e.workload.clone()).collect())
+        Ok(self
+            .inner
+            .lock()
+            .values()
+            .map(|e| e.workload.clone())
+            .collect())
     }
 
     async fn exec(
@@ -363,10 +467,22 @@ impl WorkloadRuntime for ProcessRuntime {
         process_group::run_streaming(&command, exec.timeout, permit)
     }
 
-    async fn logs(&self, id: &str, tail: usize, follow: bool) -> Result<mpsc::Receiver<LogLine>, AgentError> {
+    async fn logs(
+        &self,
+        id: &str,
+        tail: usize,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<LogLine>, AgentError> {
         let (kept, mut followers) = self.with_entry(id, |entry| {
-            let skip = if tail == 0 { 0 } else { entry.logs.len().saturating_sub(tail) };
-            Ok((entry.logs.iter().skip(skip).cloned().collect::<Vec<_>>(), entry.log_followers.subscribe()))
+            let skip = if tail == 0 {
+                0
+            } else {
+                entry.logs.len().saturating_sub(tail)
+            };
+            Ok((
+                entry.logs.iter().skip(skip).cloned().collect::<Vec<_>>(),
+                entry.log_followers.subscribe(),
+            ))
         })?;
         let (tx, rx) = mpsc::channel(LOG_FOLLOW_BUFFER);
         tokio::spawn(async move {
@@ -375,7 +491,10 @@ impl WorkloadRuntime for ProcessRuntime {
                     return;
                 }
             }
-            while follow {
+            if !follow {
+                return;
+            }
+            loop {
                 tokio::select! {
                     received = followers.recv() => match received {
                         Ok(line) => if tx.send(line).await.is_err() { return },

@@ -57,24 +57,50 @@ pub struct RunUpdate {
 
 pub trait Store: Send + Sync {
     /// Records a campaign and all its runs at once.
-    fn insert_campaign(&self, campaign: &Campaign, source_name: &str, runs: &[Run]) -> StoreResult<()>;
+    fn insert_campaign(
+        &self,
+        campaign: &Campaign,
+        source_name: &str,
+        runs: &[Run],
+    ) -> StoreResult<()>;
     fn campaign(&self, id: &str) -> StoreResult<Option<Campaign>>;
     /// Newest first; `before` is a cursor from a previous page.
-    fn list_campaigns(&self, before: Option<i64>, limit: usize) -> StoreResult<Vec<(i64, Campaign)>>;
+    fn list_campaigns(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<(i64, Campaign)>>;
     /// Campaigns that are pending or running (to resume after a restart).
     fn unfinished_campaigns(&self) -> StoreResult<Vec<Campaign>>;
     fn set_campaign_state(&self, id: &str, state: CampaignState, message: &str) -> StoreResult<()>;
     fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()>;
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts>;
     /// Runs by sequence after `after_sequence`, optionally of one state.
-    fn runs(&self, campaign_id: &str, state: Option<RunState>, after_sequence: Option<u32>, limit: usize) -> StoreResult<Vec<Run>>;
+    fn runs(
+        &self,
+        campaign_id: &str,
+        state: Option<RunState>,
+        after_sequence: Option<u32>,
+        limit: usize,
+    ) -> StoreResult<Vec<Run>>;
     fn run(&self, id: &str) -> StoreResult<Option<Run>>;
     /// The first pending run of a backend, by sequence.
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
     /// Moves a run to `to` if its state is one of `from`; false if it was not.
-    fn transition_run(&self, id: &str, from: &[RunState], to: RunState, update: &RunUpdate) -> StoreResult<bool>;
+    fn transition_run(
+        &self,
+        id: &str,
+        from: &[RunState],
+        to: RunState,
+        update: &RunUpdate,
+    ) -> StoreResult<bool>;
     /// Moves every run of the campaign in one of `from` states to `to`.
-    fn transition_all(&self, campaign_id: &str, from: &[RunState], to: RunState) -> StoreResult<usize>;
+    fn transition_all(
+        &self,
+        campaign_id: &str,
+        from: &[RunState],
+        to: RunState,
+    ) -> StoreResult<usize>;
     fn upsert_host(&self, host: &HostRecord) -> StoreResult<()>;
     fn delete_host(&self, name: &str) -> StoreResult<bool>;
     fn hosts(&self) -> StoreResult<Vec<HostRecord>>;
@@ -84,9 +110,15 @@ pub trait Store: Send + Sync {
 }
 
 pub fn is_terminal(state: RunState) -> bool {
-    matches!(state, RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+    matches!(
+        state,
+        RunState::Succeeded | RunState::Failed | RunState::Cancelled
+    )
 }
 
 pub fn campaign_is_terminal(state: CampaignState) -> bool {
-    matches!(state, CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled)
+    matches!(
+        state,
+        CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+    )
 }

@@ -64,9 +64,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn open(path: &Path) -> StoreResult<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
         }
-        let connection = Connection::open(path).map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
+        let connection = Connection::open(path)
+            .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
         // WAL: readers do not block the writer; NORMAL sync survives a kill
         // of the process (not necessarily of the machine) with no loss.
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -75,11 +77,15 @@ impl SqliteStore {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
         restrict_permissions(path);
-        Ok(Self { connection: Mutex::new(connection) })
+        Ok(Self {
+            connection: Mutex::new(connection),
+        })
     }
 
     fn db(&self) -> MutexGuard<'_, Connection> {
-        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -90,18 +96,26 @@ fn restrict_permissions(path: &Path) {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
-    ms.map(|ms| prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 })
+    ms.map(|ms| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
 }
 
 fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
-    ts.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+    ts.as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
-const CAMPAIGN_COLUMNS: &str = "seq, id, name, state, status_message, manifest, created_ms, finished_ms";
+const CAMPAIGN_COLUMNS: &str =
+    "seq, id, name, state, status_message, manifest, created_ms, finished_ms";
 
 fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
     Ok((
@@ -150,11 +164,20 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
 }
 
 fn state_list(states: &[RunState]) -> String {
-    states.iter().map(|s| (*s as i32).to_string()).collect::<Vec<_>>().join(",")
+    states
+        .iter()
+        .map(|s| (*s as i32).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Store for SqliteStore {
-    fn insert_campaign(&self, campaign: &Campaign, source_name: &str, runs: &[Run]) -> StoreResult<()> {
+    fn insert_campaign(
+        &self,
+        campaign: &Campaign,
+        source_name: &str,
+        runs: &[Run],
+    ) -> StoreResult<()> {
         let mut db = self.db();
         let tx = db.transaction()?;
         tx.execute(
@@ -175,7 +198,8 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for run in runs {
-                let params = serde_json::to_string(&run.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let params = serde_json::to_string(&run.params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 insert.execute(params![
                     run.id,
                     run.campaign_id,
@@ -196,23 +220,39 @@ impl Store for SqliteStore {
     fn campaign(&self, id: &str) -> StoreResult<Option<Campaign>> {
         let db = self.db();
         let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?1");
-        Ok(db.query_row(&sql, [id], campaign_row).optional()?.map(|(_, c)| c))
+        Ok(db
+            .query_row(&sql, [id], campaign_row)
+            .optional()?
+            .map(|(_, c)| c))
     }
 
-    fn list_campaigns(&self, before: Option<i64>, limit: usize) -> StoreResult<Vec<(i64, Campaign)>> {
+    fn list_campaigns(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<(i64, Campaign)>> {
         let db = self.db();
-        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2");
+        let sql = format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+        );
         let mut statement = db.prepare(&sql)?;
-        let rows = statement.query_map(params![before.unwrap_or(i64::MAX), limit as i64], campaign_row)?;
+        let rows = statement.query_map(
+            params![before.unwrap_or(i64::MAX), limit as i64],
+            campaign_row,
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn unfinished_campaigns(&self) -> StoreResult<Vec<Campaign>> {
         let db = self.db();
-        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE state IN (?1, ?2) ORDER BY seq");
+        let sql = format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE state IN (?1, ?2) ORDER BY seq"
+        );
         let mut statement = db.prepare(&sql)?;
-        let rows = statement
-            .query_map(params![CampaignState::Pending as i32, CampaignState::Running as i32], campaign_row)?;
+        let rows = statement.query_map(
+            params![CampaignState::Pending as i32, CampaignState::Running as i32],
+            campaign_row,
+        )?;
         Ok(rows.map(|r| r.map(|(_, c)| c)).collect::<Result<_, _>>()?)
     }
 
@@ -226,15 +266,22 @@ impl Store for SqliteStore {
     }
 
     fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()> {
-        self.db().execute("UPDATE campaigns SET status_message = ?2 WHERE id = ?1", params![id, message])?;
+        self.db().execute(
+            "UPDATE campaigns SET status_message = ?2 WHERE id = ?1",
+            params![id, message],
+        )?;
         Ok(())
     }
 
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts> {
         let db = self.db();
-        let mut statement = db.prepare_cached("SELECT state, COUNT(*) FROM runs WHERE campaign_id = ?1 GROUP BY state")?;
+        let mut statement = db.prepare_cached(
+            "SELECT state, COUNT(*) FROM runs WHERE campaign_id = ?1 GROUP BY state",
+        )?;
         let mut counts = RunCounts::default();
-        let rows = statement.query_map([campaign_id], |row| Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?)))?;
+        let rows = statement.query_map([campaign_id], |row| {
+            Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?))
+        })?;
         for row in rows {
             let (state, count) = row?;
             counts.total += count;
@@ -251,7 +298,13 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
-    fn runs(&self, campaign_id: &str, state: Option<RunState>, after_sequence: Option<u32>, limit: usize) -> StoreResult<Vec<Run>> {
+    fn runs(
+        &self,
+        campaign_id: &str,
+        state: Option<RunState>,
+        after_sequence: Option<u32>,
+        limit: usize,
+    ) -> StoreResult<Vec<Run>> {
         let db = self.db();
         let sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND sequence > ?2 AND (?3 = 0 OR state = ?3) \
@@ -260,7 +313,8 @@ impl Store for SqliteStore {
         let mut statement = db.prepare_cached(&sql)?;
         let after = after_sequence.map_or(-1, i64::from);
         let state = state.map_or(0, |s| s as i32);
-        let rows = statement.query_map(params![campaign_id, after, state, limit as i64], run_row)?;
+        let rows =
+            statement.query_map(params![campaign_id, after, state, limit as i64], run_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -276,10 +330,21 @@ impl Store for SqliteStore {
             "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND state = ?3 ORDER BY sequence LIMIT 1"
         );
         let mut statement = db.prepare_cached(&sql)?;
-        Ok(statement.query_row(params![campaign_id, backend, RunState::Pending as i32], run_row).optional()?)
+        Ok(statement
+            .query_row(
+                params![campaign_id, backend, RunState::Pending as i32],
+                run_row,
+            )
+            .optional()?)
     }
 
-    fn transition_run(&self, id: &str, from: &[RunState], to: RunState, update: &RunUpdate) -> StoreResult<bool> {
+    fn transition_run(
+        &self,
+        id: &str,
+        from: &[RunState],
+        to: RunState,
+        update: &RunUpdate,
+    ) -> StoreResult<bool> {
         let now = now_ms();
         let sql = format!(
             "UPDATE runs SET state = ?2,
@@ -313,13 +378,22 @@ impl Store for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn transition_all(&self, campaign_id: &str, from: &[RunState], to: RunState) -> StoreResult<usize> {
-        let sql = format!("UPDATE runs SET state = ?2 WHERE campaign_id = ?1 AND state IN ({})", state_list(from));
+    fn transition_all(
+        &self,
+        campaign_id: &str,
+        from: &[RunState],
+        to: RunState,
+    ) -> StoreResult<usize> {
+        let sql = format!(
+            "UPDATE runs SET state = ?2 WHERE campaign_id = ?1 AND state IN ({})",
+            state_list(from)
+        );
         Ok(self.db().execute(&sql, params![campaign_id, to as i32])?)
     }
 
     fn upsert_host(&self, host: &HostRecord) -> StoreResult<()> {
-        let labels = serde_json::to_string(&host.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let labels =
+            serde_json::to_string(&host.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.db().execute(
             "INSERT INTO hosts (name, address, token, labels) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(name) DO UPDATE SET address = ?2, token = ?3, labels = ?4",
@@ -329,12 +403,16 @@ impl Store for SqliteStore {
     }
 
     fn delete_host(&self, name: &str) -> StoreResult<bool> {
-        Ok(self.db().execute("DELETE FROM hosts WHERE name = ?1", [name])? == 1)
+        Ok(self
+            .db()
+            .execute("DELETE FROM hosts WHERE name = ?1", [name])?
+            == 1)
     }
 
     fn hosts(&self) -> StoreResult<Vec<HostRecord>> {
         let db = self.db();
-        let mut statement = db.prepare("SELECT name, address, token, labels FROM hosts ORDER BY name")?;
+        let mut statement =
+            db.prepare("SELECT name, address, token, labels FROM hosts ORDER BY name")?;
         let rows = statement.query_map([], |row| {
             let labels: String = row.get(3)?;
             Ok(HostRecord {
@@ -357,15 +435,23 @@ impl Store for SqliteStore {
     }
 
     fn clear_placement(&self, campaign_id: &str, backend: &str) -> StoreResult<()> {
-        self.db().execute("DELETE FROM placements WHERE campaign_id = ?1 AND backend = ?2", params![campaign_id, backend])?;
+        self.db().execute(
+            "DELETE FROM placements WHERE campaign_id = ?1 AND backend = ?2",
+            params![campaign_id, backend],
+        )?;
         Ok(())
     }
 
     fn placements(&self, campaign_id: &str) -> StoreResult<Vec<Placement>> {
         let db = self.db();
-        let mut statement = db.prepare("SELECT backend, host, workload_id FROM placements WHERE campaign_id = ?1")?;
+        let mut statement =
+            db.prepare("SELECT backend, host, workload_id FROM placements WHERE campaign_id = ?1")?;
         let rows = statement.query_map([campaign_id], |row| {
-            Ok(Placement { backend: row.get(0)?, host: row.get(1)?, workload_id: row.get(2)? })
+            Ok(Placement {
+                backend: row.get(0)?,
+                host: row.get(1)?,
+                workload_id: row.get(2)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -382,7 +468,12 @@ mod tests {
     }
 
     fn campaign(id: &str) -> Campaign {
-        Campaign { id: id.into(), name: "t".into(), state: CampaignState::Pending as i32, ..Default::default() }
+        Campaign {
+            id: id.into(),
+            name: "t".into(),
+            state: CampaignState::Pending as i32,
+            ..Default::default()
+        }
     }
 
     fn run(id: &str, sequence: u32) -> Run {
@@ -401,13 +492,39 @@ mod tests {
     #[test]
     fn result_is_recorded_once() {
         let (_dir, store) = store();
-        store.insert_campaign(&campaign("c1"), "m.yaml", &[run("r1", 0), run("r2", 1)]).unwrap();
-        let done = RunUpdate { result_json: Some("{\"x\":1}".into()), finished_now: true, ..Default::default() };
-        assert!(store.transition_run("r1", &[RunState::Pending], RunState::Running, &RunUpdate::default()).unwrap());
-        assert!(store.transition_run("r1", &[RunState::Running], RunState::Succeeded, &done).unwrap());
+        store
+            .insert_campaign(&campaign("c1"), "m.yaml", &[run("r1", 0), run("r2", 1)])
+            .unwrap();
+        let done = RunUpdate {
+            result_json: Some("{\"x\":1}".into()),
+            finished_now: true,
+            ..Default::default()
+        };
+        assert!(
+            store
+                .transition_run(
+                    "r1",
+                    &[RunState::Pending],
+                    RunState::Running,
+                    &RunUpdate::default()
+                )
+                .unwrap()
+        );
+        assert!(
+            store
+                .transition_run("r1", &[RunState::Running], RunState::Succeeded, &done)
+                .unwrap()
+        );
         // A replay of the same outcome (e.g. after a crash) changes nothing.
-        let replay = RunUpdate { result_json: Some("{\"x\":2}".into()), ..Default::default() };
-        assert!(!store.transition_run("r1", &[RunState::Running], RunState::Succeeded, &replay).unwrap());
+        let replay = RunUpdate {
+            result_json: Some("{\"x\":2}".into()),
+            ..Default::default()
+        };
+        assert!(
+            !store
+                .transition_run("r1", &[RunState::Running], RunState::Succeeded, &replay)
+                .unwrap()
+        );
         assert_eq!(store.run("r1").unwrap().unwrap().result_json, "{\"x\":1}");
         let counts = store.run_counts("c1").unwrap();
         assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
@@ -420,16 +537,28 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let store = SqliteStore::open(&path).unwrap();
-            store.insert_campaign(&campaign("c1"), "m", &[run("r1", 0), run("r2", 1), run("r3", 2)]).unwrap();
+            store
+                .insert_campaign(
+                    &campaign("c1"),
+                    "m",
+                    &[run("r1", 0), run("r2", 1), run("r3", 2)],
+                )
+                .unwrap();
             store.insert_campaign(&campaign("c2"), "m", &[]).unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let page = store.list_campaigns(None, 1).unwrap();
         assert_eq!(page[0].1.id, "c2");
         let next = store.list_campaigns(Some(page[0].0), 10).unwrap();
-        assert_eq!(next.iter().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>(), ["c1"]);
+        assert_eq!(
+            next.iter().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>(),
+            ["c1"]
+        );
         let runs = store.runs("c1", None, Some(0), 10).unwrap();
-        assert_eq!(runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2", "r3"]);
+        assert_eq!(
+            runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r2", "r3"]
+        );
         assert_eq!(store.unfinished_campaigns().unwrap().len(), 2);
     }
 }

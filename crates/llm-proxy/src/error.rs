@@ -1,0 +1,239 @@
+//! The proxy's one error type. It becomes a `tonic::Status` through
+//! `berth_server::error::into_status` and an OpenAI-style JSON error body in
+//! [`ProxyError::into_http`], so both APIs fail the same way.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use berth_server::{ErrorCode, ServiceError};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("could not parse the JSON body of your request: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request body larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    UnknownModel(String),
+    #[error("no virtual key `{0}`")]
+    UnknownKey(String),
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("this endpoint needs the master key")]
+    NotMasterKey,
+    #[error("this key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    #[error("rate limit reached: {what}; retry after {}s", retry_after.as_secs().max(1))]
+    RateLimited { what: String, retry_after: Duration },
+    #[error("budget exceeded: spent ${spend:.6} of ${max_budget:.6}")]
+    BudgetExceeded { spend: f64, max_budget: f64 },
+    #[error("no deployment of `{model}` is available (all cooling down after failures)")]
+    NoDeployment {
+        model: String,
+        retry_after: Duration,
+    },
+    #[error(
+        "{provider} does not support the parameter `{param}`; set litellm_settings.drop_params: true to drop it"
+    )]
+    UnsupportedParam {
+        provider: &'static str,
+        param: String,
+    },
+    /// An upstream answered with an error that retrying will not fix (a 4xx),
+    /// or the last retry failed with one; its body is passed to the client.
+    #[error("upstream {deployment} answered {status}: {message}")]
+    Upstream {
+        deployment: String,
+        status: StatusCode,
+        message: String,
+        body: Bytes,
+    },
+    #[error("upstream {deployment} unreachable: {reason}")]
+    Unreachable { deployment: String, reason: String },
+    #[error("upstream {deployment} did not answer within {timeout:?}")]
+    Timeout {
+        deployment: String,
+        timeout: Duration,
+    },
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error("key store: {0}")]
+    Store(String),
+}
+
+impl ServiceError for ProxyError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::MalformedJson(_) | Self::InvalidRequest(_) | Self::UnsupportedParam { .. } => {
+                ErrorCode::BadRequest
+            }
+            // gRPC has no "too large"; the HTTP edge answers 413 (see http_status).
+            Self::BodyTooLarge { .. } => ErrorCode::BadRequest,
+            Self::UnknownModel(_) | Self::UnknownKey(_) => ErrorCode::NotFound,
+            Self::MissingKey | Self::InvalidKey => ErrorCode::Unauthenticated,
+            Self::NotMasterKey | Self::ModelNotAllowed(_) => ErrorCode::PermissionDenied,
+            Self::RateLimited { .. } | Self::BudgetExceeded { .. } | Self::NoDeployment { .. } => {
+                ErrorCode::ResourceExhausted
+            }
+            Self::Upstream { status, .. } => code_of_status(*status),
+            Self::Unreachable { .. } => ErrorCode::Unavailable,
+            Self::Timeout { .. } => ErrorCode::Timeout,
+            Self::NotImplemented(_) => ErrorCode::Unimplemented,
+            Self::Store(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The error code closest to an upstream's HTTP status.
+fn code_of_status(status: StatusCode) -> ErrorCode {
+    match status.as_u16() {
+        400 | 413 | 422 => ErrorCode::BadRequest,
+        401 => ErrorCode::Unauthenticated,
+        403 => ErrorCode::PermissionDenied,
+        404 => ErrorCode::NotFound,
+        408 | 504 => ErrorCode::Timeout,
+        429 => ErrorCode::ResourceExhausted,
+        501 => ErrorCode::Unimplemented,
+        502 | 503 => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    }
+}
+
+impl ProxyError {
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // 502: the gateway got no usable answer (LiteLLM says 500 here).
+            Self::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::Upstream { status, .. } => *status,
+            other => other.error_code().http_status(),
+        }
+    }
+
+    /// How long a client should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::NoDeployment { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// OpenAI's `error.type` for this error.
+    fn openai_type(&self) -> &'static str {
+        match self {
+            Self::MissingKey | Self::InvalidKey => "authentication_error",
+            Self::NotMasterKey | Self::ModelNotAllowed(_) => "permission_error",
+            Self::RateLimited { .. } | Self::NoDeployment { .. } => "rate_limit_error",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
+            Self::Unreachable { .. } | Self::Timeout { .. } | Self::Store(_) => "api_error",
+            Self::Upstream { status, .. } if status.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `error.code` for this error, where OpenAI has one.
+    fn openai_code(&self) -> Option<&'static str> {
+        match self {
+            Self::UnknownModel(_) => Some("model_not_found"),
+            Self::InvalidKey | Self::MissingKey => Some("invalid_api_key"),
+            Self::RateLimited { .. } | Self::NoDeployment { .. } => Some("rate_limit_exceeded"),
+            Self::Timeout { .. } => Some("timeout"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-style error object `{"error": {...}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.openai_type(),
+                "param": match self {
+                    Self::UnknownModel(_) | Self::ModelNotAllowed(_) => Some("model"),
+                    _ => None,
+                },
+                "code": self.openai_code(),
+            }
+        })
+    }
+
+    /// The HTTP response of this error. An upstream's own error body is
+    /// passed through when it is already an OpenAI-style error object.
+    pub fn into_http(self) -> Response {
+        let status = self.http_status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let body = match &self {
+            Self::Upstream { body, .. } if is_openai_error(body) => body.clone(),
+            _ => Bytes::from(self.to_json().to_string()),
+        };
+        let mut response = (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+        if let Some(wait) = self.retry_after() {
+            // Whole seconds, rounded up: "Retry-After: 0" would invite a retry storm.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+fn is_openai_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(serde_json::Value::is_object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_openai() {
+        assert_eq!(ProxyError::MalformedJson("x".into()).http_status(), 400);
+        assert_eq!(ProxyError::UnknownModel("m".into()).http_status(), 404);
+        assert_eq!(ProxyError::MissingKey.http_status(), 401);
+        assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.http_status(), 413);
+        let limited = ProxyError::RateLimited {
+            what: "rpm".into(),
+            retry_after: Duration::from_millis(1500),
+        };
+        let response = limited.into_http();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn upstream_error_body_passes_through() {
+        let body = Bytes::from_static(
+            br#"{"error":{"message":"context too long","type":"invalid_request_error"}}"#,
+        );
+        let error = ProxyError::Upstream {
+            deployment: "d".into(),
+            status: StatusCode::BAD_REQUEST,
+            message: "context too long".into(),
+            body,
+        };
+        assert_eq!(error.error_code(), ErrorCode::BadRequest);
+        let response = error.into_http();
+        assert_eq!(response.status(), 400);
+    }
+}

@@ -1,0 +1,349 @@
+//! The core both APIs share: admit a request for a key, pick a deployment,
+//! send, retry with backoff on another deployment when the failure is the
+//! upstream's, fall back to other model groups, and settle the request's
+//! usage once it ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::ProxyError;
+use crate::keys::VirtualKey;
+use crate::metrics::ProxyMetrics;
+use crate::providers::{self, Endpoint};
+use crate::router::{Deployment, InFlight, Router};
+use crate::stream::PassThrough;
+use crate::upstream::UpstreamClient;
+use crate::usage::{Meter, Outcome, Usage};
+
+/// One client request, parsed just enough to route it.
+#[derive(Debug)]
+pub struct Call {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    /// The client's JSON body, forwarded with the model name replaced.
+    pub body: Map<String, Value>,
+}
+
+impl Call {
+    /// Parses a client's JSON body.
+    pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Self, ProxyError> {
+        let body =
+            serde_json::from_slice(bytes).map_err(|e| ProxyError::MalformedJson(e.to_string()))?;
+        Self::from_body(endpoint, body)
+    }
+
+    /// Reads `model` and `stream` from a request body.
+    pub fn from_body(endpoint: Endpoint, body: Map<String, Value>) -> Result<Self, ProxyError> {
+        let model = match body.get("model") {
+            Some(Value::String(model)) if !model.is_empty() => model.clone(),
+            _ => {
+                return Err(ProxyError::InvalidRequest(
+                    "`model` is required and must be a string".into(),
+                ));
+            }
+        };
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => *stream,
+            Some(_) => {
+                return Err(ProxyError::InvalidRequest(
+                    "`stream` must be a boolean".into(),
+                ));
+            }
+        };
+        if stream && endpoint == Endpoint::Embeddings {
+            return Err(ProxyError::InvalidRequest(
+                "embeddings cannot be streamed".into(),
+            ));
+        }
+        Ok(Self {
+            endpoint,
+            model,
+            stream,
+            body,
+        })
+    }
+}
+
+/// The answer to a call.
+#[derive(Debug)]
+pub enum Reply {
+    /// A whole JSON response, as the upstream sent it.
+    Whole { body: Bytes, usage: Option<Usage> },
+    /// An SSE stream, passed through as it arrives.
+    Stream(PassThrough),
+}
+
+/// Largest non-streamed upstream response read; embeddings of big batches
+/// are the largest legitimate ones.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+/// Largest upstream error body kept to pass on.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
+#[derive(Debug)]
+pub struct Gateway {
+    router: Arc<Router>,
+    client: UpstreamClient,
+    drop_params: bool,
+    metrics: Arc<ProxyMetrics>,
+}
+
+/// What a request still owes once its response is on its way: the
+/// deployment's in-flight count and token window, and the usage record.
+#[derive(Debug)]
+pub(crate) struct Settle {
+    in_flight: InFlight,
+    meter: Meter,
+    router: Arc<Router>,
+}
+
+impl Settle {
+    pub(crate) fn deployment_id(&self) -> &str {
+        &self.in_flight.deployment().config.id
+    }
+
+    pub(crate) fn finish(self, usage: Option<Usage>, outcome: Outcome) {
+        let deployment = self.in_flight.deployment();
+        if let Some(usage) = &usage {
+            deployment.record_tokens(usage.total());
+        }
+        if outcome == Outcome::Failed {
+            self.meter.attempt_failed(&deployment.config);
+            deployment.record_failure(self.router.settings());
+        }
+        self.meter.finish(Some(&deployment.config), usage, outcome);
+    }
+}
+
+/// A successful attempt, before it is settled.
+enum Answer {
+    Whole(Bytes),
+    Stream(Incoming, Duration),
+}
+
+impl Gateway {
+    pub fn new(
+        router: Router,
+        client: UpstreamClient,
+        drop_params: bool,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            router: Arc::new(router),
+            client,
+            drop_params,
+            metrics,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Serves a call for `key` (None: the master key, or no auth configured).
+    pub async fn forward(
+        &self,
+        call: Call,
+        key: Option<&Arc<VirtualKey>>,
+    ) -> Result<Reply, ProxyError> {
+        if !self.router.has_model(&call.model) {
+            return Err(ProxyError::UnknownModel(call.model));
+        }
+        let lease = key.map(|k| k.admit(&call.model)).transpose()?;
+        let meter = Meter::new(self.metrics.clone(), call.model.clone(), lease);
+        let settings = self.router.settings();
+        let mut last_error = None;
+        for group in self.router.groups_for(&call.model) {
+            let mut tried: Vec<Arc<Deployment>> = Vec::new();
+            for attempt in 0..=settings.num_retries {
+                if attempt > 0 {
+                    tokio::time::sleep(settings.backoff(attempt)).await;
+                }
+                let deployment = match self.router.pick(group, &tried) {
+                    Ok(deployment) => deployment,
+                    Err(error) => {
+                        last_error = Some(error);
+                        break;
+                    }
+                };
+                tried.push(deployment.clone());
+                let in_flight = deployment.start();
+                match self.attempt(&deployment, &call).await {
+                    Ok(answer) => {
+                        let settle = Settle {
+                            in_flight,
+                            meter,
+                            router: self.router.clone(),
+                        };
+                        return Ok(match answer {
+                            Answer::Whole(body) => {
+                                let usage = usage_of(&body);
+                                settle.finish(usage, Outcome::Ok);
+                                Reply::Whole { body, usage }
+                            }
+                            Answer::Stream(body, idle) => {
+                                Reply::Stream(PassThrough::new(body, idle, settle))
+                            }
+                        });
+                    }
+                    Err(error) if is_retryable(&error) => {
+                        tracing::debug!(deployment = %deployment.config.id, %error, attempt, "attempt failed");
+                        meter.attempt_failed(&deployment.config);
+                        deployment.record_failure(settings);
+                        last_error = Some(error);
+                    }
+                    Err(error) => {
+                        meter.finish(Some(&deployment.config), None, Outcome::Failed);
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        meter.finish(None, None, Outcome::Failed);
+        Err(last_error.unwrap_or(ProxyError::UnknownModel(call.model)))
+    }
+
+    /// One try on one deployment, bounded by its timeout: for a stream, up
+    /// to the response headers, then between chunks.
+    async fn attempt(&self, deployment: &Deployment, call: &Call) -> Result<Answer, ProxyError> {
+        let config = &deployment.config;
+        let request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
+        let timeout = if call.stream {
+            config.stream_timeout.or(config.timeout)
+        } else {
+            config.timeout
+        }
+        .unwrap_or(self.router.settings().timeout);
+        let started = Instant::now();
+        let work = async {
+            let response =
+                self.client
+                    .send(request)
+                    .await
+                    .map_err(|reason| ProxyError::Unreachable {
+                        deployment: config.id.clone(),
+                        reason,
+                    })?;
+            deployment.record_latency(started.elapsed());
+            let status = response.status();
+            if !status.is_success() {
+                let body = read(response.into_body(), MAX_ERROR_BYTES)
+                    .await
+                    .unwrap_or_default();
+                return Err(ProxyError::Upstream {
+                    deployment: config.id.clone(),
+                    status,
+                    message: error_message(&body),
+                    body,
+                });
+            }
+            if call.stream {
+                return Ok(Answer::Stream(response.into_body(), timeout));
+            }
+            read(response.into_body(), MAX_RESPONSE_BYTES)
+                .await
+                .map(Answer::Whole)
+                .map_err(|reason| ProxyError::Unreachable {
+                    deployment: config.id.clone(),
+                    reason,
+                })
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProxyError::Timeout {
+                    deployment: config.id.clone(),
+                    timeout,
+                })
+            })
+    }
+}
+
+/// Failures another try may not have: the upstream's, not the request's.
+fn is_retryable(error: &ProxyError) -> bool {
+    match error {
+        ProxyError::Unreachable { .. } | ProxyError::Timeout { .. } => true,
+        ProxyError::Upstream { status, .. } => {
+            status.is_server_error()
+                || *status == StatusCode::TOO_MANY_REQUESTS
+                || *status == StatusCode::REQUEST_TIMEOUT
+        }
+        _ => false,
+    }
+}
+
+async fn read(body: Incoming, limit: usize) -> Result<Bytes, String> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+fn usage_of(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// `error.message` of an OpenAI-style error body, else the body as text.
+fn error_message(body: &[u8]) -> String {
+    let parsed = serde_json::from_slice::<Value>(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("error"))?
+            .as_str()
+    });
+    match message {
+        Some(message) => message.to_string(),
+        None => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_parsing_errors() {
+        assert!(matches!(
+            Call::parse(Endpoint::ChatCompletions, b"{not json"),
+            Err(ProxyError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            Call::parse(Endpoint::ChatCompletions, b"{}"),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            Call::parse(Endpoint::Embeddings, br#"{"model":"m","stream":true}"#),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+        let call = Call::parse(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","stream":true,"messages":[]}"#,
+        )
+        .unwrap();
+        assert!(call.stream);
+        assert_eq!(call.model, "m");
+    }
+
+    #[test]
+    fn upstream_error_messages() {
+        assert_eq!(error_message(br#"{"error":{"message":"bad"}}"#), "bad");
+        assert_eq!(error_message(br#"{"error":"plain"}"#), "plain");
+        assert_eq!(
+            error_message(b"Internal Server Error"),
+            "Internal Server Error"
+        );
+    }
+}

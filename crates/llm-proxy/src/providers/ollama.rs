@@ -1,0 +1,55 @@
+//! Ollama, through the OpenAI-compatible API it serves under `/v1`
+//! (<https://github.com/ollama/ollama/blob/main/docs/openai.md>). Ollama
+//! ignores parameters it does not know, so like LiteLLM the proxy refuses
+//! them unless `drop_params` is set, rather than letting them vanish.
+
+use serde_json::{Map, Value};
+
+use super::{Endpoint, UpstreamRequest};
+use crate::error::ProxyError;
+use crate::litellm_config::DeploymentConfig as Deployment;
+
+/// Parameters Ollama's OpenAI-compatible endpoints honour.
+const SUPPORTED: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "input",
+    "suffix",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "reasoning_effort",
+    "dimensions",
+    "encoding_format",
+    "user",
+];
+
+pub(super) fn prepare(
+    deployment: &Deployment,
+    endpoint: Endpoint,
+    body: &Map<String, Value>,
+    drop_params: bool,
+) -> Result<UpstreamRequest, ProxyError> {
+    if !drop_params
+        && let Some(param) = body.keys().find(|k| {
+            !SUPPORTED.contains(&k.as_str()) && !deployment.drop_params.iter().any(|d| d == *k)
+        })
+    {
+        return Err(ProxyError::UnsupportedParam {
+            provider: "ollama",
+            param: param.clone(),
+        });
+    }
+    super::openai::prepare(deployment, endpoint, body, &|key| SUPPORTED.contains(&key))
+}

@@ -1,0 +1,386 @@
+//! Routing a model name to one of its deployments: the strategy picks among
+//! deployments that are not cooling down and are under their rpm/tpm, and
+//! each deployment keeps the live numbers strategies need (requests in
+//! flight, latency). Retries and fallbacks are driven by the gateway, which
+//! asks the router again after each failure.
+
+mod cooldown;
+mod strategy;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use strategy::Strategy;
+
+use crate::error::ProxyError;
+use crate::limits::MinuteWindow;
+use crate::litellm_config::DeploymentConfig;
+use cooldown::Cooldown;
+
+/// Retry, timeout, cooldown and fallback settings (LiteLLM's `router_settings`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSettings {
+    pub strategy: Strategy,
+    /// Further attempts within a model group after the first one fails.
+    pub num_retries: u32,
+    /// Whole-request timeout when a deployment sets none.
+    pub timeout: Duration,
+    /// Least wait before a retry; the wait doubles with each retry.
+    pub retry_after: Duration,
+    /// Failures within a minute a deployment may have before it cools down.
+    pub allowed_fails: u32,
+    pub cooldown_time: Duration,
+    /// Model groups to try, in order, when a group fails: (from, to...).
+    pub fallbacks: Vec<(String, Vec<String>)>,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::SimpleShuffle,
+            num_retries: 2,
+            timeout: Duration::from_secs(600),
+            retry_after: Duration::ZERO,
+            allowed_fails: 3,
+            cooldown_time: Duration::from_secs(5),
+            fallbacks: Vec::new(),
+        }
+    }
+}
+
+/// Smallest wait between retries: an upstream that just failed rarely
+/// recovers within microseconds.
+const MIN_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+impl RouterSettings {
+    /// Wait before retry number `retry` (1-based): exponential, with jitter
+    /// so that clients failing together do not retry together.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let base = self.retry_after.max(MIN_BACKOFF);
+        let exp = base
+            .saturating_mul(1 << retry.saturating_sub(1).min(16))
+            .min(MAX_BACKOFF);
+        exp.mul_f64(rand::random_range(0.75..1.25))
+    }
+}
+
+/// A deployment and what the router knows about it right now.
+#[derive(Debug)]
+pub struct Deployment {
+    pub config: DeploymentConfig,
+    in_flight: AtomicU64,
+    /// Exponentially weighted time to first byte, in µs; 0 until measured.
+    latency_micros: AtomicU64,
+    cooldown: Cooldown,
+    minute: MinuteWindow,
+}
+
+impl Deployment {
+    fn new(config: DeploymentConfig) -> Self {
+        Self {
+            config,
+            in_flight: AtomicU64::new(0),
+            latency_micros: AtomicU64::new(0),
+            cooldown: Cooldown::default(),
+            minute: MinuteWindow::default(),
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn latency_micros(&self) -> u64 {
+        self.latency_micros.load(Ordering::Relaxed)
+    }
+
+    /// Marks a request as in flight until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn record_latency(&self, latency: Duration) {
+        let sample = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        // A lost update under a race only skews one sample of an average.
+        let old = self.latency_micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        };
+        self.latency_micros.store(new, Ordering::Relaxed);
+    }
+
+    pub fn record_tokens(&self, tokens: u64) {
+        self.minute.add_tokens(Instant::now(), tokens);
+    }
+
+    /// Counts a failure; true when the deployment starts cooling down.
+    pub fn record_failure(&self, settings: &RouterSettings) -> bool {
+        let cooling = self.cooldown.record_failure(
+            Instant::now(),
+            settings.allowed_fails,
+            settings.cooldown_time,
+        );
+        if cooling {
+            tracing::warn!(deployment = %self.config.id, cooldown = ?settings.cooldown_time, "deployment cooling down after repeated failures");
+        }
+        cooling
+    }
+}
+
+/// A request in flight on a deployment (for least-busy); ends on drop, so a
+/// cancelled or abandoned request ends too.
+#[derive(Debug)]
+pub struct InFlight(Arc<Deployment>);
+
+impl InFlight {
+    pub fn deployment(&self) -> &Arc<Deployment> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    settings: RouterSettings,
+    /// Model names in config order, for listings.
+    names: Vec<String>,
+    groups: HashMap<String, Vec<Arc<Deployment>>>,
+}
+
+impl Router {
+    pub fn new(deployments: Vec<DeploymentConfig>, settings: RouterSettings) -> Self {
+        let mut names = Vec::new();
+        let mut groups: HashMap<String, Vec<Arc<Deployment>>> = HashMap::new();
+        for config in deployments {
+            if !groups.contains_key(&config.model_name) {
+                names.push(config.model_name.clone());
+            }
+            groups
+                .entry(config.model_name.clone())
+                .or_default()
+                .push(Arc::new(Deployment::new(config)));
+        }
+        Self {
+            settings,
+            names,
+            groups,
+        }
+    }
+
+    pub fn settings(&self) -> &RouterSettings {
+        &self.settings
+    }
+
+    /// Model names with their number of deployments, in config order.
+    pub fn models(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.names
+            .iter()
+            .map(|name| (name.as_str(), self.groups[name].len()))
+    }
+
+    pub fn has_model(&self, model: &str) -> bool {
+        self.groups.contains_key(model)
+    }
+
+    /// The model groups to try for `model`: itself, then its fallbacks.
+    pub fn groups_for<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a str> {
+        let fallbacks = self
+            .settings
+            .fallbacks
+            .iter()
+            .filter(move |(from, _)| from == model)
+            .flat_map(|(_, to)| to.iter().map(String::as_str));
+        std::iter::once(model).chain(fallbacks)
+    }
+
+    /// Picks a deployment of `model` and counts the request against its rpm.
+    /// Deployments in `tried` are avoided while others are available.
+    pub fn pick(
+        &self,
+        model: &str,
+        tried: &[Arc<Deployment>],
+    ) -> Result<Arc<Deployment>, ProxyError> {
+        let group = self
+            .groups
+            .get(model)
+            .ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
+        let now = Instant::now();
+        let mut soonest = self.settings.cooldown_time;
+        let mut available = Vec::with_capacity(group.len());
+        for deployment in group {
+            let config = &deployment.config;
+            let wait = deployment.cooldown.remaining(now).or_else(|| {
+                deployment
+                    .minute
+                    .check(now, config.rpm, config.tpm)
+                    .err()
+                    .map(|e| e.retry_after())
+            });
+            match wait {
+                Some(wait) => soonest = soonest.min(wait),
+                None => available.push(deployment.as_ref()),
+            }
+        }
+        let untried: Vec<&Deployment> = available
+            .iter()
+            .copied()
+            .filter(|d| !tried.iter().any(|t| std::ptr::eq(t.as_ref(), *d)))
+            .collect();
+        let candidates = if untried.is_empty() {
+            available
+        } else {
+            untried
+        };
+        if candidates.is_empty() {
+            return Err(ProxyError::NoDeployment {
+                model: model.to_string(),
+                retry_after: soonest,
+            });
+        }
+        let picked = self.settings.strategy.pick(&candidates, &mut rand::rng());
+        // Counted at pick time, as LiteLLM does; a race past the limit by a
+        // few concurrent requests is accepted rather than serialising picks.
+        let _ = picked
+            .minute
+            .admit(now, picked.config.rpm, picked.config.tpm);
+        let picked = group
+            .iter()
+            .find(|d| std::ptr::eq(d.as_ref(), picked))
+            .cloned();
+        picked.ok_or_else(|| ProxyError::UnknownModel(model.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::ProviderKind;
+
+    pub(crate) fn deployment(model_name: &str, id: &str) -> DeploymentConfig {
+        DeploymentConfig {
+            id: id.into(),
+            model_name: model_name.into(),
+            provider: ProviderKind::OpenAi,
+            upstream_model: "m".into(),
+            base_url: "http://127.0.0.1:1/v1".into(),
+            api_key: None,
+            rpm: None,
+            tpm: None,
+            weight: 1.0,
+            timeout: None,
+            stream_timeout: None,
+            input_cost_per_token: 0.0,
+            output_cost_per_token: 0.0,
+            drop_params: Vec::new(),
+        }
+    }
+
+    fn router(strategy: Strategy, configs: Vec<DeploymentConfig>) -> Router {
+        Router::new(
+            configs,
+            RouterSettings {
+                strategy,
+                allowed_fails: 0,
+                ..RouterSettings::default()
+            },
+        )
+    }
+
+    #[test]
+    fn least_busy_prefers_idle_deployment() {
+        let router = router(
+            Strategy::LeastBusy,
+            vec![deployment("m", "a"), deployment("m", "b")],
+        );
+        let first = router.pick("m", &[]).unwrap();
+        let _busy = first.start();
+        for _ in 0..20 {
+            assert_ne!(router.pick("m", &[]).unwrap().config.id, first.config.id);
+        }
+    }
+
+    #[test]
+    fn latency_based_prefers_fast_then_unmeasured() {
+        let router = router(
+            Strategy::LatencyBased,
+            vec![deployment("m", "a"), deployment("m", "b")],
+        );
+        let a = router.pick("m", &[]).unwrap();
+        a.record_latency(Duration::from_millis(5));
+        // b is unmeasured: tried next.
+        let b = router.pick("m", &[]).unwrap();
+        assert_ne!(a.config.id, b.config.id);
+        b.record_latency(Duration::from_millis(50));
+        for _ in 0..20 {
+            assert_eq!(router.pick("m", &[]).unwrap().config.id, a.config.id);
+        }
+    }
+
+    #[test]
+    fn shuffle_follows_weights() {
+        let mut heavy = deployment("m", "heavy");
+        heavy.weight = 9.0;
+        let router = router(
+            Strategy::SimpleShuffle,
+            vec![heavy, deployment("m", "light")],
+        );
+        let heavy_picks = (0..2000)
+            .filter(|_| router.pick("m", &[]).unwrap().config.id == "heavy")
+            .count();
+        assert!((1600..1990).contains(&heavy_picks), "{heavy_picks}");
+    }
+
+    #[test]
+    fn cooled_down_and_rpm_capped_deployments_are_skipped() {
+        let mut capped = deployment("m", "capped");
+        capped.rpm = Some(1);
+        let router = router(Strategy::SimpleShuffle, vec![capped, deployment("m", "ok")]);
+        let ok = router.groups["m"][1].clone();
+        assert!(ok.record_failure(router.settings()));
+        // Only "capped" is left, once; then nothing until the minute ends.
+        assert_eq!(router.pick("m", &[]).unwrap().config.id, "capped");
+        match router.pick("m", &[]) {
+            Err(ProxyError::NoDeployment { retry_after, .. }) => {
+                assert!(retry_after <= Duration::from_secs(5))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retries_avoid_tried_deployments_and_fallbacks_follow() {
+        let settings = RouterSettings {
+            fallbacks: vec![("m".into(), vec!["n".into()])],
+            ..RouterSettings::default()
+        };
+        let router = Router::new(
+            vec![
+                deployment("m", "a"),
+                deployment("m", "b"),
+                deployment("n", "c"),
+            ],
+            settings,
+        );
+        let first = router.pick("m", &[]).unwrap();
+        let second = router.pick("m", std::slice::from_ref(&first)).unwrap();
+        assert_ne!(first.config.id, second.config.id);
+        assert_eq!(router.groups_for("m").collect::<Vec<_>>(), ["m", "n"]);
+        assert!(matches!(
+            router.pick("x", &[]),
+            Err(ProxyError::UnknownModel(_))
+        ));
+    }
+}

@@ -1,0 +1,120 @@
+//! A streamed upstream response passed to the client chunk by chunk, as it
+//! arrives: nothing is buffered, the proxy only reads along for the usage.
+//! The body owns the request's accounting, so however the stream ends (the
+//! upstream finishes, breaks, stalls, or the client goes away and the body
+//! is dropped) the request is settled exactly once, and dropping it drops
+//! the upstream response, which closes that connection.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::ProxyError;
+use crate::gateway::Settle;
+use crate::sse::{self, Lines};
+use crate::usage::{Outcome, Usage};
+
+#[derive(Debug)]
+pub struct PassThrough {
+    inner: Incoming,
+    lines: Lines,
+    usage: Option<Usage>,
+    /// Longest silence allowed between chunks.
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// `None` once the request is settled.
+    settle: Option<Settle>,
+}
+
+impl PassThrough {
+    pub(crate) fn new(inner: Incoming, idle: Duration, settle: Settle) -> Self {
+        Self {
+            inner,
+            lines: Lines::default(),
+            usage: None,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            settle: Some(settle),
+        }
+    }
+
+    /// Ends the stream with an error event the client can read.
+    fn fail(&mut self, error: &ProxyError) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        tracing::warn!(%error, "upstream stream failed");
+        let event = sse::error_event(&error.to_json());
+        if let Some(settle) = self.settle.take() {
+            settle.finish(self.usage, Outcome::Failed);
+        }
+        Poll::Ready(Some(Ok(Frame::data(event))))
+    }
+}
+
+impl Body for PassThrough {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        let Some(settle) = &this.settle else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let usage = &mut this.usage;
+                    this.lines.push(data, |line| {
+                        if let Some(found) = sse::data(line).and_then(sse::usage) {
+                            *usage = Some(found);
+                        }
+                    });
+                }
+                this.deadline.as_mut().reset(Instant::now() + this.idle);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                let deployment = settle.deployment_id().to_string();
+                this.fail(&ProxyError::Unreachable {
+                    deployment,
+                    reason: format!("stream broken: {error}"),
+                })
+            }
+            Poll::Ready(None) => {
+                if let Some(settle) = this.settle.take() {
+                    settle.finish(this.usage, Outcome::Ok);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    let deployment = settle.deployment_id().to_string();
+                    return this.fail(&ProxyError::Timeout {
+                        deployment,
+                        timeout: this.idle,
+                    });
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.settle.is_none()
+    }
+}
+
+impl Drop for PassThrough {
+    fn drop(&mut self) {
+        if let Some(settle) = self.settle.take() {
+            settle.finish(self.usage, Outcome::Abandoned);
+        }
+    }
+}

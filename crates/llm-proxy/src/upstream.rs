@@ -1,0 +1,68 @@
+//! The one pooled HTTP client every upstream call goes through: keep-alive
+//! connections reused across requests (a new TCP+TLS handshake per request
+//! would cost more than everything else the proxy does), TCP_NODELAY so
+//! small SSE chunks are not held back, rustls for HTTPS upstreams.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::providers::UpstreamRequest;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl UpstreamClient {
+    pub fn new(connect_timeout: Duration, pool_idle_timeout: Duration) -> std::io::Result<Self> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(pool_idle_timeout)
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(Self { client })
+    }
+
+    /// Sends a request; the future resolves at the response headers.
+    /// Dropping it (or the response body later) closes the connection,
+    /// which is how a client's disconnect reaches the upstream.
+    pub async fn send(&self, request: UpstreamRequest) -> Result<http::Response<Incoming>, String> {
+        let mut builder = http::Request::post(request.uri).header(CONTENT_TYPE, "application/json");
+        if let Some(key) = &request.api_key {
+            let value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                .map_err(|_| "the api_key is not a valid header value".to_string())?;
+            builder = builder.header(AUTHORIZATION, value);
+        }
+        let request = builder
+            .body(Full::new(request.body))
+            .map_err(|e| e.to_string())?;
+        self.client.request(request).await.map_err(|e| {
+            // hyper-util's error says only "client error (Connect)"; the cause says why.
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            message
+        })
+    }
+}

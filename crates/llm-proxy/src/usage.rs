@@ -1,0 +1,135 @@
+//! Usage recorded per request: tokens and cost into the metrics, and into
+//! the virtual key that made the request (its spend, its tokens per minute).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::KeyLease;
+use crate::litellm_config::DeploymentConfig;
+use crate::metrics::{DeploymentLabels, ModelLabels, ProxyMetrics, RequestLabels, TokenLabels};
+
+/// OpenAI's `usage` object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.total_tokens
+            .max(self.prompt_tokens + self.completion_tokens)
+    }
+
+    pub fn cost(&self, deployment: &DeploymentConfig) -> f64 {
+        self.prompt_tokens as f64 * deployment.input_cost_per_token
+            + self.completion_tokens as f64 * deployment.output_cost_per_token
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Failed for good (after retries and fallbacks), or broke mid-stream.
+    Failed,
+    /// The client went away before the end.
+    Abandoned,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Measures one client request from admission to its end; whoever ends it
+/// calls [`finish`](Self::finish) once.
+#[derive(Debug)]
+pub struct Meter {
+    metrics: Arc<ProxyMetrics>,
+    model: String,
+    key: Option<KeyLease>,
+    started: Instant,
+}
+
+impl Meter {
+    pub fn new(metrics: Arc<ProxyMetrics>, model: String, key: Option<KeyLease>) -> Self {
+        Self {
+            metrics,
+            model,
+            key,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records a failed attempt on a deployment (the request may still succeed elsewhere).
+    pub fn attempt_failed(&self, deployment: &DeploymentConfig) {
+        self.metrics
+            .upstream_failures
+            .get_or_create(&DeploymentLabels {
+                deployment: deployment.id.clone(),
+            })
+            .inc();
+    }
+
+    pub fn finish(
+        self,
+        deployment: Option<&DeploymentConfig>,
+        usage: Option<Usage>,
+        outcome: Outcome,
+    ) {
+        let model = self.model;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                outcome: outcome.label(),
+            })
+            .inc();
+        self.metrics
+            .seconds
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        let Some(usage) = usage else {
+            return;
+        };
+        let cost = deployment.map_or(0.0, |d| usage.cost(d));
+        for (kind, count) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            self.metrics
+                .tokens
+                .get_or_create(&TokenLabels {
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(count);
+        }
+        if cost > 0.0 {
+            self.metrics
+                .spend
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
+                .inc_by(cost);
+        }
+        if let Some(key) = &self.key {
+            key.charge(&usage, cost);
+        }
+        tracing::debug!(%model, deployment = deployment.map(|d| d.id.as_str()), prompt = usage.prompt_tokens, completion = usage.completion_tokens, cost, "usage");
+    }
+}

