@@ -1,0 +1,311 @@
+//! Campaigns end to end through the real binaries: orchestrator → agent →
+//! host processes → results, including the quickstart, bad manifests, an
+//! unreachable agent and a kill -9 of the orchestrator mid-campaign.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::*;
+use berth_server::client::AuthChannel;
+use berth_tests::{Process, bin, free_port, wait_for};
+
+type Client = OrchestratorClient<AuthChannel>;
+
+fn start_orchestrator(dir: &Path, port: u16) -> Process {
+    let store = format!("store.path={}", dir.join("state.db").display());
+    Process::spawn(
+        "berth-orchestrator",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "",
+            "--set",
+            &store,
+            "--set",
+            "scheduler.heartbeat_interval=200ms",
+        ],
+        &[],
+    )
+}
+
+fn start_agent(socket: &Path) -> Process {
+    Process::spawn(
+        "berth-agent",
+        &[
+            "--listen",
+            &format!("unix://{}", socket.display()),
+            "--http-listen",
+            "",
+        ],
+        &[],
+    )
+}
+
+async fn connect(port: u16) -> Client {
+    OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await)
+}
+
+async fn wait_until(
+    client: &mut Client,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Campaign) -> bool,
+) -> Campaign {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let campaign = client
+            .get_campaign(GetCampaignRequest { id: id.into() })
+            .await
+            .expect("GetCampaign")
+            .into_inner();
+        if done(&campaign) {
+            return campaign;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign never became {what}: {campaign:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ended(campaign: &Campaign) -> bool {
+    matches!(
+        CampaignState::try_from(campaign.state).unwrap_or_default(),
+        CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+    )
+}
+
+#[test]
+fn quickstart_runs_twice_and_prints_a_row_per_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for attempt in 1..=2 {
+        let output = Command::new(bin("berth"))
+            .args(["quickstart", "--data-dir", dir.path().to_str().unwrap()])
+            .output()
+            .expect("run berth quickstart");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "attempt {attempt} failed:\n{stdout}\n{stderr}"
+        );
+        let rows: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("tool=") && l.contains(" ± "))
+            .collect();
+        assert_eq!(
+            rows.len(),
+            6,
+            "attempt {attempt}: expected one row per config:\n{stdout}"
+        );
+        for row in rows {
+            let columns: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(columns[2], "3", "3 measured cycles per config: {row}");
+        }
+        assert!(
+            stdout.contains("[ 24/24]"),
+            "progress shown as runs finish:\n{stdout}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_manifests_are_rejected_with_location_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    let cases = [
+        ("name: t\nbackends: [\n", "bad.yaml:3:"),
+        (
+            "name: t\nbackends: [{name: b, runtime: process, colour: red}]\nconfigs: [{name: a}]\nrun: {command: [true]}\n",
+            "unknown field `colour`",
+        ),
+        (
+            "name: t\nbackends: [{name: b, runtime: process}]\ngrid: {params: {}}\nrun: {command: [true]}\n",
+            "empty grid",
+        ),
+        (
+            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}]\nrun: {command: [true]}\ncycles: 0\n",
+            "bad.yaml:5:1: cycles",
+        ),
+        (
+            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs:\n  - name: a\n  - name: a\nrun: {command: [true]}\n",
+            "bad.yaml:5:",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        let request = SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            source_name: "bad.yaml".into(),
+            validate_only: false,
+        };
+        let status = client.submit_campaign(request).await.expect_err(manifest);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{manifest}");
+        assert!(
+            status.message().contains(expected),
+            "{:?} lacks {expected:?}",
+            status.message()
+        );
+    }
+    let listed = client
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.campaigns.is_empty(),
+        "a rejected manifest must record nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    let socket = dir.path().join("agent.sock");
+    let address = format!("unix://{}", socket.display());
+    let host = client
+        .register_host(RegisterHostRequest {
+            name: "gpu-01".into(),
+            address: address.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("an unreachable host is still registered")
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Unreachable as i32, "{host:?}");
+
+    let manifest = "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}, {name: c}]\nrun: {command: [sh, -c, 'echo {\"v\": 1}']}\n";
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let waiting = wait_until(&mut client, &campaign.id, "waiting for gpu-01", |c| {
+        c.status_message.contains("gpu-01")
+    })
+    .await;
+    assert_eq!(waiting.state, CampaignState::Pending as i32);
+    assert!(
+        waiting.status_message.contains(&address),
+        "status names the address: {}",
+        waiting.status_message
+    );
+    // The orchestrator keeps serving meanwhile.
+    client
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .expect("still serving");
+
+    let _agent = start_agent(&socket);
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.runs.unwrap().succeeded, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("finished.log");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let manifest = r#"name: crash
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2, 3, 4]}}
+cycles: 3
+run:
+  command:
+    - sh
+    - -c
+    - |
+      sleep 0.15
+      echo {{run_id}} >> LOG
+      echo '{"n": {{n}}}'
+"#
+    .replace("LOG", &log.display().to_string());
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_until(&mut client, &campaign.id, "half done", |c| {
+        c.runs.is_some_and(|r| r.succeeded >= 4)
+    })
+    .await;
+    orchestrator.kill();
+
+    let orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    let counts = done.runs.unwrap();
+    assert_eq!((counts.succeeded, counts.total), (12, 12), "{counts:?}");
+
+    let runs = client
+        .list_runs(ListRunsRequest {
+            campaign_id: campaign.id.clone(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for run in &runs {
+        *per_config_cycle
+            .entry((run.config.clone(), run.cycle))
+            .or_default() += 1;
+        assert!(run.result_json.contains("\"n\""), "{run:?}");
+    }
+    assert_eq!(per_config_cycle.len(), 12);
+    assert!(
+        per_config_cycle.values().all(|n| *n == 1),
+        "every (config, cycle) recorded exactly once"
+    );
+    let finished = std::fs::read_to_string(&log).unwrap();
+    for run in &runs {
+        assert!(
+            finished.lines().any(|l| l == run.id),
+            "{} never finished on the host",
+            run.id
+        );
+    }
+    // At most the run that was in flight at the kill ran twice; every other ran once.
+    assert!(finished.lines().count() <= 13, "runs repeated:\n{finished}");
+    let results = client
+        .get_results(GetResultsRequest { id: campaign.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        results.results.iter().all(|r| r.succeeded == 3),
+        "{results:?}"
+    );
+    drop(orchestrator);
+}
