@@ -21,6 +21,10 @@ import json
 import os
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "embedding", "tests", "fixtures", "reference_vectors.json")
 
@@ -90,7 +94,8 @@ def main():
     assert vecs.shape == (len(TEXTS), 384), vecs.shape
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
-    n_tokens = [int(m.sum()) for m in model.tokenize(TEXTS)["attention_mask"]]
+    features = (model.preprocess if hasattr(model, "preprocess") else model.tokenize)(TEXTS)
+    n_tokens = [int(m.sum()) for m in features["attention_mask"]]
     assert max(n_tokens) == 256, "the long text must hit max_seq_length"
     print("tokens per text (incl. [CLS]/[SEP]):", n_tokens, file=sys.stderr)
 

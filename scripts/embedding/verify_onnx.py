@@ -32,7 +32,7 @@ def embed(session, tokenizer, texts):
     mask = feeds["attention_mask"][:, :, None].astype(np.float32)
     pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
     norm = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return pooled / np.clip(norm, 1e-12, None), [len(e.ids) for e in enc]
+    return pooled / np.clip(norm, 1e-12, None), [sum(e.attention_mask) for e in enc]
 
 
 def main():

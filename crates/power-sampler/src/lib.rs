@@ -1,84 +1,42 @@
-//! berth power sampler: energy per run from NVML, RAPL or a replayed trace.
+//! berth power sampler: energy per run from NVML (GPUs), RAPL (CPU package
+//! and DRAM) or a replayed trace, one per host.
 //!
-//! Not built yet (issue #5): every RPC answers UNIMPLEMENTED.
+//! Each source is read on its own thread ([`sampler`]) while a session needs
+//! it; sessions ([`session`], [`recorder`]) keep exact running figures
+//! ([`energy`]) and a bounded series that can be paged or exported
+//! ([`series`], [`export`]); [`service`] answers gRPC.
 
-use berth_proto::power::v1::power_sampler_server::{PowerSampler, PowerSamplerServer};
-use berth_proto::power::v1::*;
-use berth_server::cli::HasServerConfig;
-use berth_server::error::unimplemented;
-use berth_server::{GrpcStream, RunningService, ServeError, ServerConfig, ServiceHost};
-use serde::{Deserialize, Serialize};
-use tonic::{Request, Response, Status};
+pub mod clock;
+pub mod config;
+pub mod devices;
+pub mod energy;
+pub mod error;
+pub mod export;
+pub mod fake_powercap;
+pub mod metrics;
+pub mod recorder;
+pub mod sampler;
+pub mod series;
+pub mod service;
+pub mod session;
+pub mod source;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub server: ServerConfig,
-}
+use berth_proto::power::v1::power_sampler_server::PowerSamplerServer;
+use berth_server::{RunningService, ServiceHost};
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::with_defaults("127.0.0.1:7702", "127.0.0.1:9702"),
-        }
-    }
-}
+pub use config::{Config, SamplerConfig};
+pub use error::{PowerError, StartError};
 
-impl HasServerConfig for Config {
-    fn server_config(&self) -> &ServerConfig {
-        &self.server
-    }
-}
+use crate::metrics::PowerMetrics;
+use crate::service::PowerSamplerService;
 
-pub async fn start(config: Config) -> Result<RunningService, ServeError> {
+/// Opens the sources, binds the listeners and serves in the background. A
+/// host without a GPU or RAPL still starts and says what it lacks; a bad
+/// config or an unreadable replay trace does not.
+pub async fn start(config: Config) -> Result<RunningService, StartError> {
     let mut host = ServiceHost::bind(config.server).await?;
-    host.add_service(PowerSamplerServer::new(PowerSamplerService));
+    let metrics = PowerMetrics::register(host.registry_mut());
+    let service = PowerSamplerService::new(config.sampler, metrics, host.shutdown_token())?;
+    host.add_service(PowerSamplerServer::new(service));
     Ok(host.spawn(None))
-}
-
-const NOT_YET: &str = "the NVML/RAPL/replay sources arrive with issue #5";
-
-#[derive(Debug)]
-pub struct PowerSamplerService;
-
-#[tonic::async_trait]
-impl PowerSampler for PowerSamplerService {
-    async fn list_devices(
-        &self,
-        _: Request<ListDevicesRequest>,
-    ) -> Result<Response<ListDevicesResponse>, Status> {
-        Err(unimplemented("ListDevices", NOT_YET))
-    }
-    async fn start_session(
-        &self,
-        _: Request<StartSessionRequest>,
-    ) -> Result<Response<Session>, Status> {
-        Err(unimplemented("StartSession", NOT_YET))
-    }
-    async fn stop_session(
-        &self,
-        _: Request<StopSessionRequest>,
-    ) -> Result<Response<SessionSummary>, Status> {
-        Err(unimplemented("StopSession", NOT_YET))
-    }
-    type StreamSamplesStream = GrpcStream<Sample>;
-    async fn stream_samples(
-        &self,
-        _: Request<StreamSamplesRequest>,
-    ) -> Result<Response<Self::StreamSamplesStream>, Status> {
-        Err(unimplemented("StreamSamples", NOT_YET))
-    }
-    async fn get_series(
-        &self,
-        _: Request<GetSeriesRequest>,
-    ) -> Result<Response<GetSeriesResponse>, Status> {
-        Err(unimplemented("GetSeries", NOT_YET))
-    }
-    type ExportSeriesStream = GrpcStream<ExportChunk>;
-    async fn export_series(
-        &self,
-        _: Request<ExportSeriesRequest>,
-    ) -> Result<Response<Self::ExportSeriesStream>, Status> {
-        Err(unimplemented("ExportSeries", NOT_YET))
-    }
 }
