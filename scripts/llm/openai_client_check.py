@@ -1,7 +1,8 @@
 """Drives an OpenAI-compatible endpoint (berth-llm-proxy) with the official
 `openai` Python client, the way users' code does, and checks the answers.
 
-Usage: python openai_client_check.py BASE_URL API_KEY MODEL
+Usage: python openai_client_check.py BASE_URL API_KEY MODEL [--chat-only]
+(--chat-only: skip the legacy completions endpoint, which Anthropic models lack)
 Prints one JSON line of what it saw; exits non-zero on the first failure.
 """
 
@@ -13,6 +14,7 @@ import openai
 
 def main() -> None:
     base_url, api_key, model = sys.argv[1:4]
+    chat_only = "--chat-only" in sys.argv[4:]
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
     seen = {}
 
@@ -38,9 +40,10 @@ def main() -> None:
     assert len(pieces) > 1, pieces
     seen["stream"] = {"chunks": len(pieces), "text": "".join(pieces)}
 
-    completion = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0)
-    assert completion.choices[0].text, completion
-    seen["completion"] = completion.choices[0].text
+    if not chat_only:
+        completion = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0)
+        assert completion.choices[0].text, completion
+        seen["completion"] = completion.choices[0].text
 
     try:
         client.chat.completions.create(model="no-such-model", messages=messages)

@@ -89,6 +89,9 @@ pub enum HostsAction {
         /// Placement labels, KEY=VALUE.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// The host's power sampler, http://host:port (for campaigns that measure power).
+        #[arg(long)]
+        power_sampler: Option<String>,
         /// Name of the environment variable holding the agent's token.
         #[arg(long)]
         agent_token_env: Option<String>,
@@ -235,6 +238,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     name,
                     address,
                     labels,
+                    power_sampler,
                     agent_token_env,
                 }),
         } => {
@@ -255,6 +259,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     address,
                     token,
                     labels,
+                    power_sampler: power_sampler.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

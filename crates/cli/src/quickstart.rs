@@ -102,6 +102,7 @@ async fn drive(
             address: agent.to_string(),
             token: String::new(),
             labels: Default::default(),
+            power_sampler: String::new(),
         })
         .await?;
     let campaign = client

@@ -20,6 +20,24 @@ pub enum AgentError {
     SpawnFailed { command: String, reason: String },
     #[error("{0} execs are already running on this agent (agent.max_concurrent_execs)")]
     TooManyExecs(usize),
+    #[error("image `{0}` not found on this host (nothing is pulled: import it with ImportImage)")]
+    ImageNotFound(String),
+    /// The engine's socket does not answer; calls succeed again once it returns.
+    #[error("{engine} engine at {socket} is unavailable: {reason}")]
+    EngineUnavailable {
+        engine: &'static str,
+        socket: String,
+        reason: String,
+    },
+    /// The host or engine cannot provide what a valid spec asks for (e.g. GPUs).
+    #[error("{field}: {reason}")]
+    Unsupported { field: &'static str, reason: String },
+    #[error("{engine} engine refused {action}: {message}")]
+    Engine {
+        engine: &'static str,
+        action: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Unimplemented(String),
     #[error("{0}")]
@@ -36,6 +54,10 @@ impl ServiceError for AgentError {
             Self::RuntimeUnavailable(..) => ErrorCode::Unavailable,
             Self::SpawnFailed { .. } => ErrorCode::FailedPrecondition,
             Self::TooManyExecs(_) => ErrorCode::ResourceExhausted,
+            Self::ImageNotFound(_) => ErrorCode::NotFound,
+            Self::EngineUnavailable { .. } => ErrorCode::Unavailable,
+            Self::Unsupported { .. } => ErrorCode::FailedPrecondition,
+            Self::Engine { .. } => ErrorCode::Internal,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Internal(_) => ErrorCode::Internal,
         }

@@ -1,5 +1,5 @@
 //! berth agent: one per host, the only part of berth that touches the host's
-//! processes (and, with later runtimes, its container engines and VMs).
+//! processes and container engines (and, with later runtimes, its VMs).
 
 pub mod config;
 pub mod error;
@@ -17,6 +17,7 @@ use berth_server::auth::RequireBearer;
 use berth_server::{ListenAddr, RunningService, ServiceHost};
 
 pub use config::Config;
+use runtime::container::{ContainerRuntime, Dialect, DockerDialect, Engine, PodmanDialect};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,27 +41,46 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
     let events = events::EventBus::default();
-    let process: Arc<dyn runtime::WorkloadRuntime> = Arc::new(
-        runtime::process::ProcessRuntime::new(events.clone(), config.agent.log_lines_per_workload),
-    );
     let mut info = host_info::probe();
-    info.runtimes = vec![Runtime::Process as i32];
+    let mut runtimes: Vec<Arc<dyn runtime::WorkloadRuntime>> = vec![Arc::new(
+        runtime::process::ProcessRuntime::new(events.clone(), config.agent.log_lines_per_workload),
+    )];
+    let engines: [(&'static dyn Dialect, &str); 2] = [
+        (&DockerDialect, &config.engines.docker),
+        (&PodmanDialect, &config.engines.podman),
+    ];
+    for (dialect, configured) in engines {
+        match Engine::locate(dialect, configured) {
+            Ok(socket) => {
+                let engine = ContainerRuntime::start(
+                    dialect,
+                    socket,
+                    &config.engines,
+                    events.clone(),
+                    info.hostname.clone(),
+                )
+                .await;
+                runtimes.push(Arc::new(engine));
+            }
+            Err(why) => {
+                info.unavailable_runtimes
+                    .insert(dialect.runtime().as_str_name().to_string(), why);
+            }
+        }
+    }
+    info.runtimes = runtimes.iter().map(|r| r.kind() as i32).collect();
     info.labels = config.agent.labels.clone().into_iter().collect();
-    for runtime in [
-        Runtime::Docker,
-        Runtime::Podman,
-        Runtime::Libvirt,
-        Runtime::Slurm,
-    ] {
+    for runtime in [Runtime::Libvirt, Runtime::Slurm] {
         info.unavailable_runtimes.insert(
             runtime.as_str_name().to_string(),
             "not built into this agent yet".to_string(),
         );
     }
     let service = service::AgentService::new(
-        vec![process],
+        runtimes,
         events,
         config.agent.max_concurrent_execs,
+        config.engines.max_image_bytes,
         info,
     );
     host.add_service(ContainerAgentServer::with_interceptor(

@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use crate::error::AgentError;
 
 /// Output chunks larger than this are split; a gRPC message stays small.
-const CHUNK_BYTES: usize = 32 * 1024;
+pub(crate) const CHUNK_BYTES: usize = 32 * 1024;
 /// Messages buffered per exec before the reader waits for the client.
-const EXEC_BUFFER: usize = 64;
+pub(crate) const EXEC_BUFFER: usize = 64;
 
 /// A command line to run on the host.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +59,63 @@ pub fn signal_group(pid: u32, signal: Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = killpg(Pid::from_raw(pid), signal);
     }
+}
+
+/// Kills `pid` and every process descended from it. A process exec'd into a
+/// container leads no process group of its own, so `killpg` cannot reach what
+/// it started: the tree is read from /proc and frozen (SIGSTOP) as it is
+/// collected so that nothing forks away, then killed. Needs the host's pid
+/// namespace, where engines report exec pids.
+pub fn kill_tree(pid: u32) -> std::io::Result<usize> {
+    let root = i32::try_from(pid).map_err(std::io::Error::other)?;
+    if !std::path::Path::new(&format!("/proc/{root}")).exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "pid {root} is not visible here (the agent must share the engine's pid namespace)"
+            ),
+        ));
+    }
+    let mut tree = std::collections::BTreeSet::from([root]);
+    let _ = nix::sys::signal::kill(Pid::from_raw(root), Signal::SIGSTOP);
+    loop {
+        let parents = parent_map();
+        let before = tree.len();
+        for (child, parent) in parents {
+            if tree.contains(&parent) && tree.insert(child) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGSTOP);
+            }
+        }
+        if tree.len() == before {
+            break;
+        }
+    }
+    for pid in &tree {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    Ok(tree.len())
+}
+
+/// (pid, parent pid) of every process in /proc.
+fn parent_map() -> Vec<(i32, i32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
 }
 
 /// Exit code as shells report it: 128 + N for a signal.
@@ -248,6 +305,41 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), gone)
             .await
             .expect("process group still alive after cancel");
+    }
+
+    #[tokio::test]
+    async fn kill_tree_reaches_grandchildren() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // `setsid` would escape killpg; kill_tree follows parent links instead.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sh -c 'echo $$ > {}; sleep 30' & wait",
+                pid_file.display()
+            ))
+            .spawn()
+            .unwrap();
+        while std::fs::read_to_string(&pid_file).map_or(true, |s| !s.ends_with('\n')) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let grandchild: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(kill_tree(child.id().unwrap()).unwrap() >= 3);
+        let _ = child.wait().await;
+        let gone = async {
+            while std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("grandchild survived");
     }
 
     #[tokio::test]

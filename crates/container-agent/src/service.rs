@@ -9,8 +9,7 @@ use berth_proto::agent::v1::container_agent_server::ContainerAgent;
 use berth_proto::agent::v1::*;
 use berth_proto::common::v1::Runtime;
 use berth_server::GrpcStream;
-use berth_server::error::unimplemented;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -22,12 +21,16 @@ use crate::runtime::{ExecCommand, WorkloadRuntime};
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_COMMAND_ARGS: usize = 4096;
+const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Tar chunks buffered between the client and the engine during an import.
+const IMPORT_BUFFER: usize = 16;
 
 pub struct AgentService {
     runtimes: BTreeMap<i32, Arc<dyn WorkloadRuntime>>,
     events: EventBus,
     execs: Arc<Semaphore>,
     max_execs: usize,
+    max_image_bytes: u64,
     host: HostInfo,
 }
 
@@ -36,6 +39,7 @@ impl AgentService {
         runtimes: Vec<Arc<dyn WorkloadRuntime>>,
         events: EventBus,
         max_execs: usize,
+        max_image_bytes: u64,
         host: HostInfo,
     ) -> Self {
         Self {
@@ -43,17 +47,22 @@ impl AgentService {
             events,
             execs: Arc::new(Semaphore::new(max_execs)),
             max_execs,
+            max_image_bytes,
             host,
         }
     }
 
-    fn runtime(&self, kind: i32) -> Result<&Arc<dyn WorkloadRuntime>, AgentError> {
+    fn runtime(
+        &self,
+        field: &'static str,
+        kind: i32,
+    ) -> Result<&Arc<dyn WorkloadRuntime>, AgentError> {
         let name = Runtime::try_from(kind)
             .map(|r| r.as_str_name())
             .unwrap_or("RUNTIME_UNKNOWN");
         if kind == Runtime::Unspecified as i32 {
             return Err(AgentError::InvalidArgument {
-                field: "spec.runtime",
+                field,
                 reason: "must be set (e.g. RUNTIME_PROCESS)".to_string(),
             });
         }
@@ -117,7 +126,7 @@ impl ContainerAgent for AgentService {
         if self.owner(&request.name).await.is_ok() {
             return Err(AgentError::NameTaken(request.name).into());
         }
-        let runtime = self.runtime(spec.runtime)?;
+        let runtime = self.runtime("spec.runtime", spec.runtime)?;
         Ok(Response::new(runtime.create(&request.name, spec).await?))
     }
 
@@ -275,40 +284,119 @@ impl ContainerAgent for AgentService {
 
     type StatsStream = GrpcStream<WorkloadStats>;
 
-    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<Self::StatsStream>, Status> {
-        Err(unimplemented(
-            "Stats",
-            "resource usage of workloads arrives with the container runtimes (issue #3)",
-        ))
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<Self::StatsStream>, Status> {
+        let request = request.into_inner();
+        let interval = duration("interval", request.interval)?
+            .filter(|i| !i.is_zero())
+            .unwrap_or(DEFAULT_STATS_INTERVAL);
+        let (runtime, workload) = self.owner(&request.workload_id).await?;
+        let samples = runtime
+            .stats(&workload.id, request.stream.then_some(interval))
+            .await?;
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(samples).map(Ok),
+        )))
     }
 
     async fn import_image(
         &self,
-        _: Request<Streaming<ImportImageChunk>>,
+        request: Request<Streaming<ImportImageChunk>>,
     ) -> Result<Response<Image>, Status> {
-        Err(unimplemented(
-            "ImportImage",
-            "images arrive with the docker and podman runtimes (issue #3)",
-        ))
+        let mut chunks = request.into_inner();
+        let metadata = match chunks.message().await?.and_then(|c| c.chunk) {
+            Some(import_image_chunk::Chunk::Metadata(metadata)) => metadata,
+            _ => {
+                return Err(AgentError::InvalidArgument {
+                    field: "metadata",
+                    reason: "the first message must carry the metadata".into(),
+                }
+                .into());
+            }
+        };
+        let runtime = self.runtime("metadata.runtime", metadata.runtime)?.clone();
+        let (tx, rx) = mpsc::channel(IMPORT_BUFFER);
+        let limit = self.max_image_bytes;
+        // The engine reads the tar while the client still sends it; neither
+        // side holds more than IMPORT_BUFFER chunks.
+        let feed = async move {
+            let mut total: u64 = 0;
+            while let Some(chunk) = chunks.message().await? {
+                let Some(import_image_chunk::Chunk::Data(data)) = chunk.chunk else {
+                    return Err(AgentError::InvalidArgument {
+                        field: "metadata",
+                        reason: "only the first message may carry metadata".into(),
+                    }
+                    .into());
+                };
+                total += data.len() as u64;
+                if total > limit {
+                    let error = AgentError::InvalidArgument {
+                        field: "data",
+                        reason: format!(
+                            "the image is larger than engines.max_image_bytes ({limit})"
+                        ),
+                    };
+                    // Breaking the body makes the engine abandon the import.
+                    let _ = tx.send(Err(std::io::Error::other(error.to_string()))).await;
+                    return Err(Status::from(error));
+                }
+                if tx.send(Ok(data.into())).await.is_err() {
+                    break; // the engine stopped reading; its answer says why
+                }
+            }
+            Ok::<(), Status>(())
+        };
+        let (imported, fed) = tokio::join!(runtime.import_image(metadata, rx), feed);
+        fed?;
+        Ok(Response::new(imported?))
     }
 
     async fn list_images(
         &self,
-        _: Request<ListImagesRequest>,
+        request: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
-        Err(unimplemented(
-            "ListImages",
-            "images arrive with the docker and podman runtimes (issue #3)",
-        ))
+        let mut all = Vec::new();
+        for runtime in self.runtimes.values() {
+            match runtime.list_images().await {
+                Ok(images) => all.extend(images),
+                Err(AgentError::Unimplemented(_)) => {} // a runtime without images
+                Err(error) => return Err(error.into()),
+            }
+        }
+        all.sort_by(|a, b| a.references.cmp(&b.references).then(a.id.cmp(&b.id)));
+        let (images, next_page_token) = berth_server::paging::page(
+            &all,
+            request.get_ref().page_size,
+            &request.get_ref().page_token,
+        )
+        .map_err(|e| AgentError::InvalidArgument {
+            field: "page_token",
+            reason: e.to_string(),
+        })?;
+        Ok(Response::new(ListImagesResponse {
+            images,
+            next_page_token,
+        }))
     }
 
     async fn remove_image(
         &self,
-        _: Request<RemoveImageRequest>,
+        request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
-        Err(unimplemented(
-            "RemoveImage",
-            "images arrive with the docker and podman runtimes (issue #3)",
-        ))
+        let request = request.into_inner();
+        if request.image.is_empty() {
+            return Err(AgentError::InvalidArgument {
+                field: "image",
+                reason: "must name an image".into(),
+            }
+            .into());
+        }
+        self.runtime("runtime", request.runtime)?
+            .remove_image(&request.image)
+            .await?;
+        Ok(Response::new(RemoveImageResponse {}))
     }
 }

@@ -56,13 +56,14 @@ pub enum ProxyError {
     },
     #[error("upstream {deployment} unreachable: {reason}")]
     Unreachable { deployment: String, reason: String },
+    /// An upstream answered 2xx with something that is not its API's answer.
+    #[error("upstream {deployment} answered with something unreadable: {reason}")]
+    BadAnswer { deployment: String, reason: String },
     #[error("upstream {deployment} did not answer within {timeout:?}")]
     Timeout {
         deployment: String,
         timeout: Duration,
     },
-    #[error("{0}")]
-    NotImplemented(String),
     #[error("key store: {0}")]
     Store(String),
 }
@@ -82,9 +83,8 @@ impl ServiceError for ProxyError {
                 ErrorCode::ResourceExhausted
             }
             Self::Upstream { status, .. } => code_of_status(*status),
-            Self::Unreachable { .. } => ErrorCode::Unavailable,
+            Self::Unreachable { .. } | Self::BadAnswer { .. } => ErrorCode::Unavailable,
             Self::Timeout { .. } => ErrorCode::Timeout,
-            Self::NotImplemented(_) => ErrorCode::Unimplemented,
             Self::Store(_) => ErrorCode::Internal,
         }
     }
@@ -110,7 +110,7 @@ impl ProxyError {
         match self {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // 502: the gateway got no usable answer (LiteLLM says 500 here).
-            Self::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::Unreachable { .. } | Self::BadAnswer { .. } => StatusCode::BAD_GATEWAY,
             Self::Upstream { status, .. } => *status,
             other => other.error_code().http_status(),
         }
@@ -133,7 +133,10 @@ impl ProxyError {
             Self::NotMasterKey | Self::ModelNotAllowed(_) => "permission_error",
             Self::RateLimited { .. } | Self::NoDeployment { .. } => "rate_limit_error",
             Self::BudgetExceeded { .. } => "budget_exceeded",
-            Self::Unreachable { .. } | Self::Timeout { .. } | Self::Store(_) => "api_error",
+            Self::Unreachable { .. }
+            | Self::BadAnswer { .. }
+            | Self::Timeout { .. }
+            | Self::Store(_) => "api_error",
             Self::Upstream { status, .. } if status.is_server_error() => "api_error",
             _ => "invalid_request_error",
         }

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::error::ProxyError;
 use crate::keys::VirtualKey;
 use crate::metrics::ProxyMetrics;
-use crate::providers::{self, Endpoint};
+use crate::providers::{self, Dialect, Endpoint};
 use crate::router::{Deployment, InFlight, Router};
 use crate::stream::PassThrough;
 use crate::upstream::UpstreamClient;
@@ -125,8 +125,9 @@ impl Settle {
 
 /// A successful attempt, before it is settled.
 enum Answer {
+    /// Already in OpenAI's shape.
     Whole(Bytes),
-    Stream(Incoming, Duration),
+    Stream(Incoming, Duration, Dialect),
 }
 
 impl Gateway {
@@ -189,9 +190,12 @@ impl Gateway {
                                 settle.finish(usage, Outcome::Ok);
                                 Reply::Whole { body, usage }
                             }
-                            Answer::Stream(body, idle) => {
-                                Reply::Stream(PassThrough::new(body, idle, settle))
-                            }
+                            Answer::Stream(body, idle, dialect) => Reply::Stream(PassThrough::new(
+                                body,
+                                idle,
+                                dialect.events(),
+                                settle,
+                            )),
                         });
                     }
                     Err(error) if is_retryable(&error) => {
@@ -216,6 +220,7 @@ impl Gateway {
     async fn attempt(&self, deployment: &Deployment, call: &Call) -> Result<Answer, ProxyError> {
         let config = &deployment.config;
         let request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
+        let dialect = request.dialect;
         let timeout = if call.stream {
             config.stream_timeout.or(config.timeout)
         } else {
@@ -246,12 +251,18 @@ impl Gateway {
                 });
             }
             if call.stream {
-                return Ok(Answer::Stream(response.into_body(), timeout));
+                return Ok(Answer::Stream(response.into_body(), timeout, dialect));
             }
-            read(response.into_body(), MAX_RESPONSE_BYTES)
+            let body = read(response.into_body(), MAX_RESPONSE_BYTES)
                 .await
-                .map(Answer::Whole)
                 .map_err(|reason| ProxyError::Unreachable {
+                    deployment: config.id.clone(),
+                    reason,
+                })?;
+            dialect
+                .whole(body)
+                .map(Answer::Whole)
+                .map_err(|reason| ProxyError::BadAnswer {
                     deployment: config.id.clone(),
                     reason,
                 })

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -11,6 +12,7 @@ pub const TOKENS: &str = "berth_llm_tokens";
 pub const SPEND: &str = "berth_llm_spend_usd";
 pub const REQUEST_SECONDS: &str = "berth_llm_request_seconds";
 pub const UPSTREAM_FAILURES: &str = "berth_llm_upstream_failures";
+pub const IN_FLIGHT: &str = "berth_llm_requests_in_flight";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -41,6 +43,7 @@ pub struct ProxyMetrics {
     pub spend: Family<ModelLabels, Counter<f64>>,
     pub seconds: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub upstream_failures: Family<DeploymentLabels, Counter>,
+    pub in_flight: Gauge,
 }
 
 impl ProxyMetrics {
@@ -53,6 +56,7 @@ impl ProxyMetrics {
                 Histogram::new(exponential_buckets(0.001, 4.0, 10))
             }),
             upstream_failures: Family::default(),
+            in_flight: Gauge::default(),
         };
         registry.register(
             REQUESTS,
@@ -78,6 +82,11 @@ impl ProxyMetrics {
             UPSTREAM_FAILURES,
             "Failed upstream attempts (errors, timeouts, broken streams) by deployment",
             metrics.upstream_failures.clone(),
+        );
+        registry.register(
+            IN_FLIGHT,
+            "Requests admitted and not yet ended (streams count until their last byte or abandonment)",
+            metrics.in_flight.clone(),
         );
         metrics
     }

@@ -1,5 +1,7 @@
 //! A streamed upstream response passed to the client chunk by chunk, as it
 //! arrives: nothing is buffered, the proxy only reads along for the usage.
+//! A stream in another dialect (Anthropic's events) is translated line by
+//! line instead, each upstream chunk becoming the OpenAI events it completes.
 //! The body owns the request's accounting, so however the stream ends (the
 //! upstream finishes, breaks, stalls, or the client goes away and the body
 //! is dropped) the request is settled exactly once, and dropping it drops
@@ -10,13 +12,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
 use crate::gateway::Settle;
+use crate::providers::AnthropicEvents;
 use crate::sse::{self, Lines};
 use crate::usage::{Outcome, Usage};
 
@@ -24,6 +27,8 @@ use crate::usage::{Outcome, Usage};
 pub struct PassThrough {
     inner: Incoming,
     lines: Lines,
+    /// Translates a stream that is not OpenAI's; None: passed through.
+    events: Option<AnthropicEvents>,
     usage: Option<Usage>,
     /// Longest silence allowed between chunks.
     idle: Duration,
@@ -33,10 +38,16 @@ pub struct PassThrough {
 }
 
 impl PassThrough {
-    pub(crate) fn new(inner: Incoming, idle: Duration, settle: Settle) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        idle: Duration,
+        events: Option<AnthropicEvents>,
+        settle: Settle,
+    ) -> Self {
         Self {
             inner,
             lines: Lines::default(),
+            events,
             usage: None,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
@@ -67,42 +78,55 @@ impl Body for PassThrough {
         let Some(settle) = &this.settle else {
             return Poll::Ready(None);
         };
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let usage = &mut this.usage;
-                    this.lines.push(data, |line| {
-                        if let Some(found) = sse::data(line).and_then(sse::usage) {
-                            *usage = Some(found);
-                        }
-                    });
+        // Loops only while translated chunks complete no event.
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.deadline.as_mut().reset(Instant::now() + this.idle);
+                    let Some(data) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let Some(events) = &mut this.events else {
+                        let usage = &mut this.usage;
+                        this.lines.push(data, |line| {
+                            if let Some(found) = sse::data(line).and_then(sse::usage) {
+                                *usage = Some(found);
+                            }
+                        });
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let mut out = BytesMut::new();
+                    this.lines.push(data, |line| events.line(line, &mut out));
+                    this.usage = events.usage();
+                    if out.is_empty() {
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
                 }
-                this.deadline.as_mut().reset(Instant::now() + this.idle);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => {
-                let deployment = settle.deployment_id().to_string();
-                this.fail(&ProxyError::Unreachable {
-                    deployment,
-                    reason: format!("stream broken: {error}"),
-                })
-            }
-            Poll::Ready(None) => {
-                if let Some(settle) = this.settle.take() {
-                    settle.finish(this.usage, Outcome::Ok);
-                }
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Some(Err(error))) => {
                     let deployment = settle.deployment_id().to_string();
-                    return this.fail(&ProxyError::Timeout {
+                    this.fail(&ProxyError::Unreachable {
                         deployment,
-                        timeout: this.idle,
-                    });
+                        reason: format!("stream broken: {error}"),
+                    })
                 }
-                Poll::Pending
-            }
+                Poll::Ready(None) => {
+                    if let Some(settle) = this.settle.take() {
+                        settle.finish(this.usage, Outcome::Ok);
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Pending => {
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        let deployment = settle.deployment_id().to_string();
+                        return this.fail(&ProxyError::Timeout {
+                            deployment,
+                            timeout: this.idle,
+                        });
+                    }
+                    Poll::Pending
+                }
+            };
         }
     }
 

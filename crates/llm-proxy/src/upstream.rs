@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::CONTENT_TYPE;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::providers::UpstreamRequest;
 
@@ -33,7 +33,10 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        // The timer makes the idle timeout close idle connections when it
+        // expires; without one they would linger until the next checkout.
         let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
             .pool_max_idle_per_host(256)
             .build(https);
@@ -44,16 +47,12 @@ impl UpstreamClient {
     /// Dropping it (or the response body later) closes the connection,
     /// which is how a client's disconnect reaches the upstream.
     pub async fn send(&self, request: UpstreamRequest) -> Result<http::Response<Incoming>, String> {
-        let mut builder = http::Request::post(request.uri).header(CONTENT_TYPE, "application/json");
-        if let Some(key) = &request.api_key {
-            let value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                .map_err(|_| "the api_key is not a valid header value".to_string())?;
-            builder = builder.header(AUTHORIZATION, value);
-        }
-        let request = builder
+        let mut upstream = http::Request::post(request.uri)
+            .header(CONTENT_TYPE, "application/json")
             .body(Full::new(request.body))
             .map_err(|e| e.to_string())?;
-        self.client.request(request).await.map_err(|e| {
+        upstream.headers_mut().extend(request.headers);
+        self.client.request(upstream).await.map_err(|e| {
             // hyper-util's error says only "client error (Connect)"; the cause says why.
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);

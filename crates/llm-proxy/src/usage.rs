@@ -54,22 +54,27 @@ impl Outcome {
 }
 
 /// Measures one client request from admission to its end; whoever ends it
-/// calls [`finish`](Self::finish) once.
+/// calls [`finish`](Self::finish) once. A meter dropped unfinished (the
+/// client went away before any answer) counts the request as abandoned, and
+/// the in-flight gauge goes down however the request ends.
 #[derive(Debug)]
 pub struct Meter {
     metrics: Arc<ProxyMetrics>,
     model: String,
     key: Option<KeyLease>,
     started: Instant,
+    finished: bool,
 }
 
 impl Meter {
     pub fn new(metrics: Arc<ProxyMetrics>, model: String, key: Option<KeyLease>) -> Self {
+        metrics.in_flight.inc();
         Self {
             metrics,
             model,
             key,
             started: Instant::now(),
+            finished: false,
         }
     }
 
@@ -84,12 +89,22 @@ impl Meter {
     }
 
     pub fn finish(
-        self,
+        mut self,
         deployment: Option<&DeploymentConfig>,
         usage: Option<Usage>,
         outcome: Outcome,
     ) {
-        let model = self.model;
+        self.finished = true;
+        self.record(deployment, usage, outcome);
+    }
+
+    fn record(
+        &self,
+        deployment: Option<&DeploymentConfig>,
+        usage: Option<Usage>,
+        outcome: Outcome,
+    ) {
+        let model = &self.model;
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -131,5 +146,14 @@ impl Meter {
             key.charge(&usage, cost);
         }
         tracing::debug!(%model, deployment = deployment.map(|d| d.id.as_str()), prompt = usage.prompt_tokens, completion = usage.completion_tokens, cost, "usage");
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(None, None, Outcome::Abandoned);
+        }
+        self.metrics.in_flight.dec();
     }
 }

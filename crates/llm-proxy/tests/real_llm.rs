@@ -13,19 +13,6 @@ use bytes::Bytes;
 use common::*;
 use tokio::process::{Child, Command};
 
-/// The venv setup-peers.sh creates.
-fn venv() -> PathBuf {
-    if let Some(path) = std::env::var_os("BERTH_LLM_VENV") {
-        return path.into();
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
-    cache.join("berth/llm-venv")
-}
-
 fn find_gguf(venv: &Path) -> Option<PathBuf> {
     let lib = std::fs::read_dir(venv.join("lib")).ok()?;
     lib.flatten()

@@ -14,6 +14,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub scheduler: SchedulerConfig,
     pub auth: AuthConfig,
+    pub ssh: crate::ssh_tunnel::SshConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +75,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             scheduler: SchedulerConfig::default(),
             auth: AuthConfig::default(),
+            ssh: crate::ssh_tunnel::SshConfig::default(),
         }
     }
 }

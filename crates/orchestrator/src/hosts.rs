@@ -13,6 +13,7 @@ use berth_server::CancellationToken;
 use berth_server::client::AuthChannel;
 
 use crate::error::OrchestratorError;
+use crate::ssh_tunnel::{SshConfig, SshTarget, SshTunnel};
 use crate::store::{HostRecord, Store};
 
 pub type AgentClient = ContainerAgentClient<AuthChannel>;
@@ -25,6 +26,32 @@ struct HostEntry {
     last_seen: Option<SystemTime>,
     info: Option<HostInfo>,
     client: Option<AgentClient>,
+    /// For ssh:// hosts: the tunnel the client goes through.
+    tunnel: Option<Arc<std::sync::Mutex<SshTunnel>>>,
+}
+
+impl HostEntry {
+    fn new(record: HostRecord) -> Self {
+        Self {
+            record,
+            status: HostStatus::Unknown,
+            message: "not contacted yet".into(),
+            last_seen: None,
+            info: None,
+            client: None,
+            tunnel: None,
+        }
+    }
+
+    /// The cached client, unless its SSH tunnel has died.
+    fn live_client(&self) -> Option<AgentClient> {
+        let tunnel_alive = self.tunnel.as_ref().is_none_or(|t| {
+            t.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_alive()
+        });
+        self.client.clone().filter(|_| tunnel_alive)
+    }
 }
 
 /// A host as placement sees it.
@@ -40,32 +67,25 @@ pub struct HostRegistry {
     store: Arc<dyn Store>,
     hosts: RwLock<BTreeMap<String, HostEntry>>,
     connect_timeout: Duration,
+    ssh: SshConfig,
 }
 
 impl HostRegistry {
     pub fn load(
         store: Arc<dyn Store>,
         connect_timeout: Duration,
+        ssh: SshConfig,
     ) -> Result<Self, OrchestratorError> {
         let hosts = store
             .hosts()?
             .into_iter()
-            .map(|record| {
-                let entry = HostEntry {
-                    record: record.clone(),
-                    status: HostStatus::Unknown,
-                    message: "not contacted yet".into(),
-                    last_seen: None,
-                    info: None,
-                    client: None,
-                };
-                (record.name, entry)
-            })
+            .map(|record| (record.name.clone(), HostEntry::new(record)))
             .collect();
         Ok(Self {
             store,
             hosts: RwLock::new(hosts),
             connect_timeout,
+            ssh,
         })
     }
 
@@ -86,17 +106,8 @@ impl HostRegistry {
     pub async fn register(&self, record: HostRecord) -> Result<Host, OrchestratorError> {
         validate_host(&record)?;
         self.store.upsert_host(&record)?;
-        self.write().insert(
-            record.name.clone(),
-            HostEntry {
-                record: record.clone(),
-                status: HostStatus::Unknown,
-                message: "not contacted yet".into(),
-                last_seen: None,
-                info: None,
-                client: None,
-            },
-        );
+        self.write()
+            .insert(record.name.clone(), HostEntry::new(record.clone()));
         let _ = self.probe(&record.name).await;
         self.host(&record.name)
             .ok_or(OrchestratorError::HostNotFound(record.name))
@@ -108,6 +119,14 @@ impl HostRegistry {
         }
         self.write().remove(name);
         Ok(())
+    }
+
+    /// The host's power sampler address; empty when it has none.
+    pub fn power_sampler(&self, name: &str) -> String {
+        self.read()
+            .get(name)
+            .map(|e| e.record.power_sampler.clone())
+            .unwrap_or_default()
     }
 
     pub fn host(&self, name: &str) -> Option<Host> {
@@ -137,15 +156,27 @@ impl HostRegistry {
             let entry = hosts
                 .get(name)
                 .ok_or_else(|| format!("host `{name}` is not registered"))?;
-            (entry.record.clone(), entry.client.clone())
+            (entry.record.clone(), entry.live_client())
         };
         if let Some(client) = client {
             return Ok(client);
         }
-        let channel =
-            berth_server::client::connect(&record.address, &record.token, self.connect_timeout)
-                .await
-                .map_err(|e| e.to_string());
+        let (address, tunnel) = match SshTarget::parse(&record.address) {
+            Ok(target) => match SshTunnel::open(name, &target, &self.ssh).await {
+                Ok(tunnel) => (
+                    format!("unix://{}", tunnel.local_socket().display()),
+                    Some(tunnel),
+                ),
+                Err(reason) => {
+                    self.mark_unreachable(name, &reason);
+                    return Err(reason);
+                }
+            },
+            Err(_) => (record.address.clone(), None),
+        };
+        let channel = berth_server::client::connect(&address, &record.token, self.connect_timeout)
+            .await
+            .map_err(|e| e.to_string());
         let channel = match channel {
             Ok(channel) => channel,
             Err(reason) => {
@@ -156,6 +187,7 @@ impl HostRegistry {
         let client = ContainerAgentClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
         if let Some(entry) = self.write().get_mut(name) {
             entry.client = Some(client.clone());
+            entry.tunnel = tunnel.map(|t| Arc::new(std::sync::Mutex::new(t)));
         }
         Ok(client)
     }
@@ -193,6 +225,7 @@ impl HostRegistry {
             entry.status = HostStatus::Unreachable;
             entry.message = format!("{}: {reason}", entry.record.address);
             entry.client = None;
+            entry.tunnel = None;
         }
     }
 
@@ -241,9 +274,12 @@ fn validate_host(record: &HostRecord) -> Result<(), OrchestratorError> {
     }
     let address = record.address.as_str();
     if address.starts_with("ssh://") {
-        return Err(OrchestratorError::Unimplemented(format!(
-            "address `{address}`: agents over SSH tunnels are not implemented yet (issue #8); use unix:///path or http://host:port"
-        )));
+        return SshTarget::parse(address).map(|_| ()).map_err(|reason| {
+            OrchestratorError::InvalidArgument {
+                field: "address",
+                reason: format!("`{address}`: {reason}"),
+            }
+        });
     }
     let valid = address
         .strip_prefix("unix://")
@@ -256,7 +292,17 @@ fn validate_host(record: &HostRecord) -> Result<(), OrchestratorError> {
         return Err(OrchestratorError::InvalidArgument {
             field: "address",
             reason: format!(
-                "`{address}` is not an agent address (unix:///path/agent.sock or http://host:port)"
+                "`{address}` is not an agent address (unix:///path/agent.sock, http://host:port \
+                 or ssh://user@host[:port]/path/agent.sock)"
+            ),
+        });
+    }
+    let sampler = record.power_sampler.as_str();
+    if !sampler.is_empty() && !(sampler.starts_with("http://") || sampler.starts_with("unix:///")) {
+        return Err(OrchestratorError::InvalidArgument {
+            field: "power_sampler",
+            reason: format!(
+                "`{sampler}` is not a power sampler address (http://host:port or unix:///path)"
             ),
         });
     }
@@ -288,5 +334,6 @@ fn to_proto(entry: &HostEntry) -> Host {
         cpus: info.cpus,
         memory_bytes: info.memory_bytes,
         gpu_count: info.gpus.len() as u32,
+        power_sampler: entry.record.power_sampler.clone(),
     }
 }

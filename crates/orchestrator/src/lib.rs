@@ -6,9 +6,11 @@ pub mod error;
 pub mod events;
 pub mod hosts;
 pub mod manifest;
+pub mod power;
 pub mod results;
 pub mod scheduler;
 pub mod service;
+pub mod ssh_tunnel;
 pub mod stats;
 pub mod store;
 
@@ -38,6 +40,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     let hosts = Arc::new(hosts::HostRegistry::load(
         Arc::clone(&store),
         config.scheduler.connect_timeout,
+        config.ssh.clone(),
     )?);
     let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();

@@ -66,6 +66,28 @@ pub struct Manifest {
     pub gaps: Gaps,
     #[serde(default)]
     pub failure: FailurePolicy,
+    #[serde(default)]
+    pub power: Power,
+}
+
+/// Highest power sampling rate a manifest may ask for.
+pub const MAX_POWER_RATE_HZ: f64 = 10_000.0;
+
+/// Energy measurement around every run, by the host's power sampler.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Power {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Samples per second; 0 means the sampler's default.
+    #[serde(default)]
+    pub rate_hz: f64,
+    /// Device ids (e.g. `nvml:0`); empty means every device of the host.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Idle power measured before each run and reported as a baseline.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_baseline: Option<Duration>,
 }
 
 fn one() -> u32 {
@@ -403,6 +425,15 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
                 ),
             ));
         }
+    }
+    let rate = manifest.power.rate_hz;
+    if !(0.0..=MAX_POWER_RATE_HZ).contains(&rate) {
+        return Err(at(
+            &["power", "rate_hz"],
+            format!(
+                "power.rate_hz: {rate} is out of range (0 to {MAX_POWER_RATE_HZ}; 0 is the sampler's default)"
+            ),
+        ));
     }
     if manifest.run.command.is_empty() || manifest.run.command[0].is_empty() {
         return Err(at(
@@ -855,6 +886,24 @@ cycles: 2
     fn unknown_placeholder_rejected() {
         let e = error(&BASE.replace("'{{ algo }}'", "'{{algorithm}}'"));
         assert!(e.message.contains("{{algorithm}}"), "{e}");
+    }
+
+    #[test]
+    fn power_rate_out_of_range_rejected() {
+        let e = error(&format!("{BASE}power: {{enabled: true, rate_hz: 50000}}\n"));
+        assert!(
+            e.message.contains("power.rate_hz") && e.message.contains("50000"),
+            "{e}"
+        );
+        let ok = plan(
+            "t",
+            &format!("{BASE}power:\n  enabled: true\n  rate_hz: 100\n  idle_baseline: 2s\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.manifest.power.idle_baseline,
+            Some(Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -11,6 +11,10 @@ use crate::stats;
 
 /// Name of the metric every run has: its wall time in seconds.
 pub const DURATION_METRIC: &str = "duration_s";
+/// Energy of a run over all measured devices, in joules.
+pub const ENERGY_METRIC: &str = "energy_j";
+/// Mean power of a run over all measured devices, in watts.
+pub const POWER_METRIC: &str = "mean_power_w";
 
 pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
     let mut rows = Vec::new();
@@ -38,6 +42,15 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                         .or_default()
                         .push(duration.seconds as f64 + f64::from(duration.nanos) / 1e9);
                 }
+                if !run.energy.is_empty() {
+                    let energy: f64 = run.energy.iter().map(|e| e.energy_j).sum();
+                    let power: f64 = run.energy.iter().map(|e| e.mean_w).sum();
+                    samples
+                        .entry(ENERGY_METRIC.into())
+                        .or_default()
+                        .push(energy);
+                    samples.entry(POWER_METRIC.into()).or_default().push(power);
+                }
                 if let Ok(serde_json::Value::Object(fields)) =
                     serde_json::from_str(&run.result_json)
                 {
@@ -51,7 +64,7 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                     }
                 }
             }
-            metric_order.push(DURATION_METRIC.into());
+            metric_order.extend([ENERGY_METRIC, POWER_METRIC, DURATION_METRIC].map(String::from));
             let metrics = metric_order
                 .iter()
                 .filter_map(|name| {

@@ -23,6 +23,7 @@ use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::{AgentClient, HostRegistry, describe_status};
 use crate::manifest::{self, Backend, OnFailure, Plan, PlannedRun};
+use crate::power::PowerMeter;
 use crate::store::{Placement, RunUpdate, Store, campaign_is_terminal};
 
 /// stdout kept per run to find its result line; older output is dropped.
@@ -43,6 +44,7 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// Backends placed per host, to spread backends over hosts.
     host_load: Mutex<HashMap<String, usize>>,
+    power: PowerMeter,
 }
 
 struct CampaignRun {
@@ -57,6 +59,8 @@ struct Placed {
     host: String,
     workload_id: String,
     client: AgentClient,
+    /// The host's power sampler address; empty when it has none.
+    power_sampler: String,
 }
 
 /// Why a run could not go on where it was; the run is pending again.
@@ -84,6 +88,7 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             shutdown,
             host_load: Mutex::new(HashMap::new()),
+            power: PowerMeter::new(Duration::from_secs(5)),
         })
     }
 
@@ -390,7 +395,7 @@ impl Scheduler {
                 .clear_placement(&ctx.id, backend_name)
                 .map_err(|e| e.to_string())?;
         }
-        let host = self.choose_host(backend)?;
+        let host = self.choose_host(backend, ctx.plan.manifest.power.enabled)?;
         let mut client = self
             .hosts
             .client(&host)
@@ -447,6 +452,7 @@ impl Scheduler {
             .or_default() += 1;
         tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, "backend placed");
         Ok(Placed {
+            power_sampler: self.hosts.power_sampler(&host),
             host,
             workload_id: workload.id,
             client,
@@ -483,6 +489,7 @@ impl Scheduler {
                     host: recorded.host.clone(),
                     workload_id: recorded.workload_id.clone(),
                     client,
+                    power_sampler: self.hosts.power_sampler(&recorded.host),
                 }))
             }
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
@@ -494,7 +501,7 @@ impl Scheduler {
         }
     }
 
-    fn choose_host(&self, backend: &Backend) -> Result<String, String> {
+    fn choose_host(&self, backend: &Backend, needs_power: bool) -> Result<String, String> {
         let views = self.hosts.views();
         if views.is_empty() {
             return Err("no hosts are registered (RegisterHost)".into());
@@ -521,6 +528,10 @@ impl Scheduler {
                 .find(|(k, v)| labels.get(k) != Some(v))
             {
                 reasons.push(format!("host `{name}` lacks label {k}={v}"));
+            } else if needs_power && view.record.power_sampler.is_empty() {
+                reasons.push(format!(
+                    "host `{name}` has no power sampler and the campaign measures power"
+                ));
             } else if view.status != HostStatus::Ready {
                 reasons.push(format!("host `{name}` is unreachable ({})", view.message));
             } else if !info.runtimes.contains(&(runtime as i32)) {
@@ -604,6 +615,22 @@ impl Scheduler {
             ),
         );
         let template = &ctx.plan.manifest.run;
+        let power = &ctx.plan.manifest.power;
+        let mut power_session = None;
+        if power.enabled {
+            match self
+                .power
+                .start(&placed.host, &placed.power_sampler, &run.id, power)
+                .await
+            {
+                Ok(session) => power_session = Some(session),
+                Err(reason) => {
+                    let error = format!("power sampler of host `{}`: {reason}", placed.host);
+                    self.fail(ctx, run, attempt, RunState::Dispatched, -1, None, error)?;
+                    return Ok(None);
+                }
+            }
+        }
         let request = ExecRequest {
             workload_id: placed.workload_id.clone(),
             command: ctx.plan.command_for(&planned, &run.id),
@@ -675,6 +702,26 @@ impl Scheduler {
             .map(|d| d.as_millis() as u64);
         let succeeded = exit.exit_code == 0 && exit.reason == ExitReason::Exited as i32;
         if succeeded {
+            let energy = match power_session.take() {
+                Some(session) => match session.stop().await {
+                    Ok(energy) => Some(energy),
+                    Err(reason) => {
+                        let error = format!("power session on host `{}`: {reason}", placed.host);
+                        let code = exit.exit_code;
+                        self.fail(
+                            ctx,
+                            run,
+                            attempt,
+                            RunState::Running,
+                            code,
+                            duration_ms,
+                            error,
+                        )?;
+                        return Ok(None);
+                    }
+                },
+                None => None,
+            };
             let (result_json, error) = match result_line(stdout.bytes()) {
                 Ok(result) => (result, String::new()),
                 Err(error) => (String::new(), error),
@@ -685,6 +732,7 @@ impl Scheduler {
                 duration_ms,
                 error: Some(error),
                 finished_now: true,
+                energy,
                 ..Default::default()
             };
             self.store.transition_run(

@@ -65,6 +65,7 @@ impl Orchestrator for OrchestratorService {
             address: request.address,
             token: request.token,
             labels: request.labels.into_iter().collect(),
+            power_sampler: request.power_sampler,
         };
         Ok(Response::new(self.hosts.register(record).await?))
     }

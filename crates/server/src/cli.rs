@@ -13,16 +13,24 @@ use crate::config::{self, ConfigError};
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CommonArgs {
     /// TOML config file; every field can also be set by a `BERTH_<SECTION>__<FIELD>` env var.
-    #[arg(long, short = 'c', value_name = "FILE")]
+    /// `BERTH_CONFIG` names the file when the flag is not given (container images set it, so
+    /// that `healthcheck` reads the same file as the server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        global = true,
+        env = "BERTH_CONFIG"
+    )]
     pub config: Option<PathBuf>,
     /// gRPC address, `HOST:PORT` or `unix:///path` (sets server.listen).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub listen: Option<String>,
     /// HTTP address for metrics and HTTP APIs, empty to disable (sets server.http_listen).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub http_listen: Option<String>,
     /// Sets any config field, e.g. `--set store.path=/var/lib/berth/state.db`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     pub overrides: Vec<String>,
 }
 
@@ -79,6 +87,27 @@ pub fn exit_with(service: &str, result: Result<(), Box<dyn std::error::Error>>) 
 struct ServiceArgs {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<ServiceCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ServiceCommand {
+    /// Asks the service at its configured gRPC address (the same config, env
+    /// and flags as serving) for grpc.health.v1 Check, and exits 0 if it is
+    /// SERVING, 1 otherwise with the reason on one line. For container health
+    /// checks: it needs no shell and no other tool in the image.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct HealthcheckArgs {
+    /// Service name to ask about; empty (the default) asks about the server as a whole.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Longest wait for the connection and the answer together.
+    #[arg(long, default_value = "5s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 /// The whole `main` of a service binary: parse flags, load the config (a
@@ -100,6 +129,9 @@ where
         Ok(args) => args,
         Err(error) => error.exit(),
     };
+    if let Some(ServiceCommand::Healthcheck(check)) = &args.command {
+        return healthcheck::<C>(name, &args.common, check);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => return exit_with(name, Err(error.into())),
@@ -119,4 +151,123 @@ where
 /// A service config that has the shared `[server]` section.
 pub trait HasServerConfig {
     fn server_config(&self) -> &crate::ServerConfig;
+}
+
+/// `<service> healthcheck`: loads the config as serving would, connects to
+/// `server.listen` and asks grpc.health.v1 Check. Prints `SERVING` and exits 0,
+/// or prints `<service>: unhealthy: <reason>` to stderr and exits 1.
+fn healthcheck<C>(name: &str, common: &CommonArgs, check: &HealthcheckArgs) -> ExitCode
+where
+    C: DeserializeOwned + Serialize + Default + HasServerConfig,
+{
+    let result = (|| -> Result<(), String> {
+        let config: C = common.load().map_err(|e| e.to_string())?;
+        let address = health_address(&config.server_config().listen)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        runtime.block_on(async {
+            match tokio::time::timeout(check.timeout, check_health(&address, &check.service)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "no answer from {address} within {}",
+                    humantime_serde::re::humantime::format_duration(check.timeout)
+                )),
+            }
+        })
+    })();
+    match result {
+        Ok(()) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("{name}: unhealthy: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The address a health check dials for `listen`: a wildcard bind address
+/// (`0.0.0.0`, `::`) is asked on loopback.
+fn health_address(listen: &str) -> Result<String, String> {
+    match crate::listen::ListenAddr::parse("server.listen", listen).map_err(|e| e.to_string())? {
+        crate::listen::ListenAddr::Unix(path) => Ok(format!("unix://{}", path.display())),
+        crate::listen::ListenAddr::Tcp(mut addr) => {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr.ip() {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            if addr.port() == 0 {
+                return Err(format!(
+                    "server.listen = \"{listen}\" has port 0: there is no fixed port to check"
+                ));
+            }
+            Ok(format!("http://{addr}"))
+        }
+    }
+}
+
+async fn check_health(address: &str, service: &str) -> Result<(), String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    // Health is served without the bearer token, so none is sent.
+    let channel = crate::client::connect(address, "", std::time::Duration::from_secs(3))
+        .await
+        .map_err(|e| e.to_string())?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|status| {
+            format!(
+                "grpc.health.v1 Check on {address}: {:?}: {}",
+                status.code(),
+                status.message()
+            )
+        })?;
+    let status = response.into_inner().status;
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Ok(()),
+        Ok(other) => Err(format!("{address} reports {}", other.as_str_name())),
+        Err(_) => Err(format!("{address} reports unknown status {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_address_dials_loopback_for_wildcards() {
+        assert_eq!(
+            health_address("0.0.0.0:7700").unwrap(),
+            "http://127.0.0.1:7700"
+        );
+        assert_eq!(health_address("[::]:7700").unwrap(), "http://[::1]:7700");
+        assert_eq!(
+            health_address("10.1.2.3:7702").unwrap(),
+            "http://10.1.2.3:7702"
+        );
+        assert_eq!(
+            health_address("unix:///run/berth/agent.sock").unwrap(),
+            "unix:///run/berth/agent.sock"
+        );
+        assert!(
+            health_address("127.0.0.1:0")
+                .unwrap_err()
+                .contains("port 0")
+        );
+        assert!(
+            health_address("nope")
+                .unwrap_err()
+                .contains("server.listen")
+        );
+    }
 }

@@ -1,12 +1,15 @@
-//! How the agent runs workloads. Each runtime (process now; docker, podman
-//! and libvirt later) implements [`WorkloadRuntime`]; the gRPC service routes
+//! How the agent runs workloads. Each runtime (process, docker, podman;
+//! libvirt later) implements [`WorkloadRuntime`]; the gRPC service routes
 //! each call to the runtime that owns the workload.
 
+pub mod container;
 pub mod process;
 
 use std::time::Duration;
 
-use berth_proto::agent::v1::{ExecOutput, LogLine, Workload};
+use berth_proto::agent::v1::{
+    ExecOutput, Image, ImportImageMetadata, LogLine, Workload, WorkloadStats,
+};
 use berth_proto::common::v1::{Runtime, WorkloadSpec};
 use tokio::sync::mpsc;
 
@@ -47,6 +50,38 @@ pub trait WorkloadRuntime: Send + Sync {
         tail: usize,
         follow: bool,
     ) -> Result<mpsc::Receiver<LogLine>, AgentError>;
+    /// Resource usage: one sample, or one per `interval` until the receiver
+    /// is dropped.
+    async fn stats(
+        &self,
+        _id: &str,
+        _interval: Option<Duration>,
+    ) -> Result<mpsc::Receiver<WorkloadStats>, AgentError> {
+        Err(self.no_images_or_stats("Stats"))
+    }
+    /// Imports an image from a tar stream (rootfs or `docker save` archive).
+    async fn import_image(
+        &self,
+        _metadata: ImportImageMetadata,
+        _data: mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+    ) -> Result<Image, AgentError> {
+        Err(self.no_images_or_stats("ImportImage"))
+    }
+    /// The images this agent imported.
+    async fn list_images(&self) -> Result<Vec<Image>, AgentError> {
+        Err(self.no_images_or_stats("ListImages"))
+    }
+    /// Removes an image this agent imported.
+    async fn remove_image(&self, _image: &str) -> Result<(), AgentError> {
+        Err(self.no_images_or_stats("RemoveImage"))
+    }
+    /// Why a runtime without images or resource accounting refuses a call.
+    fn no_images_or_stats(&self, rpc: &str) -> AgentError {
+        AgentError::Unimplemented(format!(
+            "{rpc}: the {} runtime has no images or resource stats; use RUNTIME_DOCKER or RUNTIME_PODMAN",
+            self.kind().as_str_name()
+        ))
+    }
 }
 
 /// Workload names: what docker allows, so a name means the same on every runtime.

@@ -2,16 +2,18 @@
 //! OpenAI-style request becomes a request to it. The proxy is an OpenAI
 //! gateway, so OpenAI-compatible upstreams get the body almost as sent.
 
+mod anthropic;
 mod ollama;
 mod openai;
 
 use bytes::Bytes;
-use http::Uri;
+use http::{HeaderMap, Uri};
 use serde_json::{Map, Value};
+
+pub use anthropic::Events as AnthropicEvents;
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
-use crate::litellm_config::Secret;
 
 /// The OpenAI operations the proxy forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +143,58 @@ impl ProviderKind {
 #[derive(Debug)]
 pub struct UpstreamRequest {
     pub uri: Uri,
-    pub api_key: Option<Secret>,
+    /// The provider's own headers (its API key among them, marked sensitive).
+    pub headers: HeaderMap,
     pub body: Bytes,
+    pub dialect: Dialect,
+}
+
+/// The shape of an upstream's answers, and so what turns them into OpenAI's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Already OpenAI's: passed through untouched.
+    OpenAi,
+    /// Anthropic's messages; `include_usage` is the client's
+    /// `stream_options.include_usage`, which Anthropic has no notion of.
+    Anthropic { include_usage: bool },
+}
+
+impl Dialect {
+    /// A whole (non-streamed) answer in OpenAI's shape.
+    pub fn whole(self, body: Bytes) -> Result<Bytes, String> {
+        match self {
+            Self::OpenAi => Ok(body),
+            Self::Anthropic { .. } => anthropic::whole(&body),
+        }
+    }
+
+    /// What translates a stream of this dialect; None: it needs no translation.
+    pub fn events(self) -> Option<AnthropicEvents> {
+        match self {
+            Self::OpenAi => None,
+            Self::Anthropic { include_usage } => Some(AnthropicEvents::new(include_usage)),
+        }
+    }
+}
+
+/// Refuses the first parameter neither in `supported` nor dropped by the
+/// deployment: for providers that would otherwise lose it silently, as
+/// LiteLLM does unless `drop_params` is set.
+fn refuse_unsupported(
+    provider: &'static str,
+    supported: &[&str],
+    deployment: &Deployment,
+    body: &Map<String, Value>,
+) -> Result<(), ProxyError> {
+    match body.keys().find(|k| {
+        !supported.contains(&k.as_str()) && !deployment.drop_params.iter().any(|d| d == *k)
+    }) {
+        Some(param) => Err(ProxyError::UnsupportedParam {
+            provider,
+            param: param.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Turns the client's request body into the request for `deployment`.
@@ -155,10 +207,7 @@ pub fn prepare(
     match deployment.provider {
         ProviderKind::OpenAi => openai::prepare(deployment, endpoint, body, &|_| true),
         ProviderKind::Ollama => ollama::prepare(deployment, endpoint, body, drop_params),
-        ProviderKind::Anthropic => Err(ProxyError::NotImplemented(format!(
-            "deployment {}: the anthropic provider is not implemented yet; put an OpenAI-compatible gateway in front of it",
-            deployment.id
-        ))),
+        ProviderKind::Anthropic => anthropic::prepare(deployment, endpoint, body, drop_params),
     }
 }
 

@@ -41,15 +41,8 @@ pub(super) fn prepare(
     body: &Map<String, Value>,
     drop_params: bool,
 ) -> Result<UpstreamRequest, ProxyError> {
-    if !drop_params
-        && let Some(param) = body.keys().find(|k| {
-            !SUPPORTED.contains(&k.as_str()) && !deployment.drop_params.iter().any(|d| d == *k)
-        })
-    {
-        return Err(ProxyError::UnsupportedParam {
-            provider: "ollama",
-            param: param.clone(),
-        });
+    if !drop_params {
+        super::refuse_unsupported("ollama", SUPPORTED, deployment, body)?;
     }
     super::openai::prepare(deployment, endpoint, body, &|key| SUPPORTED.contains(&key))
 }

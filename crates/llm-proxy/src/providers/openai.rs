@@ -1,10 +1,12 @@
 //! OpenAI-compatible upstreams: the client's body goes on with the model name
 //! replaced by the deployment's and any dropped parameters left out.
 
+use http::HeaderValue;
+use http::header::AUTHORIZATION;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
-use super::{Endpoint, UpstreamRequest};
+use super::{Dialect, Endpoint, UpstreamRequest};
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
 
@@ -21,6 +23,18 @@ pub(super) fn prepare(
         .map_err(|e| {
             ProxyError::InvalidRequest(format!("deployment {}: bad api_base: {e}", deployment.id))
         })?;
+    let mut headers = http::HeaderMap::new();
+    if let Some(key) = &deployment.api_key {
+        let mut value =
+            HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                ProxyError::InvalidRequest(format!(
+                    "deployment {}: the api_key is not a valid header value",
+                    deployment.id
+                ))
+            })?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
     let rewritten = Rewritten {
         body,
         model: &deployment.upstream_model,
@@ -31,8 +45,9 @@ pub(super) fn prepare(
         .into();
     Ok(UpstreamRequest {
         uri,
-        api_key: deployment.api_key.clone(),
+        headers,
         body,
+        dialect: Dialect::OpenAi,
     })
 }
 

@@ -307,3 +307,18 @@ pub async fn metric(proxy: &RunningService, prefix: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The venv scripts/llm/setup-peers.sh creates (the official `openai`
+/// client, llama.cpp's server).
+pub fn venv() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(path) = std::env::var_os("BERTH_LLM_VENV") {
+        return path.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    cache.join("berth/llm-venv")
+}

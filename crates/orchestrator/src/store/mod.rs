@@ -32,6 +32,8 @@ pub struct HostRecord {
     pub address: String,
     pub token: String,
     pub labels: BTreeMap<String, String>,
+    /// The host's power sampler address; empty when it has none.
+    pub power_sampler: String,
 }
 
 /// Where a campaign's backend runs.
@@ -53,6 +55,7 @@ pub struct RunUpdate {
     pub error: Option<String>,
     pub started_now: bool,
     pub finished_now: bool,
+    pub energy: Option<Vec<berth_proto::orchestrator::v1::RunEnergy>>,
 }
 
 pub trait Store: Send + Sync {

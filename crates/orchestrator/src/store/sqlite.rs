@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunState};
+use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunEnergy, RunState};
+use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{HostRecord, Placement, RunUpdate, Store, StoreError, StoreResult};
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     duration_ms INTEGER,
     error TEXT NOT NULL DEFAULT '',
     started_ms INTEGER,
-    finished_ms INTEGER
+    finished_ms INTEGER,
+    energy BLOB
 );
 CREATE INDEX IF NOT EXISTS runs_by_campaign ON runs(campaign_id, sequence);
 CREATE INDEX IF NOT EXISTS runs_by_backend_state ON runs(campaign_id, backend, state, sequence);
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY,
     address TEXT NOT NULL,
     token TEXT NOT NULL,
-    labels TEXT NOT NULL
+    labels TEXT NOT NULL,
+    power_sampler TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS placements (
     campaign_id TEXT NOT NULL,
@@ -76,6 +79,14 @@ impl SqliteStore {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        // Columns added after the first release of the schema.
+        add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
+        add_column_if_missing(
+            &connection,
+            "hosts",
+            "power_sampler",
+            "TEXT NOT NULL DEFAULT ''",
+        )?;
         restrict_permissions(path);
         Ok(Self {
             connection: Mutex::new(connection),
@@ -87,6 +98,45 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+fn add_column_if_missing(
+    connection: &Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> StoreResult<()> {
+    let mut statement =
+        connection.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+    let columns = statement
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    if !columns.iter().any(|c| c == column) {
+        connection.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+        ))?;
+    }
+    Ok(())
+}
+
+/// Energy records as length-delimited protobuf messages, one after another.
+fn encode_energy(energy: &[RunEnergy]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for record in energy {
+        let _ = record.encode_length_delimited(&mut bytes);
+    }
+    bytes
+}
+
+fn decode_energy(mut bytes: &[u8]) -> Vec<RunEnergy> {
+    let mut energy = Vec::new();
+    while !bytes.is_empty() {
+        match RunEnergy::decode_length_delimited(&mut bytes) {
+            Ok(record) => energy.push(record),
+            Err(_) => break,
+        }
+    }
+    energy
 }
 
 /// The store holds agent tokens: only its owner may read it.
@@ -134,7 +184,7 @@ fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
 }
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
-                           exit_code, result_json, duration_ms, error, started_ms, finished_ms";
+                           exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy";
 
 fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let params: String = row.get(4)?;
@@ -160,6 +210,7 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         error: row.get(14)?,
         started_at: timestamp(row.get(15)?),
         finished_at: timestamp(row.get(16)?),
+        energy: decode_energy(&row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default()),
     })
 }
 
@@ -355,7 +406,8 @@ impl Store for SqliteStore {
                 duration_ms = COALESCE(?7, duration_ms),
                 error = COALESCE(?8, error),
                 started_ms = CASE WHEN ?9 THEN ?11 ELSE started_ms END,
-                finished_ms = CASE WHEN ?10 THEN ?11 ELSE finished_ms END
+                finished_ms = CASE WHEN ?10 THEN ?11 ELSE finished_ms END,
+                energy = COALESCE(?12, energy)
              WHERE id = ?1 AND state IN ({})",
             state_list(from)
         );
@@ -372,7 +424,8 @@ impl Store for SqliteStore {
                 update.error,
                 update.started_now,
                 update.finished_now,
-                now
+                now,
+                update.energy.as_deref().map(encode_energy)
             ],
         )?;
         Ok(changed == 1)
@@ -395,9 +448,9 @@ impl Store for SqliteStore {
         let labels =
             serde_json::to_string(&host.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.db().execute(
-            "INSERT INTO hosts (name, address, token, labels) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(name) DO UPDATE SET address = ?2, token = ?3, labels = ?4",
-            params![host.name, host.address, host.token, labels],
+            "INSERT INTO hosts (name, address, token, labels, power_sampler) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET address = ?2, token = ?3, labels = ?4, power_sampler = ?5",
+            params![host.name, host.address, host.token, labels, host.power_sampler],
         )?;
         Ok(())
     }
@@ -411,8 +464,9 @@ impl Store for SqliteStore {
 
     fn hosts(&self) -> StoreResult<Vec<HostRecord>> {
         let db = self.db();
-        let mut statement =
-            db.prepare("SELECT name, address, token, labels FROM hosts ORDER BY name")?;
+        let mut statement = db.prepare(
+            "SELECT name, address, token, labels, power_sampler FROM hosts ORDER BY name",
+        )?;
         let rows = statement.query_map([], |row| {
             let labels: String = row.get(3)?;
             Ok(HostRecord {
@@ -420,6 +474,7 @@ impl Store for SqliteStore {
                 address: row.get(1)?,
                 token: row.get(2)?,
                 labels: serde_json::from_str(&labels).unwrap_or_default(),
+                power_sampler: row.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -1,0 +1,212 @@
+//! Exec into a running container: output streamed as the engine hands it
+//! over, the exit code at the end, a timeout, and a cancel (the caller drops
+//! the stream) that kills the exec'd process and everything it started.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_proto::agent::v1::{ExecOutput, ExitReason, ExitStatus, exec_output};
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use super::engine::{Engine, status_of};
+use crate::error::AgentError;
+use crate::process_group::{CHUNK_BYTES, EXEC_BUFFER, kill_tree};
+use crate::runtime::ExecCommand;
+
+/// How long to wait for the engine to see an exec's process gone.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// Exit code reported for a command berth killed (128 + SIGKILL).
+const KILLED: i32 = 137;
+
+/// Starts `exec` in `container` and streams its output and exit status.
+pub async fn start(
+    engine: Arc<Engine>,
+    container: &str,
+    name: &str,
+    exec: ExecCommand,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+    let docker = engine.client().await?;
+    let options = CreateExecOptions {
+        cmd: Some(exec.command.argv),
+        env: Some(
+            exec.command
+                .env
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
+        working_dir: exec
+            .command
+            .working_dir
+            .map(|d| d.to_string_lossy().into_owned()),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    let created = match docker.create_exec(container, options).await {
+        Ok(created) => created,
+        // Docker answers 409, podman 500 with "not running"/"state improper".
+        Err(e)
+            if status_of(&e) == Some(409)
+                || e.to_string().contains("not running")
+                || e.to_string().contains("state improper") =>
+        {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: "not running",
+                reason: "exec needs a running workload",
+            });
+        }
+        Err(e) if status_of(&e) == Some(404) => {
+            return Err(AgentError::WorkloadNotFound(name.to_string()));
+        }
+        Err(e) => return Err(engine.error("exec", e).await),
+    };
+    let output = match docker.start_exec(&created.id, None).await {
+        Ok(StartExecResults::Attached { output, .. }) => output,
+        Ok(StartExecResults::Detached) => {
+            return Err(AgentError::Internal(
+                "engine started the exec detached".into(),
+            ));
+        }
+        Err(e) => return Err(engine.error("exec", e).await),
+    };
+    let (tx, rx) = mpsc::channel(EXEC_BUFFER);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let started = Instant::now();
+        let deadline = async {
+            match exec.timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let mut output = output;
+        let timed_out = loop {
+            tokio::select! {
+                chunk = output.next() => match chunk {
+                    Some(Ok(LogOutput::StdOut { message })) => {
+                        if !forward(&tx, &message, true).await {
+                            kill(&docker, &created.id).await;
+                            return;
+                        }
+                    }
+                    Some(Ok(LogOutput::StdErr { message })) => {
+                        if !forward(&tx, &message, false).await {
+                            kill(&docker, &created.id).await;
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "exec output stream broke");
+                        break false;
+                    }
+                    None => break false,
+                },
+                () = &mut deadline => {
+                    kill(&docker, &created.id).await;
+                    break true;
+                }
+                () = tx.closed() => {
+                    // The caller went away (cancelled call): kill and stop.
+                    kill(&docker, &created.id).await;
+                    return;
+                }
+            }
+        };
+        let code = exit_code(&docker, &created.id).await;
+        let exit = ExitStatus {
+            exit_code: if timed_out {
+                code.unwrap_or(KILLED)
+            } else {
+                code.unwrap_or(-1)
+            },
+            // A container exit code cannot tell `exit 137` from SIGKILL, so
+            // only what berth itself killed is reported as anything but EXITED.
+            reason: if timed_out {
+                ExitReason::TimedOut
+            } else {
+                ExitReason::Exited
+            } as i32,
+            duration: prost_types::Duration::try_from(started.elapsed()).ok(),
+        };
+        let _ = tx
+            .send(ExecOutput {
+                output: Some(exec_output::Output::Exit(exit)),
+            })
+            .await;
+    });
+    Ok(rx)
+}
+
+/// Sends one engine frame, split into gRPC-sized chunks; false when the
+/// caller is gone.
+async fn forward(tx: &mpsc::Sender<ExecOutput>, data: &[u8], stdout: bool) -> bool {
+    for chunk in data.chunks(CHUNK_BYTES) {
+        let output = if stdout {
+            exec_output::Output::Stdout(chunk.to_vec())
+        } else {
+            exec_output::Output::Stderr(chunk.to_vec())
+        };
+        if tx
+            .send(ExecOutput {
+                output: Some(output),
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The exit code, once the engine says the exec stopped running (its
+/// `ExitCode` is empty until then, even after the output ended).
+async fn exit_code(docker: &Docker, exec_id: &str) -> Option<i32> {
+    let deadline = Instant::now() + EXIT_WAIT;
+    let mut pause = Duration::from_millis(1);
+    while Instant::now() < deadline {
+        match docker.inspect_exec(exec_id).await {
+            Ok(inspect) if inspect.running != Some(true) => {
+                return inspect.exit_code.and_then(|c| i32::try_from(c).ok());
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, exec_id, "inspecting exec failed");
+                return None;
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Kills the exec'd process tree through its host pid, which the engine
+/// reports while the exec runs.
+async fn kill(docker: &Docker, exec_id: &str) {
+    let pid = match docker.inspect_exec(exec_id).await {
+        Ok(inspect) if inspect.running == Some(true) => {
+            inspect.pid.and_then(|p| u32::try_from(p).ok())
+        }
+        Ok(_) => return, // already gone
+        Err(error) => {
+            tracing::warn!(%error, exec_id, "cannot find the exec's process to kill it");
+            return;
+        }
+    };
+    if let Some(pid) = pid.filter(|p| *p > 0) {
+        match kill_tree(pid) {
+            Ok(count) => tracing::debug!(exec_id, pid, count, "killed exec'd processes"),
+            Err(error) => tracing::warn!(%error, exec_id, pid, "killing exec'd process failed"),
+        }
+    }
+}

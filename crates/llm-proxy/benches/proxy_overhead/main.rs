@@ -1,0 +1,468 @@
+//! berth's llm-proxy beside the LiteLLM proxy, from one run: both in front of
+//! the same fake upstream, both given the same LiteLLM config file, both
+//! driven by the same open-loop load generator at fixed request rates. It
+//! prints, per rate, the latency of calling the upstream directly and
+//! through each proxy, the latency each proxy adds (medians over repeats),
+//! the highest rate each sustains without errors, CPU time per request and
+//! RSS, with berth's figure, LiteLLM's and the ratio.
+//!
+//!     scripts/llm/setup-peers.sh --litellm    # once
+//!     cargo bench -p berth-llm-proxy --bench proxy_overhead
+//!
+//! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
+//! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
+//! 25,50,100,200,500,1000,2000,4000; on 2 cores 8000/s overloads the
+//! load generator and the fake upstream themselves), `BENCH_PEER=0` to leave LiteLLM out.
+//! Rates are interleaved (each repeat walks every rate for every target) so
+//! that a burst of load from elsewhere hurts all targets alike; a target is
+//! not driven past the first rate it fails within a repeat.
+
+mod load;
+mod procs;
+mod upstream;
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use http::HeaderValue;
+use load::{Run, Target};
+use procs::{Proxy, TICKS_PER_SECOND, Usage};
+
+const MASTER_KEY: &str = "sk-bench-master";
+/// Each measured run is preceded by this long at the same rate, unmeasured,
+/// so that connection pools are filled for that rate.
+const WARM: Duration = Duration::from_millis(500);
+
+struct Settings {
+    seconds: f64,
+    repeats: usize,
+    rates: Vec<u32>,
+    peer: bool,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let parse = |name: &str, text: &str| -> Result<f64, String> {
+            text.trim()
+                .parse()
+                .map_err(|e| format!("{name}={text}: {e}"))
+        };
+        Ok(Self {
+            seconds: var("BENCH_SECONDS").map_or(Ok(3.0), |v| parse("BENCH_SECONDS", &v))?,
+            repeats: var("BENCH_REPEATS").map_or(Ok(3.0), |v| parse("BENCH_REPEATS", &v))? as usize,
+            rates: match var("BENCH_RATES") {
+                Some(list) => list
+                    .split(',')
+                    .map(|r| parse("BENCH_RATES", r).map(|r| r as u32))
+                    .collect::<Result<_, _>>()?,
+                None => vec![25, 50, 100, 200, 500, 1000, 2000, 4000],
+            },
+            peer: var("BENCH_PEER").is_none_or(|v| v != "0"),
+        })
+    }
+}
+
+/// One thing the load generator calls: the upstream itself or a proxy.
+struct Subject {
+    name: &'static str,
+    target: Target,
+    proxy: Option<Proxy>,
+    /// Runs by rate index, one per repeat that reached the rate.
+    runs: Vec<Vec<Run>>,
+    /// CPU ticks and answers over the measured runs it sustained.
+    cpu_ticks: u64,
+    answered: u64,
+    idle: Usage,
+    /// Highest RSS seen right after a run it sustained.
+    loaded_rss_kb: u64,
+}
+
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(bench()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("proxy_overhead: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench() -> Result<(), String> {
+    let settings = Settings::from_env()?;
+    let load_before = loadavg();
+    let upstream = upstream::spawn();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let config = dir.path().join("litellm_config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/fake-model\n      api_base: http://{upstream}/v1\n      api_key: sk-upstream\ngeneral_settings:\n  master_key: {MASTER_KEY}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let client = load::client();
+    let body = bytes::Bytes::from_static(
+        br#"{"model":"bench","messages":[{"role":"user","content":"Say hi"}],"max_tokens":16}"#,
+    );
+    let subject = |name, port: u16, proxy: Option<Proxy>| Subject {
+        name,
+        target: Target {
+            uri: format!("http://127.0.0.1:{port}/v1/chat/completions")
+                .parse()
+                .expect("a valid URI"),
+            authorization: proxy
+                .is_some()
+                .then(|| HeaderValue::from_static("Bearer sk-bench-master")),
+            body: body.clone(),
+        },
+        proxy,
+        runs: vec![Vec::new(); settings.rates.len()],
+        cpu_ticks: 0,
+        answered: 0,
+        idle: Usage::default(),
+        loaded_rss_kb: 0,
+    };
+
+    let mut subjects = vec![subject("upstream", upstream.port(), None)];
+    let port = free_port();
+    let mut berth = Command::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
+    berth
+        .args(["--listen", "127.0.0.1:0", "--http-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--set")
+        .arg(format!("proxy.litellm_config={}", config.display()));
+    let proxy = Proxy::start(
+        "berth",
+        berth,
+        port,
+        &dir.path().join("berth.log"),
+        &client,
+        Duration::from_secs(30),
+    )
+    .await?;
+    subjects.push(subject("berth", port, Some(proxy)));
+    if settings.peer {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llm/litellm-proxy.sh");
+        let port = free_port();
+        let mut litellm = Command::new(script);
+        litellm.arg(&config).arg(port.to_string());
+        let log = dir.path().join("litellm.log");
+        let proxy = Proxy::start("litellm", litellm, port, &log, &client, Duration::from_secs(120))
+            .await
+            .map_err(|e| {
+                format!("{e}\n(set BENCH_PEER=0 to run without LiteLLM; scripts/llm/setup-peers.sh --litellm installs it)")
+            })?;
+        subjects.push(subject("litellm", port, Some(proxy)));
+    }
+
+    // The first requests through LiteLLM import half of its code; warm every
+    // subject up before measuring anything, then take the idle RSS.
+    for subject in &mut subjects {
+        let warm = load::run(&client, &subject.target, 20, Duration::from_secs(3)).await;
+        if warm.errors > 0 {
+            return Err(format!(
+                "{} fails at 20 requests/s: {}",
+                subject.name,
+                warm.first_error.unwrap_or_default()
+            ));
+        }
+        if let Some(proxy) = &subject.proxy {
+            subject.idle = proxy.usage();
+        }
+    }
+
+    let measured = Duration::from_secs_f64(settings.seconds);
+    for repeat in 0..settings.repeats {
+        let mut failed = vec![false; subjects.len()];
+        for (index, &rate) in settings.rates.iter().enumerate() {
+            for (subject, failed) in subjects.iter_mut().zip(&mut failed) {
+                if *failed {
+                    continue;
+                }
+                load::run(&client, &subject.target, rate, WARM).await;
+                let before = subject.proxy.as_ref().map(Proxy::usage);
+                let run = load::run(&client, &subject.target, rate, measured).await;
+                if let (Some(proxy), Some(before)) = (&subject.proxy, before)
+                    && run.sustained()
+                {
+                    let after = proxy.usage();
+                    subject.cpu_ticks += after.cpu_ticks - before.cpu_ticks;
+                    subject.loaded_rss_kb = subject.loaded_rss_kb.max(after.rss_kb);
+                    subject.answered += run.answered() as u64;
+                }
+                eprintln!(
+                    "repeat {} {:>8} {rate:>5}/s: p50 {:>7} µs  p99 {:>7} µs  errors {}{}",
+                    repeat + 1,
+                    subject.name,
+                    run.percentile_us(0.5).unwrap_or(0),
+                    run.percentile_us(0.99).unwrap_or(0),
+                    run.errors,
+                    match (&run.first_error, run.sustained()) {
+                        (Some(error), _) => format!(" (first: {})", truncate(error, 120)),
+                        (None, false) =>
+                            format!(" (fell behind: {:.0}/s answered)", run.achieved()),
+                        (None, true) => String::new(),
+                    }
+                );
+                *failed = !run.sustained();
+                subject.runs[index].push(run);
+            }
+        }
+    }
+
+    // The generator's idle keep-alive connections are closed first: RSS at
+    // the end is what the proxies keep once their clients are gone.
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    report(&settings, &subjects, load_before, loadavg());
+    Ok(())
+}
+
+/// Median of a repeat-wise figure, over the repeats that have it.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
+}
+
+/// Latency added over the direct call, repeat by repeat, at quantile `q`.
+fn added_us(direct: &[Run], proxy: &[Run], q: f64) -> Option<f64> {
+    median(
+        direct
+            .iter()
+            .zip(proxy)
+            .filter(|(d, p)| d.sustained() && p.sustained())
+            .filter_map(|(d, p)| Some(p.percentile_us(q)? as f64 - d.percentile_us(q)? as f64))
+            .collect(),
+    )
+}
+
+/// Sustained in most of the repeats.
+fn sustains(runs: &[Run], repeats: usize) -> bool {
+    runs.iter().filter(|r| r.sustained()).count() * 2 > repeats
+}
+
+fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_after: String) {
+    let direct = &subjects[0];
+    let proxies = &subjects[1..];
+    println!();
+    println!(
+        "proxy_overhead: {} × {} s per rate, medians over repeats; machine: {} ({} CPUs); load average before {load_before}, after {load_after}",
+        settings.repeats,
+        settings.seconds,
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!();
+    print!("| rate/s | upstream p50 / p99 µs |");
+    for proxy in proxies {
+        print!(
+            " {} p50 / p99 µs | {} added p50 / p99 µs |",
+            proxy.name, proxy.name
+        );
+    }
+    println!();
+    println!("|---:|---:|{}", "---:|---:|".repeat(proxies.len()));
+    for (index, rate) in settings.rates.iter().enumerate() {
+        print!(
+            "| {rate} | {} |",
+            latency_cell(&direct.runs[index], settings.repeats)
+        );
+        for proxy in proxies {
+            let runs = &proxy.runs[index];
+            let added = |q| {
+                added_us(&direct.runs[index], runs, q).map_or("—".into(), |v| format!("{v:.0}"))
+            };
+            print!(
+                " {} | {} / {} |",
+                latency_cell(runs, settings.repeats),
+                added(0.5),
+                added(0.99)
+            );
+        }
+        println!();
+    }
+    println!();
+
+    // Figures per proxy, then berth's, LiteLLM's and the ratio.
+    let both = |index: usize| {
+        proxies
+            .iter()
+            .all(|p| sustains(&p.runs[index], settings.repeats))
+    };
+    // Added latency at the lowest rate (the kindest to a slow proxy) and at
+    // the highest rate every proxy sustains.
+    let sustained: Vec<usize> = (0..settings.rates.len())
+        .filter(|&i| both(i) && sustains(&direct.runs[i], settings.repeats))
+        .collect();
+    let mut references = vec![sustained.first(), sustained.last()];
+    references.dedup();
+    let mut rows: Vec<(String, Vec<Option<f64>>, bool)> = Vec::new();
+    for &i in references.into_iter().flatten() {
+        for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
+            rows.push((
+                format!("added latency {label} at {}/s (µs)", settings.rates[i]),
+                proxies
+                    .iter()
+                    .map(|p| added_us(&direct.runs[i], &p.runs[i], q))
+                    .collect(),
+                true,
+            ));
+        }
+    }
+    rows.push((
+        "highest rate sustained without errors (/s)".into(),
+        proxies
+            .iter()
+            .map(|p| {
+                (0..settings.rates.len())
+                    .take_while(|&i| sustains(&p.runs[i], settings.repeats))
+                    .last()
+                    .map(|i| f64::from(settings.rates[i]))
+            })
+            .collect(),
+        false,
+    ));
+    rows.push((
+        "CPU per request (µs)".into(),
+        proxies
+            .iter()
+            .map(|p| {
+                (p.answered > 0)
+                    .then(|| p.cpu_ticks as f64 / TICKS_PER_SECOND * 1e6 / p.answered as f64)
+            })
+            .collect(),
+        true,
+    ));
+    let mb = |kb: u64| Some(kb as f64 / 1024.0);
+    rows.push((
+        "RSS after warm-up (MB)".into(),
+        proxies.iter().map(|p| mb(p.idle.rss_kb)).collect(),
+        true,
+    ));
+    rows.push((
+        "RSS under load, highest after a sustained run (MB)".into(),
+        proxies.iter().map(|p| mb(p.loaded_rss_kb)).collect(),
+        true,
+    ));
+    rows.push((
+        "peak RSS, overloaded runs included (MB)".into(),
+        proxies
+            .iter()
+            .map(|p| p.proxy.as_ref().and_then(|x| mb(x.usage().peak_rss_kb)))
+            .collect(),
+        true,
+    ));
+    rows.push((
+        "RSS at the end, clients gone (MB)".into(),
+        proxies
+            .iter()
+            .map(|p| p.proxy.as_ref().and_then(|x| mb(x.usage().rss_kb)))
+            .collect(),
+        true,
+    ));
+    let top = settings.rates.len() - 1;
+    for proxy in proxies
+        .iter()
+        .filter(|p| sustains(&p.runs[top], settings.repeats))
+    {
+        println!(
+            "{} sustained the highest rate tried, {}/s: its limit is higher.",
+            proxy.name, settings.rates[top]
+        );
+    }
+    print!("| figure |");
+    for proxy in proxies {
+        print!(" {} |", proxy.name);
+    }
+    if proxies.len() == 2 {
+        print!(" ratio |");
+    }
+    println!();
+    println!(
+        "|---|{}",
+        "---:|".repeat(proxies.len() + usize::from(proxies.len() == 2))
+    );
+    for (label, values, lower_is_better) in rows {
+        print!("| {label} |");
+        for value in &values {
+            print!(" {} |", value.map_or("—".into(), |v| format!("{v:.1}")));
+        }
+        // The ratio says how many times better berth is (added latency below
+        // 1 µs is counted as 1 µs, so that noise cannot make it infinite).
+        if let [Some(ours), Some(theirs)] = values[..] {
+            let (ours, theirs) = (ours.max(1.0), theirs.max(1.0));
+            let ratio = if lower_is_better {
+                theirs / ours
+            } else {
+                ours / theirs
+            };
+            print!(" {ratio:.1}× |");
+        } else if values.len() == 2 {
+            print!(" — |");
+        }
+        println!();
+    }
+}
+
+/// "p50 / p99" of the median repeat, with how many repeats were sustained.
+fn latency_cell(runs: &[Run], repeats: usize) -> String {
+    let p = |q| {
+        median(
+            runs.iter()
+                .filter_map(|r| r.percentile_us(q))
+                .map(|v| v as f64)
+                .collect(),
+        )
+    };
+    let sustained = runs.iter().filter(|r| r.sustained()).count();
+    let mark = if sustained == repeats {
+        String::new()
+    } else {
+        format!(" ({sustained}/{repeats} ok)")
+    };
+    match (p(0.5), p(0.99)) {
+        (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}{mark}"),
+        _ => format!("—{mark}"),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

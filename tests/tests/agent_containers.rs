@@ -1,0 +1,961 @@
+//! The agent's docker and podman runtimes against a real engine: images
+//! imported through the agent (no registry), lifecycle, exec, health and
+//! recovery, events, leftovers, bad input.
+//!
+//! Engine: docker at /var/run/docker.sock by default. For podman, start
+//! `scripts/images/podman-service.sh` and run with
+//! `BERTH_TEST_ENGINE=podman BERTH_TEST_ENGINE_SOCKET=/tmp/berth-podman/podman.sock`.
+//! Each test says why it skips when there is no engine or no busybox.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+use berth_proto::agent::v1::*;
+use berth_proto::common::v1::{
+    EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, RestartPolicy, Runtime, Ulimit,
+    WorkloadSpec,
+};
+use berth_server::client::AuthChannel;
+use berth_tests::{Process, free_port, wait_for};
+use tonic::Code;
+
+type Client = ContainerAgentClient<AuthChannel>;
+/// One way to break a spec, for the bad-input cases.
+type SpecChange = Box<dyn Fn(&mut WorkloadSpec)>;
+
+struct Engine {
+    runtime: Runtime,
+    socket: PathBuf,
+}
+
+/// The engine under test, or None (and why, on stderr).
+fn engine(test: &str) -> Option<Engine> {
+    let podman = std::env::var("BERTH_TEST_ENGINE").is_ok_and(|e| e == "podman");
+    let socket = std::env::var("BERTH_TEST_ENGINE_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/run/docker.sock"));
+    if !socket.exists() {
+        eprintln!(
+            "SKIP {test}: no engine socket at {} (docker not running here; set BERTH_TEST_ENGINE_SOCKET)",
+            socket.display()
+        );
+        return None;
+    }
+    Some(Engine {
+        runtime: if podman {
+            Runtime::Podman
+        } else {
+            Runtime::Docker
+        },
+        socket,
+    })
+}
+
+/// The busybox rootfs tar built by scripts/images/busybox-rootfs.sh.
+fn busybox_tar(test: &str) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/images/busybox-rootfs.sh");
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("images");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(&cache)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        eprintln!(
+            "SKIP {test}: could not build the busybox rootfs (needs apt-get download busybox-static): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    Some(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
+}
+
+struct Agent {
+    client: Client,
+    process: Option<Process>,
+    owner: String,
+    image: String,
+    engine: Engine,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// An agent of its own owner on the engine, with busybox imported.
+    async fn start(test: &str) -> Option<Self> {
+        let engine = engine(test)?;
+        let tar = busybox_tar(test)?;
+        let owner = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
+        let dir = tempfile::tempdir().unwrap();
+        let (process, client) = spawn_agent(&dir, &engine, &engine.socket, &owner, "adopt").await;
+        let mut agent = Self {
+            client,
+            process: Some(process),
+            image: format!("berth-test-{owner}:bb"),
+            owner,
+            engine,
+            dir,
+        };
+        agent.import(&tar).await;
+        Some(agent)
+    }
+
+    /// A new life of the agent (after a kill), on `socket`.
+    async fn spawn(&mut self, socket: &Path, leftovers: &str) {
+        let (process, client) =
+            spawn_agent(&self.dir, &self.engine, socket, &self.owner, leftovers).await;
+        self.process = Some(process);
+        self.client = client;
+    }
+
+    async fn import(&mut self, tar: &Path) {
+        let data = std::fs::read(tar).unwrap();
+        let mut chunks = vec![ImportImageChunk {
+            chunk: Some(import_image_chunk::Chunk::Metadata(ImportImageMetadata {
+                reference: self.image.clone(),
+                runtime: self.engine.runtime as i32,
+                saved_archive: false,
+                command: vec!["/bin/sh".into()],
+            })),
+        }];
+        chunks.extend(data.chunks(256 * 1024).map(|c| ImportImageChunk {
+            chunk: Some(import_image_chunk::Chunk::Data(c.to_vec())),
+        }));
+        let image = self
+            .client
+            .import_image(tokio_stream::iter(chunks))
+            .await
+            .expect("import busybox")
+            .into_inner();
+        assert!(
+            image.references.iter().any(|r| r.ends_with(&self.image)),
+            "{image:?}"
+        );
+    }
+
+    fn spec(&self, command: &[&str]) -> WorkloadSpec {
+        WorkloadSpec {
+            runtime: self.engine.runtime as i32,
+            image: self.image.clone(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.owner)
+    }
+
+    async fn create(
+        &mut self,
+        suffix: &str,
+        spec: WorkloadSpec,
+    ) -> Result<Workload, tonic::Status> {
+        let name = self.name(suffix);
+        self.client
+            .create_workload(CreateWorkloadRequest {
+                name,
+                spec: Some(spec),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn run(&mut self, suffix: &str, spec: WorkloadSpec) -> Workload {
+        let created = self.create(suffix, spec).await.expect("create");
+        self.client
+            .start_workload(WorkloadRef { id: created.id })
+            .await
+            .expect("start")
+            .into_inner()
+    }
+
+    async fn inspect(&mut self, id: &str) -> Workload {
+        self.client
+            .inspect_workload(WorkloadRef { id: id.into() })
+            .await
+            .expect("inspect")
+            .into_inner()
+    }
+
+    async fn exec(
+        &mut self,
+        id: &str,
+        command: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<u8>, Vec<u8>, ExitStatus), tonic::Status> {
+        let mut stream = self
+            .client
+            .exec(ExecRequest {
+                workload_id: id.into(),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                timeout: timeout.map(|t| t.try_into().unwrap()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(message) = stream.message().await? {
+            match message.output.unwrap() {
+                exec_output::Output::Stdout(d) => out.extend(d),
+                exec_output::Output::Stderr(d) => err.extend(d),
+                exec_output::Output::Exit(exit) => return Ok((out, err, exit)),
+            }
+        }
+        panic!("exec stream ended without an exit status");
+    }
+
+    /// Events of `id` until `want` returns true for one (or the time runs out).
+    async fn wait_event(
+        events: &mut tonic::Streaming<WorkloadEvent>,
+        limit: Duration,
+        want: impl Fn(&WorkloadEvent) -> bool,
+    ) -> WorkloadEvent {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.message()).await {
+                Ok(Ok(Some(event))) if want(&event) => return event,
+                Ok(Ok(Some(_))) => continue,
+                other => panic!("wanted event never came: {other:?}"),
+            }
+        }
+    }
+
+    async fn events(&mut self, id: &str) -> tonic::Streaming<WorkloadEvent> {
+        self.client
+            .events(EventsRequest {
+                workload_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// The engine's own JSON about a container (as an operator's curl would see it).
+    fn engine_get(&self, path: &str) -> (u16, String) {
+        let output = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&self.engine.socket)
+            .arg(format!("http://engine/v1.41{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    fn engine_post(&self, path: &str, body: &str) -> String {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                "--unix-socket",
+            ])
+            .arg(&self.engine.socket)
+            .arg(format!("http://engine/v1.41{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    fn engine_delete(&self, path: &str) {
+        let _ = Command::new("curl")
+            .args(["-s", "-X", "DELETE", "--unix-socket"])
+            .arg(&self.engine.socket)
+            .arg(format!("http://engine/v1.41{path}"))
+            .output();
+    }
+
+    /// Removes what the test made: its workloads, then its image.
+    async fn cleanup(mut self) {
+        let listed = self
+            .client
+            .list_workloads(ListWorkloadsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        for workload in listed.workloads {
+            let _ = self
+                .client
+                .remove_workload(RemoveWorkloadRequest {
+                    id: workload.id,
+                    force: true,
+                })
+                .await;
+        }
+        let removed = self
+            .client
+            .remove_image(RemoveImageRequest {
+                image: self.image.clone(),
+                runtime: self.engine.runtime as i32,
+            })
+            .await;
+        assert!(removed.is_ok(), "{removed:?}");
+    }
+}
+
+impl Drop for Agent {
+    /// A failed test still leaves no containers behind.
+    fn drop(&mut self) {
+        let filter = format!(r#"{{"label":["berth.owner={}"]}}"#, self.owner);
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-G",
+                "--data-urlencode",
+                &format!("filters={filter}"),
+                "--data",
+                "all=1",
+                "--unix-socket",
+            ])
+            .arg(&self.engine.socket)
+            .arg("http://engine/v1.41/containers/json")
+            .output();
+        let listed = output
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for part in listed.split("\"Id\":\"").skip(1) {
+            if let Some(id) = part.split('"').next() {
+                self.engine_delete(&format!("/containers/{id}?force=1"));
+            }
+        }
+    }
+}
+
+async fn spawn_agent(
+    dir: &tempfile::TempDir,
+    engine: &Engine,
+    socket: &Path,
+    owner: &str,
+    leftovers: &str,
+) -> (Process, Client) {
+    let listen = format!("unix://{}", dir.path().join("agent.sock").display());
+    let http = format!("127.0.0.1:{}", free_port());
+    let (docker, podman) = match engine.runtime {
+        Runtime::Podman => ("off".to_string(), socket.display().to_string()),
+        _ => (socket.display().to_string(), "off".to_string()),
+    };
+    let state = dir.path().join("state").display().to_string();
+    let process = Process::spawn(
+        "berth-agent",
+        &[],
+        &[
+            ("BERTH_SERVER__LISTEN", &listen),
+            ("BERTH_SERVER__HTTP_LISTEN", &http),
+            ("BERTH_ENGINES__DOCKER", &docker),
+            ("BERTH_ENGINES__PODMAN", &podman),
+            ("BERTH_ENGINES__OWNER", owner),
+            ("BERTH_ENGINES__LEFTOVERS", leftovers),
+            ("BERTH_ENGINES__STATE_DIR", &state),
+        ],
+    );
+    (process, ContainerAgentClient::new(wait_for(&listen).await))
+}
+
+fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_lifecycle_exec_logs_stats_images() {
+    let Some(mut agent) = Agent::start("lifecycle").await else {
+        return;
+    };
+    let info = agent
+        .client
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.runtimes.contains(&(agent.engine.runtime as i32)),
+        "{info:?}"
+    );
+    let images = agent
+        .client
+        .list_images(ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        images
+            .images
+            .iter()
+            .any(|i| i.references.iter().any(|r| r.ends_with(&agent.image)))
+    );
+
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("hello.txt"), "from the host").unwrap();
+    let mut spec = agent.spec(&["sh", "-c", "echo hello-log; echo oops >&2; exec sleep 1000"]);
+    spec.env = vec![EnvVar {
+        name: "GREETING".into(),
+        value: "hi there".into(),
+    }];
+    spec.mounts = vec![Mount {
+        source: shared.path().display().to_string(),
+        target: "/shared".into(),
+        read_only: true,
+        volume: false,
+    }];
+    spec.ports = vec![PortMapping {
+        container_port: 8080,
+        host_port: 0,
+        ..Default::default()
+    }];
+    spec.resources = Some(Resources {
+        cpu_limit: 1.0,
+        memory_limit_bytes: 64 << 20,
+        ..Default::default()
+    });
+    spec.ulimits = vec![Ulimit {
+        name: "nofile".into(),
+        soft: 1000,
+        hard: 1000,
+    }];
+    let created = agent.create("main", spec).await.expect("create");
+    assert_eq!(created.state(), WorkloadState::Created);
+    let started = agent
+        .client
+        .start_workload(WorkloadRef {
+            id: created.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state(), WorkloadState::Running);
+    assert_eq!(started.endpoints.len(), 1, "{:?}", started.endpoints);
+    let id = started.id.clone();
+
+    let (out, err, exit) = agent
+        .exec(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.as_slice(), err.as_slice(), exit.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], 3)
+    );
+    assert_eq!(exit.reason(), ExitReason::Exited);
+    let (out, _, exit) = agent.exec(&id, &["sh", "-c", "echo \"$GREETING\"; cat /shared/hello.txt; ulimit -n; touch /shared/x 2>/dev/null || echo ro"], None).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "hi there\nfrom the host1000\nro\n"
+    );
+    assert_eq!(exit.exit_code, 0);
+
+    // Output streams as it is produced, not at the end.
+    let started_at = Instant::now();
+    let mut stream = agent
+        .client
+        .exec(ExecRequest {
+            workload_id: id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo first; sleep 2; echo second".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.output,
+        Some(exec_output::Output::Stdout(b"first\n".to_vec()))
+    );
+    assert!(
+        started_at.elapsed() < Duration::from_millis(1500),
+        "first chunk took {:?}",
+        started_at.elapsed()
+    );
+    drop(stream);
+
+    // Many at once.
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let mut client = agent.client.clone();
+        let id = id.clone();
+        handles.push(tokio::spawn(async move {
+            let mut stream = client
+                .exec(ExecRequest {
+                    workload_id: id,
+                    command: vec!["sh".into(), "-c".into(), format!("echo {i}; exit {i}")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(m) = stream.message().await.unwrap() {
+                match m.output.unwrap() {
+                    exec_output::Output::Stdout(d) => out.extend(d),
+                    exec_output::Output::Exit(e) => return (i, out, e.exit_code),
+                    _ => {}
+                }
+            }
+            panic!("no exit");
+        }));
+    }
+    for handle in handles {
+        let (i, out, code) = handle.await.unwrap();
+        assert_eq!(
+            (String::from_utf8_lossy(&out).trim().to_string(), code),
+            (i.to_string(), i)
+        );
+    }
+
+    let mut logs = agent
+        .client
+        .logs(LogsRequest {
+            workload_id: id.clone(),
+            tail: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = logs.message().await.unwrap() {
+        lines.push((line.stream(), line.line));
+    }
+    assert!(
+        lines.contains(&(LogStream::Stdout, "hello-log".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&(LogStream::Stderr, "oops".into())),
+        "{lines:?}"
+    );
+
+    let mut stats = agent
+        .client
+        .stats(StatsRequest {
+            workload_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sample = stats.message().await.unwrap().unwrap();
+    assert!(
+        sample.memory_bytes > 0 && sample.memory_limit_bytes == 64 << 20,
+        "{sample:?}"
+    );
+
+    let stopped = agent
+        .client
+        .stop_workload(StopWorkloadRequest {
+            id: id.clone(),
+            timeout: Some(Duration::from_secs(1).try_into().unwrap()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            stopped.state(),
+            WorkloadState::Exited | WorkloadState::Stopped
+        ),
+        "{stopped:?}"
+    );
+    let error = agent.exec(&id, &["true"], None).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+
+    agent
+        .client
+        .remove_workload(RemoveWorkloadRequest {
+            id: id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let error = agent
+        .client
+        .inspect_workload(WorkloadRef { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert_eq!(agent.engine_get(&format!("/containers/{id}/json")).0, 404);
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_bad_input_is_named() {
+    let Some(mut agent) = Agent::start("bad_input").await else {
+        return;
+    };
+    let mut spec = agent.spec(&["sleep", "1"]);
+    spec.image = "berth-no-such-image:never".into();
+    let error = agent.create("noimage", spec).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    assert!(
+        error.message().contains("berth-no-such-image:never"),
+        "{error:?}"
+    );
+    let (code, _) = agent.engine_get(&format!("/containers/{}/json", agent.name("noimage")));
+    assert_eq!(code, 404, "a half-created container was left behind");
+
+    let cases: Vec<(&str, SpecChange)> = vec![
+        (
+            "spec.ports",
+            Box::new(|s| {
+                s.ports = vec![PortMapping {
+                    container_port: 0,
+                    ..Default::default()
+                }]
+            }),
+        ),
+        (
+            "spec.mounts",
+            Box::new(|s| {
+                s.mounts = vec![Mount {
+                    source: "/nonexistent/berth".into(),
+                    target: "/x".into(),
+                    ..Default::default()
+                }]
+            }),
+        ),
+        (
+            "spec.resources.memory_limit_bytes",
+            Box::new(|s| {
+                s.resources = Some(Resources {
+                    memory_limit_bytes: 1000,
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "spec.resources.cpu_limit",
+            Box::new(|s| {
+                s.resources = Some(Resources {
+                    cpu_limit: f64::NAN,
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "spec.ulimits",
+            Box::new(|s| {
+                s.ulimits = vec![Ulimit {
+                    name: "bogus".into(),
+                    soft: 1,
+                    hard: 1,
+                }]
+            }),
+        ),
+    ];
+    for (field, change) in cases {
+        let mut spec = agent.spec(&["sleep", "1"]);
+        change(&mut spec);
+        let error = agent.create("bad", spec).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{field}: {error:?}");
+        assert!(error.message().starts_with(field), "{field}: {error:?}");
+    }
+
+    if !Path::new("/dev/nvidiactl").exists() {
+        let mut spec = agent.spec(&["sleep", "1"]);
+        spec.gpus = Some(GpuRequest {
+            count: 1,
+            ..Default::default()
+        });
+        let error = agent.create("gpu", spec).await.unwrap_err();
+        assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+        assert!(error.message().contains("no NVIDIA GPU"), "{error:?}");
+        assert_eq!(
+            agent
+                .engine_get(&format!("/containers/{}/json", agent.name("gpu")))
+                .0,
+            404
+        );
+    }
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_exec_cancel_and_timeout_leave_nothing() {
+    let Some(mut agent) = Agent::start("exec_cancel").await else {
+        return;
+    };
+    let id = agent.run("box", agent.spec(&["sleep", "1000"])).await.id;
+
+    let mut stream = agent
+        .client
+        .exec(ExecRequest {
+            workload_id: id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "sleep 777 & echo started; sleep 778".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.output,
+        Some(exec_output::Output::Stdout(b"started\n".to_vec()))
+    );
+    drop(stream); // the cancel
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (out, _, _) = agent.exec(&id, &["ps", "-o", "args"], None).await.unwrap();
+        let ps = String::from_utf8_lossy(&out).to_string();
+        if !ps.contains("sleep 77") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec'd processes survived the cancel:\n{ps}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = Instant::now();
+    let (_, _, exit) = agent
+        .exec(
+            &id,
+            &["sh", "-c", "sleep 555 & sleep 556"],
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(exit.reason(), ExitReason::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (out, _, _) = agent.exec(&id, &["ps", "-o", "args"], None).await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out).contains("sleep 55"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_oom_kill() {
+    let Some(mut agent) = Agent::start("oom").await else {
+        return;
+    };
+    let mut spec = agent.spec(&["tail", "/dev/zero"]); // buffers an endless line
+    spec.resources = Some(Resources {
+        memory_limit_bytes: 16 << 20,
+        ..Default::default()
+    });
+    let created = agent.create("hog", spec).await.unwrap();
+    let mut events = agent.events(&created.id).await;
+    agent
+        .client
+        .start_workload(WorkloadRef {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let died = Agent::wait_event(&mut events, Duration::from_secs(30), |e| {
+        e.kind() == EventKind::Died
+    })
+    .await;
+    assert_eq!(died.exit_code, Some(137), "{died:?}");
+    Agent::wait_event(&mut events, Duration::from_secs(5), |e| {
+        e.kind() == EventKind::OomKilled
+    })
+    .await;
+    assert!(agent.inspect(&created.id).await.oom_killed);
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_backend_is_restarted() {
+    let Some(mut agent) = Agent::start("killed").await else {
+        return;
+    };
+    let mut spec = agent.spec(&["sleep", "1000"]);
+    spec.restart_policy = RestartPolicy::Always as i32;
+    let id = agent.run("backend", spec).await.id;
+    let mut events = agent.events(&id).await;
+    let (_, details) = agent.engine_get(&format!("/containers/{id}/json"));
+    let pid: i32 = json_field(&details, "Pid").unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let died = Agent::wait_event(&mut events, Duration::from_secs(10), |e| {
+        e.kind() == EventKind::Died
+    })
+    .await;
+    assert_eq!(died.exit_code, Some(137));
+    Agent::wait_event(&mut events, Duration::from_secs(20), |e| {
+        matches!(e.kind(), EventKind::Started | EventKind::Restarted)
+    })
+    .await;
+    let workload = agent.inspect(&id).await;
+    assert_eq!(workload.state(), WorkloadState::Running);
+    assert!(workload.restart_count >= 1, "{workload:?}");
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_unhealthy_backend_is_restarted() {
+    let Some(mut agent) = Agent::start("unhealthy").await else {
+        return;
+    };
+    let mut spec = agent.spec(&["sh", "-c", "touch /tmp/ok; exec sleep 1000"]);
+    spec.health_check = Some(HealthCheck {
+        command: vec!["test".into(), "-f".into(), "/tmp/ok".into()],
+        interval: Some(Duration::from_millis(200).try_into().unwrap()),
+        timeout: Some(Duration::from_secs(2).try_into().unwrap()),
+        retries: 2,
+        start_period: None,
+    });
+    let created = agent.create("backend", spec).await.unwrap();
+    let mut events = agent.events(&created.id).await;
+    agent
+        .client
+        .start_workload(WorkloadRef {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let healthy =
+        |e: &WorkloadEvent| e.kind() == EventKind::HealthChanged && e.health() == Health::Healthy;
+    Agent::wait_event(&mut events, Duration::from_secs(10), healthy).await;
+    agent
+        .exec(&created.id, &["rm", "/tmp/ok"], None)
+        .await
+        .unwrap();
+    Agent::wait_event(&mut events, Duration::from_secs(10), |e| {
+        e.kind() == EventKind::HealthChanged && e.health() == Health::Unhealthy
+    })
+    .await;
+    // The restart runs the command again, which makes the check pass again.
+    Agent::wait_event(&mut events, Duration::from_secs(30), healthy).await;
+    let workload = agent.inspect(&created.id).await;
+    assert!(
+        workload.restart_count >= 1 && workload.health() == Health::Healthy,
+        "{workload:?}"
+    );
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_adopts_or_sweeps_only_its_own() {
+    let Some(mut agent) = Agent::start("leftovers").await else {
+        return;
+    };
+    let mine = agent.run("mine", agent.spec(&["sleep", "1000"])).await.id;
+    let foreign_berth = agent.engine_post(
+        &format!("/containers/create?name={}-other-owner", agent.owner),
+        &format!(
+            r#"{{"Image":"{}","Cmd":["sleep","1000"],"Labels":{{"berth.owner":"someone-else"}}}}"#,
+            agent.image
+        ),
+    );
+    let plain = agent.engine_post(
+        &format!("/containers/create?name={}-plain", agent.owner),
+        &format!(r#"{{"Image":"{}","Cmd":["sleep","1000"]}}"#, agent.image),
+    );
+    let foreign_ids: Vec<String> = [foreign_berth, plain]
+        .iter()
+        .map(|j| json_field(j, "Id").expect("created").to_string())
+        .collect();
+
+    // A crash, then a new agent life that adopts.
+    agent.process.take().unwrap().kill();
+    let socket = agent.engine.socket.clone();
+    agent.spawn(&socket, "adopt").await;
+    let listed = agent
+        .client
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .workloads
+            .iter()
+            .map(|w| w.id.clone())
+            .collect::<Vec<_>>(),
+        vec![mine.clone()]
+    );
+    assert_eq!(listed.workloads[0].state(), WorkloadState::Running);
+
+    // Another crash, then a life that sweeps: only this owner's container goes.
+    agent.process.take().unwrap().kill();
+    agent.spawn(&socket, "sweep").await;
+    // The agent answers once its start (and the sweep) is done.
+    let listed = agent
+        .client
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.workloads.is_empty(), "{listed:?}");
+    assert_eq!(agent.engine_get(&format!("/containers/{mine}/json")).0, 404);
+    for id in &foreign_ids {
+        assert_eq!(
+            agent.engine_get(&format!("/containers/{id}/json")).0,
+            200,
+            "swept a container it does not own"
+        );
+        agent.engine_delete(&format!("/containers/{id}?force=1"));
+    }
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_engine_gone_is_unavailable_then_back() {
+    let Some(mut agent) = Agent::start("engine_gone").await else {
+        return;
+    };
+    // The agent talks to the engine through a proxy socket the test can cut.
+    let proxy = agent.dir.path().join("engine-proxy.sock");
+    let real = agent.engine.socket.clone();
+    let serve = |proxy: PathBuf, real: PathBuf| {
+        let _ = std::fs::remove_file(&proxy);
+        let listener = tokio::net::UnixListener::bind(&proxy).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let real = real.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect(real).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        })
+    };
+    let proxy_task = serve(proxy.clone(), real.clone());
+    agent.process.take().unwrap().kill();
+    agent.spawn(&proxy, "adopt").await;
+    agent
+        .client
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .expect("through the proxy");
+
+    proxy_task.abort();
+    let _ = std::fs::remove_file(&proxy);
+    let error = agent
+        .create("gone", agent.spec(&["sleep", "1"]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+
+    let _proxy_task = serve(proxy.clone(), real);
+    let workload = agent.run("back", agent.spec(&["sleep", "1000"])).await;
+    assert_eq!(workload.state(), WorkloadState::Running);
+    agent.cleanup().await;
+}

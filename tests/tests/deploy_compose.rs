@@ -1,0 +1,524 @@
+//! compose.yaml for real, with Debian's docker-compose (1.29.x) against the local Docker Engine:
+//! the images built by scripts/deploy/build-images.sh (nothing pulled), `up -d`, every health
+//! check healthy, each service driven over gRPC (health + reflection, as grpcurl would), the
+//! agent registered with the orchestrator through the shared socket volume, a small campaign run
+//! inside the agent container, and `down -v` leaving no container, volume or network behind.
+//! Then bad input: a missing config file, a port in use, a missing secret and a missing engine
+//! socket each end with a message naming the problem, not a silent restart loop.
+//!
+//! Skips (and says why) when docker or docker-compose is missing or the engine does not answer,
+//! or when BERTH_DEPLOY_TESTS=0.
+//! Images: built with the script when `localhost/berth-<svc>:latest` is missing, or always with
+//! BERTH_DEPLOY_REBUILD=1 (the cargo release build takes minutes on 2 cores).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use berth_proto::agent::v1::InfoRequest;
+use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::{
+    CampaignState, GetCampaignRequest, GetResultsRequest, RegisterHostRequest,
+    SubmitCampaignRequest,
+};
+use berth_tests::{free_port, health, reflection_list, wait_for};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SERVICES: [&str; 5] = [
+    "orchestrator",
+    "agent",
+    "power-sampler",
+    "embedding",
+    "llm-proxy",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"))
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Why the docker tests cannot run here, if they cannot.
+fn docker_missing() -> Option<String> {
+    if std::env::var("BERTH_DEPLOY_TESTS").is_ok_and(|v| v == "0") {
+        return Some("BERTH_DEPLOY_TESTS=0".into());
+    }
+    for tool in ["docker", "docker-compose"] {
+        match Command::new(tool).arg("version").output() {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => return Some(format!("`{tool} version` failed: {}", text(&output))),
+            Err(e) => return Some(format!("{tool} is not installed ({e})")),
+        }
+    }
+    None
+}
+
+/// seed 000's nofile (65536), or this machine's hard limit where that is lower: the engine
+/// cannot raise a container's limit above its own ("error setting rlimit type 7").
+fn nofile_limit() -> String {
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(65536);
+    hard.min(65536).to_string()
+}
+
+/// Builds the images unless they are all there (or BERTH_DEPLOY_REBUILD=1).
+/// Both tests of this file may want the images at once: one builds, the other waits.
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ensure_images() {
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let missing: Vec<&str> = SERVICES
+        .iter()
+        .copied()
+        .filter(|svc| {
+            !run(Command::new("docker").args([
+                "image",
+                "inspect",
+                &format!("localhost/berth-{svc}:latest"),
+            ]))
+            .status
+            .success()
+        })
+        .collect();
+    if missing.is_empty() && std::env::var_os("BERTH_DEPLOY_REBUILD").is_none() {
+        return;
+    }
+    eprintln!("building images (missing: {missing:?}) with scripts/deploy/build-images.sh");
+    let started = Instant::now();
+    let status = Command::new(repo_root().join("scripts/deploy/build-images.sh"))
+        .current_dir(repo_root())
+        .status()
+        .expect("run build-images.sh");
+    assert!(status.success(), "build-images.sh failed");
+    eprintln!("images built in {:.0?}", started.elapsed());
+}
+
+/// One compose project with its own name and host ports, taken down (with its volumes) on drop.
+struct Project {
+    name: String,
+    env: BTreeMap<String, String>,
+    extra_files: Vec<PathBuf>,
+    ports: BTreeMap<&'static str, u16>,
+    _models: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(tag: &str) -> Self {
+        let name = format!("berthtest{tag}{}", std::process::id());
+        let models = tempfile::tempdir().unwrap();
+        let mut ports = BTreeMap::new();
+        let mut env = BTreeMap::new();
+        for var in [
+            "BERTH_PORT_ORCHESTRATOR",
+            "BERTH_PORT_ORCHESTRATOR_HTTP",
+            "BERTH_PORT_AGENT_HTTP",
+            "BERTH_PORT_POWER",
+            "BERTH_PORT_POWER_HTTP",
+            "BERTH_PORT_EMBEDDING",
+            "BERTH_PORT_EMBEDDING_HTTP",
+            "BERTH_PORT_LLM_PROXY",
+            "BERTH_PORT_LLM_PROXY_HTTP",
+        ] {
+            let port = free_port();
+            ports.insert(var, port);
+            env.insert(var.to_string(), port.to_string());
+        }
+        let engine_gid = std::fs::metadata("/var/run/docker.sock")
+            .map(|m| std::os::unix::fs::MetadataExt::gid(&m).to_string())
+            .unwrap_or_else(|_| "10001".into());
+        let nofile = nofile_limit();
+        for (key, value) in [
+            ("BERTH_NOFILE", nofile.as_str()),
+            ("BERTH_PUBLISH_IP", "127.0.0.1"),
+            ("BERTH_HEALTH_INTERVAL", "1s"),
+            ("BERTH_ENGINE_GID", engine_gid.as_str()),
+            ("LITELLM_MASTER_KEY", "sk-compose-test"),
+            ("COMPOSE_DOCKER_CLI_BUILD", "0"),
+            ("BERTH_MODEL_CACHE", models.path().to_str().unwrap()),
+        ] {
+            env.insert(key.to_string(), value.to_string());
+        }
+        let project = Self {
+            name,
+            env,
+            extra_files: Vec::new(),
+            ports,
+            _models: models,
+        };
+        // Whatever an earlier, killed run left under this name.
+        project.compose(&["down", "-v", "--remove-orphans"]);
+        project
+    }
+
+    fn compose(&self, args: &[&str]) -> Output {
+        let mut command = Command::new("docker-compose");
+        command
+            .current_dir(repo_root())
+            .args(["-p", &self.name, "-f", "compose.yaml"]);
+        for file in &self.extra_files {
+            command.arg("-f").arg(file);
+        }
+        run(command.args(args).envs(&self.env))
+    }
+
+    fn container(&self, service: &str) -> String {
+        let output = self.compose(&["ps", "-q", service]);
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn inspect(&self, service: &str, format: &str) -> String {
+        let id = self.container(service);
+        if id.is_empty() {
+            return String::new();
+        }
+        let output = run(Command::new("docker").args(["inspect", "-f", format, &id]));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn port(&self, var: &str) -> u16 {
+        self.ports[var]
+    }
+
+    /// Leftovers of this project: containers, volumes, networks.
+    fn leftovers(&self) -> Vec<String> {
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let mut left = Vec::new();
+        for kind in [
+            vec!["ps", "-aq", "--filter"],
+            vec!["volume", "ls", "-q", "--filter"],
+            vec!["network", "ls", "-q", "--filter"],
+        ] {
+            let mut args = kind.clone();
+            args.push(&label);
+            let output = run(Command::new("docker").args(&args));
+            left.extend(
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(|l| format!("{} {l}", kind[0])),
+            );
+        }
+        left
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        self.compose(&["down", "-v", "--remove-orphans"]);
+    }
+}
+
+async fn wait_healthy(project: &Project, services: &[&str], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let states: Vec<(String, String)> = services
+            .iter()
+            .map(|svc| {
+                (
+                    svc.to_string(),
+                    project.inspect(svc, "{{.State.Status}}/{{.State.Health.Status}}"),
+                )
+            })
+            .collect();
+        if states.iter().all(|(_, s)| s == "running/healthy") {
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs = project.compose(&["logs", "--no-color", "--tail", "20"]);
+            panic!(
+                "not all healthy after {limit:?}: {states:?}\n{}",
+                text(&logs)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The busybox-compatible campaign of deploy/campaigns (the quickstart needs GNU coreutils).
+const CAMPAIGN: &str = include_str!("../../deploy/campaigns/agent-container.yaml");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
+    if let Some(why) = docker_missing() {
+        eprintln!("SKIP docker_compose_stack: {why}");
+        return;
+    }
+    ensure_images();
+    let project = Project::new("up");
+
+    let started = Instant::now();
+    let up = project.compose(&["up", "-d"]);
+    assert!(
+        up.status.success(),
+        "docker-compose up failed:\n{}",
+        text(&up)
+    );
+    wait_healthy(&project, &SERVICES, Duration::from_secs(120)).await;
+    eprintln!("compose up → all 5 healthy in {:.1?}", started.elapsed());
+
+    // Each TCP service, from the host, the way grpcurl reaches it.
+    for (var, service) in [
+        (
+            "BERTH_PORT_ORCHESTRATOR",
+            "berth.orchestrator.v1.Orchestrator",
+        ),
+        ("BERTH_PORT_POWER", "berth.power.v1.PowerSampler"),
+        ("BERTH_PORT_EMBEDDING", "berth.embedding.v1.Embedding"),
+        ("BERTH_PORT_LLM_PROXY", "berth.llmproxy.v1.LlmProxy"),
+    ] {
+        let address = format!("http://127.0.0.1:{}", project.port(var));
+        let channel = wait_for(&address).await;
+        assert_eq!(
+            health(channel.clone(), service).await,
+            ServingStatus::Serving
+        );
+        for v1alpha in [false, true] {
+            let listed = reflection_list(channel.clone(), v1alpha).await;
+            assert!(listed.iter().any(|s| s == service), "{address}: {listed:?}");
+        }
+    }
+
+    // The agent has no TCP port: its socket lies in the berth-run volume (root may dial it).
+    let mountpoint = run(Command::new("docker").args([
+        "volume",
+        "inspect",
+        "-f",
+        "{{.Mountpoint}}",
+        &format!("{}_berth-run", project.name),
+    ]));
+    let socket =
+        PathBuf::from(String::from_utf8_lossy(&mountpoint.stdout).trim()).join("agent.sock");
+    let agent = wait_for(&format!("unix://{}", socket.display())).await;
+    assert_eq!(
+        health(agent.clone(), "berth.agent.v1.ContainerAgent").await,
+        ServingStatus::Serving
+    );
+    let info = ContainerAgentClient::new(agent)
+        .info(InfoRequest::default())
+        .await
+        .expect("agent Info")
+        .into_inner();
+    eprintln!(
+        "agent in its container: {} {}",
+        info.hostname, info.agent_version
+    );
+
+    // The campaign: the orchestrator (uid 10001) dials the agent's 0600 socket (uid 10001)
+    // through the shared volume; the runs are busybox commands inside the agent container.
+    let orchestrator = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        project.port("BERTH_PORT_ORCHESTRATOR")
+    ))
+    .await;
+    let mut client = OrchestratorClient::new(orchestrator);
+    client
+        .register_host(RegisterHostRequest {
+            name: "compose-agent".into(),
+            address: "unix:///run/berth/agent.sock".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost");
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: CAMPAIGN.into(),
+            source_name: "compose.yaml".into(),
+            validate_only: false,
+        })
+        .await
+        .expect("SubmitCampaign")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let finished = loop {
+        let now = client
+            .get_campaign(GetCampaignRequest {
+                id: campaign.id.clone(),
+            })
+            .await
+            .expect("GetCampaign")
+            .into_inner();
+        if matches!(
+            CampaignState::try_from(now.state).unwrap_or_default(),
+            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+        ) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "campaign never ended: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let counts = finished.runs.unwrap_or_default();
+    assert_eq!(
+        CampaignState::try_from(finished.state).unwrap(),
+        CampaignState::Succeeded,
+        "{}",
+        finished.status_message
+    );
+    assert_eq!((counts.succeeded, counts.failed), (8, 0), "{counts:?}");
+    let results = client
+        .get_results(GetResultsRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .expect("GetResults")
+        .into_inner();
+    assert_eq!(results.results.len(), 4);
+    for row in &results.results {
+        assert_eq!(row.succeeded, 2, "{row:?}");
+        assert!(
+            row.metrics
+                .iter()
+                .any(|m| m.name == "mib_per_s" && m.mean > 0.0),
+            "{row:?}"
+        );
+    }
+
+    // SIGTERM drains and exits 0 (not a restart), state survives a restart of the container.
+    let stop = project.compose(&["stop", "orchestrator"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    assert_eq!(project.inspect("orchestrator", "{{.State.ExitCode}}"), "0");
+    let start = project.compose(&["start", "orchestrator"]);
+    assert!(start.status.success(), "{}", text(&start));
+    wait_healthy(&project, &["orchestrator"], Duration::from_secs(60)).await;
+    let channel = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        project.port("BERTH_PORT_ORCHESTRATOR")
+    ))
+    .await;
+    let again = OrchestratorClient::new(channel)
+        .get_campaign(GetCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .expect("GetCampaign after restart")
+        .into_inner();
+    assert_eq!(
+        again.state, finished.state,
+        "state kept in the named volume"
+    );
+
+    let down = project.compose(&["down", "-v"]);
+    assert!(down.status.success(), "{}", text(&down));
+    let left = project.leftovers();
+    assert!(left.is_empty(), "down -v left: {left:?}");
+}
+
+/// Waits until a service's container has given up: exited, restart count at the policy's max.
+async fn wait_given_up(project: &Project, service: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let state = project.inspect(
+            service,
+            "{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}",
+        );
+        if state == "exited 5 1" {
+            return text(&project.compose(&["logs", "--no-color", service]));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} did not stop after 5 restarts: {state}\n{}",
+            text(&project.compose(&["logs", "--no-color", service]))
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_compose_bad_input_names_the_problem_and_stops_retrying() {
+    if let Some(why) = docker_missing() {
+        eprintln!("SKIP docker_compose_bad_input: {why}");
+        return;
+    }
+    ensure_images();
+    let mut project = Project::new("bad");
+    let dir = tempfile::tempdir().unwrap();
+    let override_file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &override_file,
+        "services:\n\
+         \x20 power-sampler:\n\
+         \x20   environment:\n\
+         \x20     BERTH_CONFIG: /etc/berth/missing.toml\n\
+         \x20 llm-proxy:\n\
+         \x20   environment:\n\
+         \x20     BERTH_SERVER__HTTP_LISTEN: 0.0.0.0:7704\n\
+         \x20 embedding:\n\
+         \x20   environment:\n\
+         \x20     BERTH_SERVER__REQUEST_TIMEOUT: soon\n",
+    )
+    .unwrap();
+    project.extra_files.push(override_file);
+
+    let up = project.compose(&["up", "-d", "power-sampler", "llm-proxy", "embedding"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let logs = wait_given_up(&project, "power-sampler").await;
+    assert!(
+        logs.contains("config file /etc/berth/missing.toml"),
+        "missing config file not named:\n{logs}"
+    );
+    let logs = wait_given_up(&project, "llm-proxy").await;
+    assert!(
+        logs.contains("0.0.0.0:7704") && logs.contains("server.http_listen"),
+        "port in use not named:\n{logs}"
+    );
+    let logs = wait_given_up(&project, "embedding").await;
+    assert!(
+        logs.contains("request_timeout") && logs.contains("soon"),
+        "bad value not named:\n{logs}"
+    );
+    let ps = text(&project.compose(&["ps"]));
+    assert!(ps.contains("Exit 1"), "compose ps shows the failure:\n{ps}");
+    project.compose(&["down", "-v"]);
+
+    // A missing secret: the llm-proxy names the variable.
+    project.extra_files.clear();
+    project.env.remove("LITELLM_MASTER_KEY");
+    let up = project.compose(&["up", "-d", "llm-proxy"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let logs = wait_given_up(&project, "llm-proxy").await;
+    assert!(logs.contains("LITELLM_MASTER_KEY"), "{logs}");
+    project.compose(&["down", "-v"]);
+
+    // The engine socket not there: `up` refuses, naming the path.
+    project.env.insert(
+        "BERTH_ENGINE_SOCKET".into(),
+        "/nonexistent/engine.sock".into(),
+    );
+    let up = project.compose(&["up", "-d", "agent"]);
+    let out = text(&up);
+    assert!(
+        !up.status.success(),
+        "up must fail without the engine socket:\n{out}"
+    );
+    assert!(out.contains("/nonexistent/engine.sock"), "{out}");
+    assert!(
+        !Path::new("/nonexistent/engine.sock").exists(),
+        "docker must not create the missing socket path"
+    );
+    project.compose(&["down", "-v"]);
+    let left = project.leftovers();
+    assert!(left.is_empty(), "down -v left: {left:?}");
+}

@@ -1,0 +1,417 @@
+//! compose.yaml with podman-compose 1.0.x against rootful podman: the images built with
+//! `scripts/deploy/build-images.sh --engine podman` (busybox /bin/sh in each, because
+//! podman-compose wraps every health check in `/bin/sh -c`), `up -d`, every health check passing
+//! (run with `podman healthcheck run`: podman schedules them with systemd timers, and there is
+//! no systemd here), gRPC health + reflection on each service, a campaign through the agent's
+//! socket volume, and `down -v` plus the network podman-compose 1.0.3 leaves behind.
+//!
+//! Skips, saying why, when podman or podman-compose is missing or `podman info` fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::{
+    CampaignState, GetCampaignRequest, RegisterHostRequest, SubmitCampaignRequest,
+};
+use berth_tests::{free_port, health, reflection_list, wait_for};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SERVICES: [&str; 5] = [
+    "orchestrator",
+    "agent",
+    "power-sampler",
+    "embedding",
+    "llm-proxy",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"))
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// podman's settings for this test, in a file of its own (CONTAINERS_CONF) so that nothing
+/// system-wide is changed: on a host without systemd, the cgroupfs manager and the file events
+/// logger; runc where it is installed (crun 1.8 refuses cgroup v1/hybrid hosts).
+fn containers_conf() -> &'static Path {
+    static CONF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CONF.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("berth-deploy-podman-{}.conf", std::process::id()));
+        let mut text = String::from("[engine]\n");
+        if !Path::new("/run/systemd/system").exists() {
+            text.push_str("cgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n");
+        }
+        if Command::new("runc")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            text.push_str("runtime = \"runc\"\n");
+        }
+        std::fs::write(&path, text).expect("write containers.conf");
+        path
+    })
+}
+
+/// `podman` or `podman-compose` with this test's containers.conf.
+fn podman_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.env("CONTAINERS_CONF", containers_conf());
+    command
+}
+
+fn podman_missing() -> Option<String> {
+    if std::env::var("BERTH_DEPLOY_TESTS").is_ok_and(|v| v == "0") {
+        return Some("BERTH_DEPLOY_TESTS=0".into());
+    }
+    for (tool, arg) in [("podman", "info"), ("podman-compose", "version")] {
+        match podman_command(tool).arg(arg).output() {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => return Some(format!("`{tool} {arg}` failed: {}", text(&output))),
+            Err(e) => return Some(format!("{tool} is not installed ({e})")),
+        }
+    }
+    None
+}
+
+/// The engine socket the agent mounts: podman's own API service, started if not running.
+struct PodmanService(Option<Child>, PathBuf);
+
+impl PodmanService {
+    fn start(dir: &Path) -> Self {
+        let system = PathBuf::from("/run/podman/podman.sock");
+        if system.exists() {
+            return Self(None, system);
+        }
+        let socket = dir.join("podman.sock");
+        let child = podman_command("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("podman system service");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "podman system service never made its socket"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self(Some(child), socket)
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Both tests of this file may want the images at once: one builds, the other waits.
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ensure_images() {
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let missing: Vec<&str> = SERVICES
+        .iter()
+        .copied()
+        .filter(|svc| {
+            !run(podman_command("podman").args([
+                "image",
+                "exists",
+                &format!("localhost/berth-{svc}:latest"),
+            ]))
+            .status
+            .success()
+        })
+        .collect();
+    if missing.is_empty() && std::env::var_os("BERTH_DEPLOY_REBUILD").is_none() {
+        return;
+    }
+    eprintln!("building podman images (missing: {missing:?})");
+    let started = Instant::now();
+    let status = Command::new(repo_root().join("scripts/deploy/build-images.sh"))
+        .env("CONTAINERS_CONF", containers_conf())
+        .args(["--engine", "podman"])
+        .current_dir(repo_root())
+        .status()
+        .expect("run build-images.sh");
+    assert!(status.success(), "build-images.sh --engine podman failed");
+    eprintln!("podman images built in {:.0?}", started.elapsed());
+}
+
+struct Project {
+    name: String,
+    env: BTreeMap<String, String>,
+}
+
+impl Project {
+    fn compose(&self, args: &[&str]) -> Output {
+        run(podman_command("podman-compose")
+            .current_dir(repo_root())
+            .args(["-p", &self.name, "-f", "compose.yaml"])
+            .args(args)
+            .envs(&self.env))
+    }
+
+    fn container(&self, service: &str) -> String {
+        // podman-compose 1.0.3 names containers <project>_<service>_1.
+        format!("{}_{}_1", self.name, service)
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let label = format!("label=io.podman.compose.project={}", self.name);
+        let mut left = Vec::new();
+        for kind in [
+            vec!["ps", "-a", "--format", "{{.Names}}", "--filter"],
+            vec!["volume", "ls", "--format", "{{.Name}}", "--filter"],
+            vec!["network", "ls", "--format", "{{.Name}}", "--filter"],
+            vec!["pod", "ls", "--format", "{{.Name}}", "--filter"],
+        ] {
+            let mut args = kind.clone();
+            args.push(&label);
+            let output = run(podman_command("podman").args(&args));
+            left.extend(
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| format!("{} {l}", kind[0])),
+            );
+        }
+        left
+    }
+
+    fn remove_network(&self) {
+        // podman-compose 1.0.3's `down` leaves the project network behind.
+        let _ = run(podman_command("podman").args([
+            "network",
+            "rm",
+            "-f",
+            &format!("{}_default", self.name),
+        ]));
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        self.compose(&["down", "-v"]);
+        self.remove_network();
+    }
+}
+
+/// seed 000's nofile (65536), or this machine's hard limit where that is lower.
+fn nofile_limit() -> String {
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(65536);
+    hard.min(65536).to_string()
+}
+
+const CAMPAIGN: &str = r#"
+name: podman-compose-smoke
+backends:
+  - name: agent-container
+    runtime: process
+configs:
+  - name: sha256
+    params: {tool: sha256sum}
+run:
+  command: [sh, -c, "head -c 1048576 /dev/zero | {{tool}} >/dev/null && echo '{\"ok\": 1}'"]
+  timeout: 30s
+cycles: 2
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
+    if let Some(why) = podman_missing() {
+        eprintln!("SKIP podman_compose_stack: {why}");
+        return;
+    }
+    ensure_images();
+    let dir = tempfile::tempdir().unwrap();
+    let service = PodmanService::start(dir.path());
+    let mut env = BTreeMap::new();
+    let mut ports = BTreeMap::new();
+    for var in [
+        "BERTH_PORT_ORCHESTRATOR",
+        "BERTH_PORT_ORCHESTRATOR_HTTP",
+        "BERTH_PORT_AGENT_HTTP",
+        "BERTH_PORT_POWER",
+        "BERTH_PORT_POWER_HTTP",
+        "BERTH_PORT_EMBEDDING",
+        "BERTH_PORT_EMBEDDING_HTTP",
+        "BERTH_PORT_LLM_PROXY",
+        "BERTH_PORT_LLM_PROXY_HTTP",
+    ] {
+        let port = free_port();
+        ports.insert(var, port);
+        env.insert(var.to_string(), port.to_string());
+    }
+    let models = tempfile::tempdir().unwrap();
+    let nofile = nofile_limit();
+    for (key, value) in [
+        ("BERTH_ENGINE_SOCKET", service.1.to_str().unwrap()),
+        ("BERTH_ENGINE_GID", "0"),
+        ("BERTH_NOFILE", nofile.as_str()),
+        ("LITELLM_MASTER_KEY", "sk-podman-test"),
+        ("BERTH_MODEL_CACHE", models.path().to_str().unwrap()),
+        // podman 4.3 has no `host-gateway`: an address (podman's default bridge gateway).
+        ("BERTH_HOST_GATEWAY", "10.88.0.1"),
+    ] {
+        env.insert(key.to_string(), value.to_string());
+    }
+    let project = Project {
+        name: format!("berthpod{}", std::process::id()),
+        env,
+    };
+    project.compose(&["down", "-v"]);
+    project.remove_network();
+
+    let started = Instant::now();
+    let up = project.compose(&["up", "-d"]);
+    assert!(
+        up.status.success(),
+        "podman-compose up failed:\n{}",
+        text(&up)
+    );
+
+    // No systemd here: run each health check ourselves until it passes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for svc in SERVICES {
+        loop {
+            let check =
+                run(podman_command("podman").args(["healthcheck", "run", &project.container(svc)]));
+            if check.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{svc} never healthy: {}\n{}",
+                text(&check),
+                text(&run(
+                    podman_command("podman").args(["logs", &project.container(svc)])
+                ))
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let status = run(podman_command("podman").args([
+            "inspect",
+            "-f",
+            "{{.State.Health.Status}}",
+            &project.container(svc),
+        ]));
+        assert_eq!(
+            String::from_utf8_lossy(&status.stdout).trim(),
+            "healthy",
+            "{svc}"
+        );
+    }
+    eprintln!(
+        "podman-compose up → all 5 healthy in {:.1?}",
+        started.elapsed()
+    );
+
+    for (var, name) in [
+        (
+            "BERTH_PORT_ORCHESTRATOR",
+            "berth.orchestrator.v1.Orchestrator",
+        ),
+        ("BERTH_PORT_POWER", "berth.power.v1.PowerSampler"),
+        ("BERTH_PORT_EMBEDDING", "berth.embedding.v1.Embedding"),
+        ("BERTH_PORT_LLM_PROXY", "berth.llmproxy.v1.LlmProxy"),
+    ] {
+        let channel = wait_for(&format!("http://127.0.0.1:{}", ports[var])).await;
+        assert_eq!(health(channel.clone(), name).await, ServingStatus::Serving);
+        let listed = reflection_list(channel, false).await;
+        assert!(listed.iter().any(|s| s == name), "{listed:?}");
+    }
+
+    let channel = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        ports["BERTH_PORT_ORCHESTRATOR"]
+    ))
+    .await;
+    let mut client = OrchestratorClient::new(channel);
+    client
+        .register_host(RegisterHostRequest {
+            name: "podman-agent".into(),
+            address: "unix:///run/berth/agent.sock".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost");
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: CAMPAIGN.into(),
+            source_name: "podman.yaml".into(),
+            validate_only: false,
+        })
+        .await
+        .expect("SubmitCampaign")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let finished = loop {
+        let now = client
+            .get_campaign(GetCampaignRequest {
+                id: campaign.id.clone(),
+            })
+            .await
+            .expect("GetCampaign")
+            .into_inner();
+        if matches!(
+            CampaignState::try_from(now.state).unwrap_or_default(),
+            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+        ) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "campaign never ended: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        CampaignState::try_from(finished.state).unwrap(),
+        CampaignState::Succeeded,
+        "{}",
+        finished.status_message
+    );
+    assert_eq!(finished.runs.unwrap_or_default().succeeded, 2);
+
+    let down = project.compose(&["down", "-v"]);
+    assert!(down.status.success(), "{}", text(&down));
+    project.remove_network();
+    let left = project.leftovers();
+    assert!(left.is_empty(), "down -v left: {left:?}");
+    drop(project);
+    drop(service);
+    let _ = std::fs::remove_file(containers_conf());
+}
