@@ -1,62 +1,104 @@
-//! berth embedding service: sentence embeddings over gRPC and HTTP.
+//! berth embedding service: sentence embeddings over gRPC and HTTP, the
+//! drop-in replacement of seed 000's FastAPI + sentence-transformers service.
 //!
-//! Not built yet (issue #6): every RPC answers UNIMPLEMENTED.
+//! Models (all-MiniLM-L6-v2 by default) run in ONNX Runtime through
+//! fastembed, loaded from the model cache that
+//! `scripts/setup-embedding-model.sh` fills. Requests from every API go
+//! through one [`service::Embedder`]: limits, then the model's
+//! [`batcher::Batcher`], which coalesces them into batches on a pool of
+//! sessions, one OS thread each.
 
-use berth_proto::embedding::v1::embedding_server::{Embedding, EmbeddingServer};
-use berth_proto::embedding::v1::*;
-use berth_server::cli::HasServerConfig;
-use berth_server::error::unimplemented;
-use berth_server::{GrpcStream, RunningService, ServeError, ServerConfig, ServiceHost};
-use serde::{Deserialize, Serialize};
-use tonic::{Request, Response, Status, Streaming};
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod grpc_api;
+pub mod http_api;
+pub mod metrics;
+pub mod model;
+pub mod service;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub server: ServerConfig,
+use std::sync::Arc;
+
+use berth_proto::embedding::v1::embedding_server::EmbeddingServer;
+use berth_server::{CancellationToken, RunningService, ServiceHost};
+use futures::StreamExt;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as WatchedStatus;
+use tonic_health::pb::health_server::Health;
+use tonic_health::server::{HealthReporter, HealthService};
+
+pub use config::Config;
+pub use error::Error;
+
+use grpc_api::GrpcApi;
+use service::Embedder;
+
+/// The gRPC service name health reports on.
+pub const SERVICE_NAME: &str = <EmbeddingServer<GrpcApi> as NamedService>::NAME;
+
+/// Loads the models and serves gRPC and HTTP in the background. A missing
+/// optional model leaves the service up but NOT_SERVING; see [`config`].
+pub async fn start(config: Config) -> Result<RunningService, Error> {
+    let mut host = ServiceHost::bind(config.server.clone()).await?;
+    let metrics = metrics::Metrics::register(host.registry_mut());
+    let embedder = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Embedder::load(&config, &metrics))
+            .await
+            .map_err(|e| Error::Inference(format!("model loading stopped: {e}")))??
+    };
+    let embedder = Arc::new(embedder);
+    let max_bytes = config.server.max_message_bytes;
+    host.add_service(
+        EmbeddingServer::new(GrpcApi::new(
+            embedder.clone(),
+            config.limits.stream_window,
+            host.shutdown_token(),
+        ))
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes),
+    );
+    let not_serving = embedder.unavailable();
+    if not_serving.is_some() {
+        hold_not_serving(host.health(), host.shutdown_token()).await;
+    }
+    let running = host.spawn(Some(http_api::router(embedder, max_bytes)));
+    if let Some(reason) = not_serving {
+        tracing::warn!(%reason, "{SERVICE_NAME} is NOT_SERVING");
+    }
+    Ok(running)
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::with_defaults("127.0.0.1:7703", "127.0.0.1:8891"),
+/// Keeps the service NOT_SERVING although `ServiceHost::serve` reports every
+/// service SERVING as it starts: marks it NOT_SERVING now, and once more
+/// right after serve's mark, seen through a health watch taken before serve
+/// runs (so that mark cannot be missed). Ends at shutdown.
+async fn hold_not_serving(health: HealthReporter, shutdown: CancellationToken) {
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let watch = HealthService::from_health_reporter(health.clone())
+        .watch(tonic::Request::new(HealthCheckRequest {
+            service: SERVICE_NAME.to_string(),
+        }))
+        .await;
+    let Ok(watch) = watch else { return };
+    let mut statuses = watch.into_inner();
+    tokio::spawn(async move {
+        let serving = async {
+            while let Some(Ok(response)) = statuses.next().await {
+                if response.status == WatchedStatus::Serving as i32 {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::select! {
+            true = serving => health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await,
+            () = shutdown.cancelled() => {}
+            else => {}
         }
-    }
-}
-
-impl HasServerConfig for Config {
-    fn server_config(&self) -> &ServerConfig {
-        &self.server
-    }
-}
-
-pub async fn start(config: Config) -> Result<RunningService, ServeError> {
-    let mut host = ServiceHost::bind(config.server).await?;
-    host.add_service(EmbeddingServer::new(EmbeddingService));
-    Ok(host.spawn(None))
-}
-
-const NOT_YET: &str = "the fastembed models arrive with issue #6";
-
-#[derive(Debug)]
-pub struct EmbeddingService;
-
-#[tonic::async_trait]
-impl Embedding for EmbeddingService {
-    async fn embed(&self, _: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        Err(unimplemented("Embed", NOT_YET))
-    }
-    type EmbedStreamStream = GrpcStream<EmbedResponse>;
-    async fn embed_stream(
-        &self,
-        _: Request<Streaming<EmbedRequest>>,
-    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        Err(unimplemented("EmbedStream", NOT_YET))
-    }
-    async fn list_models(
-        &self,
-        _: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
-        Err(unimplemented("ListModels", NOT_YET))
-    }
+    });
 }

@@ -298,7 +298,7 @@ fn validate_host(record: &HostRecord) -> Result<(), OrchestratorError> {
         });
     }
     let sampler = record.power_sampler.as_str();
-    if !sampler.is_empty() && !(sampler.starts_with("http://") || sampler.starts_with("unix:///")) {
+    if !(sampler.is_empty() || sampler.starts_with("http://") || sampler.starts_with("unix:///")) {
         return Err(OrchestratorError::InvalidArgument {
             field: "power_sampler",
             reason: format!(

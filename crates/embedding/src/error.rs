@@ -1,0 +1,73 @@
+//! Every way the embedding service can fail, each with its [`ErrorCode`], so
+//! that gRPC (`into_status`) and HTTP (`http_api`) give it the same meaning.
+
+use std::path::PathBuf;
+
+use berth_server::{ErrorCode, ServeError, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no texts to embed: send at least one")]
+    EmptyBatch,
+    #[error("{count} texts in one request; the limit is {max} (limits.max_texts)")]
+    TooManyTexts { count: usize, max: usize },
+    #[error(
+        "text {index} is {bytes} bytes; the limit is {max} bytes per text (limits.max_text_bytes)"
+    )]
+    TextTooLong {
+        index: usize,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("unknown model `{name}`; this service has: {known}")]
+    UnknownModel { name: String, known: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error(
+        "model `{model}` is not available: {reason}; run scripts/setup-embedding-model.sh or set [models] in the config"
+    )]
+    Unavailable { model: String, reason: String },
+    #[error(
+        "the queue of model `{model}` is full ({capacity} texts waiting, batching.max_queued_texts): retry later"
+    )]
+    QueueFull { model: String, capacity: usize },
+    #[error("the embedding service is shutting down")]
+    ShuttingDown,
+    #[error("inference failed: {0}")]
+    Inference(String),
+
+    // Start-up errors: a model or library that was asked for and cannot be used.
+    #[error("{what} {path}: {reason}")]
+    Load {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl ServiceError for Error {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::EmptyBatch
+            | Self::TooManyTexts { .. }
+            | Self::TextTooLong { .. }
+            | Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::UnknownModel { .. } => ErrorCode::NotFound,
+            Self::Unavailable { .. } | Self::ShuttingDown => ErrorCode::Unavailable,
+            Self::QueueFull { .. } => ErrorCode::ResourceExhausted,
+            Self::Inference(_) | Self::Load { .. } | Self::Config(_) | Self::Serve(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        berth_server::error::into_status(error)
+    }
+}

@@ -1,0 +1,253 @@
+//! The models this process serves, by name, and the one path every API
+//! takes to embed: check the request against the limits, queue it on the
+//! model's batcher, normalise if asked.
+
+use crate::Error;
+use crate::batcher::Batcher;
+use crate::batcher::SessionAdder;
+use crate::config::{Config, LimitsConfig};
+use crate::metrics::Metrics;
+use crate::model::{self, ModelFiles, ModelInfo};
+
+pub struct Embedder {
+    models: Vec<Model>,
+    default: usize,
+    limits: LimitsConfig,
+}
+
+struct Model {
+    name: String,
+    max_tokens: usize,
+    state: State,
+}
+
+enum State {
+    Ready { info: ModelInfo, batcher: Batcher },
+    Unavailable(String),
+}
+
+/// A model as ListModels and health see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelStatus {
+    pub name: String,
+    /// 0 while the model is not loaded.
+    pub dimension: usize,
+    pub max_tokens: usize,
+    pub default: bool,
+    /// Why the model cannot serve; None when it can.
+    pub unavailable: Option<String>,
+}
+
+/// Vectors of one request, in its order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub model: String,
+    pub vectors: Vec<Vec<f32>>,
+    pub dimension: usize,
+    pub tokens: u64,
+}
+
+impl Embedder {
+    /// Loads ONNX Runtime and every configured model (blocking: seconds at
+    /// most). See `config` for which failures stop the start.
+    pub fn load(config: &Config, metrics: &Metrics) -> Result<Self, Error> {
+        config.validate()?;
+        let runtime = match model::load_runtime(&config.models.ort_library()) {
+            Ok(()) => None,
+            Err(Error::Unavailable { reason, .. }) => Some(reason),
+            Err(error) => return Err(error),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (sessions, threads) = config.models.pool_shape(cores);
+        let mut models = Vec::new();
+        for source in config.models.sources() {
+            let name = source.spec.name.clone();
+            let missing = model::missing_file(&source.dir)
+                .map(|path| format!("model file {} is missing", path.display()));
+            let state = match (runtime.clone().or(missing), source.required) {
+                (Some(reason), true) => {
+                    return Err(Error::Load {
+                        what: "model",
+                        path: source.dir,
+                        reason,
+                    });
+                }
+                (Some(reason), false) => {
+                    tracing::warn!(model = %name, %reason, "model not available; the service reports NOT_SERVING");
+                    State::Unavailable(reason)
+                }
+                (None, _) => {
+                    let started = std::time::Instant::now();
+                    let files = ModelFiles::read(&source)?;
+                    let (first, info) = files.session(threads)?;
+                    tracing::info!(model = %name, dimension = info.dimension, sessions, threads,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "model loaded; serving with one session while the others load");
+                    let batcher = Batcher::start(
+                        &name,
+                        first,
+                        config.batching.clone(),
+                        metrics.for_model(&name),
+                    );
+                    add_sessions_later(files, sessions - 1, threads, batcher.adder());
+                    State::Ready { info, batcher }
+                }
+            };
+            models.push(Model {
+                name,
+                max_tokens: source.spec.max_tokens,
+                state,
+            });
+        }
+        let default = models
+            .iter()
+            .position(|m| m.name.eq_ignore_ascii_case(&config.models.default))
+            .unwrap_or(0);
+        Ok(Self {
+            models,
+            default,
+            limits: config.limits.clone(),
+        })
+    }
+
+    /// Name of the model used when a request names none.
+    pub fn default_model(&self) -> &str {
+        &self.models[self.default].name
+    }
+
+    /// None when every model serves; else why one does not.
+    pub fn unavailable(&self) -> Option<String> {
+        self.models.iter().find_map(|m| match &m.state {
+            State::Ready { .. } => None,
+            State::Unavailable(reason) => Some(format!("{}: {reason}", m.name)),
+        })
+    }
+
+    pub fn models(&self) -> Vec<ModelStatus> {
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ModelStatus {
+                name: m.name.clone(),
+                dimension: match &m.state {
+                    State::Ready { info, .. } => info.dimension,
+                    State::Unavailable(_) => 0,
+                },
+                max_tokens: m.max_tokens,
+                default: i == self.default,
+                unavailable: match &m.state {
+                    State::Ready { .. } => None,
+                    State::Unavailable(reason) => Some(reason.clone()),
+                },
+            })
+            .collect()
+    }
+
+    /// Embeds `texts` with `model` (empty: the default), L2-normalised
+    /// unless `normalize` is false.
+    pub async fn embed(
+        &self,
+        model: &str,
+        texts: Vec<String>,
+        normalize: bool,
+    ) -> Result<Embedded, Error> {
+        let entry = self.find(model)?;
+        self.check(&texts)?;
+        let (info, batcher) = match &entry.state {
+            State::Ready { info, batcher } => (info, batcher),
+            State::Unavailable(reason) => {
+                return Err(Error::Unavailable {
+                    model: entry.name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        };
+        let pooled = batcher.embed(texts).await?;
+        let tokens = pooled.iter().map(|p| u64::from(p.tokens)).sum();
+        let vectors = pooled
+            .into_iter()
+            .map(|p| {
+                let mut vector = p.vector;
+                if normalize {
+                    model::normalize(&mut vector);
+                }
+                vector
+            })
+            .collect();
+        Ok(Embedded {
+            model: entry.name.clone(),
+            vectors,
+            dimension: info.dimension,
+            tokens,
+        })
+    }
+
+    fn find(&self, name: &str) -> Result<&Model, Error> {
+        if name.is_empty() {
+            return Ok(&self.models[self.default]);
+        }
+        self.models
+            .iter()
+            .find(|m| m.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| Error::UnknownModel {
+                name: name.chars().take(100).collect(),
+                known: self
+                    .models
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn check(&self, texts: &[String]) -> Result<(), Error> {
+        let limits = &self.limits;
+        if texts.is_empty() {
+            return Err(Error::EmptyBatch);
+        }
+        if texts.len() > limits.max_texts {
+            return Err(Error::TooManyTexts {
+                count: texts.len(),
+                max: limits.max_texts,
+            });
+        }
+        if let Some((index, text)) = texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > limits.max_text_bytes)
+        {
+            return Err(Error::TextTooLong {
+                index,
+                bytes: text.len(),
+                max: limits.max_text_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads the sessions after the first on a thread of their own: the service
+/// serves (and the cold start ends) once one session is ready. The files
+/// already loaded once, so a failure here is rare (memory); it is logged and
+/// the model serves with the sessions it has.
+fn add_sessions_later(files: ModelFiles, count: usize, threads: usize, adder: SessionAdder) {
+    if count == 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("embed-load".into())
+        .spawn(move || {
+            for _ in 0..count {
+                match files.session(threads) {
+                    Ok((session, _)) => adder.add(session),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot load another session; serving with fewer");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the session loader; serving with one session");
+    }
+}
