@@ -223,6 +223,29 @@ fn port_in_use_is_named() {
 }
 
 #[test]
+fn agent_refuses_an_engine_socket_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = format!("unix://{}", dir.path().join("agent.sock").display());
+    let (code, stderr) = run_to_exit(
+        "berth-agent",
+        &[
+            "--listen",
+            &socket,
+            "--http-listen",
+            "",
+            "--set",
+            "engines.docker=/nonexistent/docker.sock",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("engines.docker") && stderr.contains("/nonexistent/docker.sock"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn agent_refuses_tcp_without_token() {
     let port = free_port().to_string();
     let (code, stderr) = run_to_exit(

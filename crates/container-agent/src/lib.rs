@@ -27,6 +27,10 @@ pub enum StartError {
         "server.listen = \"{0}\" is TCP but agent.token is empty: the agent can start root workloads, so TCP needs a token (or listen on unix:///path)"
     )]
     TcpWithoutToken(String),
+    #[error(
+        "engines.{engine} = \"{path}\": no engine socket there (is it mounted?); use \"auto\" to run without it when absent, or \"off\""
+    )]
+    EngineSocketMissing { engine: &'static str, path: String },
 }
 
 /// Binds the agent's listeners and serves in the background.
@@ -38,6 +42,20 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         )
     {
         return Err(StartError::TcpWithoutToken(config.server.listen));
+    }
+    // A socket named explicitly must be there: an agent started without the
+    // engine it was told to drive would otherwise look healthy and do nothing.
+    for (engine, configured) in [
+        ("docker", &config.engines.docker),
+        ("podman", &config.engines.podman),
+    ] {
+        let path = configured.strip_prefix("unix://").unwrap_or(configured);
+        if !matches!(configured.as_str(), "auto" | "off") && !std::path::Path::new(path).exists() {
+            return Err(StartError::EngineSocketMissing {
+                engine,
+                path: path.to_string(),
+            });
+        }
     }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
     let events = events::EventBus::default();
