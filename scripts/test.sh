@@ -13,4 +13,4 @@ fi
 scripts/llm/setup-peers.sh
 
 cargo build --workspace --bins
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"

@@ -124,13 +124,14 @@ struct Project {
     env: BTreeMap<String, String>,
     extra_files: Vec<PathBuf>,
     ports: BTreeMap<&'static str, u16>,
-    _models: tempfile::TempDir,
 }
 
 impl Project {
     fn new(tag: &str) -> Self {
         let name = format!("berthtest{tag}{}", std::process::id());
-        let models = tempfile::tempdir().unwrap();
+        // The real model and ONNX Runtime: the embedding image names its library
+        // explicitly, so a cache without them stops the service (as it should).
+        let models = berth_tests::model_cache();
         let mut ports = BTreeMap::new();
         let mut env = BTreeMap::new();
         for var in [
@@ -159,7 +160,7 @@ impl Project {
             ("BERTH_ENGINE_GID", engine_gid.as_str()),
             ("LITELLM_MASTER_KEY", "sk-compose-test"),
             ("COMPOSE_DOCKER_CLI_BUILD", "0"),
-            ("BERTH_MODEL_CACHE", models.path().to_str().unwrap()),
+            ("BERTH_MODEL_CACHE", models.to_str().unwrap()),
         ] {
             env.insert(key.to_string(), value.to_string());
         }
@@ -168,7 +169,6 @@ impl Project {
             env,
             extra_files: Vec::new(),
             ports,
-            _models: models,
         };
         // Whatever an earlier, killed run left under this name.
         project.compose(&["down", "-v", "--remove-orphans"]);

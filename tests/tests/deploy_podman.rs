@@ -278,14 +278,14 @@ async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
         ports.insert(var, port);
         env.insert(var.to_string(), port.to_string());
     }
-    let models = tempfile::tempdir().unwrap();
+    let models = berth_tests::model_cache();
     let nofile = nofile_limit();
     for (key, value) in [
         ("BERTH_ENGINE_SOCKET", service.1.to_str().unwrap()),
         ("BERTH_ENGINE_GID", "0"),
         ("BERTH_NOFILE", nofile.as_str()),
         ("LITELLM_MASTER_KEY", "sk-podman-test"),
-        ("BERTH_MODEL_CACHE", models.path().to_str().unwrap()),
+        ("BERTH_MODEL_CACHE", models.to_str().unwrap()),
         // podman 4.3 has no `host-gateway`: an address (podman's default bridge gateway).
         ("BERTH_HOST_GATEWAY", "10.88.0.1"),
     ] {
