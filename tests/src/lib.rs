@@ -197,7 +197,11 @@ pub async fn reflection_describe(channel: AuthChannel, symbol: &str) -> Vec<Vec<
 /// (README's test command runs it first): `$BERTH_MODEL_CACHE`, else
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/berth/models`.
 pub fn model_cache() -> PathBuf {
-    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let from_env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     from_env("BERTH_MODEL_CACHE").unwrap_or_else(|| {
         from_env("XDG_CACHE_HOME")
             .or_else(|| from_env("HOME").map(|home| home.join(".cache")))
