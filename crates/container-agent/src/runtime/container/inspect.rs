@@ -141,7 +141,17 @@ impl ContainerDetails {
             .iter()
             .flatten()
             .filter_map(|(_, bindings)| bindings.as_ref())
-            .flatten()
+            .flat_map(|bindings| {
+                // Docker 20.10 gives the IPv4 and IPv6 wildcard binds of one
+                // container port different random host ports; both reach the
+                // same service, so the port is listed once, by its IPv4 bind.
+                let has_ipv4_wildcard = bindings
+                    .iter()
+                    .any(|b| matches!(b.host_ip.as_str(), "" | "0.0.0.0"));
+                bindings
+                    .iter()
+                    .filter(move |b| !(has_ipv4_wildcard && b.host_ip == "::"))
+            })
             .filter(|b| !b.host_port.is_empty())
             .map(|b| {
                 // A wildcard bind is reachable at the host's name.
@@ -267,6 +277,20 @@ mod tests {
             details.workload(Some(Health::Unhealthy), 0, "h").health,
             Health::Unhealthy as i32
         );
+    }
+
+    #[test]
+    fn one_endpoint_per_port_when_ipv4_and_ipv6_binds_differ() {
+        // As Docker 20.10 reports a `host_port: 0` mapping with IPv6 enabled.
+        let json = DOCKER_INSPECT.replace(
+            r#"{"HostIp":"::","HostPort":"8080"}"#,
+            r#"{"HostIp":"::","HostPort":"32775"}"#,
+        );
+        let details: ContainerDetails = serde_json::from_str(&json).unwrap();
+        assert_eq!(details.workload(None, 0, "vm").endpoints, vec!["vm:8080"]);
+        let ipv6_only = DOCKER_INSPECT.replace(r#"{"HostIp":"0.0.0.0","HostPort":"8080"},"#, "");
+        let details: ContainerDetails = serde_json::from_str(&ipv6_only).unwrap();
+        assert_eq!(details.workload(None, 0, "vm").endpoints, vec!["vm:8080"]);
     }
 
     #[test]
