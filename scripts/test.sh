@@ -13,4 +13,18 @@ fi
 scripts/llm/setup-peers.sh
 
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+
+# The agent's container suite again, against podman behind its Docker-compatible
+# socket (the workspace run above used the Docker Engine).
+if ! command -v podman >/dev/null; then
+  echo "test.sh: SKIP the podman run of agent_containers: podman is not installed (apt-get install podman runc)"
+elif socket=$(scripts/images/podman-service.sh /tmp/berth-podman-tests); then
+  BERTH_TEST_ENGINE=podman BERTH_TEST_ENGINE_SOCKET="$socket" \
+    cargo test -p berth-tests --test agent_containers "$@" || status=$?
+  kill "$(cat /tmp/berth-podman-tests/pid)" 2>/dev/null || true
+else
+  echo "test.sh: SKIP the podman run of agent_containers: podman's API service did not start (see /tmp/berth-podman-tests/service.log)"
+fi
+exit $status
