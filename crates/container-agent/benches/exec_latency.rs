@@ -1,6 +1,10 @@
 //! Exec dispatch latency into a running container: the agent's gRPC Exec
 //! against the `docker exec` CLI, same container, same trivial command, one
-//! run. Needs the Docker Engine and `apt-get download` (busybox image).
+//! run, and against the engine floor: the bare Docker API calls any client
+//! must make (create exec, attached start, inspect for the exit code), from
+//! this process over bollard. Agent and floor alternate call by call, so
+//! outside load hits both alike. Needs the Docker Engine and
+//! `apt-get download` (busybox image).
 //!
 //!   cargo bench -p berth-container-agent --bench exec_latency [-- ROUNDS]
 
@@ -115,12 +119,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, tonic::Status>(started.elapsed())
         }
     };
+    let docker = bollard::Docker::connect_with_unix(
+        "/var/run/docker.sock",
+        30,
+        bollard::API_DEFAULT_VERSION,
+    )?
+    .negotiate_version()
+    .await?;
+    let engine_floor = || {
+        let docker = docker.clone();
+        let container = workload.id.clone();
+        async move {
+            let started = Instant::now();
+            let created = docker
+                .create_exec(
+                    &container,
+                    bollard::exec::CreateExecOptions {
+                        cmd: Some(vec!["true"]),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+                docker.start_exec(&created.id, None).await?
+            {
+                while futures::StreamExt::next(&mut output).await.is_some() {}
+            }
+            let inspect = docker.inspect_exec(&created.id).await?;
+            assert_eq!(inspect.exit_code, Some(0));
+            Ok::<_, bollard::errors::Error>(started.elapsed())
+        }
+    };
     for _ in 0..20 {
         exec(&mut client).await?; // warm-up
+        engine_floor().await?;
     }
     let mut agent = Vec::with_capacity(rounds);
+    let mut floor = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         agent.push(exec(&mut client).await?);
+        floor.push(engine_floor().await?);
     }
     let cli_rounds = rounds.min(100);
     let mut cli = Vec::with_capacity(cli_rounds);
@@ -141,11 +181,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_default()
     );
     let (agent_p50, agent_p99) = summary("berth agent gRPC Exec", agent);
+    let (floor_p50, floor_p99) = summary("engine floor (bare API)", floor);
     let (cli_p50, cli_p99) = summary("docker exec CLI", cli);
     println!(
         "ratio (CLI / agent): p50 {:.1}x, p99 {:.1}x",
         cli_p50.as_secs_f64() / agent_p50.as_secs_f64(),
         cli_p99.as_secs_f64() / agent_p99.as_secs_f64()
+    );
+    println!(
+        "agent over the engine floor: p50 {:+.2} ms, p99 {:+.2} ms",
+        (agent_p50.as_secs_f64() - floor_p50.as_secs_f64()) * 1e3,
+        (agent_p99.as_secs_f64() - floor_p99.as_secs_f64()) * 1e3
     );
 
     client

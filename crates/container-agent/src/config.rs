@@ -1,4 +1,4 @@
-//! The agent's config: `[server]`, `[agent]` and `[engines]`.
+//! The agent's config: `[server]`, `[agent]`, `[engines]` and `[libvirt]`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub agent: AgentConfig,
     pub engines: EnginesConfig,
+    pub libvirt: LibvirtConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,9 +66,10 @@ pub struct EnginesConfig {
     /// `$XDG_RUNTIME_DIR/podman/podman.sock`, then `/run/podman/podman.sock`;
     /// `off` disables the podman runtime.
     pub podman: String,
-    /// Value of the `berth.owner` label on every container this agent creates.
-    /// Agents sharing an engine must use different owners: each one adopts or
-    /// sweeps only its own containers.
+    /// Value of the `berth.owner` label on every container this agent creates,
+    /// and the owner in the berth metadata of every libvirt domain it defines.
+    /// Agents sharing an engine or a hypervisor must use different owners:
+    /// each one manages only its own containers and VMs.
     pub owner: String,
     /// At start: adopt or sweep this owner's containers left from before.
     pub leftovers: Leftovers,
@@ -94,12 +96,53 @@ impl Default for EnginesConfig {
     }
 }
 
+/// The libvirt runtime: VMs on a hypervisor reached through libvirt, which
+/// the agent loads at run time (`libvirt.so.0`); without it the runtime is
+/// reported unavailable, with the loader's reason.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Connection URI: `qemu:///system`, `qemu:///session`,
+    /// `qemu+ssh://user@host/system`, `test:///path/node.xml`. `auto` uses
+    /// `$LIBVIRT_DEFAULT_URI`, else `qemu:///system` when a system libvirt
+    /// daemon's socket exists, else leaves the runtime off; `off` disables
+    /// it. A daemon that does not answer is not fatal: calls report
+    /// UNAVAILABLE and the next one connects again. Overlays and seeds are
+    /// made on the agent's host, so a remote URI suits only volume disks.
+    pub uri: String,
+    /// Where the agent makes VM overlays and cloud-init seeds, one directory
+    /// per VM, removed with it. Must be readable by the hypervisor.
+    pub disk_dir: PathBuf,
+    /// `<domain type>`: `auto` (`test` on libvirt's test driver, else `kvm`),
+    /// or any type libvirt knows, e.g. `qemu` (emulation, for hosts without
+    /// KVM).
+    pub domain_type: String,
+    /// How often the agent checks its domains for changes made outside it
+    /// (a guest powering off, `virsh`), to report them as events.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self {
+            uri: "auto".to_string(),
+            disk_dir: berth_server::config::data_dir()
+                .join("agent")
+                .join("libvirt"),
+            domain_type: "auto".to_string(),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::with_defaults(&default_socket(), "127.0.0.1:9701"),
             agent: AgentConfig::default(),
             engines: EnginesConfig::default(),
+            libvirt: LibvirtConfig::default(),
         }
     }
 }
@@ -115,5 +158,37 @@ fn default_socket() -> String {
     match std::env::var("XDG_RUNTIME_DIR") {
         Ok(dir) if !dir.is_empty() => format!("unix://{dir}/berth/agent.sock"),
         _ => "unix:///run/berth/agent.sock".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libvirt_settings_come_from_file_and_env() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "[libvirt]\nuri = \"qemu:///session\"\npoll_interval = \"5s\"\n",
+        )
+        .unwrap();
+        let env = vec![(
+            "BERTH_LIBVIRT__DISK_DIR".to_string(),
+            "/srv/vm-disks".to_string(),
+        )];
+        let config: Config =
+            berth_server::config::load_from_env(Some(file.path()), &[], env).unwrap();
+        assert_eq!(config.libvirt.uri, "qemu:///session");
+        assert_eq!(config.libvirt.poll_interval, Duration::from_secs(5));
+        assert_eq!(config.libvirt.disk_dir, PathBuf::from("/srv/vm-disks"));
+        assert_eq!(config.libvirt.domain_type, "auto");
+        assert_eq!(Config::default().libvirt.uri, "auto");
+
+        std::fs::write(file.path(), "[libvirt]\nurl = \"qemu:///system\"\n").unwrap();
+        let error = berth_server::config::load_from_env::<Config>(Some(file.path()), &[], vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("url"), "{error}");
     }
 }

@@ -38,6 +38,13 @@ pub enum AgentError {
         action: &'static str,
         message: String,
     },
+    /// A file a spec names (a VM's base image, volume or seed) is not there.
+    #[error("{field}: `{path}` does not exist on this host")]
+    FileNotFound { field: String, path: String },
+    /// The workload exists on the host but belongs to no one or someone else
+    /// (e.g. a libvirt domain without this agent's metadata).
+    #[error("{0}")]
+    NotOwned(String),
     #[error("{0}")]
     Unimplemented(String),
     #[error("{0}")]
@@ -58,6 +65,8 @@ impl ServiceError for AgentError {
             Self::EngineUnavailable { .. } => ErrorCode::Unavailable,
             Self::Unsupported { .. } => ErrorCode::FailedPrecondition,
             Self::Engine { .. } => ErrorCode::Internal,
+            Self::FileNotFound { .. } => ErrorCode::NotFound,
+            Self::NotOwned(_) => ErrorCode::PermissionDenied,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Internal(_) => ErrorCode::Internal,
         }

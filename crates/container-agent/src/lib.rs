@@ -1,5 +1,5 @@
 //! berth agent: one per host, the only part of berth that touches the host's
-//! processes and container engines (and, with later runtimes, its VMs).
+//! processes, container engines and VMs (libvirt).
 
 pub mod config;
 pub mod error;
@@ -86,14 +86,27 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
             }
         }
     }
+    let libvirt = runtime::libvirt::locate(&config.libvirt.uri).and_then(|uri| {
+        runtime::libvirt::LibvirtRuntime::new(
+            uri,
+            &config.libvirt,
+            config.engines.owner.clone(),
+            events.clone(),
+        )
+    });
+    match libvirt {
+        Ok(libvirt) => runtimes.push(Arc::new(libvirt)),
+        Err(why) => {
+            info.unavailable_runtimes
+                .insert(Runtime::Libvirt.as_str_name().to_string(), why);
+        }
+    }
     info.runtimes = runtimes.iter().map(|r| r.kind() as i32).collect();
     info.labels = config.agent.labels.clone().into_iter().collect();
-    for runtime in [Runtime::Libvirt, Runtime::Slurm] {
-        info.unavailable_runtimes.insert(
-            runtime.as_str_name().to_string(),
-            "not built into this agent yet".to_string(),
-        );
-    }
+    info.unavailable_runtimes.insert(
+        Runtime::Slurm.as_str_name().to_string(),
+        "not built into this agent yet".to_string(),
+    );
     let service = service::AgentService::new(
         runtimes,
         events,

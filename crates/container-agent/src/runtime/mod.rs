@@ -1,8 +1,9 @@
-//! How the agent runs workloads. Each runtime (process, docker, podman;
-//! libvirt later) implements [`WorkloadRuntime`]; the gRPC service routes
+//! How the agent runs workloads. Each runtime (process, docker, podman,
+//! libvirt) implements [`WorkloadRuntime`]; the gRPC service routes
 //! each call to the runtime that owns the workload.
 
 pub mod container;
+pub mod libvirt;
 pub mod process;
 
 use std::time::Duration;

@@ -35,6 +35,8 @@ use tokio::task::AbortHandle;
 use engine::status_of;
 pub use engine::{Dialect, DockerDialect, Engine, PodmanDialect};
 use inspect::{ContainerDetails, ContainerSummary, LABEL_OWNER};
+// The libvirt runtime keeps the spec in a domain's metadata the same way.
+pub(crate) use inspect::{decode_spec, encode_spec};
 
 use super::{ExecCommand, WorkloadRuntime, validate_name};
 use crate::config::{EnginesConfig, Leftovers};

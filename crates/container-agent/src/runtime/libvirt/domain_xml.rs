@@ -1,0 +1,869 @@
+//! From a workload spec to libvirt domain XML, and back from the berth
+//! metadata kept inside the domain: the spec checks that need no host, the
+//! XML the runtime defines, and the `<metadata>` element that marks a domain
+//! as this agent's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use berth_proto::common::v1::{RestartPolicy, VmSpec, WorkloadSpec};
+
+use crate::error::AgentError;
+use crate::runtime::container::{decode_spec, encode_spec};
+
+/// Namespace of the `<metadata>` element the agent writes into each domain
+/// it defines: its owner, its spec, its labels, where its files are.
+pub const WORKLOAD_NAMESPACE: &str = "https://berth.dev/xmlns/libvirt/workload/1";
+/// Namespace of the element the agent adds to the live definition at start:
+/// libvirt drops it when the domain stops, so it dates only the current run.
+pub const RUN_NAMESPACE: &str = "https://berth.dev/xmlns/libvirt/run/1";
+/// XML prefix of both namespaces.
+pub const PREFIX: &str = "berth";
+
+pub const MAX_VCPUS: u32 = 512;
+pub const MIN_MEMORY_BYTES: u64 = 32 << 20;
+pub const MAX_MEMORY_BYTES: u64 = 16 << 40;
+pub const MAX_DISKS: usize = 16;
+pub const MAX_PCI_DEVICES: usize = 16;
+pub const MAX_USER_DATA_BYTES: usize = 64 << 10;
+/// The NIC-less choice for `vm.network`.
+pub const NO_NETWORK: &str = "none";
+const DEFAULT_NETWORK: &str = "default";
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_BRIDGE_NAME: usize = 15;
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
+    AgentError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn cannot_honour(field: &'static str, what: &str, instead: &str) -> AgentError {
+    invalid(
+        field,
+        format!("the libvirt runtime cannot honour {what}: {instead}"),
+    )
+}
+
+/// Checks what can be checked without the host; returns the VM settings.
+pub fn validate(spec: &WorkloadSpec) -> Result<&VmSpec, AgentError> {
+    let no_command =
+        "a VM boots its disk image; configure what it runs with vm.cloud_init_user_data";
+    if !spec.image.is_empty() {
+        return Err(cannot_honour(
+            "spec.image",
+            "a container image",
+            "give the VM a disk in vm.disks",
+        ));
+    }
+    if !spec.command.is_empty() {
+        return Err(cannot_honour("spec.command", "a command", no_command));
+    }
+    if !spec.env.is_empty() {
+        return Err(cannot_honour(
+            "spec.env",
+            "environment variables",
+            no_command,
+        ));
+    }
+    if !spec.working_dir.is_empty() {
+        return Err(cannot_honour(
+            "spec.working_dir",
+            "a working directory",
+            no_command,
+        ));
+    }
+    if !spec.mounts.is_empty() {
+        return Err(cannot_honour(
+            "spec.mounts",
+            "mounts",
+            "attach storage as vm.disks",
+        ));
+    }
+    if !spec.ports.is_empty() {
+        return Err(cannot_honour(
+            "spec.ports",
+            "published ports",
+            "a VM has its own address on its network (vm.network or vm.bridge)",
+        ));
+    }
+    if spec
+        .resources
+        .as_ref()
+        .is_some_and(|r| *r != Default::default())
+    {
+        return Err(cannot_honour(
+            "spec.resources",
+            "CPU or memory limits",
+            "size the VM with vm.vcpus and vm.memory_bytes",
+        ));
+    }
+    if !spec.ulimits.is_empty() {
+        return Err(cannot_honour("spec.ulimits", "ulimits", no_command));
+    }
+    if spec.gpus.as_ref().is_some_and(|g| *g != Default::default()) {
+        return Err(cannot_honour(
+            "spec.gpus",
+            "a GPU request",
+            "pass GPUs through by PCI address in vm.pci_passthrough",
+        ));
+    }
+    if spec.health_check.is_some() {
+        return Err(cannot_honour(
+            "spec.health_check",
+            "an exec health check",
+            "the agent has no exec channel into a VM",
+        ));
+    }
+    if !matches!(
+        RestartPolicy::try_from(spec.restart_policy).unwrap_or_default(),
+        RestartPolicy::Unspecified | RestartPolicy::No
+    ) {
+        return Err(cannot_honour(
+            "spec.restart_policy",
+            "a restart policy",
+            "the agent does not restart VMs",
+        ));
+    }
+    let vm = spec.vm.as_ref().ok_or_else(|| {
+        invalid(
+            "spec.vm",
+            "is required for RUNTIME_LIBVIRT (vcpus, memory_bytes, disks)",
+        )
+    })?;
+    if !(1..=MAX_VCPUS).contains(&vm.vcpus) {
+        return Err(invalid(
+            "spec.vm.vcpus",
+            format!("is {}; must be 1 to {MAX_VCPUS}", vm.vcpus),
+        ));
+    }
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&vm.memory_bytes)
+        || vm.memory_bytes % 1024 != 0
+    {
+        return Err(invalid(
+            "spec.vm.memory_bytes",
+            format!(
+                "is {}; must be a whole number of KiB from {MIN_MEMORY_BYTES} (32 MiB) to {MAX_MEMORY_BYTES} (16 TiB)",
+                vm.memory_bytes
+            ),
+        ));
+    }
+    if vm.disks.is_empty() || vm.disks.len() > MAX_DISKS {
+        return Err(invalid(
+            "spec.vm.disks",
+            format!(
+                "has {} disks; must have 1 to {MAX_DISKS} (the first one boots)",
+                vm.disks.len()
+            ),
+        ));
+    }
+    for (index, disk) in vm.disks.iter().enumerate() {
+        match (disk.base_image.is_empty(), disk.volume.is_empty()) {
+            (false, false) | (true, true) => {
+                return Err(invalid(
+                    "spec.vm.disks",
+                    format!("disks[{index}] must set exactly one of base_image and volume"),
+                ));
+            }
+            (false, true) => {
+                if !Path::new(&disk.base_image).is_absolute() {
+                    return Err(invalid(
+                        "spec.vm.disks.base_image",
+                        format!(
+                            "disks[{index}].base_image = `{}` must be an absolute path",
+                            disk.base_image
+                        ),
+                    ));
+                }
+            }
+            (true, false) => {
+                if disk.size_bytes != 0 {
+                    return Err(invalid(
+                        "spec.vm.disks.size_bytes",
+                        format!(
+                            "disks[{index}]: size_bytes applies to a base_image overlay, not to a volume"
+                        ),
+                    ));
+                }
+                volume_source(&disk.volume).map_err(|reason| {
+                    invalid(
+                        "spec.vm.disks.volume",
+                        format!("disks[{index}].volume = `{}`: {reason}", disk.volume),
+                    )
+                })?;
+            }
+        }
+    }
+    if !vm.bridge.is_empty() {
+        if vm.bridge.len() > MAX_BRIDGE_NAME || !is_plain_name(&vm.bridge) {
+            return Err(invalid(
+                "spec.vm.bridge",
+                format!(
+                    "`{}` is not a bridge interface name (1-{MAX_BRIDGE_NAME} of letters, digits, '-', '_', '.')",
+                    vm.bridge
+                ),
+            ));
+        }
+    } else if !vm.network.is_empty() && !is_plain_name(&vm.network) {
+        return Err(invalid(
+            "spec.vm.network",
+            format!("`{}` is not a libvirt network name", vm.network),
+        ));
+    }
+    if vm.cloud_init_user_data.len() > MAX_USER_DATA_BYTES {
+        return Err(invalid(
+            "spec.vm.cloud_init_user_data",
+            format!(
+                "is {} bytes; at most {MAX_USER_DATA_BYTES}",
+                vm.cloud_init_user_data.len()
+            ),
+        ));
+    }
+    if !vm.cloud_init_seed.is_empty() {
+        if !vm.cloud_init_user_data.is_empty() {
+            return Err(invalid(
+                "spec.vm.cloud_init_seed",
+                "set either cloud_init_seed (a seed image of your own) or cloud_init_user_data (the agent makes the seed), not both",
+            ));
+        }
+        if !Path::new(&vm.cloud_init_seed).is_absolute() {
+            return Err(invalid(
+                "spec.vm.cloud_init_seed",
+                format!("`{}` must be an absolute path", vm.cloud_init_seed),
+            ));
+        }
+    }
+    if vm.pci_passthrough.len() > MAX_PCI_DEVICES {
+        return Err(invalid(
+            "spec.vm.pci_passthrough",
+            format!(
+                "has {} devices; at most {MAX_PCI_DEVICES}",
+                vm.pci_passthrough.len()
+            ),
+        ));
+    }
+    let mut addresses = Vec::new();
+    for text in &vm.pci_passthrough {
+        let address = PciAddress::parse(text).ok_or_else(|| {
+            invalid(
+                "spec.vm.pci_passthrough",
+                format!("`{text}` is not a PCI address like 0000:3b:00.0"),
+            )
+        })?;
+        if addresses.contains(&address) {
+            return Err(invalid(
+                "spec.vm.pci_passthrough",
+                format!("`{text}` is listed twice"),
+            ));
+        }
+        addresses.push(address);
+    }
+    Ok(vm)
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A `vm.disks[].volume`: an absolute path on the host, or `pool/volume`
+/// in a libvirt storage pool.
+pub fn volume_source(volume: &str) -> Result<DiskSource, String> {
+    if volume.starts_with('/') {
+        return Ok(DiskSource::File {
+            path: PathBuf::from(volume),
+            format: DiskFormat::Raw,
+        });
+    }
+    match volume.split_once('/') {
+        Some((pool, name)) if is_plain_name(pool) && is_plain_name(name) => {
+            Ok(DiskSource::PoolVolume {
+                pool: pool.to_string(),
+                volume: name.to_string(),
+            })
+        }
+        _ => Err("must be an absolute path or `pool/volume`".to_string()),
+    }
+}
+
+/// A PCI function on the host, `DDDD:BB:SS.F`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciAddress {
+    domain: u16,
+    bus: u8,
+    slot: u8,
+    function: u8,
+}
+
+impl PciAddress {
+    /// `0000:3b:00.0`, or `3b:00.0` in PCI domain 0.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (head, function) = text.rsplit_once('.')?;
+        let parts: Vec<&str> = head.split(':').collect();
+        let (domain, bus, slot) = match parts.as_slice() {
+            [domain, bus, slot] => (*domain, *bus, *slot),
+            [bus, slot] => ("0", *bus, *slot),
+            _ => return None,
+        };
+        let hex = |text: &str, digits: usize| {
+            (!text.is_empty()
+                && text.len() <= digits
+                && text.chars().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(text, 16).ok())
+            .flatten()
+        };
+        let address = Self {
+            domain: u16::try_from(hex(domain, 4)?).ok()?,
+            bus: u8::try_from(hex(bus, 2)?).ok()?,
+            slot: u8::try_from(hex(slot, 2)?).ok().filter(|s| *s <= 0x1f)?,
+            function: u8::try_from(hex(function, 1)?).ok().filter(|f| *f <= 7)?,
+        };
+        Some(address)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where a disk's data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    File { path: PathBuf, format: DiskFormat },
+    Block { path: PathBuf },
+    PoolVolume { pool: String, volume: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDisk {
+    pub source: DiskSource,
+    pub read_only: bool,
+}
+
+/// The guest's network card, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nic {
+    None,
+    Network(String),
+    Bridge(String),
+}
+
+impl Nic {
+    pub fn of(vm: &VmSpec) -> Self {
+        if !vm.bridge.is_empty() {
+            Self::Bridge(vm.bridge.clone())
+        } else if vm.network == NO_NETWORK {
+            Self::None
+        } else if vm.network.is_empty() {
+            Self::Network(DEFAULT_NETWORK.to_string())
+        } else {
+            Self::Network(vm.network.clone())
+        }
+    }
+}
+
+/// Everything that goes into one domain's XML.
+#[derive(Debug, Clone)]
+pub struct DomainPlan {
+    pub name: String,
+    pub uuid: String,
+    /// `<domain type=…>`: kvm, qemu, or test for libvirt's test driver.
+    pub domain_type: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// In boot order; a cloud-init seed goes last.
+    pub disks: Vec<DomainDisk>,
+    pub nic: Nic,
+    pub pci_devices: Vec<PciAddress>,
+    pub metadata: BerthMetadata,
+}
+
+/// Text for XML content and attribute values.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&apos;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+fn path_text(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+impl DomainPlan {
+    pub fn to_xml(&self) -> String {
+        let mut xml = format!(
+            "<domain type='{}'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <metadata>\n    {}\n  </metadata>\n",
+            escape(&self.domain_type),
+            escape(&self.name),
+            escape(&self.uuid),
+            self.metadata.to_xml()
+        );
+        xml.push_str(&format!(
+            "  <memory unit='KiB'>{}</memory>\n  <vcpu>{}</vcpu>\n",
+            self.memory_bytes / 1024,
+            self.vcpus
+        ));
+        // ACPI lets a graceful shutdown reach the guest.
+        xml.push_str(
+            "  <os>\n    <type>hvm</type>\n    <boot dev='hd'/>\n  </os>\n  <features>\n    <acpi/>\n    <apic/>\n  </features>\n",
+        );
+        xml.push_str(
+            "  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n  <devices>\n",
+        );
+        for (index, disk) in self.disks.iter().enumerate() {
+            xml.push_str(&disk_xml(disk, index));
+        }
+        match &self.nic {
+            Nic::None => {}
+            Nic::Network(network) => xml.push_str(&format!(
+                "    <interface type='network'>\n      <source network='{}'/>\n      <model type='virtio'/>\n    </interface>\n",
+                escape(network)
+            )),
+            Nic::Bridge(bridge) => xml.push_str(&format!(
+                "    <interface type='bridge'>\n      <source bridge='{}'/>\n      <model type='virtio'/>\n    </interface>\n",
+                escape(bridge)
+            )),
+        }
+        for pci in &self.pci_devices {
+            // managed: libvirt detaches the device from its host driver at
+            // start and gives it back at stop.
+            xml.push_str(&format!(
+                "    <hostdev mode='subsystem' type='pci' managed='yes'>\n      <source>\n        <address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/>\n      </source>\n    </hostdev>\n",
+                pci.domain, pci.bus, pci.slot, pci.function
+            ));
+        }
+        // A serial console: the only window into a guest without a network.
+        xml.push_str(
+            "    <serial type='pty'/>\n    <console type='pty'/>\n  </devices>\n</domain>\n",
+        );
+        xml
+    }
+}
+
+/// Virtio disks `vda`, `vdb`, …: cloud-init finds its seed by filesystem
+/// label on any of them, so the seed needs no CD-ROM controller.
+fn disk_xml(disk: &DomainDisk, index: usize) -> String {
+    let target = format!(
+        "vd{}",
+        char::from(b'a' + u8::try_from(index % 26).unwrap_or(0))
+    );
+    let read_only = if disk.read_only {
+        "      <readonly/>\n"
+    } else {
+        ""
+    };
+    let (kind, driver, source) = match &disk.source {
+        DiskSource::File { path, format } => (
+            "file",
+            format!("      <driver name='qemu' type='{}'/>\n", format.as_str()),
+            format!("<source file='{}'/>", path_text(path)),
+        ),
+        DiskSource::Block { path } => (
+            "block",
+            "      <driver name='qemu' type='raw'/>\n".to_string(),
+            format!("<source dev='{}'/>", path_text(path)),
+        ),
+        DiskSource::PoolVolume { pool, volume } => (
+            "volume",
+            String::new(),
+            format!(
+                "<source pool='{}' volume='{}'/>",
+                escape(pool),
+                escape(volume)
+            ),
+        ),
+    };
+    format!(
+        "    <disk type='{kind}' device='disk'>\n{driver}      {source}\n      <target dev='{target}' bus='virtio'/>\n{read_only}    </disk>\n"
+    )
+}
+
+/// What the agent keeps in a domain's `<metadata>`: it makes the domain
+/// the agent's, and lets a restarted agent answer for it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BerthMetadata {
+    /// `engines.owner` of the agent that defined it.
+    pub owner: String,
+    pub created_at: Option<SystemTime>,
+    pub labels: BTreeMap<String, String>,
+    /// The directory of the overlays and seed the agent made for it, removed
+    /// with the domain. Never holds a base image.
+    pub files_dir: Option<PathBuf>,
+    pub spec: Option<WorkloadSpec>,
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl BerthMetadata {
+    pub fn to_xml(&self) -> String {
+        let mut xml = format!(
+            "<{PREFIX}:workload xmlns:{PREFIX}='{WORKLOAD_NAMESPACE}'><{PREFIX}:owner>{}</{PREFIX}:owner>",
+            escape(&self.owner)
+        );
+        if let Some(created) = self.created_at {
+            xml.push_str(&format!(
+                "<{PREFIX}:created>{}</{PREFIX}:created>",
+                unix_seconds(created)
+            ));
+        }
+        if let Some(dir) = &self.files_dir {
+            xml.push_str(&format!(
+                "<{PREFIX}:files-dir>{}</{PREFIX}:files-dir>",
+                path_text(dir)
+            ));
+        }
+        for (key, value) in &self.labels {
+            xml.push_str(&format!(
+                "<{PREFIX}:label key='{}'>{}</{PREFIX}:label>",
+                escape(key),
+                escape(value)
+            ));
+        }
+        if let Some(spec) = &self.spec {
+            xml.push_str(&format!(
+                "<{PREFIX}:spec>{}</{PREFIX}:spec>",
+                encode_spec(spec)
+            ));
+        }
+        xml.push_str(&format!("</{PREFIX}:workload>"));
+        xml
+    }
+
+    /// The element as libvirt returns it for our namespace (without the
+    /// namespace), or as written; `None` when it is not berth's element.
+    pub fn parse(xml: &str) -> Option<Self> {
+        let document = roxmltree::Document::parse(xml).ok()?;
+        let root = document.root_element();
+        if !is_ours(root, WORKLOAD_NAMESPACE, "workload") {
+            return None;
+        }
+        let mut metadata = Self::default();
+        for child in root.children().filter(|n| n.is_element()) {
+            let text = child.text().unwrap_or_default().trim();
+            match child.tag_name().name() {
+                "owner" => metadata.owner = text.to_string(),
+                "created" => {
+                    metadata.created_at = text
+                        .parse()
+                        .ok()
+                        .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
+                }
+                "files-dir" if !text.is_empty() => metadata.files_dir = Some(PathBuf::from(text)),
+                "label" => {
+                    if let Some(key) = child.attribute("key") {
+                        metadata.labels.insert(key.to_string(), text.to_string());
+                    }
+                }
+                "spec" => metadata.spec = decode_spec(text),
+                _ => {}
+            }
+        }
+        Some(metadata)
+    }
+}
+
+/// `virDomainGetMetadata` returns the element of the namespace asked for
+/// with the namespace stripped; the full domain XML keeps it.
+fn is_ours(element: roxmltree::Node<'_, '_>, namespace: &str, name: &str) -> bool {
+    let tag = element.tag_name();
+    tag.name() == name && tag.namespace().is_none_or(|ns| ns == namespace)
+}
+
+/// The element added to the live definition at start, as
+/// `virDomainSetMetadata` wants it: without a namespace, which libvirt adds.
+pub fn run_xml(started_at: SystemTime) -> String {
+    format!("<run started='{}'/>", unix_seconds(started_at))
+}
+
+/// When the current run started, from [`run_xml`]'s element.
+pub fn parse_run(xml: &str) -> Option<SystemTime> {
+    let document = roxmltree::Document::parse(xml).ok()?;
+    let root = document.root_element();
+    if !is_ours(root, RUN_NAMESPACE, "run") {
+        return None;
+    }
+    let seconds: u64 = root.attribute("started")?.parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::common::v1::{GpuRequest, Runtime, VmDisk};
+
+    /// One way to break a VM spec.
+    type VmChange = fn(&mut VmSpec);
+
+    fn vm_spec() -> WorkloadSpec {
+        WorkloadSpec {
+            runtime: Runtime::Libvirt as i32,
+            vm: Some(VmSpec {
+                vcpus: 2,
+                memory_bytes: 512 << 20,
+                disks: vec![VmDisk {
+                    base_image: "/images/debian.qcow2".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(spec: &WorkloadSpec) -> &'static str {
+        match validate(spec) {
+            Err(AgentError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_vm_spec_is_valid() {
+        assert!(validate(&vm_spec()).is_ok());
+    }
+
+    #[test]
+    fn bad_sizes_name_their_field() {
+        let cases: [(&str, VmChange); 7] = [
+            ("spec.vm.vcpus", |vm| vm.vcpus = 0),
+            ("spec.vm.vcpus", |vm| vm.vcpus = MAX_VCPUS + 1),
+            ("spec.vm.memory_bytes", |vm| vm.memory_bytes = 0),
+            ("spec.vm.memory_bytes", |vm| {
+                vm.memory_bytes = (512 << 20) + 1
+            }),
+            ("spec.vm.memory_bytes", |vm| {
+                vm.memory_bytes = MAX_MEMORY_BYTES + 1024
+            }),
+            ("spec.vm.disks", |vm| vm.disks.clear()),
+            ("spec.vm.disks.base_image", |vm| {
+                vm.disks[0].base_image = "relative.qcow2".into();
+            }),
+        ];
+        for (field, change) in cases {
+            let mut spec = vm_spec();
+            change(spec.vm.as_mut().unwrap());
+            assert_eq!(field_of(&spec), field);
+        }
+    }
+
+    #[test]
+    fn disks_networks_seeds_and_pci_are_checked() {
+        let cases: [(&str, VmChange); 8] = [
+            ("spec.vm.disks", |vm| vm.disks[0].volume = "/dev/sdb".into()),
+            ("spec.vm.disks.size_bytes", |vm| {
+                vm.disks[0] = VmDisk {
+                    volume: "/dev/sdb".into(),
+                    size_bytes: 1 << 30,
+                    ..Default::default()
+                };
+            }),
+            ("spec.vm.disks.volume", |vm| {
+                vm.disks[0] = VmDisk {
+                    volume: "no-pool".into(),
+                    ..Default::default()
+                };
+            }),
+            ("spec.vm.bridge", |vm| {
+                vm.bridge = "a-bridge-name-too-long".into()
+            }),
+            ("spec.vm.network", |vm| vm.network = "bad name".into()),
+            ("spec.vm.cloud_init_seed", |vm| {
+                vm.cloud_init_seed = "/seed.iso".into();
+                vm.cloud_init_user_data = "#cloud-config\n".into();
+            }),
+            ("spec.vm.pci_passthrough", |vm| {
+                vm.pci_passthrough = vec!["3b:00".into()]
+            }),
+            ("spec.vm.pci_passthrough", |vm| {
+                vm.pci_passthrough = vec!["3b:00.0".into(), "0000:3b:00.0".into()];
+            }),
+        ];
+        for (field, change) in cases {
+            let mut spec = vm_spec();
+            change(spec.vm.as_mut().unwrap());
+            assert_eq!(field_of(&spec), field);
+        }
+    }
+
+    #[test]
+    fn container_fields_are_refused_with_what_to_use_instead() {
+        let mut spec = vm_spec();
+        spec.image = "busybox".into();
+        assert_eq!(field_of(&spec), "spec.image");
+        let mut spec = vm_spec();
+        spec.gpus = Some(GpuRequest {
+            count: 1,
+            ..Default::default()
+        });
+        let error = validate(&spec).unwrap_err().to_string();
+        assert!(error.contains("vm.pci_passthrough"), "{error}");
+        let mut spec = vm_spec();
+        spec.vm = None;
+        assert_eq!(field_of(&spec), "spec.vm");
+    }
+
+    #[test]
+    fn pci_addresses_parse_with_or_without_domain() {
+        let full = PciAddress::parse("0000:3b:00.1").unwrap();
+        assert_eq!(PciAddress::parse("3b:00.1"), Some(full));
+        for bad in [
+            "3b:00",
+            "0000:3b:20.0",
+            "0000:3b:00.8",
+            "x:00.0",
+            "00000:3b:00.0",
+        ] {
+            assert_eq!(PciAddress::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn domain_xml_has_the_spec_and_parses() {
+        let plan = DomainPlan {
+            name: "vm1".into(),
+            uuid: "0b0f2a64-6b4e-4f8b-9a39-2f4b1c0d9e11".into(),
+            domain_type: "kvm".into(),
+            vcpus: 2,
+            memory_bytes: 512 << 20,
+            disks: vec![
+                DomainDisk {
+                    source: DiskSource::File {
+                        path: "/var/lib/berth/vm1/disk0.qcow2".into(),
+                        format: DiskFormat::Qcow2,
+                    },
+                    read_only: false,
+                },
+                DomainDisk {
+                    source: DiskSource::PoolVolume {
+                        pool: "default".into(),
+                        volume: "data".into(),
+                    },
+                    read_only: false,
+                },
+                DomainDisk {
+                    source: DiskSource::File {
+                        path: "/var/lib/berth/vm1/seed.iso".into(),
+                        format: DiskFormat::Raw,
+                    },
+                    read_only: true,
+                },
+            ],
+            nic: Nic::Bridge("br0".into()),
+            pci_devices: vec![PciAddress::parse("0000:3b:00.0").unwrap()],
+            metadata: BerthMetadata {
+                owner: "agent <1> & 'co'".into(),
+                ..Default::default()
+            },
+        };
+        let xml = plan.to_xml();
+        let document = roxmltree::Document::parse(&xml).expect("well-formed XML");
+        let root = document.root_element();
+        assert_eq!(root.attribute("type"), Some("kvm"));
+        let text_of = |tag: &str| {
+            root.descendants()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(str::to_string)
+        };
+        assert_eq!(text_of("memory").as_deref(), Some("524288"));
+        assert_eq!(text_of("vcpu").as_deref(), Some("2"));
+        let targets: Vec<_> = root
+            .descendants()
+            .filter(|n| n.has_tag_name("target"))
+            .filter_map(|n| n.attribute("dev"))
+            .collect();
+        assert_eq!(targets, ["vda", "vdb", "vdc"]);
+        assert!(xml.contains("<source pool='default' volume='data'/>"));
+        assert!(xml.contains("<source bridge='br0'/>"));
+        assert!(xml.contains("<address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/>"));
+        assert_eq!(
+            root.descendants()
+                .filter(|n| n.has_tag_name("readonly"))
+                .count(),
+            1
+        );
+        assert!(root.descendants().any(|n| n.has_tag_name("acpi")));
+        let owner = root
+            .descendants()
+            .find(|n| {
+                n.tag_name().namespace() == Some(WORKLOAD_NAMESPACE)
+                    && n.has_tag_name((WORKLOAD_NAMESPACE, "owner"))
+            })
+            .and_then(|n| n.text());
+        assert_eq!(owner, Some("agent <1> & 'co'"));
+    }
+
+    #[test]
+    fn networks_default_to_libvirts_nat_or_none() {
+        let mut vm = VmSpec::default();
+        assert_eq!(Nic::of(&vm), Nic::Network("default".into()));
+        vm.network = "none".into();
+        assert_eq!(Nic::of(&vm), Nic::None);
+        vm.bridge = "br0".into();
+        assert_eq!(Nic::of(&vm), Nic::Bridge("br0".into()));
+    }
+
+    #[test]
+    fn metadata_round_trips_even_with_another_prefix() {
+        let metadata = BerthMetadata {
+            owner: "o1".into(),
+            created_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            labels: BTreeMap::from([("team".to_string(), "a&b".to_string())]),
+            files_dir: Some("/var/lib/berth/libvirt/vm1.x".into()),
+            spec: Some(vm_spec()),
+        };
+        assert_eq!(
+            BerthMetadata::parse(&metadata.to_xml()),
+            Some(metadata.clone())
+        );
+        // libvirt writes the element back under the prefix it chooses.
+        let renamed = metadata
+            .to_xml()
+            .replace("berth:", "b:")
+            .replace("xmlns:berth", "xmlns:b");
+        assert_eq!(BerthMetadata::parse(&renamed), Some(metadata));
+        // As virDomainGetMetadata returns it: without the namespace.
+        let stripped = BerthMetadata::parse("<workload>\n  <owner>o1</owner>\n</workload>");
+        assert_eq!(stripped.map(|m| m.owner), Some("o1".to_string()));
+        let other = "<workload xmlns='https://example.com/other'><owner>o1</owner></workload>";
+        assert_eq!(BerthMetadata::parse(other), None);
+        assert_eq!(BerthMetadata::parse("not xml"), None);
+    }
+
+    #[test]
+    fn run_element_dates_the_start() {
+        let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_123);
+        assert_eq!(parse_run(&run_xml(started)), Some(started));
+        assert_eq!(parse_run("<run started='x'/>"), None);
+        assert_eq!(parse_run("<workload started='1'/>"), None);
+    }
+}

@@ -1,0 +1,551 @@
+//! The few calls of libvirt's C API the runtime needs, from `libvirt.so.0`
+//! loaded at run time: the agent builds and runs on hosts without libvirt,
+//! which then report the runtime unavailable with the loader's reason. All
+//! of the agent's unsafe code for libvirt is in this module.
+//!
+//! Every call blocks (libvirt talks to its daemon synchronously): callers run
+//! them on blocking threads. libvirt keeps its last error per thread, so an
+//! error is read on the thread whose call failed.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_ulong, c_ulonglong, c_ushort, c_void};
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+const LIBRARY_NAME: &str = "libvirt.so.0";
+/// `VIR_UUID_STRING_BUFLEN`: 36 characters and the NUL.
+const UUID_STRING_LEN: usize = 37;
+/// `VIR_DOMAIN_METADATA_ELEMENT`: the `<metadata>` child in a namespace.
+const METADATA_ELEMENT: c_int = 2;
+
+/// libvirt error numbers the runtime tells apart (`virErrorNumber`).
+pub mod code {
+    pub const INVALID_ARG: i32 = 8;
+    pub const OPERATION_FAILED: i32 = 9;
+    pub const XML_ERROR: i32 = 27;
+    pub const DOM_EXIST: i32 = 28;
+    pub const XML_DETAIL: i32 = 35;
+    pub const NO_DOMAIN: i32 = 42;
+    pub const NO_NETWORK: i32 = 43;
+    pub const OPERATION_INVALID: i32 = 55;
+    pub const CONFIG_UNSUPPORTED: i32 = 67;
+    pub const NO_DOMAIN_METADATA: i32 = 80;
+    pub const OPERATION_UNSUPPORTED: i32 = 84;
+}
+
+/// `virDomainState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    NoState,
+    Running,
+    Blocked,
+    Paused,
+    ShuttingDown,
+    Shutoff,
+    Crashed,
+    Suspended,
+}
+
+impl DomainState {
+    fn from_raw(raw: c_int) -> Self {
+        match raw {
+            1 => Self::Running,
+            2 => Self::Blocked,
+            3 => Self::Paused,
+            4 => Self::ShuttingDown,
+            5 => Self::Shutoff,
+            6 => Self::Crashed,
+            7 => Self::Suspended,
+            _ => Self::NoState,
+        }
+    }
+
+    /// The domain has a live instance (a qemu process) in this state.
+    pub fn is_active(self) -> bool {
+        !matches!(self, Self::Shutoff | Self::Crashed | Self::NoState)
+    }
+}
+
+/// `virDomainShutoffReason` values the runtime tells apart.
+pub mod shutoff_reason {
+    pub const UNKNOWN: i32 = 0;
+    pub const CRASHED: i32 = 3;
+    pub const FAILED: i32 = 6;
+}
+
+/// A failed call: libvirt's error number and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for VirError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The first fields of `virError`; libvirt owns the struct, we only read it.
+#[repr(C)]
+struct RawError {
+    code: c_int,
+    domain: c_int,
+    message: *const c_char,
+}
+
+/// `virDomainInfo`. The state comes from `virDomainGetState`, which also
+/// gives its reason; the other unread fields keep the C layout.
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code)]
+struct RawDomainInfo {
+    state: u8,
+    max_mem_kib: c_ulong,
+    memory_kib: c_ulong,
+    vcpus: c_ushort,
+    cpu_time_ns: c_ulonglong,
+}
+
+/// What `virDomainGetInfo` and `virDomainGetState` report.
+#[derive(Debug, Clone, Copy)]
+pub struct DomainInfo {
+    pub state: DomainState,
+    /// Why the domain is in its state (`virDomain*Reason` of that state).
+    pub reason: i32,
+    pub max_memory_kib: u64,
+    pub vcpus: u32,
+}
+
+type Ptr = *mut c_void;
+
+/// `unsigned long` is 32 bits on some targets, 64 on this one.
+#[allow(clippy::useless_conversion)]
+fn widen(value: c_ulong) -> u64 {
+    u64::from(value)
+}
+
+/// The resolved entry points. Function pointers stay valid because the
+/// library is never unloaded (it lives in a `static`).
+struct Api {
+    connect_open: unsafe extern "C" fn(*const c_char) -> Ptr,
+    connect_close: unsafe extern "C" fn(Ptr) -> c_int,
+    connect_is_alive: unsafe extern "C" fn(Ptr) -> c_int,
+    connect_get_type: unsafe extern "C" fn(Ptr) -> *const c_char,
+    connect_list_all_domains: unsafe extern "C" fn(Ptr, *mut *mut Ptr, c_uint) -> c_int,
+    domain_define_xml: unsafe extern "C" fn(Ptr, *const c_char) -> Ptr,
+    domain_create: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_shutdown: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_destroy: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_undefine: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_lookup_by_name: unsafe extern "C" fn(Ptr, *const c_char) -> Ptr,
+    domain_lookup_by_uuid_string: unsafe extern "C" fn(Ptr, *const c_char) -> Ptr,
+    domain_get_info: unsafe extern "C" fn(Ptr, *mut RawDomainInfo) -> c_int,
+    domain_get_state: unsafe extern "C" fn(Ptr, *mut c_int, *mut c_int, c_uint) -> c_int,
+    domain_get_name: unsafe extern "C" fn(Ptr) -> *const c_char,
+    domain_get_uuid_string: unsafe extern "C" fn(Ptr, *mut c_char) -> c_int,
+    domain_get_metadata: unsafe extern "C" fn(Ptr, c_int, *const c_char, c_uint) -> *mut c_char,
+    domain_set_metadata: unsafe extern "C" fn(
+        Ptr,
+        c_int,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        c_uint,
+    ) -> c_int,
+    domain_free: unsafe extern "C" fn(Ptr) -> c_int,
+    get_last_error: unsafe extern "C" fn() -> *const RawError,
+    reset_last_error: unsafe extern "C" fn(),
+}
+
+pub struct Library {
+    api: Api,
+    /// Keeps the entry points in `api` mapped.
+    _library: libloading::Library,
+}
+
+static LIBRARY: OnceLock<Result<Library, String>> = OnceLock::new();
+
+/// libvirt, loaded and initialised once per process; the loader's reason
+/// when the host has no libvirt.
+pub fn library() -> Result<&'static Library, String> {
+    LIBRARY
+        .get_or_init(load)
+        .as_ref()
+        .map_err(|why| format!("cannot load {LIBRARY_NAME}: {why}"))
+}
+
+/// Resolves one symbol as a function pointer of type `F`.
+///
+/// # Safety
+/// `F` must be the exact C signature of `name` in libvirt's headers.
+unsafe fn symbol<F: Copy>(library: &libloading::Library, name: &str) -> Result<F, String> {
+    // SAFETY: the caller guarantees that F matches the symbol's C signature;
+    // the pointer outlives its use because the library stays loaded.
+    unsafe { library.get::<F>(name.as_bytes()) }
+        .map(|symbol| *symbol)
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+extern "C" fn ignore_error(_user_data: *mut c_void, _error: *const RawError) {}
+
+fn load() -> Result<Library, String> {
+    // SAFETY: loading libvirt runs its ELF constructors, which only set up
+    // its own global state.
+    let library = unsafe { libloading::Library::new(LIBRARY_NAME) }.map_err(|e| e.to_string())?;
+    // SAFETY: each signature below is copied from libvirt 9's headers
+    // (libvirt-host.h, libvirt-domain.h, virterror.h); every one of these
+    // functions exists since libvirt 1.2.
+    let api = unsafe {
+        Api {
+            connect_open: symbol(&library, "virConnectOpen")?,
+            connect_close: symbol(&library, "virConnectClose")?,
+            connect_is_alive: symbol(&library, "virConnectIsAlive")?,
+            connect_get_type: symbol(&library, "virConnectGetType")?,
+            connect_list_all_domains: symbol(&library, "virConnectListAllDomains")?,
+            domain_define_xml: symbol(&library, "virDomainDefineXML")?,
+            domain_create: symbol(&library, "virDomainCreate")?,
+            domain_shutdown: symbol(&library, "virDomainShutdown")?,
+            domain_destroy: symbol(&library, "virDomainDestroy")?,
+            domain_undefine: symbol(&library, "virDomainUndefine")?,
+            domain_lookup_by_name: symbol(&library, "virDomainLookupByName")?,
+            domain_lookup_by_uuid_string: symbol(&library, "virDomainLookupByUUIDString")?,
+            domain_get_info: symbol(&library, "virDomainGetInfo")?,
+            domain_get_state: symbol(&library, "virDomainGetState")?,
+            domain_get_name: symbol(&library, "virDomainGetName")?,
+            domain_get_uuid_string: symbol(&library, "virDomainGetUUIDString")?,
+            domain_get_metadata: symbol(&library, "virDomainGetMetadata")?,
+            domain_set_metadata: symbol(&library, "virDomainSetMetadata")?,
+            domain_free: symbol(&library, "virDomainFree")?,
+            get_last_error: symbol(&library, "virGetLastError")?,
+            reset_last_error: symbol(&library, "virResetLastError")?,
+        }
+    };
+    // SAFETY: virInitialize takes no arguments and must run before threads
+    // share libvirt; virSetErrorFunc stores a handler that ignores its
+    // arguments, so libvirt stops printing every error to stderr (the agent
+    // reports errors itself).
+    unsafe {
+        let initialize: unsafe extern "C" fn() -> c_int = symbol(&library, "virInitialize")?;
+        if initialize() < 0 {
+            return Err("virInitialize failed".to_string());
+        }
+        let set_error_func: unsafe extern "C" fn(
+            *mut c_void,
+            Option<extern "C" fn(*mut c_void, *const RawError)>,
+        ) = symbol(&library, "virSetErrorFunc")?;
+        set_error_func(std::ptr::null_mut(), Some(ignore_error));
+    }
+    Ok(Library {
+        api,
+        _library: library,
+    })
+}
+
+impl Library {
+    /// This thread's last libvirt error, then clears it.
+    fn last_error(&self) -> VirError {
+        // SAFETY: virGetLastError returns null or a pointer to this thread's
+        // error, valid until the next libvirt call on this thread; the
+        // message is copied before that.
+        unsafe {
+            let raw = (self.api.get_last_error)();
+            let error = match raw.as_ref() {
+                Some(raw) => VirError {
+                    code: raw.code,
+                    message: owned_string(raw.message)
+                        .unwrap_or_else(|| format!("libvirt error {}", raw.code)),
+                },
+                None => VirError {
+                    code: 0,
+                    message: "libvirt call failed without saying why".to_string(),
+                },
+            };
+            (self.api.reset_last_error)();
+            error
+        }
+    }
+
+    pub fn open(&'static self, uri: &str) -> Result<Connection, VirError> {
+        let uri = c_string(uri)?;
+        // SAFETY: `uri` is a valid NUL-terminated string for the call.
+        let ptr = unsafe { (self.api.connect_open)(uri.as_ptr()) };
+        NonNull::new(ptr)
+            .map(|ptr| Connection { library: self, ptr })
+            .ok_or_else(|| self.last_error())
+    }
+}
+
+/// Copies a C string libvirt lent us.
+///
+/// # Safety
+/// `ptr` must be null or point to a NUL-terminated string.
+unsafe fn owned_string(ptr: *const c_char) -> Option<String> {
+    // SAFETY: guaranteed by the caller.
+    (!ptr.is_null()).then(|| {
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+fn c_string(text: &str) -> Result<CString, VirError> {
+    CString::new(text).map_err(|_| VirError {
+        code: code::INVALID_ARG,
+        message: format!("`{}` contains a NUL byte", text.escape_debug()),
+    })
+}
+
+/// An open connection (`virConnectPtr`), closed on drop.
+pub struct Connection {
+    library: &'static Library,
+    ptr: NonNull<c_void>,
+}
+
+// SAFETY: libvirt connections are thread-safe (since 0.6.0): calls on one
+// connection from several threads are serialised by libvirt itself.
+unsafe impl Send for Connection {}
+// SAFETY: as above; every method takes &self and libvirt locks internally.
+unsafe impl Sync for Connection {}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from virConnectOpen and is closed exactly once.
+        unsafe { (self.library.api.connect_close)(self.ptr.as_ptr()) };
+    }
+}
+
+impl Connection {
+    fn api(&self) -> &Api {
+        &self.library.api
+    }
+
+    fn domain(&self, ptr: Ptr) -> Result<Domain<'_>, VirError> {
+        NonNull::new(ptr)
+            .map(|ptr| Domain {
+                connection: self,
+                ptr,
+            })
+            .ok_or_else(|| self.library.last_error())
+    }
+
+    /// False once the connection to the daemon broke.
+    pub fn is_alive(&self) -> bool {
+        // SAFETY: `ptr` is an open connection.
+        unsafe { (self.api().connect_is_alive)(self.ptr.as_ptr()) == 1 }
+    }
+
+    /// The hypervisor driver's name, e.g. "QEMU" or "TEST".
+    pub fn driver(&self) -> Result<String, VirError> {
+        // SAFETY: `ptr` is an open connection; the returned string is static
+        // in libvirt and is copied, never freed.
+        unsafe { owned_string((self.api().connect_get_type)(self.ptr.as_ptr())) }
+            .ok_or_else(|| self.library.last_error())
+    }
+
+    pub fn list_domains(&self) -> Result<Vec<Domain<'_>>, VirError> {
+        let mut array: *mut Ptr = std::ptr::null_mut();
+        // SAFETY: libvirt allocates `array` (with malloc) and fills it with
+        // `count` domain references, each ours to free.
+        let count =
+            unsafe { (self.api().connect_list_all_domains)(self.ptr.as_ptr(), &mut array, 0) };
+        let Ok(count) = usize::try_from(count) else {
+            return Err(self.library.last_error());
+        };
+        let mut domains = Vec::with_capacity(count);
+        // SAFETY: `array` holds `count` non-null pointers; each is wrapped
+        // once (freed by Domain's drop) and the array itself freed with
+        // free(), as libvirt documents.
+        unsafe {
+            for index in 0..count {
+                domains.extend(self.domain(*array.add(index)));
+            }
+            libc::free(array.cast());
+        }
+        Ok(domains)
+    }
+
+    pub fn define(&self, xml: &str) -> Result<Domain<'_>, VirError> {
+        let xml = c_string(xml)?;
+        // SAFETY: valid connection and NUL-terminated XML.
+        self.domain(unsafe { (self.api().domain_define_xml)(self.ptr.as_ptr(), xml.as_ptr()) })
+    }
+
+    /// `Ok(None)` when there is no such domain.
+    pub fn lookup_by_name(&self, name: &str) -> Result<Option<Domain<'_>>, VirError> {
+        let name = c_string(name)?;
+        // SAFETY: valid connection and NUL-terminated name.
+        let ptr = unsafe { (self.api().domain_lookup_by_name)(self.ptr.as_ptr(), name.as_ptr()) };
+        none_if_missing(self.domain(ptr))
+    }
+
+    /// `Ok(None)` when there is no such domain.
+    pub fn lookup_by_uuid(&self, uuid: &str) -> Result<Option<Domain<'_>>, VirError> {
+        let uuid = c_string(uuid)?;
+        // SAFETY: valid connection and NUL-terminated UUID string.
+        let ptr =
+            unsafe { (self.api().domain_lookup_by_uuid_string)(self.ptr.as_ptr(), uuid.as_ptr()) };
+        none_if_missing(self.domain(ptr))
+    }
+}
+
+fn none_if_missing<T>(found: Result<T, VirError>) -> Result<Option<T>, VirError> {
+    match found {
+        Ok(found) => Ok(Some(found)),
+        Err(error) if error.code == code::NO_DOMAIN => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// A domain reference (`virDomainPtr`), freed on drop; the domain itself
+/// stays.
+pub struct Domain<'c> {
+    connection: &'c Connection,
+    ptr: NonNull<c_void>,
+}
+
+impl Drop for Domain<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` is a domain reference we own, freed exactly once.
+        unsafe { (self.api().domain_free)(self.ptr.as_ptr()) };
+    }
+}
+
+impl Domain<'_> {
+    fn api(&self) -> &Api {
+        self.connection.api()
+    }
+
+    /// Turns a C status (negative on failure) into a result.
+    fn check(&self, status: c_int) -> Result<(), VirError> {
+        if status < 0 {
+            Err(self.connection.library.last_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn name(&self) -> Result<String, VirError> {
+        // SAFETY: valid domain; the name belongs to the domain object and is
+        // copied before the domain is freed.
+        unsafe { owned_string((self.api().domain_get_name)(self.ptr.as_ptr())) }
+            .ok_or_else(|| self.connection.library.last_error())
+    }
+
+    pub fn uuid(&self) -> Result<String, VirError> {
+        let mut buffer = [0 as c_char; UUID_STRING_LEN];
+        // SAFETY: the buffer has the VIR_UUID_STRING_BUFLEN bytes libvirt writes.
+        self.check(unsafe {
+            (self.api().domain_get_uuid_string)(self.ptr.as_ptr(), buffer.as_mut_ptr())
+        })?;
+        // SAFETY: on success libvirt wrote a NUL-terminated string.
+        Ok(unsafe { owned_string(buffer.as_ptr()) }.unwrap_or_default())
+    }
+
+    pub fn start(&self) -> Result<(), VirError> {
+        // SAFETY: valid domain.
+        self.check(unsafe { (self.api().domain_create)(self.ptr.as_ptr()) })
+    }
+
+    /// Asks the guest to shut down (ACPI); returns without waiting.
+    pub fn shutdown(&self) -> Result<(), VirError> {
+        // SAFETY: valid domain.
+        self.check(unsafe { (self.api().domain_shutdown)(self.ptr.as_ptr()) })
+    }
+
+    /// Powers the domain off at once.
+    pub fn destroy(&self) -> Result<(), VirError> {
+        // SAFETY: valid domain.
+        self.check(unsafe { (self.api().domain_destroy)(self.ptr.as_ptr()) })
+    }
+
+    pub fn undefine(&self) -> Result<(), VirError> {
+        // SAFETY: valid domain.
+        self.check(unsafe { (self.api().domain_undefine)(self.ptr.as_ptr()) })
+    }
+
+    pub fn info(&self) -> Result<DomainInfo, VirError> {
+        let mut raw = RawDomainInfo::default();
+        let (mut state, mut reason): (c_int, c_int) = (0, 0);
+        // SAFETY: valid domain and out-pointers to initialised locals.
+        unsafe {
+            self.check((self.api().domain_get_info)(self.ptr.as_ptr(), &mut raw))?;
+            self.check((self.api().domain_get_state)(
+                self.ptr.as_ptr(),
+                &mut state,
+                &mut reason,
+                0,
+            ))?;
+        }
+        Ok(DomainInfo {
+            state: DomainState::from_raw(state),
+            reason,
+            max_memory_kib: widen(raw.max_mem_kib),
+            vcpus: u32::from(raw.vcpus),
+        })
+    }
+
+    /// Our `<metadata>` element in namespace `uri` (of the live definition
+    /// when the domain runs); `Ok(None)` when the domain has none.
+    pub fn metadata(&self, uri: &str) -> Result<Option<String>, VirError> {
+        let uri = c_string(uri)?;
+        // SAFETY: valid domain and URI; the returned string is malloc'd by
+        // libvirt, copied, then freed with free() as libvirt documents.
+        unsafe {
+            let ptr = (self.api().domain_get_metadata)(
+                self.ptr.as_ptr(),
+                METADATA_ELEMENT,
+                uri.as_ptr(),
+                0,
+            );
+            if ptr.is_null() {
+                let error = self.connection.library.last_error();
+                return if error.code == code::NO_DOMAIN_METADATA {
+                    Ok(None)
+                } else {
+                    Err(error)
+                };
+            }
+            let text = owned_string(ptr);
+            libc::free(ptr.cast());
+            Ok(text)
+        }
+    }
+
+    /// Replaces our `<metadata>` element in namespace `uri` (prefix `key`)
+    /// of the running domain only: it goes away when the domain stops.
+    pub fn set_live_metadata(&self, xml: &str, key: &str, uri: &str) -> Result<(), VirError> {
+        const AFFECT_LIVE: c_uint = 1;
+        let (xml, key, uri) = (c_string(xml)?, c_string(key)?, c_string(uri)?);
+        // SAFETY: valid domain and NUL-terminated strings.
+        self.check(unsafe {
+            (self.api().domain_set_metadata)(
+                self.ptr.as_ptr(),
+                METADATA_ELEMENT,
+                xml.as_ptr(),
+                key.as_ptr(),
+                uri.as_ptr(),
+                AFFECT_LIVE,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_read_from_their_numbers() {
+        assert_eq!(DomainState::from_raw(1), DomainState::Running);
+        assert_eq!(DomainState::from_raw(5), DomainState::Shutoff);
+        assert_eq!(DomainState::from_raw(99), DomainState::NoState);
+        assert!(DomainState::Paused.is_active());
+        assert!(!DomainState::Crashed.is_active());
+    }
+
+    #[test]
+    fn nul_bytes_are_refused_before_libvirt_sees_them() {
+        assert_eq!(c_string("a\0b").unwrap_err().code, code::INVALID_ARG);
+    }
+}

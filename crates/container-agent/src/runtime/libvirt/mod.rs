@@ -1,0 +1,723 @@
+//! The `libvirt` runtime: workloads are virtual machines (libvirt domains)
+//! on the hypervisor at `libvirt.uri`. libvirt is the source of truth: a
+//! domain is this agent's when its `<metadata>` carries berth's element with
+//! this agent's owner, so a restarted agent finds its VMs again.
+//!
+//! The agent has no channel into a guest (no guest agent): exec, logs and
+//! stats are refused, never faked.
+
+mod disks;
+mod domain_xml;
+mod ffi;
+mod watch;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use berth_proto::agent::v1::{
+    EventKind, ExecOutput, Health, LogLine, Workload, WorkloadState, WorkloadStats,
+};
+use berth_proto::common::v1::{Runtime, WorkloadSpec};
+use tokio::sync::mpsc;
+
+use super::{ExecCommand, WorkloadRuntime, validate_name};
+use crate::config::LibvirtConfig;
+use crate::error::AgentError;
+use crate::events::EventBus;
+use domain_xml::{BerthMetadata, DomainPlan, Nic, PciAddress};
+use ffi::{Connection, Domain, DomainInfo, DomainState, VirError, code};
+
+const RUNTIME: &str = "RUNTIME_LIBVIRT";
+/// The daemon sockets `auto` looks for: the monolithic libvirtd's, then the
+/// modular QEMU daemon's.
+const SYSTEM_SOCKETS: [&str; 2] = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"];
+/// How often a stop checks whether the guest has shut down.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+
+/// The URI `libvirt.uri` stands for, or why the runtime is off.
+pub fn locate(configured: &str) -> Result<String, String> {
+    match configured {
+        "off" => Err("libvirt.uri = \"off\"".to_string()),
+        "auto" => {
+            if let Ok(uri) = std::env::var("LIBVIRT_DEFAULT_URI")
+                && !uri.is_empty()
+            {
+                return Ok(uri);
+            }
+            SYSTEM_SOCKETS
+                .iter()
+                .any(|socket| std::path::Path::new(socket).exists())
+                .then(|| "qemu:///system".to_string())
+                .ok_or_else(|| {
+                    format!(
+                        "libvirt.uri = \"auto\" found no libvirt daemon (no {}); set libvirt.uri, e.g. qemu:///session",
+                        SYSTEM_SOCKETS.join(" or ")
+                    )
+                })
+        }
+        uri => Ok(uri.to_string()),
+    }
+}
+
+#[derive(Clone)]
+pub struct LibvirtRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    library: &'static ffi::Library,
+    uri: String,
+    owner: String,
+    disk_dir: PathBuf,
+    domain_type: String,
+    events: EventBus,
+    /// Opened on first use and again after the daemon went away.
+    connection: Mutex<Option<Arc<Connection>>>,
+    seen: Mutex<watch::Seen>,
+}
+
+impl Inner {
+    fn unavailable(&self, why: impl std::fmt::Display) -> AgentError {
+        AgentError::RuntimeUnavailable(RUNTIME, format!("libvirt at {}: {why}", self.uri))
+    }
+
+    /// The open connection, or a new one when there is none or it broke.
+    fn connect(&self) -> Result<Arc<Connection>, AgentError> {
+        let mut cached = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(connection) = cached.as_ref().filter(|c| c.is_alive()) {
+            return Ok(connection.clone());
+        }
+        *cached = None;
+        let connection = Arc::new(
+            self.library
+                .open(&self.uri)
+                .map_err(|e| self.unavailable(e))?,
+        );
+        *cached = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn forget(&self, broken: &Arc<Connection>) {
+        let mut cached = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cached.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
+            *cached = None;
+        }
+    }
+
+    fn seen(&self) -> MutexGuard<'_, watch::Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the runtime reads about one of its domains.
+#[derive(Debug, Clone)]
+struct DomainView {
+    uuid: String,
+    name: String,
+    metadata: BerthMetadata,
+    info: DomainInfo,
+    started_at: Option<SystemTime>,
+}
+
+fn failed(action: &'static str) -> impl Fn(VirError) -> AgentError {
+    move |error| AgentError::Engine {
+        engine: "libvirt",
+        action,
+        message: error.message,
+    }
+}
+
+/// The berth metadata of `domain`; `None` when it has none.
+fn metadata_of(domain: &Domain<'_>) -> Result<Option<BerthMetadata>, AgentError> {
+    Ok(domain
+        .metadata(domain_xml::WORKLOAD_NAMESPACE)
+        .map_err(failed("read metadata"))?
+        .as_deref()
+        .and_then(BerthMetadata::parse))
+}
+
+fn view_of(domain: &Domain<'_>, metadata: BerthMetadata) -> Result<DomainView, AgentError> {
+    let info = domain.info().map_err(failed("inspect"))?;
+    let started_at = if info.state.is_active() {
+        domain
+            .metadata(domain_xml::RUN_NAMESPACE)
+            .ok()
+            .flatten()
+            .as_deref()
+            .and_then(domain_xml::parse_run)
+    } else {
+        None
+    };
+    Ok(DomainView {
+        uuid: domain.uuid().map_err(failed("inspect"))?,
+        name: domain.name().map_err(failed("inspect"))?,
+        metadata,
+        info,
+        started_at,
+    })
+}
+
+/// A workload's state from libvirt's state and its reason.
+fn workload_state(state: DomainState, reason: i32) -> WorkloadState {
+    match state {
+        state if state.is_active() => WorkloadState::Running,
+        DomainState::Crashed => WorkloadState::Exited,
+        DomainState::Shutoff => match reason {
+            ffi::shutoff_reason::UNKNOWN => WorkloadState::Created,
+            ffi::shutoff_reason::CRASHED | ffi::shutoff_reason::FAILED => WorkloadState::Exited,
+            _ => WorkloadState::Stopped,
+        },
+        _ => WorkloadState::Unspecified,
+    }
+}
+
+impl DomainView {
+    fn active(&self) -> bool {
+        self.info.state.is_active()
+    }
+
+    /// The workload: its spec with libvirt's current vCPUs and memory.
+    fn workload(&self) -> Workload {
+        let mut spec = self.metadata.spec.clone().unwrap_or_default();
+        let vm = spec.vm.get_or_insert_with(Default::default);
+        vm.vcpus = self.info.vcpus;
+        vm.memory_bytes = self.info.max_memory_kib * 1024;
+        spec.labels.extend(
+            self.metadata
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        Workload {
+            id: self.uuid.clone(),
+            name: self.name.clone(),
+            spec: Some(spec),
+            state: workload_state(self.info.state, self.info.reason) as i32,
+            health: Health::None as i32,
+            created_at: self.metadata.created_at.map(Into::into),
+            started_at: self.started_at.map(Into::into),
+            ..Default::default()
+        }
+    }
+}
+
+impl LibvirtRuntime {
+    /// The runtime on `uri`, or why libvirt cannot be used on this host (the
+    /// library does not load). The daemon is reached on first use: calls
+    /// answer UNAVAILABLE while it does not answer.
+    pub fn new(
+        uri: String,
+        config: &LibvirtConfig,
+        owner: String,
+        events: EventBus,
+    ) -> Result<Self, String> {
+        let library = ffi::library()?;
+        let runtime = Self {
+            inner: Arc::new(Inner {
+                library,
+                uri,
+                owner,
+                disk_dir: config.disk_dir.clone(),
+                domain_type: config.domain_type.clone(),
+                events,
+                connection: Mutex::new(None),
+                seen: Mutex::new(watch::Seen::default()),
+            }),
+        };
+        watch::spawn(Arc::downgrade(&runtime.inner), config.poll_interval);
+        Ok(runtime)
+    }
+
+    /// Runs `call` with the connection on a blocking thread (libvirt calls
+    /// block). A call whose connection broke answers UNAVAILABLE, whatever
+    /// libvirt said, and the next call connects again.
+    async fn with_connection<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Connection) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = inner.connect()?;
+            let result = call(&connection);
+            if !connection.is_alive() {
+                inner.forget(&connection);
+                return Err(inner.unavailable("the connection was lost; the next call reconnects"));
+            }
+            result
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("libvirt call panicked: {e}")))?
+    }
+
+    /// The domain named by `id` (a name or UUID) when it is this agent's;
+    /// `Ok(None)` when there is no such domain.
+    async fn find(&self, id: &str) -> Result<Option<DomainView>, AgentError> {
+        let id = id.to_string();
+        let owner = self.inner.owner.clone();
+        let uri = self.inner.uri.clone();
+        self.with_connection(move |connection| {
+            let mut domain = connection.lookup_by_name(&id).map_err(failed("look up"))?;
+            if domain.is_none() && uuid::Uuid::parse_str(&id).is_ok() {
+                domain = connection.lookup_by_uuid(&id).map_err(failed("look up"))?;
+            }
+            let Some(domain) = domain else {
+                return Ok(None);
+            };
+            match metadata_of(&domain)? {
+                Some(metadata) if metadata.owner == owner => Ok(Some(view_of(&domain, metadata)?)),
+                found => Err(AgentError::NotOwned(format!(
+                    "libvirt domain `{id}` on {uri} is not this agent's: {}",
+                    match found {
+                        Some(metadata) => format!(
+                            "berth owner `{}`, not `{owner}` (engines.owner)",
+                            metadata.owner
+                        ),
+                        None => "it has no berth metadata (it was not created through berth)"
+                            .to_string(),
+                    }
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn find_or_404(&self, id: &str) -> Result<DomainView, AgentError> {
+        self.find(id)
+            .await?
+            .ok_or_else(|| AgentError::WorkloadNotFound(id.to_string()))
+    }
+
+    /// All of this agent's domains.
+    async fn owned_domains(&self) -> Result<Vec<DomainView>, AgentError> {
+        let owner = self.inner.owner.clone();
+        self.with_connection(move |connection| {
+            let mut views = Vec::new();
+            for domain in connection.list_domains().map_err(failed("list"))? {
+                match metadata_of(&domain) {
+                    Ok(Some(metadata)) if metadata.owner == owner => {
+                        views.push(view_of(&domain, metadata)?);
+                    }
+                    Ok(_) => {}
+                    // A domain undefined between the list and this read is gone.
+                    Err(_) if domain.info().is_err() => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(views)
+        })
+        .await
+    }
+
+    /// Runs `action` on the domain with that UUID; libvirt's own error
+    /// comes back as it is, for the caller to tell apart.
+    async fn on_domain(
+        &self,
+        uuid: &str,
+        action: impl FnOnce(&Domain<'_>) -> Result<(), VirError> + Send + 'static,
+        describe: &'static str,
+    ) -> Result<Result<(), VirError>, AgentError> {
+        let uuid = uuid.to_string();
+        self.with_connection(move |connection| {
+            let domain = connection
+                .lookup_by_uuid(&uuid)
+                .map_err(failed(describe))?
+                .ok_or_else(|| AgentError::WorkloadNotFound(uuid.clone()))?;
+            Ok(action(&domain))
+        })
+        .await
+    }
+
+    async fn current(&self, uuid: &str) -> Result<Workload, AgentError> {
+        Ok(self.find_or_404(uuid).await?.workload())
+    }
+
+    fn publish(&self, view: &DomainView, kind: EventKind, message: String) {
+        self.inner
+            .events
+            .publish(&view.uuid, &view.name, kind, message);
+    }
+
+    /// `<domain type=…>` for this connection.
+    fn domain_type(&self, connection: &Connection) -> Result<String, AgentError> {
+        if self.inner.domain_type != "auto" {
+            return Ok(self.inner.domain_type.clone());
+        }
+        let driver = connection.driver().map_err(failed("connect"))?;
+        // libvirt's test driver runs no hypervisor and knows only its own type.
+        Ok(if driver.eq_ignore_ascii_case("test") {
+            "test".to_string()
+        } else {
+            "kvm".to_string()
+        })
+    }
+
+    async fn define(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
+        let vm = domain_xml::validate(&spec)?.clone();
+        let taken = {
+            let name = name.to_string();
+            self.with_connection(move |connection| {
+                Ok(connection
+                    .lookup_by_name(&name)
+                    .map_err(failed("look up"))?
+                    .is_some())
+            })
+            .await?
+        };
+        if taken {
+            return Err(AgentError::NameTaken(name.to_string()));
+        }
+        let prepared = disks::prepare(name, &vm, &self.inner.disk_dir).await?;
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let metadata = BerthMetadata {
+            owner: self.inner.owner.clone(),
+            created_at: Some(SystemTime::now()),
+            labels: spec.labels.clone().into_iter().collect(),
+            files_dir: prepared.files_dir.clone(),
+            spec: Some(spec),
+        };
+        let mut plan = DomainPlan {
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            domain_type: String::new(),
+            vcpus: vm.vcpus,
+            memory_bytes: vm.memory_bytes,
+            disks: prepared.disks,
+            nic: Nic::of(&vm),
+            pci_devices: vm
+                .pci_passthrough
+                .iter()
+                .filter_map(|text| PciAddress::parse(text))
+                .collect(),
+            metadata,
+        };
+        let runtime = self.clone();
+        let defined = self
+            .with_connection(move |connection| {
+                plan.domain_type = runtime.domain_type(connection)?;
+                let domain = connection
+                    .define(&plan.to_xml())
+                    .map_err(|error| define_error(&plan.name, error))?;
+                view_of(&domain, plan.metadata)
+            })
+            .await;
+        match defined {
+            Ok(view) => {
+                self.inner.seen().note(&view.uuid, &view.name, false);
+                self.publish(
+                    &view,
+                    EventKind::Created,
+                    format!("libvirt domain defined on {}", self.inner.uri),
+                );
+                Ok(view.workload())
+            }
+            Err(error) => {
+                // Nothing of a failed create stays: the domain was not
+                // defined, so its files go.
+                if let Some(dir) = &prepared.files_dir {
+                    disks::remove_files_dir(dir, &self.inner.disk_dir);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+fn define_error(name: &str, error: VirError) -> AgentError {
+    match error.code {
+        code::DOM_EXIST => AgentError::NameTaken(name.to_string()),
+        code::OPERATION_FAILED if error.message.contains("already exists") => {
+            AgentError::NameTaken(name.to_string())
+        }
+        code::XML_ERROR
+        | code::XML_DETAIL
+        | code::CONFIG_UNSUPPORTED
+        | code::OPERATION_UNSUPPORTED
+        | code::INVALID_ARG => AgentError::InvalidArgument {
+            field: "spec.vm",
+            reason: format!("libvirt refused the domain: {}", error.message),
+        },
+        _ => failed("define")(error),
+    }
+}
+
+/// Why a defined domain did not start: its host lacks something it needs
+/// (a network, a PCI device, KVM) more often than libvirt broke.
+fn start_error(error: VirError) -> AgentError {
+    match error.code {
+        code::NO_NETWORK
+        | code::CONFIG_UNSUPPORTED
+        | code::OPERATION_FAILED
+        | code::OPERATION_INVALID
+        | code::INVALID_ARG => AgentError::Unsupported {
+            field: "spec.vm",
+            reason: format!("libvirt could not start the domain: {}", error.message),
+        },
+        _ => failed("start")(error),
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadRuntime for LibvirtRuntime {
+    fn kind(&self) -> Runtime {
+        Runtime::Libvirt
+    }
+
+    fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError> {
+        domain_xml::validate(spec).map(|_| ())
+    }
+
+    async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
+        validate_name(name)?;
+        self.define(name, spec).await
+    }
+
+    async fn start(&self, id: &str) -> Result<Workload, AgentError> {
+        let view = self.find_or_404(id).await?;
+        if view.active() {
+            return Ok(view.workload());
+        }
+        let _busy = watch::Busy::new(&self.inner, &view.uuid);
+        let started_at = SystemTime::now();
+        self.on_domain(
+            &view.uuid,
+            move |domain| {
+                domain.start()?;
+                // Dates this run; libvirt drops it with the live definition.
+                if let Err(error) = domain.set_live_metadata(
+                    &domain_xml::run_xml(started_at),
+                    domain_xml::PREFIX,
+                    domain_xml::RUN_NAMESPACE,
+                ) {
+                    tracing::debug!(%error, "could not record the domain's start time");
+                }
+                Ok(())
+            },
+            "start",
+        )
+        .await?
+        .map_err(start_error)?;
+        self.inner.seen().note(&view.uuid, &view.name, true);
+        self.publish(
+            &view,
+            EventKind::Started,
+            "libvirt domain started".to_string(),
+        );
+        self.current(&view.uuid).await
+    }
+
+    /// Asks the guest to shut down (ACPI) and waits up to `timeout`, then
+    /// powers it off.
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<Workload, AgentError> {
+        let view = self.find_or_404(id).await?;
+        if !view.active() {
+            return Ok(view.workload());
+        }
+        let _busy = watch::Busy::new(&self.inner, &view.uuid);
+        let mut graceful = false;
+        if !timeout.is_zero() {
+            match self
+                .on_domain(&view.uuid, |d| d.shutdown(), "shut down")
+                .await?
+            {
+                Ok(()) => {
+                    let deadline = Instant::now() + timeout;
+                    while Instant::now() < deadline {
+                        if !self.find_or_404(&view.uuid).await?.active() {
+                            graceful = true;
+                            break;
+                        }
+                        tokio::time::sleep(SHUTDOWN_POLL).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::info!(domain = %view.name, %error, "graceful shutdown refused; destroying");
+                }
+            }
+        }
+        if !graceful {
+            match self
+                .on_domain(&view.uuid, |d| d.destroy(), "destroy")
+                .await?
+            {
+                Ok(()) => {}
+                // It went down by itself in the meantime.
+                Err(error) if error.code == code::OPERATION_INVALID => {}
+                Err(error) => return Err(failed("destroy")(error)),
+            }
+        }
+        self.inner.seen().note(&view.uuid, &view.name, false);
+        let message = if graceful {
+            "the guest shut down".to_string()
+        } else if timeout.is_zero() {
+            "powered off (destroyed)".to_string()
+        } else {
+            format!("powered off (destroyed): the guest did not shut down within {timeout:?}")
+        };
+        self.publish(&view, EventKind::Stopped, message);
+        self.current(&view.uuid).await
+    }
+
+    /// Undefines the domain and removes the overlays and seed the agent made
+    /// for it; base images, volumes and user seeds stay.
+    async fn remove(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let view = self.find_or_404(id).await?;
+        if view.active() && !force {
+            return Err(AgentError::WrongState {
+                name: view.name,
+                state: "running",
+                reason: "stop it first or remove with force",
+            });
+        }
+        let _busy = watch::Busy::new(&self.inner, &view.uuid);
+        let active = view.active();
+        self.on_domain(
+            &view.uuid,
+            move |domain| {
+                if active {
+                    match domain.destroy() {
+                        Err(error) if error.code != code::OPERATION_INVALID => return Err(error),
+                        _ => {}
+                    }
+                }
+                domain.undefine()
+            },
+            "undefine",
+        )
+        .await?
+        .map_err(failed("undefine"))?;
+        if let Some(dir) = &view.metadata.files_dir {
+            disks::remove_files_dir(dir, &self.inner.disk_dir);
+        }
+        self.inner.seen().forget(&view.uuid);
+        self.publish(
+            &view,
+            EventKind::Removed,
+            "libvirt domain undefined".to_string(),
+        );
+        Ok(())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<Workload>, AgentError> {
+        Ok(self.find(id).await?.map(|view| view.workload()))
+    }
+
+    async fn list(&self) -> Result<Vec<Workload>, AgentError> {
+        Ok(self
+            .owned_domains()
+            .await?
+            .iter()
+            .map(DomainView::workload)
+            .collect())
+    }
+
+    async fn exec(
+        &self,
+        _id: &str,
+        _exec: ExecCommand,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+        Err(no_channel_into_guest("Exec"))
+    }
+
+    async fn logs(
+        &self,
+        _id: &str,
+        _tail: usize,
+        _follow: bool,
+    ) -> Result<mpsc::Receiver<LogLine>, AgentError> {
+        Err(no_channel_into_guest("Logs"))
+    }
+
+    async fn stats(
+        &self,
+        _id: &str,
+        _interval: Option<Duration>,
+    ) -> Result<mpsc::Receiver<WorkloadStats>, AgentError> {
+        Err(no_channel_into_guest("Stats"))
+    }
+}
+
+fn no_channel_into_guest(rpc: &str) -> AgentError {
+    AgentError::Unimplemented(format!(
+        "{rpc}: the libvirt runtime has no channel into a VM's guest (berth uses no guest agent); reach the VM over its network, e.g. ssh"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_map_to_workload_states() {
+        use ffi::shutoff_reason::{CRASHED, UNKNOWN};
+        assert_eq!(
+            workload_state(DomainState::Running, 1),
+            WorkloadState::Running
+        );
+        assert_eq!(
+            workload_state(DomainState::Paused, 1),
+            WorkloadState::Running
+        );
+        assert_eq!(
+            workload_state(DomainState::Shutoff, UNKNOWN),
+            WorkloadState::Created
+        );
+        assert_eq!(
+            workload_state(DomainState::Shutoff, 1),
+            WorkloadState::Stopped
+        );
+        assert_eq!(
+            workload_state(DomainState::Shutoff, CRASHED),
+            WorkloadState::Exited
+        );
+        assert_eq!(
+            workload_state(DomainState::Crashed, 0),
+            WorkloadState::Exited
+        );
+    }
+
+    #[test]
+    fn uris_are_located() {
+        assert!(locate("off").is_err());
+        assert_eq!(locate("test:///x.xml").unwrap(), "test:///x.xml");
+    }
+
+    #[test]
+    fn define_errors_name_the_cause() {
+        let error = |code, message: &str| VirError {
+            code,
+            message: message.to_string(),
+        };
+        assert!(matches!(
+            define_error(
+                "a",
+                error(
+                    code::OPERATION_FAILED,
+                    "domain 'a' already exists with uuid x"
+                )
+            ),
+            AgentError::NameTaken(_)
+        ));
+        assert!(matches!(
+            define_error("a", error(code::XML_ERROR, "bad")),
+            AgentError::InvalidArgument {
+                field: "spec.vm",
+                ..
+            }
+        ));
+        assert!(matches!(
+            start_error(error(
+                code::NO_NETWORK,
+                "Network not found: no network with matching name 'default'"
+            )),
+            AgentError::Unsupported { .. }
+        ));
+    }
+}

@@ -1,0 +1,256 @@
+//! Events for what happens to the agent's domains without the agent: a
+//! guest that powers itself off or crashes, a `virsh start` or `undefine`.
+//! The agent publishes events for its own actions itself; this loop compares
+//! libvirt's states with the last ones it knew, every `libvirt.poll_interval`.
+//! (Polling needs no libvirt event loop thread, and survives reconnects.)
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use berth_proto::agent::v1::EventKind;
+
+use super::ffi::{DomainState, shutoff_reason};
+use super::{DomainView, Inner, LibvirtRuntime};
+
+/// The last known activity of each of the agent's domains.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Bumped by every change the agent makes, so that a poll that raced
+    /// with one is dropped instead of reporting the agent's own action.
+    generation: u64,
+    domains: HashMap<String, Known>,
+    /// Domains the agent is acting on right now.
+    busy: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Known {
+    name: String,
+    active: bool,
+}
+
+/// One event the poll found.
+#[derive(Debug, PartialEq)]
+struct Change {
+    uuid: String,
+    name: String,
+    kind: EventKind,
+    message: &'static str,
+}
+
+impl Seen {
+    /// Records the state the agent just brought a domain to.
+    pub fn note(&mut self, uuid: &str, name: &str, active: bool) {
+        self.generation += 1;
+        self.domains.insert(
+            uuid.to_string(),
+            Known {
+                name: name.to_string(),
+                active,
+            },
+        );
+    }
+
+    /// The agent removed the domain.
+    pub fn forget(&mut self, uuid: &str) {
+        self.generation += 1;
+        self.domains.remove(uuid);
+    }
+
+    /// Compares a poll's domains with what was known, and learns them.
+    fn changes(&mut self, views: &[DomainView]) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut present = HashSet::new();
+        for view in views {
+            present.insert(view.uuid.as_str());
+            if self.busy.contains(&view.uuid) {
+                continue;
+            }
+            let before = self.domains.get(&view.uuid).map(|k| k.active);
+            if let Some((kind, message)) =
+                transition(before, Some((view.info.state, view.info.reason)))
+            {
+                changes.push(Change {
+                    uuid: view.uuid.clone(),
+                    name: view.name.clone(),
+                    kind,
+                    message,
+                });
+            }
+            self.domains.insert(
+                view.uuid.clone(),
+                Known {
+                    name: view.name.clone(),
+                    active: view.active(),
+                },
+            );
+        }
+        let busy = &self.busy;
+        self.domains.retain(|uuid, known| {
+            if present.contains(uuid.as_str()) || busy.contains(uuid) {
+                return true;
+            }
+            if let Some((kind, message)) = transition(Some(known.active), None) {
+                changes.push(Change {
+                    uuid: uuid.clone(),
+                    name: known.name.clone(),
+                    kind,
+                    message,
+                });
+            }
+            false
+        });
+        changes
+    }
+}
+
+/// The event for a domain that was `before` (active or not; `None` when
+/// first seen) and is `now` (state and reason; `None` when gone).
+fn transition(
+    before: Option<bool>,
+    now: Option<(DomainState, i32)>,
+) -> Option<(EventKind, &'static str)> {
+    let before = before?;
+    let Some((state, reason)) = now else {
+        return Some((EventKind::Removed, "libvirt domain undefined outside berth"));
+    };
+    match (before, state.is_active()) {
+        (false, true) => Some((EventKind::Started, "libvirt domain started outside berth")),
+        (true, false)
+            if state == DomainState::Crashed
+                || matches!(reason, shutoff_reason::CRASHED | shutoff_reason::FAILED) =>
+        {
+            Some((EventKind::Died, "libvirt domain crashed"))
+        }
+        (true, false) => Some((
+            EventKind::Stopped,
+            "libvirt domain stopped outside berth (guest power-off or virsh)",
+        )),
+        _ => None,
+    }
+}
+
+/// Marks a domain as being acted on by the agent until dropped.
+pub struct Busy {
+    inner: Arc<Inner>,
+    uuid: String,
+}
+
+impl Busy {
+    pub fn new(inner: &Arc<Inner>, uuid: &str) -> Self {
+        let mut seen = inner.seen();
+        seen.generation += 1;
+        seen.busy.insert(uuid.to_string());
+        drop(seen);
+        Self {
+            inner: inner.clone(),
+            uuid: uuid.to_string(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut seen = self.inner.seen();
+        seen.generation += 1;
+        seen.busy.remove(&self.uuid);
+    }
+}
+
+/// Polls until the runtime is dropped.
+pub fn spawn(inner: Weak<Inner>, interval: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let runtime = LibvirtRuntime { inner };
+            let generation = runtime.inner.seen().generation;
+            let views = match runtime.owned_domains().await {
+                Ok(views) => views,
+                Err(error) => {
+                    tracing::debug!(%error, "could not poll libvirt domains");
+                    continue;
+                }
+            };
+            let changes = {
+                let mut seen = runtime.inner.seen();
+                if seen.generation != generation {
+                    continue; // the agent acted meanwhile: the next poll knows better
+                }
+                seen.changes(&views)
+            };
+            for change in changes {
+                runtime.inner.events.publish(
+                    &change.uuid,
+                    &change.name,
+                    change.kind,
+                    change.message.to_string(),
+                );
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::libvirt::ffi::DomainInfo;
+
+    fn view(uuid: &str, state: DomainState, reason: i32) -> DomainView {
+        DomainView {
+            uuid: uuid.to_string(),
+            name: format!("vm-{uuid}"),
+            metadata: Default::default(),
+            info: DomainInfo {
+                state,
+                reason,
+                max_memory_kib: 65536,
+                vcpus: 1,
+            },
+            started_at: None,
+        }
+    }
+
+    #[test]
+    fn polls_report_only_what_the_agent_did_not_do() {
+        let mut seen = Seen::default();
+        // The agent started `a`; the poll agrees: nothing to report.
+        seen.note("a", "vm-a", true);
+        assert_eq!(seen.changes(&[view("a", DomainState::Running, 1)]), []);
+        // The guest powered itself off.
+        let changes = seen.changes(&[view("a", DomainState::Shutoff, 1)]);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].kind, changes[0].name.as_str()),
+            (EventKind::Stopped, "vm-a")
+        );
+        // While the agent acts on `a`, polls leave it alone, even when gone.
+        seen.busy.insert("a".to_string());
+        assert_eq!(seen.changes(&[]), []);
+        seen.busy.remove("a");
+        // Undefined outside berth.
+        let changes = seen.changes(&[]);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].kind, EventKind::Removed);
+        assert_eq!(seen.changes(&[]), []);
+    }
+
+    #[test]
+    fn transitions_become_events() {
+        use DomainState::{Crashed, Running, Shutoff};
+        assert_eq!(transition(None, Some((Running, 1))), None, "first sight");
+        assert_eq!(transition(Some(true), Some((Running, 1))), None);
+        let kind = |before, now| transition(Some(before), now).map(|(kind, _)| kind);
+        assert_eq!(kind(false, Some((Running, 1))), Some(EventKind::Started));
+        assert_eq!(kind(true, Some((Shutoff, 1))), Some(EventKind::Stopped));
+        assert_eq!(
+            kind(true, Some((Shutoff, shutoff_reason::CRASHED))),
+            Some(EventKind::Died)
+        );
+        assert_eq!(kind(true, Some((Crashed, 0))), Some(EventKind::Died));
+        assert_eq!(kind(false, None), Some(EventKind::Removed));
+    }
+}

@@ -1,0 +1,615 @@
+//! The libvirt runtime through the agent's gRPC API, against libvirt's
+//! built-in test driver (no daemon, no hypervisor): each test has its own
+//! `test:///<dir>/node.xml`, since `test:///default` is shared by every
+//! connection of a process. The test driver runs no qemu, but overlays and
+//! seeds are made for real with qemu-img and genisoimage.
+//!
+//! `a_real_vm_boots_and_stops` boots a real domain with KVM when this host
+//! has what it needs, and says why it skips otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use berth_container_agent::Config;
+use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+use berth_proto::agent::v1::*;
+use berth_proto::common::v1::{GpuRequest, Runtime, VmDisk, VmSpec, WorkloadSpec};
+use berth_server::RunningService;
+use berth_server::client::AuthChannel;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+type Client = ContainerAgentClient<AuthChannel>;
+
+/// A node for the test driver: no domains, or the ones given.
+fn node_xml(domains: &str) -> String {
+    format!("<node>{domains}</node>")
+}
+
+struct Agent {
+    client: Client,
+    dir: tempfile::TempDir,
+    _service: RunningService,
+}
+
+impl Agent {
+    /// An agent whose libvirt runtime is on `uri`; `None` (and why) when
+    /// libvirt cannot be loaded here.
+    async fn start(
+        test: &str,
+        dir: tempfile::TempDir,
+        uri: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Option<Self> {
+        let socket = format!("unix://{}", dir.path().join("agent.sock").display());
+        let mut config = Config::default();
+        config.server.listen = socket.clone();
+        config.server.http_listen = String::new();
+        config.engines.docker = "off".into();
+        config.engines.podman = "off".into();
+        config.engines.owner = format!("t-{test}");
+        config.engines.state_dir = dir.path().join("state");
+        config.libvirt.uri = uri.to_string();
+        config.libvirt.disk_dir = dir.path().join("disks");
+        config.libvirt.poll_interval = Duration::from_millis(100);
+        tune(&mut config);
+        let service = berth_container_agent::start(config).await.unwrap();
+        let channel = berth_server::client::connect(&socket, "", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut client = ContainerAgentClient::new(channel);
+        let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+        if let Some(why) = info.unavailable_runtimes.get("RUNTIME_LIBVIRT") {
+            eprintln!(
+                "SKIP {test}: the libvirt runtime is unavailable here: {why} (Debian: apt-get install libvirt0)"
+            );
+            return None;
+        }
+        assert!(info.runtimes.contains(&(Runtime::Libvirt as i32)));
+        Some(Self {
+            client,
+            dir,
+            _service: service,
+        })
+    }
+
+    /// An agent on a test-driver node of its own holding `domains`.
+    async fn on_test_node(test: &str, domains: &str) -> Option<Self> {
+        Self::on_test_node_with(test, domains, |_| {}).await
+    }
+
+    async fn on_test_node_with(
+        test: &str,
+        domains: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node.xml");
+        std::fs::write(&node, node_xml(domains)).unwrap();
+        Self::start(test, dir, &format!("test://{}", node.display()), tune).await
+    }
+
+    fn disk_dir(&self) -> PathBuf {
+        self.dir.path().join("disks")
+    }
+
+    /// What the agent left in its disk directory.
+    fn files_left(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.disk_dir()) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn create(&mut self, name: &str, spec: WorkloadSpec) -> Result<Workload, tonic::Status> {
+        self.client
+            .create_workload(CreateWorkloadRequest {
+                name: name.to_string(),
+                spec: Some(spec),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn inspect(&mut self, id: &str) -> Result<Workload, tonic::Status> {
+        self.client
+            .inspect_workload(WorkloadRef { id: id.to_string() })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn remove(&mut self, id: &str, force: bool) -> Result<(), tonic::Status> {
+        self.client
+            .remove_workload(RemoveWorkloadRequest {
+                id: id.to_string(),
+                force,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn stop(&mut self, id: &str, timeout: Duration) -> Result<Workload, tonic::Status> {
+        self.client
+            .stop_workload(StopWorkloadRequest {
+                id: id.to_string(),
+                timeout: Some(timeout.try_into().unwrap()),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn names(&mut self) -> Vec<String> {
+        let listed = self
+            .client
+            .list_workloads(ListWorkloadsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        listed.workloads.into_iter().map(|w| w.name).collect()
+    }
+}
+
+fn qemu_img(test: &str) -> bool {
+    let found = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("SKIP {test}: no qemu-img on PATH (Debian: qemu-utils)");
+    }
+    found
+}
+
+/// An empty qcow2 image to be a base image.
+fn base_image(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    base
+}
+
+fn vm_spec(base: &Path) -> WorkloadSpec {
+    WorkloadSpec {
+        runtime: Runtime::Libvirt as i32,
+        labels: [("team".to_string(), "bench".to_string())].into(),
+        vm: Some(VmSpec {
+            vcpus: 2,
+            memory_bytes: 256 << 20,
+            disks: vec![VmDisk {
+                base_image: base.display().to_string(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn state(workload: &Workload) -> WorkloadState {
+    WorkloadState::try_from(workload.state).unwrap()
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "`{}` does not mention `{needle}`",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_vm_is_created_started_stopped_and_removed() {
+    let test = "lifecycle";
+    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+        return;
+    };
+    if !qemu_img(test) {
+        return;
+    }
+    let base = base_image(agent.dir.path());
+    let mut events = agent
+        .client
+        .events(EventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut spec = vm_spec(&base);
+    let with_seed = Command::new("genisoimage")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if with_seed {
+        spec.vm.as_mut().unwrap().cloud_init_user_data = "#cloud-config\nhostname: vm1\n".into();
+    } else {
+        eprintln!("{test}: no genisoimage here; the cloud-init seed is not tried");
+    }
+
+    let created = agent.create("vm1", spec).await.unwrap();
+    assert_eq!(state(&created), WorkloadState::Created);
+    assert!(uuid::Uuid::parse_str(&created.id).is_ok(), "{}", created.id);
+    let vm = created.spec.as_ref().unwrap().vm.as_ref().unwrap();
+    assert_eq!((vm.vcpus, vm.memory_bytes), (2, 256 << 20));
+    assert_eq!(created.spec.as_ref().unwrap().labels["team"], "bench");
+    assert!(created.created_at.is_some());
+
+    // One directory of the VM's own, with an overlay on the base image.
+    let files = agent.files_left();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let overlay = files[0].join("disk0.qcow2");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], base.display().to_string());
+    assert_eq!(files[0].join("seed.iso").exists(), with_seed);
+
+    let started = agent
+        .client
+        .start_workload(WorkloadRef { id: "vm1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&started), WorkloadState::Running);
+    assert!(started.started_at.is_some(), "the uptime is known");
+    assert_eq!(agent.inspect(&created.id).await.unwrap().name, "vm1");
+    assert_eq!(agent.names().await, ["vm1"]);
+
+    assert_status(
+        agent.remove("vm1", false).await,
+        Code::FailedPrecondition,
+        "running",
+    );
+    let stopped = agent.stop("vm1", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(state(&stopped), WorkloadState::Stopped);
+    assert!(stopped.started_at.is_none());
+
+    agent.remove("vm1", false).await.unwrap();
+    assert_status(agent.inspect("vm1").await, Code::NotFound, "vm1");
+    assert!(agent.names().await.is_empty());
+    assert!(agent.files_left().is_empty(), "overlay and seed removed");
+    assert!(base.exists(), "the base image stays");
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.workload_id, created.id);
+        kinds.push(EventKind::try_from(event.kind).unwrap());
+    }
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Created,
+            EventKind::Started,
+            EventKind::Stopped,
+            EventKind::Removed
+        ]
+    );
+    // The agent's own actions are not reported twice by its poller.
+    let extra = tokio::time::timeout(Duration::from_millis(400), events.next()).await;
+    assert!(extra.is_err(), "unexpected event {extra:?}");
+}
+
+#[tokio::test]
+async fn a_vm_can_be_powered_off_and_removed_running_with_force() {
+    let test = "force";
+    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+        return;
+    };
+    if !qemu_img(test) {
+        return;
+    }
+    let base = base_image(agent.dir.path());
+    agent.create("vm2", vm_spec(&base)).await.unwrap();
+    let start = |mut client: Client| async move {
+        client
+            .start_workload(WorkloadRef { id: "vm2".into() })
+            .await
+            .unwrap()
+    };
+    start(agent.client.clone()).await;
+    // No time for a graceful shutdown: powered off at once.
+    let stopped = agent.stop("vm2", Duration::ZERO).await.unwrap();
+    assert_eq!(state(&stopped), WorkloadState::Stopped);
+    start(agent.client.clone()).await;
+    agent.remove("vm2", true).await.unwrap();
+    assert!(agent.names().await.is_empty());
+    assert!(agent.files_left().is_empty());
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_naming_the_field_and_leave_nothing() {
+    let test = "bad-input";
+    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+        return;
+    };
+    if !qemu_img(test) {
+        return;
+    }
+    let base = base_image(agent.dir.path());
+    type Change = fn(&mut WorkloadSpec);
+    let cases: [(Change, Code, &str); 7] = [
+        (
+            |s| s.vm.as_mut().unwrap().vcpus = 0,
+            Code::InvalidArgument,
+            "spec.vm.vcpus",
+        ),
+        (
+            |s| s.vm.as_mut().unwrap().memory_bytes = 1000,
+            Code::InvalidArgument,
+            "spec.vm.memory_bytes",
+        ),
+        (|s| s.vm = None, Code::InvalidArgument, "spec.vm"),
+        (
+            |s| s.vm.as_mut().unwrap().disks[0].base_image = "/nonexistent/base.qcow2".into(),
+            Code::NotFound,
+            "/nonexistent/base.qcow2",
+        ),
+        (
+            |s| s.command = vec!["sleep".into()],
+            Code::InvalidArgument,
+            "spec.command",
+        ),
+        (
+            |s| {
+                s.gpus = Some(GpuRequest {
+                    count: 1,
+                    ..Default::default()
+                });
+            },
+            Code::InvalidArgument,
+            "vm.pci_passthrough",
+        ),
+        (
+            |s| s.vm.as_mut().unwrap().pci_passthrough = vec!["not-pci".into()],
+            Code::InvalidArgument,
+            "spec.vm.pci_passthrough",
+        ),
+    ];
+    for (change, code, needle) in cases {
+        let mut spec = vm_spec(&base);
+        change(&mut spec);
+        assert_status(agent.create("bad", spec).await, code, needle);
+    }
+    assert_status(
+        agent.create("bad name", vm_spec(&base)).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    assert!(agent.names().await.is_empty());
+    assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+
+    agent.create("taken", vm_spec(&base)).await.unwrap();
+    assert_status(
+        agent.create("taken", vm_spec(&base)).await,
+        Code::AlreadyExists,
+        "taken",
+    );
+    assert_eq!(agent.files_left().len(), 1, "only the first VM's files");
+
+    for rpc in ["Exec", "Logs", "Stats"] {
+        let status = match rpc {
+            "Exec" => agent
+                .client
+                .exec(ExecRequest {
+                    workload_id: "taken".into(),
+                    command: vec!["true".into()],
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "Logs" => agent
+                .client
+                .logs(LogsRequest {
+                    workload_id: "taken".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            _ => agent
+                .client
+                .stats(StatsRequest {
+                    workload_id: "taken".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        };
+        assert_status(status, Code::Unimplemented, "no channel into a VM");
+    }
+}
+
+#[tokio::test]
+async fn a_domain_libvirt_refuses_leaves_no_overlay() {
+    let test = "refused";
+    // A domain type libvirt does not know makes the define fail after the
+    // overlay was made.
+    let Some(mut agent) =
+        Agent::on_test_node_with(test, "", |c| c.libvirt.domain_type = "no-such-type".into()).await
+    else {
+        return;
+    };
+    if !qemu_img(test) {
+        return;
+    }
+    let base = base_image(agent.dir.path());
+    let status = agent.create("vm3", vm_spec(&base)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("libvirt refused"), "{status:?}");
+    assert!(agent.names().await.is_empty());
+    assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+}
+
+/// A domain on the node that berth did not make, and one of another agent.
+const FOREIGN_DOMAINS: &str = "
+<domain type='test'><name>handmade</name><memory>65536</memory><os><type>hvm</type></os></domain>
+<domain type='test'><name>other-agents</name><memory>65536</memory><os><type>hvm</type></os>
+  <metadata><b:workload xmlns:b='https://berth.dev/xmlns/libvirt/workload/1'><b:owner>someone-else</b:owner></b:workload></metadata>
+</domain>";
+
+#[tokio::test]
+async fn domains_of_others_are_neither_listed_nor_touched() {
+    let test = "foreign";
+    let Some(mut agent) = Agent::on_test_node(test, FOREIGN_DOMAINS).await else {
+        return;
+    };
+    assert!(agent.names().await.is_empty());
+    assert_status(
+        agent.inspect("handmade").await,
+        Code::PermissionDenied,
+        "no berth metadata",
+    );
+    assert_status(
+        agent.inspect("other-agents").await,
+        Code::PermissionDenied,
+        "someone-else",
+    );
+    assert_status(
+        agent.stop("handmade", Duration::ZERO).await,
+        Code::PermissionDenied,
+        "not this agent's",
+    );
+    assert_status(
+        agent.remove("other-agents", true).await,
+        Code::PermissionDenied,
+        "not this agent's",
+    );
+    if qemu_img(test) {
+        let base = base_image(agent.dir.path());
+        assert_status(
+            agent.create("handmade", vm_spec(&base)).await,
+            Code::AlreadyExists,
+            "handmade",
+        );
+        assert!(agent.files_left().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_lost_connection_is_unavailable_until_libvirt_answers() {
+    let test = "reconnect";
+    let dir = tempfile::tempdir().unwrap();
+    // No node file yet: the test driver refuses to open.
+    let node = dir.path().join("node.xml");
+    let uri = format!("test://{}", node.display());
+    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+        return;
+    };
+    let status = agent
+        .client
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&uri), "{status:?}");
+    std::fs::write(&node, node_xml("")).unwrap();
+    assert!(agent.names().await.is_empty(), "the next call connects");
+}
+
+#[tokio::test]
+async fn an_agent_without_libvirt_uri_reports_the_runtime_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = format!("unix://{}", dir.path().join("agent.sock").display());
+    let mut config = Config::default();
+    config.server.listen = socket.clone();
+    config.server.http_listen = String::new();
+    config.engines.docker = "off".into();
+    config.engines.podman = "off".into();
+    config.libvirt.uri = "off".into();
+    let _service = berth_container_agent::start(config).await.unwrap();
+    let channel = berth_server::client::connect(&socket, "", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut client = ContainerAgentClient::new(channel);
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.unavailable_runtimes["RUNTIME_LIBVIRT"].contains("libvirt.uri"));
+    let base = dir.path().join("base.qcow2");
+    let status = client
+        .create_workload(CreateWorkloadRequest {
+            name: "vm".into(),
+            spec: Some(vm_spec(&base)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// Why this host cannot boot a real VM, or the URI of a daemon that can.
+fn real_hypervisor() -> Result<String, String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("no /dev/kvm".into());
+    }
+    let on_path = |program: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    };
+    if !on_path("qemu-system-x86_64") {
+        return Err("no qemu-system-x86_64 on PATH (Debian: qemu-system-x86)".into());
+    }
+    if let Ok(uri) = std::env::var("BERTH_TEST_LIBVIRT_URI") {
+        return Ok(uri);
+    }
+    if Path::new("/run/libvirt/libvirt-sock").exists()
+        || Path::new("/run/libvirt/virtqemud-sock").exists()
+    {
+        return Ok("qemu:///system".into());
+    }
+    Err("no libvirt daemon: no /run/libvirt/libvirt-sock or virtqemud-sock, and BERTH_TEST_LIBVIRT_URI is not set (Debian: libvirt-daemon-system)".into())
+}
+
+#[tokio::test]
+async fn a_real_vm_boots_and_stops() {
+    let test = "real-vm";
+    let uri = match real_hypervisor() {
+        Ok(uri) => uri,
+        Err(why) => {
+            eprintln!("SKIP {test}: cannot boot a real VM here: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+        return;
+    };
+    if !qemu_img(test) {
+        return;
+    }
+    // An empty disk: the firmware finds nothing to boot and waits, which is
+    // enough to see qemu run under KVM; it ignores the ACPI power button, so
+    // the stop ends in destroy.
+    let base = base_image(agent.dir.path());
+    let mut spec = vm_spec(&base);
+    let vm = spec.vm.as_mut().unwrap();
+    vm.network = "none".into();
+    vm.vcpus = 1;
+    vm.memory_bytes = 64 << 20;
+    let name = format!("berth-test-{}", std::process::id());
+    agent.create(&name, spec).await.unwrap();
+    let started = agent
+        .client
+        .start_workload(WorkloadRef { id: name.clone() })
+        .await;
+    let stopped = match started {
+        Ok(started) => {
+            assert_eq!(state(&started.into_inner()), WorkloadState::Running);
+            agent
+                .stop(&name, Duration::from_secs(2))
+                .await
+                .map(|w| state(&w))
+        }
+        Err(status) => Err(status),
+    };
+    agent.remove(&name, true).await.unwrap();
+    assert_eq!(stopped.unwrap(), WorkloadState::Stopped);
+    assert!(agent.files_left().is_empty());
+}
