@@ -309,3 +309,303 @@ run:
     );
     drop(orchestrator);
 }
+
+async fn register_local_agent(client: &mut Client, socket: &Path) {
+    let host = client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
+}
+
+async fn all_runs(client: &mut Client, campaign_id: &str) -> Vec<Run> {
+    client
+        .list_runs(ListRunsRequest {
+            campaign_id: campaign_id.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stable_warmup_converges_or_stops_at_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    // `settles` reports 10, 20, then 100 for good; `drifts` keeps climbing.
+    let manifest = r#"name: stable-warmup
+backends: [{name: b, runtime: process}]
+grid: {params: {shape: [settles, drifts]}}
+cycles: 2
+warmup: {cv_below: 0.05, last: 3, metric: v, max_runs: 6}
+run:
+  command:
+    - sh
+    - -c
+    - |
+      if [ "$BERTH_WARMUP" = 1 ] && [ {{shape}} = drifts ]; then v={{cycle}}
+      elif [ "$BERTH_WARMUP" = 1 ] && [ {{cycle}} -le 2 ]; then v=$(({{cycle}} * 10))
+      else v=100; fi
+      echo "{\"v\": $v}"
+"#;
+    // No host yet: the campaign waits, so the watch sees every event.
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        campaign.runs.unwrap().total,
+        16,
+        "6 + 6 warmup runs planned, 4 measured"
+    );
+    let mut events = client
+        .watch_campaign(WatchCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    register_local_agent(&mut client, &socket).await;
+    let mut warmup_ends = BTreeMap::new();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
+        .await
+        .expect("campaign events")
+        .unwrap()
+    {
+        if let Some(end) = event.warmup_ended {
+            assert!(
+                event.message.starts_with("warmup of shape="),
+                "{}",
+                event.message
+            );
+            warmup_ends.insert(end.config.clone(), (end, event.message));
+        }
+        last = event.campaign;
+    }
+    let done = last.unwrap();
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+
+    let (settled, message) = &warmup_ends["shape=settles"];
+    assert!(settled.converged && settled.runs == 5, "{settled:?}");
+    assert_eq!(settled.cv, Some(0.0));
+    assert!(message.contains("converged after 5 runs"), "{message}");
+    let (drifted, message) = &warmup_ends["shape=drifts"];
+    assert!(!drifted.converged && drifted.runs == 6, "{drifted:?}");
+    assert!(message.contains("cap of 6 runs"), "{message}");
+
+    let runs = all_runs(&mut client, &campaign.id).await;
+    let warmups = |config: &str| {
+        runs.iter()
+            .filter(|r| r.warmup && r.config == config)
+            .count()
+    };
+    assert_eq!((warmups("shape=settles"), warmups("shape=drifts")), (5, 6));
+    assert_eq!(
+        done.runs.unwrap().total,
+        15,
+        "the unneeded warmup run is gone"
+    );
+    let results = client
+        .get_results(GetResultsRequest { id: campaign.id })
+        .await
+        .unwrap()
+        .into_inner();
+    for row in &results.results {
+        let v = row.metrics.iter().find(|m| m.name == "v").unwrap();
+        assert_eq!(
+            (row.succeeded, v.mean),
+            (2, 100.0),
+            "warmups excluded: {row:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_no_host_can_place_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    let manifest = "name: t
+backends:
+  - name: fits
+    runtime: process
+  - name: huge
+    runtime: process
+    placement: {gpus: 1000, memory: 1000TiB}
+configs: [{name: a}]
+run: {command: [true]}
+";
+    for validate_only in [true, false] {
+        let status = client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: manifest.into(),
+                validate_only,
+                ..Default::default()
+            })
+            .await
+            .expect_err("no host has 1000 GPUs");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("backend `huge`")
+                && status.message().contains("host `local` has")
+                && status.message().contains("needs 1000"),
+            "{}",
+            status.message()
+        );
+    }
+    let listed = client
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.campaigns.is_empty(), "nothing recorded or started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_keep_their_logs_tail_and_export_as_parquet() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    // 20 KB of noise, then the lines that must survive in the 4 KiB tail
+    // (after a pause: stdout and stderr are separate pipes, read as they come).
+    let manifest = r#"name: logs
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2]}}
+cycles: 2
+warmup: {runs: 1}
+run:
+  command:
+    - sh
+    - -c
+    - |
+      i=0; while [ $i -lt 400 ]; do echo "noise line $i ................................"; i=$((i + 1)); done
+      sleep 0.3
+      echo "stderr of {{run_id}}" >&2
+      echo '{"n": {{n}}, "tokens": 100}'
+"#;
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    let runs = all_runs(&mut client, &campaign.id).await;
+    assert_eq!(runs.len(), 6);
+    for run in &runs {
+        assert!(run.logs_tail.len() <= 4096, "{}", run.logs_tail.len());
+        assert!(run.logs_tail.len() > 3000, "{}", run.logs_tail.len());
+        assert!(
+            run.logs_tail.contains(&format!("stderr of {}", run.id)),
+            "{}",
+            run.logs_tail
+        );
+        // stdout and stderr are separate pipes: their order is not fixed.
+        assert!(
+            run.logs_tail.contains("\"tokens\": 100}\n"),
+            "{}",
+            run.logs_tail
+        );
+        assert!(
+            !run.logs_tail.contains("noise line 1 "),
+            "only the tail is kept"
+        );
+    }
+
+    let file = dir.path().join("runs.parquet");
+    let exported = Command::new(bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{port}"),
+            "results",
+            &campaign.id,
+            "--runs",
+            "--format",
+            "parquet",
+            "--output",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run berth results");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let reader = SerializedFileReader::new(std::fs::File::open(&file).unwrap()).unwrap();
+    assert_eq!(reader.metadata().file_metadata().num_rows(), 6);
+    let rows: Vec<BTreeMap<String, Field>> = reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|row| row.unwrap().into_columns().into_iter().collect())
+        .collect();
+    for (row, run) in rows.iter().zip(&runs) {
+        assert_eq!(row["run_id"], Field::Str(run.id.clone()));
+        assert_eq!(row["warmup"], Field::Bool(run.warmup));
+        assert_eq!(row["state"], Field::Str("succeeded".into()));
+        assert_eq!(row["exit_code"], Field::Long(0));
+        assert_eq!(row["param.n"], Field::Str(run.params["n"].clone()));
+        assert_eq!(row["result.tokens"], Field::Double(100.0));
+        assert!(
+            matches!(row["duration_s"], Field::Double(s) if s >= 0.0),
+            "{row:?}"
+        );
+        assert!(
+            matches!(row["started_at"], Field::TimestampMillis(_)),
+            "{row:?}"
+        );
+        assert_eq!(row["energy_j"], Field::Null, "power was not measured");
+    }
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["warmup"] == Field::Bool(true))
+            .count(),
+        2
+    );
+
+    let refused = Command::new(bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{port}"),
+            "results",
+            &campaign.id,
+            "--runs",
+            "--format",
+            "parquet",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--output"));
+}

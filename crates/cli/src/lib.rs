@@ -1,9 +1,11 @@
 //! `berth`, the command line for people: run the quickstart, submit and
 //! watch campaigns, print their results, manage hosts.
 
+pub mod export;
 pub mod output;
 pub mod quickstart;
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -60,11 +62,18 @@ pub enum Command {
     },
     /// Shows a campaign's progress as runs finish, until it ends.
     Watch { id: String },
-    /// Prints a campaign's results per configuration.
+    /// Prints a campaign's results per configuration, or exports every run.
     Results {
         id: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Every run (params, cycle, warmup, state, timings, exit code,
+        /// metrics, energy) instead of the aggregate; csv, json or parquet.
+        #[arg(long)]
+        runs: bool,
+        /// Write to this file instead of stdout (needed for parquet).
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Lists campaigns, newest first.
     Campaigns,
@@ -105,6 +114,8 @@ pub enum Format {
     Table,
     Json,
     Csv,
+    /// Per-run export only (`--runs --output FILE`).
+    Parquet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +139,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     Quickstart(#[from] quickstart::QuickstartError),
+    #[error("writing Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -192,13 +205,40 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Watch { id } => watch_until_done(&mut client, &id).await,
-        Command::Results { id, format } => {
-            let results = client
-                .get_results(GetResultsRequest { id })
-                .await?
-                .into_inner();
-            print!("{}", output::results(&results, format));
-            Ok(())
+        Command::Results {
+            id,
+            format,
+            runs,
+            output,
+        } => {
+            let bytes = match results_output(format, runs, output.is_some())? {
+                ResultsOutput::Runs(format) => {
+                    let campaign = client
+                        .get_campaign(GetCampaignRequest { id: id.clone() })
+                        .await?
+                        .into_inner();
+                    let runs = export::fetch_runs(&mut client, &id).await?;
+                    export::RunTable::new(&campaign, &runs).encode(format)?
+                }
+                ResultsOutput::Aggregate(format) => {
+                    let results = client
+                        .get_results(GetResultsRequest { id })
+                        .await?
+                        .into_inner();
+                    output::results(&results, format).into_bytes()
+                }
+            };
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, bytes).map_err(|source| CliError::File { path, source })
+                }
+                None => std::io::stdout()
+                    .write_all(&bytes)
+                    .map_err(|source| CliError::File {
+                        path: "stdout".into(),
+                        source,
+                    }),
+            }
         }
         Command::Campaigns => {
             let campaigns = client
@@ -277,20 +317,65 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// Prints a line per finished run until the campaign ends; fails if it did
-/// not succeed.
+/// What `berth results` writes, from its flags.
+enum ResultsOutput {
+    Aggregate(output::ResultsFormat),
+    Runs(export::RunsFormat),
+}
+
+fn results_output(format: Format, runs: bool, to_file: bool) -> Result<ResultsOutput, CliError> {
+    use export::RunsFormat;
+    use output::ResultsFormat;
+    match (format, runs) {
+        (Format::Table, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Table)),
+        (Format::Json, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Json)),
+        (Format::Csv, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Csv)),
+        (Format::Parquet, false) => Err(CliError::Usage(
+            "--format parquet is a per-run export: add --runs --output FILE".into(),
+        )),
+        (Format::Table, true) => Err(CliError::Usage(
+            "--runs exports every run: choose --format csv, json or parquet".into(),
+        )),
+        (Format::Json, true) => Ok(ResultsOutput::Runs(RunsFormat::Json)),
+        (Format::Csv, true) => Ok(ResultsOutput::Runs(RunsFormat::Csv)),
+        (Format::Parquet, true) if to_file => Ok(ResultsOutput::Runs(RunsFormat::Parquet)),
+        (Format::Parquet, true) => Err(CliError::Usage(
+            "--format parquet writes binary: give --output FILE".into(),
+        )),
+    }
+}
+
+/// Prints a line per finished run until the campaign ends, under a
+/// progress bar with an ETA when stdout is a terminal; fails if the campaign
+/// did not succeed.
 pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliError> {
     let mut events = client
         .watch_campaign(WatchCampaignRequest { id: id.to_string() })
         .await?
         .into_inner();
+    let terminal = std::io::stdout().is_terminal();
+    let mut progress = output::Progress::default();
     let mut last_status = String::new();
     let mut campaign = None;
     while let Some(event) = events.message().await? {
-        if let Some(line) = output::progress_line(&event, &mut last_status) {
+        progress.observe(&event);
+        let line = output::progress_line(&event, &mut last_status);
+        if terminal {
+            // Clear the bar, print the line above it, draw the bar again.
+            let mut stdout = std::io::stdout().lock();
+            let _ = write!(stdout, "\r\x1b[2K");
+            if let Some(line) = line {
+                let _ = writeln!(stdout, "{line}");
+            }
+            let _ = write!(stdout, "{}", progress.bar());
+            let _ = stdout.flush();
+        } else if let Some(line) = line {
             println!("{line}");
         }
         campaign = event.campaign;
+    }
+    if terminal {
+        println!();
     }
     let campaign = campaign.ok_or_else(|| {
         CliError::Usage(format!("campaign {id}: the watch ended before any event"))

@@ -1,12 +1,11 @@
 //! What the CLI prints: tables for people, JSON and CSV for programs.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignEvent, CampaignResults, CampaignState, Host, HostStatus, RunState,
 };
-
-use crate::Format;
 
 pub fn campaign_state(state: i32) -> &'static str {
     match CampaignState::try_from(state).unwrap_or_default() {
@@ -41,8 +40,12 @@ fn number(value: f64) -> String {
     format!("{value:.decimals$}")
 }
 
-/// A line for an event worth showing: a run that ended, or a new status.
+/// A line for an event worth showing: a run that ended, the end of a
+/// warmup, or a new status.
 pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<String> {
+    if event.warmup_ended.is_some() {
+        return Some(event.message.clone());
+    }
     let campaign = event.campaign.as_ref()?;
     let counts = campaign.runs.unwrap_or_default();
     let done = counts.succeeded + counts.failed + counts.cancelled;
@@ -112,11 +115,90 @@ pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<
     Some(line)
 }
 
-pub fn results(results: &CampaignResults, format: Format) -> String {
+/// Progress of a watched campaign: runs ended out of all, and an estimate
+/// of the time left from the mean duration of the runs seen to end.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: u64,
+    total: u64,
+    seconds_run: f64,
+    runs_timed: u32,
+}
+
+/// Width of the bar between its brackets, in characters.
+const BAR_WIDTH: usize = 30;
+
+impl Progress {
+    pub fn observe(&mut self, event: &CampaignEvent) {
+        if let Some(counts) = event.campaign.as_ref().and_then(|c| c.runs) {
+            self.done = counts.succeeded + counts.failed + counts.cancelled;
+            self.total = counts.total;
+        }
+        let ended = event.run.as_ref().filter(|run| {
+            matches!(
+                RunState::try_from(run.state).unwrap_or_default(),
+                RunState::Succeeded | RunState::Failed
+            )
+        });
+        if let Some(duration) = ended.and_then(|run| run.duration) {
+            self.seconds_run += duration.seconds as f64 + f64::from(duration.nanos) / 1e9;
+            self.runs_timed += 1;
+        }
+    }
+
+    /// Mean run duration so far × runs left; `None` before any run was timed.
+    pub fn eta(&self) -> Option<Duration> {
+        if self.runs_timed == 0 {
+            return None;
+        }
+        let left = self.total.saturating_sub(self.done) as f64;
+        Some(Duration::from_secs_f64(
+            self.seconds_run / f64::from(self.runs_timed) * left,
+        ))
+    }
+
+    /// `[#########---------]  12/24  50%  ETA 1m05s`
+    pub fn bar(&self) -> String {
+        let fraction = if self.total == 0 {
+            0.0
+        } else {
+            self.done as f64 / self.total as f64
+        };
+        let filled = ((fraction * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
+        let eta = self.eta().map_or_else(|| "--".to_string(), format_eta);
+        format!(
+            "[{}{}] {:>4}/{}  {:>3.0}%  ETA {eta}",
+            "#".repeat(filled),
+            "-".repeat(BAR_WIDTH - filled),
+            self.done,
+            self.total,
+            fraction * 100.0
+        )
+    }
+}
+
+fn format_eta(eta: Duration) -> String {
+    let seconds = eta.as_secs_f64().round() as u64;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+/// How aggregated results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+pub fn results(results: &CampaignResults, format: ResultsFormat) -> String {
     match format {
-        Format::Table => results_table(results),
-        Format::Json => results_json(results),
-        Format::Csv => results_csv(results),
+        ResultsFormat::Table => results_table(results),
+        ResultsFormat::Json => results_json(results),
+        ResultsFormat::Csv => results_csv(results),
     }
 }
 
@@ -302,6 +384,49 @@ mod tests {
         assert_eq!(number(612.345), "612.3");
         assert_eq!(number(0.0123456), "0.01235");
         assert_eq!(number(12345.6), "12346");
+    }
+
+    fn event(done: u64, total: u64, ended_run_seconds: Option<i64>) -> CampaignEvent {
+        CampaignEvent {
+            campaign: Some(Campaign {
+                runs: Some(berth_proto::orchestrator::v1::RunCounts {
+                    succeeded: done,
+                    total,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            run: ended_run_seconds.map(|seconds| berth_proto::orchestrator::v1::Run {
+                state: RunState::Succeeded as i32,
+                duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn progress_bar_and_eta_follow_finished_runs() {
+        let mut progress = Progress::default();
+        progress.observe(&event(0, 10, None));
+        assert_eq!(progress.eta(), None);
+        assert!(
+            progress.bar().ends_with("0/10    0%  ETA --"),
+            "{}",
+            progress.bar()
+        );
+        progress.observe(&event(1, 10, Some(2)));
+        progress.observe(&event(2, 10, Some(4)));
+        // Mean 3 s × 8 runs left.
+        assert_eq!(progress.eta(), Some(Duration::from_secs(24)));
+        let bar = progress.bar();
+        assert!(
+            bar.starts_with(&format!("[{}{}]", "#".repeat(6), "-".repeat(24))),
+            "{bar}"
+        );
+        assert!(bar.ends_with("2/10   20%  ETA 24s"), "{bar}");
+        assert_eq!(format_eta(Duration::from_secs(3725)), "1h02m");
+        assert_eq!(format_eta(Duration::from_secs(65)), "1m05s");
     }
 
     #[test]

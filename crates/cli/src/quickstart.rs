@@ -8,7 +8,7 @@ use berth_proto::orchestrator::v1::{
     GetResultsRequest, RegisterHostRequest, SubmitCampaignRequest,
 };
 
-use crate::{CliError, Format, connect, output, watch_until_done};
+use crate::{CliError, connect, output, watch_until_done};
 
 /// The built-in campaign (the same file as examples/campaigns/quickstart.yaml).
 pub const QUICKSTART_MANIFEST: &str = include_str!("../../../examples/campaigns/quickstart.yaml");
@@ -123,6 +123,9 @@ async fn drive(
         .await?
         .into_inner();
     println!();
-    print!("{}", output::results(&results, Format::Table));
+    print!(
+        "{}",
+        output::results(&results, output::ResultsFormat::Table)
+    );
     watched
 }

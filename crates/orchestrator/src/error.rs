@@ -19,6 +19,8 @@ pub enum OrchestratorError {
         state: &'static str,
         reason: &'static str,
     },
+    #[error("backend `{backend}` cannot be placed on any registered host: {reasons}")]
+    Unplaceable { backend: String, reasons: String },
     #[error("{0}")]
     Unimplemented(String),
     #[error(transparent)]
@@ -30,7 +32,7 @@ impl ServiceError for OrchestratorError {
         match self {
             Self::Manifest(_) | Self::InvalidArgument { .. } => ErrorCode::BadRequest,
             Self::CampaignNotFound(_) | Self::HostNotFound(_) => ErrorCode::NotFound,
-            Self::WrongState { .. } => ErrorCode::FailedPrecondition,
+            Self::WrongState { .. } | Self::Unplaceable { .. } => ErrorCode::FailedPrecondition,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Store(_) => ErrorCode::Internal,
         }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod events;
 pub mod hosts;
 pub mod manifest;
+pub mod placement;
 pub mod power;
 pub mod results;
 pub mod scheduler;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod ssh_tunnel;
 pub mod stats;
 pub mod store;
+pub mod warmup;
 
 use std::sync::Arc;
 

@@ -88,6 +88,19 @@ pub struct Power {
     /// Idle power measured before each run and reported as a baseline.
     #[serde(default, with = "humantime_serde")]
     pub idle_baseline: Option<Duration>,
+    /// Numeric result field that counts a run's work; energy per unit of it
+    /// is aggregated as `joules_per_<field>`. Default: `tokens`.
+    #[serde(default)]
+    pub work_metric: Option<String>,
+}
+
+/// Result field counted as a run's work when `power.work_metric` is not given.
+pub const DEFAULT_WORK_METRIC: &str = "tokens";
+
+impl Power {
+    pub fn work_metric(&self) -> &str {
+        self.work_metric.as_deref().unwrap_or(DEFAULT_WORK_METRIC)
+    }
 }
 
 fn one() -> u32 {
@@ -132,6 +145,42 @@ pub struct Backend {
     pub working_dir: String,
     #[serde(default)]
     pub placement: Placement,
+    /// CPU and memory limits and reservations of the backend workload.
+    #[serde(default)]
+    pub resources: Resources,
+    /// GPUs given to the backend workload.
+    #[serde(default)]
+    pub gpus: Option<GpuRequest>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+impl Backend {
+    /// Fewest GPUs a host needs for this backend: the placement's minimum,
+    /// or what the backend asks for when that is more.
+    pub fn gpus_needed(&self) -> u32 {
+        let requested = match &self.gpus {
+            None => 0,
+            Some(request) if !request.devices.is_empty() => request.devices.len() as u32,
+            Some(GpuRequest {
+                count: Some(GpuCount::All),
+                ..
+            }) => 1,
+            Some(request) => match request.count {
+                Some(GpuCount::Exactly(n)) => n,
+                _ => 0,
+            },
+        };
+        requested.max(self.placement.gpus)
+    }
+
+    /// Least memory a host needs for this backend, in bytes: the placement's
+    /// minimum, or the backend's memory reservation when that is more.
+    pub fn memory_needed(&self) -> u64 {
+        let placement = self.placement.memory.map_or(0, |m| m.0);
+        let reserved = self.resources.memory_reservation.map_or(0, |m| m.0);
+        placement.max(reserved)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -143,6 +192,164 @@ pub struct Placement {
     /// A host by name.
     #[serde(default)]
     pub host: String,
+    /// Fewest GPUs the host must have.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Least physical memory the host must have, e.g. `16GiB`.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+}
+
+/// CPU and memory limits and reservations of a backend workload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU limit in cores, e.g. 1.5.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// CPU reservation in cores.
+    #[serde(default)]
+    pub cpu_reservation: Option<f64>,
+    /// Memory limit, e.g. `8GiB`.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Memory reservation (soft limit); the host must have at least this much.
+    #[serde(default)]
+    pub memory_reservation: Option<ByteSize>,
+}
+
+/// GPUs given to a backend workload: a count (or `all`), or device ids.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuRequest {
+    #[serde(default)]
+    pub count: Option<GpuCount>,
+    /// Device indexes or UUIDs.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "NumberOrText")]
+pub enum GpuCount {
+    Exactly(u32),
+    /// Every GPU of the host.
+    All,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Host path, or a volume name when `volume` is true.
+    pub source: String,
+    /// Absolute path inside the workload.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub volume: bool,
+}
+
+/// A size in bytes, written as a number of bytes or with a unit:
+/// `512MiB`, `16GiB`, `2GB` (powers of 1000), `1.5GiB`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(try_from = "NumberOrText")]
+pub struct ByteSize(pub u64);
+
+/// A YAML scalar that is either a whole number or text, parsed further by
+/// `TryFrom`. Read by a visitor (not `untagged`) so that an error points at
+/// the scalar's own line.
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for NumberOrText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = NumberOrText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number or text")
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<NumberOrText, E> {
+                Ok(NumberOrText::Number(n))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<NumberOrText, E> {
+                Ok(NumberOrText::Text(text.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl TryFrom<NumberOrText> for GpuCount {
+    type Error = String;
+
+    fn try_from(value: NumberOrText) -> Result<Self, String> {
+        match value {
+            NumberOrText::Number(n) => u32::try_from(n)
+                .map(Self::Exactly)
+                .map_err(|_| format!("{n} GPUs is too many")),
+            NumberOrText::Text(text) if text == "all" => Ok(Self::All),
+            NumberOrText::Text(text) => Err(format!(
+                "invalid GPU count `{text}`: expected a number or `all`"
+            )),
+        }
+    }
+}
+
+impl TryFrom<NumberOrText> for ByteSize {
+    type Error = String;
+
+    fn try_from(value: NumberOrText) -> Result<Self, String> {
+        match value {
+            NumberOrText::Number(n) => Ok(Self(n)),
+            NumberOrText::Text(text) => parse_byte_size(&text).map(Self),
+        }
+    }
+}
+
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    const UNITS: [(&str, u64); 9] = [
+        ("B", 1),
+        ("KB", 1000),
+        ("MB", 1000_u64.pow(2)),
+        ("GB", 1000_u64.pow(3)),
+        ("TB", 1000_u64.pow(4)),
+        ("KiB", 1 << 10),
+        ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
+        ("TiB", 1 << 40),
+    ];
+    let invalid = || {
+        format!(
+            "invalid size `{text}`: expected bytes or a number with a unit (KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+        )
+    };
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim());
+    let number: f64 = number.parse().map_err(|_| invalid())?;
+    let multiplier = if unit.is_empty() {
+        1
+    } else {
+        UNITS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(unit))
+            .map(|(_, m)| *m)
+            .ok_or_else(invalid)?
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(invalid());
+    }
+    Ok(bytes.round() as u64)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,12 +401,57 @@ pub enum Order {
     Shuffled,
 }
 
+/// Unmeasured runs of every (config, backend) before the first cycle: a
+/// fixed number (`runs`), or as many as it takes for the coefficient of
+/// variation of the last `last` values of `metric` to fall under `cv_below`,
+/// at most `max_runs`. Validated into a [`WarmupPolicy`].
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Warmup {
-    /// Unmeasured runs of every (config, backend) before the first cycle.
     #[serde(default)]
     pub runs: u32,
+    #[serde(default)]
+    pub cv_below: Option<f64>,
+    #[serde(default)]
+    pub last: Option<u32>,
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub max_runs: Option<u32>,
+}
+
+/// Values of `warmup.last` and `warmup.max_runs` when the manifest leaves them out.
+pub const DEFAULT_STABLE_WINDOW: u32 = 3;
+pub const DEFAULT_STABLE_CAP: u32 = 10;
+
+/// How many warmup runs a (config, backend) gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmupPolicy {
+    /// Exactly this many (0: no warmup).
+    Fixed(u32),
+    UntilStable(StableWarmup),
+}
+
+impl WarmupPolicy {
+    /// The most warmup runs a (config, backend) can have; all are planned up
+    /// front, and those a stable warmup does not need are dropped.
+    pub fn max_runs(&self) -> u32 {
+        match self {
+            Self::Fixed(runs) => *runs,
+            Self::UntilStable(stable) => stable.max_runs,
+        }
+    }
+}
+
+/// Warm up until the coefficient of variation of the last `window` values
+/// of `metric` is under `cv_below`, or `max_runs` warmup runs have ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StableWarmup {
+    pub cv_below: f64,
+    pub window: u32,
+    /// A numeric field of the result JSON, or `duration_s`.
+    pub metric: String,
+    pub max_runs: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -264,6 +516,7 @@ impl PlannedRun {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub manifest: Manifest,
+    pub warmup: WarmupPolicy,
     pub configs: Vec<ConfigPoint>,
     pub runs: Vec<PlannedRun>,
 }
@@ -425,6 +678,15 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
                 ),
             ));
         }
+        check_backend_resources(backend).map_err(|(path, message)| {
+            at_backend(text, source_name, &backend.name, path, message)
+        })?;
+    }
+    let warmup = warmup_policy(&manifest.warmup)
+        .map_err(|(key, message)| at(&["warmup", key], format!("warmup.{key}: {message}")))?;
+    if let Some(metric) = &manifest.power.work_metric {
+        check_metric_name(metric)
+            .map_err(|e| at(&["power", "work_metric"], format!("power.work_metric: {e}")))?;
     }
     let rate = manifest.power.rate_hz;
     if !(0.0..=MAX_POWER_RATE_HZ).contains(&rate) {
@@ -471,7 +733,8 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
         }
     }
 
-    let per_backend = configs.len() as u64 * u64::from(manifest.cycles + manifest.warmup.runs);
+    let per_backend =
+        configs.len() as u64 * (u64::from(manifest.cycles) + u64::from(warmup.max_runs()));
     let total = per_backend.saturating_mul(manifest.backends.len() as u64);
     if total > MAX_RUNS as u64 {
         return Err(at(
@@ -479,12 +742,208 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
             format!("the campaign would have {total} runs; at most {MAX_RUNS}"),
         ));
     }
-    let runs = schedule(&manifest, &configs);
+    let runs = schedule(&manifest, warmup.max_runs(), &configs);
     Ok(Plan {
         manifest,
+        warmup,
         configs,
         runs,
     })
+}
+
+/// The warmup policy of `warmup`, or the key at fault and why.
+fn warmup_policy(warmup: &Warmup) -> Result<WarmupPolicy, (&'static str, String)> {
+    let Some(cv_below) = warmup.cv_below else {
+        let stray = [
+            ("last", warmup.last.is_some()),
+            ("metric", warmup.metric.is_some()),
+            ("max_runs", warmup.max_runs.is_some()),
+        ];
+        if let Some((key, _)) = stray.into_iter().find(|(_, given)| *given) {
+            return Err((key, "applies only with warmup.cv_below".into()));
+        }
+        return Ok(WarmupPolicy::Fixed(warmup.runs));
+    };
+    if warmup.runs > 0 {
+        return Err((
+            "runs",
+            "a fixed number of runs and cv_below exclude each other; cap the warmup with max_runs"
+                .into(),
+        ));
+    }
+    if !(cv_below.is_finite() && cv_below > 0.0) {
+        return Err((
+            "cv_below",
+            format!("{cv_below} must be above 0 (e.g. 0.05 for 5%)"),
+        ));
+    }
+    let window = warmup.last.unwrap_or(DEFAULT_STABLE_WINDOW);
+    if window < 2 {
+        return Err((
+            "last",
+            format!("{window}: a coefficient of variation needs at least 2 values"),
+        ));
+    }
+    let max_runs = warmup.max_runs.unwrap_or(DEFAULT_STABLE_CAP);
+    if max_runs < window {
+        return Err((
+            "max_runs",
+            format!(
+                "{max_runs} is fewer than warmup.last ({window}): the warmup could never converge"
+            ),
+        ));
+    }
+    let metric = warmup
+        .metric
+        .clone()
+        .unwrap_or_else(|| crate::results::DURATION_METRIC.to_string());
+    check_metric_name(&metric).map_err(|e| ("metric", e))?;
+    Ok(WarmupPolicy::UntilStable(StableWarmup {
+        cv_below,
+        window,
+        metric,
+        max_runs,
+    }))
+}
+
+/// A result field name: a top-level key of the run's result JSON.
+fn check_metric_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{name}` must be a result field name (1 to 64 characters, no spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// Resources, GPUs and mounts of a backend, or the key at fault and why.
+fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
+    let name = &backend.name;
+    if backend.runtime == RuntimeName::Process {
+        // The agent refuses these for host processes; say so before anything starts.
+        let unsupported: [(&[&str], bool); 3] = [
+            (&["resources"], backend.resources != Resources::default()),
+            (&["gpus"], backend.gpus.is_some()),
+            (&["mounts"], !backend.mounts.is_empty()),
+        ];
+        if let Some((path, _)) = unsupported.into_iter().find(|(_, given)| *given) {
+            let key = path[0];
+            return Err((
+                path,
+                format!(
+                    "backends[{name}].{key}: the process runtime cannot honour {key} (host processes share the host's CPUs, memory, GPUs and files)"
+                ),
+            ));
+        }
+    }
+    let resources = &backend.resources;
+    let cpu_fields: [(&[&str], Option<f64>); 2] = [
+        (&["resources", "cpus"], resources.cpus),
+        (&["resources", "cpu_reservation"], resources.cpu_reservation),
+    ];
+    for (path, cores) in cpu_fields {
+        if let Some(cores) = cores.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            let key = path[1];
+            return Err((
+                path,
+                format!(
+                    "backends[{name}].resources.{key}: {cores} must be a number of cores above 0"
+                ),
+            ));
+        }
+    }
+    if let (Some(limit), Some(reservation)) = (resources.memory, resources.memory_reservation)
+        && reservation > limit
+    {
+        return Err((
+            &["resources", "memory_reservation"],
+            format!(
+                "backends[{name}].resources.memory_reservation: {} bytes is above the memory limit of {} bytes",
+                reservation.0, limit.0
+            ),
+        ));
+    }
+    if let Some(gpus) = &backend.gpus {
+        match (gpus.count, gpus.devices.is_empty()) {
+            (Some(_), false) => {
+                return Err((
+                    &["gpus"],
+                    format!("backends[{name}].gpus: give either count or devices, not both"),
+                ));
+            }
+            (None, true) | (Some(GpuCount::Exactly(0)), true) => {
+                return Err((
+                    &["gpus"],
+                    format!("backends[{name}].gpus: give a count above 0 (or `all`) or devices"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for mount in &backend.mounts {
+        if mount.source.is_empty() {
+            return Err((
+                &["mounts"],
+                format!(
+                    "backends[{name}].mounts: the mount on `{}` needs a source",
+                    mount.target
+                ),
+            ));
+        }
+        if !mount.target.starts_with('/') {
+            return Err((
+                &["mounts"],
+                format!(
+                    "backends[{name}].mounts: target `{}` must be an absolute path",
+                    mount.target
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An error at the key `path` of the backend named `backend` (not of the
+/// first backend that has such a key).
+fn at_backend(
+    text: &str,
+    source_name: &str,
+    backend: &str,
+    path: &[&str],
+    message: String,
+) -> ManifestError {
+    let entry = at_value(text, source_name, backend, 1, String::new());
+    let lines: Vec<&str> = text.lines().collect();
+    let leading = |line: &str| line.len() - line.trim_start().len();
+    let key_indent = |line: &str| line.len() - line.trim_start().trim_start_matches("- ").len();
+    let found = lines
+        .get(entry.line.saturating_sub(1))
+        .and_then(|entry_line| {
+            // The backend's own keys share the indent of its `name:` key; it ends
+            // where a line is indented no deeper than its list item.
+            let (item, own) = (leading(entry_line), key_indent(entry_line));
+            let within = lines
+                .iter()
+                .enumerate()
+                .skip(entry.line)
+                .take_while(|(_, line)| line.trim().is_empty() || leading(line) > item);
+            let (first, rest) = path.split_first()?;
+            let (index, _) = within.into_iter().find(|(_, line)| {
+                key_indent(line) == own
+                    && line
+                        .trim_start()
+                        .strip_prefix(first)
+                        .is_some_and(|after| after.trim_start().starts_with(':'))
+            })?;
+            locate_from(text, index + 1, rest).or(Some((index + 1, own + 1)))
+        });
+    let (line, column) = found.unwrap_or((entry.line, entry.column));
+    ManifestError {
+        source_name: source_name.to_string(),
+        line,
+        column,
+        message,
+    }
 }
 
 enum ConfigErrorAt {
@@ -687,10 +1146,10 @@ fn scalar(value: &serde_yaml::Value) -> Result<String, String> {
     }
 }
 
-fn schedule(manifest: &Manifest, configs: &[ConfigPoint]) -> Vec<PlannedRun> {
+fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> Vec<PlannedRun> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(manifest.seed);
     let mut per_backend_order: Vec<(bool, u32, usize)> = Vec::new();
-    for round in 1..=manifest.warmup.runs {
+    for round in 1..=warmup_runs {
         per_backend_order.extend((0..configs.len()).map(|c| (true, round, c)));
     }
     match manifest.order {
@@ -727,8 +1186,13 @@ fn schedule(manifest: &Manifest, configs: &[ConfigPoint]) -> Vec<PlannedRun> {
 /// Line and column (1-based) of the key path, found by indentation-blind
 /// search: each key is looked for after the previous one.
 fn locate(text: &str, path: &[&str]) -> (usize, usize) {
-    let mut from = 0;
-    let mut found = (1, 1);
+    locate_from(text, 0, path).unwrap_or((1, 1))
+}
+
+/// Like [`locate`], from line index `from`; `None` when the first key is not found.
+fn locate_from(text: &str, from: usize, path: &[&str]) -> Option<(usize, usize)> {
+    let mut from = from;
+    let mut found = None;
     for key in path {
         let hit = text.lines().enumerate().skip(from).find_map(|(i, line)| {
             let trimmed = line.trim_start().trim_start_matches("- ");
@@ -740,7 +1204,7 @@ fn locate(text: &str, path: &[&str]) -> (usize, usize) {
         });
         if let Some((i, indent)) = hit {
             from = i + 1;
-            found = (i + 1, indent + 1);
+            found = Some((i + 1, indent + 1));
         }
     }
     found
@@ -914,6 +1378,172 @@ cycles: 2
             "awk 'BEGIN { print 3 }'"
         );
         assert!(substitute("{{n", &values).is_err());
+    }
+
+    #[test]
+    fn stable_warmup_plans_its_cap_and_defaults() {
+        let plan = plan(
+            "t",
+            &format!("{BASE}warmup:\n  cv_below: 0.05\n  metric: tps\n  max_runs: 4\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.warmup,
+            WarmupPolicy::UntilStable(StableWarmup {
+                cv_below: 0.05,
+                window: DEFAULT_STABLE_WINDOW,
+                metric: "tps".into(),
+                max_runs: 4,
+            })
+        );
+        // 4 configs × (4 warmup runs planned up front + 2 cycles).
+        assert_eq!(plan.runs.len(), 24);
+        assert_eq!(plan.runs.iter().filter(|r| r.warmup).count(), 16);
+        let defaults = super::plan("t", &format!("{BASE}warmup: {{cv_below: 0.1}}\n")).unwrap();
+        match defaults.warmup {
+            WarmupPolicy::UntilStable(stable) => {
+                assert_eq!(stable.metric, "duration_s");
+                assert_eq!(
+                    (stable.window, stable.max_runs),
+                    (DEFAULT_STABLE_WINDOW, DEFAULT_STABLE_CAP)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stable_warmup_example_is_valid() {
+        let text = include_str!("../../../examples/campaigns/stable-warmup.yaml");
+        let plan = plan("stable-warmup.yaml", text).unwrap();
+        assert!(matches!(plan.warmup, WarmupPolicy::UntilStable(_)));
+    }
+
+    #[test]
+    fn incoherent_stable_warmups_rejected_at_their_line() {
+        // BASE has 11 lines; `warmup:` is line 12.
+        let cases = [
+            ("  cv_below: 0.05\n  runs: 2\n", 14, "warmup.runs"),
+            (
+                "  last: 3\n",
+                13,
+                "warmup.last: applies only with warmup.cv_below",
+            ),
+            ("  cv_below: 0\n", 13, "warmup.cv_below: 0 must be above 0"),
+            ("  cv_below: 0.05\n  last: 1\n", 14, "at least 2 values"),
+            (
+                "  cv_below: 0.05\n  last: 5\n  max_runs: 4\n",
+                15,
+                "warmup.max_runs: 4 is fewer than warmup.last (5)",
+            ),
+            ("  cv_below: 0.05\n  metric: ''\n", 14, "warmup.metric"),
+        ];
+        for (warmup, line, expected) in cases {
+            let e = error(&format!("{BASE}warmup:\n{warmup}"));
+            assert!(e.message.contains(expected), "{warmup}: {e}");
+            assert_eq!(e.line, line, "{warmup}: {e}");
+        }
+    }
+
+    const CONTAINERS: &str = "name: t
+backends:
+  - name: small
+    runtime: docker
+    image: busybox
+  - name: llm
+    runtime: docker
+    image: vllm
+    placement:
+      gpus: 2
+      memory: 16GiB
+    resources:
+      cpus: 4
+      memory: 32GiB
+      memory_reservation: 8GiB
+    gpus:
+      count: all
+    mounts:
+      - {source: /models, target: /models, read_only: true}
+configs: [{name: a}]
+run: {command: [true]}
+";
+
+    #[test]
+    fn placement_resources_gpus_and_mounts_parse() {
+        let plan = plan("t", CONTAINERS).unwrap();
+        let llm = plan.backend("llm").unwrap();
+        assert_eq!(llm.placement.memory, Some(ByteSize(16 << 30)));
+        assert_eq!(llm.resources.memory_reservation, Some(ByteSize(8 << 30)));
+        assert_eq!(llm.gpus.as_ref().unwrap().count, Some(GpuCount::All));
+        assert!(llm.mounts[0].read_only);
+        assert_eq!((llm.gpus_needed(), llm.memory_needed()), (2, 16 << 30));
+        let small = plan.backend("small").unwrap();
+        assert_eq!((small.gpus_needed(), small.memory_needed()), (0, 0));
+        assert_eq!(parse_byte_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_byte_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_byte_size("512"), Ok(512));
+        assert!(parse_byte_size("16 parsecs").is_err());
+        assert!(parse_byte_size("GiB").is_err());
+    }
+
+    #[test]
+    fn bad_resources_rejected_at_the_backend_line() {
+        // serde_yaml places a value's own errors at the start of its mapping.
+        let cases = [
+            ("memory: 16GiB", "memory: lots", 10, "invalid size `lots`"),
+            ("count: all", "count: many", 17, "invalid GPU count `many`"),
+            (
+                "count: all",
+                "count: 1\n      devices: ['0']",
+                16,
+                "backends[llm].gpus: give either count or devices",
+            ),
+            (
+                "target: /models",
+                "target: models",
+                18,
+                "must be an absolute path",
+            ),
+            (
+                "cpus: 4",
+                "cpus: -1",
+                13,
+                "backends[llm].resources.cpus: -1",
+            ),
+            (
+                "memory_reservation: 8GiB",
+                "memory_reservation: 64GiB",
+                15,
+                "above the memory limit",
+            ),
+        ];
+        for (from, to, line, expected) in cases {
+            let e = error(&CONTAINERS.replace(from, to));
+            assert!(e.message.contains(expected), "{to}: {e}");
+            assert_eq!(e.line, line, "{to}: {e}");
+        }
+        let e = error(&BASE.replace(
+            "    runtime: process",
+            "    runtime: process\n    mounts: [{source: /a, target: /a}]",
+        ));
+        assert!(
+            e.message
+                .contains("backends[local].mounts: the process runtime"),
+            "{e}"
+        );
+        assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn work_metric_defaults_to_tokens() {
+        assert_eq!(
+            plan("t", BASE).unwrap().manifest.power.work_metric(),
+            "tokens"
+        );
+        let custom = plan("t", &format!("{BASE}power: {{work_metric: images}}\n")).unwrap();
+        assert_eq!(custom.manifest.power.work_metric(), "images");
+        let e = error(&format!("{BASE}power:\n  work_metric: 'two words'\n"));
+        assert_eq!(e.line, 13, "{e}");
     }
 
     #[test]

@@ -16,7 +16,49 @@ pub const ENERGY_METRIC: &str = "energy_j";
 /// Mean power of a run over all measured devices, in watts.
 pub const POWER_METRIC: &str = "mean_power_w";
 
+/// Name of the energy-per-unit-of-work metric, e.g. `joules_per_tokens`.
+pub fn joules_per_unit_metric(work_metric: &str) -> String {
+    format!("joules_per_{work_metric}")
+}
+
+/// The run's wall time in seconds, once it has one.
+pub fn duration_seconds(run: &Run) -> Option<f64> {
+    run.duration
+        .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+/// Energy of the run over all measured devices, when power was measured.
+pub fn energy_joules(run: &Run) -> Option<f64> {
+    (!run.energy.is_empty()).then(|| run.energy.iter().map(|e| e.energy_j).sum())
+}
+
+/// A numeric top-level field of the run's result JSON.
+pub fn result_field(run: &Run, name: &str) -> Option<f64> {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&run.result_json).ok()?;
+    fields.get(name)?.as_f64()
+}
+
+/// `duration_s`, or a numeric field of the result JSON.
+pub fn run_metric(run: &Run, name: &str) -> Option<f64> {
+    if name == DURATION_METRIC {
+        duration_seconds(run)
+    } else {
+        result_field(run, name)
+    }
+}
+
+/// Joules per unit of work: the run's energy over the count of work its
+/// result reports in `work_metric` (e.g. tokens); `None` without energy or
+/// without a positive count.
+pub fn joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
+    let work = result_field(run, work_metric).filter(|w| *w > 0.0 && w.is_finite())?;
+    Some(energy_joules(run)? / work)
+}
+
 pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
+    let work_metric = plan.manifest.power.work_metric();
+    let per_unit_metric = joules_per_unit_metric(work_metric);
     let mut rows = Vec::new();
     for config in &plan.configs {
         for backend in &plan.manifest.backends {
@@ -36,20 +78,25 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                     }
                     _ => continue,
                 }
-                if let Some(duration) = run.duration {
+                if let Some(duration) = duration_seconds(run) {
                     samples
                         .entry(DURATION_METRIC.into())
                         .or_default()
-                        .push(duration.seconds as f64 + f64::from(duration.nanos) / 1e9);
+                        .push(duration);
                 }
-                if !run.energy.is_empty() {
-                    let energy: f64 = run.energy.iter().map(|e| e.energy_j).sum();
+                if let Some(energy) = energy_joules(run) {
                     let power: f64 = run.energy.iter().map(|e| e.mean_w).sum();
                     samples
                         .entry(ENERGY_METRIC.into())
                         .or_default()
                         .push(energy);
                     samples.entry(POWER_METRIC.into()).or_default().push(power);
+                }
+                if let Some(per_unit) = joules_per_unit(run, work_metric) {
+                    samples
+                        .entry(per_unit_metric.clone())
+                        .or_default()
+                        .push(per_unit);
                 }
                 if let Ok(serde_json::Value::Object(fields)) =
                     serde_json::from_str(&run.result_json)
@@ -64,7 +111,12 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                     }
                 }
             }
-            metric_order.extend([ENERGY_METRIC, POWER_METRIC, DURATION_METRIC].map(String::from));
+            metric_order.extend([
+                ENERGY_METRIC.to_string(),
+                per_unit_metric.clone(),
+                POWER_METRIC.to_string(),
+                DURATION_METRIC.to_string(),
+            ]);
             let metrics = metric_order
                 .iter()
                 .filter_map(|name| {
@@ -127,5 +179,46 @@ mod tests {
         assert_eq!(rows[0].metrics[0].mean, 15.0);
         assert_eq!(rows[0].metrics[0].n, 2);
         assert_eq!(rows[0].metrics[1].mean, 1.5);
+    }
+
+    #[test]
+    fn joules_per_unit_of_work_is_aggregated() {
+        let plan = crate::manifest::plan(
+            "t",
+            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: x}]\nrun: {command: [true]}\npower: {enabled: true, work_metric: items}\n",
+        )
+        .unwrap();
+        let run = |json: &str, joules: &[f64]| Run {
+            config: "x".into(),
+            backend: "b".into(),
+            state: RunState::Succeeded as i32,
+            result_json: json.into(),
+            energy: joules
+                .iter()
+                .map(|j| berth_proto::orchestrator::v1::RunEnergy {
+                    energy_j: *j,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // Energy of every device counts: 30 J + 10 J over 100 items.
+        let measured = run("{\"items\": 100, \"tokens\": 7}", &[30.0, 10.0]);
+        assert_eq!(joules_per_unit(&measured, "items"), Some(0.4));
+        assert_eq!(joules_per_unit(&measured, "missing"), None);
+        assert_eq!(
+            joules_per_unit(&run("{\"items\": 0}", &[5.0]), "items"),
+            None
+        );
+        assert_eq!(joules_per_unit(&run("{\"items\": 10}", &[]), "items"), None);
+
+        let rows = aggregate(&plan, &[measured, run("{\"items\": 50}", &[40.0])]);
+        let per_unit = rows[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == "joules_per_items")
+            .expect("joules_per_items aggregated");
+        assert_eq!(per_unit.n, 2);
+        assert!((per_unit.mean - 0.6).abs() < 1e-12, "{per_unit:?}");
     }
 }

@@ -11,9 +11,9 @@ use berth_proto::agent::v1::{
     CreateWorkloadRequest, ExecRequest, ExitReason, RemoveWorkloadRequest, WorkloadRef,
     WorkloadState, exec_output,
 };
-use berth_proto::common::v1::{EnvVar, WorkloadSpec};
+use berth_proto::common::v1::{self as common, EnvVar, WorkloadSpec};
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignEvent, CampaignState, HostStatus, Run, RunState,
+    Campaign, CampaignEvent, CampaignState, HostStatus, Run, RunState, WarmupEnded,
 };
 use berth_server::CancellationToken;
 use tokio::sync::Semaphore;
@@ -22,14 +22,18 @@ use crate::config::SchedulerConfig;
 use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::{AgentClient, HostRegistry, describe_status};
-use crate::manifest::{self, Backend, OnFailure, Plan, PlannedRun};
+use crate::manifest::{self, Backend, GpuCount, OnFailure, Plan, PlannedRun, WarmupPolicy};
+use crate::placement;
 use crate::power::PowerMeter;
 use crate::store::{Placement, RunUpdate, Store, campaign_is_terminal};
+use crate::warmup;
 
 /// stdout kept per run to find its result line; older output is dropped.
 const STDOUT_TAIL_BYTES: usize = 1024 * 1024;
 /// stderr kept per run for the error message of a failed run.
 const STDERR_TAIL_BYTES: usize = 2048;
+/// stdout and stderr together kept with every run for people to read.
+const LOGS_TAIL_BYTES: usize = 4096;
 /// Longest result JSON line recorded.
 const MAX_RESULT_BYTES: usize = 256 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -209,6 +213,16 @@ impl Scheduler {
     }
 
     fn publish(&self, id: &str, run: Option<Run>, message: String) {
+        self.publish_event(id, run, None, message);
+    }
+
+    fn publish_event(
+        &self,
+        id: &str,
+        run: Option<Run>,
+        warmup_ended: Option<WarmupEnded>,
+        message: String,
+    ) {
         match self.snapshot(id) {
             Ok(campaign) => self.events.publish(
                 id,
@@ -217,6 +231,7 @@ impl Scheduler {
                     campaign: Some(campaign),
                     run,
                     message,
+                    warmup_ended,
                 },
             ),
             Err(error) => tracing::warn!(campaign = id, %error, "cannot publish campaign event"),
@@ -303,6 +318,11 @@ impl Scheduler {
             let Some(run) = self.store.next_pending_run(&ctx.id, &backend)? else {
                 break;
             };
+            // Normally settled right after the warmup run that ends it; this
+            // catches a restart that came between that run and the settling.
+            if run.warmup && self.settle_warmup(&ctx, &run.config, &backend)? {
+                continue;
+            }
             let placement = match placed.take() {
                 Some(placement) => placement,
                 None => match self.place(&ctx, &backend).await {
@@ -331,7 +351,12 @@ impl Scheduler {
                 }
             }
             match self.execute(&ctx, &run, &placement).await? {
-                None => placed = Some(placement),
+                None => {
+                    placed = Some(placement);
+                    if run.warmup {
+                        self.settle_warmup(&ctx, &run.config, &backend)?;
+                    }
+                }
                 Some(Interrupted::HostLost(reason)) => {
                     self.hosts.mark_unreachable(&placement.host, &reason);
                     self.release_host(&placement.host);
@@ -348,6 +373,35 @@ impl Scheduler {
             self.remove_backend(&ctx.id, &backend, placement).await;
         }
         Ok(())
+    }
+
+    /// Under a stable warmup, ends the warmup of (config, backend) once its
+    /// recorded runs say so: drops its warmup runs still pending and
+    /// publishes why. True when it ended.
+    fn settle_warmup(
+        &self,
+        ctx: &CampaignRun,
+        config: &str,
+        backend: &str,
+    ) -> Result<bool, OrchestratorError> {
+        let WarmupPolicy::UntilStable(policy) = &ctx.plan.warmup else {
+            return Ok(false);
+        };
+        let runs = self.store.warmup_runs(&ctx.id, config, backend)?;
+        let Some(end) = warmup::verdict(policy, &runs) else {
+            return Ok(false);
+        };
+        let dropped = self
+            .store
+            .drop_pending_warmup_runs(&ctx.id, config, backend)?;
+        tracing::info!(campaign = %ctx.id, config, backend, ?end, dropped, "warmup ended");
+        self.publish_event(
+            &ctx.id,
+            None,
+            Some(end.to_proto(config, backend)),
+            end.describe(policy, config, backend),
+        );
+        Ok(true)
     }
 
     fn mark_running(&self, id: &str) -> Result<(), OrchestratorError> {
@@ -506,53 +560,26 @@ impl Scheduler {
         if views.is_empty() {
             return Err("no hosts are registered (RegisterHost)".into());
         }
-        let runtime = backend.runtime.proto();
-        let mut reasons = Vec::new();
-        let mut fitting = Vec::new();
-        for view in views {
-            let name = &view.record.name;
-            if !backend.placement.host.is_empty() && &backend.placement.host != name {
-                continue;
-            }
-            let info = view.info.clone().unwrap_or_default();
-            let labels: HashMap<&String, &String> = view
-                .record
-                .labels
-                .iter()
-                .chain(info.labels.iter())
-                .collect();
-            if let Some((k, v)) = backend
-                .placement
-                .labels
-                .iter()
-                .find(|(k, v)| labels.get(k) != Some(v))
-            {
-                reasons.push(format!("host `{name}` lacks label {k}={v}"));
-            } else if needs_power && view.record.power_sampler.is_empty() {
-                reasons.push(format!(
-                    "host `{name}` has no power sampler and the campaign measures power"
-                ));
-            } else if view.status != HostStatus::Ready {
-                reasons.push(format!("host `{name}` is unreachable ({})", view.message));
-            } else if !info.runtimes.contains(&(runtime as i32)) {
-                let why = info
-                    .unavailable_runtimes
-                    .get(runtime.as_str_name())
-                    .cloned()
-                    .unwrap_or_else(|| "not offered".into());
-                reasons.push(format!(
-                    "host `{name}` cannot run {}: {why}",
-                    runtime.as_str_name()
-                ));
-            } else {
-                fitting.push(name.clone());
-            }
-        }
-        if !backend.placement.host.is_empty() && reasons.is_empty() && fitting.is_empty() {
+        let candidates = placement::candidates(backend, &views);
+        if candidates.is_empty() {
             return Err(format!(
                 "host `{}` is not registered",
                 backend.placement.host
             ));
+        }
+        let mut reasons = Vec::new();
+        let mut fitting = Vec::new();
+        for view in candidates {
+            if let Some(reason) = placement::misfit(backend, needs_power, view) {
+                reasons.push(reason);
+            } else if view.status != HostStatus::Ready {
+                reasons.push(format!(
+                    "host `{}` is unreachable ({})",
+                    view.record.name, view.message
+                ));
+            } else {
+                fitting.push(view.record.name.clone());
+            }
         }
         let load = self
             .host_load
@@ -626,7 +653,7 @@ impl Scheduler {
                 Ok(session) => power_session = Some(session),
                 Err(reason) => {
                     let error = format!("power sampler of host `{}`: {reason}", placed.host);
-                    self.fail(ctx, run, attempt, RunState::Dispatched, -1, None, error)?;
+                    self.fail(ctx, run, attempt, RunState::Dispatched, failure(-1, error))?;
                     return Ok(None);
                 }
             }
@@ -668,6 +695,7 @@ impl Scheduler {
 
         let mut stdout = Tail::new(STDOUT_TAIL_BYTES);
         let mut stderr = Tail::new(STDERR_TAIL_BYTES);
+        let mut logs = Tail::new(LOGS_TAIL_BYTES);
         let exit = loop {
             let message = tokio::select! {
                 message = stream.message() => message,
@@ -675,8 +703,14 @@ impl Scheduler {
             };
             match message {
                 Ok(Some(output)) => match output.output {
-                    Some(exec_output::Output::Stdout(data)) => stdout.push(&data),
-                    Some(exec_output::Output::Stderr(data)) => stderr.push(&data),
+                    Some(exec_output::Output::Stdout(data)) => {
+                        stdout.push(&data);
+                        logs.push(&data);
+                    }
+                    Some(exec_output::Output::Stderr(data)) => {
+                        stderr.push(&data);
+                        logs.push(&data);
+                    }
                     Some(exec_output::Output::Exit(exit)) => break exit,
                     None => {}
                 },
@@ -701,22 +735,23 @@ impl Scheduler {
             .and_then(|d| Duration::try_from(d).ok())
             .map(|d| d.as_millis() as u64);
         let succeeded = exit.exit_code == 0 && exit.reason == ExitReason::Exited as i32;
+        let ended = RunUpdate {
+            exit_code: Some(exit.exit_code),
+            duration_ms,
+            logs_tail: Some(logs.text()),
+            ..Default::default()
+        };
         if succeeded {
             let energy = match power_session.take() {
                 Some(session) => match session.stop().await {
                     Ok(energy) => Some(energy),
                     Err(reason) => {
                         let error = format!("power session on host `{}`: {reason}", placed.host);
-                        let code = exit.exit_code;
-                        self.fail(
-                            ctx,
-                            run,
-                            attempt,
-                            RunState::Running,
-                            code,
-                            duration_ms,
-                            error,
-                        )?;
+                        let update = RunUpdate {
+                            error: Some(error),
+                            ..ended
+                        };
+                        self.fail(ctx, run, attempt, RunState::Running, update)?;
                         return Ok(None);
                     }
                 },
@@ -727,13 +762,11 @@ impl Scheduler {
                 Err(error) => (String::new(), error),
             };
             let update = RunUpdate {
-                exit_code: Some(exit.exit_code),
                 result_json: Some(result_json),
-                duration_ms,
                 error: Some(error),
                 finished_now: true,
                 energy,
-                ..Default::default()
+                ..ended
             };
             self.store.transition_run(
                 &run.id,
@@ -752,15 +785,11 @@ impl Scheduler {
                 format!("exit code {}", exit.exit_code)
             };
             let error = format!("{why}: {}", String::from_utf8_lossy(stderr.bytes()).trim());
-            self.fail(
-                ctx,
-                run,
-                attempt,
-                RunState::Running,
-                exit.exit_code,
-                duration_ms,
-                error,
-            )?;
+            let update = RunUpdate {
+                error: Some(error),
+                ..ended
+            };
+            self.fail(ctx, run, attempt, RunState::Running, update)?;
         }
         Ok(None)
     }
@@ -791,15 +820,8 @@ impl Scheduler {
                 self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason))
             }
             _ => {
-                self.fail(
-                    ctx,
-                    run,
-                    attempt,
-                    RunState::Dispatched,
-                    -1,
-                    None,
-                    format!("exec refused: {reason}"),
-                )?;
+                let update = failure(-1, format!("exec refused: {reason}"));
+                self.fail(ctx, run, attempt, RunState::Dispatched, update)?;
                 Ok(None)
             }
         }
@@ -852,25 +874,22 @@ impl Scheduler {
         Ok(None)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records a failed attempt (`update` says how it ended, with its
+    /// error): pending again while retries remain, else failed.
     fn fail(
         &self,
         ctx: &CampaignRun,
         run: &Run,
         attempt: u32,
         from: RunState,
-        exit_code: i32,
-        duration_ms: Option<u64>,
-        error: String,
+        update: RunUpdate,
     ) -> Result<(), OrchestratorError> {
         let policy = &ctx.plan.manifest.failure;
         let retry = attempt <= policy.retries;
+        let error = update.error.clone().unwrap_or_default();
         let update = RunUpdate {
-            exit_code: Some(exit_code),
-            duration_ms,
-            error: Some(error.clone()),
             finished_now: !retry,
-            ..Default::default()
+            ..update
         };
         if retry {
             self.store
@@ -898,6 +917,15 @@ impl Scheduler {
     fn publish_run(&self, campaign_id: &str, run_id: &str, message: String) {
         let run = self.store.run(run_id).ok().flatten();
         self.publish(campaign_id, run, message);
+    }
+}
+
+/// How an attempt that never produced an exit status failed.
+fn failure(exit_code: i32, error: String) -> RunUpdate {
+    RunUpdate {
+        exit_code: Some(exit_code),
+        error: Some(error),
+        ..Default::default()
     }
 }
 
@@ -930,6 +958,34 @@ fn workload_spec(campaign_id: &str, backend: &Backend) -> WorkloadSpec {
             .collect(),
         working_dir: backend.working_dir.clone(),
         labels,
+        mounts: backend
+            .mounts
+            .iter()
+            .map(|m| common::Mount {
+                source: m.source.clone(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+                volume: m.volume,
+            })
+            .collect(),
+        resources: (backend.resources != manifest::Resources::default()).then(|| {
+            let r = &backend.resources;
+            common::Resources {
+                cpu_limit: r.cpus.unwrap_or_default(),
+                memory_limit_bytes: r.memory.map_or(0, |m| m.0),
+                memory_reservation_bytes: r.memory_reservation.map_or(0, |m| m.0),
+                cpu_reservation: r.cpu_reservation.unwrap_or_default(),
+            }
+        }),
+        gpus: backend.gpus.as_ref().map(|g| common::GpuRequest {
+            count: match g.count {
+                Some(GpuCount::All) => -1,
+                Some(GpuCount::Exactly(n)) => i32::try_from(n).unwrap_or(i32::MAX),
+                None => 0,
+            },
+            device_ids: g.devices.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -994,6 +1050,18 @@ impl Tail {
     fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// The tail as text, from the first whole UTF-8 character: the cut may
+    /// fall inside one.
+    fn text(&self) -> String {
+        let start = self
+            .bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
+            .count();
+        String::from_utf8_lossy(&self.bytes[start..]).into_owned()
+    }
 }
 
 #[cfg(test)]
@@ -1016,5 +1084,9 @@ mod tests {
         tail.push(b"abc");
         tail.push(b"defg");
         assert_eq!(tail.bytes(), b"defg");
+        // "é" is two bytes; a cut after its first leaves a stray continuation byte.
+        let mut tail = Tail::new(3);
+        tail.push("é!!".as_bytes());
+        assert_eq!(tail.text(), "!!");
     }
 }

@@ -14,6 +14,7 @@ use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::HostRegistry;
 use crate::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::placement;
 use crate::results;
 use crate::scheduler::Scheduler;
 use crate::store::{HostRecord, Store, campaign_is_terminal};
@@ -117,6 +118,7 @@ impl Orchestrator for OrchestratorService {
         };
         let plan =
             manifest::plan(source, &request.manifest_yaml).map_err(OrchestratorError::from)?;
+        placement::check_placeable(&plan, &self.hosts.views())?;
         let total = plan.runs.len() as u64;
         if request.validate_only {
             return Ok(Response::new(Campaign {
@@ -228,6 +230,7 @@ impl Orchestrator for OrchestratorService {
                 campaign: Some(first),
                 run: None,
                 message: "current state".into(),
+                warmup_ended: None,
             };
             if tx.send(Ok(event)).await.is_err() || ended {
                 return;
@@ -249,6 +252,7 @@ impl Orchestrator for OrchestratorService {
                                 message: format!(
                                     "watcher fell behind: {missed} events skipped; this is the current state"
                                 ),
+                                warmup_ended: None,
                             },
                             Err(_) => return,
                         }

@@ -22,6 +22,27 @@ fn t_critical(df: usize) -> f64 {
     }
 }
 
+/// Mean and sample standard deviation (n - 1); the deviation is 0 below 2 values.
+fn mean_and_std_dev(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, variance.sqrt())
+}
+
+/// Sample standard deviation over the absolute mean; `None` below 2 values
+/// or when the mean is 0 (the ratio means nothing there).
+pub fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
+    if values.len() < 2 {
+        return None;
+    }
+    let (mean, std_dev) = mean_and_std_dev(values);
+    (mean != 0.0).then(|| std_dev / mean.abs())
+}
+
 pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
     let n = values.len();
     if n == 0 {
@@ -30,13 +51,11 @@ pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
             ..Default::default()
         };
     }
-    let mean = values.iter().sum::<f64>() / n as f64;
-    let (std_dev, ci) = if n >= 2 {
-        let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-        let std_dev = variance.sqrt();
-        (std_dev, t_critical(n - 1) * std_dev / (n as f64).sqrt())
+    let (mean, std_dev) = mean_and_std_dev(values);
+    let ci = if n >= 2 {
+        t_critical(n - 1) * std_dev / (n as f64).sqrt()
     } else {
-        (0.0, 0.0)
+        0.0
     };
     MetricSummary {
         name: name.to_string(),
@@ -62,6 +81,16 @@ mod tests {
         assert!((s.std_dev - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
         assert!((s.ci95_half_width - 2.365 * s.std_dev / 8f64.sqrt()).abs() < 1e-12);
         assert_eq!((s.min, s.max), (2.0, 9.0));
+    }
+
+    #[test]
+    fn coefficient_of_variation_is_sd_over_mean() {
+        // mean 10, sample sd 1.
+        let cv = coefficient_of_variation(&[9.0, 10.0, 11.0]).unwrap();
+        assert!((cv - 0.1).abs() < 1e-12);
+        assert_eq!(coefficient_of_variation(&[5.0, 5.0]), Some(0.0));
+        assert_eq!(coefficient_of_variation(&[5.0]), None);
+        assert_eq!(coefficient_of_variation(&[-1.0, 1.0]), None);
     }
 
     #[test]

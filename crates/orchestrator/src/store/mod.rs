@@ -56,6 +56,7 @@ pub struct RunUpdate {
     pub started_now: bool,
     pub finished_now: bool,
     pub energy: Option<Vec<berth_proto::orchestrator::v1::RunEnergy>>,
+    pub logs_tail: Option<String>,
 }
 
 pub trait Store: Send + Sync {
@@ -87,6 +88,16 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> StoreResult<Vec<Run>>;
     fn run(&self, id: &str) -> StoreResult<Option<Run>>;
+    /// The warmup runs of one (config, backend), by sequence.
+    fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>>;
+    /// Removes the pending warmup runs of one (config, backend) that a
+    /// stable warmup no longer needs; returns how many.
+    fn drop_pending_warmup_runs(
+        &self,
+        campaign_id: &str,
+        config: &str,
+        backend: &str,
+    ) -> StoreResult<usize>;
     /// The first pending run of a backend, by sequence.
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
     /// Moves a run to `to` if its state is one of `from`; false if it was not.

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT NOT NULL DEFAULT '',
     started_ms INTEGER,
     finished_ms INTEGER,
-    energy BLOB
+    energy BLOB,
+    logs_tail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_by_campaign ON runs(campaign_id, sequence);
 CREATE INDEX IF NOT EXISTS runs_by_backend_state ON runs(campaign_id, backend, state, sequence);
@@ -81,6 +82,7 @@ impl SqliteStore {
         connection.execute_batch(SCHEMA)?;
         // Columns added after the first release of the schema.
         add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
+        add_column_if_missing(&connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
         add_column_if_missing(
             &connection,
             "hosts",
@@ -184,7 +186,7 @@ fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
 }
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
-                           exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy";
+                           exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy, logs_tail";
 
 fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let params: String = row.get(4)?;
@@ -211,6 +213,7 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         started_at: timestamp(row.get(15)?),
         finished_at: timestamp(row.get(16)?),
         energy: decode_energy(&row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default()),
+        logs_tail: row.get(18)?,
     })
 }
 
@@ -375,6 +378,29 @@ impl Store for SqliteStore {
         Ok(db.query_row(&sql, [id], run_row).optional()?)
     }
 
+    fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>> {
+        let db = self.db();
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = 1 \
+             ORDER BY sequence"
+        );
+        let mut statement = db.prepare_cached(&sql)?;
+        let rows = statement.query_map(params![campaign_id, backend, config], run_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn drop_pending_warmup_runs(
+        &self,
+        campaign_id: &str,
+        config: &str,
+        backend: &str,
+    ) -> StoreResult<usize> {
+        Ok(self.db().execute(
+            "DELETE FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = 1 AND state = ?4",
+            params![campaign_id, backend, config, RunState::Pending as i32],
+        )?)
+    }
+
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>> {
         let db = self.db();
         let sql = format!(
@@ -407,7 +433,8 @@ impl Store for SqliteStore {
                 error = COALESCE(?8, error),
                 started_ms = CASE WHEN ?9 THEN ?11 ELSE started_ms END,
                 finished_ms = CASE WHEN ?10 THEN ?11 ELSE finished_ms END,
-                energy = COALESCE(?12, energy)
+                energy = COALESCE(?12, energy),
+                logs_tail = COALESCE(?13, logs_tail)
              WHERE id = ?1 AND state IN ({})",
             state_list(from)
         );
@@ -425,7 +452,8 @@ impl Store for SqliteStore {
                 update.started_now,
                 update.finished_now,
                 now,
-                update.energy.as_deref().map(encode_energy)
+                update.energy.as_deref().map(encode_energy),
+                update.logs_tail
             ],
         )?;
         Ok(changed == 1)
@@ -584,6 +612,39 @@ mod tests {
         let counts = store.run_counts("c1").unwrap();
         assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
         assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "r2");
+    }
+
+    #[test]
+    fn unneeded_warmup_runs_are_dropped_and_logs_kept() {
+        let (_dir, store) = store();
+        let warmup = |id: &str, sequence| Run {
+            warmup: true,
+            ..run(id, sequence)
+        };
+        store
+            .insert_campaign(
+                &campaign("c1"),
+                "m",
+                &[
+                    warmup("w1", 0),
+                    warmup("w2", 1),
+                    warmup("w3", 2),
+                    run("m1", 3),
+                ],
+            )
+            .unwrap();
+        let done = RunUpdate {
+            logs_tail: Some("warming up\n".into()),
+            ..Default::default()
+        };
+        store
+            .transition_run("w1", &[RunState::Pending], RunState::Succeeded, &done)
+            .unwrap();
+        assert_eq!(store.drop_pending_warmup_runs("c1", "a", "b").unwrap(), 2);
+        let left = store.warmup_runs("c1", "a", "b").unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].logs_tail, "warming up\n");
+        assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "m1");
     }
 
     #[test]

@@ -1,0 +1,441 @@
+//! Per-run exports (`berth results <id> --runs`): every run of a campaign,
+//! fetched a page at a time with ListRuns, as CSV, JSON or Parquet with the
+//! same columns: the run's identity and outcome, then `param.<name>` for
+//! each configuration parameter and `result.<field>` for each numeric field
+//! of the result JSON, then its energy.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use berth_orchestrator::manifest::{self, DEFAULT_WORK_METRIC};
+use berth_orchestrator::results::{
+    duration_seconds, energy_joules, joules_per_unit, joules_per_unit_metric,
+};
+use berth_proto::orchestrator::v1::{Campaign, ListRunsRequest, Run, RunState};
+use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DataType, DoubleType, Int64Type};
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
+use parquet::schema::types::Type;
+
+use crate::{CliError, Client};
+
+/// File formats of a per-run export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunsFormat {
+    Csv,
+    Json,
+    Parquet,
+}
+
+/// Runs asked for per ListRuns call (the most the orchestrator gives).
+const PAGE_SIZE: u32 = 1000;
+
+/// Every run of the campaign, in schedule order.
+pub async fn fetch_runs(client: &mut Client, campaign_id: &str) -> Result<Vec<Run>, CliError> {
+    let mut runs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_runs(ListRunsRequest {
+                campaign_id: campaign_id.to_string(),
+                page_size: PAGE_SIZE,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        runs.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return Ok(runs);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// One column's cells, a cell per run; `None` is empty (CSV) or null.
+enum Cells {
+    Text(Vec<Option<String>>),
+    Integer(Vec<Option<i64>>),
+    Number(Vec<Option<f64>>),
+    Flag(Vec<Option<bool>>),
+    /// Milliseconds since the Unix epoch, UTC.
+    Time(Vec<Option<i64>>),
+}
+
+struct Column {
+    name: String,
+    cells: Cells,
+}
+
+/// The runs of a campaign as columns.
+pub struct RunTable {
+    columns: Vec<Column>,
+    rows: usize,
+}
+
+fn millis(timestamp: Option<&prost_types::Timestamp>) -> Option<i64> {
+    timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+fn rfc3339(ms: i64) -> String {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+    .to_string()
+}
+
+fn state_name(state: i32) -> String {
+    RunState::try_from(state)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("RUN_STATE_")
+        .to_lowercase()
+}
+
+/// Names in the order they are first seen over all runs.
+fn first_seen<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for name in names {
+        if !seen.contains(name) {
+            seen.push(name.clone());
+        }
+    }
+    seen
+}
+
+impl RunTable {
+    pub fn encode(&self, format: RunsFormat) -> Result<Vec<u8>, ParquetError> {
+        match format {
+            RunsFormat::Csv => Ok(self.csv().into_bytes()),
+            RunsFormat::Json => Ok(self.json().into_bytes()),
+            RunsFormat::Parquet => self.parquet(),
+        }
+    }
+
+    /// The campaign's runs; the energy-per-work column follows the
+    /// manifest's `power.work_metric`.
+    pub fn new(campaign: &Campaign, runs: &[Run]) -> Self {
+        let work_metric = manifest::plan("manifest", &campaign.manifest_yaml)
+            .map(|plan| plan.manifest.power.work_metric().to_string())
+            .unwrap_or_else(|_| DEFAULT_WORK_METRIC.to_string());
+        let results: Vec<serde_json::Map<String, serde_json::Value>> = runs
+            .iter()
+            .map(|run| serde_json::from_str(&run.result_json).unwrap_or_default())
+            .collect();
+        let text = |name: &str, cell: &dyn Fn(&Run) -> Option<String>| Column {
+            name: name.into(),
+            cells: Cells::Text(runs.iter().map(cell).collect()),
+        };
+        let integer = |name: &str, cell: &dyn Fn(&Run) -> Option<i64>| Column {
+            name: name.into(),
+            cells: Cells::Integer(runs.iter().map(cell).collect()),
+        };
+        let number = |name: &str, cell: &dyn Fn(&Run) -> Option<f64>| Column {
+            name: name.into(),
+            cells: Cells::Number(runs.iter().map(cell).collect()),
+        };
+        let time = |name: &str, cell: &dyn Fn(&Run) -> Option<i64>| Column {
+            name: name.into(),
+            cells: Cells::Time(runs.iter().map(cell).collect()),
+        };
+        let mut columns = vec![
+            text("run_id", &|r| Some(r.id.clone())),
+            text("config", &|r| Some(r.config.clone())),
+            text("backend", &|r| Some(r.backend.clone())),
+            integer("cycle", &|r| Some(i64::from(r.cycle))),
+            Column {
+                name: "warmup".into(),
+                cells: Cells::Flag(runs.iter().map(|r| Some(r.warmup)).collect()),
+            },
+            text("state", &|r| Some(state_name(r.state))),
+            text("host", &|r| Some(r.host.clone())),
+            integer("attempts", &|r| Some(i64::from(r.attempts))),
+            integer("exit_code", &|r| r.exit_code.map(i64::from)),
+            time("started_at", &|r| millis(r.started_at.as_ref())),
+            time("finished_at", &|r| millis(r.finished_at.as_ref())),
+            number("duration_s", &duration_seconds),
+            text("error", &|r| Some(r.error.clone())),
+        ];
+        for param in first_seen(runs.iter().flat_map(|r| r.params.keys())) {
+            columns.push(text(&format!("param.{param}"), &|r| {
+                r.params.get(&param).cloned()
+            }));
+        }
+        let numeric_fields = first_seen(
+            results
+                .iter()
+                .flat_map(|fields| fields.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k)),
+        );
+        for field in numeric_fields {
+            columns.push(Column {
+                name: format!("result.{field}"),
+                cells: Cells::Number(
+                    results
+                        .iter()
+                        .map(|fields| fields.get(&field).and_then(serde_json::Value::as_f64))
+                        .collect(),
+                ),
+            });
+        }
+        columns.push(number("energy_j", &energy_joules));
+        columns.push(number(&joules_per_unit_metric(&work_metric), &|r| {
+            joules_per_unit(r, &work_metric)
+        }));
+        columns.push(text("result_json", &|r| Some(r.result_json.clone())));
+        Self {
+            columns,
+            rows: runs.len(),
+        }
+    }
+
+    /// A header line, then a line per run; times in RFC 3339.
+    pub fn csv(&self) -> String {
+        fn quoted(text: &str) -> String {
+            if text.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", text.replace('"', "\"\""))
+            } else {
+                text.to_string()
+            }
+        }
+        let header: Vec<String> = self.columns.iter().map(|c| quoted(&c.name)).collect();
+        let mut out = header.join(",");
+        out.push('\n');
+        for row in 0..self.rows {
+            for (i, column) in self.columns.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = match &column.cells {
+                    Cells::Text(cells) => write!(
+                        out,
+                        "{}",
+                        cells[row].as_deref().map(quoted).unwrap_or_default()
+                    ),
+                    Cells::Integer(cells) => write!(
+                        out,
+                        "{}",
+                        cells[row].map(|v| v.to_string()).unwrap_or_default()
+                    ),
+                    Cells::Number(cells) => write!(
+                        out,
+                        "{}",
+                        cells[row].map(|v| v.to_string()).unwrap_or_default()
+                    ),
+                    Cells::Flag(cells) => write!(
+                        out,
+                        "{}",
+                        cells[row].map(|v| v.to_string()).unwrap_or_default()
+                    ),
+                    Cells::Time(cells) => {
+                        write!(out, "{}", cells[row].map(rfc3339).unwrap_or_default())
+                    }
+                };
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// An array with an object per run; times in RFC 3339, absent values null.
+    pub fn json(&self) -> String {
+        use serde_json::Value;
+        let rows: Vec<Value> = (0..self.rows)
+            .map(|row| {
+                let object = self
+                    .columns
+                    .iter()
+                    .map(|column| {
+                        let value = match &column.cells {
+                            Cells::Text(cells) => cells[row].clone().map(Value::from),
+                            Cells::Integer(cells) => cells[row].map(Value::from),
+                            Cells::Number(cells) => cells[row].map(Value::from),
+                            Cells::Flag(cells) => cells[row].map(Value::from),
+                            Cells::Time(cells) => cells[row].map(|ms| Value::from(rfc3339(ms))),
+                        };
+                        (column.name.clone(), value.unwrap_or(Value::Null))
+                    })
+                    .collect();
+                Value::Object(object)
+            })
+            .collect();
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        )
+    }
+
+    /// One row group, uncompressed; every column optional; times as
+    /// TIMESTAMP(MILLIS, UTC).
+    pub fn parquet(&self) -> Result<Vec<u8>, ParquetError> {
+        let fields = self
+            .columns
+            .iter()
+            .map(|column| {
+                let (physical, logical) = match column.cells {
+                    Cells::Text(_) => (PhysicalType::BYTE_ARRAY, Some(LogicalType::String)),
+                    Cells::Integer(_) => (PhysicalType::INT64, None),
+                    Cells::Number(_) => (PhysicalType::DOUBLE, None),
+                    Cells::Flag(_) => (PhysicalType::BOOLEAN, None),
+                    Cells::Time(_) => (
+                        PhysicalType::INT64,
+                        Some(LogicalType::timestamp(true, TimeUnit::MILLIS)),
+                    ),
+                };
+                Type::primitive_type_builder(&column.name, physical)
+                    .with_repetition(Repetition::OPTIONAL)
+                    .with_logical_type(logical)
+                    .build()
+                    .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = Arc::new(
+            Type::group_type_builder("run")
+                .with_fields(fields)
+                .build()?,
+        );
+        let properties = Arc::new(WriterProperties::builder().build());
+        let mut out = Vec::new();
+        let mut writer = SerializedFileWriter::new(&mut out, schema, properties)?;
+        let mut group = writer.next_row_group()?;
+        let mut columns = self.columns.iter();
+        while let Some(mut writer) = group.next_column()? {
+            let Some(column) = columns.next() else { break };
+            match &column.cells {
+                Cells::Text(cells) => optional::<ByteArrayType>(
+                    &mut writer,
+                    cells.iter().map(|c| c.as_deref().map(ByteArray::from)),
+                ),
+                Cells::Integer(cells) | Cells::Time(cells) => {
+                    optional::<Int64Type>(&mut writer, cells.iter().copied())
+                }
+                Cells::Number(cells) => optional::<DoubleType>(&mut writer, cells.iter().copied()),
+                Cells::Flag(cells) => optional::<BoolType>(&mut writer, cells.iter().copied()),
+            }?;
+            writer.close()?;
+        }
+        group.close()?;
+        writer.close()?;
+        Ok(out)
+    }
+}
+
+/// Writes a column that may hold nulls: the values present, and a
+/// definition level per row saying whether it has one.
+fn optional<T: DataType>(
+    column: &mut SerializedColumnWriter<'_>,
+    values: impl Iterator<Item = Option<T::T>>,
+) -> Result<(), ParquetError> {
+    let (mut present, mut levels) = (Vec::new(), Vec::new());
+    for value in values {
+        levels.push(i16::from(value.is_some()));
+        present.extend(value);
+    }
+    column
+        .typed::<T>()
+        .write_batch(&present, Some(&levels), None)
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    use super::*;
+
+    fn runs() -> Vec<Run> {
+        vec![
+            Run {
+                id: "c1/n=1/b/w1".into(),
+                config: "n=1".into(),
+                backend: "b".into(),
+                cycle: 1,
+                warmup: true,
+                state: RunState::Succeeded as i32,
+                params: [("n".to_string(), "1".to_string())].into(),
+                result_json: r#"{"tokens": 10, "note": "a, \"b\""}"#.into(),
+                exit_code: Some(0),
+                started_at: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 250_000_000,
+                }),
+                duration: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
+                energy: vec![berth_proto::orchestrator::v1::RunEnergy {
+                    energy_j: 20.0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            Run {
+                id: "c1/n=1/b/1".into(),
+                config: "n=1".into(),
+                backend: "b".into(),
+                cycle: 1,
+                state: RunState::Failed as i32,
+                error: "exit code 3".into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn csv_and_json_have_a_row_per_run_with_the_same_columns() {
+        let table = RunTable::new(&Campaign::default(), &runs());
+        let csv = table.csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3, "{csv}");
+        assert!(lines[0].starts_with("run_id,config,backend,cycle,warmup,state,"));
+        assert!(lines[0].contains("param.n,result.tokens,energy_j,joules_per_tokens,result_json"));
+        assert!(lines[1].contains(",true,succeeded,"), "{}", lines[1]);
+        assert!(
+            lines[1].contains("2023-11-14T22:13:20.250Z"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].contains(",1.5,"), "{}", lines[1]);
+        assert!(lines[1].contains(",10,20,2,"), "{}", lines[1]);
+        assert!(
+            lines[1].ends_with(r#""{""tokens"": 10, ""note"": ""a, \""b\""""}""#),
+            "{}",
+            lines[1]
+        );
+        let json: serde_json::Value = serde_json::from_str(&table.json()).unwrap();
+        assert_eq!(json[1]["state"], "failed");
+        assert_eq!(json[1]["result.tokens"], serde_json::Value::Null);
+        assert_eq!(json[0]["joules_per_tokens"], 2.0);
+    }
+
+    #[test]
+    fn parquet_reads_back() {
+        let bytes = RunTable::new(&Campaign::default(), &runs())
+            .parquet()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.parquet");
+        std::fs::write(&path, bytes).unwrap();
+        let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(reader.metadata().file_metadata().num_rows(), 2);
+        let rows: Vec<_> = reader
+            .get_row_iter(None)
+            .unwrap()
+            .map(|row| row.unwrap())
+            .collect();
+        let field = |row: usize, name: &str| {
+            rows[row]
+                .get_column_iter()
+                .find(|(n, _)| n.as_str() == name)
+                .map(|(_, f)| f.clone())
+                .unwrap()
+        };
+        assert_eq!(field(0, "warmup"), Field::Bool(true));
+        assert_eq!(field(0, "result.tokens"), Field::Double(10.0));
+        assert_eq!(field(1, "exit_code"), Field::Null);
+        assert_eq!(field(1, "state"), Field::Str("failed".into()));
+    }
+}
