@@ -30,14 +30,19 @@ def main() -> None:
     seen["chat"] = {"text": text, "usage": reply.usage.model_dump()}
 
     pieces = []
+    # Chunks carrying usage, which this stream did not ask for (the proxy
+    # asks the upstream for it to meter the request, and must take it out).
+    usage_chunks = 0
     with client.chat.completions.create(
         model=model, messages=messages, max_tokens=16, temperature=0, stream=True
     ) as stream:
         for chunk in stream:
+            usage_chunks += chunk.usage is not None
             for choice in chunk.choices:
                 if choice.delta.content:
                     pieces.append(choice.delta.content)
     assert len(pieces) > 1, pieces
+    assert usage_chunks == 0, f"{usage_chunks} chunks with usage nobody asked for"
     seen["stream"] = {"chunks": len(pieces), "text": "".join(pieces)}
 
     if not chat_only:

@@ -149,6 +149,28 @@ impl Gateway {
         &self.router
     }
 
+    /// Warns, naming the key and the models, when the key has a budget that
+    /// some model it may use never spends from: requests to a model with no
+    /// `input_cost_per_token`/`output_cost_per_token` cost nothing.
+    pub fn warn_of_unpriced_models(&self, key: &VirtualKey) {
+        if !key.spec.max_budget.is_some_and(|budget| budget > 0.0) {
+            return;
+        }
+        let unpriced: Vec<&str> = self
+            .router
+            .unpriced_models()
+            .filter(|model| key.allows(model))
+            .collect();
+        if !unpriced.is_empty() {
+            tracing::warn!(
+                key = %key.id,
+                alias = %key.spec.key_alias,
+                models = %unpriced.join(", "),
+                "virtual key has a max_budget, but these models have no input_cost_per_token/output_cost_per_token: their requests spend nothing from it"
+            );
+        }
+    }
+
     /// Serves a call for `key` (None: the master key, or no auth configured).
     pub async fn forward(
         &self,
@@ -190,12 +212,9 @@ impl Gateway {
                                 settle.finish(usage, Outcome::Ok);
                                 Reply::Whole { body, usage }
                             }
-                            Answer::Stream(body, idle, dialect) => Reply::Stream(PassThrough::new(
-                                body,
-                                idle,
-                                dialect.events(),
-                                settle,
-                            )),
+                            Answer::Stream(body, idle, dialect) => {
+                                Reply::Stream(PassThrough::new(body, idle, dialect.relay(), settle))
+                            }
                         });
                     }
                     Err(error) if is_retryable(&error) => {

@@ -497,6 +497,7 @@ impl LlmProxy for LlmProxyService {
             max_budget: (r.max_budget > 0.0).then_some(r.max_budget),
         };
         let (key, secret) = self.auth.keys().create(spec).map_err(status)?;
+        self.gateway.warn_of_unpriced_models(&key);
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_pb(&key)),
             secret,

@@ -97,6 +97,7 @@ async fn generate_key(State(api): Shared, headers: HeaderMap, body: Body) -> Res
             serde_json::from_slice(&bytes).map_err(|e| ProxyError::MalformedJson(e.to_string()))?
         };
         let (key, secret) = api.auth.keys().create(spec)?;
+        api.gateway.warn_of_unpriced_models(&key);
         let mut info = key_info(&key);
         info["key"] = json!(secret);
         Ok(Json(info).into_response())

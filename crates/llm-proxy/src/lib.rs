@@ -151,6 +151,9 @@ pub async fn start_with(
         tracing::info!(%model, deployments, "serving model");
     }
     let gateway = Arc::new(Gateway::new(router, client, litellm.drop_params, metrics));
+    for key in keys.list() {
+        gateway.warn_of_unpriced_models(&key);
+    }
     host.add_service(LlmProxyServer::new(grpc_api::LlmProxyService::new(
         gateway.clone(),
         auth.clone(),

@@ -159,7 +159,7 @@ impl LiteLlmConfig {
             match Strategy::from_litellm(name) {
                 Some(strategy) => router.strategy = strategy,
                 None => unsupported.push(format!(
-                    "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing)"
+                    "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)"
                 )),
             }
         }
@@ -539,7 +539,7 @@ callbacks: []
                 "model_list[0].model_info.mode",
                 "model_list[0].tpm",
                 "router_settings.redis_host",
-                "router_settings.routing_strategy=usage-based-routing-v2 (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing)",
+                "router_settings.routing_strategy=usage-based-routing-v2 (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)",
             ]
         );
     }

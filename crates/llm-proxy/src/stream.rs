@@ -1,7 +1,9 @@
 //! A streamed upstream response passed to the client chunk by chunk, as it
 //! arrives: nothing is buffered, the proxy only reads along for the usage.
-//! A stream in another dialect (Anthropic's events) is translated line by
-//! line instead, each upstream chunk becoming the OpenAI events it completes.
+//! Where the usage was asked for by the proxy and not the client, each chunk
+//! is passed on without it; a stream in another dialect (Anthropic's events)
+//! is translated. Either way line by line, each upstream chunk becoming the
+//! complete lines it ends.
 //! The body owns the request's accounting, so however the stream ends (the
 //! upstream finishes, breaks, stalls, or the client goes away and the body
 //! is dropped) the request is settled exactly once, and dropping it drops
@@ -20,15 +22,26 @@ use tokio::time::{Instant, Sleep};
 use crate::error::ProxyError;
 use crate::gateway::Settle;
 use crate::providers::AnthropicEvents;
-use crate::sse::{self, Lines};
+use crate::sse::{self, Lines, StripUsage};
 use crate::usage::{Outcome, Usage};
+
+/// What happens to a stream's chunks on their way to the client.
+#[derive(Debug)]
+pub enum Relay {
+    /// OpenAI's events as the client asked for them: passed on untouched.
+    Untouched,
+    /// OpenAI's events with usage the client did not ask for.
+    StripUsage(StripUsage),
+    /// Anthropic's events, translated to OpenAI's.
+    Translate(AnthropicEvents),
+}
 
 #[derive(Debug)]
 pub struct PassThrough {
     inner: Incoming,
+    /// Splits the chunks of an untouched or translated stream into lines.
     lines: Lines,
-    /// Translates a stream that is not OpenAI's; None: passed through.
-    events: Option<AnthropicEvents>,
+    relay: Relay,
     usage: Option<Usage>,
     /// Longest silence allowed between chunks.
     idle: Duration,
@@ -38,16 +51,11 @@ pub struct PassThrough {
 }
 
 impl PassThrough {
-    pub(crate) fn new(
-        inner: Incoming,
-        idle: Duration,
-        events: Option<AnthropicEvents>,
-        settle: Settle,
-    ) -> Self {
+    pub(crate) fn new(inner: Incoming, idle: Duration, relay: Relay, settle: Settle) -> Self {
         Self {
             inner,
             lines: Lines::default(),
-            events,
+            relay,
             usage: None,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
@@ -78,7 +86,7 @@ impl Body for PassThrough {
         let Some(settle) = &this.settle else {
             return Poll::Ready(None);
         };
-        // Loops only while translated chunks complete no event.
+        // Loops only while rewritten chunks complete no line.
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -86,18 +94,26 @@ impl Body for PassThrough {
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
-                    let Some(events) = &mut this.events else {
-                        let usage = &mut this.usage;
-                        this.lines.push(data, |line| {
-                            if let Some(found) = sse::data(line).and_then(sse::usage) {
-                                *usage = Some(found);
-                            }
-                        });
-                        return Poll::Ready(Some(Ok(frame)));
-                    };
                     let mut out = BytesMut::new();
-                    this.lines.push(data, |line| events.line(line, &mut out));
-                    this.usage = events.usage();
+                    match &mut this.relay {
+                        Relay::Untouched => {
+                            let usage = &mut this.usage;
+                            this.lines.push(data, |line| {
+                                if let Some(found) = sse::data(line).and_then(sse::usage) {
+                                    *usage = Some(found);
+                                }
+                            });
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        Relay::StripUsage(strip) => {
+                            strip.push(data, &mut out);
+                            this.usage = strip.usage();
+                        }
+                        Relay::Translate(events) => {
+                            this.lines.push(data, |line| events.line(line, &mut out));
+                            this.usage = events.usage();
+                        }
+                    }
                     if out.is_empty() {
                         continue;
                     }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -105,31 +105,34 @@ async fn chat_completion_embeddings_and_models() {
 #[tokio::test]
 async fn stream_is_passed_through_chunk_by_chunk() {
     let (addr, _) = fake_upstream().await;
-    let proxy = proxy(&config(addr, false)).await;
-    let started = Instant::now();
-    let response = start(
-        "POST",
-        &format!("{}/v1/chat/completions", base(&proxy)),
-        None,
-        chat("chat", true),
-    )
-    .await;
+    let yaml = format!(
+        "{}  - model_name: stalled\n    litellm_params: {{model: openai/stall-stream, api_base: http://{addr}/v1}}\n",
+        config(addr, false)
+    );
+    let proxy = proxy(&yaml).await;
+    let url = format!("{}/v1/chat/completions", base(&proxy));
+
+    // This upstream sends one chunk, then nothing until the stream is
+    // dropped: the client gets that chunk only if the proxy passes chunks on
+    // as they come. (No tight deadline: a loaded machine is no buffering.)
+    let response = start("POST", &url, None, chat("stalled", true)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
-    // The fake sends its chunks 50 ms apart: the first must arrive before the
-    // second is even sent, or the proxy buffered.
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_millis(45),
-        "first chunk after {:?}",
-        started.elapsed()
-    );
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk was held back")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
     assert!(String::from_utf8_lossy(&first).contains("one "));
-    let rest = body.collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&rest);
+    drop(body);
+
+    let answer = send("POST", &url, None, chat("chat", true)).await;
+    let text = String::from_utf8_lossy(&answer.body);
     assert!(
-        text.contains("three") && text.ends_with("data: [DONE]\n\n"),
+        text.contains("one ") && text.contains("three") && text.ends_with("data: [DONE]\n\n"),
         "{text}"
     );
     // Usage from the stream's last chunk is recorded once the stream ends.
@@ -140,6 +143,144 @@ async fn stream_is_passed_through_chunk_by_chunk() {
             .iter()
             .any(|l| l.contains("kind=\"prompt\"") && l.ends_with(" 3")),
         "{tokens:?}"
+    );
+    proxy.stop().await.unwrap();
+}
+
+/// The JSON payloads of an SSE body's `data:` events, `[DONE]` left out.
+fn events(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter(|payload| *payload != "[DONE]")
+        .map(|payload| serde_json::from_str(payload).unwrap())
+        .collect()
+}
+
+/// Creates a virtual key through the admin API; its secret and id.
+async fn create_key(base: &str, spec: serde_json::Value) -> (String, String) {
+    let created = send(
+        "POST",
+        &format!("{base}/key/generate"),
+        Some("sk-master"),
+        spec.to_string(),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let created = created.json();
+    (
+        created["key"].as_str().unwrap().to_string(),
+        created["key_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The key as `/key/list` shows it.
+async fn listed_key(base: &str, id: &str) -> serde_json::Value {
+    let listed = send(
+        "GET",
+        &format!("{base}/key/list"),
+        Some("sk-master"),
+        Bytes::new(),
+    )
+    .await
+    .json();
+    listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == id)
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn streamed_usage_is_recorded_whether_or_not_the_client_asks_for_it() {
+    let (addr, seen) = fake_upstream().await;
+    let proxy = proxy(&config(addr, true)).await;
+    let base = base(&proxy);
+    let (secret, id) = create_key(&base, json!({"key_alias": "streams"})).await;
+    let url = format!("{base}/v1/chat/completions");
+
+    // Not asked for: the proxy asks the upstream for usage, records it, and
+    // the client sees a stream without it, as it would from the upstream.
+    let answer = send("POST", &url, Some(&secret), chat("chat", true)).await;
+    assert_eq!(answer.status, 200);
+    let forwarded = seen.last_body.lock().unwrap().clone().unwrap();
+    assert_eq!(forwarded["stream_options"]["include_usage"], true);
+    let chunks = events(&answer.body);
+    assert_eq!(chunks.len(), 3, "{chunks:?}");
+    assert!(
+        chunks.iter().all(|c| c.get("usage").is_none()),
+        "{chunks:?}"
+    );
+    assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "three");
+    assert!(answer.body.ends_with(b"data: [DONE]\n\n"));
+    let key = listed_key(&base, &id).await;
+    assert_eq!(
+        (
+            key["prompt_tokens"].as_u64(),
+            key["completion_tokens"].as_u64()
+        ),
+        (Some(3), Some(5)),
+        "{key}"
+    );
+    let tokens = metric(&proxy, "berth_llm_tokens_total{").await;
+    assert!(
+        tokens
+            .contains(&"berth_llm_tokens_total{model=\"chat\",kind=\"completion\"} 5".to_string()),
+        "{tokens:?}"
+    );
+
+    // Asked for: passed on as the upstream sent it, the usage chunk once.
+    let asked = json!({"model": "chat", "stream": true, "stream_options": {"include_usage": true},
+                       "messages": [{"role": "user", "content": "hi"}]});
+    let answer = send("POST", &url, Some(&secret), asked.to_string()).await;
+    let chunks = events(&answer.body);
+    let with_usage: Vec<_> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
+    assert_eq!(with_usage.len(), 1, "{chunks:?}");
+    assert_eq!(with_usage[0]["choices"], json!([]));
+    assert_eq!(with_usage[0]["usage"]["completion_tokens"], 5);
+    assert_eq!(listed_key(&base, &id).await["completion_tokens"], 10);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_is_refused_once_its_spend_passes_its_budget() {
+    let (addr, _) = fake_upstream().await;
+    // `chat` costs 3 × 0.001 + 5 × 0.002 = $0.013 a request.
+    let proxy = proxy(&config(addr, true)).await;
+    let base = base(&proxy);
+    let (secret, id) = create_key(&base, json!({"key_alias": "tight", "max_budget": 0.03})).await;
+    let url = format!("{base}/v1/chat/completions");
+
+    // Streams spend too, though their client asks for no usage: $0.013,
+    // then 0.026, 0.039. The third starts under the budget, so is served.
+    for stream in [false, true, true] {
+        let answer = send("POST", &url, Some(&secret), chat("chat", stream)).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    let spend = listed_key(&base, &id).await["spend"].as_f64().unwrap();
+    assert!((spend - 0.039).abs() < 1e-9, "{spend}");
+
+    for stream in [false, true] {
+        let refused = send("POST", &url, Some(&secret), chat("chat", stream)).await;
+        assert_eq!(refused.status, 429, "{:?}", refused.body);
+        let error = &refused.json()["error"];
+        assert_eq!(error["type"], "budget_exceeded");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("budget exceeded"),
+            "{error}"
+        );
+    }
+    // Other keys are not held back by this one's budget.
+    assert_eq!(
+        send("POST", &url, Some("sk-master"), chat("chat", false))
+            .await
+            .status,
+        200
     );
     proxy.stop().await.unwrap();
 }

@@ -1,7 +1,8 @@
 //! End to end with real parts: llama.cpp's OpenAI-compatible server
 //! (llama-cpp-python) serving SmolLM2-135M, the proxy in front of it, and
 //! the official `openai` Python client driving the proxy, streaming and not.
-//! Skips, saying why, when scripts/llm/setup-peers.sh has not been run.
+//! Skips, saying why, when scripts/llm/setup-peers.sh has not been run;
+//! fails instead when `BERTH_REQUIRE_PEERS=1` (CI that has set them up).
 
 mod common;
 
@@ -81,10 +82,17 @@ async fn openai_client_through_proxy_to_llama_cpp() {
     let venv = venv();
     let python = venv.join("bin/python");
     let Some(gguf) = find_gguf(&venv).filter(|_| python.exists()) else {
-        eprintln!(
-            "skipping: no llama.cpp venv with SmolLM2 at {}: run scripts/llm/setup-peers.sh",
+        let why = format!(
+            "no llama.cpp venv with SmolLM2 at {}: run scripts/llm/setup-peers.sh",
             venv.display()
         );
+        assert!(
+            std::env::var_os("BERTH_REQUIRE_PEERS").is_none_or(|v| v != "1"),
+            "BERTH_REQUIRE_PEERS=1 but {why}"
+        );
+        // Straight to stderr: the harness hides eprintln! of a passing test.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
         return;
     };
     let (_llama, port) = llama_server(&python, &gguf).await;

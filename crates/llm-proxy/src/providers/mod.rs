@@ -14,6 +14,8 @@ pub use anthropic::Events as AnthropicEvents;
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
+use crate::sse::StripUsage;
+use crate::stream::Relay;
 
 /// The OpenAI operations the proxy forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,8 +154,9 @@ pub struct UpstreamRequest {
 /// The shape of an upstream's answers, and so what turns them into OpenAI's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
-    /// Already OpenAI's: passed through untouched.
-    OpenAi,
+    /// Already OpenAI's. `strip_usage`: the stream carries usage the proxy
+    /// asked for and the client did not, to be taken out on the way back.
+    OpenAi { strip_usage: bool },
     /// Anthropic's messages; `include_usage` is the client's
     /// `stream_options.include_usage`, which Anthropic has no notion of.
     Anthropic { include_usage: bool },
@@ -163,16 +166,19 @@ impl Dialect {
     /// A whole (non-streamed) answer in OpenAI's shape.
     pub fn whole(self, body: Bytes) -> Result<Bytes, String> {
         match self {
-            Self::OpenAi => Ok(body),
+            Self::OpenAi { .. } => Ok(body),
             Self::Anthropic { .. } => anthropic::whole(&body),
         }
     }
 
-    /// What translates a stream of this dialect; None: it needs no translation.
-    pub fn events(self) -> Option<AnthropicEvents> {
+    /// What a stream of this dialect goes through on its way to the client.
+    pub fn relay(self) -> Relay {
         match self {
-            Self::OpenAi => None,
-            Self::Anthropic { include_usage } => Some(AnthropicEvents::new(include_usage)),
+            Self::OpenAi { strip_usage: false } => Relay::Untouched,
+            Self::OpenAi { strip_usage: true } => Relay::StripUsage(StripUsage::default()),
+            Self::Anthropic { include_usage } => {
+                Relay::Translate(AnthropicEvents::new(include_usage))
+            }
         }
     }
 }

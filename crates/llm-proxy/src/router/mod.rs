@@ -191,6 +191,19 @@ impl Router {
             .map(|name| (name.as_str(), self.groups[name].len()))
     }
 
+    /// Models with a deployment that has no cost per token configured: what
+    /// it serves adds nothing to a key's spend, so no budget holds it back.
+    pub fn unpriced_models(&self) -> impl Iterator<Item = &str> {
+        self.names
+            .iter()
+            .filter(|name| {
+                self.groups[*name].iter().any(|d| {
+                    d.config.input_cost_per_token <= 0.0 && d.config.output_cost_per_token <= 0.0
+                })
+            })
+            .map(String::as_str)
+    }
+
     pub fn has_model(&self, model: &str) -> bool {
         self.groups.contains_key(model)
     }
@@ -286,6 +299,27 @@ pub(crate) mod tests {
             output_cost_per_token: 0.0,
             drop_params: Vec::new(),
         }
+    }
+
+    #[test]
+    fn models_with_an_unpriced_deployment() {
+        let mut priced = deployment("priced", "a");
+        priced.output_cost_per_token = 0.002;
+        let mut half_priced = deployment("mixed", "b");
+        half_priced.input_cost_per_token = 0.001;
+        let router = router(
+            Strategy::SimpleShuffle,
+            vec![
+                priced,
+                half_priced,
+                deployment("mixed", "c"),
+                deployment("free", "d"),
+            ],
+        );
+        assert_eq!(
+            router.unpriced_models().collect::<Vec<_>>(),
+            ["mixed", "free"]
+        );
     }
 
     fn router(strategy: Strategy, configs: Vec<DeploymentConfig>) -> Router {

@@ -36,7 +36,10 @@ pub struct Seen {
 }
 
 /// Model names the fake understands:
-/// - `ok`: answers (streams: 3 content chunks 50 ms apart, then usage)
+/// - `ok`: answers (streams: 3 content chunks 50 ms apart, then, as real
+///   servers do only when asked with `stream_options.include_usage`, a chunk
+///   with the usage and no choices, and `"usage": null` on the others as
+///   OpenAI sends it)
 /// - `fail`: 500 with an OpenAI error body
 /// - `bad`: 400 with an OpenAI error body
 /// - `stall`: no answer for a minute
@@ -119,19 +122,26 @@ async fn fake_chat(State(seen): State<Arc<Seen>>, Json(body): Json<Value>) -> Re
         }))
         .into_response();
     }
+    let include_usage = body["stream_options"]["include_usage"] == json!(true);
     let chunk = |content: &str, finish: Value| {
-        Bytes::from(format!(
-            "data: {}\n\n",
-            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                   "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
-        ))
+        let mut chunk = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                   "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]});
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        Bytes::from(format!("data: {chunk}\n\n"))
     };
     let first = chunk("one ", Value::Null);
     let rest = vec![chunk("two ", Value::Null), chunk("three", json!("stop"))];
-    let tail = Bytes::from(format!(
-        "data: {}\n\ndata: [DONE]\n\n",
-        json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage()})
-    ));
+    let usage_chunk = if include_usage {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage()})
+        )
+    } else {
+        String::new()
+    };
+    let tail = Bytes::from(format!("{usage_chunk}data: [DONE]\n\n"));
     let guard = DropFlag(seen, false);
     let mode = model.clone();
     let stream = async_stream(move |tx| async move {
