@@ -193,7 +193,7 @@ impl Agent {
         command: &[&str],
         timeout: Option<Duration>,
     ) -> Result<(Vec<u8>, Vec<u8>, ExitStatus), tonic::Status> {
-        let mut stream = self
+        let stream = self
             .client
             .exec(ExecRequest {
                 workload_id: id.into(),
@@ -203,15 +203,24 @@ impl Agent {
             })
             .await?
             .into_inner();
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        while let Some(message) = stream.message().await? {
-            match message.output.unwrap() {
-                exec_output::Output::Stdout(d) => out.extend(d),
-                exec_output::Output::Stderr(d) => err.extend(d),
-                exec_output::Output::Exit(exit) => return Ok((out, err, exit)),
+        collect_exec(stream).await
+    }
+
+    /// Waits until no process in workload `id` has `pattern` in its command line.
+    async fn wait_gone(&mut self, id: &str, pattern: &str, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (out, _, _) = self.exec(id, &["ps", "-o", "args"], None).await.unwrap();
+            let ps = String::from_utf8_lossy(&out).to_string();
+            if !ps.contains(pattern) {
+                return;
             }
+            assert!(
+                Instant::now() < deadline,
+                "exec'd processes survived {why}:\n{ps}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("exec stream ended without an exit status");
     }
 
     /// Events of `id` until `want` returns true for one (or the time runs out).
@@ -335,6 +344,22 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// stdout, stderr and the exit status of an exec's whole stream.
+async fn collect_exec(
+    mut stream: tonic::Streaming<ExecOutput>,
+) -> Result<(Vec<u8>, Vec<u8>, ExitStatus), tonic::Status> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(message) = stream.message().await? {
+        match message.output.unwrap() {
+            exec_output::Output::Stdout(d) => out.extend(d),
+            exec_output::Output::Stderr(d) => err.extend(d),
+            exec_output::Output::Exit(exit) => return Ok((out, err, exit)),
+            exec_output::Output::DroppedBytes(n) => panic!("{n} output bytes dropped"),
+        }
+    }
+    panic!("exec stream ended without an exit status");
 }
 
 async fn spawn_agent(
@@ -756,6 +781,101 @@ async fn agent_bad_input_is_named() {
     agent.cleanup().await;
 }
 
+/// A CDI spec of a fake device kind in /etc/cdi (where engines and the
+/// agent look), removed on drop.
+struct FakeCdiSpec(PathBuf);
+
+impl FakeCdiSpec {
+    const DEVICE: &'static str = "berth.test/fake=dev0";
+
+    fn write() -> std::io::Result<Self> {
+        let dir = Path::new("/etc/cdi");
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("berth-test-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "cdiVersion: \"0.5.0\"\nkind: \"berth.test/fake\"\ndevices:\n  - name: dev0\n    containerEdits:\n      env: [\"BERTH_FAKE_DEVICE=dev0\"]\n",
+        )?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for FakeCdiSpec {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// CDI devices by name with a fake spec: injected where the engine's
+/// Docker-compatible API can do it (docker 25+ / API 1.44, podman 5.4+),
+/// otherwise a FAILED_PRECONDITION naming the engine's version, and no
+/// container left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_cdi_devices_with_a_fake_spec() {
+    let Some(mut agent) = Agent::start("cdi").await else {
+        return;
+    };
+    let _spec = match FakeCdiSpec::write() {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!(
+                "SKIP agent_cdi_devices_with_a_fake_spec: cannot write a CDI spec into /etc/cdi: {e}"
+            );
+            agent.cleanup().await;
+            return;
+        }
+    };
+    let (_, version) = agent.engine_get("/version");
+    let release = json_field(&version, "Version")
+        .unwrap_or_default()
+        .to_string();
+    let (major, minor) = {
+        let mut parts = release.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    let injects = match agent.engine.runtime {
+        Runtime::Podman => (major, minor) >= (5, 4),
+        _ => major >= 25,
+    };
+    let mut spec = agent.spec(&["sleep", "1000"]);
+    spec.gpus = Some(GpuRequest {
+        cdi_devices: vec![FakeCdiSpec::DEVICE.into()],
+        ..Default::default()
+    });
+    let created = agent.create("cdi", spec).await;
+    if injects {
+        let id = created.expect("create with a CDI device").id;
+        agent
+            .client
+            .start_workload(WorkloadRef { id: id.clone() })
+            .await
+            .unwrap();
+        let (out, _, _) = agent
+            .exec(&id, &["sh", "-c", "echo $BERTH_FAKE_DEVICE"], None)
+            .await
+            .unwrap();
+        assert_eq!(out, b"dev0\n");
+    } else {
+        let error = created.unwrap_err();
+        assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+        let named = match agent.engine.runtime {
+            Runtime::Podman => format!("podman {major}.{minor}"),
+            _ => "API 1.".to_string(),
+        };
+        assert!(
+            error.message().contains(&named) && error.message().contains("CDI"),
+            "engine {release}: {error:?}"
+        );
+        assert_eq!(
+            agent
+                .engine_get(&format!("/containers/{}/json", agent.name("cdi")))
+                .0,
+            404
+        );
+    }
+    agent.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_exec_cancel_and_timeout_leave_nothing() {
     let Some(mut agent) = Agent::start("exec_cancel").await else {
@@ -783,19 +903,7 @@ async fn agent_exec_cancel_and_timeout_leave_nothing() {
         Some(exec_output::Output::Stdout(b"started\n".to_vec()))
     );
     drop(stream); // the cancel
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (out, _, _) = agent.exec(&id, &["ps", "-o", "args"], None).await.unwrap();
-        let ps = String::from_utf8_lossy(&out).to_string();
-        if !ps.contains("sleep 77") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "exec'd processes survived the cancel:\n{ps}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    agent.wait_gone(&id, "sleep 77", "the cancel").await;
 
     let started = Instant::now();
     let (_, _, exit) = agent
@@ -814,6 +922,59 @@ async fn agent_exec_cancel_and_timeout_leave_nothing() {
         "{}",
         String::from_utf8_lossy(&out)
     );
+    agent.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keyed_exec_outlives_its_call_and_cancel_exec_kills_it() {
+    let Some(mut agent) = Agent::start("keyed_exec").await else {
+        return;
+    };
+    let id = agent.run("box", agent.spec(&["sleep", "1000"])).await.id;
+    let keyed = |key: &str, script: &str| ExecRequest {
+        workload_id: id.clone(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        exec_key: key.into(),
+        ..Default::default()
+    };
+
+    let mut stream = agent
+        .client
+        .exec(keyed("run/1", "echo started; sleep 1; echo done"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("started");
+    drop(stream); // a keyed exec runs on
+    let attached = agent
+        .client
+        .attach_exec(AttachExecRequest {
+            exec_key: "run/1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (out, _, exit) = collect_exec(attached).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "started\ndone\n");
+    assert_eq!((exit.exit_code, exit.reason()), (0, ExitReason::Exited));
+
+    let mut stream = agent
+        .client
+        .exec(keyed("run/2", "sleep 666 & echo started; sleep 667"))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("started");
+    agent
+        .client
+        .cancel_exec(CancelExecRequest {
+            exec_key: "run/2".into(),
+        })
+        .await
+        .unwrap();
+    let (_, _, exit) = collect_exec(stream).await.unwrap();
+    assert_eq!(exit.reason(), ExitReason::Cancelled);
+    agent.wait_gone(&id, "sleep 66", "CancelExec").await;
     agent.cleanup().await;
 }
 

@@ -1,6 +1,7 @@
 //! Campaigns end to end through the real binaries: orchestrator → agent →
 //! host processes → results, including the quickstart, bad manifests, an
-//! unreachable agent and a kill -9 of the orchestrator mid-campaign.
+//! unreachable agent, a kill -9 of the orchestrator mid-campaign (its run in
+//! flight adopted) and an agent restarted mid-run (its run retried).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,21 +16,27 @@ use berth_tests::{Process, bin, free_port, wait_for};
 type Client = OrchestratorClient<AuthChannel>;
 
 fn start_orchestrator(dir: &Path, port: u16) -> Process {
+    start_orchestrator_with(dir, port, &[])
+}
+
+/// An orchestrator with extra `--set` settings.
+fn start_orchestrator_with(dir: &Path, port: u16, settings: &[&str]) -> Process {
     let store = format!("store.path={}", dir.join("state.db").display());
-    Process::spawn(
-        "berth-orchestrator",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "",
-            "--set",
-            &store,
-            "--set",
-            "scheduler.heartbeat_interval=200ms",
-        ],
-        &[],
-    )
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--http-listen",
+        "",
+        "--set",
+        &store,
+        "--set",
+        "scheduler.heartbeat_interval=200ms",
+    ];
+    for setting in settings {
+        args.extend(["--set", setting]);
+    }
+    Process::spawn("berth-orchestrator", &args, &[])
 }
 
 fn start_agent(socket: &Path) -> Process {
@@ -214,6 +221,67 @@ async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
     assert_eq!(done.runs.unwrap().succeeded, 2);
 }
 
+/// A campaign of 4 configs × 3 cycles whose runs take `seconds` (those of
+/// `n=4` take `n4_seconds`) and append their id to `log` on the host when
+/// they finish.
+fn slow_campaign(name: &str, log: &Path, seconds: f64, n4_seconds: f64) -> String {
+    r#"name: NAME
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2, 3, 4]}}
+cycles: 3
+run:
+  command:
+    - sh
+    - -c
+    - |
+      if [ {{n}} = 4 ]; then sleep N4_SECONDS; else sleep SECONDS; fi
+      echo {{run_id}} >> LOG
+      echo '{"n": {{n}}}'
+"#
+    .replace("NAME", name)
+    .replace("N4_SECONDS", &n4_seconds.to_string())
+    .replace("SECONDS", &seconds.to_string())
+    .replace("LOG", &log.display().to_string())
+}
+
+/// Waits until `enough` runs succeeded and a run of config `config` is
+/// running; returns that one.
+async fn a_run_in_flight(client: &mut Client, campaign_id: &str, enough: u32, config: &str) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = all_runs(client, campaign_id).await;
+        let succeeded = runs
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded as i32)
+            .count();
+        let running = runs
+            .iter()
+            .find(|r| r.state == RunState::Running as i32 && r.config == config);
+        if let Some(running) = running.filter(|_| succeeded >= enough as usize) {
+            return running.clone();
+        }
+        assert!(Instant::now() < deadline, "no run in flight: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every (config, cycle) of a finished campaign recorded once, with a result.
+fn assert_each_recorded_once(runs: &[Run], expected: usize) {
+    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for run in runs {
+        *per_config_cycle
+            .entry((run.config.clone(), run.cycle))
+            .or_default() += 1;
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+        assert!(run.result_json.contains("\"n\""), "{run:?}");
+    }
+    assert_eq!(per_config_cycle.len(), expected);
+    assert!(
+        per_config_cycle.values().all(|n| *n == 1),
+        "every (config, cycle) recorded exactly once: {per_config_cycle:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,41 +291,19 @@ async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
     let port = free_port();
     let orchestrator = start_orchestrator(dir.path(), port);
     let mut client = connect(port).await;
-    client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let manifest = r#"name: crash
-backends: [{name: b, runtime: process}]
-grid: {params: {n: [1, 2, 3, 4]}}
-cycles: 3
-run:
-  command:
-    - sh
-    - -c
-    - |
-      sleep 0.15
-      echo {{run_id}} >> LOG
-      echo '{"n": {{n}}}'
-"#
-    .replace("LOG", &log.display().to_string());
+    register_local_agent(&mut client, &socket).await;
     let campaign = client
         .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest,
+            manifest_yaml: slow_campaign("crash", &log, 0.2, 1.5),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    wait_until(&mut client, &campaign.id, "half done", |c| {
-        c.runs.is_some_and(|r| r.succeeded >= 4)
-    })
-    .await;
+    // A long run, so that it is still running when the old orchestrator dies.
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 3, "n=4").await;
     orchestrator.kill();
+    let killed_at = std::time::SystemTime::now();
 
     let orchestrator = start_orchestrator(dir.path(), port);
     let mut client = connect(port).await;
@@ -266,38 +312,24 @@ run:
     let counts = done.runs.unwrap();
     assert_eq!((counts.succeeded, counts.total), (12, 12), "{counts:?}");
 
-    let runs = client
-        .list_runs(ListRunsRequest {
-            campaign_id: campaign.id.clone(),
-            page_size: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
-    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
-    for run in &runs {
-        *per_config_cycle
-            .entry((run.config.clone(), run.cycle))
-            .or_default() += 1;
-        assert!(run.result_json.contains("\"n\""), "{run:?}");
-    }
-    assert_eq!(per_config_cycle.len(), 12);
+    let runs = all_runs(&mut client, &campaign.id).await;
+    assert_each_recorded_once(&runs, 12);
+    let adopted = runs.iter().find(|r| r.id == in_flight.id).unwrap();
+    assert_eq!(
+        adopted.attempts, 1,
+        "the run in flight at the kill was adopted, not run again: {adopted:?}"
+    );
+    let recorded_at = std::time::SystemTime::try_from(adopted.finished_at.unwrap()).unwrap();
     assert!(
-        per_config_cycle.values().all(|n| *n == 1),
-        "every (config, cycle) recorded exactly once"
+        recorded_at > killed_at,
+        "the new orchestrator recorded the adopted run: {adopted:?}"
     );
     let finished = std::fs::read_to_string(&log).unwrap();
-    for run in &runs {
-        assert!(
-            finished.lines().any(|l| l == run.id),
-            "{} never finished on the host",
-            run.id
-        );
-    }
-    // At most the run that was in flight at the kill ran twice; every other ran once.
-    assert!(finished.lines().count() <= 13, "runs repeated:\n{finished}");
+    let mut lines: Vec<&str> = finished.lines().collect();
+    lines.sort_unstable();
+    let mut ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(lines, ids, "every run finished on the host exactly once");
     let results = client
         .get_results(GetResultsRequest { id: campaign.id })
         .await
@@ -308,6 +340,101 @@ run:
         "{results:?}"
     );
     drop(orchestrator);
+}
+
+/// Runs the slow campaign and restarts its agent while a run is in flight;
+/// returns the ended campaign, its runs and the id of the run that was in flight.
+async fn restart_the_agent_mid_run(settings: &[&str]) -> (Campaign, Vec<Run>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("finished.log");
+    let agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator_with(dir.path(), port, settings);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: slow_campaign("agent-restart", &log, 0.2, 1.0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 2, "n=4").await;
+    // The new agent knows nothing of the old one's execs or environments.
+    agent.kill();
+    let _ = std::fs::remove_file(&socket);
+    let _agent = start_agent(&socket);
+
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let runs = all_runs(&mut client, &campaign.id).await;
+    (done, runs, in_flight.id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_restarted_mid_run_has_the_run_retried_and_recorded_once() {
+    let (done, runs, in_flight) = restart_the_agent_mid_run(&[]).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    assert_each_recorded_once(&runs, 12);
+    let retried = runs.iter().find(|r| r.id == in_flight).unwrap();
+    assert!(
+        retried.attempts >= 2,
+        "the run whose exec died with the agent ran again: {retried:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_interrupted_past_the_attempt_cap_fails_and_says_why() {
+    let (done, runs, in_flight) =
+        restart_the_agent_mid_run(&["scheduler.max_run_attempts=1"]).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.status_message, "1 of 12 runs failed", "{done:?}");
+    let capped = runs.iter().find(|r| r.id == in_flight).unwrap();
+    assert_eq!(capped.state, RunState::Failed as i32, "{capped:?}");
+    assert!(
+        capped.error.contains("scheduler.max_run_attempts"),
+        "{capped:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_campaign_kills_its_run_in_flight_on_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("finished.log");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: slow_campaign("cancel", &log, 1.5, 1.5),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 0, "n=1").await;
+    client
+        .cancel_campaign(CancelCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap();
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Cancelled as i32, "{done:?}");
+    // Its exec is keyed, so only CancelExec can have stopped it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let finished = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !finished.lines().any(|l| l == in_flight.id),
+        "the cancelled run ran to its end:\n{finished}"
+    );
+    let runs = all_runs(&mut client, &campaign.id).await;
+    let cancelled = runs.iter().find(|r| r.id == in_flight.id).unwrap();
+    assert_eq!(cancelled.state, RunState::Cancelled as i32, "{cancelled:?}");
 }
 
 async fn register_local_agent(client: &mut Client, socket: &Path) {

@@ -18,11 +18,17 @@ use std::time::{Duration, Instant};
 
 use berth_proto::agent::v1::InfoRequest;
 use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+use berth_proto::embedding::v1::EmbedRequest;
+use berth_proto::embedding::v1::embedding_client::EmbeddingClient;
+use berth_proto::llmproxy::v1::ListModelsRequest as ProxyListModelsRequest;
+use berth_proto::llmproxy::v1::llm_proxy_client::LlmProxyClient;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
     CampaignState, GetCampaignRequest, GetResultsRequest, RegisterHostRequest,
     SubmitCampaignRequest,
 };
+use berth_proto::power::v1::ListDevicesRequest;
+use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
 use berth_tests::{free_port, health, reflection_list, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -301,6 +307,55 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
             assert!(listed.iter().any(|s| s == service), "{address}: {listed:?}");
         }
     }
+
+    // One real call per service beyond health, through its published port.
+    let power = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        project.port("BERTH_PORT_POWER")
+    ))
+    .await;
+    let devices = PowerSamplerClient::new(power)
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .expect("power ListDevices")
+        .into_inner();
+    assert!(
+        !devices.devices.is_empty() || !devices.unavailable.is_empty(),
+        "the sampler neither lists devices nor says what it lacks: {devices:?}"
+    );
+    let embedding = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        project.port("BERTH_PORT_EMBEDDING")
+    ))
+    .await;
+    let embedded = EmbeddingClient::new(embedding)
+        .embed(EmbedRequest {
+            texts: vec!["berth in a container".into(), String::new()],
+            ..Default::default()
+        })
+        .await
+        .expect("embedding Embed (model and ONNX Runtime from the mounted cache)")
+        .into_inner();
+    assert_eq!((embedded.embeddings.len(), embedded.dimension), (2, 384));
+    let proxy = wait_for(&format!(
+        "http://127.0.0.1:{}",
+        project.port("BERTH_PORT_LLM_PROXY")
+    ))
+    .await;
+    let mut list_models = tonic::Request::new(ProxyListModelsRequest::default());
+    list_models.metadata_mut().insert(
+        "authorization",
+        "Bearer sk-compose-test".parse().expect("header value"),
+    );
+    let models = LlmProxyClient::new(proxy)
+        .list_models(list_models)
+        .await
+        .expect("llm-proxy ListModels with the master key")
+        .into_inner();
+    assert!(
+        models.models.iter().any(|m| m.id == "granite-code"),
+        "deploy/config/litellm_config.yaml's models: {models:?}"
+    );
 
     // The agent has no TCP port: its socket lies in the berth-run volume (root may dial it).
     let mountpoint = run(Command::new("docker").args([

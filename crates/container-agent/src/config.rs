@@ -30,6 +30,18 @@ pub struct AgentConfig {
     pub max_concurrent_execs: usize,
     /// Log lines kept per workload for `Logs`.
     pub log_lines_per_workload: usize,
+    /// How long a keyed exec's record (output tail, exit status) stays
+    /// attachable after the exec ends: long enough for an orchestrator that
+    /// died mid-run to come back and adopt the run.
+    #[serde(with = "humantime_serde")]
+    pub keyed_exec_retention: Duration,
+    /// Keyed execs remembered at once, running or ended; when full, the
+    /// oldest ended one is forgotten, and with none ended a new keyed exec is
+    /// refused with RESOURCE_EXHAUSTED.
+    pub max_keyed_execs: usize,
+    /// Output bytes (stdout and stderr together) kept per keyed exec for
+    /// AttachExec; older output is dropped and the attacher told how much.
+    pub keyed_exec_tail_bytes: usize,
 }
 
 impl Default for AgentConfig {
@@ -39,6 +51,9 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             max_concurrent_execs: 256,
             log_lines_per_workload: 2000,
+            keyed_exec_retention: Duration::from_secs(15 * 60),
+            max_keyed_execs: 512,
+            keyed_exec_tail_bytes: 512 * 1024,
         }
     }
 }
@@ -190,5 +205,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("url"), "{error}");
+    }
+
+    #[test]
+    fn keyed_exec_retention_comes_from_env() {
+        let env = vec![(
+            "BERTH_AGENT__KEYED_EXEC_RETENTION".to_string(),
+            "90s".to_string(),
+        )];
+        let config: Config = berth_server::config::load_from_env(None, &[], env).unwrap();
+        assert_eq!(config.agent.keyed_exec_retention, Duration::from_secs(90));
+        assert_eq!(config.agent.max_keyed_execs, 512);
     }
 }

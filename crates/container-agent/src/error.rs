@@ -20,6 +20,14 @@ pub enum AgentError {
     SpawnFailed { command: String, reason: String },
     #[error("{0} execs are already running on this agent (agent.max_concurrent_execs)")]
     TooManyExecs(usize),
+    #[error("an exec with key `{0}` is already known to this agent; attach to it instead")]
+    ExecKeyTaken(String),
+    #[error(
+        "no exec with key `{0}` on this agent (never started, forgotten after agent.keyed_exec_retention, or the agent restarted)"
+    )]
+    ExecNotFound(String),
+    #[error("{0} keyed execs are running on this agent and none has ended (agent.max_keyed_execs)")]
+    TooManyKeyedExecs(usize),
     #[error("image `{0}` not found on this host (nothing is pulled: import it with ImportImage)")]
     ImageNotFound(String),
     /// The engine's socket does not answer; calls succeed again once it returns.
@@ -61,6 +69,9 @@ impl ServiceError for AgentError {
             Self::RuntimeUnavailable(..) => ErrorCode::Unavailable,
             Self::SpawnFailed { .. } => ErrorCode::FailedPrecondition,
             Self::TooManyExecs(_) => ErrorCode::ResourceExhausted,
+            Self::ExecKeyTaken(_) => ErrorCode::AlreadyExists,
+            Self::ExecNotFound(_) => ErrorCode::NotFound,
+            Self::TooManyKeyedExecs(_) => ErrorCode::ResourceExhausted,
             Self::ImageNotFound(_) => ErrorCode::NotFound,
             Self::EngineUnavailable { .. } => ErrorCode::Unavailable,
             Self::Unsupported { .. } => ErrorCode::FailedPrecondition,

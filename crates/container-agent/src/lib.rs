@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod host_info;
+pub mod keyed_exec;
 pub mod process_group;
 pub mod runtime;
 pub mod service;
@@ -111,6 +112,11 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         runtimes,
         events,
         config.agent.max_concurrent_execs,
+        keyed_exec::KeyedExecs::new(keyed_exec::KeyedExecLimits {
+            max_entries: config.agent.max_keyed_execs,
+            tail_bytes: config.agent.keyed_exec_tail_bytes,
+            retention: config.agent.keyed_exec_retention,
+        }),
         config.engines.max_image_bytes,
         info,
     );

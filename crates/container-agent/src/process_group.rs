@@ -253,6 +253,7 @@ mod tests {
                 exec_output::Output::Stdout(d) => out.extend(d),
                 exec_output::Output::Stderr(d) => err.extend(d),
                 exec_output::Output::Exit(exit) => return (out, err, exit),
+                exec_output::Output::DroppedBytes(n) => panic!("{n} bytes dropped"),
             }
         }
         panic!("stream ended without an exit status");

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::AgentError;
 use crate::events::EventBus;
+use crate::keyed_exec::KeyedExecs;
 use crate::process_group::HostCommand;
 use crate::runtime::{ExecCommand, WorkloadRuntime};
 
@@ -30,6 +31,7 @@ pub struct AgentService {
     events: EventBus,
     execs: Arc<Semaphore>,
     max_execs: usize,
+    keyed_execs: KeyedExecs,
     max_image_bytes: u64,
     host: HostInfo,
 }
@@ -39,6 +41,7 @@ impl AgentService {
         runtimes: Vec<Arc<dyn WorkloadRuntime>>,
         events: EventBus,
         max_execs: usize,
+        keyed_execs: KeyedExecs,
         max_image_bytes: u64,
         host: HostInfo,
     ) -> Self {
@@ -47,6 +50,7 @@ impl AgentService {
             events,
             execs: Arc::new(Semaphore::new(max_execs)),
             max_execs,
+            keyed_execs,
             max_image_bytes,
             host,
         }
@@ -228,8 +232,31 @@ impl ContainerAgent for AgentService {
             },
             timeout,
         };
-        let output = runtime.exec(&workload.id, exec, permit).await?;
+        let started = runtime.exec(&workload.id, exec, permit);
+        let output = if request.exec_key.is_empty() {
+            started.await?
+        } else {
+            self.keyed_execs.start(request.exec_key, started).await?
+        };
         Ok(Response::new(Box::pin(ReceiverStream::new(output).map(Ok))))
+    }
+
+    type AttachExecStream = GrpcStream<ExecOutput>;
+
+    async fn attach_exec(
+        &self,
+        request: Request<AttachExecRequest>,
+    ) -> Result<Response<Self::AttachExecStream>, Status> {
+        let output = self.keyed_execs.attach(&request.get_ref().exec_key)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(output).map(Ok))))
+    }
+
+    async fn cancel_exec(
+        &self,
+        request: Request<CancelExecRequest>,
+    ) -> Result<Response<CancelExecResponse>, Status> {
+        self.keyed_execs.cancel(&request.get_ref().exec_key)?;
+        Ok(Response::new(CancelExecResponse {}))
     }
 
     type LogsStream = GrpcStream<LogLine>;

@@ -38,6 +38,10 @@ pub struct SchedulerConfig {
     pub max_placement_backoff: Duration,
     /// Campaigns running at once; more wait, pending.
     pub max_running_campaigns: usize,
+    /// Dispatches of one run, interrupted ones included (host or backend
+    /// lost, orchestrator restarted without its exec); past it the run
+    /// fails, so a run cannot bounce between hosts forever.
+    pub max_run_attempts: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -64,6 +68,7 @@ impl Default for SchedulerConfig {
             connect_timeout: Duration::from_secs(5),
             max_placement_backoff: Duration::from_secs(10),
             max_running_campaigns: 64,
+            max_run_attempts: 10,
         }
     }
 }

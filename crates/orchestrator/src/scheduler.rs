@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use berth_proto::agent::v1::{
-    CreateWorkloadRequest, ExecRequest, ExitReason, RemoveWorkloadRequest, WorkloadRef,
-    WorkloadState, exec_output,
+    AttachExecRequest, CancelExecRequest, CreateWorkloadRequest, ExecOutput, ExecRequest,
+    ExitReason, RemoveWorkloadRequest, WorkloadRef, WorkloadState, exec_output,
 };
 use berth_proto::common::v1::{self as common, EnvVar, WorkloadSpec};
 use berth_proto::orchestrator::v1::{
@@ -24,7 +24,7 @@ use crate::events::CampaignEvents;
 use crate::hosts::{AgentClient, HostRegistry, describe_status};
 use crate::manifest::{self, Backend, GpuCount, OnFailure, Plan, PlannedRun, WarmupPolicy};
 use crate::placement;
-use crate::power::PowerMeter;
+use crate::power::{PowerMeter, PowerSession};
 use crate::store::{Placement, RunUpdate, Store, campaign_is_terminal};
 use crate::warmup;
 
@@ -37,6 +37,12 @@ const LOGS_TAIL_BYTES: usize = 4096;
 /// Longest result JSON line recorded.
 const MAX_RESULT_BYTES: usize = 256 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Times one run's exec is attached again after its stream broke, before
+/// the run counts as interrupted.
+const MAX_REATTACHES: u32 = 3;
+/// In-flight runs of one backend looked at after a restart; a backend's
+/// worker runs one at a time, so more means the store was edited by hand.
+const MAX_IN_FLIGHT_PER_BACKEND: usize = 64;
 
 pub struct Scheduler {
     store: Arc<dyn Store>,
@@ -71,7 +77,8 @@ struct Placed {
 enum Interrupted {
     /// The host's agent did not answer.
     HostLost(String),
-    /// The backend workload is gone or stopped on its host.
+    /// The agent answers but the backend workload is gone or stopped, or
+    /// the run's exec is gone with it (the agent restarted).
     BackendLost(String),
 }
 
@@ -96,17 +103,13 @@ impl Scheduler {
         })
     }
 
-    /// After a restart: runs that were in flight when the orchestrator
-    /// stopped were killed with their exec stream, so they run again.
+    /// After a restart: relaunches every unfinished campaign. Its runs that
+    /// were in flight are reconciled with their agents by the backend
+    /// workers (see `reconcile_in_flight`) before anything new is dispatched.
     pub fn resume_unfinished(self: &Arc<Self>) -> Result<usize, OrchestratorError> {
         let campaigns = self.store.unfinished_campaigns()?;
         for campaign in &campaigns {
-            let reset = self.store.transition_all(
-                &campaign.id,
-                &[RunState::Dispatched, RunState::Running],
-                RunState::Pending,
-            )?;
-            tracing::info!(campaign = %campaign.id, reset, "resuming campaign");
+            tracing::info!(campaign = %campaign.id, "resuming campaign");
             self.launch(campaign.id.clone());
         }
         Ok(campaigns.len())
@@ -308,6 +311,7 @@ impl Scheduler {
         ctx: Arc<CampaignRun>,
         backend: String,
     ) -> Result<(), OrchestratorError> {
+        self.reconcile_in_flight(&ctx, &backend).await?;
         let mut placed: Option<Placed> = None;
         let mut backoff = FIRST_BACKOFF;
         let mut previous: Option<Run> = None;
@@ -357,20 +361,101 @@ impl Scheduler {
                         self.settle_warmup(&ctx, &run.config, &backend)?;
                     }
                 }
-                Some(Interrupted::HostLost(reason)) => {
-                    self.hosts.mark_unreachable(&placement.host, &reason);
-                    self.release_host(&placement.host);
-                }
-                Some(Interrupted::BackendLost(reason)) => {
-                    tracing::warn!(campaign = %ctx.id, backend, reason, "backend lost; placing it again");
-                    self.store.clear_placement(&ctx.id, &backend)?;
-                    self.release_host(&placement.host);
-                }
+                Some(why) => self.lost(&ctx, &backend, &placement.host, why)?,
             }
             previous = Some(run);
         }
         if let Some(placement) = placed.filter(|_| !self.shutdown.is_cancelled()) {
             self.remove_backend(&ctx.id, &backend, placement).await;
+        }
+        Ok(())
+    }
+
+    /// What an interrupted run says about where it ran: an agent that did
+    /// not answer marks its host unreachable; a backend (or agent) that lost
+    /// the exec gets the backend placed again. Either way the host's load
+    /// drops by the backend.
+    fn lost(
+        &self,
+        ctx: &CampaignRun,
+        backend: &str,
+        host: &str,
+        why: Interrupted,
+    ) -> Result<(), OrchestratorError> {
+        match why {
+            Interrupted::HostLost(reason) => self.hosts.mark_unreachable(host, &reason),
+            Interrupted::BackendLost(reason) => {
+                tracing::warn!(campaign = %ctx.id, backend, reason, "backend lost; placing it again");
+                self.store.clear_placement(&ctx.id, backend)?;
+            }
+        }
+        self.release_host(host);
+        Ok(())
+    }
+
+    /// After a restart, the backend's runs that were in flight: a run whose
+    /// exec its agent still has (running, or ended and kept) is adopted and
+    /// recorded as if it had never been left; one whose exec is gone (never
+    /// sent, agent restarted, retention passed) or whose host does not
+    /// answer is pending again, its attempt counted.
+    async fn reconcile_in_flight(
+        &self,
+        ctx: &CampaignRun,
+        backend: &str,
+    ) -> Result<(), OrchestratorError> {
+        let mut in_flight = Vec::new();
+        for state in [RunState::Dispatched, RunState::Running] {
+            in_flight.extend(
+                self.store
+                    .runs(&ctx.id, Some(state), None, MAX_IN_FLIGHT_PER_BACKEND)?
+                    .into_iter()
+                    .filter(|run| run.backend == backend),
+            );
+        }
+        for run in in_flight {
+            let state = RunState::try_from(run.state).unwrap_or_default();
+            let attempt = run.attempts;
+            let attached = match self.hosts.client(&run.host).await {
+                Ok(mut client) => client
+                    .attach_exec(attach_request(&exec_key(&run.id, attempt)))
+                    .await
+                    .map(|stream| (client, stream.into_inner()))
+                    .map_err(|status| describe_status(&status)),
+                Err(reason) => Err(reason),
+            };
+            let (client, stream) = match attached {
+                Ok(attached) => attached,
+                Err(reason) => {
+                    let why = Interrupted::HostLost(format!(
+                        "the orchestrator restarted and host `{}` no longer has the run's exec: {reason}",
+                        run.host
+                    ));
+                    // The host's health is the heartbeats' to judge: this
+                    // life of the orchestrator has placed nothing there yet.
+                    self.requeue(ctx, &run, attempt, state, why)?;
+                    continue;
+                }
+            };
+            self.store.transition_run(
+                &run.id,
+                &[RunState::Dispatched],
+                RunState::Running,
+                &RunUpdate::default(),
+            )?;
+            self.publish_run(
+                &ctx.id,
+                &run.id,
+                format!(
+                    "run {} adopted on {} after a restart (attempt {attempt})",
+                    run.id, run.host
+                ),
+            );
+            if let Some(why) = self
+                .follow(ctx, &run, attempt, (&run.host, client), stream, None)
+                .await?
+            {
+                self.lost(ctx, backend, &run.host, why)?;
+            }
         }
         Ok(())
     }
@@ -658,7 +743,9 @@ impl Scheduler {
                 }
             }
         }
+        let key = exec_key(&run.id, attempt);
         let request = ExecRequest {
+            exec_key: key.clone(),
             workload_id: placed.workload_id.clone(),
             command: ctx.plan.command_for(&planned, &run.id),
             env: ctx
@@ -675,10 +762,20 @@ impl Scheduler {
         let mut client = placed.client.clone();
         let opened = tokio::select! {
             opened = client.exec(request) => opened,
-            () = ctx.token.cancelled() => return self.interrupted(run, &[RunState::Dispatched]),
+            () = ctx.token.cancelled() => {
+                return self.abandon(run, &[RunState::Dispatched], client, &key).await;
+            }
         };
-        let mut stream = match opened {
+        let stream = match opened {
             Ok(stream) => stream.into_inner(),
+            // The agent already runs this attempt (an earlier call reached it
+            // and its answer was lost): follow it rather than run it again.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                match client.attach_exec(attach_request(&key)).await {
+                    Ok(stream) => stream.into_inner(),
+                    Err(status) => return self.exec_refused(ctx, run, attempt, &status),
+                }
+            }
             Err(status) => return self.exec_refused(ctx, run, attempt, &status),
         };
         self.store.transition_run(
@@ -692,40 +789,104 @@ impl Scheduler {
             &run.id,
             format!("run {} running on {}", run.id, placed.host),
         );
+        self.follow(
+            ctx,
+            run,
+            attempt,
+            (&placed.host, client),
+            stream,
+            power_session,
+        )
+        .await
+    }
 
+    /// Reads a running run's exec to its end and records the outcome. A
+    /// broken stream is not a dead command (the exec is keyed and runs on),
+    /// so it attaches again; when it cannot, the answer says whether the
+    /// agent is gone (host lost) or still there without the exec (backend
+    /// or agent restarted).
+    async fn follow(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        attempt: u32,
+        (host, mut client): (&str, AgentClient),
+        mut stream: tonic::Streaming<ExecOutput>,
+        mut power_session: Option<PowerSession>,
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
+        let key = exec_key(&run.id, attempt);
+        let template = &ctx.plan.manifest.run;
         let mut stdout = Tail::new(STDOUT_TAIL_BYTES);
         let mut stderr = Tail::new(STDERR_TAIL_BYTES);
         let mut logs = Tail::new(LOGS_TAIL_BYTES);
+        let mut reattached = 0;
         let exit = loop {
             let message = tokio::select! {
                 message = stream.message() => message,
-                () = ctx.token.cancelled() => return self.interrupted(run, &[RunState::Running]),
+                () = ctx.token.cancelled() => {
+                    return self.abandon(run, &[RunState::Running], client, &key).await;
+                }
             };
-            match message {
-                Ok(Some(output)) => match output.output {
-                    Some(exec_output::Output::Stdout(data)) => {
-                        stdout.push(&data);
-                        logs.push(&data);
+            let lost = match message {
+                Ok(Some(output)) => {
+                    match output.output {
+                        Some(exec_output::Output::Stdout(data)) => {
+                            stdout.push(&data);
+                            logs.push(&data);
+                        }
+                        Some(exec_output::Output::Stderr(data)) => {
+                            stderr.push(&data);
+                            logs.push(&data);
+                        }
+                        Some(exec_output::Output::Exit(exit)) => break exit,
+                        Some(exec_output::Output::DroppedBytes(dropped)) => {
+                            tracing::warn!(run = %run.id, host, dropped, "the agent dropped output of this run before it was read");
+                        }
+                        None => {}
                     }
-                    Some(exec_output::Output::Stderr(data)) => {
-                        stderr.push(&data);
-                        logs.push(&data);
-                    }
-                    Some(exec_output::Output::Exit(exit)) => break exit,
-                    None => {}
-                },
-                Ok(None) => {
+                    continue;
+                }
+                Ok(None) => "exec stream ended without an exit status".to_string(),
+                Err(status) => describe_status(&status),
+            };
+            if reattached == MAX_REATTACHES {
+                let why = format!("{lost}; the stream broke again after {MAX_REATTACHES} attaches");
+                return self.requeue(
+                    ctx,
+                    run,
+                    attempt,
+                    RunState::Running,
+                    Interrupted::HostLost(why),
+                );
+            }
+            reattached += 1;
+            match client.attach_exec(attach_request(&key)).await {
+                Ok(again) => {
+                    tracing::info!(run = %run.id, host, lost, "exec stream broke; attached again");
+                    // The agent replays what it kept from the start.
+                    stream = again.into_inner();
+                    stdout = Tail::new(STDOUT_TAIL_BYTES);
+                    stderr = Tail::new(STDERR_TAIL_BYTES);
+                    logs = Tail::new(LOGS_TAIL_BYTES);
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    let why = format!("{lost}; host `{host}` answers but no longer has the exec");
                     return self.requeue(
+                        ctx,
                         run,
+                        attempt,
                         RunState::Running,
-                        Interrupted::HostLost("exec stream ended without an exit status".into()),
+                        Interrupted::BackendLost(why),
                     );
                 }
                 Err(status) => {
+                    let why = format!("{lost}; {}", describe_status(&status));
                     return self.requeue(
+                        ctx,
                         run,
+                        attempt,
                         RunState::Running,
-                        Interrupted::HostLost(describe_status(&status)),
+                        Interrupted::HostLost(why),
                     );
                 }
             }
@@ -746,7 +907,7 @@ impl Scheduler {
                 Some(session) => match session.stop().await {
                     Ok(energy) => Some(energy),
                     Err(reason) => {
-                        let error = format!("power session on host `{}`: {reason}", placed.host);
+                        let error = format!("power session on host `{host}`: {reason}");
                         let update = RunUpdate {
                             error: Some(error),
                             ..ended
@@ -808,16 +969,30 @@ impl Scheduler {
             tonic::Code::Unavailable
             | tonic::Code::Unknown
             | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded => {
-                self.requeue(run, RunState::Dispatched, Interrupted::HostLost(reason))
-            }
-            tonic::Code::NotFound => {
-                self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason))
-            }
+            | tonic::Code::DeadlineExceeded => self.requeue(
+                ctx,
+                run,
+                attempt,
+                RunState::Dispatched,
+                Interrupted::HostLost(reason),
+            ),
+            tonic::Code::NotFound => self.requeue(
+                ctx,
+                run,
+                attempt,
+                RunState::Dispatched,
+                Interrupted::BackendLost(reason),
+            ),
             tonic::Code::FailedPrecondition
                 if status.message().contains("needs a running workload") =>
             {
-                self.requeue(run, RunState::Dispatched, Interrupted::BackendLost(reason))
+                self.requeue(
+                    ctx,
+                    run,
+                    attempt,
+                    RunState::Dispatched,
+                    Interrupted::BackendLost(reason),
+                )
             }
             _ => {
                 let update = failure(-1, format!("exec refused: {reason}"));
@@ -827,15 +1002,29 @@ impl Scheduler {
         }
     }
 
+    /// Puts an interrupted run back to pending, unless it has been
+    /// dispatched `scheduler.max_run_attempts` times already: then it fails
+    /// (per the failure policy) so that it cannot bounce between hosts
+    /// forever. The interruption is returned either way, for the worker to
+    /// deal with the host or backend.
     fn requeue(
         &self,
+        ctx: &CampaignRun,
         run: &Run,
+        attempt: u32,
         from: RunState,
         why: Interrupted,
     ) -> Result<Option<Interrupted>, OrchestratorError> {
         let reason = match &why {
             Interrupted::HostLost(r) | Interrupted::BackendLost(r) => r.clone(),
         };
+        if attempt >= self.config.max_run_attempts {
+            let error = format!(
+                "interrupted after {attempt} dispatches, the most scheduler.max_run_attempts allows: {reason}"
+            );
+            self.give_up(ctx, run, from, failure(-1, error))?;
+            return Ok(Some(why));
+        }
         let update = RunUpdate {
             error: Some(format!("interrupted: {reason}")),
             ..Default::default()
@@ -848,6 +1037,32 @@ impl Scheduler {
             format!("run {} interrupted ({reason}); it will run again", run.id),
         );
         Ok(Some(why))
+    }
+
+    /// Stops following a run's exec because the campaign stops. A cancel
+    /// kills the exec on its agent; an orchestrator shutdown leaves it
+    /// running there, for the restart to adopt.
+    async fn abandon(
+        &self,
+        run: &Run,
+        from: &[RunState],
+        mut client: AgentClient,
+        key: &str,
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
+        if !self.shutdown.is_cancelled() {
+            let request = CancelExecRequest {
+                exec_key: key.to_string(),
+            };
+            match client.cancel_exec(request).await {
+                Ok(_) => {}
+                // It never started, or it ended already: nothing to kill.
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => {
+                    tracing::warn!(run = %run.id, status = %describe_status(&status), "could not cancel the run's exec");
+                }
+            }
+        }
+        self.interrupted(run, from)
     }
 
     /// A stop that is not the campaign's end (orchestrator shutdown) leaves
@@ -886,12 +1101,8 @@ impl Scheduler {
     ) -> Result<(), OrchestratorError> {
         let policy = &ctx.plan.manifest.failure;
         let retry = attempt <= policy.retries;
-        let error = update.error.clone().unwrap_or_default();
-        let update = RunUpdate {
-            finished_now: !retry,
-            ..update
-        };
         if retry {
+            let error = update.error.clone().unwrap_or_default();
             self.store
                 .transition_run(&run.id, &[from], RunState::Pending, &update)?;
             self.publish_run(
@@ -903,13 +1114,31 @@ impl Scheduler {
                 ),
             );
         } else {
-            self.store
-                .transition_run(&run.id, &[from], RunState::Failed, &update)?;
-            self.publish_run(&ctx.id, &run.id, format!("run {} failed: {error}", run.id));
-            if policy.on_failure == OnFailure::Stop {
-                ctx.stopped_by_policy.store(true, Ordering::SeqCst);
-                ctx.token.cancel();
-            }
+            self.give_up(ctx, run, from, update)?;
+        }
+        Ok(())
+    }
+
+    /// Records the run failed for good; `failure.on_failure: stop` then
+    /// stops the campaign.
+    fn give_up(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        from: RunState,
+        update: RunUpdate,
+    ) -> Result<(), OrchestratorError> {
+        let error = update.error.clone().unwrap_or_default();
+        let update = RunUpdate {
+            finished_now: true,
+            ..update
+        };
+        self.store
+            .transition_run(&run.id, &[from], RunState::Failed, &update)?;
+        self.publish_run(&ctx.id, &run.id, format!("run {} failed: {error}", run.id));
+        if ctx.plan.manifest.failure.on_failure == OnFailure::Stop {
+            ctx.stopped_by_policy.store(true, Ordering::SeqCst);
+            ctx.token.cancel();
         }
         Ok(())
     }
@@ -917,6 +1146,19 @@ impl Scheduler {
     fn publish_run(&self, campaign_id: &str, run_id: &str, message: String) {
         let run = self.store.run(run_id).ok().flatten();
         self.publish(campaign_id, run, message);
+    }
+}
+
+/// The idempotency key of one attempt of a run on its agent. Run id and
+/// attempt are both recorded (`→ dispatched`) before the exec is sent, so a
+/// restarted orchestrator derives the same key to attach to it.
+fn exec_key(run_id: &str, attempt: u32) -> String {
+    format!("{run_id}/attempt-{attempt}")
+}
+
+fn attach_request(key: &str) -> AttachExecRequest {
+    AttachExecRequest {
+        exec_key: key.to_string(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use berth_proto::common::v1::{GpuRequest, Runtime};
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
-use bollard::models::{DeviceMapping, DeviceRequest, HostConfig};
+use bollard::models::{DeviceRequest, HostConfig};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,9 +32,18 @@ pub trait Dialect: Send + Sync + 'static {
     fn gpus(
         &self,
         request: &GpuRequest,
-        api: (usize, usize),
+        versions: EngineVersions,
         host: &mut HostConfig,
     ) -> Result<(), AgentError>;
+}
+
+/// What an engine speaks and what it is, for features that depend on either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineVersions {
+    /// The negotiated Docker API version, e.g. (1, 41).
+    pub api: (usize, usize),
+    /// The engine's own release, major and minor (docker 20.10, podman 4.3).
+    pub engine: (usize, usize),
 }
 
 pub struct DockerDialect;
@@ -65,9 +74,10 @@ impl Dialect for DockerDialect {
     fn gpus(
         &self,
         request: &GpuRequest,
-        api: (usize, usize),
+        versions: EngineVersions,
         host: &mut HostConfig,
     ) -> Result<(), AgentError> {
+        let api = versions.api;
         let mut requests = Vec::new();
         if !request.cdi_devices.is_empty() {
             // Docker reads CDI devices from DeviceRequests only since Engine 25 (API 1.44).
@@ -81,11 +91,7 @@ impl Dialect for DockerDialect {
                 });
             }
             check_cdi_specs(&request.cdi_devices)?;
-            requests.push(DeviceRequest {
-                driver: Some("cdi".into()),
-                device_ids: Some(request.cdi_devices.clone()),
-                ..Default::default()
-            });
+            requests.push(cdi_request(request.cdi_devices.clone()));
         }
         if request.count != 0 || !request.device_ids.is_empty() {
             let driver = if request.driver.is_empty() {
@@ -138,7 +144,7 @@ impl Dialect for PodmanDialect {
     fn gpus(
         &self,
         request: &GpuRequest,
-        _api: (usize, usize),
+        versions: EngineVersions,
         host: &mut HostConfig,
     ) -> Result<(), AgentError> {
         if !request.driver.is_empty() && request.driver != "nvidia" {
@@ -167,16 +173,31 @@ impl Dialect for PodmanDialect {
             require_nvidia()?;
         }
         check_cdi_specs(&names)?;
-        host.devices = Some(
-            names
-                .into_iter()
-                .map(|name| DeviceMapping {
-                    path_on_host: Some(name),
-                    ..Default::default()
-                })
-                .collect(),
-        );
+        // Podman's Docker-compatible API stats a CDI name put in
+        // HostConfig.Devices as a host path, and before 5.4 ignores CDI
+        // DeviceRequests too (measured on 4.3.1); 5.4 honours DeviceRequests
+        // with driver "cdi" (containers/podman#25171).
+        if versions.engine < (5, 4) {
+            return Err(AgentError::Unsupported {
+                field: "spec.gpus",
+                reason: format!(
+                    "podman {}.{} cannot attach CDI devices ({}) through its Docker-compatible API (podman 5.4 or newer can); upgrade podman, or use the docker runtime",
+                    versions.engine.0,
+                    versions.engine.1,
+                    names.join(", ")
+                ),
+            });
+        }
+        host.device_requests = Some(vec![cdi_request(names)]);
         Ok(())
+    }
+}
+
+fn cdi_request(names: Vec<String>) -> DeviceRequest {
+    DeviceRequest {
+        driver: Some("cdi".into()),
+        device_ids: Some(names),
+        ..Default::default()
     }
 }
 
@@ -297,6 +318,20 @@ impl Engine {
         Ok((version.major_version, version.minor_version))
     }
 
+    /// The API version and the engine's own release (asked of the engine).
+    pub async fn versions(&self) -> Result<EngineVersions, AgentError> {
+        let docker = self.client().await?;
+        let api = self.api_version().await?;
+        let release = match docker.version().await {
+            Ok(version) => version.version.unwrap_or_default(),
+            Err(e) => return Err(self.error("version", e).await),
+        };
+        Ok(EngineVersions {
+            api,
+            engine: major_minor(&release),
+        })
+    }
+
     /// Forgets the client: the next call connects and negotiates again.
     pub async fn reset(&self) {
         *self.client.lock().await = None;
@@ -408,9 +443,34 @@ pub fn status_of(error: &EngineError) -> Option<u16> {
     }
 }
 
+/// "4.3.1" → (4, 3); what is not a number counts as 0.
+fn major_minor(release: &str) -> (usize, usize) {
+    let mut parts = release
+        .split(['.', '-', '+'])
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DOCKER_20_10: EngineVersions = EngineVersions {
+        api: (1, 41),
+        engine: (20, 10),
+    };
+    const PODMAN_4_3: EngineVersions = EngineVersions {
+        api: (1, 41),
+        engine: (4, 3),
+    };
+
+    #[test]
+    fn releases_read_as_major_minor() {
+        assert_eq!(major_minor("4.3.1"), (4, 3));
+        assert_eq!(major_minor("20.10.24+dfsg1"), (20, 10));
+        assert_eq!(major_minor("5.4.0-rc1"), (5, 4));
+        assert_eq!(major_minor(""), (0, 0));
+    }
 
     #[test]
     fn gpu_request_without_gpus_is_a_clear_error() {
@@ -421,9 +481,12 @@ mod tests {
             count: 1,
             ..Default::default()
         };
-        for dialect in [&DockerDialect as &dyn Dialect, &PodmanDialect] {
+        for (dialect, versions) in [
+            (&DockerDialect as &dyn Dialect, DOCKER_20_10),
+            (&PodmanDialect, PODMAN_4_3),
+        ] {
             let error = dialect
-                .gpus(&request, (1, 41), &mut HostConfig::default())
+                .gpus(&request, versions, &mut HostConfig::default())
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -440,7 +503,7 @@ mod tests {
             ..Default::default()
         };
         let error = DockerDialect
-            .gpus(&request, (1, 41), &mut HostConfig::default())
+            .gpus(&request, DOCKER_20_10, &mut HostConfig::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -456,7 +519,7 @@ mod tests {
             ..Default::default()
         };
         let error = PodmanDialect
-            .gpus(&request, (1, 41), &mut HostConfig::default())
+            .gpus(&request, PODMAN_4_3, &mut HostConfig::default())
             .unwrap_err();
         assert!(matches!(
             error,

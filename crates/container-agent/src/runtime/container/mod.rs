@@ -283,9 +283,14 @@ impl WorkloadRuntime for ContainerRuntime {
 
     async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
         validate_name(name)?;
-        let api = self.engine().api_version().await?;
-        let config =
-            spec::container_config(name, &spec, &self.inner.owner, self.engine().dialect, api)?;
+        let versions = self.engine().versions().await?;
+        let config = spec::container_config(
+            name,
+            &spec,
+            &self.inner.owner,
+            self.engine().dialect,
+            versions,
+        )?;
         let docker = self.engine().client().await?;
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         let created = match docker.create_container(Some(options), config).await {

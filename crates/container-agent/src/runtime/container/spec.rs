@@ -11,7 +11,7 @@ use bollard::models::{
     RestartPolicy as EngineRestart, RestartPolicyNameEnum,
 };
 
-use super::engine::Dialect;
+use super::engine::{Dialect, EngineVersions};
 use super::inspect::{LABEL_NAME, LABEL_OWNER, LABEL_SPEC, encode_spec};
 use crate::error::AgentError;
 
@@ -226,7 +226,7 @@ pub fn container_config(
     spec: &WorkloadSpec,
     owner: &str,
     dialect: &dyn Dialect,
-    api: (usize, usize),
+    versions: EngineVersions,
 ) -> Result<ContainerCreateBody, AgentError> {
     validate(spec)?;
     let mut host = HostConfig {
@@ -311,7 +311,7 @@ pub fn container_config(
     }
     host.port_bindings = Some(bindings);
     if let Some(gpus) = spec.gpus.as_ref().filter(|g| **g != Default::default()) {
-        dialect.gpus(gpus, api, &mut host)?;
+        dialect.gpus(gpus, versions, &mut host)?;
     }
     let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
     labels.insert(LABEL_OWNER.into(), owner.into());
@@ -424,7 +424,11 @@ mod tests {
             hard: 2048,
         }];
         spec.restart_policy = RestartPolicy::Always as i32;
-        let config = container_config("w", &spec, "me", &DockerDialect, (1, 41)).unwrap();
+        let versions = EngineVersions {
+            api: (1, 41),
+            engine: (20, 10),
+        };
+        let config = container_config("w", &spec, "me", &DockerDialect, versions).unwrap();
         let host = config.host_config.unwrap();
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.memory, Some(64 << 20));
