@@ -1,7 +1,10 @@
 //! berth-embedding against sentence-transformers (seed 000's service) on the
-//! same machine, from one run: throughput on the same 256 sentences in one
-//! batch of 256, cold start (process start to first embedding), peak RSS of
-//! that process, and cosine against sentence-transformers' own vectors.
+//! same machine, from one run: throughput on the same 256 sentences in
+//! requests of 256, 32 and 1 texts from one client and of 1 text from 8 and
+//! 64 concurrent clients, cold start (process start to first embedding), peak
+//! RSS at that first embedding and after all the throughput runs, and cosine
+//! against sentence-transformers' own vectors. Every row gives berth's figure,
+//! the peer's and their ratio.
 //!
 //! ```text
 //! cargo build --release -p berth-embedding --bins --examples
@@ -12,8 +15,8 @@
 //! /tmp/berth-st-venv/bin/python, or $BERTH_ST_PYTHON); without it only
 //! berth's figures are printed. Prints a Markdown report on stdout.
 //!
-//! Each figure comes with the CPU time other processes took while it was
-//! measured: on a small machine a neighbour's build cuts throughput several
+//! Each throughput figure comes with the CPU time other processes took while
+//! it was measured: on a small machine a neighbour's build cuts throughput several
 //! times, so only runs with that near 0 are worth keeping.
 
 use std::io::{Read, Write};
@@ -47,6 +50,18 @@ fn bench_sentences() -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// (texts per request, concurrent clients) of the throughput rows; the same
+/// list as SHAPES in scripts/embedding/bench_sentence_transformers.py, which
+/// the rows of its output are matched against.
+const SHAPES: [(usize, usize); 5] = [(256, 1), (32, 1), (1, 1), (1, 8), (1, 64)];
+
+/// Timed runs of a throughput row: `--runs` for the batch of 256, the
+/// headline figure, at most 3 for the others, whose single-text requests
+/// take several times longer per run.
+fn runs_of(batch: usize, runs: usize) -> usize {
+    if batch == 256 { runs } else { runs.min(3) }
 }
 
 struct Args {
@@ -228,13 +243,7 @@ fn cold_start(binary: &Path) -> (f64, f64) {
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
-    let rss_mib = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(0.0, |kib| kib / 1024.0);
+    let rss_mib = peak_rss_mib(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
     if !response.starts_with("HTTP/1.1 200") {
@@ -244,6 +253,18 @@ fn cold_start(binary: &Path) -> (f64, f64) {
         ));
     }
     (elapsed, rss_mib)
+}
+
+/// Peak RSS (VmHWM) in MiB of process `pid` ("self" for this one), 0 where
+/// /proc does not tell.
+fn peak_rss_mib(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Lowest cosine between berth's vectors and sentence-transformers' in the
@@ -284,8 +305,24 @@ async fn min_cosine(embedder: &Embedder) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// sentence-transformers' figures from its script: (stdout JSON, stderr detail JSON).
-fn sentence_transformers(args: &Args) -> Option<(serde_json::Value, serde_json::Value)> {
+/// sentence-transformers' figures from its script: its stdout JSON (figures)
+/// and the `detail` object of its stderr JSON (runs, load, versions).
+struct Peer {
+    summary: serde_json::Value,
+    detail: serde_json::Value,
+}
+
+impl Peer {
+    /// The summary or detail entry of the throughput row (batch, clients).
+    fn row(of: &serde_json::Value, batch: usize, clients: usize) -> Option<&serde_json::Value> {
+        of["throughput"].as_array()?.iter().find(|r| {
+            r["batch"].as_u64() == Some(batch as u64)
+                && r["clients"].as_u64() == Some(clients as u64)
+        })
+    }
+}
+
+fn sentence_transformers(args: &Args) -> Option<Peer> {
     if !args.python.exists() {
         eprintln!(
             "embed_bench: {} not found: sentence-transformers skipped (set BERTH_ST_PYTHON or --python)",
@@ -293,14 +330,16 @@ fn sentence_transformers(args: &Args) -> Option<(serde_json::Value, serde_json::
         );
         return None;
     }
-    eprintln!("embed_bench: running sentence-transformers (about a minute)…");
+    eprintln!("embed_bench: running sentence-transformers (a few minutes)…");
     let output = Command::new(&args.python)
         .arg(format!(
             "{REPO}/scripts/embedding/bench_sentence_transformers.py"
         ))
         .args([
             "--runs",
-            &args.runs.to_string(),
+            &runs_of(256, args.runs).to_string(),
+            "--other-runs",
+            &runs_of(1, args.runs).to_string(),
             "--cold-runs",
             &args.cold_runs.to_string(),
         ])
@@ -320,7 +359,7 @@ fn sentence_transformers(args: &Args) -> Option<(serde_json::Value, serde_json::
     let detail = parse(&output.stderr)
         .map(|d| d["detail"].clone())
         .unwrap_or_default();
-    Some((summary, detail))
+    Some(Peer { summary, detail })
 }
 
 fn main() {
@@ -338,7 +377,7 @@ fn main() {
         .map(|_| cold_start(&binary))
         .collect();
     let cold_s = median(colds.iter().map(|c| c.0).collect());
-    let rss_mib = median(colds.iter().map(|c| c.1).collect());
+    let first_rss_mib = median(colds.iter().map(|c| c.1).collect());
 
     eprintln!("embed_bench: berth throughput…");
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(&e.to_string()));
@@ -353,17 +392,16 @@ fn main() {
         fail(&format!("{reason}: run scripts/setup-embedding-model.sh"));
     }
     let sentences = bench_sentences();
-    let (batch256, cosine, others) = runtime.block_on(async {
-        let batch256 = throughput(&embedder, &sentences, 256, 1, args.runs).await;
-        let mut others = Vec::new();
-        for (batch, clients) in [(1, 1), (32, 1), (1, 8), (1, 64)] {
-            others.push((
-                batch,
-                clients,
-                throughput(&embedder, &sentences, batch, clients, args.runs.min(3)).await,
-            ));
+    let (rows, peak_rss_mib, cosine) = runtime.block_on(async {
+        let mut rows = Vec::new();
+        for (batch, clients) in SHAPES {
+            let runs = runs_of(batch, args.runs);
+            rows.push(throughput(&embedder, &sentences, batch, clients, runs).await);
         }
-        (batch256, min_cosine(&embedder).await, others)
+        // Read before the cosine check, so that both sides' peak covers the
+        // model loaded and the same matrix served, nothing more.
+        let peak_rss_mib = peak_rss_mib("self");
+        (rows, peak_rss_mib, min_cosine(&embedder).await)
     });
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -386,61 +424,114 @@ fn main() {
 
     println!("Machine: {cpu}, {cores} cores; {date}");
     println!(
-        "berth: {sessions} ONNX Runtime session(s) × {threads} thread(s), all-MiniLM-L6-v2 fp32, max 256 tokens\n"
+        "berth: {sessions} ONNX Runtime session(s) × {threads} thread(s), all-MiniLM-L6-v2 fp32, max 256 tokens"
     );
-    println!("| | berth-embedding | sentence-transformers | ratio |");
-    println!("|---|---|---|---|");
-    let st = peer.as_ref().map(|(s, _)| s);
-    let st_rate = st.and_then(|s| s["sentences_per_s"].as_f64());
-    let st_cold = st.and_then(|s| s["cold_start_s"].as_f64());
-    let cell =
-        |v: Option<f64>, unit: &str| v.map_or("—".to_string(), |v| format!("{v:.2}{unit}"));
-    println!(
-        "| sentences/s, 256 sentences in one batch (median of {}) | {:.1} | {} | {} |",
-        args.runs,
-        batch256.per_s,
-        cell(st_rate, ""),
-        cell(st_rate.map(|s| batch256.per_s / s), "×")
-    );
-    println!(
-        "| cold start: process start → first embedding (median of {}) | {cold_s:.3} s | {} | {} |",
-        args.cold_runs,
-        cell(st_cold, " s"),
-        cell(st_cold.map(|s| s / cold_s), "× faster")
-    );
-    println!("| peak RSS of that process | {rss_mib:.0} MiB | — | |");
-    println!("| lowest cosine vs sentence-transformers' vectors (22 texts) | {cosine:.7} | 1 | |");
-    println!();
-    println!("berth, same sentences, other request shapes (in-process, dynamic batching):\n");
-    println!("| requests | clients | sentences/s |");
-    println!("|---|---|---|");
-    for (batch, clients, t) in &others {
-        println!("| {batch} text(s) each | {clients} | {:.1} |", t.per_s);
+    if let Some(p) = &peer {
+        println!(
+            "sentence-transformers: torch {} with {} thread(s); concurrent clients are threads sharing one model",
+            p.detail["torch"].as_str().unwrap_or("?"),
+            p.detail["torch_threads"]
+        );
     }
     println!();
-    let runs = |r: &[f64]| {
+    println!("| | berth-embedding | sentence-transformers | ratio |");
+    println!("|---|---|---|---|");
+    let st = |key: &str| peer.as_ref().and_then(|p| p.summary[key].as_f64());
+    let cell = |v: Option<f64>, digits: usize, unit: &str| {
+        v.map_or("—".to_string(), |v| format!("{v:.digits$}{unit}"))
+    };
+    // top / bottom, only where both were measured (0 is "/proc did not tell").
+    let ratio = |top: Option<f64>, bottom: Option<f64>, unit: &str| {
+        let both = top.zip(bottom).filter(|(t, b)| *t > 0.0 && *b > 0.0);
+        cell(both.map(|(t, b)| t / b), 2, unit)
+    };
+    for ((batch, clients), ours) in SHAPES.iter().zip(&rows) {
+        let theirs = peer
+            .as_ref()
+            .and_then(|p| Peer::row(&p.summary, *batch, *clients))
+            .and_then(|r| r["sentences_per_s"].as_f64());
+        let texts = if *batch == 1 { "text" } else { "texts" };
+        let clients_label = if *clients == 1 {
+            "1 client".to_string()
+        } else {
+            format!("{clients} concurrent clients")
+        };
+        println!(
+            "| sentences/s, {batch} {texts} per request, {clients_label} (median of {}) | {:.1} | {} | {} |",
+            ours.runs.len(),
+            ours.per_s,
+            cell(theirs, 1, ""),
+            ratio(Some(ours.per_s), theirs, "×")
+        );
+    }
+    let st_cold = st("cold_start_s");
+    println!(
+        "| cold start: process start → first embedding (median of {}) | {cold_s:.3} s | {} | {} |",
+        colds.len(),
+        cell(st_cold, 2, " s"),
+        ratio(st_cold, Some(cold_s), "× faster")
+    );
+    let st_first_rss = st("first_embedding_rss_mib");
+    println!(
+        "| peak RSS of that process at its first embedding (median) | {first_rss_mib:.0} MiB | {} | {} |",
+        cell(st_first_rss, 0, " MiB"),
+        ratio(st_first_rss, Some(first_rss_mib), "× less")
+    );
+    let st_peak_rss = st("peak_rss_mib");
+    println!(
+        "| peak RSS of the bench process after all the throughput rows | {peak_rss_mib:.0} MiB | {} | {} |",
+        cell(st_peak_rss, 0, " MiB"),
+        ratio(st_peak_rss, Some(peak_rss_mib), "× less")
+    );
+    println!("| lowest cosine vs sentence-transformers' vectors (22 texts) | {cosine:.7} | 1 | |");
+    println!();
+
+    println!("Runs (sentences/s) and the CPU other processes took during each row's timed runs:\n");
+    println!(
+        "| texts per request × clients | berth runs | others' CPU | sentence-transformers runs | others' CPU |"
+    );
+    println!("|---|---|---|---|---|");
+    let listed = |r: &[f64]| {
         r.iter()
             .map(|v| format!("{v:.0}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
-        "Load: other processes took {:.2} CPU-s during berth's timed batch-256 runs ({}), {} during sentence-transformers' ({}).",
-        batch256.others_cpu_s,
-        runs(&batch256.runs),
+    for ((batch, clients), ours) in SHAPES.iter().zip(&rows) {
+        let theirs = peer
+            .as_ref()
+            .and_then(|p| Peer::row(&p.detail, *batch, *clients));
+        let their_runs: Option<Vec<f64>> = theirs
+            .and_then(|r| r["sentences_per_s_runs"].as_array())
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect());
+        println!(
+            "| {batch} × {clients} | {} | {:.2} CPU-s | {} | {} |",
+            listed(&ours.runs),
+            ours.others_cpu_s,
+            their_runs.as_deref().map_or("—".into(), listed),
+            cell(
+                theirs.and_then(|r| r["other_processes_cpu_s"].as_f64()),
+                2,
+                " CPU-s"
+            ),
+        );
+    }
+    println!();
+    let detail = |key: &str| {
         peer.as_ref()
-            .and_then(|(_, d)| d["other_processes_cpu_s"].as_f64())
-            .map_or("—".into(), |v| format!("{v:.2} CPU-s")),
-        peer.as_ref()
-            .map_or("—".into(), |(_, d)| d["sentences_per_s_runs"].to_string()),
-    );
+            .map_or("—".into(), |p| p.detail[key].to_string())
+    };
     println!(
-        "Cold starts: berth {:?} s; sentence-transformers {}.",
+        "Cold starts: berth {:?} s; sentence-transformers {} s.",
         colds
             .iter()
             .map(|c| (c.0 * 1000.0).round() / 1000.0)
             .collect::<Vec<_>>(),
-        peer.as_ref()
-            .map_or("—".into(), |(_, d)| d["cold_start_runs_s"].to_string()),
+        detail("cold_start_runs_s"),
+    );
+    println!(
+        "Peak RSS at first embedding: berth {:?} MiB; sentence-transformers {} MiB.",
+        colds.iter().map(|c| c.1.round()).collect::<Vec<_>>(),
+        detail("first_embedding_rss_runs_mib"),
     );
 }
