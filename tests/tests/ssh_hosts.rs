@@ -1,6 +1,8 @@
 //! Agents reached over SSH: a real sshd (Debian's openssh-server) on
 //! 127.0.0.1 forwards to an agent's unix socket. Host keys are checked
 //! against known_hosts; a mismatch leaves the host unreachable, saying why.
+//! Also the other bad host input: a TCP agent's wrong token, and a
+//! placement naming a host that is not registered.
 
 use std::path::Path;
 use std::process::Command;
@@ -215,4 +217,144 @@ async fn campaign_runs_on_an_agent_behind_ssh_and_a_wrong_host_key_is_refused() 
         // A clean stop closes the tunnel (its ssh is killed with it).
         assert_eq!(orchestrator.terminate(), Some(0));
     }
+}
+
+fn start_orchestrator(dir: &Path, port: u16) -> Process {
+    let store = format!("store.path={}", dir.join("state.db").display());
+    Process::spawn(
+        "berth-orchestrator",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "",
+            "--set",
+            &store,
+            "--set",
+            "scheduler.heartbeat_interval=200ms",
+        ],
+        &[],
+    )
+}
+
+/// A TCP agent with a token, registered with the wrong one: the host is
+/// recorded but unreachable, and RegisterHost's answer and ListHosts say
+/// that its agent refused the token, naming the host. The right token fixes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_agent_token_is_named_in_the_host_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_port = free_port();
+    let agent_address = format!("http://127.0.0.1:{agent_port}");
+    let _agent = Process::spawn(
+        "berth-agent",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{agent_port}"),
+            "--http-listen",
+            "",
+        ],
+        &[("BERTH_AGENT__TOKEN", "the-right-token")],
+    );
+    wait_for(&agent_address).await;
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    let register = |token: &str| RegisterHostRequest {
+        name: "tcp-01".into(),
+        address: agent_address.clone(),
+        token: token.into(),
+        ..Default::default()
+    };
+    let host = client
+        .register_host(register("a-wrong-token"))
+        .await
+        .expect("a host with a wrong token is still registered")
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Unreachable as i32, "{host:?}");
+    for message in [
+        host.status_message.clone(),
+        client
+            .list_hosts(ListHostsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts
+            .into_iter()
+            .find(|h| h.name == "tcp-01")
+            .expect("listed")
+            .status_message,
+    ] {
+        assert!(
+            message.contains("host `tcp-01` refused the token")
+                && message.contains("Unauthenticated")
+                && message.contains(&agent_address),
+            "{message}"
+        );
+        assert!(
+            !message.contains("a-wrong-token") && !message.contains("the-right-token"),
+            "tokens are never shown: {message}"
+        );
+    }
+    let host = client
+        .register_host(register("the-right-token"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
+}
+
+/// `placement.host` naming no registered host is refused at submit with
+/// FAILED_PRECONDITION naming the backend and the host; nothing is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_placement_host_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = Process::spawn(
+        "berth-agent",
+        &[
+            "--listen",
+            &format!("unix://{}", socket.display()),
+            "--http-listen",
+            "",
+        ],
+        &[],
+    );
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    wait_for(&format!("unix://{}", socket.display())).await;
+    let host = client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
+    let manifest = "name: t\nbackends:\n  - name: ok\n    runtime: process\n  - name: lost\n    runtime: process\n    \
+                    placement: {host: nosuch}\nconfigs: [{name: a}]\nrun: {command: [true]}\n";
+    for validate_only in [true, false] {
+        let status = client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: manifest.into(),
+                validate_only,
+                ..Default::default()
+            })
+            .await
+            .expect_err("no host is named nosuch");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("backend `lost`") && status.message().contains("`nosuch`"),
+            "{}",
+            status.message()
+        );
+    }
+    let listed = client
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.campaigns.is_empty(), "nothing recorded or started");
 }

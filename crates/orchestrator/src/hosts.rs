@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
 use berth_proto::agent::v1::{HostInfo, InfoRequest};
@@ -68,6 +68,8 @@ pub struct HostRegistry {
     hosts: RwLock<BTreeMap<String, HostEntry>>,
     connect_timeout: Duration,
     ssh: SshConfig,
+    /// Held while connecting to a host, one lock per host name.
+    connecting: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl HostRegistry {
@@ -86,6 +88,7 @@ impl HostRegistry {
             hosts: RwLock::new(hosts),
             connect_timeout,
             ssh,
+            connecting: std::sync::Mutex::default(),
         })
     }
 
@@ -149,15 +152,32 @@ impl HostRegistry {
             .collect()
     }
 
-    /// A client for the host's agent, connecting if there is none.
+    /// The cached client of a host, if it has a live one, and its record.
+    fn cached(&self, name: &str) -> Result<(HostRecord, Option<AgentClient>), String> {
+        let hosts = self.read();
+        let entry = hosts
+            .get(name)
+            .ok_or_else(|| format!("host `{name}` is not registered"))?;
+        Ok((entry.record.clone(), entry.live_client()))
+    }
+
+    /// A client for the host's agent, connecting if there is none. One
+    /// connection attempt per host at a time: the heartbeat and the
+    /// scheduler asking at once must not open two tunnels (the second
+    /// would end the first as stale).
     pub async fn client(&self, name: &str) -> Result<AgentClient, String> {
-        let (record, client) = {
-            let hosts = self.read();
-            let entry = hosts
-                .get(name)
-                .ok_or_else(|| format!("host `{name}` is not registered"))?;
-            (entry.record.clone(), entry.live_client())
-        };
+        if let (_, Some(client)) = self.cached(name)? {
+            return Ok(client);
+        }
+        let lock = Arc::clone(
+            self.connecting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(name.to_string())
+                .or_default(),
+        );
+        let _connecting = lock.lock().await;
+        let (record, client) = self.cached(name)?;
         if let Some(client) = client {
             return Ok(client);
         }
@@ -209,7 +229,15 @@ impl HostRegistry {
                 Ok(info)
             }
             Err(status) => {
-                let reason = describe_status(&status);
+                let reason = if status.code() == tonic::Code::Unauthenticated {
+                    format!(
+                        "the agent of host `{name}` refused the token ({}): register the host \
+                         again with the agent's token",
+                        describe_status(&status)
+                    )
+                } else {
+                    describe_status(&status)
+                };
                 self.mark_unreachable(name, &reason);
                 Err(reason)
             }
@@ -229,20 +257,125 @@ impl HostRegistry {
         }
     }
 
-    /// Probes every host at `interval` until `shutdown`.
+    /// Probes every host until `shutdown`: a host that answers again after
+    /// `interval`; one that does not after a delay that doubles from
+    /// `interval` up to [`MAX_RECONNECT_BACKOFF`] (see [`ReconnectBackoff`]).
+    /// Each probe runs on its own, so a host that hangs (a link down, an ssh
+    /// waiting for its connect timeout) does not hold up the others.
     pub fn spawn_heartbeats(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        self.spawn_heartbeats_with(interval, MAX_RECONNECT_BACKOFF, shutdown);
+    }
+
+    /// [`Self::spawn_heartbeats`] with the cap of the reconnect backoff.
+    pub fn spawn_heartbeats_with(
+        self: &Arc<Self>,
+        interval: Duration,
+        max_backoff: Duration,
+        shutdown: CancellationToken,
+    ) {
         let registry = Arc::clone(self);
         tokio::spawn(async move {
+            let mut schedule: BTreeMap<String, (ReconnectBackoff, Instant)> = BTreeMap::new();
+            let mut probes: tokio::task::JoinSet<(String, bool)> = tokio::task::JoinSet::new();
+            let mut in_flight = std::collections::BTreeSet::new();
             loop {
+                let now = Instant::now();
                 let names: Vec<String> = registry.read().keys().cloned().collect();
-                let probes = names.iter().map(|name| registry.probe(name));
-                futures::future::join_all(probes).await;
+                schedule.retain(|name, _| names.contains(name));
+                for name in names {
+                    let (_, due) = schedule
+                        .entry(name.clone())
+                        .or_insert_with(|| (ReconnectBackoff::new(interval, max_backoff), now));
+                    if *due <= now && in_flight.insert(name.clone()) {
+                        let registry = Arc::clone(&registry);
+                        probes.spawn(async move {
+                            let answered = registry.probe(&name).await.is_ok();
+                            (name, answered)
+                        });
+                    }
+                }
+                // Wake for the next host due, at the latest after `interval`
+                // (hosts registered meanwhile), or when a probe ends.
+                let wake = schedule
+                    .iter()
+                    .filter(|(name, _)| !in_flight.contains(*name))
+                    .map(|(_, (_, due))| *due)
+                    .min()
+                    .unwrap_or(now + interval)
+                    .min(now + interval);
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(interval) => {}
+                    () = shutdown.cancelled() => {
+                        probes.abort_all();
+                        return;
+                    }
+                    () = tokio::time::sleep_until(wake.into()) => {}
+                    Some(ended) = probes.join_next(), if !probes.is_empty() => {
+                        if let Ok((name, answered)) = ended {
+                            in_flight.remove(&name);
+                            if let Some((backoff, due)) = schedule.get_mut(&name) {
+                                if answered {
+                                    backoff.succeeded();
+                                } else {
+                                    backoff.failed();
+                                }
+                                *due = Instant::now() + backoff.delay();
+                            }
+                        } else {
+                            // A probe that panicked: forget its host's
+                            // schedule so that it is probed afresh.
+                            in_flight.clear();
+                            probes.abort_all();
+                            schedule.clear();
+                        }
+                    }
                 }
             }
         });
+    }
+}
+
+/// Longest wait between two tries to reach a host that does not answer.
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+
+/// When to probe a host next: every `interval` while it answers; after
+/// `n` failures in a row, `interval * 2^(n-1)`, capped at `max` (and never
+/// under `interval`). A success starts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectBackoff {
+    interval: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl ReconnectBackoff {
+    pub fn new(interval: Duration, max: Duration) -> Self {
+        Self {
+            interval,
+            max: max.max(interval),
+            failures: 0,
+        }
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// Failures in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// The wait before the next probe.
+    pub fn delay(&self) -> Duration {
+        let Some(doublings) = self.failures.checked_sub(1) else {
+            return self.interval;
+        };
+        let factor = 1u32.checked_shl(doublings).unwrap_or(u32::MAX);
+        self.interval.saturating_mul(factor).min(self.max)
     }
 }
 
@@ -335,5 +468,101 @@ fn to_proto(entry: &HostEntry) -> Host {
         memory_bytes: info.memory_bytes,
         gpu_count: info.gpus.len() as u32,
         power_sampler: entry.record.power_sampler.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_backoff_doubles_up_to_its_cap_and_resets_on_success() {
+        let interval = Duration::from_millis(200);
+        let mut backoff = ReconnectBackoff::new(interval, Duration::from_secs(3));
+        assert_eq!(
+            backoff.delay(),
+            interval,
+            "a host that answers: every interval"
+        );
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            backoff.failed();
+            delays.push(backoff.delay().as_millis());
+        }
+        assert_eq!(delays, [200, 400, 800, 1600, 3000, 3000, 3000, 3000]);
+        assert_eq!(backoff.failures(), 8);
+        backoff.succeeded();
+        assert_eq!(backoff.delay(), interval);
+        // Many failures neither overflow nor pass the cap.
+        for _ in 0..100 {
+            backoff.failed();
+        }
+        assert_eq!(backoff.delay(), Duration::from_secs(3));
+        // A cap under the interval is the interval.
+        let mut tight = ReconnectBackoff::new(Duration::from_secs(5), Duration::from_secs(1));
+        tight.failed();
+        tight.failed();
+        assert_eq!(tight.delay(), Duration::from_secs(5));
+    }
+
+    /// An "agent" that accepts connections and closes them at once: every
+    /// probe fails, and each try shows as one accepted connection.
+    #[tokio::test]
+    async fn an_unreachable_host_is_probed_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let registry = Arc::new(
+            HostRegistry::load(store, Duration::from_millis(200), SshConfig::default()).unwrap(),
+        );
+        let socket = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let tries = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let counted = Arc::clone(&tries);
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.lock().unwrap().push(Instant::now());
+                drop(stream);
+            }
+        });
+        let host = registry
+            .register(HostRecord {
+                name: "flaky".into(),
+                address: format!("unix://{}", socket.display()),
+                token: String::new(),
+                labels: BTreeMap::new(),
+                power_sampler: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(host.status, HostStatus::Unreachable as i32, "{host:?}");
+        assert!(host.status_message.contains("agent.sock"), "{host:?}");
+        let shutdown = CancellationToken::new();
+        registry.spawn_heartbeats_with(
+            Duration::from_millis(50),
+            Duration::from_millis(400),
+            shutdown.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        shutdown.cancel();
+        accept.abort();
+        let tries = tries.lock().unwrap().clone();
+        // A fixed 50 ms beat would have tried ~40 times; doubling up to
+        // 400 ms tries ~8 times (50, 100, 200, 400, 400, …).
+        assert!(
+            (4..=14).contains(&tries.len()),
+            "{} tries in 2 s",
+            tries.len()
+        );
+        let gaps: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+        let last = *gaps.last().unwrap();
+        assert!(
+            last >= Duration::from_millis(300),
+            "the gap grew to the cap: {gaps:?}"
+        );
+        assert!(
+            gaps.iter().all(|g| *g <= Duration::from_millis(900)),
+            "capped: {gaps:?}"
+        );
     }
 }
