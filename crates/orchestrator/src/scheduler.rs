@@ -371,6 +371,58 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Whether a run's failed exit was its backend dying under it (killed,
+    /// OOM, restarted since the run began) rather than the run's own
+    /// failure: then the run is not charged a retry, it runs again once the
+    /// backend is back.
+    async fn backend_died(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        client: &mut AgentClient,
+        since: SystemTime,
+    ) -> Option<String> {
+        let placement = self
+            .store
+            .placements(&ctx.id)
+            .ok()?
+            .into_iter()
+            .find(|p| p.backend == run.backend)?;
+        let workload = match client
+            .inspect_workload(WorkloadRef {
+                id: placement.workload_id.clone(),
+            })
+            .await
+        {
+            Ok(workload) => workload.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Some(format!(
+                    "backend workload `{}` is gone",
+                    placement.workload_id
+                ));
+            }
+            Err(_) => return None,
+        };
+        let state = WorkloadState::try_from(workload.state).unwrap_or_default();
+        if state != WorkloadState::Running {
+            return Some(format!(
+                "backend `{}` is {}{}",
+                run.backend,
+                state.as_str_name(),
+                if workload.oom_killed {
+                    " (OOM-killed)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let restarted = workload
+            .started_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .is_some_and(|started| started > since);
+        restarted.then(|| format!("backend `{}` restarted during the run", run.backend))
+    }
+
     /// What an interrupted run says about where it ran: an agent that did
     /// not answer marks its host unreachable; a backend (or agent) that lost
     /// the exec gets the backend placed again. Either way the host's load
@@ -383,10 +435,24 @@ impl Scheduler {
         why: Interrupted,
     ) -> Result<(), OrchestratorError> {
         match why {
-            Interrupted::HostLost(reason) => self.hosts.mark_unreachable(host, &reason),
+            Interrupted::HostLost(reason) => {
+                self.hosts.mark_unreachable(host, &reason);
+                self.publish(
+                    &ctx.id,
+                    None,
+                    format!("host `{host}` lost ({reason}); backend `{backend}` goes to a host that answers"),
+                );
+            }
             Interrupted::BackendLost(reason) => {
                 tracing::warn!(campaign = %ctx.id, backend, reason, "backend lost; placing it again");
                 self.store.clear_placement(&ctx.id, backend)?;
+                self.publish(
+                    &ctx.id,
+                    None,
+                    format!(
+                        "backend `{backend}` on host `{host}` lost ({reason}); placing it again"
+                    ),
+                );
             }
         }
         self.release_host(host);
@@ -540,7 +606,7 @@ impl Scheduler {
             .client(&host)
             .await
             .map_err(|reason| format!("host `{host}`: {reason}"))?;
-        let name = format!("berth-{}-{}", ctx.id, backend.name);
+        let name = backend_workload_name(&ctx.id, &backend.name, &host);
         let spec = workload_spec(&ctx.id, backend);
         let workload = match client
             .create_workload(CreateWorkloadRequest {
@@ -590,6 +656,14 @@ impl Scheduler {
             .entry(host.clone())
             .or_default() += 1;
         tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, "backend placed");
+        self.publish(
+            &ctx.id,
+            None,
+            format!(
+                "backend `{}` placed on host `{host}` as `{name}`",
+                backend.name
+            ),
+        );
         Ok(Placed {
             power_sampler: self.hosts.power_sampler(&host),
             host,
@@ -815,6 +889,7 @@ impl Scheduler {
         mut power_session: Option<PowerSession>,
     ) -> Result<Option<Interrupted>, OrchestratorError> {
         let key = exec_key(&run.id, attempt);
+        let followed_since = SystemTime::now();
         let template = &ctx.plan.manifest.run;
         let mut stdout = Tail::new(STDOUT_TAIL_BYTES);
         let mut stderr = Tail::new(STDERR_TAIL_BYTES);
@@ -937,6 +1012,20 @@ impl Scheduler {
             )?;
             self.publish_run(&ctx.id, &run.id, format!("run {} succeeded", run.id));
         } else {
+            if exit.reason != ExitReason::TimedOut as i32
+                && let Some(why) = self
+                    .backend_died(ctx, run, &mut client, followed_since)
+                    .await
+            {
+                let why = format!("exit code {} as {why}", exit.exit_code);
+                return self.requeue(
+                    ctx,
+                    run,
+                    attempt,
+                    RunState::Running,
+                    Interrupted::BackendLost(why),
+                );
+            }
             let why = if exit.reason == ExitReason::TimedOut as i32 {
                 format!(
                     "timed out after {}",
@@ -1306,9 +1395,41 @@ impl Tail {
     }
 }
 
+/// The backend's workload name on a host: the host is part of it, so a
+/// backend placed again elsewhere never meets its earlier self on an engine
+/// that two hosts' agents share. Characters a workload name cannot hold
+/// become `-`.
+fn backend_workload_name(campaign: &str, backend: &str, host: &str) -> String {
+    let name: String = format!("berth-{campaign}-{backend}-{host}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_names_hold_the_host_and_only_valid_characters() {
+        assert_eq!(
+            backend_workload_name("c1", "vllm", "gpu-01"),
+            "berth-c1-vllm-gpu-01"
+        );
+        assert_eq!(
+            backend_workload_name("c1", "b", "user@host:22"),
+            "berth-c1-b-user-host-22"
+        );
+        assert_eq!(backend_workload_name("c", "b", &"h".repeat(200)).len(), 128);
+    }
 
     #[test]
     fn result_is_last_json_object_line() {

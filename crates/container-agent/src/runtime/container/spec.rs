@@ -204,10 +204,17 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             }
         }
     }
-    if let Some(key) = spec.labels.keys().find(|k| k.starts_with("berth.")) {
+    // Only the labels the agent reads back to know its own containers are
+    // reserved; other `berth.` labels (the orchestrator's campaign and
+    // backend) are the caller's.
+    if let Some(key) = spec
+        .labels
+        .keys()
+        .find(|k| [LABEL_OWNER, LABEL_NAME, LABEL_SPEC].contains(&k.as_str()))
+    {
         return Err(invalid(
             "spec.labels",
-            format!("`{key}`: the `berth.` prefix is reserved for berth's own labels"),
+            format!("`{key}` is set by the agent itself, to know its own containers"),
         ));
     }
     RestartPolicy::try_from(spec.restart_policy)
@@ -396,6 +403,9 @@ mod tests {
         let mut spec = base();
         spec.labels.insert("berth.owner".into(), "me".into());
         assert_eq!(field_of(&spec), "spec.labels");
+        let mut spec = base();
+        spec.labels.insert("berth.campaign".into(), "c1".into());
+        assert!(validate(&spec).is_ok());
     }
 
     #[test]
