@@ -6,7 +6,67 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::{Process, free_port, wait_for};
+use berth_server::client::AuthChannel;
+use berth_tests::{Process, bin, free_port, wait_for};
+
+/// Every stored sample of a run, `page_size` at a time, checking each page's bound.
+async fn stored_series(
+    client: &mut OrchestratorClient<AuthChannel>,
+    run_id: &str,
+    device: &str,
+    page_size: u32,
+) -> Vec<RunPowerSample> {
+    let mut samples = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_run_power_series(GetRunPowerSeriesRequest {
+                run_id: run_id.into(),
+                device: device.into(),
+                page_size,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            page.samples.len() <= berth_server::paging::page_size(page_size),
+            "page too long"
+        );
+        samples.extend(page.samples);
+        if page.next_page_token.is_empty() {
+            return samples;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn elapsed_seconds(sample: &RunPowerSample) -> f64 {
+    let elapsed = sample
+        .elapsed
+        .as_ref()
+        .expect("sample has its elapsed time");
+    elapsed.seconds as f64 + f64::from(elapsed.nanos) / 1e9
+}
+
+/// Joules the device's energy counter rose over the samples.
+fn counter_rise(samples: &[&RunPowerSample]) -> f64 {
+    let counter = |s: &&RunPowerSample| s.energy_j.expect("counter sample");
+    samples.last().map(counter).unwrap_or_default()
+        - samples.first().map(counter).unwrap_or_default()
+}
+
+/// Joules from integrating the samples' power with the trapezoid rule.
+fn integrated_power(samples: &[&RunPowerSample]) -> f64 {
+    samples
+        .windows(2)
+        .filter_map(|pair| {
+            let (a, b) = (pair[0], pair[1]);
+            let watts = (a.power_w? + b.power_w?) / 2.0;
+            Some(watts * (elapsed_seconds(b) - elapsed_seconds(a)))
+        })
+        .sum()
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
@@ -149,6 +209,88 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
             );
         }
     }
+    for run in &runs {
+        assert!(
+            run.power_samples > 0 && !run.power_series_truncated,
+            "{} stored no full power series: {run:?}",
+            run.id
+        );
+        let series = stored_series(&mut client, &run.id, "", 7).await;
+        assert_eq!(series.len() as u64, run.power_samples, "{}", run.id);
+        assert_eq!(
+            stored_series(&mut client, &run.id, "", 0).await,
+            series,
+            "pages of 7 and of the default size disagree"
+        );
+        for energy in &run.energy {
+            let of_device: Vec<&RunPowerSample> = series
+                .iter()
+                .filter(|s| s.device == energy.device)
+                .collect();
+            let filtered = stored_series(&mut client, &run.id, &energy.device, 50).await;
+            assert_eq!(filtered.len(), of_device.len(), "{}", energy.device);
+            assert!(
+                of_device
+                    .windows(2)
+                    .all(|pair| elapsed_seconds(pair[0]) <= elapsed_seconds(pair[1])),
+                "{}: samples out of time order",
+                energy.device
+            );
+            // The summary was computed from these very samples: its own
+            // method over the stored series gives the same joules.
+            assert_eq!(of_device.len() as u64, energy.samples, "{}", run.id);
+            let same_method = match energy.method.as_str() {
+                "counter" => counter_rise(&of_device),
+                _ => integrated_power(&of_device),
+            };
+            assert!(
+                (same_method - energy.energy_j).abs() <= 1e-6 * energy.energy_j,
+                "{}: {same_method} J from the series vs {} J recorded",
+                run.id,
+                energy.energy_j
+            );
+            // Power integrated over ~40 readings of a varying load follows
+            // the counter only roughly (each reading stands for its interval).
+            let integrated = integrated_power(&of_device);
+            assert!(
+                (integrated - energy.energy_j).abs() <= 0.15 * energy.energy_j,
+                "{}: {integrated} J integrated vs {} J recorded",
+                run.id,
+                energy.energy_j
+            );
+        }
+    }
+    // `berth series` prints the whole series, a line per sample.
+    let printed = std::process::Command::new(bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{port}"),
+            "series",
+            &runs[0].id,
+        ])
+        .output()
+        .expect("run berth series");
+    let csv = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{csv}{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    assert_eq!(
+        csv.lines().count() as u64,
+        runs[0].power_samples + 1,
+        "a header and a line per sample:\n{csv}"
+    );
+
+    let unknown = client
+        .get_run_power_series(GetRunPowerSeriesRequest {
+            run_id: format!("{}/nope/b/1", campaign.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
     let results = client
         .get_results(GetResultsRequest { id: campaign.id })
         .await

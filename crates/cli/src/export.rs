@@ -87,6 +87,15 @@ fn rfc3339(ms: i64) -> String {
     .to_string()
 }
 
+/// A CSV cell: quoted when it holds a separator, a quote or a line break.
+pub(crate) fn csv_quoted(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
 fn state_name(state: i32) -> String {
     RunState::try_from(state)
         .unwrap_or_default()
@@ -193,14 +202,7 @@ impl RunTable {
 
     /// A header line, then a line per run; times in RFC 3339.
     pub fn csv(&self) -> String {
-        fn quoted(text: &str) -> String {
-            if text.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", text.replace('"', "\"\""))
-            } else {
-                text.to_string()
-            }
-        }
-        let header: Vec<String> = self.columns.iter().map(|c| quoted(&c.name)).collect();
+        let header: Vec<String> = self.columns.iter().map(|c| csv_quoted(&c.name)).collect();
         let mut out = header.join(",");
         out.push('\n');
         for row in 0..self.rows {
@@ -212,7 +214,7 @@ impl RunTable {
                     Cells::Text(cells) => write!(
                         out,
                         "{}",
-                        cells[row].as_deref().map(quoted).unwrap_or_default()
+                        cells[row].as_deref().map(csv_quoted).unwrap_or_default()
                     ),
                     Cells::Integer(cells) => write!(
                         out,

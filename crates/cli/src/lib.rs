@@ -4,6 +4,7 @@
 pub mod export;
 pub mod output;
 pub mod quickstart;
+pub mod series;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -72,6 +73,18 @@ pub enum Command {
         #[arg(long)]
         runs: bool,
         /// Write to this file instead of stdout (needed for parquet).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Prints the power samples stored with a run (of a campaign that measures power).
+    Series {
+        run_id: String,
+        /// Only this device, e.g. nvml:0.
+        #[arg(long, default_value = "")]
+        device: String,
+        #[arg(long, value_enum, default_value_t = series::SeriesFormat::Csv)]
+        format: series::SeriesFormat,
+        /// Write to this file instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
     },
@@ -228,17 +241,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     output::results(&results, format).into_bytes()
                 }
             };
-            match output {
-                Some(path) => {
-                    std::fs::write(&path, bytes).map_err(|source| CliError::File { path, source })
-                }
-                None => std::io::stdout()
-                    .write_all(&bytes)
-                    .map_err(|source| CliError::File {
-                        path: "stdout".into(),
-                        source,
-                    }),
-            }
+            write_output(output, &bytes)
+        }
+        Command::Series {
+            run_id,
+            device,
+            format,
+            output,
+        } => {
+            let samples = series::fetch_series(&mut client, &run_id, &device).await?;
+            write_output(output, series::encode(&samples, format).as_bytes())
         }
         Command::Campaigns => {
             let campaigns = client
@@ -314,6 +326,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             Ok(())
         }
+    }
+}
+
+/// Writes an export to the file, or to stdout when there is none.
+fn write_output(output: Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
+    match output {
+        Some(path) => {
+            std::fs::write(&path, bytes).map_err(|source| CliError::File { path, source })
+        }
+        None => std::io::stdout()
+            .write_all(bytes)
+            .map_err(|source| CliError::File {
+                path: "stdout".into(),
+                source,
+            }),
     }
 }
 

@@ -42,6 +42,9 @@ pub struct SchedulerConfig {
     /// lost, orchestrator restarted without its exec); past it the run
     /// fails, so a run cannot bounce between hosts forever.
     pub max_run_attempts: u32,
+    /// Power samples stored with one run (all its devices together); a
+    /// longer series keeps its first ones and is marked truncated.
+    pub max_power_samples_per_run: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -69,6 +72,7 @@ impl Default for SchedulerConfig {
             max_placement_backoff: Duration::from_secs(10),
             max_running_campaigns: 64,
             max_run_attempts: 10,
+            max_power_samples_per_run: 100_000,
         }
     }
 }

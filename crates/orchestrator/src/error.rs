@@ -11,6 +11,8 @@ pub enum OrchestratorError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("campaign `{0}` not found")]
     CampaignNotFound(String),
+    #[error("run `{0}` not found")]
+    RunNotFound(String),
     #[error("host `{0}` is not registered")]
     HostNotFound(String),
     #[error("campaign `{id}` is {state}: {reason}")]
@@ -31,7 +33,9 @@ impl ServiceError for OrchestratorError {
     fn error_code(&self) -> ErrorCode {
         match self {
             Self::Manifest(_) | Self::InvalidArgument { .. } => ErrorCode::BadRequest,
-            Self::CampaignNotFound(_) | Self::HostNotFound(_) => ErrorCode::NotFound,
+            Self::CampaignNotFound(_) | Self::RunNotFound(_) | Self::HostNotFound(_) => {
+                ErrorCode::NotFound
+            }
             Self::WrongState { .. } | Self::Unplaceable { .. } => ErrorCode::FailedPrecondition,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Store(_) => ErrorCode::Internal,

@@ -1,26 +1,34 @@
 //! Energy per run: a session on the host's power sampler opened before the
 //! exec and closed after it. Runs that measure power on a host take turns, so
-//! each has the host's devices to itself.
+//! each has the host's devices to itself. A stopped session's samples are
+//! read back (up to a bound) to be stored with the run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_proto::orchestrator::v1::RunEnergy;
+use berth_proto::orchestrator::v1::{RunEnergy, RunPowerSample};
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
-use berth_proto::power::v1::{DeviceEnergy, StartSessionRequest, StopSessionRequest};
+use berth_proto::power::v1::{
+    DeviceEnergy, GetSeriesRequest, Sample, StartSessionRequest, StopSessionRequest,
+};
 use berth_server::client::AuthChannel;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::hosts::describe_status;
 use crate::manifest::Power;
+use crate::store::PowerSeries;
 
 type Client = PowerSamplerClient<AuthChannel>;
+
+/// Samples asked for per GetSeries call (the most the sampler gives).
+const SERIES_PAGE_SIZE: u32 = 10_000;
 
 pub struct PowerMeter {
     clients: Mutex<HashMap<String, Client>>,
     host_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connect_timeout: Duration,
+    max_samples_per_run: usize,
 }
 
 /// An open power session; closed (without a result) if dropped unstopped.
@@ -28,15 +36,23 @@ pub struct PowerSession {
     id: String,
     client: Client,
     stopped: bool,
+    max_samples: usize,
     _turn: OwnedMutexGuard<()>,
 }
 
+/// What a stopped session measured.
+pub struct PowerRecord {
+    pub energy: Vec<RunEnergy>,
+    pub series: PowerSeries,
+}
+
 impl PowerMeter {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, max_samples_per_run: usize) -> Self {
         Self {
             clients: Mutex::default(),
             host_turns: Mutex::default(),
             connect_timeout,
+            max_samples_per_run,
         }
     }
 
@@ -94,6 +110,7 @@ impl PowerMeter {
                 id: session.into_inner().id,
                 client,
                 stopped: false,
+                max_samples: self.max_samples_per_run,
                 _turn: turn,
             }),
             Err(status) => {
@@ -108,8 +125,9 @@ impl PowerMeter {
 }
 
 impl PowerSession {
-    /// Closes the session and gives the energy per device.
-    pub async fn stop(mut self) -> Result<Vec<RunEnergy>, String> {
+    /// Closes the session and gives the energy per device and its first
+    /// `max_samples` samples.
+    pub async fn stop(mut self) -> Result<PowerRecord, String> {
         self.stopped = true;
         let summary = self
             .client
@@ -119,7 +137,35 @@ impl PowerSession {
             .await
             .map_err(|status| describe_status(&status))?
             .into_inner();
-        Ok(summary.devices.into_iter().map(run_energy).collect())
+        let series = self.series().await?;
+        Ok(PowerRecord {
+            energy: summary.devices.into_iter().map(run_energy).collect(),
+            series,
+        })
+    }
+
+    /// Pages through the stopped session's samples until `max_samples`.
+    async fn series(&mut self) -> Result<PowerSeries, String> {
+        let mut series = PowerSeries::default();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .client
+                .get_series(GetSeriesRequest {
+                    session_id: self.id.clone(),
+                    device: String::new(),
+                    page_size: SERIES_PAGE_SIZE,
+                    page_token,
+                })
+                .await
+                .map_err(|status| describe_status(&status))?
+                .into_inner();
+            let more_pages = !page.next_page_token.is_empty();
+            if keep_page(&mut series, page.samples, more_pages, self.max_samples) {
+                return Ok(series);
+            }
+            page_token = page.next_page_token;
+        }
     }
 }
 
@@ -155,6 +201,38 @@ fn run_energy(device: DeviceEnergy) -> RunEnergy {
     }
 }
 
+/// Adds a page of samples to `series` up to `max_samples`; true when the
+/// series is complete (no more pages, or full, marked truncated if samples
+/// were left out).
+fn keep_page(
+    series: &mut PowerSeries,
+    page: Vec<Sample>,
+    more_pages: bool,
+    max_samples: usize,
+) -> bool {
+    let room = max_samples.saturating_sub(series.samples.len());
+    let page_overflows = page.len() > room;
+    series
+        .samples
+        .extend(page.into_iter().take(room).map(run_power_sample));
+    let full = series.samples.len() >= max_samples;
+    if !more_pages || full {
+        series.truncated = page_overflows || (full && more_pages);
+        return true;
+    }
+    false
+}
+
+fn run_power_sample(sample: Sample) -> RunPowerSample {
+    RunPowerSample {
+        device: sample.device,
+        time: sample.time,
+        elapsed: sample.elapsed,
+        power_w: sample.power_w,
+        energy_j: sample.energy_j,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +252,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(run_energy(integrated).method, "integrated");
+    }
+
+    fn samples(count: usize) -> Vec<Sample> {
+        (0..count)
+            .map(|i| Sample {
+                device: format!("d{i}"),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn series_stops_at_the_bound_and_says_it_was_cut() {
+        let mut series = PowerSeries::default();
+        assert!(!keep_page(&mut series, samples(3), true, 5));
+        assert!(keep_page(&mut series, samples(3), true, 5));
+        assert_eq!((series.samples.len(), series.truncated), (5, true));
+
+        // Exactly full on the last page: nothing was left out.
+        let mut series = PowerSeries::default();
+        assert!(!keep_page(&mut series, samples(3), true, 5));
+        assert!(keep_page(&mut series, samples(2), false, 5));
+        assert_eq!((series.samples.len(), series.truncated), (5, false));
+
+        // Full, but the sampler has another page.
+        let mut series = PowerSeries::default();
+        assert!(keep_page(&mut series, samples(5), true, 5));
+        assert!(series.truncated);
     }
 }

@@ -92,6 +92,7 @@ impl Scheduler {
     ) -> Arc<Self> {
         Arc::new(Self {
             campaign_slots: Arc::new(Semaphore::new(config.max_running_campaigns.max(1))),
+            power: PowerMeter::new(Duration::from_secs(5), config.max_power_samples_per_run),
             store,
             hosts,
             events,
@@ -99,7 +100,6 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             shutdown,
             host_load: Mutex::new(HashMap::new()),
-            power: PowerMeter::new(Duration::from_secs(5)),
         })
     }
 
@@ -978,9 +978,9 @@ impl Scheduler {
             ..Default::default()
         };
         if succeeded {
-            let energy = match power_session.take() {
+            let power = match power_session.take() {
                 Some(session) => match session.stop().await {
-                    Ok(energy) => Some(energy),
+                    Ok(power) => Some(power),
                     Err(reason) => {
                         let error = format!("power session on host `{host}`: {reason}");
                         let update = RunUpdate {
@@ -993,6 +993,7 @@ impl Scheduler {
                 },
                 None => None,
             };
+            let (energy, power_series) = power.map(|p| (p.energy, p.series)).unzip();
             let (result_json, error) = match result_line(stdout.bytes()) {
                 Ok(result) => (result, String::new()),
                 Err(error) => (String::new(), error),
@@ -1002,6 +1003,7 @@ impl Scheduler {
                 error: Some(error),
                 finished_now: true,
                 energy,
+                power_series,
                 ..ended
             };
             self.store.transition_run(

@@ -43,6 +43,19 @@ fn page_token<T: std::str::FromStr>(token: &str) -> Result<Option<T>, Orchestrat
         })
 }
 
+/// Trims `rows` (fetched with one more than `limit`) to the page and gives
+/// the token of the next: the cursor of the page's last row, empty when no
+/// row was left over.
+fn next_page<T, C: ToString>(rows: &mut Vec<T>, limit: usize, cursor: impl Fn(&T) -> C) -> String {
+    if rows.len() <= limit {
+        return String::new();
+    }
+    rows.truncate(limit);
+    rows.last()
+        .map(|row| cursor(row).to_string())
+        .unwrap_or_default()
+}
+
 fn is_terminal(campaign: &Campaign) -> bool {
     campaign_is_terminal(CampaignState::try_from(campaign.state).unwrap_or_default())
 }
@@ -185,17 +198,13 @@ impl Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let limit = berth_server::paging::page_size(request.page_size);
         let before = page_token::<i64>(&request.page_token)?;
-        let rows = self
+        let mut rows = self
             .store
             .list_campaigns(before, limit + 1)
             .map_err(OrchestratorError::from)?;
-        let next_page_token = if rows.len() > limit {
-            rows[limit - 1].0.to_string()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut rows, limit, |(seq, _)| *seq);
         let mut campaigns = Vec::with_capacity(limit);
-        for (_, mut campaign) in rows.into_iter().take(limit) {
+        for (_, mut campaign) in rows {
             campaign.runs = Some(
                 self.store
                     .run_counts(&campaign.id)
@@ -323,16 +332,36 @@ impl Orchestrator for OrchestratorService {
             .store
             .runs(&request.campaign_id, state, after, limit + 1)
             .map_err(OrchestratorError::from)?;
-        let next_page_token = if runs.len() > limit {
-            runs.truncate(limit);
-            runs.last()
-                .map(|r| r.sequence.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut runs, limit, |run| run.sequence);
         Ok(Response::new(ListRunsResponse {
             runs,
+            next_page_token,
+        }))
+    }
+
+    async fn get_run_power_series(
+        &self,
+        request: Request<GetRunPowerSeriesRequest>,
+    ) -> Result<Response<GetRunPowerSeriesResponse>, Status> {
+        let request = request.into_inner();
+        if self
+            .store
+            .run(&request.run_id)
+            .map_err(OrchestratorError::from)?
+            .is_none()
+        {
+            return Err(OrchestratorError::RunNotFound(request.run_id).into());
+        }
+        let limit = berth_server::paging::page_size(request.page_size);
+        let after = page_token::<u64>(&request.page_token)?;
+        let device = Some(request.device.as_str()).filter(|d| !d.is_empty());
+        let mut rows = self
+            .store
+            .power_series(&request.run_id, device, after, limit + 1)
+            .map_err(OrchestratorError::from)?;
+        let next_page_token = next_page(&mut rows, limit, |(position, _)| *position);
+        Ok(Response::new(GetRunPowerSeriesResponse {
+            samples: rows.into_iter().map(|(_, sample)| sample).collect(),
             next_page_token,
         }))
     }

@@ -7,7 +7,9 @@ pub mod sqlite;
 
 use std::collections::BTreeMap;
 
-use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunState};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignState, Run, RunCounts, RunPowerSample, RunState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -57,7 +59,22 @@ pub struct RunUpdate {
     pub finished_now: bool,
     pub energy: Option<Vec<berth_proto::orchestrator::v1::RunEnergy>>,
     pub logs_tail: Option<String>,
+    /// The run's power samples, written with the transition (replacing any
+    /// stored before) only when it happens.
+    pub power_series: Option<PowerSeries>,
 }
+
+/// The samples of a run's power session, as many as were kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PowerSeries {
+    pub samples: Vec<RunPowerSample>,
+    /// True when the session had more samples than these.
+    pub truncated: bool,
+}
+
+/// A stored power sample and its position in the run's series, the cursor
+/// of the next page.
+pub type StoredPowerSample = (u64, RunPowerSample);
 
 pub trait Store: Send + Sync {
     /// Records a campaign and all its runs at once.
@@ -100,7 +117,9 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<usize>;
     /// The first pending run of a backend, by sequence.
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
-    /// Moves a run to `to` if its state is one of `from`; false if it was not.
+    /// Moves a run to `to` if its state is one of `from`; false if it was
+    /// not. The state and everything in `update` (its power series included)
+    /// are written in one transaction: all of them or none.
     fn transition_run(
         &self,
         id: &str,
@@ -108,6 +127,15 @@ pub trait Store: Send + Sync {
         to: RunState,
         update: &RunUpdate,
     ) -> StoreResult<bool>;
+    /// A run's stored power samples in order, after position `after`,
+    /// optionally of one device; empty when it has none.
+    fn power_series(
+        &self,
+        run_id: &str,
+        device: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredPowerSample>>;
     /// Moves every run of the campaign in one of `from` states to `to`.
     fn transition_all(
         &self,

@@ -4,11 +4,16 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth_proto::orchestrator::v1::{Campaign, CampaignState, Run, RunCounts, RunEnergy, RunState};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignState, Run, RunCounts, RunEnergy, RunPowerSample, RunState,
+};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{HostRecord, Placement, RunUpdate, Store, StoreError, StoreResult};
+use super::{
+    HostRecord, Placement, PowerSeries, RunUpdate, Store, StoreError, StoreResult,
+    StoredPowerSample,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -41,10 +46,22 @@ CREATE TABLE IF NOT EXISTS runs (
     started_ms INTEGER,
     finished_ms INTEGER,
     energy BLOB,
-    logs_tail TEXT NOT NULL DEFAULT ''
+    logs_tail TEXT NOT NULL DEFAULT '',
+    power_samples INTEGER NOT NULL DEFAULT 0,
+    power_series_truncated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_campaign ON runs(campaign_id, sequence);
 CREATE INDEX IF NOT EXISTS runs_by_backend_state ON runs(campaign_id, backend, state, sequence);
+CREATE TABLE IF NOT EXISTS run_power_samples (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    position INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    time_ns INTEGER,
+    elapsed_ns INTEGER,
+    power_w REAL,
+    energy_j REAL,
+    PRIMARY KEY (run_id, position)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY,
     address TEXT NOT NULL,
@@ -83,6 +100,18 @@ impl SqliteStore {
         // Columns added after the first release of the schema.
         add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
         add_column_if_missing(&connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
+        add_column_if_missing(
+            &connection,
+            "runs",
+            "power_samples",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
+        add_column_if_missing(
+            &connection,
+            "runs",
+            "power_series_truncated",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
         add_column_if_missing(
             &connection,
             "hosts",
@@ -166,6 +195,68 @@ fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
         .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
+const NANOS_PER_SECOND: i64 = 1_000_000_000;
+
+/// Seconds and nanoseconds (of a timestamp or a duration) as nanoseconds;
+/// i64 holds them until the year 2262.
+fn to_nanos(seconds: i64, nanos: i32) -> i64 {
+    seconds
+        .saturating_mul(NANOS_PER_SECOND)
+        .saturating_add(i64::from(nanos))
+}
+
+fn from_nanos(total: i64) -> (i64, i32) {
+    (
+        total.div_euclid(NANOS_PER_SECOND),
+        total.rem_euclid(NANOS_PER_SECOND) as i32,
+    )
+}
+
+fn insert_power_series(
+    tx: &rusqlite::Transaction<'_>,
+    run_id: &str,
+    series: &PowerSeries,
+) -> StoreResult<()> {
+    tx.execute("DELETE FROM run_power_samples WHERE run_id = ?1", [run_id])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO run_power_samples (run_id, position, device, time_ns, elapsed_ns, power_w, energy_j) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (position, sample) in series.samples.iter().enumerate() {
+        insert.execute(params![
+            run_id,
+            position as i64,
+            sample.device,
+            sample.time.map(|t| to_nanos(t.seconds, t.nanos)),
+            sample.elapsed.map(|d| to_nanos(d.seconds, d.nanos)),
+            sample.power_w,
+            sample.energy_j
+        ])?;
+    }
+    Ok(())
+}
+
+fn power_sample_row(row: &Row<'_>) -> rusqlite::Result<StoredPowerSample> {
+    let time_ns: Option<i64> = row.get(2)?;
+    let elapsed_ns: Option<i64> = row.get(3)?;
+    Ok((
+        row.get::<_, i64>(0)? as u64,
+        RunPowerSample {
+            device: row.get(1)?,
+            time: time_ns.map(|ns| {
+                let (seconds, nanos) = from_nanos(ns);
+                prost_types::Timestamp { seconds, nanos }
+            }),
+            elapsed: elapsed_ns.map(|ns| {
+                let (seconds, nanos) = from_nanos(ns);
+                prost_types::Duration { seconds, nanos }
+            }),
+            power_w: row.get(4)?,
+            energy_j: row.get(5)?,
+        },
+    ))
+}
+
 const CAMPAIGN_COLUMNS: &str =
     "seq, id, name, state, status_message, manifest, created_ms, finished_ms";
 
@@ -186,7 +277,8 @@ fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
 }
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
-                           exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy, logs_tail";
+                           exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy, logs_tail, \
+                           power_samples, power_series_truncated";
 
 fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let params: String = row.get(4)?;
@@ -214,6 +306,8 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         finished_at: timestamp(row.get(16)?),
         energy: decode_energy(&row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default()),
         logs_tail: row.get(18)?,
+        power_samples: row.get(19)?,
+        power_series_truncated: row.get(20)?,
     })
 }
 
@@ -434,11 +528,16 @@ impl Store for SqliteStore {
                 started_ms = CASE WHEN ?9 THEN ?11 ELSE started_ms END,
                 finished_ms = CASE WHEN ?10 THEN ?11 ELSE finished_ms END,
                 energy = COALESCE(?12, energy),
-                logs_tail = COALESCE(?13, logs_tail)
+                logs_tail = COALESCE(?13, logs_tail),
+                power_samples = COALESCE(?14, power_samples),
+                power_series_truncated = COALESCE(?15, power_series_truncated)
              WHERE id = ?1 AND state IN ({})",
             state_list(from)
         );
-        let changed = self.db().execute(
+        let series = update.power_series.as_ref();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let changed = tx.execute(
             &sql,
             params![
                 id,
@@ -453,10 +552,39 @@ impl Store for SqliteStore {
                 update.finished_now,
                 now,
                 update.energy.as_deref().map(encode_energy),
-                update.logs_tail
+                update.logs_tail,
+                series.map(|s| s.samples.len() as i64),
+                series.map(|s| s.truncated)
             ],
         )?;
-        Ok(changed == 1)
+        if changed != 1 {
+            return Ok(false);
+        }
+        if let Some(series) = series {
+            insert_power_series(&tx, id, series)?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn power_series(
+        &self,
+        run_id: &str,
+        device: Option<&str>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredPowerSample>> {
+        let db = self.db();
+        let mut statement = db.prepare_cached(
+            "SELECT position, device, time_ns, elapsed_ns, power_w, energy_j FROM run_power_samples \
+             WHERE run_id = ?1 AND position > ?2 AND (?3 IS NULL OR device = ?3) ORDER BY position LIMIT ?4",
+        )?;
+        let after = after.map_or(-1, |p| p as i64);
+        let rows = statement.query_map(
+            params![run_id, after, device, limit as i64],
+            power_sample_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn transition_all(
@@ -645,6 +773,168 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].logs_tail, "warming up\n");
         assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "m1");
+    }
+
+    fn series(devices: &[&str], per_device: u64) -> PowerSeries {
+        let samples = (0..per_device)
+            .flat_map(|i| {
+                devices.iter().map(move |device| RunPowerSample {
+                    device: (*device).into(),
+                    time: Some(prost_types::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: (i * 5_000_000) as i32,
+                    }),
+                    elapsed: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: (i * 5_000_000) as i32,
+                    }),
+                    power_w: Some(100.0 + i as f64),
+                    energy_j: None,
+                })
+            })
+            .collect();
+        PowerSeries {
+            samples,
+            truncated: false,
+        }
+    }
+
+    fn succeeded_with(series: PowerSeries) -> RunUpdate {
+        RunUpdate {
+            finished_now: true,
+            power_series: Some(series),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn power_series_is_written_with_the_transition_only() {
+        let (_dir, store) = store();
+        store
+            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0), run("r2", 1)])
+            .unwrap();
+        let stored = series(&["gpu0"], 3);
+        // Not in a `from` state: neither the state nor the samples change.
+        assert!(
+            !store
+                .transition_run(
+                    "r1",
+                    &[RunState::Running],
+                    RunState::Succeeded,
+                    &succeeded_with(stored.clone())
+                )
+                .unwrap()
+        );
+        assert!(store.power_series("r1", None, None, 10).unwrap().is_empty());
+        assert_eq!(store.run("r1").unwrap().unwrap().power_samples, 0);
+
+        assert!(
+            store
+                .transition_run(
+                    "r1",
+                    &[RunState::Pending],
+                    RunState::Succeeded,
+                    &succeeded_with(stored.clone())
+                )
+                .unwrap()
+        );
+        let read: Vec<RunPowerSample> = store
+            .power_series("r1", None, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, sample)| sample)
+            .collect();
+        assert_eq!(read, stored.samples);
+        let run = store.run("r1").unwrap().unwrap();
+        assert_eq!((run.power_samples, run.power_series_truncated), (3, false));
+        // A run without power has an empty series, not an error.
+        assert!(store.power_series("r2", None, None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn replayed_transition_neither_duplicates_nor_mixes_samples() {
+        let (_dir, store) = store();
+        store
+            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
+            .unwrap();
+        let first = series(&["gpu0"], 4);
+        let mut replay = series(&["gpu1"], 9);
+        replay.truncated = true;
+        for update in [succeeded_with(first), succeeded_with(replay)] {
+            store
+                .transition_run("r1", &[RunState::Pending], RunState::Succeeded, &update)
+                .unwrap();
+        }
+        let read = store.power_series("r1", None, None, 100).unwrap();
+        assert_eq!(read.len(), 4);
+        assert!(read.iter().all(|(_, s)| s.device == "gpu0"));
+        let run = store.run("r1").unwrap().unwrap();
+        assert_eq!((run.power_samples, run.power_series_truncated), (4, false));
+    }
+
+    #[test]
+    fn power_series_pages_by_position_and_filters_by_device() {
+        let (_dir, store) = store();
+        store
+            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
+            .unwrap();
+        store
+            .transition_run(
+                "r1",
+                &[RunState::Pending],
+                RunState::Succeeded,
+                &succeeded_with(series(&["gpu0", "gpu1"], 5)),
+            )
+            .unwrap();
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.power_series("r1", Some("gpu1"), after, 2).unwrap();
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            pages.push(page.len());
+        }
+        assert_eq!(pages, [2, 2, 1]);
+        let all = store.power_series("r1", None, Some(7), 100).unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|(position, _)| *position)
+                .collect::<Vec<_>>(),
+            [8, 9]
+        );
+    }
+
+    #[test]
+    fn a_database_from_before_power_series_gains_them_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
+                .unwrap();
+            store
+                .db()
+                .execute_batch(
+                    "DROP TABLE run_power_samples;
+                     ALTER TABLE runs DROP COLUMN power_samples;
+                     ALTER TABLE runs DROP COLUMN power_series_truncated;",
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.run("r1").unwrap().unwrap().power_samples, 0);
+        assert!(
+            store
+                .transition_run(
+                    "r1",
+                    &[RunState::Pending],
+                    RunState::Succeeded,
+                    &succeeded_with(series(&["gpu0"], 2)),
+                )
+                .unwrap()
+        );
+        assert_eq!(store.power_series("r1", None, None, 10).unwrap().len(), 2);
     }
 
     #[test]

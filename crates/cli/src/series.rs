@@ -1,0 +1,152 @@
+//! `berth series <run-id>`: the power samples stored with a run, fetched a
+//! page at a time with GetRunPowerSeries, as CSV or JSON with the same
+//! fields: device, time (RFC 3339), elapsed_s (since the run's power session
+//! opened), power_w and energy_j (empty or null when the device has none).
+
+use berth_proto::orchestrator::v1::{GetRunPowerSeriesRequest, RunPowerSample};
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use crate::export::csv_quoted;
+use crate::{CliError, Client};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SeriesFormat {
+    Csv,
+    Json,
+}
+
+/// Samples asked for per GetRunPowerSeries call (the most the orchestrator gives).
+const PAGE_SIZE: u32 = 1000;
+
+/// Every stored sample of the run, of one device when `device` is not empty.
+pub async fn fetch_series(
+    client: &mut Client,
+    run_id: &str,
+    device: &str,
+) -> Result<Vec<RunPowerSample>, CliError> {
+    let mut samples = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_run_power_series(GetRunPowerSeriesRequest {
+                run_id: run_id.to_string(),
+                device: device.to_string(),
+                page_size: PAGE_SIZE,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        samples.extend(page.samples);
+        if page.next_page_token.is_empty() {
+            return Ok(samples);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn elapsed_seconds(sample: &RunPowerSample) -> Option<f64> {
+    sample
+        .elapsed
+        .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+fn time(sample: &RunPowerSample) -> Option<String> {
+    sample.time.map(|t| t.to_string())
+}
+
+pub fn encode(samples: &[RunPowerSample], format: SeriesFormat) -> String {
+    match format {
+        SeriesFormat::Csv => csv(samples),
+        SeriesFormat::Json => json(samples),
+    }
+}
+
+fn csv(samples: &[RunPowerSample]) -> String {
+    fn cell<T: ToString>(value: Option<T>) -> String {
+        value.map(|v| v.to_string()).unwrap_or_default()
+    }
+    let mut out = String::from("device,time,elapsed_s,power_w,energy_j\n");
+    for sample in samples {
+        let row = [
+            csv_quoted(&sample.device),
+            cell(time(sample)),
+            cell(elapsed_seconds(sample)),
+            cell(sample.power_w),
+            cell(sample.energy_j),
+        ];
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn json(samples: &[RunPowerSample]) -> String {
+    let rows: Vec<Value> = samples
+        .iter()
+        .map(|sample| {
+            json!({
+                "device": sample.device,
+                "time": time(sample),
+                "elapsed_s": elapsed_seconds(sample),
+                "power_w": sample.power_w,
+                "energy_j": sample.energy_j,
+            })
+        })
+        .collect();
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&rows).unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<RunPowerSample> {
+        vec![
+            RunPowerSample {
+                device: "replay:gpu0".into(),
+                time: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+                elapsed: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
+                power_w: Some(120.5),
+                energy_j: None,
+            },
+            RunPowerSample {
+                device: "a,b".into(),
+                energy_j: Some(3.0),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn csv_has_a_line_per_sample_and_empty_cells_for_absent_values() {
+        let csv = encode(&samples(), SeriesFormat::Csv);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "device,time,elapsed_s,power_w,energy_j",
+                "replay:gpu0,2023-11-14T22:13:20Z,1.5,120.5,",
+                "\"a,b\",,,,3",
+            ]
+        );
+    }
+
+    #[test]
+    fn json_has_the_same_fields_with_nulls() {
+        let rows: Vec<Value> =
+            serde_json::from_str(&encode(&samples(), SeriesFormat::Json)).unwrap();
+        assert_eq!(rows[0]["elapsed_s"], 1.5);
+        assert_eq!(rows[0]["energy_j"], Value::Null);
+        assert_eq!(rows[1]["energy_j"], 3.0);
+    }
+}
