@@ -142,6 +142,22 @@ impl Agent {
         );
     }
 
+    async fn assert_image_listed(&mut self) {
+        let images = self
+            .client
+            .list_images(ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            images
+                .images
+                .iter()
+                .any(|i| i.references.iter().any(|r| r.ends_with(&self.image))),
+            "{images:?}"
+        );
+    }
+
     fn spec(&self, command: &[&str]) -> WorkloadSpec {
         WorkloadSpec {
             runtime: self.engine.runtime as i32,
@@ -414,18 +430,7 @@ async fn agent_lifecycle_exec_logs_stats_images() {
         info.runtimes.contains(&(agent.engine.runtime as i32)),
         "{info:?}"
     );
-    let images = agent
-        .client
-        .list_images(ListImagesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        images
-            .images
-            .iter()
-            .any(|i| i.references.iter().any(|r| r.ends_with(&agent.image)))
-    );
+    agent.assert_image_listed().await;
 
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join("hello.txt"), "from the host").unwrap();
@@ -664,19 +669,7 @@ async fn agent_imports_a_docker_save_archive() {
     assert_eq!(error.code(), Code::NotFound, "{error:?}");
 
     agent.import(archive.path(), true).await;
-    let images = agent
-        .client
-        .list_images(ListImagesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        images
-            .images
-            .iter()
-            .any(|i| i.references.iter().any(|r| r.ends_with(&agent.image))),
-        "{images:?}"
-    );
+    agent.assert_image_listed().await;
     let id = agent.run("after", agent.spec(&["sleep", "1000"])).await.id;
     let (out, _, exit) = agent
         .exec(&id, &["echo", "from the archive"], None)

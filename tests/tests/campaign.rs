@@ -4,7 +4,7 @@
 //! flight adopted) and an agent restarted mid-run (its run retried).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -191,14 +191,7 @@ async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
     assert_eq!(host.status, HostStatus::Unreachable as i32, "{host:?}");
 
     let manifest = "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}, {name: c}]\nrun: {command: [sh, -c, 'echo {\"v\": 1}']}\n";
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let campaign = submit(&mut client, manifest.into()).await;
     let waiting = wait_until(&mut client, &campaign.id, "waiting for gpu-01", |c| {
         c.status_message.contains("gpu-01")
     })
@@ -284,29 +277,16 @@ fn assert_each_recorded_once(runs: &[Run], expected: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let log = dir.path().join("finished.log");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let orchestrator = start_orchestrator(dir.path(), port);
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: slow_campaign("crash", &log, 0.2, 1.5),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (local, mut client) = start_local(&[]).await;
+    let log = local.dir.path().join("finished.log");
+    let campaign = submit(&mut client, slow_campaign("crash", &log, 0.2, 1.5)).await;
     // A long run, so that it is still running when the old orchestrator dies.
     let in_flight = a_run_in_flight(&mut client, &campaign.id, 3, "n=4").await;
-    orchestrator.kill();
+    local.orchestrator.kill();
     let killed_at = std::time::SystemTime::now();
 
-    let orchestrator = start_orchestrator(dir.path(), port);
-    let mut client = connect(port).await;
+    let orchestrator = start_orchestrator(local.dir.path(), local.port);
+    let mut client = connect(local.port).await;
     let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let counts = done.runs.unwrap();
@@ -345,27 +325,14 @@ async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
 /// Runs the slow campaign and restarts its agent while a run is in flight;
 /// returns the ended campaign, its runs and the id of the run that was in flight.
 async fn restart_the_agent_mid_run(settings: &[&str]) -> (Campaign, Vec<Run>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let log = dir.path().join("finished.log");
-    let agent = start_agent(&socket);
-    let port = free_port();
-    let _orchestrator = start_orchestrator_with(dir.path(), port, settings);
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: slow_campaign("agent-restart", &log, 0.2, 1.0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (local, mut client) = start_local(settings).await;
+    let log = local.dir.path().join("finished.log");
+    let campaign = submit(&mut client, slow_campaign("agent-restart", &log, 0.2, 1.0)).await;
     let in_flight = a_run_in_flight(&mut client, &campaign.id, 2, "n=4").await;
     // The new agent knows nothing of the old one's execs or environments.
-    agent.kill();
-    let _ = std::fs::remove_file(&socket);
-    let _agent = start_agent(&socket);
+    local.agent.kill();
+    let _ = std::fs::remove_file(&local.socket);
+    let _agent = start_agent(&local.socket);
 
     let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
     let runs = all_runs(&mut client, &campaign.id).await;
@@ -400,22 +367,9 @@ async fn a_run_interrupted_past_the_attempt_cap_fails_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_campaign_kills_its_run_in_flight_on_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let log = dir.path().join("finished.log");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let _orchestrator = start_orchestrator(dir.path(), port);
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: slow_campaign("cancel", &log, 1.5, 1.5),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (local, mut client) = start_local(&[]).await;
+    let log = local.dir.path().join("finished.log");
+    let campaign = submit(&mut client, slow_campaign("cancel", &log, 1.5, 1.5)).await;
     let in_flight = a_run_in_flight(&mut client, &campaign.id, 0, "n=1").await;
     client
         .cancel_campaign(CancelCampaignRequest {
@@ -437,7 +391,50 @@ async fn cancelling_a_campaign_kills_its_run_in_flight_on_the_agent() {
     assert_eq!(cancelled.state, RunState::Cancelled as i32, "{cancelled:?}");
 }
 
+/// A local agent and an orchestrator that keeps its state in `dir`; both
+/// killed when dropped.
+struct Local {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    port: u16,
+    agent: Process,
+    orchestrator: Process,
+}
+
+/// Starts a local agent and an orchestrator (with `settings`), and registers
+/// the agent with it.
+async fn start_local(settings: &[&str]) -> (Local, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent = start_agent(&socket);
+    let port = free_port();
+    let orchestrator = start_orchestrator_with(dir.path(), port, settings);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    let local = Local {
+        dir,
+        socket,
+        port,
+        agent,
+        orchestrator,
+    };
+    (local, client)
+}
+
+async fn submit(client: &mut Client, manifest_yaml: String) -> Campaign {
+    client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn register_local_agent(client: &mut Client, socket: &Path) {
+    // The agent answers first, so registration does not race its start.
+    wait_for(&format!("unix://{}", socket.display())).await;
     let host = client
         .register_host(RegisterHostRequest {
             name: "local".into(),
@@ -488,14 +485,7 @@ run:
       echo "{\"v\": $v}"
 "#;
     // No host yet: the campaign waits, so the watch sees every event.
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let campaign = submit(&mut client, manifest.into()).await;
     assert_eq!(
         campaign.runs.unwrap().total,
         16,
@@ -566,13 +556,7 @@ run:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_no_host_can_place_is_refused_at_submit() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let _orchestrator = start_orchestrator(dir.path(), port);
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
+    let (_local, mut client) = start_local(&[]).await;
     let manifest = "name: t
 backends:
   - name: fits
@@ -614,13 +598,7 @@ async fn runs_keep_their_logs_tail_and_export_as_parquet() {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
 
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let _orchestrator = start_orchestrator(dir.path(), port);
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
+    let (local, mut client) = start_local(&[]).await;
     // 20 KB of noise, then the lines that must survive in the 4 KiB tail
     // (after a pause: stdout and stderr are separate pipes, read as they come).
     let manifest = r#"name: logs
@@ -638,14 +616,7 @@ run:
       echo "stderr of {{run_id}}" >&2
       echo '{"n": {{n}}, "tokens": 100}'
 "#;
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let campaign = submit(&mut client, manifest.into()).await;
     let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let runs = all_runs(&mut client, &campaign.id).await;
@@ -670,11 +641,11 @@ run:
         );
     }
 
-    let file = dir.path().join("runs.parquet");
+    let file = local.dir.path().join("runs.parquet");
     let exported = Command::new(bin("berth"))
         .args([
             "--orchestrator",
-            &format!("http://127.0.0.1:{port}"),
+            &format!("http://127.0.0.1:{}", local.port),
             "results",
             &campaign.id,
             "--runs",
@@ -724,7 +695,7 @@ run:
     let refused = Command::new(bin("berth"))
         .args([
             "--orchestrator",
-            &format!("http://127.0.0.1:{port}"),
+            &format!("http://127.0.0.1:{}", local.port),
             "results",
             &campaign.id,
             "--runs",

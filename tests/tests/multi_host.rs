@@ -29,6 +29,8 @@ use berth_server::client::AuthChannel;
 use berth_tests::{Process, free_port, wait_for};
 
 type Client = OrchestratorClient<AuthChannel>;
+/// A campaign's event messages, as `collect_events` gathers them.
+type Events = Arc<Mutex<Vec<String>>>;
 
 const SSHD: &str = "/usr/sbin/sshd";
 const DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -401,6 +403,18 @@ impl Cluster {
         )
     }
 
+    /// Starts the orchestrator, registers the hosts and submits the campaign
+    /// (see `manifest`); its events are collected as they come.
+    async fn launch(&mut self, pinned: &[bool; HOSTS]) -> (Client, Campaign, Events) {
+        self.start_orchestrator();
+        let mut client = self.client().await;
+        self.register_hosts(&mut client).await;
+        let campaign = submit(&mut client, self.manifest(pinned)).await;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        collect_events(&mut client, &campaign.id, Arc::clone(&events)).await;
+        (client, campaign, events)
+    }
+
     fn finished_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log/finished.log")).unwrap_or_default()
     }
@@ -469,7 +483,7 @@ async fn import(mut agent: ContainerAgentClient<AuthChannel>, tar: &Path, refere
 
 /// Every event message of the campaign, collected in the background until
 /// the stream ends (campaign over or orchestrator gone).
-async fn collect_events(client: &mut Client, id: &str, into: Arc<Mutex<Vec<String>>>) {
+async fn collect_events(client: &mut Client, id: &str, into: Events) {
     let mut stream = client
         .watch_campaign(WatchCampaignRequest { id: id.into() })
         .await
@@ -641,12 +655,7 @@ async fn multi_host_kill_9_of_the_orchestrator_mid_campaign() {
     let Some(mut cluster) = Cluster::start(test, 1).await else {
         return;
     };
-    cluster.start_orchestrator();
-    let mut client = cluster.client().await;
-    cluster.register_hosts(&mut client).await;
-    let campaign = submit(&mut client, cluster.manifest(&[true; HOSTS])).await;
-    let events = Arc::new(Mutex::new(Vec::new()));
-    collect_events(&mut client, &campaign.id, Arc::clone(&events)).await;
+    let (mut client, campaign, events) = cluster.launch(&[true; HOSTS]).await;
     wait_runs(&mut client, &campaign.id, "a third done", |runs| {
         let done: usize = (1..=HOSTS).map(|n| succeeded(runs, &format!("b{n}"))).sum();
         done >= 8 && runs.iter().any(|r| r.state == RunState::Running as i32)
@@ -695,14 +704,9 @@ async fn multi_host_one_host_cut_off_mid_run() {
     let Some(mut cluster) = Cluster::start(test, 2).await else {
         return;
     };
-    cluster.start_orchestrator();
-    let mut client = cluster.client().await;
-    cluster.register_hosts(&mut client).await;
     // b1 may go anywhere (it lands on h1, the first of the least loaded);
     // b2 and b3 are pinned to h2 and h3.
-    let campaign = submit(&mut client, cluster.manifest(&[false, true, true])).await;
-    let events = Arc::new(Mutex::new(Vec::new()));
-    collect_events(&mut client, &campaign.id, Arc::clone(&events)).await;
+    let (mut client, campaign, events) = cluster.launch(&[false, true, true]).await;
     wait_runs(&mut client, &campaign.id, "b1 running a run", |runs| {
         succeeded(runs, "b1") >= 2 && running_on(runs, "b1").is_some()
     })
@@ -765,12 +769,7 @@ async fn multi_host_backend_container_killed_mid_run() {
     let Some(mut cluster) = Cluster::start(test, 3).await else {
         return;
     };
-    cluster.start_orchestrator();
-    let mut client = cluster.client().await;
-    cluster.register_hosts(&mut client).await;
-    let campaign = submit(&mut client, cluster.manifest(&[true; HOSTS])).await;
-    let events = Arc::new(Mutex::new(Vec::new()));
-    collect_events(&mut client, &campaign.id, Arc::clone(&events)).await;
+    let (mut client, campaign, events) = cluster.launch(&[true; HOSTS]).await;
     wait_runs(&mut client, &campaign.id, "b2 running a run", |runs| {
         succeeded(runs, "b2") >= 2 && running_on(runs, "b2").is_some()
     })

@@ -288,7 +288,8 @@ mod tests {
         let pid_file = dir.path().join("pid");
         let script = format!("echo $$ > {}; sleep 30 & sleep 30", pid_file.display());
         let mut rx = run_streaming(&sh(&script), None, permit()).unwrap();
-        while !pid_file.exists() {
+        // The file exists (empty) before the pid is in it.
+        while std::fs::read_to_string(&pid_file).map_or(true, |s| !s.ends_with('\n')) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(rx.try_recv());

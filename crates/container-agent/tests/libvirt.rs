@@ -112,6 +112,13 @@ impl Agent {
             .map(tonic::Response::into_inner)
     }
 
+    async fn start_workload(&mut self, id: &str) -> Result<Workload, tonic::Status> {
+        self.client
+            .start_workload(WorkloadRef { id: id.to_string() })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     async fn inspect(&mut self, id: &str) -> Result<Workload, tonic::Status> {
         self.client
             .inspect_workload(WorkloadRef { id: id.to_string() })
@@ -156,6 +163,17 @@ fn qemu_img(test: &str) -> bool {
         eprintln!("SKIP {test}: no qemu-img on PATH (Debian: qemu-utils)");
     }
     found
+}
+
+/// The agent, with an empty base image in its directory; `None` (and why)
+/// when there is no agent or no qemu-img here.
+fn with_base_image(agent: Option<Agent>, test: &str) -> Option<(Agent, PathBuf)> {
+    let agent = agent?;
+    if !qemu_img(test) {
+        return None;
+    }
+    let base = base_image(agent.dir.path());
+    Some((agent, base))
 }
 
 /// An empty qcow2 image to be a base image.
@@ -205,13 +223,9 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
 #[tokio::test]
 async fn a_vm_is_created_started_stopped_and_removed() {
     let test = "lifecycle";
-    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
         return;
     };
-    if !qemu_img(test) {
-        return;
-    }
-    let base = base_image(agent.dir.path());
     let mut events = agent
         .client
         .events(EventsRequest::default())
@@ -250,12 +264,7 @@ async fn a_vm_is_created_started_stopped_and_removed() {
     assert_eq!(info["backing-filename"], base.display().to_string());
     assert_eq!(files[0].join("seed.iso").exists(), with_seed);
 
-    let started = agent
-        .client
-        .start_workload(WorkloadRef { id: "vm1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = agent.start_workload("vm1").await.unwrap();
     assert_eq!(state(&started), WorkloadState::Running);
     assert!(started.started_at.is_some(), "the uptime is known");
     assert_eq!(agent.inspect(&created.id).await.unwrap().name, "vm1");
@@ -303,25 +312,15 @@ async fn a_vm_is_created_started_stopped_and_removed() {
 #[tokio::test]
 async fn a_vm_can_be_powered_off_and_removed_running_with_force() {
     let test = "force";
-    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
         return;
     };
-    if !qemu_img(test) {
-        return;
-    }
-    let base = base_image(agent.dir.path());
     agent.create("vm2", vm_spec(&base)).await.unwrap();
-    let start = |mut client: Client| async move {
-        client
-            .start_workload(WorkloadRef { id: "vm2".into() })
-            .await
-            .unwrap()
-    };
-    start(agent.client.clone()).await;
+    agent.start_workload("vm2").await.unwrap();
     // No time for a graceful shutdown: powered off at once.
     let stopped = agent.stop("vm2", Duration::ZERO).await.unwrap();
     assert_eq!(state(&stopped), WorkloadState::Stopped);
-    start(agent.client.clone()).await;
+    agent.start_workload("vm2").await.unwrap();
     agent.remove("vm2", true).await.unwrap();
     assert!(agent.names().await.is_empty());
     assert!(agent.files_left().is_empty());
@@ -330,13 +329,9 @@ async fn a_vm_can_be_powered_off_and_removed_running_with_force() {
 #[tokio::test]
 async fn bad_specs_are_refused_naming_the_field_and_leave_nothing() {
     let test = "bad-input";
-    let Some(mut agent) = Agent::on_test_node(test, "").await else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
         return;
     };
-    if !qemu_img(test) {
-        return;
-    }
-    let base = base_image(agent.dir.path());
     type Change = fn(&mut WorkloadSpec);
     let cases: [(Change, Code, &str); 7] = [
         (
@@ -434,15 +429,11 @@ async fn a_domain_libvirt_refuses_leaves_no_overlay() {
     let test = "refused";
     // A domain type libvirt does not know makes the define fail after the
     // overlay was made.
-    let Some(mut agent) =
-        Agent::on_test_node_with(test, "", |c| c.libvirt.domain_type = "no-such-type".into()).await
-    else {
+    let agent =
+        Agent::on_test_node_with(test, "", |c| c.libvirt.domain_type = "no-such-type".into()).await;
+    let Some((mut agent, base)) = with_base_image(agent, test) else {
         return;
     };
-    if !qemu_img(test) {
-        return;
-    }
-    let base = base_image(agent.dir.path());
     let status = agent.create("vm3", vm_spec(&base)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("libvirt refused"), "{status:?}");
@@ -578,16 +569,14 @@ async fn a_real_vm_boots_and_stops() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
-        return;
-    };
-    if !qemu_img(test) {
-        return;
-    }
     // An empty disk: the firmware finds nothing to boot and waits, which is
     // enough to see qemu run under KVM; it ignores the ACPI power button, so
     // the stop ends in destroy.
-    let base = base_image(agent.dir.path());
+    let Some((mut agent, base)) =
+        with_base_image(Agent::start(test, dir, &uri, |_| {}).await, test)
+    else {
+        return;
+    };
     let mut spec = vm_spec(&base);
     let vm = spec.vm.as_mut().unwrap();
     vm.network = "none".into();
@@ -595,13 +584,9 @@ async fn a_real_vm_boots_and_stops() {
     vm.memory_bytes = 64 << 20;
     let name = format!("berth-test-{}", std::process::id());
     agent.create(&name, spec).await.unwrap();
-    let started = agent
-        .client
-        .start_workload(WorkloadRef { id: name.clone() })
-        .await;
-    let stopped = match started {
+    let stopped = match agent.start_workload(&name).await {
         Ok(started) => {
-            assert_eq!(state(&started.into_inner()), WorkloadState::Running);
+            assert_eq!(state(&started), WorkloadState::Running);
             agent
                 .stop(&name, Duration::from_secs(2))
                 .await

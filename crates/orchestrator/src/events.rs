@@ -30,6 +30,14 @@ impl CampaignEvents {
             .subscribe()
     }
 
+    /// Whether anyone watches the campaign: an event nobody receives is not
+    /// worth its campaign snapshot (a count over all the campaign's runs).
+    pub fn is_watched(&self, campaign_id: &str) -> bool {
+        self.channels()
+            .get(campaign_id)
+            .is_some_and(|sender| sender.receiver_count() > 0)
+    }
+
     pub fn publish(&self, campaign_id: &str, event: CampaignEvent) {
         let mut channels = self.channels();
         // Nobody is watching: drop the channel so idle campaigns cost nothing.
@@ -39,5 +47,20 @@ impl CampaignEvents {
         {
             channels.remove(campaign_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_campaigns_with_a_live_watcher_are_watched() {
+        let events = CampaignEvents::default();
+        assert!(!events.is_watched("c1"));
+        let watcher = events.subscribe("c1");
+        assert!(events.is_watched("c1") && !events.is_watched("c2"));
+        drop(watcher);
+        assert!(!events.is_watched("c1"));
     }
 }

@@ -226,6 +226,9 @@ impl Scheduler {
         warmup_ended: Option<WarmupEnded>,
         message: String,
     ) {
+        if !self.events.is_watched(id) {
+            return;
+        }
         match self.snapshot(id) {
             Ok(campaign) => self.events.publish(
                 id,
@@ -502,20 +505,14 @@ impl Scheduler {
                     continue;
                 }
             };
-            self.store.transition_run(
-                &run.id,
-                &[RunState::Dispatched],
-                RunState::Running,
-                &RunUpdate::default(),
-            )?;
-            self.publish_run(
-                &ctx.id,
-                &run.id,
+            self.start_running(
+                ctx,
+                &run,
                 format!(
                     "run {} adopted on {} after a restart (attempt {attempt})",
                     run.id, run.host
                 ),
-            );
+            )?;
             if let Some(why) = self
                 .follow(ctx, &run, attempt, (&run.host, client), stream, None)
                 .await?
@@ -852,17 +849,11 @@ impl Scheduler {
             }
             Err(status) => return self.exec_refused(ctx, run, attempt, &status),
         };
-        self.store.transition_run(
-            &run.id,
-            &[RunState::Dispatched],
-            RunState::Running,
-            &RunUpdate::default(),
-        )?;
-        self.publish_run(
-            &ctx.id,
-            &run.id,
+        self.start_running(
+            ctx,
+            run,
             format!("run {} running on {}", run.id, placed.host),
-        );
+        )?;
         self.follow(
             ctx,
             run,
@@ -889,6 +880,7 @@ impl Scheduler {
         mut power_session: Option<PowerSession>,
     ) -> Result<Option<Interrupted>, OrchestratorError> {
         let key = exec_key(&run.id, attempt);
+        let requeue = |why| self.requeue(ctx, run, attempt, RunState::Running, why);
         let followed_since = SystemTime::now();
         let template = &ctx.plan.manifest.run;
         let mut stdout = Tail::new(STDOUT_TAIL_BYTES);
@@ -926,13 +918,7 @@ impl Scheduler {
             };
             if reattached == MAX_REATTACHES {
                 let why = format!("{lost}; the stream broke again after {MAX_REATTACHES} attaches");
-                return self.requeue(
-                    ctx,
-                    run,
-                    attempt,
-                    RunState::Running,
-                    Interrupted::HostLost(why),
-                );
+                return requeue(Interrupted::HostLost(why));
             }
             reattached += 1;
             match client.attach_exec(attach_request(&key)).await {
@@ -946,23 +932,11 @@ impl Scheduler {
                 }
                 Err(status) if status.code() == tonic::Code::NotFound => {
                     let why = format!("{lost}; host `{host}` answers but no longer has the exec");
-                    return self.requeue(
-                        ctx,
-                        run,
-                        attempt,
-                        RunState::Running,
-                        Interrupted::BackendLost(why),
-                    );
+                    return requeue(Interrupted::BackendLost(why));
                 }
                 Err(status) => {
                     let why = format!("{lost}; {}", describe_status(&status));
-                    return self.requeue(
-                        ctx,
-                        run,
-                        attempt,
-                        RunState::Running,
-                        Interrupted::HostLost(why),
-                    );
+                    return requeue(Interrupted::HostLost(why));
                 }
             }
         };
@@ -1020,13 +994,7 @@ impl Scheduler {
                     .await
             {
                 let why = format!("exit code {} as {why}", exit.exit_code);
-                return self.requeue(
-                    ctx,
-                    run,
-                    attempt,
-                    RunState::Running,
-                    Interrupted::BackendLost(why),
-                );
+                return requeue(Interrupted::BackendLost(why));
             }
             let why = if exit.reason == ExitReason::TimedOut as i32 {
                 format!(
@@ -1231,6 +1199,24 @@ impl Scheduler {
             ctx.stopped_by_policy.store(true, Ordering::SeqCst);
             ctx.token.cancel();
         }
+        Ok(())
+    }
+
+    /// Records a dispatched run running (its exec is open on the agent) and
+    /// publishes `message`.
+    fn start_running(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        message: String,
+    ) -> Result<(), OrchestratorError> {
+        self.store.transition_run(
+            &run.id,
+            &[RunState::Dispatched],
+            RunState::Running,
+            &RunUpdate::default(),
+        )?;
+        self.publish_run(&ctx.id, &run.id, message);
         Ok(())
     }
 

@@ -671,6 +671,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use RunState::{Pending, Running, Succeeded};
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -685,6 +686,24 @@ mod tests {
             state: CampaignState::Pending as i32,
             ..Default::default()
         }
+    }
+
+    /// A store holding campaign `c1` with `runs`.
+    fn store_with(runs: &[Run]) -> (tempfile::TempDir, SqliteStore) {
+        let (dir, store) = store();
+        store.insert_campaign(&campaign("c1"), "m", runs).unwrap();
+        (dir, store)
+    }
+
+    /// `transition_run` from one state; whether the run moved.
+    fn moved(
+        store: &SqliteStore,
+        id: &str,
+        from: RunState,
+        to: RunState,
+        update: &RunUpdate,
+    ) -> bool {
+        store.transition_run(id, &[from], to, update).unwrap()
     }
 
     fn run(id: &str, sequence: u32) -> Run {
@@ -702,40 +721,20 @@ mod tests {
 
     #[test]
     fn result_is_recorded_once() {
-        let (_dir, store) = store();
-        store
-            .insert_campaign(&campaign("c1"), "m.yaml", &[run("r1", 0), run("r2", 1)])
-            .unwrap();
+        let (_dir, store) = store_with(&[run("r1", 0), run("r2", 1)]);
         let done = RunUpdate {
             result_json: Some("{\"x\":1}".into()),
             finished_now: true,
             ..Default::default()
         };
-        assert!(
-            store
-                .transition_run(
-                    "r1",
-                    &[RunState::Pending],
-                    RunState::Running,
-                    &RunUpdate::default()
-                )
-                .unwrap()
-        );
-        assert!(
-            store
-                .transition_run("r1", &[RunState::Running], RunState::Succeeded, &done)
-                .unwrap()
-        );
+        assert!(moved(&store, "r1", Pending, Running, &RunUpdate::default()));
+        assert!(moved(&store, "r1", Running, Succeeded, &done));
         // A replay of the same outcome (e.g. after a crash) changes nothing.
         let replay = RunUpdate {
             result_json: Some("{\"x\":2}".into()),
             ..Default::default()
         };
-        assert!(
-            !store
-                .transition_run("r1", &[RunState::Running], RunState::Succeeded, &replay)
-                .unwrap()
-        );
+        assert!(!moved(&store, "r1", Running, Succeeded, &replay));
         assert_eq!(store.run("r1").unwrap().unwrap().result_json, "{\"x\":1}");
         let counts = store.run_counts("c1").unwrap();
         assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
@@ -765,9 +764,7 @@ mod tests {
             logs_tail: Some("warming up\n".into()),
             ..Default::default()
         };
-        store
-            .transition_run("w1", &[RunState::Pending], RunState::Succeeded, &done)
-            .unwrap();
+        moved(&store, "w1", Pending, Succeeded, &done);
         assert_eq!(store.drop_pending_warmup_runs("c1", "a", "b").unwrap(), 2);
         let left = store.warmup_runs("c1", "a", "b").unwrap();
         assert_eq!(left.len(), 1);
@@ -809,35 +806,15 @@ mod tests {
 
     #[test]
     fn power_series_is_written_with_the_transition_only() {
-        let (_dir, store) = store();
-        store
-            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0), run("r2", 1)])
-            .unwrap();
+        let (_dir, store) = store_with(&[run("r1", 0), run("r2", 1)]);
         let stored = series(&["gpu0"], 3);
+        let update = succeeded_with(stored.clone());
         // Not in a `from` state: neither the state nor the samples change.
-        assert!(
-            !store
-                .transition_run(
-                    "r1",
-                    &[RunState::Running],
-                    RunState::Succeeded,
-                    &succeeded_with(stored.clone())
-                )
-                .unwrap()
-        );
+        assert!(!moved(&store, "r1", Running, Succeeded, &update));
         assert!(store.power_series("r1", None, None, 10).unwrap().is_empty());
         assert_eq!(store.run("r1").unwrap().unwrap().power_samples, 0);
 
-        assert!(
-            store
-                .transition_run(
-                    "r1",
-                    &[RunState::Pending],
-                    RunState::Succeeded,
-                    &succeeded_with(stored.clone())
-                )
-                .unwrap()
-        );
+        assert!(moved(&store, "r1", Pending, Succeeded, &update));
         let read: Vec<RunPowerSample> = store
             .power_series("r1", None, None, 10)
             .unwrap()
@@ -853,17 +830,12 @@ mod tests {
 
     #[test]
     fn replayed_transition_neither_duplicates_nor_mixes_samples() {
-        let (_dir, store) = store();
-        store
-            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
-            .unwrap();
+        let (_dir, store) = store_with(&[run("r1", 0)]);
         let first = series(&["gpu0"], 4);
         let mut replay = series(&["gpu1"], 9);
         replay.truncated = true;
         for update in [succeeded_with(first), succeeded_with(replay)] {
-            store
-                .transition_run("r1", &[RunState::Pending], RunState::Succeeded, &update)
-                .unwrap();
+            moved(&store, "r1", Pending, Succeeded, &update);
         }
         let read = store.power_series("r1", None, None, 100).unwrap();
         assert_eq!(read.len(), 4);
@@ -874,18 +846,9 @@ mod tests {
 
     #[test]
     fn power_series_pages_by_position_and_filters_by_device() {
-        let (_dir, store) = store();
-        store
-            .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
-            .unwrap();
-        store
-            .transition_run(
-                "r1",
-                &[RunState::Pending],
-                RunState::Succeeded,
-                &succeeded_with(series(&["gpu0", "gpu1"], 5)),
-            )
-            .unwrap();
+        let (_dir, store) = store_with(&[run("r1", 0)]);
+        let update = succeeded_with(series(&["gpu0", "gpu1"], 5));
+        moved(&store, "r1", Pending, Succeeded, &update);
         let mut pages = Vec::new();
         let mut after = None;
         loop {
@@ -924,16 +887,8 @@ mod tests {
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.run("r1").unwrap().unwrap().power_samples, 0);
-        assert!(
-            store
-                .transition_run(
-                    "r1",
-                    &[RunState::Pending],
-                    RunState::Succeeded,
-                    &succeeded_with(series(&["gpu0"], 2)),
-                )
-                .unwrap()
-        );
+        let update = succeeded_with(series(&["gpu0"], 2));
+        assert!(moved(&store, "r1", Pending, Succeeded, &update));
         assert_eq!(store.power_series("r1", None, None, 10).unwrap().len(), 2);
     }
 

@@ -657,30 +657,21 @@ mod tests {
     #[test]
     fn states_map_to_workload_states() {
         use ffi::shutoff_reason::{CRASHED, UNKNOWN};
-        assert_eq!(
-            workload_state(DomainState::Running, 1),
-            WorkloadState::Running
-        );
-        assert_eq!(
-            workload_state(DomainState::Paused, 1),
-            WorkloadState::Running
-        );
-        assert_eq!(
-            workload_state(DomainState::Shutoff, UNKNOWN),
-            WorkloadState::Created
-        );
-        assert_eq!(
-            workload_state(DomainState::Shutoff, 1),
-            WorkloadState::Stopped
-        );
-        assert_eq!(
-            workload_state(DomainState::Shutoff, CRASHED),
-            WorkloadState::Exited
-        );
-        assert_eq!(
-            workload_state(DomainState::Crashed, 0),
-            WorkloadState::Exited
-        );
+        let cases = [
+            (DomainState::Running, 1, WorkloadState::Running),
+            (DomainState::Paused, 1, WorkloadState::Running),
+            (DomainState::Shutoff, UNKNOWN, WorkloadState::Created),
+            (DomainState::Shutoff, 1, WorkloadState::Stopped),
+            (DomainState::Shutoff, CRASHED, WorkloadState::Exited),
+            (DomainState::Crashed, 0, WorkloadState::Exited),
+        ];
+        for (domain, reason, expected) in cases {
+            assert_eq!(
+                workload_state(domain, reason),
+                expected,
+                "{domain:?} ({reason})"
+            );
+        }
     }
 
     #[test]
