@@ -36,6 +36,9 @@ const STDERR_TAIL_BYTES: usize = 2048;
 const LOGS_TAIL_BYTES: usize = 4096;
 /// Longest result JSON line recorded.
 const MAX_RESULT_BYTES: usize = 256 * 1024;
+/// How long a signal-killed run waits for its backend's state to show
+/// whether the backend went down with it.
+const BACKEND_SETTLE: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Times one run's exec is attached again after its stream broke, before
 /// the run counts as interrupted.
@@ -383,7 +386,7 @@ impl Scheduler {
         ctx: &CampaignRun,
         run: &Run,
         client: &mut AgentClient,
-        since: SystemTime,
+        (since, exit_code): (SystemTime, i32),
     ) -> Option<String> {
         let placement = self
             .store
@@ -391,18 +394,47 @@ impl Scheduler {
             .ok()?
             .into_iter()
             .find(|p| p.backend == run.backend)?;
+        // A run killed by a signal may be its backend going down, and the
+        // engine reports the exec's end before the container's: look again
+        // for a moment before calling it the run's own failure.
+        let settle = if exit_code > 128 {
+            BACKEND_SETTLE
+        } else {
+            Duration::ZERO
+        };
+        let looked = std::time::Instant::now();
+        loop {
+            if let Some(why) = self
+                .backend_state_since(client, run, &placement.workload_id, since)
+                .await
+            {
+                return Some(why);
+            }
+            if looked.elapsed() >= settle {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Why the backend workload cannot have carried the run to its end, if
+    /// it cannot: gone, not running, or started again since `since`.
+    async fn backend_state_since(
+        &self,
+        client: &mut AgentClient,
+        run: &Run,
+        workload_id: &str,
+        since: SystemTime,
+    ) -> Option<String> {
         let workload = match client
             .inspect_workload(WorkloadRef {
-                id: placement.workload_id.clone(),
+                id: workload_id.to_string(),
             })
             .await
         {
             Ok(workload) => workload.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => {
-                return Some(format!(
-                    "backend workload `{}` is gone",
-                    placement.workload_id
-                ));
+                return Some(format!("backend workload `{workload_id}` is gone"));
             }
             Err(_) => return None,
         };
@@ -990,7 +1022,7 @@ impl Scheduler {
         } else {
             if exit.reason != ExitReason::TimedOut as i32
                 && let Some(why) = self
-                    .backend_died(ctx, run, &mut client, followed_since)
+                    .backend_died(ctx, run, &mut client, (followed_since, exit.exit_code))
                     .await
             {
                 let why = format!("exit code {} as {why}", exit.exit_code);
