@@ -21,6 +21,8 @@ use crate::runtime::ExecCommand;
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// Exit code reported for a command berth killed (128 + SIGKILL).
 const KILLED: i32 = 137;
+/// How long a kill waits for the engine to report a running exec's pid.
+const KILL_PID_WAIT: Duration = Duration::from_secs(2);
 
 /// Starts `exec` in `container` and streams its output and exit status.
 pub async fn start(
@@ -193,17 +195,34 @@ async fn exit_code(docker: &Docker, exec_id: &str) -> Option<i32> {
 /// Kills the exec'd process tree through its host pid, which the engine
 /// reports while the exec runs.
 async fn kill(docker: &Docker, exec_id: &str) {
-    let pid = match docker.inspect_exec(exec_id).await {
-        Ok(inspect) if inspect.running == Some(true) => {
-            inspect.pid.and_then(|p| u32::try_from(p).ok())
-        }
-        Ok(_) => return, // already gone
-        Err(error) => {
-            tracing::warn!(%error, exec_id, "cannot find the exec's process to kill it");
-            return;
+    // The engine can report a started exec as running before it knows its
+    // pid (seen on Docker 20.10 under load): ask again for a moment.
+    let deadline = Instant::now() + KILL_PID_WAIT;
+    let pid = loop {
+        match docker.inspect_exec(exec_id).await {
+            Ok(inspect) if inspect.running == Some(true) => {
+                match inspect.pid.and_then(|p| u32::try_from(p).ok()) {
+                    Some(pid) if pid > 0 => break Some(pid),
+                    _ if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => break None,
+                }
+            }
+            Ok(_) => return, // already gone
+            Err(error) => {
+                tracing::warn!(%error, exec_id, "cannot find the exec's process to kill it");
+                return;
+            }
         }
     };
-    if let Some(pid) = pid.filter(|p| *p > 0) {
+    if pid.is_none() {
+        tracing::warn!(
+            exec_id,
+            "the engine never gave the exec's pid; it was not killed"
+        );
+    }
+    if let Some(pid) = pid {
         match kill_tree(pid) {
             Ok(count) => tracing::debug!(exec_id, pid, count, "killed exec'd processes"),
             Err(error) => tracing::warn!(%error, exec_id, pid, "killing exec'd process failed"),
