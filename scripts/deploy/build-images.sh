@@ -96,7 +96,9 @@ copy_lib() {
 }
 libs=$( { for b in "${DYNAMIC_BINS[@]}"; do ldd "$CTX/bin/$b"; done; } | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | sort -u)
 for name in libstdc++.so.6 libgcc_s.so.1 libm.so.6 libdl.so.2 librt.so.1 libpthread.so.0; do
-  p=$(ldconfig -p | awk -v n="$name" '$1 == n && /x86-64/ {print $NF; exit}')
+  # awk reads to the end: exiting early would kill ldconfig with SIGPIPE, which pipefail turns
+  # into a silent exit of this script whenever ldconfig had not written everything yet.
+  p=$(ldconfig -p | awk -v n="$name" '$1 == n && /x86-64/ && !found {print $NF; found = 1}')
   [[ -n $p ]] || { log "library $name not found on this machine (install libstdc++6)"; exit 1; }
   libs+=$'\n'$p
 done
