@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::{HostStatus, RegisterHostRequest};
 use berth_server::client::{AuthChannel, connect};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -98,6 +100,24 @@ pub async fn wait_for(address: &str) -> AuthChannel {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// Registers the agent listening on `socket` as host `local`, once it
+/// answers (so registration does not race its start), and checks the
+/// orchestrator finds it ready.
+pub async fn register_local_agent(client: &mut OrchestratorClient<AuthChannel>, socket: &Path) {
+    let address = format!("unix://{}", socket.display());
+    wait_for(&address).await;
+    let host = client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address,
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost")
+        .into_inner();
+    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
 }
 
 /// grpc.health.v1 Check for `service` ("" for the server as a whole).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
-use berth_tests::{Process, bin, free_port, wait_for};
+use berth_tests::{Process, bin, free_port, register_local_agent, wait_for};
 
 type Client = OrchestratorClient<AuthChannel>;
 
@@ -430,21 +430,6 @@ async fn submit(client: &mut Client, manifest_yaml: String) -> Campaign {
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn register_local_agent(client: &mut Client, socket: &Path) {
-    // The agent answers first, so registration does not race its start.
-    wait_for(&format!("unix://{}", socket.display())).await;
-    let host = client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
 }
 
 async fn all_runs(client: &mut Client, campaign_id: &str) -> Vec<Run> {

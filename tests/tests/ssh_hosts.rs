@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::{Process, free_port, wait_for};
+use berth_tests::{Process, free_port, register_local_agent, wait_for};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -322,17 +322,7 @@ async fn an_unknown_placement_host_is_refused_at_submit() {
     let port = free_port();
     let _orchestrator = start_orchestrator(dir.path(), port);
     let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
-    wait_for(&format!("unix://{}", socket.display())).await;
-    let host = client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
+    register_local_agent(&mut client, &socket).await;
     let manifest = "name: t\nbackends:\n  - name: ok\n    runtime: process\n  - name: lost\n    runtime: process\n    \
                     placement: {host: nosuch}\nconfigs: [{name: a}]\nrun: {command: [true]}\n";
     for validate_only in [true, false] {

@@ -203,6 +203,16 @@ impl ModelsConfig {
         }
     }
 
+    /// The first file the service needs that is not installed: ONNX Runtime's
+    /// library, then the first model's files. None when all are there.
+    pub fn first_missing_file(&self) -> Option<PathBuf> {
+        let OrtLibrary { path, .. } = self.ort_library();
+        if !path.is_file() {
+            return Some(path);
+        }
+        crate::model::missing_file(&self.sources().first()?.dir)
+    }
+
     /// The models to load, in order: the listed ones (required) or the
     /// default model (optional).
     pub fn sources(&self) -> Vec<ModelSource> {

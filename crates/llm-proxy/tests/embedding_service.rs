@@ -7,8 +7,6 @@ mod common;
 
 use std::io::Write;
 
-use berth_embedding::config::OrtLibrary;
-use berth_embedding::model::missing_file;
 use berth_llm_proxy::litellm_config::LiteLlmConfig;
 use berth_llm_proxy::{Config, start_with};
 use common::*;
@@ -20,13 +18,7 @@ fn embedding_config() -> Option<berth_embedding::Config> {
     config.server.listen = "127.0.0.1:0".into();
     config.server.http_listen = "127.0.0.1:0".into();
     config.models.sessions = 1;
-    let OrtLibrary { path, .. } = config.models.ort_library();
-    let missing = if path.is_file() {
-        missing_file(&config.models.sources()[0].dir)
-    } else {
-        Some(path)
-    };
-    match missing {
+    match config.models.first_missing_file() {
         None => Some(config),
         Some(path) => {
             // Straight to stderr: the harness hides eprintln! of a passing test.

@@ -4,8 +4,6 @@
 #![allow(dead_code)] // each test file uses its own part of this module
 
 use berth_embedding::Config;
-use berth_embedding::config::OrtLibrary;
-use berth_embedding::model::missing_file;
 use berth_proto::embedding::v1::embedding_client::EmbeddingClient;
 use berth_server::RunningService;
 use tonic::transport::Channel;
@@ -23,13 +21,7 @@ pub fn config() -> Config {
 /// (with the reason on stderr) if not: run scripts/setup-embedding-model.sh.
 pub fn with_model() -> Option<Config> {
     let config = config();
-    let OrtLibrary { path, .. } = config.models.ort_library();
-    let missing = if path.is_file() {
-        missing_file(&config.models.sources()[0].dir)
-    } else {
-        Some(path)
-    };
-    match missing {
+    match config.models.first_missing_file() {
         None => Some(config),
         Some(path) => {
             // Straight to stderr, not eprintln!: the test harness would hide
