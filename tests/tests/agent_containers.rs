@@ -22,6 +22,9 @@ use berth_tests::{Process, free_port, wait_for};
 use tonic::Code;
 
 type Client = ContainerAgentClient<AuthChannel>;
+/// GPUs every agent of these tests declares (`agent.declared_gpus`), which
+/// `Info` reports in place of what NVML finds.
+const DECLARED_GPUS: &str = r#"[{index = 0, uuid = "GPU-berth-test-0", name = "Declared GPU", memory_bytes = 85899345920}]"#;
 /// One way to break a spec, for the bad-input cases.
 type SpecChange = Box<dyn Fn(&mut WorkloadSpec)>;
 
@@ -403,6 +406,7 @@ async fn spawn_agent(
             ("BERTH_ENGINES__OWNER", owner),
             ("BERTH_ENGINES__LEFTOVERS", leftovers),
             ("BERTH_ENGINES__STATE_DIR", &state),
+            ("BERTH_AGENT__DECLARED_GPUS", DECLARED_GPUS),
         ],
     );
     (process, ContainerAgentClient::new(wait_for(&listen).await))
@@ -429,6 +433,15 @@ async fn agent_lifecycle_exec_logs_stats_images() {
     assert!(
         info.runtimes.contains(&(agent.engine.runtime as i32)),
         "{info:?}"
+    );
+    assert_eq!(
+        info.gpus,
+        vec![Gpu {
+            index: 0,
+            uuid: "GPU-berth-test-0".into(),
+            name: "Declared GPU".into(),
+            memory_bytes: 80 << 30,
+        }]
     );
     agent.assert_image_listed().await;
 

@@ -692,3 +692,102 @@ run:
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--output"));
 }
+
+/// The backend (a host process here) is stopped behind the orchestrator's
+/// back during the gap between two cycles: its agent's events say so, and
+/// it is started again before the next run, which runs at its first
+/// attempt instead of finding the backend dead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_goes_down_between_runs_is_started_again_before_the_next() {
+    use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+    use berth_proto::agent::v1::{
+        ListWorkloadsRequest, StopWorkloadRequest, WorkloadRef, WorkloadState,
+    };
+
+    let (local, mut client) = start_local(&[]).await;
+    let manifest = r#"name: watched
+backends: [{name: b, runtime: process, command: [sleep, "600"]}]
+configs: [{name: c}]
+cycles: 2
+gaps: {between_cycles: 4s}
+run: {command: [echo, '{"n": 1}']}
+"#;
+    let campaign = submit(&mut client, manifest.into()).await;
+    let mut events = client
+        .watch_campaign(WatchCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_message = async || {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message())
+            .await
+            .expect("campaign events")
+            .unwrap()
+            .expect("the campaign goes on");
+        event.message
+    };
+    wait_until(&mut client, &campaign.id, "cycle 1 done", |c| {
+        c.runs.is_some_and(|r| r.succeeded == 1)
+    })
+    .await;
+    // Now in the 4 s gap before cycle 2.
+    let mut agent =
+        ContainerAgentClient::new(wait_for(&format!("unix://{}", local.socket.display())).await);
+    let workloads = agent
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workloads;
+    let backend = workloads
+        .iter()
+        .find(|w| w.spec.as_ref().unwrap().labels.get("berth.backend") == Some(&"b".into()))
+        .unwrap_or_else(|| panic!("no backend workload among {workloads:?}"))
+        .clone();
+    agent
+        .stop_workload(StopWorkloadRequest {
+            id: backend.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stopped_at = Instant::now();
+    loop {
+        let message = next_message().await;
+        assert!(
+            !message.contains("/2 dispatched"),
+            "dispatched first: {message}"
+        );
+        if message.contains("stopped") && message.contains("starting it again") {
+            assert!(message.contains("backend `b` on host `local`"), "{message}");
+            break;
+        }
+    }
+    let inspect = |mut agent: ContainerAgentClient<AuthChannel>, id: String| async move {
+        agent
+            .inspect_workload(WorkloadRef { id })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    loop {
+        let now = inspect(agent.clone(), backend.id.clone()).await;
+        if now.state == WorkloadState::Running as i32 {
+            break;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(3),
+            "not started again during the gap: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    let runs = all_runs(&mut client, &campaign.id).await;
+    assert_each_recorded_once(&runs, 2);
+    for run in &runs {
+        assert_eq!(run.attempts, 1, "no run found the backend down: {run:?}");
+    }
+}

@@ -2,7 +2,8 @@
 //! runs) and the host's power sampler serving the replay source (CI has no
 //! GPU, so the readings come from a recorded trace and say so).
 
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
@@ -68,27 +69,32 @@ fn integrated_power(samples: &[&RunPowerSample]) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let trace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/power/llm-inference.csv");
-    let sampler_port = free_port();
-    let sampler_config = dir.path().join("power.toml");
+/// A power sampler serving the replay source (the example trace); its port.
+async fn start_replay_sampler(dir: &Path) -> (Process, u16) {
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/power/llm-inference.csv");
+    let port = free_port();
+    let config = dir.join("power.toml");
     std::fs::write(
-        &sampler_config,
+        &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{sampler_port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
             trace.display()
         ),
     )
     .unwrap();
-    let _sampler = Process::spawn(
+    let sampler = Process::spawn(
         "berth-power-sampler",
-        &["--config", sampler_config.to_str().unwrap()],
+        &["--config", config.to_str().unwrap()],
         &[],
     );
-    wait_for(&format!("http://127.0.0.1:{sampler_port}")).await;
+    wait_for(&format!("http://127.0.0.1:{port}")).await;
+    (sampler, port)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sampler, sampler_port) = start_replay_sampler(dir.path()).await;
 
     let socket = dir.path().join("agent.sock");
     let _agent = Process::spawn(
@@ -308,4 +314,155 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
             "{row:?}"
         );
     }
+}
+
+fn interval(run: &Run) -> (SystemTime, SystemTime) {
+    let start = run.started_at.and_then(|t| SystemTime::try_from(t).ok());
+    let end = run.finished_at.and_then(|t| SystemTime::try_from(t).ok());
+    (
+        start.expect("a finished run has its start"),
+        end.expect("a finished run has its end"),
+    )
+}
+
+fn overlap(a: &Run, b: &Run) -> bool {
+    let ((a_start, a_end), (b_start, b_end)) = (interval(a), interval(b));
+    a_start < b_end && b_start < a_end
+}
+
+/// The host declares two GPUs (CI has none: `agent.declared_gpus` stands in
+/// for NVML). Host processes see every GPU, so a run that measures power
+/// there must have the host to itself among GPU users, while runs that do
+/// not measure share the GPUs with each other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_measures_power_has_its_gpus_to_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sampler, sampler_port) = start_replay_sampler(dir.path()).await;
+    let socket = dir.path().join("agent.sock");
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        "[[agent.declared_gpus]]\nindex = 0\nuuid = \"GPU-test-0\"\nname = \"declared test GPU\"\nmemory_bytes = 85899345920\n\n\
+         [[agent.declared_gpus]]\nindex = 1\nuuid = \"GPU-test-1\"\nname = \"declared test GPU\"\nmemory_bytes = 85899345920\n",
+    )
+    .unwrap();
+    let _agent = Process::spawn(
+        "berth-agent",
+        &[
+            "--config",
+            agent_config.to_str().unwrap(),
+            "--listen",
+            &format!("unix://{}", socket.display()),
+            "--http-listen",
+            "",
+        ],
+        &[],
+    );
+    wait_for(&format!("unix://{}", socket.display())).await;
+    let port = free_port();
+    let store = format!("store.path={}", dir.path().join("state.db").display());
+    let _orchestrator = Process::spawn(
+        "berth-orchestrator",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "",
+            "--set",
+            &store,
+        ],
+        &[],
+    );
+    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    let host = client
+        .register_host(RegisterHostRequest {
+            name: "gpu-host".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(host.gpu_count, 2, "{host:?}");
+    assert_eq!(
+        host.gpus
+            .iter()
+            .map(|g| g.uuid.as_str())
+            .collect::<Vec<_>>(),
+        ["GPU-test-0", "GPU-test-1"]
+    );
+
+    let campaign = |name: &str, power: bool| {
+        format!(
+            "name: {name}\nbackends: [{{name: b, runtime: process}}]\nconfigs: [{{name: c}}]\ncycles: 4\n\
+             run: {{command: [sh, -c, 'sleep 0.3; echo {{\"ok\": 1}}']}}\npower: {{enabled: {power}, rate_hz: 50}}\n"
+        )
+    };
+    let mut ids = Vec::new();
+    for (name, power) in [
+        ("sharing-1", false),
+        ("measuring", true),
+        ("sharing-2", false),
+    ] {
+        let submitted = client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: campaign(name, power),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(submitted.id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut runs = Vec::new();
+    for id in &ids {
+        loop {
+            let now = client
+                .get_campaign(GetCampaignRequest { id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if now.state == CampaignState::Succeeded as i32 {
+                assert_eq!(now.runs.unwrap().succeeded, 4, "{now:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "campaign never finished: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let listed = client
+            .list_runs(ListRunsRequest {
+                campaign_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        runs.push(listed);
+    }
+    let (sharing_1, measuring, sharing_2) = (&runs[0], &runs[1], &runs[2]);
+    for measured in measuring {
+        assert!(!measured.energy.is_empty(), "{} has no energy", measured.id);
+        for other in sharing_1.iter().chain(sharing_2) {
+            assert!(
+                !overlap(measured, other),
+                "{} used the GPUs while {} measured their power: {:?} vs {:?}",
+                other.id,
+                measured.id,
+                interval(other),
+                interval(measured)
+            );
+        }
+    }
+    assert!(
+        sharing_1
+            .iter()
+            .any(|a| sharing_2.iter().any(|b| overlap(a, b))),
+        "runs that do not measure power share the GPUs (they ran one after another)"
+    );
 }

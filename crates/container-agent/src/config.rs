@@ -42,6 +42,72 @@ pub struct AgentConfig {
     /// Output bytes (stdout and stderr together) kept per keyed exec for
     /// AttachExec; older output is dropped and the attacher told how much.
     pub keyed_exec_tail_bytes: usize,
+    /// Path of the NVML library the agent loads at start to find the host's
+    /// NVIDIA GPUs; empty: the driver's `libnvidia-ml.so.1`. Without NVML
+    /// the agent reports no GPUs (and says why in its log).
+    pub nvml_library: String,
+    /// GPUs this host reports instead of the ones NVML finds: for GPUs NVML
+    /// cannot see (other vendors) and for test hosts without a GPU. When
+    /// non-empty, NVML is not consulted. Indexes and UUIDs must be unique.
+    pub declared_gpus: Vec<DeclaredGpu>,
+}
+
+/// A GPU declared in `agent.declared_gpus`, reported as is by `Info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredGpu {
+    /// Index as the driver numbers it.
+    pub index: u32,
+    /// Driver UUID, e.g. `GPU-5a3c…`; must not be empty.
+    pub uuid: String,
+    /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A config value that serde accepts but the agent cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("{field} = {value}: {reason}")]
+pub struct InvalidField {
+    /// Dotted path of the field, e.g. `agent.declared_gpus[1].uuid`.
+    pub field: String,
+    /// The value as written in TOML.
+    pub value: String,
+    pub reason: String,
+}
+
+impl AgentConfig {
+    /// Checks what serde cannot: declared GPUs have a UUID, and no index or
+    /// UUID is declared twice.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let field = |slot: usize, name: &str| format!("agent.declared_gpus[{slot}].{name}");
+        for (slot, gpu) in self.declared_gpus.iter().enumerate() {
+            if gpu.uuid.trim().is_empty() {
+                return Err(InvalidField {
+                    field: field(slot, "uuid"),
+                    value: format!("{:?}", gpu.uuid),
+                    reason: "must not be empty".into(),
+                });
+            }
+            let earlier = &self.declared_gpus[..slot];
+            if let Some(first) = earlier.iter().position(|g| g.index == gpu.index) {
+                return Err(InvalidField {
+                    field: field(slot, "index"),
+                    value: gpu.index.to_string(),
+                    reason: format!("already declared by agent.declared_gpus[{first}]"),
+                });
+            }
+            if let Some(first) = earlier.iter().position(|g| g.uuid == gpu.uuid) {
+                return Err(InvalidField {
+                    field: field(slot, "uuid"),
+                    value: format!("{:?}", gpu.uuid),
+                    reason: format!("already declared by agent.declared_gpus[{first}]"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AgentConfig {
@@ -54,6 +120,8 @@ impl Default for AgentConfig {
             keyed_exec_retention: Duration::from_secs(15 * 60),
             max_keyed_execs: 512,
             keyed_exec_tail_bytes: 512 * 1024,
+            nvml_library: String::new(),
+            declared_gpus: Vec::new(),
         }
     }
 }
@@ -216,5 +284,78 @@ mod tests {
         let config: Config = berth_server::config::load_from_env(None, &[], env).unwrap();
         assert_eq!(config.agent.keyed_exec_retention, Duration::from_secs(90));
         assert_eq!(config.agent.max_keyed_execs, 512);
+    }
+
+    fn gpu(index: u32, uuid: &str) -> DeclaredGpu {
+        DeclaredGpu {
+            index,
+            uuid: uuid.into(),
+            name: "Test GPU".into(),
+            memory_bytes: 80 << 30,
+        }
+    }
+
+    #[test]
+    fn gpu_settings_come_from_file_env_and_flags() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "[agent]\nnvml_library = \"/opt/nvidia/libnvidia-ml.so.1\"\n\n\
+             [[agent.declared_gpus]]\nindex = 0\nuuid = \"GPU-a\"\nname = \"Test GPU\"\nmemory_bytes = 85899345920\n",
+        )
+        .unwrap();
+        let config: Config =
+            berth_server::config::load_from_env(Some(file.path()), &[], vec![]).unwrap();
+        assert_eq!(config.agent.nvml_library, "/opt/nvidia/libnvidia-ml.so.1");
+        assert_eq!(config.agent.declared_gpus, vec![gpu(0, "GPU-a")]);
+        config.agent.validate().unwrap();
+
+        let two = r#"[{index = 0, uuid = "GPU-a", name = "Test GPU", memory_bytes = 85899345920},
+                      {index = 1, uuid = "GPU-b", name = "Test GPU", memory_bytes = 85899345920}]"#;
+        let env = vec![("BERTH_AGENT__DECLARED_GPUS".to_string(), two.to_string())];
+        let config: Config = berth_server::config::load_from_env(None, &[], env).unwrap();
+        assert_eq!(
+            config.agent.declared_gpus,
+            vec![gpu(0, "GPU-a"), gpu(1, "GPU-b")]
+        );
+        let flag = vec![("agent.declared_gpus".to_string(), two.to_string())];
+        let config: Config = berth_server::config::load_from_env(None, &flag, vec![]).unwrap();
+        assert_eq!(config.agent.declared_gpus.len(), 2);
+
+        let defaults = Config::default().agent;
+        assert!(defaults.nvml_library.is_empty() && defaults.declared_gpus.is_empty());
+
+        let typo = vec![(
+            "BERTH_AGENT__DECLARED_GPUS".to_string(),
+            r#"[{index = 0, uuid = "GPU-a", name = "x", memory = "80GiB"}]"#.to_string(),
+        )];
+        let error = berth_server::config::load_from_env::<Config>(None, &[], typo)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`memory`"), "{error}");
+    }
+
+    #[test]
+    fn declared_gpus_are_validated() {
+        let with = |gpus: Vec<DeclaredGpu>| AgentConfig {
+            declared_gpus: gpus,
+            ..AgentConfig::default()
+        };
+        let error = |gpus| with(gpus).validate().unwrap_err().to_string();
+        with(vec![gpu(0, "GPU-a"), gpu(1, "GPU-b")])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            error(vec![gpu(0, "GPU-a"), gpu(1, "GPU-a")]),
+            "agent.declared_gpus[1].uuid = \"GPU-a\": already declared by agent.declared_gpus[0]"
+        );
+        assert_eq!(
+            error(vec![gpu(0, "GPU-a"), gpu(1, "GPU-b"), gpu(0, "GPU-c")]),
+            "agent.declared_gpus[2].index = 0: already declared by agent.declared_gpus[0]"
+        );
+        assert_eq!(
+            error(vec![gpu(0, "GPU-a"), gpu(1, "")]),
+            "agent.declared_gpus[1].uuid = \"\": must not be empty"
+        );
     }
 }

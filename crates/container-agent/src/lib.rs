@@ -32,10 +32,13 @@ pub enum StartError {
         "engines.{engine} = \"{path}\": no engine socket there (is it mounted?); use \"auto\" to run without it when absent, or \"off\""
     )]
     EngineSocketMissing { engine: &'static str, path: String },
+    #[error(transparent)]
+    Config(#[from] config::InvalidField),
 }
 
 /// Binds the agent's listeners and serves in the background.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
+    config.agent.validate()?;
     if config.agent.token.is_empty()
         && matches!(
             ListenAddr::parse("server.listen", &config.server.listen)?,
@@ -59,8 +62,14 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         }
     }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
+    // NVML can take hundreds of milliseconds to load and probe: on a
+    // blocking thread, while the runtimes start, and once, before serving.
+    let gpus = tokio::task::spawn_blocking({
+        let agent = config.agent.clone();
+        move || host_info::gpus(&agent)
+    });
     let events = events::EventBus::default();
-    let mut info = host_info::probe();
+    let mut info = host_info::probe_without_gpus();
     let mut runtimes: Vec<Arc<dyn runtime::WorkloadRuntime>> = vec![Arc::new(
         runtime::process::ProcessRuntime::new(events.clone(), config.agent.log_lines_per_workload),
     )];
@@ -103,6 +112,10 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         }
     }
     info.runtimes = runtimes.iter().map(|r| r.kind() as i32).collect();
+    info.gpus = gpus.await.unwrap_or_else(|error| {
+        tracing::warn!("no GPUs reported: GPU discovery failed: {error}");
+        Vec::new()
+    });
     info.labels = config.agent.labels.clone().into_iter().collect();
     info.unavailable_runtimes.insert(
         Runtime::Slurm.as_str_name().to_string(),
@@ -125,4 +138,96 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         RequireBearer::new(&config.agent.token),
     ));
     Ok(host.spawn(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use berth_proto::agent::v1::InfoRequest;
+    use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+
+    use super::*;
+    use crate::config::DeclaredGpu;
+
+    fn config(dir: &tempfile::TempDir) -> Config {
+        let mut config = Config::default();
+        config.server.listen = format!("unix://{}", dir.path().join("agent.sock").display());
+        config.server.http_listen = String::new();
+        config.engines.docker = "off".into();
+        config.engines.podman = "off".into();
+        config.engines.state_dir = dir.path().join("state");
+        config.libvirt.uri = "off".into();
+        config
+    }
+
+    fn gpu(index: u32, uuid: &str) -> DeclaredGpu {
+        DeclaredGpu {
+            index,
+            uuid: uuid.into(),
+            name: "Test GPU".into(),
+            memory_bytes: 80 << 30,
+        }
+    }
+
+    #[tokio::test]
+    async fn info_reports_the_declared_gpus() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir);
+        config.agent.nvml_library = "/nonexistent/libnvidia-ml.so.1".into();
+        config.agent.declared_gpus = vec![gpu(0, "GPU-a"), gpu(1, "GPU-b")];
+        let listen = config.server.listen.clone();
+        let _agent = start(config).await.unwrap();
+        let channel = berth_server::client::connect(&listen, "", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let info = ContainerAgentClient::new(channel)
+            .info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let gpus: Vec<(u32, &str, &str, u64)> = info
+            .gpus
+            .iter()
+            .map(|g| (g.index, g.uuid.as_str(), g.name.as_str(), g.memory_bytes))
+            .collect();
+        assert_eq!(
+            gpus,
+            vec![
+                (0, "GPU-a", "Test GPU", 80 << 30),
+                (1, "GPU-b", "Test GPU", 80 << 30)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_nvml_library_that_is_not_there_does_not_stop_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir);
+        config.agent.nvml_library = "/nonexistent/libnvidia-ml.so.1".into();
+        let listen = config.server.listen.clone();
+        let _agent = start(config).await.unwrap();
+        let channel = berth_server::client::connect(&listen, "", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let info = ContainerAgentClient::new(channel)
+            .info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(info.gpus.is_empty(), "{:?}", info.gpus);
+    }
+
+    #[tokio::test]
+    async fn a_gpu_declared_twice_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir);
+        config.agent.declared_gpus = vec![gpu(0, "GPU-a"), gpu(1, "GPU-a")];
+        let error = start(config).await.unwrap_err().to_string();
+        assert!(
+            error.contains("agent.declared_gpus[1].uuid") && error.contains("GPU-a"),
+            "{error}"
+        );
+        assert!(!dir.path().join("agent.sock").exists());
+    }
 }

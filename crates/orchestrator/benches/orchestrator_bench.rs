@@ -270,7 +270,13 @@ struct Dispatch {
 }
 
 /// None (and why, printed) when the campaign has not ended within 180 s.
-async fn dispatch_campaign(client: &mut Client, manifest_yaml: String) -> Option<Dispatch> {
+/// `watched`: a WatchCampaign stream (what `berth watch` opens) reads every
+/// event meanwhile, each of which carries the campaign's run counts.
+async fn dispatch_campaign(
+    client: &mut Client,
+    manifest_yaml: String,
+    watched: bool,
+) -> Option<Dispatch> {
     let submitted_wall = SystemTime::now();
     let submitted = Instant::now();
     let campaign = client
@@ -281,6 +287,22 @@ async fn dispatch_campaign(client: &mut Client, manifest_yaml: String) -> Option
         .await
         .expect("SubmitCampaign")
         .into_inner();
+    let watch = watched.then(|| {
+        let mut client = client.clone();
+        let id = campaign.id.clone();
+        tokio::spawn(async move {
+            let mut events = client
+                .watch_campaign(WatchCampaignRequest { id })
+                .await
+                .expect("WatchCampaign")
+                .into_inner();
+            let mut seen = 0usize;
+            while let Ok(Some(_)) = events.message().await {
+                seen += 1;
+            }
+            seen
+        })
+    });
     let done = loop {
         let campaign = client
             .get_campaign(GetCampaignRequest {
@@ -305,6 +327,15 @@ async fn dispatch_campaign(client: &mut Client, manifest_yaml: String) -> Option
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = submitted.elapsed().as_secs_f64();
+    if let Some(watch) = watch {
+        let seen = tokio::time::timeout(Duration::from_secs(10), watch).await;
+        println!(
+            "  watcher read {} events",
+            seen.map_or("(still reading after 10 s)".into(), |n| n
+                .expect("watcher")
+                .to_string())
+        );
+    }
     let counts = done.runs.unwrap_or_default();
     assert_eq!(
         (done.state, counts.succeeded),
@@ -477,15 +508,21 @@ async fn bench_dispatch() {
         1e3 / exec_ms
     );
     // Warm-up: connections, page cache, SQLite.
-    dispatch_campaign(&mut client, manifest("warm", 1, 50, "runtime: process")).await;
-    for backends in [1, 4] {
+    dispatch_campaign(
+        &mut client,
+        manifest("warm", 1, 50, "runtime: process"),
+        false,
+    )
+    .await;
+    for (backends, watched) in [(1, false), (4, false), (1, true)] {
         let d = dispatch_campaign(
             &mut client,
             manifest("process", backends, runs / backends, "runtime: process"),
+            watched,
         )
         .await;
         if let Some(d) = d {
-            print_dispatch("process", backends, &d);
+            print_dispatch(if watched { "watched" } else { "process" }, backends, &d);
         }
     }
 
@@ -519,6 +556,7 @@ async fn bench_dispatch() {
                 let d = dispatch_campaign(
                     &mut client,
                     manifest("docker", backends, docker_runs / backends, &backend),
+                    false,
                 )
                 .await;
                 match d {

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
-use berth_proto::agent::v1::{HostInfo, InfoRequest};
+use berth_proto::agent::v1::{Gpu, HostInfo, InfoRequest};
 use berth_proto::orchestrator::v1::{Host, HostStatus};
 use berth_server::CancellationToken;
 use berth_server::client::AuthChannel;
@@ -129,6 +129,15 @@ impl HostRegistry {
         self.read()
             .get(name)
             .map(|e| e.record.power_sampler.clone())
+            .unwrap_or_default()
+    }
+
+    /// The GPUs the host's agent last reported; none before it answered.
+    pub fn gpus(&self, name: &str) -> Vec<Gpu> {
+        self.read()
+            .get(name)
+            .and_then(|e| e.info.as_ref())
+            .map(|info| info.gpus.clone())
             .unwrap_or_default()
     }
 
@@ -467,6 +476,7 @@ fn to_proto(entry: &HostEntry) -> Host {
         cpus: info.cpus,
         memory_bytes: info.memory_bytes,
         gpu_count: info.gpus.len() as u32,
+        gpus: info.gpus,
         power_sampler: entry.record.power_sampler.clone(),
     }
 }

@@ -1,9 +1,11 @@
 //! berth orchestrator: hosts, campaigns and scheduling, with all state in
 //! one store so that a restart resumes every campaign where it was.
 
+pub mod backend_watch;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod gpu_leases;
 pub mod hosts;
 pub mod manifest;
 pub mod placement;

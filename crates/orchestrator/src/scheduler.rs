@@ -18,9 +18,11 @@ use berth_proto::orchestrator::v1::{
 use berth_server::CancellationToken;
 use tokio::sync::Semaphore;
 
+use crate::backend_watch::BackendWatch;
 use crate::config::SchedulerConfig;
 use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
+use crate::gpu_leases::{self, GpuLeases, GpuUse};
 use crate::hosts::{AgentClient, HostRegistry, describe_status};
 use crate::manifest::{self, Backend, GpuCount, OnFailure, Plan, PlannedRun, WarmupPolicy};
 use crate::placement;
@@ -57,6 +59,7 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// Backends placed per host, to spread backends over hosts.
     host_load: Mutex<HashMap<String, usize>>,
+    gpu_leases: GpuLeases,
     power: PowerMeter,
 }
 
@@ -74,6 +77,11 @@ struct Placed {
     client: AgentClient,
     /// The host's power sampler address; empty when it has none.
     power_sampler: String,
+    /// GPU indexes the orchestrator assigned to the backend.
+    assigned_gpus: Vec<u32>,
+    /// GPU indexes the backend can use, leased by each of its runs.
+    gpus: Vec<u32>,
+    watch: BackendWatch,
 }
 
 /// Why a run could not go on where it was; the run is pending again.
@@ -103,6 +111,7 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             shutdown,
             host_load: Mutex::new(HashMap::new()),
+            gpu_leases: GpuLeases::default(),
         })
     }
 
@@ -333,8 +342,14 @@ impl Scheduler {
             if run.warmup && self.settle_warmup(&ctx, &run.config, &backend)? {
                 continue;
             }
-            let placement = match placed.take() {
-                Some(placement) => placement,
+            let mut placement = match placed.take() {
+                Some(placement) => match placement.watch.down() {
+                    None => placement,
+                    Some(why) => {
+                        self.went_down(&ctx.id, &placement, &why);
+                        continue;
+                    }
+                },
                 None => match self.place(&ctx, &backend).await {
                     Ok(placement) => {
                         backoff = FIRST_BACKOFF;
@@ -358,6 +373,8 @@ impl Scheduler {
                 tokio::select! {
                     () = ctx.token.cancelled() => { placed = Some(placement); break }
                     () = tokio::time::sleep(gap) => {}
+                    // Started again at once; the gap starts over after it.
+                    _ = placement.watch.went_down() => { placed = Some(placement); continue }
                 }
             }
             match self.execute(&ctx, &run, &placement).await? {
@@ -367,7 +384,12 @@ impl Scheduler {
                         self.settle_warmup(&ctx, &run.config, &backend)?;
                     }
                 }
-                Some(why) => self.lost(&ctx, &backend, &placement.host, why)?,
+                Some(why) => self.lost(
+                    &ctx,
+                    &backend,
+                    (&placement.host, &placement.assigned_gpus),
+                    why,
+                )?,
             }
             previous = Some(run);
         }
@@ -466,7 +488,7 @@ impl Scheduler {
         &self,
         ctx: &CampaignRun,
         backend: &str,
-        host: &str,
+        (host, assigned_gpus): (&str, &[u32]),
         why: Interrupted,
     ) -> Result<(), OrchestratorError> {
         match why {
@@ -490,7 +512,7 @@ impl Scheduler {
                 );
             }
         }
-        self.release_host(host);
+        self.release_host(host, assigned_gpus);
         Ok(())
     }
 
@@ -549,7 +571,7 @@ impl Scheduler {
                 .follow(ctx, &run, attempt, (&run.host, client), stream, None)
                 .await?
             {
-                self.lost(ctx, backend, &run.host, why)?;
+                self.lost(ctx, backend, (&run.host, &[]), why)?;
             }
         }
         Ok(())
@@ -597,7 +619,35 @@ impl Scheduler {
         Ok(())
     }
 
-    fn release_host(&self, host: &str) {
+    /// A placed backend went down between runs: its recorded placement is
+    /// kept, so placing it again starts the same workload (or makes a new
+    /// one if it was removed).
+    fn went_down(&self, campaign_id: &str, placed: &Placed, why: &str) {
+        tracing::warn!(
+            campaign = campaign_id,
+            host = placed.host,
+            why,
+            "backend went down; starting it again"
+        );
+        self.publish(
+            campaign_id,
+            None,
+            format!("{why}; starting it again before its next run"),
+        );
+        self.release_host(&placed.host, &placed.assigned_gpus);
+    }
+
+    fn count_placed(&self, host: &str) {
+        *self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(host.to_string())
+            .or_default() += 1;
+    }
+
+    fn release_host(&self, host: &str, assigned_gpus: &[u32]) {
+        self.gpu_leases.unassign(host, assigned_gpus);
         if let Some(load) = self
             .host_load
             .lock()
@@ -622,7 +672,7 @@ impl Scheduler {
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
-            if let Some(placed) = self.adopt(&recorded).await? {
+            if let Some(placed) = self.adopt(backend, &recorded).await? {
                 return Ok(placed);
             }
             self.store
@@ -636,7 +686,74 @@ impl Scheduler {
             .await
             .map_err(|reason| format!("host `{host}`: {reason}"))?;
         let name = backend_workload_name(&ctx.id, &backend.name, &host);
-        let spec = workload_spec(&ctx.id, backend);
+        let mut spec = workload_spec(&ctx.id, backend);
+        let host_gpus = self.hosts.gpus(&host);
+        let assigned_gpus = gpu_leases::to_assign(backend)
+            .filter(|_| !host_gpus.is_empty())
+            .and_then(|count| self.gpu_leases.assign(&host, &host_gpus, count))
+            .unwrap_or_default();
+        if !assigned_gpus.is_empty() {
+            spec.gpus = Some(common::GpuRequest {
+                device_ids: gpu_leases::device_ids(&host_gpus, &assigned_gpus),
+                ..Default::default()
+            });
+        }
+        let created = self
+            .create_backend(&mut client, &host, backend, name.clone(), spec)
+            .await;
+        let workload = match created {
+            Ok(workload) => workload,
+            Err(reason) => {
+                self.gpu_leases.unassign(&host, &assigned_gpus);
+                return Err(reason);
+            }
+        };
+        let placement = Placement {
+            backend: backend.name.clone(),
+            host: host.clone(),
+            workload_id: workload.id.clone(),
+            gpus: assigned_gpus.clone(),
+        };
+        if let Err(error) = self.store.set_placement(&ctx.id, &placement) {
+            self.gpu_leases.unassign(&host, &assigned_gpus);
+            return Err(error.to_string());
+        }
+        self.count_placed(&host);
+        let gpus_note = if assigned_gpus.is_empty() {
+            String::new()
+        } else {
+            format!(" with GPU(s) {}", index_list(&assigned_gpus))
+        };
+        tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, gpus = ?assigned_gpus, "backend placed");
+        self.publish(
+            &ctx.id,
+            None,
+            format!(
+                "backend `{}` placed on host `{host}` as `{name}`{gpus_note}",
+                backend.name
+            ),
+        );
+        Ok(Placed {
+            power_sampler: self.hosts.power_sampler(&host),
+            gpus: gpu_leases::used_by(backend, &host_gpus, &assigned_gpus),
+            assigned_gpus,
+            watch: BackendWatch::start(client.clone(), &host, &backend.name, &workload.id),
+            host,
+            workload_id: workload.id,
+            client,
+        })
+    }
+
+    /// Creates (or finds, when an earlier attempt created it) and starts the
+    /// backend's workload.
+    async fn create_backend(
+        &self,
+        client: &mut AgentClient,
+        host: &str,
+        backend: &Backend,
+        name: String,
+        spec: WorkloadSpec,
+    ) -> Result<berth_proto::agent::v1::Workload, String> {
         let workload = match client
             .create_workload(CreateWorkloadRequest {
                 name: name.clone(),
@@ -670,39 +787,15 @@ impl Scheduler {
                     describe_status(&s)
                 )
             })?;
-        let placement = Placement {
-            backend: backend.name.clone(),
-            host: host.clone(),
-            workload_id: workload.id.clone(),
-        };
-        self.store
-            .set_placement(&ctx.id, &placement)
-            .map_err(|e| e.to_string())?;
-        *self
-            .host_load
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(host.clone())
-            .or_default() += 1;
-        tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, "backend placed");
-        self.publish(
-            &ctx.id,
-            None,
-            format!(
-                "backend `{}` placed on host `{host}` as `{name}`",
-                backend.name
-            ),
-        );
-        Ok(Placed {
-            power_sampler: self.hosts.power_sampler(&host),
-            host,
-            workload_id: workload.id,
-            client,
-        })
+        Ok(workload)
     }
 
     /// The recorded placement, if its workload is still there (started again if stopped).
-    async fn adopt(&self, recorded: &Placement) -> Result<Option<Placed>, String> {
+    async fn adopt(
+        &self,
+        backend: &Backend,
+        recorded: &Placement,
+    ) -> Result<Option<Placed>, String> {
         let Ok(mut client) = self.hosts.client(&recorded.host).await else {
             return Ok(None);
         };
@@ -727,11 +820,23 @@ impl Scheduler {
                             )
                         })?;
                 }
+                self.gpu_leases
+                    .note_assigned(&recorded.host, &recorded.gpus);
+                self.count_placed(&recorded.host);
+                let host_gpus = self.hosts.gpus(&recorded.host);
                 Ok(Some(Placed {
+                    watch: BackendWatch::start(
+                        client.clone(),
+                        &recorded.host,
+                        &backend.name,
+                        &recorded.workload_id,
+                    ),
                     host: recorded.host.clone(),
                     workload_id: recorded.workload_id.clone(),
                     client,
                     power_sampler: self.hosts.power_sampler(&recorded.host),
+                    gpus: gpu_leases::used_by(backend, &host_gpus, &recorded.gpus),
+                    assigned_gpus: recorded.gpus.clone(),
                 }))
             }
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
@@ -788,7 +893,7 @@ impl Scheduler {
             tracing::warn!(campaign = campaign_id, backend, host = placed.host, status = %describe_status(&status), "could not remove backend");
         }
         let _ = self.store.clear_placement(campaign_id, backend);
-        self.release_host(&placed.host);
+        self.release_host(&placed.host, &placed.assigned_gpus);
     }
 
     /// Executes one run. `Ok(None)`: the run reached an end state (or was
@@ -805,6 +910,10 @@ impl Scheduler {
             cycle: run.cycle,
             warmup: run.warmup,
             sequence: run.sequence,
+        };
+        // Held until the run ends.
+        let Some(_gpus) = self.lease_gpus(ctx, run, placed).await else {
+            return Ok(None);
         };
         let dispatch = RunUpdate {
             host: Some(placed.host.clone()),
@@ -895,6 +1004,43 @@ impl Scheduler {
             power_session,
         )
         .await
+    }
+
+    /// The run's lease on its backend's GPUs: to itself when the campaign
+    /// measures power, shared otherwise. None when the campaign was
+    /// cancelled while it waited.
+    async fn lease_gpus(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        placed: &Placed,
+    ) -> Option<gpu_leases::GpuLease> {
+        let mode = if ctx.plan.manifest.power.enabled {
+            GpuUse::Exclusive
+        } else {
+            GpuUse::Shared
+        };
+        if let Some(lease) = self.gpu_leases.try_lease(&placed.host, &placed.gpus, mode) {
+            return Some(lease);
+        }
+        self.publish(
+            &ctx.id,
+            None,
+            format!(
+                "run {} waits for GPU(s) {} of host `{}`: {}",
+                run.id,
+                index_list(&placed.gpus),
+                placed.host,
+                match mode {
+                    GpuUse::Exclusive => "it measures power, and another run uses them",
+                    GpuUse::Shared => "a run that measures power has them to itself",
+                }
+            ),
+        );
+        tokio::select! {
+            lease = self.gpu_leases.lease(&placed.host, &placed.gpus, mode) => Some(lease),
+            () = ctx.token.cancelled() => None,
+        }
     }
 
     /// Reads a running run's exec to its end and records the outcome. A
@@ -1253,9 +1399,19 @@ impl Scheduler {
     }
 
     fn publish_run(&self, campaign_id: &str, run_id: &str, message: String) {
+        if !self.events.is_watched(campaign_id) {
+            return;
+        }
         let run = self.store.run(run_id).ok().flatten();
         self.publish(campaign_id, run, message);
     }
+}
+
+fn index_list(gpus: &[u32]) -> String {
+    gpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The idempotency key of one attempt of a run on its agent. Run id and

@@ -44,6 +44,8 @@ pub struct Placement {
     pub backend: String,
     pub host: String,
     pub workload_id: String,
+    /// GPU indexes assigned to the backend on its host (`gpus: {count: N}`).
+    pub gpus: Vec<u32>,
 }
 
 /// Fields a run transition may set; `None` leaves a field as it is.

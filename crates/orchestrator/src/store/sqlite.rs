@@ -69,6 +69,30 @@ CREATE TABLE IF NOT EXISTS hosts (
     labels TEXT NOT NULL,
     power_sampler TEXT NOT NULL DEFAULT ''
 );
+-- Runs per (campaign, state), kept by triggers in the same transaction as
+-- the change: a campaign's counts are read on every event, and counting its
+-- runs each time made dispatch O(runs) per run.
+CREATE TABLE IF NOT EXISTS run_state_counts (
+    campaign_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    runs INTEGER NOT NULL,
+    PRIMARY KEY (campaign_id, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS run_counted AFTER INSERT ON runs BEGIN
+    INSERT INTO run_state_counts (campaign_id, state, runs) VALUES (new.campaign_id, new.state, 1)
+        ON CONFLICT (campaign_id, state) DO UPDATE SET runs = runs + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS run_recounted AFTER UPDATE OF state ON runs
+    WHEN old.state != new.state BEGIN
+    UPDATE run_state_counts SET runs = runs - 1
+        WHERE campaign_id = old.campaign_id AND state = old.state;
+    INSERT INTO run_state_counts (campaign_id, state, runs) VALUES (new.campaign_id, new.state, 1)
+        ON CONFLICT (campaign_id, state) DO UPDATE SET runs = runs + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS run_uncounted AFTER DELETE ON runs BEGIN
+    UPDATE run_state_counts SET runs = runs - 1
+        WHERE campaign_id = old.campaign_id AND state = old.state;
+END;
 CREATE TABLE IF NOT EXISTS placements (
     campaign_id TEXT NOT NULL,
     backend TEXT NOT NULL,
@@ -88,7 +112,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
         }
-        let connection = Connection::open(path)
+        let mut connection = Connection::open(path)
             .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
         // WAL: readers do not block the writer; NORMAL sync survives a kill
         // of the process (not necessarily of the machine) with no loss.
@@ -96,7 +120,18 @@ impl SqliteStore {
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.execute_batch(SCHEMA)?;
+        let counted = table_exists(&connection, "run_state_counts")?;
+        let schema = connection.transaction()?;
+        schema.execute_batch(SCHEMA)?;
+        if !counted {
+            // A store from before the counts table: count what it holds.
+            schema.execute(
+                "INSERT INTO run_state_counts (campaign_id, state, runs) \
+                 SELECT campaign_id, state, COUNT(*) FROM runs GROUP BY campaign_id, state",
+                [],
+            )?;
+        }
+        schema.commit()?;
         // Columns added after the first release of the schema.
         add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
         add_column_if_missing(&connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
@@ -118,6 +153,12 @@ impl SqliteStore {
             "power_sampler",
             "TEXT NOT NULL DEFAULT ''",
         )?;
+        add_column_if_missing(
+            &connection,
+            "placements",
+            "gpus",
+            "TEXT NOT NULL DEFAULT ''",
+        )?;
         restrict_permissions(path);
         Ok(Self {
             connection: Mutex::new(connection),
@@ -129,6 +170,17 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+fn table_exists(connection: &Connection, table: &str) -> StoreResult<bool> {
+    Ok(connection
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }
 
 fn add_column_if_missing(
@@ -423,9 +475,8 @@ impl Store for SqliteStore {
 
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts> {
         let db = self.db();
-        let mut statement = db.prepare_cached(
-            "SELECT state, COUNT(*) FROM runs WHERE campaign_id = ?1 GROUP BY state",
-        )?;
+        let mut statement =
+            db.prepare_cached("SELECT state, runs FROM run_state_counts WHERE campaign_id = ?1")?;
         let mut counts = RunCounts::default();
         let rows = statement.query_map([campaign_id], |row| {
             Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?))
@@ -638,9 +689,20 @@ impl Store for SqliteStore {
 
     fn set_placement(&self, campaign_id: &str, placement: &Placement) -> StoreResult<()> {
         self.db().execute(
-            "INSERT INTO placements (campaign_id, backend, host, workload_id) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(campaign_id, backend) DO UPDATE SET host = ?3, workload_id = ?4",
-            params![campaign_id, placement.backend, placement.host, placement.workload_id],
+            "INSERT INTO placements (campaign_id, backend, host, workload_id, gpus) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(campaign_id, backend) DO UPDATE SET host = ?3, workload_id = ?4, gpus = ?5",
+            params![
+                campaign_id,
+                placement.backend,
+                placement.host,
+                placement.workload_id,
+                placement
+                    .gpus
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ],
         )?;
         Ok(())
     }
@@ -655,13 +717,16 @@ impl Store for SqliteStore {
 
     fn placements(&self, campaign_id: &str) -> StoreResult<Vec<Placement>> {
         let db = self.db();
-        let mut statement =
-            db.prepare("SELECT backend, host, workload_id FROM placements WHERE campaign_id = ?1")?;
+        let mut statement = db.prepare(
+            "SELECT backend, host, workload_id, gpus FROM placements WHERE campaign_id = ?1",
+        )?;
         let rows = statement.query_map([campaign_id], |row| {
+            let gpus: String = row.get(3)?;
             Ok(Placement {
                 backend: row.get(0)?,
                 host: row.get(1)?,
                 workload_id: row.get(2)?,
+                gpus: gpus.split(',').filter_map(|i| i.parse().ok()).collect(),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -770,6 +835,46 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].logs_tail, "warming up\n");
         assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "m1");
+        let counts = store.run_counts("c1").unwrap();
+        assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
+    }
+
+    #[test]
+    fn counts_follow_every_change_and_an_older_store_is_counted_on_open() {
+        let (dir, store) = store_with(&[run("r1", 0), run("r2", 1), run("r3", 2)]);
+        moved(&store, "r1", Pending, Running, &RunUpdate::default());
+        moved(&store, "r1", Running, Succeeded, &RunUpdate::default());
+        // Same state again: counted once.
+        store
+            .transition_run("r2", &[Pending], Pending, &RunUpdate::default())
+            .unwrap();
+        store
+            .transition_all("c1", &[Pending], RunState::Cancelled)
+            .unwrap();
+        let expect = |store: &SqliteStore| {
+            let counts = store.run_counts("c1").unwrap();
+            assert_eq!(
+                (
+                    counts.succeeded,
+                    counts.cancelled,
+                    counts.pending,
+                    counts.total
+                ),
+                (1, 2, 0, 3),
+                "{counts:?}"
+            );
+        };
+        expect(&store);
+        // A store written before the counts table existed.
+        store
+            .db()
+            .execute_batch(
+                "DROP TRIGGER run_counted; DROP TRIGGER run_recounted; DROP TRIGGER run_uncounted; \
+                 DROP TABLE run_state_counts;",
+            )
+            .unwrap();
+        drop(store);
+        expect(&SqliteStore::open(&dir.path().join("state.db")).unwrap());
     }
 
     fn series(devices: &[&str], per_device: u64) -> PowerSeries {

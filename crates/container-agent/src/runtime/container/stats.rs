@@ -120,7 +120,7 @@ fn to_stats(
         cpu_cores,
         memory_bytes: usage.saturating_sub(inactive),
         // The engine reports the host's memory as the limit of an unlimited container.
-        memory_limit_bytes: if limit >= crate::host_info::probe().memory_bytes {
+        memory_limit_bytes: if limit >= crate::host_info::memory_bytes() {
             0
         } else {
             limit
