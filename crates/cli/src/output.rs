@@ -369,6 +369,16 @@ pub fn hosts(hosts: &[Host]) -> String {
             host.gpu_count,
             host.status_message
         );
+        for gpu in &host.gpus {
+            let _ = writeln!(
+                out,
+                "  gpu {:<3} {} {}MiB {}",
+                gpu.index,
+                gpu.name,
+                gpu.memory_bytes / (1024 * 1024),
+                gpu.uuid
+            );
+        }
     }
     out
 }
@@ -461,5 +471,31 @@ mod tests {
         assert_eq!(table.lines().count(), 4, "{table}");
         assert!(table.contains("10.00 ± 1.500"), "{table}");
         assert!(results_csv(&results).contains("\"c\",b,tps,3,20,"));
+    }
+
+    #[test]
+    fn hosts_list_their_gpus() {
+        let host = Host {
+            name: "gpu-01".into(),
+            address: "ssh://berth@gpu-01/run/berth/agent.sock".into(),
+            status: HostStatus::Ready as i32,
+            cpus: 64,
+            memory_bytes: 512 << 30,
+            gpu_count: 1,
+            gpus: vec![berth_proto::agent::v1::Gpu {
+                index: 0,
+                uuid: "GPU-5a3c".into(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_bytes: 80 << 30,
+            }],
+            ..Default::default()
+        };
+        let text = hosts(&[host]);
+        assert!(text.starts_with("gpu-01           ready"), "{text}");
+        assert!(text.contains("gpus=1"), "{text}");
+        assert!(
+            text.contains("  gpu 0   NVIDIA H100 80GB HBM3 81920MiB GPU-5a3c"),
+            "{text}"
+        );
     }
 }
