@@ -559,6 +559,9 @@ impl Scheduler {
                     continue;
                 }
             };
+            // Leased as any run's GPUs, so runs dispatched from now on keep
+            // clear of it as they did before the restart.
+            let _gpus = self.lease_adopted_gpus(ctx, &run).await;
             self.start_running(
                 ctx,
                 &run,
@@ -1015,11 +1018,7 @@ impl Scheduler {
         run: &Run,
         placed: &Placed,
     ) -> Option<gpu_leases::GpuLease> {
-        let mode = if ctx.plan.manifest.power.enabled {
-            GpuUse::Exclusive
-        } else {
-            GpuUse::Shared
-        };
+        let mode = gpu_use(ctx);
         if let Some(lease) = self.gpu_leases.try_lease(&placed.host, &placed.gpus, mode) {
             return Some(lease);
         }
@@ -1039,6 +1038,34 @@ impl Scheduler {
         );
         tokio::select! {
             lease = self.gpu_leases.lease(&placed.host, &placed.gpus, mode) => Some(lease),
+            () = ctx.token.cancelled() => None,
+        }
+    }
+
+    /// The GPU lease of a run found in flight after a restart, from its
+    /// backend's recorded placement and what its host reports.
+    async fn lease_adopted_gpus(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+    ) -> Option<gpu_leases::GpuLease> {
+        let backend = ctx.plan.backend(&run.backend)?;
+        let assigned = self
+            .store
+            .placements(&ctx.id)
+            .ok()?
+            .into_iter()
+            .find(|p| p.backend == run.backend && p.host == run.host)
+            .map(|p| p.gpus)
+            .unwrap_or_default();
+        let mut host_gpus = self.hosts.gpus(&run.host);
+        if host_gpus.is_empty() {
+            // Right after a restart the host may not have been asked yet.
+            host_gpus = self.hosts.probe(&run.host).await.ok()?.gpus;
+        }
+        let gpus = gpu_leases::used_by(backend, &host_gpus, &assigned);
+        tokio::select! {
+            lease = self.gpu_leases.lease(&run.host, &gpus, gpu_use(ctx)) => Some(lease),
             () = ctx.token.cancelled() => None,
         }
     }
@@ -1404,6 +1431,15 @@ impl Scheduler {
         }
         let run = self.store.run(run_id).ok().flatten();
         self.publish(campaign_id, run, message);
+    }
+}
+
+/// How the campaign's runs use their GPUs.
+fn gpu_use(ctx: &CampaignRun) -> GpuUse {
+    if ctx.plan.manifest.power.enabled {
+        GpuUse::Exclusive
+    } else {
+        GpuUse::Shared
     }
 }
 
