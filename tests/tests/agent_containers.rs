@@ -84,16 +84,24 @@ struct Agent {
     image: String,
     engine: Engine,
     dir: tempfile::TempDir,
+    /// Settings beyond the usual ones, for every life of the agent.
+    settings: Vec<(&'static str, String)>,
 }
 
 impl Agent {
     /// An agent of its own owner on the engine, with busybox imported.
     async fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, Vec::new()).await
+    }
+
+    /// Same, with extra `BERTH_…` settings.
+    async fn start_with(test: &str, settings: Vec<(&'static str, String)>) -> Option<Self> {
         let engine = engine(test)?;
         let tar = busybox_tar(test)?;
         let owner = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
         let dir = tempfile::tempdir().unwrap();
-        let (process, client) = spawn_agent(&dir, &engine, &engine.socket, &owner, "adopt").await;
+        let (process, client) =
+            spawn_agent(&dir, &engine, &engine.socket, &owner, "adopt", &settings).await;
         let mut agent = Self {
             client,
             process: Some(process),
@@ -101,6 +109,7 @@ impl Agent {
             owner,
             engine,
             dir,
+            settings,
         };
         agent.import(&tar, false).await;
         Some(agent)
@@ -108,8 +117,15 @@ impl Agent {
 
     /// A new life of the agent (after a kill), on `socket`.
     async fn spawn(&mut self, socket: &Path, leftovers: &str) {
-        let (process, client) =
-            spawn_agent(&self.dir, &self.engine, socket, &self.owner, leftovers).await;
+        let (process, client) = spawn_agent(
+            &self.dir,
+            &self.engine,
+            socket,
+            &self.owner,
+            leftovers,
+            &self.settings,
+        )
+        .await;
         self.process = Some(process);
         self.client = client;
     }
@@ -387,6 +403,7 @@ async fn spawn_agent(
     socket: &Path,
     owner: &str,
     leftovers: &str,
+    settings: &[(&'static str, String)],
 ) -> (Process, Client) {
     let listen = format!("unix://{}", dir.path().join("agent.sock").display());
     let http = format!("127.0.0.1:{}", free_port());
@@ -395,20 +412,18 @@ async fn spawn_agent(
         _ => (socket.display().to_string(), "off".to_string()),
     };
     let state = dir.path().join("state").display().to_string();
-    let process = Process::spawn(
-        "berth-agent",
-        &[],
-        &[
-            ("BERTH_SERVER__LISTEN", &listen),
-            ("BERTH_SERVER__HTTP_LISTEN", &http),
-            ("BERTH_ENGINES__DOCKER", &docker),
-            ("BERTH_ENGINES__PODMAN", &podman),
-            ("BERTH_ENGINES__OWNER", owner),
-            ("BERTH_ENGINES__LEFTOVERS", leftovers),
-            ("BERTH_ENGINES__STATE_DIR", &state),
-            ("BERTH_AGENT__DECLARED_GPUS", DECLARED_GPUS),
-        ],
-    );
+    let mut env = vec![
+        ("BERTH_SERVER__LISTEN", listen.as_str()),
+        ("BERTH_SERVER__HTTP_LISTEN", &http),
+        ("BERTH_ENGINES__DOCKER", &docker),
+        ("BERTH_ENGINES__PODMAN", &podman),
+        ("BERTH_ENGINES__OWNER", owner),
+        ("BERTH_ENGINES__LEFTOVERS", leftovers),
+        ("BERTH_ENGINES__STATE_DIR", &state),
+        ("BERTH_AGENT__DECLARED_GPUS", DECLARED_GPUS),
+    ];
+    env.extend(settings.iter().map(|(k, v)| (*k, v.as_str())));
+    let process = Process::spawn("berth-agent", &[], &env);
     (process, ContainerAgentClient::new(wait_for(&listen).await))
 }
 
@@ -888,11 +903,16 @@ async fn agent_exec_cancel_and_timeout_leave_nothing() {
         return;
     };
     let id = agent.run("box", agent.spec(&["sleep", "1000"])).await.id;
+    cancel_and_timeout_leave_nothing(&mut agent, &id).await;
+    agent.cleanup().await;
+}
 
+/// A cancelled exec and a timed-out one are killed with what they started.
+async fn cancel_and_timeout_leave_nothing(agent: &mut Agent, id: &str) {
     let mut stream = agent
         .client
         .exec(ExecRequest {
-            workload_id: id.clone(),
+            workload_id: id.to_string(),
             command: vec![
                 "sh".into(),
                 "-c".into(),
@@ -909,12 +929,12 @@ async fn agent_exec_cancel_and_timeout_leave_nothing() {
         Some(exec_output::Output::Stdout(b"started\n".to_vec()))
     );
     drop(stream); // the cancel
-    agent.wait_gone(&id, "sleep 77", "the cancel").await;
+    agent.wait_gone(id, "sleep 77", "the cancel").await;
 
     let started = Instant::now();
     let (_, _, exit) = agent
         .exec(
-            &id,
+            id,
             &["sh", "-c", "sleep 555 & sleep 556"],
             Some(Duration::from_millis(300)),
         )
@@ -922,13 +942,7 @@ async fn agent_exec_cancel_and_timeout_leave_nothing() {
         .unwrap();
     assert_eq!(exit.reason(), ExitReason::TimedOut);
     assert!(started.elapsed() < Duration::from_secs(5));
-    let (out, _, _) = agent.exec(&id, &["ps", "-o", "args"], None).await.unwrap();
-    assert!(
-        !String::from_utf8_lossy(&out).contains("sleep 55"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
-    agent.cleanup().await;
+    agent.wait_gone(id, "sleep 55", "the timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1209,5 +1223,142 @@ async fn agent_engine_gone_is_unavailable_then_back() {
     let _proxy_task = serve(proxy.clone(), real);
     let workload = agent.run("back", agent.spec(&["sleep", "1000"])).await;
     assert_eq!(workload.state(), WorkloadState::Running);
+    agent.cleanup().await;
+}
+
+/// The exec shim as a static binary (it runs inside busybox, which has no
+/// C library), built once per test process into its own target directory.
+fn static_exec_shim() -> &'static Path {
+    static SHIM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("exec-shim");
+        let triple = "x86_64-unknown-linux-gnu";
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "berth-exec-shim",
+                "--target",
+                triple,
+            ])
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the static exec shim failed");
+        target.join(triple).join("release/berth-exec-shim")
+    })
+}
+
+/// The parent of an exec'd command: the shim when the exec went through it.
+async fn exec_parent(agent: &mut Agent, id: &str) -> String {
+    let (out, err, exit) = agent
+        .exec(
+            id,
+            // An engine exec's parent is outside the container: PPID 0.
+            &[
+                "sh",
+                "-c",
+                "echo ppid=$PPID; tr '\\0' ' ' < /proc/$PPID/cmdline 2>/dev/null; true",
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(exit.exit_code, 0, "{}", String::from_utf8_lossy(&err));
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_execs_through_the_exec_shim() {
+    let settings = vec![(
+        "BERTH_ENGINES__EXEC_SHIM",
+        static_exec_shim().display().to_string(),
+    )];
+    let Some(mut agent) = Agent::start_with("exec_shim", settings).await else {
+        return;
+    };
+    let id = agent.run("box", agent.spec(&["sleep", "100000"])).await.id;
+    assert!(
+        exec_parent(&mut agent, &id)
+            .await
+            .contains("/.berth/exec-shim"),
+        "the exec did not go through the shim"
+    );
+    // Output, environment, working directory and exit code as an engine exec gives them.
+    let stream = agent
+        .client
+        .exec(ExecRequest {
+            workload_id: id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; echo $GREETING; pwd; exit 3".into(),
+            ],
+            env: vec![EnvVar {
+                name: "GREETING".into(),
+                value: "hi".into(),
+            }],
+            working_dir: "/tmp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (out, err, exit) = collect_exec(stream).await.unwrap();
+    assert_eq!(
+        (out.as_slice(), err.as_slice(), exit.exit_code),
+        (&b"out\nhi\n/tmp\n"[..], &b"err\n"[..], 3)
+    );
+    let (_, err, exit) = agent.exec(&id, &["no-such-program"], None).await.unwrap();
+    assert_eq!(exit.exit_code, 127, "{}", String::from_utf8_lossy(&err));
+
+    cancel_and_timeout_leave_nothing(&mut agent, &id).await;
+
+    // Restarted, the container gets its shim back at start.
+    agent
+        .client
+        .stop_workload(StopWorkloadRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    agent
+        .client
+        .start_workload(WorkloadRef { id: id.clone() })
+        .await
+        .unwrap();
+    assert!(
+        exec_parent(&mut agent, &id)
+            .await
+            .contains("/.berth/exec-shim")
+    );
+
+    // The shim killed: execs go to the engine meanwhile, and the shim comes back.
+    let (_, _, exit) = agent
+        .exec(&id, &["sh", "-c", "kill -9 $PPID; sleep 5"], None)
+        .await
+        .unwrap();
+    assert_ne!(exit.exit_code, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut via_engine = false;
+    loop {
+        let parent = exec_parent(&mut agent, &id).await;
+        if parent.contains("/.berth/exec-shim") {
+            break;
+        }
+        via_engine = true;
+        assert!(
+            Instant::now() < deadline,
+            "the shim never came back: {parent}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(via_engine, "an exec went to a dead shim");
     agent.cleanup().await;
 }

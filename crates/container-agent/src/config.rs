@@ -163,6 +163,12 @@ pub struct EnginesConfig {
     pub max_image_bytes: u64,
     /// Where the agent records the images it imported.
     pub state_dir: PathBuf,
+    /// A static `berth-exec-shim` binary on this host; empty: off. When set,
+    /// every container the agent creates gets it bind-mounted with a socket
+    /// directory of its own (under `state_dir`), the agent starts it at each
+    /// container start, and execs go to it (a fork in the container) rather
+    /// than through the engine's exec API (~40 ms each on Docker 20.10).
+    pub exec_shim: PathBuf,
 }
 
 impl Default for EnginesConfig {
@@ -175,6 +181,7 @@ impl Default for EnginesConfig {
             restart_backoff_max: Duration::from_secs(60),
             max_image_bytes: 16 << 30,
             state_dir: berth_server::config::data_dir().join("agent"),
+            exec_shim: PathBuf::new(),
         }
     }
 }

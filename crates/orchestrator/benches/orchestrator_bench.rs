@@ -135,6 +135,17 @@ fn spawn_orchestrator(dir: &Path, port: u16, heartbeat: &str) -> Proc {
 
 /// A berth-agent on `socket`; `docker` is the engine socket or "off".
 fn spawn_agent(dir: &Path, socket: &Path, docker: &str, owner: &str) -> Proc {
+    spawn_agent_with_shim(dir, socket, docker, owner, "")
+}
+
+/// An agent whose containers run execs through the static exec shim at `exec_shim`.
+fn spawn_agent_with_shim(
+    dir: &Path,
+    socket: &Path,
+    docker: &str,
+    owner: &str,
+    exec_shim: &str,
+) -> Proc {
     let state = dir.join(format!("state-{owner}")).display().to_string();
     Proc::spawn(
         &agent_binary(),
@@ -150,8 +161,29 @@ fn spawn_agent(dir: &Path, socket: &Path, docker: &str, owner: &str) -> Proc {
             ("BERTH_ENGINES__OWNER", owner),
             ("BERTH_ENGINES__LEFTOVERS", "sweep"),
             ("BERTH_ENGINES__STATE_DIR", &state),
+            ("BERTH_ENGINES__EXEC_SHIM", exec_shim),
         ],
     )
+}
+
+/// The static exec shim: $BENCH_EXEC_SHIM, or where the documented build puts it.
+fn exec_shim_binary() -> Result<PathBuf, String> {
+    let path = std::env::var_os("BENCH_EXEC_SHIM").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-gnu/release/berth-exec-shim")
+        },
+        PathBuf::from,
+    );
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no static exec shim at {} (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+             -p berth-exec-shim --target x86_64-unknown-linux-gnu)",
+            path.display()
+        ))
+    }
 }
 
 async fn wait_for(address: &str) -> AuthChannel {
@@ -540,34 +572,74 @@ async fn bench_dispatch() {
         Err(reason) => println!("dispatch docker: SKIPPED ({reason})"),
         Ok(()) => {
             let image = format!("berth-bench-{owner}:bb");
-            let spec = WorkloadSpec {
-                runtime: Runtime::Docker as i32,
-                image: image.clone(),
-                command: vec!["sleep".into(), "100000".into()],
-                ..Default::default()
-            };
-            let exec_ms = exec_round_trip(&mut agent, spec, 50).await;
-            println!(
-                "bare agent Exec round trip, docker busybox, 50 sequential: p50 {exec_ms:.2} ms → at most {:.0} runs/s per backend",
-                1e3 / exec_ms
-            );
-            let backend = format!("runtime: docker, image: '{image}', command: [sleep, '100000']");
-            for backends in [1, 4] {
-                let d = dispatch_campaign(
-                    &mut client,
-                    manifest("docker", backends, docker_runs / backends, &backend),
-                    false,
-                )
-                .await;
-                match d {
-                    Some(d) => print_dispatch("docker", backends, &d),
-                    None => break,
+            docker_rows(
+                &mut client,
+                &mut agent,
+                ("docker", "local"),
+                &image,
+                docker_runs,
+            )
+            .await;
+            match exec_shim_binary() {
+                Err(reason) => println!("dispatch docker with the exec shim: SKIPPED ({reason})"),
+                Ok(shim) => {
+                    let socket = dir.path().join("agent-shim.sock");
+                    let _shim_agent = spawn_agent_with_shim(
+                        dir.path(),
+                        &socket,
+                        docker,
+                        &format!("{owner}-shim"),
+                        &shim.display().to_string(),
+                    );
+                    let mut shim_agent = ContainerAgentClient::new(
+                        wait_for(&format!("unix://{}", socket.display())).await,
+                    );
+                    register(&mut client, "shim", &socket).await;
+                    let label = ("docker+shim", "shim");
+                    docker_rows(&mut client, &mut shim_agent, label, &image, runs).await;
                 }
             }
         }
     }
     let (rss, hwm) = rss_mb(orchestrator.pid());
     println!("orchestrator after the dispatch campaigns: VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB");
+}
+
+/// The bare exec round trip into a busybox container of `agent` (host
+/// `host`), then dispatch with 1 and with 4 such backends, `runs` in all.
+async fn docker_rows(
+    client: &mut Client,
+    agent: &mut Agent,
+    (label, host): (&str, &str),
+    image: &str,
+    runs: usize,
+) {
+    let spec = WorkloadSpec {
+        runtime: Runtime::Docker as i32,
+        image: image.to_string(),
+        command: vec!["sleep".into(), "100000".into()],
+        ..Default::default()
+    };
+    let exec_ms = exec_round_trip(agent, spec, 50).await;
+    println!(
+        "bare agent Exec round trip, {label} busybox, 50 sequential: p50 {exec_ms:.2} ms → at most {:.0} runs/s per backend",
+        1e3 / exec_ms
+    );
+    let backend = format!(
+        "runtime: docker, image: '{image}', command: [sleep, '100000'], placement: {{host: {host}}}"
+    );
+    for backends in [1, 4] {
+        let d = dispatch_campaign(
+            client,
+            manifest(host, backends, runs / backends, &backend),
+            false,
+        )
+        .await;
+        match d {
+            Some(d) => print_dispatch(label, backends, &d),
+            None => break,
+        }
+    }
 }
 
 async fn health_serving(port: u16) -> bool {

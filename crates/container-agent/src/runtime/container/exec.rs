@@ -148,9 +148,9 @@ pub async fn start(
     Ok(rx)
 }
 
-/// Sends one engine frame, split into gRPC-sized chunks; false when the
-/// caller is gone.
-async fn forward(tx: &mpsc::Sender<ExecOutput>, data: &[u8], stdout: bool) -> bool {
+/// Sends one engine (or exec shim) frame, split into gRPC-sized chunks;
+/// false when the caller is gone.
+pub(super) async fn forward(tx: &mpsc::Sender<ExecOutput>, data: &[u8], stdout: bool) -> bool {
     for chunk in data.chunks(CHUNK_BYTES) {
         let output = if stdout {
             exec_output::Output::Stdout(chunk.to_vec())

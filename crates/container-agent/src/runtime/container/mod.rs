@@ -8,6 +8,7 @@
 
 mod engine;
 mod exec;
+mod exec_shim;
 mod health;
 mod images;
 mod inspect;
@@ -56,6 +57,7 @@ struct Inner {
     restart_backoff_max: Duration,
     images: images::Records,
     owned: Mutex<HashMap<String, Owned>>,
+    exec_shim: Option<exec_shim::ExecShim>,
 }
 
 /// What the agent knows about one of its containers beyond the engine's view.
@@ -98,6 +100,7 @@ impl ContainerRuntime {
                 restart_backoff_max: config.restart_backoff_max,
                 images: images::Records::load(images_file),
                 owned: Mutex::new(HashMap::new()),
+                exec_shim: exec_shim::ExecShim::new(&config.exec_shim, &config.state_dir),
             }),
         };
         if let Err(error) = runtime.take_back_leftovers(config.leftovers).await {
@@ -284,13 +287,21 @@ impl WorkloadRuntime for ContainerRuntime {
     async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
         validate_name(name)?;
         let versions = self.engine().versions().await?;
-        let config = spec::container_config(
+        let mut config = spec::container_config(
             name,
             &spec,
             &self.inner.owner,
             self.engine().dialect,
             versions,
         )?;
+        if let Some(shim) = &self.inner.exec_shim {
+            let mounts = shim.mounts(name).map_err(|e| {
+                AgentError::Internal(format!("exec shim directory for `{name}`: {e}"))
+            })?;
+            if let Some(host) = config.host_config.as_mut() {
+                host.mounts.get_or_insert_with(Vec::new).extend(mounts);
+            }
+        }
         let docker = self.engine().client().await?;
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         let created = match docker.create_container(Some(options), config).await {
@@ -322,7 +333,7 @@ impl WorkloadRuntime for ContainerRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<Workload, AgentError> {
-        let (id, _) = self.resolve_or_404(id)?;
+        let (id, name) = self.resolve_or_404(id)?;
         let docker = self.engine().client().await?;
         match docker
             .start_container(
@@ -334,6 +345,9 @@ impl WorkloadRuntime for ContainerRuntime {
             Ok(()) => {}
             Err(e) if status_of(&e) == Some(304) => {} // already running
             Err(e) => return Err(self.engine().error("start", e).await),
+        }
+        if let Some(shim) = &self.inner.exec_shim {
+            shim.launch(&docker, &id, &name).await;
         }
         self.watch_health(&id);
         self.current(&id).await
@@ -374,6 +388,9 @@ impl WorkloadRuntime for ContainerRuntime {
             Err(e) if status_of(&e) == Some(404) => {}
             Err(e) => return Err(self.engine().error("remove", e).await),
         }
+        if let Some(shim) = &self.inner.exec_shim {
+            shim.remove(&name);
+        }
         self.owned().remove(&id);
         Ok(())
     }
@@ -409,6 +426,22 @@ impl WorkloadRuntime for ContainerRuntime {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
         let (id, name) = self.resolve_or_404(id)?;
+        if let Some(shim) = &self.inner.exec_shim {
+            if let Some(stream) = shim.connect(&name).await {
+                return Ok(exec_shim::run(stream, exec, Some(permit)));
+            }
+            if shim.due_for_relaunch(&name) {
+                let runtime = self.clone();
+                let (id, name) = (id.clone(), name.clone());
+                tokio::spawn(async move {
+                    if let (Some(shim), Ok(docker)) =
+                        (&runtime.inner.exec_shim, runtime.engine().client().await)
+                    {
+                        shim.launch(&docker, &id, &name).await;
+                    }
+                });
+            }
+        }
         exec::start(self.engine().clone(), &id, &name, exec, Some(permit)).await
     }
 

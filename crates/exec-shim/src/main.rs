@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    berth_exec_shim::main()
+}
