@@ -91,37 +91,36 @@ async fn start_replay_sampler(dir: &Path) -> (Process, u16) {
     (sampler, port)
 }
 
+/// An agent on the unix socket `socket`, with `args` before the usual ones.
+fn start_agent(socket: &Path, args: &[&str]) -> Process {
+    let listen = format!("unix://{}", socket.display());
+    let mut all = args.to_vec();
+    all.extend(["--listen", &listen, "--http-listen", ""]);
+    Process::spawn("berth-agent", &all, &[])
+}
+
+/// An orchestrator keeping its state in `dir`, its port, and a client once it answers.
+async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<AuthChannel>) {
+    let port = free_port();
+    let store = format!("store.path={}", dir.join("state.db").display());
+    let listen = format!("127.0.0.1:{port}");
+    let orchestrator = Process::spawn(
+        "berth-orchestrator",
+        &["--listen", &listen, "--http-listen", "", "--set", &store],
+        &[],
+    );
+    let client = OrchestratorClient::new(wait_for(&format!("http://{listen}")).await);
+    (orchestrator, port, client)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
     let dir = tempfile::tempdir().unwrap();
     let (_sampler, sampler_port) = start_replay_sampler(dir.path()).await;
 
     let socket = dir.path().join("agent.sock");
-    let _agent = Process::spawn(
-        "berth-agent",
-        &[
-            "--listen",
-            &format!("unix://{}", socket.display()),
-            "--http-listen",
-            "",
-        ],
-        &[],
-    );
-    let port = free_port();
-    let store = format!("store.path={}", dir.path().join("state.db").display());
-    let _orchestrator = Process::spawn(
-        "berth-orchestrator",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "",
-            "--set",
-            &store,
-        ],
-        &[],
-    );
-    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    let _agent = start_agent(&socket, &[]);
+    let (_orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
 
     // A host without a power sampler cannot take a campaign that measures power.
     client
@@ -346,34 +345,9 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
          [[agent.declared_gpus]]\nindex = 1\nuuid = \"GPU-test-1\"\nname = \"declared test GPU\"\nmemory_bytes = 85899345920\n",
     )
     .unwrap();
-    let _agent = Process::spawn(
-        "berth-agent",
-        &[
-            "--config",
-            agent_config.to_str().unwrap(),
-            "--listen",
-            &format!("unix://{}", socket.display()),
-            "--http-listen",
-            "",
-        ],
-        &[],
-    );
+    let _agent = start_agent(&socket, &["--config", agent_config.to_str().unwrap()]);
     wait_for(&format!("unix://{}", socket.display())).await;
-    let port = free_port();
-    let store = format!("store.path={}", dir.path().join("state.db").display());
-    let _orchestrator = Process::spawn(
-        "berth-orchestrator",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "",
-            "--set",
-            &store,
-        ],
-        &[],
-    );
-    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    let (_orchestrator, _, mut client) = start_orchestrator(dir.path()).await;
     let host = client
         .register_host(RegisterHostRequest {
             name: "gpu-host".into(),

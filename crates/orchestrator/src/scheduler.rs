@@ -1036,8 +1036,20 @@ impl Scheduler {
                 }
             ),
         );
+        self.wait_for_lease(ctx, &placed.host, &placed.gpus, mode)
+            .await
+    }
+
+    /// The lease once it is free; None when the campaign is cancelled first.
+    async fn wait_for_lease(
+        &self,
+        ctx: &CampaignRun,
+        host: &str,
+        gpus: &[u32],
+        mode: GpuUse,
+    ) -> Option<gpu_leases::GpuLease> {
         tokio::select! {
-            lease = self.gpu_leases.lease(&placed.host, &placed.gpus, mode) => Some(lease),
+            lease = self.gpu_leases.lease(host, gpus, mode) => Some(lease),
             () = ctx.token.cancelled() => None,
         }
     }
@@ -1064,10 +1076,8 @@ impl Scheduler {
             host_gpus = self.hosts.probe(&run.host).await.ok()?.gpus;
         }
         let gpus = gpu_leases::used_by(backend, &host_gpus, &assigned);
-        tokio::select! {
-            lease = self.gpu_leases.lease(&run.host, &gpus, gpu_use(ctx)) => Some(lease),
-            () = ctx.token.cancelled() => None,
-        }
+        self.wait_for_lease(ctx, &run.host, &gpus, gpu_use(ctx))
+            .await
     }
 
     /// Reads a running run's exec to its end and records the outcome. A
