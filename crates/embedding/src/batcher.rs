@@ -1,19 +1,26 @@
 //! Dynamic batching: requests are cut into pieces and queued; each session
 //! of a model runs on its own OS thread (inference is CPU-bound and must not
 //! hold an async worker), takes queued pieces up to `max_batch_size` texts and
-//! embeds them in one run.
+//! embeds them together.
+//!
+//! How a request is cut: its texts are sorted by length, longest first, and
+//! cut into pieces of neighbouring lengths (so that a run pads little, as
+//! sentence-transformers sorts its batches) and about the same work (texts ×
+//! the piece's longest), at most `max_batch_size` texts each and at least one
+//! per session, so a single big request keeps every core busy and its pieces
+//! end at about the same time. Sessions take the pieces one by one as they
+//! finish, which evens out the rest.
 //!
 //! How a session fills a batch: it takes the first piece, then more only
 //! while no other session is idle (an idle session should run them at once,
 //! in parallel), and, when the queue is empty and every other session is busy,
-//! waits up to `max_wait` for more to arrive. A request larger than a share of
-//! the sessions is cut into one piece per session, so a single big request
-//! uses every core.
+//! waits up to `max_wait` for more to arrive.
 //!
 //! The queue is bounded by texts: a request that does not fit is refused at
 //! once (RESOURCE_EXHAUSTED / 429) rather than growing memory.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -81,13 +88,17 @@ impl Batcher {
     }
 
     /// Embeds `texts` (not normalised), in order, once sessions are free.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Pooled>, Error> {
+    pub async fn embed(&self, mut texts: Vec<String>) -> Result<Vec<Pooled>, Error> {
         let count = texts.len();
         let sessions = self.shared.sessions.load(Ordering::Relaxed);
-        let piece_size = count
-            .div_ceil(sessions.max(1))
-            .clamp(1, self.shared.config.max_batch_size);
-        let mut replies = Vec::with_capacity(count.div_ceil(piece_size));
+        let mut longest_first: Vec<usize> = (0..count).collect();
+        longest_first.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let work: Vec<usize> = longest_first
+            .iter()
+            .map(|&i| text_work(&texts[i]))
+            .collect();
+        let pieces = cut_pieces(&work, sessions, self.shared.config.max_batch_size);
+        let mut replies = Vec::with_capacity(pieces.len());
         {
             let mut queue = self.shared.lock();
             if queue.closed {
@@ -100,31 +111,67 @@ impl Batcher {
                     capacity: self.shared.config.max_queued_texts,
                 });
             }
-            let mut texts = texts.into_iter();
-            loop {
-                let piece: Vec<String> = texts.by_ref().take(piece_size).collect();
-                if piece.is_empty() {
-                    break;
-                }
+            for range in pieces {
+                let indices = &longest_first[range];
+                let piece: Vec<String> = indices
+                    .iter()
+                    .map(|&i| std::mem::take(&mut texts[i]))
+                    .collect();
                 let (reply, receiver) = oneshot::channel();
                 queue.texts += piece.len();
                 queue.pieces.push_back(Piece {
                     texts: piece,
                     reply,
                 });
-                replies.push(receiver);
+                replies.push((indices, receiver));
                 self.shared.wake.notify_one();
             }
             self.shared.metrics.queued.set(queue.texts as i64);
         }
         // Dropping this future (a client gone) drops the receivers; sessions
         // skip pieces nobody waits for.
-        let mut out = Vec::with_capacity(count);
-        for receiver in replies {
-            out.extend(receiver.await.map_err(|_| Error::ShuttingDown)??);
+        let mut out = vec![None; count];
+        for (indices, receiver) in replies {
+            let pooled = receiver.await.map_err(|_| Error::ShuttingDown)??;
+            for (&i, vector) in indices.iter().zip(pooled) {
+                out[i] = Some(vector);
+            }
         }
-        Ok(out)
+        Ok(out.into_iter().flatten().collect())
     }
+}
+
+/// A text's share of a run's work, in bytes: its length plus what its
+/// special tokens ([CLS], [SEP]) cost, so that even an empty text counts.
+fn text_work(text: &str) -> usize {
+    text.len() + 8
+}
+
+/// Cuts texts sorted longest first (`work`: each one's [`text_work`]) into
+/// ranges of about equal padded work (texts × the range's first, longest
+/// one), at most `max_texts` each and, where there are texts enough, at
+/// least `sessions` of them.
+fn cut_pieces(work: &[usize], sessions: usize, max_texts: usize) -> Vec<Range<usize>> {
+    let count = work.len();
+    let max_texts = max_texts.max(1);
+    let wanted = sessions
+        .max(count.div_ceil(max_texts))
+        .clamp(1, count.max(1));
+    let target = work.iter().sum::<usize>().div_ceil(wanted);
+    let mut pieces = Vec::with_capacity(wanted);
+    let mut start = 0;
+    while start < count {
+        let longest = work[start];
+        let mut end = start + 1;
+        // Grows while under the target: a piece ends past it by less than a
+        // text, so that equal texts split evenly.
+        while end < count && end - start < max_texts && (end - start) * longest < target {
+            end += 1;
+        }
+        pieces.push(start..end);
+        start = end;
+    }
+    pieces
 }
 
 impl Drop for Batcher {
@@ -244,5 +291,46 @@ impl Shared {
         }
         self.metrics.queued.set(queue.texts as i64);
         Some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every text in exactly one piece, in order, none over `max_texts`.
+    fn check(work: &[usize], sessions: usize, max_texts: usize) -> Vec<usize> {
+        let pieces = cut_pieces(work, sessions, max_texts);
+        let mut next = 0;
+        for piece in &pieces {
+            assert_eq!(piece.start, next, "{pieces:?}");
+            assert!(!piece.is_empty() && piece.len() <= max_texts, "{pieces:?}");
+            next = piece.end;
+        }
+        assert_eq!(next, work.len(), "{pieces:?}");
+        pieces.iter().map(ExactSizeIterator::len).collect()
+    }
+
+    #[test]
+    fn texts_of_one_length_are_shared_evenly_among_sessions() {
+        assert_eq!(check(&[60; 32], 2, 32), [16, 16]);
+        assert_eq!(check(&[60; 256], 2, 32), [32; 8]);
+        assert_eq!(check(&[60; 33], 2, 32), [17, 16]);
+        assert_eq!(check(&[60; 3], 4, 32), [1, 1, 1]);
+        assert_eq!(check(&[60; 1], 2, 32), [1]);
+        assert_eq!(check(&[60; 10], 1, 4), [4, 4, 2]);
+        assert!(cut_pieces(&[], 2, 32).is_empty());
+    }
+
+    #[test]
+    fn long_texts_go_in_smaller_pieces_of_about_the_same_work() {
+        // 8 texts four times longer than the 24 others.
+        let mut work = vec![400; 8];
+        work.extend([100; 24]);
+        // Half the work is 2,800: 7 long texts pad to it; the 8th long one
+        // leads a piece of 7 too (padding 6 short ones), the 18 left take 1,800.
+        assert_eq!(check(&work, 2, 32), [7, 7, 18]);
+        // With 4 sessions the long texts are shared among more pieces.
+        assert_eq!(check(&work, 4, 32), [4, 4, 14, 10]);
     }
 }

@@ -104,8 +104,11 @@ pub enum PoolingKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingConfig {
-    /// Most texts one session embeds in one run; requests are cut into pieces
-    /// of at most this size and pieces of several requests share a run.
+    /// Most texts a session takes at once: requests are cut into pieces of
+    /// at most this size (smaller where that spreads a request over the
+    /// sessions), and pieces of several requests share a batch. Larger
+    /// batches save little (a session runs them 32 texts at a time) and even
+    /// out the sessions' work less well.
     pub max_batch_size: usize,
     /// How long a session waits for more texts once it holds some, to fill a batch.
     #[serde(with = "humantime_serde")]
@@ -118,7 +121,7 @@ pub struct BatchingConfig {
 impl Default for BatchingConfig {
     fn default() -> Self {
         Self {
-            max_batch_size: 256,
+            max_batch_size: 32,
             max_wait: Duration::from_millis(2),
             max_queued_texts: 8192,
         }

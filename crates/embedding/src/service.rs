@@ -57,6 +57,13 @@ impl Embedder {
             Err(Error::Unavailable { reason, .. }) => Some(reason),
             Err(error) => return Err(error),
         };
+        // Each session tokenizes its own batch on its own thread, and the pool
+        // has a session per core already: the tokenizer's rayon pool would
+        // only add threads that compete with them for the cores (and spin
+        // after each batch). TOKENIZERS_PARALLELISM set by the operator decides.
+        if !tokenizers::utils::parallelism::is_parallelism_configured() {
+            tokenizers::utils::parallelism::set_parallelism(false);
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (sessions, threads) = config.models.pool_shape(cores);
         let mut models = Vec::new();
