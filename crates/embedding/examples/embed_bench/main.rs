@@ -1,19 +1,23 @@
-//! berth-embedding against sentence-transformers (seed 000's service) on the
-//! same machine, from one run: throughput on the same 256 sentences in
+//! berth-embedding against seed 000's embedding service (FastAPI +
+//! sentence-transformers) on the same machine, from one run: both served
+//! over HTTP by their own processes and driven by the same client (see
+//! `served`), and both engines in-process (berth's request path against
+//! sentence-transformers' `encode`). Throughput on the same 256 sentences in
 //! requests of 256, 32 and 1 texts from one client and of 1 text from 8 and
-//! 64 concurrent clients, cold start (process start to first embedding), peak
-//! RSS at that first embedding and after all the throughput runs, and cosine
-//! against sentence-transformers' own vectors. Every row gives berth's figure,
-//! the peer's and their ratio.
+//! 64 concurrent clients, cold start (process start to first embedding),
+//! peak RSS at that first embedding and after all the throughput rows, and
+//! cosine against sentence-transformers' own vectors. Every row gives
+//! berth's figure, the peer's and their ratio.
 //!
 //! ```text
 //! cargo build --release -p berth-embedding --bins --examples
 //! target/release/examples/embed_bench [--runs 7] [--cold-runs 3] [--python PATH]
 //! ```
 //! Needs the model cache (scripts/setup-embedding-model.sh) and, for the
-//! peer, a Python with torch + sentence-transformers (default
-//! /tmp/berth-st-venv/bin/python, or $BERTH_ST_PYTHON); without it only
-//! berth's figures are printed. Prints a Markdown report on stdout.
+//! peer, a Python with torch + sentence-transformers, and FastAPI + uvicorn
+//! for the seed's service (default /tmp/berth-st-venv/bin/python, or
+//! $BERTH_ST_PYTHON); without them only berth's figures are printed. Prints
+//! a Markdown report on stdout.
 //!
 //! Each throughput figure comes with the CPU time other processes took while
 //! it was measured: on a small machine a neighbour's build cuts throughput several
