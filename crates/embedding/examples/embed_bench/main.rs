@@ -404,13 +404,13 @@ fn start_service(
 }
 
 /// Both services over HTTP, shape by shape in turn (berth, then the seed's),
-/// so that outside load hits both alike.
+/// so that outside load hits both alike. A failure stops both services.
 fn served_rows(
     args: &Args,
     binary: &Path,
     sentences: &[String],
     with_seed: bool,
-) -> (ServedRows, Option<ServedRows>) {
+) -> Result<(ServedRows, Option<ServedRows>), String> {
     let berth = start_service("berth-embedding", args.cold_runs, |http| {
         let mut command = Command::new(binary);
         let grpc = format!("127.0.0.1:{}", free_port());
@@ -443,17 +443,17 @@ fn served_rows(
             batch,
             clients,
             runs_of(batch, args.runs),
-        );
-        Throughput {
+        )?;
+        Ok::<_, String>(Throughput {
             per_s: median(runs.clone()),
             runs,
             others_cpu_s: before.others_since(Some(&pid)),
-        }
+        })
     };
     for (batch, clients) in SHAPES {
-        berth_rows.push(measure(&berth.0, batch, clients));
+        berth_rows.push(measure(&berth.0, batch, clients)?);
         if let Some((service, _)) = &seed {
-            seed_rows.push(measure(service, batch, clients));
+            seed_rows.push(measure(service, batch, clients)?);
         }
     }
     let rows_of = |(service, cold_starts): (served::Served, Vec<(f64, f64)>), rows| ServedRows {
@@ -461,10 +461,10 @@ fn served_rows(
         cold_starts,
         rows,
     };
-    (
+    Ok((
         rows_of(berth, berth_rows),
         seed.map(|seed| rows_of(seed, seed_rows)),
-    )
+    ))
 }
 
 /// `top / bottom` as a table cell, where both were measured (0 is "/proc
@@ -579,7 +579,7 @@ fn main() {
     drop(embedder);
 
     let (berth_served, seed_served) =
-        served_rows(&args, &binary, &sentences, seed_versions.is_ok());
+        served_rows(&args, &binary, &sentences, seed_versions.is_ok()).unwrap_or_else(|e| fail(&e));
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (sessions, threads) = config.models.pool_shape(cores);

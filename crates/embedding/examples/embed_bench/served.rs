@@ -230,41 +230,46 @@ impl Connection {
 
 /// Sentences per second of each of `runs` timed runs (after one warm-up),
 /// each embedding `sentences` over HTTP in requests of `batch` texts from
-/// `clients` concurrent clients.
+/// `clients` concurrent clients; the first failure ends it.
 pub fn throughput(
     served: &Served,
     sentences: &[String],
     batch: usize,
     clients: usize,
     runs: usize,
-) -> Vec<f64> {
+) -> Result<Vec<f64>, String> {
     let chunks: Vec<&[String]> = sentences.chunks(batch).collect();
     let per_client = chunks.len().div_ceil(clients);
-    let mut connections: Vec<Connection> = (0..chunks.len().div_ceil(per_client))
-        .map(|_| {
-            Connection::open(served.addr())
-                .unwrap_or_else(|e| fail(&format!("{}: cannot connect: {e}", served.name)))
-        })
-        .collect();
+    let mut connections = (0..chunks.len().div_ceil(per_client))
+        .map(|_| Connection::open(served.addr()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: cannot connect: {e}", served.name))?;
     let mut once = || {
         std::thread::scope(|scope| {
-            for (connection, mine) in connections.iter_mut().zip(chunks.chunks(per_client)) {
-                scope.spawn(move || {
-                    for texts in mine {
-                        if let Err(failure) = connection.embed(texts) {
-                            fail(&format!("{}: {failure}", served.name));
-                        }
-                    }
-                });
-            }
-        });
+            let clients: Vec<_> = connections
+                .iter_mut()
+                .zip(chunks.chunks(per_client))
+                .map(|(connection, mine)| {
+                    scope.spawn(move || {
+                        mine.iter()
+                            .try_for_each(|texts| connection.embed(texts))
+                            .map_err(|failure| format!("{}: {failure}", served.name))
+                    })
+                })
+                .collect();
+            clients.into_iter().try_for_each(|client| {
+                client
+                    .join()
+                    .unwrap_or_else(|_| Err(format!("{}: a client panicked", served.name)))
+            })
+        })
     };
-    once();
+    once()?;
     (0..runs)
         .map(|_| {
             let started = Instant::now();
-            once();
-            sentences.len() as f64 / started.elapsed().as_secs_f64()
+            once()?;
+            Ok(sentences.len() as f64 / started.elapsed().as_secs_f64())
         })
         .collect()
 }
