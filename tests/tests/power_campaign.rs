@@ -100,6 +100,30 @@ fn start_agent(socket: &Path, args: &[&str]) -> Process {
 }
 
 /// An orchestrator keeping its state in `dir`, its port, and a client once it answers.
+/// Waits until campaign `id` has succeeded, with its 4 runs, by `deadline`.
+async fn wait_for_four_runs(
+    client: &mut OrchestratorClient<AuthChannel>,
+    id: &str,
+    deadline: Instant,
+) {
+    loop {
+        let now = client
+            .get_campaign(GetCampaignRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if now.state == CampaignState::Succeeded as i32 {
+            assert_eq!(now.runs.unwrap().succeeded, 4, "{now:?}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign never finished: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<AuthChannel>) {
     let port = free_port();
     let store = format!("store.path={}", dir.join("state.db").display());
@@ -171,24 +195,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = client
-            .get_campaign(GetCampaignRequest {
-                id: campaign.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if now.state == CampaignState::Succeeded as i32 {
-            assert_eq!(now.runs.unwrap().succeeded, 4, "{now:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "campaign never finished: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_four_runs(&mut client, &campaign.id, deadline).await;
     let runs = client
         .list_runs(ListRunsRequest {
             campaign_id: campaign.id.clone(),
@@ -392,22 +399,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut runs = Vec::new();
     for id in &ids {
-        loop {
-            let now = client
-                .get_campaign(GetCampaignRequest { id: id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if now.state == CampaignState::Succeeded as i32 {
-                assert_eq!(now.runs.unwrap().succeeded, 4, "{now:?}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "campaign never finished: {now:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_four_runs(&mut client, id, deadline).await;
         let listed = client
             .list_runs(ListRunsRequest {
                 campaign_id: id.clone(),

@@ -252,7 +252,7 @@ fn default_socket() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -293,7 +293,7 @@ mod tests {
         assert_eq!(config.agent.max_keyed_execs, 512);
     }
 
-    fn gpu(index: u32, uuid: &str) -> DeclaredGpu {
+    pub(crate) fn gpu(index: u32, uuid: &str) -> DeclaredGpu {
         DeclaredGpu {
             index,
             uuid: uuid.into(),

@@ -144,11 +144,11 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
 mod tests {
     use std::time::Duration;
 
-    use berth_proto::agent::v1::InfoRequest;
     use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+    use berth_proto::agent::v1::{HostInfo, InfoRequest};
 
     use super::*;
-    use crate::config::DeclaredGpu;
+    use crate::config::tests::gpu;
 
     fn config(dir: &tempfile::TempDir) -> Config {
         let mut config = Config::default();
@@ -161,13 +161,18 @@ mod tests {
         config
     }
 
-    fn gpu(index: u32, uuid: &str) -> DeclaredGpu {
-        DeclaredGpu {
-            index,
-            uuid: uuid.into(),
-            name: "Test GPU".into(),
-            memory_bytes: 80 << 30,
-        }
+    /// What Info answers an agent started with `config`.
+    async fn info_of(config: Config) -> HostInfo {
+        let listen = config.server.listen.clone();
+        let _agent = start(config).await.unwrap();
+        let channel = berth_server::client::connect(&listen, "", Duration::from_secs(5))
+            .await
+            .unwrap();
+        ContainerAgentClient::new(channel)
+            .info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     #[tokio::test]
@@ -176,16 +181,7 @@ mod tests {
         let mut config = config(&dir);
         config.agent.nvml_library = "/nonexistent/libnvidia-ml.so.1".into();
         config.agent.declared_gpus = vec![gpu(0, "GPU-a"), gpu(1, "GPU-b")];
-        let listen = config.server.listen.clone();
-        let _agent = start(config).await.unwrap();
-        let channel = berth_server::client::connect(&listen, "", Duration::from_secs(5))
-            .await
-            .unwrap();
-        let info = ContainerAgentClient::new(channel)
-            .info(InfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let info = info_of(config).await;
         let gpus: Vec<(u32, &str, &str, u64)> = info
             .gpus
             .iter()
@@ -205,16 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(&dir);
         config.agent.nvml_library = "/nonexistent/libnvidia-ml.so.1".into();
-        let listen = config.server.listen.clone();
-        let _agent = start(config).await.unwrap();
-        let channel = berth_server::client::connect(&listen, "", Duration::from_secs(5))
-            .await
-            .unwrap();
-        let info = ContainerAgentClient::new(channel)
-            .info(InfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let info = info_of(config).await;
         assert!(info.gpus.is_empty(), "{:?}", info.gpus);
     }
 
