@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Builds berth's container images with the engine on this machine, pulling nothing.
 #
-# 1. cargo builds the binaries (release):
-#      static-pie, glibc, no shared library at all (RUSTFLAGS=-C target-feature=+crt-static,
-#      --target x86_64-unknown-linux-gnu):  berth-orchestrator, berth-agent, berth-llm-proxy
-#      dynamically linked (plain --release): berth-embedding, berth-power-sampler — they dlopen
-#      ONNX Runtime / NVML, which a static glibc binary cannot do reliably (see docs/operations.md)
+# 1. cargo builds the five service binaries in one release build, dynamically linked: the
+#    embedding service, the power sampler and the agent dlopen ONNX Runtime / NVML / libvirt,
+#    which a static glibc binary cannot do reliably (see docs/operations.md), and one build of
+#    the workspace is half the time of a static and a dynamic one
 # 2. a build context is staged in a temp dir: the binaries, busybox (from Debian's busybox-static,
 #    for the agent's host commands and, with --shell, for podman-compose's health checks), the glibc
-#    libraries of this machine for the two dynamic binaries, CA certificates, passwd/group, configs
+#    libraries of this machine the binaries link, CA certificates, passwd/group, configs
 # 3. one image per service from deploy/images/<service>.Containerfile, every one `FROM scratch`
 #    (or FROM the locally built busybox image with --shell): nothing is pulled, ever.
 #
@@ -20,8 +19,7 @@
 #   --no-cargo use the binaries already built in $CARGO_TARGET_DIR (CI caches)
 # Env: CARGO_TARGET_DIR (default <repo>/target), BUSYBOX (path of a static busybox; default
 #   /bin/busybox, else `apt-get download busybox-static`), BERTH_IMAGE_PREFIX (default localhost/berth-).
-# Needs: cargo + the x86_64-unknown-linux-gnu std (the host's own target), glibc static libs
-#   (libc6-dev), docker or podman, busybox-static (or apt access to download it), ca-certificates.
+# Needs: cargo, docker or podman, busybox-static (or apt access to download it), ca-certificates.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,20 +49,14 @@ if [[ -z $TAG ]]; then
 fi
 PREFIX=${BERTH_IMAGE_PREFIX:-localhost/berth-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-TRIPLE=x86_64-unknown-linux-gnu
-STATIC_BINS=(berth-orchestrator berth-agent berth-llm-proxy)
-DYNAMIC_BINS=(berth-embedding berth-power-sampler)
+BINS=(berth-orchestrator berth-agent berth-llm-proxy berth-embedding berth-power-sampler)
 log() { echo "build-images: $*" >&2; }
 t0=$(date +%s)
 
 if [[ $CARGO == 1 ]]; then
-  log "cargo: static binaries (${STATIC_BINS[*]})"
-  (cd "$REPO" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" CARGO_TARGET_DIR=$TARGET_DIR \
-    cargo build --release --locked --target $TRIPLE \
-      -p berth-orchestrator -p berth-container-agent -p berth-llm-proxy --bins)
-  log "cargo: dynamic binaries (${DYNAMIC_BINS[*]})"
-  (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR \
-    cargo build --release --locked -p berth-embedding -p berth-power-sampler --bins)
+  log "cargo: release binaries (${BINS[*]})"
+  (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --locked -p berth-orchestrator \
+    -p berth-container-agent -p berth-llm-proxy -p berth-embedding -p berth-power-sampler --bins)
 fi
 t1=$(date +%s)
 
@@ -73,13 +65,7 @@ trap 'rm -rf "$CTX"' EXIT
 mkdir -p "$CTX"/{bin,etc,glibc,empty,tmp,config,certs}
 chmod 1777 "$CTX/tmp"
 chmod 0755 "$CTX/empty"
-for b in "${STATIC_BINS[@]}"; do
-  src=$TARGET_DIR/$TRIPLE/release/$b
-  [[ -x $src ]] || { log "$src is missing (run without --no-cargo)"; exit 1; }
-  if ldd "$src" 2>&1 | grep -q '=>'; then log "$src is not statically linked"; exit 1; fi
-  cp "$src" "$CTX/bin/"
-done
-for b in "${DYNAMIC_BINS[@]}"; do
+for b in "${BINS[@]}"; do
   src=$TARGET_DIR/release/$b
   [[ -x $src ]] || { log "$src is missing (run without --no-cargo)"; exit 1; }
   cp "$src" "$CTX/bin/"
@@ -94,7 +80,7 @@ copy_lib() {
   mkdir -p "$CTX/glibc$(dirname "$path")"
   cp "$real" "$CTX/glibc$path"
 }
-libs=$( { for b in "${DYNAMIC_BINS[@]}"; do ldd "$CTX/bin/$b"; done; } | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | sort -u)
+libs=$( { for b in "${BINS[@]}"; do ldd "$CTX/bin/$b"; done; } | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | sort -u)
 for name in libstdc++.so.6 libgcc_s.so.1 libm.so.6 libdl.so.2 librt.so.1 libpthread.so.0; do
   # awk reads to the end: exiting early would kill ldconfig with SIGPIPE, which pipefail turns
   # into a silent exit of this script whenever ldconfig had not written everything yet.

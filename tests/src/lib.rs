@@ -1,5 +1,9 @@
-//! Helpers for berth's end-to-end tests: the built binaries, processes that
-//! die with the test, and a reflection client that asks what grpcurl asks.
+//! Helpers for berth's end-to-end tests: the gate for the real parts a test
+//! needs, the built binaries, processes that die with the test, and a
+//! reflection client that asks what grpcurl asks.
+
+pub mod parts;
+pub use parts::{Part, require, require_part};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -229,4 +233,36 @@ pub fn model_cache() -> PathBuf {
             .join("berth")
             .join("models")
     })
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+/// The busybox rootfs tar of scripts/images/busybox-rootfs.sh, made once in
+/// `cache`; None when it cannot be made (the test skips, or fails on CI).
+pub fn busybox_rootfs(cache: &Path) -> Option<PathBuf> {
+    let script = repo_root().join("scripts/images/busybox-rootfs.sh");
+    let found = Command::new("bash")
+        .arg(&script)
+        .arg(cache)
+        .output()
+        .map_err(|e| format!("{}: {e}", script.display()))
+        .and_then(|output| {
+            if output.status.success() {
+                Ok(PathBuf::from(
+                    String::from_utf8_lossy(&output.stdout).trim(),
+                ))
+            } else {
+                Err(format!(
+                    "could not build the busybox rootfs: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        });
+    require(Part::Busybox, found)
 }

@@ -18,7 +18,7 @@ use berth_proto::common::v1::{
     WorkloadSpec,
 };
 use berth_server::client::AuthChannel;
-use berth_tests::{Process, free_port, wait_for};
+use berth_tests::{Part, Process, busybox_rootfs, free_port, require, wait_for};
 use tonic::Code;
 
 type Client = ContainerAgentClient<AuthChannel>;
@@ -33,19 +33,22 @@ struct Engine {
     socket: PathBuf,
 }
 
-/// The engine under test, or None (and why, on stderr).
-fn engine(test: &str) -> Option<Engine> {
+/// The engine under test (docker, or podman with BERTH_TEST_ENGINE=podman),
+/// or None: the test skips, or fails on CI.
+fn engine() -> Option<Engine> {
     let podman = std::env::var("BERTH_TEST_ENGINE").is_ok_and(|e| e == "podman");
     let socket = std::env::var("BERTH_TEST_ENGINE_SOCKET")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from("/var/run/docker.sock"));
-    if !socket.exists() {
-        eprintln!(
-            "SKIP {test}: no engine socket at {} (docker not running here; set BERTH_TEST_ENGINE_SOCKET)",
+    let found = if socket.exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "no engine socket at {} (set BERTH_TEST_ENGINE_SOCKET)",
             socket.display()
-        );
-        return None;
-    }
+        ))
+    };
+    require(if podman { Part::Podman } else { Part::Docker }, found)?;
     Some(Engine {
         runtime: if podman {
             Runtime::Podman
@@ -54,27 +57,6 @@ fn engine(test: &str) -> Option<Engine> {
         },
         socket,
     })
-}
-
-/// The busybox rootfs tar built by scripts/images/busybox-rootfs.sh.
-fn busybox_tar(test: &str) -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/images/busybox-rootfs.sh");
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("images");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg(&cache)
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        eprintln!(
-            "SKIP {test}: could not build the busybox rootfs (needs apt-get download busybox-static): {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        return None;
-    }
-    Some(PathBuf::from(
-        String::from_utf8_lossy(&output.stdout).trim(),
-    ))
 }
 
 struct Agent {
@@ -96,8 +78,8 @@ impl Agent {
 
     /// Same, with extra `BERTH_…` settings.
     async fn start_with(test: &str, settings: Vec<(&'static str, String)>) -> Option<Self> {
-        let engine = engine(test)?;
-        let tar = busybox_tar(test)?;
+        let engine = engine()?;
+        let tar = busybox_rootfs(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("images"))?;
         let owner = format!("t{}-{}", std::process::id(), test.replace('_', "-"));
         let dir = tempfile::tempdir().unwrap();
         let (process, client) =
@@ -836,15 +818,11 @@ async fn agent_cdi_devices_with_a_fake_spec() {
     let Some(mut agent) = Agent::start("cdi").await else {
         return;
     };
-    let _spec = match FakeCdiSpec::write() {
-        Ok(spec) => spec,
-        Err(e) => {
-            eprintln!(
-                "SKIP agent_cdi_devices_with_a_fake_spec: cannot write a CDI spec into /etc/cdi: {e}"
-            );
-            agent.cleanup().await;
-            return;
-        }
+    let written =
+        FakeCdiSpec::write().map_err(|e| format!("cannot write a CDI spec into /etc/cdi: {e}"));
+    let Some(_spec) = require(Part::Cdi, written) else {
+        agent.cleanup().await;
+        return;
     };
     let (_, version) = agent.engine_get("/version");
     let release = json_field(&version, "Version")
@@ -1028,8 +1006,9 @@ async fn agent_reports_oom_kill() {
         // The agent reports OOM from State.OOMKilled; podman's conmon sets it
         // from the cgroup's OOM event, which it does not see under the
         // sandbox's cgroup v1 hierarchy (docker's engine does).
-        eprintln!(
-            "SKIP agent_reports_oom_kill: podman itself records OOMKilled=false for a container its memory limit killed (exit 137) on this host"
+        berth_tests::parts::skip(
+            Part::OomKill,
+            "podman itself records OOMKilled=false for a container its memory limit killed (exit 137) on this host",
         );
         agent.cleanup().await;
         return;

@@ -6,10 +6,9 @@
 //! Then bad input: a missing config file, a port in use, a missing secret and a missing engine
 //! socket each end with a message naming the problem, not a silent restart loop.
 //!
-//! Skips (and says why) when docker or docker-compose is missing or the engine does not answer,
-//! or when BERTH_DEPLOY_TESTS=0.
-//! Images: built with the script when `localhost/berth-<svc>:latest` is missing, or always with
-//! BERTH_DEPLOY_REBUILD=1 (the cargo release build takes minutes on 2 cores).
+//! Needs docker and docker-compose (berth_tests::parts: a missing one skips the test, or fails it
+//! on CI). Images: scripts/test.sh builds them once per run; a test run alone builds them with
+//! the script only when `localhost/berth-<svc>:latest` is missing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +28,7 @@ use berth_proto::orchestrator::v1::{
 };
 use berth_proto::power::v1::ListDevicesRequest;
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
-use berth_tests::{free_port, health, reflection_list, wait_for};
+use berth_tests::{Part, free_port, health, reflection_list, repo_root, require, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICES: [&str; 5] = [
@@ -40,12 +39,6 @@ const SERVICES: [&str; 5] = [
     "llm-proxy",
 ];
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
 
 fn run(command: &mut Command) -> Output {
     command
@@ -62,18 +55,20 @@ fn text(output: &Output) -> String {
 }
 
 /// Why the docker tests cannot run here, if they cannot.
-fn docker_missing() -> Option<String> {
-    if std::env::var("BERTH_DEPLOY_TESTS").is_ok_and(|v| v == "0") {
-        return Some("BERTH_DEPLOY_TESTS=0".into());
+/// Whether docker and docker-compose answer (else the test skips, or fails on CI).
+fn docker_present() -> bool {
+    [(Part::Docker, "docker"), (Part::DockerCompose, "docker-compose")]
+        .into_iter()
+        .all(|(part, tool)| require(part, tool_answers(Command::new(tool).arg("version"))).is_some())
+}
+
+/// Ok when the tool runs and exits 0; else what it said.
+fn tool_answers(command: &mut Command) -> Result<(), String> {
+    match command.output() {
+        Ok(output) if output.status.success() => Ok(()),
+        Ok(output) => Err(format!("{command:?} failed: {}", text(&output))),
+        Err(e) => Err(format!("{command:?}: {e}")),
     }
-    for tool in ["docker", "docker-compose"] {
-        match Command::new(tool).arg("version").output() {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => return Some(format!("`{tool} version` failed: {}", text(&output))),
-            Err(e) => return Some(format!("{tool} is not installed ({e})")),
-        }
-    }
-    None
 }
 
 /// seed 000's nofile (65536), or this machine's hard limit where that is lower: the engine
@@ -92,7 +87,8 @@ fn nofile_limit() -> String {
     hard.min(65536).to_string()
 }
 
-/// Builds the images unless they are all there (or BERTH_DEPLOY_REBUILD=1).
+/// Builds the images unless they are all there: scripts/test.sh builds them from this checkout
+/// once per run, before the tests, so a run never rebuilds them per test.
 /// Both tests of this file may want the images at once: one builds, the other waits.
 static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -111,7 +107,7 @@ fn ensure_images() {
             .success()
         })
         .collect();
-    if missing.is_empty() && std::env::var_os("BERTH_DEPLOY_REBUILD").is_none() {
+    if missing.is_empty() {
         return;
     }
     eprintln!("building images (missing: {missing:?}) with scripts/deploy/build-images.sh");
@@ -269,8 +265,7 @@ const CAMPAIGN: &str = include_str!("../../deploy/campaigns/agent-container.yaml
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
-    if let Some(why) = docker_missing() {
-        eprintln!("SKIP docker_compose_stack: {why}");
+    if !docker_present() {
         return;
     }
     ensure_images();
@@ -503,8 +498,7 @@ async fn wait_given_up(project: &Project, service: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_compose_bad_input_names_the_problem_and_stops_retrying() {
-    if let Some(why) = docker_missing() {
-        eprintln!("SKIP docker_compose_bad_input: {why}");
+    if !docker_present() {
         return;
     }
     ensure_images();

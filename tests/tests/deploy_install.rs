@@ -6,12 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
+use berth_tests::repo_root;
+
 
 /// A fake bin dir: install.sh copies whatever is built; these tests need not build release.
 fn fake_bins(dir: &Path) {
@@ -161,9 +157,7 @@ fn refuses_unknown_services_and_missing_binaries() {
 
 #[test]
 fn units_pass_systemd_analyze_verify() {
-    let analyze = Command::new("systemd-analyze").arg("--version").output();
-    if !matches!(analyze, Ok(ref o) if o.status.success()) {
-        eprintln!("SKIP units_pass_systemd_analyze_verify: systemd-analyze is not installed");
+    if berth_tests::require_part(berth_tests::Part::Systemd).is_none() {
         return;
     }
     // Verify copies whose ExecStart points at executables that exist (the fake binaries):

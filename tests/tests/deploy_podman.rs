@@ -5,7 +5,8 @@
 //! no systemd here), gRPC health + reflection on each service, a campaign through the agent's
 //! socket volume, and `down -v` plus the network podman-compose 1.0.3 leaves behind.
 //!
-//! Skips, saying why, when podman or podman-compose is missing or `podman info` fails.
+//! Needs podman and podman-compose (berth_tests::parts: a missing one skips the test, or fails
+//! it on CI).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
     CampaignState, GetCampaignRequest, RegisterHostRequest, SubmitCampaignRequest,
 };
-use berth_tests::{free_port, health, reflection_list, wait_for};
+use berth_tests::{Part, free_port, health, reflection_list, repo_root, require, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICES: [&str; 5] = [
@@ -27,12 +28,6 @@ const SERVICES: [&str; 5] = [
     "llm-proxy",
 ];
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
 
 fn run(command: &mut Command) -> Output {
     command
@@ -79,18 +74,21 @@ fn podman_command(program: &str) -> Command {
     command
 }
 
-fn podman_missing() -> Option<String> {
-    if std::env::var("BERTH_DEPLOY_TESTS").is_ok_and(|v| v == "0") {
-        return Some("BERTH_DEPLOY_TESTS=0".into());
-    }
-    for (tool, arg) in [("podman", "info"), ("podman-compose", "version")] {
-        match podman_command(tool).arg(arg).output() {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => return Some(format!("`{tool} {arg}` failed: {}", text(&output))),
-            Err(e) => return Some(format!("{tool} is not installed ({e})")),
-        }
-    }
-    None
+/// Whether podman and podman-compose answer (else the test skips, or fails on CI).
+fn podman_present() -> bool {
+    [
+        (Part::Podman, "podman", "info"),
+        (Part::PodmanCompose, "podman-compose", "version"),
+    ]
+    .into_iter()
+    .all(|(part, tool, arg)| {
+        let answered = match podman_command(tool).arg(arg).output() {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(format!("`{tool} {arg}` failed: {}", text(&output))),
+            Err(e) => Err(format!("{tool}: {e}")),
+        };
+        require(part, answered).is_some()
+    })
 }
 
 /// The engine socket the agent mounts: podman's own API service, started if not running.
@@ -131,6 +129,8 @@ impl Drop for PodmanService {
     }
 }
 
+/// Builds the images unless they are all there: scripts/test.sh builds them from this checkout
+/// once per run, before the tests, so a run never rebuilds them per test.
 /// Both tests of this file may want the images at once: one builds, the other waits.
 static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -149,7 +149,7 @@ fn ensure_images() {
             .success()
         })
         .collect();
-    if missing.is_empty() && std::env::var_os("BERTH_DEPLOY_REBUILD").is_none() {
+    if missing.is_empty() {
         return;
     }
     eprintln!("building podman images (missing: {missing:?})");
@@ -254,8 +254,7 @@ cycles: 2
 
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
-    if let Some(why) = podman_missing() {
-        eprintln!("SKIP podman_compose_stack: {why}");
+    if !podman_present() {
         return;
     }
     ensure_images();

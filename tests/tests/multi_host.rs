@@ -11,8 +11,8 @@
 //! succeeds, every (config, cycle, backend) is recorded exactly once, and the
 //! events say what happened.
 //!
-//! Needs root, `ip netns`, /usr/sbin/sshd and docker; each test says why it
-//! skips (`SKIP <test>: <why>`) when one is missing.
+//! Needs root, `ip netns`, /usr/sbin/sshd and docker: a missing one skips
+//! the test (or fails it on CI) through berth_tests::parts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,47 +26,23 @@ use berth_proto::common::v1::Runtime;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
-use berth_tests::{Process, free_port, wait_for};
+use berth_tests::{Part, Process, busybox_rootfs, free_port, require_part, wait_for};
 
 type Client = OrchestratorClient<AuthChannel>;
 /// A campaign's event messages, as `collect_events` gathers them.
 type Events = Arc<Mutex<Vec<String>>>;
 
-const SSHD: &str = "/usr/sbin/sshd";
-const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 const HOSTS: usize = 3;
 /// Runs per backend: 2 configs × 4 cycles.
 const CONFIGS: [&str; 2] = ["n=1", "n=2"];
 const CYCLES: u32 = 4;
 
-/// Why this machine cannot make the hosts, if it cannot.
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("network namespaces and sshd need root".into());
-    }
-    if !Path::new(SSHD).exists() {
-        return Some(format!(
-            "{SSHD} is missing (apt-get install openssh-server)"
-        ));
-    }
-    if !Path::new(DOCKER_SOCKET).exists() {
-        return Some(format!("no Docker Engine socket at {DOCKER_SOCKET}"));
-    }
-    let works = |program: &str, args: &[&str]| {
-        Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !works("ip", &["netns", "list"]) {
-        return Some("`ip netns` does not work here (iproute2 missing or no CAP_NET_ADMIN)".into());
-    }
-    if !works("docker", &["version"]) {
-        return Some("the docker CLI cannot reach the engine".into());
-    }
-    None
+/// Whether this machine can make the hosts: root, `ip netns`, sshd and the
+/// Docker Engine (the test skips, or fails on CI, naming what is missing).
+fn parts_present() -> bool {
+    [Part::Netns, Part::Sshd, Part::Docker]
+        .into_iter()
+        .all(|part| require_part(part).is_some())
 }
 
 /// Runs a command that must succeed (setup), naming it when it does not.
@@ -156,21 +132,10 @@ impl Cluster {
     /// `slot` keeps the tests of this file (which run at once) apart:
     /// host N of slot S is 10.77.(10·S + N).2.
     async fn start(test: &str, slot: u8) -> Option<Self> {
-        if let Some(reason) = skip_reason() {
-            eprintln!("SKIP {test}: {reason}");
+        if !parts_present() {
             return None;
         }
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/images/busybox-rootfs.sh");
-        let output = Command::new("bash").arg(&script).output().ok()?;
-        if !output.status.success() {
-            eprintln!(
-                "SKIP {test}: could not build the busybox rootfs (needs apt-get download busybox-static): {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-            return None;
-        }
-        let tar = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let tar = busybox_rootfs(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("images"))?;
         remove_stale_namespaces();
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir /run/sshd");
 
@@ -254,7 +219,7 @@ impl Cluster {
             // `ip netns exec` execs sshd: the child is sshd itself.
             host.sshd = Some(
                 Command::new("ip")
-                    .args(["netns", "exec", &ns, SSHD, "-D", "-e", "-f"])
+                    .args(["netns", "exec", &ns, "/usr/sbin/sshd", "-D", "-e", "-f"])
                     .arg(&config)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
@@ -275,7 +240,7 @@ impl Cluster {
                     "",
                 ],
                 &[
-                    ("BERTH_ENGINES__DOCKER", DOCKER_SOCKET),
+                    ("BERTH_ENGINES__DOCKER", "/var/run/docker.sock"),
                     ("BERTH_ENGINES__PODMAN", "off"),
                     ("BERTH_ENGINES__OWNER", &host.owner),
                     ("BERTH_ENGINES__LEFTOVERS", "sweep"),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::{Process, free_port, register_local_agent, wait_for};
+use berth_tests::{Part, Process, free_port, register_local_agent, require_part, wait_for};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -81,22 +81,10 @@ fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
     }
 }
 
-fn skip_reason() -> Option<String> {
-    if !Path::new(SSHD).exists() {
-        return Some(format!(
-            "{SSHD} is missing (apt-get install openssh-server; .ci/run does)"
-        ));
-    }
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("sshd needs root for /run/sshd and its privilege separation".into());
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn campaign_runs_on_an_agent_behind_ssh_and_a_wrong_host_key_is_refused() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
+    // sshd needs root for /run/sshd and its privilege separation.
+    if require_part(Part::Root).is_none() || require_part(Part::Sshd).is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -60,12 +60,11 @@ impl Agent {
             .unwrap();
         let mut client = ContainerAgentClient::new(channel);
         let info = client.info(InfoRequest {}).await.unwrap().into_inner();
-        if let Some(why) = info.unavailable_runtimes.get("RUNTIME_LIBVIRT") {
-            eprintln!(
-                "SKIP {test}: the libvirt runtime is unavailable here: {why} (Debian: apt-get install libvirt0)"
-            );
-            return None;
-        }
+        let found = match info.unavailable_runtimes.get("RUNTIME_LIBVIRT") {
+            Some(why) => Err(format!("the agent's libvirt runtime is unavailable: {why}")),
+            None => Ok(()),
+        };
+        berth_tests::require(berth_tests::Part::Libvirt, found)?;
         assert!(info.runtimes.contains(&(Runtime::Libvirt as i32)));
         Some(Self {
             client,
@@ -157,19 +156,15 @@ impl Agent {
     }
 }
 
-fn qemu_img(test: &str) -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIP {test}: no qemu-img on PATH (Debian: qemu-utils)");
-    }
-    found
+fn qemu_img() -> bool {
+    berth_tests::require_part(berth_tests::Part::QemuImg).is_some()
 }
 
 /// The agent, with an empty base image in its directory; `None` (and why)
 /// when there is no agent or no qemu-img here.
-fn with_base_image(agent: Option<Agent>, test: &str) -> Option<(Agent, PathBuf)> {
+fn with_base_image(agent: Option<Agent>) -> Option<(Agent, PathBuf)> {
     let agent = agent?;
-    if !qemu_img(test) {
+    if !qemu_img() {
         return None;
     }
     let base = base_image(agent.dir.path());
@@ -223,7 +218,7 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
 #[tokio::test]
 async fn a_vm_is_created_started_stopped_and_removed() {
     let test = "lifecycle";
-    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await) else {
         return;
     };
     let mut events = agent
@@ -312,7 +307,7 @@ async fn a_vm_is_created_started_stopped_and_removed() {
 #[tokio::test]
 async fn a_vm_can_be_powered_off_and_removed_running_with_force() {
     let test = "force";
-    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await) else {
         return;
     };
     agent.create("vm2", vm_spec(&base)).await.unwrap();
@@ -329,7 +324,7 @@ async fn a_vm_can_be_powered_off_and_removed_running_with_force() {
 #[tokio::test]
 async fn bad_specs_are_refused_naming_the_field_and_leave_nothing() {
     let test = "bad-input";
-    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await, test) else {
+    let Some((mut agent, base)) = with_base_image(Agent::on_test_node(test, "").await) else {
         return;
     };
     type Change = fn(&mut WorkloadSpec);
@@ -431,7 +426,7 @@ async fn a_domain_libvirt_refuses_leaves_no_overlay() {
     // overlay was made.
     let agent =
         Agent::on_test_node_with(test, "", |c| c.libvirt.domain_type = "no-such-type".into()).await;
-    let Some((mut agent, base)) = with_base_image(agent, test) else {
+    let Some((mut agent, base)) = with_base_image(agent) else {
         return;
     };
     let status = agent.create("vm3", vm_spec(&base)).await.unwrap_err();
@@ -475,7 +470,7 @@ async fn domains_of_others_are_neither_listed_nor_touched() {
         Code::PermissionDenied,
         "not this agent's",
     );
-    if qemu_img(test) {
+    if qemu_img() {
         let base = base_image(agent.dir.path());
         assert_status(
             agent.create("handmade", vm_spec(&base)).await,
@@ -540,13 +535,7 @@ fn real_hypervisor() -> Result<String, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm".into());
     }
-    let on_path = |program: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-    };
-    if !on_path("qemu-system-x86_64") {
-        return Err("no qemu-system-x86_64 on PATH (Debian: qemu-system-x86)".into());
-    }
+    berth_tests::parts::on_path("qemu-system-x86_64")?;
     if let Ok(uri) = std::env::var("BERTH_TEST_LIBVIRT_URI") {
         return Ok(uri);
     }
@@ -561,19 +550,15 @@ fn real_hypervisor() -> Result<String, String> {
 #[tokio::test]
 async fn a_real_vm_boots_and_stops() {
     let test = "real-vm";
-    let uri = match real_hypervisor() {
-        Ok(uri) => uri,
-        Err(why) => {
-            eprintln!("SKIP {test}: cannot boot a real VM here: {why}");
-            return;
-        }
+    let Some(uri) = berth_tests::require(berth_tests::Part::Vm, real_hypervisor()) else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     // An empty disk: the firmware finds nothing to boot and waits, which is
     // enough to see qemu run under KVM; it ignores the ACPI power button, so
     // the stop ends in destroy.
     let Some((mut agent, base)) =
-        with_base_image(Agent::start(test, dir, &uri, |_| {}).await, test)
+        with_base_image(Agent::start(test, dir, &uri, |_| {}).await)
     else {
         return;
     };

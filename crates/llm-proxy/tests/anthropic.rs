@@ -392,11 +392,12 @@ async fn tools_and_tool_calls_are_translated_both_ways() {
 #[tokio::test]
 async fn the_official_openai_client_reads_translated_answers() {
     let python = venv().join("bin/python");
-    if !python.exists() {
-        eprintln!(
-            "skipping: no venv at {}: run scripts/llm/setup-peers.sh",
-            python.display()
-        );
+    let found = if python.exists() {
+        Ok(())
+    } else {
+        Err(format!("no venv with the openai client at {}", python.display()))
+    };
+    if berth_tests::require(berth_tests::Part::OpenAiClient, found).is_none() {
         return;
     }
     let (addr, _) = fake_anthropic().await;

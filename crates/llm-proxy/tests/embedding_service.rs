@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-
 use berth_llm_proxy::litellm_config::LiteLlmConfig;
 use berth_llm_proxy::{Config, start_with};
 use common::*;
@@ -18,18 +16,11 @@ fn embedding_config() -> Option<berth_embedding::Config> {
     config.server.listen = "127.0.0.1:0".into();
     config.server.http_listen = "127.0.0.1:0".into();
     config.models.sessions = 1;
-    match config.models.first_missing_file() {
-        None => Some(config),
-        Some(path) => {
-            // Straight to stderr: the harness hides eprintln! of a passing test.
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "SKIPPED: {} is missing; run scripts/setup-embedding-model.sh",
-                path.display()
-            );
-            None
-        }
-    }
+    let found = match config.models.first_missing_file() {
+        None => Ok(config),
+        Some(path) => Err(format!("{} is missing", path.display())),
+    };
+    berth_tests::require(berth_tests::Part::Model, found)
 }
 
 #[tokio::test]

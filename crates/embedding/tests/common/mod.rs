@@ -17,24 +17,15 @@ pub fn config() -> Config {
     config
 }
 
-/// The default config if the model and ONNX Runtime are installed; None
-/// (with the reason on stderr) if not: run scripts/setup-embedding-model.sh.
+/// The default config if the model and ONNX Runtime are installed; None if
+/// not (the test skips, or fails on CI: see berth_tests::parts).
 pub fn with_model() -> Option<Config> {
     let config = config();
-    match config.models.first_missing_file() {
-        None => Some(config),
-        Some(path) => {
-            // Straight to stderr, not eprintln!: the test harness would hide
-            // that for a passing test, and a skip must be seen.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "SKIPPED: {} is missing; run scripts/setup-embedding-model.sh (scripts/test.sh does)",
-                path.display()
-            );
-            None
-        }
-    }
+    let found = match config.models.first_missing_file() {
+        None => Ok(config),
+        Some(path) => Err(format!("{} is missing", path.display())),
+    };
+    berth_tests::require(berth_tests::Part::Model, found)
 }
 
 pub async fn grpc(running: &RunningService) -> EmbeddingClient<Channel> {

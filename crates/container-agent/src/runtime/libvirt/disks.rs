@@ -319,13 +319,6 @@ mod tests {
     use super::*;
     use berth_proto::common::v1::VmDisk;
 
-    fn qemu_img_here() -> bool {
-        std::process::Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok()
-    }
-
     fn base_image(dir: &Path) -> PathBuf {
         let base = dir.join("base.qcow2");
         let status = std::process::Command::new("qemu-img")
@@ -349,8 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn overlays_are_made_on_the_base_and_removed_without_it() {
-        if !qemu_img_here() {
-            eprintln!("SKIP: no qemu-img on PATH (Debian: qemu-utils)");
+        if berth_tests::require_part(berth_tests::Part::QemuImg).is_none() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -453,8 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cloud_init_seed_is_an_iso_labelled_cidata() {
-        if find_iso_tool().is_none() {
-            eprintln!("SKIP: no genisoimage, mkisofs or xorriso on PATH (Debian: genisoimage)");
+        if berth_tests::require_part(berth_tests::Part::IsoImage).is_none() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
