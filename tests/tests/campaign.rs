@@ -791,3 +791,143 @@ run: {command: [echo, '{"n": 1}']}
         assert_eq!(run.attempts, 1, "no run found the backend down: {run:?}");
     }
 }
+
+/// A manifest written to `dir` for `berth submit`.
+fn manifest_file(dir: &Path, manifest: &str) -> PathBuf {
+    let path = dir.join("campaign.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    path
+}
+
+/// Every measured run fails: the campaign ends FAILED with no results, not
+/// SUCCEEDED, and `berth submit --watch` exits non-zero saying why. A
+/// campaign where only some configurations failed ends SUCCEEDED, its
+/// outcome naming the configurations without a result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_whose_measured_runs_all_failed_ends_failed_and_the_cli_says_why() {
+    let (local, mut client) = start_local(&[]).await;
+    let manifest = r#"name: all-fail
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2]}}
+cycles: 2
+warmup: {runs: 1}
+run: {command: [sh, -c, 'echo "boom at {{n}}" >&2; exit 3']}
+"#;
+    let submitted = Command::new(bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{}", local.port),
+            "submit",
+            "--watch",
+            manifest_file(local.dir.path(), manifest).to_str().unwrap(),
+        ])
+        .output()
+        .expect("run berth submit --watch");
+    let stdout = String::from_utf8_lossy(&submitted.stdout);
+    let stderr = String::from_utf8_lossy(&submitted.stderr);
+    assert!(!submitted.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("ended failed (no results): no measured run succeeded; 6 of 6 runs failed")
+            && stderr.contains("first failure: run ")
+            && stderr.contains("exit code 3: boom at"),
+        "{stderr}"
+    );
+    let id = stdout.lines().next().unwrap().trim().to_string();
+    let done = wait_until(&mut client, &id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Failed as i32, "{done:?}");
+    assert_eq!(done.outcome, CampaignOutcome::NoResults as i32, "{done:?}");
+
+    // `n=2` fails, `n=1` gives its results: a success with a hole in it.
+    let partly = r#"name: partly
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2]}}
+cycles: 2
+warmup: {runs: 1}
+run:
+  command:
+    - sh
+    - -c
+    - |
+      [ {{n}} = 1 ] && echo '{"v": 1}' && exit 0
+      exit 3
+"#;
+    let campaign = submit(&mut client, partly.into()).await;
+    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    assert_eq!(
+        done.outcome,
+        CampaignOutcome::MissingResults as i32,
+        "{done:?}"
+    );
+    assert_eq!(
+        done.status_message,
+        "1 of 2 configurations have no succeeded measured run (`n=2` on `b`); 3 of 6 runs failed"
+    );
+}
+
+/// The runs of `campaign`, every one failed, each naming `what`.
+async fn assert_every_run_failed_naming(client: &mut Client, campaign: &Campaign, what: &str) {
+    let done = wait_until(client, &campaign.id, "ended", ended).await;
+    assert_eq!(done.state, CampaignState::Failed as i32, "{done:?}");
+    assert_eq!(done.outcome, CampaignOutcome::NoResults as i32, "{done:?}");
+    assert!(done.status_message.contains(what), "{done:?}");
+    let runs = all_runs(client, &campaign.id).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for run in &runs {
+        assert_eq!(run.state, RunState::Failed as i32, "{run:?}");
+        assert_eq!(run.attempts, 0, "never dispatched: {run:?}");
+        assert!(
+            run.error.contains(what) && run.error.contains("scheduler.max_create_attempts"),
+            "{run:?}"
+        );
+    }
+}
+
+/// A backend whose command cannot start is refused by its agent at every
+/// try: after `scheduler.max_create_attempts` its runs fail with the agent's
+/// reason instead of waiting for a host forever, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_can_never_start_fails_its_runs_with_the_agents_reason() {
+    use berth_proto::agent::v1::ListWorkloadsRequest;
+    use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+
+    let (local, mut client) = start_local(&[]).await;
+    let manifest = r#"name: cannot-start
+backends: [{name: b, runtime: process, command: [/nonexistent/berth-no-such-command]}]
+configs: [{name: c}]
+cycles: 2
+run: {command: [echo, '{"n": 1}']}
+"#;
+    let campaign = submit(&mut client, manifest.into()).await;
+    assert_every_run_failed_naming(&mut client, &campaign, "berth-no-such-command").await;
+    let mut agent =
+        ContainerAgentClient::new(wait_for(&format!("unix://{}", local.socket.display())).await);
+    let workloads = agent
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workloads;
+    assert!(
+        workloads.is_empty(),
+        "a backend that did not start is removed: {workloads:?}"
+    );
+}
+
+/// The same through docker, with an image the engine does not have (nothing
+/// is pulled): the runs fail naming the image.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_whose_image_does_not_exist_fails_its_runs_naming_the_image() {
+    let Some(()) = berth_tests::require_part(berth_tests::Part::Docker) else {
+        return;
+    };
+    let (_local, mut client) = start_local(&[]).await;
+    let manifest = r#"name: no-image
+backends: [{name: b, runtime: docker, image: "berth-no-such-image:none", command: [sleep, "600"]}]
+configs: [{name: c}]
+cycles: 2
+run: {command: [echo, '{"n": 1}']}
+"#;
+    let campaign = submit(&mut client, manifest.into()).await;
+    assert_every_run_failed_naming(&mut client, &campaign, "berth-no-such-image:none").await;
+}

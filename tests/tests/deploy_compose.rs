@@ -39,7 +39,6 @@ const SERVICES: [&str; 5] = [
     "llm-proxy",
 ];
 
-
 fn run(command: &mut Command) -> Output {
     command
         .output()
@@ -54,12 +53,14 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// Why the docker tests cannot run here, if they cannot.
 /// Whether docker and docker-compose answer (else the test skips, or fails on CI).
 fn docker_present() -> bool {
-    [(Part::Docker, "docker"), (Part::DockerCompose, "docker-compose")]
-        .into_iter()
-        .all(|(part, tool)| require(part, tool_answers(Command::new(tool).arg("version"))).is_some())
+    [
+        (Part::Docker, "docker"),
+        (Part::DockerCompose, "docker-compose"),
+    ]
+    .into_iter()
+    .all(|(part, tool)| require(part, tool_answers(Command::new(tool).arg("version"))).is_some())
 }
 
 /// Ok when the tool runs and exits 0; else what it said.

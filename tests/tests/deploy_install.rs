@@ -8,7 +8,6 @@ use std::process::Command;
 
 use berth_tests::repo_root;
 
-
 /// A fake bin dir: install.sh copies whatever is built; these tests need not build release.
 fn fake_bins(dir: &Path) {
     for name in [

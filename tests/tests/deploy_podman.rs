@@ -28,7 +28,6 @@ const SERVICES: [&str; 5] = [
     "llm-proxy",
 ];
 
-
 fn run(command: &mut Command) -> Output {
     command
         .output()

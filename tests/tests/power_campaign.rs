@@ -209,12 +209,13 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         assert!(!run.energy.is_empty(), "{} has no energy", run.id);
         for energy in &run.energy {
             assert!(energy.replay, "replayed readings must say so: {energy:?}");
+            let joules = energy.energy_j.expect("every device gave readings");
             assert!(
-                energy.energy_j > 0.0 && energy.mean_w > 0.0 && energy.samples > 5,
+                joules > 0.0 && energy.mean_w > 0.0 && energy.samples > 5,
                 "{energy:?}"
             );
             // 0.2 s of a trace drawing tens of watts: joules ≈ mean power × time.
-            let implied_seconds = energy.energy_j / energy.mean_w;
+            let implied_seconds = joules / energy.mean_w;
             assert!(
                 (0.1..2.0).contains(&implied_seconds),
                 "energy and power disagree: {energy:?}"
@@ -255,20 +256,19 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
                 "counter" => counter_rise(&of_device),
                 _ => integrated_power(&of_device),
             };
+            let joules = energy.energy_j.expect("every device gave readings");
             assert!(
-                (same_method - energy.energy_j).abs() <= 1e-6 * energy.energy_j,
-                "{}: {same_method} J from the series vs {} J recorded",
+                (same_method - joules).abs() <= 1e-6 * joules,
+                "{}: {same_method} J from the series vs {joules} J recorded",
                 run.id,
-                energy.energy_j
             );
             // Power integrated over ~40 readings of a varying load follows
             // the counter only roughly (each reading stands for its interval).
             let integrated = integrated_power(&of_device);
             assert!(
-                (integrated - energy.energy_j).abs() <= 0.15 * energy.energy_j,
-                "{}: {integrated} J integrated vs {} J recorded",
+                (integrated - joules).abs() <= 0.15 * joules,
+                "{}: {integrated} J integrated vs {joules} J recorded",
                 run.id,
-                energy.energy_j
             );
         }
     }
@@ -315,6 +315,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
             .find(|m| m.name == "energy_j")
             .expect("energy_j aggregated");
         assert_eq!(energy.n, 2, "{row:?}");
+        assert_eq!(row.runs_without_energy, 0, "{row:?}");
         assert!(
             row.metrics.iter().any(|m| m.name == "mean_power_w"),
             "{row:?}"

@@ -4,7 +4,6 @@
 //! each configuration parameter and `result.<field>` for each numeric field
 //! of the result JSON, then its energy.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use berth_orchestrator::manifest::{self, DEFAULT_WORK_METRIC};
@@ -19,6 +18,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
 use parquet::schema::types::Type;
 
+use crate::output::csv_records;
 use crate::{CliError, Client};
 
 /// File formats of a per-run export.
@@ -87,15 +87,6 @@ fn rfc3339(ms: i64) -> String {
     .to_string()
 }
 
-/// A CSV cell: quoted when it holds a separator, a quote or a line break.
-pub(crate) fn csv_quoted(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
-}
-
 fn state_name(state: i32) -> String {
     RunState::try_from(state)
         .unwrap_or_default()
@@ -116,11 +107,11 @@ fn first_seen<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
 }
 
 impl RunTable {
-    pub fn encode(&self, format: RunsFormat) -> Result<Vec<u8>, ParquetError> {
+    pub fn encode(&self, format: RunsFormat) -> Result<Vec<u8>, CliError> {
         match format {
-            RunsFormat::Csv => Ok(self.csv().into_bytes()),
+            RunsFormat::Csv => Ok(self.csv()?),
             RunsFormat::Json => Ok(self.json().into_bytes()),
-            RunsFormat::Parquet => self.parquet(),
+            RunsFormat::Parquet => Ok(self.parquet()?),
         }
     }
 
@@ -200,45 +191,24 @@ impl RunTable {
         }
     }
 
-    /// A header line, then a line per run; times in RFC 3339.
-    pub fn csv(&self) -> String {
-        let header: Vec<String> = self.columns.iter().map(|c| csv_quoted(&c.name)).collect();
-        let mut out = header.join(",");
-        out.push('\n');
-        for row in 0..self.rows {
-            for (i, column) in self.columns.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let _ = match &column.cells {
-                    Cells::Text(cells) => write!(
-                        out,
-                        "{}",
-                        cells[row].as_deref().map(csv_quoted).unwrap_or_default()
-                    ),
-                    Cells::Integer(cells) => write!(
-                        out,
-                        "{}",
-                        cells[row].map(|v| v.to_string()).unwrap_or_default()
-                    ),
-                    Cells::Number(cells) => write!(
-                        out,
-                        "{}",
-                        cells[row].map(|v| v.to_string()).unwrap_or_default()
-                    ),
-                    Cells::Flag(cells) => write!(
-                        out,
-                        "{}",
-                        cells[row].map(|v| v.to_string()).unwrap_or_default()
-                    ),
-                    Cells::Time(cells) => {
-                        write!(out, "{}", cells[row].map(rfc3339).unwrap_or_default())
-                    }
-                };
-            }
-            out.push('\n');
-        }
-        out
+    /// A header line, then a line per run, every field quoted; times in
+    /// RFC 3339, absent values empty.
+    pub fn csv(&self) -> Result<Vec<u8>, csv::Error> {
+        let header: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
+        let rows = (0..self.rows).map(|row| {
+            self.columns
+                .iter()
+                .map(|column| match &column.cells {
+                    Cells::Text(cells) => cells[row].clone(),
+                    Cells::Integer(cells) => cells[row].map(|v| v.to_string()),
+                    Cells::Number(cells) => cells[row].map(|v| v.to_string()),
+                    Cells::Flag(cells) => cells[row].map(|v| v.to_string()),
+                    Cells::Time(cells) => cells[row].map(rfc3339),
+                })
+                .map(Option::unwrap_or_default)
+                .collect::<Vec<String>>()
+        });
+        csv_records(std::iter::once(header).chain(rows))
     }
 
     /// An array with an object per run; times in RFC 3339, absent values null.
@@ -357,7 +327,11 @@ mod tests {
                 cycle: 1,
                 warmup: true,
                 state: RunState::Succeeded as i32,
-                params: [("n".to_string(), "1".to_string())].into(),
+                params: [
+                    ("n".to_string(), "1".to_string()),
+                    ("prompt".to_string(), "say \"hi\", twice".to_string()),
+                ]
+                .into(),
                 result_json: r#"{"tokens": 10, "note": "a, \"b\""}"#.into(),
                 exit_code: Some(0),
                 started_at: Some(prost_types::Timestamp {
@@ -369,7 +343,7 @@ mod tests {
                     nanos: 500_000_000,
                 }),
                 energy: vec![berth_proto::orchestrator::v1::RunEnergy {
-                    energy_j: 20.0,
+                    energy_j: Some(20.0),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -389,24 +363,68 @@ mod tests {
     #[test]
     fn csv_and_json_have_a_row_per_run_with_the_same_columns() {
         let table = RunTable::new(&Campaign::default(), &runs());
-        let csv = table.csv();
-        let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines.len(), 3, "{csv}");
-        assert!(lines[0].starts_with("run_id,config,backend,cycle,warmup,state,"));
-        assert!(lines[0].contains("param.n,result.tokens,energy_j,joules_per_tokens,result_json"));
-        assert!(lines[1].contains(",true,succeeded,"), "{}", lines[1]);
+        let csv = table.csv().unwrap();
+        let text = String::from_utf8(csv.clone()).unwrap();
         assert!(
-            lines[1].contains("2023-11-14T22:13:20.250Z"),
-            "{}",
-            lines[1]
+            text.lines().all(|l| l.starts_with('"') && l.ends_with('"')),
+            "every field quoted:\n{text}"
         );
-        assert!(lines[1].contains(",1.5,"), "{}", lines[1]);
-        assert!(lines[1].contains(",10,20,2,"), "{}", lines[1]);
-        assert!(
-            lines[1].ends_with(r#""{""tokens"": 10, ""note"": ""a, \""b\""""}""#),
-            "{}",
-            lines[1]
+        let mut reader = csv::Reader::from_reader(csv.as_slice());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(
+            header[..6],
+            ["run_id", "config", "backend", "cycle", "warmup", "state"]
         );
+        assert_eq!(
+            header[header.len() - 4..],
+            [
+                "result.tokens",
+                "energy_j",
+                "joules_per_tokens",
+                "result_json"
+            ]
+        );
+        // Parameters come before, in the order the runs' maps give them.
+        for param in ["param.n", "param.prompt"] {
+            assert!(header.iter().any(|h| h == param), "{header:?}");
+        }
+        let rows: Vec<std::collections::HashMap<String, String>> = reader
+            .records()
+            .map(|record| {
+                header
+                    .iter()
+                    .cloned()
+                    .zip(record.unwrap().iter().map(String::from))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert_eq!(
+            (rows[0]["warmup"].as_str(), rows[0]["state"].as_str()),
+            ("true", "succeeded")
+        );
+        assert_eq!(rows[0]["started_at"], "2023-11-14T22:13:20.250Z");
+        assert_eq!(rows[0]["duration_s"], "1.5");
+        assert_eq!(
+            (
+                rows[0]["result.tokens"].as_str(),
+                rows[0]["energy_j"].as_str(),
+                rows[0]["joules_per_tokens"].as_str()
+            ),
+            ("10", "20", "2")
+        );
+        // A value with a comma and quotes comes back as it was, in one field.
+        assert_eq!(rows[0]["param.prompt"], "say \"hi\", twice");
+        assert_eq!(
+            rows[0]["result_json"],
+            r#"{"tokens": 10, "note": "a, \"b\""}"#
+        );
+        // Absent values are empty fields.
+        assert_eq!(
+            (rows[1]["exit_code"].as_str(), rows[1]["energy_j"].as_str()),
+            ("", "")
+        );
+
         let json: serde_json::Value = serde_json::from_str(&table.json()).unwrap();
         assert_eq!(json[1]["state"], "failed");
         assert_eq!(json[1]["result.tokens"], serde_json::Value::Null);

@@ -144,16 +144,21 @@ pub enum CliError {
     },
     #[error("{0}")]
     Usage(String),
-    #[error("campaign {id} ended {state}: {message}")]
+    /// The watched campaign ended, but not with every run succeeded.
+    #[error("campaign {id} ended {state}{}: {message}", outcome.map(|o| format!(" ({o})")).unwrap_or_default())]
     CampaignFailed {
         id: String,
         state: String,
+        /// What its measured runs produced, when it was judged.
+        outcome: Option<&'static str>,
         message: String,
     },
     #[error(transparent)]
     Quickstart(#[from] quickstart::QuickstartError),
     #[error("writing Parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    #[error("writing CSV: {0}")]
+    Csv(#[from] csv::Error),
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -238,7 +243,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         .get_results(GetResultsRequest { id })
                         .await?
                         .into_inner();
-                    output::results(&results, format).into_bytes()
+                    output::results(&results, format)?
                 }
             };
             write_output(output, &bytes)
@@ -250,7 +255,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             output,
         } => {
             let samples = series::fetch_series(&mut client, &run_id, &device).await?;
-            write_output(output, series::encode(&samples, format).as_bytes())
+            write_output(output, &series::encode(&samples, format)?)
         }
         Command::Campaigns => {
             let campaigns = client
@@ -373,8 +378,9 @@ fn results_output(format: Format, runs: bool, to_file: bool) -> Result<ResultsOu
 }
 
 /// Prints a line per finished run until the campaign ends, under a
-/// progress bar with an ETA when stdout is a terminal; fails if the campaign
-/// did not succeed.
+/// progress bar with an ETA when stdout is a terminal; fails, saying why,
+/// unless the campaign succeeded with every run: a green exit means every
+/// run gave its result.
 pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliError> {
     let mut events = client
         .watch_campaign(WatchCampaignRequest { id: id.to_string() })
@@ -407,6 +413,12 @@ pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliEr
     let campaign = campaign.ok_or_else(|| {
         CliError::Usage(format!("campaign {id}: the watch ended before any event"))
     })?;
+    ended_well(campaign)
+}
+
+/// Ok for a campaign that succeeded with no failed run; otherwise the error
+/// that says how it ended and why.
+fn ended_well(campaign: Campaign) -> Result<(), CliError> {
     if campaign.state == CampaignState::Succeeded as i32
         && campaign.runs.is_some_and(|r| r.failed == 0)
     {
@@ -415,7 +427,54 @@ pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliEr
         Err(CliError::CampaignFailed {
             id: campaign.id,
             state: output::campaign_state(campaign.state).to_string(),
+            outcome: output::campaign_outcome(campaign.outcome),
             message: campaign.status_message,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(state: CampaignState, outcome: CampaignOutcome, failed: u64) -> Campaign {
+        Campaign {
+            id: "c1".into(),
+            state: state as i32,
+            outcome: outcome as i32,
+            status_message: "no measured run succeeded; 3 of 3 runs failed".into(),
+            runs: Some(RunCounts {
+                failed,
+                total: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_campaign_whose_every_run_succeeded_ends_well() {
+        assert!(
+            ended_well(ended(
+                CampaignState::Succeeded,
+                CampaignOutcome::Complete,
+                0
+            ))
+            .is_ok()
+        );
+        let error = ended_well(ended(CampaignState::Failed, CampaignOutcome::NoResults, 3))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "campaign c1 ended failed (no results): no measured run succeeded; 3 of 3 runs failed"
+        );
+        let partial = ended_well(ended(CampaignState::Succeeded, CampaignOutcome::Partial, 1));
+        assert!(
+            partial
+                .unwrap_err()
+                .to_string()
+                .starts_with("campaign c1 ended succeeded (partial): "),
+        );
     }
 }

@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignEvent, CampaignResults, CampaignState, Host, HostStatus, RunState,
+    Campaign, CampaignEvent, CampaignOutcome, CampaignResults, CampaignState, Host, HostStatus,
+    RunState,
 };
 
 pub fn campaign_state(state: i32) -> &'static str {
@@ -16,6 +17,35 @@ pub fn campaign_state(state: i32) -> &'static str {
         CampaignState::Cancelled => "cancelled",
         CampaignState::Unspecified => "unknown",
     }
+}
+
+/// What an ended campaign's measured runs produced; `None` before it was judged.
+pub fn campaign_outcome(outcome: i32) -> Option<&'static str> {
+    match CampaignOutcome::try_from(outcome).unwrap_or_default() {
+        CampaignOutcome::Complete => Some("complete"),
+        CampaignOutcome::Partial => Some("partial"),
+        CampaignOutcome::MissingResults => Some("missing results"),
+        CampaignOutcome::NoResults => Some("no results"),
+        CampaignOutcome::Unspecified => None,
+    }
+}
+
+/// Records as CSV with every field quoted, so that a value holding a comma,
+/// a quote or a line break stays one field for any reader.
+pub(crate) fn csv_records<R>(records: impl IntoIterator<Item = R>) -> Result<Vec<u8>, csv::Error>
+where
+    R: IntoIterator,
+    R::Item: AsRef<[u8]>,
+{
+    let mut writer = csv::WriterBuilder::new()
+        .quote_style(csv::QuoteStyle::Always)
+        .from_writer(Vec::new());
+    for record in records {
+        writer.write_record(record)?;
+    }
+    writer
+        .into_inner()
+        .map_err(|error| csv::Error::from(error.into_error()))
 }
 
 fn run_state(state: i32) -> &'static str {
@@ -194,12 +224,18 @@ pub enum ResultsFormat {
     Csv,
 }
 
-pub fn results(results: &CampaignResults, format: ResultsFormat) -> String {
+pub fn results(results: &CampaignResults, format: ResultsFormat) -> Result<Vec<u8>, csv::Error> {
     match format {
-        ResultsFormat::Table => results_table(results),
-        ResultsFormat::Json => results_json(results),
+        ResultsFormat::Table => Ok(results_table(results).into_bytes()),
+        ResultsFormat::Json => Ok(results_json(results).into_bytes()),
         ResultsFormat::Csv => results_csv(results),
     }
+}
+
+/// A spread that one value does not have: `n/a` rather than a 0 that would
+/// read as certainty.
+fn spread(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".to_string(), number)
 }
 
 /// The metric columns: every metric name in first-seen order.
@@ -215,7 +251,7 @@ fn metric_names(results: &CampaignResults) -> Vec<String> {
     names
 }
 
-fn results_table(results: &CampaignResults) -> String {
+pub fn results_table(results: &CampaignResults) -> String {
     let names = metric_names(results);
     let mut header = vec!["config".to_string(), "backend".to_string(), "n".to_string()];
     header.extend(names.iter().map(|n| format!("{n} (mean ± 95% CI)")));
@@ -226,15 +262,22 @@ fn results_table(results: &CampaignResults) -> String {
             row.backend.clone(),
             row.succeeded.to_string(),
         ];
+        let mut lacking = Vec::new();
         if row.failed > 0 {
-            cells[2] = format!("{} ({} failed)", row.succeeded, row.failed);
+            lacking.push(format!("{} failed", row.failed));
+        }
+        if row.runs_without_energy > 0 {
+            lacking.push(format!("{} without energy", row.runs_without_energy));
+        }
+        if !lacking.is_empty() {
+            cells[2] = format!("{} ({})", row.succeeded, lacking.join(", "));
         }
         for name in &names {
             cells.push(
                 row.metrics
                     .iter()
                     .find(|m| &m.name == name)
-                    .map(|m| format!("{} ± {}", number(m.mean), number(m.ci95_half_width)))
+                    .map(|m| format!("{} ± {}", number(m.mean), spread(m.ci95_half_width)))
                     .unwrap_or_else(|| "-".into()),
             );
         }
@@ -245,13 +288,20 @@ fn results_table(results: &CampaignResults) -> String {
         .collect();
     let mut out = String::new();
     if let Some(campaign) = &results.campaign {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "campaign {} ({}): {}",
             campaign.id,
             campaign.name,
             campaign_state(campaign.state)
         );
+        if let Some(outcome) = campaign_outcome(campaign.outcome) {
+            let _ = write!(out, " ({outcome})");
+        }
+        if !campaign.status_message.is_empty() {
+            let _ = write!(out, ": {}", campaign.status_message);
+        }
+        out.push('\n');
     }
     for (i, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
@@ -293,15 +343,26 @@ fn results_json(results: &CampaignResults) -> String {
                 .collect();
             serde_json::json!({
                 "config": row.config, "params": row.params, "backend": row.backend,
-                "succeeded": row.succeeded, "failed": row.failed, "metrics": metrics,
+                "succeeded": row.succeeded, "failed": row.failed,
+                "runs_without_energy": row.runs_without_energy, "metrics": metrics,
             })
         })
         .collect();
     let campaign = results.campaign.as_ref();
+    let outcome = campaign
+        .map(|c| CampaignOutcome::try_from(c.outcome).unwrap_or_default())
+        .filter(|o| *o != CampaignOutcome::Unspecified)
+        .map(|o| {
+            o.as_str_name()
+                .trim_start_matches("CAMPAIGN_OUTCOME_")
+                .to_lowercase()
+        });
     let document = serde_json::json!({
         "campaign": campaign.map(|c| c.id.clone()),
         "name": campaign.map(|c| c.name.clone()),
         "state": campaign.map(|c| campaign_state(c.state)),
+        "outcome": outcome,
+        "status_message": campaign.map(|c| c.status_message.clone()),
         "results": rows,
     });
     format!(
@@ -310,26 +371,40 @@ fn results_json(results: &CampaignResults) -> String {
     )
 }
 
-fn results_csv(results: &CampaignResults) -> String {
-    let mut out = String::from("config,backend,metric,n,mean,std_dev,ci95_half_width,min,max\n");
-    for row in &results.results {
-        for m in &row.metrics {
-            let _ = writeln!(
-                out,
-                "\"{}\",{},{},{},{},{},{},{},{}",
-                row.config.replace('"', "\"\""),
-                row.backend,
-                m.name,
-                m.n,
-                m.mean,
-                m.std_dev,
-                m.ci95_half_width,
-                m.min,
-                m.max
-            );
-        }
-    }
-    out
+/// A line per (config, backend, metric); a spread one value does not have
+/// is an empty field, as is every absent value in the CSV exports.
+fn results_csv(results: &CampaignResults) -> Result<Vec<u8>, csv::Error> {
+    let header = [
+        "config",
+        "backend",
+        "metric",
+        "n",
+        "mean",
+        "std_dev",
+        "ci95_half_width",
+        "min",
+        "max",
+        "runs_without_energy",
+    ]
+    .map(String::from);
+    let optional = |value: Option<f64>| value.map(|v| v.to_string()).unwrap_or_default();
+    let rows = results.results.iter().flat_map(|row| {
+        row.metrics.iter().map(move |m| {
+            [
+                row.config.clone(),
+                row.backend.clone(),
+                m.name.clone(),
+                m.n.to_string(),
+                m.mean.to_string(),
+                optional(m.std_dev),
+                optional(m.ci95_half_width),
+                m.min.to_string(),
+                m.max.to_string(),
+                row.runs_without_energy.to_string(),
+            ]
+        })
+    });
+    csv_records(std::iter::once(header).chain(rows))
 }
 
 pub fn campaigns(campaigns: &[Campaign]) -> String {
@@ -445,7 +520,7 @@ mod tests {
             name: name.into(),
             n: 3,
             mean,
-            ci95_half_width: 1.5,
+            ci95_half_width: Some(1.5),
             ..Default::default()
         };
         let results = CampaignResults {
@@ -470,7 +545,95 @@ mod tests {
         let table = results_table(&results);
         assert_eq!(table.lines().count(), 4, "{table}");
         assert!(table.contains("10.00 ± 1.500"), "{table}");
-        assert!(results_csv(&results).contains("\"c\",b,tps,3,20,"));
+        let csv = String::from_utf8(results_csv(&results).unwrap()).unwrap();
+        assert!(csv.contains("\"c\",\"b\",\"tps\",\"3\",\"20\","), "{csv}");
+    }
+
+    /// One run of `a`: its interval is undefined; two runs of `b`, one of
+    /// them without energy; the config name holds a comma and a quote.
+    fn single_and_lacking() -> CampaignResults {
+        CampaignResults {
+            campaign: Some(Campaign {
+                id: "c1".into(),
+                name: "t".into(),
+                state: CampaignState::Succeeded as i32,
+                outcome: CampaignOutcome::Partial as i32,
+                status_message: "1 of 4 runs failed".into(),
+                ..Default::default()
+            }),
+            results: vec![
+                ConfigResult {
+                    config: "prompt=a, \"quoted\"".into(),
+                    backend: "b".into(),
+                    succeeded: 1,
+                    failed: 1,
+                    metrics: vec![MetricSummary {
+                        name: "tps".into(),
+                        n: 1,
+                        mean: 10.0,
+                        min: 10.0,
+                        max: 10.0,
+                        std_dev: None,
+                        ci95_half_width: None,
+                    }],
+                    ..Default::default()
+                },
+                ConfigResult {
+                    config: "b".into(),
+                    backend: "b".into(),
+                    succeeded: 2,
+                    runs_without_energy: 1,
+                    metrics: vec![MetricSummary {
+                        name: "energy_j".into(),
+                        n: 1,
+                        mean: 30.0,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_interval_of_one_value_is_undefined_and_runs_without_energy_are_counted() {
+        let results = single_and_lacking();
+        let table = results_table(&results);
+        assert!(
+            table.starts_with("campaign c1 (t): succeeded (partial): 1 of 4 runs failed\n"),
+            "{table}"
+        );
+        assert!(table.contains("10.00 ± n/a"), "{table}");
+        assert!(table.contains("1 (1 failed)"), "{table}");
+        assert!(table.contains("2 (1 without energy)"), "{table}");
+
+        let json: serde_json::Value = serde_json::from_str(&results_json(&results)).unwrap();
+        assert_eq!(json["outcome"], "partial");
+        let tps = &json["results"][0]["metrics"]["tps"];
+        assert_eq!(tps["ci95_half_width"], serde_json::Value::Null);
+        assert_eq!(tps["std_dev"], serde_json::Value::Null);
+        assert_eq!(json["results"][1]["runs_without_energy"], 1);
+    }
+
+    #[test]
+    fn results_csv_quotes_every_field_and_reads_back() {
+        let results = single_and_lacking();
+        let bytes = results_csv(&results).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.lines().all(|l| l.starts_with('"') && l.ends_with('"')),
+            "{text}"
+        );
+        let mut reader = csv::Reader::from_reader(bytes.as_slice());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header[0], "config");
+        assert_eq!(header[9], "runs_without_energy");
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        // The comma and the quotes come back as they were, in one field.
+        assert_eq!(&rows[0][0], "prompt=a, \"quoted\"");
+        assert_eq!((&rows[0][5], &rows[0][6]), ("", ""), "undefined spread");
+        assert_eq!((&rows[1][2], &rows[1][9]), ("energy_j", "1"));
     }
 
     #[test]

@@ -123,9 +123,6 @@ async fn drive(
         .await?
         .into_inner();
     println!();
-    print!(
-        "{}",
-        output::results(&results, output::ResultsFormat::Table)
-    );
+    print!("{}", output::results_table(&results));
     watched
 }

@@ -1,13 +1,14 @@
 //! `berth series <run-id>`: the power samples stored with a run, fetched a
 //! page at a time with GetRunPowerSeries, as CSV or JSON with the same
 //! fields: device, time (RFC 3339), elapsed_s (since the run's power session
-//! opened), power_w and energy_j (empty or null when the device has none).
+//! opened), power_w and energy_j (empty or null when the device has none);
+//! every CSV field quoted.
 
 use berth_proto::orchestrator::v1::{GetRunPowerSeriesRequest, RunPowerSample};
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
-use crate::export::csv_quoted;
+use crate::output::csv_records;
 use crate::{CliError, Client};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -55,30 +56,28 @@ fn time(sample: &RunPowerSample) -> Option<String> {
     sample.time.map(|t| t.to_string())
 }
 
-pub fn encode(samples: &[RunPowerSample], format: SeriesFormat) -> String {
+pub fn encode(samples: &[RunPowerSample], format: SeriesFormat) -> Result<Vec<u8>, csv::Error> {
     match format {
         SeriesFormat::Csv => csv(samples),
-        SeriesFormat::Json => json(samples),
+        SeriesFormat::Json => Ok(json(samples).into_bytes()),
     }
 }
 
-fn csv(samples: &[RunPowerSample]) -> String {
+fn csv(samples: &[RunPowerSample]) -> Result<Vec<u8>, csv::Error> {
     fn cell<T: ToString>(value: Option<T>) -> String {
         value.map(|v| v.to_string()).unwrap_or_default()
     }
-    let mut out = String::from("device,time,elapsed_s,power_w,energy_j\n");
-    for sample in samples {
-        let row = [
-            csv_quoted(&sample.device),
+    let header = ["device", "time", "elapsed_s", "power_w", "energy_j"].map(String::from);
+    let rows = samples.iter().map(|sample| {
+        [
+            sample.device.clone(),
             cell(time(sample)),
             cell(elapsed_seconds(sample)),
             cell(sample.power_w),
             cell(sample.energy_j),
-        ];
-        out.push_str(&row.join(","));
-        out.push('\n');
-    }
-    out
+        ]
+    });
+    csv_records(std::iter::once(header).chain(rows))
 }
 
 fn json(samples: &[RunPowerSample]) -> String {
@@ -129,14 +128,14 @@ mod tests {
 
     #[test]
     fn csv_has_a_line_per_sample_and_empty_cells_for_absent_values() {
-        let csv = encode(&samples(), SeriesFormat::Csv);
+        let csv = String::from_utf8(encode(&samples(), SeriesFormat::Csv).unwrap()).unwrap();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
             lines,
             [
-                "device,time,elapsed_s,power_w,energy_j",
-                "replay:gpu0,2023-11-14T22:13:20Z,1.5,120.5,",
-                "\"a,b\",,,,3",
+                r#""device","time","elapsed_s","power_w","energy_j""#,
+                r#""replay:gpu0","2023-11-14T22:13:20Z","1.5","120.5","""#,
+                r#""a,b","","","","3""#,
             ]
         );
     }
@@ -144,7 +143,7 @@ mod tests {
     #[test]
     fn json_has_the_same_fields_with_nulls() {
         let rows: Vec<Value> =
-            serde_json::from_str(&encode(&samples(), SeriesFormat::Json)).unwrap();
+            serde_json::from_slice(&encode(&samples(), SeriesFormat::Json).unwrap()).unwrap();
         assert_eq!(rows[0]["elapsed_s"], 1.5);
         assert_eq!(rows[0]["energy_j"], Value::Null);
         assert_eq!(rows[1]["energy_j"], 3.0);

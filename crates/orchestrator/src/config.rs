@@ -1,4 +1,5 @@
-//! The orchestrator's config: `[server]`, `[store]`, `[scheduler]`, `[auth]`.
+//! The orchestrator's config: `[server]`, `[store]`, `[scheduler]`, `[auth]`,
+//! `[ssh]` and `[manifest]` (the limits on one campaign manifest).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +16,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub auth: AuthConfig,
     pub ssh: crate::ssh_tunnel::SshConfig,
+    pub manifest: crate::manifest::ManifestLimits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +44,12 @@ pub struct SchedulerConfig {
     /// lost, orchestrator restarted without its exec); past it the run
     /// fails, so a run cannot bounce between hosts forever.
     pub max_run_attempts: u32,
+    /// Tries to create and start a backend's workload that hosts' agents
+    /// answered with a refusal (an image that is not there, a spec the
+    /// engine rejects, a command that cannot start); past it the backend's
+    /// runs fail with the agent's reason instead of waiting for a host
+    /// forever. A host that does not answer is waited for and not counted.
+    pub max_create_attempts: u32,
     /// Power samples stored with one run (all its devices together); a
     /// longer series keeps its first ones and is marked truncated.
     pub max_power_samples_per_run: usize,
@@ -72,6 +80,7 @@ impl Default for SchedulerConfig {
             max_placement_backoff: Duration::from_secs(10),
             max_running_campaigns: 64,
             max_run_attempts: 10,
+            max_create_attempts: 5,
             max_power_samples_per_run: 100_000,
         }
     }
@@ -85,6 +94,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             auth: AuthConfig::default(),
             ssh: crate::ssh_tunnel::SshConfig::default(),
+            manifest: crate::manifest::ManifestLimits::default(),
         }
     }
 }

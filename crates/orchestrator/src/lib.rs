@@ -23,6 +23,7 @@ use std::sync::Arc;
 use berth_proto::orchestrator::v1::orchestrator_server::OrchestratorServer;
 use berth_server::auth::RequireBearer;
 use berth_server::{RunningService, ServiceHost};
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
@@ -54,6 +55,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         Arc::clone(&hosts),
         Arc::clone(&events),
         config.scheduler.clone(),
+        config.manifest.clone(),
         shutdown.clone(),
     );
     scheduler.resume_unfinished()?;
@@ -63,10 +65,26 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         events,
         scheduler,
         shutdown,
+        manifest_limits: config.manifest.clone(),
     };
-    host.add_service(OrchestratorServer::with_interceptor(
-        service,
+    host.add_service(InterceptedService::new(
+        OrchestratorServer::new(service)
+            .max_decoding_message_size(max_request_bytes(&config.manifest)),
         RequireBearer::new(&config.auth.token),
     ));
     Ok(host.spawn(None))
+}
+
+/// The largest request the gRPC layer reads: tonic's default (4 MiB), or
+/// more when the manifest limit is raised past it, so that a manifest over
+/// `manifest.max_bytes` gets the error naming that limit rather than the
+/// transport's `OUT_OF_RANGE`.
+fn max_request_bytes(limits: &manifest::ManifestLimits) -> usize {
+    /// Room for the request's fields besides the manifest.
+    const REQUEST_OVERHEAD: usize = 64 * 1024;
+    const TONIC_DEFAULT: usize = 4 * 1024 * 1024;
+    limits
+        .max_bytes
+        .saturating_add(REQUEST_OVERHEAD)
+        .max(TONIC_DEFAULT)
 }

@@ -10,10 +10,10 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
-/// Largest manifest accepted, in bytes.
-pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
-/// Most runs one campaign may have.
-pub const MAX_RUNS: usize = 1_000_000;
+mod limits;
+mod prescan;
+
+pub use limits::{Count, Limit, LimitExceeded, ManifestLimits};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
@@ -579,6 +579,75 @@ impl Plan {
     }
 }
 
+/// Every placeholder of the run's command and env must have a value in
+/// every configuration. The names are found once; a configuration is then
+/// checked in time linear in its parameters (no name past its first missing
+/// one is looked up), and only the first one missing a name is substituted
+/// again to say which template lacks what.
+fn check_placeholders(
+    run: &RunTemplate,
+    configs: &[ConfigPoint],
+) -> Result<(), (&'static [&'static str], String)> {
+    let templates = || {
+        let command = run
+            .command
+            .iter()
+            .map(|t| (&["run", "command"][..], "run.command", t));
+        command.chain(
+            run.env
+                .values()
+                .map(|t| (&["run", "env"][..], "run.env", t)),
+        )
+    };
+    let mut needed = BTreeSet::new();
+    let mut unclosed = false;
+    for (_, _, template) in templates() {
+        match placeholder_names(template) {
+            Some(names) => needed.extend(names.filter(|n| !BUILTIN_PLACEHOLDERS.contains(n))),
+            None => unclosed = true,
+        }
+    }
+    let lacking = |config: &&ConfigPoint| {
+        needed
+            .iter()
+            .any(|name| !config.params.iter().any(|(key, _)| key == name))
+    };
+    let first_wrong = if unclosed {
+        configs.first()
+    } else {
+        configs.iter().find(lacking)
+    };
+    let Some(config) = first_wrong else {
+        return Ok(());
+    };
+    let mut values: BTreeMap<String, String> = config.params.iter().cloned().collect();
+    for key in BUILTIN_PLACEHOLDERS {
+        values.insert(key.into(), String::new());
+    }
+    for (path, field, template) in templates() {
+        substitute(template, &values)
+            .map_err(|e| (path, format!("{field} (config `{}`): {e}", config.name)))?;
+    }
+    Ok(())
+}
+
+/// Placeholders every run has, besides its configuration's parameters.
+const BUILTIN_PLACEHOLDERS: [&str; 4] = ["config", "cycle", "backend", "run_id"];
+
+/// The names of the `{{name}}` placeholders of `template`, as [`substitute`]
+/// reads them; `None` when a `{{` is not closed.
+fn placeholder_names(template: &str) -> Option<impl Iterator<Item = &str>> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        names.push(after[..close].trim());
+        rest = &after[close + 2..];
+    }
+    Some(names.into_iter())
+}
+
 /// Replaces `{{name}}` with its value. Single braces are literal, so shell
 /// scripts and JSON need no escaping.
 fn substitute(template: &str, values: &BTreeMap<String, String>) -> Result<String, String> {
@@ -601,45 +670,82 @@ fn substitute(template: &str, values: &BTreeMap<String, String>) -> Result<Strin
     Ok(out)
 }
 
-/// Parses and validates a manifest and expands it into its plan.
+/// Parses and validates a manifest within the default [`ManifestLimits`]
+/// and expands it into its plan.
 pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
-    let at = |path: &[&str], message: String| {
-        let (line, column) = locate(text, path);
-        ManifestError {
-            source_name: source_name.to_string(),
-            line,
-            column,
-            message,
-        }
+    plan_within(source_name, text, &ManifestLimits::default())
+}
+
+/// Parses and validates a manifest and expands it into its plan, refusing
+/// it as soon as it is past one of `limits`: its size before it is parsed,
+/// its nesting before serde_yaml scans it, its nodes (aliases expanded)
+/// before anything is built from them, its configurations and runs before
+/// they are expanded.
+pub fn plan_within(
+    source_name: &str,
+    text: &str,
+    limits: &ManifestLimits,
+) -> Result<Plan, ManifestError> {
+    let error_at = |(line, column): (usize, usize), message: String| ManifestError {
+        source_name: source_name.to_string(),
+        line,
+        column,
+        message,
     };
-    if text.len() > MAX_MANIFEST_BYTES {
-        return Err(at(
-            &[],
-            format!(
-                "manifest is {} bytes; at most {MAX_MANIFEST_BYTES}",
-                text.len()
-            ),
-        ));
+    let at = |path: &[&str], message: String| error_at(locate(text, path), message);
+    if text.len() > limits.max_bytes {
+        let exceeded = LimitExceeded::new(
+            Limit::Bytes,
+            "manifest size",
+            Count::Exactly(text.len() as u64),
+            "bytes",
+            limits.max_bytes as u64,
+        );
+        return Err(error_at((1, 1), exceeded.to_string()));
     }
-    let manifest: Manifest = serde_yaml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
-        let message = e.to_string();
+    prescan::check(text, limits.max_depth, limits.max_nodes).map_err(|stop| {
+        let exceeded = match stop.past {
+            prescan::Past::Depth => LimitExceeded::new(
+                Limit::Depth,
+                "YAML nesting",
+                Count::MoreThan(limits.max_depth as u64),
+                "levels",
+                limits.max_depth as u64,
+            ),
+            prescan::Past::Nodes => LimitExceeded::new(
+                Limit::Nodes,
+                "YAML nodes",
+                Count::MoreThan(limits.max_nodes as u64),
+                "nodes",
+                limits.max_nodes as u64,
+            ),
+        };
+        error_at((stop.line, stop.column), exceeded.to_string())
+    })?;
+    let yaml_error = |error: serde_yaml::Error| {
+        let message = error.to_string();
         // serde_yaml appends " at line L column C"; the prefix already says it.
         let message = message
             .split(" at line ")
             .next()
             .unwrap_or(&message)
             .to_string();
-        ManifestError {
-            source_name: source_name.to_string(),
-            line,
-            column,
-            message,
+        error_at(yaml_location(&error), message)
+    };
+    limits::check_document(text, limits).map_err(|error| match error {
+        limits::DocumentError::Limit(exceeded, at) => {
+            error_at(yaml_location(&at), exceeded.to_string())
         }
+        limits::DocumentError::AliasRepetition(at) => error_at(
+            yaml_location(&at),
+            format!(
+                "YAML aliases: followed more than 100 times per YAML event (serde_yaml's repetition limit); expanded, the manifest may hold at most {} nodes (manifest.max_nodes)",
+                limits.max_nodes
+            ),
+        ),
+        limits::DocumentError::Yaml(error) => yaml_error(error),
     })?;
+    let manifest: Manifest = serde_yaml::from_str(text).map_err(yaml_error)?;
 
     if manifest.name.trim().is_empty() {
         return Err(at(&["name"], "name: must not be empty".into()));
@@ -704,43 +810,28 @@ pub fn plan(source_name: &str, text: &str) -> Result<Plan, ManifestError> {
         ));
     }
 
-    let configs = expand_configs(&manifest).map_err(|(path, message)| match path {
+    let configs = expand_configs(&manifest, limits).map_err(|(path, message)| match path {
         ConfigErrorAt::Path(path) => at(&path, message),
         ConfigErrorAt::Value(value) => at_value(text, source_name, &value, 2, message),
     })?;
+    check_placeholders(&manifest.run, &configs).map_err(|(path, message)| at(path, message))?;
 
-    // Every placeholder must resolve for every configuration.
-    for config in &configs {
-        let mut values: BTreeMap<String, String> = config.params.iter().cloned().collect();
-        for key in ["config", "cycle", "backend", "run_id"] {
-            values.insert(key.into(), String::new());
-        }
-        for arg in &manifest.run.command {
-            substitute(arg, &values).map_err(|e| {
-                at(
-                    &["run", "command"],
-                    format!("run.command (config `{}`): {e}", config.name),
-                )
-            })?;
-        }
-        for value in manifest.run.env.values() {
-            substitute(value, &values).map_err(|e| {
-                at(
-                    &["run", "env"],
-                    format!("run.env (config `{}`): {e}", config.name),
-                )
-            })?;
-        }
-    }
-
-    let per_backend =
-        configs.len() as u64 * (u64::from(manifest.cycles) + u64::from(warmup.max_runs()));
-    let total = per_backend.saturating_mul(manifest.backends.len() as u64);
-    if total > MAX_RUNS as u64 {
-        return Err(at(
-            &["cycles"],
-            format!("the campaign would have {total} runs; at most {MAX_RUNS}"),
-        ));
+    let runs_per_pair = u64::from(manifest.cycles) + u64::from(warmup.max_runs());
+    let runs = Count::product([
+        configs.len() as u64,
+        manifest.backends.len() as u64,
+        runs_per_pair,
+    ]);
+    if runs.exceeds(limits.max_runs) {
+        let what = format!(
+            "runs ({} configurations × {} backends × ({} cycles + {} warmup runs))",
+            configs.len(),
+            manifest.backends.len(),
+            manifest.cycles,
+            warmup.max_runs()
+        );
+        let exceeded = LimitExceeded::new(Limit::Runs, what, runs, "runs", limits.max_runs);
+        return Err(at(&["cycles"], exceeded.to_string()));
     }
     let runs = schedule(&manifest, warmup.max_runs(), &configs);
     Ok(Plan {
@@ -951,7 +1042,10 @@ enum ConfigErrorAt {
     Value(String),
 }
 
-fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorAt, String)> {
+fn expand_configs(
+    manifest: &Manifest,
+    limits: &ManifestLimits,
+) -> Result<Vec<ConfigPoint>, (ConfigErrorAt, String)> {
     let mut configs = Vec::new();
     if let Some(grid) = &manifest.grid {
         let mut axes: Vec<(String, Vec<String>)> = Vec::new();
@@ -993,13 +1087,6 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
             ));
         }
         let keys: BTreeSet<&str> = axes.iter().map(|(k, _)| k.as_str()).collect();
-        let matches = |point: &[(String, String)], filter: &BTreeMap<String, serde_yaml::Value>| {
-            filter.iter().all(|(k, v)| {
-                point
-                    .iter()
-                    .any(|(pk, pv)| pk == k && scalar(v).is_ok_and(|v| &v == pv))
-            })
-        };
         // An include may add parameters; an exclude naming an unknown one is a typo.
         for filter in &grid.exclude {
             if let Some(unknown) = filter.keys().find(|k| !keys.contains(k.as_str())) {
@@ -1012,7 +1099,29 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
                 ));
             }
         }
-        if !axes.is_empty() {
+        let combinations = check_grid_size(manifest, grid, &axes, limits)?;
+        // Each exclude as (axis, value) pairs, compared without allocating;
+        // one holding a value that is no scalar matches nothing.
+        let excludes: Vec<Option<Vec<(usize, String)>>> = grid
+            .exclude
+            .iter()
+            .map(|filter| {
+                filter
+                    .iter()
+                    .map(|(key, value)| {
+                        let axis = axes.iter().position(|(axis, _)| axis == key)?;
+                        scalar(value).ok().map(|value| (axis, value))
+                    })
+                    .collect()
+            })
+            .collect();
+        let excluded = |point: &[(String, String)]| {
+            excludes
+                .iter()
+                .flatten()
+                .any(|filter| filter.iter().all(|(axis, value)| point[*axis].1 == *value))
+        };
+        if combinations > 0 {
             let mut points: Vec<Vec<(String, String)>> = vec![Vec::new()];
             for (key, values) in &axes {
                 points = points
@@ -1025,15 +1134,9 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
                         })
                     })
                     .collect();
-                if points.len() > MAX_RUNS {
-                    return Err((
-                        ConfigErrorAt::Path(vec!["grid", "params"]),
-                        format!("grid: more than {MAX_RUNS} configurations"),
-                    ));
-                }
             }
             for point in points {
-                if !grid.exclude.iter().any(|filter| matches(&point, filter)) {
+                if !excluded(&point) {
                     configs.push(ConfigPoint {
                         name: point_name(&point),
                         params: point,
@@ -1058,8 +1161,22 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
                     .position(|(axis, _)| axis == k)
                     .unwrap_or(usize::MAX)
             });
+            let name = point_name(&point);
+            if name.len() > limits.max_config_name_bytes {
+                let exceeded = LimitExceeded::new(
+                    Limit::ConfigNameBytes,
+                    "grid.include: a configuration name",
+                    Count::Exactly(name.len() as u64),
+                    "bytes",
+                    limits.max_config_name_bytes as u64,
+                );
+                return Err((
+                    ConfigErrorAt::Path(vec!["grid", "include"]),
+                    exceeded.to_string(),
+                ));
+            }
             configs.push(ConfigPoint {
-                name: point_name(&point),
+                name,
                 params: point,
             });
         }
@@ -1111,6 +1228,95 @@ fn expand_configs(manifest: &Manifest) -> Result<Vec<ConfigPoint>, (ConfigErrorA
     Ok(configs)
 }
 
+/// The grid's combinations, refused before any is built when they, the
+/// configurations with the includes and named configs, their names or the
+/// exclude comparisons would pass `limits`.
+fn check_grid_size(
+    manifest: &Manifest,
+    grid: &Grid,
+    axes: &[(String, Vec<String>)],
+    limits: &ManifestLimits,
+) -> Result<u64, (ConfigErrorAt, String)> {
+    let at_params = |exceeded: LimitExceeded| {
+        (
+            ConfigErrorAt::Path(vec!["grid", "params"]),
+            exceeded.to_string(),
+        )
+    };
+    let combinations = if axes.is_empty() {
+        Count::Exactly(0)
+    } else {
+        Count::product(axes.iter().map(|(_, values)| values.len() as u64))
+    };
+    let extra = grid.include.len() as u64 + manifest.configs.len() as u64;
+    let configurations = match combinations {
+        Count::Exactly(n) => n
+            .checked_add(extra)
+            .map_or(Count::MoreThan(u64::MAX), Count::Exactly),
+        more => more,
+    };
+    let within = match combinations {
+        Count::Exactly(n) if !configurations.exceeds(limits.max_configurations) => Some(n),
+        _ => None,
+    };
+    let Some(combinations) = within else {
+        // The sizes of the first axes are enough to see where the count comes from.
+        let mut sizes: Vec<String> = axes
+            .iter()
+            .take(12)
+            .map(|(_, v)| v.len().to_string())
+            .collect();
+        if axes.len() > 12 {
+            sizes.push(format!("… ({} parameters)", axes.len()));
+        }
+        let mut what = format!("grid.params ({} values)", sizes.join(" × "));
+        if extra > 0 {
+            what.push_str(&format!(" plus {extra} included and named"));
+        }
+        return Err(at_params(LimitExceeded::new(
+            Limit::Configurations,
+            what,
+            configurations,
+            "configurations",
+            limits.max_configurations,
+        )));
+    };
+    // `key=value,…`, with each parameter's longest value.
+    let longest_name = axes
+        .iter()
+        .map(|(key, values)| key.len() + 1 + values.iter().map(String::len).max().unwrap_or(0))
+        .sum::<usize>()
+        + axes.len().saturating_sub(1);
+    if longest_name > limits.max_config_name_bytes {
+        return Err(at_params(LimitExceeded::new(
+            Limit::ConfigNameBytes,
+            "grid.params: the longest configuration name (`param=value,…`)",
+            Count::Exactly(longest_name as u64),
+            "bytes",
+            limits.max_config_name_bytes as u64,
+        )));
+    }
+    let checks = Count::product([combinations, grid.exclude.len() as u64]);
+    if checks.exceeds(limits.max_exclude_checks) {
+        let what = format!(
+            "grid.exclude ({} entries × {combinations} combinations)",
+            grid.exclude.len()
+        );
+        return Err((
+            ConfigErrorAt::Path(vec!["grid", "exclude"]),
+            LimitExceeded::new(
+                Limit::ExcludeChecks,
+                what,
+                checks,
+                "comparisons",
+                limits.max_exclude_checks,
+            )
+            .to_string(),
+        ));
+    }
+    Ok(combinations)
+}
+
 fn point_name(point: &[(String, String)]) -> String {
     point
         .iter()
@@ -1136,14 +1342,19 @@ fn check_identifier(name: &str) -> Result<(), String> {
 }
 
 fn scalar(value: &serde_yaml::Value) -> Result<String, String> {
-    match value {
-        serde_yaml::Value::String(s) => Ok(s.clone()),
-        serde_yaml::Value::Number(n) => Ok(n.to_string()),
-        serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-        other => Err(format!(
-            "expected a string, number or boolean, found {other:?}"
-        )),
-    }
+    // Names what was found without printing it: it may be large.
+    let found = match value {
+        serde_yaml::Value::String(s) => return Ok(s.clone()),
+        serde_yaml::Value::Number(n) => return Ok(n.to_string()),
+        serde_yaml::Value::Bool(b) => return Ok(b.to_string()),
+        serde_yaml::Value::Null => "null",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a map",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    };
+    Err(format!(
+        "expected a string, number or boolean, found {found}"
+    ))
 }
 
 fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> Vec<PlannedRun> {
@@ -1181,6 +1392,13 @@ fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> V
         }
     }
     runs
+}
+
+/// Where serde_yaml places an error; the start when it does not say.
+fn yaml_location(error: &serde_yaml::Error) -> (usize, usize) {
+    error
+        .location()
+        .map_or((1, 1), |location| (location.line(), location.column()))
 }
 
 /// Line and column (1-based) of the key path, found by indentation-blind
@@ -1550,5 +1768,169 @@ run: {command: [true]}
     fn bad_runtime_value_named() {
         let e = error(&BASE.replace("runtime: process", "runtime: kubernetes"));
         assert!(e.message.contains("kubernetes"), "{e}");
+    }
+
+    /// A limit error: names the limit and its config field.
+    fn past(limits: &ManifestLimits, text: &str, limit: Limit) -> ManifestError {
+        let e = plan_within("campaign.yaml", text, limits).unwrap_err();
+        let field = format!("manifest.{}", limit.field());
+        let env = format!("BERTH_MANIFEST__{}", limit.field().to_ascii_uppercase());
+        assert!(
+            e.message.contains(&field) && e.message.contains(&env),
+            "{e}"
+        );
+        e
+    }
+
+    fn grid(params: usize, values: usize) -> String {
+        let list: Vec<String> = (0..values).map(|v| v.to_string()).collect();
+        let params: String = (0..params)
+            .map(|p| format!("    p{p}: [{}]\n", list.join(", ")))
+            .collect();
+        BASE.replace("    size: [1, 2]\n    algo: [a, b]\n", &params)
+            .replace("'{{size}}', '{{ algo }}'", "'{{p0}}'")
+    }
+
+    #[test]
+    fn grid_sizes_refused_before_expansion() {
+        let limits = ManifestLimits::default();
+        // The 408 bytes: 10^10 configurations, counted, not built.
+        let e = past(&limits, &grid(10, 10), Limit::Configurations);
+        assert!(e.message.contains("10000000000 configurations"), "{e}");
+        assert_eq!((e.line, e.column), (6, 3), "{e}");
+        // Past what a u64 holds.
+        let e = past(&limits, &grid(30, 10), Limit::Configurations);
+        assert!(e.message.contains("more than 18446744073709551615"), "{e}");
+        // Within a raised limit, the same grid expands.
+        let small = ManifestLimits {
+            max_configurations: 3,
+            ..ManifestLimits::default()
+        };
+        past(&small, BASE, Limit::Configurations);
+        assert_eq!(plan_within("t", BASE, &limits).unwrap().configs.len(), 4);
+    }
+
+    #[test]
+    fn runs_counted_with_warmup_and_backends() {
+        let limits = ManifestLimits {
+            max_runs: 15,
+            ..ManifestLimits::default()
+        };
+        // 4 configurations × 1 backend × (2 cycles + 2 warmup runs) = 16.
+        let text = format!("{BASE}warmup: {{runs: 2}}\n");
+        let e = past(&limits, &text, Limit::Runs);
+        assert!(e.message.contains(": 16 runs; at most 15"), "{e}");
+        let e = past(
+            &ManifestLimits::default(),
+            &BASE.replace("cycles: 2", "cycles: 4000000000"),
+            Limit::Runs,
+        );
+        assert!(e.message.contains("16000000000 runs"), "{e}");
+    }
+
+    #[test]
+    fn size_depth_nodes_and_scalars_limited() {
+        let limits = ManifestLimits::default();
+        let big = format!("{BASE}description: '{}'\n", "x".repeat(2 << 20));
+        let e = past(&limits, &big, Limit::Bytes);
+        assert!(e.message.contains(&format!("{} bytes", big.len())), "{e}");
+
+        // The 200 KB of brackets, refused where it gets too deep.
+        let nested = format!("{BASE}n: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let e = past(&limits, &nested, Limit::Depth);
+        assert_eq!((e.line, e.column), (12, 36), "{e}");
+        // Block nesting is counted while the document is walked.
+        let block: String = (0..40)
+            .map(|i| format!("{}- \n", " ".repeat(i * 2)))
+            .collect();
+        past(&limits, &format!("{BASE}n:\n{block}"), Limit::Depth);
+
+        // Aliases of aliases of a scalar: many jumps, few nodes.
+        let nine = |name: &str| vec![format!("*{name}"); 9].join(", ");
+        let laughs = format!(
+            "    a: &a lol\n    b: &b [{}]\n    c: &c [{}]\n    d: &d [{}]\n    e: &e [{}]\n    f: [{}]\n",
+            nine("a"),
+            nine("b"),
+            nine("c"),
+            nine("d"),
+            nine("e")
+        );
+        let bomb = BASE.replace("    algo: [a, b]\n", &laughs);
+        // Past serde_yaml's own limit on following aliases before max_nodes.
+        let e = error(&bomb);
+        assert!(
+            e.message
+                .starts_with("YAML aliases: followed more than 100 times"),
+            "{e}"
+        );
+        let few = ManifestLimits {
+            max_nodes: 1000,
+            ..ManifestLimits::default()
+        };
+        past(&few, &bomb, Limit::Nodes);
+
+        let long = BASE.replace("[a, b]", &format!("[a, {}]", "b".repeat(70_000)));
+        past(&limits, &long, Limit::ScalarBytes);
+    }
+
+    #[test]
+    fn names_and_exclude_comparisons_limited() {
+        let limits = ManifestLimits::default();
+        let long = BASE.replace("[a, b]", &format!("[a, {}]", "b".repeat(300)));
+        let e = past(&limits, &long, Limit::ConfigNameBytes);
+        assert!(e.message.contains("312 bytes"), "{e}");
+        let include = BASE.replace(
+            "    algo: [a, b]\n",
+            &format!(
+                "    algo: [a, b]\n  include:\n    - {{size: 3, algo: {}}}\n",
+                "c".repeat(300)
+            ),
+        );
+        past(&limits, &include, Limit::ConfigNameBytes);
+
+        let few = ManifestLimits {
+            max_exclude_checks: 7,
+            ..ManifestLimits::default()
+        };
+        let excludes = BASE.replace(
+            "    algo: [a, b]\n",
+            "    algo: [a, b]\n  exclude:\n    - {size: 1}\n    - {algo: b}\n",
+        );
+        let e = past(&few, &excludes, Limit::ExcludeChecks);
+        assert!(
+            e.message
+                .contains("2 entries × 4 combinations): 8 comparisons"),
+            "{e}"
+        );
+        let plan = plan_within("t", &excludes, &limits).unwrap();
+        let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["size=2,algo=a"]);
+    }
+
+    #[test]
+    fn placeholders_checked_once_per_configuration() {
+        // A placeholder only an include defines is missing from the grid's
+        // configurations: the first of them is named.
+        let text = BASE
+            .replace("'{{ algo }}'", "'{{ algo }}', '{{extra}}'")
+            .replace(
+                "    algo: [a, b]\n",
+                "    algo: [a, b]\n  include:\n    - {size: 3, extra: x}\n",
+            );
+        let e = error(&text);
+        assert!(
+            e.message.starts_with(
+                "run.command (config `size=1,algo=a`): unknown placeholder `{{extra}}`"
+            ),
+            "{e}"
+        );
+        let e = error(&BASE.replace("'{{ algo }}'", "'{{ algo'"));
+        assert!(e.message.contains("unclosed"), "{e}");
+    }
+
+    #[test]
+    fn non_scalar_values_named_not_printed() {
+        let e = error(&BASE.replace("[a, b]", &format!("[a, [{}]]", vec!["x"; 1000].join(", "))));
+        assert!(e.message.ends_with("found a list"), "{e}");
     }
 }

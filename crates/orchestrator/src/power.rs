@@ -182,11 +182,13 @@ impl Drop for PowerSession {
     }
 }
 
+/// The run's figures for one device. A device that gave no reading has no
+/// energy: absent, never 0 J, so that no sum or mean takes it for one.
 fn run_energy(device: DeviceEnergy) -> RunEnergy {
     let (energy_j, method) = match (device.energy_counter_j, device.energy_integrated_j) {
-        (Some(counter), _) => (counter, "counter"),
-        (None, Some(integrated)) => (integrated, "integrated"),
-        (None, None) => (0.0, "none"),
+        (Some(counter), _) => (Some(counter), "counter"),
+        (None, Some(integrated)) => (Some(integrated), "integrated"),
+        (None, None) => (None, "none"),
     };
     RunEnergy {
         device: device.device,
@@ -246,12 +248,26 @@ mod tests {
             ..Default::default()
         };
         let energy = run_energy(both);
-        assert_eq!((energy.energy_j, energy.method.as_str()), (10.0, "counter"));
+        assert_eq!(
+            (energy.energy_j, energy.method.as_str()),
+            (Some(10.0), "counter")
+        );
         let integrated = DeviceEnergy {
             energy_integrated_j: Some(3.0),
             ..Default::default()
         };
         assert_eq!(run_energy(integrated).method, "integrated");
+    }
+
+    #[test]
+    fn a_device_without_readings_has_no_energy_rather_than_zero() {
+        let silent = DeviceEnergy {
+            device: "nvml:1".into(),
+            samples: 0,
+            ..Default::default()
+        };
+        let energy = run_energy(silent);
+        assert_eq!((energy.energy_j, energy.method.as_str()), (None, "none"));
     }
 
     fn samples(count: usize) -> Vec<Sample> {

@@ -1,13 +1,16 @@
 //! Aggregation of a campaign's runs per (config, backend): every numeric
 //! top-level field of the result JSON, plus the run's duration, summarised
-//! over the measured (non-warmup) succeeded runs.
+//! over the measured (non-warmup) succeeded runs. And the verdict on an
+//! ended campaign: what its measured runs produced.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
-use berth_proto::orchestrator::v1::{ConfigResult, Run, RunState};
+use berth_proto::orchestrator::v1::{CampaignOutcome, ConfigResult, Run, RunCounts, RunState};
 
 use crate::manifest::Plan;
 use crate::stats;
+use crate::store::MeasuredRuns;
 
 /// Name of the metric every run has: its wall time in seconds.
 pub const DURATION_METRIC: &str = "duration_s";
@@ -27,9 +30,14 @@ pub fn duration_seconds(run: &Run) -> Option<f64> {
         .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
 }
 
-/// Energy of the run over all measured devices, when power was measured.
+/// Energy of the run over all measured devices, when power was measured
+/// and every device gave readings: a device without them makes the run's
+/// energy unknown, not smaller.
 pub fn energy_joules(run: &Run) -> Option<f64> {
-    (!run.energy.is_empty()).then(|| run.energy.iter().map(|e| e.energy_j).sum())
+    if run.energy.is_empty() {
+        return None;
+    }
+    run.energy.iter().map(|e| e.energy_j).sum()
 }
 
 /// A numeric top-level field of the run's result JSON.
@@ -59,6 +67,7 @@ pub fn joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
 pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
     let work_metric = plan.manifest.power.work_metric();
     let per_unit_metric = joules_per_unit_metric(work_metric);
+    let measures_power = plan.manifest.power.enabled;
     let mut rows = Vec::new();
     for config in &plan.configs {
         for backend in &plan.manifest.backends {
@@ -68,7 +77,7 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
             let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             // Result fields keep the order in which they first appear.
             let mut metric_order: Vec<String> = Vec::new();
-            let (mut succeeded, mut failed) = (0, 0);
+            let (mut succeeded, mut failed, mut runs_without_energy) = (0, 0, 0);
             for run in runs {
                 match RunState::try_from(run.state).unwrap_or_default() {
                     RunState::Succeeded => succeeded += 1,
@@ -84,13 +93,17 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                         .or_default()
                         .push(duration);
                 }
-                if let Some(energy) = energy_joules(run) {
-                    let power: f64 = run.energy.iter().map(|e| e.mean_w).sum();
-                    samples
-                        .entry(ENERGY_METRIC.into())
-                        .or_default()
-                        .push(energy);
-                    samples.entry(POWER_METRIC.into()).or_default().push(power);
+                match energy_joules(run) {
+                    Some(energy) => {
+                        let power: f64 = run.energy.iter().map(|e| e.mean_w).sum();
+                        samples
+                            .entry(ENERGY_METRIC.into())
+                            .or_default()
+                            .push(energy);
+                        samples.entry(POWER_METRIC.into()).or_default().push(power);
+                    }
+                    None if measures_power => runs_without_energy += 1,
+                    None => {}
                 }
                 if let Some(per_unit) = joules_per_unit(run, work_metric) {
                     samples
@@ -132,10 +145,67 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
                 succeeded,
                 failed,
                 metrics,
+                runs_without_energy,
             });
         }
     }
     rows
+}
+
+/// Pairs named in a status message before the rest are only counted.
+const PAIRS_NAMED: usize = 5;
+
+/// What an ended campaign's measured runs produced, and the status message
+/// that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: CampaignOutcome,
+    pub message: String,
+}
+
+/// Judges an ended campaign from its measured runs per (config, backend),
+/// its run counts and its first failed run (whose error the message quotes
+/// when nothing succeeded).
+pub fn judge(pairs: &[MeasuredRuns], counts: &RunCounts, first_failure: Option<&Run>) -> Verdict {
+    let measured: u64 = pairs.iter().map(|p| p.runs).sum();
+    let succeeded: u64 = pairs.iter().map(|p| p.succeeded).sum();
+    let without: Vec<&MeasuredRuns> = pairs.iter().filter(|p| p.succeeded == 0).collect();
+    let failed = format!("{} of {} runs failed", counts.failed, counts.total);
+    let (outcome, mut message) = if succeeded == 0 {
+        (
+            CampaignOutcome::NoResults,
+            format!("no measured run succeeded; {failed}"),
+        )
+    } else if !without.is_empty() {
+        let mut named: Vec<String> = without
+            .iter()
+            .take(PAIRS_NAMED)
+            .map(|p| format!("`{}` on `{}`", p.config, p.backend))
+            .collect();
+        if without.len() > PAIRS_NAMED {
+            named.push(format!("{} more", without.len() - PAIRS_NAMED));
+        }
+        (
+            CampaignOutcome::MissingResults,
+            format!(
+                "{} of {} configurations have no succeeded measured run ({}); {failed}",
+                without.len(),
+                pairs.len(),
+                named.join(", ")
+            ),
+        )
+    } else if succeeded < measured {
+        (CampaignOutcome::Partial, failed)
+    } else if counts.failed > 0 {
+        // Only warmup runs failed.
+        (CampaignOutcome::Complete, failed)
+    } else {
+        (CampaignOutcome::Complete, String::new())
+    };
+    if let Some(run) = first_failure.filter(|_| outcome == CampaignOutcome::NoResults) {
+        let _ = write!(message, "; first failure: run {}: {}", run.id, run.error);
+    }
+    Verdict { outcome, message }
 }
 
 #[cfg(test)]
@@ -196,7 +266,7 @@ mod tests {
             energy: joules
                 .iter()
                 .map(|j| berth_proto::orchestrator::v1::RunEnergy {
-                    energy_j: *j,
+                    energy_j: Some(*j),
                     ..Default::default()
                 })
                 .collect(),
@@ -220,5 +290,117 @@ mod tests {
             .expect("joules_per_items aggregated");
         assert_eq!(per_unit.n, 2);
         assert!((per_unit.mean - 0.6).abs() < 1e-12, "{per_unit:?}");
+    }
+
+    #[test]
+    fn a_device_without_readings_leaves_the_run_without_energy_and_is_counted() {
+        use berth_proto::orchestrator::v1::RunEnergy;
+        let plan = crate::manifest::plan(
+            "t",
+            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: x}]\nrun: {command: [true]}\ncycles: 3\npower: {enabled: true}\n",
+        )
+        .unwrap();
+        let device = |energy_j: Option<f64>, mean_w: f64| RunEnergy {
+            energy_j,
+            mean_w,
+            ..Default::default()
+        };
+        let run = |energy: Vec<RunEnergy>| Run {
+            config: "x".into(),
+            backend: "b".into(),
+            state: RunState::Succeeded as i32,
+            result_json: "{\"tokens\": 10}".into(),
+            energy,
+            ..Default::default()
+        };
+        // The second run's GPU gave no reading: its energy is unknown, not 30 J.
+        let runs = [
+            run(vec![device(Some(30.0), 30.0), device(Some(10.0), 10.0)]),
+            run(vec![device(Some(30.0), 30.0), device(None, 0.0)]),
+            run(vec![device(Some(50.0), 50.0), device(Some(10.0), 10.0)]),
+        ];
+        assert_eq!(energy_joules(&runs[1]), None);
+        assert_eq!(joules_per_unit(&runs[1], "tokens"), None);
+        let rows = aggregate(&plan, &runs);
+        assert_eq!((rows[0].succeeded, rows[0].runs_without_energy), (3, 1));
+        let metric = |name: &str| rows[0].metrics.iter().find(|m| m.name == name).unwrap();
+        assert_eq!(
+            (metric(ENERGY_METRIC).n, metric(ENERGY_METRIC).mean),
+            (2, 50.0)
+        );
+        assert_eq!(metric(POWER_METRIC).n, 2);
+        assert_eq!(metric("joules_per_tokens").n, 2);
+    }
+
+    fn pair(config: &str, runs: u64, succeeded: u64) -> MeasuredRuns {
+        MeasuredRuns {
+            config: config.into(),
+            backend: "b".into(),
+            runs,
+            succeeded,
+        }
+    }
+
+    fn counts(failed: u64, total: u64) -> RunCounts {
+        RunCounts {
+            failed,
+            total,
+            succeeded: total - failed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_campaign_is_judged_by_its_measured_runs() {
+        let failure = Run {
+            id: "c/x/b/1".into(),
+            error: "exit code 1: boom".into(),
+            ..Default::default()
+        };
+        let verdict = judge(&[pair("x", 3, 3)], &counts(0, 3), None);
+        assert_eq!(
+            verdict,
+            Verdict {
+                outcome: CampaignOutcome::Complete,
+                message: String::new()
+            }
+        );
+        // A failed warmup run costs no result.
+        let verdict = judge(&[pair("x", 3, 3)], &counts(1, 4), Some(&failure));
+        assert_eq!(verdict.outcome, CampaignOutcome::Complete);
+        assert_eq!(verdict.message, "1 of 4 runs failed");
+
+        let verdict = judge(&[pair("x", 3, 2), pair("y", 3, 1)], &counts(3, 6), None);
+        assert_eq!(verdict.outcome, CampaignOutcome::Partial);
+        assert_eq!(verdict.message, "3 of 6 runs failed");
+
+        let verdict = judge(&[pair("x", 3, 3), pair("y", 3, 0)], &counts(3, 6), None);
+        assert_eq!(verdict.outcome, CampaignOutcome::MissingResults);
+        assert_eq!(
+            verdict.message,
+            "1 of 2 configurations have no succeeded measured run (`y` on `b`); 3 of 6 runs failed"
+        );
+        let many: Vec<MeasuredRuns> = (0..8)
+            .map(|i| pair(&format!("c{i}"), 1, u64::from(i == 0)))
+            .collect();
+        let verdict = judge(&many, &counts(7, 8), None);
+        assert!(
+            verdict.message.contains(
+                "(`c1` on `b`, `c2` on `b`, `c3` on `b`, `c4` on `b`, `c5` on `b`, 2 more)"
+            ),
+            "{}",
+            verdict.message
+        );
+
+        let verdict = judge(
+            &[pair("x", 3, 0), pair("y", 3, 0)],
+            &counts(6, 6),
+            Some(&failure),
+        );
+        assert_eq!(verdict.outcome, CampaignOutcome::NoResults);
+        assert_eq!(
+            verdict.message,
+            "no measured run succeeded; 6 of 6 runs failed; first failure: run c/x/b/1: exit code 1: boom"
+        );
     }
 }

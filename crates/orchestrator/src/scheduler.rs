@@ -13,7 +13,7 @@ use berth_proto::agent::v1::{
 };
 use berth_proto::common::v1::{self as common, EnvVar, WorkloadSpec};
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignEvent, CampaignState, HostStatus, Run, RunState, WarmupEnded,
+    Campaign, CampaignEvent, CampaignOutcome, CampaignState, HostStatus, Run, RunState, WarmupEnded,
 };
 use berth_server::CancellationToken;
 use tokio::sync::Semaphore;
@@ -27,6 +27,7 @@ use crate::hosts::{AgentClient, HostRegistry, describe_status};
 use crate::manifest::{self, Backend, GpuCount, OnFailure, Plan, PlannedRun, WarmupPolicy};
 use crate::placement;
 use crate::power::{PowerMeter, PowerSession};
+use crate::results;
 use crate::store::{Placement, RunUpdate, Store, campaign_is_terminal};
 use crate::warmup;
 
@@ -54,6 +55,8 @@ pub struct Scheduler {
     hosts: Arc<HostRegistry>,
     events: Arc<CampaignEvents>,
     config: SchedulerConfig,
+    /// Those the campaign's manifest was accepted within.
+    manifest_limits: manifest::ManifestLimits,
     running: Mutex<HashMap<String, CancellationToken>>,
     campaign_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -84,6 +87,32 @@ struct Placed {
     watch: BackendWatch,
 }
 
+/// Why a backend is not placed.
+enum PlaceError {
+    /// No host fits or answers now: the backend waits for one.
+    Waiting(String),
+    /// A host's agent answered and refused to create or start the backend's
+    /// workload (no such image, a spec the engine rejects, a command that
+    /// cannot start): the same spec is likely refused again.
+    Refused { host: String, reason: String },
+}
+
+/// How a failed call to place a backend on `host` counts: an agent that did
+/// not answer (the codes `exec_refused` takes for a lost host, and an
+/// engine that is down) is waited for; any other answer is a refusal.
+fn place_error(host: &str, status: &tonic::Status, reason: String) -> PlaceError {
+    match status.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded => PlaceError::Waiting(reason),
+        _ => PlaceError::Refused {
+            host: host.to_string(),
+            reason,
+        },
+    }
+}
+
 /// Why a run could not go on where it was; the run is pending again.
 enum Interrupted {
     /// The host's agent did not answer.
@@ -99,6 +128,7 @@ impl Scheduler {
         hosts: Arc<HostRegistry>,
         events: Arc<CampaignEvents>,
         config: SchedulerConfig,
+        manifest_limits: manifest::ManifestLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -108,6 +138,7 @@ impl Scheduler {
             hosts,
             events,
             config,
+            manifest_limits,
             running: Mutex::new(HashMap::new()),
             shutdown,
             host_load: Mutex::new(HashMap::new()),
@@ -269,7 +300,8 @@ impl Scheduler {
             .store
             .campaign(id)?
             .ok_or_else(|| OrchestratorError::CampaignNotFound(id.to_string()))?;
-        let plan = manifest::plan("manifest", &campaign.manifest_yaml)?;
+        let plan =
+            manifest::plan_within("manifest", &campaign.manifest_yaml, &self.manifest_limits)?;
         let ctx = Arc::new(CampaignRun {
             id: id.to_string(),
             plan,
@@ -296,28 +328,51 @@ impl Scheduler {
             // Stopping the orchestrator is not the campaign's end: a restart resumes it.
             return Ok(());
         }
-        let counts = self.store.run_counts(id)?;
-        if ctx.stopped_by_policy.load(Ordering::SeqCst) {
+        let stopped_by_policy = ctx.stopped_by_policy.load(Ordering::SeqCst);
+        if stopped_by_policy {
             self.store
                 .transition_all(id, &[RunState::Pending], RunState::Cancelled)?;
-            self.store.set_campaign_state(
-                id,
-                CampaignState::Failed,
-                &format!(
-                    "stopped after a failed run (failure.on_failure = stop); {} of {} runs failed",
-                    counts.failed, counts.total
-                ),
-            )?;
-        } else if !ctx.token.is_cancelled() {
-            let message = if counts.failed > 0 {
-                format!("{} of {} runs failed", counts.failed, counts.total)
-            } else {
-                String::new()
-            };
-            self.store
-                .set_campaign_state(id, CampaignState::Succeeded, &message)?;
+        }
+        // A user's cancel recorded the campaign's end itself.
+        if stopped_by_policy || !ctx.token.is_cancelled() {
+            self.finish(id, stopped_by_policy)?;
         }
         self.publish(id, None, "campaign ended".into());
+        Ok(())
+    }
+
+    /// Records how an ended campaign came out, judged by its measured runs:
+    /// FAILED when the failure policy stopped it or when no measured run
+    /// succeeded (a campaign that measured nothing has no result to call a
+    /// success), SUCCEEDED otherwise; the outcome and message say which
+    /// (config, backend) pairs have no result.
+    fn finish(&self, id: &str, stopped_by_policy: bool) -> Result<(), OrchestratorError> {
+        let counts = self.store.run_counts(id)?;
+        let first_failure = self
+            .store
+            .runs(id, Some(RunState::Failed), None, 1)?
+            .into_iter()
+            .next();
+        let verdict = results::judge(
+            &self.store.measured_runs(id)?,
+            &counts,
+            first_failure.as_ref(),
+        );
+        let (state, message) = if stopped_by_policy {
+            (
+                CampaignState::Failed,
+                format!(
+                    "stopped after a failed run (failure.on_failure = stop); {}",
+                    verdict.message
+                ),
+            )
+        } else if verdict.outcome == CampaignOutcome::NoResults {
+            (CampaignState::Failed, verdict.message)
+        } else {
+            (CampaignState::Succeeded, verdict.message)
+        };
+        self.store
+            .finish_campaign(id, state, verdict.outcome, &message)?;
         Ok(())
     }
 
@@ -329,6 +384,8 @@ impl Scheduler {
         self.reconcile_in_flight(&ctx, &backend).await?;
         let mut placed: Option<Placed> = None;
         let mut backoff = FIRST_BACKOFF;
+        // Refused tries to start the backend, per host, since it was last placed.
+        let mut refusals: HashMap<String, u32> = HashMap::new();
         let mut previous: Option<Run> = None;
         loop {
             if ctx.token.is_cancelled() {
@@ -350,14 +407,32 @@ impl Scheduler {
                         continue;
                     }
                 },
-                None => match self.place(&ctx, &backend).await {
+                None => match self.place(&ctx, &backend, &refusals).await {
                     Ok(placement) => {
                         backoff = FIRST_BACKOFF;
+                        refusals.clear();
                         self.mark_running(&ctx.id)?;
                         placement
                     }
-                    Err(reason) => {
-                        let message = format!("backend `{backend}` waits for a host: {reason}");
+                    Err(error) => {
+                        let message = match error {
+                            PlaceError::Waiting(reason) => {
+                                format!("backend `{backend}` waits for a host: {reason}")
+                            }
+                            PlaceError::Refused { host, reason } => {
+                                *refusals.entry(host).or_default() += 1;
+                                let tries: u32 = refusals.values().sum();
+                                let most = self.config.max_create_attempts.max(1);
+                                if tries >= most {
+                                    // Its runs fail rather than wait forever for a host.
+                                    self.fail_unstartable(&ctx, &backend, tries, &reason)?;
+                                    continue;
+                                }
+                                format!(
+                                    "backend `{backend}` was refused (try {tries} of {most}, scheduler.max_create_attempts): {reason}"
+                                )
+                            }
+                        };
                         self.store.set_campaign_message(&ctx.id, &message)?;
                         self.publish(&ctx.id, None, message);
                         tokio::select! {
@@ -662,16 +737,22 @@ impl Scheduler {
     }
 
     /// Reuses the backend's recorded placement if its workload still runs,
-    /// otherwise creates and starts it on the least-loaded host that fits.
-    async fn place(&self, ctx: &CampaignRun, backend_name: &str) -> Result<Placed, String> {
-        let backend = ctx
-            .plan
-            .backend(backend_name)
-            .ok_or_else(|| format!("backend `{backend_name}` is not in the manifest"))?;
+    /// otherwise creates and starts it on the least-loaded host that fits,
+    /// among those that refused it the fewest times (`refusals`).
+    async fn place(
+        &self,
+        ctx: &CampaignRun,
+        backend_name: &str,
+        refusals: &HashMap<String, u32>,
+    ) -> Result<Placed, PlaceError> {
+        let waiting = |error: crate::store::StoreError| PlaceError::Waiting(error.to_string());
+        let backend = ctx.plan.backend(backend_name).ok_or_else(|| {
+            PlaceError::Waiting(format!("backend `{backend_name}` is not in the manifest"))
+        })?;
         let recorded = self
             .store
             .placements(&ctx.id)
-            .map_err(|e| e.to_string())?
+            .map_err(waiting)?
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
@@ -680,14 +761,16 @@ impl Scheduler {
             }
             self.store
                 .clear_placement(&ctx.id, backend_name)
-                .map_err(|e| e.to_string())?;
+                .map_err(waiting)?;
         }
-        let host = self.choose_host(backend, ctx.plan.manifest.power.enabled)?;
+        let host = self
+            .choose_host(backend, ctx.plan.manifest.power.enabled, refusals)
+            .map_err(PlaceError::Waiting)?;
         let mut client = self
             .hosts
             .client(&host)
             .await
-            .map_err(|reason| format!("host `{host}`: {reason}"))?;
+            .map_err(|reason| PlaceError::Waiting(format!("host `{host}`: {reason}")))?;
         let name = backend_workload_name(&ctx.id, &backend.name, &host);
         let mut spec = workload_spec(&ctx.id, backend);
         let host_gpus = self.hosts.gpus(&host);
@@ -719,7 +802,7 @@ impl Scheduler {
         };
         if let Err(error) = self.store.set_placement(&ctx.id, &placement) {
             self.gpu_leases.unassign(&host, &assigned_gpus);
-            return Err(error.to_string());
+            return Err(waiting(error));
         }
         self.count_placed(&host);
         let gpus_note = if assigned_gpus.is_empty() {
@@ -748,7 +831,8 @@ impl Scheduler {
     }
 
     /// Creates (or finds, when an earlier attempt created it) and starts the
-    /// backend's workload.
+    /// backend's workload. A workload that does not start is removed, so a
+    /// refused start leaves nothing behind on the host.
     async fn create_backend(
         &self,
         client: &mut AgentClient,
@@ -756,7 +840,7 @@ impl Scheduler {
         backend: &Backend,
         name: String,
         spec: WorkloadSpec,
-    ) -> Result<berth_proto::agent::v1::Workload, String> {
+    ) -> Result<berth_proto::agent::v1::Workload, PlaceError> {
         let workload = match client
             .create_workload(CreateWorkloadRequest {
                 name: name.clone(),
@@ -768,28 +852,39 @@ impl Scheduler {
             Err(status) if status.code() == tonic::Code::AlreadyExists => client
                 .inspect_workload(WorkloadRef { id: name.clone() })
                 .await
-                .map_err(|s| format!("host `{host}`: {}", describe_status(&s)))?
+                .map_err(|s| {
+                    place_error(host, &s, format!("host `{host}`: {}", describe_status(&s)))
+                })?
                 .into_inner(),
             Err(status) => {
-                return Err(format!(
+                let reason = format!(
                     "host `{host}`: creating backend `{}`: {}",
                     backend.name,
                     describe_status(&status)
-                ));
+                );
+                return Err(place_error(host, &status, reason));
             }
         };
-        client
+        let started = client
             .start_workload(WorkloadRef {
                 id: workload.id.clone(),
             })
-            .await
-            .map_err(|s| {
-                format!(
-                    "host `{host}`: starting backend `{}`: {}",
-                    backend.name,
-                    describe_status(&s)
-                )
-            })?;
+            .await;
+        if let Err(status) = started {
+            let removal = RemoveWorkloadRequest {
+                id: workload.id.clone(),
+                force: true,
+            };
+            if let Err(removed) = client.remove_workload(removal).await {
+                tracing::warn!(host, backend = backend.name, workload = workload.id, status = %describe_status(&removed), "could not remove a backend that did not start");
+            }
+            let reason = format!(
+                "host `{host}`: starting backend `{}`: {}",
+                backend.name,
+                describe_status(&status)
+            );
+            return Err(place_error(host, &status, reason));
+        }
         Ok(workload)
     }
 
@@ -798,7 +893,7 @@ impl Scheduler {
         &self,
         backend: &Backend,
         recorded: &Placement,
-    ) -> Result<Option<Placed>, String> {
+    ) -> Result<Option<Placed>, PlaceError> {
         let Ok(mut client) = self.hosts.client(&recorded.host).await else {
             return Ok(None);
         };
@@ -816,11 +911,13 @@ impl Scheduler {
                         })
                         .await
                         .map_err(|s| {
-                            format!(
-                                "host `{}`: restarting backend: {}",
+                            let reason = format!(
+                                "host `{}`: restarting backend `{}`: {}",
                                 recorded.host,
+                                backend.name,
                                 describe_status(&s)
-                            )
+                            );
+                            place_error(&recorded.host, &s, reason)
                         })?;
                 }
                 self.gpu_leases
@@ -843,15 +940,21 @@ impl Scheduler {
                 }))
             }
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(format!(
-                "host `{}`: {}",
-                recorded.host,
-                describe_status(&status)
-            )),
+            Err(status) => {
+                let reason = format!("host `{}`: {}", recorded.host, describe_status(&status));
+                Err(place_error(&recorded.host, &status, reason))
+            }
         }
     }
 
-    fn choose_host(&self, backend: &Backend, needs_power: bool) -> Result<String, String> {
+    /// The ready host that fits the backend, has refused it the fewest
+    /// times, and has the fewest backends placed; or why there is none.
+    fn choose_host(
+        &self,
+        backend: &Backend,
+        needs_power: bool,
+        refusals: &HashMap<String, u32>,
+    ) -> Result<String, String> {
         let views = self.hosts.views();
         if views.is_empty() {
             return Err("no hosts are registered (RegisterHost)".into());
@@ -883,7 +986,12 @@ impl Scheduler {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         fitting
             .into_iter()
-            .min_by_key(|h| load.get(h).copied().unwrap_or(0))
+            .min_by_key(|h| {
+                (
+                    refusals.get(h).copied().unwrap_or(0),
+                    load.get(h).copied().unwrap_or(0),
+                )
+            })
             .ok_or_else(|| reasons.join("; "))
     }
 
@@ -1389,6 +1497,34 @@ impl Scheduler {
             );
         } else {
             self.give_up(ctx, run, from, update)?;
+        }
+        Ok(())
+    }
+
+    /// The backend's workload was refused `tries` times, the most
+    /// `scheduler.max_create_attempts` allows: its pending runs fail with the
+    /// agent's reason (until the failure policy stops the campaign, which
+    /// then cancels the rest).
+    fn fail_unstartable(
+        &self,
+        ctx: &CampaignRun,
+        backend: &str,
+        tries: u32,
+        reason: &str,
+    ) -> Result<(), OrchestratorError> {
+        tracing::warn!(campaign = %ctx.id, backend, tries, reason, "backend cannot be started; its runs fail");
+        let error = format!(
+            "backend `{backend}` could not be started ({tries} tries refused, the most scheduler.max_create_attempts allows): {reason}"
+        );
+        while !ctx.token.is_cancelled() {
+            let Some(run) = self.store.next_pending_run(&ctx.id, backend)? else {
+                break;
+            };
+            let update = RunUpdate {
+                error: Some(error.clone()),
+                ..Default::default()
+            };
+            self.give_up(ctx, &run, RunState::Pending, update)?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::HostRegistry;
-use crate::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::manifest::{self, ManifestLimits};
 use crate::placement;
 use crate::results;
 use crate::scheduler::Scheduler;
@@ -28,6 +28,7 @@ pub struct OrchestratorService {
     pub(crate) events: Arc<CampaignEvents>,
     pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) manifest_limits: ManifestLimits,
 }
 
 fn page_token<T: std::str::FromStr>(token: &str) -> Result<Option<T>, OrchestratorError> {
@@ -114,23 +115,13 @@ impl Orchestrator for OrchestratorService {
         request: Request<SubmitCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
         let request = request.into_inner();
-        if request.manifest_yaml.len() > MAX_MANIFEST_BYTES {
-            return Err(OrchestratorError::InvalidArgument {
-                field: "manifest_yaml",
-                reason: format!(
-                    "is {} bytes; at most {MAX_MANIFEST_BYTES}",
-                    request.manifest_yaml.len()
-                ),
-            }
-            .into());
-        }
         let source = if request.source_name.is_empty() {
             "manifest"
         } else {
             request.source_name.as_str()
         };
-        let plan =
-            manifest::plan(source, &request.manifest_yaml).map_err(OrchestratorError::from)?;
+        let plan = manifest::plan_within(source, &request.manifest_yaml, &self.manifest_limits)
+            .map_err(OrchestratorError::from)?;
         placement::check_placeable(&plan, &self.hosts.views())?;
         let total = plan.runs.len() as u64;
         if request.validate_only {
@@ -298,7 +289,8 @@ impl Orchestrator for OrchestratorService {
         let id = request.into_inner().id;
         let campaign = self.scheduler.snapshot(&id)?;
         let plan =
-            manifest::plan("manifest", &campaign.manifest_yaml).map_err(OrchestratorError::from)?;
+            manifest::plan_within("manifest", &campaign.manifest_yaml, &self.manifest_limits)
+                .map_err(OrchestratorError::from)?;
         let mut runs = Vec::new();
         let mut after = None;
         loop {

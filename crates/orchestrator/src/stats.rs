@@ -1,5 +1,7 @@
 //! Summary statistics over cycles: mean, sample standard deviation and the
-//! half-width of the two-sided 95% confidence interval (Student's t).
+//! half-width of the two-sided 95% confidence interval (Student's t). One
+//! value has no spread to speak of: its deviation and interval are
+//! undefined, and absent rather than a 0 that would read as certainty.
 
 use berth_proto::common::v1::MetricSummary;
 
@@ -22,25 +24,22 @@ fn t_critical(df: usize) -> f64 {
     }
 }
 
-/// Mean and sample standard deviation (n - 1); the deviation is 0 below 2 values.
-fn mean_and_std_dev(values: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation (n - 1); no deviation below 2 values.
+fn mean_and_std_dev(values: &[f64]) -> (f64, Option<f64>) {
     let n = values.len();
     let mean = values.iter().sum::<f64>() / n as f64;
     if n < 2 {
-        return (mean, 0.0);
+        return (mean, None);
     }
     let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    (mean, variance.sqrt())
+    (mean, Some(variance.sqrt()))
 }
 
 /// Sample standard deviation over the absolute mean; `None` below 2 values
 /// or when the mean is 0 (the ratio means nothing there).
 pub fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
-    if values.len() < 2 {
-        return None;
-    }
     let (mean, std_dev) = mean_and_std_dev(values);
-    (mean != 0.0).then(|| std_dev / mean.abs())
+    std_dev.filter(|_| mean != 0.0).map(|sd| sd / mean.abs())
 }
 
 pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
@@ -52,17 +51,12 @@ pub fn summarize(name: &str, values: &[f64]) -> MetricSummary {
         };
     }
     let (mean, std_dev) = mean_and_std_dev(values);
-    let ci = if n >= 2 {
-        t_critical(n - 1) * std_dev / (n as f64).sqrt()
-    } else {
-        0.0
-    };
     MetricSummary {
         name: name.to_string(),
         n: n as u64,
         mean,
         std_dev,
-        ci95_half_width: ci,
+        ci95_half_width: std_dev.map(|sd| t_critical(n - 1) * sd / (n as f64).sqrt()),
         min: values.iter().copied().fold(f64::INFINITY, f64::min),
         max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     }
@@ -78,8 +72,9 @@ mod tests {
         let s = summarize("x", &[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
         assert_eq!(s.n, 8);
         assert!((s.mean - 5.0).abs() < 1e-12);
-        assert!((s.std_dev - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
-        assert!((s.ci95_half_width - 2.365 * s.std_dev / 8f64.sqrt()).abs() < 1e-12);
+        let std_dev = s.std_dev.unwrap();
+        assert!((std_dev - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        assert!((s.ci95_half_width.unwrap() - 2.365 * std_dev / 8f64.sqrt()).abs() < 1e-12);
         assert_eq!((s.min, s.max), (2.0, 9.0));
     }
 
@@ -94,9 +89,14 @@ mod tests {
     }
 
     #[test]
-    fn single_value_has_no_spread_and_large_df_approaches_normal() {
+    fn single_value_has_no_interval_and_large_df_approaches_normal() {
+        // Undefined, not 0: a 0 would read as a value known exactly.
         let s = summarize("x", &[3.0]);
-        assert_eq!((s.n, s.std_dev, s.ci95_half_width), (1, 0.0, 0.0));
+        assert_eq!((s.n, s.mean), (1, 3.0));
+        assert_eq!((s.std_dev, s.ci95_half_width), (None, None));
+        // Two equal values: a spread of 0 is measured, and so is the interval.
+        let s = summarize("x", &[3.0, 3.0]);
+        assert_eq!((s.std_dev, s.ci95_half_width), (Some(0.0), Some(0.0)));
         assert!((t_critical(1000) - 1.962).abs() < 0.002);
         assert!(t_critical(31) < t_critical(30));
     }

@@ -1,7 +1,7 @@
 //! A stopped session's series as a file: CSV (one header line, one sample
-//! per line) or Parquet (one row group, uncompressed), with the same columns.
+//! per line, every field quoted) or Parquet (one row group, uncompressed),
+//! with the same columns.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -51,35 +51,34 @@ fn unix_nanos(row: &SampleRow<'_>) -> i64 {
         .unwrap_or_default()
 }
 
-/// CSV with RFC 3339 times (nanoseconds, UTC).
-pub fn csv(series: &SeriesView<'_>) -> Vec<u8> {
-    fn cell<T: std::fmt::Display>(out: &mut String, value: Option<T>) {
-        out.push(',');
-        if let Some(value) = value {
-            let _ = write!(out, "{value}");
-        }
+/// CSV with RFC 3339 times (nanoseconds, UTC), every field quoted.
+pub fn csv(series: &SeriesView<'_>) -> Result<Vec<u8>, csv::Error> {
+    fn cell<T: ToString>(value: Option<T>) -> String {
+        value.map(|v| v.to_string()).unwrap_or_default()
     }
-    let mut out = COLUMNS.join(",");
-    out.push('\n');
+    let mut writer = csv::WriterBuilder::new()
+        .quote_style(csv::QuoteStyle::Always)
+        .from_writer(Vec::new());
+    writer.write_record(COLUMNS)?;
     for row in series.rows(None, 0) {
         let r = row.reading;
-        let _ = write!(
-            out,
-            "{},{},{}",
-            row.device,
-            humantime::format_rfc3339_nanos(row.time),
-            row.elapsed.as_secs_f64()
-        );
-        cell(&mut out, r.power_w);
-        cell(&mut out, r.power_avg_w);
-        cell(&mut out, r.energy_j);
-        cell(&mut out, r.utilization_pct);
-        cell(&mut out, r.memory_used_bytes);
-        cell(&mut out, r.temperature_c);
-        cell(&mut out, r.sm_clock_mhz);
-        let _ = writeln!(out, ",{}", row.replay);
+        writer.write_record([
+            row.device.to_string(),
+            humantime::format_rfc3339_nanos(row.time).to_string(),
+            row.elapsed.as_secs_f64().to_string(),
+            cell(r.power_w),
+            cell(r.power_avg_w),
+            cell(r.energy_j),
+            cell(r.utilization_pct),
+            cell(r.memory_used_bytes),
+            cell(r.temperature_c),
+            cell(r.sm_clock_mhz),
+            row.replay.to_string(),
+        ])?;
     }
-    out.into_bytes()
+    writer
+        .into_inner()
+        .map_err(|error| csv::Error::from(error.into_error()))
 }
 
 /// Writes a column with no nulls.
@@ -214,11 +213,18 @@ mod tests {
     #[test]
     fn csv_has_a_header_and_empty_cells_for_missing_readings() {
         let points = points();
-        let text = String::from_utf8(csv(&view(&points, Clock::start()))).unwrap();
+        let bytes = csv(&view(&points, Clock::start())).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert_eq!(lines[0], COLUMNS.join(","));
-        let full: Vec<&str> = lines[1].split(',').collect();
+        assert!(
+            lines.iter().all(|l| l.starts_with('"') && l.ends_with('"')),
+            "every field quoted:\n{text}"
+        );
+        let mut reader = csv::Reader::from_reader(bytes.as_slice());
+        assert_eq!(reader.headers().unwrap(), COLUMNS.as_slice());
+        let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        let full: Vec<&str> = records[0].iter().collect();
         assert_eq!(full[0], "replay:gpu0");
         assert!(full[1].ends_with('Z'), "{}", full[1]);
         assert_eq!(
@@ -235,7 +241,7 @@ mod tests {
                 "true"
             ]
         );
-        let sparse: Vec<&str> = lines[2].split(',').collect();
+        let sparse: Vec<&str> = records[1].iter().collect();
         assert_eq!(
             &sparse[2..],
             ["0.02", "", "", "42", "", "", "", "", "false"]

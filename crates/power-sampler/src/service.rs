@@ -533,7 +533,7 @@ impl PowerSamplerService {
                 pb::ExportFormat::Parquet => {
                     export::parquet(&view).map_err(|e| PowerError::Export(e.to_string()))
                 }
-                _ => Ok(export::csv(&view)),
+                _ => export::csv(&view).map_err(|e| PowerError::Export(e.to_string())),
             }
         })
         .await

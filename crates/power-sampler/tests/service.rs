@@ -46,9 +46,49 @@ fn trace() -> String {
 }
 
 async fn harness(max_sessions: usize) -> Harness {
+    harness_with_trace(max_sessions, "constant", &trace()).await
+}
+
+/// gpu0's power rises from RAMP_START_W by RAMP_W_PER_S, a row every
+/// RAMP_ROW_S, with its exact integral as the counter, for 200 s (the trace
+/// plays from the service's start, parsing included: it must not loop
+/// during a test, even a slow one).
+const RAMP_START_W: f64 = 100.0;
+const RAMP_W_PER_S: f64 = 1000.0;
+const RAMP_ROW_S: f64 = 0.01;
+
+fn ramp_power(t: f64) -> f64 {
+    RAMP_START_W + RAMP_W_PER_S * t
+}
+
+/// The ramp's energy from trace time `from` to `to`, integrated by hand.
+fn ramp_energy(from: f64, to: f64) -> f64 {
+    RAMP_START_W * (to - from) + RAMP_W_PER_S * (to * to - from * from) / 2.0
+}
+
+/// The trace time of a ramp reading (to the row).
+fn ramp_time(power_w: f64) -> f64 {
+    (power_w - RAMP_START_W) / RAMP_W_PER_S
+}
+
+fn ramp_trace() -> String {
+    let mut text = String::from("time_s,device,power_w,energy_j\n");
+    for row in 0..=20_000 {
+        let t = f64::from(row) * RAMP_ROW_S;
+        text.push_str(&format!(
+            "{t},gpu0,{},{}\n",
+            ramp_power(t),
+            ramp_energy(0.0, t)
+        ));
+    }
+    text
+}
+
+/// A service whose replay source `name` plays `trace`.
+async fn harness_with_trace(max_sessions: usize, name: &str, trace: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let trace_path = dir.path().join("constant.csv");
-    std::fs::write(&trace_path, trace()).unwrap();
+    let trace_path = dir.path().join(format!("{name}.csv"));
+    std::fs::write(&trace_path, trace).unwrap();
     let powercap = dir.path().join("powercap");
     std::fs::create_dir(&powercap).unwrap();
     let tree = FakePowercap::create(
@@ -270,12 +310,6 @@ async fn replay_session_summary_series_and_exports() {
     assert_close(gpu0.peak_w, GPU0_W, 0.0, "peak");
     assert!(gpu0.coverage > 0.0 && gpu0.coverage <= 1.0);
     assert!(span <= seconds(summary.duration));
-    assert_close(
-        gpu0.achieved_rate_hz,
-        (gpu0.samples - 1) as f64 / span,
-        1e-9,
-        "rate",
-    );
 
     let gpu1 = device(&summary, "replay:gpu1");
     assert_eq!(gpu1.energy_counter_j, None);
@@ -314,6 +348,15 @@ async fn replay_session_summary_series_and_exports() {
     let elapsed: Vec<f64> = samples.iter().map(|s| seconds(s.elapsed)).collect();
     assert!(elapsed.windows(2).all(|w| w[0] < w[1]), "monotonic");
     assert_close(elapsed[elapsed.len() - 1] - elapsed[0], span, 1e-9, "span");
+    // The rate achieved, counted here: the samples stored and the time from
+    // the first to the last. The schedule never runs ahead of the 200 Hz
+    // asked (a late first read can make it look a period faster).
+    let counted_rate = (samples.len() - 1) as f64 / (elapsed[elapsed.len() - 1] - elapsed[0]);
+    assert_close(gpu0.achieved_rate_hz, counted_rate, 1e-6, "rate");
+    assert!(
+        counted_rate <= 200.0 * (1.0 + 1.0 / (samples.len() as f64 - 2.0).max(1.0)) + 1e-9,
+        "{counted_rate} Hz from a 200 Hz schedule"
+    );
     let changes = samples
         .windows(2)
         .filter(|w| w[0].energy_j != w[1].energy_j)
@@ -333,7 +376,10 @@ async fn replay_session_summary_series_and_exports() {
     let csv = export(&mut h.client, &session.id, ExportFormat::Csv).await;
     let text = String::from_utf8(csv).unwrap();
     assert_eq!(text.lines().count(), total + 1);
-    assert!(text.starts_with("device,time,elapsed_s,power_w"));
+    assert!(
+        text.starts_with(r#""device","time","elapsed_s","power_w""#),
+        "{text}"
+    );
     let parquet = export(&mut h.client, &session.id, ExportFormat::Parquet).await;
     let reader = SerializedFileReader::new(bytes::Bytes::from(parquet)).unwrap();
     assert_eq!(reader.metadata().file_metadata().num_rows() as usize, total);
@@ -362,28 +408,63 @@ async fn export(
 
 #[tokio::test]
 async fn idle_baseline_is_measured_first_and_subtracted() {
-    let mut h = harness(16).await;
+    // gpu0 on a rising ramp: the baseline, measured first, is lower than
+    // any power of the window after it, so the net energy is positive and
+    // known from the trace alone.
+    let mut h = harness_with_trace(16, "ramp", &ramp_trace()).await;
     let mut request = start(&["replay:gpu0"], 100.0);
     request.idle_baseline = Some(prost_types::Duration {
         seconds: 0,
         nanos: 200_000_000,
     });
+    let asked = std::time::Instant::now();
     let session = h.client.start_session(request).await.unwrap().into_inner();
+    // The baseline began after the call was made and ended before it
+    // returned.
+    let call = asked.elapsed().as_secs_f64();
     assert_eq!(seconds(session.idle_baseline), 0.2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let summary = stop(&mut h.client, &session.id).await;
     let gpu0 = device(&summary, "replay:gpu0");
-    // The trace is as busy before the run as during it. The baseline's
-    // counter may be a row off at each end of a window of at least 0.1 s.
+    let series = h
+        .client
+        .get_series(GetSeriesRequest {
+            session_id: session.id.clone(),
+            device: "replay:gpu0".into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .samples;
+    assert_eq!(series.len() as u64, gpu0.samples);
+    // Where in the trace the window was, read from the powers it saw.
+    let first = ramp_time(series[0].power_w.unwrap());
+    let last = ramp_time(series[series.len() - 1].power_w.unwrap());
+    let window = last - first;
+    assert!(window > 0.1, "{window}");
+    let energy = ramp_energy(first, last);
+    assert_close(gpu0.energy_counter_j.unwrap(), energy, 1e-6, "counter");
+    // The baseline lay in the trace between (first sample - call - one
+    // sampling period) and the first sample: its mean power between the
+    // ramp's powers there, a row either way.
+    let row = RAMP_W_PER_S * RAMP_ROW_S;
     let baseline_w = gpu0.idle_baseline_w.unwrap();
-    assert_close(
-        baseline_w,
-        GPU0_W,
-        2.0 * GPU0_W * ROW_PERIOD_S / 0.1,
-        "baseline",
+    let (lowest, highest) = (
+        ramp_power(first - call - 0.01) - row,
+        ramp_power(first) + row,
     );
-    let expected_net = gpu0.energy_counter_j.unwrap() - baseline_w * seconds(gpu0.span);
-    assert_close(gpu0.energy_net_j.unwrap(), expected_net, 1e-9, "net");
+    assert!(
+        (lowest..=highest).contains(&baseline_w),
+        "baseline {baseline_w} W outside {lowest}..{highest} W"
+    );
+    let net = gpu0.energy_net_j.unwrap();
+    let (least, most) = (energy - highest * window, energy - lowest * window);
+    assert!(
+        least > 0.0 && (least..=most).contains(&net),
+        "net {net} J outside {least}..{most} J (window {window} s, energy {energy} J)"
+    );
     h.running.stop().await.unwrap();
 }
 

@@ -8,7 +8,7 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignState, Run, RunCounts, RunPowerSample, RunState,
+    Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunPowerSample, RunState,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +74,16 @@ pub struct PowerSeries {
     pub truncated: bool,
 }
 
+/// The measured (non-warmup) runs of one (config, backend) and how many of
+/// them succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasuredRuns {
+    pub config: String,
+    pub backend: String,
+    pub runs: u64,
+    pub succeeded: u64,
+}
+
 /// A stored power sample and its position in the run's series, the cursor
 /// of the next page.
 pub type StoredPowerSample = (u64, RunPowerSample);
@@ -95,7 +105,17 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<(i64, Campaign)>>;
     /// Campaigns that are pending or running (to resume after a restart).
     fn unfinished_campaigns(&self) -> StoreResult<Vec<Campaign>>;
+    /// Sets the state and message; the outcome is cleared (a campaign that
+    /// is not ending, or is cancelled, has none).
     fn set_campaign_state(&self, id: &str, state: CampaignState, message: &str) -> StoreResult<()>;
+    /// Ends a campaign whose runs were judged: state, outcome and message at once.
+    fn finish_campaign(
+        &self,
+        id: &str,
+        state: CampaignState,
+        outcome: CampaignOutcome,
+        message: &str,
+    ) -> StoreResult<()>;
     fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()>;
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts>;
     /// Runs by sequence after `after_sequence`, optionally of one state.
@@ -107,6 +127,9 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> StoreResult<Vec<Run>>;
     fn run(&self, id: &str) -> StoreResult<Option<Run>>;
+    /// Per (config, backend), in the order of their first run: the measured
+    /// runs and how many succeeded.
+    fn measured_runs(&self, campaign_id: &str) -> StoreResult<Vec<MeasuredRuns>>;
     /// The warmup runs of one (config, backend), by sequence.
     fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>>;
     /// Removes the pending warmup runs of one (config, backend) that a

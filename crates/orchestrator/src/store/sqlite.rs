@@ -5,13 +5,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignState, Run, RunCounts, RunEnergy, RunPowerSample, RunState,
+    Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunEnergy, RunPowerSample, RunState,
 };
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    HostRecord, Placement, PowerSeries, RunUpdate, Store, StoreError, StoreResult,
+    HostRecord, MeasuredRuns, Placement, PowerSeries, RunUpdate, Store, StoreError, StoreResult,
     StoredPowerSample,
 };
 
@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     manifest TEXT NOT NULL,
     source_name TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
-    finished_ms INTEGER
+    finished_ms INTEGER,
+    outcome INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -133,6 +134,12 @@ impl SqliteStore {
         }
         schema.commit()?;
         // Columns added after the first release of the schema.
+        add_column_if_missing(
+            &connection,
+            "campaigns",
+            "outcome",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
         add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
         add_column_if_missing(&connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
         add_column_if_missing(
@@ -310,7 +317,7 @@ fn power_sample_row(row: &Row<'_>) -> rusqlite::Result<StoredPowerSample> {
 }
 
 const CAMPAIGN_COLUMNS: &str =
-    "seq, id, name, state, status_message, manifest, created_ms, finished_ms";
+    "seq, id, name, state, status_message, manifest, created_ms, finished_ms, outcome";
 
 fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
     Ok((
@@ -323,6 +330,7 @@ fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
             manifest_yaml: row.get(5)?,
             created_at: timestamp(row.get(6)?),
             finished_at: timestamp(row.get(7)?),
+            outcome: row.get(8)?,
             runs: None,
         },
     ))
@@ -459,8 +467,28 @@ impl Store for SqliteStore {
     fn set_campaign_state(&self, id: &str, state: CampaignState, message: &str) -> StoreResult<()> {
         let finished = super::campaign_is_terminal(state).then(now_ms);
         self.db().execute(
-            "UPDATE campaigns SET state = ?2, status_message = ?3, finished_ms = ?4 WHERE id = ?1",
-            params![id, state as i32, message, finished],
+            "UPDATE campaigns SET state = ?2, status_message = ?3, finished_ms = ?4, outcome = ?5 WHERE id = ?1",
+            params![
+                id,
+                state as i32,
+                message,
+                finished,
+                CampaignOutcome::Unspecified as i32
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn finish_campaign(
+        &self,
+        id: &str,
+        state: CampaignState,
+        outcome: CampaignOutcome,
+        message: &str,
+    ) -> StoreResult<()> {
+        self.db().execute(
+            "UPDATE campaigns SET state = ?2, status_message = ?3, finished_ms = ?4, outcome = ?5 WHERE id = ?1",
+            params![id, state as i32, message, now_ms(), outcome as i32],
         )?;
         Ok(())
     }
@@ -521,6 +549,24 @@ impl Store for SqliteStore {
         let db = self.db();
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
         Ok(db.query_row(&sql, [id], run_row).optional()?)
+    }
+
+    fn measured_runs(&self, campaign_id: &str) -> StoreResult<Vec<MeasuredRuns>> {
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT config, backend, COUNT(*), SUM(state = ?2) FROM runs \
+             WHERE campaign_id = ?1 AND warmup = 0 GROUP BY config, backend ORDER BY MIN(sequence)",
+        )?;
+        let rows =
+            statement.query_map(params![campaign_id, RunState::Succeeded as i32], |row| {
+                Ok(MeasuredRuns {
+                    config: row.get(0)?,
+                    backend: row.get(1)?,
+                    runs: row.get(2)?,
+                    succeeded: row.get(3)?,
+                })
+            })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>> {
@@ -875,6 +921,67 @@ mod tests {
             .unwrap();
         drop(store);
         expect(&SqliteStore::open(&dir.path().join("state.db")).unwrap());
+    }
+
+    #[test]
+    fn measured_runs_are_counted_per_pair_and_the_outcome_kept_until_cleared() {
+        let (_dir, store) = store();
+        let at = |id: &str, sequence, config: &str, warmup| Run {
+            config: config.into(),
+            warmup,
+            ..run(id, sequence)
+        };
+        store
+            .insert_campaign(
+                &campaign("c1"),
+                "m",
+                &[
+                    at("w", 0, "x", true),
+                    at("x1", 1, "x", false),
+                    at("y1", 2, "y", false),
+                    at("x2", 3, "x", false),
+                ],
+            )
+            .unwrap();
+        for id in ["w", "x1"] {
+            moved(&store, id, Pending, Succeeded, &RunUpdate::default());
+        }
+        moved(
+            &store,
+            "y1",
+            Pending,
+            RunState::Failed,
+            &RunUpdate::default(),
+        );
+        let pair = |config: &str, runs, succeeded| MeasuredRuns {
+            config: config.into(),
+            backend: "b".into(),
+            runs,
+            succeeded,
+        };
+        // The warmup run is not measured.
+        assert_eq!(
+            store.measured_runs("c1").unwrap(),
+            [pair("x", 2, 1), pair("y", 1, 0)]
+        );
+
+        store
+            .finish_campaign(
+                "c1",
+                CampaignState::Failed,
+                CampaignOutcome::NoResults,
+                "nothing",
+            )
+            .unwrap();
+        let ended = store.campaign("c1").unwrap().unwrap();
+        assert_eq!(ended.outcome, CampaignOutcome::NoResults as i32);
+        assert!(ended.finished_at.is_some());
+        // Resumed: no outcome until it ends again.
+        store
+            .set_campaign_state("c1", CampaignState::Pending, "resumed")
+            .unwrap();
+        let resumed = store.campaign("c1").unwrap().unwrap();
+        assert_eq!(resumed.outcome, CampaignOutcome::Unspecified as i32);
     }
 
     fn series(devices: &[&str], per_device: u64) -> PowerSeries {

@@ -85,6 +85,13 @@ pub enum SourceError {
     },
     #[error("{}: {reason}", path.display())]
     Parse { path: PathBuf, reason: String },
+    /// A replay trace that cannot be read, at `file:line`.
+    #[error("{}:{line}: {reason}", path.display())]
+    Trace {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
     #[error("{0}")]
     Missing(String),
 }

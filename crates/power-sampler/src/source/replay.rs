@@ -1,8 +1,9 @@
 //! A recorded trace played back as devices, for CI and demos. Never real
 //! hardware: every answer about these devices says `replay`.
 //!
-//! The trace is CSV with a header naming its columns; `time_s` and `device`
-//! are required, the others optional and may be left empty in a row:
+//! The trace is CSV (fields may be quoted) with a header naming its columns;
+//! `time_s` and `device` are required, the others optional and may be left
+//! empty in a row; an error names the trace's `file:line`:
 //!
 //! ```text
 //! # lines starting with '#' are comments
@@ -84,20 +85,36 @@ impl ReplaySource {
 
     /// Parses a trace; `path` names it in errors and in device names.
     pub fn parse(path: &Path, text: &str) -> Result<Self, SourceError> {
-        let error = |line: usize, reason: String| SourceError::Parse {
+        let error = |line: u64, reason: String| SourceError::Trace {
             path: path.to_path_buf(),
-            reason: format!("line {line}: {reason}"),
+            line,
+            reason,
         };
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, line)| (i + 1, line.trim()))
-            .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'));
-        let (header_line, header) = lines
+        // Rows of the wrong length are reported below with both lengths.
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .comment(Some(b'#'))
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .from_reader(text.as_bytes());
+        let lines: Vec<&str> = text.split('\n').collect();
+        let line_at = |position: Option<&csv::Position>| line_number(&lines, position);
+        let line_of = |record: &csv::StringRecord| line_at(record.position());
+        let mut records = reader
+            .records()
+            .map(|record| record.map_err(|e| error(line_at(e.position()), e.to_string())))
+            // Neither a line of blanks nor an indented comment is a row.
+            .filter(|record| {
+                !record.as_ref().is_ok_and(|r| {
+                    r.iter().all(str::is_empty) || r.get(0).is_some_and(|f| f.starts_with('#'))
+                })
+            });
+        let header = records
             .next()
-            .ok_or_else(|| error(1, "empty trace: no header".into()))?;
+            .ok_or_else(|| error(1, "empty trace: no header".into()))??;
+        let header_line = line_of(&header);
         let mut columns = Vec::new();
-        for name in header.split(',').map(str::trim) {
+        for name in &header {
             let column = COLUMNS.iter().position(|c| *c == name).ok_or_else(|| {
                 error(
                     header_line,
@@ -118,18 +135,19 @@ impl ReplaySource {
         // Devices in order of first appearance, with their rows.
         let mut traces: Vec<(String, Trace)> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
-        for (number, line) in lines {
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != columns.len() {
+        for record in records {
+            let record = record?;
+            let number = line_of(&record);
+            if record.len() != columns.len() {
                 return Err(error(
                     number,
-                    format!("{} cells, the header has {}", cells.len(), columns.len()),
+                    format!("{} cells, the header has {}", record.len(), columns.len()),
                 ));
             }
             let mut time_ns = 0;
             let mut device = "";
             let mut reading = Reading::default();
-            for (&column, &cell) in columns.iter().zip(&cells) {
+            for (&column, cell) in columns.iter().zip(&record) {
                 let bad = |what: &str| {
                     error(
                         number,
@@ -233,6 +251,34 @@ impl ReplaySource {
     }
 }
 
+/// The line (from 1) where the record read from `position` starts. The
+/// reader gives the position where it began to read the record, before the
+/// empty and comment lines it skipped (and does not count comment lines in
+/// its own line numbers), so the record starts at the first other line from
+/// there.
+fn line_number(lines: &[&str], position: Option<&csv::Position>) -> u64 {
+    let Some(position) = position else {
+        return 0;
+    };
+    let mut byte = 0;
+    let mut first = lines.len().saturating_sub(1);
+    for (index, line) in lines.iter().enumerate() {
+        if byte + line.len() as u64 >= position.byte() {
+            first = index;
+            break;
+        }
+        byte += line.len() as u64 + 1;
+    }
+    let skipped = |line: &str| {
+        let line = line.trim_end_matches('\r');
+        line.is_empty() || line.starts_with('#')
+    };
+    let start = (first..lines.len())
+        .find(|&index| !skipped(lines[index]))
+        .unwrap_or(first);
+    start as u64 + 1
+}
+
 impl Source for ReplaySource {
     fn kind(&self) -> SourceKind {
         SourceKind::Replay
@@ -300,11 +346,11 @@ time_s,device,power_w,energy_j,temperature_c
             ("device,power_w\n", "lacks `time_s`"),
             (
                 "time_s,device\n0,gpu0\n0,gpu0\n",
-                "line 3: time_s goes backwards",
+                "test.csv:3: time_s goes backwards",
             ),
             (
                 "time_s,device,power_w\n0,gpu0,hot\n",
-                "line 2: power_w: `hot` is not a number",
+                "test.csv:2: power_w: `hot` is not a number",
             ),
             (
                 "time_s,device,power_w\n0,gpu 0,1\n",
@@ -312,7 +358,7 @@ time_s,device,power_w,energy_j,temperature_c
             ),
             (
                 "time_s,device,power_w\n0,gpu0\n",
-                "line 2: 2 cells, the header has 3",
+                "test.csv:2: 2 cells, the header has 3",
             ),
             ("time_s,device\n", "no rows"),
             ("", "empty trace"),
@@ -324,5 +370,44 @@ time_s,device,power_w,energy_j,temperature_c
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_quoted_trace_reads_like_a_plain_one_and_errors_name_file_and_line() {
+        // As a CSV writer that quotes every field (berth's exports) writes it.
+        let quoted = "\
+  # quoted, with a blank line and comments (one indented) between rows
+\"time_s\",\"device\",\"power_w\",\"energy_j\",\"temperature_c\"
+\"0.00\",\"gpu0\",\"100\",\"50\",\"30\"
+\"0.00\",\"cpu\",\"\",\"7\",\"\"
+
+# the GPU again
+\"0.01\",\"gpu0\",\"110\",\"51.05\",\"31\"
+\"0.02\",\"gpu0\",\"120\",\"52.2\",\"32\"
+\"0.02\",\"cpu\",\"\",\"8\",\"\"
+";
+        let (quoted, plain) = (parse(quoted).unwrap(), parse(TRACE).unwrap());
+        assert_eq!(
+            quoted.devices().iter().map(|d| &d.id).collect::<Vec<_>>(),
+            plain.devices().iter().map(|d| &d.id).collect::<Vec<_>>()
+        );
+        for device in 0..2 {
+            for ms in [0, 5, 10, 25, 45] {
+                let at = Duration::from_millis(ms);
+                assert_eq!(
+                    format!("{:?}", quoted.reading_at(device, at)),
+                    format!("{:?}", plain.reading_at(device, at)),
+                    "device {device} at {ms} ms"
+                );
+            }
+        }
+
+        // Line 6 of the file, counting the comment and the blank line.
+        let bad = "# c\ntime_s,device,power_w\n0,gpu0,1\n\n# c\n\"0.5\",\"gpu0\",\"1,5\"\n";
+        let error = parse(bad)
+            .err()
+            .expect("a comma is no decimal point")
+            .to_string();
+        assert_eq!(error, "test.csv:6: power_w: `1,5` is not a number");
     }
 }
