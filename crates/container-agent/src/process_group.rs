@@ -271,15 +271,48 @@ mod tests {
 
     #[tokio::test]
     async fn timeout_kills_the_whole_group() {
-        let marker = tempfile::NamedTempFile::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let marker = dir.path().join("marker");
+        // A background child that outlives the timeout, were it left alive:
+        // it writes the marker 1.5 s after it starts. The leader waits for it
+        // to have started, then sleeps past the 600 ms timeout.
         let script = format!(
-            "(sleep 30; echo leaked > {}) & sleep 30",
-            marker.path().display()
+            "sh -c 'echo $$ > {pid}; sleep 1.5; echo leaked > {marker}' & \
+             while [ ! -s {pid} ]; do sleep 0.01; done; sleep 30",
+            pid = pid_file.display(),
+            marker = marker.display(),
         );
-        let rx = run_streaming(&sh(&script), Some(Duration::from_millis(200)), permit()).unwrap();
+        let started = Instant::now();
+        let rx = run_streaming(&sh(&script), Some(Duration::from_millis(600)), permit()).unwrap();
         let (_, _, exit) = collect(rx).await;
         assert_eq!(exit.reason, ExitReason::TimedOut as i32);
         assert_eq!(exit.exit_code, 128 + 9);
+        let background: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the background child started before the timeout")
+            .trim()
+            .parse()
+            .unwrap();
+        // Dead (or a zombie its new parent has yet to reap), not sleeping.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{background}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive() {
+            assert!(
+                Instant::now() < deadline,
+                "the background child {background} outlived the timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Past the time it would have written the marker: nothing written.
+        let written_by = started + Duration::from_millis(2500);
+        tokio::time::sleep(written_by.saturating_duration_since(Instant::now())).await;
+        assert!(
+            !marker.exists(),
+            "the background child wrote its marker after the timeout: it was not killed"
+        );
     }
 
     #[tokio::test]

@@ -557,8 +557,7 @@ async fn a_real_vm_boots_and_stops() {
     // An empty disk: the firmware finds nothing to boot and waits, which is
     // enough to see qemu run under KVM; it ignores the ACPI power button, so
     // the stop ends in destroy.
-    let Some((mut agent, base)) =
-        with_base_image(Agent::start(test, dir, &uri, |_| {}).await)
+    let Some((mut agent, base)) = with_base_image(Agent::start(test, dir, &uri, |_| {}).await)
     else {
         return;
     };

@@ -32,6 +32,19 @@ use crate::config::BatchingConfig;
 use crate::metrics::ModelMetrics;
 use crate::model::{Pooled, Session};
 
+/// What a session thread runs: the model's [`Session`] (or, in tests, a
+/// fake that records the batches it is given).
+pub trait Engine: Send + 'static {
+    /// Embeds `texts` (in their order) without normalising.
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error>;
+}
+
+impl Engine for Session {
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error> {
+        Session::embed(self, texts)
+    }
+}
+
 /// The queue and sessions of one model.
 pub struct Batcher {
     shared: Arc<Shared>,
@@ -67,7 +80,7 @@ impl Batcher {
     /// A batcher running `first`; more sessions join with [`Self::adder`].
     pub fn start(
         model: &str,
-        first: Session,
+        first: impl Engine,
         config: BatchingConfig,
         metrics: ModelMetrics,
     ) -> Self {
@@ -183,14 +196,14 @@ impl Drop for Batcher {
 }
 
 impl SessionAdder {
-    pub fn add(&self, session: Session) {
+    pub fn add(&self, session: impl Engine) {
         Shared::add(&self.0, session);
     }
 }
 
 impl Shared {
     /// Runs `session` on a thread of its own.
-    fn add(shared: &Arc<Self>, session: Session) {
+    fn add(shared: &Arc<Self>, session: impl Engine) {
         let index = shared.sessions.fetch_add(1, Ordering::Relaxed);
         let runner = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -209,7 +222,7 @@ impl Shared {
     }
 
     /// A session thread: take a batch, run it, answer, until closed and drained.
-    fn run(&self, mut session: Session) {
+    fn run(&self, mut session: impl Engine) {
         while let Some(batch) = self.next_batch() {
             let batch: Vec<Piece> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
             if batch.is_empty() {
@@ -297,6 +310,143 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A FAKE engine, not a model: it records the texts of each batch it is
+    /// given, says when it has started one, and holds its first batch until
+    /// the test lets it go, so the test decides when the session is busy.
+    struct FakeEngine {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        started: mpsc::Sender<()>,
+        hold_first: Option<mpsc::Receiver<()>>,
+    }
+
+    impl Engine for FakeEngine {
+        fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error> {
+            self.batches
+                .lock()
+                .unwrap()
+                .push(texts.iter().map(|t| t.to_string()).collect());
+            let _ = self.started.send(());
+            if let Some(gate) = self.hold_first.take() {
+                let _ = gate.recv();
+            }
+            Ok(texts
+                .iter()
+                .map(|t| Pooled {
+                    vector: vec![t.len() as f32],
+                    tokens: 1,
+                })
+                .collect())
+        }
+    }
+
+    struct Fake {
+        batcher: Arc<Batcher>,
+        registry: prometheus_client::registry::Registry,
+        metrics: ModelMetrics,
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        started: mpsc::Receiver<()>,
+        release: mpsc::Sender<()>,
+    }
+
+    /// A batcher with one fake session whose first batch waits for `release`.
+    fn fake(max_batch_size: usize) -> Fake {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::metrics::Metrics::register(&mut registry).for_model("fake");
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started) = mpsc::channel();
+        let (release, gate) = mpsc::channel();
+        let engine = FakeEngine {
+            batches: batches.clone(),
+            started: started_tx,
+            hold_first: Some(gate),
+        };
+        let config = BatchingConfig {
+            max_batch_size,
+            ..BatchingConfig::default()
+        };
+        let batcher = Arc::new(Batcher::start("fake", engine, config, metrics.clone()));
+        Fake {
+            batcher,
+            registry,
+            metrics,
+            batches,
+            started,
+            release,
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The batch-size histogram as /metrics shows it: (runs, texts).
+    fn batch_sizes(fake: &Fake) -> (u64, f64) {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &fake.registry).unwrap();
+        let value = |suffix: &str| {
+            let prefix = format!("{}{suffix}{{model=\"fake\"}} ", crate::metrics::BATCH_TEXTS);
+            text.lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+                .parse::<f64>()
+                .unwrap()
+        };
+        (value("_count") as u64, value("_sum"))
+    }
+
+    fn embed(fake: &Fake, text: String) -> tokio::task::JoinHandle<Result<Vec<Pooled>, Error>> {
+        let batcher = fake.batcher.clone();
+        tokio::spawn(async move { batcher.embed(vec![text]).await })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_that_arrive_together_share_a_batch() {
+        let fake = fake(32);
+        // The session takes the first request and is busy with it…
+        let first = embed(&fake, "first".into());
+        fake.started.recv_timeout(Duration::from_secs(10)).unwrap();
+        // …while 16 more arrive, one text each, and wait in the queue.
+        let rest: Vec<_> = (0..16).map(|i| embed(&fake, format!("text {i}"))).collect();
+        until("16 texts queued", || fake.metrics.queued.get() == 16).await;
+        fake.release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap()[0].vector, [5.0]);
+        for (i, answer) in rest.into_iter().enumerate() {
+            // Each request gets its own text's vector back.
+            let answer = answer.await.unwrap().unwrap();
+            assert_eq!(answer[0].vector, [format!("text {i}").len() as f32]);
+        }
+        // Seen from the batch-size metric: 17 texts in 2 runs, not 17.
+        assert_eq!(batch_sizes(&fake), (2, 17.0));
+        let batches = fake.batches.lock().unwrap().clone();
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        assert_eq!(batches[0], ["first"]);
+        assert_eq!(batches[1].len(), 16, "{batches:?}");
+        assert_eq!(fake.metrics.queued.get(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_holds_at_most_max_batch_size_texts() {
+        let fake = fake(4);
+        let first = embed(&fake, "first".into());
+        fake.started.recv_timeout(Duration::from_secs(10)).unwrap();
+        let rest: Vec<_> = (0..10).map(|i| embed(&fake, format!("t{i}"))).collect();
+        until("10 texts queued", || fake.metrics.queued.get() == 10).await;
+        fake.release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for answer in rest {
+            answer.await.unwrap().unwrap();
+        }
+        let sizes: Vec<usize> = fake.batches.lock().unwrap().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1, 4, 4, 2]);
+        assert_eq!(batch_sizes(&fake), (4, 11.0));
+    }
 
     /// Every text in exactly one piece, in order, none over `max_texts`.
     fn check(work: &[usize], sessions: usize, max_texts: usize) -> Vec<usize> {

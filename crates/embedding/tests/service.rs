@@ -58,7 +58,8 @@ async fn vectors_match_sentence_transformers_batched_one_by_one_and_over_http() 
     assert_eq!(batched.dimension, 384);
     assert_eq!(batched.embeddings.len(), reference.len());
 
-    // One request per text, all at once: the batcher coalesces them.
+    // One request per text, all at once (that such requests share batches
+    // is asserted in requests_that_arrive_together_share_a_batch).
     let singles = futures::future::join_all(texts.iter().map(|text| {
         let mut client = client.clone();
         async move {
@@ -100,6 +101,91 @@ async fn vectors_match_sentence_transformers_batched_one_by_one_and_over_http() 
     }
     // The long text is truncated at 256 tokens, as sentence-transformers does.
     assert!(batched.prompt_tokens <= 256 * reference.len() as u64);
+    running.stop().await.unwrap();
+}
+
+/// The batch-size histogram on /metrics: (runs, texts) so far.
+async fn batch_sizes(running: &berth_server::RunningService) -> (u64, f64) {
+    let (status, text) = http(running, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let value = |suffix: &str| {
+        let prefix = format!("berth_embedding_batch_texts{suffix}{{model=\"all-MiniLM-L6-v2\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    (value("_count") as u64, value("_sum"))
+}
+
+async fn queued_texts(running: &berth_server::RunningService) -> f64 {
+    let (_, text) = http(running, "GET", "/metrics", b"").await;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("berth_embedding_queued_texts{model=\"all-MiniLM-L6-v2\"} ")
+        })
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_arrive_together_share_a_batch() {
+    let Some(mut config) = with_model() else {
+        return;
+    };
+    // One session, so that what arrives while it works waits for it.
+    config.models.sessions = 1;
+    let max_batch = config.batching.max_batch_size;
+    let running = berth_embedding::start(config).await.unwrap();
+    let client = grpc(&running).await;
+    let before = batch_sizes(&running).await;
+
+    // Keep the session busy: 512 texts, run max_batch_size at a time.
+    let big: Vec<String> = (0..512)
+        .map(|i| format!("sentence number {i:04} of a request that keeps the session busy"))
+        .collect();
+    let big_runs = big.len().div_ceil(max_batch) as u64;
+    let busy = {
+        let mut client = client.clone();
+        let texts = big.clone();
+        tokio::spawn(async move {
+            client
+                .embed(EmbedRequest {
+                    texts,
+                    ..EmbedRequest::default()
+                })
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while queued_texts(&running).await == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the big request never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // 16 requests of one text each, at once, while the session works.
+    let singles = futures::future::join_all((0..16).map(|i| {
+        let mut client = client.clone();
+        async move { client.embed(request(&[&format!("single {i}")])).await }
+    }))
+    .await;
+    for single in singles {
+        assert_eq!(single.unwrap().into_inner().embeddings.len(), 1);
+    }
+    assert_eq!(
+        busy.await.unwrap().unwrap().into_inner().embeddings.len(),
+        512
+    );
+
+    let after = batch_sizes(&running).await;
+    let (runs, texts) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(texts, 512.0 + 16.0);
+    // Run alone, the 16 would take 16 runs; queued together they share one
+    // (two if the session took the first before the others had arrived).
+    assert!(
+        runs <= big_runs + 2,
+        "{runs} runs for {big_runs} pieces of the big request and 16 single texts"
+    );
     running.stop().await.unwrap();
 }
 

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Longest time a client may take to send a request's headers on the
+    /// HTTP port; a slower one gets 408 and its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             otlp_endpoint: String::new(),
             log_format: LogFormat::Text,
             max_message_bytes: 16 * 1024 * 1024,
+            http_header_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -9,10 +9,12 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod listen;
+pub mod http;
 pub mod metrics;
 pub mod paging;
 pub mod serve;
 pub mod telemetry;
+pub mod unix_authority;
 
 pub use config::{ConfigError, ServerConfig};
 pub use error::{ErrorCode, ServiceError};

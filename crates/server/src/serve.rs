@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -20,6 +21,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use crate::config::ServerConfig;
 use crate::listen::{GrpcListener, ListenAddr};
 use crate::metrics::{GrpcMetrics, GrpcMetricsLayer};
+use crate::unix_authority::AnyAuthority;
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_SERVICES: [&str; 2] = [
@@ -184,10 +186,10 @@ impl ServiceHost {
                     router = router.merge(extra);
                 }
                 let token = self.shutdown.clone();
+                let header_timeout = self.config.http_header_timeout;
                 tracing::info!(%addr, "serving HTTP");
                 Some(tokio::spawn(async move {
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(token.cancelled_owned())
+                    crate::http::serve(listener, router, header_timeout, token)
                         .await
                         .map_err(|source| ServeError::Http { addr, source })
                 }))
@@ -223,7 +225,10 @@ impl ServiceHost {
                     router.serve_with_incoming_shutdown(incoming, stop).await
                 }
                 GrpcListener::Unix { listener, path } => {
-                    let incoming = UnixListenerStream::new(listener);
+                    // Clients send the socket's path as :authority, which h2
+                    // refuses: see unix_authority.
+                    let incoming = UnixListenerStream::new(listener)
+                        .map(|accepted| accepted.map(AnyAuthority::new));
                     let result = router.serve_with_incoming_shutdown(incoming, stop).await;
                     let _ = std::fs::remove_file(&path);
                     result

@@ -1,0 +1,155 @@
+//! The HTTP port's server: axum's router on hyper's HTTP/1 connections, as
+//! `axum::serve` runs it, plus a deadline for each request's headers
+//! (`server.http_header_timeout`). `axum::serve` sets none (hyper's own
+//! needs a timer it is not given), so a client sending its headers a byte
+//! at a time (slowloris) held a connection, and a task, for as long as it
+//! liked.
+
+use std::io;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets
+/// the open connections finish their requests and close.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    // Each connection holds a receiver; all are gone once every one closed.
+    let (closed_tx, closed_rx) = watch::channel(());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    wait_after_accept_error(&error).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = router
+            .clone()
+            .map_request(|request: http::Request<Incoming>| request.map(axum::body::Body::new));
+        let service = TowerToHyperService::new(service);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        let closed_rx = closed_rx.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => log_connection_end(result),
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    log_connection_end(connection.await);
+                }
+            }
+            drop(closed_rx);
+        });
+    }
+    drop(closed_rx);
+    closed_tx.closed().await;
+    Ok(())
+}
+
+fn log_connection_end(result: Result<(), hyper::Error>) {
+    if let Err(error) = result {
+        // A header timeout, a client gone away, a malformed request: the
+        // client got its answer (408, 400, 431) where it could have one.
+        tracing::debug!(%error, "HTTP connection ended");
+    }
+}
+
+/// As `axum::serve` does: a connection that failed before it was accepted
+/// is the client's problem; anything else (out of file descriptors) gets a
+/// pause, so the loop does not spin.
+async fn wait_after_accept_error(error: &io::Error) {
+    if matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accepting an HTTP connection");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn started(header_timeout: Duration) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, router, header_timeout, shutdown.clone()));
+        (addr, shutdown)
+    }
+
+    async fn get(addr: std::net::SocketAddr) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn headers_sent_too_slowly_are_cut_off_while_others_are_served() {
+        let timeout = Duration::from_millis(500);
+        let (addr, shutdown) = started(timeout).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let request = b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ";
+        let mut cut_off = false;
+        for byte in request.iter().chain(std::iter::repeat(&b'a')).take(100) {
+            if slow.write_all(&[*byte]).await.is_err() {
+                cut_off = true;
+                break;
+            }
+            assert!(get(addr).await.ends_with("hi"), "others are served");
+            let mut answer = [0; 64];
+            let read = tokio::time::timeout(Duration::from_millis(50), slow.read(&mut answer)).await;
+            if let Ok(read) = read {
+                let n = read.unwrap_or(0);
+                let answer = String::from_utf8_lossy(&answer[..n]);
+                assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+                cut_off = true;
+                break;
+            }
+        }
+        assert!(cut_off, "the slow client was never cut off");
+        let waited = started.elapsed();
+        assert!(
+            waited >= timeout && waited < timeout * 4 + Duration::from_secs(1),
+            "cut off after {waited:?}"
+        );
+        shutdown.cancel();
+    }
+}
