@@ -2,6 +2,7 @@
 //! needs, the built binaries, processes that die with the test, and a
 //! reflection client that asks what grpcurl asks.
 
+pub mod fuzz;
 pub mod parts;
 pub use parts::{Part, require, require_part};
 

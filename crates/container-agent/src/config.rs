@@ -229,7 +229,13 @@ impl Default for LibvirtConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_defaults(&default_socket(), "127.0.0.1:9701"),
+            server: ServerConfig {
+                // Specs and execs are small, and ImportImage streams its
+                // tar in chunks of up to this: prost builds a whole request
+                // before it is checked, so this bounds its memory.
+                max_message_bytes: 1 << 20,
+                ..ServerConfig::with_defaults(&default_socket(), "127.0.0.1:9701")
+            },
             agent: AgentConfig::default(),
             engines: EnginesConfig::default(),
             libvirt: LibvirtConfig::default(),

@@ -9,6 +9,7 @@ pub mod keyed_exec;
 pub mod process_group;
 pub mod runtime;
 pub mod service;
+pub mod spec_limits;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use berth_proto::agent::v1::container_agent_server::ContainerAgentServer;
 use berth_proto::common::v1::Runtime;
 use berth_server::auth::RequireBearer;
 use berth_server::{ListenAddr, RunningService, ServiceHost};
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 use runtime::container::{ContainerRuntime, Dialect, DockerDialect, Engine, PodmanDialect};
@@ -133,8 +135,8 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         config.engines.max_image_bytes,
         info,
     );
-    host.add_service(ContainerAgentServer::with_interceptor(
-        service,
+    host.add_service(InterceptedService::new(
+        ContainerAgentServer::new(service).max_decoding_message_size(config.server.max_message_bytes),
         RequireBearer::new(&config.agent.token),
     ));
     Ok(host.spawn(None))

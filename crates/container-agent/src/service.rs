@@ -18,10 +18,13 @@ use crate::error::AgentError;
 use crate::events::EventBus;
 use crate::keyed_exec::KeyedExecs;
 use crate::process_group::HostCommand;
-use crate::runtime::{ExecCommand, WorkloadRuntime};
+use crate::runtime::{ExecCommand, WorkloadRuntime, validate_name};
+use crate::spec_limits;
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_COMMAND_ARGS: usize = 4096;
+/// Longest workload id or name looked up: names are at most 128 bytes, ids
+/// shorter; a longer one would only travel to every engine to be unknown.
+const MAX_WORKLOAD_REF_BYTES: usize = 256;
 const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Tar chunks buffered between the client and the engine during an import.
 const IMPORT_BUFFER: usize = 16;
@@ -89,6 +92,12 @@ impl AgentService {
                 reason: "must name a workload".into(),
             });
         }
+        if id.len() > MAX_WORKLOAD_REF_BYTES {
+            return Err(AgentError::InvalidArgument {
+                field: "id",
+                reason: format!("{} bytes; at most {MAX_WORKLOAD_REF_BYTES}", id.len()),
+            });
+        }
         for runtime in self.runtimes.values() {
             if let Some(workload) = runtime.inspect(id).await? {
                 return Ok((runtime, workload));
@@ -127,6 +136,8 @@ impl ContainerAgent for AgentService {
             field: "spec",
             reason: "is required".into(),
         })?;
+        validate_name(&request.name)?;
+        spec_limits::check_spec(&spec)?;
         if self.owner(&request.name).await.is_ok() {
             return Err(AgentError::NameTaken(request.name).into());
         }
@@ -200,23 +211,7 @@ impl ContainerAgent for AgentService {
         request: Request<ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let request = request.into_inner();
-        if request.command.is_empty() || request.command[0].is_empty() {
-            return Err(AgentError::InvalidArgument {
-                field: "command",
-                reason: "must name a program".into(),
-            }
-            .into());
-        }
-        if request.command.len() > MAX_COMMAND_ARGS {
-            return Err(AgentError::InvalidArgument {
-                field: "command",
-                reason: format!(
-                    "has {} arguments; at most {MAX_COMMAND_ARGS}",
-                    request.command.len()
-                ),
-            }
-            .into());
-        }
+        spec_limits::check_exec(&request.command, &request.env, &request.working_dir)?;
         let timeout = duration("timeout", request.timeout)?;
         let permit = self
             .execs

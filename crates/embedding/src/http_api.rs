@@ -215,7 +215,18 @@ struct OpenAiUsage {
 }
 
 /// Parses a JSON body, telling invalid UTF-8 apart from invalid JSON.
+/// Most memory a body's JSON may take parsed, estimated before parsing:
+/// twice the default body limit (server.max_message_bytes), which texts
+/// fill at about their size, while small objects take ~100 times theirs.
+const MAX_PARSED_JSON_BYTES: usize = 32 << 20;
+
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    let estimate = berth_server::json_budget::parsed_size(body);
+    if estimate > MAX_PARSED_JSON_BYTES {
+        return Err(Error::BadRequest(format!(
+            "the request's JSON would take about {estimate} bytes of memory parsed; at most {MAX_PARSED_JSON_BYTES}"
+        )));
+    }
     let text = std::str::from_utf8(body)
         .map_err(|e| Error::BadRequest(format!("the request body is not valid UTF-8: {e}")))?;
     serde_json::from_str(text).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))

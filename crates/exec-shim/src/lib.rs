@@ -26,6 +26,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -89,6 +90,12 @@ pub mod protocol {
                 })
                 .collect::<io::Result<_>>()?;
             let working_dir = read_string(&mut body)?;
+            if !body.is_empty() {
+                return Err(invalid(format!(
+                    "{} bytes after the working directory",
+                    body.len()
+                )));
+            }
             Ok(Self {
                 argv,
                 env,
@@ -101,6 +108,41 @@ pub mod protocol {
     pub fn header(tag: u8, length: usize) -> [u8; 5] {
         let [a, b, c, d] = (length as u32).to_be_bytes();
         [tag, a, b, c, d]
+    }
+
+    /// What a frame the shim sends carries.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum FrameKind {
+        Stdout,
+        Stderr,
+        /// The exit code, a big-endian i32.
+        Exit,
+    }
+
+    /// A frame's header as the agent reads it: refused when the tag is
+    /// unknown, the payload is over [`MAX_FRAME_BYTES`] or an exit frame's
+    /// payload is not an i32, so the payload can be allocated and read as
+    /// announced.
+    pub fn parse_header(header: [u8; 5]) -> io::Result<(FrameKind, usize)> {
+        let [tag, length @ ..] = header;
+        let length = u32::from_be_bytes(length) as usize;
+        let kind = match tag {
+            STDOUT => FrameKind::Stdout,
+            STDERR => FrameKind::Stderr,
+            EXIT => FrameKind::Exit,
+            other => return Err(invalid(format!("an unknown frame tag {other}"))),
+        };
+        if length > MAX_FRAME_BYTES {
+            return Err(invalid(format!(
+                "a frame of {length} bytes; at most {MAX_FRAME_BYTES}"
+            )));
+        }
+        if kind == FrameKind::Exit && length != 4 {
+            return Err(invalid(format!(
+                "an exit frame of {length} bytes; it holds an i32"
+            )));
+        }
+        Ok((kind, length))
     }
 
     fn put_string(out: &mut Vec<u8>, text: &str) {
@@ -150,6 +192,10 @@ pub mod protocol {
 
 use protocol::{EXIT, MAX_FRAME_BYTES, Request, STDERR, STDOUT};
 
+/// How long a connection may take to send its request (the agent sends it
+/// at once): one that stalls must not hold a thread of the shim forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `berth-exec-shim SOCKET`: serves until killed (with its container).
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -191,7 +237,11 @@ fn send(writer: &Writer, tag: u8, payload: &[u8]) -> io::Result<()> {
 }
 
 fn run(connection: UnixStream) -> io::Result<()> {
+    connection.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     let request = Request::decode(&mut &connection)?;
+    // From here a read waits for the agent to hang up, however long the
+    // command runs.
+    connection.set_read_timeout(None)?;
     let writer: Writer = Arc::new(Mutex::new(connection.try_clone()?));
     let program = &request.argv[0];
     let mut command = Command::new(program);
@@ -270,7 +320,9 @@ fn pump(mut pipe: impl Read + Send + 'static, tag: u8, writer: &Writer) -> JoinH
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
+
+    use protocol::FrameKind;
 
     use super::*;
 
@@ -293,6 +345,35 @@ mod tests {
         lying.extend(u32::MAX.to_be_bytes());
         lying.extend([0; 4]);
         assert!(Request::decode(&mut lying.as_slice()).is_err());
+        // Bytes the request's fields do not account for.
+        let mut padded = bytes[4..].to_vec();
+        padded.push(0);
+        let mut framed = (padded.len() as u32).to_be_bytes().to_vec();
+        framed.extend(padded);
+        let error = Request::decode(&mut framed.as_slice()).unwrap_err();
+        assert!(error.to_string().contains("1 bytes after"), "{error}");
+    }
+
+    #[test]
+    fn frame_headers_the_shim_would_not_send_are_refused() {
+        let header = protocol::header(STDOUT, MAX_FRAME_BYTES);
+        assert_eq!(
+            protocol::parse_header(header).unwrap(),
+            (FrameKind::Stdout, MAX_FRAME_BYTES)
+        );
+        assert_eq!(
+            protocol::parse_header(protocol::header(EXIT, 4)).unwrap(),
+            (FrameKind::Exit, 4)
+        );
+        for (header, why) in [
+            (protocol::header(STDERR, MAX_FRAME_BYTES + 1), "at most"),
+            (protocol::header(STDOUT, u32::MAX as usize), "at most"),
+            (protocol::header(EXIT, 0), "holds an i32"),
+            (protocol::header(9, 1), "unknown frame tag 9"),
+        ] {
+            let error = protocol::parse_header(header).unwrap_err().to_string();
+            assert!(error.contains(why), "{error}");
+        }
     }
 
     /// Reads frames to the exit frame: (stdout, stderr, exit code).
@@ -301,13 +382,13 @@ mod tests {
         loop {
             let mut header = [0; 5];
             stream.read_exact(&mut header).unwrap();
-            let length = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+            let (kind, length) = protocol::parse_header(header).unwrap();
             let mut payload = vec![0; length];
             stream.read_exact(&mut payload).unwrap();
-            match header[0] {
-                STDOUT => out.extend(payload),
-                STDERR => err.extend(payload),
-                EXIT => {
+            match kind {
+                FrameKind::Stdout => out.extend(payload),
+                FrameKind::Stderr => err.extend(payload),
+                FrameKind::Exit => {
                     let code = i32::from_be_bytes(payload.try_into().unwrap());
                     return (
                         String::from_utf8(out).unwrap(),
@@ -315,7 +396,6 @@ mod tests {
                         code,
                     );
                 }
-                tag => panic!("unknown frame {tag}"),
             }
         }
     }
@@ -332,6 +412,31 @@ mod tests {
         };
         stream.write_all(&request.encode()).unwrap();
         stream
+    }
+
+    #[test]
+    fn a_connection_that_stalls_before_its_request_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("exec.sock");
+        let serving = socket.clone();
+        std::thread::spawn(move || serve(&serving));
+        let mut stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => break stream,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // Half a length prefix, then nothing.
+        stream.write_all(&[0, 0]).unwrap();
+        let started = Instant::now();
+        let mut byte = [0; 1];
+        assert_eq!(stream.read(&mut byte).unwrap(), 0, "the shim answered");
+        let waited = started.elapsed();
+        assert!(
+            waited >= REQUEST_TIMEOUT - Duration::from_millis(100)
+                && waited < REQUEST_TIMEOUT + Duration::from_secs(5),
+            "closed after {waited:?}"
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum ProxyError {
     InvalidRequest(String),
     #[error("request body larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error(
+        "the request's JSON would take about {estimate} bytes of memory parsed; the limit is {limit} (proxy.max_request_json_bytes)"
+    )]
+    JsonTooLarge { estimate: usize, limit: usize },
     #[error("the model `{0}` does not exist or you do not have access to it")]
     UnknownModel(String),
     #[error("no virtual key `{0}`")]
@@ -76,6 +80,7 @@ impl ServiceError for ProxyError {
             }
             // gRPC has no "too large"; the HTTP edge answers 413 (see http_status).
             Self::BodyTooLarge { .. } => ErrorCode::BadRequest,
+            Self::JsonTooLarge { .. } => ErrorCode::ResourceExhausted,
             Self::UnknownModel(_) | Self::UnknownKey(_) => ErrorCode::NotFound,
             Self::MissingKey | Self::InvalidKey => ErrorCode::Unauthenticated,
             Self::NotMasterKey | Self::ModelNotAllowed(_) => ErrorCode::PermissionDenied,
@@ -108,7 +113,7 @@ fn code_of_status(status: StatusCode) -> ErrorCode {
 impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::JsonTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // 502: the gateway got no usable answer (LiteLLM says 500 here).
             Self::Unreachable { .. } | Self::BadAnswer { .. } => StatusCode::BAD_GATEWAY,
             Self::Upstream { status, .. } => *status,

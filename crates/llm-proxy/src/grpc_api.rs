@@ -9,6 +9,7 @@ use berth_proto::llmproxy::v1 as pb;
 use berth_proto::llmproxy::v1::llm_proxy_server::LlmProxy;
 use berth_server::GrpcStream;
 use berth_server::error::into_status;
+use berth_server::json_budget;
 use http_body_util::BodyStream;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -27,6 +28,13 @@ use crate::usage::Usage;
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Most messages one chat request may carry: each becomes a JSON object
+/// (~700 bytes) before it is forwarded, so 500 000 empty ones, 1 MiB of
+/// protobuf, would take ~370 MB.
+const MAX_CHAT_MESSAGES: usize = 10_000;
+/// Most memory `extra_json` may take parsed (estimated before parsing): it
+/// holds the few parameters the messages lack.
+const MAX_EXTRA_JSON_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct LlmProxyService {
@@ -95,6 +103,12 @@ fn body_of(
         .filter_map(|(k, v)| Some((k.to_string(), v?)))
         .collect();
     if !extra_json.trim().is_empty() {
+        let estimate = json_budget::parsed_size(extra_json.as_bytes());
+        if estimate > MAX_EXTRA_JSON_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "extra_json would take about {estimate} bytes parsed; at most {MAX_EXTRA_JSON_BYTES}"
+            )));
+        }
         let extra: Map<String, Value> = serde_json::from_str(extra_json).map_err(|e| {
             Status::invalid_argument(format!("extra_json is not a JSON object: {e}"))
         })?;
@@ -113,6 +127,12 @@ fn chat_body(
     request: pb::ChatCompletionRequest,
     stream: bool,
 ) -> Result<Map<String, Value>, Status> {
+    if request.messages.len() > MAX_CHAT_MESSAGES {
+        return Err(Status::invalid_argument(format!(
+            "messages: {} of them; at most {MAX_CHAT_MESSAGES}",
+            request.messages.len()
+        )));
+    }
     let messages: Vec<Value> = request
         .messages
         .into_iter()

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use berth_server::json_budget;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -27,6 +28,8 @@ pub struct HttpApi {
     pub gateway: Arc<Gateway>,
     pub auth: Arc<Auth>,
     pub max_body_bytes: usize,
+    /// Most memory a body's JSON may take parsed (see `json_budget`).
+    pub max_json_bytes: usize,
 }
 
 type Shared = State<Arc<HttpApi>>;
@@ -165,6 +168,13 @@ impl HttpApi {
         // Authenticate before reading the body: a stranger's megabytes are not read.
         let caller = self.caller(headers)?;
         let bytes = read_body(body, self.max_body_bytes, headers).await?;
+        let estimate = json_budget::parsed_size(&bytes);
+        if estimate > self.max_json_bytes {
+            return Err(ProxyError::JsonTooLarge {
+                estimate,
+                limit: self.max_json_bytes,
+            });
+        }
         let call = Call::parse(endpoint, &bytes)?;
         match self.gateway.forward(call, caller.key()).await? {
             Reply::Whole { body, .. } => Ok((

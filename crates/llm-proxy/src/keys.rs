@@ -141,8 +141,11 @@ impl KeyLease {
         key.minute.add_tokens(Instant::now(), usage.total());
         let mut spent = key.spent.lock().unwrap_or_else(|e| e.into_inner());
         spent.spend += cost;
-        spent.prompt_tokens += usage.prompt_tokens;
-        spent.completion_tokens += usage.completion_tokens;
+        // Saturating, as the usage they add is the upstream's word.
+        spent.prompt_tokens = spent.prompt_tokens.saturating_add(usage.prompt_tokens);
+        spent.completion_tokens = spent
+            .completion_tokens
+            .saturating_add(usage.completion_tokens);
         key.dirty.store(true, Ordering::Release);
     }
 }

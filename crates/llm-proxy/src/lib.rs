@@ -56,6 +56,9 @@ pub struct ProxyConfig {
     pub keys_path: String,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_request_bytes: usize,
+    /// Most memory a request's JSON may take parsed, estimated before it is
+    /// parsed (small objects take ~100 times their text); more gets 413.
+    pub max_request_json_bytes: usize,
     /// Longest wait for a TCP connection to an upstream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -73,6 +76,7 @@ impl Default for ProxyConfig {
             litellm_config: String::new(),
             keys_path: String::new(),
             max_request_bytes: 8 << 20,
+            max_request_json_bytes: 32 << 20,
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             keys_flush_interval: Duration::from_secs(5),
@@ -83,7 +87,14 @@ impl Default for ProxyConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_defaults("127.0.0.1:7704", "127.0.0.1:4000"),
+            server: ServerConfig {
+                // A prompt of 250k tokens fits. prost builds a whole request
+                // before it is checked, at up to 36 bytes per byte received
+                // (empty messages), so this bounds its memory. The HTTP API
+                // takes larger bodies: proxy.max_request_bytes.
+                max_message_bytes: 1 << 20,
+                ..ServerConfig::with_defaults("127.0.0.1:7704", "127.0.0.1:4000")
+            },
             proxy: ProxyConfig::default(),
         }
     }
@@ -144,6 +155,7 @@ pub async fn start_with(
     let client = UpstreamClient::new(config.proxy.connect_timeout, config.proxy.pool_idle_timeout)
         .map_err(StartError::Tls)?;
 
+    let max_message_bytes = config.server.max_message_bytes;
     let mut host = ServiceHost::bind(config.server).await?;
     let metrics = Arc::new(metrics::ProxyMetrics::register(host.registry_mut()));
     let router = Router::new(litellm.deployments, litellm.router);
@@ -154,14 +166,18 @@ pub async fn start_with(
     for key in keys.list() {
         gateway.warn_of_unpriced_models(&key);
     }
-    host.add_service(LlmProxyServer::new(grpc_api::LlmProxyService::new(
-        gateway.clone(),
-        auth.clone(),
-    )));
+    host.add_service(
+        LlmProxyServer::new(grpc_api::LlmProxyService::new(
+            gateway.clone(),
+            auth.clone(),
+        ))
+        .max_decoding_message_size(max_message_bytes),
+    );
     let http = http_api::router(Arc::new(http_api::HttpApi {
         gateway,
         auth,
         max_body_bytes: config.proxy.max_request_bytes,
+        max_json_bytes: config.proxy.max_request_json_bytes,
     }));
     spawn_key_flusher(
         keys,

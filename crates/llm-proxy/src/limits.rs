@@ -87,7 +87,9 @@ impl MinuteWindow {
 
     /// Adds the tokens of a finished request to the current window.
     pub fn add_tokens(&self, now: Instant, tokens: u64) {
-        self.with(now, |counts, _| counts.tokens += tokens);
+        self.with(now, |counts, _| {
+            counts.tokens = counts.tokens.saturating_add(tokens);
+        });
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,6 +22,14 @@ use crate::router::{RouterSettings, Strategy};
 /// LiteLLM's way of saying "read this from the environment".
 const ENV_REF: &str = "os.environ/";
 
+/// Largest config accepted, checked before parsing: a model_list of
+/// thousands of deployments is a few hundred KiB, and a path that names
+/// something else (a log, `/dev/zero`) must not be read whole. The parser
+/// bounds the rest: nesting (serde_yaml's recursion limit of 128) and alias
+/// expansion (its repetition limit), so time and memory stay linear in
+/// this many bytes.
+pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LiteLlmConfigError {
     #[error("cannot read LiteLLM config {path}: {source}")]
@@ -29,6 +38,8 @@ pub enum LiteLlmConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("LiteLLM config {path} is larger than the limit of {limit} bytes")]
+    TooLarge { path: String, limit: usize },
     /// serde_yaml's message carries the line and column.
     #[error("LiteLLM config {path}: {message}")]
     Invalid { path: String, message: String },
@@ -97,13 +108,25 @@ pub struct LiteLlmConfig {
 impl LiteLlmConfig {
     /// Reads and checks a config file, resolving `os.environ/VAR` from the process.
     pub fn load(path: &Path) -> Result<Self, LiteLlmConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LiteLlmConfigError::Read {
-            path: path.display().to_string(),
+        let origin = path.display().to_string();
+        let read_error = |source| LiteLlmConfigError::Read {
+            path: origin.clone(),
             source,
-        })?;
-        Self::parse(&path.display().to_string(), &text, &|name| {
-            std::env::var(name).ok()
-        })
+        };
+        // One byte past the limit tells a file that is too large.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(MAX_CONFIG_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(read_error)?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(too_large(&origin));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        Self::parse(&origin, &text, &|name| std::env::var(name).ok())
     }
 
     /// Parses config text; `origin` names it in errors, `env` resolves `os.environ/VAR`.
@@ -116,6 +139,9 @@ impl LiteLlmConfig {
             path: origin.to_string(),
             message,
         };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(too_large(origin));
+        }
         let root: RawRoot = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut unsupported = Vec::new();
         collect_unknown("", &root.other, &mut unsupported);
@@ -205,6 +231,13 @@ impl LiteLlmConfig {
             unsupported,
             warnings,
         })
+    }
+}
+
+fn too_large(origin: &str) -> LiteLlmConfigError {
+    LiteLlmConfigError::TooLarge {
+        path: origin.to_string(),
+        limit: MAX_CONFIG_BYTES,
     }
 }
 
@@ -617,5 +650,140 @@ callbacks: []
             "{:?}",
             unset_key.warnings
         );
+    }
+
+    #[test]
+    fn a_config_over_the_size_limit_is_refused_naming_file_and_limit() {
+        let padding = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+        let error = parse(&padding, &[]).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "LiteLLM config test.yaml is larger than the limit of {MAX_CONFIG_BYTES} bytes"
+            )
+        );
+        // A path that never ends is read only up to the limit.
+        let started = std::time::Instant::now();
+        let error = LiteLlmConfig::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("/dev/zero") && error.contains(&MAX_CONFIG_BYTES.to_string()),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn deep_nesting_and_alias_bombs_are_refused() {
+        // At a depth libyaml scans in milliseconds: its scanner is quadratic
+        // in the flow depth (200 000 brackets take minutes), which only a
+        // scan before parsing can bound.
+        let deep = format!("x: {}{}\n", "[".repeat(1000), "]".repeat(1000));
+        let error = parse(&deep, &[]).unwrap_err().to_string();
+        assert!(error.contains("recursion limit exceeded"), "{error}");
+        // Nine levels of ten aliases each: a billion strings if expanded.
+        let mut bomb = String::from("a: &a [\"lol\"]\n");
+        for level in 1..10 {
+            let previous = (b'a' + level - 1) as char;
+            let name = (b'a' + level) as char;
+            let refs = vec![format!("*{previous}"); 10].join(",");
+            bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        let error = parse(&bomb, &[]).unwrap_err().to_string();
+        assert!(error.contains("repetition limit exceeded"), "{error}");
+    }
+}
+
+/// Fuzz target `litellm_config` (seeds in `tests/fuzz_corpus/litellm_config/`).
+#[cfg(test)]
+mod fuzz {
+    use berth_tests::fuzz;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// YAML's structure and LiteLLM's keys, worth splicing in.
+    const TOKENS: &[&[u8]] = &[
+        b"[",
+        b"]",
+        b"{",
+        b"}",
+        b"- ",
+        b": ",
+        b"\n",
+        b"\n  ",
+        b"\n    ",
+        b"\t",
+        b"&a ",
+        b"*a",
+        b"<<: *a",
+        b"!!binary ",
+        b"!!map ",
+        b"? ",
+        b"|\n",
+        b"---\n",
+        b"%YAML 1.2\n",
+        b"\"",
+        b"'",
+        b"~",
+        b".nan",
+        b"-.inf",
+        b"1e999",
+        b"-1",
+        b"18446744073709551616",
+        b"os.environ/",
+        b"os.environ/UNSET",
+        b"model_list:",
+        b"model_name: ",
+        b"litellm_params:",
+        b"model: openai/x",
+        b"api_base: ",
+        b"model_info: {id: a}",
+        b"weight: ",
+        b"timeout: ",
+        b"fallbacks: [{a: [b]}]",
+        b"router_settings:",
+        b"routing_strategy: ",
+        b"general_settings:",
+        b"environment_variables:",
+    ];
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// Any text: an error naming the file, or a config whose every
+        /// deployment is one the router can use.
+        #[test]
+        fn any_text_is_refused_by_name_or_makes_a_usable_config(
+            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "litellm_config"), TOKENS),
+        ) {
+            let text = String::from_utf8_lossy(&input);
+            let env = |name: &str| (name != "UNSET").then(|| format!("value-of-{name}"));
+            let parsed = fuzz::timed("LiteLlmConfig::parse", || {
+                LiteLlmConfig::parse("fuzz.yaml", &text, &env)
+            })?;
+            match parsed {
+                Err(error) => {
+                    let message = error.to_string();
+                    prop_assert!(message.contains("fuzz.yaml"), "{message}");
+                }
+                Ok(config) => {
+                    let mut ids = HashSet::new();
+                    let names: HashSet<&str> =
+                        config.deployments.iter().map(|d| d.model_name.as_str()).collect();
+                    for deployment in &config.deployments {
+                        prop_assert!(!deployment.model_name.is_empty());
+                        prop_assert!(ids.insert(deployment.id.as_str()), "id {} twice", deployment.id);
+                        prop_assert!(deployment.weight.is_finite() && deployment.weight > 0.0);
+                        prop_assert!(deployment.base_url.parse::<http::Uri>().is_ok());
+                    }
+                    for (from, to) in &config.router.fallbacks {
+                        prop_assert!(names.contains(from.as_str()));
+                        prop_assert!(to.iter().all(|name| names.contains(name.as_str())));
+                    }
+                }
+            }
+        }
     }
 }

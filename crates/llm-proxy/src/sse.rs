@@ -13,11 +13,23 @@ use crate::usage::Usage;
 /// forwarded): no single chunk of a sane stream comes near it.
 const MAX_LINE: usize = 4 << 20;
 
-/// Splits a byte stream into lines across chunk boundaries.
-#[derive(Debug, Default)]
+/// Splits a byte stream into lines across chunk boundaries. It holds at most
+/// `max_line` bytes of an unfinished line: a longer line is skipped.
+#[derive(Debug)]
 pub struct Lines {
     partial: Vec<u8>,
     skipping: bool,
+    max_line: usize,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self {
+            partial: Vec::new(),
+            skipping: false,
+            max_line: MAX_LINE,
+        }
+    }
 }
 
 impl Lines {
@@ -36,7 +48,7 @@ impl Lines {
             chunk = rest;
         }
         if !self.skipping && !chunk.is_empty() {
-            if self.partial.len() + chunk.len() > MAX_LINE {
+            if self.partial.len() + chunk.len() > self.max_line {
                 self.partial.clear();
                 self.skipping = true;
             } else {
@@ -76,16 +88,29 @@ pub fn usage(payload: &[u8]) -> Option<Usage> {
 /// event, and other chunks lose their `usage` field. Complete lines are
 /// passed on as each upstream chunk arrives; only an unfinished last line
 /// waits for the next.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StripUsage {
     /// The unfinished last line of the chunks so far.
     partial: Vec<u8>,
-    /// The current line outgrew `MAX_LINE` and is passed on as it comes: no
+    /// The current line outgrew `max_line` and is passed on as it comes: no
     /// usage chunk is that long.
     passing: bool,
     /// The event being read had its data dropped: its blank line goes too.
     dropping_event: bool,
     usage: Option<Usage>,
+    max_line: usize,
+}
+
+impl Default for StripUsage {
+    fn default() -> Self {
+        Self {
+            partial: Vec::new(),
+            passing: false,
+            dropping_event: false,
+            usage: None,
+            max_line: MAX_LINE,
+        }
+    }
 }
 
 impl StripUsage {
@@ -115,7 +140,7 @@ impl StripUsage {
         }
         if self.passing {
             out.extend_from_slice(chunk);
-        } else if self.partial.len() + chunk.len() > MAX_LINE {
+        } else if self.partial.len() + chunk.len() > self.max_line {
             out.extend_from_slice(&self.partial);
             out.extend_from_slice(chunk);
             self.partial.clear();
@@ -249,6 +274,19 @@ mod tests {
         assert_eq!(usage.unwrap().total(), 3);
     }
 
+    /// Found by the `sse` fuzz target: token counts an upstream sends are
+    /// added up without overflowing, whichever dialect carries them.
+    #[test]
+    fn absurd_token_counts_in_a_stream_saturate() {
+        let stream = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":7}}\n\n";
+        let (_, usage) = stripped(stream, 4);
+        assert_eq!(usage.unwrap().total(), u64::MAX);
+        let mut translate = crate::providers::AnthropicEvents::new(true);
+        let mut out = BytesMut::new();
+        translate.line(b"data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":18446744073709551615,\"cache_read_input_tokens\":1,\"output_tokens\":1}}}", &mut out);
+        assert_eq!(translate.usage().unwrap().total(), u64::MAX);
+    }
+
     #[test]
     fn chunks_without_usage_pass_byte_for_byte() {
         let stream = b": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\r\n\r\ndata: [DONE]\n\n";
@@ -259,5 +297,172 @@ mod tests {
         let long = format!("data: {}\n\n", "x".repeat(MAX_LINE + 10));
         let (text, _) = stripped(long.as_bytes(), 1 << 16);
         assert_eq!(text, long);
+    }
+}
+
+/// Fuzz target `sse` (seeds in `tests/fuzz_corpus/sse/`): what an upstream
+/// sends, cut into arbitrary chunks, read along, stripped of usage and
+/// translated from Anthropic's events.
+#[cfg(test)]
+mod fuzz {
+    use berth_tests::fuzz;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    use super::*;
+    use crate::providers::AnthropicEvents;
+
+    /// Pieces of OpenAI's and Anthropic's streams worth splicing in.
+    const TOKENS: &[&[u8]] = &[
+        b"data: ",
+        b"data:",
+        b"\n",
+        b"\r\n",
+        b"\n\n",
+        b"\r",
+        b": keep-alive\n",
+        b"[DONE]",
+        b"\"usage\"",
+        b"\"usage\":null",
+        b"\"choices\":[]",
+        b"{\"choices\":[],\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":7}}",
+        b"\"prompt_tokens\":18446744073709551615",
+        b"\"input_tokens\":18446744073709551615",
+        b"\"output_tokens\":18446744073709551615",
+        b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":7}}\n\n",
+        b"\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":18446744073709551615,\"cache_read_input_tokens\":1}}}\n",
+        b"{\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":1}}}",
+        b"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}",
+        b"{\"type\":\"message_stop\"}",
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b"\"",
+        b"\\u00e9",
+        b"\xff\xfe",
+    ];
+
+    /// `input` cut at `cuts` (positions modulo its length, in any order).
+    fn chunked<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        at.push(0);
+        at.push(input.len());
+        at.sort_unstable();
+        at.windows(2).map(|w| &input[w[0]..w[1]]).collect()
+    }
+
+    /// The lines `Lines` reads from `chunks`, checking it never holds more
+    /// than `max_line` bytes.
+    fn lines_of(chunks: &[&[u8]], max_line: usize) -> Result<Vec<Vec<u8>>, TestCaseError> {
+        let mut lines = Lines {
+            max_line,
+            ..Lines::default()
+        };
+        let mut seen = Vec::new();
+        for chunk in chunks {
+            lines.push(chunk, |line| seen.push(line.to_vec()));
+            prop_assert!(lines.partial.len() <= max_line);
+        }
+        Ok(seen)
+    }
+
+    /// What `StripUsage` passes on of `chunks` and the usage it kept,
+    /// checking it never holds more than `max_line` bytes.
+    fn stripped_of(
+        chunks: &[&[u8]],
+        max_line: usize,
+    ) -> Result<(Vec<u8>, Option<Usage>), TestCaseError> {
+        let mut strip = StripUsage {
+            max_line,
+            ..StripUsage::default()
+        };
+        let mut out = BytesMut::new();
+        for chunk in chunks {
+            strip.push(chunk, &mut out);
+            prop_assert!(strip.partial.len() <= max_line);
+        }
+        Ok((out.to_vec(), strip.usage()))
+    }
+
+    /// Every usage read is one the accounting can add up.
+    fn check_usage(usage: Option<Usage>) -> Result<(), TestCaseError> {
+        if let Some(usage) = usage {
+            let total = usage.total();
+            prop_assert!(total >= usage.prompt_tokens && total >= usage.completion_tokens);
+        }
+        Ok(())
+    }
+
+    /// A stream of well-formed lines: SSE fields, JSON payloads and blank
+    /// lines, none longer than the limit.
+    fn valid_stream() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            Just(String::new()),
+            Just(": keep-alive".to_string()),
+            Just("data: [DONE]".to_string()),
+            "[a-z ]{0,40}".prop_map(|text| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":null}}")),
+            (any::<u64>(), any::<u64>()).prop_map(|(p, c)| format!(
+                "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}"
+            )),
+            "[ -~]{0,80}",
+        ];
+        (vec((line, any::<bool>()), 0..24)).prop_map(|lines| {
+            lines
+                .into_iter()
+                .flat_map(|(line, crlf)| {
+                    let end: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+                    [line.into_bytes(), end.to_vec()].concat()
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// Any bytes in any chunks: no panic, at most the line limit held,
+        /// and what is passed on is at most twice what came (re-encoded
+        /// JSON), whatever the limit.
+        #[test]
+        fn arbitrary_bytes_in_arbitrary_chunks(
+            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "sse"), TOKENS),
+            cuts in vec(any::<usize>(), 0..16),
+            max_line in prop_oneof![0..300usize, Just(MAX_LINE)],
+        ) {
+            fuzz::timed("sse", || {
+                let chunks = chunked(&input, &cuts);
+                for line in lines_of(&chunks, max_line)? {
+                    check_usage(data(&line).and_then(usage))?;
+                }
+                let (out, kept) = stripped_of(&chunks, max_line)?;
+                prop_assert!(out.len() <= 2 * input.len() + 16, "{} bytes out of {}", out.len(), input.len());
+                check_usage(kept)?;
+                let mut translate = AnthropicEvents::new(true);
+                let mut translated = BytesMut::new();
+                for line in lines_of(&chunks, max_line)? {
+                    translate.line(&line, &mut translated);
+                }
+                check_usage(translate.usage())
+            })??;
+        }
+
+        /// Well-formed streams read and strip the same however they are cut.
+        #[test]
+        fn valid_streams_are_read_the_same_however_cut(
+            input in valid_stream(),
+            cuts in vec(any::<usize>(), 0..16),
+        ) {
+            fuzz::timed("sse", || {
+                let whole = [input.as_slice()];
+                let chunks = chunked(&input, &cuts);
+                prop_assert_eq!(lines_of(&chunks, MAX_LINE)?, lines_of(&whole, MAX_LINE)?);
+                let (out, kept) = stripped_of(&chunks, MAX_LINE)?;
+                check_usage(kept)?;
+                prop_assert_eq!((out, kept), stripped_of(&whole, MAX_LINE)?);
+                Ok(())
+            })??;
+        }
     }
 }

@@ -22,9 +22,11 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Saturating: the counts are the upstream's word, and an absurd one
+    /// must not wrap a key's or a deployment's token window back to zero.
     pub fn total(&self) -> u64 {
         self.total_tokens
-            .max(self.prompt_tokens + self.completion_tokens)
+            .max(self.prompt_tokens.saturating_add(self.completion_tokens))
     }
 
     pub fn cost(&self, deployment: &DeploymentConfig) -> f64 {
@@ -155,5 +157,23 @@ impl Drop for Meter {
             self.record(None, None, Outcome::Abandoned);
         }
         self.metrics.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `sse` fuzz target: a usage of u64::MAX prompt tokens
+    /// overflowed the total (a panic in a debug build, a wrap to a small
+    /// count that escapes the tpm limits in a release one).
+    #[test]
+    fn absurd_token_counts_saturate() {
+        let usage = Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: 7,
+            total_tokens: 0,
+        };
+        assert_eq!(usage.total(), u64::MAX);
     }
 }

@@ -395,7 +395,10 @@ async fn the_official_openai_client_reads_translated_answers() {
     let found = if python.exists() {
         Ok(())
     } else {
-        Err(format!("no venv with the openai client at {}", python.display()))
+        Err(format!(
+            "no venv with the openai client at {}",
+            python.display()
+        ))
     };
     if berth_tests::require(berth_tests::Part::OpenAiClient, found).is_none() {
         return;

@@ -90,7 +90,12 @@ impl Default for SamplerConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_defaults("127.0.0.1:7702", "127.0.0.1:9702"),
+            server: ServerConfig {
+                // Requests are a session id and a few device names: a
+                // larger one is refused before it is decoded.
+                max_message_bytes: 64 << 10,
+                ..ServerConfig::with_defaults("127.0.0.1:7702", "127.0.0.1:9702")
+            },
             sampler: SamplerConfig::default(),
         }
     }

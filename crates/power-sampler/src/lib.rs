@@ -34,9 +34,10 @@ use crate::service::PowerSamplerService;
 /// host without a GPU or RAPL still starts and says what it lacks; a bad
 /// config or an unreadable replay trace does not.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
+    let max_message_bytes = config.server.max_message_bytes;
     let mut host = ServiceHost::bind(config.server).await?;
     let metrics = PowerMetrics::register(host.registry_mut());
     let service = PowerSamplerService::new(config.sampler, metrics, host.shutdown_token())?;
-    host.add_service(PowerSamplerServer::new(service));
+    host.add_service(PowerSamplerServer::new(service).max_decoding_message_size(max_message_bytes));
     Ok(host.spawn(None))
 }

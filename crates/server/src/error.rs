@@ -63,13 +63,30 @@ pub trait ServiceError: std::error::Error {
     fn error_code(&self) -> ErrorCode;
 }
 
-/// Maps a service error to a gRPC status carrying its message.
+/// Longest status message sent. Messages quote what was refused, which a
+/// hostile request makes as long as the message limit allows; a status
+/// travels as a header, and clients refuse header blocks over 16 KiB or
+/// so, which would hide the answer behind a protocol error.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 4 << 10;
+
+/// Maps a service error to a gRPC status carrying its message (cut at
+/// [`MAX_STATUS_MESSAGE_BYTES`]).
 pub fn into_status<E: ServiceError>(error: E) -> tonic::Status {
     let code = error.error_code();
     if code == ErrorCode::Internal {
         tracing::error!(error = %error, "internal error");
     }
-    tonic::Status::new(code.grpc_code(), error.to_string())
+    let mut message = error.to_string();
+    if message.len() > MAX_STATUS_MESSAGE_BYTES {
+        let cut = (0..=MAX_STATUS_MESSAGE_BYTES)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        let dropped = message.len() - cut;
+        message.truncate(cut);
+        message.push_str(&format!("… ({dropped} more bytes)"));
+    }
+    tonic::Status::new(code.grpc_code(), message)
 }
 
 /// The answer of an RPC that a later piece of work will fill in.
@@ -98,5 +115,31 @@ mod tests {
         assert_eq!(status.message(), "workload `x` not found");
         assert_eq!(ErrorCode::NotFound.http_status(), StatusCode::NOT_FOUND);
         assert_eq!(ErrorCode::ResourceExhausted.http_status().as_u16(), 429);
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("`{0}` is not a valid name")]
+    struct Quoting(String);
+
+    impl ServiceError for Quoting {
+        fn error_code(&self) -> ErrorCode {
+            ErrorCode::BadRequest
+        }
+    }
+
+    #[test]
+    fn a_message_quoting_a_huge_input_is_cut() {
+        let status = into_status(Quoting("é".repeat(1 << 20)));
+        let message = status.message();
+        assert!(
+            message.len() < MAX_STATUS_MESSAGE_BYTES + 64,
+            "{}",
+            message.len()
+        );
+        assert!(message.starts_with("`éé") && message.ends_with(" more bytes)"));
+        assert_eq!(
+            into_status(Quoting("x".into())).message(),
+            "`x` is not a valid name"
+        );
     }
 }

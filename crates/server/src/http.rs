@@ -135,7 +135,8 @@ mod tests {
             }
             assert!(get(addr).await.ends_with("hi"), "others are served");
             let mut answer = [0; 64];
-            let read = tokio::time::timeout(Duration::from_millis(50), slow.read(&mut answer)).await;
+            let read =
+                tokio::time::timeout(Duration::from_millis(50), slow.read(&mut answer)).await;
             if let Ok(read) = read {
                 let n = read.unwrap_or(0);
                 let answer = String::from_utf8_lossy(&answer[..n]);

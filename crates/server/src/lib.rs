@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod listen;
 pub mod http;
+pub mod json_budget;
 pub mod metrics;
 pub mod paging;
 pub mod serve;

@@ -5,6 +5,8 @@
 pub mod container;
 pub mod libvirt;
 pub mod process;
+#[cfg(test)]
+mod spec_fuzz;
 
 use std::time::Duration;
 

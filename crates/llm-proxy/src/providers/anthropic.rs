@@ -326,7 +326,9 @@ struct AnthropicUsage {
 impl AnthropicUsage {
     /// Cached prompt tokens are prompt tokens too, as OpenAI counts them.
     fn prompt_tokens(&self) -> u64 {
-        self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
     }
 }
 
@@ -334,7 +336,7 @@ fn openai_usage(prompt_tokens: u64, completion_tokens: u64) -> Usage {
     Usage {
         prompt_tokens,
         completion_tokens,
-        total_tokens: prompt_tokens + completion_tokens,
+        total_tokens: prompt_tokens.saturating_add(completion_tokens),
     }
 }
 
@@ -493,7 +495,7 @@ struct MessageDelta {
 }
 
 impl Events {
-    pub(super) fn new(include_usage: bool) -> Self {
+    pub(crate) fn new(include_usage: bool) -> Self {
         Self {
             include_usage,
             tool_call: None,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use berth_exec_shim::protocol::{self, Request};
+use berth_exec_shim::protocol::{self, FrameKind, Request};
 use berth_proto::agent::v1::{ExecOutput, ExitReason, ExitStatus, exec_output};
 use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecOptions};
@@ -195,32 +195,21 @@ pub fn run(
         let ended = async {
             stream.write_all(&request.encode()).await?;
             loop {
-                let tag = stream.read_u8().await?;
-                let length = stream.read_u32().await? as usize;
-                if length > protocol::MAX_FRAME_BYTES {
-                    return Err(std::io::Error::other(format!(
-                        "the exec shim sent a frame of {length} bytes"
-                    )));
-                }
+                let mut header = [0; 5];
+                stream.read_exact(&mut header).await?;
+                let (kind, length) = protocol::parse_header(header)?;
                 let mut payload = vec![0; length];
                 stream.read_exact(&mut payload).await?;
-                match tag {
-                    protocol::STDOUT | protocol::STDERR => {
-                        if !forward(&tx, &payload, tag == protocol::STDOUT).await {
+                match kind {
+                    FrameKind::Stdout | FrameKind::Stderr => {
+                        if !forward(&tx, &payload, kind == FrameKind::Stdout).await {
                             return Err(std::io::Error::other("the caller went away"));
                         }
                     }
-                    protocol::EXIT => {
-                        let code = payload
-                            .try_into()
-                            .map(i32::from_be_bytes)
-                            .map_err(|_| std::io::Error::other("a malformed exit frame"))?;
-                        return Ok(code);
-                    }
-                    other => {
-                        return Err(std::io::Error::other(format!(
-                            "the exec shim sent an unknown frame {other}"
-                        )));
+                    FrameKind::Exit => {
+                        // parse_header made sure it is 4 bytes long.
+                        let code: [u8; 4] = payload.try_into().unwrap_or_default();
+                        return Ok(i32::from_be_bytes(code));
                     }
                 }
             }

@@ -13,7 +13,7 @@ mod health;
 mod images;
 mod inspect;
 mod logs;
-mod spec;
+pub(super) mod spec;
 mod stats;
 mod watch;
 
@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use engine::status_of;
-pub use engine::{Dialect, DockerDialect, Engine, PodmanDialect};
+pub use engine::{Dialect, DockerDialect, Engine, EngineVersions, PodmanDialect};
 use inspect::{ContainerDetails, ContainerSummary, LABEL_OWNER};
 // The libvirt runtime keeps the spec in a domain's metadata the same way.
 pub(crate) use inspect::{decode_spec, encode_spec};

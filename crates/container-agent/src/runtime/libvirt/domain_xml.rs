@@ -127,6 +127,16 @@ pub fn validate(spec: &WorkloadSpec) -> Result<&VmSpec, AgentError> {
             "the agent does not restart VMs",
         ));
     }
+    for (key, value) in &spec.labels {
+        if !xml_can_carry(key) || !xml_can_carry(value) {
+            return Err(invalid(
+                "spec.labels",
+                format!(
+                    "label {key:?} = {value:?} holds a control character that the VM's XML metadata cannot carry"
+                ),
+            ));
+        }
+    }
     let vm = spec.vm.as_ref().ok_or_else(|| {
         invalid(
             "spec.vm",
@@ -160,6 +170,14 @@ pub fn validate(spec: &WorkloadSpec) -> Result<&VmSpec, AgentError> {
         ));
     }
     for (index, disk) in vm.disks.iter().enumerate() {
+        if !xml_can_carry(&disk.base_image) || !xml_can_carry(&disk.volume) {
+            return Err(invalid(
+                "spec.vm.disks",
+                format!(
+                    "disks[{index}] holds a control character that the domain's XML cannot carry"
+                ),
+            ));
+        }
         match (disk.base_image.is_empty(), disk.volume.is_empty()) {
             (false, false) | (true, true) => {
                 return Err(invalid(
@@ -228,7 +246,7 @@ pub fn validate(spec: &WorkloadSpec) -> Result<&VmSpec, AgentError> {
                 "set either cloud_init_seed (a seed image of your own) or cloud_init_user_data (the agent makes the seed), not both",
             ));
         }
-        if !Path::new(&vm.cloud_init_seed).is_absolute() {
+        if !Path::new(&vm.cloud_init_seed).is_absolute() || !xml_can_carry(&vm.cloud_init_seed) {
             return Err(invalid(
                 "spec.vm.cloud_init_seed",
                 format!("`{}` must be an absolute path", vm.cloud_init_seed),
@@ -394,7 +412,17 @@ pub struct DomainPlan {
     pub metadata: BerthMetadata,
 }
 
-/// Text for XML content and attribute values.
+/// Whether XML 1.0 can hold `text` at all: not NUL, the other C0 controls
+/// but tab and line breaks, nor U+FFFE and U+FFFF, even as references.
+fn xml_can_carry(text: &str) -> bool {
+    !text.chars().any(|c| {
+        (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{fffe}' | '\u{ffff}')
+    })
+}
+
+/// Text for XML content and attribute values. Tab and line breaks are
+/// references, so that a parser normalising them (in attributes, and `\r`
+/// everywhere) gives them back as they were.
 fn escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
@@ -404,6 +432,9 @@ fn escape(text: &str) -> String {
             '>' => escaped.push_str("&gt;"),
             '"' => escaped.push_str("&quot;"),
             '\'' => escaped.push_str("&apos;"),
+            '\t' => escaped.push_str("&#9;"),
+            '\n' => escaped.push_str("&#10;"),
+            '\r' => escaped.push_str("&#13;"),
             c => escaped.push(c),
         }
     }
@@ -568,7 +599,8 @@ impl BerthMetadata {
         }
         let mut metadata = Self::default();
         for child in root.children().filter(|n| n.is_element()) {
-            let text = child.text().unwrap_or_default().trim();
+            let raw = child.text().unwrap_or_default();
+            let text = raw.trim();
             match child.tag_name().name() {
                 "owner" => metadata.owner = text.to_string(),
                 "created" => {
@@ -579,8 +611,9 @@ impl BerthMetadata {
                 }
                 "files-dir" if !text.is_empty() => metadata.files_dir = Some(PathBuf::from(text)),
                 "label" => {
+                    // A label's value is kept as it was, spaces included.
                     if let Some(key) = child.attribute("key") {
-                        metadata.labels.insert(key.to_string(), text.to_string());
+                        metadata.labels.insert(key.to_string(), raw.to_string());
                     }
                 }
                 "spec" => metadata.spec = decode_spec(text),
@@ -649,6 +682,30 @@ mod tests {
     #[test]
     fn a_plain_vm_spec_is_valid() {
         assert!(validate(&vm_spec()).is_ok());
+    }
+
+    /// Found by the `workload_spec` fuzz target: a label holding NUL made
+    /// the VM's metadata unreadable (the agent would not know its own VM),
+    /// and spaces, tabs and line breaks in labels did not read back.
+    #[test]
+    fn labels_read_back_from_the_metadata_or_are_refused() {
+        let mut spec = vm_spec();
+        spec.labels = [(" key\t1\r\n".to_string(), " a\r\nb\t ".to_string())].into();
+        assert!(validate(&spec).is_ok());
+        let metadata = BerthMetadata {
+            owner: "me".into(),
+            labels: spec.labels.clone().into_iter().collect(),
+            spec: Some(spec.clone()),
+            ..Default::default()
+        };
+        assert_eq!(BerthMetadata::parse(&metadata.to_xml()), Some(metadata));
+        spec.labels = [("k".to_string(), "a\0b".to_string())].into();
+        let error = validate(&spec).unwrap_err().to_string();
+        assert!(error.starts_with("spec.labels: label \"k\""), "{error}");
+        spec.labels.clear();
+        spec.vm.as_mut().unwrap().disks[0].base_image = "/images/\u{1}.qcow2".into();
+        let error = validate(&spec).unwrap_err().to_string();
+        assert!(error.starts_with("spec.vm.disks: disks[0]"), "{error}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! stats are refused, never faked.
 
 mod disks;
-mod domain_xml;
+pub(super) mod domain_xml;
 mod ffi;
 mod watch;
 

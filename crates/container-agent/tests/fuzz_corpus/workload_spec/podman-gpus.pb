@@ -1,0 +1,1 @@
+localhost/bench:1RGPU-1234GPU-5678`

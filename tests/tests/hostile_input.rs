@@ -1,0 +1,769 @@
+//! Hostile input, end to end: the real binaries of the llm-proxy, the power
+//! sampler, the agent (process runtime, unix socket) and the embedding
+//! service (when its model is installed), each driven with malformed
+//! requests over gRPC and HTTP: oversized, deeply nested, invalid UTF-8,
+//! wrong types, huge repeated fields, a stream opened and abandoned, and a
+//! slowloris client. Each is answered with the right status within
+//! [`ANSWER_WITHIN`], its peak RSS grows by less than [`MAX_RSS_GROWTH_KIB`]
+//! (the peak is reset before each case), and the service serves a good
+//! request afterwards, its RSS back within that of where it started. Each
+//! case prints its figures (`--nocapture`): docs/benchmarks.md has them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
+use berth_proto::agent::v1::{CreateWorkloadRequest, ExecRequest, InfoRequest};
+use berth_proto::common::v1::{EnvVar, Runtime, WorkloadSpec};
+use berth_proto::embedding::v1::EmbedRequest;
+use berth_proto::llmproxy::v1::{ChatCompletionRequest, ChatMessage, ListModelsRequest};
+use berth_proto::power::v1::{ListDevicesRequest, StartSessionRequest};
+use berth_server::client::AuthChannel;
+use berth_tests::{Part, Process, free_port, require, wait_for};
+use prost::Message;
+use prost::bytes::{Buf, BufMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Longest a refusal may take.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+/// Most a service's peak RSS may grow in one case, and its RSS over all.
+const MAX_RSS_GROWTH_KIB: u64 = 50 << 10;
+/// The header timeout the services are started with, so the slowloris case
+/// is short.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A field of /proc/<pid>/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// A running service under test: its process and the RSS it started from.
+struct Target {
+    name: &'static str,
+    process: Process,
+    baseline_kib: u64,
+}
+
+impl Target {
+    fn new(name: &'static str, process: Process) -> Self {
+        let baseline_kib = status_kib(process.child.id(), "VmRSS");
+        Self {
+            name,
+            process,
+            baseline_kib,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Runs one case, checks its answer, time and peak RSS growth, and
+    /// prints its figures.
+    async fn case<F: Future<Output = String>>(&self, case: &str, run: F) {
+        // Writing 5 to clear_refs resets VmHWM to the current RSS.
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .expect("reset the peak RSS");
+        let before = status_kib(self.pid(), "VmRSS");
+        let started = Instant::now();
+        let answer = run.await;
+        let took = started.elapsed();
+        let growth = status_kib(self.pid(), "VmHWM").saturating_sub(before);
+        println!(
+            "hostile {} | {case} | {answer} | {:.1} ms | peak RSS +{growth} KiB",
+            self.name,
+            took.as_secs_f64() * 1000.0,
+        );
+        assert!(
+            took < ANSWER_WITHIN,
+            "{} {case}: answered after {took:?}",
+            self.name
+        );
+        assert!(
+            growth < MAX_RSS_GROWTH_KIB,
+            "{} {case}: peak RSS grew by {growth} KiB",
+            self.name
+        );
+    }
+
+    /// After all cases the service's RSS is back within the bound of where
+    /// it started.
+    fn check_memory(&self) {
+        let now = status_kib(self.pid(), "VmRSS");
+        let growth = now.saturating_sub(self.baseline_kib);
+        println!(
+            "hostile {} | RSS at start {} KiB, after all cases {now} KiB (+{growth} KiB)",
+            self.name, self.baseline_kib
+        );
+        assert!(
+            growth < MAX_RSS_GROWTH_KIB,
+            "{}: RSS stayed {growth} KiB above where it started",
+            self.name
+        );
+    }
+}
+
+/// One HTTP/1.1 request written as it is; the status line's code.
+async fn http_raw(addr: &str, request: &[u8]) -> u16 {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before all of a large body is sent.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"))
+}
+
+async fn http_post(addr: &str, path: &str, body: &[u8]) -> u16 {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    http_raw(addr, &request).await
+}
+
+async fn http_get(addr: &str, path: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    http_raw(addr, request.as_bytes()).await
+}
+
+/// Asserts an HTTP status among `expected`; the answer as printed.
+fn expect_http(status: u16, expected: &[u16]) -> String {
+    assert!(
+        expected.contains(&status),
+        "HTTP {status}, expected {expected:?}"
+    );
+    format!("HTTP {status}")
+}
+
+/// A slowloris client: headers a byte per 100 ms. The service cuts it off
+/// within its header timeout and serves `good_path` meanwhile.
+async fn slowloris(target: &Target, addr: &str, good_path: &str) {
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    let head = format!("GET {good_path} HTTP/1.1\r\nhost: {addr}\r\nx-slow: ");
+    let mut bytes = head.bytes().chain(std::iter::repeat(b'a'));
+    let mut answer = Vec::new();
+    loop {
+        let byte = bytes.next().expect("endless");
+        if slow.write_all(&[byte]).await.is_err() {
+            break;
+        }
+        assert_eq!(
+            http_get(addr, good_path).await,
+            200,
+            "others are served meanwhile"
+        );
+        let mut buffer = [0; 256];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                answer.extend_from_slice(&buffer[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < HEADER_TIMEOUT * 5,
+            "{}: a slowloris client was never cut off",
+            target.name
+        );
+    }
+    let waited = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    println!(
+        "hostile {} | slowloris (a header byte per 100 ms) | cut off ({}) | {:.1} s | header timeout {:?}",
+        target.name,
+        if answer.is_empty() { "closed" } else { "408" },
+        waited.as_secs_f64(),
+        HEADER_TIMEOUT
+    );
+    assert!(waited < HEADER_TIMEOUT * 3, "cut off after {waited:?}");
+}
+
+/// gRPC messages as raw bytes, to send what no generated client would.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// A unary call of `method` (`/package.Service/Method`) with `message` as
+/// its bytes; the status code it ends with.
+async fn grpc_raw(channel: &AuthChannel, method: &'static str, message: Vec<u8>) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    match grpc.unary(tonic::Request::new(message), path, Raw).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// Asserts a gRPC code among `expected`; the answer as printed.
+fn expect_code(code: Code, expected: &[Code]) -> String {
+    assert!(expected.contains(&code), "{code:?}, expected {expected:?}");
+    format!("{code:?}")
+}
+
+/// `field` (a string or bytes field number) holding `bytes`, as protobuf encodes it.
+fn length_delimited(field: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A message of a string field over a service's limit on messages.
+fn oversized_message(limit: usize) -> Vec<u8> {
+    length_delimited(1, &vec![b'x'; limit + 1])
+}
+
+/// `count` empty entries of repeated message field `field`, 2 bytes each:
+/// the most a decoder builds per byte received.
+fn empty_entries(field: u32, count: usize) -> Vec<u8> {
+    length_delimited(field, &[]).repeat(count)
+}
+
+/// The common cases over gRPC: invalid UTF-8 in a string field (field 1 of
+/// `method`'s request is a string), a message over the service's size
+/// limit, and as many empty entries of a repeated field as the limit takes
+/// (up to 1M).
+async fn grpc_cases(
+    target: &Target,
+    channel: &AuthChannel,
+    method: &'static str,
+    max_message: usize,
+    repeated_field: u32,
+) {
+    // gRPC's status table: a request that does not parse is INTERNAL.
+    target
+        .case("gRPC invalid UTF-8 in a string", async {
+            expect_code(
+                grpc_raw(channel, method, length_delimited(1, b"\xff\xfe\xc3\x28")).await,
+                &[Code::Internal],
+            )
+        })
+        .await;
+    target
+        .case("gRPC message over the size limit", async {
+            expect_code(
+                grpc_raw(channel, method, oversized_message(max_message)).await,
+                &[Code::OutOfRange, Code::ResourceExhausted],
+            )
+        })
+        .await;
+    // At most 1M: decoding the embedding service's 16 MiB of them takes
+    // ~4 s in a debug build (docs/benchmarks.md).
+    let entries = (max_message / 2 - 16).min(1_000_000);
+    target
+        .case(&format!("gRPC {entries} empty repeated entries"), async {
+            expect_code(
+                grpc_raw(channel, method, empty_entries(repeated_field, entries)).await,
+                &[
+                    Code::InvalidArgument,
+                    Code::NotFound,
+                    Code::ResourceExhausted,
+                ],
+            )
+        })
+        .await;
+}
+
+/// A server-streaming call opened and dropped at once, many times: the
+/// service neither leaks nor stops serving.
+async fn abandoned_streams(
+    target: &Target,
+    channel: &AuthChannel,
+    method: &'static str,
+    message: Vec<u8>,
+) {
+    target
+        .case("100 streams opened and abandoned", async {
+            for _ in 0..100 {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready().await.expect("ready");
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+                let call = grpc.server_streaming(tonic::Request::new(message.clone()), path, Raw);
+                // Dropped before or just after its headers.
+                let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
+            }
+            "dropped".to_string()
+        })
+        .await;
+}
+
+/// The HTTP cases every JSON endpoint gets: a body over the limit
+/// (declared, and sent chunked), deeply nested JSON, invalid UTF-8, wrong
+/// types, and a huge array of small objects under the limit.
+async fn json_cases(target: &Target, addr: &str, path: &str, max_body: usize) {
+    target
+        .case("HTTP body over the limit (with its length)", async {
+            expect_http(
+                http_post(addr, path, &vec![b' '; max_body + 1]).await,
+                &[413],
+            )
+        })
+        .await;
+    target
+        .case("HTTP body over the limit (chunked)", async {
+            let mut request = format!(
+                "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            )
+            .into_bytes();
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..=(max_body >> 20) {
+                request.extend(format!("{:x}\r\n", chunk.len()).bytes());
+                request.extend(&chunk);
+                request.extend(b"\r\n");
+            }
+            request.extend(b"0\r\n\r\n");
+            expect_http(http_raw(addr, &request).await, &[413])
+        })
+        .await;
+    target
+        .case("HTTP JSON nested 100000 deep", async {
+            let body = format!("{{\"model\":\"m\",\"input\":{}}}", "[".repeat(100_000));
+            expect_http(http_post(addr, path, body.as_bytes()).await, &[400, 422])
+        })
+        .await;
+    target
+        .case("HTTP invalid UTF-8", async {
+            expect_http(
+                http_post(
+                    addr,
+                    path,
+                    b"{\"model\":\"\xff\xfe\",\"input\":\"\xc3\x28\"}",
+                )
+                .await,
+                &[400, 422],
+            )
+        })
+        .await;
+    target
+        .case("HTTP wrong types", async {
+            expect_http(
+                http_post(addr, path, br#"{"model":5,"input":{"a":1},"stream":"yes"}"#).await,
+                &[400, 422],
+            )
+        })
+        .await;
+    target
+        .case("HTTP 1M small objects under the limit", async {
+            let mut body = String::from("{\"model\":\"m\",\"input\":[");
+            let item = "{\"a\":0},";
+            let count = (max_body - 64) / item.len();
+            body.push_str(&item.repeat(count.min(1_000_000)));
+            body.push_str("{}]}");
+            expect_http(
+                http_post(addr, path, body.as_bytes()).await,
+                &[400, 404, 413, 422],
+            )
+        })
+        .await;
+}
+
+fn env_of(data: &Path) -> Vec<(&'static str, String)> {
+    let dir = data.display().to_string();
+    vec![
+        ("XDG_DATA_HOME", dir.clone()),
+        ("XDG_RUNTIME_DIR", dir),
+        (
+            "BERTH_SERVER__HTTP_HEADER_TIMEOUT",
+            format!("{}ms", HEADER_TIMEOUT.as_millis()),
+        ),
+    ]
+}
+
+fn spawn(binary: &str, args: &[&str], env: &[(&str, String)]) -> Process {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Process::spawn(binary, args, &env)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let litellm = data.path().join("litellm.yaml");
+    // An upstream nothing listens on: the cases never get that far.
+    std::fs::write(
+        &litellm,
+        "model_list:\n  - model_name: m\n    litellm_params: {model: openai/m, api_base: 'http://127.0.0.1:9/v1'}\n",
+    )
+    .unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut env = env_of(data.path());
+    env.push(("BERTH_PROXY__LITELLM_CONFIG", litellm.display().to_string()));
+    let process = spawn(
+        "berth-llm-proxy",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &env,
+    );
+    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+    let addr = format!("127.0.0.1:{http}");
+    assert_eq!(http_get(&addr, "/v1/models").await, 200);
+    let target = Target::new("llm-proxy", process);
+
+    json_cases(&target, &addr, "/v1/embeddings", 8 << 20).await;
+    json_cases(&target, &addr, "/v1/chat/completions", 8 << 20).await;
+    grpc_cases(
+        &target,
+        &channel,
+        "/berth.llmproxy.v1.LlmProxy/ChatCompletion",
+        1 << 20,
+        2,
+    )
+    .await;
+    target
+        .case("gRPC extra_json nested 100000 deep", async {
+            let request = ChatCompletionRequest {
+                model: "m".into(),
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                    name: String::new(),
+                }],
+                extra_json: format!("{{\"x\":{}}}", "[".repeat(100_000)),
+                ..Default::default()
+            };
+            expect_code(
+                grpc_raw(
+                    &channel,
+                    "/berth.llmproxy.v1.LlmProxy/ChatCompletion",
+                    request.encode_to_vec(),
+                )
+                .await,
+                &[Code::InvalidArgument, Code::ResourceExhausted],
+            )
+        })
+        .await;
+    abandoned_streams(
+        &target,
+        &channel,
+        "/berth.llmproxy.v1.LlmProxy/ChatCompletionStream",
+        ChatCompletionRequest {
+            model: "m".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    slowloris(&target, &addr, "/v1/models").await;
+
+    assert_eq!(http_get(&addr, "/v1/models").await, 200, "still serves");
+    assert_eq!(
+        grpc_raw(
+            &channel,
+            "/berth.llmproxy.v1.LlmProxy/ListModels",
+            ListModelsRequest {}.encode_to_vec()
+        )
+        .await,
+        Code::Ok
+    );
+    target.check_memory();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_power_sampler_refuses_hostile_input_in_bounded_time_and_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let trace = berth_tests::repo_root().join("examples/power/llm-inference.csv");
+    let (grpc, http) = (free_port(), free_port());
+    let mut env = env_of(data.path());
+    env.extend([
+        ("BERTH_SAMPLER__NVML", "false".to_string()),
+        ("BERTH_SAMPLER__POWERCAP_ROOT", String::new()),
+        (
+            "BERTH_SAMPLER__REPLAY_TRACES",
+            format!("[\"{}\"]", trace.display()),
+        ),
+    ]);
+    let process = spawn(
+        "berth-power-sampler",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &env,
+    );
+    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+    let addr = format!("127.0.0.1:{http}");
+    let list = "/berth.power.v1.PowerSampler/ListDevices";
+    assert_eq!(
+        grpc_raw(&channel, list, ListDevicesRequest {}.encode_to_vec()).await,
+        Code::Ok
+    );
+    let target = Target::new("power-sampler", process);
+
+    grpc_cases(
+        &target,
+        &channel,
+        "/berth.power.v1.PowerSampler/StartSession",
+        64 << 10,
+        2,
+    )
+    .await;
+    target
+        .case("gRPC 5000 unknown devices", async {
+            let request = StartSessionRequest {
+                run_id: "r".into(),
+                devices: (0..5000).map(|i| format!("gpu{i}")).collect(),
+                ..Default::default()
+            };
+            expect_code(
+                grpc_raw(
+                    &channel,
+                    "/berth.power.v1.PowerSampler/StartSession",
+                    request.encode_to_vec(),
+                )
+                .await,
+                &[Code::InvalidArgument, Code::NotFound],
+            )
+        })
+        .await;
+    abandoned_streams(
+        &target,
+        &channel,
+        "/berth.power.v1.PowerSampler/StreamSamples",
+        length_delimited(1, b"no-such-session"),
+    )
+    .await;
+    slowloris(&target, &addr, "/metrics").await;
+
+    assert_eq!(
+        grpc_raw(&channel, list, ListDevicesRequest {}.encode_to_vec()).await,
+        Code::Ok
+    );
+    assert_eq!(http_get(&addr, "/metrics").await, 200);
+    target.check_memory();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_refuses_hostile_input_in_bounded_time_and_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let socket = data.path().join("agent.sock");
+    let listen = format!("unix://{}", socket.display());
+    let mut env = env_of(data.path());
+    env.extend([
+        ("BERTH_ENGINES__DOCKER", "off".to_string()),
+        ("BERTH_ENGINES__PODMAN", "off".to_string()),
+        ("BERTH_LIBVIRT__URI", "off".to_string()),
+        (
+            "BERTH_ENGINES__STATE_DIR",
+            data.path().join("state").display().to_string(),
+        ),
+    ]);
+    let http = format!("127.0.0.1:{}", free_port());
+    let process = spawn(
+        "berth-agent",
+        &["--listen", &listen, "--http-listen", &http],
+        &env,
+    );
+    let channel = wait_for(&listen).await;
+    let mut agent = ContainerAgentClient::new(channel.clone());
+    agent.info(InfoRequest {}).await.expect("Info");
+    let target = Target::new("agent", process);
+    let create = "/berth.agent.v1.ContainerAgent/CreateWorkload";
+
+    grpc_cases(&target, &channel, create, 1 << 20, 2).await;
+    target
+        .case("gRPC spec of 500k empty env vars (1 MiB)", async {
+            let mut spec = Vec::new();
+            prost::encoding::encode_key(1, prost::encoding::WireType::Varint, &mut spec);
+            prost::encoding::encode_varint(Runtime::Process as u64, &mut spec);
+            spec.extend(empty_entries(4, 500_000));
+            let mut request = length_delimited(1, b"w");
+            request.extend(length_delimited(2, &spec));
+            expect_code(
+                grpc_raw(&channel, create, request).await,
+                &[Code::InvalidArgument],
+            )
+        })
+        .await;
+    let process_spec = |f: fn(&mut WorkloadSpec)| {
+        let mut spec = WorkloadSpec {
+            runtime: Runtime::Process as i32,
+            ..Default::default()
+        };
+        f(&mut spec);
+        CreateWorkloadRequest {
+            name: "w".into(),
+            spec: Some(spec),
+        }
+        .encode_to_vec()
+    };
+    let spec_cases: [(&str, Vec<u8>); 4] = [
+        (
+            "gRPC spec with 100000 env vars",
+            process_spec(|s| {
+                s.env = vec![
+                    EnvVar {
+                        name: "A".into(),
+                        value: "1".into()
+                    };
+                    100_000
+                ];
+            }),
+        ),
+        (
+            "gRPC spec with 50000 labels",
+            process_spec(|s| {
+                s.labels = (0..50_000)
+                    .map(|i| (i.to_string(), String::new()))
+                    .collect()
+            }),
+        ),
+        (
+            "gRPC spec with a 512 KiB argument",
+            process_spec(|s| s.command = vec!["sh".into(), "x".repeat(512 << 10)]),
+        ),
+        (
+            "gRPC spec with a NUL in an argument",
+            process_spec(|s| s.command = vec!["sh\0".into()]),
+        ),
+    ];
+    for (case, message) in spec_cases {
+        target
+            .case(case, async {
+                expect_code(
+                    grpc_raw(&channel, create, message).await,
+                    &[Code::InvalidArgument],
+                )
+            })
+            .await;
+    }
+    target
+        .case("gRPC workload name of 512 KiB", async {
+            let request = CreateWorkloadRequest {
+                name: "w".repeat(512 << 10),
+                spec: Some(WorkloadSpec {
+                    runtime: Runtime::Process as i32,
+                    ..Default::default()
+                }),
+            };
+            expect_code(
+                grpc_raw(&channel, create, request.encode_to_vec()).await,
+                &[Code::InvalidArgument],
+            )
+        })
+        .await;
+    abandoned_streams(
+        &target,
+        &channel,
+        "/berth.agent.v1.ContainerAgent/Exec",
+        ExecRequest {
+            workload_id: "nope".into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+
+    agent.info(InfoRequest {}).await.expect("still serves");
+    target.check_memory();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut env = env_of(data.path());
+    env.push(("BERTH_MODELS__SESSIONS", "1".to_string()));
+    let process = spawn(
+        "berth-embedding",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &env,
+    );
+    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+    let addr = format!("127.0.0.1:{http}");
+    let serving = berth_tests::health(channel.clone(), "").await;
+    let model = serving == tonic_health::pb::health_check_response::ServingStatus::Serving;
+    let found = if model {
+        Ok(())
+    } else {
+        Err(format!(
+            "berth-embedding is {serving:?}: the model is not in {} (scripts/setup-embedding-model.sh)",
+            berth_tests::model_cache().display()
+        ))
+    };
+    if require(Part::Model, found).is_none() {
+        return;
+    }
+    let embed = "/berth.embedding.v1.Embedding/Embed";
+    let good = EmbedRequest {
+        texts: vec!["a cat".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        grpc_raw(&channel, embed, good.encode_to_vec()).await,
+        Code::Ok
+    );
+    let target = Target::new("embedding", process);
+
+    json_cases(&target, &addr, "/v1/embeddings", 16 << 20).await;
+    grpc_cases(&target, &channel, embed, 16 << 20, 2).await;
+    slowloris(&target, &addr, "/health").await;
+
+    assert_eq!(
+        grpc_raw(&channel, embed, good.encode_to_vec()).await,
+        Code::Ok
+    );
+    assert_eq!(http_get(&addr, "/health").await, 200);
+    target.check_memory();
+}
