@@ -200,28 +200,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             file,
             validate,
             watch,
-        } => {
-            let text = std::fs::read_to_string(&file).map_err(|source| CliError::File {
-                path: file.clone(),
-                source,
-            })?;
-            let request = SubmitCampaignRequest {
-                manifest_yaml: text,
-                source_name: file.display().to_string(),
-                validate_only: validate,
-            };
-            let campaign = client.submit_campaign(request).await?.into_inner();
-            let runs = campaign.runs.map(|r| r.total).unwrap_or_default();
-            if validate {
-                println!("{}: valid, {runs} runs", file.display());
-                return Ok(());
-            }
-            println!("{}", campaign.id);
-            if watch {
-                watch_until_done(&mut client, &campaign.id).await?;
-            }
-            Ok(())
-        }
+        } => submit(&mut client, &file, validate, watch).await,
         Command::Watch { id } => watch_until_done(&mut client, &id).await,
         Command::Results {
             id,
@@ -229,23 +208,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             runs,
             output,
         } => {
-            let bytes = match results_output(format, runs, output.is_some())? {
-                ResultsOutput::Runs(format) => {
-                    let campaign = client
-                        .get_campaign(GetCampaignRequest { id: id.clone() })
-                        .await?
-                        .into_inner();
-                    let runs = export::fetch_runs(&mut client, &id).await?;
-                    export::RunTable::new(&campaign, &runs).encode(format)?
-                }
-                ResultsOutput::Aggregate(format) => {
-                    let results = client
-                        .get_results(GetResultsRequest { id })
-                        .await?
-                        .into_inner();
-                    output::results(&results, format)?
-                }
-            };
+            let format = results_output(format, runs, output.is_some())?;
+            let bytes = results(&mut client, id, format).await?;
             write_output(output, &bytes)
         }
         Command::Series {
@@ -310,16 +274,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let token = agent_token_env
                 .map(|var| std::env::var(var).unwrap_or_default())
                 .unwrap_or_default();
-            let host = client
-                .register_host(RegisterHostRequest {
-                    name,
-                    address,
-                    token,
-                    labels,
-                    power_sampler: power_sampler.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let request = RegisterHostRequest {
+                name,
+                address,
+                token,
+                labels,
+                power_sampler: power_sampler.unwrap_or_default(),
+            };
+            let host = client.register_host(request).await?.into_inner();
             print!("{}", output::hosts(&[host]));
             Ok(())
         }
@@ -332,6 +294,61 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `berth submit`: sends the manifest; prints the campaign's id (or, with
+/// `--validate`, how many runs it would have) and watches it if asked.
+async fn submit(
+    client: &mut Client,
+    file: &std::path::Path,
+    validate: bool,
+    watch: bool,
+) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CliError::File {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let request = SubmitCampaignRequest {
+        manifest_yaml: text,
+        source_name: file.display().to_string(),
+        validate_only: validate,
+    };
+    let campaign = client.submit_campaign(request).await?.into_inner();
+    let runs = campaign.runs.map(|r| r.total).unwrap_or_default();
+    if validate {
+        println!("{}: valid, {runs} runs", file.display());
+        return Ok(());
+    }
+    println!("{}", campaign.id);
+    if watch {
+        watch_until_done(client, &campaign.id).await?;
+    }
+    Ok(())
+}
+
+/// `berth results`: every run, or the aggregate per (config, backend), encoded.
+async fn results(
+    client: &mut Client,
+    id: String,
+    format: ResultsOutput,
+) -> Result<Vec<u8>, CliError> {
+    Ok(match format {
+        ResultsOutput::Runs(format) => {
+            let campaign = client
+                .get_campaign(GetCampaignRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            let runs = export::fetch_runs(client, &id).await?;
+            export::RunTable::new(&campaign, &runs).encode(format)?
+        }
+        ResultsOutput::Aggregate(format) => {
+            let results = client
+                .get_results(GetResultsRequest { id })
+                .await?
+                .into_inner();
+            output::results(&results, format)?
+        }
+    })
 }
 
 /// Writes an export to the file, or to stdout when there is none.

@@ -94,7 +94,11 @@ fn is_tag_char(c: char) -> bool {
 impl Scanner {
     fn new(text: &str, max_depth: usize, max_nodes: usize) -> Self {
         Self {
-            chars: text.chars().collect(),
+            // libyaml's reader refuses a NUL where it meets one and its
+            // scanner reads `\0` as the end of the input, as every loop here
+            // does: nothing past the first NUL is scanned (a NUL inside a
+            // quoted or block scalar would otherwise never be stepped over).
+            chars: text.chars().take_while(|&c| c != '\0').collect(),
             max_depth,
             max_nodes,
             nodes: 0,
@@ -556,6 +560,24 @@ mod tests {
         assert!(depth_ok(script, 1));
         // Tags may hold `'`, which then quotes nothing.
         assert!(depth_ok("a: !x'y [1]\nb: [2]\n", 1));
+    }
+
+    #[test]
+    fn a_nul_ends_the_scan() {
+        // Inside quoted and block scalars, where it once looped forever.
+        for text in [
+            "a: \"x\0y\"\nb: [[[1]]]\n",
+            "a: 'x\0y'\nb: [[[1]]]\n",
+            "a: |\n  \0x\nb: [[[1]]]\n",
+            "a: >-\n  x\n  \0\n",
+        ] {
+            assert!(depth_ok(text, 0), "{text:?}");
+            assert!(
+                serde_yaml::from_str::<serde_yaml::Value>(text).is_err(),
+                "{text:?}"
+            );
+        }
+        assert!(!depth_ok("b: [[[1]]]\na: \"\0\"\n", 2));
     }
 
     #[test]

@@ -66,6 +66,14 @@ pub struct RunUpdate {
     pub power_series: Option<PowerSeries>,
 }
 
+/// A run transition as it was written: the run with its new state and
+/// fields, and its campaign's run counts right after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transitioned {
+    pub run: Run,
+    pub counts: RunCounts,
+}
+
 /// The samples of a run's power session, as many as were kept.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PowerSeries {
@@ -142,16 +150,19 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<usize>;
     /// The first pending run of a backend, by sequence.
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
-    /// Moves a run to `to` if its state is one of `from`; false if it was
+    /// Moves a run to `to` if its state is one of `from`; `None` if it was
     /// not. The state and everything in `update` (its power series included)
-    /// are written in one transaction: all of them or none.
+    /// are written in one transaction: all of them or none. What was written
+    /// comes back, read in that same transaction: the run as it now is and
+    /// its campaign's counts, for the caller to act on and publish without
+    /// reading them again.
     fn transition_run(
         &self,
         id: &str,
         from: &[RunState],
         to: RunState,
         update: &RunUpdate,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Option<Transitioned>>;
     /// A run's stored power samples in order, after position `after`,
     /// optionally of one device; empty when it has none.
     fn power_series(

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     HostRecord, MeasuredRuns, Placement, PowerSeries, RunUpdate, Store, StoreError, StoreResult,
-    StoredPowerSample,
+    StoredPowerSample, Transitioned,
 };
 
 const SCHEMA: &str = "
@@ -371,6 +371,30 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     })
 }
 
+/// The campaign's runs per state, as the triggers keep them.
+fn run_counts(db: &Connection, campaign_id: &str) -> StoreResult<RunCounts> {
+    let mut statement =
+        db.prepare_cached("SELECT state, runs FROM run_state_counts WHERE campaign_id = ?1")?;
+    let mut counts = RunCounts::default();
+    let rows = statement.query_map([campaign_id], |row| {
+        Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?))
+    })?;
+    for row in rows {
+        let (state, count) = row?;
+        counts.total += count;
+        match RunState::try_from(state).unwrap_or_default() {
+            RunState::Pending => counts.pending = count,
+            RunState::Dispatched => counts.dispatched = count,
+            RunState::Running => counts.running = count,
+            RunState::Succeeded => counts.succeeded = count,
+            RunState::Failed => counts.failed = count,
+            RunState::Cancelled => counts.cancelled = count,
+            RunState::Unspecified => {}
+        }
+    }
+    Ok(counts)
+}
+
 fn state_list(states: &[RunState]) -> String {
     states
         .iter()
@@ -502,27 +526,7 @@ impl Store for SqliteStore {
     }
 
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts> {
-        let db = self.db();
-        let mut statement =
-            db.prepare_cached("SELECT state, runs FROM run_state_counts WHERE campaign_id = ?1")?;
-        let mut counts = RunCounts::default();
-        let rows = statement.query_map([campaign_id], |row| {
-            Ok((row.get::<_, i32>(0)?, row.get::<_, u64>(1)?))
-        })?;
-        for row in rows {
-            let (state, count) = row?;
-            counts.total += count;
-            match RunState::try_from(state).unwrap_or_default() {
-                RunState::Pending => counts.pending = count,
-                RunState::Dispatched => counts.dispatched = count,
-                RunState::Running => counts.running = count,
-                RunState::Succeeded => counts.succeeded = count,
-                RunState::Failed => counts.failed = count,
-                RunState::Cancelled => counts.cancelled = count,
-                RunState::Unspecified => {}
-            }
-        }
-        Ok(counts)
+        run_counts(&self.db(), campaign_id)
     }
 
     fn runs(
@@ -612,7 +616,7 @@ impl Store for SqliteStore {
         from: &[RunState],
         to: RunState,
         update: &RunUpdate,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Option<Transitioned>> {
         let now = now_ms();
         let sql = format!(
             "UPDATE runs SET state = ?2,
@@ -628,40 +632,45 @@ impl Store for SqliteStore {
                 logs_tail = COALESCE(?13, logs_tail),
                 power_samples = COALESCE(?14, power_samples),
                 power_series_truncated = COALESCE(?15, power_series_truncated)
-             WHERE id = ?1 AND state IN ({})",
+             WHERE id = ?1 AND state IN ({})
+             RETURNING {RUN_COLUMNS}",
             state_list(from)
         );
         let series = update.power_series.as_ref();
         let mut db = self.db();
         let tx = db.transaction()?;
-        let changed = tx.execute(
-            &sql,
-            params![
-                id,
-                to as i32,
-                update.host,
-                i32::from(update.add_attempt),
-                update.exit_code,
-                update.result_json,
-                update.duration_ms.map(|d| d as i64),
-                update.error,
-                update.started_now,
-                update.finished_now,
-                now,
-                update.energy.as_deref().map(encode_energy),
-                update.logs_tail,
-                series.map(|s| s.samples.len() as i64),
-                series.map(|s| s.truncated)
-            ],
-        )?;
-        if changed != 1 {
-            return Ok(false);
-        }
+        let run = tx
+            .query_row(
+                &sql,
+                params![
+                    id,
+                    to as i32,
+                    update.host,
+                    i32::from(update.add_attempt),
+                    update.exit_code,
+                    update.result_json,
+                    update.duration_ms.map(|d| d as i64),
+                    update.error,
+                    update.started_now,
+                    update.finished_now,
+                    now,
+                    update.energy.as_deref().map(encode_energy),
+                    update.logs_tail,
+                    series.map(|s| s.samples.len() as i64),
+                    series.map(|s| s.truncated)
+                ],
+                run_row,
+            )
+            .optional()?;
+        let Some(run) = run else {
+            return Ok(None);
+        };
         if let Some(series) = series {
             insert_power_series(&tx, id, series)?;
         }
+        let counts = run_counts(&tx, &run.campaign_id)?;
         tx.commit()?;
-        Ok(true)
+        Ok(Some(Transitioned { run, counts }))
     }
 
     fn power_series(
@@ -814,7 +823,10 @@ mod tests {
         to: RunState,
         update: &RunUpdate,
     ) -> bool {
-        store.transition_run(id, &[from], to, update).unwrap()
+        store
+            .transition_run(id, &[from], to, update)
+            .unwrap()
+            .is_some()
     }
 
     fn run(id: &str, sequence: u32) -> Run {
@@ -850,6 +862,54 @@ mod tests {
         let counts = store.run_counts("c1").unwrap();
         assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
         assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "r2");
+    }
+
+    #[test]
+    fn a_transition_returns_what_it_wrote_and_the_counts_after_it() {
+        let (_dir, store) = store_with(&[run("r1", 0), run("r2", 1)]);
+        let dispatch = RunUpdate {
+            host: Some("h1".into()),
+            add_attempt: true,
+            started_now: true,
+            ..Default::default()
+        };
+        let written = store
+            .transition_run("r1", &[Pending], RunState::Dispatched, &dispatch)
+            .unwrap()
+            .unwrap();
+        assert_eq!(written.run, store.run("r1").unwrap().unwrap());
+        assert_eq!(written.counts, store.run_counts("c1").unwrap());
+        assert_eq!(
+            (
+                written.run.state,
+                written.run.host.as_str(),
+                written.run.attempts
+            ),
+            (RunState::Dispatched as i32, "h1", 1)
+        );
+        assert_eq!(
+            (
+                written.counts.dispatched,
+                written.counts.pending,
+                written.counts.total
+            ),
+            (1, 1, 2)
+        );
+        let done = succeeded_with(series(&["gpu0"], 2));
+        let written = store
+            .transition_run("r1", &[RunState::Dispatched], Succeeded, &done)
+            .unwrap()
+            .unwrap();
+        assert_eq!(written.run, store.run("r1").unwrap().unwrap());
+        assert_eq!(written.run.power_samples, 2);
+        assert_eq!(written.counts, store.run_counts("c1").unwrap());
+        // Nothing moved, nothing returned.
+        assert!(
+            store
+                .transition_run("r1", &[Pending], Running, &RunUpdate::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,0 +1,466 @@
+//! The whole path from text to plan: expansion and order, errors at their
+//! lines, and every limit refused before the work it bounds.
+
+use std::time::Duration;
+
+use super::*;
+
+const BASE: &str = "name: t
+backends:
+  - name: local
+    runtime: process
+grid:
+  params:
+    size: [1, 2]
+    algo: [a, b]
+run:
+  command: [echo, '{{size}}', '{{ algo }}']
+cycles: 2
+";
+
+#[test]
+fn expands_grid_and_cycles() {
+    let plan = plan("t.yaml", BASE).unwrap();
+    let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "size=1,algo=a",
+            "size=1,algo=b",
+            "size=2,algo=a",
+            "size=2,algo=b"
+        ]
+    );
+    assert_eq!(plan.runs.len(), 8);
+    assert_eq!(plan.runs[4].cycle, 2);
+    let run = &plan.runs[1];
+    assert_eq!(plan.command_for(run, "id"), ["echo", "1", "b"]);
+    assert_eq!(run.id("c1"), "c1/size=1,algo=b/local/1");
+}
+
+#[test]
+fn grouped_shuffled_and_warmup_orders() {
+    let grouped = plan("t", &format!("{BASE}order: grouped\nwarmup: {{runs: 1}}\n")).unwrap();
+    let order: Vec<_> = grouped
+        .runs
+        .iter()
+        .map(|r| (r.warmup, r.cycle, r.config.as_str()))
+        .collect();
+    assert_eq!(order[..5].iter().filter(|r| r.0).count(), 4);
+    assert_eq!(order[4], (false, 1, "size=1,algo=a"));
+    assert_eq!(order[5], (false, 2, "size=1,algo=a"));
+    let a = plan("t", &format!("{BASE}order: shuffled\nseed: 7\n")).unwrap();
+    let b = plan("t", &format!("{BASE}order: shuffled\nseed: 7\n")).unwrap();
+    assert_eq!(a.runs, b.runs, "same seed, same order");
+    let mut per_cycle: Vec<_> = a.runs[..4].iter().map(|r| r.config.clone()).collect();
+    per_cycle.sort();
+    assert_eq!(per_cycle.len(), 4, "each config once per cycle");
+}
+
+#[test]
+fn exclude_and_include() {
+    let text = BASE.replace(
+        "run:",
+        "  exclude: [{size: 2}]\n  include: [{size: 9, algo: z}]\nrun:",
+    );
+    let plan = plan("t", &text).unwrap();
+    let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["size=1,algo=a", "size=1,algo=b", "size=9,algo=z"]);
+}
+
+fn error(text: &str) -> ManifestError {
+    plan("campaign.yaml", text).unwrap_err()
+}
+
+#[test]
+fn malformed_yaml_has_file_line_column() {
+    let e = error("name: t\nbackends: [\n");
+    assert_eq!(e.source_name, "campaign.yaml");
+    assert!(e.line >= 2, "{e}");
+}
+
+#[test]
+fn unknown_field_is_named_with_its_line() {
+    let e = error(&BASE.replace(
+        "    runtime: process",
+        "    runtime: process\n    imagee: x",
+    ));
+    assert!(e.message.contains("imagee"), "{e}");
+    assert_eq!(e.line, 5, "{e}");
+}
+
+#[test]
+fn zero_cycles_and_empty_grid_rejected() {
+    let e = error(&BASE.replace("cycles: 2", "cycles: 0"));
+    assert!(e.message.contains("cycles"), "{e}");
+    assert_eq!(e.line, 11);
+    let e = error(&BASE.replace("    size: [1, 2]\n    algo: [a, b]\n", "    size: []\n"));
+    assert!(e.message.contains("empty"), "{e}");
+    let e = error(&BASE.replace(
+        "  params:\n    size: [1, 2]\n    algo: [a, b]\n",
+        "  params: {}\n",
+    ));
+    assert!(e.message.contains("empty grid"), "{e}");
+}
+
+#[test]
+fn duplicate_config_name_rejected_with_line() {
+    let text = "name: t\nbackends: [{name: l, runtime: process}]\nconfigs:\n  - name: fast\n  - name: fast\nrun: {command: [true]}\n";
+    let e = error(text);
+    assert!(e.message.contains("duplicate config name `fast`"), "{e}");
+    assert_eq!(e.line, 5);
+}
+
+#[test]
+fn unknown_placeholder_rejected() {
+    let e = error(&BASE.replace("'{{ algo }}'", "'{{algorithm}}'"));
+    assert!(e.message.contains("{{algorithm}}"), "{e}");
+}
+
+#[test]
+fn power_rate_out_of_range_rejected() {
+    let e = error(&format!("{BASE}power: {{enabled: true, rate_hz: 50000}}\n"));
+    assert!(
+        e.message.contains("power.rate_hz") && e.message.contains("50000"),
+        "{e}"
+    );
+    let ok = plan(
+        "t",
+        &format!("{BASE}power:\n  enabled: true\n  rate_hz: 100\n  idle_baseline: 2s\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.manifest.power.idle_baseline,
+        Some(Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn stable_warmup_plans_its_cap_and_defaults() {
+    let plan = plan(
+        "t",
+        &format!("{BASE}warmup:\n  cv_below: 0.05\n  metric: tps\n  max_runs: 4\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        plan.warmup,
+        WarmupPolicy::UntilStable(StableWarmup {
+            cv_below: 0.05,
+            window: DEFAULT_STABLE_WINDOW,
+            metric: "tps".into(),
+            max_runs: 4,
+        })
+    );
+    // 4 configs × (4 warmup runs planned up front + 2 cycles).
+    assert_eq!(plan.runs.len(), 24);
+    assert_eq!(plan.runs.iter().filter(|r| r.warmup).count(), 16);
+    let defaults = super::plan("t", &format!("{BASE}warmup: {{cv_below: 0.1}}\n")).unwrap();
+    match defaults.warmup {
+        WarmupPolicy::UntilStable(stable) => {
+            assert_eq!(stable.metric, "duration_s");
+            assert_eq!(
+                (stable.window, stable.max_runs),
+                (DEFAULT_STABLE_WINDOW, DEFAULT_STABLE_CAP)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stable_warmup_example_is_valid() {
+    let text = include_str!("../../../../examples/campaigns/stable-warmup.yaml");
+    let plan = plan("stable-warmup.yaml", text).unwrap();
+    assert!(matches!(plan.warmup, WarmupPolicy::UntilStable(_)));
+}
+
+#[test]
+fn incoherent_stable_warmups_rejected_at_their_line() {
+    // BASE has 11 lines; `warmup:` is line 12.
+    let cases = [
+        ("  cv_below: 0.05\n  runs: 2\n", 14, "warmup.runs"),
+        (
+            "  last: 3\n",
+            13,
+            "warmup.last: applies only with warmup.cv_below",
+        ),
+        ("  cv_below: 0\n", 13, "warmup.cv_below: 0 must be above 0"),
+        ("  cv_below: 0.05\n  last: 1\n", 14, "at least 2 values"),
+        (
+            "  cv_below: 0.05\n  last: 5\n  max_runs: 4\n",
+            15,
+            "warmup.max_runs: 4 is fewer than warmup.last (5)",
+        ),
+        ("  cv_below: 0.05\n  metric: ''\n", 14, "warmup.metric"),
+    ];
+    for (warmup, line, expected) in cases {
+        let e = error(&format!("{BASE}warmup:\n{warmup}"));
+        assert!(e.message.contains(expected), "{warmup}: {e}");
+        assert_eq!(e.line, line, "{warmup}: {e}");
+    }
+}
+
+const CONTAINERS: &str = "name: t
+backends:
+  - name: small
+    runtime: docker
+    image: busybox
+  - name: llm
+    runtime: docker
+    image: vllm
+    placement:
+      gpus: 2
+      memory: 16GiB
+    resources:
+      cpus: 4
+      memory: 32GiB
+      memory_reservation: 8GiB
+    gpus:
+      count: all
+    mounts:
+      - {source: /models, target: /models, read_only: true}
+configs: [{name: a}]
+run: {command: [true]}
+";
+
+#[test]
+fn placement_resources_gpus_and_mounts_parse() {
+    let plan = plan("t", CONTAINERS).unwrap();
+    let llm = plan.backend("llm").unwrap();
+    assert_eq!(llm.placement.memory, Some(ByteSize(16 << 30)));
+    assert_eq!(llm.resources.memory_reservation, Some(ByteSize(8 << 30)));
+    assert_eq!(llm.gpus.as_ref().unwrap().count, Some(GpuCount::All));
+    assert!(llm.mounts[0].read_only);
+    assert_eq!((llm.gpus_needed(), llm.memory_needed()), (2, 16 << 30));
+    let small = plan.backend("small").unwrap();
+    assert_eq!((small.gpus_needed(), small.memory_needed()), (0, 0));
+}
+
+#[test]
+fn bad_resources_rejected_at_the_backend_line() {
+    // serde_yaml places a value's own errors at the start of its mapping.
+    let cases = [
+        ("memory: 16GiB", "memory: lots", 10, "invalid size `lots`"),
+        ("count: all", "count: many", 17, "invalid GPU count `many`"),
+        (
+            "count: all",
+            "count: 1\n      devices: ['0']",
+            16,
+            "backends[llm].gpus: give either count or devices",
+        ),
+        (
+            "target: /models",
+            "target: models",
+            18,
+            "must be an absolute path",
+        ),
+        (
+            "cpus: 4",
+            "cpus: -1",
+            13,
+            "backends[llm].resources.cpus: -1",
+        ),
+        (
+            "memory_reservation: 8GiB",
+            "memory_reservation: 64GiB",
+            15,
+            "above the memory limit",
+        ),
+    ];
+    for (from, to, line, expected) in cases {
+        let e = error(&CONTAINERS.replace(from, to));
+        assert!(e.message.contains(expected), "{to}: {e}");
+        assert_eq!(e.line, line, "{to}: {e}");
+    }
+    let e = error(&BASE.replace(
+        "    runtime: process",
+        "    runtime: process\n    mounts: [{source: /a, target: /a}]",
+    ));
+    assert!(
+        e.message
+            .contains("backends[local].mounts: the process runtime"),
+        "{e}"
+    );
+    assert_eq!(e.line, 5, "{e}");
+}
+
+#[test]
+fn work_metric_defaults_to_tokens() {
+    assert_eq!(
+        plan("t", BASE).unwrap().manifest.power.work_metric(),
+        "tokens"
+    );
+    let custom = plan("t", &format!("{BASE}power: {{work_metric: images}}\n")).unwrap();
+    assert_eq!(custom.manifest.power.work_metric(), "images");
+    let e = error(&format!("{BASE}power:\n  work_metric: 'two words'\n"));
+    assert_eq!(e.line, 13, "{e}");
+}
+
+#[test]
+fn bad_runtime_value_named() {
+    let e = error(&BASE.replace("runtime: process", "runtime: kubernetes"));
+    assert!(e.message.contains("kubernetes"), "{e}");
+}
+
+/// A limit error: names the limit and its config field.
+fn past(limits: &ManifestLimits, text: &str, limit: Limit) -> ManifestError {
+    let e = plan_within("campaign.yaml", text, limits).unwrap_err();
+    let field = format!("manifest.{}", limit.field());
+    let env = format!("BERTH_MANIFEST__{}", limit.field().to_ascii_uppercase());
+    assert!(
+        e.message.contains(&field) && e.message.contains(&env),
+        "{e}"
+    );
+    e
+}
+
+fn grid(params: usize, values: usize) -> String {
+    let list: Vec<String> = (0..values).map(|v| v.to_string()).collect();
+    let params: String = (0..params)
+        .map(|p| format!("    p{p}: [{}]\n", list.join(", ")))
+        .collect();
+    BASE.replace("    size: [1, 2]\n    algo: [a, b]\n", &params)
+        .replace("'{{size}}', '{{ algo }}'", "'{{p0}}'")
+}
+
+#[test]
+fn grid_sizes_refused_before_expansion() {
+    let limits = ManifestLimits::default();
+    // The issue's 408 bytes: 10^10 configurations, counted, not built.
+    let e = past(&limits, &grid(10, 10), Limit::Configurations);
+    assert!(e.message.contains("10000000000 configurations"), "{e}");
+    assert_eq!((e.line, e.column), (6, 3), "{e}");
+    // Past what a u64 holds.
+    let e = past(&limits, &grid(30, 10), Limit::Configurations);
+    assert!(e.message.contains("more than 18446744073709551615"), "{e}");
+    // Within a raised limit, the same grid expands.
+    let small = ManifestLimits {
+        max_configurations: 3,
+        ..ManifestLimits::default()
+    };
+    past(&small, BASE, Limit::Configurations);
+    assert_eq!(plan_within("t", BASE, &limits).unwrap().configs.len(), 4);
+}
+
+#[test]
+fn runs_counted_with_warmup_and_backends() {
+    let limits = ManifestLimits {
+        max_runs: 15,
+        ..ManifestLimits::default()
+    };
+    // 4 configurations × 1 backend × (2 cycles + 2 warmup runs) = 16.
+    let text = format!("{BASE}warmup: {{runs: 2}}\n");
+    let e = past(&limits, &text, Limit::Runs);
+    assert!(e.message.contains(": 16 runs; at most 15"), "{e}");
+    let e = past(
+        &ManifestLimits::default(),
+        &BASE.replace("cycles: 2", "cycles: 4000000000"),
+        Limit::Runs,
+    );
+    assert!(e.message.contains("16000000000 runs"), "{e}");
+}
+
+#[test]
+fn size_depth_nodes_and_scalars_limited() {
+    let limits = ManifestLimits::default();
+    let big = format!("{BASE}description: '{}'\n", "x".repeat(2 << 20));
+    let e = past(&limits, &big, Limit::Bytes);
+    assert!(e.message.contains(&format!("{} bytes", big.len())), "{e}");
+
+    // The issue's 200 KB of brackets, refused where it gets too deep.
+    let nested = format!("{BASE}n: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let e = past(&limits, &nested, Limit::Depth);
+    assert_eq!((e.line, e.column), (12, 36), "{e}");
+    // Block nesting is counted while the document is walked.
+    let block: String = (0..40)
+        .map(|i| format!("{}- \n", " ".repeat(i * 2)))
+        .collect();
+    past(&limits, &format!("{BASE}n:\n{block}"), Limit::Depth);
+
+    // Aliases of aliases of a scalar: many jumps, few nodes.
+    let nine = |name: &str| vec![format!("*{name}"); 9].join(", ");
+    let laughs = format!(
+        "    a: &a lol\n    b: &b [{}]\n    c: &c [{}]\n    d: &d [{}]\n    e: &e [{}]\n    f: [{}]\n",
+        nine("a"),
+        nine("b"),
+        nine("c"),
+        nine("d"),
+        nine("e")
+    );
+    let bomb = BASE.replace("    algo: [a, b]\n", &laughs);
+    // Past serde_yaml's own limit on following aliases before max_nodes.
+    let e = error(&bomb);
+    assert!(
+        e.message
+            .starts_with("YAML aliases: followed more than 100 times"),
+        "{e}"
+    );
+    let few = ManifestLimits {
+        max_nodes: 1000,
+        ..ManifestLimits::default()
+    };
+    past(&few, &bomb, Limit::Nodes);
+
+    let long = BASE.replace("[a, b]", &format!("[a, {}]", "b".repeat(70_000)));
+    past(&limits, &long, Limit::ScalarBytes);
+}
+
+#[test]
+fn names_and_exclude_comparisons_limited() {
+    let limits = ManifestLimits::default();
+    let long = BASE.replace("[a, b]", &format!("[a, {}]", "b".repeat(300)));
+    let e = past(&limits, &long, Limit::ConfigNameBytes);
+    assert!(e.message.contains("312 bytes"), "{e}");
+    let include = BASE.replace(
+        "    algo: [a, b]\n",
+        &format!(
+            "    algo: [a, b]\n  include:\n    - {{size: 3, algo: {}}}\n",
+            "c".repeat(300)
+        ),
+    );
+    past(&limits, &include, Limit::ConfigNameBytes);
+
+    let few = ManifestLimits {
+        max_exclude_checks: 7,
+        ..ManifestLimits::default()
+    };
+    let excludes = BASE.replace(
+        "    algo: [a, b]\n",
+        "    algo: [a, b]\n  exclude:\n    - {size: 1}\n    - {algo: b}\n",
+    );
+    let e = past(&few, &excludes, Limit::ExcludeChecks);
+    assert!(
+        e.message
+            .contains("2 entries × 4 combinations): 8 comparisons"),
+        "{e}"
+    );
+    let plan = plan_within("t", &excludes, &limits).unwrap();
+    let names: Vec<_> = plan.configs.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["size=2,algo=a"]);
+}
+
+#[test]
+fn placeholders_checked_once_per_configuration() {
+    // A placeholder only an include defines is missing from the grid's
+    // configurations: the first of them is named.
+    let text = BASE
+        .replace("'{{ algo }}'", "'{{ algo }}', '{{extra}}'")
+        .replace(
+            "    algo: [a, b]\n",
+            "    algo: [a, b]\n  include:\n    - {size: 3, extra: x}\n",
+        );
+    let e = error(&text);
+    assert!(
+        e.message
+            .starts_with("run.command (config `size=1,algo=a`): unknown placeholder `{{extra}}`"),
+        "{e}"
+    );
+    let e = error(&BASE.replace("'{{ algo }}'", "'{{ algo'"));
+    assert!(e.message.contains("unclosed"), "{e}");
+}
+
+#[test]
+fn non_scalar_values_named_not_printed() {
+    let e = error(&BASE.replace("[a, b]", &format!("[a, [{}]]", vec!["x"; 1000].join(", "))));
+    assert!(e.message.ends_with("found a list"), "{e}");
+}

@@ -1,0 +1,444 @@
+//! The manifest as written (what serde reads from the YAML, with defaults)
+//! and the plan made from it: configurations, runs in order, and the
+//! command and env of each run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::placeholders::substitute;
+use super::units::{ByteSize, GpuCount};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Campaign name.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Long-running workloads runs are exec'd into.
+    pub backends: Vec<Backend>,
+    /// Configurations generated as the product of parameter values.
+    #[serde(default)]
+    pub grid: Option<Grid>,
+    /// Configurations listed by name.
+    #[serde(default)]
+    pub configs: Vec<NamedConfig>,
+    /// What one run executes.
+    pub run: RunTemplate,
+    /// Measured repetitions of every (config, backend).
+    #[serde(default = "one")]
+    pub cycles: u32,
+    #[serde(default)]
+    pub order: Order,
+    /// Seed of the `shuffled` order.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub warmup: Warmup,
+    #[serde(default)]
+    pub gaps: Gaps,
+    #[serde(default)]
+    pub failure: FailurePolicy,
+    #[serde(default)]
+    pub power: Power,
+}
+
+/// Highest power sampling rate a manifest may ask for.
+pub const MAX_POWER_RATE_HZ: f64 = 10_000.0;
+
+/// Energy measurement around every run, by the host's power sampler.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Power {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Samples per second; 0 means the sampler's default.
+    #[serde(default)]
+    pub rate_hz: f64,
+    /// Device ids (e.g. `nvml:0`); empty means every device of the host.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Idle power measured before each run and reported as a baseline.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_baseline: Option<Duration>,
+    /// Numeric result field that counts a run's work; energy per unit of it
+    /// is aggregated as `joules_per_<field>`. Default: `tokens`.
+    #[serde(default)]
+    pub work_metric: Option<String>,
+}
+
+/// Result field counted as a run's work when `power.work_metric` is not given.
+pub const DEFAULT_WORK_METRIC: &str = "tokens";
+
+impl Power {
+    pub fn work_metric(&self) -> &str {
+        self.work_metric.as_deref().unwrap_or(DEFAULT_WORK_METRIC)
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeName {
+    Process,
+    Docker,
+    Podman,
+    Libvirt,
+}
+
+impl RuntimeName {
+    pub fn proto(self) -> berth_proto::common::v1::Runtime {
+        use berth_proto::common::v1::Runtime;
+        match self {
+            Self::Process => Runtime::Process,
+            Self::Docker => Runtime::Docker,
+            Self::Podman => Runtime::Podman,
+            Self::Libvirt => Runtime::Libvirt,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: String,
+    pub runtime: RuntimeName,
+    /// Container image (container runtimes).
+    #[serde(default)]
+    pub image: String,
+    /// Main command; for the process runtime, empty means a host environment.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub working_dir: String,
+    #[serde(default)]
+    pub placement: Placement,
+    /// CPU and memory limits and reservations of the backend workload.
+    #[serde(default)]
+    pub resources: Resources,
+    /// GPUs given to the backend workload.
+    #[serde(default)]
+    pub gpus: Option<GpuRequest>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+impl Backend {
+    /// Fewest GPUs a host needs for this backend: the placement's minimum,
+    /// or what the backend asks for when that is more.
+    pub fn gpus_needed(&self) -> u32 {
+        let requested = match &self.gpus {
+            None => 0,
+            Some(request) if !request.devices.is_empty() => request.devices.len() as u32,
+            Some(GpuRequest {
+                count: Some(GpuCount::All),
+                ..
+            }) => 1,
+            Some(request) => match request.count {
+                Some(GpuCount::Exactly(n)) => n,
+                _ => 0,
+            },
+        };
+        requested.max(self.placement.gpus)
+    }
+
+    /// Least memory a host needs for this backend, in bytes: the placement's
+    /// minimum, or the backend's memory reservation when that is more.
+    pub fn memory_needed(&self) -> u64 {
+        let placement = self.placement.memory.map_or(0, |m| m.0);
+        let reserved = self.resources.memory_reservation.map_or(0, |m| m.0);
+        placement.max(reserved)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Labels a host must have.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// A host by name.
+    #[serde(default)]
+    pub host: String,
+    /// Fewest GPUs the host must have.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Least physical memory the host must have, e.g. `16GiB`.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+}
+
+/// CPU and memory limits and reservations of a backend workload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU limit in cores, e.g. 1.5.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// CPU reservation in cores.
+    #[serde(default)]
+    pub cpu_reservation: Option<f64>,
+    /// Memory limit, e.g. `8GiB`.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Memory reservation (soft limit); the host must have at least this much.
+    #[serde(default)]
+    pub memory_reservation: Option<ByteSize>,
+}
+
+/// GPUs given to a backend workload: a count (or `all`), or device ids.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuRequest {
+    #[serde(default)]
+    pub count: Option<GpuCount>,
+    /// Device indexes or UUIDs.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Host path, or a volume name when `volume` is true.
+    pub source: String,
+    /// Absolute path inside the workload.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub volume: bool,
+}
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    /// Parameter → values; order is kept and names the configurations.
+    pub params: serde_yaml::Mapping,
+    /// Extra combinations added to the product.
+    #[serde(default)]
+    pub include: Vec<BTreeMap<String, serde_yaml::Value>>,
+    /// Combinations removed from the product (a partial match removes).
+    #[serde(default)]
+    pub exclude: Vec<BTreeMap<String, serde_yaml::Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedConfig {
+    pub name: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunTemplate {
+    /// Command and arguments; `{{param}}`, `{{config}}`, `{{cycle}}`,
+    /// `{{backend}}` and `{{run_id}}` are replaced. The run's result is the last line of its
+    /// stdout that is a JSON object.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub working_dir: String,
+    /// Kills a run that takes longer.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Cycle by cycle, every config once per cycle.
+    #[default]
+    Interleaved,
+    /// Config by config, all its cycles in a row.
+    Grouped,
+    /// Like interleaved, configs shuffled within each cycle from `seed`.
+    Shuffled,
+}
+
+/// Unmeasured runs of every (config, backend) before the first cycle: a
+/// fixed number (`runs`), or as many as it takes for the coefficient of
+/// variation of the last `last` values of `metric` to fall under `cv_below`,
+/// at most `max_runs`. Validated into a [`WarmupPolicy`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Warmup {
+    #[serde(default)]
+    pub runs: u32,
+    #[serde(default)]
+    pub cv_below: Option<f64>,
+    #[serde(default)]
+    pub last: Option<u32>,
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub max_runs: Option<u32>,
+}
+
+/// Values of `warmup.last` and `warmup.max_runs` when the manifest leaves them out.
+pub const DEFAULT_STABLE_WINDOW: u32 = 3;
+pub const DEFAULT_STABLE_CAP: u32 = 10;
+
+/// How many warmup runs a (config, backend) gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmupPolicy {
+    /// Exactly this many (0: no warmup).
+    Fixed(u32),
+    UntilStable(StableWarmup),
+}
+
+impl WarmupPolicy {
+    /// The most warmup runs a (config, backend) can have; all are planned up
+    /// front, and those a stable warmup does not need are dropped.
+    pub fn max_runs(&self) -> u32 {
+        match self {
+            Self::Fixed(runs) => *runs,
+            Self::UntilStable(stable) => stable.max_runs,
+        }
+    }
+}
+
+/// Warm up until the coefficient of variation of the last `window` values
+/// of `metric` is under `cv_below`, or `max_runs` warmup runs have ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StableWarmup {
+    pub cv_below: f64,
+    pub window: u32,
+    /// A numeric field of the result JSON, or `duration_s`.
+    pub metric: String,
+    pub max_runs: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gaps {
+    #[serde(default, with = "humantime_serde")]
+    pub between_configs: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub between_cycles: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Record the failure and go on with the other runs.
+    #[default]
+    Continue,
+    /// Cancel the rest of the campaign.
+    Stop,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailurePolicy {
+    /// Extra attempts of a failed run.
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// One configuration: a name and its parameter values, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigPoint {
+    pub name: String,
+    pub params: Vec<(String, String)>,
+}
+
+/// One run to record, in schedule order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRun {
+    pub config: String,
+    pub backend: String,
+    /// From 1 for measured runs; warmup runs have `warmup` set and count from 1.
+    pub cycle: u32,
+    pub warmup: bool,
+    pub sequence: u32,
+}
+
+impl PlannedRun {
+    pub fn id(&self, campaign_id: &str) -> String {
+        let cycle = if self.warmup {
+            format!("w{}", self.cycle)
+        } else {
+            self.cycle.to_string()
+        };
+        format!("{campaign_id}/{}/{}/{cycle}", self.config, self.backend)
+    }
+}
+
+/// A validated manifest with its configurations and runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub manifest: Manifest,
+    pub warmup: WarmupPolicy,
+    pub configs: Vec<ConfigPoint>,
+    pub runs: Vec<PlannedRun>,
+}
+
+impl Plan {
+    pub fn config(&self, name: &str) -> Option<&ConfigPoint> {
+        self.configs.iter().find(|c| c.name == name)
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.manifest.backends.iter().find(|b| b.name == name)
+    }
+
+    /// The command line of a run, placeholders replaced.
+    pub fn command_for(&self, run: &PlannedRun, run_id: &str) -> Vec<String> {
+        let values = self.placeholder_values(run, run_id);
+        self.manifest
+            .run
+            .command
+            .iter()
+            .map(|arg| substitute(arg, &values).unwrap_or_else(|_| arg.clone()))
+            .collect()
+    }
+
+    /// The run's environment, placeholders replaced, plus BERTH_* variables.
+    pub fn env_for(&self, run: &PlannedRun, run_id: &str) -> Vec<(String, String)> {
+        let values = self.placeholder_values(run, run_id);
+        let mut env: Vec<(String, String)> = self
+            .manifest
+            .run
+            .env
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    substitute(v, &values).unwrap_or_else(|_| v.clone()),
+                )
+            })
+            .collect();
+        env.push(("BERTH_RUN_ID".into(), run_id.into()));
+        env.push(("BERTH_CONFIG".into(), run.config.clone()));
+        env.push(("BERTH_CYCLE".into(), run.cycle.to_string()));
+        env.push((
+            "BERTH_WARMUP".into(),
+            if run.warmup { "1" } else { "0" }.into(),
+        ));
+        env
+    }
+
+    fn placeholder_values(&self, run: &PlannedRun, run_id: &str) -> BTreeMap<String, String> {
+        let mut values: BTreeMap<String, String> = self
+            .config(&run.config)
+            .map(|c| c.params.iter().cloned().collect())
+            .unwrap_or_default();
+        values.insert("config".into(), run.config.clone());
+        values.insert("cycle".into(), run.cycle.to_string());
+        values.insert("backend".into(), run.backend.clone());
+        values.insert("run_id".into(), run_id.into());
+        values
+    }
+}

@@ -1,0 +1,258 @@
+//! What serde cannot check about a manifest it read: non-empty names and
+//! counts, backend names unique and plain, a container backend's image,
+//! resources, GPUs and mounts that make sense for its runtime, a coherent
+//! warmup, metric names, the power rate and the run's program. Each error
+//! points at the key at fault.
+
+use std::collections::BTreeSet;
+
+use super::parse::{ManifestError, Source};
+use super::types::{
+    Backend, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, MAX_POWER_RATE_HZ, Manifest, Resources,
+    RuntimeName, StableWarmup, Warmup, WarmupPolicy,
+};
+use super::units::GpuCount;
+
+/// Checks the manifest and returns its warmup policy.
+pub(super) fn check(
+    source: Source<'_>,
+    manifest: &Manifest,
+) -> Result<WarmupPolicy, ManifestError> {
+    let at = |path: &[&str], message: String| source.at(path, message);
+    if manifest.name.trim().is_empty() {
+        return Err(at(&["name"], "name: must not be empty".into()));
+    }
+    if manifest.cycles == 0 {
+        return Err(at(&["cycles"], "cycles: must be at least 1".into()));
+    }
+    if manifest.backends.is_empty() {
+        return Err(at(
+            &["backends"],
+            "backends: at least one backend is needed".into(),
+        ));
+    }
+    check_backends(source, manifest)?;
+    let warmup = warmup_policy(&manifest.warmup)
+        .map_err(|(key, message)| at(&["warmup", key], format!("warmup.{key}: {message}")))?;
+    if let Some(metric) = &manifest.power.work_metric {
+        check_metric_name(metric)
+            .map_err(|e| at(&["power", "work_metric"], format!("power.work_metric: {e}")))?;
+    }
+    let rate = manifest.power.rate_hz;
+    if !(0.0..=MAX_POWER_RATE_HZ).contains(&rate) {
+        return Err(at(
+            &["power", "rate_hz"],
+            format!(
+                "power.rate_hz: {rate} is out of range (0 to {MAX_POWER_RATE_HZ}; 0 is the sampler's default)"
+            ),
+        ));
+    }
+    if manifest.run.command.is_empty() || manifest.run.command[0].is_empty() {
+        return Err(at(
+            &["run", "command"],
+            "run.command: must name a program".into(),
+        ));
+    }
+    Ok(warmup)
+}
+
+/// Every backend: a plain name, unique, an image where its runtime needs
+/// one, and resources it can have.
+fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), ManifestError> {
+    let at = |path: &[&str], message: String| source.at(path, message);
+    let mut backend_names = BTreeSet::new();
+    for backend in &manifest.backends {
+        check_identifier(&backend.name)
+            .map_err(|e| at(&["backends", "name"], format!("backends.name: {e}")))?;
+        if !backend_names.insert(backend.name.as_str()) {
+            return Err(source.at_value(
+                &backend.name,
+                2,
+                format!("backends: duplicate backend name `{}`", backend.name),
+            ));
+        }
+        if backend.runtime != RuntimeName::Process
+            && backend.image.is_empty()
+            && backend.runtime != RuntimeName::Libvirt
+        {
+            return Err(at(
+                &["backends", "image"],
+                format!(
+                    "backends[{}].image: a container backend needs an image",
+                    backend.name
+                ),
+            ));
+        }
+        check_backend_resources(backend)
+            .map_err(|(path, message)| source.at_backend(&backend.name, path, message))?;
+    }
+    Ok(())
+}
+
+/// The warmup policy of `warmup`, or the key at fault and why.
+fn warmup_policy(warmup: &Warmup) -> Result<WarmupPolicy, (&'static str, String)> {
+    let Some(cv_below) = warmup.cv_below else {
+        let stray = [
+            ("last", warmup.last.is_some()),
+            ("metric", warmup.metric.is_some()),
+            ("max_runs", warmup.max_runs.is_some()),
+        ];
+        if let Some((key, _)) = stray.into_iter().find(|(_, given)| *given) {
+            return Err((key, "applies only with warmup.cv_below".into()));
+        }
+        return Ok(WarmupPolicy::Fixed(warmup.runs));
+    };
+    if warmup.runs > 0 {
+        return Err((
+            "runs",
+            "a fixed number of runs and cv_below exclude each other; cap the warmup with max_runs"
+                .into(),
+        ));
+    }
+    if !(cv_below.is_finite() && cv_below > 0.0) {
+        return Err((
+            "cv_below",
+            format!("{cv_below} must be above 0 (e.g. 0.05 for 5%)"),
+        ));
+    }
+    let window = warmup.last.unwrap_or(DEFAULT_STABLE_WINDOW);
+    if window < 2 {
+        return Err((
+            "last",
+            format!("{window}: a coefficient of variation needs at least 2 values"),
+        ));
+    }
+    let max_runs = warmup.max_runs.unwrap_or(DEFAULT_STABLE_CAP);
+    if max_runs < window {
+        return Err((
+            "max_runs",
+            format!(
+                "{max_runs} is fewer than warmup.last ({window}): the warmup could never converge"
+            ),
+        ));
+    }
+    let metric = warmup
+        .metric
+        .clone()
+        .unwrap_or_else(|| crate::results::DURATION_METRIC.to_string());
+    check_metric_name(&metric).map_err(|e| ("metric", e))?;
+    Ok(WarmupPolicy::UntilStable(StableWarmup {
+        cv_below,
+        window,
+        metric,
+        max_runs,
+    }))
+}
+
+/// A result field name: a top-level key of the run's result JSON.
+fn check_metric_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{name}` must be a result field name (1 to 64 characters, no spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// Resources, GPUs and mounts of a backend, or the key at fault and why.
+fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
+    let name = &backend.name;
+    if backend.runtime == RuntimeName::Process {
+        // The agent refuses these for host processes; say so before anything starts.
+        let unsupported: [(&[&str], bool); 3] = [
+            (&["resources"], backend.resources != Resources::default()),
+            (&["gpus"], backend.gpus.is_some()),
+            (&["mounts"], !backend.mounts.is_empty()),
+        ];
+        if let Some((path, _)) = unsupported.into_iter().find(|(_, given)| *given) {
+            let key = path[0];
+            return Err((
+                path,
+                format!(
+                    "backends[{name}].{key}: the process runtime cannot honour {key} (host processes share the host's CPUs, memory, GPUs and files)"
+                ),
+            ));
+        }
+    }
+    let resources = &backend.resources;
+    let cpu_fields: [(&[&str], Option<f64>); 2] = [
+        (&["resources", "cpus"], resources.cpus),
+        (&["resources", "cpu_reservation"], resources.cpu_reservation),
+    ];
+    for (path, cores) in cpu_fields {
+        if let Some(cores) = cores.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            let key = path[1];
+            return Err((
+                path,
+                format!(
+                    "backends[{name}].resources.{key}: {cores} must be a number of cores above 0"
+                ),
+            ));
+        }
+    }
+    if let (Some(limit), Some(reservation)) = (resources.memory, resources.memory_reservation)
+        && reservation > limit
+    {
+        return Err((
+            &["resources", "memory_reservation"],
+            format!(
+                "backends[{name}].resources.memory_reservation: {} bytes is above the memory limit of {} bytes",
+                reservation.0, limit.0
+            ),
+        ));
+    }
+    if let Some(gpus) = &backend.gpus {
+        match (gpus.count, gpus.devices.is_empty()) {
+            (Some(_), false) => {
+                return Err((
+                    &["gpus"],
+                    format!("backends[{name}].gpus: give either count or devices, not both"),
+                ));
+            }
+            (None, true) | (Some(GpuCount::Exactly(0)), true) => {
+                return Err((
+                    &["gpus"],
+                    format!("backends[{name}].gpus: give a count above 0 (or `all`) or devices"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for mount in &backend.mounts {
+        if mount.source.is_empty() {
+            return Err((
+                &["mounts"],
+                format!(
+                    "backends[{name}].mounts: the mount on `{}` needs a source",
+                    mount.target
+                ),
+            ));
+        }
+        if !mount.target.starts_with('/') {
+            return Err((
+                &["mounts"],
+                format!(
+                    "backends[{name}].mounts: target `{}` must be an absolute path",
+                    mount.target
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Names become parts of run ids and workload names: keep them plain.
+pub(super) fn check_identifier(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("`{name}` must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | ','))
+    {
+        return Err(format!(
+            "`{name}` may hold only letters, digits and - _ . = ,"
+        ));
+    }
+    Ok(())
+}

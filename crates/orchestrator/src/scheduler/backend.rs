@@ -1,0 +1,621 @@
+//! One worker per backend of a campaign: it places the backend on a host
+//! (adopting its recorded placement when the workload is still there, else
+//! choosing the host that fits and creating and starting the workload from
+//! the manifest), then takes the backend's pending runs in order, starting
+//! the backend again when it went down between runs and placing it again
+//! when a run found it lost. At the end the workload is removed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::agent::v1::{
+    CreateWorkloadRequest, Gpu, RemoveWorkloadRequest, Workload, WorkloadRef, WorkloadState,
+};
+use berth_proto::common::v1::{self as common, EnvVar, WorkloadSpec};
+use berth_proto::orchestrator::v1::{HostStatus, Run};
+
+use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer, index_list};
+use crate::backend_watch::BackendWatch;
+use crate::error::OrchestratorError;
+use crate::gpu_leases;
+use crate::hosts::{AgentClient, describe_status};
+use crate::manifest::{Backend, GpuCount, Plan, Resources};
+use crate::placement;
+use crate::store::{Placement, StoreError};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Why a backend is not placed.
+enum PlaceError {
+    /// No host fits or answers now: the backend waits for one.
+    Waiting(String),
+    /// A host's agent answered and refused to create or start the backend's
+    /// workload (no such image, a spec the engine rejects, a command that
+    /// cannot start): the same spec is likely refused again.
+    Refused { host: String, reason: String },
+}
+
+/// How a failed call to place a backend on `host` counts: an agent that did
+/// not answer (the codes `exec_refused` takes for a lost host, and an
+/// engine that is down) is waited for; any other answer is a refusal.
+fn place_error(host: &str, status: &tonic::Status, reason: String) -> PlaceError {
+    if agent_did_not_answer(status.code()) {
+        PlaceError::Waiting(reason)
+    } else {
+        PlaceError::Refused {
+            host: host.to_string(),
+            reason,
+        }
+    }
+}
+
+fn waiting(error: StoreError) -> PlaceError {
+    PlaceError::Waiting(error.to_string())
+}
+
+/// What the worker does after a failed try to place its backend.
+enum AfterRefusal {
+    /// Say why and try again after the backoff.
+    Retry(String),
+    /// The backend was refused too often: its runs were failed.
+    GaveUp,
+}
+
+impl Scheduler {
+    pub(super) async fn backend_worker(
+        self: Arc<Self>,
+        ctx: Arc<CampaignRun>,
+        backend: String,
+    ) -> Result<(), OrchestratorError> {
+        self.reconcile_in_flight(&ctx, &backend).await?;
+        let mut placed: Option<Placed> = None;
+        let mut backoff = FIRST_BACKOFF;
+        // Refused tries to start the backend, per host, since it was last placed.
+        let mut refusals: HashMap<String, u32> = HashMap::new();
+        let mut previous: Option<Run> = None;
+        loop {
+            if ctx.token.is_cancelled() {
+                break;
+            }
+            let Some(run) = self.store.next_pending_run(&ctx.id, &backend)? else {
+                break;
+            };
+            // Normally settled right after the warmup run that ends it; this
+            // catches a restart that came between that run and the settling.
+            if run.warmup && self.settle_warmup(&ctx, &run.config, &backend)? {
+                continue;
+            }
+            let mut placement = match placed.take() {
+                Some(placement) => match placement.watch.down() {
+                    None => placement,
+                    Some(why) => {
+                        self.went_down(&ctx.id, &placement, &why);
+                        continue;
+                    }
+                },
+                None => match self.place(&ctx, &backend, &refusals).await {
+                    Ok(placement) => {
+                        backoff = FIRST_BACKOFF;
+                        refusals.clear();
+                        self.mark_running(&ctx.id)?;
+                        placement
+                    }
+                    Err(error) => {
+                        let message = match self.not_placed(&ctx, &backend, error, &mut refusals)? {
+                            AfterRefusal::Retry(message) => message,
+                            AfterRefusal::GaveUp => continue,
+                        };
+                        self.store.set_campaign_message(&ctx.id, &message)?;
+                        self.publish(&ctx.id, message);
+                        tokio::select! {
+                            () = ctx.token.cancelled() => break,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.config.max_placement_backoff);
+                        continue;
+                    }
+                },
+            };
+            if let Some(gap) = gap_before(&ctx.plan, previous.as_ref(), &run) {
+                tokio::select! {
+                    () = ctx.token.cancelled() => { placed = Some(placement); break }
+                    () = tokio::time::sleep(gap) => {}
+                    // Started again at once; the gap starts over after it.
+                    _ = placement.watch.went_down() => { placed = Some(placement); continue }
+                }
+            }
+            match self.execute(&ctx, &run, &placement).await? {
+                None => {
+                    placed = Some(placement);
+                    if run.warmup {
+                        self.settle_warmup(&ctx, &run.config, &backend)?;
+                    }
+                }
+                Some(why) => self.lost(
+                    &ctx,
+                    &backend,
+                    (&placement.host, &placement.assigned_gpus),
+                    why,
+                )?,
+            }
+            previous = Some(run);
+        }
+        if let Some(placement) = placed.filter(|_| !self.shutdown.is_cancelled()) {
+            self.remove_backend(&ctx.id, &backend, placement).await;
+        }
+        Ok(())
+    }
+
+    /// Counts a refusal against its host; after
+    /// `scheduler.max_create_attempts` refused tries the backend's runs fail
+    /// rather than wait forever for a host.
+    fn not_placed(
+        &self,
+        ctx: &CampaignRun,
+        backend: &str,
+        error: PlaceError,
+        refusals: &mut HashMap<String, u32>,
+    ) -> Result<AfterRefusal, OrchestratorError> {
+        let message = match error {
+            PlaceError::Waiting(reason) => {
+                format!("backend `{backend}` waits for a host: {reason}")
+            }
+            PlaceError::Refused { host, reason } => {
+                *refusals.entry(host).or_default() += 1;
+                let tries: u32 = refusals.values().sum();
+                let most = self.config.max_create_attempts.max(1);
+                if tries >= most {
+                    self.fail_unstartable(ctx, backend, tries, &reason)?;
+                    return Ok(AfterRefusal::GaveUp);
+                }
+                format!(
+                    "backend `{backend}` was refused (try {tries} of {most}, scheduler.max_create_attempts): {reason}"
+                )
+            }
+        };
+        Ok(AfterRefusal::Retry(message))
+    }
+
+    /// What an interrupted run says about where it ran: an agent that did
+    /// not answer marks its host unreachable; a backend (or agent) that lost
+    /// the exec gets the backend placed again. Either way the host's load
+    /// drops by the backend.
+    pub(super) fn lost(
+        &self,
+        ctx: &CampaignRun,
+        backend: &str,
+        (host, assigned_gpus): (&str, &[u32]),
+        why: Interrupted,
+    ) -> Result<(), OrchestratorError> {
+        match why {
+            Interrupted::HostLost(reason) => {
+                self.hosts.mark_unreachable(host, &reason);
+                self.publish(
+                    &ctx.id,
+                    format!("host `{host}` lost ({reason}); backend `{backend}` goes to a host that answers"),
+                );
+            }
+            Interrupted::BackendLost(reason) => {
+                tracing::warn!(campaign = %ctx.id, backend, reason, "backend lost; placing it again");
+                self.store.clear_placement(&ctx.id, backend)?;
+                self.publish(
+                    &ctx.id,
+                    format!(
+                        "backend `{backend}` on host `{host}` lost ({reason}); placing it again"
+                    ),
+                );
+            }
+        }
+        self.release_host(host, assigned_gpus);
+        Ok(())
+    }
+
+    /// A placed backend went down between runs: its recorded placement is
+    /// kept, so placing it again starts the same workload (or makes a new
+    /// one if it was removed).
+    fn went_down(&self, campaign_id: &str, placed: &Placed, why: &str) {
+        tracing::warn!(
+            campaign = campaign_id,
+            host = placed.host,
+            why,
+            "backend went down; starting it again"
+        );
+        self.publish(
+            campaign_id,
+            format!("{why}; starting it again before its next run"),
+        );
+        self.release_host(&placed.host, &placed.assigned_gpus);
+    }
+
+    fn count_placed(&self, host: &str) {
+        *self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(host.to_string())
+            .or_default() += 1;
+    }
+
+    fn release_host(&self, host: &str, assigned_gpus: &[u32]) {
+        self.gpu_leases.unassign(host, assigned_gpus);
+        if let Some(load) = self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(host)
+        {
+            *load = load.saturating_sub(1);
+        }
+    }
+
+    /// Reuses the backend's recorded placement if its workload still runs,
+    /// otherwise creates and starts it on the least-loaded host that fits,
+    /// among those that refused it the fewest times (`refusals`).
+    async fn place(
+        &self,
+        ctx: &CampaignRun,
+        backend_name: &str,
+        refusals: &HashMap<String, u32>,
+    ) -> Result<Placed, PlaceError> {
+        let backend = ctx.plan.backend(backend_name).ok_or_else(|| {
+            PlaceError::Waiting(format!("backend `{backend_name}` is not in the manifest"))
+        })?;
+        let recorded = self
+            .store
+            .placements(&ctx.id)
+            .map_err(waiting)?
+            .into_iter()
+            .find(|p| p.backend == backend_name);
+        if let Some(recorded) = recorded {
+            if let Some(placed) = self.adopt(backend, &recorded).await? {
+                return Ok(placed);
+            }
+            self.store
+                .clear_placement(&ctx.id, backend_name)
+                .map_err(waiting)?;
+        }
+        let host = self
+            .choose_host(backend, ctx.plan.manifest.power.enabled, refusals)
+            .map_err(PlaceError::Waiting)?;
+        let mut client = self
+            .hosts
+            .client(&host)
+            .await
+            .map_err(|reason| PlaceError::Waiting(format!("host `{host}`: {reason}")))?;
+        let name = backend_workload_name(&ctx.id, &backend.name, &host);
+        let mut spec = workload_spec(&ctx.id, backend);
+        let host_gpus = self.hosts.gpus(&host);
+        let assigned_gpus = gpu_leases::to_assign(backend)
+            .filter(|_| !host_gpus.is_empty())
+            .and_then(|count| self.gpu_leases.assign(&host, &host_gpus, count))
+            .unwrap_or_default();
+        if !assigned_gpus.is_empty() {
+            spec.gpus = Some(common::GpuRequest {
+                device_ids: gpu_leases::device_ids(&host_gpus, &assigned_gpus),
+                ..Default::default()
+            });
+        }
+        let created = self
+            .create_backend(&mut client, &host, backend, name.clone(), spec)
+            .await;
+        let workload = match created {
+            Ok(workload) => workload,
+            Err(reason) => {
+                self.gpu_leases.unassign(&host, &assigned_gpus);
+                return Err(reason);
+            }
+        };
+        let placement = Placement {
+            backend: backend.name.clone(),
+            host: host.clone(),
+            workload_id: workload.id.clone(),
+            gpus: assigned_gpus,
+        };
+        if let Err(error) = self.store.set_placement(&ctx.id, &placement) {
+            self.gpu_leases.unassign(&host, &placement.gpus);
+            return Err(waiting(error));
+        }
+        let gpus_note = if placement.gpus.is_empty() {
+            String::new()
+        } else {
+            format!(" with GPU(s) {}", index_list(&placement.gpus))
+        };
+        tracing::info!(campaign = %ctx.id, backend = backend.name, host, workload = workload.id, gpus = ?placement.gpus, "backend placed");
+        self.publish(
+            &ctx.id,
+            format!(
+                "backend `{}` placed on host `{host}` as `{name}`{gpus_note}",
+                backend.name
+            ),
+        );
+        Ok(self.placed(backend, &placement, client, &host_gpus))
+    }
+
+    /// The recorded placement, if its workload is still there (started again if stopped).
+    async fn adopt(
+        &self,
+        backend: &Backend,
+        recorded: &Placement,
+    ) -> Result<Option<Placed>, PlaceError> {
+        let Ok(mut client) = self.hosts.client(&recorded.host).await else {
+            return Ok(None);
+        };
+        let workload = match client
+            .inspect_workload(WorkloadRef {
+                id: recorded.workload_id.clone(),
+            })
+            .await
+        {
+            Ok(workload) => workload.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(status) => {
+                let reason = format!("host `{}`: {}", recorded.host, describe_status(&status));
+                return Err(place_error(&recorded.host, &status, reason));
+            }
+        };
+        if workload.state != WorkloadState::Running as i32 {
+            client
+                .start_workload(WorkloadRef {
+                    id: recorded.workload_id.clone(),
+                })
+                .await
+                .map_err(|s| {
+                    let reason = format!(
+                        "host `{}`: restarting backend `{}`: {}",
+                        recorded.host,
+                        backend.name,
+                        describe_status(&s)
+                    );
+                    place_error(&recorded.host, &s, reason)
+                })?;
+        }
+        self.gpu_leases
+            .note_assigned(&recorded.host, &recorded.gpus);
+        let host_gpus = self.hosts.gpus(&recorded.host);
+        Ok(Some(self.placed(backend, recorded, client, &host_gpus)))
+    }
+
+    /// The backend as placed by `placement` on a host with `host_gpus`,
+    /// counted on its host and watched from now on.
+    fn placed(
+        &self,
+        backend: &Backend,
+        placement: &Placement,
+        client: AgentClient,
+        host_gpus: &[Gpu],
+    ) -> Placed {
+        let host = &placement.host;
+        self.count_placed(host);
+        Placed {
+            watch: BackendWatch::start(client.clone(), host, &backend.name, &placement.workload_id),
+            power_sampler: self.hosts.power_sampler(host),
+            gpus: gpu_leases::used_by(backend, host_gpus, &placement.gpus),
+            assigned_gpus: placement.gpus.clone(),
+            host: host.clone(),
+            workload_id: placement.workload_id.clone(),
+            client,
+        }
+    }
+
+    /// Creates (or finds, when an earlier attempt created it) and starts the
+    /// backend's workload. A workload that does not start is removed, so a
+    /// refused start leaves nothing behind on the host.
+    async fn create_backend(
+        &self,
+        client: &mut AgentClient,
+        host: &str,
+        backend: &Backend,
+        name: String,
+        spec: WorkloadSpec,
+    ) -> Result<Workload, PlaceError> {
+        let workload = match client
+            .create_workload(CreateWorkloadRequest {
+                name: name.clone(),
+                spec: Some(spec),
+            })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::AlreadyExists => client
+                .inspect_workload(WorkloadRef { id: name.clone() })
+                .await
+                .map_err(|s| {
+                    place_error(host, &s, format!("host `{host}`: {}", describe_status(&s)))
+                })?
+                .into_inner(),
+            Err(status) => {
+                let reason = format!(
+                    "host `{host}`: creating backend `{}`: {}",
+                    backend.name,
+                    describe_status(&status)
+                );
+                return Err(place_error(host, &status, reason));
+            }
+        };
+        let started = client
+            .start_workload(WorkloadRef {
+                id: workload.id.clone(),
+            })
+            .await;
+        if let Err(status) = started {
+            let removal = RemoveWorkloadRequest {
+                id: workload.id.clone(),
+                force: true,
+            };
+            if let Err(removed) = client.remove_workload(removal).await {
+                tracing::warn!(host, backend = backend.name, workload = workload.id, status = %describe_status(&removed), "could not remove a backend that did not start");
+            }
+            let reason = format!(
+                "host `{host}`: starting backend `{}`: {}",
+                backend.name,
+                describe_status(&status)
+            );
+            return Err(place_error(host, &status, reason));
+        }
+        Ok(workload)
+    }
+
+    /// The ready host that fits the backend, has refused it the fewest
+    /// times, and has the fewest backends placed; or why there is none.
+    fn choose_host(
+        &self,
+        backend: &Backend,
+        needs_power: bool,
+        refusals: &HashMap<String, u32>,
+    ) -> Result<String, String> {
+        let views = self.hosts.views();
+        if views.is_empty() {
+            return Err("no hosts are registered (RegisterHost)".into());
+        }
+        let candidates = placement::candidates(backend, &views);
+        if candidates.is_empty() {
+            return Err(format!(
+                "host `{}` is not registered",
+                backend.placement.host
+            ));
+        }
+        let mut reasons = Vec::new();
+        let mut fitting = Vec::new();
+        for view in candidates {
+            if let Some(reason) = placement::misfit(backend, needs_power, view) {
+                reasons.push(reason);
+            } else if view.status != HostStatus::Ready {
+                reasons.push(format!(
+                    "host `{}` is unreachable ({})",
+                    view.record.name, view.message
+                ));
+            } else {
+                fitting.push(view.record.name.clone());
+            }
+        }
+        let load = self
+            .host_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fitting
+            .into_iter()
+            .min_by_key(|h| {
+                (
+                    refusals.get(h).copied().unwrap_or(0),
+                    load.get(h).copied().unwrap_or(0),
+                )
+            })
+            .ok_or_else(|| reasons.join("; "))
+    }
+
+    async fn remove_backend(&self, campaign_id: &str, backend: &str, mut placed: Placed) {
+        let request = RemoveWorkloadRequest {
+            id: placed.workload_id.clone(),
+            force: true,
+        };
+        if let Err(status) = placed.client.remove_workload(request).await {
+            tracing::warn!(campaign = campaign_id, backend, host = placed.host, status = %describe_status(&status), "could not remove backend");
+        }
+        let _ = self.store.clear_placement(campaign_id, backend);
+        self.release_host(&placed.host, &placed.assigned_gpus);
+    }
+}
+
+/// The backend's workload as the manifest describes it, labelled with its
+/// campaign and name.
+fn workload_spec(campaign_id: &str, backend: &Backend) -> WorkloadSpec {
+    let mut labels: HashMap<String, String> = HashMap::new();
+    labels.insert("berth.campaign".into(), campaign_id.into());
+    labels.insert("berth.backend".into(), backend.name.clone());
+    WorkloadSpec {
+        runtime: backend.runtime.proto() as i32,
+        image: backend.image.clone(),
+        command: backend.command.clone(),
+        env: backend
+            .env
+            .iter()
+            .map(|(name, value)| EnvVar {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        working_dir: backend.working_dir.clone(),
+        labels,
+        mounts: backend
+            .mounts
+            .iter()
+            .map(|m| common::Mount {
+                source: m.source.clone(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+                volume: m.volume,
+            })
+            .collect(),
+        resources: (backend.resources != Resources::default()).then(|| {
+            let r = &backend.resources;
+            common::Resources {
+                cpu_limit: r.cpus.unwrap_or_default(),
+                memory_limit_bytes: r.memory.map_or(0, |m| m.0),
+                memory_reservation_bytes: r.memory_reservation.map_or(0, |m| m.0),
+                cpu_reservation: r.cpu_reservation.unwrap_or_default(),
+            }
+        }),
+        gpus: backend.gpus.as_ref().map(|g| common::GpuRequest {
+            count: match g.count {
+                Some(GpuCount::All) => -1,
+                Some(GpuCount::Exactly(n)) => i32::try_from(n).unwrap_or(i32::MAX),
+                None => 0,
+            },
+            device_ids: g.devices.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pause the manifest asks for before `next`, after `previous`.
+fn gap_before(plan: &Plan, previous: Option<&Run>, next: &Run) -> Option<Duration> {
+    let previous = previous?;
+    let gaps = &plan.manifest.gaps;
+    if previous.cycle != next.cycle || previous.warmup != next.warmup {
+        gaps.between_cycles.or(gaps.between_configs)
+    } else if previous.config != next.config {
+        gaps.between_configs
+    } else {
+        None
+    }
+    .filter(|gap| !gap.is_zero())
+}
+
+/// The backend's workload name on a host: the host is part of it, so a
+/// backend placed again elsewhere never meets its earlier self on an engine
+/// that two hosts' agents share. Characters a workload name cannot hold
+/// become `-`.
+fn backend_workload_name(campaign: &str, backend: &str, host: &str) -> String {
+    let name: String = format!("berth-{campaign}-{backend}-{host}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_hold_the_host_and_only_valid_characters() {
+        assert_eq!(
+            backend_workload_name("c1", "vllm", "gpu-01"),
+            "berth-c1-vllm-gpu-01"
+        );
+        assert_eq!(
+            backend_workload_name("c1", "b", "user@host:22"),
+            "berth-c1-b-user-host-22"
+        );
+        assert_eq!(backend_workload_name("c", "b", &"h".repeat(200)).len(), 128);
+    }
+}
