@@ -136,7 +136,8 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         info,
     );
     host.add_service(InterceptedService::new(
-        ContainerAgentServer::new(service).max_decoding_message_size(config.server.max_message_bytes),
+        ContainerAgentServer::new(service)
+            .max_decoding_message_size(config.server.max_message_bytes),
         RequireBearer::new(&config.agent.token),
     ));
     Ok(host.spawn(None))
