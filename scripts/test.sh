@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs all of berth's tests, after setting up what they need:
 #   1. Debian packages (scripts/setup/debian-packages.sh: installed as root;
-#      otherwise listed, and the tests that need them skip saying so)
+#      otherwise listed, and the tests that need them skip saying so), and
+#      libvirtd with its qemu driver for the real-VM test
+#      (scripts/setup/libvirtd.sh, as root)
 #   2. the embedding model and ONNX Runtime (scripts/setup-embedding-model.sh)
 #   3. the real LLM peers and clients (scripts/llm/setup-peers.sh: llama.cpp's
 #      server, SmolLM2, the openai client, the real grpcurl)
@@ -22,6 +24,7 @@ started=$(date +%s)
 log() { echo "test.sh: $*" >&2; }
 
 scripts/setup/debian-packages.sh
+scripts/setup/libvirtd.sh
 scripts/setup-embedding-model.sh --quiet >/dev/null
 scripts/llm/setup-peers.sh --quiet >/dev/null
 setup_done=$(date +%s)

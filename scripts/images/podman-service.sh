@@ -8,8 +8,10 @@
 #
 # Settings found necessary in a sandbox without systemd (Debian 12, podman
 # 4.3.1, cgroup v1/hybrid): cgroupfs manager, file events logger, runc (crun
-# 1.8 refuses hybrid cgroups), and default ulimits no higher than the
-# service's own hard limits (podman's defaults need CAP_SYS_RESOURCE).
+# 1.8 refuses hybrid cgroups), default ulimits no higher than the service's
+# own hard limits (podman's defaults need CAP_SYS_RESOURCE), and conmon run
+# in the container's bundle directory (conmon-in-bundle.sh: else podman never
+# finds conmon's OOM marker and State.OOMKilled stays false).
 set -euo pipefail
 dir="${1:-/tmp/berth-podman}"
 mkdir -p "$dir"
@@ -18,16 +20,22 @@ command -v podman >/dev/null || { echo "podman is not installed (apt-get install
 nofile="$(ulimit -Hn | sed 's/unlimited/1048576/')"
 nproc="$(ulimit -Hu | sed 's/unlimited/32768/')"
 ((nproc > 32768)) && nproc=32768
+previous_conf="$(cat "$dir/containers.conf" 2>/dev/null || true)"
 cat >"$dir/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 [engine]
 runtime = "runc"
+conmon_path = ["$(cd "$(dirname "$0")" && pwd)/conmon-in-bundle.sh"]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 CONF
 if [[ -f "$dir/pid" ]] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
-  echo "already running: $dir/podman.sock"
+  echo "podman-service: already running: $dir/podman.sock" >&2
+  if [[ "$previous_conf" != "$(cat "$dir/containers.conf")" ]]; then
+    echo "podman-service: it runs with an older $dir/containers.conf; restart it (kill $(cat "$dir/pid"))" >&2
+  fi
+  echo "$dir/podman.sock"
   exit 0
 fi
 CONTAINERS_CONF="$dir/containers.conf" nohup podman --root "$dir/root" --runroot "$dir/run" \

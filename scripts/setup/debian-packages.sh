@@ -21,12 +21,33 @@ packages=(
   libvirt-dev pkg-config  # libvirt.so.0, which the agent loads at run time, and its test driver
   genisoimage      # cloud-init NoCloud seeds for the libvirt runtime
   qemu-utils       # qemu-img: overlays for VM disks
+  libvirt-daemon-system libvirt-daemon-driver-qemu  # libvirtd and its qemu driver: the real-VM test
+  libvirt-clients  # virsh: scripts/setup/libvirtd.sh asks whether the daemon answers
+  linux-image-amd64  # the kernel the test VM boots (scripts/vm/build-test-image.sh)
+  syslinux syslinux-common mtools  # the test VM's boot disk: FAT + syslinux, made without root or mounts
+  cpio             # the test VM's initramfs
   python3-venv     # the venvs of the model set-up and the LLM peers
   procps ca-certificates
 )
 
 check_only=0
 [[ ${1:-} == --check ]] && check_only=1
+
+# qemu-system-x86 (the real-VM test) must be the version of the installed
+# qemu-utils: Debian 12's 7.2 would remove a backported qemu-utils (10.0 on
+# some machine kinds: it Breaks qemu-system-common << 8.0), so that version
+# comes from bookworm-backports, added to apt's sources when missing.
+qemu_utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+qemu_from=()
+if [[ $qemu_utils == *bpo* ]]; then
+  qemu_from=(-t bookworm-backports "qemu-system-x86=$qemu_utils")
+fi
+qemu_missing=0
+if [[ $(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null) != "install ok installed "* ]]; then
+  qemu_missing=1
+elif [[ -n $qemu_utils && $(dpkg-query -W -f='${Version}' qemu-system-x86) != "$qemu_utils" ]]; then
+  qemu_missing=1
+fi
 
 missing=()
 for package in "${packages[@]}"; do
@@ -42,15 +63,44 @@ if python3 -c 'import venv, ensurepip' 2>/dev/null; then
   read -r -a missing <<<"${missing[*]/python3-venv}"
 fi
 
-if [[ ${#missing[@]} -eq 0 ]]; then
+if [[ ${#missing[@]} -eq 0 && $qemu_missing == 0 ]]; then
   exit 0
 fi
 if [[ $check_only == 1 || $(id -u) -ne 0 ]]; then
-  echo "debian-packages: missing: ${missing[*]}" >&2
-  echo "debian-packages: as root: apt-get install --no-install-recommends ${missing[*]}" >&2
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "debian-packages: missing: ${missing[*]}" >&2
+    echo "debian-packages: as root: apt-get install --no-install-recommends ${missing[*]}" >&2
+  fi
+  if [[ $qemu_missing == 1 ]]; then
+    echo "debian-packages: missing: qemu-system-x86 ${qemu_utils:+at the version of qemu-utils, $qemu_utils}" >&2
+    echo "debian-packages: as root: apt-get install --no-install-recommends ${qemu_from[*]:-qemu-system-x86}" >&2
+  fi
   echo "debian-packages: the tests that need them will skip and say so" >&2
   exit 0
 fi
-echo "debian-packages: installing ${missing[*]}" >&2
+if [[ $qemu_missing == 1 && ${#qemu_from[@]} -gt 0 ]] &&
+  ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "debian-packages: adding bookworm-backports to apt's sources (for qemu-system-x86 $qemu_utils)" >&2
+  cat >/etc/apt/sources.list.d/berth-bookworm-backports.sources <<'SOURCES'
+# Added by berth's scripts/setup/debian-packages.sh: qemu-system-x86 at the
+# version of the backported qemu-utils. Backports are never installed unless
+# asked for (apt priority 100).
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+fi
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "debian-packages: installing ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [[ $qemu_missing == 1 ]]; then
+  echo "debian-packages: installing ${qemu_from[*]:-qemu-system-x86}" >&2
+  # Its own transaction: -t bookworm-backports then prefers backports only
+  # for qemu's own dependencies (qemu-system-common/-data, seabios).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${qemu_from[@]:-qemu-system-x86}" >/dev/null
+fi

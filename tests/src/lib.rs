@@ -2,7 +2,11 @@
 //! needs, the built binaries, processes that die with the test, and a
 //! reflection client that asks what grpcurl asks.
 
+pub mod agent;
+pub mod campaign;
+pub mod compose;
 pub mod fuzz;
+pub mod llm;
 pub mod parts;
 pub use parts::{Part, require, require_part};
 
@@ -34,6 +38,18 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The target directory's `tmp/`, which cargo names `CARGO_TARGET_TMPDIR`
+/// when it builds a test (that variable is not set for this library):
+/// caches that outlive a test run, such as the busybox rootfs.
+pub fn target_tmpdir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/tmp
+    exe.ancestors()
+        .nth(3)
+        .map(|target| target.join("tmp"))
+        .expect("target dir")
 }
 
 /// A TCP port free right now on 127.0.0.1.
@@ -139,56 +155,39 @@ pub async fn health(channel: AuthChannel, service: &str) -> ServingStatus {
 /// The services a server lists through reflection, asked over v1 or v1alpha
 /// (grpcurl tries v1 and falls back; Python's grpcio speaks only v1alpha).
 pub async fn reflection_list(channel: AuthChannel, v1alpha: bool) -> Vec<String> {
+    // The two versions' messages are the same but for their module.
+    macro_rules! list_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect(concat!("reflection ", stringify!($version)))
+                .into_inner();
+            match responses
+                .message()
+                .await
+                .expect("reflection answer")
+                .and_then(|r| r.message_response)
+            {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    list.service.into_iter().map(|s| s.name).collect()
+                }
+                other => panic!("unexpected reflection answer: {other:?}"),
+            }
+        }};
+    }
     if v1alpha {
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut responses = ServerReflectionClient::new(channel)
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .expect("reflection v1alpha")
-            .into_inner();
-        match responses
-            .message()
-            .await
-            .expect("reflection answer")
-            .and_then(|r| r.message_response)
-        {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer: {other:?}"),
-        }
+        list_services!(v1alpha)
     } else {
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
-        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut responses = ServerReflectionClient::new(channel)
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .expect("reflection v1")
-            .into_inner();
-        match responses
-            .message()
-            .await
-            .expect("reflection answer")
-            .and_then(|r| r.message_response)
-        {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer: {other:?}"),
-        }
+        list_services!(v1)
     }
 }
 

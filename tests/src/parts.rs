@@ -59,7 +59,7 @@ pub enum Part {
     Grpcurl,
     /// Writing CDI specs into /etc/cdi.
     Cdi,
-    /// A kernel that records an OOM kill in the container's state.
+    /// An engine that records an OOM kill in the container's state.
     OomKill,
 }
 
@@ -106,14 +106,20 @@ impl Part {
             Part::Libvirt => "apt-get install libvirt-dev",
             Part::QemuImg => "apt-get install qemu-utils",
             Part::IsoImage => "apt-get install genisoimage",
-            Part::Vm => "apt-get install qemu-system-x86 libvirt-daemon-system linux-image-amd64",
+            Part::Vm => {
+                "scripts/setup/debian-packages.sh (qemu-system-x86 at qemu-utils' version, libvirt-daemon-system, \
+                 linux-image-amd64, syslinux, mtools, cpio, busybox-static), then scripts/setup/libvirtd.sh"
+            }
             Part::Systemd => "apt-get install systemd",
             Part::Model => "scripts/setup-embedding-model.sh",
             Part::LlmPeers | Part::OpenAiClient | Part::AnthropicClient | Part::Grpcurl => {
                 "scripts/llm/setup-peers.sh"
             }
             Part::Cdi => "run the tests as root (CDI specs live in /etc/cdi)",
-            Part::OomKill => "a cgroup v2 host (cgroup v1 sandboxes do not record the kill)",
+            Part::OomKill => {
+                "for podman, its service started by scripts/images/podman-service.sh (conmon run in the \
+                 bundle directory, where podman 4.3.1 looks for conmon 2.1.6's OOM marker)"
+            }
         }
     }
 }

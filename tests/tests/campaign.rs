@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
+use berth_server::error_reason;
+use berth_tests::campaign::{
+    Client, assert_no_campaigns, refused_at_submit, wait_campaign, wait_ended,
+};
 use berth_tests::{Process, bin, free_port, register_local_agent, wait_for};
-
-type Client = OrchestratorClient<AuthChannel>;
 
 fn start_orchestrator(dir: &Path, port: u16) -> Process {
     start_orchestrator_with(dir, port, &[])
@@ -56,36 +58,8 @@ async fn connect(port: u16) -> Client {
     OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await)
 }
 
-async fn wait_until(
-    client: &mut Client,
-    id: &str,
-    what: &str,
-    done: impl Fn(&Campaign) -> bool,
-) -> Campaign {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let campaign = client
-            .get_campaign(GetCampaignRequest { id: id.into() })
-            .await
-            .expect("GetCampaign")
-            .into_inner();
-        if done(&campaign) {
-            return campaign;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "campaign never became {what}: {campaign:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn ended(campaign: &Campaign) -> bool {
-    matches!(
-        CampaignState::try_from(campaign.state).unwrap_or_default(),
-        CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
-    )
-}
+/// How long a campaign of these tests may take to get where it is awaited.
+const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn quickstart_runs_twice_and_prints_a_row_per_config() {
@@ -160,15 +134,7 @@ async fn bad_manifests_are_rejected_with_location_and_nothing_runs() {
             status.message()
         );
     }
-    let listed = client
-        .list_campaigns(ListCampaignsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        listed.campaigns.is_empty(),
-        "a rejected manifest must record nothing"
-    );
+    assert_no_campaigns(&mut client, "a rejected manifest must record nothing").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -192,9 +158,13 @@ async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
 
     let manifest = "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}, {name: c}]\nrun: {command: [sh, -c, 'echo {\"v\": 1}']}\n";
     let campaign = submit(&mut client, manifest.into()).await;
-    let waiting = wait_until(&mut client, &campaign.id, "waiting for gpu-01", |c| {
-        c.status_message.contains("gpu-01")
-    })
+    let waiting = wait_campaign(
+        &mut client,
+        &campaign.id,
+        LIMIT,
+        "waiting for gpu-01",
+        |c| c.status_message.contains("gpu-01"),
+    )
     .await;
     assert_eq!(waiting.state, CampaignState::Pending as i32);
     assert!(
@@ -209,7 +179,7 @@ async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
         .expect("still serving");
 
     let _agent = start_agent(&socket);
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     assert_eq!(done.runs.unwrap().succeeded, 2);
 }
@@ -287,7 +257,7 @@ async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
 
     let orchestrator = start_orchestrator(local.dir.path(), local.port);
     let mut client = connect(local.port).await;
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let counts = done.runs.unwrap();
     assert_eq!((counts.succeeded, counts.total), (12, 12), "{counts:?}");
@@ -334,7 +304,7 @@ async fn restart_the_agent_mid_run(settings: &[&str]) -> (Campaign, Vec<Run>, St
     let _ = std::fs::remove_file(&local.socket);
     let _agent = start_agent(&local.socket);
 
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     let runs = all_runs(&mut client, &campaign.id).await;
     (done, runs, in_flight.id)
 }
@@ -377,7 +347,7 @@ async fn cancelling_a_campaign_kills_its_run_in_flight_on_the_agent() {
         })
         .await
         .unwrap();
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Cancelled as i32, "{done:?}");
     // Its exec is keyed, so only CancelExec can have stopped it.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -552,16 +522,10 @@ backends:
 configs: [{name: a}]
 run: {command: [true]}
 ";
-    for validate_only in [true, false] {
-        let status = client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: manifest.into(),
-                validate_only,
-                ..Default::default()
-            })
-            .await
-            .expect_err("no host has 1000 GPUs");
+    for status in refused_at_submit(&mut client, manifest, "no host has 1000 GPUs").await {
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        // The reason travels with the status, for callers to match on.
+        assert_eq!(error_reason(&status), Some("unplaceable"), "{status:?}");
         assert!(
             status.message().contains("backend `huge`")
                 && status.message().contains("host `local` has")
@@ -570,12 +534,7 @@ run: {command: [true]}
             status.message()
         );
     }
-    let listed = client
-        .list_campaigns(ListCampaignsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.campaigns.is_empty(), "nothing recorded or started");
+    assert_no_campaigns(&mut client, "nothing recorded or started").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -602,7 +561,7 @@ run:
       echo '{"n": {{n}}, "tokens": 100}'
 "#;
     let campaign = submit(&mut client, manifest.into()).await;
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let runs = all_runs(&mut client, &campaign.id).await;
     assert_eq!(runs.len(), 6);
@@ -728,7 +687,7 @@ run: {command: [echo, '{"n": 1}']}
             .expect("the campaign goes on");
         event.message
     };
-    wait_until(&mut client, &campaign.id, "cycle 1 done", |c| {
+    wait_campaign(&mut client, &campaign.id, LIMIT, "cycle 1 done", |c| {
         c.runs.is_some_and(|r| r.succeeded == 1)
     })
     .await;
@@ -783,7 +742,7 @@ run: {command: [echo, '{"n": 1}']}
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let runs = all_runs(&mut client, &campaign.id).await;
     assert_each_recorded_once(&runs, 2);
@@ -833,7 +792,7 @@ run: {command: [sh, -c, 'echo "boom at {{n}}" >&2; exit 3']}
         "{stderr}"
     );
     let id = stdout.lines().next().unwrap().trim().to_string();
-    let done = wait_until(&mut client, &id, "ended", ended).await;
+    let done = wait_ended(&mut client, &id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Failed as i32, "{done:?}");
     assert_eq!(done.outcome, CampaignOutcome::NoResults as i32, "{done:?}");
 
@@ -852,7 +811,7 @@ run:
       exit 3
 "#;
     let campaign = submit(&mut client, partly.into()).await;
-    let done = wait_until(&mut client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     assert_eq!(
         done.outcome,
@@ -867,7 +826,7 @@ run:
 
 /// The runs of `campaign`, every one failed, each naming `what`.
 async fn assert_every_run_failed_naming(client: &mut Client, campaign: &Campaign, what: &str) {
-    let done = wait_until(client, &campaign.id, "ended", ended).await;
+    let done = wait_ended(client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Failed as i32, "{done:?}");
     assert_eq!(done.outcome, CampaignOutcome::NoResults as i32, "{done:?}");
     assert!(done.status_message.contains(what), "{done:?}");

@@ -22,36 +22,15 @@ use berth_proto::embedding::v1::embedding_client::EmbeddingClient;
 use berth_proto::llmproxy::v1::ListModelsRequest as ProxyListModelsRequest;
 use berth_proto::llmproxy::v1::llm_proxy_client::LlmProxyClient;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{
-    CampaignState, GetCampaignRequest, GetResultsRequest, RegisterHostRequest,
-    SubmitCampaignRequest,
-};
+use berth_proto::orchestrator::v1::{CampaignState, GetCampaignRequest, GetResultsRequest};
 use berth_proto::power::v1::ListDevicesRequest;
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
-use berth_tests::{Part, free_port, health, reflection_list, repo_root, require, wait_for};
+use berth_tests::compose::{
+    SERVICES, assert_grpc_services_answer, build_images_command, campaign_through_agent,
+    ensure_images as ensure_images_with, free_ports, leftovers, nofile_limit, run, text,
+};
+use berth_tests::{Part, health, repo_root, require, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
-
-const SERVICES: [&str; 5] = [
-    "orchestrator",
-    "agent",
-    "power-sampler",
-    "embedding",
-    "llm-proxy",
-];
-
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"))
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 /// Whether docker and docker-compose answer (else the test skips, or fails on CI).
 fn docker_present() -> bool {
@@ -72,53 +51,16 @@ fn tool_answers(command: &mut Command) -> Result<(), String> {
     }
 }
 
-/// seed 000's nofile (65536), or this machine's hard limit where that is lower: the engine
-/// cannot raise a container's limit above its own ("error setting rlimit type 7").
-fn nofile_limit() -> String {
-    let hard = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            limits
-                .lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-        })
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(65536);
-    hard.min(65536).to_string()
-}
-
-/// Builds the images unless they are all there: scripts/test.sh builds them from this checkout
-/// once per run, before the tests, so a run never rebuilds them per test.
-/// Both tests of this file may want the images at once: one builds, the other waits.
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn ensure_images() {
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let missing: Vec<&str> = SERVICES
-        .iter()
-        .copied()
-        .filter(|svc| {
-            !run(Command::new("docker").args([
-                "image",
-                "inspect",
-                &format!("localhost/berth-{svc}:latest"),
-            ]))
-            .status
-            .success()
-        })
-        .collect();
-    if missing.is_empty() {
-        return;
-    }
-    eprintln!("building images (missing: {missing:?}) with scripts/deploy/build-images.sh");
-    let started = Instant::now();
-    let status = Command::new(repo_root().join("scripts/deploy/build-images.sh"))
-        .current_dir(repo_root())
-        .status()
-        .expect("run build-images.sh");
-    assert!(status.success(), "build-images.sh failed");
-    eprintln!("images built in {:.0?}", started.elapsed());
+    ensure_images_with(
+        "docker",
+        |image| {
+            run(Command::new("docker").args(["image", "inspect", image]))
+                .status
+                .success()
+        },
+        build_images_command,
+    );
 }
 
 /// One compose project with its own name and host ports, taken down (with its volumes) on drop.
@@ -135,23 +77,7 @@ impl Project {
         // The real model and ONNX Runtime: the embedding image names its library
         // explicitly, so a cache without them stops the service (as it should).
         let models = berth_tests::model_cache();
-        let mut ports = BTreeMap::new();
-        let mut env = BTreeMap::new();
-        for var in [
-            "BERTH_PORT_ORCHESTRATOR",
-            "BERTH_PORT_ORCHESTRATOR_HTTP",
-            "BERTH_PORT_AGENT_HTTP",
-            "BERTH_PORT_POWER",
-            "BERTH_PORT_POWER_HTTP",
-            "BERTH_PORT_EMBEDDING",
-            "BERTH_PORT_EMBEDDING_HTTP",
-            "BERTH_PORT_LLM_PROXY",
-            "BERTH_PORT_LLM_PROXY_HTTP",
-        ] {
-            let port = free_port();
-            ports.insert(var, port);
-            env.insert(var.to_string(), port.to_string());
-        }
+        let (ports, mut env) = free_ports();
         let engine_gid = std::fs::metadata("/var/run/docker.sock")
             .map(|m| std::os::unix::fs::MetadataExt::gid(&m).to_string())
             .unwrap_or_else(|_| "10001".into());
@@ -209,23 +135,15 @@ impl Project {
 
     /// Leftovers of this project: containers, volumes, networks.
     fn leftovers(&self) -> Vec<String> {
-        let label = format!("label=com.docker.compose.project={}", self.name);
-        let mut left = Vec::new();
-        for kind in [
-            vec!["ps", "-aq", "--filter"],
-            vec!["volume", "ls", "-q", "--filter"],
-            vec!["network", "ls", "-q", "--filter"],
-        ] {
-            let mut args = kind.clone();
-            args.push(&label);
-            let output = run(Command::new("docker").args(&args));
-            left.extend(
-                String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .map(|l| format!("{} {l}", kind[0])),
-            );
-        }
-        left
+        leftovers(
+            || Command::new("docker"),
+            &format!("label=com.docker.compose.project={}", self.name),
+            &[
+                &["ps", "-aq", "--filter"],
+                &["volume", "ls", "-q", "--filter"],
+                &["network", "ls", "-q", "--filter"],
+            ],
+        )
     }
 }
 
@@ -283,26 +201,7 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
     eprintln!("compose up → all 5 healthy in {:.1?}", started.elapsed());
 
     // Each TCP service, from the host, the way grpcurl reaches it.
-    for (var, service) in [
-        (
-            "BERTH_PORT_ORCHESTRATOR",
-            "berth.orchestrator.v1.Orchestrator",
-        ),
-        ("BERTH_PORT_POWER", "berth.power.v1.PowerSampler"),
-        ("BERTH_PORT_EMBEDDING", "berth.embedding.v1.Embedding"),
-        ("BERTH_PORT_LLM_PROXY", "berth.llmproxy.v1.LlmProxy"),
-    ] {
-        let address = format!("http://127.0.0.1:{}", project.port(var));
-        let channel = wait_for(&address).await;
-        assert_eq!(
-            health(channel.clone(), service).await,
-            ServingStatus::Serving
-        );
-        for v1alpha in [false, true] {
-            let listed = reflection_list(channel.clone(), v1alpha).await;
-            assert!(listed.iter().any(|s| s == service), "{address}: {listed:?}");
-        }
-    }
+    assert_grpc_services_answer(&project.ports, true).await;
 
     // One real call per service beyond health, through its published port.
     let power = wait_for(&format!(
@@ -380,47 +279,14 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
 
     // The campaign: the orchestrator (uid 10001) dials the agent's 0600 socket (uid 10001)
     // through the shared volume; the runs are busybox commands inside the agent container.
-    let orchestrator = wait_for(&format!(
-        "http://127.0.0.1:{}",
-        project.port("BERTH_PORT_ORCHESTRATOR")
-    ))
+    let (mut client, finished) = campaign_through_agent(
+        project.port("BERTH_PORT_ORCHESTRATOR"),
+        "compose-agent",
+        CAMPAIGN,
+        "compose.yaml",
+        Duration::from_secs(120),
+    )
     .await;
-    let mut client = OrchestratorClient::new(orchestrator);
-    client
-        .register_host(RegisterHostRequest {
-            name: "compose-agent".into(),
-            address: "unix:///run/berth/agent.sock".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("RegisterHost");
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: CAMPAIGN.into(),
-            source_name: "compose.yaml".into(),
-            validate_only: false,
-        })
-        .await
-        .expect("SubmitCampaign")
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let finished = loop {
-        let now = client
-            .get_campaign(GetCampaignRequest {
-                id: campaign.id.clone(),
-            })
-            .await
-            .expect("GetCampaign")
-            .into_inner();
-        if matches!(
-            CampaignState::try_from(now.state).unwrap_or_default(),
-            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
-        ) {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "campaign never ended: {now:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
     let counts = finished.runs.unwrap_or_default();
     assert_eq!(
         CampaignState::try_from(finished.state).unwrap(),
@@ -431,7 +297,7 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
     assert_eq!((counts.succeeded, counts.failed), (8, 0), "{counts:?}");
     let results = client
         .get_results(GetResultsRequest {
-            id: campaign.id.clone(),
+            id: finished.id.clone(),
         })
         .await
         .expect("GetResults")
@@ -461,7 +327,7 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
     .await;
     let again = OrchestratorClient::new(channel)
         .get_campaign(GetCampaignRequest {
-            id: campaign.id.clone(),
+            id: finished.id.clone(),
         })
         .await
         .expect("GetCampaign after restart")

@@ -13,34 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{
-    CampaignState, GetCampaignRequest, RegisterHostRequest, SubmitCampaignRequest,
+use berth_proto::orchestrator::v1::CampaignState;
+use berth_tests::compose::{
+    SERVICES, assert_grpc_services_answer, build_images_command, campaign_through_agent,
+    ensure_images as ensure_images_with, free_ports, leftovers, nofile_limit, run, text,
 };
-use berth_tests::{Part, free_port, health, reflection_list, repo_root, require, wait_for};
-use tonic_health::pb::health_check_response::ServingStatus;
-
-const SERVICES: [&str; 5] = [
-    "orchestrator",
-    "agent",
-    "power-sampler",
-    "embedding",
-    "llm-proxy",
-];
-
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"))
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use berth_tests::{Part, repo_root, require};
 
 /// podman's settings for this test, in a file of its own (CONTAINERS_CONF) so that nothing
 /// system-wide is changed: on a host without systemd, the cgroupfs manager and the file events
@@ -128,39 +106,22 @@ impl Drop for PodmanService {
     }
 }
 
-/// Builds the images unless they are all there: scripts/test.sh builds them from this checkout
-/// once per run, before the tests, so a run never rebuilds them per test.
-/// Both tests of this file may want the images at once: one builds, the other waits.
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn ensure_images() {
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let missing: Vec<&str> = SERVICES
-        .iter()
-        .copied()
-        .filter(|svc| {
-            !run(podman_command("podman").args([
-                "image",
-                "exists",
-                &format!("localhost/berth-{svc}:latest"),
-            ]))
-            .status
-            .success()
-        })
-        .collect();
-    if missing.is_empty() {
-        return;
-    }
-    eprintln!("building podman images (missing: {missing:?})");
-    let started = Instant::now();
-    let status = Command::new(repo_root().join("scripts/deploy/build-images.sh"))
-        .env("CONTAINERS_CONF", containers_conf())
-        .args(["--engine", "podman"])
-        .current_dir(repo_root())
-        .status()
-        .expect("run build-images.sh");
-    assert!(status.success(), "build-images.sh --engine podman failed");
-    eprintln!("podman images built in {:.0?}", started.elapsed());
+    ensure_images_with(
+        "podman",
+        |image| {
+            run(podman_command("podman").args(["image", "exists", image]))
+                .status
+                .success()
+        },
+        || {
+            let mut build = build_images_command();
+            build
+                .env("CONTAINERS_CONF", containers_conf())
+                .args(["--engine", "podman"]);
+            build
+        },
+    );
 }
 
 struct Project {
@@ -183,25 +144,16 @@ impl Project {
     }
 
     fn leftovers(&self) -> Vec<String> {
-        let label = format!("label=io.podman.compose.project={}", self.name);
-        let mut left = Vec::new();
-        for kind in [
-            vec!["ps", "-a", "--format", "{{.Names}}", "--filter"],
-            vec!["volume", "ls", "--format", "{{.Name}}", "--filter"],
-            vec!["network", "ls", "--format", "{{.Name}}", "--filter"],
-            vec!["pod", "ls", "--format", "{{.Name}}", "--filter"],
-        ] {
-            let mut args = kind.clone();
-            args.push(&label);
-            let output = run(podman_command("podman").args(&args));
-            left.extend(
-                String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .filter(|l| !l.is_empty())
-                    .map(|l| format!("{} {l}", kind[0])),
-            );
-        }
-        left
+        leftovers(
+            || podman_command("podman"),
+            &format!("label=io.podman.compose.project={}", self.name),
+            &[
+                &["ps", "-a", "--format", "{{.Names}}", "--filter"],
+                &["volume", "ls", "--format", "{{.Name}}", "--filter"],
+                &["network", "ls", "--format", "{{.Name}}", "--filter"],
+                &["pod", "ls", "--format", "{{.Name}}", "--filter"],
+            ],
+        )
     }
 
     fn remove_network(&self) {
@@ -220,21 +172,6 @@ impl Drop for Project {
         self.compose(&["down", "-v"]);
         self.remove_network();
     }
-}
-
-/// seed 000's nofile (65536), or this machine's hard limit where that is lower.
-fn nofile_limit() -> String {
-    let hard = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            limits
-                .lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-        })
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(65536);
-    hard.min(65536).to_string()
 }
 
 const CAMPAIGN: &str = r#"
@@ -259,23 +196,7 @@ async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
     ensure_images();
     let dir = tempfile::tempdir().unwrap();
     let service = PodmanService::start(dir.path());
-    let mut env = BTreeMap::new();
-    let mut ports = BTreeMap::new();
-    for var in [
-        "BERTH_PORT_ORCHESTRATOR",
-        "BERTH_PORT_ORCHESTRATOR_HTTP",
-        "BERTH_PORT_AGENT_HTTP",
-        "BERTH_PORT_POWER",
-        "BERTH_PORT_POWER_HTTP",
-        "BERTH_PORT_EMBEDDING",
-        "BERTH_PORT_EMBEDDING_HTTP",
-        "BERTH_PORT_LLM_PROXY",
-        "BERTH_PORT_LLM_PROXY_HTTP",
-    ] {
-        let port = free_port();
-        ports.insert(var, port);
-        env.insert(var.to_string(), port.to_string());
-    }
+    let (ports, mut env) = free_ports();
     let models = berth_tests::model_cache();
     let nofile = nofile_limit();
     for (key, value) in [
@@ -340,62 +261,16 @@ async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
         started.elapsed()
     );
 
-    for (var, name) in [
-        (
-            "BERTH_PORT_ORCHESTRATOR",
-            "berth.orchestrator.v1.Orchestrator",
-        ),
-        ("BERTH_PORT_POWER", "berth.power.v1.PowerSampler"),
-        ("BERTH_PORT_EMBEDDING", "berth.embedding.v1.Embedding"),
-        ("BERTH_PORT_LLM_PROXY", "berth.llmproxy.v1.LlmProxy"),
-    ] {
-        let channel = wait_for(&format!("http://127.0.0.1:{}", ports[var])).await;
-        assert_eq!(health(channel.clone(), name).await, ServingStatus::Serving);
-        let listed = reflection_list(channel, false).await;
-        assert!(listed.iter().any(|s| s == name), "{listed:?}");
-    }
+    assert_grpc_services_answer(&ports, false).await;
 
-    let channel = wait_for(&format!(
-        "http://127.0.0.1:{}",
-        ports["BERTH_PORT_ORCHESTRATOR"]
-    ))
+    let (_, finished) = campaign_through_agent(
+        ports["BERTH_PORT_ORCHESTRATOR"],
+        "podman-agent",
+        CAMPAIGN,
+        "podman.yaml",
+        Duration::from_secs(90),
+    )
     .await;
-    let mut client = OrchestratorClient::new(channel);
-    client
-        .register_host(RegisterHostRequest {
-            name: "podman-agent".into(),
-            address: "unix:///run/berth/agent.sock".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("RegisterHost");
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: CAMPAIGN.into(),
-            source_name: "podman.yaml".into(),
-            validate_only: false,
-        })
-        .await
-        .expect("SubmitCampaign")
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let finished = loop {
-        let now = client
-            .get_campaign(GetCampaignRequest {
-                id: campaign.id.clone(),
-            })
-            .await
-            .expect("GetCampaign")
-            .into_inner();
-        if matches!(
-            CampaignState::try_from(now.state).unwrap_or_default(),
-            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
-        ) {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "campaign never ended: {now:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
     assert_eq!(
         CampaignState::try_from(finished.state).unwrap(),
         CampaignState::Succeeded,

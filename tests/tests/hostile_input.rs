@@ -233,15 +233,24 @@ impl Decoder for Raw {
 }
 
 /// A unary call of `method` (`/package.Service/Method`) with `message` as
-/// its bytes; the status code it ends with.
-async fn grpc_raw(channel: &AuthChannel, method: &'static str, message: Vec<u8>) -> Code {
+/// its bytes; the status it ends with.
+async fn grpc_raw_status(
+    channel: &AuthChannel,
+    method: &'static str,
+    message: Vec<u8>,
+) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.expect("ready");
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
     match grpc.unary(tonic::Request::new(message), path, Raw).await {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
+        Ok(_) => tonic::Status::ok(""),
+        Err(status) => status,
     }
+}
+
+/// [`grpc_raw_status`]'s code.
+async fn grpc_raw(channel: &AuthChannel, method: &'static str, message: Vec<u8>) -> Code {
+    grpc_raw_status(channel, method, message).await.code()
 }
 
 /// Asserts a gRPC code among `expected`; the answer as printed.
@@ -714,6 +723,77 @@ async fn the_agent_refuses_hostile_input_in_bounded_time_and_memory() {
     target.check_memory();
 }
 
+/// The embedding service's defaults: `server.max_message_bytes` (gRPC;
+/// prost builds 24 bytes per 2-byte empty text before anything checks
+/// them, so the limit bounds that) and `limits.max_http_body_bytes`.
+const EMBEDDING_MAX_MESSAGE: usize = 2 << 20;
+const EMBEDDING_MAX_HTTP_BODY: usize = 16 << 20;
+
+/// The gRPC limit is the configured one, and at the default one the
+/// costliest message (as many empty texts as it holds, which prost builds
+/// before anything checks them) is answered within the bounds. Model or
+/// not: the message is decoded, or refused, before the model is asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
+    let data = tempfile::tempdir().unwrap();
+    let embed = "/berth.embedding.v1.Embedding/Embed";
+    for limit in [EMBEDDING_MAX_MESSAGE, 100_000] {
+        let grpc = free_port();
+        let mut env = env_of(data.path());
+        env.push(("BERTH_MODELS__SESSIONS", "1".to_string()));
+        if limit != EMBEDDING_MAX_MESSAGE {
+            env.push(("BERTH_SERVER__MAX_MESSAGE_BYTES", limit.to_string()));
+        }
+        let process = spawn(
+            "berth-embedding",
+            &[
+                "--listen",
+                &format!("127.0.0.1:{grpc}"),
+                "--http-listen",
+                "",
+            ],
+            &env,
+        );
+        let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+        // A first request, so that the RSS measured from is that of a
+        // service that has served (the model's first run, if installed).
+        let good = EmbedRequest {
+            texts: vec!["a cat".into()],
+            ..Default::default()
+        };
+        let first = grpc_raw(&channel, embed, good.encode_to_vec()).await;
+        assert!(matches!(first, Code::Ok | Code::Unavailable), "{first:?}");
+        let target = Target::new("embedding", process);
+        target
+            .case(&format!("gRPC Embed over a {limit}-byte limit"), async {
+                let status = grpc_raw_status(&channel, embed, oversized_message(limit)).await;
+                assert!(
+                    matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+                    "{status:?}"
+                );
+                assert!(
+                    status
+                        .message()
+                        .contains(&format!("the limit is: {limit} bytes")),
+                    "{status:?}"
+                );
+                format!("{:?}: {}", status.code(), status.message())
+            })
+            .await;
+        let entries = limit / 2 - 16;
+        target
+            .case(&format!("gRPC Embed of {entries} empty texts"), async {
+                // Too many texts with the model, no model without.
+                expect_code(
+                    grpc_raw(&channel, embed, empty_entries(2, entries)).await,
+                    &[Code::InvalidArgument, Code::Unavailable],
+                )
+            })
+            .await;
+        target.check_memory();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory() {
     let data = tempfile::tempdir().unwrap();
@@ -732,7 +812,18 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
     );
     let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
     let addr = format!("127.0.0.1:{http}");
-    let serving = berth_tests::health(channel.clone(), "").await;
+    let embed = "/berth.embedding.v1.Embedding/Embed";
+    // Refused before it is decoded, model or not, naming the limit.
+    let status = grpc_raw_status(&channel, embed, oversized_message(EMBEDDING_MAX_MESSAGE)).await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("the limit is: {EMBEDDING_MAX_MESSAGE} bytes")),
+        "{status:?}"
+    );
+    // The service's own status: the server's ("") is SERVING either way.
+    let serving = berth_tests::health(channel.clone(), "berth.embedding.v1.Embedding").await;
     let model = serving == tonic_health::pb::health_check_response::ServingStatus::Serving;
     let found = if model {
         Ok(())
@@ -745,7 +836,6 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
     if require(Part::Model, found).is_none() {
         return;
     }
-    let embed = "/berth.embedding.v1.Embedding/Embed";
     let good = EmbedRequest {
         texts: vec!["a cat".into()],
         ..Default::default()
@@ -756,8 +846,8 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
     );
     let target = Target::new("embedding", process);
 
-    json_cases(&target, &addr, "/v1/embeddings", 16 << 20).await;
-    grpc_cases(&target, &channel, embed, 16 << 20, 2).await;
+    json_cases(&target, &addr, "/v1/embeddings", EMBEDDING_MAX_HTTP_BODY).await;
+    grpc_cases(&target, &channel, embed, EMBEDDING_MAX_MESSAGE, 2).await;
     slowloris(&target, &addr, "/health").await;
 
     assert_eq!(

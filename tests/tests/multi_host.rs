@@ -26,9 +26,8 @@ use berth_proto::common::v1::Runtime;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
+use berth_tests::campaign::{Client, ended, wait_campaign_or};
 use berth_tests::{Part, Process, busybox_rootfs, free_port, require_part, wait_for};
-
-type Client = OrchestratorClient<AuthChannel>;
 /// A campaign's event messages, as `collect_events` gathers them.
 type Events = Arc<Mutex<Vec<String>>>;
 
@@ -507,27 +506,10 @@ async fn wait_runs(client: &mut Client, id: &str, what: &str, done: impl Fn(&[Ru
 }
 
 async fn wait_ended(client: &mut Client, id: &str, events: &Mutex<Vec<String>>) -> Campaign {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let campaign = client
-            .get_campaign(GetCampaignRequest { id: id.into() })
-            .await
-            .expect("GetCampaign")
-            .into_inner();
-        let state = CampaignState::try_from(campaign.state).unwrap_or_default();
-        if matches!(
-            state,
-            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
-        ) {
-            return campaign;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "campaign never ended: {campaign:?}\nevents:\n{}",
-            events.lock().unwrap().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_campaign_or(client, id, Duration::from_secs(90), "ended", ended, || {
+        format!("\nevents:\n{}", events.lock().unwrap().join("\n"))
+    })
+    .await
 }
 
 fn running_on<'a>(runs: &'a [Run], backend: &str) -> Option<&'a Run> {

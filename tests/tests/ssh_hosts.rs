@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
+use berth_tests::campaign::{assert_no_campaigns, refused_at_submit, wait_succeeded};
 use berth_tests::{Part, Process, free_port, register_local_agent, require_part, wait_for};
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -184,24 +185,7 @@ async fn campaign_runs_on_an_agent_behind_ssh_and_a_wrong_host_key_is_refused() 
             .unwrap()
             .into_inner();
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let now = client
-                .get_campaign(GetCampaignRequest {
-                    id: campaign.id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if now.state == CampaignState::Succeeded as i32 {
-                assert_eq!(now.runs.unwrap().succeeded, 4);
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "campaign over ssh never finished: {now:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_succeeded(&mut client, &campaign.id, 4, deadline).await;
         // A clean stop closes the tunnel (its ssh is killed with it).
         assert_eq!(orchestrator.terminate(), Some(0));
     }
@@ -313,15 +297,7 @@ async fn an_unknown_placement_host_is_refused_at_submit() {
     register_local_agent(&mut client, &socket).await;
     let manifest = "name: t\nbackends:\n  - name: ok\n    runtime: process\n  - name: lost\n    runtime: process\n    \
                     placement: {host: nosuch}\nconfigs: [{name: a}]\nrun: {command: [true]}\n";
-    for validate_only in [true, false] {
-        let status = client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: manifest.into(),
-                validate_only,
-                ..Default::default()
-            })
-            .await
-            .expect_err("no host is named nosuch");
+    for status in refused_at_submit(&mut client, manifest, "no host is named nosuch").await {
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
         assert!(
             status.message().contains("backend `lost`") && status.message().contains("`nosuch`"),
@@ -329,10 +305,5 @@ async fn an_unknown_placement_host_is_refused_at_submit() {
             status.message()
         );
     }
-    let listed = client
-        .list_campaigns(ListCampaignsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.campaigns.is_empty(), "nothing recorded or started");
+    assert_no_campaigns(&mut client, "nothing recorded or started").await;
 }

@@ -1,6 +1,8 @@
 //! `berth`, the command line for people: run the quickstart, submit and
-//! watch campaigns, print their results, manage hosts.
+//! watch campaigns, print their results, manage hosts, keep deployments
+//! running.
 
+pub mod deployments;
 pub mod export;
 pub mod output;
 pub mod quickstart;
@@ -94,6 +96,38 @@ pub enum Command {
     Cancel { id: String },
     /// Resumes a failed or cancelled campaign.
     Resume { id: String },
+    /// Deploys a recipe (YAML) and keeps its replicas running.
+    Deploy {
+        file: PathBuf,
+        /// Follow it until every replica runs (non-zero exit if it fails).
+        #[arg(long)]
+        watch: bool,
+        /// Replace the live deployment of the same name, one replica at a
+        /// time (each old one removed once its successor is healthy).
+        #[arg(long)]
+        update: bool,
+    },
+    /// Lists deployments, newest first.
+    Deployments,
+    /// Shows a deployment: its replicas, states, endpoints, restarts and reasons.
+    Deployment { name: String },
+    /// Changes a deployment's number of replicas.
+    Scale { name: String, replicas: u32 },
+    /// Stops a deployment and removes its replicas from their hosts.
+    Stop { name: String },
+    /// Prints a deployment's logs, each line with its replica and host.
+    Logs {
+        name: String,
+        /// Only this replica's.
+        #[arg(long)]
+        replica: Option<u32>,
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// The last N lines of each replica (0: all the agent keeps).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
     /// Lists registered hosts, or registers and removes them.
     Hosts {
         #[command(subcommand)]
@@ -151,6 +185,13 @@ pub enum CliError {
         state: String,
         /// What its measured runs produced, when it was judged.
         outcome: Option<&'static str>,
+        message: String,
+    },
+    /// The watched deployment ended before every replica ran.
+    #[error("deployment {name} ended {state}: {message}")]
+    DeploymentEnded {
+        name: String,
+        state: String,
         message: String,
     },
     #[error(transparent)]
@@ -245,6 +286,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{} {}", campaign.id, output::campaign_state(campaign.state));
             Ok(())
         }
+        Command::Deploy {
+            file,
+            watch,
+            update,
+        } => deployments::deploy(&mut client, &file, watch, update).await,
+        Command::Deployments => deployments::list(&mut client).await,
+        Command::Deployment { name } => deployments::show(&mut client, name).await,
+        Command::Scale { name, replicas } => deployments::scale(&mut client, name, replicas).await,
+        Command::Stop { name } => deployments::stop(&mut client, name).await,
+        Command::Logs {
+            name,
+            replica,
+            follow,
+            tail,
+        } => deployments::logs(&mut client, name, replica, follow, tail).await,
         Command::Hosts { action: None } => {
             let hosts = client
                 .list_hosts(ListHostsRequest::default())

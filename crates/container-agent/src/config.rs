@@ -203,9 +203,10 @@ pub struct LibvirtConfig {
     /// Where the agent makes VM overlays and cloud-init seeds, one directory
     /// per VM, removed with it. Must be readable by the hypervisor.
     pub disk_dir: PathBuf,
-    /// `<domain type>`: `auto` (`test` on libvirt's test driver, else `kvm`),
-    /// or any type libvirt knows, e.g. `qemu` (emulation, for hosts without
-    /// KVM).
+    /// `<domain type>`: `auto` (`test` on libvirt's test driver; else `kvm`
+    /// when libvirt's domain capabilities offer KVM and a local /dev/kvm is
+    /// not kvm_pvm, which boots only PVM guest kernels; else `qemu`), or any
+    /// type libvirt knows, e.g. `qemu` (emulation, TCG) or `kvm` to force it.
     pub domain_type: String,
     /// How often the agent checks its domains for changes made outside it
     /// (a guest powering off, `virsh`), to report them as events.

@@ -1,3 +1,4 @@
+use berth_server::error::reasons;
 use berth_server::{ErrorCode, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +15,11 @@ pub enum AgentError {
         state: &'static str,
         reason: &'static str,
     },
+    /// An exec (or a health check) in a workload that is not running: its
+    /// reason is [`reasons::WORKLOAD_NOT_RUNNING`], which the orchestrator
+    /// reads as "the backend is lost".
+    #[error("workload `{name}` is {state}: exec needs a running workload")]
+    NotRunning { name: String, state: &'static str },
     #[error("runtime {0} is not available on this agent: {1}")]
     RuntimeUnavailable(&'static str, String),
     #[error("command `{command}` could not be started: {reason}")]
@@ -53,6 +59,9 @@ pub enum AgentError {
     /// (e.g. a libvirt domain without this agent's metadata).
     #[error("{0}")]
     NotOwned(String),
+    /// A subscriber to the events stream fell behind and missed some.
+    #[error("subscriber too slow: {0} events dropped")]
+    EventsDropped(u64),
     #[error("{0}")]
     Unimplemented(String),
     #[error("{0}")]
@@ -65,7 +74,7 @@ impl ServiceError for AgentError {
             Self::InvalidArgument { .. } => ErrorCode::BadRequest,
             Self::WorkloadNotFound(_) => ErrorCode::NotFound,
             Self::NameTaken(_) => ErrorCode::AlreadyExists,
-            Self::WrongState { .. } => ErrorCode::FailedPrecondition,
+            Self::WrongState { .. } | Self::NotRunning { .. } => ErrorCode::FailedPrecondition,
             Self::RuntimeUnavailable(..) => ErrorCode::Unavailable,
             Self::SpawnFailed { .. } => ErrorCode::FailedPrecondition,
             Self::TooManyExecs(_) => ErrorCode::ResourceExhausted,
@@ -78,8 +87,34 @@ impl ServiceError for AgentError {
             Self::Engine { .. } => ErrorCode::Internal,
             Self::FileNotFound { .. } => ErrorCode::NotFound,
             Self::NotOwned(_) => ErrorCode::PermissionDenied,
+            Self::EventsDropped(_) => ErrorCode::DataLoss,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::WorkloadNotFound(_) => "workload_not_found",
+            Self::NameTaken(_) => "name_taken",
+            Self::WrongState { .. } => "wrong_state",
+            Self::NotRunning { .. } => reasons::WORKLOAD_NOT_RUNNING,
+            Self::RuntimeUnavailable(..) => "runtime_unavailable",
+            Self::SpawnFailed { .. } => "spawn_failed",
+            Self::TooManyExecs(_) => "too_many_execs",
+            Self::ExecKeyTaken(_) => "exec_key_taken",
+            Self::ExecNotFound(_) => "exec_not_found",
+            Self::TooManyKeyedExecs(_) => "too_many_keyed_execs",
+            Self::ImageNotFound(_) => "image_not_found",
+            Self::EngineUnavailable { .. } => "engine_unavailable",
+            Self::Unsupported { .. } => "unsupported",
+            Self::Engine { .. } => "engine_refused",
+            Self::FileNotFound { .. } => "file_not_found",
+            Self::NotOwned(_) => "not_owned",
+            Self::EventsDropped(_) => "events_dropped",
+            Self::Unimplemented(_) => "unimplemented",
+            Self::Internal(_) => "internal",
         }
     }
 }
@@ -87,5 +122,37 @@ impl ServiceError for AgentError {
 impl From<AgentError> for tonic::Status {
     fn from(error: AgentError) -> Self {
         berth_server::error::into_status(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_server::error::{error_reason, has_reason};
+
+    use super::*;
+
+    #[test]
+    fn an_exec_in_a_stopped_workload_says_so_in_its_reason() {
+        let error = AgentError::NotRunning {
+            name: "web".into(),
+            state: "exited",
+        };
+        assert_eq!(
+            error.to_string(),
+            "workload `web` is exited: exec needs a running workload"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(has_reason(&status, reasons::WORKLOAD_NOT_RUNNING));
+        let other = tonic::Status::from(AgentError::WrongState {
+            name: "web".into(),
+            state: "running",
+            reason: "stop it first or remove with force",
+        });
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(error_reason(&other), Some("wrong_state"));
+        let lagged = tonic::Status::from(AgentError::EventsDropped(3));
+        assert_eq!(lagged.code(), tonic::Code::DataLoss);
+        assert_eq!(lagged.message(), "subscriber too slow: 3 events dropped");
     }
 }

@@ -26,6 +26,8 @@ use runtime::container::{ContainerRuntime, Dialect, DockerDialect, Engine, Podma
 pub enum StartError {
     #[error(transparent)]
     Serve(#[from] berth_server::ServeError),
+    #[error(transparent)]
+    Listen(#[from] berth_server::ListenError),
     #[error(
         "server.listen = \"{0}\" is TCP but agent.token is empty: the agent can start root workloads, so TCP needs a token (or listen on unix:///path)"
     )]

@@ -296,9 +296,7 @@ impl ContainerAgent for AgentService {
                 Ok(_) => None,
                 // A slow subscriber learns it missed events rather than silently losing them.
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
-                    Some(Err(Status::data_loss(format!(
-                        "subscriber too slow: {missed} events dropped"
-                    ))))
+                    Some(Err(AgentError::EventsDropped(missed).into()))
                 }
             });
         Ok(Response::new(Box::pin(stream)))

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::Error;
+use crate::EmbeddingError;
 use crate::config::BatchingConfig;
 use crate::metrics::ModelMetrics;
 use crate::model::{Pooled, Session};
@@ -36,11 +36,11 @@ use crate::model::{Pooled, Session};
 /// fake that records the batches it is given).
 pub trait Engine: Send + 'static {
     /// Embeds `texts` (in their order) without normalising.
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error>;
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, EmbeddingError>;
 }
 
 impl Engine for Session {
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error> {
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, EmbeddingError> {
         Session::embed(self, texts)
     }
 }
@@ -73,7 +73,7 @@ struct Queue {
 
 struct Piece {
     texts: Vec<String>,
-    reply: oneshot::Sender<Result<Vec<Pooled>, Error>>,
+    reply: oneshot::Sender<Result<Vec<Pooled>, EmbeddingError>>,
 }
 
 impl Batcher {
@@ -101,7 +101,7 @@ impl Batcher {
     }
 
     /// Embeds `texts` (not normalised), in order, once sessions are free.
-    pub async fn embed(&self, mut texts: Vec<String>) -> Result<Vec<Pooled>, Error> {
+    pub async fn embed(&self, mut texts: Vec<String>) -> Result<Vec<Pooled>, EmbeddingError> {
         let count = texts.len();
         let sessions = self.shared.sessions.load(Ordering::Relaxed);
         let mut longest_first: Vec<usize> = (0..count).collect();
@@ -115,11 +115,11 @@ impl Batcher {
         {
             let mut queue = self.shared.lock();
             if queue.closed {
-                return Err(Error::ShuttingDown);
+                return Err(EmbeddingError::ShuttingDown);
             }
             if queue.texts + count > self.shared.config.max_queued_texts {
                 self.shared.metrics.rejected.inc();
-                return Err(Error::QueueFull {
+                return Err(EmbeddingError::QueueFull {
                     model: self.shared.model.clone(),
                     capacity: self.shared.config.max_queued_texts,
                 });
@@ -145,7 +145,7 @@ impl Batcher {
         // skip pieces nobody waits for.
         let mut out = vec![None; count];
         for (indices, receiver) in replies {
-            let pooled = receiver.await.map_err(|_| Error::ShuttingDown)??;
+            let pooled = receiver.await.map_err(|_| EmbeddingError::ShuttingDown)??;
             for (&i, vector) in indices.iter().zip(pooled) {
                 out[i] = Some(vector);
             }
@@ -253,7 +253,9 @@ impl Shared {
                 Err(error) => {
                     tracing::error!(model = %self.model, %error, "embedding batch failed");
                     for piece in batch {
-                        let _ = piece.reply.send(Err(Error::Inference(error.to_string())));
+                        let _ = piece
+                            .reply
+                            .send(Err(EmbeddingError::Inference(error.to_string())));
                     }
                 }
             }
@@ -323,7 +325,7 @@ mod tests {
     }
 
     impl Engine for FakeEngine {
-        fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, Error> {
+        fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, EmbeddingError> {
             self.batches
                 .lock()
                 .unwrap()
@@ -401,7 +403,10 @@ mod tests {
         (value("_count") as u64, value("_sum"))
     }
 
-    fn embed(fake: &Fake, text: String) -> tokio::task::JoinHandle<Result<Vec<Pooled>, Error>> {
+    fn embed(
+        fake: &Fake,
+        text: String,
+    ) -> tokio::task::JoinHandle<Result<Vec<Pooled>, EmbeddingError>> {
         let batcher = fake.batcher.clone();
         tokio::spawn(async move { batcher.embed(vec![text]).await })
     }

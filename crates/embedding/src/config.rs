@@ -31,7 +31,17 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_defaults("127.0.0.1:7703", "127.0.0.1:8891"),
+            server: ServerConfig {
+                // The gRPC limit, as the other services set theirs. prost
+                // builds a whole request before it is checked, 24 bytes per
+                // 2-byte empty text: 2 MiB is 1M texts, refused in ~0.6 s
+                // and +27 MiB in a debug build (16 MiB, the shared default,
+                // was 8M texts: 3.8 s). 2048 texts of 1 KiB fit; larger
+                // batches go in an EmbedStream, a message at a time. The
+                // HTTP API has its own: limits.max_http_body_bytes.
+                max_message_bytes: 2 << 20,
+                ..ServerConfig::with_defaults("127.0.0.1:7703", "127.0.0.1:8891")
+            },
             models: ModelsConfig::default(),
             batching: BatchingConfig::default(),
             limits: LimitsConfig::default(),
@@ -138,6 +148,9 @@ pub struct LimitsConfig {
     /// Requests of one EmbedStream being embedded at once; the stream reads
     /// no further ahead, so a fast sender waits (HTTP/2 flow control).
     pub stream_window: usize,
+    /// Largest HTTP request body, in bytes; larger ones get 413. (A gRPC
+    /// message's limit is server.max_message_bytes.)
+    pub max_http_body_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -146,6 +159,7 @@ impl Default for LimitsConfig {
             max_texts: 2048,
             max_text_bytes: 64 * 1024,
             stream_window: 4,
+            max_http_body_bytes: 16 << 20,
         }
     }
 }
@@ -157,6 +171,25 @@ pub struct ModelSource {
     pub spec: ModelSpec,
     pub dir: PathBuf,
     pub required: bool,
+}
+
+/// The files a model folder must hold: the setup script's layout.
+pub const MODEL_FILES: [&str; 5] = [
+    "model.onnx",
+    "tokenizer.json",
+    "config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+];
+
+impl ModelSource {
+    /// The first of the model's files that is missing, if any.
+    pub fn missing_file(&self) -> Option<PathBuf> {
+        MODEL_FILES
+            .iter()
+            .map(|name| self.dir.join(name))
+            .find(|path| !path.is_file())
+    }
 }
 
 /// The ONNX Runtime library to load and whether it was named explicitly.
@@ -213,7 +246,7 @@ impl ModelsConfig {
         if !path.is_file() {
             return Some(path);
         }
-        crate::model::missing_file(&self.sources().first()?.dir)
+        self.sources().first()?.missing_file()
     }
 
     /// The models to load, in order: the listed ones (required) or the
@@ -255,8 +288,8 @@ impl ModelsConfig {
 
 impl Config {
     /// Checks what serde cannot: names and sizes that must make sense together.
-    pub fn validate(&self) -> Result<(), crate::Error> {
-        let bad = |msg: String| Err(crate::Error::Config(msg));
+    pub fn validate(&self) -> Result<(), crate::EmbeddingError> {
+        let bad = |msg: String| Err(crate::EmbeddingError::Config(msg));
         let sources = self.models.sources();
         for (i, source) in sources.iter().enumerate() {
             let name = &source.spec.name;

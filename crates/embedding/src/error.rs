@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use berth_server::{ErrorCode, ServeError, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum EmbeddingError {
     #[error("no texts to embed: send at least one")]
     EmptyBatch,
     #[error("{count} texts in one request; the limit is {max} (limits.max_texts)")]
@@ -49,7 +49,7 @@ pub enum Error {
     Serve(#[from] ServeError),
 }
 
-impl ServiceError for Error {
+impl ServiceError for EmbeddingError {
     fn error_code(&self) -> ErrorCode {
         match self {
             Self::EmptyBatch
@@ -64,10 +64,27 @@ impl ServiceError for Error {
             }
         }
     }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::EmptyBatch => "empty_batch",
+            Self::TooManyTexts { .. } => "too_many_texts",
+            Self::TextTooLong { .. } => "text_too_long",
+            Self::UnknownModel { .. } => "unknown_model",
+            Self::BadRequest(_) => "bad_request",
+            Self::Unavailable { .. } => "model_unavailable",
+            Self::QueueFull { .. } => "queue_full",
+            Self::ShuttingDown => "shutting_down",
+            Self::Inference(_) => "inference_failed",
+            Self::Load { .. } => "load_failed",
+            Self::Config(_) => "invalid_config",
+            Self::Serve(_) => "serve_failed",
+        }
+    }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
+impl From<EmbeddingError> for tonic::Status {
+    fn from(error: EmbeddingError) -> Self {
         berth_server::error::into_status(error)
     }
 }

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::Error;
+use crate::EmbeddingError;
 use crate::service::Embedder;
 
 /// The routes, with request bodies limited to `max_body_bytes`.
@@ -46,7 +46,8 @@ struct EmbedObject {
 
 async fn embed(State(embedder): State<Arc<Embedder>>, body: Bytes) -> Response {
     let result = async {
-        let invalid = |e: serde_json::Error| Error::BadRequest(format!("invalid body: {e}"));
+        let invalid =
+            |e: serde_json::Error| EmbeddingError::BadRequest(format!("invalid body: {e}"));
         let (texts, model) = match parse_json::<Value>(&body)? {
             list @ Value::Array(_) => (
                 serde_json::from_value(list).map_err(invalid)?,
@@ -58,7 +59,7 @@ async fn embed(State(embedder): State<Arc<Embedder>>, body: Bytes) -> Response {
                 (texts, model)
             }
             _ => {
-                return Err(Error::BadRequest(
+                return Err(EmbeddingError::BadRequest(
                     "the body must be a JSON list of texts, or {\"texts\": [...]}".into(),
                 ));
             }
@@ -107,7 +108,7 @@ async fn openai_embeddings(State(embedder): State<Arc<Embedder>>, body: Bytes) -
             None | Some("float") => false,
             Some("base64") => true,
             Some(other) => {
-                return Err(Error::BadRequest(format!(
+                return Err(EmbeddingError::BadRequest(format!(
                     "encoding_format `{other}` is not supported: use `float` or `base64`"
                 )));
             }
@@ -122,7 +123,7 @@ async fn openai_embeddings(State(embedder): State<Arc<Embedder>>, body: Bytes) -
                 })
                 .collect(),
             _ => {
-                return Err(Error::BadRequest(
+                return Err(EmbeddingError::BadRequest(
                     "input must be a string or a list of strings (token arrays are not supported)"
                         .into(),
                 ));
@@ -130,7 +131,7 @@ async fn openai_embeddings(State(embedder): State<Arc<Embedder>>, body: Bytes) -
         };
         let embedded = embedder.embed(&request.model, texts, true).await?;
         if let Some(asked) = request.dimensions.filter(|&d| d != embedded.dimension) {
-            return Err(Error::BadRequest(format!(
+            return Err(EmbeddingError::BadRequest(format!(
                 "dimensions = {asked}: model `{}` gives {} dimensions and cannot shorten them",
                 embedded.model, embedded.dimension
             )));
@@ -216,23 +217,25 @@ struct OpenAiUsage {
 
 /// Parses a JSON body, telling invalid UTF-8 apart from invalid JSON.
 /// Most memory a body's JSON may take parsed, estimated before parsing:
-/// twice the default body limit (server.max_message_bytes), which texts
+/// twice the default body limit (limits.max_http_body_bytes), which texts
 /// fill at about their size, while small objects take ~100 times theirs.
 const MAX_PARSED_JSON_BYTES: usize = 32 << 20;
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, EmbeddingError> {
     let estimate = berth_server::json_budget::parsed_size(body);
     if estimate > MAX_PARSED_JSON_BYTES {
-        return Err(Error::BadRequest(format!(
+        return Err(EmbeddingError::BadRequest(format!(
             "the request's JSON would take about {estimate} bytes of memory parsed; at most {MAX_PARSED_JSON_BYTES}"
         )));
     }
-    let text = std::str::from_utf8(body)
-        .map_err(|e| Error::BadRequest(format!("the request body is not valid UTF-8: {e}")))?;
-    serde_json::from_str(text).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    let text = std::str::from_utf8(body).map_err(|e| {
+        EmbeddingError::BadRequest(format!("the request body is not valid UTF-8: {e}"))
+    })?;
+    serde_json::from_str(text)
+        .map_err(|e| EmbeddingError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-fn fastapi_error(error: &Error) -> Response {
+fn fastapi_error(error: &EmbeddingError) -> Response {
     (
         error.error_code().http_status(),
         Json(json!({ "detail": error.to_string() })),

@@ -30,7 +30,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::{HealthReporter, HealthService};
 
 pub use config::Config;
-pub use error::Error;
+pub use error::EmbeddingError;
 
 use grpc_api::GrpcApi;
 use service::Embedder;
@@ -40,31 +40,35 @@ pub const SERVICE_NAME: &str = <EmbeddingServer<GrpcApi> as NamedService>::NAME;
 
 /// Loads the models and serves gRPC and HTTP in the background. A missing
 /// optional model leaves the service up but NOT_SERVING; see [`config`].
-pub async fn start(config: Config) -> Result<RunningService, Error> {
+pub async fn start(config: Config) -> Result<RunningService, EmbeddingError> {
     let mut host = ServiceHost::bind(config.server.clone()).await?;
     let metrics = metrics::Metrics::register(host.registry_mut());
     let embedder = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Embedder::load(&config, &metrics))
             .await
-            .map_err(|e| Error::Inference(format!("model loading stopped: {e}")))??
+            .map_err(|e| EmbeddingError::Inference(format!("model loading stopped: {e}")))??
     };
     let embedder = Arc::new(embedder);
-    let max_bytes = config.server.max_message_bytes;
+    // A request over server.max_message_bytes is refused (OUT_OF_RANGE,
+    // naming the limit) before it is decoded. Answers are not bounded by
+    // it: they are the service's own, at most limits.max_texts vectors.
     host.add_service(
         EmbeddingServer::new(GrpcApi::new(
             embedder.clone(),
             config.limits.stream_window,
             host.shutdown_token(),
         ))
-        .max_decoding_message_size(max_bytes)
-        .max_encoding_message_size(max_bytes),
+        .max_decoding_message_size(config.server.max_message_bytes),
     );
     let not_serving = embedder.unavailable();
     if not_serving.is_some() {
         hold_not_serving(host.health(), host.shutdown_token()).await;
     }
-    let running = host.spawn(Some(http_api::router(embedder, max_bytes)));
+    let running = host.spawn(Some(http_api::router(
+        embedder,
+        config.limits.max_http_body_bytes,
+    )));
     if let Some(reason) = not_serving {
         tracing::warn!(%reason, "{SERVICE_NAME} is NOT_SERVING");
     }

@@ -2,7 +2,7 @@
 //! through one session: tokenize, encode, pool. Normalising is the caller's
 //! choice, per request.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use fastembed::{
@@ -10,17 +10,8 @@ use fastembed::{
     UserDefinedEmbeddingModel,
 };
 
-use crate::Error;
+use crate::EmbeddingError;
 use crate::config::{ModelSource, OrtLibrary, PoolingKind};
-
-/// The files a model folder must hold: the setup script's layout.
-pub const MODEL_FILES: [&str; 5] = [
-    "model.onnx",
-    "tokenizer.json",
-    "config.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-];
 
 /// Which output holds the token vectors: the only one, else the usual names.
 const TOKEN_OUTPUTS: &[OutputKey] = &[
@@ -57,16 +48,16 @@ pub struct ModelInfo {
 /// ort keeps the first library for the life of the process, so a later call
 /// naming another one (a second service in the same process) fails too,
 /// rather than silently running on the first.
-pub fn load_runtime(library: &OrtLibrary) -> Result<(), Error> {
+pub fn load_runtime(library: &OrtLibrary) -> Result<(), EmbeddingError> {
     static LOADED: OnceLock<PathBuf> = OnceLock::new();
     let path = &library.path;
     if !library.required && !path.exists() {
-        return Err(Error::Unavailable {
+        return Err(EmbeddingError::Unavailable {
             model: "(all)".into(),
             reason: format!("the ONNX Runtime library {} is missing", path.display()),
         });
     }
-    let fail = |reason: String| Error::Load {
+    let fail = |reason: String| EmbeddingError::Load {
         what: "ONNX Runtime library",
         path: path.clone(),
         reason,
@@ -90,14 +81,6 @@ pub fn load_runtime(library: &OrtLibrary) -> Result<(), Error> {
     Ok(())
 }
 
-/// The first of a model's files that is missing, if any.
-pub fn missing_file(dir: &Path) -> Option<PathBuf> {
-    MODEL_FILES
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|path| !path.is_file())
-}
-
 /// A model's files, read once, from which its sessions are made.
 pub struct ModelFiles {
     source: ModelSource,
@@ -106,10 +89,10 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    pub fn read(source: &ModelSource) -> Result<Self, Error> {
+    pub fn read(source: &ModelSource) -> Result<Self, EmbeddingError> {
         let read = |name: &str| {
             let path = source.dir.join(name);
-            std::fs::read(&path).map_err(|e| Error::Load {
+            std::fs::read(&path).map_err(|e| EmbeddingError::Load {
                 what: "model file",
                 path,
                 reason: e.to_string(),
@@ -130,9 +113,9 @@ impl ModelFiles {
     /// A new session with `threads` threads, and the model's description
     /// (the dimension is that of a first vector). That first embedding also
     /// makes ONNX Runtime do its first-run setup now rather than in a request.
-    pub fn session(&self, threads: usize) -> Result<(Session, ModelInfo), Error> {
+    pub fn session(&self, threads: usize) -> Result<(Session, ModelInfo), EmbeddingError> {
         let spec = &self.source.spec;
-        let fail = |reason: String| Error::Load {
+        let fail = |reason: String| EmbeddingError::Load {
             what: "model",
             path: self.source.dir.clone(),
             reason,
@@ -172,11 +155,11 @@ impl Session {
     pub fn embed<S: AsRef<str> + Send + Sync>(
         &mut self,
         texts: &[S],
-    ) -> Result<Vec<Pooled>, Error> {
+    ) -> Result<Vec<Pooled>, EmbeddingError> {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].as_ref().len());
         let sorted: Vec<&str> = order.iter().map(|&i| texts[i].as_ref()).collect();
-        let inference = |e: fastembed::Error| Error::Inference(e.to_string());
+        let inference = |e: fastembed::Error| EmbeddingError::Inference(e.to_string());
         let output = self
             .embedding
             .transform(&sorted, Some(RUN_SIZE))
@@ -197,7 +180,7 @@ impl Session {
             }
         }
         if pooled.len() != texts.len() {
-            return Err(Error::Inference(format!(
+            return Err(EmbeddingError::Inference(format!(
                 "{} vectors for {} texts",
                 pooled.len(),
                 texts.len()

@@ -2,7 +2,7 @@
 //! takes to embed: check the request against the limits, queue it on the
 //! model's batcher, normalise if asked.
 
-use crate::Error;
+use crate::EmbeddingError;
 use crate::batcher::Batcher;
 use crate::batcher::SessionAdder;
 use crate::config::{Config, LimitsConfig};
@@ -50,11 +50,11 @@ pub struct Embedded {
 impl Embedder {
     /// Loads ONNX Runtime and every configured model (blocking: seconds at
     /// most). See `config` for which failures stop the start.
-    pub fn load(config: &Config, metrics: &Metrics) -> Result<Self, Error> {
+    pub fn load(config: &Config, metrics: &Metrics) -> Result<Self, EmbeddingError> {
         config.validate()?;
         let runtime = match model::load_runtime(&config.models.ort_library()) {
             Ok(()) => None,
-            Err(Error::Unavailable { reason, .. }) => Some(reason),
+            Err(EmbeddingError::Unavailable { reason, .. }) => Some(reason),
             Err(error) => return Err(error),
         };
         // Each session tokenizes its own batch on its own thread, and the pool
@@ -69,11 +69,12 @@ impl Embedder {
         let mut models = Vec::new();
         for source in config.models.sources() {
             let name = source.spec.name.clone();
-            let missing = model::missing_file(&source.dir)
+            let missing = source
+                .missing_file()
                 .map(|path| format!("model file {} is missing", path.display()));
             let state = match (runtime.clone().or(missing), source.required) {
                 (Some(reason), true) => {
-                    return Err(Error::Load {
+                    return Err(EmbeddingError::Load {
                         what: "model",
                         path: source.dir,
                         reason,
@@ -157,13 +158,13 @@ impl Embedder {
         model: &str,
         texts: Vec<String>,
         normalize: bool,
-    ) -> Result<Embedded, Error> {
+    ) -> Result<Embedded, EmbeddingError> {
         let entry = self.find(model)?;
         self.check(&texts)?;
         let (info, batcher) = match &entry.state {
             State::Ready { info, batcher } => (info, batcher),
             State::Unavailable(reason) => {
-                return Err(Error::Unavailable {
+                return Err(EmbeddingError::Unavailable {
                     model: entry.name.clone(),
                     reason: reason.clone(),
                 });
@@ -189,14 +190,14 @@ impl Embedder {
         })
     }
 
-    fn find(&self, name: &str) -> Result<&Model, Error> {
+    fn find(&self, name: &str) -> Result<&Model, EmbeddingError> {
         if name.is_empty() {
             return Ok(&self.models[self.default]);
         }
         self.models
             .iter()
             .find(|m| m.name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| Error::UnknownModel {
+            .ok_or_else(|| EmbeddingError::UnknownModel {
                 name: name.chars().take(100).collect(),
                 known: self
                     .models
@@ -207,13 +208,13 @@ impl Embedder {
             })
     }
 
-    fn check(&self, texts: &[String]) -> Result<(), Error> {
+    fn check(&self, texts: &[String]) -> Result<(), EmbeddingError> {
         let limits = &self.limits;
         if texts.is_empty() {
-            return Err(Error::EmptyBatch);
+            return Err(EmbeddingError::EmptyBatch);
         }
         if texts.len() > limits.max_texts {
-            return Err(Error::TooManyTexts {
+            return Err(EmbeddingError::TooManyTexts {
                 count: texts.len(),
                 max: limits.max_texts,
             });
@@ -223,7 +224,7 @@ impl Embedder {
             .enumerate()
             .find(|(_, t)| t.len() > limits.max_text_bytes)
         {
-            return Err(Error::TextTooLong {
+            return Err(EmbeddingError::TextTooLong {
                 index,
                 bytes: text.len(),
                 max: limits.max_text_bytes,

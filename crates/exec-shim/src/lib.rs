@@ -37,6 +37,10 @@ pub mod protocol {
     pub const STDOUT: u8 = 1;
     pub const STDERR: u8 = 2;
     pub const EXIT: u8 = 3;
+    /// Sent first, with no payload, by a shim on a virtio-serial port
+    /// (`--serial`): the request was read and the command is being started.
+    /// An agent that gets nothing in time knows no shim serves the port.
+    pub const ACCEPTED: u8 = 4;
     /// Largest request (command line, environment, working directory).
     pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
     /// Largest output frame the shim sends.
@@ -117,6 +121,8 @@ pub mod protocol {
         Stderr,
         /// The exit code, a big-endian i32.
         Exit,
+        /// The request was read (serial ports only); no payload.
+        Accepted,
     }
 
     /// A frame's header as the agent reads it: refused when the tag is
@@ -130,6 +136,7 @@ pub mod protocol {
             STDOUT => FrameKind::Stdout,
             STDERR => FrameKind::Stderr,
             EXIT => FrameKind::Exit,
+            ACCEPTED => FrameKind::Accepted,
             other => return Err(invalid(format!("an unknown frame tag {other}"))),
         };
         if length > MAX_FRAME_BYTES {
@@ -140,6 +147,11 @@ pub mod protocol {
         if kind == FrameKind::Exit && length != 4 {
             return Err(invalid(format!(
                 "an exit frame of {length} bytes; it holds an i32"
+            )));
+        }
+        if kind == FrameKind::Accepted && length != 0 {
+            return Err(invalid(format!(
+                "an accepted frame of {length} bytes; it holds nothing"
             )));
         }
         Ok((kind, length))
@@ -190,30 +202,32 @@ pub mod protocol {
     }
 }
 
-use protocol::{EXIT, MAX_FRAME_BYTES, Request, STDERR, STDOUT};
+use protocol::{ACCEPTED, EXIT, MAX_FRAME_BYTES, Request, STDERR, STDOUT};
 
-/// How long a connection may take to send its request (the agent sends it
-/// at once): one that stalls must not hold a thread of the shim forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a shim on a serial port looks again for an agent while none is
+/// connected (the port reads end of file until the host side opens).
+const SERIAL_IDLE_POLL: Duration = Duration::from_millis(20);
 
-/// `berth-exec-shim SOCKET`: serves until killed (with its container).
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, socket] = args.as_slice() else {
-        eprintln!("usage: berth-exec-shim SOCKET");
-        return ExitCode::from(2);
+    let (what, served) = match args.as_slice() {
+        [_, flag, port] if flag == "--serial" => (port, serve_serial(Path::new(port))),
+        [_, socket] if !socket.starts_with('-') => (socket, serve(Path::new(socket))),
+        _ => {
+            eprintln!("usage: berth-exec-shim SOCKET | berth-exec-shim --serial PORT");
+            return ExitCode::from(2);
+        }
     };
-    match serve(Path::new(socket)) {
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("berth-exec-shim: {socket}: {error}");
+            eprintln!("berth-exec-shim: {what}: {error}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Listens on `socket` (replacing a stale one) and runs each connection's
-/// exec on a thread of its own. The agent bounds how many run at once.
 pub fn serve(socket: &Path) -> io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
@@ -228,21 +242,185 @@ pub fn serve(socket: &Path) -> io::Result<()> {
     Ok(())
 }
 
-type Writer = Arc<Mutex<UnixStream>>;
+/// Serves execs over a virtio-serial port inside a VM (e.g. /dev/vport1p1),
+/// whose host side is a unix socket the agent connects to, once per exec:
+/// the same frames as on a socket, after an [`ACCEPTED`] frame. One exec at
+/// a time (the host side takes one connection at a time). The agent
+/// disconnecting before the exit frame kills the command's process group,
+/// as a closed socket does.
+pub fn serve_serial(port: &Path) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port)?;
+    loop {
+        // Nobody connected: reads end at once. Wait for a request's first byte.
+        let mut first = [0; 1];
+        match (&file).read(&mut first) {
+            Ok(0) => {
+                std::thread::sleep(SERIAL_IDLE_POLL);
+                continue;
+            }
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+        let mut rest = Patient {
+            file: &file,
+            deadline: std::time::Instant::now() + REQUEST_TIMEOUT,
+        };
+        let request = match Request::decode(&mut first.as_slice().chain(&mut rest)) {
+            Ok(request) => request,
+            Err(error) => {
+                eprintln!(
+                    "berth-exec-shim: {}: a bad request: {error}",
+                    port.display()
+                );
+                drain_until_closed(&file);
+                continue;
+            }
+        };
+        let connection = file.try_clone()?;
+        match execute(connection, request, true) {
+            // The exit frame is sent; the watcher ends when the agent
+            // disconnects, and the next request is read after that.
+            Ok(watcher) => {
+                let _ = watcher.join();
+            }
+            Err(error) => {
+                eprintln!("berth-exec-shim: exec: {error}");
+                drain_until_closed(&file);
+            }
+        }
+    }
+}
 
-fn send(writer: &Writer, tag: u8, payload: &[u8]) -> io::Result<()> {
+/// A serial port read that waits out the moment a new connection's data is
+/// there before its open message (reads end of file meanwhile), up to a
+/// deadline.
+struct Patient<'a> {
+    file: &'a std::fs::File,
+    deadline: std::time::Instant,
+}
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.file.read(buffer) {
+                Ok(0) if std::time::Instant::now() < self.deadline && !buffer.is_empty() => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Reads and drops what the host sends until it disconnects.
+fn drain_until_closed(mut file: &std::fs::File) {
+    let mut buffer = [0; 4096];
+    while let Ok(n) = file.read(&mut buffer) {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// A two-way byte stream an exec runs over: a unix socket or a serial port.
+trait Duplex: Read + Write + Send + Sized + 'static {
+    fn duplicate(&self) -> io::Result<Self>;
+    /// Blocks until the agent goes away or sends something; true when that
+    /// happened before the command `finished` (a cancel).
+    fn watch(&mut self, finished: &AtomicBool) -> bool;
+}
+
+impl Duplex for UnixStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+
+    fn watch(&mut self, finished: &AtomicBool) -> bool {
+        let mut byte = [0; 1];
+        let _ = self.read(&mut byte);
+        !finished.load(Ordering::SeqCst)
+    }
+}
+
+impl Duplex for std::fs::File {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+
+    /// On a virtio-serial port, poll without reading: the host side closing
+    /// shows as POLLHUP, and bytes that come after the exit frame are the
+    /// next request, left for the next read. The port's open and close
+    /// messages travel apart from its data, so a hang-up seen before the
+    /// command finished counts only when it lasts (a new connection's data
+    /// can come before its open message).
+    fn watch(&mut self, finished: &AtomicBool) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut hang_ups = 0;
+        loop {
+            let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+            let timeout = if hang_ups > 0 {
+                PollTimeout::from(10u16)
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
+                Ok(0) => continue, // the pause after a hang-up
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return !finished.load(Ordering::SeqCst),
+            }
+            let events = fds[0].revents().unwrap_or(PollFlags::empty());
+            let done = finished.load(Ordering::SeqCst);
+            if events.contains(PollFlags::POLLHUP) {
+                hang_ups += 1;
+                if done || hang_ups >= 3 {
+                    return !done;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            } else if events.contains(PollFlags::POLLIN) {
+                // Mid-command, the agent only sends to cancel.
+                return !done;
+            } else {
+                hang_ups = 0;
+            }
+        }
+    }
+}
+
+type Writer<S> = Arc<Mutex<S>>;
+
+fn send<S: Write>(writer: &Writer<S>, tag: u8, payload: &[u8]) -> io::Result<()> {
     let mut stream = writer.lock().unwrap_or_else(PoisonError::into_inner);
     stream.write_all(&protocol::header(tag, payload.len()))?;
-    stream.write_all(payload)
+    stream.write_all(payload)?;
+    stream.flush()
 }
 
 fn run(connection: UnixStream) -> io::Result<()> {
     connection.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     let request = Request::decode(&mut &connection)?;
-    // From here a read waits for the agent to hang up, however long the
-    // command runs.
     connection.set_read_timeout(None)?;
-    let writer: Writer = Arc::new(Mutex::new(connection.try_clone()?));
+    execute(connection, request, false).map(drop)
+}
+
+/// Runs one request over `connection` and sends its frames. Returns the
+/// thread watching the connection: it kills the command's process group
+/// when the connection closes (or the agent sends anything) before the
+/// command ended, and itself ends when the connection closes.
+fn execute<S: Duplex>(
+    connection: S,
+    request: Request,
+    accepted_frame: bool,
+) -> io::Result<JoinHandle<()>> {
+    let writer: Writer<S> = Arc::new(Mutex::new(connection.duplicate()?));
+    if accepted_frame {
+        send(&writer, ACCEPTED, &[])?;
+    }
     let program = &request.argv[0];
     let mut command = Command::new(program);
     command
@@ -255,6 +433,7 @@ fn run(connection: UnixStream) -> io::Result<()> {
     if !request.working_dir.is_empty() {
         command.current_dir(&request.working_dir);
     }
+    let mut closed = connection;
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -268,27 +447,36 @@ fn run(connection: UnixStream) -> io::Result<()> {
                 STDERR,
                 format!("berth-exec-shim: {program}: {error}\n").as_bytes(),
             )?;
-            return send(&writer, EXIT, &code.to_be_bytes());
+            send(&writer, EXIT, &code.to_be_bytes())?;
+            return Ok(std::thread::spawn(move || {
+                closed.watch(&AtomicBool::new(true));
+            }));
         }
     };
     let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let finished = Arc::new(AtomicBool::new(false));
-    // The agent closing the connection before the exit frame is a cancel.
-    let mut closed = connection.try_clone()?;
+    // Set when the agent went away first: nothing more is sent (on a serial
+    // port, bytes sent then would reach the agent's next connection).
+    let cancelled = Arc::new(AtomicBool::new(false));
     let watched = Arc::clone(&finished);
-    std::thread::spawn(move || {
-        let mut byte = [0; 1];
-        let _ = closed.read(&mut byte);
-        if !watched.load(Ordering::SeqCst) {
+    let gone = Arc::clone(&cancelled);
+    let watcher = std::thread::spawn(move || {
+        if closed.watch(&watched) {
+            gone.store(true, Ordering::SeqCst);
             let _ = killpg(group, Signal::SIGKILL);
         }
     });
     let pumps = [
-        child.stdout.take().map(|out| pump(out, STDOUT, &writer)),
-        child.stderr.take().map(|err| pump(err, STDERR, &writer)),
+        child
+            .stdout
+            .take()
+            .map(|out| pump(out, STDOUT, &writer, &cancelled)),
+        child
+            .stderr
+            .take()
+            .map(|err| pump(err, STDERR, &writer, &cancelled)),
     ];
     let status = child.wait()?;
-    // Nothing the command started outlives it (and holds its pipes open).
     let _ = killpg(group, Signal::SIGKILL);
     for pump in pumps.into_iter().flatten() {
         let _ = pump.join();
@@ -297,17 +485,27 @@ fn run(connection: UnixStream) -> io::Result<()> {
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    send(&writer, EXIT, &code.to_be_bytes())
+    if !cancelled.load(Ordering::SeqCst) {
+        send(&writer, EXIT, &code.to_be_bytes())?;
+    }
+    Ok(watcher)
 }
 
-/// Forwards one output pipe as frames until it closes.
-fn pump(mut pipe: impl Read + Send + 'static, tag: u8, writer: &Writer) -> JoinHandle<()> {
+fn pump<S: Write + Send + 'static>(
+    mut pipe: impl Read + Send + 'static,
+    tag: u8,
+    writer: &Writer<S>,
+    cancelled: &Arc<AtomicBool>,
+) -> JoinHandle<()> {
     let writer = Arc::clone(writer);
+    let cancelled = Arc::clone(cancelled);
     std::thread::spawn(move || {
         let mut buffer = vec![0; MAX_FRAME_BYTES];
         loop {
             match pipe.read(&mut buffer) {
                 Ok(0) | Err(_) => return,
+                // Drained but not sent once the agent went away.
+                Ok(_) if cancelled.load(Ordering::SeqCst) => {}
                 Ok(n) => {
                     if send(&writer, tag, &buffer[..n]).is_err() {
                         return;
@@ -388,6 +586,7 @@ mod tests {
             match kind {
                 FrameKind::Stdout => out.extend(payload),
                 FrameKind::Stderr => err.extend(payload),
+                FrameKind::Accepted => panic!("a socket shim sends no accepted frame"),
                 FrameKind::Exit => {
                     let code = i32::from_be_bytes(payload.try_into().unwrap());
                     return (

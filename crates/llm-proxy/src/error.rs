@@ -70,6 +70,21 @@ pub enum ProxyError {
     },
     #[error("key store: {0}")]
     Store(String),
+    /// `extra_json` (gRPC API) would take too much memory parsed.
+    #[error("extra_json would take about {estimate} bytes parsed; at most {limit}")]
+    ExtraJsonTooLarge { estimate: usize, limit: usize },
+    /// An upstream's 2xx body is not the answer the gRPC API expects.
+    #[error("cannot read the upstream's answer: {0}")]
+    UnreadableAnswer(String),
+    /// A streamed answer's SSE event or chunk is not one the gRPC API reads.
+    #[error("unreadable stream {what} from the upstream: {reason}")]
+    UnreadableStream { what: &'static str, reason: String },
+    /// An upstream ended a streamed answer with an error event.
+    #[error("{message}")]
+    StreamFailed { message: String, timeout: bool },
+    /// The gateway answered whole where a stream was asked for, or the reverse.
+    #[error("{0}")]
+    ReplyMismatch(&'static str),
 }
 
 impl ServiceError for ProxyError {
@@ -90,7 +105,42 @@ impl ServiceError for ProxyError {
             Self::Upstream { status, .. } => code_of_status(*status),
             Self::Unreachable { .. } | Self::BadAnswer { .. } => ErrorCode::Unavailable,
             Self::Timeout { .. } => ErrorCode::Timeout,
-            Self::Store(_) => ErrorCode::Internal,
+            Self::ExtraJsonTooLarge { .. } => ErrorCode::ResourceExhausted,
+            Self::StreamFailed { timeout: true, .. } => ErrorCode::Timeout,
+            Self::StreamFailed { timeout: false, .. } => ErrorCode::Unavailable,
+            Self::Store(_)
+            | Self::UnreadableAnswer(_)
+            | Self::UnreadableStream { .. }
+            | Self::ReplyMismatch(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::JsonTooLarge { .. } => "json_too_large",
+            Self::UnknownModel(_) => "unknown_model",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::MissingKey => "missing_key",
+            Self::InvalidKey => "invalid_key",
+            Self::NotMasterKey => "not_master_key",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
+            Self::NoDeployment { .. } => "no_deployment",
+            Self::UnsupportedParam { .. } => "unsupported_param",
+            Self::Upstream { .. } => "upstream_error",
+            Self::Unreachable { .. } => "upstream_unreachable",
+            Self::BadAnswer { .. } => "upstream_bad_answer",
+            Self::Timeout { .. } => "upstream_timeout",
+            Self::Store(_) => "key_store",
+            Self::ExtraJsonTooLarge { .. } => "extra_json_too_large",
+            Self::UnreadableAnswer(_) => "upstream_unreadable_answer",
+            Self::UnreadableStream { .. } => "upstream_unreadable_stream",
+            Self::StreamFailed { .. } => "upstream_stream_failed",
+            Self::ReplyMismatch(_) => "reply_mismatch",
         }
     }
 }
@@ -141,7 +191,11 @@ impl ProxyError {
             Self::Unreachable { .. }
             | Self::BadAnswer { .. }
             | Self::Timeout { .. }
-            | Self::Store(_) => "api_error",
+            | Self::Store(_)
+            | Self::UnreadableAnswer(_)
+            | Self::UnreadableStream { .. }
+            | Self::StreamFailed { .. }
+            | Self::ReplyMismatch(_) => "api_error",
             Self::Upstream { status, .. } if status.is_server_error() => "api_error",
             _ => "invalid_request_error",
         }

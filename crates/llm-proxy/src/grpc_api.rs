@@ -8,6 +8,8 @@ use std::sync::Arc;
 use berth_proto::llmproxy::v1 as pb;
 use berth_proto::llmproxy::v1::llm_proxy_server::LlmProxy;
 use berth_server::GrpcStream;
+#[cfg(test)]
+use berth_server::error::error_reason;
 use berth_server::error::into_status;
 use berth_server::json_budget;
 use http_body_util::BodyStream;
@@ -70,9 +72,9 @@ impl LlmProxyService {
             .map_err(status)?
         {
             Reply::Whole { body, .. } => parse_upstream(&body),
-            Reply::Stream(_) => Err(Status::internal(
+            Reply::Stream(_) => Err(status(ProxyError::ReplyMismatch(
                 "a stream answered a request that asked for none",
-            )),
+            ))),
         }
     }
 }
@@ -89,8 +91,7 @@ fn status(error: ProxyError) -> Status {
 }
 
 fn parse_upstream<T: DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
-    serde_json::from_slice(body)
-        .map_err(|e| Status::internal(format!("cannot read the upstream's answer: {e}")))
+    serde_json::from_slice(body).map_err(|e| status(ProxyError::UnreadableAnswer(e.to_string())))
 }
 
 /// Optional fields as JSON, then `extra_json` for keys not already set.
@@ -105,12 +106,15 @@ fn body_of(
     if !extra_json.trim().is_empty() {
         let estimate = json_budget::parsed_size(extra_json.as_bytes());
         if estimate > MAX_EXTRA_JSON_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "extra_json would take about {estimate} bytes parsed; at most {MAX_EXTRA_JSON_BYTES}"
-            )));
+            return Err(status(ProxyError::ExtraJsonTooLarge {
+                estimate,
+                limit: MAX_EXTRA_JSON_BYTES,
+            }));
         }
         let extra: Map<String, Value> = serde_json::from_str(extra_json).map_err(|e| {
-            Status::invalid_argument(format!("extra_json is not a JSON object: {e}"))
+            status(ProxyError::InvalidRequest(format!(
+                "extra_json is not a JSON object: {e}"
+            )))
         })?;
         for (key, value) in extra {
             body.entry(key).or_insert(value);
@@ -128,10 +132,10 @@ fn chat_body(
     stream: bool,
 ) -> Result<Map<String, Value>, Status> {
     if request.messages.len() > MAX_CHAT_MESSAGES {
-        return Err(Status::invalid_argument(format!(
+        return Err(status(ProxyError::InvalidRequest(format!(
             "messages: {} of them; at most {MAX_CHAT_MESSAGES}",
             request.messages.len()
-        )));
+        ))));
     }
     let messages: Vec<Value> = request
         .messages
@@ -258,9 +262,10 @@ fn chunks_of(payload: &[u8]) -> Vec<Result<pb::ChatCompletionChunk, Status>> {
     let value: Value = match serde_json::from_slice(payload) {
         Ok(value) => value,
         Err(e) => {
-            return vec![Err(Status::internal(format!(
-                "unreadable stream event from the upstream: {e}"
-            )))];
+            return vec![Err(status(ProxyError::UnreadableStream {
+                what: "event",
+                reason: e.to_string(),
+            }))];
         }
     };
     if let Some(error) = value.get("error") {
@@ -269,18 +274,18 @@ fn chunks_of(payload: &[u8]) -> Vec<Result<pb::ChatCompletionChunk, Status>> {
             .and_then(Value::as_str)
             .unwrap_or("the upstream stream failed");
         let timeout = error.get("code").and_then(Value::as_str) == Some("timeout");
-        return vec![Err(if timeout {
-            Status::deadline_exceeded(message)
-        } else {
-            Status::unavailable(message)
-        })];
+        return vec![Err(status(ProxyError::StreamFailed {
+            message: message.to_string(),
+            timeout,
+        }))];
     }
     let chunk: ChatJson = match serde_json::from_value(value) {
         Ok(chunk) => chunk,
         Err(e) => {
-            return vec![Err(Status::internal(format!(
-                "unreadable stream chunk from the upstream: {e}"
-            )))];
+            return vec![Err(status(ProxyError::UnreadableStream {
+                what: "chunk",
+                reason: e.to_string(),
+            }))];
         }
     };
     let usage = usage_pb(chunk.usage);
@@ -418,7 +423,9 @@ impl LlmProxy for LlmProxyService {
             .map_err(status)?
         {
             Reply::Stream(body) => Ok(Response::new(chunk_stream(body))),
-            Reply::Whole { .. } => Err(Status::internal("a whole answer to a streamed request")),
+            Reply::Whole { .. } => Err(status(ProxyError::ReplyMismatch(
+                "a whole answer to a streamed request",
+            ))),
         }
     }
 
@@ -533,9 +540,11 @@ impl LlmProxy for LlmProxyService {
         let start: usize = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument("page_token is not one this server gave"))?
+            r.page_token.parse().map_err(|_| {
+                status(ProxyError::InvalidRequest(
+                    "page_token is not one this server gave".into(),
+                ))
+            })?
         };
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE,
@@ -591,10 +600,46 @@ mod tests {
         assert_eq!(usage[0].as_ref().unwrap().usage.unwrap().total_tokens, 3);
         assert!(chunks_of(b"[DONE]").is_empty());
         let error = chunks_of(br#"{"error":{"message":"late","code":"timeout"}}"#);
+        let error = error[0].as_ref().unwrap_err();
+        assert_eq!(error.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(error.message(), "late");
+        assert_eq!(error_reason(error), Some("upstream_stream_failed"));
+        let failed = chunks_of(br#"{"error":{"message":"boom"}}"#);
         assert_eq!(
-            error[0].as_ref().unwrap_err().code(),
-            tonic::Code::DeadlineExceeded
+            failed[0].as_ref().unwrap_err().code(),
+            tonic::Code::Unavailable
         );
+        let garbled = chunks_of(b"{not json");
+        let garbled = garbled[0].as_ref().unwrap_err();
+        assert_eq!(garbled.code(), tonic::Code::Internal);
+        assert!(
+            garbled
+                .message()
+                .starts_with("unreadable stream event from the upstream: ")
+        );
+    }
+
+    #[test]
+    fn every_status_carries_its_reason() {
+        let too_big = status(ProxyError::ExtraJsonTooLarge {
+            estimate: 9,
+            limit: 4,
+        });
+        assert_eq!(too_big.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            too_big.message(),
+            "extra_json would take about 9 bytes parsed; at most 4"
+        );
+        assert_eq!(error_reason(&too_big), Some("extra_json_too_large"));
+        let not_object = body_of(vec![], "[1]").unwrap_err();
+        assert_eq!(not_object.code(), tonic::Code::InvalidArgument);
+        assert_eq!(error_reason(&not_object), Some("invalid_request"));
+        let limited = status(ProxyError::RateLimited {
+            what: "rpm".into(),
+            retry_after: std::time::Duration::from_millis(1500),
+        });
+        assert_eq!(error_reason(&limited), Some("rate_limited"));
+        assert_eq!(limited.metadata().get("retry-after").unwrap(), "2");
     }
 
     #[test]

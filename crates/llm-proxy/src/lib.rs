@@ -17,6 +17,7 @@ pub mod litellm_config;
 pub mod metrics;
 pub mod providers;
 pub mod router;
+pub mod settings;
 pub mod sse;
 pub mod stream;
 pub mod upstream;
@@ -35,7 +36,7 @@ use crate::auth::Auth;
 use crate::error::ProxyError;
 use crate::gateway::Gateway;
 use crate::keys::KeyStore;
-use crate::litellm_config::{LiteLlmConfig, LiteLlmConfigError};
+use crate::litellm_config::{LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits};
 use crate::router::Router;
 use crate::upstream::UpstreamClient;
 
@@ -59,6 +60,8 @@ pub struct ProxyConfig {
     /// Most memory a request's JSON may take parsed, estimated before it is
     /// parsed (small objects take ~100 times their text); more gets 413.
     pub max_request_json_bytes: usize,
+    /// `[proxy.litellm_limits]`: size, nesting and nodes of the LiteLLM config.
+    pub litellm_limits: LiteLlmLimits,
     /// Longest wait for a TCP connection to an upstream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -77,6 +80,7 @@ impl Default for ProxyConfig {
             keys_path: String::new(),
             max_request_bytes: 8 << 20,
             max_request_json_bytes: 32 << 20,
+            litellm_limits: LiteLlmLimits::default(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             keys_flush_interval: Duration::from_secs(5),
@@ -124,7 +128,10 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         tracing::warn!("proxy.litellm_config is not set: no models to serve");
         LiteLlmConfig::parse("(none)", "{}", &|_| None)?
     } else {
-        LiteLlmConfig::load(config.proxy.litellm_config.as_ref())?
+        LiteLlmConfig::load_within(
+            config.proxy.litellm_config.as_ref(),
+            &config.proxy.litellm_limits,
+        )?
     };
     start_with(config, litellm).await
 }

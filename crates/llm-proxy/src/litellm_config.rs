@@ -12,8 +12,9 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use berth_server::yaml_prescan::{self, YamlLimits};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
 use crate::providers::ProviderKind;
@@ -22,13 +23,48 @@ use crate::router::{RouterSettings, Strategy};
 /// LiteLLM's way of saying "read this from the environment".
 const ENV_REF: &str = "os.environ/";
 
-/// Largest config accepted, checked before parsing: a model_list of
-/// thousands of deployments is a few hundred KiB, and a path that names
-/// something else (a log, `/dev/zero`) must not be read whole. The parser
-/// bounds the rest: nesting (serde_yaml's recursion limit of 128) and alias
-/// expansion (its repetition limit), so time and memory stay linear in
-/// this many bytes.
+/// Largest config accepted by default ([`LiteLlmLimits::max_bytes`]).
 pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+
+/// `[proxy.litellm_limits]`: what reading one LiteLLM config may cost.
+/// The size is checked before the file is read whole, the nesting and node
+/// count by a linear pre-scan ([`berth_server::yaml_prescan`]) before
+/// serde_yaml sees the text: libyaml's scanner is quadratic in the flow
+/// depth (100 000 nested brackets take it minutes). serde_yaml bounds the
+/// rest: its recursion limit of 128 and alias expansion (its repetition
+/// limit), so time and memory stay linear in `max_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiteLlmLimits {
+    /// Largest config, in bytes: a model_list of thousands of deployments
+    /// is a few hundred KiB, and a path that names something else (a log,
+    /// `/dev/zero`) must not be read whole.
+    pub max_bytes: usize,
+    /// Deepest nesting of flow collections (`[`, `{`).
+    pub max_depth: usize,
+    /// Most YAML nodes (scalars, lists, maps, aliases) before aliases
+    /// expand: ten thousand deployments of ten keys each.
+    pub max_nodes: usize,
+}
+
+impl Default for LiteLlmLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: MAX_CONFIG_BYTES,
+            max_depth: 32,
+            max_nodes: 200_000,
+        }
+    }
+}
+
+impl LiteLlmLimits {
+    fn yaml(&self) -> YamlLimits {
+        YamlLimits {
+            max_depth: self.max_depth,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiteLlmConfigError {
@@ -38,8 +74,23 @@ pub enum LiteLlmConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("LiteLLM config {path} is larger than the limit of {limit} bytes")]
+    #[error(
+        "LiteLLM config {path} is larger than the limit of {limit} bytes (proxy.litellm_limits.max_bytes, env BERTH_PROXY__LITELLM_LIMITS__MAX_BYTES)"
+    )]
     TooLarge { path: String, limit: usize },
+    /// Past a limit of [`LiteLlmLimits`] at `line:column`, before it was parsed.
+    #[error(
+        "LiteLLM config {path}:{line}:{column}: {what}; at most {max} (proxy.litellm_limits.{field}, env BERTH_PROXY__LITELLM_LIMITS__{env})",
+        env = field.to_ascii_uppercase()
+    )]
+    Limit {
+        path: String,
+        line: usize,
+        column: usize,
+        what: &'static str,
+        field: &'static str,
+        max: usize,
+    },
     /// serde_yaml's message carries the line and column.
     #[error("LiteLLM config {path}: {message}")]
     Invalid { path: String, message: String },
@@ -106,8 +157,15 @@ pub struct LiteLlmConfig {
 }
 
 impl LiteLlmConfig {
-    /// Reads and checks a config file, resolving `os.environ/VAR` from the process.
+    /// Reads and checks a config file within the default [`LiteLlmLimits`],
+    /// resolving `os.environ/VAR` from the process.
     pub fn load(path: &Path) -> Result<Self, LiteLlmConfigError> {
+        Self::load_within(path, &LiteLlmLimits::default())
+    }
+
+    /// Reads and checks a config file within `limits`, resolving
+    /// `os.environ/VAR` from the process.
+    pub fn load_within(path: &Path, limits: &LiteLlmLimits) -> Result<Self, LiteLlmConfigError> {
         let origin = path.display().to_string();
         let read_error = |source| LiteLlmConfigError::Read {
             path: origin.clone(),
@@ -117,31 +175,57 @@ impl LiteLlmConfig {
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|file| {
-                file.take(MAX_CONFIG_BYTES as u64 + 1)
+                file.take(limits.max_bytes as u64 + 1)
                     .read_to_end(&mut bytes)
             })
             .map_err(read_error)?;
-        if bytes.len() > MAX_CONFIG_BYTES {
-            return Err(too_large(&origin));
+        if bytes.len() > limits.max_bytes {
+            return Err(too_large(&origin, limits));
         }
         let text = String::from_utf8(bytes)
             .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        Self::parse(&origin, &text, &|name| std::env::var(name).ok())
+        Self::parse_within(&origin, &text, &|name| std::env::var(name).ok(), limits)
     }
 
-    /// Parses config text; `origin` names it in errors, `env` resolves `os.environ/VAR`.
+    /// Parses config text within the default [`LiteLlmLimits`]; `origin`
+    /// names it in errors, `env` resolves `os.environ/VAR`.
     pub fn parse(
         origin: &str,
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, LiteLlmConfigError> {
+        Self::parse_within(origin, text, env, &LiteLlmLimits::default())
+    }
+
+    /// Parses config text, refusing it past `limits` before serde_yaml
+    /// sees it; `origin` names it in errors, `env` resolves `os.environ/VAR`.
+    pub fn parse_within(
+        origin: &str,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        limits: &LiteLlmLimits,
+    ) -> Result<Self, LiteLlmConfigError> {
         let invalid = |message: String| LiteLlmConfigError::Invalid {
             path: origin.to_string(),
             message,
         };
-        if text.len() > MAX_CONFIG_BYTES {
-            return Err(too_large(origin));
+        if text.len() > limits.max_bytes {
+            return Err(too_large(origin, limits));
         }
+        yaml_prescan::check(text, &limits.yaml()).map_err(|stop| {
+            let (what, max) = match stop.past {
+                yaml_prescan::Past::Depth => ("YAML nesting deeper than allowed", limits.max_depth),
+                yaml_prescan::Past::Nodes => ("more YAML nodes than allowed", limits.max_nodes),
+            };
+            LiteLlmConfigError::Limit {
+                path: origin.to_string(),
+                line: stop.line,
+                column: stop.column,
+                what,
+                field: stop.past.field(),
+                max,
+            }
+        })?;
         let root: RawRoot = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut unsupported = Vec::new();
         collect_unknown("", &root.other, &mut unsupported);
@@ -234,10 +318,10 @@ impl LiteLlmConfig {
     }
 }
 
-fn too_large(origin: &str) -> LiteLlmConfigError {
+fn too_large(origin: &str, limits: &LiteLlmLimits) -> LiteLlmConfigError {
     LiteLlmConfigError::TooLarge {
         path: origin.to_string(),
-        limit: MAX_CONFIG_BYTES,
+        limit: limits.max_bytes,
     }
 }
 
@@ -659,7 +743,7 @@ callbacks: []
         assert_eq!(
             error,
             format!(
-                "LiteLLM config test.yaml is larger than the limit of {MAX_CONFIG_BYTES} bytes"
+                "LiteLLM config test.yaml is larger than the limit of {MAX_CONFIG_BYTES} bytes (proxy.litellm_limits.max_bytes, env BERTH_PROXY__LITELLM_LIMITS__MAX_BYTES)"
             )
         );
         // A path that never ends is read only up to the limit.
@@ -675,13 +759,54 @@ callbacks: []
     }
 
     #[test]
-    fn deep_nesting_and_alias_bombs_are_refused() {
-        // At a depth libyaml scans in milliseconds: its scanner is quadratic
-        // in the flow depth (200 000 brackets take minutes), which only a
-        // scan before parsing can bound.
-        let deep = format!("x: {}{}\n", "[".repeat(1000), "]".repeat(1000));
+    fn a_deeply_nested_config_is_refused_fast_naming_limit_and_line() {
+        // 200 KB of brackets: libyaml's scanner, quadratic in the flow
+        // depth, took minutes over it; the pre-scan stops at the 33rd.
+        let deep = format!(
+            "model_list: []\nrouter_settings:\n  fallbacks: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let started = std::time::Instant::now();
         let error = parse(&deep, &[]).unwrap_err().to_string();
+        let took = started.elapsed();
+        assert_eq!(
+            error,
+            "LiteLLM config test.yaml:3:46: YAML nesting deeper than allowed; at most 32 (proxy.litellm_limits.max_depth, env BERTH_PROXY__LITELLM_LIMITS__MAX_DEPTH)"
+        );
+        assert!(took < Duration::from_millis(100), "refused after {took:?}");
+        println!(
+            "deep LiteLLM config ({} bytes) refused in {took:?}",
+            deep.len()
+        );
+        // Within a raised limit, serde_yaml's own recursion limit (128) still holds.
+        let limits = LiteLlmLimits {
+            max_depth: 2000,
+            ..LiteLlmLimits::default()
+        };
+        let deep = format!("x: {}{}\n", "[".repeat(1000), "]".repeat(1000));
+        let error = LiteLlmConfig::parse_within("test.yaml", &deep, &|_| None, &limits)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("recursion limit exceeded"), "{error}");
+        // Too many nodes, before serde_yaml loads them.
+        let limits = LiteLlmLimits {
+            max_nodes: 1000,
+            ..LiteLlmLimits::default()
+        };
+        let wide = format!("x: [{}]\n", vec!["1"; 2000].join(","));
+        let error = LiteLlmConfig::parse_within("test.yaml", &wide, &|_| None, &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("LiteLLM config test.yaml:1:")
+                && error.contains("at most 1000 (proxy.litellm_limits.max_nodes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
         // Nine levels of ten aliases each: a billion strings if expanded.
         let mut bomb = String::from("a: &a [\"lol\"]\n");
         for level in 1..10 {

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use berth_llm_proxy::litellm_config::{LiteLlmConfig, Secret};
-use berth_llm_proxy::providers::ProviderKind;
+use berth_llm_proxy::settings::ProviderKind;
 use berth_llm_proxy::{Config, start};
 use bytes::Bytes;
 use common::*;

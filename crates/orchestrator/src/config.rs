@@ -1,5 +1,6 @@
 //! The orchestrator's config: `[server]`, `[store]`, `[scheduler]`, `[auth]`,
-//! `[ssh]` and `[manifest]` (the limits on one campaign manifest).
+//! `[ssh]`, `[manifest]` (the limits on one campaign manifest, and on the
+//! text of a deployment recipe) and `[deployments]`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +18,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub ssh: crate::ssh_tunnel::SshConfig,
     pub manifest: crate::manifest::ManifestLimits,
+    pub deployments: crate::deployment::DeploymentsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +97,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             ssh: crate::ssh_tunnel::SshConfig::default(),
             manifest: crate::manifest::ManifestLimits::default(),
+            deployments: crate::deployment::DeploymentsConfig::default(),
         }
     }
 }

@@ -23,6 +23,20 @@ pub enum OrchestratorError {
     },
     #[error("backend `{backend}` cannot be placed on any registered host: {reasons}")]
     Unplaceable { backend: String, reasons: String },
+    #[error("deployment `{0}` not found")]
+    DeploymentNotFound(String),
+    #[error("deployment `{0}` exists and is live (StopDeployment it first, or deploy with update)")]
+    DeploymentExists(String),
+    #[error("deployment `{name}` has ended ({state})")]
+    DeploymentEnded { name: String, state: &'static str },
+    #[error("deployment `{deployment}` cannot be placed on any registered host: {reasons}")]
+    RecipeUnplaceable { deployment: String, reasons: String },
+    #[error("replica {index} on host `{host}`: {reason}")]
+    ReplicaUnreachable {
+        index: u32,
+        host: String,
+        reason: String,
+    },
     #[error("{0}")]
     Unimplemented(String),
     #[error(transparent)]
@@ -33,12 +47,37 @@ impl ServiceError for OrchestratorError {
     fn error_code(&self) -> ErrorCode {
         match self {
             Self::Manifest(_) | Self::InvalidArgument { .. } => ErrorCode::BadRequest,
-            Self::CampaignNotFound(_) | Self::RunNotFound(_) | Self::HostNotFound(_) => {
-                ErrorCode::NotFound
-            }
-            Self::WrongState { .. } | Self::Unplaceable { .. } => ErrorCode::FailedPrecondition,
+            Self::CampaignNotFound(_)
+            | Self::RunNotFound(_)
+            | Self::HostNotFound(_)
+            | Self::DeploymentNotFound(_) => ErrorCode::NotFound,
+            Self::DeploymentExists(_) => ErrorCode::AlreadyExists,
+            Self::WrongState { .. }
+            | Self::Unplaceable { .. }
+            | Self::DeploymentEnded { .. }
+            | Self::RecipeUnplaceable { .. } => ErrorCode::FailedPrecondition,
+            Self::ReplicaUnreachable { .. } => ErrorCode::Unavailable,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Manifest(_) => "invalid_manifest",
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::CampaignNotFound(_) => "campaign_not_found",
+            Self::RunNotFound(_) => "run_not_found",
+            Self::HostNotFound(_) => "host_not_found",
+            Self::WrongState { .. } => "wrong_state",
+            Self::Unplaceable { .. } => "unplaceable",
+            Self::DeploymentNotFound(_) => "deployment_not_found",
+            Self::DeploymentExists(_) => "deployment_exists",
+            Self::DeploymentEnded { .. } => "deployment_ended",
+            Self::RecipeUnplaceable { .. } => "recipe_unplaceable",
+            Self::ReplicaUnreachable { .. } => "replica_unreachable",
+            Self::Unimplemented(_) => "unimplemented",
+            Self::Store(_) => "store",
         }
     }
 }

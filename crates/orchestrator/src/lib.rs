@@ -1,8 +1,10 @@
 //! berth orchestrator: hosts, campaigns and scheduling, with all state in
-//! one store so that a restart resumes every campaign where it was.
+//! one store so that a restart resumes every campaign where it was; and
+//! deployments, kept running by a reconciler per deployment.
 
 pub mod backend_watch;
 pub mod config;
+pub mod deployment;
 pub mod error;
 pub mod events;
 pub mod gpu_leases;
@@ -50,16 +52,26 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();
     hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());
+    let deployments = deployment::Deployments::new(
+        Arc::clone(&store),
+        Arc::clone(&hosts),
+        config.deployments.clone(),
+        config.manifest.clone(),
+        shutdown.clone(),
+    );
+    deployments.resume()?;
     let scheduler = scheduler::Scheduler::new(
         Arc::clone(&store),
         Arc::clone(&hosts),
         Arc::clone(&events),
         config.scheduler.clone(),
         config.manifest.clone(),
+        Arc::clone(&deployments),
         shutdown.clone(),
     );
     scheduler.resume_unfinished()?;
     let service = service::OrchestratorService {
+        deployments,
         store,
         hosts,
         events,

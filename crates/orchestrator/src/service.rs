@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use berth_proto::orchestrator::v1::orchestrator_server::Orchestrator;
 use berth_proto::orchestrator::v1::*;
-use berth_server::error::unimplemented;
 use berth_server::{CancellationToken, GrpcStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::deployment::Deployments;
 use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::HostRegistry;
@@ -23,6 +23,7 @@ const WATCH_BUFFER: usize = 64;
 const MAX_LABELS: usize = 64;
 
 pub struct OrchestratorService {
+    pub(crate) deployments: Arc<Deployments>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) hosts: Arc<HostRegistry>,
     pub(crate) events: Arc<CampaignEvents>,
@@ -122,6 +123,19 @@ impl Orchestrator for OrchestratorService {
         };
         let plan = manifest::plan_within(source, &request.manifest_yaml, &self.manifest_limits)
             .map_err(OrchestratorError::from)?;
+        let endpoint_ports = plan.manifest.run.endpoint_ports();
+        for backend in plan
+            .manifest
+            .backends
+            .iter()
+            .filter(|b| !b.deployment.is_empty())
+        {
+            self.deployments.check_measurable(
+                &backend.name,
+                &backend.deployment,
+                &endpoint_ports,
+            )?;
+        }
         placement::check_placeable(&plan, &self.hosts.views())?;
         let total = plan.runs.len() as u64;
         if request.validate_only {
@@ -358,39 +372,135 @@ impl Orchestrator for OrchestratorService {
         }))
     }
 
-    async fn deploy(&self, _: Request<DeployRequest>) -> Result<Response<Deployment>, Status> {
-        Err(unimplemented("Deploy", DEPLOYMENTS_NOT_YET))
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(self.deployments.deploy(
+            &request.source_name,
+            &request.recipe_yaml,
+            request.update,
+            request.validate_only,
+        )?))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<GetDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        Ok(Response::new(
+            self.deployments.snapshot(&request.get_ref().name)?,
+        ))
+    }
+
+    type WatchDeploymentStream = GrpcStream<DeploymentEvent>;
+
+    async fn watch_deployment(
+        &self,
+        request: Request<WatchDeploymentRequest>,
+    ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        let name = request.into_inner().name;
+        // Subscribe before the snapshot so that nothing falls between them.
+        let mut events = self.deployments.subscribe(&name);
+        let first = self.deployments.snapshot(&name)?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let deployments = Arc::clone(&self.deployments);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let ended = deployment_ended(&first);
+            let event = DeploymentEvent {
+                time: Some(std::time::SystemTime::now().into()),
+                deployment: Some(first),
+                replica: None,
+                message: "current state".into(),
+            };
+            if tx.send(Ok(event)).await.is_err() || ended {
+                return;
+            }
+            loop {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => return,
+                };
+                let event = match received {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let Ok(deployment) = deployments.snapshot(&name) else {
+                            return;
+                        };
+                        DeploymentEvent {
+                            time: Some(std::time::SystemTime::now().into()),
+                            deployment: Some(deployment),
+                            replica: None,
+                            message: format!(
+                                "watcher fell behind: {missed} events skipped; this is the current state"
+                            ),
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let ended = event.deployment.as_ref().is_some_and(deployment_ended);
+                if tx.send(Ok(event)).await.is_err() || ended {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn scale_deployment(
         &self,
-        _: Request<ScaleDeploymentRequest>,
+        request: Request<ScaleDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        Err(unimplemented("ScaleDeployment", DEPLOYMENTS_NOT_YET))
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.deployments.scale(&request.name, request.replicas)?,
+        ))
     }
 
     async fn stop_deployment(
         &self,
-        _: Request<StopDeploymentRequest>,
+        request: Request<StopDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        Err(unimplemented("StopDeployment", DEPLOYMENTS_NOT_YET))
+        Ok(Response::new(
+            self.deployments.stop(&request.get_ref().name)?,
+        ))
     }
 
     async fn list_deployments(
         &self,
-        _: Request<ListDeploymentsRequest>,
+        request: Request<ListDeploymentsRequest>,
     ) -> Result<Response<ListDeploymentsResponse>, Status> {
-        Err(unimplemented("ListDeployments", DEPLOYMENTS_NOT_YET))
+        let request = request.into_inner();
+        let limit = berth_server::paging::page_size(request.page_size);
+        let before = page_token::<i64>(&request.page_token)?;
+        let mut rows = self.deployments.list(before, limit + 1)?;
+        let next_page_token = next_page(&mut rows, limit, |(seq, _)| *seq);
+        Ok(Response::new(ListDeploymentsResponse {
+            deployments: rows.into_iter().map(|(_, d)| d).collect(),
+            next_page_token,
+        }))
     }
 
     type LogsStream = GrpcStream<DeploymentLogLine>;
 
     async fn logs(
         &self,
-        _: Request<DeploymentLogsRequest>,
+        request: Request<DeploymentLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(unimplemented("Logs", DEPLOYMENTS_NOT_YET))
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.deployments
+                .logs(&request.name, request.replica, request.tail, request.follow)
+                .await?,
+        ))
     }
 }
 
-const DEPLOYMENTS_NOT_YET: &str = "deployments (recipes kept running on hosts) are not built yet";
+fn deployment_ended(deployment: &Deployment) -> bool {
+    crate::store::deployments::deployment_is_terminal(
+        DeploymentState::try_from(deployment.state).unwrap_or_default(),
+    )
+}

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::error::{PowerError, StartError};
-use crate::source::{DeviceInfo, Source};
+use crate::reading::DeviceInfo;
+use crate::source::Source;
 
 #[derive(Debug, Clone)]
 pub struct DeviceEntry {

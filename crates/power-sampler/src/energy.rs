@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::source::Reading;
+use crate::reading::Reading;
 
 /// Energy between two readings of a counter. A counter with a range wraps to
 /// 0 after it (RAPL's `max_energy_range_uj`), so a smaller reading means one

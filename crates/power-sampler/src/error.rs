@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use berth_server::{ErrorCode, ServeError, ServiceError};
 
-use crate::source::SourceError;
+use crate::reading::SourceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PowerError {
@@ -76,6 +76,28 @@ impl ServiceError for PowerError {
             | Self::NotOpen(_) => ErrorCode::FailedPrecondition,
             Self::TooManySessions { .. } => ErrorCode::ResourceExhausted,
             Self::Export(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownDevice { .. } => "unknown_device",
+            Self::SourceUnavailable { .. } => "source_unavailable",
+            Self::DuplicateDevice(_) => "duplicate_device",
+            Self::NoDevices(_) => "no_devices",
+            Self::RateOutOfRange { .. } => "rate_out_of_range",
+            Self::BaselineOutOfRange { .. } => "baseline_out_of_range",
+            Self::RunIdTooLong { .. } => "run_id_too_long",
+            Self::TooManySessions { .. } => "too_many_sessions",
+            Self::UnknownSession(_) => "unknown_session",
+            Self::AlreadyStopped(_) => "already_stopped",
+            Self::StillOpen(_) => "still_open",
+            Self::NotOpen(_) => "not_open",
+            Self::DeviceNotInSession { .. } => "device_not_in_session",
+            Self::PageTooLarge { .. } => "page_too_large",
+            Self::BadPageToken(_) => "bad_page_token",
+            Self::BadFormat(_) => "bad_format",
+            Self::Export(_) => "export_failed",
         }
     }
 }

@@ -168,8 +168,8 @@ mod tests {
 
     use super::*;
     use crate::clock::Clock;
+    use crate::reading::Reading;
     use crate::recorder::Point;
-    use crate::source::Reading;
 
     fn points() -> Vec<Point> {
         let full = Reading {

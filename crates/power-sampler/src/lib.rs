@@ -12,8 +12,11 @@ pub mod devices;
 pub mod energy;
 pub mod error;
 pub mod export;
+/// Test support (the `test-support` feature): a fake powercap tree.
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake_powercap;
 pub mod metrics;
+pub mod reading;
 pub mod recorder;
 pub mod sampler;
 pub mod series;

@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::energy::{DeviceStats, EnergyAccumulator};
-use crate::source::Reading;
+use crate::reading::Reading;
 
 /// A device as a session records it.
 #[derive(Debug, Clone, Copy)]

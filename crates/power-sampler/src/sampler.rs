@@ -16,8 +16,9 @@ use tokio::sync::broadcast;
 
 use crate::clock::Clock;
 use crate::metrics::SourceMetrics;
+use crate::reading::Reading;
 use crate::recorder::Recorder;
-use crate::source::{Reading, Source};
+use crate::source::Source;
 
 /// The readings of one source at one instant.
 #[derive(Debug)]

@@ -5,8 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use crate::clock::Clock;
+use crate::reading::Reading;
 use crate::recorder::Point;
-use crate::source::Reading;
 
 /// One sample as answered.
 #[derive(Debug, Clone, Copy)]

@@ -21,11 +21,12 @@ use crate::devices::{DeviceEntry, DeviceRegistry};
 use crate::error::{PowerError, StartError};
 use crate::export;
 use crate::metrics::PowerMetrics;
+use crate::reading::SourceKind;
 use crate::recorder::{Point, RecordedDevice, Recorder};
 use crate::sampler::{Sampler, Tick};
 use crate::series::{SampleRow, SeriesView};
 use crate::session::{OpenSession, SessionInfo, Sessions, StoppedSession};
-use crate::source::{self, SourceKind};
+use crate::source;
 
 const MAX_RUN_ID_BYTES: usize = 256;
 const DEFAULT_PAGE_SIZE: u32 = 1_000;

@@ -12,7 +12,7 @@ use berth_proto::power::v1::{
     DeviceEnergy, ExportFormat, ExportSeriesRequest, GetSeriesRequest, ListDevicesRequest, Sample,
     SessionSummary, SourceKind, StartSessionRequest, StopSessionRequest, StreamSamplesRequest,
 };
-use berth_server::{RunningService, ServerConfig};
+use berth_server::{RunningService, ServerConfig, error_reason};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -612,6 +612,8 @@ async fn bad_input_gets_a_clear_error_naming_the_value() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("no-such"));
+    // The reason travels over the real connection, for callers to match on.
+    assert_eq!(error_reason(&status), Some("unknown_session"));
 
     // Two open sessions is the limit here; a third is refused.
     let a = c
@@ -628,6 +630,7 @@ async fn bad_input_gets_a_clear_error_naming_the_value() {
     let status = c.start_session(start(&[], 0.0)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("limit is 2"));
+    assert_eq!(error_reason(&status), Some("too_many_sessions"));
 
     let status = c
         .get_series(GetSeriesRequest {

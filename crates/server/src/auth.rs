@@ -5,6 +5,36 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::error::{ErrorCode, ServiceError, into_status};
+
+/// Why a call's bearer token, or a client's, was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing `authorization: Bearer <token>` metadata")]
+    MissingToken,
+    #[error("invalid bearer token")]
+    InvalidToken,
+    #[error("token holds characters not allowed in a header")]
+    UnsendableToken,
+}
+
+impl ServiceError for AuthError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::MissingToken | Self::InvalidToken => ErrorCode::Unauthenticated,
+            Self::UnsendableToken => ErrorCode::BadRequest,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingToken => "missing_token",
+            Self::InvalidToken => "invalid_token",
+            Self::UnsendableToken => "unsendable_token",
+        }
+    }
+}
+
 /// Server interceptor: requires `authorization: Bearer <token>` when a token
 /// is configured, and lets every call through when none is.
 #[derive(Clone)]
@@ -41,11 +71,9 @@ impl Interceptor for RequireBearer {
         if constant_time_eq(given, expected.as_bytes()) {
             Ok(request)
         } else if given.is_empty() {
-            Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata",
-            ))
+            Err(into_status(AuthError::MissingToken))
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(into_status(AuthError::InvalidToken))
         }
     }
 }
@@ -74,9 +102,9 @@ impl AttachBearer {
         if token.is_empty() {
             return Ok(Self::default());
         }
-        let header = format!("Bearer {token}").parse().map_err(|_| {
-            Status::invalid_argument("token holds characters not allowed in a header")
-        })?;
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| into_status(AuthError::UnsendableToken))?;
         Ok(Self {
             header: Some(header),
         })
@@ -108,6 +136,7 @@ mod tests {
             .call(wrong.call(Request::new(())).unwrap())
             .unwrap_err();
         assert_eq!(error.code(), tonic::Code::Unauthenticated);
+        assert_eq!(crate::error::error_reason(&error), Some("invalid_token"));
         assert!(
             check
                 .call(Request::new(()))

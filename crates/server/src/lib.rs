@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod grpc_trace;
 pub mod http;
 pub mod json_budget;
 pub mod listen;
@@ -16,10 +17,11 @@ pub mod paging;
 pub mod serve;
 pub mod telemetry;
 pub mod unix_authority;
+pub mod yaml_prescan;
 
 pub use config::{ConfigError, ServerConfig};
-pub use error::{ErrorCode, ServiceError};
-pub use listen::{GrpcListener, ListenAddr};
+pub use error::{ErrorCode, ServiceError, error_reason};
+pub use listen::{GrpcListener, ListenAddr, ListenError};
 pub use serve::{RunningService, ServeError, ServiceHost};
 pub use tokio_util::sync::CancellationToken;
 

@@ -8,7 +8,24 @@ use std::path::PathBuf;
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::serve::ServeError;
+/// An address that cannot be parsed or bound, naming the config field it
+/// came from. [`crate::ServeError`] carries it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{field} = \"{value}\" is not a valid address: {reason}")]
+    BadAddress {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        field: String,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -18,10 +35,10 @@ pub enum ListenAddr {
 
 impl ListenAddr {
     /// Parses `value`, naming `field` in the error.
-    pub fn parse(field: &str, value: &str) -> Result<Self, ServeError> {
+    pub fn parse(field: &str, value: &str) -> Result<Self, ListenError> {
         if let Some(path) = value.strip_prefix("unix://") {
             if path.is_empty() || !path.starts_with('/') {
-                return Err(ServeError::BadAddress {
+                return Err(ListenError::BadAddress {
                     field: field.to_string(),
                     value: value.to_string(),
                     reason: "a unix socket address is unix:///absolute/path".to_string(),
@@ -32,7 +49,7 @@ impl ListenAddr {
         value
             .parse::<SocketAddr>()
             .map(Self::Tcp)
-            .map_err(|e| ServeError::BadAddress {
+            .map_err(|e| ListenError::BadAddress {
                 field: field.to_string(),
                 value: value.to_string(),
                 reason: format!("{e} (expected HOST:PORT with an IP address, or unix:///path)"),
@@ -60,8 +77,8 @@ pub enum GrpcListener {
 }
 
 impl GrpcListener {
-    pub async fn bind(field: &str, addr: &ListenAddr) -> Result<Self, ServeError> {
-        let bind_error = |e: std::io::Error| ServeError::Bind {
+    pub async fn bind(field: &str, addr: &ListenAddr) -> Result<Self, ListenError> {
+        let bind_error = |e: std::io::Error| ListenError::Bind {
             field: field.to_string(),
             addr: addr.to_string(),
             source: e,

@@ -19,7 +19,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::config::ServerConfig;
-use crate::listen::{GrpcListener, ListenAddr};
+use crate::listen::{GrpcListener, ListenAddr, ListenError};
 use crate::metrics::{GrpcMetrics, GrpcMetricsLayer};
 use crate::unix_authority::AnyAuthority;
 
@@ -31,19 +31,8 @@ const REFLECTION_SERVICES: [&str; 2] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{field} = \"{value}\" is not a valid address: {reason}")]
-    BadAddress {
-        field: String,
-        value: String,
-        reason: String,
-    },
-    #[error("cannot listen on {addr} ({field}): {source}")]
-    Bind {
-        field: String,
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server on {addr}: {source}")]
@@ -84,16 +73,17 @@ impl ServiceHost {
             let addr = match ListenAddr::parse("server.http_listen", &config.http_listen)? {
                 ListenAddr::Tcp(addr) => addr,
                 ListenAddr::Unix(_) => {
-                    return Err(ServeError::BadAddress {
+                    return Err(ListenError::BadAddress {
                         field: "server.http_listen".into(),
                         value: config.http_listen.clone(),
                         reason: "the HTTP port must be HOST:PORT".into(),
-                    });
+                    }
+                    .into());
                 }
             };
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServeError::Bind {
+                .map_err(|source| ListenError::Bind {
                     field: "server.http_listen".into(),
                     addr: addr.to_string(),
                     source,
@@ -176,7 +166,7 @@ impl ServiceHost {
 
         let http_task = match self.http {
             Some(listener) => {
-                let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+                let addr = listener.local_addr().map_err(|source| ListenError::Bind {
                     field: "server.http_listen".into(),
                     addr: self.config.http_listen.clone(),
                     source,
@@ -201,7 +191,8 @@ impl ServiceHost {
             .timeout(self.config.request_timeout)
             .layer(
                 tower::ServiceBuilder::new()
-                    .layer(tower_http::trace::TraceLayer::new_for_grpc())
+                    // Failed calls logged by whose fault they are, not all at ERROR.
+                    .layer(crate::grpc_trace::layer().on_failure(crate::grpc_trace::LogByFault))
                     .layer(GrpcMetricsLayer(grpc_metrics))
                     .layer(GlobalConcurrencyLimitLayer::new(
                         self.config.max_concurrent_requests.max(1),

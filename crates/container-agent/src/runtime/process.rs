@@ -455,10 +455,9 @@ impl WorkloadRuntime for ProcessRuntime {
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
         let command = self.with_entry(id, |entry| {
             if entry.workload.state != WorkloadState::Running as i32 {
-                return Err(AgentError::WrongState {
+                return Err(AgentError::NotRunning {
                     name: entry.workload.name.clone(),
                     state: state_name(entry.workload.state),
-                    reason: "exec needs a running workload",
                 });
             }
             let spec = entry.workload.spec.clone().unwrap_or_default();

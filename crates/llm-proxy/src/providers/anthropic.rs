@@ -605,7 +605,7 @@ fn put_event(out: &mut BytesMut, payload: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ProviderKind;
+    use crate::settings::ProviderKind;
 
     fn deployment(base_url: &str) -> Deployment {
         let mut config = crate::router::tests::deployment("claude", "c");

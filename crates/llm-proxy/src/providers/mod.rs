@@ -14,6 +14,9 @@ pub use anthropic::Events as AnthropicEvents;
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
+/// Re-exported for the modules that still name it here; it lives with the
+/// other config kinds in [`crate::settings`].
+pub use crate::settings::ProviderKind;
 use crate::sse::StripUsage;
 use crate::stream::Relay;
 
@@ -32,111 +35,6 @@ impl Endpoint {
             Self::ChatCompletions => "chat/completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
-        }
-    }
-}
-
-/// Which API an upstream speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// OpenAI itself, vLLM, llama.cpp's server, LM Studio, llamafile, berth's
-    /// embedding service: anything serving the OpenAI API under a base URL.
-    OpenAi,
-    /// Ollama, through the OpenAI-compatible API it serves under `/v1`.
-    Ollama,
-    /// Anthropic's messages API.
-    Anthropic,
-}
-
-/// LiteLLM provider prefixes that name an OpenAI-compatible server, with the
-/// base URL LiteLLM assumes when `api_base` is not given.
-const OPENAI_COMPATIBLE: &[(&str, Option<&str>)] = &[
-    ("openai", Some("https://api.openai.com/v1")),
-    ("text-completion-openai", Some("https://api.openai.com/v1")),
-    ("custom_openai", None),
-    ("hosted_vllm", None),
-    ("lm_studio", Some("http://localhost:1234/v1")),
-    ("llamafile", Some("http://127.0.0.1:8080/v1")),
-];
-
-impl ProviderKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::Ollama => "ollama",
-            Self::Anthropic => "anthropic",
-        }
-    }
-
-    /// Splits LiteLLM's `provider/model` (or a bare model name LiteLLM knows
-    /// the provider of) into the provider, the model name the upstream
-    /// expects, and the default base URL for it.
-    pub fn from_litellm(
-        model: &str,
-        custom_llm_provider: Option<&str>,
-    ) -> Result<(Self, String, Option<&'static str>), String> {
-        let (prefix, name) = match custom_llm_provider {
-            Some(provider) => (Some(provider), model),
-            None => match model.split_once('/') {
-                Some((prefix, name)) => (Some(prefix), name),
-                None => (None, model),
-            },
-        };
-        match prefix {
-            Some(prefix) => {
-                if let Some((_, base)) = OPENAI_COMPATIBLE.iter().find(|(p, _)| *p == prefix) {
-                    Ok((Self::OpenAi, name.to_string(), *base))
-                } else if prefix == "ollama" || prefix == "ollama_chat" {
-                    Ok((
-                        Self::Ollama,
-                        name.to_string(),
-                        Some("http://localhost:11434"),
-                    ))
-                } else if prefix == "anthropic" {
-                    Ok((
-                        Self::Anthropic,
-                        name.to_string(),
-                        Some("https://api.anthropic.com"),
-                    ))
-                } else {
-                    Err(format!(
-                        "provider `{prefix}` is not supported (supported: {}, ollama, ollama_chat, anthropic)",
-                        OPENAI_COMPATIBLE
-                            .iter()
-                            .map(|(p, _)| *p)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-            }
-            // The bare names LiteLLM maps to a provider by itself.
-            None if name.starts_with("claude") => Ok((
-                Self::Anthropic,
-                name.to_string(),
-                Some("https://api.anthropic.com"),
-            )),
-            None if [
-                "gpt-",
-                "o1",
-                "o3",
-                "o4",
-                "chatgpt-",
-                "text-embedding-",
-                "davinci",
-                "babbage",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p)) =>
-            {
-                Ok((
-                    Self::OpenAi,
-                    name.to_string(),
-                    Some("https://api.openai.com/v1"),
-                ))
-            }
-            None => Err(format!(
-                "no provider in `{model}`: write it as `provider/{model}` (e.g. openai/{model}, hosted_vllm/{model}, ollama/{model})"
-            )),
         }
     }
 }
@@ -214,44 +112,5 @@ pub fn prepare(
         ProviderKind::OpenAi => openai::prepare(deployment, endpoint, body, &|_| true),
         ProviderKind::Ollama => ollama::prepare(deployment, endpoint, body, drop_params),
         ProviderKind::Anthropic => anthropic::prepare(deployment, endpoint, body, drop_params),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn litellm_model_strings() {
-        let (kind, name, base) =
-            ProviderKind::from_litellm("ollama/granite-code:8b", None).unwrap();
-        assert_eq!(
-            (kind, name.as_str(), base),
-            (
-                ProviderKind::Ollama,
-                "granite-code:8b",
-                Some("http://localhost:11434")
-            )
-        );
-        let (kind, name, _) = ProviderKind::from_litellm("claude-3-sonnet-20240229", None).unwrap();
-        assert_eq!(
-            (kind, name.as_str()),
-            (ProviderKind::Anthropic, "claude-3-sonnet-20240229")
-        );
-        let (kind, name, base) =
-            ProviderKind::from_litellm("hosted_vllm/meta-llama/Llama-3-8B", None).unwrap();
-        assert_eq!(
-            (kind, name.as_str(), base),
-            (ProviderKind::OpenAi, "meta-llama/Llama-3-8B", None)
-        );
-        let (kind, name, _) = ProviderKind::from_litellm("smollm2", Some("openai")).unwrap();
-        assert_eq!((kind, name.as_str()), (ProviderKind::OpenAi, "smollm2"));
-        let error = ProviderKind::from_litellm("bedrock/titan", None).unwrap_err();
-        assert!(error.contains("`bedrock`"), "{error}");
-        assert!(
-            ProviderKind::from_litellm("mystery", None)
-                .unwrap_err()
-                .contains("no provider")
-        );
     }
 }

@@ -12,60 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub use strategy::Strategy;
+/// Re-exported for the modules that still name them here; they live with
+/// the other config kinds in [`crate::settings`].
+pub use crate::settings::{RouterSettings, Strategy};
 
 use crate::error::ProxyError;
 use crate::limits::MinuteWindow;
 use crate::litellm_config::DeploymentConfig;
 use cooldown::Cooldown;
-
-/// Retry, timeout, cooldown and fallback settings (LiteLLM's `router_settings`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouterSettings {
-    pub strategy: Strategy,
-    /// Further attempts within a model group after the first one fails.
-    pub num_retries: u32,
-    /// Whole-request timeout when a deployment sets none.
-    pub timeout: Duration,
-    /// Least wait before a retry; the wait doubles with each retry.
-    pub retry_after: Duration,
-    /// Failures within a minute a deployment may have before it cools down.
-    pub allowed_fails: u32,
-    pub cooldown_time: Duration,
-    /// Model groups to try, in order, when a group fails: (from, to...).
-    pub fallbacks: Vec<(String, Vec<String>)>,
-}
-
-impl Default for RouterSettings {
-    fn default() -> Self {
-        Self {
-            strategy: Strategy::SimpleShuffle,
-            num_retries: 2,
-            timeout: Duration::from_secs(600),
-            retry_after: Duration::ZERO,
-            allowed_fails: 3,
-            cooldown_time: Duration::from_secs(5),
-            fallbacks: Vec::new(),
-        }
-    }
-}
-
-/// Smallest wait between retries: an upstream that just failed rarely
-/// recovers within microseconds.
-const MIN_BACKOFF: Duration = Duration::from_millis(25);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-impl RouterSettings {
-    /// Wait before retry number `retry` (1-based): exponential, with jitter
-    /// so that clients failing together do not retry together.
-    pub fn backoff(&self, retry: u32) -> Duration {
-        let base = self.retry_after.max(MIN_BACKOFF);
-        let exp = base
-            .saturating_mul(1 << retry.saturating_sub(1).min(16))
-            .min(MAX_BACKOFF);
-        exp.mul_f64(rand::random_range(0.75..1.25))
-    }
-}
 
 /// A deployment and what the router knows about it right now.
 #[derive(Debug)]
@@ -280,7 +234,7 @@ impl Router {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::providers::ProviderKind;
+    use crate::settings::ProviderKind;
 
     pub(crate) fn deployment(model_name: &str, id: &str) -> DeploymentConfig {
         DeploymentConfig {

@@ -55,6 +55,16 @@ impl Default for ManifestLimits {
     }
 }
 
+impl ManifestLimits {
+    /// The bounds of the pre-scan run before serde_yaml sees the text.
+    pub fn yaml(&self) -> berth_server::yaml_prescan::YamlLimits {
+        berth_server::yaml_prescan::YamlLimits {
+            max_depth: self.max_depth,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
+
 /// Which of the [`ManifestLimits`] a manifest went past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {

@@ -21,12 +21,15 @@ mod prescan;
 mod types;
 mod units;
 mod validate;
+mod workload;
 
 #[cfg(test)]
 mod tests;
 
 pub use limits::{Count, Limit, LimitExceeded, ManifestLimits};
 pub use parse::ManifestError;
+pub(crate) use parse::{Source, parse_document};
+pub(crate) use placeholders::{placeholder_names, substitute};
 pub use types::{
     Backend, ConfigPoint, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, DEFAULT_WORK_METRIC,
     FailurePolicy, Gaps, GpuRequest, Grid, MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig,
@@ -34,8 +37,7 @@ pub use types::{
     StableWarmup, Warmup, WarmupPolicy,
 };
 pub use units::{ByteSize, GpuCount};
-
-use parse::Source;
+pub(crate) use validate::{check_backend_resources, check_identifier};
 
 /// Parses and validates a manifest within the default [`ManifestLimits`]
 /// and expands it into its plan.

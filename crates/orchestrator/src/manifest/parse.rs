@@ -31,7 +31,7 @@ impl std::error::Error for ManifestError {}
 
 /// A manifest's text and the name errors give it (`file:line:column`).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Source<'a> {
+pub(crate) struct Source<'a> {
     pub name: &'a str,
     pub text: &'a str,
 }
@@ -124,6 +124,15 @@ pub(super) fn parse(
     source: Source<'_>,
     limits: &ManifestLimits,
 ) -> Result<Manifest, ManifestError> {
+    parse_document(source, limits)
+}
+
+/// Reads a YAML document of berth's (a manifest, a recipe) into `T` within
+/// `limits`, every error placed in the text.
+pub(crate) fn parse_document<T: serde::de::DeserializeOwned>(
+    source: Source<'_>,
+    limits: &ManifestLimits,
+) -> Result<T, ManifestError> {
     let text = source.text;
     if text.len() > limits.max_bytes {
         let exceeded = LimitExceeded::new(
@@ -135,7 +144,7 @@ pub(super) fn parse(
         );
         return Err(source.error((1, 1), exceeded.to_string()));
     }
-    prescan::check(text, limits.max_depth, limits.max_nodes).map_err(|stop| {
+    prescan::check(text, &limits.yaml()).map_err(|stop: prescan::Refused| {
         let exceeded = match stop.past {
             prescan::Past::Depth => LimitExceeded::new(
                 Limit::Depth,

@@ -29,7 +29,10 @@ pub(super) fn check(
     let mut unclosed = false;
     for (_, _, template) in templates() {
         match placeholder_names(template) {
-            Some(names) => needed.extend(names.filter(|n| !BUILTIN_PLACEHOLDERS.contains(n))),
+            Some(names) => needed.extend(names.filter(|n| {
+                // Endpoints are checked against the deployments at submit.
+                !BUILTIN_PLACEHOLDERS.contains(n) && !n.starts_with("endpoint.")
+            })),
             None => unclosed = true,
         }
     }
@@ -50,6 +53,13 @@ pub(super) fn check(
     for key in BUILTIN_PLACEHOLDERS {
         values.insert(key.into(), String::new());
     }
+    for template in templates().map(|(_, _, t)| t) {
+        for name in placeholder_names(template).into_iter().flatten() {
+            if name.starts_with("endpoint.") {
+                values.insert(name.to_string(), String::new());
+            }
+        }
+    }
     for (path, field, template) in templates() {
         substitute(template, &values)
             .map_err(|e| (path, format!("{field} (config `{}`): {e}", config.name)))?;
@@ -62,7 +72,7 @@ const BUILTIN_PLACEHOLDERS: [&str; 4] = ["config", "cycle", "backend", "run_id"]
 
 /// The names of the `{{name}}` placeholders of `template`, as [`substitute`]
 /// reads them; `None` when a `{{` is not closed.
-fn placeholder_names(template: &str) -> Option<impl Iterator<Item = &str>> {
+pub(crate) fn placeholder_names(template: &str) -> Option<impl Iterator<Item = &str>> {
     let mut names = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find("{{") {
@@ -76,7 +86,7 @@ fn placeholder_names(template: &str) -> Option<impl Iterator<Item = &str>> {
 
 /// Replaces `{{name}}` with its value. Single braces are literal, so shell
 /// scripts and JSON need no escaping.
-pub(super) fn substitute(
+pub(crate) fn substitute(
     template: &str,
     values: &BTreeMap<String, String>,
 ) -> Result<String, String> {

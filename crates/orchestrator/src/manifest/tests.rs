@@ -1,6 +1,7 @@
 //! The whole path from text to plan: expansion and order, errors at their
 //! lines, and every limit refused before the work it bounds.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
@@ -34,7 +35,10 @@ fn expands_grid_and_cycles() {
     assert_eq!(plan.runs.len(), 8);
     assert_eq!(plan.runs[4].cycle, 2);
     let run = &plan.runs[1];
-    assert_eq!(plan.command_for(run, "id"), ["echo", "1", "b"]);
+    assert_eq!(
+        plan.command_for(run, "id", &BTreeMap::new()),
+        ["echo", "1", "b"]
+    );
     assert_eq!(run.id("c1"), "c1/size=1,algo=b/local/1");
 }
 

@@ -2,12 +2,12 @@
 //! and the plan made from it: configurations, runs in order, and the
 //! command and env of each run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::placeholders::substitute;
+use super::placeholders::{placeholder_names, substitute};
 use super::units::{ByteSize, GpuCount};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +82,10 @@ fn one() -> u32 {
     1
 }
 
+fn process_runtime() -> RuntimeName {
+    RuntimeName::Process
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeName {
@@ -107,7 +111,15 @@ impl RuntimeName {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: String,
+    /// Default `process`.
+    #[serde(default = "process_runtime")]
     pub runtime: RuntimeName,
+    /// A live deployment whose service the runs measure: the backend is
+    /// then a host environment on the host of the deployment's first
+    /// running replica, and runs get `{{endpoint.<port>}}` and
+    /// `BERTH_ENDPOINT_<PORT>` (its `host:port`).
+    #[serde(default)]
+    pub deployment: String,
     /// Container image (container runtimes).
     #[serde(default)]
     pub image: String,
@@ -253,6 +265,21 @@ pub struct RunTemplate {
     pub timeout: Option<Duration>,
 }
 
+impl RunTemplate {
+    /// The ports of the `{{endpoint.<port>}}` placeholders of the command
+    /// and env.
+    pub fn endpoint_ports(&self) -> BTreeSet<String> {
+        self.command
+            .iter()
+            .chain(self.env.values())
+            .filter_map(|template| placeholder_names(template))
+            .flatten()
+            .filter_map(|name| name.strip_prefix("endpoint."))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Order {
@@ -394,9 +421,15 @@ impl Plan {
         self.manifest.backends.iter().find(|b| b.name == name)
     }
 
-    /// The command line of a run, placeholders replaced.
-    pub fn command_for(&self, run: &PlannedRun, run_id: &str) -> Vec<String> {
-        let values = self.placeholder_values(run, run_id);
+    /// The command line of a run, placeholders replaced; `endpoints` are
+    /// those of the deployment its backend measures (port name → host:port).
+    pub fn command_for(
+        &self,
+        run: &PlannedRun,
+        run_id: &str,
+        endpoints: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let values = self.placeholder_values(run, run_id, endpoints);
         self.manifest
             .run
             .command
@@ -406,8 +439,13 @@ impl Plan {
     }
 
     /// The run's environment, placeholders replaced, plus BERTH_* variables.
-    pub fn env_for(&self, run: &PlannedRun, run_id: &str) -> Vec<(String, String)> {
-        let values = self.placeholder_values(run, run_id);
+    pub fn env_for(
+        &self,
+        run: &PlannedRun,
+        run_id: &str,
+        endpoints: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
+        let values = self.placeholder_values(run, run_id, endpoints);
         let mut env: Vec<(String, String)> = self
             .manifest
             .run
@@ -427,10 +465,21 @@ impl Plan {
             "BERTH_WARMUP".into(),
             if run.warmup { "1" } else { "0" }.into(),
         ));
+        env.extend(endpoints.iter().map(|(port, address)| {
+            (
+                format!("BERTH_ENDPOINT_{}", port.to_uppercase()),
+                address.clone(),
+            )
+        }));
         env
     }
 
-    fn placeholder_values(&self, run: &PlannedRun, run_id: &str) -> BTreeMap<String, String> {
+    fn placeholder_values(
+        &self,
+        run: &PlannedRun,
+        run_id: &str,
+        endpoints: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let mut values: BTreeMap<String, String> = self
             .config(&run.config)
             .map(|c| c.params.iter().cloned().collect())
@@ -439,6 +488,9 @@ impl Plan {
         values.insert("cycle".into(), run.cycle.to_string());
         values.insert("backend".into(), run.backend.clone());
         values.insert("run_id".into(), run_id.into());
+        for (port, address) in endpoints {
+            values.insert(format!("endpoint.{port}"), address.clone());
+        }
         values
     }
 }

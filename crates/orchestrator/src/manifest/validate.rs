@@ -83,10 +83,54 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
                 ),
             ));
         }
-        check_backend_resources(backend)
+        check_backend_resources(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| source.at_backend(&backend.name, path, message))?;
+        if !backend.deployment.is_empty() {
+            check_deployment_backend(backend)
+                .map_err(|(path, message)| source.at_backend(&backend.name, path, message))?;
+        }
+    }
+    let endpoints_used = !manifest.run.endpoint_ports().is_empty();
+    if let Some(backend) = manifest
+        .backends
+        .iter()
+        .find(|b| endpoints_used && b.deployment.is_empty())
+    {
+        return Err(at(
+            &["run"],
+            format!(
+                "run: {{{{endpoint.<port>}}}} needs every backend to name a deployment; backend `{}` names none",
+                backend.name
+            ),
+        ));
     }
     Ok(())
+}
+
+/// A backend that measures a deployment is a host environment next to it:
+/// what its workload would be is the deployment's.
+fn check_deployment_backend(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
+    let name = &backend.name;
+    let own_workload: [(&'static [&'static str], bool); 5] = [
+        (&["runtime"], backend.runtime != RuntimeName::Process),
+        (&["image"], !backend.image.is_empty()),
+        (&["command"], !backend.command.is_empty()),
+        (&["env"], !backend.env.is_empty()),
+        (
+            &["placement"],
+            !backend.placement.host.is_empty() || !backend.placement.labels.is_empty(),
+        ),
+    ];
+    match own_workload.into_iter().find(|(_, given)| *given) {
+        Some((path, _)) => Err((
+            path,
+            format!(
+                "backends[{name}].{}: a backend that names a deployment runs next to it; its workload and host are the deployment's",
+                path[0]
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The warmup policy of `warmup`, or the key at fault and why.
@@ -154,9 +198,13 @@ fn check_metric_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Resources, GPUs and mounts of a backend, or the key at fault and why.
-fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
-    let name = &backend.name;
+/// Resources, GPUs and mounts of a backend (or of a deployment recipe's
+/// workload), or the key at fault and why; `what` starts every message
+/// (`backends[vllm]`, `recipe`).
+pub(crate) fn check_backend_resources(
+    backend: &Backend,
+    what: &str,
+) -> Result<(), (&'static [&'static str], String)> {
     if backend.runtime == RuntimeName::Process {
         // The agent refuses these for host processes; say so before anything starts.
         let unsupported: [(&[&str], bool); 3] = [
@@ -169,7 +217,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
             return Err((
                 path,
                 format!(
-                    "backends[{name}].{key}: the process runtime cannot honour {key} (host processes share the host's CPUs, memory, GPUs and files)"
+                    "{what}.{key}: the process runtime cannot honour {key} (host processes share the host's CPUs, memory, GPUs and files)"
                 ),
             ));
         }
@@ -184,9 +232,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
             let key = path[1];
             return Err((
                 path,
-                format!(
-                    "backends[{name}].resources.{key}: {cores} must be a number of cores above 0"
-                ),
+                format!("{what}.resources.{key}: {cores} must be a number of cores above 0"),
             ));
         }
     }
@@ -196,7 +242,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
         return Err((
             &["resources", "memory_reservation"],
             format!(
-                "backends[{name}].resources.memory_reservation: {} bytes is above the memory limit of {} bytes",
+                "{what}.resources.memory_reservation: {} bytes is above the memory limit of {} bytes",
                 reservation.0, limit.0
             ),
         ));
@@ -206,13 +252,13 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
             (Some(_), false) => {
                 return Err((
                     &["gpus"],
-                    format!("backends[{name}].gpus: give either count or devices, not both"),
+                    format!("{what}.gpus: give either count or devices, not both"),
                 ));
             }
             (None, true) | (Some(GpuCount::Exactly(0)), true) => {
                 return Err((
                     &["gpus"],
-                    format!("backends[{name}].gpus: give a count above 0 (or `all`) or devices"),
+                    format!("{what}.gpus: give a count above 0 (or `all`) or devices"),
                 ));
             }
             _ => {}
@@ -223,7 +269,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
             return Err((
                 &["mounts"],
                 format!(
-                    "backends[{name}].mounts: the mount on `{}` needs a source",
+                    "{what}.mounts: the mount on `{}` needs a source",
                     mount.target
                 ),
             ));
@@ -232,7 +278,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
             return Err((
                 &["mounts"],
                 format!(
-                    "backends[{name}].mounts: target `{}` must be an absolute path",
+                    "{what}.mounts: target `{}` must be an absolute path",
                     mount.target
                 ),
             ));
@@ -242,7 +288,7 @@ fn check_backend_resources(backend: &Backend) -> Result<(), (&'static [&'static 
 }
 
 /// Names become parts of run ids and workload names: keep them plain.
-pub(super) fn check_identifier(name: &str) -> Result<(), String> {
+pub(crate) fn check_identifier(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("`{name}` must be 1 to 64 characters"));
     }

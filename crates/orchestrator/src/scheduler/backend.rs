@@ -5,14 +5,14 @@
 //! the backend again when it went down between runs and placing it again
 //! when a run found it lost. At the end the workload is removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::agent::v1::{
     CreateWorkloadRequest, Gpu, RemoveWorkloadRequest, Workload, WorkloadRef, WorkloadState,
 };
-use berth_proto::common::v1::{self as common, EnvVar, WorkloadSpec};
+use berth_proto::common::v1::{self as common, WorkloadSpec};
 use berth_proto::orchestrator::v1::{HostStatus, Run};
 
 use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer, index_list};
@@ -20,7 +20,7 @@ use crate::backend_watch::BackendWatch;
 use crate::error::OrchestratorError;
 use crate::gpu_leases;
 use crate::hosts::{AgentClient, describe_status};
-use crate::manifest::{Backend, GpuCount, Plan, Resources};
+use crate::manifest::{Backend, Plan};
 use crate::placement;
 use crate::store::{Placement, StoreError};
 
@@ -261,6 +261,8 @@ impl Scheduler {
         let backend = ctx.plan.backend(backend_name).ok_or_else(|| {
             PlaceError::Waiting(format!("backend `{backend_name}` is not in the manifest"))
         })?;
+        let (beside, endpoints) = self.beside_deployment(backend)?;
+        let backend = &beside;
         let recorded = self
             .store
             .placements(&ctx.id)
@@ -268,7 +270,7 @@ impl Scheduler {
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
-            if let Some(placed) = self.adopt(backend, &recorded).await? {
+            if let Some(placed) = self.adopt(backend, &recorded, &endpoints).await? {
                 return Ok(placed);
             }
             self.store
@@ -329,15 +331,47 @@ impl Scheduler {
                 backend.name
             ),
         );
-        Ok(self.placed(backend, &placement, client, &host_gpus))
+        Ok(self.placed(backend, &placement, client, &host_gpus, endpoints))
     }
 
-    /// The recorded placement, if its workload is still there (started again if stopped).
+    /// The backend as placed: itself, or for one that measures a deployment,
+    /// a host environment on the host of the deployment's running replica,
+    /// with the endpoints its runs get.
+    fn beside_deployment(
+        &self,
+        backend: &Backend,
+    ) -> Result<(Backend, BTreeMap<String, String>), PlaceError> {
+        if backend.deployment.is_empty() {
+            return Ok((backend.clone(), BTreeMap::new()));
+        }
+        let name = &backend.deployment;
+        match self.deployments.serving(name) {
+            Ok(Some(serving)) => {
+                let mut beside = backend.clone();
+                beside.placement.host = serving.host;
+                Ok((beside, serving.endpoints))
+            }
+            Ok(None) => Err(PlaceError::Waiting(format!(
+                "deployment `{name}` has no running replica yet"
+            ))),
+            Err(reason) => Err(PlaceError::Refused {
+                host: format!("deployment `{name}`"),
+                reason,
+            }),
+        }
+    }
+
+    /// The recorded placement, if its workload is still there (started again
+    /// if stopped) and where the backend must be.
     async fn adopt(
         &self,
         backend: &Backend,
         recorded: &Placement,
+        endpoints: &BTreeMap<String, String>,
     ) -> Result<Option<Placed>, PlaceError> {
+        if !backend.placement.host.is_empty() && backend.placement.host != recorded.host {
+            return Ok(None);
+        }
         let Ok(mut client) = self.hosts.client(&recorded.host).await else {
             return Ok(None);
         };
@@ -373,7 +407,13 @@ impl Scheduler {
         self.gpu_leases
             .note_assigned(&recorded.host, &recorded.gpus);
         let host_gpus = self.hosts.gpus(&recorded.host);
-        Ok(Some(self.placed(backend, recorded, client, &host_gpus)))
+        Ok(Some(self.placed(
+            backend,
+            recorded,
+            client,
+            &host_gpus,
+            endpoints.clone(),
+        )))
     }
 
     /// The backend as placed by `placement` on a host with `host_gpus`,
@@ -384,6 +424,7 @@ impl Scheduler {
         placement: &Placement,
         client: AgentClient,
         host_gpus: &[Gpu],
+        endpoints: BTreeMap<String, String>,
     ) -> Placed {
         let host = &placement.host;
         self.count_placed(host);
@@ -395,6 +436,7 @@ impl Scheduler {
             host: host.clone(),
             workload_id: placement.workload_id.clone(),
             client,
+            endpoints,
         }
     }
 
@@ -520,53 +562,11 @@ impl Scheduler {
 /// The backend's workload as the manifest describes it, labelled with its
 /// campaign and name.
 fn workload_spec(campaign_id: &str, backend: &Backend) -> WorkloadSpec {
-    let mut labels: HashMap<String, String> = HashMap::new();
-    labels.insert("berth.campaign".into(), campaign_id.into());
-    labels.insert("berth.backend".into(), backend.name.clone());
-    WorkloadSpec {
-        runtime: backend.runtime.proto() as i32,
-        image: backend.image.clone(),
-        command: backend.command.clone(),
-        env: backend
-            .env
-            .iter()
-            .map(|(name, value)| EnvVar {
-                name: name.clone(),
-                value: value.clone(),
-            })
-            .collect(),
-        working_dir: backend.working_dir.clone(),
-        labels,
-        mounts: backend
-            .mounts
-            .iter()
-            .map(|m| common::Mount {
-                source: m.source.clone(),
-                target: m.target.clone(),
-                read_only: m.read_only,
-                volume: m.volume,
-            })
-            .collect(),
-        resources: (backend.resources != Resources::default()).then(|| {
-            let r = &backend.resources;
-            common::Resources {
-                cpu_limit: r.cpus.unwrap_or_default(),
-                memory_limit_bytes: r.memory.map_or(0, |m| m.0),
-                memory_reservation_bytes: r.memory_reservation.map_or(0, |m| m.0),
-                cpu_reservation: r.cpu_reservation.unwrap_or_default(),
-            }
-        }),
-        gpus: backend.gpus.as_ref().map(|g| common::GpuRequest {
-            count: match g.count {
-                Some(GpuCount::All) => -1,
-                Some(GpuCount::Exactly(n)) => i32::try_from(n).unwrap_or(i32::MAX),
-                None => 0,
-            },
-            device_ids: g.devices.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let labels = HashMap::from([
+        ("berth.campaign".to_string(), campaign_id.to_string()),
+        ("berth.backend".to_string(), backend.name.clone()),
+    ]);
+    backend.workload_spec(labels)
 }
 
 /// The pause the manifest asks for before `next`, after `previous`.

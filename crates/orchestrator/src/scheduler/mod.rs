@@ -26,7 +26,7 @@ mod output;
 mod record;
 mod run;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 
 use crate::backend_watch::BackendWatch;
 use crate::config::SchedulerConfig;
+use crate::deployment::Deployments;
 use crate::events::CampaignEvents;
 use crate::gpu_leases::GpuLeases;
 use crate::hosts::{AgentClient, HostRegistry};
@@ -57,6 +58,8 @@ pub struct Scheduler {
     host_load: Mutex<HashMap<String, usize>>,
     gpu_leases: GpuLeases,
     power: PowerMeter,
+    /// Where backends that measure a deployment find it.
+    deployments: Arc<Deployments>,
 }
 
 /// A campaign while its task runs: its plan, read once at its start, and
@@ -80,6 +83,9 @@ struct Placed {
     /// GPU indexes the backend can use, leased by each of its runs.
     gpus: Vec<u32>,
     watch: BackendWatch,
+    /// The endpoints of the deployment the backend measures (port name →
+    /// host:port); empty for a backend of its own.
+    endpoints: BTreeMap<String, String>,
 }
 
 /// Why a run could not go on where it was; the run is pending again.
@@ -106,6 +112,7 @@ impl Scheduler {
         events: Arc<CampaignEvents>,
         config: SchedulerConfig,
         manifest_limits: ManifestLimits,
+        deployments: Arc<Deployments>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -120,6 +127,7 @@ impl Scheduler {
             shutdown,
             host_load: Mutex::new(HashMap::new()),
             gpu_leases: GpuLeases::default(),
+            deployments,
         })
     }
 }
@@ -134,7 +142,7 @@ fn index_list(gpus: &[u32]) -> String {
 
 /// Whether an agent's answer means it did not answer at all (the host is
 /// lost or its engine is down) rather than refusing what it was asked.
-fn agent_did_not_answer(code: tonic::Code) -> bool {
+pub(crate) fn agent_did_not_answer(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unavailable

@@ -13,6 +13,7 @@ use berth_proto::agent::v1::{
 };
 use berth_proto::common::v1::EnvVar;
 use berth_proto::orchestrator::v1::{Run, RunState};
+use berth_server::error::{has_reason, reasons};
 
 use super::output::RunOutput;
 use super::record::failure;
@@ -93,7 +94,7 @@ impl Scheduler {
             }
         }
         let key = exec_key(&run.id, attempt);
-        let request = exec_request(ctx, run, &placed.workload_id, &key);
+        let request = exec_request(ctx, run, placed, &key);
         let mut client = placed.client.clone();
         let opened = tokio::select! {
             opened = client.exec(request) => opened,
@@ -318,7 +319,7 @@ impl Scheduler {
             code if agent_did_not_answer(code) => Interrupted::HostLost(reason),
             tonic::Code::NotFound => Interrupted::BackendLost(reason),
             tonic::Code::FailedPrecondition
-                if status.message().contains("needs a running workload") =>
+                if has_reason(status, reasons::WORKLOAD_NOT_RUNNING) =>
             {
                 Interrupted::BackendLost(reason)
             }
@@ -398,7 +399,7 @@ impl Scheduler {
 
 /// What the agent runs for one attempt of a run: the manifest's command and
 /// env with the run's placeholders filled in, under the attempt's key.
-fn exec_request(ctx: &CampaignRun, run: &Run, workload_id: &str, key: &str) -> ExecRequest {
+fn exec_request(ctx: &CampaignRun, run: &Run, placed: &Placed, key: &str) -> ExecRequest {
     let planned = PlannedRun {
         config: run.config.clone(),
         backend: run.backend.clone(),
@@ -409,11 +410,11 @@ fn exec_request(ctx: &CampaignRun, run: &Run, workload_id: &str, key: &str) -> E
     let template = &ctx.plan.manifest.run;
     ExecRequest {
         exec_key: key.to_string(),
-        workload_id: workload_id.to_string(),
-        command: ctx.plan.command_for(&planned, &run.id),
+        workload_id: placed.workload_id.clone(),
+        command: ctx.plan.command_for(&planned, &run.id, &placed.endpoints),
         env: ctx
             .plan
-            .env_for(&planned, &run.id)
+            .env_for(&planned, &run.id, &placed.endpoints)
             .into_iter()
             .map(|(name, value)| EnvVar { name, value })
             .collect(),

@@ -3,9 +3,12 @@
 //! transitions are compare-and-set, so replaying one after a crash cannot
 //! record a result twice.
 
+pub mod deployments;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
+
+pub use deployments::DeploymentStore;
 
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunPowerSample, RunState,
@@ -96,7 +99,8 @@ pub struct MeasuredRuns {
 /// of the next page.
 pub type StoredPowerSample = (u64, RunPowerSample);
 
-pub trait Store: Send + Sync {
+/// Campaigns, runs, hosts and placements; and deployments ([`DeploymentStore`]).
+pub trait Store: DeploymentStore {
     /// Records a campaign and all its runs at once.
     fn insert_campaign(
         &self,

@@ -1,5 +1,7 @@
 //! The default store: one SQLite file in WAL mode.
 
+mod deployments;
+
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -124,6 +126,7 @@ impl SqliteStore {
         let counted = table_exists(&connection, "run_state_counts")?;
         let schema = connection.transaction()?;
         schema.execute_batch(SCHEMA)?;
+        schema.execute_batch(deployments::SCHEMA)?;
         if !counted {
             // A store from before the counts table: count what it holds.
             schema.execute(

@@ -18,8 +18,9 @@ use nvml_wrapper::struct_wrappers::device::FieldValueSample;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::NVML_FI_DEV_POWER_INSTANT;
 
-use super::{DeviceInfo, Reading, Source, SourceError, SourceKind};
+use super::Source;
 use crate::clock::Clock;
+use crate::reading::{DeviceInfo, Reading, SourceError, SourceKind};
 
 /// Utilisation, memory, temperature and clock change slowly and cost an NVML
 /// call each: they are read at most this often, and left unset in between,

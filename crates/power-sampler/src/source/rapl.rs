@@ -13,9 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{DeviceInfo, Reading, Source, SourceError, SourceKind};
+use super::Source;
 use crate::clock::Clock;
 use crate::energy::counter_delta;
+use crate::reading::{DeviceInfo, Reading, SourceError, SourceKind};
 
 pub struct RaplSource {
     devices: Vec<DeviceInfo>,

@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{DeviceInfo, Reading, Source, SourceError, SourceKind};
+use super::Source;
 use crate::clock::Clock;
+use crate::reading::{DeviceInfo, Reading, SourceError, SourceKind};
 
 const COLUMNS: [&str; 9] = [
     "time_s",
@@ -34,6 +35,11 @@ const COLUMNS: [&str; 9] = [
     "temperature_c",
     "sm_clock_mhz",
 ];
+
+/// Largest magnitude of a number in a trace: far beyond any device's watts,
+/// joules or degrees, and small enough that a counter looped for as long
+/// as a `Duration` lasts stays finite.
+const MAX_MAGNITUDE: f64 = 1e15;
 
 pub struct ReplaySource {
     name: String,
@@ -97,8 +103,8 @@ impl ReplaySource {
             .trim(csv::Trim::All)
             .flexible(true)
             .from_reader(text.as_bytes());
-        let lines: Vec<&str> = text.split('\n').collect();
-        let line_at = |position: Option<&csv::Position>| line_number(&lines, position);
+        let lines = Lines::new(text);
+        let line_at = |position: Option<&csv::Position>| lines.number(position);
         let line_of = |record: &csv::StringRecord| line_at(record.position());
         let mut records = reader
             .records()
@@ -149,6 +155,10 @@ impl ReplaySource {
             let mut reading = Reading::default();
             for (&column, cell) in columns.iter().zip(&record) {
                 let bad = |what: &str| {
+                    let what = match column {
+                        0 | 1 | 6 | 8 => what.to_string(),
+                        _ => format!("{what} within ±{MAX_MAGNITUDE:e}"),
+                    };
                     error(
                         number,
                         format!("{}: `{cell}` is not {what}", COLUMNS[column]),
@@ -160,7 +170,13 @@ impl ReplaySource {
                     }
                     continue;
                 }
-                let float = || cell.parse::<f64>().ok().filter(|v| v.is_finite());
+                // Bounded so that no reading, nor a looped counter, can
+                // overflow to infinity (a fuzz find).
+                let float = || {
+                    cell.parse::<f64>()
+                        .ok()
+                        .filter(|v| v.abs() <= MAX_MAGNITUDE)
+                };
                 match column {
                     0 => {
                         let seconds = float()
@@ -251,32 +267,54 @@ impl ReplaySource {
     }
 }
 
-/// The line (from 1) where the record read from `position` starts. The
-/// reader gives the position where it began to read the record, before the
-/// empty and comment lines it skipped (and does not count comment lines in
-/// its own line numbers), so the record starts at the first other line from
-/// there.
-fn line_number(lines: &[&str], position: Option<&csv::Position>) -> u64 {
-    let Some(position) = position else {
-        return 0;
-    };
-    let mut byte = 0;
-    let mut first = lines.len().saturating_sub(1);
-    for (index, line) in lines.iter().enumerate() {
-        if byte + line.len() as u64 >= position.byte() {
-            first = index;
-            break;
-        }
-        byte += line.len() as u64 + 1;
+/// The trace's lines (split at `\n`), to give a record's line number.
+struct Lines<'a> {
+    lines: Vec<&'a str>,
+    /// Byte offset of the end of each line (before its `\n`).
+    ends: Vec<u64>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        let lines: Vec<&str> = text.split('\n').collect();
+        let mut end = 0;
+        let ends = lines
+            .iter()
+            .enumerate()
+            .map(|(index, line)| {
+                end += line.len() as u64 + u64::from(index > 0);
+                end
+            })
+            .collect();
+        Self { lines, ends }
     }
-    let skipped = |line: &str| {
-        let line = line.trim_end_matches('\r');
-        line.is_empty() || line.starts_with('#')
-    };
-    let start = (first..lines.len())
-        .find(|&index| !skipped(lines[index]))
-        .unwrap_or(first);
-    start as u64 + 1
+
+    /// The line (from 1) where the record read from `position` starts. The
+    /// reader gives the position where it began to read the record, before
+    /// the empty and comment lines it skipped (and does not count comment
+    /// lines in its own line numbers), so the record starts at the first
+    /// other line from there. A binary search and the skipped lines: once
+    /// a scan of every line before the record, quadratic in a trace's rows.
+    fn number(&self, position: Option<&csv::Position>) -> u64 {
+        let Some(position) = position else {
+            return 0;
+        };
+        let first = self
+            .ends
+            // A position at a line's end is the `\n` after a `\r` the
+            // reader took as the end of the previous record (CRLF traces
+            // were off by one line): the record starts on the next line.
+            .partition_point(|&end| end <= position.byte())
+            .min(self.lines.len().saturating_sub(1));
+        let skipped = |line: &str| {
+            let line = line.trim_end_matches('\r');
+            line.is_empty() || line.starts_with('#')
+        };
+        let start = (first..self.lines.len())
+            .find(|&index| !skipped(self.lines[index]))
+            .unwrap_or(first);
+        start as u64 + 1
+    }
 }
 
 impl Source for ReplaySource {
@@ -408,6 +446,179 @@ time_s,device,power_w,energy_j,temperature_c
             .err()
             .expect("a comma is no decimal point")
             .to_string();
-        assert_eq!(error, "test.csv:6: power_w: `1,5` is not a number");
+        assert_eq!(
+            error,
+            "test.csv:6: power_w: `1,5` is not a number within ±1e15"
+        );
+    }
+
+    /// Fuzz find (`replay_trace`): a counter from 1.8e308 J down to 7 J
+    /// loops by -1.8e308 J, and a reading many loops on was -inf.
+    #[test]
+    fn numbers_past_the_magnitude_bound_are_refused() {
+        let error = parse("time_s,device,power_w,energy_j\r\n0,gpu0,10,01.7976931348623157e308\r\n0.5,gpu0,20,7.\r\n")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert_eq!(
+            error,
+            "test.csv:2: energy_j: `01.7976931348623157e308` is not a number within ±1e15"
+        );
+        let error = parse("time_s,device,temperature_c\n0,gpu0,1e39\n")
+            .err()
+            .expect("past f32")
+            .to_string();
+        assert!(error.contains("test.csv:2: temperature_c"), "{error}");
+        // At the bound, a reading as late as a Duration goes stays finite.
+        let source =
+            parse("time_s,device,energy_j\n0,gpu0,-1e15\n0.000000001,gpu0,1e15\n").unwrap();
+        let reading = source.reading_at(0, Duration::MAX);
+        assert!(reading.energy_j.is_some_and(f64::is_finite), "{reading:?}");
+    }
+
+    /// Each record's line number was found by scanning every line before
+    /// it: 200 000 rows took minutes.
+    #[test]
+    fn a_long_trace_parses_in_linear_time() {
+        let mut text = String::from("time_s,device,power_w\n# rows\n");
+        for row in 0..200_000 {
+            text.push_str(&format!(
+                "{}.{:03},gpu0,{}\n",
+                row / 1000,
+                row % 1000,
+                row % 300
+            ));
+        }
+        let started = std::time::Instant::now();
+        let source = parse(&text).unwrap();
+        let took = started.elapsed();
+        assert_eq!(source.traces[0].rows.len(), 200_000);
+        assert!(
+            took < Duration::from_secs(5),
+            "{} bytes took {took:?}",
+            text.len()
+        );
+        let error = parse(&format!("{text}9999,gpu0,hot\n"))
+            .err()
+            .expect("bad last row")
+            .to_string();
+        assert_eq!(
+            error,
+            "test.csv:200003: power_w: `hot` is not a number within ±1e15"
+        );
+    }
+}
+
+/// Fuzz target `replay_trace` (seeds in `tests/fuzz_corpus/replay_trace/`).
+#[cfg(test)]
+mod fuzz {
+    use berth_tests::fuzz;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// CSV's structure and the trace's columns, worth splicing in.
+    const TOKENS: &[&[u8]] = &[
+        b",",
+        b"\"",
+        b"\"\"",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b"#",
+        b" ",
+        b"\t",
+        b"\0",
+        b"\xef\xbb\xbf",
+        b"time_s",
+        b"device",
+        b"power_w",
+        b"energy_j",
+        b"power_avg_w",
+        b"utilization_pct",
+        b"memory_used_bytes",
+        b"temperature_c",
+        b"sm_clock_mhz",
+        b"gpu0",
+        b"cpu",
+        b"0",
+        b"-0",
+        b"0.01",
+        b"-1",
+        b"1e308",
+        b"-1.7976931348623157e308",
+        b"1.7976931348623157e308",
+        b"18446744073.709553",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"4294967296",
+        b"NaN",
+        b"inf",
+        b"5e-324",
+    ];
+
+    /// Times a reading is asked for: the start, inside the first loop,
+    /// many loops on, and as late as a `Duration` goes.
+    const TIMES: [Duration; 6] = [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        Duration::from_millis(15),
+        Duration::from_secs(3600),
+        Duration::from_secs(u64::MAX / 1_000_000_000),
+        Duration::MAX,
+    ];
+
+    fn finite(value: Option<f64>) -> bool {
+        value.is_none_or(f64::is_finite)
+    }
+
+    fn finite32(value: Option<f32>) -> bool {
+        value.is_none_or(f32::is_finite)
+    }
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// Any text: an error naming the file and a line of it, or a source
+        /// whose every device reads, at any time, a reading of finite numbers.
+        #[test]
+        fn any_text_is_refused_at_a_line_or_replays_finite_readings(
+            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "replay_trace"), TOKENS),
+        ) {
+            let text = String::from_utf8_lossy(&input);
+            let lines = text.split('\n').count() as u64;
+            let parsed = fuzz::timed("ReplaySource::parse", || {
+                ReplaySource::parse(Path::new("fuzz.csv"), &text)
+            })?;
+            match parsed {
+                Err(SourceError::Trace { path, line, reason }) => {
+                    prop_assert_eq!(path, Path::new("fuzz.csv"));
+                    prop_assert!((1..=lines).contains(&line), "line {} of {}: {}", line, lines, reason);
+                }
+                Err(other) => prop_assert!(false, "not a trace error: {other}"),
+                Ok(source) => {
+                    prop_assert!(!source.devices().is_empty());
+                    prop_assert_eq!(source.devices().len(), source.traces.len());
+                    for (index, device) in source.devices().iter().enumerate() {
+                        prop_assert!(device.id.starts_with("replay:"));
+                        for at in TIMES {
+                            let reading = fuzz::timed("ReplaySource::reading_at", || {
+                                source.reading_at(index, at)
+                            })?;
+                            prop_assert_eq!(usize::from(reading.device), index);
+                            prop_assert_eq!(reading.at, at);
+                            prop_assert!(
+                                finite(reading.power_w)
+                                    && finite(reading.power_avg_w)
+                                    && finite(reading.energy_j)
+                                    && finite32(reading.utilization_pct)
+                                    && finite32(reading.temperature_c),
+                                "{} at {:?}: {:?}", device.id, at, reading
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -58,10 +58,9 @@ pub async fn start(
                 || e.to_string().contains("not running")
                 || e.to_string().contains("state improper") =>
         {
-            return Err(AgentError::WrongState {
+            return Err(AgentError::NotRunning {
                 name: name.to_string(),
                 state: "not running",
-                reason: "exec needs a running workload",
             });
         }
         Err(e) if status_of(&e) == Some(404) => {

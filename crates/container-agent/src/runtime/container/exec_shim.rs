@@ -168,23 +168,41 @@ impl ExecShim {
 /// status. A timeout or the caller going away closes the connection, and
 /// the shim kills the command's process group.
 pub fn run(
-    mut stream: UnixStream,
+    stream: UnixStream,
     exec: ExecCommand,
     permit: Option<OwnedSemaphorePermit>,
 ) -> mpsc::Receiver<ExecOutput> {
+    stream_exec(stream, exec, permit, true)
+}
+
+/// The shim's request for `exec`.
+pub(crate) fn request_of(exec: &ExecCommand) -> Request {
+    Request {
+        argv: exec.command.argv.clone(),
+        env: exec.command.env.clone(),
+        working_dir: exec
+            .command
+            .working_dir
+            .as_ref()
+            .map(|d| d.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// [`run`], with the request already sent when `send_request` is false (a
+/// VM's shim, which the caller first hears accept it).
+/// `guard` (exec permits) is held until the exec ends.
+pub(crate) fn stream_exec(
+    mut stream: UnixStream,
+    exec: ExecCommand,
+    guard: impl Send + 'static,
+    send_request: bool,
+) -> mpsc::Receiver<ExecOutput> {
     let (tx, rx) = mpsc::channel(EXEC_BUFFER);
     tokio::spawn(async move {
-        let _permit = permit;
+        let _guard = guard;
         let started = Instant::now();
-        let request = Request {
-            argv: exec.command.argv,
-            env: exec.command.env,
-            working_dir: exec
-                .command
-                .working_dir
-                .map(|d| d.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        };
+        let request = request_of(&exec);
         let deadline = async {
             match exec.timeout {
                 Some(limit) => tokio::time::sleep(limit).await,
@@ -193,7 +211,9 @@ pub fn run(
         };
         tokio::pin!(deadline);
         let ended = async {
-            stream.write_all(&request.encode()).await?;
+            if send_request {
+                stream.write_all(&request.encode()).await?;
+            }
             loop {
                 let mut header = [0; 5];
                 stream.read_exact(&mut header).await?;
@@ -206,6 +226,8 @@ pub fn run(
                             return Err(std::io::Error::other("the caller went away"));
                         }
                     }
+                    // Only a shim on a VM's serial port sends it, first.
+                    FrameKind::Accepted => {}
                     FrameKind::Exit => {
                         // parse_header made sure it is 4 bytes long.
                         let code: [u8; 4] = payload.try_into().unwrap_or_default();

@@ -86,7 +86,7 @@ async fn run(runtime: ContainerRuntime, id: String, name: String, check: HealthC
             }
             // Not running: the engine's events report the death and its
             // restart policy decides; a stopped backend is not unhealthy.
-            Err(AgentError::WrongState { .. }) => {}
+            Err(AgentError::NotRunning { .. } | AgentError::WrongState { .. }) => {}
             Err(error) => tracing::warn!(%error, workload = %name, "health check could not run"),
         }
     }

@@ -8,7 +8,7 @@
 
 mod engine;
 mod exec;
-mod exec_shim;
+pub(crate) mod exec_shim;
 mod health;
 mod images;
 mod inspect;

@@ -114,7 +114,7 @@ pub fn validate(spec: &WorkloadSpec) -> Result<&VmSpec, AgentError> {
         return Err(cannot_honour(
             "spec.health_check",
             "an exec health check",
-            "the agent has no exec channel into a VM",
+            "the agent runs no health checks in VMs (exec into them goes through the guest's exec shim)",
         ));
     }
     if !matches!(
@@ -409,6 +409,12 @@ pub struct DomainPlan {
     pub disks: Vec<DomainDisk>,
     pub nic: Nic,
     pub pci_devices: Vec<PciAddress>,
+    /// Where libvirt (virtlogd) copies what the guest writes to its serial
+    /// console; none when the VM has no files directory of its own.
+    pub console_log: Option<PathBuf>,
+    /// The host side (a unix socket qemu binds) of the virtio-serial port the
+    /// guest's exec shim serves on; none without a files directory.
+    pub shim_socket: Option<PathBuf>,
     pub metadata: BerthMetadata,
 }
 
@@ -488,10 +494,24 @@ impl DomainPlan {
                 pci.domain, pci.bus, pci.slot, pci.function
             ));
         }
-        // A serial console: the only window into a guest without a network.
-        xml.push_str(
-            "    <serial type='pty'/>\n    <console type='pty'/>\n  </devices>\n</domain>\n",
-        );
+        // A serial console: the only window into a guest without a network,
+        // copied into the VM's files directory (what a boot printed, even
+        // with nobody on the pty).
+        if let Some(socket) = &self.shim_socket {
+            xml.push_str(&format!(
+                "    <channel type='unix'>\n      <source mode='bind' path='{}'/>\n      <target type='virtio' name='{}'/>\n    </channel>\n",
+                path_text(socket),
+                super::exec::SHIM_PORT
+            ));
+        }
+        match &self.console_log {
+            Some(log) => xml.push_str(&format!(
+                "    <serial type='pty'>\n      <log file='{}' append='off'/>\n    </serial>\n",
+                path_text(log)
+            )),
+            None => xml.push_str("    <serial type='pty'/>\n"),
+        }
+        xml.push_str("    <console type='pty'/>\n  </devices>\n</domain>\n");
         xml
     }
 }
@@ -836,6 +856,8 @@ mod tests {
             ],
             nic: Nic::Bridge("br0".into()),
             pci_devices: vec![PciAddress::parse("0000:3b:00.0").unwrap()],
+            console_log: Some("/var/lib/berth/vm1/console.log".into()),
+            shim_socket: Some("/var/lib/berth/vm1/shim.sock".into()),
             metadata: BerthMetadata {
                 owner: "agent <1> & 'co'".into(),
                 ..Default::default()
@@ -861,6 +883,9 @@ mod tests {
         assert_eq!(targets, ["vda", "vdb", "vdc"]);
         assert!(xml.contains("<source pool='default' volume='data'/>"));
         assert!(xml.contains("<source bridge='br0'/>"));
+        assert!(xml.contains("<log file='/var/lib/berth/vm1/console.log' append='off'/>"));
+        assert!(xml.contains("<source mode='bind' path='/var/lib/berth/vm1/shim.sock'/>"));
+        assert!(xml.contains("<target type='virtio' name='dev.berth.shim'/>"));
         assert!(xml.contains("<address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/>"));
         assert_eq!(
             root.descendants()

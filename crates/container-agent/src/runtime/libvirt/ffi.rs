@@ -133,6 +133,14 @@ struct Api {
     connect_is_alive: unsafe extern "C" fn(Ptr) -> c_int,
     connect_get_type: unsafe extern "C" fn(Ptr) -> *const c_char,
     connect_list_all_domains: unsafe extern "C" fn(Ptr, *mut *mut Ptr, c_uint) -> c_int,
+    connect_get_domain_capabilities: unsafe extern "C" fn(
+        Ptr,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        c_uint,
+    ) -> *mut c_char,
     domain_define_xml: unsafe extern "C" fn(Ptr, *const c_char) -> Ptr,
     domain_create: unsafe extern "C" fn(Ptr) -> c_int,
     domain_shutdown: unsafe extern "C" fn(Ptr) -> c_int,
@@ -195,7 +203,8 @@ fn load() -> Result<Library, String> {
     let library = unsafe { libloading::Library::new(LIBRARY_NAME) }.map_err(|e| e.to_string())?;
     // SAFETY: each signature below is copied from libvirt 9's headers
     // (libvirt-host.h, libvirt-domain.h, virterror.h); every one of these
-    // functions exists since libvirt 1.2.
+    // functions exists since libvirt 1.2.2 (virConnectGetDomainCapabilities
+    // is the newest).
     let api = unsafe {
         Api {
             connect_open: symbol(&library, "virConnectOpen")?,
@@ -203,6 +212,7 @@ fn load() -> Result<Library, String> {
             connect_is_alive: symbol(&library, "virConnectIsAlive")?,
             connect_get_type: symbol(&library, "virConnectGetType")?,
             connect_list_all_domains: symbol(&library, "virConnectListAllDomains")?,
+            connect_get_domain_capabilities: symbol(&library, "virConnectGetDomainCapabilities")?,
             domain_define_xml: symbol(&library, "virDomainDefineXML")?,
             domain_create: symbol(&library, "virDomainCreate")?,
             domain_shutdown: symbol(&library, "virDomainShutdown")?,
@@ -341,6 +351,33 @@ impl Connection {
         // in libvirt and is copied, never freed.
         unsafe { owned_string((self.api().connect_get_type)(self.ptr.as_ptr())) }
             .ok_or_else(|| self.library.last_error())
+    }
+
+    /// The domain capabilities XML for domains of type `virt_type` (e.g.
+    /// "kvm") with the daemon's default emulator, arch and machine; an
+    /// error when the hypervisor cannot run that type here (e.g. "KVM is
+    /// not supported by '…' on this host").
+    pub fn domain_capabilities(&self, virt_type: &str) -> Result<String, VirError> {
+        let virt_type = c_string(virt_type)?;
+        // SAFETY: valid connection; null emulator, arch and machine ask for
+        // the defaults; the returned string is malloc'd by libvirt, copied,
+        // then freed with free() as libvirt documents.
+        unsafe {
+            let ptr = (self.api().connect_get_domain_capabilities)(
+                self.ptr.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                std::ptr::null(),
+                virt_type.as_ptr(),
+                0,
+            );
+            if ptr.is_null() {
+                return Err(self.library.last_error());
+            }
+            let text = owned_string(ptr);
+            libc::free(ptr.cast());
+            text.ok_or_else(|| self.library.last_error())
+        }
     }
 
     pub fn list_domains(&self) -> Result<Vec<Domain<'_>>, VirError> {

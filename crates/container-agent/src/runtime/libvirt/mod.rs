@@ -3,11 +3,13 @@
 //! domain is this agent's when its `<metadata>` carries berth's element with
 //! this agent's owner, so a restarted agent finds its VMs again.
 //!
-//! The agent has no channel into a guest (no guest agent): exec, logs and
-//! stats are refused, never faked.
+//! Exec goes to the berth exec shim in the guest over a virtio-serial port
+//! (`exec.rs`); logs and stats have no channel yet and are refused, never
+//! faked.
 
 mod disks;
 pub(super) mod domain_xml;
+mod exec;
 mod ffi;
 mod watch;
 
@@ -75,6 +77,7 @@ struct Inner {
     /// Opened on first use and again after the daemon went away.
     connection: Mutex<Option<Arc<Connection>>>,
     seen: Mutex<watch::Seen>,
+    exec_lanes: exec::ExecLanes,
 }
 
 impl Inner {
@@ -229,6 +232,7 @@ impl LibvirtRuntime {
                 events,
                 connection: Mutex::new(None),
                 seen: Mutex::new(watch::Seen::default()),
+                exec_lanes: exec::ExecLanes::default(),
             }),
         };
         watch::spawn(Arc::downgrade(&runtime.inner), config.poll_interval);
@@ -351,10 +355,25 @@ impl LibvirtRuntime {
         }
         let driver = connection.driver().map_err(failed("connect"))?;
         // libvirt's test driver runs no hypervisor and knows only its own type.
-        Ok(if driver.eq_ignore_ascii_case("test") {
-            "test".to_string()
-        } else {
-            "kvm".to_string()
+        if driver.eq_ignore_ascii_case("test") {
+            return Ok("test".to_string());
+        }
+        // KVM when the hypervisor can use it here (a /dev/kvm it may open),
+        // else qemu's emulation (TCG): slower, but the VM runs.
+        let no_kvm = match connection.domain_capabilities("kvm") {
+            Ok(_) => kvm_that_boots_only_pvm_guests(&self.inner.uri),
+            Err(why) => Some(why.message),
+        };
+        Ok(match no_kvm {
+            None => "kvm".to_string(),
+            Some(why) => {
+                tracing::warn!(
+                    uri = %self.inner.uri,
+                    "no usable KVM on this libvirt host ({why}); VMs run under emulation \
+                     (domain type qemu; libvirt.domain_type = \"kvm\" forces KVM)"
+                );
+                "qemu".to_string()
+            }
         })
     }
 
@@ -395,6 +414,11 @@ impl LibvirtRuntime {
                 .iter()
                 .filter_map(|text| PciAddress::parse(text))
                 .collect(),
+            console_log: prepared
+                .files_dir
+                .as_ref()
+                .map(|dir| dir.join("console.log")),
+            shim_socket: prepared.files_dir.as_deref().and_then(exec::socket_path),
             metadata,
         };
         let runtime = self.clone();
@@ -404,16 +428,19 @@ impl LibvirtRuntime {
                 let domain = connection
                     .define(&plan.to_xml())
                     .map_err(|error| define_error(&plan.name, error))?;
-                view_of(&domain, plan.metadata)
+                Ok((view_of(&domain, plan.metadata)?, plan.domain_type))
             })
             .await;
         match defined {
-            Ok(view) => {
+            Ok((view, domain_type)) => {
                 self.inner.seen().note(&view.uuid, &view.name, false);
                 self.publish(
                     &view,
                     EventKind::Created,
-                    format!("libvirt domain defined on {}", self.inner.uri),
+                    format!(
+                        "libvirt domain (type {domain_type}) defined on {}",
+                        self.inner.uri
+                    ),
                 );
                 Ok(view.workload())
             }
@@ -427,6 +454,16 @@ impl LibvirtRuntime {
             }
         }
     }
+}
+
+/// Why KVM on this host cannot boot an ordinary guest kernel, when the
+/// daemon is local and its /dev/kvm comes from `kvm_pvm` (PVM, the
+/// "process VM" flavour of KVM some sandboxes nest in): it runs only kernels
+/// built as PVM guests, and a stock kernel hangs before its first message.
+fn kvm_that_boots_only_pvm_guests(uri: &str) -> Option<String> {
+    let local = uri.starts_with("qemu:///") || uri.starts_with("qemu+unix:///");
+    (local && std::path::Path::new("/sys/module/kvm_pvm").exists())
+        .then(|| "this host's /dev/kvm is kvm_pvm, which boots only PVM guest kernels".to_string())
 }
 
 fn define_error(name: &str, error: VirError) -> AgentError {
@@ -596,6 +633,7 @@ impl WorkloadRuntime for LibvirtRuntime {
             disks::remove_files_dir(dir, &self.inner.disk_dir);
         }
         self.inner.seen().forget(&view.uuid);
+        self.inner.exec_lanes.remove(&view.uuid);
         self.publish(
             &view,
             EventKind::Removed,
@@ -619,11 +657,38 @@ impl WorkloadRuntime for LibvirtRuntime {
 
     async fn exec(
         &self,
-        _id: &str,
-        _exec: ExecCommand,
-        _permit: tokio::sync::OwnedSemaphorePermit,
+        id: &str,
+        exec: ExecCommand,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
-        Err(no_channel_into_guest("Exec"))
+        let view = self.find_or_404(id).await?;
+        if !view.info.state.is_active() {
+            return Err(AgentError::NotRunning {
+                name: view.name,
+                state: "not running",
+            });
+        }
+        let Some(socket) = view
+            .metadata
+            .files_dir
+            .as_deref()
+            .and_then(exec::socket_path)
+        else {
+            return Err(AgentError::Unimplemented(format!(
+                "Exec: VM `{}` has no exec shim port: only VMs with a files directory (a base_image \
+                 disk or a cloud-init seed) whose path fits a unix socket get one",
+                view.name
+            )));
+        };
+        exec::run(
+            &self.inner.exec_lanes,
+            &view.uuid,
+            &view.name,
+            &socket,
+            exec,
+            permit,
+        )
+        .await
     }
 
     async fn logs(
@@ -646,7 +711,7 @@ impl WorkloadRuntime for LibvirtRuntime {
 
 fn no_channel_into_guest(rpc: &str) -> AgentError {
     AgentError::Unimplemented(format!(
-        "{rpc}: the libvirt runtime has no channel into a VM's guest (berth uses no guest agent); reach the VM over its network, e.g. ssh"
+        "{rpc}: the libvirt runtime has no channel into a VM's guest for {rpc} yet (only Exec, through the guest's berth-exec-shim); reach the VM over its network, e.g. ssh"
     ))
 }
 

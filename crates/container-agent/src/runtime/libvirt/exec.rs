@@ -1,0 +1,134 @@
+//! Exec inside a VM through the berth exec shim running in the guest
+//! (`berth-exec-shim --serial PORT`), with no network and no guest agent:
+//! every domain with a files directory gets a virtio-serial port named
+//! [`SHIM_PORT`] whose host side is a unix socket, [`SHIM_SOCKET`] in that
+//! directory, bound by qemu. The agent connects once per exec and speaks the
+//! shim's frames (the same as in containers); the shim answers an
+//! `ACCEPTED` frame first, so a VM whose guest runs no shim (or has not
+//! booted yet) is told apart from a command that prints nothing.
+//!
+//! The port is one byte stream, taken by one connection at a time: execs
+//! into one VM run one after another (a second waits for the first).
+//! Closing the connection before the exit frame (a cancel, a timeout) makes
+//! the guest see the port close, and the shim kills the command's process
+//! group.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use berth_exec_shim::protocol::{self, FrameKind};
+use berth_proto::agent::v1::ExecOutput;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::error::AgentError;
+use crate::runtime::ExecCommand;
+use crate::runtime::container::exec_shim;
+
+/// The virtio-serial port's name in the guest
+/// (/sys/class/virtio-ports/*/name, /dev/virtio-ports/<name> with udev).
+pub const SHIM_PORT: &str = "dev.berth.shim";
+/// The port's host side, in the VM's files directory.
+pub const SHIM_SOCKET: &str = "shim.sock";
+/// How long an exec waits for the guest's shim to accept its request.
+const ACCEPT_WAIT: Duration = Duration::from_secs(10);
+/// Longest unix socket path (sun_path holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The shim socket of a VM whose files are in `files_dir`, when its path
+/// fits in a unix socket address.
+pub fn socket_path(files_dir: &Path) -> Option<PathBuf> {
+    let path = files_dir.join(SHIM_SOCKET);
+    (path.as_os_str().len() <= MAX_SOCKET_PATH).then_some(path)
+}
+
+/// One exec at a time per VM: a semaphore of one per domain UUID.
+#[derive(Default)]
+pub struct ExecLanes(Mutex<HashMap<String, Arc<Semaphore>>>);
+
+impl ExecLanes {
+    async fn enter(&self, uuid: &str) -> OwnedSemaphorePermit {
+        let lane = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(uuid.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        // The semaphore is never closed.
+        lane.acquire_owned()
+            .await
+            .expect("an exec lane is never closed")
+    }
+
+    /// Forgets a removed domain.
+    pub fn remove(&self, uuid: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uuid);
+    }
+}
+
+/// Runs `exec` in the guest of domain `name` (`uuid`) through its shim
+/// socket `socket`.
+pub async fn run(
+    lanes: &ExecLanes,
+    uuid: &str,
+    name: &str,
+    socket: &Path,
+    exec: ExecCommand,
+    permit: OwnedSemaphorePermit,
+) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+    let lane = lanes.enter(uuid).await;
+    let unavailable = |reason: String| AgentError::EngineUnavailable {
+        engine: "libvirt",
+        socket: socket.display().to_string(),
+        reason: format!("VM `{name}`: {reason}"),
+    };
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| unavailable(format!("cannot reach the exec shim's port: {e}")))?;
+    let request = exec_shim::request_of(&exec);
+    let accepted = async {
+        stream.write_all(&request.encode()).await?;
+        // Whole frames the shim sent after an earlier exec's agent went away
+        // may still be in the port: they come before this exec's ACCEPTED.
+        let mut stale = 0usize;
+        loop {
+            let mut header = [0; 5];
+            stream.read_exact(&mut header).await?;
+            match protocol::parse_header(header)? {
+                (FrameKind::Accepted, _) => return Ok::<usize, std::io::Error>(stale),
+                (_, length) => {
+                    let mut payload = vec![0; length];
+                    stream.read_exact(&mut payload).await?;
+                    stale += 1;
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(ACCEPT_WAIT, accepted).await {
+        Ok(Ok(stale)) => {
+            if stale > 0 {
+                tracing::debug!(vm = name, stale, "dropped frames of an earlier exec");
+            }
+        }
+        Ok(Err(error)) => {
+            return Err(unavailable(format!(
+                "the exec shim's port broke before the request was accepted: {error}"
+            )));
+        }
+        Err(_) => {
+            return Err(unavailable(format!(
+                "no berth-exec-shim accepted the request within {} s: the guest has not booted yet, \
+                 or its image does not run `berth-exec-shim --serial <port>` on the virtio-serial port `{SHIM_PORT}`",
+                ACCEPT_WAIT.as_secs()
+            )));
+        }
+    }
+    Ok(exec_shim::stream_exec(stream, exec, (permit, lane), false))
+}

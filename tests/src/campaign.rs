@@ -1,0 +1,125 @@
+//! Waiting on a campaign: the one polling loop the end-to-end tests share
+//! (GetCampaign until a condition holds, or a panic naming what never
+//! happened, with the last answer).
+
+use std::time::{Duration, Instant};
+
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignState, GetCampaignRequest, ListCampaignsRequest, SubmitCampaignRequest,
+};
+use berth_server::client::AuthChannel;
+
+/// An orchestrator client over the tests' channel.
+pub type Client = OrchestratorClient<AuthChannel>;
+
+/// How often a wait asks again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Submits `manifest` twice, validate-only and for real, and returns the two
+/// refusals (`why`: what the test expects refused, for the panic).
+pub async fn refused_at_submit(
+    client: &mut Client,
+    manifest: &str,
+    why: &str,
+) -> Vec<tonic::Status> {
+    let mut refusals = Vec::new();
+    for validate_only in [true, false] {
+        let status = client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: manifest.into(),
+                validate_only,
+                ..Default::default()
+            })
+            .await
+            .expect_err(why);
+        refusals.push(status);
+    }
+    refusals
+}
+
+/// Asserts the orchestrator lists no campaign (`why`: what should have kept
+/// them out).
+pub async fn assert_no_campaigns(client: &mut Client, why: &str) {
+    let listed = client
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.campaigns.is_empty(), "{why}");
+}
+
+/// The campaign `id` now.
+pub async fn get_campaign(client: &mut Client, id: &str) -> Campaign {
+    client
+        .get_campaign(GetCampaignRequest { id: id.into() })
+        .await
+        .expect("GetCampaign")
+        .into_inner()
+}
+
+/// Polls campaign `id` until `done` says so; after `limit`, panics with
+/// "campaign never became `what`" and the last answer.
+pub async fn wait_campaign(
+    client: &mut Client,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Campaign) -> bool,
+) -> Campaign {
+    wait_campaign_or(client, id, limit, what, done, String::new).await
+}
+
+/// [`wait_campaign`], with `context()` (e.g. the events seen so far) added
+/// to the panic.
+pub async fn wait_campaign_or(
+    client: &mut Client,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Campaign) -> bool,
+    context: impl Fn() -> String,
+) -> Campaign {
+    let deadline = Instant::now() + limit;
+    loop {
+        let campaign = get_campaign(client, id).await;
+        if done(&campaign) {
+            return campaign;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign never became {what}: {campaign:?}{}",
+            context()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The campaign's state.
+pub fn state(campaign: &Campaign) -> CampaignState {
+    CampaignState::try_from(campaign.state).unwrap_or_default()
+}
+
+/// Succeeded, failed or cancelled: nothing more will happen to it.
+pub fn ended(campaign: &Campaign) -> bool {
+    matches!(
+        state(campaign),
+        CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+    )
+}
+
+/// Waits until campaign `id` has ended (see [`ended`]).
+pub async fn wait_ended(client: &mut Client, id: &str, limit: Duration) -> Campaign {
+    wait_campaign(client, id, limit, "ended", ended).await
+}
+
+/// Waits until campaign `id` has succeeded with `runs` runs succeeded, by
+/// `deadline` (one deadline may cover several campaigns).
+pub async fn wait_succeeded(client: &mut Client, id: &str, runs: u64, deadline: Instant) {
+    let limit = deadline.saturating_duration_since(Instant::now());
+    let done = wait_campaign(client, id, limit, "succeeded", |c| {
+        state(c) == CampaignState::Succeeded
+    })
+    .await;
+    assert_eq!(done.runs.unwrap_or_default().succeeded, runs, "{done:?}");
+}
