@@ -9,7 +9,9 @@
 //! Three crashes, each in its own test: kill -9 of the orchestrator, a host
 //! cut off mid-run, a backend container killed mid-run. In each the campaign
 //! succeeds, every (config, cycle, backend) is recorded exactly once, and the
-//! events say what happened.
+//! events say what happened. And a deployment of three replicas, one per
+//! host, whose replica on a host cut off comes up on another, the copy left
+//! on the cut host removed once it answers again.
 //!
 //! Needs root, `ip netns`, /usr/sbin/sshd and docker: a missing one skips
 //! the test (or fails it on CI) through berth_tests::parts.
@@ -290,6 +292,12 @@ impl Cluster {
             "scheduler.connect_timeout=2s".into(),
             "--set".into(),
             "scheduler.max_placement_backoff=1s".into(),
+            "--set".into(),
+            "deployments.reconcile_interval=250ms".into(),
+            "--set".into(),
+            "deployments.host_lost_grace=2s".into(),
+            "--set".into(),
+            "deployments.agent_timeout=2s".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.orchestrator = Some(Process::spawn("berth-orchestrator", &args, &[]));
@@ -773,4 +781,142 @@ async fn multi_host_backend_container_killed_mid_run() {
             .any(|l| l.contains("`b2`") && (l.contains("restarted") || l.contains("lost"))),
         "no event says backend `b2` died and was restarted:\n{after}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_deployment_moves_off_a_host_cut_off() {
+    let test = "multi_host_deployment_moves_off_a_host_cut_off";
+    let Some(mut cluster) = Cluster::start(test, 4).await else {
+        return;
+    };
+    cluster.start_orchestrator();
+    let mut client = cluster.client().await;
+    cluster.register_hosts(&mut client).await;
+    let recipe = format!(
+        "name: spread\nruntime: docker\nimage: {}\ncommand: [sleep, '3600']\nreplicas: 3\n\
+         health: {{check: exec, command: ['true'], interval: 500ms, timeout: 5s}}\n\
+         restart: {{backoff: 200ms, max_backoff: 2s}}\nstop_grace: 1s\n",
+        cluster.image
+    );
+    client
+        .deploy(DeployRequest {
+            recipe_yaml: recipe,
+            source_name: "spread.yaml".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Deploy");
+    let placed = wait_deployment(&mut client, "running", all_running).await;
+    let mut hosts: Vec<&str> = placed
+        .replica_status
+        .iter()
+        .map(|r| r.host.as_str())
+        .collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, ["h1", "h2", "h3"], "spread: one replica per host");
+    let on_h1 = placed
+        .replica_status
+        .iter()
+        .find(|r| r.host == "h1")
+        .unwrap()
+        .clone();
+
+    sh("ip", &["link", "set", &cluster.host("h1").veth, "down"]);
+    let cut_at = Instant::now();
+    let index = on_h1.index;
+    let moved = wait_deployment(&mut client, "moved off h1", |d| {
+        all_running(d)
+            && d.replica_status.iter().all(|r| r.host != "h1")
+            && d.replica_status[index as usize].restarts == 1
+    })
+    .await;
+    eprintln!(
+        "host cut off to its replica running elsewhere: {:?}",
+        cut_at.elapsed()
+    );
+    assert_ne!(
+        moved.replica_status[index as usize].workload_id,
+        on_h1.workload_id
+    );
+
+    // h1 answers again: the copy it kept (the engine is this machine's) is
+    // removed by the reconciler's sweep, the moved replica stays where it is.
+    sh("ip", &["link", "set", &cluster.host("h1").veth, "up"]);
+    let engine_has = |id: &str| {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+                "/var/run/docker.sock",
+            ])
+            .arg(format!("http://engine/v1.41/containers/{id}/json"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&output.stdout) == "200"
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while engine_has(&on_h1.workload_id) {
+        assert!(
+            Instant::now() < deadline,
+            "the copy on h1 was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = wait_deployment(&mut client, "running", |_| true).await;
+    assert!(all_running(&after), "{after:#?}");
+    assert_eq!(
+        after.replica_status[index as usize].workload_id,
+        moved.replica_status[index as usize].workload_id
+    );
+
+    client
+        .stop_deployment(StopDeploymentRequest {
+            name: "spread".into(),
+        })
+        .await
+        .expect("StopDeployment");
+    let stopped = wait_deployment(&mut client, "cancelled", |d| {
+        d.state == DeploymentState::Cancelled as i32
+    })
+    .await;
+    for replica in &stopped.replica_status {
+        assert!(
+            !engine_has(&replica.workload_id),
+            "{} left behind",
+            replica.workload_id
+        );
+    }
+}
+
+fn all_running(d: &Deployment) -> bool {
+    d.state == DeploymentState::Running as i32
+        && d.ready_replicas == 3
+        && d.replica_status.len() == 3
+}
+
+/// Polls the deployment `spread` until `done`, at most 90 s.
+async fn wait_deployment(
+    client: &mut Client,
+    what: &str,
+    done: impl Fn(&Deployment) -> bool,
+) -> Deployment {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let d = client
+            .get_deployment(GetDeploymentRequest {
+                name: "spread".into(),
+            })
+            .await
+            .expect("GetDeployment")
+            .into_inner();
+        if done(&d) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -4,10 +4,11 @@
 //! connection of a process. The test driver runs no qemu, but overlays and
 //! seeds are made for real with qemu-img and genisoimage.
 //!
-//! `a_real_vm_boots_and_stops` boots a real VM (Debian's kernel and a
-//! busybox initramfs, scripts/vm/build-test-image.sh) under libvirtd's qemu
-//! driver, with KVM where it can boot that kernel and TCG otherwise, and
-//! says why it skips when this host lacks a part.
+//! `a_real_vm_boots_and_stops` boots a real VM (Debian's kernel, a busybox
+//! initramfs and the static exec shim, scripts/vm/build-test-image.sh) under
+//! libvirtd's qemu driver, with KVM where it can boot that kernel and TCG
+//! otherwise, execs into it, and says why it skips when this host lacks a
+//! part.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -628,10 +629,12 @@ async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<Str
 /// A real VM under libvirtd's qemu driver: Debian's kernel boots a busybox
 /// initramfs from the disk the agent made (an overlay on the test image),
 /// the guest's /init reports on the serial console, which the agent has
-/// libvirt copy into the VM's files directory; then a stop (the guest ignores
-/// the ACPI button, so it ends in destroy) and a remove leave nothing. The
-/// domain type is the agent's `auto`: KVM where it can boot this kernel, qemu
-/// (TCG) otherwise.
+/// libvirt copy into the VM's files directory, and runs the exec shim on the
+/// virtio-serial port the agent gave the domain; execs through the agent's
+/// API (output, exit code, env, cwd, a timeout that kills the command's
+/// group); then a stop (the guest ignores the ACPI button, so it ends in
+/// destroy) and a remove leave nothing. The domain type is the agent's
+/// `auto`: KVM where it can boot this kernel, qemu (TCG) otherwise.
 #[tokio::test]
 async fn a_real_vm_boots_and_stops() {
     let test = "real-vm";

@@ -56,6 +56,10 @@ pub struct DeploymentsConfig {
     /// another host (one that owns GPUs only once its host is deregistered).
     #[serde(with = "humantime_serde")]
     pub host_lost_grace: Duration,
+    /// Longest wait for one call to an agent (inspect, create, start); a
+    /// host that takes longer did not answer.
+    #[serde(with = "humantime_serde")]
+    pub agent_timeout: Duration,
     /// Host ports allocated to replicas whose recipe leaves them to berth.
     pub port_range_start: u16,
     pub port_range_end: u16,
@@ -67,6 +71,7 @@ impl Default for DeploymentsConfig {
             max_replicas: 1000,
             reconcile_interval: Duration::from_secs(5),
             host_lost_grace: Duration::from_secs(30),
+            agent_timeout: Duration::from_secs(10),
             port_range_start: 20_000,
             port_range_end: 29_999,
         }
@@ -465,6 +470,21 @@ impl Deployments {
                 message,
             });
         }
+    }
+
+    /// An agent call within `deployments.agent_timeout`: past it, the call
+    /// counts as a host that did not answer (DEADLINE_EXCEEDED).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let limit = self.config.agent_timeout;
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {} (deployments.agent_timeout)",
+                humantime::format_duration(limit)
+            )))
+        })
     }
 
     fn note_ports(&self, replica: &ReplicaRecord) {

@@ -342,7 +342,7 @@ impl Deployments {
             Ok(client) => client,
             Err(reason) => return self.host_silent(recipe, replica, state, &reason),
         };
-        match start(&mut client, &replica.workload_id).await {
+        match self.bounded(start(&mut client, &replica.workload_id)).await {
             Ok(_) => {
                 state.failed_checks = 0;
                 state.host_silent_since = None;
@@ -383,10 +383,10 @@ impl Deployments {
             Ok(client) => client,
             Err(reason) => return self.host_silent(recipe, replica, state, &reason),
         };
-        let inspected = client
-            .inspect_workload(WorkloadRef {
+        let inspected = self
+            .bounded(client.inspect_workload(WorkloadRef {
                 id: replica.workload_id.clone(),
-            })
+            }))
             .await;
         let workload = match inspected {
             Ok(workload) => workload.into_inner(),
@@ -688,13 +688,13 @@ impl Deployments {
             };
             let mut page_token = String::new();
             loop {
-                let Ok(page) = client
-                    .list_workloads(ListWorkloadsRequest {
+                let listed = self
+                    .bounded(client.list_workloads(ListWorkloadsRequest {
                         page_size: 1000,
                         page_token: page_token.clone(),
-                    })
-                    .await
-                else {
+                    }))
+                    .await;
+                let Ok(page) = listed else {
                     break;
                 };
                 let page = page.into_inner();
@@ -706,12 +706,11 @@ impl Deployments {
                         .is_some_and(|d| *d == recipe.name);
                     if ours && !known.contains(&workload.id.as_str()) {
                         tracing::warn!(deployment = %recipe.name, host = %view.record.name, workload = %workload.id, "removing a workload no replica records");
-                        let _ = client
-                            .remove_workload(RemoveWorkloadRequest {
-                                id: workload.id,
-                                force: true,
-                            })
-                            .await;
+                        let removal = RemoveWorkloadRequest {
+                            id: workload.id,
+                            force: true,
+                        };
+                        let _ = self.bounded(client.remove_workload(removal)).await;
                     }
                 }
                 if page.next_page_token.is_empty() {

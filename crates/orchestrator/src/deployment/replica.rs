@@ -201,22 +201,22 @@ impl Deployments {
                 NotPlaced::Refused(reason)
             }
         };
-        let workload = match client
-            .create_workload(CreateWorkloadRequest {
+        let created = self
+            .bounded(client.create_workload(CreateWorkloadRequest {
                 name: name.clone(),
                 spec: Some(spec),
-            })
-            .await
-        {
+            }))
+            .await;
+        let workload = match created {
             Ok(created) => created.into_inner(),
-            Err(status) if status.code() == tonic::Code::AlreadyExists => client
-                .inspect_workload(WorkloadRef { id: name.clone() })
+            Err(status) if status.code() == tonic::Code::AlreadyExists => self
+                .bounded(client.inspect_workload(WorkloadRef { id: name.clone() }))
                 .await
                 .map_err(|s| refused("inspecting the existing workload", &s))?
                 .into_inner(),
             Err(status) => return Err(refused("creating the replica", &status)),
         };
-        if let Err(status) = start(client, &workload.id).await {
+        if let Err(status) = self.bounded(start(client, &workload.id)).await {
             remove(client, &workload.id).await;
             return Err(refused("starting the replica", &status));
         }
