@@ -1007,3 +1007,97 @@ async fn an_update_replaces_replicas_one_at_a_time() {
     .await;
     assert_eq!(servers_of(&old) + servers_of(&new), 0);
 }
+
+/// Seed 000's embedding service as containers, from
+/// examples/deployments/seed-000/containers/embedding.yaml with this
+/// machine's model cache mounted: two replicas of the image
+/// scripts/deploy/build-images.sh builds (scripts/test.sh builds the images
+/// once per run), each answering /v1/embeddings on the host port berth
+/// published for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedding_service_runs_as_container_replicas() {
+    use berth_tests::compose::{build_images_command, ensure_images, run};
+    use berth_tests::{Part, require};
+    let Some(agent) = berth_tests::agent::Agent::start("deploy-embedding").await else {
+        return;
+    };
+    let cache = berth_tests::model_cache();
+    let found = if cache.join("all-minilm-l6-v2/model.onnx").exists() {
+        Ok(())
+    } else {
+        Err(format!("no model under {}", cache.display()))
+    };
+    let Some(()) = require(Part::Model, found) else {
+        return;
+    };
+    if agent.engine.runtime == berth_proto::common::v1::Runtime::Podman {
+        // The podman run of this file covers the engine; the images are docker's.
+        return;
+    }
+    ensure_images(
+        "docker",
+        |image| {
+            run(std::process::Command::new("docker").args(["image", "inspect", image]))
+                .status
+                .success()
+        },
+        build_images_command,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &agent.dir.path().join("agent.sock")).await;
+    let file =
+        berth_tests::repo_root().join("examples/deployments/seed-000/containers/embedding.yaml");
+    let recipe = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("/root/.cache/berth/models", &cache.display().to_string());
+    deploy(&mut client, &recipe).await.expect("Deploy");
+    let name = "embedding-container";
+    let running = wait_until(&mut client, name, "running", |d| all_running(d, 2)).await;
+    for replica in &running.replica_status {
+        let address = &replica
+            .endpoints
+            .iter()
+            .find(|e| e.name == "http")
+            .unwrap()
+            .address;
+        let output = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "30",
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .args(["-d", r#"{"model":"all-MiniLM-L6-v2","input":["a cat"]}"#])
+            .arg(format!("http://{address}/v1/embeddings"))
+            .output()
+            .expect("curl");
+        let answer: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{address}: {e}: {}",
+                    String::from_utf8_lossy(&output.stdout)
+                )
+            });
+        assert_eq!(
+            answer["data"][0]["embedding"].as_array().map(Vec::len),
+            Some(384),
+            "{answer}"
+        );
+    }
+    client
+        .stop_deployment(StopDeploymentRequest { name: name.into() })
+        .await
+        .unwrap();
+    wait_until(&mut client, name, "cancelled", |d| {
+        state(d) == DeploymentState::Cancelled
+    })
+    .await;
+    for replica in &running.replica_status {
+        let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
+        assert_eq!(status, 404, "container {} removed", replica.workload_id);
+    }
+}
