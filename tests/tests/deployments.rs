@@ -456,6 +456,27 @@ async fn bad_recipes_are_refused_and_a_replica_that_cannot_run_fails_only_its_de
         .await
         .unwrap_err();
     assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    // A port another program holds: the replica cannot bind it, and the
+    // deployment fails with what the replica said.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().port();
+    let clash = format!(
+        "name: clash\nruntime: process\ncommand: [python3, -m, http.server, '{{{{port.http}}}}', --bind, 127.0.0.1]\n\
+         ports: [{{name: http, port: {taken}}}]\nrestart: {{max_restarts: 1, backoff: 100ms}}\n"
+    );
+    deploy(&mut client, &clash).await.expect("Deploy clash");
+    let clashed = wait_until(&mut client, "clash", "failed", |d| {
+        state(d) == DeploymentState::Failed
+    })
+    .await;
+    assert!(
+        clashed.status_message.contains("exited with code 1")
+            && clashed.status_message.contains("Address already in use"),
+        "{}",
+        clashed.status_message
+    );
+    drop(holder);
+
     let (ok, stdout, _) = berth(&["deployments"]);
     assert!(
         ok && stdout.contains("crashing") && stdout.contains("failed"),

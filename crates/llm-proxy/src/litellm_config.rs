@@ -17,8 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
-use crate::providers::ProviderKind;
-use crate::router::{RouterSettings, Strategy};
+use crate::settings::{ProviderKind, RouterSettings, Strategy};
 
 /// LiteLLM's way of saying "read this from the environment".
 const ENV_REF: &str = "os.environ/";

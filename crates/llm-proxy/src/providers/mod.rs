@@ -14,9 +14,7 @@ pub use anthropic::Events as AnthropicEvents;
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
-/// Re-exported for the modules that still name it here; it lives with the
-/// other config kinds in [`crate::settings`].
-pub use crate::settings::ProviderKind;
+use crate::settings::ProviderKind;
 use crate::sse::StripUsage;
 use crate::stream::Relay;
 

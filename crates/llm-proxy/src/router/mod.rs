@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Re-exported for the modules that still name them here; they live with
-/// the other config kinds in [`crate::settings`].
-pub use crate::settings::{RouterSettings, Strategy};
+use crate::settings::{RouterSettings, Strategy};
 
 use crate::error::ProxyError;
 use crate::limits::MinuteWindow;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_proto::agent::v1::{
-    ListWorkloadsRequest, RemoveWorkloadRequest, WorkloadRef, WorkloadState,
+    ListWorkloadsRequest, LogsRequest, RemoveWorkloadRequest, WorkloadRef, WorkloadState,
 };
 use berth_proto::orchestrator::v1::{DeploymentState, HostStatus, ReplicaState};
 use tokio::sync::Notify;
@@ -413,6 +413,7 @@ impl Deployments {
         };
         state.host_silent_since = None;
         if workload.state != WorkloadState::Running as i32 {
+            let last_words = self.last_lines(&mut client, &replica.workload_id).await;
             let why = match workload.exit_code {
                 Some(code) if workload.oom_killed => format!("was OOM-killed (exit code {code})"),
                 Some(code) => format!("exited with code {code}"),
@@ -421,6 +422,11 @@ impl Deployments {
                     WorkloadState::try_from(workload.state)
                         .map_or("in an unknown state", |s| s.as_str_name())
                 ),
+            };
+            let why = if last_words.is_empty() {
+                why
+            } else {
+                format!("{why} (its last words: {last_words})")
             };
             return self
                 .went_down(
@@ -465,6 +471,33 @@ impl Deployments {
                 self.went_down(recipe, replica, state, &mut client, why, None, true)
                     .await
             }
+        }
+    }
+
+    /// The last lines a workload printed, joined and cut short, to say why
+    /// it exited; empty when its agent has none to give.
+    async fn last_lines(&self, client: &mut AgentClient, workload_id: &str) -> String {
+        const LINES: u32 = 3;
+        const MOST_CHARS: usize = 400;
+        let request = LogsRequest {
+            workload_id: workload_id.to_string(),
+            follow: false,
+            tail: LINES,
+            since: None,
+        };
+        let read = async {
+            let mut stream = client.logs(request).await?.into_inner();
+            let mut lines = Vec::new();
+            while let Some(line) = stream.message().await? {
+                lines.push(line.line);
+            }
+            Ok(lines)
+        };
+        let lines = self.bounded(read).await.unwrap_or_default();
+        let joined = lines.join(" | ");
+        match joined.char_indices().nth(MOST_CHARS) {
+            Some((cut, _)) => format!("{}…", &joined[..cut]),
+            None => joined,
         }
     }
 
