@@ -1073,7 +1073,12 @@ async fn the_embedding_service_runs_as_container_replicas() {
         berth_tests::repo_root().join("examples/deployments/seed-000/containers/embedding.yaml");
     let recipe = std::fs::read_to_string(&file)
         .unwrap()
-        .replace("/root/.cache/berth/models", &cache.display().to_string());
+        .replace("/root/.cache/berth/models", &cache.display().to_string())
+        // What this machine lets a container have (a sandbox may cap it).
+        .replace(
+            "nofile: 65536",
+            &format!("nofile: {}", berth_tests::compose::nofile_limit()),
+        );
     deploy(&mut client, &recipe).await.expect("Deploy");
     let name = "embedding-container";
     let running = wait_until(&mut client, name, "running", |d| all_running(d, 2)).await;
@@ -1121,4 +1126,81 @@ async fn the_embedding_service_runs_as_container_replicas() {
         let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
         assert_eq!(status, 404, "container {} removed", replica.workload_id);
     }
+}
+
+/// A recipe whose image no host has, with `import:` naming the archive on
+/// the orchestrator's machine: the replicas' host imports it first (the
+/// deployment and replica Building, streamed to watchers), then runs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_archive_is_imported_to_the_host_before_its_replicas_start() {
+    use berth_proto::agent::v1::RemoveImageRequest;
+    let Some(mut agent) = berth_tests::agent::Agent::start("deploy-import").await else {
+        return;
+    };
+    let Some(archive) = berth_tests::busybox_rootfs(&berth_tests::target_tmpdir().join("images"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &agent.dir.path().join("agent.sock")).await;
+    let image = format!("berth-test-import-{}:1", std::process::id());
+    let runtime = if agent.engine.runtime == berth_proto::common::v1::Runtime::Podman {
+        "podman"
+    } else {
+        "docker"
+    };
+    let recipe = format!(
+        "name: imported\nruntime: {runtime}\nimage: {image}\nimport:\n  archive: {}\n  rootfs: true\n  command: [/bin/sh]\n\
+         command: [httpd, -f, -p, '{{{{port.http}}}}', -h, /etc]\nports: [{{name: http, port: 8080, protocol: http}}]\n\
+         health: {{check: http, port: http, path: /passwd, interval: 200ms, start_period: 10s}}\nstop_grace: 1s\n",
+        archive.display()
+    );
+    let refused = deploy(
+        &mut client,
+        &recipe.replace(&archive.display().to_string(), "/nonexistent/image.tar"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.message().contains("/nonexistent/image.tar"),
+        "{refused:?}"
+    );
+    deploy(&mut client, &recipe).await.expect("Deploy");
+    let running = wait_until(&mut client, "imported", "running", |d| all_running(d, 1)).await;
+    // Every transition is stored with its reason: the import among them.
+    let history: Vec<&str> = running.history.iter().map(|t| t.message.as_str()).collect();
+    assert!(
+        history.iter().any(|m| m.starts_with("BUILDING: importing")),
+        "{history:#?}"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|m| m.starts_with("replica 0 on `local`: BUILDING: importing")),
+        "{history:#?}"
+    );
+    let address = &running.replica_status[0].endpoints[0].address;
+    assert!(http_get_path(address, "/passwd").await.contains(" 200 "));
+    client
+        .stop_deployment(StopDeploymentRequest {
+            name: "imported".into(),
+        })
+        .await
+        .unwrap();
+    wait_until(&mut client, "imported", "cancelled", |d| {
+        state(d) == DeploymentState::Cancelled
+    })
+    .await;
+    let removed = agent
+        .client
+        .remove_image(RemoveImageRequest {
+            image: image.clone(),
+            runtime: agent.engine.runtime as i32,
+        })
+        .await;
+    assert!(removed.is_ok(), "{removed:?}");
+    agent.cleanup().await;
 }

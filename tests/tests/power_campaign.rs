@@ -133,7 +133,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .await
         .unwrap();
     let manifest = "name: energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: short}, {name: long}]\ncycles: 2\n\
-                    run: {command: [sh, -c, 'sleep 0.2; echo {\"ok\": 1}']}\npower: {enabled: true, rate_hz: 200}\n";
+                    run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\npower: {enabled: true, rate_hz: 200, work_metric: ok}\n";
     let campaign = client
         .submit_campaign(SubmitCampaignRequest {
             manifest_yaml: manifest.into(),
@@ -174,6 +174,11 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .runs;
     for run in &runs {
         assert!(!run.energy.is_empty(), "{} has no energy", run.id);
+        // The run's figures derived by the orchestrator: its energy over all
+        // devices, and that over the work its result counts (`ok`: 1).
+        let total: f64 = run.energy.iter().filter_map(|e| e.energy_j).sum();
+        assert_eq!(run.energy_j, Some(total), "{run:?}");
+        assert_eq!(run.joules_per_unit, Some(total), "{run:?}");
         for energy in &run.energy {
             assert!(energy.replay, "replayed readings must say so: {energy:?}");
             let joules = energy.energy_j.expect("every device gave readings");
@@ -275,7 +280,15 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .await
         .unwrap()
         .into_inner();
+    let campaign = results.campaign.as_ref().expect("the campaign");
+    assert_eq!(campaign.work_metric, "ok", "stored at submit");
     for row in &results.results {
+        let per_unit = row
+            .metrics
+            .iter()
+            .find(|m| m.name == "joules_per_ok")
+            .expect("joules_per_ok aggregated");
+        assert_eq!(per_unit.n, 2, "{row:?}");
         let energy = row
             .metrics
             .iter()

@@ -181,6 +181,12 @@ pub fn describe(d: &Deployment) -> String {
             r.reason
         );
     }
+    if !d.history.is_empty() {
+        out.push_str("last transitions:\n");
+        for transition in &d.history {
+            let _ = writeln!(out, "  {}", transition.message);
+        }
+    }
     out
 }
 

@@ -2,14 +2,12 @@
 //! fetched a page at a time with ListRuns, as CSV, JSON or Parquet with the
 //! same columns: the run's identity and outcome, then `param.<name>` for
 //! each configuration parameter and `result.<field>` for each numeric field
-//! of the result JSON, then its energy.
+//! of the result JSON, then its energy. The figures derived from a run
+//! (its energy over all devices, joules per unit of work) come from the
+//! orchestrator with the run; the work metric with the campaign.
 
 use std::sync::Arc;
 
-use berth_orchestrator::manifest::{self, DEFAULT_WORK_METRIC};
-use berth_orchestrator::results::{
-    duration_seconds, energy_joules, joules_per_unit, joules_per_unit_metric,
-};
 use berth_proto::orchestrator::v1::{Campaign, ListRunsRequest, Run, RunState};
 use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DataType, DoubleType, Int64Type};
@@ -87,6 +85,12 @@ fn rfc3339(ms: i64) -> String {
     .to_string()
 }
 
+/// The run's wall time in seconds, once it has one.
+fn duration_seconds(run: &Run) -> Option<f64> {
+    run.duration
+        .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
 fn state_name(state: i32) -> String {
     RunState::try_from(state)
         .unwrap_or_default()
@@ -115,12 +119,9 @@ impl RunTable {
         }
     }
 
-    /// The campaign's runs; the energy-per-work column follows the
-    /// manifest's `power.work_metric`.
+    /// The campaign's runs; the energy-per-work column is named after the
+    /// campaign's work metric (the manifest's `power.work_metric`).
     pub fn new(campaign: &Campaign, runs: &[Run]) -> Self {
-        let work_metric = manifest::plan("manifest", &campaign.manifest_yaml)
-            .map(|plan| plan.manifest.power.work_metric().to_string())
-            .unwrap_or_else(|_| DEFAULT_WORK_METRIC.to_string());
         let results: Vec<serde_json::Map<String, serde_json::Value>> = runs
             .iter()
             .map(|run| serde_json::from_str(&run.result_json).unwrap_or_default())
@@ -180,10 +181,11 @@ impl RunTable {
                 ),
             });
         }
-        columns.push(number("energy_j", &energy_joules));
-        columns.push(number(&joules_per_unit_metric(&work_metric), &|r| {
-            joules_per_unit(r, &work_metric)
-        }));
+        columns.push(number("energy_j", &|r| r.energy_j));
+        columns.push(number(
+            &format!("joules_per_{}", campaign.work_metric),
+            &|r| r.joules_per_unit,
+        ));
         columns.push(text("result_json", &|r| Some(r.result_json.clone())));
         Self {
             columns,
@@ -346,6 +348,9 @@ mod tests {
                     energy_j: Some(20.0),
                     ..Default::default()
                 }],
+                // As the orchestrator derives them: 20 J over 10 tokens.
+                energy_j: Some(20.0),
+                joules_per_unit: Some(2.0),
                 ..Default::default()
             },
             Run {
@@ -360,9 +365,17 @@ mod tests {
         ]
     }
 
+    /// A campaign whose work metric is `tokens`.
+    fn campaign() -> Campaign {
+        Campaign {
+            work_metric: "tokens".into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn csv_and_json_have_a_row_per_run_with_the_same_columns() {
-        let table = RunTable::new(&Campaign::default(), &runs());
+        let table = RunTable::new(&campaign(), &runs());
         let csv = table.csv().unwrap();
         let text = String::from_utf8(csv.clone()).unwrap();
         assert!(
@@ -433,9 +446,7 @@ mod tests {
 
     #[test]
     fn parquet_reads_back() {
-        let bytes = RunTable::new(&Campaign::default(), &runs())
-            .parquet()
-            .unwrap();
+        let bytes = RunTable::new(&campaign(), &runs()).parquet().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("runs.parquet");
         std::fs::write(&path, bytes).unwrap();

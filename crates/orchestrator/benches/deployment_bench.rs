@@ -11,7 +11,9 @@
 //! 2. restart: one process replica (TCP health check every 1 s, reconcile
 //!    interval 1 s) killed with SIGKILL, timed until GetDeployment shows it
 //!    Running again with its restart counted and its port answers; with the
-//!    recipe's default restart backoff (500 ms) and with 100 ms.
+//!    recipe's default restart backoff (500 ms) and with 100 ms. The kills
+//!    are spread over one reconcile interval after the pass that saw the
+//!    replica Running (100 ms + k/BENCH_REPEATS s).
 //! 3. RSS: the orchestrator's VmRSS before a deploy and with 1,000 process
 //!    replicas (`sleep`, no ports, no health check) Running.
 //!
@@ -800,7 +802,7 @@ async fn one_restart(
     dir: &Path,
     www: &Path,
     name: &str,
-    backoff: Option<&str>,
+    (backoff, pause): (Option<&str>, Duration),
 ) -> Option<(Duration, Duration, Duration)> {
     let pid_file = dir.join(format!("{name}.pid"));
     let limit = Duration::from_secs(60);
@@ -827,8 +829,8 @@ async fn one_restart(
         stop(client, name, limit).await;
         return None;
     }
-    // A moment for the phase of the reconciler's passes to vary.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The kill lands `pause` after the pass that saw the replica Running.
+    tokio::time::sleep(pause).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -899,11 +901,15 @@ async fn bench_restart(repeats: usize) {
                 "restart-{}-r{repeat}",
                 if backoff.is_some() { "b100" } else { "b500" }
             );
-            match one_restart(&mut client, dir.path(), &www, &name, backoff).await {
+            // Kills spread over one reconcile interval (1 s): the time to
+            // the next pass, which sees the replica down, varies with it.
+            let pause = Duration::from_millis(100 + (repeat as u64 - 1) * 1000 / repeats as u64);
+            match one_restart(&mut client, dir.path(), &www, &name, (backoff, pause)).await {
                 Some((d, b, a)) => {
                     println!(
-                        "restart {repeat}, {label}: kill -9 → seen down {:.0} ms, → Running again (restarts +1) {:.0} ms, \
+                        "restart {repeat}, {label}, killed {} ms after the replica was seen Running: kill -9 → seen down {:.0} ms, → Running again (restarts +1) {:.0} ms, \
                          → port answers {:.0} ms",
+                        pause.as_millis(),
                         ms(d),
                         ms(b),
                         ms(a)

@@ -69,6 +69,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         Arc::clone(&deployments),
         shutdown.clone(),
     );
+    service::store_missing_results_layouts(store.as_ref(), &config.manifest)?;
     scheduler.resume_unfinished()?;
     let service = service::OrchestratorService {
         deployments,

@@ -2,13 +2,18 @@
 //! top-level field of the result JSON, plus the run's duration, summarised
 //! over the measured (non-warmup) succeeded runs. And the verdict on an
 //! ended campaign: what its measured runs produced.
+//!
+//! What results need from a campaign's plan ([`ResultsLayout`] and the work
+//! metric) is stored with the campaign at submit, so that results never
+//! parse the manifest again.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use berth_proto::orchestrator::v1::{CampaignOutcome, ConfigResult, Run, RunCounts, RunState};
 
-use crate::manifest::Plan;
+use serde::{Deserialize, Serialize};
+
 use crate::stats;
 use crate::store::MeasuredRuns;
 
@@ -64,16 +69,55 @@ pub fn joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
     Some(energy_joules(run)? / work)
 }
 
-pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
-    let work_metric = plan.manifest.power.work_metric();
+/// Sets the run's derived figures that travel with it (`energy_j`,
+/// `joules_per_unit`) from its energy and result; `work_metric` is its
+/// campaign's.
+pub fn with_derived(mut run: Run, work_metric: &str) -> Run {
+    run.energy_j = energy_joules(&run);
+    run.joules_per_unit = joules_per_unit(&run, work_metric);
+    run
+}
+
+/// What the results of a campaign need from its plan, stored with the
+/// campaign (as JSON) when it is submitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResultsLayout {
+    /// Whether the campaign measures power (`power.enabled`).
+    pub measures_power: bool,
+    /// Configurations in manifest order, each with its parameter values.
+    pub configs: Vec<LayoutConfig>,
+    /// Backend names in manifest order.
+    pub backends: Vec<String>,
+}
+
+/// A configuration of a [`ResultsLayout`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayoutConfig {
+    pub name: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl ResultsLayout {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+}
+
+/// A row per (config, backend) of the layout, in its order; `work_metric`
+/// names the `joules_per_<work_metric>` metric.
+pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec<ConfigResult> {
     let per_unit_metric = joules_per_unit_metric(work_metric);
-    let measures_power = plan.manifest.power.enabled;
+    let measures_power = layout.measures_power;
     let mut rows = Vec::new();
-    for config in &plan.configs {
-        for backend in &plan.manifest.backends {
+    for config in &layout.configs {
+        for backend in &layout.backends {
             let runs = runs
                 .iter()
-                .filter(|r| r.config == config.name && r.backend == backend.name && !r.warmup);
+                .filter(|r| r.config == config.name && r.backend == *backend && !r.warmup);
             let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             // Result fields keep the order in which they first appear.
             let mut metric_order: Vec<String> = Vec::new();
@@ -141,7 +185,7 @@ pub fn aggregate(plan: &Plan, runs: &[Run]) -> Vec<ConfigResult> {
             rows.push(ConfigResult {
                 config: config.name.clone(),
                 params: config.params.iter().cloned().collect(),
-                backend: backend.name.clone(),
+                backend: backend.clone(),
                 succeeded,
                 failed,
                 metrics,
@@ -212,13 +256,34 @@ pub fn judge(pairs: &[MeasuredRuns], counts: &RunCounts, first_failure: Option<&
 mod tests {
     use super::*;
 
+    /// One configuration `x` on one backend `b`.
+    fn layout(measures_power: bool) -> ResultsLayout {
+        ResultsLayout {
+            measures_power,
+            configs: vec![LayoutConfig {
+                name: "x".into(),
+                params: Vec::new(),
+            }],
+            backends: vec!["b".into()],
+        }
+    }
+
+    #[test]
+    fn a_layout_reads_back_from_its_json() {
+        let layout = ResultsLayout {
+            measures_power: true,
+            configs: vec![LayoutConfig {
+                name: "n=1".into(),
+                params: vec![("n".into(), "1".into()), ("a".into(), "x".into())],
+            }],
+            backends: vec!["b".into(), "a".into()],
+        };
+        assert_eq!(ResultsLayout::from_json(&layout.to_json()).unwrap(), layout);
+    }
+
     #[test]
     fn aggregates_numeric_fields_of_measured_runs() {
-        let plan = crate::manifest::plan(
-            "t",
-            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: x}]\nrun: {command: [true]}\ncycles: 3\n",
-        )
-        .unwrap();
+        let layout = layout(false);
         let run = |json: &str, state: RunState, warmup: bool| Run {
             config: "x".into(),
             backend: "b".into(),
@@ -241,7 +306,7 @@ mod tests {
             run("{\"tps\": 999}", RunState::Succeeded, true),
             run("", RunState::Failed, false),
         ];
-        let rows = aggregate(&plan, &runs);
+        let rows = aggregate(&layout, "tokens", &runs);
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].succeeded, rows[0].failed), (2, 1));
         let names: Vec<_> = rows[0].metrics.iter().map(|m| m.name.as_str()).collect();
@@ -253,11 +318,7 @@ mod tests {
 
     #[test]
     fn joules_per_unit_of_work_is_aggregated() {
-        let plan = crate::manifest::plan(
-            "t",
-            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: x}]\nrun: {command: [true]}\npower: {enabled: true, work_metric: items}\n",
-        )
-        .unwrap();
+        let layout = layout(true);
         let run = |json: &str, joules: &[f64]| Run {
             config: "x".into(),
             backend: "b".into(),
@@ -282,7 +343,16 @@ mod tests {
         );
         assert_eq!(joules_per_unit(&run("{\"items\": 10}", &[]), "items"), None);
 
-        let rows = aggregate(&plan, &[measured, run("{\"items\": 50}", &[40.0])]);
+        let derived = with_derived(measured.clone(), "items");
+        assert_eq!(
+            (derived.energy_j, derived.joules_per_unit),
+            (Some(40.0), Some(0.4))
+        );
+        let rows = aggregate(
+            &layout,
+            "items",
+            &[measured, run("{\"items\": 50}", &[40.0])],
+        );
         let per_unit = rows[0]
             .metrics
             .iter()
@@ -295,11 +365,7 @@ mod tests {
     #[test]
     fn a_device_without_readings_leaves_the_run_without_energy_and_is_counted() {
         use berth_proto::orchestrator::v1::RunEnergy;
-        let plan = crate::manifest::plan(
-            "t",
-            "name: t\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: x}]\nrun: {command: [true]}\ncycles: 3\npower: {enabled: true}\n",
-        )
-        .unwrap();
+        let layout = layout(true);
         let device = |energy_j: Option<f64>, mean_w: f64| RunEnergy {
             energy_j,
             mean_w,
@@ -321,7 +387,7 @@ mod tests {
         ];
         assert_eq!(energy_joules(&runs[1]), None);
         assert_eq!(joules_per_unit(&runs[1], "tokens"), None);
-        let rows = aggregate(&plan, &runs);
+        let rows = aggregate(&layout, "tokens", &runs);
         assert_eq!((rows[0].succeeded, rows[0].runs_without_energy), (3, 1));
         let metric = |name: &str| rows[0].metrics.iter().find(|m| m.name == name).unwrap();
         assert_eq!(

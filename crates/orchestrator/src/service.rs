@@ -17,7 +17,7 @@ use crate::manifest::{self, ManifestLimits};
 use crate::placement;
 use crate::results;
 use crate::scheduler::Scheduler;
-use crate::store::{HostRecord, Store, campaign_is_terminal};
+use crate::store::{HostRecord, Store, StoreError, StoreResult, campaign_is_terminal};
 
 const WATCH_BUFFER: usize = 64;
 const MAX_LABELS: usize = 64;
@@ -43,6 +43,29 @@ fn page_token<T: std::str::FromStr>(token: &str) -> Result<Option<T>, Orchestrat
             field: "page_token",
             reason: format!("`{token}` is not a token this orchestrator gave"),
         })
+}
+
+/// Gives the campaigns recorded before results layouts were stored theirs,
+/// from their manifests: once, when the orchestrator starts, so that results
+/// never parse a manifest. A manifest that no longer parses (limits lowered
+/// since) leaves its campaign without one, and GetResults says so.
+pub(crate) fn store_missing_results_layouts(
+    store: &dyn Store,
+    limits: &ManifestLimits,
+) -> StoreResult<()> {
+    for (id, manifest_yaml) in store.campaigns_without_results_layout()? {
+        match manifest::plan_within("manifest", &manifest_yaml, limits) {
+            Ok(plan) => store.set_results_layout(
+                &id,
+                plan.manifest.power.work_metric(),
+                &plan.results_layout().to_json(),
+            )?,
+            Err(error) => {
+                tracing::warn!(campaign = %id, %error, "no results layout: its manifest does not parse");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Trims `rows` (fetched with one more than `limit`) to the page and gives
@@ -138,9 +161,11 @@ impl Orchestrator for OrchestratorService {
         }
         placement::check_placeable(&plan, &self.hosts.views())?;
         let total = plan.runs.len() as u64;
+        let work_metric = plan.manifest.power.work_metric().to_string();
         if request.validate_only {
             return Ok(Response::new(Campaign {
                 name: plan.manifest.name,
+                work_metric,
                 runs: Some(RunCounts {
                     pending: total,
                     total,
@@ -158,6 +183,7 @@ impl Orchestrator for OrchestratorService {
             status_message: "waiting to be scheduled".into(),
             created_at: Some(std::time::SystemTime::now().into()),
             manifest_yaml: request.manifest_yaml,
+            work_metric,
             ..Default::default()
         };
         let runs: Vec<Run> = plan
@@ -180,7 +206,7 @@ impl Orchestrator for OrchestratorService {
             })
             .collect();
         self.store
-            .insert_campaign(&campaign, source, &runs)
+            .insert_campaign(&campaign, source, &plan.results_layout().to_json(), &runs)
             .map_err(OrchestratorError::from)?;
         tracing::info!(campaign = %id, name = %campaign.name, runs = runs.len(), "campaign submitted");
         self.scheduler.launch(id.clone());
@@ -302,9 +328,16 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<CampaignResults>, Status> {
         let id = request.into_inner().id;
         let campaign = self.scheduler.snapshot(&id)?;
-        let plan =
-            manifest::plan_within("manifest", &campaign.manifest_yaml, &self.manifest_limits)
-                .map_err(OrchestratorError::from)?;
+        let layout = self
+            .store
+            .results_layout(&id)
+            .map_err(OrchestratorError::from)?
+            .unwrap_or_default();
+        let layout = results::ResultsLayout::from_json(&layout).map_err(|e| {
+            OrchestratorError::from(StoreError::Corrupt(format!(
+                "campaign `{id}` has no readable results layout ({e}): its manifest did not parse when the orchestrator started"
+            )))
+        })?;
         let mut runs = Vec::new();
         let mut after = None;
         loop {
@@ -316,7 +349,7 @@ impl Orchestrator for OrchestratorService {
             after = Some(last.sequence);
             runs.extend(page);
         }
-        let results = results::aggregate(&plan, &runs);
+        let results = results::aggregate(&layout, &campaign.work_metric, &runs);
         Ok(Response::new(CampaignResults {
             campaign: Some(campaign),
             results,
@@ -328,7 +361,7 @@ impl Orchestrator for OrchestratorService {
         request: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
         let request = request.into_inner();
-        self.scheduler.snapshot(&request.campaign_id)?;
+        let campaign = self.scheduler.snapshot(&request.campaign_id)?;
         let limit = berth_server::paging::page_size(request.page_size);
         let after = page_token::<u32>(&request.page_token)?;
         let state = RunState::try_from(request.state)
@@ -339,6 +372,10 @@ impl Orchestrator for OrchestratorService {
             .runs(&request.campaign_id, state, after, limit + 1)
             .map_err(OrchestratorError::from)?;
         let next_page_token = next_page(&mut runs, limit, |run| run.sequence);
+        let runs = runs
+            .into_iter()
+            .map(|run| results::with_derived(run, &campaign.work_metric))
+            .collect();
         Ok(Response::new(ListRunsResponse {
             runs,
             next_page_token,
@@ -503,4 +540,45 @@ fn deployment_ended(deployment: &Deployment) -> bool {
     crate::store::deployments::deployment_is_terminal(
         DeploymentState::try_from(deployment.state).unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[test]
+    fn campaigns_stored_without_a_results_layout_get_one_from_their_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let yaml = "name: t\nbackends: [{name: b, runtime: process}, {name: a, runtime: process}]\n\
+                    configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n\
+                    power: {enabled: true, work_metric: items}\n";
+        let old = |id: &str, manifest_yaml: &str| Campaign {
+            id: id.into(),
+            name: "t".into(),
+            manifest_yaml: manifest_yaml.into(),
+            ..Default::default()
+        };
+        store
+            .insert_campaign(&old("c1", yaml), "m", "", &[])
+            .unwrap();
+        store
+            .insert_campaign(&old("c2", "not: [a manifest"), "m", "", &[])
+            .unwrap();
+        store_missing_results_layouts(&store, &ManifestLimits::default()).unwrap();
+
+        assert_eq!(store.campaign("c1").unwrap().unwrap().work_metric, "items");
+        let layout =
+            results::ResultsLayout::from_json(&store.results_layout("c1").unwrap().unwrap())
+                .unwrap();
+        assert_eq!(layout, manifest::plan("m", yaml).unwrap().results_layout());
+        assert!(layout.measures_power);
+        assert_eq!(layout.backends, ["b", "a"]);
+        // One whose manifest does not parse is left as it was.
+        assert_eq!(
+            store.campaigns_without_results_layout().unwrap(),
+            [("c2".to_string(), "not: [a manifest".to_string())]
+        );
+    }
 }

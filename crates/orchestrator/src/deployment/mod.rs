@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_proto::orchestrator::v1::{
-    Deployment, DeploymentEvent, DeploymentState, Endpoint, Replica, ReplicaState,
+    Deployment, DeploymentEvent, DeploymentState, DeploymentTransition, Endpoint, Replica,
+    ReplicaState,
 };
 use berth_server::CancellationToken;
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,8 @@ impl Default for DeploymentsConfig {
 }
 
 const EVENTS_PER_DEPLOYMENT: usize = 256;
+/// Transitions a deployment's snapshot carries (the store keeps more).
+const HISTORY_SHOWN: usize = 20;
 
 /// A running replica of a deployment, as a campaign backend reaches it.
 pub struct Serving {
@@ -376,6 +379,17 @@ impl Deployments {
                 .to_lowercase(),
             recipe_yaml: record.recipe_yaml.clone(),
             generation: record.generation,
+            history: self
+                .store
+                .deployment_transitions(&record.name, HISTORY_SHOWN)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| DeploymentTransition {
+                    time: timestamp(t.time_ms),
+                    replica: t.replica,
+                    message: t.message,
+                })
+                .collect(),
         }
     }
 
@@ -438,6 +452,7 @@ impl Deployments {
             .map(|record| {
                 let mut deployment = self.describe(&record);
                 deployment.recipe_yaml.clear();
+                deployment.history.clear();
                 (record.seq, deployment)
             })
             .collect())
@@ -538,5 +553,6 @@ pub fn state_name(state: DeploymentState) -> &'static str {
         DeploymentState::Completed => "completed",
         DeploymentState::Failed => "failed",
         DeploymentState::Cancelled => "cancelled",
+        DeploymentState::Building => "building",
     }
 }

@@ -24,6 +24,11 @@ pub struct Recipe {
     /// Container image (container runtimes).
     #[serde(default)]
     pub image: String,
+    /// An image archive on the orchestrator's machine, imported as `image`
+    /// into each host's engine that lacks it before a replica starts there
+    /// (state Building): hosts need no registry.
+    #[serde(default)]
+    pub import: Option<ImageImport>,
     /// The long-running command; `{{port.<name>}}` and `{{replica}}` are replaced.
     #[serde(default)]
     pub command: Vec<String>,
@@ -61,6 +66,20 @@ fn one() -> u32 {
 
 fn default_stop_grace() -> Duration {
     Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImport {
+    /// Absolute path of the tar on the orchestrator's machine.
+    pub archive: String,
+    /// A rootfs tar (as `docker import` takes) rather than a `docker save`
+    /// archive.
+    #[serde(default)]
+    pub rootfs: bool,
+    /// A rootfs image's default command.
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -352,6 +371,27 @@ fn validate(
             ));
         }
         _ => {}
+    }
+    if let Some(import) = &recipe.import {
+        let at = |message: String| source.at(&["import", "archive"], message);
+        if !matches!(recipe.runtime, RuntimeName::Docker | RuntimeName::Podman) {
+            return Err(at(
+                "import: only a container runtime (docker, podman) imports an image".into(),
+            ));
+        }
+        let path = std::path::Path::new(&import.archive);
+        if !path.is_absolute() {
+            return Err(at(format!(
+                "import.archive: `{}` must be an absolute path (on the orchestrator's machine)",
+                import.archive
+            )));
+        }
+        if !path.is_file() {
+            return Err(at(format!(
+                "import.archive: `{}` is not a file on the orchestrator's machine",
+                import.archive
+            )));
+        }
     }
     manifest::check_backend_resources(&recipe.backend(), "recipe")
         .map_err(|(path, message)| at(path, message))?;

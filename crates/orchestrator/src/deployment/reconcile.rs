@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_proto::agent::v1::{
-    ListWorkloadsRequest, LogsRequest, RemoveWorkloadRequest, WorkloadRef, WorkloadState,
+    ListImagesRequest, ListWorkloadsRequest, LogsRequest, RemoveWorkloadRequest, WorkloadRef,
+    WorkloadState,
 };
 use berth_proto::orchestrator::v1::{DeploymentState, HostStatus, ReplicaState};
 use tokio::sync::Notify;
@@ -27,6 +28,9 @@ use crate::store::deployments::{ReplicaRecord, deployment_is_terminal};
 /// replica records (left by a lost host that came back, or by a crash
 /// between a create and its record) to remove them.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The pause between looks while a replica is starting.
+const STARTING_LOOK: Duration = Duration::from_millis(200);
 
 /// What the reconciler keeps of a replica between passes. Lost with a
 /// restart of the orchestrator, which only delays a verdict.
@@ -212,6 +216,11 @@ impl Deployments {
         if let Some(health) = &recipe.health {
             pause = pause.min(health.interval);
         }
+        if replicas.iter().any(|r| r.state == ReplicaState::Starting) {
+            // A replica just started is looked at soon, not a whole health
+            // interval later: that is most of the time a restart takes.
+            pause = pause.min(STARTING_LOOK);
+        }
         let now = Instant::now();
         for state in followed.values() {
             if let Some(at) = state.not_before.filter(|at| *at > now) {
@@ -258,7 +267,11 @@ impl Deployments {
         match replica.state {
             ReplicaState::Completed | ReplicaState::Failed | ReplicaState::Stopped => replica,
             _ if state.waiting() => replica,
-            ReplicaState::Pending | ReplicaState::Lost | ReplicaState::Unspecified => {
+            // Building: an import cut short by a restart; placed again.
+            ReplicaState::Pending
+            | ReplicaState::Lost
+            | ReplicaState::Building
+            | ReplicaState::Unspecified => {
                 self.place(recipe, generation, replica, others, state).await
             }
             ReplicaState::Restarting => {
@@ -299,6 +312,13 @@ impl Deployments {
             Ok(ports) => ports,
             Err(reason) => return with_reason(replica, &format!("waiting for a port: {reason}")),
         };
+        if let Err(not_placed) = self.import_image(recipe, &mut client, &placed).await {
+            self.release_ports(&placed);
+            return match not_placed {
+                NotPlaced::Waiting(reason) => with_reason(replica, &format!("waiting: {reason}")),
+                NotPlaced::Refused(reason) => self.count_failure(recipe, replica, state, &reason),
+            };
+        }
         match self
             .create_replica(recipe, &mut client, &host, &placed)
             .await
@@ -323,6 +343,73 @@ impl Deployments {
                 self.count_failure(recipe, replica, state, &reason)
             }
         }
+    }
+
+    /// Imports the recipe's image archive into the engine of the replica's
+    /// host when it lacks the image, the replica (and the deployment)
+    /// Building meanwhile.
+    async fn import_image(
+        &self,
+        recipe: &Recipe,
+        client: &mut AgentClient,
+        replica: &ReplicaRecord,
+    ) -> Result<(), NotPlaced> {
+        let Some(import) = &recipe.import else {
+            return Ok(());
+        };
+        let host = &replica.host;
+        let listed = self
+            .bounded(client.list_images(ListImagesRequest {
+                page_size: 1000,
+                page_token: String::new(),
+            }))
+            .await
+            .map_err(|s| {
+                NotPlaced::Waiting(format!(
+                    "host `{host}`: listing images: {}",
+                    describe_status(&s)
+                ))
+            })?
+            .into_inner();
+        let present = listed
+            .images
+            .iter()
+            .flat_map(|image| &image.references)
+            .any(|reference| reference.ends_with(&recipe.image));
+        if present {
+            return Ok(());
+        }
+        let mut building = replica.clone();
+        building.state = ReplicaState::Building;
+        building.since_ms = now_ms();
+        building.reason = format!(
+            "importing {} as `{}` into host `{host}`'s engine",
+            import.archive, recipe.image
+        );
+        let stored = self.store.put_replica(&building).and_then(|()| {
+            self.store.set_deployment_state(
+                &recipe.name,
+                DeploymentState::Building,
+                &building.reason,
+            )
+        });
+        if let Err(error) = stored {
+            return Err(NotPlaced::Waiting(error.to_string()));
+        }
+        self.publish(&recipe.name, Some(replica.index), building.reason.clone());
+        let started = Instant::now();
+        let chunks = super::replica::archive_chunks(recipe, import)
+            .await
+            .map_err(NotPlaced::Refused)?;
+        client.import_image(chunks).await.map_err(|s| {
+            NotPlaced::Refused(format!(
+                "host `{host}`: importing {}: {}",
+                import.archive,
+                describe_status(&s)
+            ))
+        })?;
+        tracing::info!(deployment = %recipe.name, host, archive = import.archive, took = ?started.elapsed(), "image imported");
+        Ok(())
     }
 
     /// Starts a replica that went down again, on its host; one whose
@@ -678,15 +765,15 @@ impl Deployments {
             .into_iter()
             .map(|v| v.record.name)
             .collect();
-        for replica in replicas.iter().filter(|r| r.state != ReplicaState::Stopped) {
-            let gone_with_host = !replica.host.is_empty() && !registered.contains(&replica.host);
-            if gone_with_host
-                || !self
-                    .retire(recipe, replica, "the deployment was stopped")
-                    .await?
-            {
-                left += usize::from(!gone_with_host);
-            }
+        // All at once: each may take its stop grace period. A replica whose
+        // host was deregistered is given up with its host.
+        let retiring = replicas
+            .iter()
+            .filter(|r| r.state != ReplicaState::Stopped)
+            .filter(|r| r.host.is_empty() || registered.contains(&r.host))
+            .map(|replica| self.retire(recipe, replica, "the deployment was stopped"));
+        for retired in futures::future::join_all(retiring).await {
+            left += usize::from(!retired?);
         }
         if left > 0 {
             self.set_state(

@@ -5,13 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use berth_proto::agent::v1::{
-    CreateWorkloadRequest, RemoveWorkloadRequest, StopWorkloadRequest, Workload, WorkloadRef,
+    CreateWorkloadRequest, ImportImageChunk, ImportImageMetadata, RemoveWorkloadRequest,
+    StopWorkloadRequest, Workload, WorkloadRef, import_image_chunk,
 };
 use berth_proto::common::v1::{self as common, EnvVar, RestartPolicy, WorkloadSpec};
 use berth_proto::orchestrator::v1::HostStatus;
 
 use super::Deployments;
-use super::recipe::{Recipe, Spread, Ulimit};
+use super::recipe::{ImageImport, Recipe, Spread, Ulimit};
 use crate::error::OrchestratorError;
 use crate::hosts::{AgentClient, HostView, describe_status};
 use crate::manifest::{RuntimeName, substitute};
@@ -378,6 +379,52 @@ fn workload_name(deployment: &str, index: u32, generation: u32, host: &str) -> S
         })
         .take(128)
         .collect()
+}
+
+/// The recipe's image archive as the agent's ImportImage stream: the
+/// metadata, then the file in chunks as it is read (never whole in memory).
+pub(super) async fn archive_chunks(
+    recipe: &Recipe,
+    import: &ImageImport,
+) -> Result<impl futures::Stream<Item = ImportImageChunk> + Send + 'static, String> {
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+    const CHUNK_BYTES: usize = 256 * 1024;
+    let file = tokio::fs::File::open(&import.archive)
+        .await
+        .map_err(|e| format!("import.archive {}: {e}", import.archive))?;
+    let metadata = ImportImageChunk {
+        chunk: Some(import_image_chunk::Chunk::Metadata(ImportImageMetadata {
+            reference: recipe.image.clone(),
+            runtime: recipe.runtime.proto() as i32,
+            saved_archive: !import.rootfs,
+            command: import.command.clone(),
+        })),
+    };
+    let archive = import.archive.clone();
+    let data = futures::stream::unfold(Some(file), move |file| {
+        let archive = archive.clone();
+        async move {
+            let mut file = file?;
+            let mut buffer = vec![0u8; CHUNK_BYTES];
+            match file.read(&mut buffer).await {
+                Ok(0) => None,
+                Ok(read) => {
+                    buffer.truncate(read);
+                    let chunk = ImportImageChunk {
+                        chunk: Some(import_image_chunk::Chunk::Data(buffer)),
+                    };
+                    Some((chunk, Some(file)))
+                }
+                Err(error) => {
+                    // The agent refuses the tar cut short; this says why.
+                    tracing::warn!(archive, %error, "reading the image archive failed");
+                    None
+                }
+            }
+        }
+    });
+    Ok(futures::stream::once(async move { metadata }).chain(data))
 }
 
 /// How long ago `since_ms` was.

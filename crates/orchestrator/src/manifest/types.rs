@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::placeholders::{placeholder_names, substitute};
 use super::units::{ByteSize, GpuCount};
+use crate::results::{LayoutConfig, ResultsLayout};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -419,6 +420,29 @@ impl Plan {
 
     pub fn backend(&self, name: &str) -> Option<&Backend> {
         self.manifest.backends.iter().find(|b| b.name == name)
+    }
+
+    /// What the campaign's results need from the plan, stored with it at
+    /// submit: configurations and backends in manifest order, and whether
+    /// power is measured.
+    pub fn results_layout(&self) -> ResultsLayout {
+        ResultsLayout {
+            measures_power: self.manifest.power.enabled,
+            configs: self
+                .configs
+                .iter()
+                .map(|c| LayoutConfig {
+                    name: c.name.clone(),
+                    params: c.params.clone(),
+                })
+                .collect(),
+            backends: self
+                .manifest
+                .backends
+                .iter()
+                .map(|b| b.name.clone())
+                .collect(),
+        }
     }
 
     /// The command line of a run, placeholders replaced; `endpoints` are

@@ -217,8 +217,8 @@ impl Scheduler {
                 id,
                 CampaignEvent {
                     time: Some(SystemTime::now().into()),
+                    run: run.map(|run| crate::results::with_derived(run, &campaign.work_metric)),
                     campaign: Some(campaign),
-                    run,
                     message,
                     warmup_ended,
                 },

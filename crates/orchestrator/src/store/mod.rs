@@ -101,14 +101,32 @@ pub type StoredPowerSample = (u64, RunPowerSample);
 
 /// Campaigns, runs, hosts and placements; and deployments ([`DeploymentStore`]).
 pub trait Store: DeploymentStore {
-    /// Records a campaign and all its runs at once.
+    /// Records a campaign and all its runs at once, with its work metric
+    /// (`campaign.work_metric`) and what its results need from its plan
+    /// (`results_layout`, kept as given: see `results::ResultsLayout`).
     fn insert_campaign(
         &self,
         campaign: &Campaign,
         source_name: &str,
+        results_layout: &str,
         runs: &[Run],
     ) -> StoreResult<()>;
     fn campaign(&self, id: &str) -> StoreResult<Option<Campaign>>;
+    /// The results layout stored with the campaign; empty for a campaign
+    /// recorded before there was one and not yet given one; `None` for an
+    /// unknown campaign.
+    fn results_layout(&self, id: &str) -> StoreResult<Option<String>>;
+    /// Id and manifest of every campaign without a results layout (recorded
+    /// before there was one).
+    fn campaigns_without_results_layout(&self) -> StoreResult<Vec<(String, String)>>;
+    /// Stores the work metric and results layout of a campaign recorded
+    /// without them.
+    fn set_results_layout(
+        &self,
+        id: &str,
+        work_metric: &str,
+        results_layout: &str,
+    ) -> StoreResult<()>;
     /// Newest first; `before` is a cursor from a previous page.
     fn list_campaigns(
         &self,

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS campaigns (
     source_name TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     finished_ms INTEGER,
-    outcome INTEGER NOT NULL DEFAULT 0
+    outcome INTEGER NOT NULL DEFAULT 0,
+    work_metric TEXT NOT NULL DEFAULT '',
+    results_layout TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -142,6 +144,20 @@ impl SqliteStore {
             "campaigns",
             "outcome",
             "INTEGER NOT NULL DEFAULT 0",
+        )?;
+        // What results need from the plan, stored at submit (empty in a
+        // store from before: filled once when the orchestrator starts).
+        add_column_if_missing(
+            &connection,
+            "campaigns",
+            "work_metric",
+            "TEXT NOT NULL DEFAULT ''",
+        )?;
+        add_column_if_missing(
+            &connection,
+            "campaigns",
+            "results_layout",
+            "TEXT NOT NULL DEFAULT ''",
         )?;
         add_column_if_missing(&connection, "runs", "energy", "BLOB")?;
         add_column_if_missing(&connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
@@ -320,7 +336,7 @@ fn power_sample_row(row: &Row<'_>) -> rusqlite::Result<StoredPowerSample> {
 }
 
 const CAMPAIGN_COLUMNS: &str =
-    "seq, id, name, state, status_message, manifest, created_ms, finished_ms, outcome";
+    "seq, id, name, state, status_message, manifest, created_ms, finished_ms, outcome, work_metric";
 
 fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
     Ok((
@@ -335,6 +351,7 @@ fn campaign_row(row: &Row<'_>) -> rusqlite::Result<(i64, Campaign)> {
             finished_at: timestamp(row.get(7)?),
             outcome: row.get(8)?,
             runs: None,
+            work_metric: row.get(9)?,
         },
     ))
 }
@@ -371,6 +388,9 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         logs_tail: row.get(18)?,
         power_samples: row.get(19)?,
         power_series_truncated: row.get(20)?,
+        // Derived where runs leave the service (`results::with_derived`).
+        energy_j: None,
+        joules_per_unit: None,
     })
 }
 
@@ -411,12 +431,14 @@ impl Store for SqliteStore {
         &self,
         campaign: &Campaign,
         source_name: &str,
+        results_layout: &str,
         runs: &[Run],
     ) -> StoreResult<()> {
         let mut db = self.db();
         let tx = db.transaction()?;
         tx.execute(
-            "INSERT INTO campaigns (id, name, state, status_message, manifest, source_name, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO campaigns (id, name, state, status_message, manifest, source_name, created_ms, work_metric, results_layout) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 campaign.id,
                 campaign.name,
@@ -424,7 +446,9 @@ impl Store for SqliteStore {
                 campaign.status_message,
                 campaign.manifest_yaml,
                 source_name,
-                timestamp_ms(&campaign.created_at).unwrap_or_else(now_ms)
+                timestamp_ms(&campaign.created_at).unwrap_or_else(now_ms),
+                campaign.work_metric,
+                results_layout
             ],
         )?;
         {
@@ -459,6 +483,38 @@ impl Store for SqliteStore {
             .query_row(&sql, [id], campaign_row)
             .optional()?
             .map(|(_, c)| c))
+    }
+
+    fn results_layout(&self, id: &str) -> StoreResult<Option<String>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT results_layout FROM campaigns WHERE id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    fn campaigns_without_results_layout(&self) -> StoreResult<Vec<(String, String)>> {
+        let db = self.db();
+        let mut statement = db
+            .prepare("SELECT id, manifest FROM campaigns WHERE results_layout = '' ORDER BY seq")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_results_layout(
+        &self,
+        id: &str,
+        work_metric: &str,
+        results_layout: &str,
+    ) -> StoreResult<()> {
+        self.db().execute(
+            "UPDATE campaigns SET work_metric = ?2, results_layout = ?3 WHERE id = ?1",
+            params![id, work_metric, results_layout],
+        )?;
+        Ok(())
     }
 
     fn list_campaigns(
@@ -814,7 +870,9 @@ mod tests {
     /// A store holding campaign `c1` with `runs`.
     fn store_with(runs: &[Run]) -> (tempfile::TempDir, SqliteStore) {
         let (dir, store) = store();
-        store.insert_campaign(&campaign("c1"), "m", runs).unwrap();
+        store
+            .insert_campaign(&campaign("c1"), "m", "", runs)
+            .unwrap();
         (dir, store)
     }
 
@@ -926,6 +984,7 @@ mod tests {
             .insert_campaign(
                 &campaign("c1"),
                 "m",
+                "",
                 &[
                     warmup("w1", 0),
                     warmup("w2", 1),
@@ -998,6 +1057,7 @@ mod tests {
             .insert_campaign(
                 &campaign("c1"),
                 "m",
+                "",
                 &[
                     at("w", 0, "x", true),
                     at("x1", 1, "x", false),
@@ -1149,7 +1209,7 @@ mod tests {
         {
             let store = SqliteStore::open(&path).unwrap();
             store
-                .insert_campaign(&campaign("c1"), "m", &[run("r1", 0)])
+                .insert_campaign(&campaign("c1"), "m", "", &[run("r1", 0)])
                 .unwrap();
             store
                 .db()
@@ -1168,6 +1228,50 @@ mod tests {
     }
 
     #[test]
+    fn a_database_from_before_results_layouts_gains_them_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let old = Campaign {
+                manifest_yaml: "name: t".into(),
+                ..campaign("c1")
+            };
+            store.insert_campaign(&old, "m", "", &[]).unwrap();
+            store
+                .db()
+                .execute_batch(
+                    "ALTER TABLE campaigns DROP COLUMN work_metric;
+                     ALTER TABLE campaigns DROP COLUMN results_layout;",
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let new = Campaign {
+            work_metric: "items".into(),
+            ..campaign("c2")
+        };
+        store.insert_campaign(&new, "m", "{}", &[]).unwrap();
+        assert_eq!(
+            store.campaigns_without_results_layout().unwrap(),
+            [("c1".to_string(), "name: t".to_string())]
+        );
+        assert_eq!(store.campaign("c1").unwrap().unwrap().work_metric, "");
+        store
+            .set_results_layout("c1", "tokens", "{\"a\":1}")
+            .unwrap();
+        assert!(store.campaigns_without_results_layout().unwrap().is_empty());
+        assert_eq!(store.campaign("c1").unwrap().unwrap().work_metric, "tokens");
+        assert_eq!(store.campaign("c2").unwrap().unwrap().work_metric, "items");
+        assert_eq!(
+            store.results_layout("c1").unwrap().as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(store.results_layout("c2").unwrap().as_deref(), Some("{}"));
+        assert_eq!(store.results_layout("c3").unwrap(), None);
+    }
+
+    #[test]
     fn survives_reopen_and_pages() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
@@ -1177,10 +1281,13 @@ mod tests {
                 .insert_campaign(
                     &campaign("c1"),
                     "m",
+                    "",
                     &[run("r1", 0), run("r2", 1), run("r3", 2)],
                 )
                 .unwrap();
-            store.insert_campaign(&campaign("c2"), "m", &[]).unwrap();
+            store
+                .insert_campaign(&campaign("c2"), "m", "", &[])
+                .unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let page = store.list_campaigns(None, 1).unwrap();
