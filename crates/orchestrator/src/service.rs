@@ -258,54 +258,23 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<Self::WatchCampaignStream>, Status> {
         let id = request.into_inner().id;
         // Subscribe before the snapshot so that nothing falls between them.
-        let mut events = self.events.subscribe(&id);
+        let events = self.events.subscribe(&id);
         let first = self.scheduler.snapshot(&id)?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let scheduler = Arc::clone(&self.scheduler);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let ended = is_terminal(&first);
-            let event = CampaignEvent {
-                time: Some(std::time::SystemTime::now().into()),
-                campaign: Some(first),
-                run: None,
-                message: "current state".into(),
-                warmup_ended: None,
-            };
-            if tx.send(Ok(event)).await.is_err() || ended {
-                return;
-            }
-            loop {
-                let received = tokio::select! {
-                    received = events.recv() => received,
-                    () = tx.closed() => return,
-                    () = shutdown.cancelled() => return,
-                };
-                let event = match received {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        match scheduler.snapshot(&id) {
-                            Ok(campaign) => CampaignEvent {
-                                time: Some(std::time::SystemTime::now().into()),
-                                campaign: Some(campaign),
-                                run: None,
-                                message: format!(
-                                    "watcher fell behind: {missed} events skipped; this is the current state"
-                                ),
-                                warmup_ended: None,
-                            },
-                            Err(_) => return,
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let ended = event.campaign.as_ref().is_some_and(is_terminal);
-                if tx.send(Ok(event)).await.is_err() || ended {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let event = |campaign: Campaign, message: String| CampaignEvent {
+            time: Some(std::time::SystemTime::now().into()),
+            campaign: Some(campaign),
+            run: None,
+            message,
+            warmup_ended: None,
+        };
+        Ok(Response::new(forward_events(
+            event(first, "current state".into()),
+            events,
+            |e: &CampaignEvent| e.campaign.as_ref().is_some_and(is_terminal),
+            move |message| scheduler.snapshot(&id).ok().map(|c| event(c, message)),
+            self.shutdown.clone(),
+        )))
     }
 
     async fn cancel_campaign(
@@ -439,52 +408,22 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
         let name = request.into_inner().name;
         // Subscribe before the snapshot so that nothing falls between them.
-        let mut events = self.deployments.subscribe(&name);
+        let events = self.deployments.subscribe(&name);
         let first = self.deployments.snapshot(&name)?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let deployments = Arc::clone(&self.deployments);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let ended = deployment_ended(&first);
-            let event = DeploymentEvent {
-                time: Some(std::time::SystemTime::now().into()),
-                deployment: Some(first),
-                replica: None,
-                message: "current state".into(),
-            };
-            if tx.send(Ok(event)).await.is_err() || ended {
-                return;
-            }
-            loop {
-                let received = tokio::select! {
-                    received = events.recv() => received,
-                    () = tx.closed() => return,
-                    () = shutdown.cancelled() => return,
-                };
-                let event = match received {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let Ok(deployment) = deployments.snapshot(&name) else {
-                            return;
-                        };
-                        DeploymentEvent {
-                            time: Some(std::time::SystemTime::now().into()),
-                            deployment: Some(deployment),
-                            replica: None,
-                            message: format!(
-                                "watcher fell behind: {missed} events skipped; this is the current state"
-                            ),
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let ended = event.deployment.as_ref().is_some_and(deployment_ended);
-                if tx.send(Ok(event)).await.is_err() || ended {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let event = |deployment: Deployment, message: String| DeploymentEvent {
+            time: Some(std::time::SystemTime::now().into()),
+            deployment: Some(deployment),
+            replica: None,
+            message,
+        };
+        Ok(Response::new(forward_events(
+            event(first, "current state".into()),
+            events,
+            |e: &DeploymentEvent| e.deployment.as_ref().is_some_and(deployment_ended),
+            move |message| deployments.snapshot(&name).ok().map(|d| event(d, message)),
+            self.shutdown.clone(),
+        )))
     }
 
     async fn scale_deployment(
@@ -534,6 +473,41 @@ impl Orchestrator for OrchestratorService {
                 .await?,
         ))
     }
+}
+
+/// A watch: `first`, then every event published until one that `ends` it
+/// (or the caller hangs up, or the service stops). A watcher that falls
+/// behind gets `current(why)`, a fresh snapshot, instead of what it missed.
+fn forward_events<E: Clone + Send + 'static>(
+    first: E,
+    mut events: broadcast::Receiver<E>,
+    ends: impl Fn(&E) -> bool + Send + 'static,
+    current: impl Fn(String) -> Option<E> + Send + 'static,
+    shutdown: CancellationToken,
+) -> GrpcStream<E> {
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            let ended = ends(&event);
+            if tx.send(Ok(event)).await.is_err() || ended {
+                return;
+            }
+            let received = tokio::select! {
+                received = events.recv() => received,
+                () = tx.closed() => return,
+                () = shutdown.cancelled() => return,
+            };
+            next = match received {
+                Ok(event) => Some(event),
+                Err(broadcast::error::RecvError::Lagged(missed)) => current(format!(
+                    "watcher fell behind: {missed} events skipped; this is the current state"
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            };
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 fn deployment_ended(deployment: &Deployment) -> bool {

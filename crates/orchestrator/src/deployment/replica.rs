@@ -368,17 +368,9 @@ fn env(name: &str, value: String) -> EnvVar {
 /// made, a replica's update runs beside it, and a replica moved elsewhere
 /// never meets its earlier self on an engine two hosts' agents share.
 fn workload_name(deployment: &str, index: u32, generation: u32, host: &str) -> String {
-    format!("berth-d-{deployment}-{index}-g{generation}-{host}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(128)
-        .collect()
+    crate::manifest::workload_name(&format!(
+        "berth-d-{deployment}-{index}-g{generation}-{host}"
+    ))
 }
 
 /// The recipe's image archive as the agent's ImportImage stream: the

@@ -38,6 +38,7 @@ pub use types::{
 };
 pub use units::{ByteSize, GpuCount};
 pub(crate) use validate::{check_backend_resources, check_identifier};
+pub use workload::workload_name;
 
 /// Parses and validates a manifest within the default [`ManifestLimits`]
 /// and expands it into its plan.

@@ -57,3 +57,18 @@ impl Backend {
         }
     }
 }
+
+/// `raw` as a workload name the engines take: characters a name cannot hold
+/// become `-`, and it is cut at 128 characters.
+pub fn workload_name(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect()
+}

@@ -588,18 +588,7 @@ fn gap_before(plan: &Plan, previous: Option<&Run>, next: &Run) -> Option<Duratio
 /// that two hosts' agents share. Characters a workload name cannot hold
 /// become `-`.
 fn backend_workload_name(campaign: &str, backend: &str, host: &str) -> String {
-    let name: String = format!("berth-{campaign}-{backend}-{host}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(128)
-        .collect();
-    name
+    crate::manifest::workload_name(&format!("berth-{campaign}-{backend}-{host}"))
 }
 
 #[cfg(test)]
