@@ -16,9 +16,14 @@ use berth_tests::{Process, free_port, register_local_agent, wait_for};
 type Client = OrchestratorClient<AuthChannel>;
 
 fn start_orchestrator(dir: &Path, port: u16) -> Process {
+    start_orchestrator_with(dir, port, &[])
+}
+
+/// An orchestrator with extra `--set` settings.
+fn start_orchestrator_with(dir: &Path, port: u16, settings: &[&str]) -> Process {
     let store = format!("store.path={}", dir.join("state.db").display());
     let listen = format!("127.0.0.1:{port}");
-    let args = [
+    let mut args = vec![
         "--listen",
         &listen,
         "--http-listen",
@@ -30,6 +35,9 @@ fn start_orchestrator(dir: &Path, port: u16) -> Process {
         "--set",
         "deployments.reconcile_interval=200ms",
     ];
+    for setting in settings {
+        args.extend(["--set", setting]);
+    }
     Process::spawn("berth-orchestrator", &args, &[])
 }
 
@@ -114,6 +122,18 @@ async fn wait_until(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// StopDeployment, then the deployment as it is once Cancelled.
+async fn stop(client: &mut Client, name: &str) -> Deployment {
+    client
+        .stop_deployment(StopDeploymentRequest { name: name.into() })
+        .await
+        .expect("StopDeployment");
+    wait_until(client, name, "cancelled", |d| {
+        state(d) == DeploymentState::Cancelled
+    })
+    .await
 }
 
 fn state(deployment: &Deployment) -> DeploymentState {
@@ -325,14 +345,7 @@ async fn a_deployment_is_kept_running_adopted_scaled_and_stopped() {
 
     // Stopped: every replica removed, nothing left running.
     let last = pid_of(&www, 0);
-    client
-        .stop_deployment(StopDeploymentRequest { name: "web".into() })
-        .await
-        .expect("StopDeployment");
-    let stopped = wait_until(&mut client, "web", "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    let stopped = stop(&mut client, "web").await;
     assert!(
         stopped
             .replica_status
@@ -558,16 +571,7 @@ stop_grace: 1s
     let address = &restarted.replica_status[1].endpoints[0].address;
     assert!(http_get_path(address, "/passwd").await.contains(" 200 "));
 
-    client
-        .stop_deployment(StopDeploymentRequest {
-            name: "httpd".into(),
-        })
-        .await
-        .expect("StopDeployment");
-    wait_until(&mut client, "httpd", "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    stop(&mut client, "httpd").await;
     for replica in &running.replica_status {
         let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
         assert_eq!(status, 404, "container {} removed", replica.workload_id);
@@ -587,26 +591,8 @@ async fn a_replica_moves_off_a_lost_host() {
     let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
     let mut agents: Vec<Option<Process>> = sockets.iter().map(|s| Some(start_agent(s))).collect();
     let port = free_port();
-    let store = format!("store.path={}", dir.path().join("state.db").display());
-    let listen = format!("127.0.0.1:{port}");
-    let _orchestrator = Process::spawn(
-        "berth-orchestrator",
-        &[
-            "--listen",
-            &listen,
-            "--http-listen",
-            "",
-            "--set",
-            &store,
-            "--set",
-            "scheduler.heartbeat_interval=200ms",
-            "--set",
-            "deployments.reconcile_interval=200ms",
-            "--set",
-            "deployments.host_lost_grace=1s",
-        ],
-        &[],
-    );
+    let _orchestrator =
+        start_orchestrator_with(dir.path(), port, &["deployments.host_lost_grace=1s"]);
     let mut client = connect(port).await;
     for (name, socket) in ["a", "b"].iter().zip(&sockets) {
         let address = format!("unix://{}", socket.display());
@@ -650,16 +636,7 @@ async fn a_replica_moves_off_a_lost_host() {
     let address = &moved.replica_status[0].endpoints[0].address;
     assert!(http_get(address).await.contains(" 200 "));
     assert_eq!(servers_of(&www), 1);
-    client
-        .stop_deployment(StopDeploymentRequest {
-            name: "moving".into(),
-        })
-        .await
-        .unwrap();
-    wait_until(&mut client, "moving", "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    stop(&mut client, "moving").await;
     assert_eq!(servers_of(&www), 0);
 }
 
@@ -922,14 +899,7 @@ async fn seed_000_stack_runs_from_its_recipes() {
         assert!(tps.n == 3 && tps.mean > 0.0, "{row:?}");
     }
     for name in ["llm-proxy", "smollm2", "embedding"] {
-        client
-            .stop_deployment(StopDeploymentRequest { name: name.into() })
-            .await
-            .unwrap();
-        wait_until(&mut client, name, "cancelled", |d| {
-            state(d) == DeploymentState::Cancelled
-        })
-        .await;
+        stop(&mut client, name).await;
     }
 }
 
@@ -1016,16 +986,7 @@ async fn an_update_replaces_replicas_one_at_a_time() {
     assert!(all_running(&given_up, 2), "{given_up:#?}");
     assert_eq!(servers_of(&new), 2);
 
-    client
-        .stop_deployment(StopDeploymentRequest {
-            name: "rolling".into(),
-        })
-        .await
-        .unwrap();
-    wait_until(&mut client, "rolling", "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    stop(&mut client, "rolling").await;
     assert_eq!(servers_of(&old) + servers_of(&new), 0);
 }
 
@@ -1114,14 +1075,7 @@ async fn the_embedding_service_runs_as_container_replicas() {
             "{answer}"
         );
     }
-    client
-        .stop_deployment(StopDeploymentRequest { name: name.into() })
-        .await
-        .unwrap();
-    wait_until(&mut client, name, "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    stop(&mut client, name).await;
     for replica in &running.replica_status {
         let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
         assert_eq!(status, 404, "container {} removed", replica.workload_id);
@@ -1184,16 +1138,7 @@ async fn an_image_archive_is_imported_to_the_host_before_its_replicas_start() {
     );
     let address = &running.replica_status[0].endpoints[0].address;
     assert!(http_get_path(address, "/passwd").await.contains(" 200 "));
-    client
-        .stop_deployment(StopDeploymentRequest {
-            name: "imported".into(),
-        })
-        .await
-        .unwrap();
-    wait_until(&mut client, "imported", "cancelled", |d| {
-        state(d) == DeploymentState::Cancelled
-    })
-    .await;
+    stop(&mut client, "imported").await;
     let removed = agent
         .client
         .remove_image(RemoveImageRequest {

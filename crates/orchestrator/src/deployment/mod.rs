@@ -83,6 +83,14 @@ const EVENTS_PER_DEPLOYMENT: usize = 256;
 /// Transitions a deployment's snapshot carries (the store keeps more).
 const HISTORY_SHOWN: usize = 20;
 
+/// A deployment's recipe as parsed, with the row (`seq`) and generation it
+/// was parsed for.
+struct ParsedRecipe {
+    seq: i64,
+    generation: u32,
+    recipe: Arc<Recipe>,
+}
+
 /// A running replica of a deployment, as a campaign backend reaches it.
 pub struct Serving {
     pub host: String,
@@ -101,6 +109,9 @@ pub struct Deployments {
     /// Host ports handed to replicas, per host (those recorded and those
     /// being placed), so that two replicas never get the same one.
     ports_in_use: Mutex<HashMap<String, Vec<u16>>>,
+    /// Each live deployment's recipe, parsed once per (deployment row,
+    /// generation): snapshots and reconcile passes read it many times.
+    recipes: Mutex<HashMap<String, ParsedRecipe>>,
     shutdown: CancellationToken,
 }
 
@@ -139,6 +150,7 @@ impl Deployments {
             reconcilers: Mutex::new(HashMap::new()),
             events: Mutex::new(HashMap::new()),
             ports_in_use: Mutex::new(HashMap::new()),
+            recipes: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
@@ -147,6 +159,33 @@ impl Deployments {
         RecipeLimits {
             max_replicas: self.config.max_replicas,
         }
+    }
+
+    /// The stored deployment's recipe, parsed the first time it is asked
+    /// for (a new deployment of the name, or an update, is a new row or
+    /// generation and parsed again).
+    fn stored_recipe(
+        &self,
+        record: &DeploymentRecord,
+    ) -> Result<Arc<Recipe>, crate::manifest::ManifestError> {
+        if let Some(parsed) = lock(&self.recipes).get(&record.name)
+            && (parsed.seq, parsed.generation) == (record.seq, record.generation)
+        {
+            return Ok(Arc::clone(&parsed.recipe));
+        }
+        let recipe = Arc::new(recipe::parse(
+            &record.source_name,
+            &record.recipe_yaml,
+            &self.manifest_limits,
+            self.recipe_limits(),
+        )?);
+        let parsed = ParsedRecipe {
+            seq: record.seq,
+            generation: record.generation,
+            recipe: Arc::clone(&recipe),
+        };
+        lock(&self.recipes).insert(record.name.clone(), parsed);
+        Ok(recipe)
     }
 
     /// Starts a reconciler for every live deployment: after a restart its
@@ -190,6 +229,7 @@ impl Deployments {
             .is_some_and(|record| !deployment_is_terminal(record.state));
         if !live_again {
             reconcilers.remove(name);
+            lock(&self.recipes).remove(name);
         }
         !live_again
     }
@@ -312,12 +352,7 @@ impl Deployments {
     /// A stored deployment as the API shows it.
     pub fn describe(&self, record: &DeploymentRecord) -> Deployment {
         let replicas = self.store.replicas(&record.name).unwrap_or_default();
-        match recipe::parse(
-            &record.source_name,
-            &record.recipe_yaml,
-            &self.manifest_limits,
-            self.recipe_limits(),
-        ) {
+        match self.stored_recipe(record) {
             Ok(recipe) => self.snapshot_of(record, &recipe, &replicas),
             // A recipe this orchestrator's limits no longer accept: shown as stored.
             Err(_) => Deployment {
@@ -402,12 +437,7 @@ impl Deployments {
         ports: &std::collections::BTreeSet<String>,
     ) -> Result<(), OrchestratorError> {
         let record = self.live(name)?;
-        let recipe = recipe::parse(
-            &record.source_name,
-            &record.recipe_yaml,
-            &self.manifest_limits,
-            self.recipe_limits(),
-        )?;
+        let recipe = self.stored_recipe(&record)?;
         match ports.iter().find(|port| recipe.port(port).is_none()) {
             Some(port) => Err(OrchestratorError::InvalidArgument {
                 field: "run",

@@ -16,7 +16,7 @@ use berth_proto::orchestrator::v1::{DeploymentState, HostStatus, ReplicaState};
 use tokio::sync::Notify;
 
 use super::health::{self, Target};
-use super::recipe::{self, Recipe, RestartPolicy};
+use super::recipe::{Recipe, RestartPolicy};
 use super::replica::{DEPLOYMENT_LABEL, NotPlaced, elapsed_since, endpoint_host, start};
 use super::{Deployments, now_ms};
 use crate::error::OrchestratorError;
@@ -104,12 +104,7 @@ impl Deployments {
         if deployment_is_terminal(record.state) {
             return Ok(Pass::Ended);
         }
-        let recipe = match recipe::parse(
-            &record.source_name,
-            &record.recipe_yaml,
-            &self.manifest_limits,
-            self.recipe_limits(),
-        ) {
+        let recipe = match self.stored_recipe(&record) {
             Ok(recipe) => recipe,
             Err(error) => {
                 let message = format!("its stored recipe is refused now: {error}");
