@@ -111,6 +111,37 @@ impl Drop for Process {
     }
 }
 
+/// An orchestrator on 127.0.0.1:`port` with its store in `dir`, heartbeats
+/// every 200 ms, and extra `--set` settings.
+pub fn start_orchestrator(dir: &Path, port: u16, settings: &[&str]) -> Process {
+    let store = format!("store.path={}", dir.join("state.db").display());
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--http-listen",
+        "",
+        "--set",
+        &store,
+        "--set",
+        "scheduler.heartbeat_interval=200ms",
+    ];
+    for setting in settings {
+        args.extend(["--set", setting]);
+    }
+    Process::spawn("berth-orchestrator", &args, &[])
+}
+
+/// An agent on the unix socket `socket`, with no HTTP port.
+pub fn start_agent(socket: &Path) -> Process {
+    let listen = format!("unix://{}", socket.display());
+    Process::spawn(
+        "berth-agent",
+        &["--listen", &listen, "--http-listen", ""],
+        &[],
+    )
+}
+
 /// Connects to `address` (http://… or unix://…), retrying until it answers.
 pub async fn wait_for(address: &str) -> AuthChannel {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -15,43 +15,10 @@ use berth_server::error_reason;
 use berth_tests::campaign::{
     Client, assert_no_campaigns, refused_at_submit, wait_campaign, wait_ended,
 };
-use berth_tests::{Process, bin, free_port, register_local_agent, wait_for};
+use berth_tests::{Process, bin, free_port, register_local_agent, start_agent, wait_for};
 
 fn start_orchestrator(dir: &Path, port: u16) -> Process {
-    start_orchestrator_with(dir, port, &[])
-}
-
-/// An orchestrator with extra `--set` settings.
-fn start_orchestrator_with(dir: &Path, port: u16, settings: &[&str]) -> Process {
-    let store = format!("store.path={}", dir.join("state.db").display());
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--http-listen",
-        "",
-        "--set",
-        &store,
-        "--set",
-        "scheduler.heartbeat_interval=200ms",
-    ];
-    for setting in settings {
-        args.extend(["--set", setting]);
-    }
-    Process::spawn("berth-orchestrator", &args, &[])
-}
-
-fn start_agent(socket: &Path) -> Process {
-    Process::spawn(
-        "berth-agent",
-        &[
-            "--listen",
-            &format!("unix://{}", socket.display()),
-            "--http-listen",
-            "",
-        ],
-        &[],
-    )
+    berth_tests::start_orchestrator(dir, port, &[])
 }
 
 async fn connect(port: u16) -> Client {
@@ -378,7 +345,7 @@ async fn start_local(settings: &[&str]) -> (Local, Client) {
     let socket = dir.path().join("agent.sock");
     let agent = start_agent(&socket);
     let port = free_port();
-    let orchestrator = start_orchestrator_with(dir.path(), port, settings);
+    let orchestrator = berth_tests::start_orchestrator(dir.path(), port, settings);
     let mut client = connect(port).await;
     register_local_agent(&mut client, &socket).await;
     let local = Local {

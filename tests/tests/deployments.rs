@@ -11,43 +11,19 @@ use std::time::{Duration, Instant};
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
-use berth_tests::{Process, free_port, register_local_agent, wait_for};
+use berth_tests::{Process, free_port, register_local_agent, start_agent, wait_for};
 
 type Client = OrchestratorClient<AuthChannel>;
 
+/// An orchestrator that reconciles its deployments every 200 ms.
 fn start_orchestrator(dir: &Path, port: u16) -> Process {
     start_orchestrator_with(dir, port, &[])
 }
 
-/// An orchestrator with extra `--set` settings.
 fn start_orchestrator_with(dir: &Path, port: u16, settings: &[&str]) -> Process {
-    let store = format!("store.path={}", dir.join("state.db").display());
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--http-listen",
-        "",
-        "--set",
-        &store,
-        "--set",
-        "scheduler.heartbeat_interval=200ms",
-        "--set",
-        "deployments.reconcile_interval=200ms",
-    ];
-    for setting in settings {
-        args.extend(["--set", setting]);
-    }
-    Process::spawn("berth-orchestrator", &args, &[])
-}
-
-fn start_agent(socket: &Path) -> Process {
-    let listen = format!("unix://{}", socket.display());
-    Process::spawn(
-        "berth-agent",
-        &["--listen", &listen, "--http-listen", ""],
-        &[],
-    )
+    let mut all = vec!["deployments.reconcile_interval=200ms"];
+    all.extend_from_slice(settings);
+    berth_tests::start_orchestrator(dir, port, &all)
 }
 
 async fn connect(port: u16) -> Client {
