@@ -134,12 +134,38 @@ pub fn start_orchestrator(dir: &Path, port: u16, settings: &[&str]) -> Process {
 
 /// An agent on the unix socket `socket`, with no HTTP port.
 pub fn start_agent(socket: &Path) -> Process {
+    start_agent_with(socket, &[])
+}
+
+/// An agent on the unix socket `socket`, with `args` (e.g. `--set …`)
+/// before the usual ones.
+pub fn start_agent_with(socket: &Path, args: &[&str]) -> Process {
     let listen = format!("unix://{}", socket.display());
-    Process::spawn(
-        "berth-agent",
-        &["--listen", &listen, "--http-listen", ""],
-        &[],
+    let mut all = args.to_vec();
+    all.extend(["--listen", &listen, "--http-listen", ""]);
+    Process::spawn("berth-agent", &all, &[])
+}
+
+/// A power sampler serving only the replay source, from `trace` (CI has no
+/// GPU: its readings say they are replayed); its port once it answers.
+pub async fn start_replay_sampler(dir: &Path, trace: &Path) -> (Process, u16) {
+    let port = free_port();
+    let config = dir.join("power.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
+            trace.display()
+        ),
     )
+    .unwrap();
+    let sampler = Process::spawn(
+        "berth-power-sampler",
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    wait_for(&format!("http://127.0.0.1:{port}")).await;
+    (sampler, port)
 }
 
 /// Connects to `address` (http://… or unix://…), retrying until it answers.

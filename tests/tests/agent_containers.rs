@@ -41,6 +41,7 @@ async fn agent_lifecycle_exec_logs_stats_images() {
             uuid: "GPU-berth-test-0".into(),
             name: "Declared GPU".into(),
             memory_bytes: 80 << 30,
+            power_device: "nvml:0".into(),
         }]
     );
     agent.assert_image_listed().await;

@@ -1125,3 +1125,298 @@ async fn an_image_archive_is_imported_to_the_host_before_its_replicas_start() {
     assert!(removed.is_ok(), "{removed:?}");
     agent.cleanup().await;
 }
+
+/// GPUs every agent of the GPU tests declares (CI has no GPU): two, each
+/// read by a replay device of the power sampler (`power_device`).
+const TWO_DECLARED_GPUS: &str = r#"agent.declared_gpus=[{index = 0, uuid = "GPU-test-0", name = "Declared GPU", memory_bytes = 85899345920, power_device = "replay:gpu0"}, {index = 1, uuid = "GPU-test-1", name = "Declared GPU", memory_bytes = 85899345920, power_device = "replay:gpu1"}]"#;
+
+/// A replay trace of the two declared GPUs drawing a steady 100 W (gpu0)
+/// and 300 W (gpu1), with their energy counters.
+fn two_gpu_trace(dir: &Path) -> std::path::PathBuf {
+    let mut csv = String::from(
+        "# SYNTHETIC: two steady GPUs for the deployment GPU test\ntime_s,device,power_w,energy_j\n",
+    );
+    for step in 0..=40 {
+        let t = f64::from(step) * 0.05;
+        for (device, watts) in [("gpu0", 100.0), ("gpu1", 300.0)] {
+            csv.push_str(&format!(
+                "{t:.2},{device},{watts},{:.3}\n",
+                1000.0 + watts * t
+            ));
+        }
+    }
+    let path = dir.join("two-gpus.csv");
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
+/// The environment of a live process, as NAME=value strings.
+fn environ(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|entry| String::from_utf8_lossy(entry).into_owned())
+        .collect()
+}
+
+/// A replica that asks for a GPU holds one: its process sees only it, a
+/// campaign measuring the deployment measures exactly that GPU's power
+/// device, and a campaign that measures power on the host's GPUs waits
+/// (saying why) until the deployment lets its GPU go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gpu_replica_holds_its_gpu_and_campaigns_measure_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let (_sampler, sampler_port) =
+        berth_tests::start_replay_sampler(dir.path(), &two_gpu_trace(dir.path())).await;
+    let socket = dir.path().join("agent.sock");
+    let _agent = berth_tests::start_agent_with(&socket, &["--set", TWO_DECLARED_GPUS]);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    let address = format!("unix://{}", socket.display());
+    wait_for(&address).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address,
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost");
+
+    let recipe = web_recipe("gpu-web", &www, 1) + "gpus: {count: 1}\n";
+    deploy(&mut client, &recipe).await.expect("Deploy");
+    let running = wait_until(&mut client, "gpu-web", "running", |d| all_running(d, 1)).await;
+    let held = running.replica_status[0].gpus.clone();
+    assert_eq!(held.len(), 1, "{running:?}");
+    let gpu = held[0];
+    let env = environ(pid_of(&www, 0));
+    assert!(
+        env.contains(&format!("CUDA_VISIBLE_DEVICES=GPU-test-{gpu}"))
+            && env.contains(&format!("BERTH_GPUS={gpu}")),
+        "the replica's process is told its GPU: {env:?}"
+    );
+
+    let against = r#"name: gpu-energy
+backends:
+  - name: served
+    deployment: gpu-web
+configs: [{name: a}]
+cycles: 2
+run:
+  command: [python3, -c, "import time, urllib.request; urllib.request.urlopen('http://{{endpoint.http}}/'); time.sleep(0.3); print('{\"ok\": 1}')"]
+power: {enabled: true, rate_hz: 100}
+"#;
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: against.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SubmitCampaign")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    berth_tests::campaign::wait_succeeded(&mut client, &campaign.id, 2, deadline).await;
+    let runs = client
+        .list_runs(ListRunsRequest {
+            campaign_id: campaign.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let expected_watts = if gpu == 0 { 100.0 } else { 300.0 };
+    for run in &runs {
+        let devices: Vec<&str> = run.energy.iter().map(|e| e.device.as_str()).collect();
+        assert_eq!(devices, [format!("replay:gpu{gpu}")], "{run:?}");
+        // The counter moves in 50 ms steps of the trace: within 15%.
+        let mean = run.energy[0].mean_w;
+        assert!(
+            (mean - expected_watts).abs() < expected_watts * 0.15,
+            "{run:?}"
+        );
+    }
+
+    // A host process measuring power uses every GPU of the host: it waits
+    // for the one the deployment holds.
+    let elsewhere = "name: host-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}]\n\
+                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\npower: {enabled: true, rate_hz: 100}\n";
+    let waiting = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: elsewhere.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SubmitCampaign")
+        .into_inner();
+    let said = berth_tests::campaign::wait_campaign(
+        &mut client,
+        &waiting.id,
+        Duration::from_secs(30),
+        "waiting for the deployment's GPU",
+        |c| c.status_message.contains("serves deployment `gpu-web`"),
+    )
+    .await;
+    eprintln!("{}", said.status_message);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = berth_tests::campaign::get_campaign(&mut client, &waiting.id).await;
+    let counts = still.runs.unwrap_or_default();
+    assert_eq!(
+        counts.running + counts.succeeded,
+        0,
+        "it must not run beside the replica: {still:?}"
+    );
+    stop(&mut client, "gpu-web").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    berth_tests::campaign::wait_succeeded(&mut client, &waiting.id, 1, deadline).await;
+}
+
+/// A replica that owns a GPU is never run twice: while its host is only
+/// silent it stays Lost there (the copy may still hold the GPU), and it is
+/// placed elsewhere once the host is deregistered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gpu_replica_moves_only_once_its_host_is_deregistered() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let mut agents: Vec<Option<Process>> = sockets
+        .iter()
+        .map(|s| {
+            Some(berth_tests::start_agent_with(
+                s,
+                &["--set", TWO_DECLARED_GPUS],
+            ))
+        })
+        .collect();
+    let port = free_port();
+    let _orchestrator =
+        start_orchestrator_with(dir.path(), port, &["deployments.host_lost_grace=1s"]);
+    let mut client = connect(port).await;
+    for (name, socket) in ["a", "b"].iter().zip(&sockets) {
+        let address = format!("unix://{}", socket.display());
+        wait_for(&address).await;
+        client
+            .register_host(RegisterHostRequest {
+                name: (*name).into(),
+                address,
+                ..Default::default()
+            })
+            .await
+            .expect("RegisterHost");
+    }
+    let recipe = web_recipe("gpu-moving", &www, 1) + "gpus: {count: 1}\n";
+    deploy(&mut client, &recipe).await.expect("Deploy");
+    let placed = wait_until(&mut client, "gpu-moving", "running", |d| all_running(d, 1)).await;
+    let first_host = placed.replica_status[0].host.clone();
+    let (lost, lost_name, other) = if first_host == "a" {
+        (0, "a", "b")
+    } else {
+        (1, "b", "a")
+    };
+    let pid = pid_of(&www, 0);
+    agents[lost].take().unwrap().kill();
+    if alive(pid) {
+        kill9(pid);
+    }
+    let silent = wait_until(&mut client, "gpu-moving", "kept on its silent host", |d| {
+        d.replica_status[0]
+            .reason
+            .contains("moves only once its host is deregistered")
+    })
+    .await;
+    // Well past the grace period, it is still not placed anywhere else.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = get(&mut client, "gpu-moving").await;
+    assert_eq!(kept.replica_status[0].host, lost_name, "{kept:?}");
+    assert_eq!(servers_of(&www), 0, "no second copy: {silent:?}");
+    assert!(
+        kept.replica_status[0].reason.contains("deregistered"),
+        "the reason says what moves it: {kept:?}"
+    );
+    client
+        .deregister_host(DeregisterHostRequest {
+            name: lost_name.into(),
+        })
+        .await
+        .expect("DeregisterHost");
+    let moved = wait_until(&mut client, "gpu-moving", "moved", |d| {
+        all_running(d, 1) && d.replica_status[0].host == other
+    })
+    .await;
+    assert_eq!(moved.replica_status[0].gpus.len(), 1, "{moved:?}");
+    assert_eq!(servers_of(&www), 1);
+    stop(&mut client, "gpu-moving").await;
+    assert_eq!(servers_of(&www), 0);
+}
+
+/// `berth logs --follow` prints the replicas' lines as they come, each
+/// with its replica and host.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_prints_lines_as_they_come() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &socket).await;
+    let recipe = "name: ticker\nruntime: process\n\
+                  command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done']\n\
+                  replicas: 2\nstop_grace: 1s\n";
+    deploy(&mut client, recipe).await.expect("Deploy");
+    wait_until(&mut client, "ticker", "running", |d| all_running(d, 2)).await;
+    let mut follower = std::process::Command::new(berth_tests::bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{port}"),
+            "logs",
+            "ticker",
+            "--follow",
+            "--tail",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("berth logs --follow");
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines_tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        let (at, line) = lines_rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line in 10 s; so far: {seen:?}"));
+        seen.push((at - started, line));
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    for replica in 0..2 {
+        let prefix = format!("[{replica}@local] tick-");
+        let ticks: Vec<u64> = seen
+            .iter()
+            .filter_map(|(_, line)| line.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        assert!(ticks.len() >= 3, "replica {replica}: {seen:?}");
+        assert!(ticks.windows(2).all(|w| w[1] > w[0]), "in order: {seen:?}");
+    }
+    // Followed, not read at once: the lines came over more than a second.
+    assert!(
+        seen.last().unwrap().0 - seen[0].0 > Duration::from_secs(1),
+        "{seen:?}"
+    );
+    stop(&mut client, "ticker").await;
+}

@@ -113,26 +113,38 @@ impl Target {
 
 /// One HTTP/1.1 request written as it is; the status line's code.
 async fn http_raw(addr: &str, request: &[u8]) -> u16 {
+    http_raw_answer(addr, request).await.0
+}
+
+/// One HTTP/1.1 request written as it is; the status line's code and the
+/// whole answer as text.
+async fn http_raw_answer(addr: &str, request: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     // The server may answer and close before all of a large body is sent.
     let _ = stream.write_all(request).await;
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer);
-    text.split(' ')
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"))
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    (status, text)
 }
 
 async fn http_post(addr: &str, path: &str, body: &[u8]) -> u16 {
+    http_post_answer(addr, path, body).await.0
+}
+
+async fn http_post_answer(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
     request.extend_from_slice(body);
-    http_raw(addr, &request).await
+    http_raw_answer(addr, &request).await
 }
 
 async fn http_get(addr: &str, path: &str) -> u16 {
@@ -519,6 +531,74 @@ async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
         Code::Ok
     );
     target.check_memory();
+}
+
+/// The llm-proxy's CPU budget in [`the_llm_proxy_stops_a_body_costlier_than_its_cpu_budget`]:
+/// far less than parsing the body below takes, in a debug build or release.
+const PROXY_CPU_BUDGET: Duration = Duration::from_millis(1);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_llm_proxy_stops_a_body_costlier_than_its_cpu_budget() {
+    let data = tempfile::tempdir().unwrap();
+    let litellm = data.path().join("litellm.yaml");
+    std::fs::write(
+        &litellm,
+        "model_list:\n  - model_name: m\n    litellm_params: {model: openai/m, api_base: 'http://127.0.0.1:9/v1'}\n",
+    )
+    .unwrap();
+    let http = free_port();
+    let mut env = env_of(data.path());
+    env.extend([
+        ("BERTH_PROXY__LITELLM_CONFIG", litellm.display().to_string()),
+        (
+            "BERTH_SERVER__REQUEST_CPU_BUDGET",
+            format!("{}ms", PROXY_CPU_BUDGET.as_millis()),
+        ),
+    ]);
+    let process = spawn(
+        "berth-llm-proxy",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &env,
+    );
+    let addr = format!("127.0.0.1:{http}");
+    wait_for_http(&addr, "/v1/models").await;
+    let target = Target::new("llm-proxy", process);
+
+    // Within proxy.max_request_bytes (8 MiB) and max_request_json_bytes
+    // (32 MiB estimated): 1M escaped characters, 6 MiB, one string.
+    let body = format!(
+        "{{\"model\":\"m\",\"input\":\"{}\"}}",
+        "\\u00e9".repeat(1 << 20)
+    );
+    target
+        .case("HTTP 6 MiB of escapes, over a 1 ms CPU budget", async {
+            let started = Instant::now();
+            let (status, answer) = http_post_answer(&addr, "/v1/embeddings", body.as_bytes()).await;
+            assert!(
+                answer.contains("server.request_cpu_budget"),
+                "HTTP {status}: {answer}"
+            );
+            assert!(started.elapsed() < PROXY_CPU_BUDGET + Duration::from_secs(1));
+            expect_http(status, &[429])
+        })
+        .await;
+    assert_eq!(http_get(&addr, "/v1/models").await, 200, "still serves");
+    target.check_memory();
+}
+
+/// Waits until `path` answers 200 on `addr`.
+async fn wait_for_http(addr: &str, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(addr, path).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,10 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
 use berth_tests::campaign::{wait_campaign, wait_succeeded};
-use berth_tests::{Process, bin, free_port, repo_root, wait_for};
+use berth_tests::{
+    Process, bin, free_port, repo_root, start_agent, start_agent_with, start_replay_sampler,
+    wait_for,
+};
 
 /// Every stored sample of a run, `page_size` at a time, checking each page's bound.
 async fn stored_series(
@@ -70,36 +73,6 @@ fn integrated_power(samples: &[&RunPowerSample]) -> f64 {
         .sum()
 }
 
-/// A power sampler serving the replay source (the example trace); its port.
-async fn start_replay_sampler(dir: &Path) -> (Process, u16) {
-    let trace = repo_root().join("examples/power/llm-inference.csv");
-    let port = free_port();
-    let config = dir.join("power.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
-            trace.display()
-        ),
-    )
-    .unwrap();
-    let sampler = Process::spawn(
-        "berth-power-sampler",
-        &["--config", config.to_str().unwrap()],
-        &[],
-    );
-    wait_for(&format!("http://127.0.0.1:{port}")).await;
-    (sampler, port)
-}
-
-/// An agent on the unix socket `socket`, with `args` before the usual ones.
-fn start_agent(socket: &Path, args: &[&str]) -> Process {
-    let listen = format!("unix://{}", socket.display());
-    let mut all = args.to_vec();
-    all.extend(["--listen", &listen, "--http-listen", ""]);
-    Process::spawn("berth-agent", &all, &[])
-}
-
 /// An orchestrator keeping its state in `dir`, its port, and a client once it answers.
 async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<AuthChannel>) {
     let port = free_port();
@@ -117,10 +90,14 @@ async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<Aut
 #[tokio::test(flavor = "multi_thread")]
 async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(dir.path()).await;
+    let (_sampler, sampler_port) = start_replay_sampler(
+        dir.path(),
+        &repo_root().join("examples/power/llm-inference.csv"),
+    )
+    .await;
 
     let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket, &[]);
+    let _agent = start_agent(&socket);
     let (_orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
 
     // A host without a power sampler cannot take a campaign that measures power.
@@ -324,7 +301,11 @@ fn overlap(a: &Run, b: &Run) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_measures_power_has_its_gpus_to_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(dir.path()).await;
+    let (_sampler, sampler_port) = start_replay_sampler(
+        dir.path(),
+        &repo_root().join("examples/power/llm-inference.csv"),
+    )
+    .await;
     let socket = dir.path().join("agent.sock");
     let agent_config = dir.path().join("agent.toml");
     std::fs::write(
@@ -333,7 +314,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
          [[agent.declared_gpus]]\nindex = 1\nuuid = \"GPU-test-1\"\nname = \"declared test GPU\"\nmemory_bytes = 85899345920\n",
     )
     .unwrap();
-    let _agent = start_agent(&socket, &["--config", agent_config.to_str().unwrap()]);
+    let _agent = start_agent_with(&socket, &["--config", agent_config.to_str().unwrap()]);
     wait_for(&format!("unix://{}", socket.display())).await;
     let (_orchestrator, _, mut client) = start_orchestrator(dir.path()).await;
     let host = client

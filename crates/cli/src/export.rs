@@ -9,11 +9,12 @@
 use std::sync::Arc;
 
 use berth_proto::orchestrator::v1::{Campaign, ListRunsRequest, Run, RunState};
+use berth_server::parquet_columns::write_optional;
 use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
-use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DataType, DoubleType, Int64Type};
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
-use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
+use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
 use crate::output::csv_records;
@@ -278,15 +279,19 @@ impl RunTable {
         while let Some(mut writer) = group.next_column()? {
             let Some(column) = columns.next() else { break };
             match &column.cells {
-                Cells::Text(cells) => optional::<ByteArrayType>(
+                Cells::Text(cells) => write_optional::<ByteArrayType>(
                     &mut writer,
                     cells.iter().map(|c| c.as_deref().map(ByteArray::from)),
                 ),
                 Cells::Integer(cells) | Cells::Time(cells) => {
-                    optional::<Int64Type>(&mut writer, cells.iter().copied())
+                    write_optional::<Int64Type>(&mut writer, cells.iter().copied())
                 }
-                Cells::Number(cells) => optional::<DoubleType>(&mut writer, cells.iter().copied()),
-                Cells::Flag(cells) => optional::<BoolType>(&mut writer, cells.iter().copied()),
+                Cells::Number(cells) => {
+                    write_optional::<DoubleType>(&mut writer, cells.iter().copied())
+                }
+                Cells::Flag(cells) => {
+                    write_optional::<BoolType>(&mut writer, cells.iter().copied())
+                }
             }?;
             writer.close()?;
         }
@@ -294,23 +299,6 @@ impl RunTable {
         writer.close()?;
         Ok(out)
     }
-}
-
-/// Writes a column that may hold nulls: the values present, and a
-/// definition level per row saying whether it has one.
-fn optional<T: DataType>(
-    column: &mut SerializedColumnWriter<'_>,
-    values: impl Iterator<Item = Option<T::T>>,
-) -> Result<(), ParquetError> {
-    let (mut present, mut levels) = (Vec::new(), Vec::new());
-    for value in values {
-        levels.push(i16::from(value.is_some()));
-        present.extend(value);
-    }
-    column
-        .typed::<T>()
-        .write_batch(&present, Some(&levels), None)
-        .map(drop)
 }
 
 #[cfg(test)]

@@ -650,6 +650,7 @@ mod tests {
                 uuid: "GPU-5a3c".into(),
                 name: "NVIDIA H100 80GB HBM3".into(),
                 memory_bytes: 80 << 30,
+                power_device: "nvml:0".into(),
             }],
             ..Default::default()
         };

@@ -64,6 +64,11 @@ pub struct DeclaredGpu {
     pub name: String,
     /// Memory in bytes.
     pub memory_bytes: u64,
+    /// The power sampler's device that reads this GPU (what a campaign
+    /// measuring it asks for); empty: `nvml:<index>`. Test hosts name a
+    /// replay device here, other vendors' GPUs their own source's.
+    #[serde(default)]
+    pub power_device: String,
 }
 
 /// A config value that serde accepts but the agent cannot use.
@@ -306,6 +311,7 @@ pub(crate) mod tests {
             uuid: uuid.into(),
             name: "Test GPU".into(),
             memory_bytes: 80 << 30,
+            power_device: String::new(),
         }
     }
 

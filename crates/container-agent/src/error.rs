@@ -119,6 +119,16 @@ impl ServiceError for AgentError {
     }
 }
 
+/// A list request's `page_token` that no earlier page of this agent gave.
+impl From<berth_server::paging::BadPageToken> for AgentError {
+    fn from(error: berth_server::paging::BadPageToken) -> Self {
+        Self::InvalidArgument {
+            field: "page_token",
+            reason: error.to_string(),
+        }
+    }
+}
+
 impl From<AgentError> for tonic::Status {
     fn from(error: AgentError) -> Self {
         berth_server::error::into_status(error)

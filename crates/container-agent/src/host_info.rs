@@ -61,6 +61,11 @@ pub fn gpus(config: &AgentConfig) -> Vec<Gpu> {
                 uuid: gpu.uuid.clone(),
                 name: gpu.name.clone(),
                 memory_bytes: gpu.memory_bytes,
+                power_device: if gpu.power_device.is_empty() {
+                    nvml_power_device(gpu.index)
+                } else {
+                    gpu.power_device.clone()
+                },
             })
             .collect();
     }
@@ -145,6 +150,7 @@ fn discover(library: &str) -> Vec<Gpu> {
             uuid,
             name,
             memory_bytes,
+            power_device: nvml_power_device(index),
         });
     }
     tracing::info!(
@@ -152,6 +158,12 @@ fn discover(library: &str) -> Vec<Gpu> {
         "found the host's NVIDIA GPUs through NVML"
     );
     gpus
+}
+
+/// The power sampler's id of the NVML device with this index: both number
+/// GPUs as the driver does.
+fn nvml_power_device(index: u32) -> String {
+    format!("nvml:{index}")
 }
 
 fn mem_total_bytes() -> Option<u64> {
@@ -194,12 +206,14 @@ mod tests {
                     uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
                     name: "Test GPU".into(),
                     memory_bytes: 80 << 30,
+                    power_device: String::new(),
                 },
                 DeclaredGpu {
                     index: 1,
                     uuid: "GPU-11111111-1111-1111-1111-111111111111".into(),
                     name: "Other GPU".into(),
                     memory_bytes: 24 << 30,
+                    power_device: "replay:gpu1".into(),
                 },
             ],
             ..AgentConfig::default()
@@ -213,12 +227,14 @@ mod tests {
                     uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
                     name: "Test GPU".into(),
                     memory_bytes: 80 << 30,
+                    power_device: "nvml:0".into(),
                 },
                 Gpu {
                     index: 1,
                     uuid: "GPU-11111111-1111-1111-1111-111111111111".into(),
                     name: "Other GPU".into(),
                     memory_bytes: 24 << 30,
+                    power_device: "replay:gpu1".into(),
                 },
             ]
         );

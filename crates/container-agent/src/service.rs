@@ -189,15 +189,10 @@ impl ContainerAgent for AgentService {
             all.extend(runtime.list().await?);
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
-        let (workloads, next_page_token) = berth_server::paging::page(
-            &all,
-            request.get_ref().page_size,
-            &request.get_ref().page_token,
-        )
-        .map_err(|e| AgentError::InvalidArgument {
-            field: "page_token",
-            reason: e.to_string(),
-        })?;
+        let request = request.into_inner();
+        let (workloads, next_page_token) =
+            berth_server::paging::page(&all, request.page_size, &request.page_token)
+                .map_err(AgentError::from)?;
         Ok(Response::new(ListWorkloadsResponse {
             workloads,
             next_page_token,
@@ -387,15 +382,10 @@ impl ContainerAgent for AgentService {
             }
         }
         all.sort_by(|a, b| a.references.cmp(&b.references).then(a.id.cmp(&b.id)));
-        let (images, next_page_token) = berth_server::paging::page(
-            &all,
-            request.get_ref().page_size,
-            &request.get_ref().page_token,
-        )
-        .map_err(|e| AgentError::InvalidArgument {
-            field: "page_token",
-            reason: e.to_string(),
-        })?;
+        let request = request.into_inner();
+        let (images, next_page_token) =
+            berth_server::paging::page(&all, request.page_size, &request.page_token)
+                .map_err(AgentError::from)?;
         Ok(Response::new(ListImagesResponse {
             images,
             next_page_token,

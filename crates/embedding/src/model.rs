@@ -151,6 +151,10 @@ pub struct Session {
 }
 
 impl Session {
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.embedding.tokenizer
+    }
+
     /// Embeds `texts` (in their order) without normalising.
     pub fn embed<S: AsRef<str> + Send + Sync>(
         &mut self,

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
+use berth_server::budget::BudgetError;
 use berth_server::{ErrorCode, ServiceError};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
@@ -85,6 +86,10 @@ pub enum ProxyError {
     /// The gateway answered whole where a stream was asked for, or the reverse.
     #[error("{0}")]
     ReplyMismatch(&'static str),
+    /// Parsing a large body took more than its CPU budget, or too many
+    /// large bodies were being parsed at once.
+    #[error(transparent)]
+    RequestBudget(#[from] BudgetError),
 }
 
 impl ServiceError for ProxyError {
@@ -112,6 +117,7 @@ impl ServiceError for ProxyError {
             | Self::UnreadableAnswer(_)
             | Self::UnreadableStream { .. }
             | Self::ReplyMismatch(_) => ErrorCode::Internal,
+            Self::RequestBudget(error) => error.error_code(),
         }
     }
 
@@ -138,6 +144,7 @@ impl ServiceError for ProxyError {
             Self::Store(_) => "key_store",
             Self::ExtraJsonTooLarge { .. } => "extra_json_too_large",
             Self::UnreadableAnswer(_) => "upstream_unreadable_answer",
+            Self::RequestBudget(error) => error.reason(),
             Self::UnreadableStream { .. } => "upstream_unreadable_stream",
             Self::StreamFailed { .. } => "upstream_stream_failed",
             Self::ReplyMismatch(_) => "reply_mismatch",

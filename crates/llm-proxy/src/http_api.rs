@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use berth_server::budget::{self, RequestBudget};
 use berth_server::json_budget;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -30,7 +31,16 @@ pub struct HttpApi {
     pub max_body_bytes: usize,
     /// Most memory a body's JSON may take parsed (see `json_budget`).
     pub max_json_bytes: usize,
+    /// Large bodies are parsed within it (`server.request_cpu_budget`,
+    /// `server.max_costly_requests`).
+    pub budget: RequestBudget,
 }
+
+/// Bodies from this size on are parsed within the request budget, off the
+/// async workers. A smaller one parses in well under a millisecond, less
+/// than handing it to another thread would cost, and nothing is refused
+/// for being one of many small requests at once.
+const COSTLY_BODY_BYTES: usize = 64 << 10;
 
 type Shared = State<Arc<HttpApi>>;
 
@@ -175,7 +185,19 @@ impl HttpApi {
                 limit: self.max_json_bytes,
             });
         }
-        let call = Call::parse(endpoint, &bytes)?;
+        let call = if bytes.len() < COSTLY_BODY_BYTES {
+            Call::parse(endpoint, &bytes)?
+        } else {
+            self.budget
+                .run(move || {
+                    let call = Call::parse(endpoint, &bytes)?;
+                    // One JSON parse is not cut short: bounded by the body
+                    // and JSON limits, it is measured once it ends.
+                    budget::check()?;
+                    Ok::<_, ProxyError>(call)
+                })
+                .await?
+        };
         match self.gateway.forward(call, caller.key()).await? {
             Reply::Whole { body, .. } => Ok((
                 [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::llmproxy::v1::llm_proxy_server::LlmProxyServer;
+use berth_server::budget::RequestBudget;
 use berth_server::cli::HasServerConfig;
 use berth_server::{RunningService, ServeError, ServerConfig, ServiceHost};
 use serde::{Deserialize, Serialize};
@@ -163,6 +164,7 @@ pub async fn start_with(
         .map_err(StartError::Tls)?;
 
     let max_message_bytes = config.server.max_message_bytes;
+    let budget = RequestBudget::from_config(&config.server);
     let mut host = ServiceHost::bind(config.server).await?;
     let metrics = Arc::new(metrics::ProxyMetrics::register(host.registry_mut()));
     let router = Router::new(litellm.deployments, litellm.router);
@@ -185,6 +187,7 @@ pub async fn start_with(
         auth,
         max_body_bytes: config.proxy.max_request_bytes,
         max_json_bytes: config.proxy.max_request_json_bytes,
+        budget,
     }));
     spawn_key_flusher(
         keys,

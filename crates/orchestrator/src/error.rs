@@ -1,3 +1,4 @@
+use berth_server::budget::BudgetError;
 use berth_server::{ErrorCode, ServiceError};
 
 use crate::manifest::ManifestError;
@@ -41,6 +42,9 @@ pub enum OrchestratorError {
     Unimplemented(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A SubmitCampaign or Deploy past its CPU budget, or one too many at once.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 impl ServiceError for OrchestratorError {
@@ -59,6 +63,7 @@ impl ServiceError for OrchestratorError {
             Self::ReplicaUnreachable { .. } => ErrorCode::Unavailable,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Store(_) => ErrorCode::Internal,
+            Self::Budget(error) => error.error_code(),
         }
     }
 
@@ -78,6 +83,7 @@ impl ServiceError for OrchestratorError {
             Self::ReplicaUnreachable { .. } => "replica_unreachable",
             Self::Unimplemented(_) => "unimplemented",
             Self::Store(_) => "store",
+            Self::Budget(error) => error.reason(),
         }
     }
 }

@@ -10,14 +10,19 @@
 //! share theirs. A run takes its leases in index order, so two runs never
 //! wait on each other; waiting is fair, so a measuring run is not starved by
 //! a stream of sharing ones.
+//!
+//! A deployment's replica holds the GPUs it was given for as long as it is
+//! placed. A run that measures power waits until no deployment holds its
+//! GPUs, except the deployment it measures (whose load is what it reads);
+//! a replica is not given a GPU that a measuring run has at that moment.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use berth_proto::agent::v1::Gpu;
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use crate::manifest::{Backend, GpuCount, RuntimeName};
+use crate::manifest::{Backend, GpuCount, GpuRequest, RuntimeName};
 
 /// One GPU: a host and the index its driver gives the GPU.
 type GpuKey = (String, u32);
@@ -25,8 +30,12 @@ type GpuKey = (String, u32);
 #[derive(Default)]
 pub struct GpuLeases {
     locks: Mutex<HashMap<GpuKey, Arc<RwLock<()>>>>,
-    /// Backends assigned to each GPU by `assign`, to spread them.
+    /// Backends and replicas assigned to each GPU, to spread them.
     assigned: Mutex<HashMap<GpuKey, usize>>,
+    /// The deployments whose replicas hold each GPU, one entry a replica.
+    held: Mutex<HashMap<GpuKey, Vec<String>>>,
+    /// Woken when a replica lets go of its GPUs.
+    let_go: Notify,
 }
 
 /// A run's hold on its GPUs, released when dropped.
@@ -47,20 +56,43 @@ pub enum GpuUse {
 
 impl GpuLeases {
     /// Leases `gpus` of `host`, waiting for runs that hold them in a way
-    /// that excludes `mode`.
-    pub async fn lease(&self, host: &str, gpus: &[u32], mode: GpuUse) -> GpuLease {
-        let mut lease = GpuLease::default();
-        for lock in self.locks_of(host, gpus) {
-            match mode {
-                GpuUse::Shared => lease._shared.push(lock.read_owned().await),
-                GpuUse::Exclusive => lease._exclusive.push(lock.write_owned().await),
+    /// that excludes `mode`, and for an exclusive lease also for the
+    /// replicas of deployments other than `measured` that hold them.
+    pub async fn lease(
+        &self,
+        host: &str,
+        gpus: &[u32],
+        mode: GpuUse,
+        measured: Option<&str>,
+    ) -> GpuLease {
+        loop {
+            let let_go = self.let_go.notified();
+            tokio::pin!(let_go);
+            // Registered before the check, so a release after it wakes us.
+            let_go.as_mut().enable();
+            let mut lease = GpuLease::default();
+            for lock in self.locks_of(host, gpus) {
+                match mode {
+                    GpuUse::Shared => lease._shared.push(lock.read_owned().await),
+                    GpuUse::Exclusive => lease._exclusive.push(lock.write_owned().await),
+                }
             }
+            if mode == GpuUse::Shared || self.held_by_others(host, gpus, measured).is_empty() {
+                return lease;
+            }
+            drop(lease);
+            let_go.await;
         }
-        lease
     }
 
     /// The lease if every GPU is free for `mode` now.
-    pub fn try_lease(&self, host: &str, gpus: &[u32], mode: GpuUse) -> Option<GpuLease> {
+    pub fn try_lease(
+        &self,
+        host: &str,
+        gpus: &[u32],
+        mode: GpuUse,
+        measured: Option<&str>,
+    ) -> Option<GpuLease> {
         let mut lease = GpuLease::default();
         for lock in self.locks_of(host, gpus) {
             match mode {
@@ -68,7 +100,121 @@ impl GpuLeases {
                 GpuUse::Exclusive => lease._exclusive.push(lock.try_write_owned().ok()?),
             }
         }
+        if mode == GpuUse::Exclusive && !self.held_by_others(host, gpus, measured).is_empty() {
+            return None;
+        }
         Some(lease)
+    }
+
+    /// The GPUs among `gpus` that replicas of deployments other than
+    /// `measured` hold, with one such deployment each.
+    pub fn held_by_others(
+        &self,
+        host: &str,
+        gpus: &[u32],
+        measured: Option<&str>,
+    ) -> Vec<(u32, String)> {
+        let held = lock(&self.held);
+        gpus.iter()
+            .filter_map(|&index| {
+                let holders = held.get(&(host.to_string(), index))?;
+                let other = holders.iter().find(|d| Some(d.as_str()) != measured)?;
+                Some((index, other.clone()))
+            })
+            .collect()
+    }
+
+    /// Gives a replica of `deployment` the GPUs of `host` it asks for: the
+    /// devices it names, all, or `count` of them (those assigned to the
+    /// fewest backends and replicas first), none of them measured by a run
+    /// at this moment. The error says why it must wait or cannot fit.
+    pub fn hold_for_replica(
+        &self,
+        host: &str,
+        host_gpus: &[Gpu],
+        request: &GpuRequest,
+        deployment: &str,
+    ) -> Result<Vec<u32>, String> {
+        let measured_now = |index: u32| {
+            lock(&self.locks)
+                .get(&(host.to_string(), index))
+                .is_some_and(|gpu| gpu.try_read().is_err())
+        };
+        let chosen: Vec<u32> = if request.devices.is_empty() {
+            let count = match request.count {
+                Some(GpuCount::Exactly(n)) => n as usize,
+                Some(GpuCount::All) => host_gpus.len(),
+                None => return Ok(Vec::new()),
+            };
+            let assigned = lock(&self.assigned);
+            let mut free: Vec<(usize, u32)> = host_gpus
+                .iter()
+                .filter(|gpu| !measured_now(gpu.index))
+                .map(|gpu| {
+                    let load = assigned.get(&(host.to_string(), gpu.index));
+                    (load.copied().unwrap_or(0), gpu.index)
+                })
+                .collect();
+            if free.len() < count {
+                return Err(format!(
+                    "host `{host}` has {} GPU(s) not measured by a run now; the replica needs {count}",
+                    free.len()
+                ));
+            }
+            free.sort_unstable();
+            let mut chosen: Vec<u32> = free.into_iter().take(count).map(|(_, i)| i).collect();
+            chosen.sort_unstable();
+            chosen
+        } else {
+            let mut chosen = Vec::new();
+            for device in &request.devices {
+                let gpu = host_gpus
+                    .iter()
+                    .find(|gpu| gpu.uuid == *device || gpu.index.to_string() == *device)
+                    .ok_or_else(|| format!("host `{host}` has no GPU `{device}`"))?;
+                if measured_now(gpu.index) {
+                    return Err(format!(
+                        "GPU {} of host `{host}` is measured by a run now",
+                        gpu.index
+                    ));
+                }
+                chosen.push(gpu.index);
+            }
+            chosen
+        };
+        self.note_replica(host, &chosen, deployment);
+        Ok(chosen)
+    }
+
+    /// Counts a replica's GPUs as held by `deployment` (placed now, or found
+    /// placed after a restart).
+    pub fn note_replica(&self, host: &str, gpus: &[u32], deployment: &str) {
+        self.note_assigned(host, gpus);
+        let mut held = lock(&self.held);
+        for &index in gpus {
+            held.entry((host.to_string(), index))
+                .or_default()
+                .push(deployment.to_string());
+        }
+    }
+
+    /// A replica of `deployment` let go of its GPUs.
+    pub fn release_replica(&self, host: &str, gpus: &[u32], deployment: &str) {
+        self.unassign(host, gpus);
+        let mut held = lock(&self.held);
+        for &index in gpus {
+            let key = (host.to_string(), index);
+            if let Some(holders) = held.get_mut(&key) {
+                if let Some(at) = holders.iter().position(|d| d == deployment) {
+                    holders.swap_remove(at);
+                }
+                if holders.is_empty() {
+                    held.remove(&key);
+                }
+            }
+        }
+        drop(held);
+        self.let_go.notify_waiters();
     }
 
     /// The locks of `gpus`, in index order.
@@ -82,8 +228,8 @@ impl GpuLeases {
             .collect()
     }
 
-    /// Picks `count` of the host's GPUs for a backend, those assigned to the
-    /// fewest backends first (lowest index on a tie); None when the host has
+    /// Picks `count` of the host's GPUs for a backend, those no deployment
+    /// holds and assigned to the fewest backends first (lowest index on a tie); None when the host has
     /// fewer.
     pub fn assign(&self, host: &str, host_gpus: &[Gpu], count: u32) -> Option<Vec<u32>> {
         let count = count as usize;
@@ -91,18 +237,19 @@ impl GpuLeases {
             return None;
         }
         let mut assigned = lock(&self.assigned);
-        let mut by_load: Vec<(usize, u32)> = host_gpus
+        let held = lock(&self.held);
+        // GPUs a deployment holds last: a measuring run would wait for them.
+        let mut by_load: Vec<(bool, usize, u32)> = host_gpus
             .iter()
             .map(|gpu| {
-                let load = assigned
-                    .get(&(host.to_string(), gpu.index))
-                    .copied()
-                    .unwrap_or(0);
-                (load, gpu.index)
+                let key = (host.to_string(), gpu.index);
+                let load = assigned.get(&key).copied().unwrap_or(0);
+                (held.contains_key(&key), load, gpu.index)
             })
             .collect();
+        drop(held);
         by_load.sort_unstable();
-        let mut chosen: Vec<u32> = by_load.into_iter().take(count).map(|(_, i)| i).collect();
+        let mut chosen: Vec<u32> = by_load.into_iter().take(count).map(|(_, _, i)| i).collect();
         chosen.sort_unstable();
         for &index in &chosen {
             *assigned.entry((host.to_string(), index)).or_default() += 1;
@@ -171,6 +318,15 @@ pub fn used_by(backend: &Backend, host_gpus: &[Gpu], assigned: &[u32]) -> Vec<u3
         Some(GpuCount::Exactly(_)) => assigned.to_vec(),
         None => Vec::new(),
     }
+}
+
+/// The power-sampler devices that read `gpus`, as their host reports them.
+pub fn power_devices(host_gpus: &[Gpu], gpus: &[u32]) -> Vec<String> {
+    gpus.iter()
+        .filter_map(|&index| host_gpus.iter().find(|gpu| gpu.index == index))
+        .filter(|gpu| !gpu.power_device.is_empty())
+        .map(|gpu| gpu.power_device.clone())
+        .collect()
 }
 
 /// What a workload spec names for assigned GPUs: their UUIDs (stable
@@ -245,26 +401,38 @@ mod tests {
     #[tokio::test]
     async fn a_measuring_run_has_its_gpus_to_itself() {
         let leases = Arc::new(GpuLeases::default());
-        let sharing = leases.lease("h", &[0, 1], GpuUse::Shared).await;
+        let sharing = leases.lease("h", &[0, 1], GpuUse::Shared, None).await;
         // Sharing runs run together; another host's GPU 0 is another GPU.
-        assert!(leases.try_lease("h", &[1], GpuUse::Shared).is_some());
-        assert!(leases.try_lease("g", &[0], GpuUse::Exclusive).is_some());
-        assert!(leases.try_lease("h", &[1, 2], GpuUse::Exclusive).is_none());
+        assert!(leases.try_lease("h", &[1], GpuUse::Shared, None).is_some());
+        assert!(
+            leases
+                .try_lease("g", &[0], GpuUse::Exclusive, None)
+                .is_some()
+        );
+        assert!(
+            leases
+                .try_lease("h", &[1, 2], GpuUse::Exclusive, None)
+                .is_none()
+        );
         let measuring = tokio::spawn({
             let leases = Arc::clone(&leases);
-            async move { leases.lease("h", &[1, 2], GpuUse::Exclusive).await }
+            async move { leases.lease("h", &[1, 2], GpuUse::Exclusive, None).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!measuring.is_finished(), "waits for the sharing run");
         // Fair: a sharing run that comes later waits behind the measuring one.
         let late = tokio::spawn({
             let leases = Arc::clone(&leases);
-            async move { leases.lease("h", &[1], GpuUse::Shared).await }
+            async move { leases.lease("h", &[1], GpuUse::Shared, None).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!late.is_finished());
         // GPU 2 is held by the waiting measuring run; GPU 3 is free.
-        assert!(leases.try_lease("h", &[3], GpuUse::Exclusive).is_some());
+        assert!(
+            leases
+                .try_lease("h", &[3], GpuUse::Exclusive, None)
+                .is_some()
+        );
         drop(sharing);
         let measuring = tokio::time::timeout(Duration::from_secs(5), measuring)
             .await
@@ -277,5 +445,85 @@ mod tests {
             .await
             .expect("then the sharing run goes")
             .unwrap();
+    }
+
+    fn count(n: u32) -> GpuRequest {
+        GpuRequest {
+            count: Some(GpuCount::Exactly(n)),
+            devices: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_measuring_run_waits_for_other_deployments_gpus() {
+        let leases = Arc::new(GpuLeases::default());
+        let host = gpus(2);
+        let held = leases
+            .hold_for_replica("h", &host, &count(1), "llm")
+            .unwrap();
+        assert_eq!(held, [0]);
+        // Campaign backends are given the GPU no deployment holds.
+        assert_eq!(leases.assign("h", &host, 1), Some(vec![1]));
+        // Sharing runs and runs measuring that deployment go; others wait.
+        assert!(leases.try_lease("h", &[0], GpuUse::Shared, None).is_some());
+        assert!(
+            leases
+                .try_lease("h", &[0], GpuUse::Exclusive, Some("llm"))
+                .is_some()
+        );
+        assert!(
+            leases
+                .try_lease("h", &[0], GpuUse::Exclusive, None)
+                .is_none()
+        );
+        assert_eq!(
+            leases.held_by_others("h", &[0, 1], Some("other")),
+            [(0, "llm".to_string())]
+        );
+        let measuring = tokio::spawn({
+            let leases = Arc::clone(&leases);
+            async move { leases.lease("h", &[0, 1], GpuUse::Exclusive, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !measuring.is_finished(),
+            "waits while the replica holds GPU 0"
+        );
+        leases.release_replica("h", &held, "llm");
+        let lease = tokio::time::timeout(Duration::from_secs(5), measuring)
+            .await
+            .expect("the replica let go")
+            .unwrap();
+        // A replica is not given a GPU a run measures now.
+        let refused = leases
+            .hold_for_replica("h", &host, &count(1), "llm")
+            .unwrap_err();
+        assert!(refused.contains("not measured by a run now"), "{refused}");
+        let named = GpuRequest {
+            count: None,
+            devices: vec!["GPU-1".into()],
+        };
+        let refused = leases
+            .hold_for_replica("h", &host, &named, "llm")
+            .unwrap_err();
+        assert!(
+            refused.contains("GPU 1 of host `h` is measured"),
+            "{refused}"
+        );
+        drop(lease);
+        assert_eq!(
+            leases.hold_for_replica("h", &host, &named, "llm").unwrap(),
+            [1]
+        );
+        let unknown = GpuRequest {
+            count: None,
+            devices: vec!["GPU-7".into()],
+        };
+        assert!(
+            leases
+                .hold_for_replica("h", &host, &unknown, "llm")
+                .unwrap_err()
+                .contains("no GPU `GPU-7`")
+        );
     }
 }

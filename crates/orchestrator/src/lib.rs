@@ -79,6 +79,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         scheduler,
         shutdown,
         manifest_limits: config.manifest.clone(),
+        budget: berth_server::budget::RequestBudget::from_config(&config.server),
     };
     host.add_service(InterceptedService::new(
         OrchestratorServer::new(service)

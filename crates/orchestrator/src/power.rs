@@ -84,6 +84,7 @@ impl PowerMeter {
         address: &str,
         run_id: &str,
         power: &Power,
+        backend_devices: &[String],
     ) -> Result<PowerSession, String> {
         let host_turn = Arc::clone(
             self.host_turns
@@ -99,7 +100,12 @@ impl PowerMeter {
         };
         let request = StartSessionRequest {
             run_id: run_id.to_string(),
-            devices: power.devices.clone(),
+            // The manifest's devices; else the backend's; else all.
+            devices: if power.devices.is_empty() {
+                backend_devices.to_vec()
+            } else {
+                power.devices.clone()
+            },
             rate_hz: power.rate_hz,
             idle_baseline: power
                 .idle_baseline

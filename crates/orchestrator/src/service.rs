@@ -1,9 +1,11 @@
 //! The Orchestrator gRPC service.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use berth_proto::orchestrator::v1::orchestrator_server::Orchestrator;
 use berth_proto::orchestrator::v1::*;
+use berth_server::budget::{self, BudgetError, RequestBudget};
 use berth_server::{CancellationToken, GrpcStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,7 +15,7 @@ use crate::deployment::Deployments;
 use crate::error::OrchestratorError;
 use crate::events::CampaignEvents;
 use crate::hosts::HostRegistry;
-use crate::manifest::{self, ManifestLimits};
+use crate::manifest::{self, ManifestLimits, Plan};
 use crate::placement;
 use crate::results;
 use crate::scheduler::Scheduler;
@@ -30,6 +32,9 @@ pub struct OrchestratorService {
     pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) manifest_limits: ManifestLimits,
+    /// SubmitCampaign's and Deploy's parsing, validation and expansion run
+    /// within it (`server.request_cpu_budget`, `server.max_costly_requests`).
+    pub(crate) budget: RequestBudget,
 }
 
 fn page_token<T: std::str::FromStr>(token: &str) -> Result<Option<T>, OrchestratorError> {
@@ -79,6 +84,95 @@ fn next_page<T, C: ToString>(rows: &mut Vec<T>, limit: usize, cursor: impl Fn(&T
     rows.last()
         .map(|row| cursor(row).to_string())
         .unwrap_or_default()
+}
+
+/// What SubmitCampaign needs to work out a submission off the async
+/// workers, within the request's budget.
+struct SubmissionPlanner {
+    deployments: Arc<Deployments>,
+    hosts: Arc<HostRegistry>,
+    limits: ManifestLimits,
+}
+
+/// A manifest's plan, checked against the deployments and hosts, and its
+/// runs as they will be stored (none for a validation); the text and its
+/// name handed back.
+struct Submission {
+    plan: Plan,
+    runs: Vec<Run>,
+    manifest_yaml: String,
+    source: String,
+}
+
+impl SubmissionPlanner {
+    /// The costly part of SubmitCampaign: parse, validate and expand the
+    /// manifest (the walk and the expansion check the budget), check it
+    /// against the deployments and hosts, and build the runs of campaign
+    /// `runs_for`.
+    fn plan(
+        &self,
+        source: String,
+        manifest_yaml: String,
+        runs_for: Option<&str>,
+    ) -> Result<Submission, OrchestratorError> {
+        let plan = manifest::plan_within(&source, &manifest_yaml, &self.limits)?;
+        let endpoint_ports = plan.manifest.run.endpoint_ports();
+        for backend in plan
+            .manifest
+            .backends
+            .iter()
+            .filter(|b| !b.deployment.is_empty())
+        {
+            self.deployments.check_measurable(
+                &backend.name,
+                &backend.deployment,
+                &endpoint_ports,
+            )?;
+        }
+        placement::check_placeable(&plan, &self.hosts.views())?;
+        let runs = match runs_for {
+            Some(id) => pending_runs(id, &plan)?,
+            None => Vec::new(),
+        };
+        Ok(Submission {
+            plan,
+            runs,
+            manifest_yaml,
+            source,
+        })
+    }
+}
+
+/// The plan's runs as campaign `id` stores them, each costing the budget.
+/// Configurations are looked up by name in a map: a search per run is
+/// quadratic (10^11 comparisons for 100 000 configurations and 1M runs).
+fn pending_runs(id: &str, plan: &Plan) -> Result<Vec<Run>, BudgetError> {
+    let params: HashMap<&str, &[(String, String)]> = plan
+        .configs
+        .iter()
+        .map(|config| (config.name.as_str(), config.params.as_slice()))
+        .collect();
+    plan.runs
+        .iter()
+        .map(|planned| {
+            budget::check()?;
+            Ok(Run {
+                id: planned.id(id),
+                campaign_id: id.to_string(),
+                config: planned.config.clone(),
+                params: params
+                    .get(planned.config.as_str())
+                    .map(|params| params.iter().cloned().collect())
+                    .unwrap_or_default(),
+                backend: planned.backend.clone(),
+                cycle: planned.cycle,
+                warmup: planned.warmup,
+                state: RunState::Pending as i32,
+                sequence: planned.sequence,
+                ..Default::default()
+            })
+        })
+        .collect()
 }
 
 fn is_terminal(campaign: &Campaign) -> bool {
@@ -140,29 +234,31 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<Campaign>, Status> {
         let request = request.into_inner();
         let source = if request.source_name.is_empty() {
-            "manifest"
+            "manifest".to_string()
         } else {
-            request.source_name.as_str()
+            request.source_name
         };
-        let plan = manifest::plan_within(source, &request.manifest_yaml, &self.manifest_limits)
-            .map_err(OrchestratorError::from)?;
-        let endpoint_ports = plan.manifest.run.endpoint_ports();
-        for backend in plan
-            .manifest
-            .backends
-            .iter()
-            .filter(|b| !b.deployment.is_empty())
-        {
-            self.deployments.check_measurable(
-                &backend.name,
-                &backend.deployment,
-                &endpoint_ports,
-            )?;
-        }
-        placement::check_placeable(&plan, &self.hosts.views())?;
+        let id = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let planner = SubmissionPlanner {
+            deployments: Arc::clone(&self.deployments),
+            hosts: Arc::clone(&self.hosts),
+            limits: self.manifest_limits.clone(),
+        };
+        let validate_only = request.validate_only;
+        let runs_for = (!validate_only).then(|| id.clone());
+        let manifest_yaml = request.manifest_yaml;
+        let Submission {
+            plan,
+            runs,
+            manifest_yaml,
+            source,
+        } = self
+            .budget
+            .run(move || planner.plan(source, manifest_yaml, runs_for.as_deref()))
+            .await?;
         let total = plan.runs.len() as u64;
         let work_metric = plan.manifest.power.work_metric().to_string();
-        if request.validate_only {
+        if validate_only {
             return Ok(Response::new(Campaign {
                 name: plan.manifest.name,
                 work_metric,
@@ -171,42 +267,22 @@ impl Orchestrator for OrchestratorService {
                     total,
                     ..Default::default()
                 }),
-                manifest_yaml: request.manifest_yaml,
+                manifest_yaml,
                 ..Default::default()
             }));
         }
-        let id = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let campaign = Campaign {
             id: id.clone(),
             name: plan.manifest.name.clone(),
             state: CampaignState::Pending as i32,
             status_message: "waiting to be scheduled".into(),
             created_at: Some(std::time::SystemTime::now().into()),
-            manifest_yaml: request.manifest_yaml,
+            manifest_yaml,
             work_metric,
             ..Default::default()
         };
-        let runs: Vec<Run> = plan
-            .runs
-            .iter()
-            .map(|planned| Run {
-                id: planned.id(&id),
-                campaign_id: id.clone(),
-                config: planned.config.clone(),
-                params: plan
-                    .config(&planned.config)
-                    .map(|c| c.params.iter().cloned().collect())
-                    .unwrap_or_default(),
-                backend: planned.backend.clone(),
-                cycle: planned.cycle,
-                warmup: planned.warmup,
-                state: RunState::Pending as i32,
-                sequence: planned.sequence,
-                ..Default::default()
-            })
-            .collect();
         self.store
-            .insert_campaign(&campaign, source, &plan.results_layout().to_json(), &runs)
+            .insert_campaign(&campaign, &source, &plan.results_layout().to_json(), &runs)
             .map_err(OrchestratorError::from)?;
         tracing::info!(campaign = %id, name = %campaign.name, runs = runs.len(), "campaign submitted");
         self.scheduler.launch(id.clone());
@@ -383,12 +459,21 @@ impl Orchestrator for OrchestratorService {
         request: Request<DeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
         let request = request.into_inner();
-        Ok(Response::new(self.deployments.deploy(
-            &request.source_name,
-            &request.recipe_yaml,
-            request.update,
-            request.validate_only,
-        )?))
+        let deployments = Arc::clone(&self.deployments);
+        // The recipe is parsed and validated inside `deploy`; its YAML walk
+        // checks the budget, and nothing is stored before it has passed.
+        let deployment = self
+            .budget
+            .run(move || {
+                deployments.deploy(
+                    &request.source_name,
+                    &request.recipe_yaml,
+                    request.update,
+                    request.validate_only,
+                )
+            })
+            .await?;
+        Ok(Response::new(deployment))
     }
 
     async fn get_deployment(

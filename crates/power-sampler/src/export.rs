@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use berth_server::parquet_columns::{write_optional, write_required};
 use parquet::data_type::{
-    BoolType, ByteArray, ByteArrayType, DataType, DoubleType, FloatType, Int32Type, Int64Type,
+    BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type,
 };
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
-use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
+use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 
 use crate::series::{SampleRow, SeriesView};
@@ -81,34 +82,6 @@ pub fn csv(series: &SeriesView<'_>) -> Result<Vec<u8>, csv::Error> {
         .map_err(|error| csv::Error::from(error.into_error()))
 }
 
-/// Writes a column with no nulls.
-fn required<T: DataType>(
-    column: &mut SerializedColumnWriter<'_>,
-    values: Vec<T::T>,
-) -> Result<(), ParquetError> {
-    column
-        .typed::<T>()
-        .write_batch(&values, None, None)
-        .map(drop)
-}
-
-/// Writes a column that may hold nulls: the values present, and a
-/// definition level per row saying whether it has one.
-fn optional<T: DataType>(
-    column: &mut SerializedColumnWriter<'_>,
-    values: impl Iterator<Item = Option<T::T>>,
-) -> Result<(), ParquetError> {
-    let (mut present, mut levels) = (Vec::new(), Vec::new());
-    for value in values {
-        levels.push(i16::from(value.is_some()));
-        present.extend(value);
-    }
-    column
-        .typed::<T>()
-        .write_batch(&present, Some(&levels), None)
-        .map(drop)
-}
-
 pub fn parquet(series: &SeriesView<'_>) -> Result<Vec<u8>, ParquetError> {
     let schema = Arc::new(parse_message_type(PARQUET_SCHEMA)?);
     let properties = Arc::new(WriterProperties::builder().build());
@@ -120,35 +93,38 @@ pub fn parquet(series: &SeriesView<'_>) -> Result<Vec<u8>, ParquetError> {
     while let Some(mut column) = group.next_column()? {
         let rows = rows.iter();
         match COLUMNS[index] {
-            "device" => required::<ByteArrayType>(
+            "device" => write_required::<ByteArrayType>(
                 &mut column,
                 rows.map(|r| ByteArray::from(r.device)).collect(),
             ),
-            "time" => required::<Int64Type>(&mut column, rows.map(unix_nanos).collect()),
-            "elapsed_s" => {
-                required::<DoubleType>(&mut column, rows.map(|r| r.elapsed.as_secs_f64()).collect())
-            }
-            "power_w" => optional::<DoubleType>(&mut column, rows.map(|r| r.reading.power_w)),
+            "time" => write_required::<Int64Type>(&mut column, rows.map(unix_nanos).collect()),
+            "elapsed_s" => write_required::<DoubleType>(
+                &mut column,
+                rows.map(|r| r.elapsed.as_secs_f64()).collect(),
+            ),
+            "power_w" => write_optional::<DoubleType>(&mut column, rows.map(|r| r.reading.power_w)),
             "power_avg_w" => {
-                optional::<DoubleType>(&mut column, rows.map(|r| r.reading.power_avg_w))
+                write_optional::<DoubleType>(&mut column, rows.map(|r| r.reading.power_avg_w))
             }
-            "energy_j" => optional::<DoubleType>(&mut column, rows.map(|r| r.reading.energy_j)),
+            "energy_j" => {
+                write_optional::<DoubleType>(&mut column, rows.map(|r| r.reading.energy_j))
+            }
             "utilization_pct" => {
-                optional::<FloatType>(&mut column, rows.map(|r| r.reading.utilization_pct))
+                write_optional::<FloatType>(&mut column, rows.map(|r| r.reading.utilization_pct))
             }
             // Parquet's unsigned integers are stored in the signed physical type.
-            "memory_used_bytes" => optional::<Int64Type>(
+            "memory_used_bytes" => write_optional::<Int64Type>(
                 &mut column,
                 rows.map(|r| r.reading.memory_used_bytes.map(|b| b as i64)),
             ),
             "temperature_c" => {
-                optional::<FloatType>(&mut column, rows.map(|r| r.reading.temperature_c))
+                write_optional::<FloatType>(&mut column, rows.map(|r| r.reading.temperature_c))
             }
-            "sm_clock_mhz" => optional::<Int32Type>(
+            "sm_clock_mhz" => write_optional::<Int32Type>(
                 &mut column,
                 rows.map(|r| r.reading.sm_clock_mhz.map(|c| c as i32)),
             ),
-            _ => required::<BoolType>(&mut column, rows.map(|r| r.replay).collect()),
+            _ => write_required::<BoolType>(&mut column, rows.map(|r| r.replay).collect()),
         }?;
         column.close()?;
         index += 1;

@@ -66,6 +66,15 @@ pub struct ServerConfig {
     /// HTTP port; a slower one gets 408 and its connection closed.
     #[serde(with = "humantime_serde")]
     pub http_header_timeout: Duration,
+    /// CPU time the costly synchronous part of one request (parsing,
+    /// validating, expanding what it sent) may take before it is stopped
+    /// and refused with RESOURCE_EXHAUSTED / 429 (`budget.rs`).
+    #[serde(with = "humantime_serde")]
+    pub request_cpu_budget: Duration,
+    /// Costly requests worked on at once; one more is refused at once with
+    /// RESOURCE_EXHAUSTED / 429, so that what they hold in memory is not
+    /// multiplied by the callers' concurrency.
+    pub max_costly_requests: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -99,6 +108,8 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             max_message_bytes: 16 * 1024 * 1024,
             http_header_timeout: Duration::from_secs(10),
+            request_cpu_budget: Duration::from_secs(10),
+            max_costly_requests: 4,
         }
     }
 }

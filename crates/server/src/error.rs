@@ -99,6 +99,12 @@ pub mod reasons {
     /// The container-agent cannot exec in a workload that is not running
     /// (it stopped or died): for the orchestrator, the backend is lost.
     pub const WORKLOAD_NOT_RUNNING: &str = "workload_not_running";
+    /// A request's costly work used its CPU time budget and was stopped
+    /// (`berth_server::budget`): the same request will be refused again.
+    pub const REQUEST_BUDGET_EXCEEDED: &str = "request_budget_exceeded";
+    /// As many costly requests as a service works on at once were running:
+    /// the same request may be served later.
+    pub const TOO_MANY_COSTLY_REQUESTS: &str = "too_many_costly_requests";
 }
 
 /// Implemented by each crate's error enum; the one place where a service

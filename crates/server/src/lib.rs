@@ -4,6 +4,7 @@
 //! telemetry; and the error code that maps a service error to gRPC and HTTP.
 
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -14,6 +15,8 @@ pub mod json_budget;
 pub mod listen;
 pub mod metrics;
 pub mod paging;
+#[cfg(feature = "parquet")]
+pub mod parquet_columns;
 pub mod serve;
 pub mod telemetry;
 pub mod unix_authority;

@@ -15,7 +15,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, Endpoint, UpstreamRequest};
+use super::{Dialect, Endpoint, UpstreamRequest, api_key_header, upstream_request};
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
 use crate::sse;
@@ -131,20 +131,10 @@ pub(super) fn prepare(
     let mut headers = http::HeaderMap::new();
     headers.insert("anthropic-version", HeaderValue::from_static(VERSION));
     if let Some(key) = &deployment.api_key {
-        let mut value = HeaderValue::try_from(key.expose())
-            .map_err(|_| invalid("the api_key is not a valid header value".into()))?;
-        value.set_sensitive(true);
+        let value = api_key_header(deployment, key.expose().to_string())?;
         headers.insert("x-api-key", value);
     }
-    let body = serde_json::to_vec(&out)
-        .map_err(|e| ProxyError::InvalidRequest(e.to_string()))?
-        .into();
-    Ok(UpstreamRequest {
-        uri,
-        headers,
-        body,
-        dialect: Dialect::Anthropic { include_usage },
-    })
+    upstream_request(uri, headers, &out, Dialect::Anthropic { include_usage })
 }
 
 /// OpenAI's messages as Anthropic's `system` blocks and conversation turns.

@@ -7,7 +7,7 @@ mod ollama;
 mod openai;
 
 use bytes::Bytes;
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, HeaderValue, Uri};
 use serde_json::{Map, Value};
 
 pub use anthropic::Events as AnthropicEvents;
@@ -99,6 +99,38 @@ fn refuse_unsupported(
     }
 }
 
+/// The deployment's API key as the value of a header (`Bearer <key>` or the
+/// key alone, as its provider wants it), marked sensitive so that it is
+/// never logged.
+fn api_key_header(deployment: &Deployment, value: String) -> Result<HeaderValue, ProxyError> {
+    let mut value = HeaderValue::try_from(value).map_err(|_| {
+        ProxyError::InvalidRequest(format!(
+            "deployment {}: the api_key is not a valid header value",
+            deployment.id
+        ))
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The request to send: `body` serialised as JSON.
+fn upstream_request(
+    uri: Uri,
+    headers: HeaderMap,
+    body: &impl serde::Serialize,
+    dialect: Dialect,
+) -> Result<UpstreamRequest, ProxyError> {
+    let body = serde_json::to_vec(body)
+        .map_err(|e| ProxyError::InvalidRequest(e.to_string()))?
+        .into();
+    Ok(UpstreamRequest {
+        uri,
+        headers,
+        body,
+        dialect,
+    })
+}
+
 /// Turns the client's request body into the request for `deployment`.
 pub fn prepare(
     deployment: &Deployment,
@@ -108,7 +140,16 @@ pub fn prepare(
 ) -> Result<UpstreamRequest, ProxyError> {
     match deployment.provider {
         ProviderKind::OpenAi => openai::prepare(deployment, endpoint, body, &|_| true),
-        ProviderKind::Ollama => ollama::prepare(deployment, endpoint, body, drop_params),
+        // Ollama ignores parameters it does not know: refused unless dropped,
+        // then the OpenAI-compatible request with only those it honours.
+        ProviderKind::Ollama => {
+            if !drop_params {
+                refuse_unsupported("ollama", ollama::SUPPORTED, deployment, body)?;
+            }
+            openai::prepare(deployment, endpoint, body, &|key| {
+                ollama::SUPPORTED.contains(&key)
+            })
+        }
         ProviderKind::Anthropic => anthropic::prepare(deployment, endpoint, body, drop_params),
     }
 }

@@ -3,14 +3,8 @@
 //! ignores parameters it does not know, so like LiteLLM the proxy refuses
 //! them unless `drop_params` is set, rather than letting them vanish.
 
-use serde_json::{Map, Value};
-
-use super::{Endpoint, UpstreamRequest};
-use crate::error::ProxyError;
-use crate::litellm_config::DeploymentConfig as Deployment;
-
 /// Parameters Ollama's OpenAI-compatible endpoints honour.
-const SUPPORTED: &[&str] = &[
+pub(super) const SUPPORTED: &[&str] = &[
     "model",
     "messages",
     "prompt",
@@ -34,15 +28,3 @@ const SUPPORTED: &[&str] = &[
     "encoding_format",
     "user",
 ];
-
-pub(super) fn prepare(
-    deployment: &Deployment,
-    endpoint: Endpoint,
-    body: &Map<String, Value>,
-    drop_params: bool,
-) -> Result<UpstreamRequest, ProxyError> {
-    if !drop_params {
-        super::refuse_unsupported("ollama", SUPPORTED, deployment, body)?;
-    }
-    super::openai::prepare(deployment, endpoint, body, &|key| SUPPORTED.contains(&key))
-}

@@ -8,12 +8,11 @@
 //! stream is asked for usage; where the client did not ask, the stream is
 //! marked for the usage to be taken out again on its way back.
 
-use http::HeaderValue;
 use http::header::AUTHORIZATION;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, Endpoint, UpstreamRequest};
+use super::{Dialect, Endpoint, UpstreamRequest, api_key_header, upstream_request};
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;
 
@@ -32,14 +31,7 @@ pub(super) fn prepare(
         })?;
     let mut headers = http::HeaderMap::new();
     if let Some(key) = &deployment.api_key {
-        let mut value =
-            HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
-                ProxyError::InvalidRequest(format!(
-                    "deployment {}: the api_key is not a valid header value",
-                    deployment.id
-                ))
-            })?;
-        value.set_sensitive(true);
+        let value = api_key_header(deployment, format!("Bearer {}", key.expose()))?;
         headers.insert(AUTHORIZATION, value);
     }
     let forwarded = |key: &str| keep(key) && !deployment.drop_params.iter().any(|d| d == key);
@@ -64,17 +56,10 @@ pub(super) fn prepare(
         stream_options: stream_options.as_ref(),
         keep: &forwarded,
     };
-    let body = serde_json::to_vec(&rewritten)
-        .map_err(|e| ProxyError::InvalidRequest(e.to_string()))?
-        .into();
-    Ok(UpstreamRequest {
-        uri,
-        headers,
-        body,
-        dialect: Dialect::OpenAi {
-            strip_usage: stream_options.is_some(),
-        },
-    })
+    let dialect = Dialect::OpenAi {
+        strip_usage: stream_options.is_some(),
+    };
+    upstream_request(uri, headers, &rewritten, dialect)
 }
 
 /// The client's body serialised with another model name, without cloning it

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 
 use crate::error::OrchestratorError;
+use crate::gpu_leases::GpuLeases;
 use crate::hosts::HostRegistry;
 use crate::manifest::ManifestLimits;
 use crate::store::Store;
@@ -92,9 +93,12 @@ struct ParsedRecipe {
 }
 
 /// A running replica of a deployment, as a campaign backend reaches it.
+#[derive(Clone)]
 pub struct Serving {
     pub host: String,
     pub endpoints: BTreeMap<String, String>,
+    /// Indexes of the host's GPUs the replica holds.
+    pub gpus: Vec<u32>,
 }
 
 pub struct Deployments {
@@ -109,6 +113,8 @@ pub struct Deployments {
     /// Host ports handed to replicas, per host (those recorded and those
     /// being placed), so that two replicas never get the same one.
     ports_in_use: Mutex<HashMap<String, Vec<u16>>>,
+    /// The GPUs replicas hold, shared with the campaigns' runs.
+    gpu_leases: Arc<GpuLeases>,
     /// Each live deployment's recipe, parsed once per (deployment row,
     /// generation): snapshots and reconcile passes read it many times.
     recipes: Mutex<HashMap<String, ParsedRecipe>>,
@@ -147,12 +153,18 @@ impl Deployments {
             hosts,
             config,
             manifest_limits,
+            gpu_leases: Arc::default(),
             reconcilers: Mutex::new(HashMap::new()),
             events: Mutex::new(HashMap::new()),
             ports_in_use: Mutex::new(HashMap::new()),
             recipes: Mutex::new(HashMap::new()),
             shutdown,
         })
+    }
+
+    /// The GPUs replicas hold, for the campaigns' runs to lease around.
+    pub fn gpu_leases(&self) -> Arc<GpuLeases> {
+        Arc::clone(&self.gpu_leases)
     }
 
     fn recipe_limits(&self) -> RecipeLimits {
@@ -193,7 +205,7 @@ impl Deployments {
     pub fn resume(self: &Arc<Self>) -> Result<(), OrchestratorError> {
         for record in self.store.live_deployments()? {
             for replica in self.store.replicas(&record.name)? {
-                self.note_ports(&replica);
+                self.note_held(&replica);
             }
             self.launch(&record.name);
         }
@@ -393,6 +405,7 @@ impl Deployments {
                 reason: r.reason.clone(),
                 since: timestamp(r.since_ms),
                 generation: r.generation,
+                gpus: r.gpus.clone(),
             })
             .collect();
         Deployment {
@@ -461,6 +474,7 @@ impl Deployments {
             .into_iter()
             .find(|r| r.state == ReplicaState::Running as i32)
             .map(|replica| Serving {
+                gpus: replica.gpus,
                 host: replica.host,
                 endpoints: replica
                     .endpoints
@@ -532,7 +546,9 @@ impl Deployments {
         })
     }
 
-    fn note_ports(&self, replica: &ReplicaRecord) {
+    /// Counts what a placed replica holds on its host (its ports, its
+    /// GPUs) as taken.
+    fn note_held(&self, replica: &ReplicaRecord) {
         if replica.host.is_empty() {
             return;
         }
@@ -540,9 +556,12 @@ impl Deployments {
             .entry(replica.host.clone())
             .or_default()
             .extend(replica.ports.values());
+        self.gpu_leases
+            .note_replica(&replica.host, &replica.gpus, &replica.deployment);
     }
 
-    fn release_ports(&self, replica: &ReplicaRecord) {
+    /// Frees what a replica held on its host.
+    fn release_held(&self, replica: &ReplicaRecord) {
         if let Some(used) = lock(&self.ports_in_use).get_mut(&replica.host) {
             for port in replica.ports.values() {
                 if let Some(at) = used.iter().position(|p| p == port) {
@@ -550,6 +569,8 @@ impl Deployments {
                 }
             }
         }
+        self.gpu_leases
+            .release_replica(&replica.host, &replica.gpus, &replica.deployment);
     }
 }
 

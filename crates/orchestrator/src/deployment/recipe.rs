@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::manifest::{
-    self, Backend, ByteSize, GpuRequest, ManifestError, ManifestLimits, Mount, Resources,
+    self, Backend, ByteSize, GpuRequest, ManifestError, ManifestLimits, Mount, PathStep, Resources,
     RuntimeName, Source,
 };
 
@@ -393,7 +393,13 @@ fn validate(
             )));
         }
     }
-    manifest::check_backend_resources(&recipe.backend(), "recipe")
+    let mut workload = recipe.backend();
+    if recipe.runtime == RuntimeName::Process {
+        // A host process is told its GPUs (CUDA_VISIBLE_DEVICES); the
+        // agent is not asked for them.
+        workload.gpus = None;
+    }
+    manifest::check_backend_resources(&workload, "recipe")
         .map_err(|(path, message)| at(path, message))?;
     check_ports(source, recipe)?;
     for (name, limit) in &recipe.ulimits {
@@ -430,8 +436,16 @@ fn validate(
 
 fn check_ports(source: Source<'_>, recipe: &Recipe) -> Result<(), ManifestError> {
     let mut names = BTreeSet::new();
-    for port in &recipe.ports {
-        let at = |message: String| source.at(&["ports", "name"], message);
+    for (index, port) in recipe.ports.iter().enumerate() {
+        // At the port's key, or at the port when the key is left out.
+        let at = |key: &str, message: String| {
+            let path = [
+                PathStep::Key("ports"),
+                PathStep::Index(index),
+                PathStep::Key(key),
+            ];
+            source.at_path(&path, message)
+        };
         if port.name.is_empty()
             || port.name.len() > 32
             || !port
@@ -439,30 +453,38 @@ fn check_ports(source: Source<'_>, recipe: &Recipe) -> Result<(), ManifestError>
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         {
-            return Err(at(format!(
-                "ports.name: `{}` must be 1 to 32 lower-case letters, digits or _",
-                port.name
-            )));
+            return Err(at(
+                "name",
+                format!(
+                    "ports.name: `{}` must be 1 to 32 lower-case letters, digits or _",
+                    port.name
+                ),
+            ));
         }
         if !names.insert(port.name.as_str()) {
-            return Err(source.at_value(
-                &port.name,
-                2,
+            return Err(at(
+                "name",
                 format!("ports: duplicate port name `{}`", port.name),
             ));
         }
         match recipe.runtime {
             RuntimeName::Process if port.host_port != 0 => {
-                return Err(at(format!(
-                    "ports[{}].host_port: a host process binds its port itself; give it as `port`",
-                    port.name
-                )));
+                return Err(at(
+                    "host_port",
+                    format!(
+                        "ports[{}].host_port: a host process binds its port itself; give it as `port`",
+                        port.name
+                    ),
+                ));
             }
             RuntimeName::Docker | RuntimeName::Podman if port.port == 0 => {
-                return Err(at(format!(
-                    "ports[{}].port: a container port must be given (the port the image listens on)",
-                    port.name
-                )));
+                return Err(at(
+                    "port",
+                    format!(
+                        "ports[{}].port: a container port must be given (the port the image listens on)",
+                        port.name
+                    ),
+                ));
             }
             _ => {}
         }
@@ -524,14 +546,20 @@ fn check_health(
 /// `{{port.<name>}}` of a declared port and `{{replica}}` are the only
 /// placeholders a recipe's command and env may hold.
 fn check_placeholders(source: Source<'_>, recipe: &Recipe) -> Result<(), ManifestError> {
-    let templates = recipe
+    // Each template with where it is: the command's argument, the env's key.
+    let command = recipe
         .command
         .iter()
-        .map(|arg| ("command", arg))
-        .chain(recipe.env.values().map(|value| ("env", value)));
-    for (key, template) in templates {
+        .enumerate()
+        .map(|(index, arg)| ("command", PathStep::Index(index), arg));
+    let env = recipe
+        .env
+        .iter()
+        .map(|(name, value)| ("env", PathStep::Key(name), value));
+    for (key, step, template) in command.chain(env) {
+        let at = |message: String| source.at_path(&[PathStep::Key(key), step], message);
         let Some(names) = manifest::placeholder_names(template) else {
-            return Err(source.at(&[key], format!("{key}: unclosed `{{{{` in `{template}`")));
+            return Err(at(format!("{key}: unclosed `{{{{` in `{template}`")));
         };
         for name in names {
             let known = name == "replica"
@@ -539,12 +567,9 @@ fn check_placeholders(source: Source<'_>, recipe: &Recipe) -> Result<(), Manifes
                     .strip_prefix("port.")
                     .is_some_and(|port| recipe.port(port).is_some());
             if !known {
-                return Err(source.at(
-                    &[key],
-                    format!(
-                        "{key}: unknown placeholder `{{{{{name}}}}}` in `{template}` (a recipe has {{{{replica}}}} and {{{{port.<name>}}}} of its ports)"
-                    ),
-                ));
+                return Err(at(format!(
+                    "{key}: unknown placeholder `{{{{{name}}}}}` in `{template}` (a recipe has {{{{replica}}}} and {{{{port.<name>}}}} of its ports)"
+                )));
             }
         }
     }
@@ -600,7 +625,7 @@ mod tests {
             ),
             (
                 "name: web\nruntime: process\ncommand: [x]\nports:\n  - name: http\n    host_port: 80\n",
-                5,
+                6,
                 "a host process binds its port itself",
             ),
             (

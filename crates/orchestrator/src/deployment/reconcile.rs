@@ -13,6 +13,7 @@ use berth_proto::agent::v1::{
     WorkloadState,
 };
 use berth_proto::orchestrator::v1::{DeploymentState, HostStatus, ReplicaState};
+use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::health::{self, Target};
@@ -31,6 +32,53 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The pause between looks while a replica is starting.
 const STARTING_LOOK: Duration = Duration::from_millis(200);
+
+/// Replicas a pass follows at once (looked at, started, placed): the
+/// agent calls in flight per deployment.
+const FOLLOWED_AT_ONCE: usize = 16;
+
+/// The deployment's replicas as this pass has placed them so far. Replicas
+/// followed at the same time choose their hosts from it one after another,
+/// so that `spread` and fixed host ports see each other's choices.
+struct Peers {
+    replicas: std::sync::Mutex<Vec<ReplicaRecord>>,
+    /// Whether a replica's own record counts among its peers: it does for
+    /// an update's successor, which runs beside the replica it replaces.
+    beside_itself: bool,
+}
+
+impl Peers {
+    fn new(replicas: &[ReplicaRecord], beside_itself: bool) -> Self {
+        Self {
+            replicas: std::sync::Mutex::new(replicas.to_vec()),
+            beside_itself,
+        }
+    }
+
+    /// The host for `replica`, counted as its from now on in this pass.
+    fn choose(
+        &self,
+        deployments: &Deployments,
+        recipe: &Recipe,
+        replica: &ReplicaRecord,
+        avoid: &[String],
+    ) -> Result<String, String> {
+        let mut replicas = super::lock(&self.replicas);
+        let except = (!self.beside_itself).then_some(replica.index);
+        let host = deployments.choose_host(recipe, &replicas, except, avoid)?;
+        if !self.beside_itself {
+            match replicas.iter_mut().find(|r| r.index == replica.index) {
+                Some(own) => own.host.clone_from(&host),
+                None => {
+                    let mut own = replica.clone();
+                    own.host.clone_from(&host);
+                    replicas.push(own);
+                }
+            }
+        }
+        Ok(host)
+    }
+}
 
 /// What the reconciler keeps of a replica between passes. Lost with a
 /// restart of the orchestrator, which only delays a verdict.
@@ -120,7 +168,7 @@ impl Deployments {
                 .map(|b| *b)
             {
                 let _ = self.remove_replica(&recipe, &successor).await;
-                self.release_ports(&successor);
+                self.release_held(&successor);
             }
             return self.stop_all(&recipe, &replicas).await;
         }
@@ -133,7 +181,7 @@ impl Deployments {
                     "scaled-down replica not removed; the sweep retries"
                 );
             }
-            self.release_ports(surplus);
+            self.release_held(surplus);
             self.store.delete_replica(name, surplus.index)?;
             followed.remove(&surplus.index);
             self.publish(
@@ -143,25 +191,45 @@ impl Deployments {
             );
         }
         replicas.retain(|r| r.index < record.replicas);
+        let currents: Vec<ReplicaRecord> = (0..record.replicas)
+            .map(|index| {
+                replicas
+                    .iter()
+                    .find(|r| r.index == index)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        let mut fresh = ReplicaRecord::pending(name, index, "to be placed");
+                        fresh.generation = record.generation;
+                        fresh
+                    })
+            })
+            .collect();
         for index in 0..record.replicas {
-            let current = replicas
-                .iter()
-                .find(|r| r.index == index)
-                .cloned()
-                .unwrap_or_else(|| {
-                    let mut fresh = ReplicaRecord::pending(name, index, "to be placed");
-                    fresh.generation = record.generation;
-                    fresh
-                });
-            let others: Vec<ReplicaRecord> = replicas
-                .iter()
-                .filter(|r| r.index != index)
-                .cloned()
-                .collect();
-            let state = followed.entry(index).or_default();
-            let next = self
-                .follow(&recipe, record.generation, current.clone(), &others, state)
-                .await;
+            followed.entry(index).or_default();
+        }
+        let mut states: Vec<(&u32, &mut Followed)> = followed
+            .iter_mut()
+            .filter(|(index, _)| **index < record.replicas)
+            .collect();
+        states.sort_unstable_by_key(|(index, _)| **index);
+        let peers = Peers::new(&replicas, false);
+        // Boxed up front: a closure in `map` would need to be general over
+        // the borrows' lifetimes, which the compiler cannot prove for a
+        // spawned (Send) task.
+        let follows: Vec<_> = currents
+            .iter()
+            .cloned()
+            .zip(states)
+            .map(|(current, (_, state))| {
+                Box::pin(self.follow(&recipe, record.generation, current, &peers, state))
+            })
+            .collect();
+        let nexts: Vec<ReplicaRecord> = futures::stream::iter(follows)
+            .buffered(FOLLOWED_AT_ONCE)
+            .collect()
+            .await;
+        for (current, next) in currents.into_iter().zip(nexts) {
+            let index = current.index;
             let stored = replicas.iter().any(|r| r.index == index);
             if next != current || !stored {
                 self.store.put_replica(&next)?;
@@ -200,7 +268,7 @@ impl Deployments {
             }
             for replica in replicas.iter().filter(|r| r.state == ReplicaState::Failed) {
                 let _ = self.remove_replica(&recipe, replica).await;
-                self.release_ports(replica);
+                self.release_held(replica);
             }
         }
         self.set_state(name, state, &message)?;
@@ -256,7 +324,7 @@ impl Deployments {
         recipe: &Recipe,
         generation: u32,
         replica: ReplicaRecord,
-        others: &[ReplicaRecord],
+        peers: &Peers,
         state: &mut Followed,
     ) -> ReplicaRecord {
         match replica.state {
@@ -267,10 +335,10 @@ impl Deployments {
             | ReplicaState::Lost
             | ReplicaState::Building
             | ReplicaState::Unspecified => {
-                self.place(recipe, generation, replica, others, state).await
+                self.place(recipe, generation, replica, peers, state).await
             }
             ReplicaState::Restarting => {
-                self.start_again(recipe, generation, replica, others, state)
+                self.start_again(recipe, generation, replica, peers, state)
                     .await
             }
             ReplicaState::Starting | ReplicaState::Running => {
@@ -286,10 +354,10 @@ impl Deployments {
         recipe: &Recipe,
         generation: u32,
         replica: ReplicaRecord,
-        others: &[ReplicaRecord],
+        peers: &Peers,
         state: &mut Followed,
     ) -> ReplicaRecord {
-        let host = match self.choose_host(recipe, others, &state.avoid) {
+        let host = match peers.choose(self, recipe, &replica, &state.avoid) {
             Ok(host) => host,
             Err(reason) => return with_reason(replica, &format!("waiting for a host: {reason}")),
         };
@@ -307,8 +375,21 @@ impl Deployments {
             Ok(ports) => ports,
             Err(reason) => return with_reason(replica, &format!("waiting for a port: {reason}")),
         };
+        if let Some(request) = &recipe.gpus {
+            let host_gpus = self.hosts.gpus(&host);
+            match self
+                .gpu_leases
+                .hold_for_replica(&host, &host_gpus, request, &recipe.name)
+            {
+                Ok(gpus) => placed.gpus = gpus,
+                Err(reason) => {
+                    self.release_held(&placed);
+                    return with_reason(replica, &format!("waiting for GPUs: {reason}"));
+                }
+            }
+        }
         if let Err(not_placed) = self.import_image(recipe, &mut client, &placed).await {
-            self.release_ports(&placed);
+            self.release_held(&placed);
             return match not_placed {
                 NotPlaced::Waiting(reason) => with_reason(replica, &format!("waiting: {reason}")),
                 NotPlaced::Refused(reason) => self.count_failure(recipe, replica, state, &reason),
@@ -330,11 +411,11 @@ impl Deployments {
                 placed
             }
             Err(NotPlaced::Waiting(reason)) => {
-                self.release_ports(&placed);
+                self.release_held(&placed);
                 with_reason(replica, &format!("waiting: {reason}"))
             }
             Err(NotPlaced::Refused(reason)) => {
-                self.release_ports(&placed);
+                self.release_held(&placed);
                 self.count_failure(recipe, replica, state, &reason)
             }
         }
@@ -414,11 +495,11 @@ impl Deployments {
         recipe: &Recipe,
         generation: u32,
         replica: ReplicaRecord,
-        others: &[ReplicaRecord],
+        peers: &Peers,
         state: &mut Followed,
     ) -> ReplicaRecord {
         if replica.workload_id.is_empty() {
-            return self.place(recipe, generation, replica, others, state).await;
+            return self.place(recipe, generation, replica, peers, state).await;
         }
         let mut client = match self.hosts.client(&replica.host).await {
             Ok(client) => client,
@@ -438,7 +519,7 @@ impl Deployments {
                 let mut gone = replica;
                 gone.workload_id.clear();
                 // Placed again, on the same host when it still fits.
-                self.place(recipe, generation, gone, others, state).await
+                self.place(recipe, generation, gone, peers, state).await
             }
             Err(status) if agent_did_not_answer(status.code()) => {
                 self.host_silent(recipe, replica, state, &describe_status(&status))
@@ -700,7 +781,7 @@ impl Deployments {
                 ),
             );
         }
-        self.release_ports(&replica);
+        self.release_held(&replica);
         state.host_silent_since = None;
         state.avoid.push(host.clone());
         let mut next = replica;
@@ -729,7 +810,7 @@ impl Deployments {
         let mut next = replica.clone();
         let done = match removed {
             Ok(()) => {
-                self.release_ports(replica);
+                self.release_held(replica);
                 next.state = ReplicaState::Stopped;
                 next.reason = format!("removed: {why}");
                 true
@@ -889,9 +970,10 @@ impl Deployments {
                 let mut fresh = old.clone();
                 fresh.state = ReplicaState::Pending;
                 let mut successor_state = Followed::default();
-                let others: Vec<ReplicaRecord> = replicas.to_vec();
+                // It runs beside the replica it replaces, which counts.
+                let peers = Peers::new(replicas, true);
                 let placed = self
-                    .place(recipe, generation, fresh, &others, &mut successor_state)
+                    .place(recipe, generation, fresh, &peers, &mut successor_state)
                     .await;
                 if placed.state != ReplicaState::Starting {
                     return Ok(Some(self.update_failed(recipe, state, &placed, generation)));
@@ -909,7 +991,7 @@ impl Deployments {
                 if let Err(reason) = self.remove_replica(recipe, &old).await {
                     tracing::warn!(deployment = %recipe.name, replica = old.index, reason, "the replaced workload was not removed; the sweep retries");
                 }
-                self.release_ports(&old);
+                self.release_held(&old);
                 let mut updated = looked;
                 updated.restarts = old.restarts;
                 updated.in_a_row = 0;
@@ -924,7 +1006,7 @@ impl Deployments {
                 if let Err(reason) = self.remove_replica(recipe, &looked).await {
                     tracing::warn!(deployment = %recipe.name, replica = old.index, reason, "a failed successor was not removed; the sweep retries");
                 }
-                self.release_ports(&looked);
+                self.release_held(&looked);
                 Ok(Some(self.update_failed(recipe, state, &looked, generation)))
             }
         }

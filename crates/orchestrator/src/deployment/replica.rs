@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use berth_proto::agent::v1::{
-    CreateWorkloadRequest, ImportImageChunk, ImportImageMetadata, RemoveWorkloadRequest,
+    CreateWorkloadRequest, Gpu, ImportImageChunk, ImportImageMetadata, RemoveWorkloadRequest,
     StopWorkloadRequest, Workload, WorkloadRef, import_image_chunk,
 };
 use berth_proto::common::v1::{self as common, EnvVar, RestartPolicy, WorkloadSpec};
@@ -14,6 +14,7 @@ use berth_proto::orchestrator::v1::HostStatus;
 use super::Deployments;
 use super::recipe::{ImageImport, Recipe, Spread, Ulimit};
 use crate::error::OrchestratorError;
+use crate::gpu_leases;
 use crate::hosts::{AgentClient, HostView, describe_status};
 use crate::manifest::{RuntimeName, substitute};
 use crate::placement;
@@ -89,11 +90,13 @@ fn has_fixed_host_ports(recipe: &Recipe) -> bool {
 impl Deployments {
     /// The ready host for the replica: it fits, is not in `avoid`, holds no
     /// replica of the deployment when the recipe fixes host ports, and has
-    /// the fewest (spread) or most (pack) of the deployment's replicas.
+    /// the fewest (spread) or most (pack) of the deployment's replicas
+    /// (those of `placed`, but for the one of index `except`).
     pub(super) fn choose_host(
         &self,
         recipe: &Recipe,
-        others: &[ReplicaRecord],
+        placed: &[ReplicaRecord],
+        except: Option<u32>,
         avoid: &[String],
     ) -> Result<String, String> {
         let views = self.hosts.views();
@@ -102,7 +105,10 @@ impl Deployments {
         }
         let backend = recipe.backend();
         let mut on_host: HashMap<&str, usize> = HashMap::new();
-        for other in others.iter().filter(|o| !o.host.is_empty()) {
+        for other in placed
+            .iter()
+            .filter(|o| !o.host.is_empty() && Some(o.index) != except)
+        {
             *on_host.entry(other.host.as_str()).or_default() += 1;
         }
         let fixed_ports = has_fixed_host_ports(recipe);
@@ -193,7 +199,7 @@ impl Deployments {
         replica: &ReplicaRecord,
     ) -> Result<Workload, NotPlaced> {
         let name = workload_name(&recipe.name, replica.index, replica.generation, host);
-        let spec = replica_spec(recipe, replica);
+        let spec = replica_spec(recipe, replica, &self.hosts.gpus(host));
         let refused = |what: &str, status: &tonic::Status| {
             let reason = format!("host `{host}`: {what}: {}", describe_status(status));
             if crate::scheduler::agent_did_not_answer(status.code()) {
@@ -284,10 +290,10 @@ async fn remove(client: &mut AgentClient, id: &str) {
     }
 }
 
-/// The replica's workload: the recipe's, with its ports and index in place
-/// of the placeholders, `BERTH_*` variables, labels, and no restart by the
-/// engine (the orchestrator restarts, and counts it).
-fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord) -> WorkloadSpec {
+/// The replica's workload: the recipe's, with its ports, index and GPUs in
+/// place of the placeholders and requests, `BERTH_*` variables, labels, and
+/// no restart by the engine (the orchestrator restarts, and counts it).
+fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> WorkloadSpec {
     let mut values = BTreeMap::from([("replica".to_string(), replica.index.to_string())]);
     for port in &recipe.ports {
         // What the workload itself binds: the host port for a process, the
@@ -352,6 +358,22 @@ fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord) -> WorkloadSpec {
             }
         })
         .collect();
+    if !replica.gpus.is_empty() {
+        let devices = gpu_leases::device_ids(host_gpus, &replica.gpus);
+        let indexes: Vec<String> = replica.gpus.iter().map(u32::to_string).collect();
+        spec.env.push(env("BERTH_GPUS", indexes.join(",")));
+        spec.gpus = if recipe.runtime == RuntimeName::Process {
+            // A host process sees every GPU unless told which are its own.
+            spec.env
+                .push(env("CUDA_VISIBLE_DEVICES", devices.join(",")));
+            None
+        } else {
+            Some(common::GpuRequest {
+                device_ids: devices,
+                ..Default::default()
+            })
+        };
+    }
     spec.restart_policy = RestartPolicy::No as i32;
     spec
 }
@@ -452,7 +474,7 @@ mod tests {
         .unwrap();
         let mut replica = ReplicaRecord::pending("web", 2, "");
         replica.ports = BTreeMap::from([("http".to_string(), 20_123)]);
-        let spec = replica_spec(&recipe, &replica);
+        let spec = replica_spec(&recipe, &replica, &[]);
         assert_eq!(spec.command, ["httpd", "-p", "8080"]);
         assert_eq!(spec.ports[0].container_port, 8080);
         assert_eq!(spec.ports[0].host_port, 20_123);

@@ -1,10 +1,13 @@
 //! A manifest's configurations (the grid's product minus its excludes,
 //! plus its includes, and the named configs) and its runs in the manifest's
 //! order (interleaved, grouped, or shuffled per cycle from a seed). Every
-//! count is checked against the limits before what it counts is built.
+//! count is checked against the limits before what it counts is built, and
+//! building stops when the request's CPU budget is spent
+//! (`berth_server::budget`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use berth_server::budget::{self, BudgetError};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
@@ -52,7 +55,8 @@ pub(super) fn runs(
         let exceeded = LimitExceeded::new(Limit::Runs, what, runs, "runs", limits.max_runs);
         return Err(source.at(&["cycles"], exceeded.to_string()));
     }
-    Ok(schedule(manifest, warmup.max_runs(), configs))
+    schedule(manifest, warmup.max_runs(), configs)
+        .map_err(|error| source.at(&["cycles"], error.to_string()))
 }
 
 /// Where a configuration error is: at a key path, or at the second line
@@ -142,7 +146,7 @@ fn grid_configs(
     }
     let combinations = check_grid_size(manifest, grid, &axes, limits)?;
     let mut configs = if combinations > 0 {
-        product(grid, &axes)
+        product(grid, &axes)?
     } else {
         Vec::new()
     };
@@ -196,8 +200,15 @@ fn grid_axes(grid: &Grid) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
 }
 
 /// Every combination of the axes' values that no exclude matches (a
-/// partial match excludes), in grid order.
-fn product(grid: &Grid, axes: &[(String, Vec<String>)]) -> Vec<ConfigPoint> {
+/// partial match excludes), in grid order. Each combination built and
+/// each compared with the excludes costs the request's CPU budget.
+fn product(grid: &Grid, axes: &[(String, Vec<String>)]) -> Result<Vec<ConfigPoint>, ConfigError> {
+    let out_of_budget = |error: BudgetError| {
+        (
+            ConfigErrorAt::Path(vec!["grid", "params"]),
+            error.to_string(),
+        )
+    };
     // Each exclude as (axis, value) pairs, compared without allocating;
     // one holding a value that is no scalar matches nothing.
     let excludes: Vec<Option<Vec<(usize, String)>>> = grid
@@ -221,25 +232,28 @@ fn product(grid: &Grid, axes: &[(String, Vec<String>)]) -> Vec<ConfigPoint> {
     };
     let mut points: Vec<Vec<(String, String)>> = vec![Vec::new()];
     for (key, values) in axes {
-        points = points
-            .into_iter()
-            .flat_map(|point| {
-                values.iter().map(move |value| {
-                    let mut next = point.clone();
-                    next.push((key.clone(), value.clone()));
-                    next
-                })
-            })
-            .collect();
+        let mut longer = Vec::with_capacity(points.len() * values.len());
+        for point in &points {
+            for value in values {
+                budget::check().map_err(out_of_budget)?;
+                let mut next = point.clone();
+                next.push((key.clone(), value.clone()));
+                longer.push(next);
+            }
+        }
+        points = longer;
     }
-    points
-        .into_iter()
-        .filter(|point| !excluded(point))
-        .map(|point| ConfigPoint {
-            name: point_name(&point),
-            params: point,
-        })
-        .collect()
+    let mut configs = Vec::with_capacity(points.len());
+    for point in points {
+        budget::check().map_err(out_of_budget)?;
+        if !excluded(&point) {
+            configs.push(ConfigPoint {
+                name: point_name(&point),
+                params: point,
+            });
+        }
+    }
+    Ok(configs)
 }
 
 /// One of the grid's includes, its grid parameters first.
@@ -397,7 +411,13 @@ fn scalar(value: &serde_yaml::Value) -> Result<String, String> {
     ))
 }
 
-fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> Vec<PlannedRun> {
+/// The runs in the manifest's order; each run built costs the request's
+/// CPU budget.
+fn schedule(
+    manifest: &Manifest,
+    warmup_runs: u32,
+    configs: &[ConfigPoint],
+) -> Result<Vec<PlannedRun>, BudgetError> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(manifest.seed);
     let mut per_backend_order: Vec<(bool, u32, usize)> = Vec::new();
     for round in 1..=warmup_runs {
@@ -422,6 +442,7 @@ fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> V
     let mut runs = Vec::with_capacity(per_backend_order.len() * manifest.backends.len());
     for (warmup, cycle, config) in per_backend_order {
         for backend in &manifest.backends {
+            budget::check()?;
             runs.push(PlannedRun {
                 config: configs[config].name.clone(),
                 backend: backend.name.clone(),
@@ -431,5 +452,5 @@ fn schedule(manifest: &Manifest, warmup_runs: u32, configs: &[ConfigPoint]) -> V
             });
         }
     }
-    runs
+    Ok(runs)
 }

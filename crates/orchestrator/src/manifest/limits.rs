@@ -222,6 +222,10 @@ impl Node<'_, '_> {
     }
 
     fn count<E: de::Error>(self) -> Result<(), E> {
+        // Every node read costs the request's CPU budget (when it has one):
+        // a manifest within the limits still takes time to walk, and the
+        // walk is where a recipe's and a manifest's parsing can stop.
+        berth_server::budget::check().map_err(E::custom)?;
         let nodes = self.walk.nodes.get() + 1;
         self.walk.nodes.set(nodes);
         let max = self.walk.limits.max_nodes;

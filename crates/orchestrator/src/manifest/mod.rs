@@ -6,7 +6,8 @@
 //! 1. `limits` and `prescan`: the size, nesting and node count are
 //!    checked before (and while) the YAML is parsed;
 //! 2. `parse`: serde_yaml reads the `types` (with `units` for sizes
-//!    and GPU counts), and every later error is placed in the text;
+//!    and GPU counts), and every later error is placed in the text by
+//!    its path in the document's `spans`;
 //! 3. `validate`: what serde cannot check (names, counts, a backend's
 //!    resources for its runtime, the warmup policy, the power rate);
 //! 4. `expand`: the configurations and then the runs in the manifest's
@@ -18,6 +19,7 @@ mod limits;
 mod parse;
 mod placeholders;
 mod prescan;
+mod spans;
 mod types;
 mod units;
 mod validate;
@@ -30,6 +32,7 @@ pub use limits::{Count, Limit, LimitExceeded, ManifestLimits};
 pub use parse::ManifestError;
 pub(crate) use parse::{Source, parse_document};
 pub(crate) use placeholders::{placeholder_names, substitute};
+pub(crate) use spans::PathStep;
 pub use types::{
     Backend, ConfigPoint, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, DEFAULT_WORK_METRIC,
     FailurePolicy, Gaps, GpuRequest, Grid, MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig,

@@ -468,3 +468,83 @@ fn non_scalar_values_named_not_printed() {
     let e = error(&BASE.replace("[a, b]", &format!("[a, [{}]]", vec!["x"; 1000].join(", "))));
     assert!(e.message.ends_with("found a list"), "{e}");
 }
+
+/// (line, column) of a refusal, with its message checked.
+fn refused_at(text: &str, expected: &str) -> (usize, usize) {
+    let e = error(text);
+    assert!(e.message.contains(expected), "{e}");
+    (e.line, e.column)
+}
+
+#[test]
+fn an_error_in_the_second_of_two_alike_backends_points_at_the_second() {
+    let text = "name: t
+backends:
+  - name: a
+    runtime: docker
+    image: x
+    resources: {cpus: 2}
+  - name: b
+    runtime: docker
+    image: x
+    resources: {cpus: 0}
+run:
+  command: [echo]
+";
+    assert_eq!(refused_at(text, "backends[b].resources.cpus: 0"), (10, 17));
+    // A backend without the key at fault: at the backend itself.
+    let text = text.replace("    image: x\n    resources: {cpus: 0}\n", "");
+    assert_eq!(refused_at(&text, "backends[b].image"), (7, 5));
+    // The duplicate is the second of the two names, not a value alike elsewhere.
+    let text = "name: a
+backends:
+  - {name: a, runtime: process}
+  - {name: a, runtime: process}
+run: {command: [echo]}
+";
+    assert_eq!(refused_at(text, "duplicate backend name `a`"), (4, 6));
+}
+
+#[test]
+fn flow_style_manifests_get_real_positions() {
+    let text = "{name: t, run: {command: [echo]}, backends: [{name: a, runtime: process}, {name: b, runtime: docker}]}\n";
+    assert_eq!(refused_at(text, "backends[b].image"), (1, 75));
+    let text = "name: t\nbackends: [{name: a, runtime: process}, {name: b, runtime: process, gpus: {count: 1}}]\nrun: {command: [echo]}\n";
+    assert_eq!(refused_at(text, "backends[b].gpus"), (2, 69));
+    let text =
+        "name: t\ncycles: 0\nbackends: [{name: a, runtime: process}]\nrun: {command: [echo]}\n";
+    assert_eq!(refused_at(text, "cycles: must be at least 1"), (2, 1));
+}
+
+#[test]
+fn a_key_repeated_at_different_depths_is_found_at_its_own() {
+    // `name` of a backend comes before the manifest's own; `cycles` of a
+    // grid parameter before the top-level key.
+    let text = "backends:
+  - name: a
+    runtime: process
+grid:
+  params:
+    cycles: [1]
+name: ' '
+cycles: 0
+run: {command: [echo]}
+";
+    assert_eq!(refused_at(text, "name: must not be empty"), (7, 1));
+    let text = text.replace("name: ' '", "name: t");
+    assert_eq!(refused_at(&text, "cycles: must be at least 1"), (8, 1));
+    // Deeper: the backend's `cpus`, not the grid parameter named alike.
+    let text = "name: t
+grid:
+  params:
+    cpus: [1]
+backends:
+  - name: a
+    runtime: docker
+    image: x
+    resources:
+      cpus: -1
+run: {command: [echo]}
+";
+    assert_eq!(refused_at(text, "resources.cpus: -1"), (10, 7));
+}

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 
 use super::parse::{ManifestError, Source};
+use super::spans::PathStep;
 use super::types::{
     Backend, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, MAX_POWER_RATE_HZ, Manifest, Resources,
     RuntimeName, StableWarmup, Warmup, WarmupPolicy,
@@ -57,17 +58,22 @@ pub(super) fn check(
 }
 
 /// Every backend: a plain name, unique, an image where its runtime needs
-/// one, and resources it can have.
+/// one, and resources it can have; each error at the key of that backend.
 fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), ManifestError> {
-    let at = |path: &[&str], message: String| source.at(path, message);
     let mut backend_names = BTreeSet::new();
-    for backend in &manifest.backends {
+    for (index, backend) in manifest.backends.iter().enumerate() {
+        let at = |path: &[&str], message: String| {
+            let steps: Vec<PathStep<'_>> = [PathStep::Key("backends"), PathStep::Index(index)]
+                .into_iter()
+                .chain(path.iter().map(|key| PathStep::Key(key)))
+                .collect();
+            source.at_path(&steps, message)
+        };
         check_identifier(&backend.name)
-            .map_err(|e| at(&["backends", "name"], format!("backends.name: {e}")))?;
+            .map_err(|e| at(&["name"], format!("backends.name: {e}")))?;
         if !backend_names.insert(backend.name.as_str()) {
-            return Err(source.at_value(
-                &backend.name,
-                2,
+            return Err(at(
+                &["name"],
                 format!("backends: duplicate backend name `{}`", backend.name),
             ));
         }
@@ -76,7 +82,7 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
             && backend.runtime != RuntimeName::Libvirt
         {
             return Err(at(
-                &["backends", "image"],
+                &["image"],
                 format!(
                     "backends[{}].image: a container backend needs an image",
                     backend.name
@@ -84,10 +90,9 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
             ));
         }
         check_backend_resources(backend, &format!("backends[{}]", backend.name))
-            .map_err(|(path, message)| source.at_backend(&backend.name, path, message))?;
+            .map_err(|(path, message)| at(path, message))?;
         if !backend.deployment.is_empty() {
-            check_deployment_backend(backend)
-                .map_err(|(path, message)| source.at_backend(&backend.name, path, message))?;
+            check_deployment_backend(backend).map_err(|(path, message)| at(path, message))?;
         }
     }
     let endpoints_used = !manifest.run.endpoint_ports().is_empty();
@@ -96,7 +101,7 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
         .iter()
         .find(|b| endpoints_used && b.deployment.is_empty())
     {
-        return Err(at(
+        return Err(source.at(
             &["run"],
             format!(
                 "run: {{{{endpoint.<port>}}}} needs every backend to name a deployment; backend `{}` names none",

@@ -17,6 +17,7 @@ use berth_proto::orchestrator::v1::{HostStatus, Run};
 
 use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer, index_list};
 use crate::backend_watch::BackendWatch;
+use crate::deployment::Serving;
 use crate::error::OrchestratorError;
 use crate::gpu_leases;
 use crate::hosts::{AgentClient, describe_status};
@@ -261,7 +262,7 @@ impl Scheduler {
         let backend = ctx.plan.backend(backend_name).ok_or_else(|| {
             PlaceError::Waiting(format!("backend `{backend_name}` is not in the manifest"))
         })?;
-        let (beside, endpoints) = self.beside_deployment(backend)?;
+        let (beside, measured) = self.beside_deployment(backend)?;
         let backend = &beside;
         let recorded = self
             .store
@@ -270,7 +271,7 @@ impl Scheduler {
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
-            if let Some(placed) = self.adopt(backend, &recorded, &endpoints).await? {
+            if let Some(placed) = self.adopt(backend, &recorded, &measured).await? {
                 return Ok(placed);
             }
             self.store
@@ -331,25 +332,25 @@ impl Scheduler {
                 backend.name
             ),
         );
-        Ok(self.placed(backend, &placement, client, &host_gpus, endpoints))
+        Ok(self.placed(backend, &placement, client, &host_gpus, measured))
     }
 
     /// The backend as placed: itself, or for one that measures a deployment,
     /// a host environment on the host of the deployment's running replica,
-    /// with the endpoints its runs get.
+    /// with what its runs get of the replica.
     fn beside_deployment(
         &self,
         backend: &Backend,
-    ) -> Result<(Backend, BTreeMap<String, String>), PlaceError> {
+    ) -> Result<(Backend, Option<Serving>), PlaceError> {
         if backend.deployment.is_empty() {
-            return Ok((backend.clone(), BTreeMap::new()));
+            return Ok((backend.clone(), None));
         }
         let name = &backend.deployment;
         match self.deployments.serving(name) {
             Ok(Some(serving)) => {
                 let mut beside = backend.clone();
-                beside.placement.host = serving.host;
-                Ok((beside, serving.endpoints))
+                beside.placement.host.clone_from(&serving.host);
+                Ok((beside, Some(serving)))
             }
             Ok(None) => Err(PlaceError::Waiting(format!(
                 "deployment `{name}` has no running replica yet"
@@ -367,7 +368,7 @@ impl Scheduler {
         &self,
         backend: &Backend,
         recorded: &Placement,
-        endpoints: &BTreeMap<String, String>,
+        measured: &Option<Serving>,
     ) -> Result<Option<Placed>, PlaceError> {
         if !backend.placement.host.is_empty() && backend.placement.host != recorded.host {
             return Ok(None);
@@ -412,7 +413,7 @@ impl Scheduler {
             recorded,
             client,
             &host_gpus,
-            endpoints.clone(),
+            measured.clone(),
         )))
     }
 
@@ -424,14 +425,29 @@ impl Scheduler {
         placement: &Placement,
         client: AgentClient,
         host_gpus: &[Gpu],
-        endpoints: BTreeMap<String, String>,
+        measured: Option<Serving>,
     ) -> Placed {
         let host = &placement.host;
         self.count_placed(host);
+        let (gpus, power_devices, endpoints) = match measured {
+            // Its runs are clients of the replica: what they lease and
+            // measure are the replica's GPUs.
+            Some(serving) => (
+                serving.gpus.clone(),
+                gpu_leases::power_devices(host_gpus, &serving.gpus),
+                serving.endpoints,
+            ),
+            None => (
+                gpu_leases::used_by(backend, host_gpus, &placement.gpus),
+                Vec::new(),
+                BTreeMap::new(),
+            ),
+        };
         Placed {
             watch: BackendWatch::start(client.clone(), host, &backend.name, &placement.workload_id),
             power_sampler: self.hosts.power_sampler(host),
-            gpus: gpu_leases::used_by(backend, host_gpus, &placement.gpus),
+            gpus,
+            power_devices,
             assigned_gpus: placement.gpus.clone(),
             host: host.clone(),
             workload_id: placement.workload_id.clone(),

@@ -17,24 +17,41 @@ impl Scheduler {
         placed: &Placed,
     ) -> Option<GpuLease> {
         let mode = gpu_use(ctx);
-        if let Some(lease) = self.gpu_leases.try_lease(&placed.host, &placed.gpus, mode) {
+        let measured = measured_deployment(ctx, run);
+        if let Some(lease) = self
+            .gpu_leases
+            .try_lease(&placed.host, &placed.gpus, mode, measured)
+        {
             return Some(lease);
         }
-        self.publish(
-            &ctx.id,
-            format!(
-                "run {} waits for GPU(s) {} of host `{}`: {}",
-                run.id,
-                index_list(&placed.gpus),
-                placed.host,
-                match mode {
-                    GpuUse::Exclusive => "it measures power, and another run uses them",
-                    GpuUse::Shared => "a run that measures power has them to itself",
-                }
+        let held = self
+            .gpu_leases
+            .held_by_others(&placed.host, &placed.gpus, measured);
+        let why = match (mode, held.first()) {
+            (GpuUse::Exclusive, Some((index, deployment))) => format!(
+                "it measures power, and GPU {index} serves deployment `{deployment}` \
+                 (whose load would be in its energy) until that lets it go"
             ),
+            (GpuUse::Exclusive, None) => "it measures power, and another run uses them".into(),
+            (GpuUse::Shared, _) => "a run that measures power has them to itself".into(),
+        };
+        let message = format!(
+            "run {} waits for GPU(s) {} of host `{}`: {why}",
+            run.id,
+            index_list(&placed.gpus),
+            placed.host,
         );
-        self.wait_for_lease(ctx, &placed.host, &placed.gpus, mode)
-            .await
+        // Said in the campaign's status too: a wait on a deployment can be
+        // long, and a watcher may come later.
+        let _ = self.store.set_campaign_message(&ctx.id, &message);
+        self.publish(&ctx.id, message);
+        let lease = self
+            .wait_for_lease(ctx, &placed.host, &placed.gpus, mode, measured)
+            .await;
+        if lease.is_some() {
+            let _ = self.store.set_campaign_message(&ctx.id, "");
+        }
+        lease
     }
 
     /// The GPU lease of a run found in flight after a restart, from its
@@ -45,6 +62,17 @@ impl Scheduler {
         run: &Run,
     ) -> Option<GpuLease> {
         let backend = ctx.plan.backend(&run.backend)?;
+        let measured = measured_deployment(ctx, run);
+        if let Some(deployment) = measured {
+            // Its runs lease the GPUs of the replica they measure.
+            let gpus = match self.deployments.serving(deployment) {
+                Ok(Some(serving)) if serving.host == run.host => serving.gpus,
+                _ => Vec::new(),
+            };
+            return self
+                .wait_for_lease(ctx, &run.host, &gpus, gpu_use(ctx), measured)
+                .await;
+        }
         let assigned = self
             .store
             .placements(&ctx.id)
@@ -59,7 +87,7 @@ impl Scheduler {
             host_gpus = self.hosts.probe(&run.host).await.ok()?.gpus;
         }
         let gpus = gpu_leases::used_by(backend, &host_gpus, &assigned);
-        self.wait_for_lease(ctx, &run.host, &gpus, gpu_use(ctx))
+        self.wait_for_lease(ctx, &run.host, &gpus, gpu_use(ctx), None)
             .await
     }
 
@@ -70,12 +98,21 @@ impl Scheduler {
         host: &str,
         gpus: &[u32],
         mode: GpuUse,
+        measured: Option<&str>,
     ) -> Option<GpuLease> {
         tokio::select! {
-            lease = self.gpu_leases.lease(host, gpus, mode) => Some(lease),
+            lease = self.gpu_leases.lease(host, gpus, mode, measured) => Some(lease),
             () = ctx.token.cancelled() => None,
         }
     }
+}
+
+/// The deployment the run's backend measures, if it measures one.
+fn measured_deployment<'a>(ctx: &'a CampaignRun, run: &Run) -> Option<&'a str> {
+    ctx.plan
+        .backend(&run.backend)
+        .map(|backend| backend.deployment.as_str())
+        .filter(|name| !name.is_empty())
 }
 
 /// How the campaign's runs use their GPUs.

@@ -56,7 +56,7 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// Backends placed per host, to spread backends over hosts.
     host_load: Mutex<HashMap<String, usize>>,
-    gpu_leases: GpuLeases,
+    gpu_leases: Arc<GpuLeases>,
     power: PowerMeter,
     /// Where backends that measure a deployment find it.
     deployments: Arc<Deployments>,
@@ -82,6 +82,10 @@ struct Placed {
     assigned_gpus: Vec<u32>,
     /// GPU indexes the backend can use, leased by each of its runs.
     gpus: Vec<u32>,
+    /// The power-sampler devices its runs measure when the manifest names
+    /// none: the GPUs of the replica a deployment backend measures; empty
+    /// for every device of the host.
+    power_devices: Vec<String>,
     watch: BackendWatch,
     /// The endpoints of the deployment the backend measures (port name →
     /// host:port); empty for a backend of its own.
@@ -126,7 +130,8 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             shutdown,
             host_load: Mutex::new(HashMap::new()),
-            gpu_leases: GpuLeases::default(),
+            // One view of which GPUs runs and replicas hold.
+            gpu_leases: deployments.gpu_leases(),
             deployments,
         })
     }

@@ -82,7 +82,13 @@ impl Scheduler {
         if power.enabled {
             match self
                 .power
-                .start(&placed.host, &placed.power_sampler, &run.id, power)
+                .start(
+                    &placed.host,
+                    &placed.power_sampler,
+                    &run.id,
+                    power,
+                    &placed.power_devices,
+                )
                 .await
             {
                 Ok(session) => power_session = Some(session),

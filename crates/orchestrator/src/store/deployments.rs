@@ -47,6 +47,9 @@ pub struct ReplicaRecord {
     pub since_ms: i64,
     /// The deployment generation whose recipe its workload was made from.
     pub generation: u32,
+    /// Indexes of its host's GPUs given to it at placement; empty when the
+    /// recipe asks for none.
+    pub gpus: Vec<u32>,
 }
 
 impl ReplicaRecord {
@@ -63,6 +66,7 @@ impl ReplicaRecord {
             reason: reason.to_string(),
             since_ms: 0,
             generation: 0,
+            gpus: Vec::new(),
         }
     }
 }

@@ -472,6 +472,25 @@ mod tests {
         assert_eq!(major_minor(""), (0, 0));
     }
 
+    /// What `dialect` answers a GPU request on this host, which must be a
+    /// refusal.
+    fn gpus_refusal(
+        dialect: &dyn Dialect,
+        request: &GpuRequest,
+        versions: EngineVersions,
+    ) -> AgentError {
+        dialect
+            .gpus(request, versions, &mut HostConfig::default())
+            .unwrap_err()
+    }
+
+    fn request_for_cdi(device: &str) -> GpuRequest {
+        GpuRequest {
+            cdi_devices: vec![device.into()],
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn gpu_request_without_gpus_is_a_clear_error() {
         if Path::new("/dev/nvidiactl").exists() {
@@ -485,10 +504,7 @@ mod tests {
             (&DockerDialect as &dyn Dialect, DOCKER_20_10),
             (&PodmanDialect, PODMAN_4_3),
         ] {
-            let error = dialect
-                .gpus(&request, versions, &mut HostConfig::default())
-                .unwrap_err()
-                .to_string();
+            let error = gpus_refusal(dialect, &request, versions).to_string();
             assert!(
                 error.contains("spec.gpus") && error.contains("no NVIDIA GPU"),
                 "{error}"
@@ -498,14 +514,8 @@ mod tests {
 
     #[test]
     fn cdi_on_an_old_docker_names_the_version() {
-        let request = GpuRequest {
-            cdi_devices: vec!["nvidia.com/gpu=all".into()],
-            ..Default::default()
-        };
-        let error = DockerDialect
-            .gpus(&request, DOCKER_20_10, &mut HostConfig::default())
-            .unwrap_err()
-            .to_string();
+        let request = request_for_cdi("nvidia.com/gpu=all");
+        let error = gpus_refusal(&DockerDialect, &request, DOCKER_20_10).to_string();
         assert!(
             error.contains("API 1.41") && error.contains("CDI"),
             "{error}"
@@ -514,20 +524,17 @@ mod tests {
 
     #[test]
     fn malformed_cdi_names_are_invalid() {
-        let request = GpuRequest {
-            cdi_devices: vec!["gpu0".into()],
-            ..Default::default()
-        };
-        let error = PodmanDialect
-            .gpus(&request, PODMAN_4_3, &mut HostConfig::default())
-            .unwrap_err();
-        assert!(matches!(
-            error,
-            AgentError::InvalidArgument {
-                field: "spec.gpus.cdi_devices",
-                ..
-            }
-        ));
+        let error = gpus_refusal(&PodmanDialect, &request_for_cdi("gpu0"), PODMAN_4_3);
+        assert!(
+            matches!(
+                error,
+                AgentError::InvalidArgument {
+                    field: "spec.gpus.cdi_devices",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS replicas (
     reason TEXT NOT NULL,
     since_ms INTEGER NOT NULL,
     generation INTEGER NOT NULL DEFAULT 1,
+    gpus TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (deployment, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deployment_transitions (
@@ -52,7 +53,7 @@ const TRANSITIONS_KEPT: i64 = 1000;
 
 const DEPLOYMENT_COLUMNS: &str =
     "seq, name, recipe, source_name, replicas, state, message, created_ms, stopping, generation";
-const REPLICA_COLUMNS: &str = "deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation";
+const REPLICA_COLUMNS: &str = "deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus";
 
 fn deployment_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
     Ok(DeploymentRecord {
@@ -83,6 +84,7 @@ fn replica_row(row: &Row<'_>) -> rusqlite::Result<ReplicaRecord> {
         reason: row.get(8)?,
         since_ms: row.get(9)?,
         generation: row.get(10)?,
+        gpus: serde_json::from_str(&row.get::<_, String>(11)?).unwrap_or_default(),
     })
 }
 
@@ -295,11 +297,12 @@ impl DeploymentStore for SqliteStore {
             )
             .optional()?;
         let ports = serde_json::to_string(&replica.ports).unwrap_or_else(|_| "{}".into());
+        let gpus = serde_json::to_string(&replica.gpus).unwrap_or_else(|_| "[]".into());
         tx.execute(
-            "INSERT INTO replicas (deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+            "INSERT INTO replicas (deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
              ON CONFLICT (deployment, idx) DO UPDATE SET host = ?3, workload_id = ?4, state = ?5, ports = ?6, \
-             restarts = ?7, in_a_row = ?8, reason = ?9, since_ms = ?10, generation = ?11",
+             restarts = ?7, in_a_row = ?8, reason = ?9, since_ms = ?10, generation = ?11, gpus = ?12",
             params![
                 replica.deployment,
                 replica.index,
@@ -311,7 +314,8 @@ impl DeploymentStore for SqliteStore {
                 replica.in_a_row,
                 replica.reason,
                 replica.since_ms,
-                replica.generation
+                replica.generation,
+                gpus
             ],
         )?;
         let changed = before.is_none_or(|(state, reason)| {
