@@ -1420,3 +1420,86 @@ async fn logs_follow_prints_lines_as_they_come() {
     );
     stop(&mut client, "ticker").await;
 }
+
+/// Seed 000's model server as a container: llama.cpp with SmolLM2 from the
+/// image scripts/images/llama-cpp-image.sh builds (no registry), deployed
+/// from examples/deployments/seed-000/containers/smollm2.yaml as it is,
+/// answering a chat completion on the endpoint berth reports, under the
+/// recipe's memory limit; stopped, its container is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_cpp_serves_smollm2_as_a_container_replica() {
+    use berth_tests::{Part, require};
+    let Some(agent) = berth_tests::agent::Agent::start("deploy-llama").await else {
+        return;
+    };
+    if agent.engine.runtime == berth_proto::common::v1::Runtime::Podman {
+        // The image is docker's; the podman run of this file covers the engine.
+        return;
+    }
+    let Some(_) = require(Part::LlmPeers, berth_tests::llm::llama_cpp()) else {
+        return;
+    };
+    let built = std::process::Command::new(
+        berth_tests::repo_root().join("scripts/images/llama-cpp-image.sh"),
+    )
+    .arg("--quiet")
+    .output()
+    .expect("scripts/images/llama-cpp-image.sh");
+    assert!(
+        built.status.success(),
+        "the llama.cpp image: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    register_local_agent(&mut client, &agent.dir.path().join("agent.sock")).await;
+    let file =
+        berth_tests::repo_root().join("examples/deployments/seed-000/containers/smollm2.yaml");
+    deploy(&mut client, &std::fs::read_to_string(&file).unwrap())
+        .await
+        .expect("Deploy");
+    let name = "smollm2-container";
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let running = loop {
+        let deployment = get(&mut client, name).await;
+        if all_running(&deployment, 1) {
+            break deployment;
+        }
+        assert!(Instant::now() < deadline, "never running: {deployment:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let replica = &running.replica_status[0];
+    let (_, inspected) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(
+        inspected["HostConfig"]["Memory"],
+        1u64 << 30,
+        "the recipe's memory limit: {inspected}"
+    );
+    let address = &replica.endpoints[0].address;
+    let output = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "60", "-H", "Content-Type: application/json"])
+        .args([
+            "-d",
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi"}],"max_tokens":8}"#,
+        ])
+        .arg(format!("http://{address}/v1/chat/completions"))
+        .output()
+        .expect("curl");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{address}: {e}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!content.is_empty(), "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64() > Some(0), "{answer}");
+    stop(&mut client, name).await;
+    let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
+    assert_eq!(status, 404, "container {} removed", replica.workload_id);
+}

@@ -61,7 +61,7 @@ fn run_state(state: i32) -> &'static str {
 }
 
 /// Four significant digits: enough to compare, short enough to read.
-fn number(value: f64) -> String {
+pub(crate) fn number(value: f64) -> String {
     if value == 0.0 || !value.is_finite() {
         return format!("{value}");
     }
@@ -283,9 +283,6 @@ pub fn results_table(results: &CampaignResults) -> String {
         }
         rows.push(cells);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = String::new();
     if let Some(campaign) = &results.campaign {
         let _ = write!(
@@ -303,6 +300,23 @@ pub fn results_table(results: &CampaignResults) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&aligned(&rows));
+    out
+}
+
+/// Rows as left-aligned columns, the first (the header) underlined.
+pub(crate) fn aligned(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
             .iter()

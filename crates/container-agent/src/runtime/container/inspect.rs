@@ -131,6 +131,7 @@ impl ContainerDetails {
             oom_killed: self.state.oom_killed,
             restart_count: self.restart_count + agent_restarts,
             endpoints: self.endpoints(host),
+            ..Default::default()
         }
     }
 

@@ -125,6 +125,7 @@ fn to_stats(
         } else {
             limit
         },
+        ..Default::default()
     }
 }
 

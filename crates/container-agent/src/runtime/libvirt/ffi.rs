@@ -8,7 +8,10 @@
 //! error is read on the thread whose call failed.
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_ulong, c_ulonglong, c_ushort, c_void};
+use std::collections::HashMap;
+use std::ffi::{
+    CStr, CString, c_char, c_int, c_longlong, c_uint, c_ulong, c_ulonglong, c_ushort, c_void,
+};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
@@ -117,6 +120,77 @@ pub struct DomainInfo {
     pub vcpus: u32,
 }
 
+/// `virTypedParameter`: a named value of one of several types.
+#[repr(C)]
+struct RawTypedParameter {
+    field: [c_char; 80],
+    kind: c_int,
+    value: RawTypedValue,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+union RawTypedValue {
+    int: c_int,
+    uint: c_uint,
+    long: c_longlong,
+    ulong: c_ulonglong,
+    double: f64,
+    boolean: c_char,
+    string: *mut c_char,
+}
+
+/// `virDomainStatsRecord`: one domain's statistics.
+#[repr(C)]
+struct RawStatsRecord {
+    domain: Ptr,
+    params: *mut RawTypedParameter,
+    count: c_int,
+}
+
+/// `virDomainInterface`: a guest network interface and its addresses.
+#[repr(C)]
+struct RawInterface {
+    name: *mut c_char,
+    hwaddr: *mut c_char,
+    address_count: c_uint,
+    addresses: *mut RawIpAddress,
+}
+
+/// `virDomainIPAddress`.
+#[repr(C)]
+struct RawIpAddress {
+    kind: c_int,
+    address: *mut c_char,
+    prefix: c_uint,
+}
+
+/// The groups of `virDomainListGetStats` (`virDomainStatsTypes`) the runtime asks for.
+pub mod stats_group {
+    pub const CPU_TOTAL: u32 = 1 << 1;
+    pub const BALLOON: u32 = 1 << 2;
+    pub const INTERFACE: u32 = 1 << 4;
+    pub const BLOCK: u32 = 1 << 5;
+}
+
+/// Where `virDomainInterfaceAddresses` looks (`virDomainInterfaceAddressesSource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressSource {
+    /// The DHCP leases of a libvirt-managed network.
+    Lease = 0,
+    /// The host's ARP table (any network, once the guest has sent traffic).
+    Arp = 2,
+}
+
+/// A guest network interface as libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mac: String,
+    /// `address/prefix`, e.g. `192.168.122.45/24`.
+    pub addresses: Vec<String>,
+}
+
 type Ptr = *mut c_void;
 
 /// `unsigned long` is 32 bits on some targets, 64 on this one.
@@ -162,6 +236,12 @@ struct Api {
         c_uint,
     ) -> c_int,
     domain_free: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_list_get_stats:
+        unsafe extern "C" fn(*mut Ptr, c_uint, *mut *mut *mut RawStatsRecord, c_uint) -> c_int,
+    domain_stats_record_list_free: unsafe extern "C" fn(*mut *mut RawStatsRecord),
+    domain_interface_addresses:
+        unsafe extern "C" fn(Ptr, *mut *mut *mut RawInterface, c_uint, c_uint) -> c_int,
+    domain_interface_free: unsafe extern "C" fn(*mut RawInterface),
     get_last_error: unsafe extern "C" fn() -> *const RawError,
     reset_last_error: unsafe extern "C" fn(),
 }
@@ -202,8 +282,8 @@ fn load() -> Result<Library, String> {
     // its own global state.
     let library = unsafe { libloading::Library::new(LIBRARY_NAME) }.map_err(|e| e.to_string())?;
     // SAFETY: each signature below is copied from libvirt 9's headers
-    // (libvirt-host.h, libvirt-domain.h, virterror.h); every one of these
-    // functions exists since libvirt 1.2.2 (virConnectGetDomainCapabilities
+    // (libvirt-host.h, libvirt-domain.h, libvirt-common.h, virterror.h); every
+    // one of these functions exists since libvirt 1.2.8 (virDomainListGetStats
     // is the newest).
     let api = unsafe {
         Api {
@@ -227,6 +307,10 @@ fn load() -> Result<Library, String> {
             domain_get_metadata: symbol(&library, "virDomainGetMetadata")?,
             domain_set_metadata: symbol(&library, "virDomainSetMetadata")?,
             domain_free: symbol(&library, "virDomainFree")?,
+            domain_list_get_stats: symbol(&library, "virDomainListGetStats")?,
+            domain_stats_record_list_free: symbol(&library, "virDomainStatsRecordListFree")?,
+            domain_interface_addresses: symbol(&library, "virDomainInterfaceAddresses")?,
+            domain_interface_free: symbol(&library, "virDomainInterfaceFree")?,
             get_last_error: symbol(&library, "virGetLastError")?,
             reset_last_error: symbol(&library, "virResetLastError")?,
         }
@@ -568,6 +652,95 @@ impl Domain<'_> {
     }
 }
 
+impl Domain<'_> {
+    /// This domain's statistics of the `groups` ([`stats_group`]), as
+    /// libvirt names them (`cpu.time`, `balloon.rss`, `block.0.rd.bytes`, …):
+    /// the integer ones; others are left out.
+    pub fn stats(&self, groups: u32) -> Result<HashMap<String, u64>, VirError> {
+        let mut domains = [self.ptr.as_ptr(), std::ptr::null_mut()];
+        let mut records: *mut *mut RawStatsRecord = std::ptr::null_mut();
+        // SAFETY: `domains` is the NULL-terminated array libvirt wants; on
+        // success it allocates `records`, a NULL-terminated array freed below
+        // with virDomainStatsRecordListFree (which frees the parameters too).
+        let count = unsafe {
+            (self.api().domain_list_get_stats)(domains.as_mut_ptr(), groups, &mut records, 0)
+        };
+        if count < 0 {
+            return Err(self.connection.library.last_error());
+        }
+        let mut values = HashMap::new();
+        // SAFETY: `records` holds `count` valid records, each with `count`
+        // parameters; every string read is copied before the free.
+        unsafe {
+            for index in 0..usize::try_from(count).unwrap_or(0) {
+                let record = &**records.add(index);
+                let params = usize::try_from(record.count).unwrap_or(0);
+                for param in 0..params {
+                    let param = &*record.params.add(param);
+                    let value = match param.kind {
+                        1 => u64::try_from(param.value.int).ok(),
+                        2 => Some(u64::from(param.value.uint)),
+                        3 => u64::try_from(param.value.long).ok(),
+                        4 => Some(param.value.ulong),
+                        _ => None,
+                    };
+                    if let (Some(value), Some(name)) = (value, owned_string(param.field.as_ptr()))
+                    {
+                        values.insert(name, value);
+                    }
+                }
+            }
+            if !records.is_null() {
+                (self.api().domain_stats_record_list_free)(records);
+            }
+        }
+        Ok(values)
+    }
+
+    /// The guest's network interfaces and their IP addresses as `source`
+    /// knows them.
+    pub fn interfaces(&self, source: AddressSource) -> Result<Vec<Interface>, VirError> {
+        let mut array: *mut *mut RawInterface = std::ptr::null_mut();
+        // SAFETY: valid domain; on success libvirt allocates `array` with
+        // `count` interfaces, each freed with virDomainInterfaceFree and the
+        // array with free(), as libvirt documents.
+        let count = unsafe {
+            (self.api().domain_interface_addresses)(
+                self.ptr.as_ptr(),
+                &mut array,
+                source as c_uint,
+                0,
+            )
+        };
+        let Ok(count) = usize::try_from(count) else {
+            return Err(self.connection.library.last_error());
+        };
+        let mut interfaces = Vec::with_capacity(count);
+        // SAFETY: as above; strings are copied before the frees.
+        unsafe {
+            for index in 0..count {
+                let raw = *array.add(index);
+                let interface = &*raw;
+                let addresses = (0..interface.address_count as usize)
+                    .filter_map(|n| {
+                        let address = &*interface.addresses.add(n);
+                        owned_string(address.address)
+                            .map(|text| format!("{text}/{}", address.prefix))
+                    })
+                    .collect();
+                interfaces.push(Interface {
+                    name: owned_string(interface.name).unwrap_or_default(),
+                    mac: owned_string(interface.hwaddr).unwrap_or_default(),
+                    addresses,
+                });
+                (self.api().domain_interface_free)(raw);
+            }
+            libc::free(array.cast());
+        }
+        Ok(interfaces)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +752,13 @@ mod tests {
         assert_eq!(DomainState::from_raw(99), DomainState::NoState);
         assert!(DomainState::Paused.is_active());
         assert!(!DomainState::Crashed.is_active());
+    }
+
+    #[test]
+    fn typed_parameters_have_libvirts_layout() {
+        // VIR_TYPED_PARAM_FIELD_LENGTH (80), the int type, then an 8-byte union.
+        assert_eq!(std::mem::size_of::<RawTypedParameter>(), 96);
+        assert_eq!(std::mem::offset_of!(RawTypedParameter, value), 88);
     }
 
     #[test]

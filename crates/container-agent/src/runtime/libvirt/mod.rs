@@ -4,13 +4,15 @@
 //! this agent's owner, so a restarted agent finds its VMs again.
 //!
 //! Exec goes to the berth exec shim in the guest over a virtio-serial port
-//! (`exec.rs`); logs and stats have no channel yet and are refused, never
-//! faked.
+//! (`exec.rs`); logs are the guest's serial console (`console.rs`); stats
+//! and the guest's IP addresses come from libvirt (`stats.rs`, [`addresses`]).
 
+mod console;
 mod disks;
 pub(super) mod domain_xml;
 mod exec;
 mod ffi;
+mod stats;
 mod watch;
 
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ use crate::config::LibvirtConfig;
 use crate::error::AgentError;
 use crate::events::EventBus;
 use domain_xml::{BerthMetadata, DomainPlan, Nic, PciAddress};
-use ffi::{Connection, Domain, DomainInfo, DomainState, VirError, code};
+use ffi::{AddressSource, Connection, Domain, DomainInfo, DomainState, VirError, code};
 
 const RUNTIME: &str = "RUNTIME_LIBVIRT";
 /// The daemon sockets `auto` looks for: the monolithic libvirtd's, then the
@@ -36,6 +38,8 @@ const RUNTIME: &str = "RUNTIME_LIBVIRT";
 const SYSTEM_SOCKETS: [&str; 2] = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"];
 /// How often a stop checks whether the guest has shut down.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+/// Stats samples buffered for a slow reader.
+const STATS_BUFFER: usize = 16;
 
 /// The URI `libvirt.uri` stands for, or why the runtime is off.
 pub fn locate(configured: &str) -> Result<String, String> {
@@ -78,6 +82,7 @@ struct Inner {
     connection: Mutex<Option<Arc<Connection>>>,
     seen: Mutex<watch::Seen>,
     exec_lanes: exec::ExecLanes,
+    consoles: console::Consoles,
 }
 
 impl Inner {
@@ -116,6 +121,14 @@ impl Inner {
 
     fn seen(&self) -> MutexGuard<'_, watch::Seen> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The console journal of a VM with a files directory, followed from
+    /// now on (a restarted agent follows its running VMs again from its
+    /// first poll).
+    fn console(&self, view: &DomainView) -> Option<Arc<console::Journal>> {
+        let dir = view.metadata.files_dir.as_deref()?;
+        Some(self.consoles.journal(&view.uuid, dir))
     }
 }
 
@@ -186,6 +199,16 @@ impl DomainView {
         self.info.state.is_active()
     }
 
+    /// Why `rpc` cannot reach into this VM: it has no files directory, where
+    /// the agent puts the exec shim's socket and the console log.
+    fn no_files_dir(&self, rpc: &str) -> AgentError {
+        AgentError::Unimplemented(format!(
+            "{rpc}: VM `{}` has no exec shim port or console log: only VMs with a files directory \
+             (a base_image disk or a cloud-init seed) whose path fits a unix socket get them",
+            self.name
+        ))
+    }
+
     /// The workload: its spec with libvirt's current vCPUs and memory.
     fn workload(&self) -> Workload {
         let mut spec = self.metadata.spec.clone().unwrap_or_default();
@@ -220,6 +243,7 @@ impl LibvirtRuntime {
         config: &LibvirtConfig,
         owner: String,
         events: EventBus,
+        log_lines: usize,
     ) -> Result<Self, String> {
         let library = ffi::library()?;
         let runtime = Self {
@@ -233,6 +257,7 @@ impl LibvirtRuntime {
                 connection: Mutex::new(None),
                 seen: Mutex::new(watch::Seen::default()),
                 exec_lanes: exec::ExecLanes::default(),
+                consoles: console::Consoles::new(log_lines),
             }),
         };
         watch::spawn(Arc::downgrade(&runtime.inner), config.poll_interval);
@@ -540,6 +565,9 @@ impl WorkloadRuntime for LibvirtRuntime {
         )
         .await?
         .map_err(start_error)?;
+        if let Some(journal) = self.inner.console(&view) {
+            journal.restarted();
+        }
         self.inner.seen().note(&view.uuid, &view.name, true);
         self.publish(
             &view,
@@ -634,6 +662,7 @@ impl WorkloadRuntime for LibvirtRuntime {
         }
         self.inner.seen().forget(&view.uuid);
         self.inner.exec_lanes.remove(&view.uuid);
+        self.inner.consoles.remove(&view.uuid);
         self.publish(
             &view,
             EventKind::Removed,
@@ -643,7 +672,12 @@ impl WorkloadRuntime for LibvirtRuntime {
     }
 
     async fn inspect(&self, id: &str) -> Result<Option<Workload>, AgentError> {
-        Ok(self.find(id).await?.map(|view| view.workload()))
+        let Some(view) = self.find(id).await? else {
+            return Ok(None);
+        };
+        let mut workload = view.workload();
+        (workload.ip_addresses, workload.ip_addresses_note) = self.addresses(&view).await?;
+        Ok(Some(workload))
     }
 
     async fn list(&self) -> Result<Vec<Workload>, AgentError> {
@@ -674,11 +708,7 @@ impl WorkloadRuntime for LibvirtRuntime {
             .as_deref()
             .and_then(exec::socket_path)
         else {
-            return Err(AgentError::Unimplemented(format!(
-                "Exec: VM `{}` has no exec shim port: only VMs with a files directory (a base_image \
-                 disk or a cloud-init seed) whose path fits a unix socket get one",
-                view.name
-            )));
+            return Err(view.no_files_dir("Exec"));
         };
         exec::run(
             &self.inner.exec_lanes,
@@ -691,28 +721,132 @@ impl WorkloadRuntime for LibvirtRuntime {
         .await
     }
 
+    /// The guest's serial console, as the agent read it.
     async fn logs(
         &self,
-        _id: &str,
-        _tail: usize,
-        _follow: bool,
+        id: &str,
+        tail: usize,
+        follow: bool,
     ) -> Result<mpsc::Receiver<LogLine>, AgentError> {
-        Err(no_channel_into_guest("Logs"))
+        let view = self.find_or_404(id).await?;
+        let journal = self
+            .inner
+            .console(&view)
+            .ok_or_else(|| view.no_files_dir("Logs"))?;
+        Ok(journal.lines(tail, follow))
     }
 
+    /// Samples over `interval` (one over [`stats::SINGLE_SAMPLE_WINDOW`]
+    /// when none): the first comes one interval after the call, since CPU
+    /// use is measured between two readings. The stream ends when the
+    /// domain stops.
     async fn stats(
         &self,
-        _id: &str,
-        _interval: Option<Duration>,
+        id: &str,
+        interval: Option<Duration>,
     ) -> Result<mpsc::Receiver<WorkloadStats>, AgentError> {
-        Err(no_channel_into_guest("Stats"))
+        let view = self.find_or_404(id).await?;
+        let mut before = self.read_stats(&view).await?;
+        let (tx, rx) = mpsc::channel(STATS_BUFFER);
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            let period = interval.unwrap_or(stats::SINGLE_SAMPLE_WINDOW);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    () = tx.closed() => return,
+                }
+                let now = match runtime.read_stats(&view).await {
+                    Ok(now) => now,
+                    Err(error) => {
+                        tracing::debug!(vm = %view.name, %error, "VM stats stream ended");
+                        return;
+                    }
+                };
+                if tx.send(stats::sample(&before, &now)).await.is_err() || interval.is_none() {
+                    return;
+                }
+                before = now;
+            }
+        });
+        Ok(rx)
     }
 }
 
-fn no_channel_into_guest(rpc: &str) -> AgentError {
-    AgentError::Unimplemented(format!(
-        "{rpc}: the libvirt runtime has no channel into a VM's guest for {rpc} yet (only Exec, through the guest's berth-exec-shim); reach the VM over its network, e.g. ssh"
-    ))
+impl LibvirtRuntime {
+    /// One reading of a running domain's counters.
+    async fn read_stats(&self, view: &DomainView) -> Result<stats::Reading, AgentError> {
+        let (uuid, name) = (view.uuid.clone(), view.name.clone());
+        self.with_connection(move |connection| {
+            let domain = connection
+                .lookup_by_uuid(&uuid)
+                .map_err(failed("read stats"))?
+                .ok_or_else(|| AgentError::WorkloadNotFound(name.clone()))?;
+            if !domain.info().map_err(failed("read stats"))?.state.is_active() {
+                return Err(AgentError::NotRunning {
+                    name,
+                    state: "not running",
+                });
+            }
+            let values = domain.stats(stats::GROUPS).map_err(failed("read stats"))?;
+            Ok(stats::Reading::new(values))
+        })
+        .await
+    }
+
+    /// The guest's IP addresses from its network's DHCP leases, else from
+    /// the host's ARP table (a bridge, or a network without DHCP); none,
+    /// with why, when neither knows one. libvirt failing to say is a note,
+    /// not an error: inspecting the VM still works.
+    async fn addresses(&self, view: &DomainView) -> Result<(Vec<String>, String), AgentError> {
+        let nic = view
+            .metadata
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.vm.as_ref())
+            .map_or(Nic::None, Nic::of);
+        if nic == Nic::None {
+            return Ok((
+                Vec::new(),
+                "the VM has no network card (vm.network = \"none\")".to_string(),
+            ));
+        }
+        if !view.active() {
+            return Ok((Vec::new(), String::new()));
+        }
+        let uuid = view.uuid.clone();
+        self.with_connection(move |connection| {
+            let Some(domain) = connection
+                .lookup_by_uuid(&uuid)
+                .map_err(failed("read addresses"))?
+            else {
+                return Ok((Vec::new(), "the domain is gone".to_string()));
+            };
+            let mut why = Vec::new();
+            for source in [AddressSource::Lease, AddressSource::Arp] {
+                match domain.interfaces(source) {
+                    Ok(interfaces) => {
+                        let addresses: Vec<String> = interfaces
+                            .into_iter()
+                            .flat_map(|interface| interface.addresses)
+                            .collect();
+                        if !addresses.is_empty() {
+                            return Ok((addresses, String::new()));
+                        }
+                    }
+                    Err(error) => why.push(format!("{source:?}: {error}")),
+                }
+            }
+            let mut note = "no DHCP lease or ARP entry for the guest's network card yet \
+                (still booting, it asks for no address, or its network has no DHCP)"
+                .to_string();
+            if !why.is_empty() {
+                note.push_str(&format!("; libvirt said {}", why.join("; ")));
+            }
+            Ok((Vec::new(), note))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
