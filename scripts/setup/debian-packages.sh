@@ -18,11 +18,13 @@ packages=(
   docker-compose   # the compose deployment test (Debian's 1.29.2)
   podman podman-compose runc catatonit fuse-overlayfs  # the podman runtime and compose tests
   systemd          # systemd-analyze verify for the unit files
+  chromium         # headless, opens `berth report`'s HTML as a browser does (tests/tests/report.rs)
   libvirt-dev pkg-config  # libvirt.so.0, which the agent loads at run time, and its test driver
   genisoimage      # cloud-init NoCloud seeds for the libvirt runtime
   qemu-utils       # qemu-img: overlays for VM disks
   libvirt-daemon-system libvirt-daemon-driver-qemu  # libvirtd and its qemu driver: the real-VM test
   libvirt-clients  # virsh: scripts/setup/libvirtd.sh asks whether the daemon answers
+  dnsmasq-base     # DHCP of libvirt's `default` network: the real-VM test's guest gets an IP
   linux-image-amd64  # the kernel the test VM boots (scripts/vm/build-test-image.sh)
   syslinux syslinux-common mtools  # the test VM's boot disk: FAT + syslinux, made without root or mounts
   cpio             # the test VM's initramfs

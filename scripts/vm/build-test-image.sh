@@ -4,7 +4,9 @@
 #   - Debian's kernel (linux-image-amd64: /boot/vmlinuz-*),
 #   - an initramfs with busybox (busybox-static), the virtio modules of that
 #     kernel and an /init that prints `berth-guest-up …` on the serial console,
-#     then waits (it runs berth-exec-shim on the virtio-serial port
+#     asks DHCP for an address when the VM has a network card (eth0), prints
+#     `berth-guest-tick N` every 2 s (a console that keeps writing, for log
+#     tests), then waits (it runs berth-exec-shim on the virtio-serial port
 #     `dev.berth.shim` when --shim is given and the port exists),
 #   - on a FAT disk booted by syslinux (syslinux, mtools), converted to qcow2.
 #
@@ -54,14 +56,15 @@ work=$out/work
 rm -rf "$work"
 mkdir -p "$work/root/bin" "$work/root/lib/modules" "$work/root/sbin"
 cp "$busybox" "$work/root/bin/busybox"
-# virtio_pci and virtio_console (the shim's port), with what they need, in
+# virtio_pci, virtio_console (the shim's port) and virtio_net, with what they need, in
 # the order modprobe would load them (modules.dep lists a module's
 # dependencies last-loaded first). Modules in Debian's kernel (uncompressed in
 # 6.1, .ko.xz elsewhere).
 dep_file=/lib/modules/$version/modules.dep
 [[ -r $dep_file ]] || die "no $dep_file (Debian: the kernel's package, linux-image-$version)"
 order=()
-for wanted in kernel/drivers/virtio/virtio_pci.ko kernel/drivers/char/virtio_console.ko; do
+for wanted in kernel/drivers/virtio/virtio_pci.ko kernel/drivers/char/virtio_console.ko \
+  kernel/drivers/net/virtio_net.ko; do
   line=$(grep -E "^$wanted(\.xz)?:" "$dep_file" || true)
   [[ -n $line ]] || die "$wanted is not in $dep_file"
   read -r -a deps <<<"${line#*:}"
@@ -82,6 +85,19 @@ if [[ -n $shim ]]; then
   is_static "$shim" || die "$shim is dynamically linked: build it with RUSTFLAGS='-C target-feature=+crt-static'"
   cp "$shim" "$work/root/sbin/berth-exec-shim"
 fi
+# udhcpc's hook: gives the leased address to the interface.
+mkdir -p "$work/root/etc"
+cat >"$work/root/etc/udhcpc.script" <<'DHCP'
+#!/bin/busybox sh
+case $1 in
+  bound | renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    echo "berth-guest: $interface has $ip"
+    ;;
+esac
+DHCP
+chmod 755 "$work/root/etc/udhcpc.script"
 cat >"$work/root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run
@@ -96,6 +112,11 @@ while read -r module; do
 done </lib/modules/order
 hostname berth-guest
 echo "berth-guest-up kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up
+  udhcpc -i eth0 -s /etc/udhcpc.script -b -q -t 10 >/dev/null 2>&1 &
+fi
+(n=0; while :; do n=$((n + 1)); echo "berth-guest-tick $n"; sleep 2; done) &
 # The shim's virtio-serial port, by its name (no udev here for the symlink).
 port=""
 for name in /sys/class/virtio-ports/*/name; do

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignState, GetCampaignRequest, ListCampaignsRequest, SubmitCampaignRequest,
+    Campaign, CampaignState, GetCampaignRequest, ListCampaignsRequest, ListRunsRequest, Run,
+    SubmitCampaignRequest,
 };
 use berth_server::client::AuthChannel;
 
@@ -122,4 +123,29 @@ pub async fn wait_succeeded(client: &mut Client, id: &str, runs: u64, deadline: 
     })
     .await;
     assert_eq!(done.runs.unwrap_or_default().succeeded, runs, "{done:?}");
+}
+
+/// Submits `manifest`; the campaign as accepted.
+pub async fn submit(client: &mut Client, manifest: &str) -> Campaign {
+    client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("SubmitCampaign")
+        .into_inner()
+}
+
+/// The campaign's runs (the first page: the tests' campaigns are small).
+pub async fn runs_of(client: &mut Client, id: &str) -> Vec<Run> {
+    client
+        .list_runs(ListRunsRequest {
+            campaign_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("ListRuns")
+        .into_inner()
+        .runs
 }

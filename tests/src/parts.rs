@@ -61,6 +61,8 @@ pub enum Part {
     Cdi,
     /// An engine that records an OOM kill in the container's state.
     OomKill,
+    /// Headless Chromium, to open `berth report`'s HTML as a browser does.
+    Chromium,
 }
 
 impl Part {
@@ -87,6 +89,7 @@ impl Part {
             Part::Grpcurl => "grpcurl",
             Part::Cdi => "cdi",
             Part::OomKill => "oom-kill",
+            Part::Chromium => "chromium",
         }
     }
 
@@ -116,6 +119,7 @@ impl Part {
                 "scripts/llm/setup-peers.sh"
             }
             Part::Cdi => "run the tests as root (CDI specs live in /etc/cdi)",
+            Part::Chromium => "apt-get install chromium (scripts/setup/debian-packages.sh)",
             Part::OomKill => {
                 "for podman, its service started by scripts/images/podman-service.sh (conmon run in the \
                  bundle directory, where podman 4.3.1 looks for conmon 2.1.6's OOM marker)"
@@ -189,6 +193,7 @@ pub fn probe(part: Part) -> Result<(), String> {
         Part::Systemd => on_path("systemd-analyze").map(drop),
         Part::Podman => on_path("podman").map(drop),
         Part::Busybox => on_path("busybox").map(drop),
+        Part::Chromium => on_path("chromium").map(drop),
         other => Err(format!(
             "{other} has no probe of its own: the test must look for it"
         )),

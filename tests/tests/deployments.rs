@@ -694,15 +694,7 @@ run:
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(60);
     berth_tests::campaign::wait_succeeded(&mut client, &campaign.id, 4, deadline).await;
-    let runs = client
-        .list_runs(ListRunsRequest {
-            campaign_id: campaign.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let runs = berth_tests::campaign::runs_of(&mut client, &campaign.id).await;
     assert_eq!(runs.len(), 4);
     for run in &runs {
         assert_eq!(run.host, "local");
@@ -1210,25 +1202,10 @@ run:
   command: [python3, -c, "import time, urllib.request; urllib.request.urlopen('http://{{endpoint.http}}/'); time.sleep(0.3); print('{\"ok\": 1}')"]
 power: {enabled: true, rate_hz: 100}
 "#;
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: against.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("SubmitCampaign")
-        .into_inner();
+    let campaign = berth_tests::campaign::submit(&mut client, &against).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     berth_tests::campaign::wait_succeeded(&mut client, &campaign.id, 2, deadline).await;
-    let runs = client
-        .list_runs(ListRunsRequest {
-            campaign_id: campaign.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let runs = berth_tests::campaign::runs_of(&mut client, &campaign.id).await;
     let expected_watts = if gpu == 0 { 100.0 } else { 300.0 };
     for run in &runs {
         let devices: Vec<&str> = run.energy.iter().map(|e| e.device.as_str()).collect();
@@ -1245,14 +1222,7 @@ power: {enabled: true, rate_hz: 100}
     // for the one the deployment holds.
     let elsewhere = "name: host-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}]\n\
                      run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\npower: {enabled: true, rate_hz: 100}\n";
-    let waiting = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: elsewhere.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("SubmitCampaign")
-        .into_inner();
+    let waiting = berth_tests::campaign::submit(&mut client, &elsewhere).await;
     let said = berth_tests::campaign::wait_campaign(
         &mut client,
         &waiting.id,
@@ -1480,7 +1450,13 @@ async fn llama_cpp_serves_smollm2_as_a_container_replica() {
     );
     let address = &replica.endpoints[0].address;
     let output = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "60", "-H", "Content-Type: application/json"])
+        .args([
+            "-s",
+            "--max-time",
+            "60",
+            "-H",
+            "Content-Type: application/json",
+        ])
         .args([
             "-d",
             r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi"}],"max_tokens":8}"#,
@@ -1498,7 +1474,10 @@ async fn llama_cpp_serves_smollm2_as_a_container_replica() {
         .as_str()
         .unwrap_or_default();
     assert!(!content.is_empty(), "{answer}");
-    assert!(answer["usage"]["completion_tokens"].as_u64() > Some(0), "{answer}");
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64() > Some(0),
+        "{answer}"
+    );
     stop(&mut client, name).await;
     let (status, _) = agent.engine_get(&format!("/containers/{}/json", replica.workload_id));
     assert_eq!(status, 404, "container {} removed", replica.workload_id);

@@ -937,3 +937,143 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
     assert_eq!(http_get(&addr, "/health").await, 200);
     target.check_memory();
 }
+
+/// The embedding service's CPU budget in
+/// [`the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget`]:
+/// the request below is estimated at minutes of CPU on any machine.
+const EMBEDDING_CPU_BUDGET: Duration = Duration::from_secs(1);
+
+/// A line of the service's /metrics: the value of `name{labels}`.
+async fn metric(addr: &str, series: &str) -> f64 {
+    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let (_, answer) = http_raw_answer(addr, request.as_bytes()).await;
+    answer
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// A request within every size limit (2048 texts of 990 bytes: 2 MiB of
+/// gRPC, `limits.max_texts`, `max_text_bytes`, the queue) is estimated
+/// before it is queued (crates/embedding/src/cost.rs) at 2048 × 256 tokens,
+/// far over a 1 s budget, and refused at once, naming the budget, over gRPC
+/// and HTTP; nothing is embedded, so memory stays near idle; a good request
+/// is served afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget() {
+    let data = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut env = env_of(data.path());
+    env.extend([
+        ("BERTH_MODELS__SESSIONS", "1".to_string()),
+        (
+            "BERTH_SERVER__REQUEST_CPU_BUDGET",
+            format!("{}ms", EMBEDDING_CPU_BUDGET.as_millis()),
+        ),
+    ]);
+    let process = spawn(
+        "berth-embedding",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &env,
+    );
+    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+    let addr = format!("127.0.0.1:{http}");
+    let embed = "/berth.embedding.v1.Embedding/Embed";
+    let serving = berth_tests::health(channel.clone(), "berth.embedding.v1.Embedding").await;
+    let found = if serving == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!(
+            "berth-embedding is {serving:?}: the model is not in {} (scripts/setup-embedding-model.sh)",
+            berth_tests::model_cache().display()
+        ))
+    };
+    if require(Part::Model, found).is_none() {
+        return;
+    }
+    let good = EmbedRequest {
+        texts: vec!["a cat".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        grpc_raw(&channel, embed, good.encode_to_vec()).await,
+        Code::Ok
+    );
+    let rate = metric(
+        &addr,
+        "berth_embedding_tokens_per_second{model=\"all-MiniLM-L6-v2\"}",
+    )
+    .await;
+    println!("hostile embedding | {rate:.0} tokens/s a session, measured at load");
+    let target = Target::new("embedding", process);
+
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(23)[..990].to_string();
+    let texts = vec![text; 2048];
+    let message = EmbedRequest {
+        texts: texts.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    assert!(message.len() < EMBEDDING_MAX_MESSAGE);
+    // Were it embedded rather than refused, it would take minutes: the
+    // test fails within seconds instead.
+    let refused_within = ANSWER_WITHIN * 5;
+    target
+        .case(
+            "gRPC Embed 2048 × 990 bytes, over a 1 s CPU budget",
+            async {
+                let status =
+                    tokio::time::timeout(refused_within, grpc_raw_status(&channel, embed, message))
+                        .await
+                        .expect("refused rather than embedded");
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("server.request_cpu_budget"),
+                    "{status:?}"
+                );
+                assert_eq!(
+                    berth_server::error_reason(&status),
+                    Some(berth_server::error::reasons::REQUEST_BUDGET_EXCEEDED)
+                );
+                format!("{:?}: {}", status.code(), status.message())
+            },
+        )
+        .await;
+    for (path, body) in [
+        ("/embed", serde_json::json!(texts)),
+        ("/v1/embeddings", serde_json::json!({ "input": texts })),
+    ] {
+        let body = body.to_string();
+        target
+            .case(
+                &format!("HTTP {path} 2048 × 990 bytes, over a 1 s CPU budget"),
+                async {
+                    let (status, answer) = tokio::time::timeout(
+                        refused_within,
+                        http_post_answer(&addr, path, body.as_bytes()),
+                    )
+                    .await
+                    .expect("refused rather than embedded");
+                    assert!(
+                        answer.contains("server.request_cpu_budget"),
+                        "HTTP {status}: {answer}"
+                    );
+                    expect_http(status, &[429])
+                },
+            )
+            .await;
+    }
+
+    assert_eq!(
+        grpc_raw(&channel, embed, good.encode_to_vec()).await,
+        Code::Ok
+    );
+    assert_eq!(http_get(&addr, "/health").await, 200);
+    target.check_memory();
+}

@@ -2,10 +2,12 @@
 //! watch campaigns, print their results, manage hosts, keep deployments
 //! running.
 
+pub mod compare;
 pub mod deployments;
 pub mod export;
 pub mod output;
 pub mod quickstart;
+pub mod report;
 pub mod series;
 
 use std::io::{IsTerminal, Write};
@@ -89,6 +91,25 @@ pub enum Command {
         /// Write to this file instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Writes a campaign's report: one self-contained HTML file with plots
+    /// (summary, metrics per configuration, run timeline, power over runs,
+    /// throughput against energy, measurement quality).
+    Report {
+        id: String,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Compares campaign B with campaign A: per configuration and metric the
+    /// ratio B/A with its 95% CI and Welch's t-test, largest change first.
+    Compare {
+        a: String,
+        b: String,
+        /// Fail (exit 1) when METRIC rises (+N%) or falls (-N%) significantly
+        /// past N% in any configuration, e.g. energy_j:+5%, tokens_per_s:-5%.
+        #[arg(long = "fail-on", value_name = "METRIC:±N%")]
+        fail_on: Vec<compare::FailOn>,
     },
     /// Lists campaigns, newest first.
     Campaigns,
@@ -200,6 +221,11 @@ pub enum CliError {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("writing CSV: {0}")]
     Csv(#[from] csv::Error),
+    #[error("no campaign {0} on this orchestrator (berth campaigns lists them)")]
+    UnknownCampaign(String),
+    /// `berth compare --fail-on` found significant regressions.
+    #[error("regressed past --fail-on: {}", .0.join("; "))]
+    Regressed(Vec<String>),
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -262,6 +288,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let samples = series::fetch_series(&mut client, &run_id, &device).await?;
             write_output(output, &series::encode(&samples, format)?)
         }
+        Command::Report { id, output } => {
+            let data = report::fetch(&mut client, &id).await?;
+            write_output(output, report::render(&data).as_bytes())
+        }
+        Command::Compare { a, b, fail_on } => compare::run(&mut client, &a, &b, &fail_on).await,
         Command::Campaigns => {
             let campaigns = client
                 .list_campaigns(ListCampaignsRequest::default())
@@ -349,6 +380,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             Ok(())
         }
+    }
+}
+
+/// The campaign `id`; an unknown id is said plainly, not as a gRPC status.
+pub async fn get_campaign(client: &mut Client, id: &str) -> Result<Campaign, CliError> {
+    match client
+        .get_campaign(GetCampaignRequest { id: id.to_string() })
+        .await
+    {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            Err(CliError::UnknownCampaign(id.to_string()))
+        }
+        Err(status) => Err(status.into()),
     }
 }
 

@@ -26,6 +26,11 @@ pub enum AgentError {
     SpawnFailed { command: String, reason: String },
     #[error("{0} execs are already running on this agent (agent.max_concurrent_execs)")]
     TooManyExecs(usize),
+    /// A VM's exec port serves one exec at a time; this many already wait.
+    #[error(
+        "VM `{name}` runs one exec at a time and {waiting} more already wait for it; try again when one ends"
+    )]
+    ExecQueueFull { name: String, waiting: usize },
     #[error("an exec with key `{0}` is already known to this agent; attach to it instead")]
     ExecKeyTaken(String),
     #[error(
@@ -77,7 +82,7 @@ impl ServiceError for AgentError {
             Self::WrongState { .. } | Self::NotRunning { .. } => ErrorCode::FailedPrecondition,
             Self::RuntimeUnavailable(..) => ErrorCode::Unavailable,
             Self::SpawnFailed { .. } => ErrorCode::FailedPrecondition,
-            Self::TooManyExecs(_) => ErrorCode::ResourceExhausted,
+            Self::TooManyExecs(_) | Self::ExecQueueFull { .. } => ErrorCode::ResourceExhausted,
             Self::ExecKeyTaken(_) => ErrorCode::AlreadyExists,
             Self::ExecNotFound(_) => ErrorCode::NotFound,
             Self::TooManyKeyedExecs(_) => ErrorCode::ResourceExhausted,
@@ -103,6 +108,7 @@ impl ServiceError for AgentError {
             Self::RuntimeUnavailable(..) => "runtime_unavailable",
             Self::SpawnFailed { .. } => "spawn_failed",
             Self::TooManyExecs(_) => "too_many_execs",
+            Self::ExecQueueFull { .. } => "exec_queue_full",
             Self::ExecKeyTaken(_) => "exec_key_taken",
             Self::ExecNotFound(_) => "exec_not_found",
             Self::TooManyKeyedExecs(_) => "too_many_keyed_execs",

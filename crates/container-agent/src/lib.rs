@@ -106,6 +106,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
             &config.libvirt,
             config.engines.owner.clone(),
             events.clone(),
+            config.agent.log_lines_per_workload,
         )
     });
     match libvirt {

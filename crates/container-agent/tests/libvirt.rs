@@ -33,8 +33,14 @@ fn node_xml(domains: &str) -> String {
 struct Agent {
     client: Client,
     dir: tempfile::TempDir,
-    _service: RunningService,
+    test: String,
+    uri: String,
+    /// `None` only while a restart replaces it.
+    service: Option<RunningService>,
 }
+
+/// How long a stopping agent lets its calls drain: short, for restarts.
+const DRAIN: Duration = Duration::from_millis(300);
 
 impl Agent {
     /// An agent whose libvirt runtime is on `uri`; `None` (and why) when
@@ -72,8 +78,25 @@ impl Agent {
         Some(Self {
             client,
             dir,
-            _service: service,
+            test: test.to_string(),
+            uri: uri.to_string(),
+            service: Some(service),
         })
+    }
+
+    /// Stops this agent and starts a new one on the same directory, owner and
+    /// libvirt: what a restarted agent finds.
+    async fn restart(&mut self) {
+        // The old service goes first: the new one binds the same socket.
+        if let Some(service) = self.service.take() {
+            service.stop().await.unwrap();
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        *self = Self::start(&self.test, dir, &self.uri, |c| {
+            c.server.shutdown_grace = DRAIN
+        })
+        .await
+        .expect("the restarted agent has libvirt");
     }
 
     /// An agent on a test-driver node of its own holding `domains`.
@@ -390,41 +413,41 @@ async fn bad_specs_are_refused_naming_the_field_and_leave_nothing() {
     );
     assert_eq!(agent.files_left().len(), 1, "only the first VM's files");
 
-    for rpc in ["Exec", "Logs", "Stats"] {
-        let status = match rpc {
-            "Exec" => agent
-                .client
-                .exec(ExecRequest {
-                    workload_id: "taken".into(),
-                    command: vec!["true".into()],
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            "Logs" => agent
-                .client
-                .logs(LogsRequest {
-                    workload_id: "taken".into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            _ => agent
-                .client
-                .stats(StatsRequest {
-                    workload_id: "taken".into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-        };
-        if rpc == "Exec" {
-            // A VM that is not running has nobody to exec into.
-            assert_status(status, Code::FailedPrecondition, "not running");
-        } else {
-            assert_status(status, Code::Unimplemented, "no channel into a VM");
-        }
-    }
+    // A VM that is not running has nobody to exec into and no stats; its
+    // console log is empty until it first starts.
+    assert_status(
+        agent
+            .client
+            .exec(ExecRequest {
+                workload_id: "taken".into(),
+                command: vec!["true".into()],
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "not running",
+    );
+    assert_status(
+        agent
+            .client
+            .stats(StatsRequest {
+                workload_id: "taken".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "not running",
+    );
+    let mut logs = agent
+        .client
+        .logs(LogsRequest {
+            workload_id: "taken".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(logs.message().await.unwrap().is_none(), "an empty log");
 }
 
 #[tokio::test]
@@ -543,15 +566,32 @@ async fn an_agent_without_libvirt_uri_reports_the_runtime_off() {
 fn real_hypervisor() -> Result<String, String> {
     berth_tests::parts::on_path("qemu-system-x86_64")
         .map_err(|e| format!("{e} (Debian: qemu-system-x86)"))?;
-    if let Ok(uri) = std::env::var("BERTH_TEST_LIBVIRT_URI") {
-        return Ok(uri);
+    let uri = match std::env::var("BERTH_TEST_LIBVIRT_URI") {
+        Ok(uri) => uri,
+        Err(_)
+            if Path::new("/run/libvirt/libvirt-sock").exists()
+                || Path::new("/run/libvirt/virtqemud-sock").exists() =>
+        {
+            "qemu:///system".to_string()
+        }
+        Err(_) => {
+            return Err("no libvirt daemon: no /run/libvirt/libvirt-sock or virtqemud-sock (scripts/setup/libvirtd.sh starts one), and BERTH_TEST_LIBVIRT_URI is not set".into());
+        }
+    };
+    // The guest asks libvirt's NAT network for its address.
+    let info = Command::new("virsh")
+        .args(["-c", &uri, "net-info", "default"])
+        .output()
+        .map_err(|e| format!("cannot run virsh: {e} (Debian: libvirt-clients)"))?;
+    let active = String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .any(|line| line.starts_with("Active:") && line.ends_with("yes"));
+    if !active {
+        return Err(format!(
+            "libvirt's `default` network is not active on {uri} (scripts/setup/libvirtd.sh starts it; it needs dnsmasq-base)"
+        ));
     }
-    if Path::new("/run/libvirt/libvirt-sock").exists()
-        || Path::new("/run/libvirt/virtqemud-sock").exists()
-    {
-        return Ok("qemu:///system".into());
-    }
-    Err("no libvirt daemon: no /run/libvirt/libvirt-sock or virtqemud-sock (scripts/setup/libvirtd.sh starts one), and BERTH_TEST_LIBVIRT_URI is not set".into())
+    Ok(uri)
 }
 
 /// The exec shim as a static binary (the guest has no C library), built
@@ -626,15 +666,20 @@ async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<Str
     }
 }
 
-/// A real VM under libvirtd's qemu driver: Debian's kernel boots a busybox
-/// initramfs from the disk the agent made (an overlay on the test image),
+/// A real VM under libvirtd's qemu driver, booted once for every check that
+/// needs a guest: Debian's kernel boots a busybox initramfs from the disk the
+/// agent made (an overlay on the test image) on libvirt's `default` network;
 /// the guest's /init reports on the serial console, which the agent has
-/// libvirt copy into the VM's files directory, and runs the exec shim on the
-/// virtio-serial port the agent gave the domain; execs through the agent's
-/// API (output, exit code, env, cwd, a timeout that kills the command's
-/// group); then a stop (the guest ignores the ACPI button, so it ends in
-/// destroy) and a remove leave nothing. The domain type is the agent's
-/// `auto`: KVM where it can boot this kernel, qemu (TCG) otherwise.
+/// libvirt copy into the VM's files directory, asks DHCP for an address and
+/// runs the exec shim on the virtio-serial port the agent gave the domain.
+/// Checked through the agent's API: an exec before the guest is up is
+/// refused saying so; execs (output, exit code, env, cwd, a timeout that
+/// kills the command's group); Logs from the console (tail, follow, since);
+/// Stats from libvirt; the guest's IP in InspectWorkload; one exec at a time
+/// with a bounded queue; a new agent on the same domains finds the VM and
+/// execs into it; `virsh destroy` mid-exec ends the exec and the VM is seen
+/// stopped; a remove leaves nothing. The domain type is the agent's `auto`:
+/// KVM where it can boot this kernel, qemu (TCG) otherwise.
 #[tokio::test]
 async fn a_real_vm_boots_and_stops() {
     let test = "real-vm";
@@ -653,7 +698,8 @@ async fn a_real_vm_boots_and_stops() {
     let Some(base) = berth_tests::require(berth_tests::Part::Vm, boot_image(&image_dir)) else {
         return;
     };
-    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+    let Some(mut agent) = Agent::start(test, dir, &uri, |c| c.server.shutdown_grace = DRAIN).await
+    else {
         return;
     };
     let mut events = agent
@@ -664,7 +710,7 @@ async fn a_real_vm_boots_and_stops() {
         .into_inner();
     let mut spec = vm_spec(&base);
     let vm = spec.vm.as_mut().unwrap();
-    vm.network = "none".into();
+    vm.network = "default".into();
     vm.vcpus = 1;
     vm.memory_bytes = 256 << 20;
     let name = format!("berth-test-{}", std::process::id());
@@ -690,14 +736,29 @@ async fn a_real_vm_boots_and_stops() {
     let booted = match agent.start_workload(&name).await {
         Ok(started) => {
             assert_eq!(state(&started), WorkloadState::Running);
+            // Before the guest is up: no address yet, and why.
+            let early = agent.inspect(&name).await.unwrap();
+            assert!(
+                !early.ip_addresses.is_empty() || !early.ip_addresses_note.is_empty(),
+                "{early:?}"
+            );
+            // An exec before the guest's shim serves is refused saying so
+            // (unless the guest booted within the shim's accept wait).
+            if let Err(status) = exec_in(&mut agent.client, &name, &["true"], &[], "", None).await {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    status.message().contains("has not booted yet"),
+                    "{status:?}"
+                );
+            }
             console_shows(&console, "berth-guest-up", Duration::from_secs(180))
                 .await
                 .map(|line| (line, started_at.elapsed()))
         }
         Err(status) => Err(format!("start failed: {status:?}")),
     };
-    let execs = match &booted {
-        Ok(_) => execs_in_the_guest(&mut agent.client, &name, started_at).await,
+    let checks = match &booted {
+        Ok(_) => in_the_guest(&mut agent, &name, started_at, &uri).await,
         Err(_) => Err("not booted".to_string()),
     };
     let stopped = agent
@@ -708,8 +769,10 @@ async fn a_real_vm_boots_and_stops() {
     let (line, boot_time) = booted.unwrap_or_else(|log| {
         panic!("the guest did not report (domain type {domain_type}); its console said:\n{log}")
     });
-    let execs = execs.unwrap_or_else(|e| panic!("exec into the VM: {e}"));
-    eprintln!("{test}: {execs}");
+    let checks = checks.unwrap_or_else(|e| panic!("in the VM: {e}"));
+    for line in checks {
+        eprintln!("{test}: {line}");
+    }
     eprintln!(
         "{test}: domain type {domain_type}: start to `{line}` on the console in {:.1} s",
         boot_time.as_secs_f64()
@@ -717,6 +780,45 @@ async fn a_real_vm_boots_and_stops() {
     assert!(line.contains("kernel="), "{line}");
     assert_eq!(stopped.unwrap(), WorkloadState::Stopped);
     assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+}
+
+/// Every check on the booted VM, in an order that leaves it usable for the
+/// next; the figures measured on the way. The last one destroys the domain.
+async fn in_the_guest(
+    agent: &mut Agent,
+    name: &str,
+    started_at: std::time::Instant,
+    uri: &str,
+) -> Result<Vec<String>, String> {
+    let mut figures = vec![execs_in_the_guest(&mut agent.client, name, started_at).await?];
+    figures.push(logs_of_the_console(&mut agent.client, name).await?);
+    figures.push(stats_from_libvirt(&mut agent.client, name).await?);
+    figures.push(the_guests_address(&mut agent.client, name).await?);
+    one_exec_at_a_time(&agent.client, name).await?;
+    agent.restart().await;
+    let found = agent.inspect(name).await.map_err(|s| format!("{s:?}"))?;
+    assert_eq!(
+        state(&found),
+        WorkloadState::Running,
+        "a new agent finds the VM"
+    );
+    let (out, _, _) = exec_in(&mut agent.client, name, &["hostname"], &[], "", None)
+        .await
+        .map_err(|s| format!("exec through a new agent: {s:?}"))?;
+    assert_eq!(String::from_utf8_lossy(&out), "berth-guest\n");
+    destroyed_mid_exec(&mut agent.client, name, uri).await?;
+    Ok(figures)
+}
+
+/// p50 and max of `samples`, in ms.
+fn spread(samples: &mut [Duration]) -> String {
+    samples.sort();
+    format!(
+        "p50 {:.1} ms, max {:.1} ms ({} samples)",
+        samples[samples.len() / 2].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+        samples.len()
+    )
 }
 
 /// Output, exit code, environment and working directory of an exec in the
@@ -796,7 +898,7 @@ async fn execs_in_the_guest(
     assert!(left.is_empty(), "left running in the guest: {left}");
 
     let mut round_trips = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..50 {
         let at = std::time::Instant::now();
         let (_, _, exit) = exec_in(client, name, &["true"], &[], "", None)
             .await
@@ -804,12 +906,10 @@ async fn execs_in_the_guest(
         assert_eq!(exit.exit_code, 0);
         round_trips.push(at.elapsed());
     }
-    round_trips.sort();
     Ok(format!(
-        "start to first exec {:.1} s; exec `true` round trip p50 {:.1} ms, max {:.1} ms (20 execs)",
+        "start to first exec {:.1} s; exec `true` round trip {}",
         first_exec.as_secs_f64(),
-        round_trips[10].as_secs_f64() * 1e3,
-        round_trips[19].as_secs_f64() * 1e3
+        spread(&mut round_trips)
     ))
 }
 
@@ -850,4 +950,311 @@ async fn exec_in(
     Err(tonic::Status::internal(
         "the exec stream ended without an exit status",
     ))
+}
+
+async fn logs(
+    client: &mut Client,
+    name: &str,
+    tail: u32,
+    follow: bool,
+    since: Option<std::time::SystemTime>,
+) -> Result<tonic::Streaming<LogLine>, String> {
+    client
+        .logs(LogsRequest {
+            workload_id: name.to_string(),
+            follow,
+            tail,
+            since: since.map(Into::into),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("Logs: {s:?}"))
+}
+
+/// All the lines of a Logs stream that does not follow.
+async fn all_lines(mut stream: tonic::Streaming<LogLine>) -> Result<Vec<LogLine>, String> {
+    let mut lines = Vec::new();
+    while let Some(line) = stream.message().await.map_err(|s| format!("{s:?}"))? {
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+/// The first line of a following stream that contains `marker`.
+async fn line_with(
+    stream: &mut tonic::Streaming<LogLine>,
+    marker: &str,
+) -> Result<LogLine, String> {
+    let deadline = Duration::from_secs(10);
+    tokio::time::timeout(deadline, async {
+        while let Some(line) = stream.message().await.map_err(|s| format!("{s:?}"))? {
+            if line.line.contains(marker) {
+                return Ok(line);
+            }
+        }
+        Err(format!("the log stream ended before `{marker}`"))
+    })
+    .await
+    .map_err(|_| format!("`{marker}` did not come within {deadline:?}"))?
+}
+
+/// The console as Logs: the boot line with a time, `tail`, lines the guest
+/// writes later while following (and how late they come), `since`.
+async fn logs_of_the_console(client: &mut Client, name: &str) -> Result<String, String> {
+    let kept = all_lines(logs(client, name, 0, false, None).await?).await?;
+    let up = kept
+        .iter()
+        .find(|l| l.line.starts_with("berth-guest-up"))
+        .ok_or_else(|| format!("no boot line in {kept:?}"))?;
+    assert!(up.time.is_some());
+    assert_eq!(up.stream(), LogStream::Stdout);
+    let last = all_lines(logs(client, name, 1, false, None).await?).await?;
+    assert_eq!(last.len(), 1, "{last:?}");
+
+    // Written to the console by an exec, read through a follower: the time
+    // from the exec's start to the line's arrival.
+    let mut follower = logs(client, name, 1, true, None).await?;
+    let mut delays = Vec::new();
+    for n in 0..10 {
+        let marker = format!("berth-follow-{n}");
+        let at = std::time::Instant::now();
+        let command = format!("echo {marker} >/dev/console");
+        exec_in(client, name, &["sh", "-c", &command], &[], "", None)
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        line_with(&mut follower, &marker).await?;
+        delays.push(at.elapsed());
+    }
+
+    let since = std::time::SystemTime::now();
+    exec_in(
+        client,
+        name,
+        &["sh", "-c", "echo berth-after-since >/dev/console"],
+        &[],
+        "",
+        None,
+    )
+    .await
+    .map_err(|s| format!("{s:?}"))?;
+    line_with(&mut follower, "berth-after-since").await?;
+    let after = all_lines(logs(client, name, 0, false, Some(since)).await?).await?;
+    assert!(
+        after.iter().any(|l| l.line == "berth-after-since"),
+        "{after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|l| !l.line.starts_with("berth-guest-up") && !l.line.contains("berth-follow-")),
+        "lines before `since`: {after:?}"
+    );
+    Ok(format!(
+        "log follow: exec start to the line on a follower {}",
+        spread(&mut delays)
+    ))
+}
+
+async fn stats_once(client: &mut Client, name: &str) -> Result<WorkloadStats, String> {
+    let mut stream = client
+        .stats(StatsRequest {
+            workload_id: name.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| format!("Stats: {s:?}"))?
+        .into_inner();
+    let sample = stream
+        .message()
+        .await
+        .map_err(|s| format!("{s:?}"))?
+        .ok_or("no sample")?;
+    assert!(stream.message().await.unwrap().is_none(), "one sample");
+    Ok(sample)
+}
+
+/// Stats from libvirt: memory, block and network counters, CPU use of a
+/// busy guest, a stream of samples; the call's latency.
+async fn stats_from_libvirt(client: &mut Client, name: &str) -> Result<String, String> {
+    let mut latencies = Vec::new();
+    let mut sample = WorkloadStats::default();
+    for _ in 0..5 {
+        let at = std::time::Instant::now();
+        sample = stats_once(client, name).await?;
+        latencies.push(at.elapsed());
+    }
+    assert!(sample.memory_bytes > 0, "{sample:?}");
+    assert_eq!(sample.memory_limit_bytes, 256 << 20, "{sample:?}");
+    assert!(sample.block_read_bytes.unwrap_or(0) > 0, "{sample:?}");
+    assert!(sample.network_tx_bytes.is_some(), "{sample:?}");
+
+    // A busy guest uses about its one vCPU.
+    let mut busy_client = client.clone();
+    let busy_name = name.to_string();
+    let busy = tokio::spawn(async move {
+        exec_in(
+            &mut busy_client,
+            &busy_name,
+            &["sh", "-c", "while :; do :; done"],
+            &[],
+            "",
+            Some(Duration::from_secs(3)),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let busy_sample = stats_once(client, name).await?;
+    let busy = busy.await.unwrap().map_err(|s| format!("{s:?}"))?;
+    assert_eq!(busy.2.reason(), ExitReason::TimedOut);
+    assert!(busy_sample.cpu_cores > 0.5, "{busy_sample:?}");
+
+    let mut stream = client
+        .stats(StatsRequest {
+            workload_id: name.to_string(),
+            stream: true,
+            interval: Some(Duration::from_millis(300).try_into().unwrap()),
+        })
+        .await
+        .map_err(|s| format!("{s:?}"))?
+        .into_inner();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let sample = stream
+            .message()
+            .await
+            .map_err(|s| format!("{s:?}"))?
+            .ok_or("the stream ended")?;
+        times.push(std::time::SystemTime::try_from(sample.time.unwrap()).unwrap());
+    }
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+    Ok(format!(
+        "stats: one sample (a {} ms CPU window) {}; busy guest {:.2} cores; rss {} MiB, read {} KiB",
+        200,
+        spread(&mut latencies),
+        busy_sample.cpu_cores,
+        sample.memory_bytes >> 20,
+        sample.block_read_bytes.unwrap_or(0) >> 10
+    ))
+}
+
+/// The guest's DHCP address in InspectWorkload, the one the guest has.
+async fn the_guests_address(client: &mut Client, name: &str) -> Result<String, String> {
+    let asked = std::time::Instant::now();
+    let deadline = asked + Duration::from_secs(60);
+    let workload = loop {
+        let workload = client
+            .inspect_workload(WorkloadRef {
+                id: name.to_string(),
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?
+            .into_inner();
+        if !workload.ip_addresses.is_empty() {
+            break workload;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "no address within 60 s: {}",
+                workload.ip_addresses_note
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(workload.ip_addresses_note.is_empty(), "{workload:?}");
+    let address = workload.ip_addresses[0].clone();
+    let ip = address.split('/').next().unwrap();
+    let (out, _, _) = exec_in(
+        client,
+        name,
+        &["ip", "-4", "addr", "show", "eth0"],
+        &[],
+        "",
+        None,
+    )
+    .await
+    .map_err(|s| format!("{s:?}"))?;
+    let shown = String::from_utf8_lossy(&out);
+    assert!(
+        shown.contains(&format!("inet {ip}/")),
+        "{address} vs {shown}"
+    );
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let at = std::time::Instant::now();
+        client
+            .inspect_workload(WorkloadRef {
+                id: name.to_string(),
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        latencies.push(at.elapsed());
+    }
+    Ok(format!(
+        "guest address {address}; InspectWorkload with it {}",
+        spread(&mut latencies)
+    ))
+}
+
+/// One exec runs; 4 wait behind it (the agent's bound) and all succeed; one
+/// more is refused at once.
+async fn one_exec_at_a_time(client: &Client, name: &str) -> Result<(), String> {
+    let mut running = Vec::new();
+    for n in 0..5 {
+        let mut client = client.clone();
+        let name = name.to_string();
+        let command = if n == 0 { "sleep 2" } else { "true" };
+        running.push(tokio::spawn(async move {
+            exec_in(&mut client, &name, &["sh", "-c", command], &[], "", None).await
+        }));
+        // In this order into the queue.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = exec_in(&mut client.clone(), name, &["true"], &[], "", None).await;
+    assert_status(refused, Code::ResourceExhausted, "one exec at a time");
+    for exec in running {
+        let (_, _, exit) = exec.await.unwrap().map_err(|s| format!("{s:?}"))?;
+        assert_eq!(exit.exit_code, 0);
+    }
+    Ok(())
+}
+
+/// `virsh destroy` while an exec runs: the exec ends (not with success),
+/// and the agent sees the VM stopped.
+async fn destroyed_mid_exec(client: &mut Client, name: &str, uri: &str) -> Result<(), String> {
+    let mut exec_client = client.clone();
+    let exec_name = name.to_string();
+    let exec = tokio::spawn(async move {
+        exec_in(
+            &mut exec_client,
+            &exec_name,
+            &["sleep", "60"],
+            &[],
+            "",
+            None,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let destroyed = Command::new("virsh")
+        .args(["-c", uri, "destroy", name])
+        .output()
+        .map_err(|e| format!("virsh: {e}"))?;
+    assert!(destroyed.status.success(), "{destroyed:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), exec)
+        .await
+        .map_err(|_| "the exec did not end after its VM was destroyed")?
+        .unwrap();
+    match ended {
+        Ok((_, _, exit)) => assert_ne!(exit.exit_code, 0, "{exit:?}"),
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+    }
+    let gone = client
+        .inspect_workload(WorkloadRef {
+            id: name.to_string(),
+        })
+        .await
+        .map_err(|s| format!("{s:?}"))?
+        .into_inner();
+    assert_eq!(state(&gone), WorkloadState::Stopped, "{gone:?}");
+    Ok(())
 }

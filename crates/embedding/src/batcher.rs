@@ -18,6 +18,9 @@
 //!
 //! The queue is bounded by texts: a request that does not fit is refused at
 //! once (RESOURCE_EXHAUSTED / 429) rather than growing memory.
+//!
+//! Each batch's tokens and time go into the model's [`Throughput`], with
+//! which requests are estimated before they are queued (`cost.rs`).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -29,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::EmbeddingError;
 use crate::config::BatchingConfig;
+use crate::cost::Throughput;
 use crate::metrics::ModelMetrics;
 use crate::model::{Pooled, Session};
 
@@ -58,6 +62,7 @@ struct Shared {
     model: String,
     config: BatchingConfig,
     metrics: ModelMetrics,
+    throughput: Throughput,
     sessions: AtomicUsize,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -77,17 +82,20 @@ struct Piece {
 }
 
 impl Batcher {
-    /// A batcher running `first`; more sessions join with [`Self::adder`].
+    /// A batcher running `first`, its rate measured from `throughput` on;
+    /// more sessions join with [`Self::adder`].
     pub fn start(
         model: &str,
         first: impl Engine,
         config: BatchingConfig,
         metrics: ModelMetrics,
+        throughput: Throughput,
     ) -> Self {
         let shared = Arc::new(Shared {
             model: model.to_string(),
             config,
             metrics,
+            throughput,
             sessions: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -98,6 +106,11 @@ impl Batcher {
 
     pub fn adder(&self) -> SessionAdder {
         SessionAdder(self.shared.clone())
+    }
+
+    /// The tokens per second one of its sessions reads, as measured.
+    pub fn throughput(&self) -> &Throughput {
+        &self.shared.throughput
     }
 
     /// Embeds `texts` (not normalised), in order, once sessions are free.
@@ -234,16 +247,15 @@ impl Shared {
                 .collect();
             let started = Instant::now();
             let result = session.embed(&texts);
-            self.metrics
-                .batch_seconds
-                .observe(started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed();
+            self.metrics.batch_seconds.observe(elapsed.as_secs_f64());
             self.metrics.batch_texts.observe(texts.len() as f64);
             match result {
                 Ok(vectors) => {
+                    let tokens = vectors.iter().map(|v| u64::from(v.tokens)).sum();
                     self.metrics.texts.inc_by(vectors.len() as u64);
-                    self.metrics
-                        .tokens
-                        .inc_by(vectors.iter().map(|v| u64::from(v.tokens)).sum());
+                    self.metrics.tokens.inc_by(tokens);
+                    self.throughput.record(tokens, elapsed);
                     let mut vectors = vectors.into_iter();
                     for piece in batch {
                         let mine = vectors.by_ref().take(piece.texts.len()).collect();
@@ -369,7 +381,18 @@ mod tests {
             max_batch_size,
             ..BatchingConfig::default()
         };
-        let batcher = Arc::new(Batcher::start("fake", engine, config, metrics.clone()));
+        let throughput = Throughput::new(
+            256,
+            Duration::from_millis(100),
+            metrics.tokens_per_second.clone(),
+        );
+        let batcher = Arc::new(Batcher::start(
+            "fake",
+            engine,
+            config,
+            metrics.clone(),
+            throughput,
+        ));
         Fake {
             batcher,
             registry,
@@ -451,6 +474,19 @@ mod tests {
         let sizes: Vec<usize> = fake.batches.lock().unwrap().iter().map(Vec::len).collect();
         assert_eq!(sizes, [1, 4, 4, 2]);
         assert_eq!(batch_sizes(&fake), (4, 11.0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_batch_is_measured() {
+        let fake = fake(512);
+        let before = fake.batcher.throughput().tokens_per_second();
+        fake.release.send(()).unwrap();
+        let texts = (0..300).map(|i| format!("t{i}")).collect();
+        fake.batcher.embed(texts).await.unwrap();
+        // 300 tokens (one a text) in far less than the first measure's
+        // 100 ms for 256.
+        let after = fake.batcher.throughput().tokens_per_second();
+        assert!(after > before, "{before} then {after} tokens/s");
     }
 
     /// Every text in exactly one piece, in order, none over `max_texts`.

@@ -2,8 +2,11 @@
 //! that gRPC (`into_status`) and HTTP (`http_api`) give it the same meaning.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use berth_server::error::reasons;
 use berth_server::{ErrorCode, ServeError, ServiceError};
+use humantime_serde::re::humantime::format_duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddingError {
@@ -31,6 +34,20 @@ pub enum EmbeddingError {
         "the queue of model `{model}` is full ({capacity} texts waiting, batching.max_queued_texts): retry later"
     )]
     QueueFull { model: String, capacity: usize },
+    /// Refused before it is queued: its tokens, estimated as `cost.rs`
+    /// does, would take longer than the request CPU budget at the rate the
+    /// model's sessions are measured at.
+    #[error(
+        "the request would take at least {:.2} s of CPU to embed ({tokens} tokens or more, at the {tokens_per_second:.0} tokens/s a session is measured at); the budget is {} (server.request_cpu_budget, env BERTH_SERVER__REQUEST_CPU_BUDGET): send fewer or shorter texts per request",
+        estimate.as_secs_f64(),
+        format_duration(*budget)
+    )]
+    RequestTooCostly {
+        tokens: u64,
+        tokens_per_second: f64,
+        estimate: Duration,
+        budget: Duration,
+    },
     #[error("the embedding service is shutting down")]
     ShuttingDown,
     #[error("inference failed: {0}")]
@@ -58,7 +75,7 @@ impl ServiceError for EmbeddingError {
             | Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::UnknownModel { .. } => ErrorCode::NotFound,
             Self::Unavailable { .. } | Self::ShuttingDown => ErrorCode::Unavailable,
-            Self::QueueFull { .. } => ErrorCode::ResourceExhausted,
+            Self::QueueFull { .. } | Self::RequestTooCostly { .. } => ErrorCode::ResourceExhausted,
             Self::Inference(_) | Self::Load { .. } | Self::Config(_) | Self::Serve(_) => {
                 ErrorCode::Internal
             }
@@ -74,6 +91,7 @@ impl ServiceError for EmbeddingError {
             Self::BadRequest(_) => "bad_request",
             Self::Unavailable { .. } => "model_unavailable",
             Self::QueueFull { .. } => "queue_full",
+            Self::RequestTooCostly { .. } => reasons::REQUEST_BUDGET_EXCEEDED,
             Self::ShuttingDown => "shutting_down",
             Self::Inference(_) => "inference_failed",
             Self::Load { .. } => "load_failed",

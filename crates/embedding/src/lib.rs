@@ -4,12 +4,14 @@
 //! Models (all-MiniLM-L6-v2 by default) run in ONNX Runtime through
 //! fastembed, loaded from the model cache that
 //! `scripts/setup-embedding-model.sh` fills. Requests from every API go
-//! through one [`service::Embedder`]: limits, then the model's
+//! through one [`service::Embedder`]: limits, an estimate of their cost
+//! against the CPU budget ([`cost`]), then the model's
 //! [`batcher::Batcher`], which coalesces them into batches on a pool of
 //! sessions, one OS thread each.
 
 pub mod batcher;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod grpc_api;
 pub mod http_api;

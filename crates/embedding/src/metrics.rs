@@ -1,5 +1,7 @@
 //! The embedding service's Prometheus metrics, by model.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +15,7 @@ pub const BATCH_TEXTS: &str = "berth_embedding_batch_texts";
 pub const BATCH_SECONDS: &str = "berth_embedding_batch_seconds";
 pub const QUEUED_TEXTS: &str = "berth_embedding_queued_texts";
 pub const REJECTED: &str = "berth_embedding_rejected";
+pub const TOKENS_PER_SECOND: &str = "berth_embedding_tokens_per_second";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -27,6 +30,7 @@ pub struct Metrics {
     batch_seconds: Family<ModelLabels, Histogram>,
     queued: Family<ModelLabels, Gauge>,
     rejected: Family<ModelLabels, Counter>,
+    tokens_per_second: Family<ModelLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -36,6 +40,7 @@ impl Metrics {
             tokens: Family::default(),
             queued: Family::default(),
             rejected: Family::default(),
+            tokens_per_second: Family::default(),
             batch_texts: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(1.0, 2.0, 12))
             }),
@@ -69,6 +74,11 @@ impl Metrics {
             "Requests refused because the queue was full",
             metrics.rejected.clone(),
         );
+        registry.register(
+            TOKENS_PER_SECOND,
+            "Tokens one session reads per second, as measured; requests are refused on estimates made with it (server.request_cpu_budget)",
+            metrics.tokens_per_second.clone(),
+        );
         metrics
     }
 
@@ -84,6 +94,7 @@ impl Metrics {
             batch_seconds: self.batch_seconds.get_or_create(&labels).clone(),
             queued: self.queued.get_or_create(&labels).clone(),
             rejected: self.rejected.get_or_create(&labels).clone(),
+            tokens_per_second: self.tokens_per_second.get_or_create(&labels).clone(),
         }
     }
 }
@@ -97,4 +108,5 @@ pub struct ModelMetrics {
     pub batch_seconds: Histogram,
     pub queued: Gauge,
     pub rejected: Counter,
+    pub tokens_per_second: Gauge<f64, AtomicU64>,
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use fastembed::{
     InitOptionsUserDefined, OutputKey, Pooling, TextEmbedding, TokenizerFiles,
@@ -151,8 +152,27 @@ pub struct Session {
 }
 
 impl Session {
+    /// The tokenizer its batches are read with, to count a request's tokens
+    /// before it is queued (`cost.rs`).
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.embedding.tokenizer
+    }
+
+    /// Times one text of `max_tokens` tokens: the first measure of the
+    /// model's rate (`cost::Throughput`), taken at load so that no request
+    /// is judged on a guessed one. Call it after the warm-up, whose
+    /// first-run setup would make the rate look slower than it is.
+    pub fn time_a_full_text(
+        &mut self,
+        max_tokens: usize,
+    ) -> Result<(u64, Duration), EmbeddingError> {
+        let text = "a ".repeat(max_tokens);
+        let started = Instant::now();
+        let pooled = self.embed(&[text])?;
+        Ok((
+            pooled.iter().map(|p| u64::from(p.tokens)).sum(),
+            started.elapsed(),
+        ))
     }
 
     /// Embeds `texts` (in their order) without normalising.

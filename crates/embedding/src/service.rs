@@ -1,11 +1,18 @@
 //! The models this process serves, by name, and the one path every API
-//! takes to embed: check the request against the limits, queue it on the
-//! model's batcher, normalise if asked.
+//! takes to embed: check the request against the limits and its estimated
+//! cost against the CPU budget, queue it on the model's batcher, normalise
+//! if asked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenizers::Tokenizer;
 
 use crate::EmbeddingError;
 use crate::batcher::Batcher;
 use crate::batcher::SessionAdder;
 use crate::config::{Config, LimitsConfig};
+use crate::cost::{self, Bounds, Throughput, Verdict};
 use crate::metrics::Metrics;
 use crate::model::{self, ModelFiles, ModelInfo};
 
@@ -13,6 +20,11 @@ pub struct Embedder {
     models: Vec<Model>,
     default: usize,
     limits: LimitsConfig,
+    /// `server.request_cpu_budget`: the most CPU time a request's
+    /// estimated cost may be.
+    cpu_budget: Duration,
+    /// Threads of each session, all counted as busy while it runs a batch.
+    threads_per_session: usize,
 }
 
 struct Model {
@@ -22,7 +34,12 @@ struct Model {
 }
 
 enum State {
-    Ready { info: ModelInfo, batcher: Batcher },
+    Ready {
+        info: ModelInfo,
+        batcher: Batcher,
+        /// A copy of the sessions' tokenizer, to count a request's tokens.
+        tokenizer: Arc<Tokenizer>,
+    },
     Unavailable(String),
 }
 
@@ -87,18 +104,30 @@ impl Embedder {
                 (None, _) => {
                     let started = std::time::Instant::now();
                     let files = ModelFiles::read(&source)?;
-                    let (first, info) = files.session(threads)?;
+                    let (mut first, info) = files.session(threads)?;
+                    let (tokens, elapsed) = first
+                        .time_a_full_text(source.spec.max_tokens)
+                        .map_err(|e| EmbeddingError::Load {
+                            what: "model",
+                            path: source.dir.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    let tokenizer = Arc::new(first.tokenizer().clone());
+                    let metrics = metrics.for_model(&name);
+                    let throughput =
+                        Throughput::new(tokens, elapsed, metrics.tokens_per_second.clone());
                     tracing::info!(model = %name, dimension = info.dimension, sessions, threads,
                         seconds = started.elapsed().as_secs_f64(),
+                        tokens_per_second = throughput.tokens_per_second(),
                         "model loaded; serving with one session while the others load");
-                    let batcher = Batcher::start(
-                        &name,
-                        first,
-                        config.batching.clone(),
-                        metrics.for_model(&name),
-                    );
+                    let batcher =
+                        Batcher::start(&name, first, config.batching.clone(), metrics, throughput);
                     add_sessions_later(files, sessions - 1, threads, batcher.adder());
-                    State::Ready { info, batcher }
+                    State::Ready {
+                        info,
+                        batcher,
+                        tokenizer,
+                    }
                 }
             };
             models.push(Model {
@@ -115,6 +144,8 @@ impl Embedder {
             models,
             default,
             limits: config.limits.clone(),
+            cpu_budget: config.server.request_cpu_budget,
+            threads_per_session: threads,
         })
     }
 
@@ -161,8 +192,12 @@ impl Embedder {
     ) -> Result<Embedded, EmbeddingError> {
         let entry = self.find(model)?;
         self.check(&texts)?;
-        let (info, batcher) = match &entry.state {
-            State::Ready { info, batcher } => (info, batcher),
+        let (info, batcher, tokenizer) = match &entry.state {
+            State::Ready {
+                info,
+                batcher,
+                tokenizer,
+            } => (info, batcher, tokenizer),
             State::Unavailable(reason) => {
                 return Err(EmbeddingError::Unavailable {
                     model: entry.name.clone(),
@@ -170,6 +205,7 @@ impl Embedder {
                 });
             }
         };
+        let texts = self.within_budget(entry, batcher, tokenizer, texts).await?;
         let pooled = batcher.embed(texts).await?;
         let tokens = pooled.iter().map(|p| u64::from(p.tokens)).sum();
         let vectors = pooled
@@ -206,6 +242,49 @@ impl Embedder {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+
+    /// Hands `texts` back if embedding them takes at most the CPU budget at
+    /// the model's measured rate; refuses them otherwise (`cost.rs`).
+    async fn within_budget(
+        &self,
+        model: &Model,
+        batcher: &Batcher,
+        tokenizer: &Arc<Tokenizer>,
+        texts: Vec<String>,
+    ) -> Result<Vec<String>, EmbeddingError> {
+        let rate = batcher.throughput().tokens_per_second();
+        let allowance = cost::allowance(self.cpu_budget, rate, self.threads_per_session);
+        let max_tokens = model.max_tokens;
+        let bounds: Vec<Bounds> = texts.iter().map(|t| Bounds::of(t, max_tokens)).collect();
+        let (texts, verdict) = match cost::judge_by_bounds(&bounds, allowance) {
+            Verdict::Undecided => {
+                // Up to a few milliseconds a text: off the async workers.
+                let tokenizer = tokenizer.clone();
+                let counted = tokio::task::spawn_blocking(move || {
+                    let verdict = cost::count_until_decided(&bounds, allowance, |i| {
+                        cost::count_tokens(&tokenizer, &texts[i], max_tokens)
+                    });
+                    (texts, verdict)
+                })
+                .await;
+                match counted {
+                    Ok(counted) => counted,
+                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    Err(_) => return Err(EmbeddingError::ShuttingDown),
+                }
+            }
+            decided => (texts, decided),
+        };
+        match verdict {
+            Verdict::Over(tokens) => Err(EmbeddingError::RequestTooCostly {
+                tokens,
+                tokens_per_second: rate,
+                estimate: cost::cpu_time(tokens, rate, self.threads_per_session),
+                budget: self.cpu_budget,
+            }),
+            Verdict::Within | Verdict::Undecided => Ok(texts),
+        }
     }
 
     fn check(&self, texts: &[String]) -> Result<(), EmbeddingError> {

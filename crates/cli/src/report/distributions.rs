@@ -2,11 +2,11 @@
 //! value as a dot, the mean as a tick and its 95% confidence interval as a
 //! bar: the distribution, not only the mean; and the numbers in a table.
 
+use super::axis_title;
 use super::html::{section, table};
 use super::metrics::Groups;
 use super::stats::{Summary, summarize};
 use super::svg::{Key, Plot, YAxis, no_data};
-use super::axis_title;
 use crate::output::number;
 
 /// Vertical spread of a row's dots (pixels either side of its line), so
@@ -20,7 +20,10 @@ pub fn render(groups: &Groups) -> String {
             "metrics",
             "Metrics",
             note,
-            &no_data("Metrics", "no measured run succeeded with a numeric result or duration"),
+            &no_data(
+                "Metrics",
+                "no measured run succeeded with a numeric result or duration",
+            ),
         );
     }
     let mut html = String::new();
@@ -33,8 +36,12 @@ pub fn render(groups: &Groups) -> String {
                 vec![
                     groups.label(group),
                     metric.clone(),
-                    summary.map(|s| s.n.to_string()).unwrap_or_else(|| "0".into()),
-                    summary.map(|s| number(s.mean)).unwrap_or_else(|| "no data".into()),
+                    summary
+                        .map(|s| s.n.to_string())
+                        .unwrap_or_else(|| "0".into()),
+                    summary
+                        .map(|s| number(s.mean))
+                        .unwrap_or_else(|| "no data".into()),
                     optional(summary.and_then(|s| s.std_dev)),
                     optional(summary.and_then(|s| s.ci95)),
                 ],
@@ -42,7 +49,10 @@ pub fn render(groups: &Groups) -> String {
             ));
         }
     }
-    html.push_str(&table(&["configuration", "metric", "n", "mean", "sd", "95% CI ±"], rows));
+    html.push_str(&table(
+        &["configuration", "metric", "n", "mean", "sd", "95% CI ±"],
+        rows,
+    ));
     section("metrics", "Metrics", note, &html)
 }
 
@@ -63,7 +73,11 @@ fn plot(groups: &Groups, metric: &str) -> String {
     let (mut low, mut high) = (f64::INFINITY, f64::NEG_INFINITY);
     for (summary, values) in summaries.iter().flatten() {
         let ci = summary.ci95.unwrap_or(0.0);
-        for v in values.iter().copied().chain([summary.mean - ci, summary.mean + ci]) {
+        for v in values
+            .iter()
+            .copied()
+            .chain([summary.mean - ci, summary.mean + ci])
+        {
             low = low.min(v);
             high = high.max(v);
         }
@@ -74,7 +88,14 @@ fn plot(groups: &Groups, metric: &str) -> String {
     }
     let pad = (high - low) * 0.05;
     let labels = groups.groups.iter().map(|g| groups.label(g)).collect();
-    let mut plot = Plot::new(&title, &axis_title(metric), low - pad, high + pad, YAxis::Categories(labels), 0.0);
+    let mut plot = Plot::new(
+        &title,
+        &axis_title(metric),
+        low - pad,
+        high + pad,
+        YAxis::Categories(labels),
+        0.0,
+    );
     let (mut dots, mut means, mut cis) = (Vec::new(), String::new(), String::new());
     for (row, entry) in summaries.iter().enumerate() {
         let y = plot.row(row);

@@ -20,13 +20,21 @@ pub fn escape(text: &str) -> String {
     escaped
 }
 
-/// A table; cells are text (escaped here). `class` marks a row (e.g. "flag").
-pub fn table<'a>(headers: &[&str], rows: impl IntoIterator<Item = (Vec<String>, &'a str)>) -> String {
-    let mut html = String::from("<table><thead><tr>");
-    for header in headers {
-        let _ = write!(html, "<th>{}</th>", escape(header));
+/// A table (no header row when `headers` is empty); cells are text (escaped
+/// here). `class` marks a row (e.g. "flag").
+pub fn table<'a>(
+    headers: &[&str],
+    rows: impl IntoIterator<Item = (Vec<String>, &'a str)>,
+) -> String {
+    let mut html = String::from("<table>");
+    if !headers.is_empty() {
+        html.push_str("<thead><tr>");
+        for header in headers {
+            let _ = write!(html, "<th>{}</th>", escape(header));
+        }
+        html.push_str("</tr></thead>");
     }
-    html.push_str("</tr></thead><tbody>");
+    html.push_str("<tbody>");
     for (cells, class) in rows {
         if class.is_empty() {
             html.push_str("<tr>");

@@ -56,7 +56,10 @@ pub fn run_metrics(run: &Run, work_metric: &str) -> Vec<(String, f64)> {
     }
     metrics.extend(duration.map(|d| (DURATION.to_string(), d)));
     metrics.extend(run.energy_j.map(|e| (ENERGY.to_string(), e)));
-    metrics.extend(run.joules_per_unit.map(|j| (joules_per_unit(work_metric), j)));
+    metrics.extend(
+        run.joules_per_unit
+            .map(|j| (joules_per_unit(work_metric), j)),
+    );
     metrics
 }
 
@@ -107,7 +110,11 @@ impl Groups {
                 if !groups.metrics.contains(&name) {
                     groups.metrics.push(name.clone());
                 }
-                groups.groups[slot].values.entry(name).or_default().push(value);
+                groups.groups[slot]
+                    .values
+                    .entry(name)
+                    .or_default()
+                    .push(value);
             }
         }
         groups
@@ -155,18 +162,31 @@ mod tests {
     #[test]
     fn numeric_fields_become_metrics_and_others_do_not() {
         let metrics = run_metrics(
-            &run("c", 0, r#"{"tokens": 100, "model": "x", "list": [1], "ok": true}"#, RunState::Succeeded),
+            &run(
+                "c",
+                0,
+                r#"{"tokens": 100, "model": "x", "list": [1], "ok": true}"#,
+                RunState::Succeeded,
+            ),
             "tokens",
         );
         let names: Vec<&str> = metrics.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["tokens", "tokens_per_s", "duration_s", "energy_j", "joules_per_tokens"]
+            [
+                "tokens",
+                "tokens_per_s",
+                "duration_s",
+                "energy_j",
+                "joules_per_tokens"
+            ]
         );
         assert_eq!(metrics[1].1, 50.0);
-        assert!(run_metrics(&run("c", 0, "not json", RunState::Succeeded), "tokens")
-            .iter()
-            .all(|(n, _)| n != "tokens"));
+        assert!(
+            run_metrics(&run("c", 0, "not json", RunState::Succeeded), "tokens")
+                .iter()
+                .all(|(n, _)| n != "tokens")
+        );
     }
 
     #[test]

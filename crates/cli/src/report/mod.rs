@@ -18,9 +18,7 @@ mod summary;
 pub mod svg;
 mod timeline;
 
-use berth_proto::orchestrator::v1::{
-    Campaign, GetCampaignRequest, Host, ListHostsRequest, Run, RunPowerSample,
-};
+use berth_proto::orchestrator::v1::{Campaign, Host, ListHostsRequest, Run, RunPowerSample};
 
 use crate::{CliError, Client};
 
@@ -46,7 +44,10 @@ pub struct ReportData {
 /// backend), the first measured run that stored samples.
 pub fn series_runs(runs: &[Run]) -> Vec<&Run> {
     let mut chosen: Vec<&Run> = Vec::new();
-    for run in runs.iter().filter(|r| metrics::is_measured(r) && r.power_samples > 0) {
+    for run in runs
+        .iter()
+        .filter(|r| metrics::is_measured(r) && r.power_samples > 0)
+    {
         if chosen.len() == MAX_SERIES {
             break;
         }
@@ -99,9 +100,13 @@ pub fn render(data: &ReportData) -> String {
         power::render(data),
         pareto::render(&groups, &data.campaign.work_metric),
         quality::render(data),
+        summary::manifest(data),
     ]
     .concat();
-    let title = format!("berth report: {} ({})", data.campaign.name, data.campaign.id);
+    let title = format!(
+        "berth report: {} ({})",
+        data.campaign.name, data.campaign.id
+    );
     html::page(&title, &body)
 }
 
@@ -112,9 +117,10 @@ pub fn epoch(time: &prost_types::Timestamp) -> f64 {
 
 /// A metric's axis title with its unit, read from the name's suffix.
 pub fn axis_title(metric: &str) -> String {
-    const UNITS: [(&str, &str); 6] = [
+    const UNITS: [(&str, &str); 7] = [
         ("_per_s", "per second"),
         ("_ms", "ms"),
+        ("_us", "µs"),
         ("_s", "s"),
         ("_j", "J"),
         ("_w", "W"),

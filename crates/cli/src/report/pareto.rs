@@ -2,11 +2,11 @@
 //! backend) at its means, with the Pareto front: the configurations no other
 //! beats on both (more units per second for fewer joules per unit).
 
+use super::axis_title;
 use super::html::{section, table};
 use super::metrics::{Groups, joules_per_unit, throughput};
 use super::stats::summarize;
 use super::svg::{Key, Plot, YAxis, no_data};
-use super::axis_title;
 use crate::output::number;
 
 const HEIGHT: f64 = 420.0;
@@ -39,7 +39,11 @@ pub fn render(groups: &Groups, work_metric: &str) -> String {
         "Each point a configuration at its means: {gain} (units of work per second) against {cost}. The line joins the Pareto front."
     );
     let mean = |group: &super::metrics::Group, metric: &str| {
-        group.values.get(metric).and_then(|v| summarize(v)).map(|s| s.mean)
+        group
+            .values
+            .get(metric)
+            .and_then(|v| summarize(v))
+            .map(|s| s.mean)
     };
     let points: Vec<(String, f64, f64)> = groups
         .groups
@@ -56,7 +60,9 @@ pub fn render(groups: &Groups, work_metric: &str) -> String {
     let xy: Vec<(f64, f64)> = points.iter().map(|(_, x, y)| (*x, *y)).collect();
     let on_front = front(&xy);
     let bounds = |values: &mut dyn Iterator<Item = f64>| {
-        values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        })
     };
     let (x_lo, x_hi) = bounds(&mut xy.iter().map(|p| p.0));
     let (y_lo, y_hi) = bounds(&mut xy.iter().map(|p| p.1));
@@ -86,7 +92,10 @@ pub fn render(groups: &Groups, work_metric: &str) -> String {
         .filter(|i| !on_front.contains(i))
         .map(|i| pixel(xy[i]))
         .collect();
-    let labels: Vec<_> = points.iter().map(|(name, x, y)| (pixel((*x, *y)), name.clone())).collect();
+    let labels: Vec<_> = points
+        .iter()
+        .map(|(name, x, y)| (pixel((*x, *y)), name.clone()))
+        .collect();
     plot.line("front", steps);
     plot.dots("other-dot", other_dots);
     plot.dots("front-dot", front_dots);
@@ -121,7 +130,14 @@ mod tests {
     #[test]
     fn the_front_keeps_only_undominated_points() {
         // (joules per unit, units per second)
-        let points = [(1.0, 10.0), (2.0, 30.0), (1.5, 5.0), (3.0, 25.0), (2.0, 20.0), (4.0, 40.0)];
+        let points = [
+            (1.0, 10.0),
+            (2.0, 30.0),
+            (1.5, 5.0),
+            (3.0, 25.0),
+            (2.0, 20.0),
+            (4.0, 40.0),
+        ];
         assert_eq!(front(&points), [0, 1, 5]);
         assert!(front(&[]).is_empty());
     }

@@ -6,10 +6,10 @@
 
 use berth_proto::orchestrator::v1::{Run, RunPowerSample};
 
+use super::ReportData;
 use super::html::{escape, section, table};
 use super::metrics::{duration_seconds, seconds};
 use super::svg::{Key, Plot, YAxis, min_max_per_pixel, no_data};
-use super::ReportData;
 use crate::output::number;
 
 const HEIGHT: f64 = 320.0;
@@ -44,7 +44,10 @@ pub fn device_facts(samples: &[RunPowerSample]) -> Vec<DeviceFacts> {
             None => devices.push((&sample.device, vec![sample])),
         }
     }
-    devices.into_iter().map(|(device, list)| facts(device, &list)).collect()
+    devices
+        .into_iter()
+        .map(|(device, list)| facts(device, &list))
+        .collect()
 }
 
 fn facts(device: &str, samples: &[&RunPowerSample]) -> DeviceFacts {
@@ -137,12 +140,18 @@ fn run_section(run: &Run, samples: &[RunPowerSample]) -> String {
     );
     let (top, bottom) = (plot.y(y_max * 1.1), plot.y(0.0));
     let (x0, x1) = (plot.x.px(0.0), plot.x.px(duration));
-    plot.path("window", &format!("M{x0:.1} {top:.1}H{x1:.1}V{bottom:.1}H{x0:.1}z"));
+    plot.path(
+        "window",
+        &format!("M{x0:.1} {top:.1}H{x1:.1}V{bottom:.1}H{x0:.1}z"),
+    );
     plot.legend("window", "run window", Key::Box);
     for (i, device) in devices.iter().enumerate() {
         let class = SERIES_CLASSES[i % SERIES_CLASSES.len()];
         let thinned = min_max_per_pixel(&device.points, 0.0, x_max, plot.pixels());
-        let pixels: Vec<(f64, f64)> = thinned.iter().map(|&(t, w)| (plot.x.px(t), plot.y(w))).collect();
+        let pixels: Vec<(f64, f64)> = thinned
+            .iter()
+            .map(|&(t, w)| (plot.x.px(t), plot.y(w)))
+            .collect();
         plot.line(class, pixels);
         plot.legend(class, &device.device, Key::Line);
     }
@@ -156,7 +165,10 @@ fn run_section(run: &Run, samples: &[RunPowerSample]) -> String {
         .collect();
     for watts in &baseline {
         let y = plot.y(*watts);
-        plot.path("baseline", &format!("M{x0:.1} {y:.1}H{:.1}", plot.x.px(x_max)));
+        plot.path(
+            "baseline",
+            &format!("M{x0:.1} {y:.1}H{:.1}", plot.x.px(x_max)),
+        );
     }
     if !baseline.is_empty() {
         plot.legend("baseline", "idle baseline", Key::Line);
@@ -177,11 +189,15 @@ fn run_section(run: &Run, samples: &[RunPowerSample]) -> String {
                 optional(device.counter_j),
                 optional(device.integrated_j),
                 difference.unwrap_or_else(|| "—".into()),
-                recorded.map(|e| format!("{:.0}%", e.coverage * 100.0)).unwrap_or_default(),
+                recorded
+                    .map(|e| format!("{:.0}%", e.coverage * 100.0))
+                    .unwrap_or_default(),
                 device.samples.to_string(),
                 device.distinct.to_string(),
                 optional(device.update_period_s.map(|s| s * 1000.0)),
-                recorded.map(|e| if e.replay { "replayed" } else { "measured" }.to_string()).unwrap_or_default(),
+                recorded
+                    .map(|e| if e.replay { "replayed" } else { "measured" }.to_string())
+                    .unwrap_or_default(),
             ],
             "",
         )
@@ -241,7 +257,10 @@ mod tests {
         let gpu = &facts[0];
         assert_eq!((gpu.samples, gpu.distinct), (21, 2));
         assert!((gpu.counter_j.unwrap() - 6.0).abs() < 1e-9);
-        assert!((gpu.update_period_s.unwrap() - 0.05).abs() < 1e-9, "{gpu:?}");
+        assert!(
+            (gpu.update_period_s.unwrap() - 0.05).abs() < 1e-9,
+            "{gpu:?}"
+        );
         // Trapezoids over 0.2 s of 100/200 W steps.
         assert!((gpu.integrated_j.unwrap() - 30.0).abs() < 1e-9, "{gpu:?}");
     }

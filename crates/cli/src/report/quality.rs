@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 
 use berth_proto::orchestrator::v1::Run;
 
+use super::ReportData;
 use super::html::{section, table};
 use super::metrics::{duration_seconds, is_measured};
 use super::power::device_facts;
-use super::ReportData;
 use crate::output::number;
 
 /// Coverage under which a run's energy is flagged.
@@ -21,7 +21,6 @@ const MIN_SAMPLES: u64 = 3;
 /// Flagged runs named per row; the rest are counted.
 const NAMED_FLAGS: usize = 3;
 
-#[derive(Default)]
 struct Row<'a> {
     runs: usize,
     coverage_sum: f64,
@@ -63,14 +62,14 @@ pub fn render(data: &ReportData) -> String {
         if run.energy.is_empty() || run.energy_j.is_none() {
             let row = rows
                 .entry((rank, &run.config, &run.backend, "(all)".into()))
-                .or_insert_with(Row::new);
+                .or_default();
             row.runs += 1;
             row.flagged.push((&run.id, "no energy".into()));
         }
         for energy in &run.energy {
             let row = rows
                 .entry((rank, &run.config, &run.backend, energy.device.clone()))
-                .or_insert_with(Row::new);
+                .or_default();
             row.runs += 1;
             row.coverage_sum += energy.coverage;
             row.coverage_min = row.coverage_min.min(energy.coverage);
@@ -80,10 +79,14 @@ pub fn render(data: &ReportData) -> String {
                 Some(format!("coverage {:.0}%", energy.coverage * 100.0))
             } else if energy.samples < MIN_SAMPLES {
                 Some(format!("{} samples", energy.samples))
-            } else if let Some(period) = period.filter(|p| duration < *p) {
-                Some(format!("{} s run, {} s update period", number(duration), number(period)))
             } else {
-                None
+                period.filter(|p| duration < *p).map(|period| {
+                    format!(
+                        "{} s run, {} s update period",
+                        number(duration),
+                        number(period)
+                    )
+                })
             };
             row.flagged.extend(why.map(|why| (run.id.as_str(), why)));
         }
@@ -105,14 +108,25 @@ pub fn render(data: &ReportData) -> String {
                 format!("{config} · {backend}"),
                 device.clone(),
                 row.runs.to_string(),
-                if has_energy { format!("{:.0}%", row.coverage_min * 100.0) } else { "—".into() },
+                if has_energy {
+                    format!("{:.0}%", row.coverage_min * 100.0)
+                } else {
+                    "—".into()
+                },
                 if has_energy {
                     format!("{:.0}%", row.coverage_sum / (row.runs as f64) * 100.0)
                 } else {
                     "—".into()
                 },
-                if has_energy { row.samples_min.to_string() } else { "—".into() },
-                periods.get(&device).map(|p| number(p * 1000.0)).unwrap_or_else(|| "—".into()),
+                if has_energy {
+                    row.samples_min.to_string()
+                } else {
+                    "—".into()
+                },
+                periods
+                    .get(&device)
+                    .map(|p| number(p * 1000.0))
+                    .unwrap_or_else(|| "—".into()),
                 measured.to_string(),
                 flags.join("; "),
             ],
@@ -136,12 +150,15 @@ pub fn render(data: &ReportData) -> String {
     section("quality", "Measurement quality", &note, &html)
 }
 
-impl Row<'_> {
-    fn new() -> Self {
+/// An empty row: its minimums start above any value.
+impl Default for Row<'_> {
+    fn default() -> Self {
         Self {
+            runs: 0,
+            coverage_sum: 0.0,
             coverage_min: f64::INFINITY,
             samples_min: u64::MAX,
-            ..Default::default()
+            flagged: Vec::new(),
         }
     }
 }

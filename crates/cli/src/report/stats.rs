@@ -30,7 +30,8 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         let squares: f64 = values.iter().map(|v| (v - mean).powi(2)).sum();
         (squares / (n - 1) as f64).sqrt()
     });
-    let ci95 = std_dev.map(|sd| t_quantile(0.5 + CONFIDENCE / 2.0, (n - 1) as f64) * sd / (n as f64).sqrt());
+    let ci95 = std_dev
+        .map(|sd| t_quantile(0.5 + CONFIDENCE / 2.0, (n - 1) as f64) * sd / (n as f64).sqrt());
     Some(Summary {
         n,
         mean,
@@ -63,7 +64,9 @@ fn ln_gamma(x: f64) -> f64 {
     let series = COEFFICIENTS[1..]
         .iter()
         .enumerate()
-        .fold(COEFFICIENTS[0], |sum, (i, c)| sum + c / (x + i as f64 + 1.0));
+        .fold(COEFFICIENTS[0], |sum, (i, c)| {
+            sum + c / (x + i as f64 + 1.0)
+        });
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + series.ln()
 }
 
@@ -191,8 +194,7 @@ pub fn welch(a: &Summary, b: &Summary) -> Option<Welch> {
             p,
         });
     }
-    let df = variance.powi(2)
-        / (va.powi(2) / (a.n - 1) as f64 + vb.powi(2) / (b.n - 1) as f64);
+    let df = variance.powi(2) / (va.powi(2) / (a.n - 1) as f64 + vb.powi(2) / (b.n - 1) as f64);
     let t = difference / variance.sqrt();
     let p = 2.0 * (1.0 - t_cdf(t.abs(), df));
     Some(Welch { t, df, p })
@@ -266,7 +268,11 @@ mod tests {
     fn t_cdf_matches_known_values() {
         // df = 1 is the Cauchy distribution: 1/2 + atan(t)/π.
         for t in [-3.0, -0.5, 0.0, 0.7, 5.0] {
-            close(t_cdf(t, 1.0), 0.5 + f64::atan(t) / std::f64::consts::PI, 1e-12);
+            close(
+                t_cdf(t, 1.0),
+                0.5 + f64::atan(t) / std::f64::consts::PI,
+                1e-12,
+            );
         }
         // df = 2 has a closed form: 1/2 + t / (2 √(2 + t²)).
         for t in [-2.0, 0.3, 4.0] {
@@ -327,7 +333,9 @@ mod tests {
         assert!(low < 1.2 && 1.2 < high && low > 1.0, "{r:?}");
         // Symmetric in log space.
         close((high / 1.2).ln(), (1.2 / low).ln(), 1e-12);
-        let more: Vec<f64> = (0..50).map(|i| [10.0, 11.0, 9.0, 10.5, 9.5][i % 5]).collect();
+        let more: Vec<f64> = (0..50)
+            .map(|i| [10.0, 11.0, 9.0, 10.5, 9.5][i % 5])
+            .collect();
         let more_b: Vec<f64> = more.iter().map(|v| v * 1.2).collect();
         let narrow = ratio(&summarize(&more).unwrap(), &summarize(&more_b).unwrap()).unwrap();
         let (nl, nh) = narrow.ci95.unwrap();

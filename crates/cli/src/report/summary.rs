@@ -1,6 +1,6 @@
 //! The campaign at a glance: its state and outcome, when it ran, its hosts
 //! (with their GPUs) and backends, the runs that failed or were retried and
-//! why, and the manifest as submitted.
+//! why; and, at the end of the page, the manifest as submitted.
 
 use std::collections::BTreeMap;
 
@@ -15,9 +15,10 @@ const MAX_TROUBLE_ROWS: usize = 200;
 /// A run's error is cut to this many characters in the table.
 const MAX_ERROR_CHARS: usize = 300;
 
+/// The page's heading, the banner of a campaign not ended, and the summary section.
 pub fn render(data: &ReportData) -> String {
     let campaign = &data.campaign;
-    let mut html = format!(
+    let mut heading = format!(
         "<h1>{} <small>({})</small></h1>",
         escape(&campaign.name),
         escape(&campaign.id)
@@ -26,14 +27,15 @@ pub fn render(data: &ReportData) -> String {
     let state = CampaignState::try_from(campaign.state).unwrap_or_default();
     if matches!(state, CampaignState::Pending | CampaignState::Running) {
         let ended = counts.succeeded + counts.failed + counts.cancelled;
-        html.push_str(&format!(
+        heading.push_str(&format!(
             r#"<p class="banner">This campaign is still {}: the report shows what exists at {} ({ended} of {} runs ended).</p>"#,
             campaign_state(campaign.state),
             escape(&data.generated_at),
             counts.total
         ));
     }
-    let time = |t: Option<&prost_types::Timestamp>| t.map(|t| t.to_string()).unwrap_or_else(|| "—".into());
+    let time =
+        |t: Option<&prost_types::Timestamp>| t.map(|t| t.to_string()).unwrap_or_else(|| "—".into());
     let duration = match (&campaign.created_at, &campaign.finished_at) {
         (Some(start), Some(end)) => format!("{} s", number(epoch(end) - epoch(start))),
         _ => "not ended".into(),
@@ -49,7 +51,12 @@ pub fn render(data: &ReportData) -> String {
         .join(", ");
     let rows = [
         ("state", campaign_state(campaign.state).to_string()),
-        ("outcome", campaign_outcome(campaign.outcome).unwrap_or("not judged").to_string()),
+        (
+            "outcome",
+            campaign_outcome(campaign.outcome)
+                .unwrap_or("not judged")
+                .to_string(),
+        ),
         ("status", campaign.status_message.clone()),
         ("submitted", time(campaign.created_at.as_ref())),
         ("finished", time(campaign.finished_at.as_ref())),
@@ -69,21 +76,28 @@ pub fn render(data: &ReportData) -> String {
         ("backends", backends),
         ("report generated", data.generated_at.clone()),
     ];
-    html.push_str(&table(
-        &["", ""],
+    let mut html = table(
+        &[],
         rows.into_iter().map(|(k, v)| (vec![k.to_string(), v], "")),
-    ));
+    );
     html.push_str(&hosts(data));
     html.push_str(&trouble(data));
-    html.push_str(&format!(
-        "<h3>Manifest</h3><pre>{}</pre>",
-        escape(&campaign.manifest_yaml)
-    ));
+    heading
+        + &section(
+            "summary",
+            "Summary",
+            "The campaign as the orchestrator recorded it.",
+            &html,
+        )
+}
+
+/// The manifest as submitted, last: long, and read only when wanted.
+pub fn manifest(data: &ReportData) -> String {
     section(
-        "summary",
-        "Summary",
-        "The campaign as the orchestrator recorded it.",
-        &html,
+        "manifest",
+        "Manifest",
+        "As submitted.",
+        &format!("<pre>{}</pre>", escape(&data.campaign.manifest_yaml)),
     )
 }
 
@@ -105,7 +119,11 @@ fn hosts(data: &ReportData) -> String {
                 host.cpus.to_string(),
                 format!("{} GiB", host.memory_bytes >> 30),
                 if gpus.is_empty() { "none".into() } else { gpus },
-                if host.power_sampler.is_empty() { "no".into() } else { "yes".into() },
+                if host.power_sampler.is_empty() {
+                    "no".into()
+                } else {
+                    "yes".into()
+                },
                 runs.to_string(),
             ],
             "",
@@ -113,7 +131,10 @@ fn hosts(data: &ReportData) -> String {
     });
     format!(
         "<h3>Hosts</h3>{}",
-        table(&["host", "CPUs", "memory", "GPUs", "power sampler", "runs"], rows)
+        table(
+            &["host", "CPUs", "memory", "GPUs", "power sampler", "runs"],
+            rows
+        )
     )
 }
 
@@ -123,7 +144,11 @@ fn trouble(data: &ReportData) -> String {
         .runs
         .iter()
         .filter(|r| {
-            r.attempts > 1 || matches!(RunState::try_from(r.state), Ok(RunState::Failed | RunState::Cancelled))
+            r.attempts > 1
+                || matches!(
+                    RunState::try_from(r.state),
+                    Ok(RunState::Failed | RunState::Cancelled)
+                )
         })
         .collect();
     if troubled.is_empty() {
@@ -131,22 +156,40 @@ fn trouble(data: &ReportData) -> String {
     }
     let rows = troubled.iter().take(MAX_TROUBLE_ROWS).map(|run| {
         let state = RunState::try_from(run.state).unwrap_or_default();
-        let error: String = run.error.chars().take(MAX_ERROR_CHARS).collect();
+        let error: String = if run.error.is_empty() && state == RunState::Succeeded {
+            // The run keeps its last attempt's outcome only.
+            format!(
+                "succeeded at attempt {}; the earlier attempts' errors are not kept",
+                run.attempts
+            )
+        } else {
+            run.error.chars().take(MAX_ERROR_CHARS).collect()
+        };
         (
             vec![
                 run.id.clone(),
-                state.as_str_name().trim_start_matches("RUN_STATE_").to_ascii_lowercase(),
+                state
+                    .as_str_name()
+                    .trim_start_matches("RUN_STATE_")
+                    .to_ascii_lowercase(),
                 run.attempts.to_string(),
                 run.host.clone(),
                 run.exit_code.map(|c| c.to_string()).unwrap_or_default(),
                 error,
             ],
-            if state == RunState::Succeeded { "" } else { "flag" },
+            if state == RunState::Succeeded {
+                ""
+            } else {
+                "flag"
+            },
         )
     });
     let mut html = format!(
         "<h3>Failed and retried runs</h3>{}",
-        table(&["run", "state", "attempts", "host", "exit code", "reason"], rows)
+        table(
+            &["run", "state", "attempts", "host", "exit code", "reason"],
+            rows
+        )
     );
     if troubled.len() > MAX_TROUBLE_ROWS {
         html.push_str(&format!(

@@ -73,11 +73,7 @@ fn tick_label(value: f64, step: f64) -> String {
 
 /// The y axis: values, or one row per named category (top to bottom).
 pub enum YAxis {
-    Linear {
-        label: String,
-        min: f64,
-        max: f64,
-    },
+    Linear { label: String, min: f64, max: f64 },
     Categories(Vec<String>),
 }
 
@@ -110,7 +106,9 @@ impl Plot {
     /// with x from `x_min` to `x_max`.
     pub fn new(title: &str, x_label: &str, x_min: f64, x_max: f64, y: YAxis, height: f64) -> Self {
         let (left, height) = match &y {
-            YAxis::Categories(rows) => (CATEGORY_LEFT, TOP + BOTTOM + ROW * rows.len().max(1) as f64),
+            YAxis::Categories(rows) => {
+                (CATEGORY_LEFT, TOP + BOTTOM + ROW * rows.len().max(1) as f64)
+            }
             YAxis::Linear { .. } => (LEFT, height),
         };
         let y = match y {
@@ -210,7 +208,10 @@ impl Plot {
         // Grid and tick labels.
         let mut grid = String::new();
         let x_ticks = self.x.ticks(8.0);
-        let x_step = x_ticks.get(1).zip(x_ticks.first()).map_or(1.0, |(b, a)| b - a);
+        let x_step = x_ticks
+            .get(1)
+            .zip(x_ticks.first())
+            .map_or(1.0, |(b, a)| b - a);
         for tick in &x_ticks {
             let px = self.x.px(*tick);
             let _ = write!(grid, "M{px:.1} {top}V{bottom}");
@@ -310,7 +311,12 @@ pub fn no_data(title: &str, why: &str) -> String {
 /// points in their order, so spikes and dips survive that averaging or
 /// striding would lose. `points` are sorted by x; at most two points per
 /// pixel come back.
-pub fn min_max_per_pixel(points: &[(f64, f64)], x_min: f64, x_max: f64, pixels: usize) -> Vec<(f64, f64)> {
+pub fn min_max_per_pixel(
+    points: &[(f64, f64)],
+    x_min: f64,
+    x_max: f64,
+    pixels: usize,
+) -> Vec<(f64, f64)> {
     if points.len() <= 2 * pixels || x_max <= x_min || pixels == 0 {
         return points.to_vec();
     }
@@ -354,7 +360,10 @@ mod tests {
         let thinned = min_max_per_pixel(&points, 0.0, 600.0, 1000);
         assert!(thinned.len() <= 2000, "{}", thinned.len());
         assert!(thinned.contains(&points[12_345]) && thinned.contains(&points[40_000]));
-        assert!(thinned.windows(2).all(|w| w[0].0 <= w[1].0), "time order kept");
+        assert!(
+            thinned.windows(2).all(|w| w[0].0 <= w[1].0),
+            "time order kept"
+        );
         assert_eq!(thinned.first(), points.first());
     }
 
@@ -389,11 +398,17 @@ mod tests {
             },
             300.0,
         );
-        let points: Vec<(f64, f64)> = (0..1000).map(|i| (plot.x.px(f64::from(i % 10)), plot.y(50.0))).collect();
+        let points: Vec<(f64, f64)> = (0..1000)
+            .map(|i| (plot.x.px(f64::from(i % 10)), plot.y(50.0)))
+            .collect();
         plot.dots("dot", points);
         let svg = plot.finish();
         assert_eq!(svg.matches(r#"class="dot""#).count(), 1);
-        assert_eq!(svg.matches("h0").count(), 10, "duplicates on one pixel drawn once");
+        assert_eq!(
+            svg.matches("h0").count(),
+            10,
+            "duplicates on one pixel drawn once"
+        );
         assert!(svg.contains(">power (W)</text>") && svg.contains(">x (s)</text>"));
     }
 }

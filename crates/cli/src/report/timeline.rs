@@ -21,7 +21,11 @@ pub fn render(data: &ReportData) -> String {
 
 /// A run's lane name.
 fn lane(run: &Run, several_backends: bool) -> String {
-    let host = if run.host.is_empty() { "(no host)" } else { &run.host };
+    let host = if run.host.is_empty() {
+        "(no host)"
+    } else {
+        &run.host
+    };
     if several_backends {
         format!("{host} · {}", run.backend)
     } else {
@@ -66,7 +70,13 @@ fn plot(data: &ReportData) -> String {
         YAxis::Categories(lanes),
         0.0,
     );
-    let classes = ["run-ok", "run-failed", "run-cancelled", "run-warmup", "run-retried"];
+    let classes = [
+        "run-ok",
+        "run-failed",
+        "run-cancelled",
+        "run-warmup",
+        "run-retried",
+    ];
     let mut paths = vec![String::new(); classes.len()];
     let half = ROW * 0.35;
     for (run, index, start, end) in bars {
@@ -79,7 +89,11 @@ fn plot(data: &ReportData) -> String {
             RunState::Cancelled => 2,
             _ => 0,
         };
-        let bar = format!("M{x0:.1} {y:.1}h{width:.1}v{:.1}h{:.1}z", 2.0 * half, -width);
+        let bar = format!(
+            "M{x0:.1} {y:.1}h{width:.1}v{:.1}h{:.1}z",
+            2.0 * half,
+            -width
+        );
         paths[class].push_str(&bar);
         if run.attempts > 1 {
             let _ = write!(paths[4], "{bar}");
@@ -88,7 +102,11 @@ fn plot(data: &ReportData) -> String {
     for (class, d) in classes.iter().zip(&paths) {
         plot.path(class, d);
     }
-    for (class, label) in classes.iter().zip(["succeeded", "failed", "cancelled", "warmup", "retried"]) {
+    for (class, label) in
+        classes
+            .iter()
+            .zip(["succeeded", "failed", "cancelled", "warmup", "retried"])
+    {
         plot.legend(class, label, Key::Box);
     }
     plot.finish()

@@ -62,10 +62,7 @@ impl Consoles {
     /// The journal of domain `uuid`, whose console is logged in `files_dir`:
     /// followed from now on if it was not yet.
     pub fn journal(&self, uuid: &str, files_dir: &Path) -> Arc<Journal> {
-        let mut journals = self
-            .journals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut journals = self.journals.lock().unwrap_or_else(PoisonError::into_inner);
         journals
             .entry(uuid.to_string())
             .or_insert_with(|| {
@@ -141,7 +138,10 @@ impl Journal {
                     return;
                 }
             }
-            while follow {
+            if !follow {
+                return;
+            }
+            loop {
                 let line = tokio::select! {
                     line = new_lines.recv() => line,
                     () = tx.closed() => return,

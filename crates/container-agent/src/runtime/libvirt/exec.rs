@@ -8,8 +8,9 @@
 //! booted yet) is told apart from a command that prints nothing.
 //!
 //! The port is one byte stream, taken by one connection at a time: execs
-//! into one VM run one after another (a second waits for the first).
-//! Closing the connection before the exit frame (a cancel, a timeout) makes
+//! into one VM run one after another, in the order they came. At most
+//! [`MAX_WAITING`] wait behind the running one; more are refused with
+//! RESOURCE_EXHAUSTED rather than queued without end. Closing the connection before the exit frame (a cancel, a timeout) makes
 //! the guest see the port close, and the shim kills the command's process
 //! group.
 
@@ -37,6 +38,8 @@ pub const SHIM_SOCKET: &str = "shim.sock";
 const ACCEPT_WAIT: Duration = Duration::from_secs(10);
 /// Longest unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// Execs that may wait for a VM's port while another one runs.
+pub const MAX_WAITING: usize = 4;
 
 /// The shim socket of a VM whose files are in `files_dir`, when its path
 /// fits in a unix socket address.
@@ -45,23 +48,50 @@ pub fn socket_path(files_dir: &Path) -> Option<PathBuf> {
     (path.as_os_str().len() <= MAX_SOCKET_PATH).then_some(path)
 }
 
-/// One exec at a time per VM: a semaphore of one per domain UUID.
+/// One exec at a time per VM, and a bounded queue behind it.
 #[derive(Default)]
-pub struct ExecLanes(Mutex<HashMap<String, Arc<Semaphore>>>);
+pub struct ExecLanes(Mutex<HashMap<String, Lane>>);
+
+#[derive(Clone)]
+struct Lane {
+    /// The running exec and the ones waiting: 1 + [`MAX_WAITING`] permits.
+    admitted: Arc<Semaphore>,
+    /// The port: one permit, handed out in the order asked (tokio's
+    /// semaphore is fair).
+    port: Arc<Semaphore>,
+}
+
+/// An exec's place in its VM's lane (its admission and the port), held
+/// until the exec ends.
+type InLane = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 impl ExecLanes {
-    async fn enter(&self, uuid: &str) -> OwnedSemaphorePermit {
+    /// Waits for the VM's port, or refuses at once when the queue is full.
+    async fn enter(&self, uuid: &str, name: &str) -> Result<InLane, AgentError> {
         let lane = self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(uuid.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .or_insert_with(|| Lane {
+                admitted: Arc::new(Semaphore::new(1 + MAX_WAITING)),
+                port: Arc::new(Semaphore::new(1)),
+            })
             .clone();
-        // The semaphore is never closed.
-        lane.acquire_owned()
+        let admitted =
+            lane.admitted
+                .try_acquire_owned()
+                .map_err(|_| AgentError::ExecQueueFull {
+                    name: name.to_string(),
+                    waiting: MAX_WAITING,
+                })?;
+        // Neither semaphore is ever closed.
+        let port = lane
+            .port
+            .acquire_owned()
             .await
-            .expect("an exec lane is never closed")
+            .expect("an exec lane is never closed");
+        Ok((admitted, port))
     }
 
     /// Forgets a removed domain.
@@ -83,7 +113,7 @@ pub async fn run(
     exec: ExecCommand,
     permit: OwnedSemaphorePermit,
 ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
-    let lane = lanes.enter(uuid).await;
+    let lane = lanes.enter(uuid, name).await?;
     let unavailable = |reason: String| AgentError::EngineUnavailable {
         engine: "libvirt",
         socket: socket.display().to_string(),
@@ -131,4 +161,37 @@ pub async fn run(
         }
     }
     Ok(exec_shim::stream_exec(stream, exec, (permit, lane), false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_exec_runs_a_few_wait_and_more_are_refused() {
+        let lanes = Arc::new(ExecLanes::default());
+        let running = lanes.enter("vm", "vm1").await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_WAITING {
+            let lanes = lanes.clone();
+            waiting.push(tokio::spawn(async move {
+                lanes.enter("vm", "vm1").await.map(drop)
+            }));
+        }
+        tokio::task::yield_now().await;
+        let refused = lanes.enter("vm", "vm1").await.unwrap_err();
+        assert!(matches!(refused, AgentError::ExecQueueFull { .. }));
+        assert!(
+            refused
+                .to_string()
+                .contains("VM `vm1` runs one exec at a time")
+        );
+        // Another VM has a lane of its own.
+        drop(lanes.enter("other", "vm2").await.unwrap());
+        drop(running);
+        for waiter in waiting {
+            waiter.await.unwrap().unwrap();
+        }
+        drop(lanes.enter("vm", "vm1").await.unwrap());
+    }
 }

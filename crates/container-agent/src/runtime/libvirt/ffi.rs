@@ -684,8 +684,7 @@ impl Domain<'_> {
                         4 => Some(param.value.ulong),
                         _ => None,
                     };
-                    if let (Some(value), Some(name)) = (value, owned_string(param.field.as_ptr()))
-                    {
+                    if let (Some(value), Some(name)) = (value, owned_string(param.field.as_ptr())) {
                         values.insert(name, value);
                     }
                 }

@@ -782,7 +782,12 @@ impl LibvirtRuntime {
                 .lookup_by_uuid(&uuid)
                 .map_err(failed("read stats"))?
                 .ok_or_else(|| AgentError::WorkloadNotFound(name.clone()))?;
-            if !domain.info().map_err(failed("read stats"))?.state.is_active() {
+            if !domain
+                .info()
+                .map_err(failed("read stats"))?
+                .state
+                .is_active()
+            {
                 return Err(AgentError::NotRunning {
                     name,
                     state: "not running",

@@ -1,7 +1,8 @@
 //! Events for what happens to the agent's domains without the agent: a
 //! guest that powers itself off or crashes, a `virsh start` or `undefine`.
 //! The agent publishes events for its own actions itself; this loop compares
-//! libvirt's states with the last ones it knew, every `libvirt.poll_interval`.
+//! libvirt's states with the last ones it knew, every `libvirt.poll_interval`,
+//! and makes sure the consoles of running VMs are followed.
 //! (Polling needs no libvirt event loop thread, and survives reconnects.)
 
 use std::collections::{HashMap, HashSet};
@@ -175,6 +176,11 @@ pub fn spawn(inner: Weak<Inner>, interval: Duration) {
                     continue;
                 }
             };
+            // Consoles of running VMs are followed even when nobody asked
+            // for their logs yet, so that their lines are dated as they come.
+            for view in views.iter().filter(|view| view.active()) {
+                runtime.inner.console(view);
+            }
             let changes = {
                 let mut seen = runtime.inner.seen();
                 if seen.generation != generation {

@@ -1,0 +1,422 @@
+//! `berth report` and `berth compare` against real campaigns: orchestrator,
+//! agent (process runs) and the power sampler's replay source; the report
+//! opened in headless Chromium (a part: skipped loudly without it, a
+//! failure under CI) as a browser would, offline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::*;
+use berth_tests::campaign::{Client, wait_campaign, wait_ended, wait_succeeded};
+use berth_tests::{
+    Part, Process, bin, free_port, repo_root, require_part, start_agent, start_orchestrator,
+    start_replay_sampler, wait_for,
+};
+
+/// An orchestrator with one agent registered as `local` (with the replay
+/// power sampler), and its port.
+struct Stack {
+    client: Client,
+    port: u16,
+    dir: tempfile::TempDir,
+    _processes: Vec<Process>,
+}
+
+async fn stack() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let (sampler, sampler_port) = start_replay_sampler(
+        dir.path(),
+        &repo_root().join("examples/power/llm-inference.csv"),
+    )
+    .await;
+    let socket = dir.path().join("agent.sock");
+    let agent = start_agent(&socket);
+    let port = free_port();
+    let orchestrator = start_orchestrator(dir.path(), port, &[]);
+    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    wait_for(&format!("unix://{}", socket.display())).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Stack {
+        client,
+        port,
+        dir,
+        _processes: vec![sampler, agent, orchestrator],
+    }
+}
+
+/// A campaign of two configurations: `fast` (0.2 s, latency ~10 ms) and
+/// `slow` (`slow_sleep` s, latency ~`slow_base` × 100 µs). The latency the
+/// runs report is the base times a fixed per-cycle pattern, so two campaigns
+/// with the same base measure the same values and a base 20% higher is
+/// exactly 20% more; the durations are real. Cycle 2 of `fast` fails its first attempt once
+/// (a marker file in `dir`) and is retried; the result also carries a
+/// string field, which is no metric.
+fn manifest(name: &str, slow_sleep: &str, slow_base: u32, power: bool, dir: &Path) -> String {
+    let marker = dir.join(format!("{name}-failed-once"));
+    format!(
+        r#"name: {name}
+backends: [{{name: b, runtime: process}}]
+configs:
+  - {{name: fast, params: {{sleep: "0.2", base: 100}}}}
+  - {{name: slow, params: {{sleep: "{slow_sleep}", base: {slow_base}}}}}
+cycles: 5
+warmup: {{runs: 1}}
+failure: {{retries: 1}}
+run:
+  command:
+    - sh
+    - -c
+    - |
+      if [ "$BERTH_CONFIG" = fast ] && [ "$BERTH_CYCLE" = 2 ] && [ "$BERTH_WARMUP" = 0 ] && [ ! -e {marker} ]; then
+        touch {marker}; echo 'flaky once' >&2; exit 3
+      fi
+      sleep {{{{sleep}}}}
+      echo "{{\"tokens\": 50, \"latency_us\": $(( {{{{base}}}} * (100 + BERTH_CYCLE * 7 % 5) )), \"model\": \"smol\"}}"
+power: {{enabled: {power}, rate_hz: 100, work_metric: tokens}}
+"#,
+        marker = marker.display()
+    )
+}
+
+async fn submit(client: &mut Client, manifest: String) -> String {
+    client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// `berth --orchestrator … args…`.
+fn berth(port: u16, args: &[&str]) -> Output {
+    Command::new(bin("berth"))
+        .arg("--orchestrator")
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(args)
+        .output()
+        .expect("running berth")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Where the report and its screenshot are kept after the test (CI's artifacts).
+fn artifacts() -> PathBuf {
+    let dir = berth_tests::target_tmpdir()
+        .parent()
+        .expect("target dir")
+        .join("report");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Headless Chromium with the network made unreachable, so that the page
+/// could not fetch anything even if it tried.
+fn chromium(args: &[&str], url: &str) -> Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--proxy-server=127.0.0.1:9",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("running chromium")
+}
+
+/// Checks the report as a file: nothing it could fetch.
+fn assert_self_contained(html: &str) {
+    let lower = html.to_ascii_lowercase();
+    for marker in [
+        "<script", "<link", "<img", "<iframe", "url(", "@import", " src=",
+    ] {
+        assert!(!lower.contains(marker), "the report has {marker}");
+    }
+    let urls = lower.matches("http://").count() + lower.matches("https://").count();
+    let namespaces = lower
+        .matches("xmlns=\"http://www.w3.org/2000/svg\"")
+        .count();
+    assert_eq!(urls, namespaces, "only the SVG namespace may be a URL");
+}
+
+/// Every plot in the rendered DOM: its SVG, with paths that draw something
+/// and, unless it says "no data", axis labels.
+fn plots(dom: &str) -> Vec<&str> {
+    dom.split("<svg")
+        .skip(1)
+        .map(|s| s.split("</svg>").next().unwrap_or(""))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_of_a_power_campaign_reads_offline_in_chromium() {
+    let mut stack = stack().await;
+    let id = submit(
+        &mut stack.client,
+        manifest("measured", "0.3", 120, true, stack.dir.path()),
+    )
+    .await;
+    wait_succeeded(
+        &mut stack.client,
+        &id,
+        12,
+        Instant::now() + Duration::from_secs(90),
+    )
+    .await;
+
+    let path = artifacts().join("report.html");
+    let output = berth(stack.port, &["report", &id, "-o", path.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output));
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_self_contained(&html);
+    for wanted in [
+        "latency_us per configuration",
+        "tokens_per_s per configuration",
+        "joules_per_tokens per configuration",
+        "Runs over time",
+        "Power during",
+        "Throughput against energy per unit of work",
+        "Measurement quality",
+    ] {
+        assert!(html.contains(wanted), "the report lacks {wanted:?}");
+    }
+    // The string field is no metric; the retried run is listed.
+    assert!(!html.contains("model per configuration"));
+    let retried = format!("<td>{id}/fast/b/2</td><td>succeeded</td><td>2</td>");
+    assert!(
+        html.contains(&retried),
+        "no {retried} in the failed and retried runs"
+    );
+    assert!(
+        !html.contains("class=\"plot no-data\""),
+        "every plot has data"
+    );
+
+    if require_part(Part::Chromium).is_none() {
+        return;
+    }
+    let url = format!("file://{}", path.display());
+    let dumped = chromium(&["--dump-dom"], &url);
+    assert!(dumped.status.success(), "{}", text(&dumped));
+    let dom = String::from_utf8_lossy(&dumped.stdout);
+    let plots = plots(&dom);
+    // 6 metrics, the timeline, 2 power series (one per config), the Pareto plot.
+    assert!(plots.len() >= 10, "{} plots in the DOM", plots.len());
+    for plot in &plots {
+        assert!(
+            plot.contains("<path") && !plot.contains(" d=\"\""),
+            "empty path: {plot:.300}"
+        );
+        assert!(
+            plot.contains("class=\"axis-label"),
+            "no axis label: {plot:.300}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&dumped.stderr);
+    assert!(!stderr.contains("CONSOLE"), "console messages: {stderr}");
+
+    // The screenshot: compared with an empty page's, shot the same way (a
+    // PNG of one colour compresses to almost nothing; a page of plots does not).
+    let shot = artifacts().join("report.png");
+    let blank_page = stack.dir.path().join("blank.html");
+    std::fs::write(&blank_page, "<!DOCTYPE html><html><body></body></html>").unwrap();
+    let blank_shot = stack.dir.path().join("blank.png");
+    for (page, png) in [
+        (url.clone(), &shot),
+        (format!("file://{}", blank_page.display()), &blank_shot),
+    ] {
+        let screenshot = format!("--screenshot={}", png.display());
+        let output = chromium(&["--window-size=1280,900", &screenshot], &page);
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    let (size, blank) = (
+        std::fs::metadata(&shot).unwrap().len(),
+        std::fs::metadata(&blank_shot).unwrap().len(),
+    );
+    let header = std::fs::read(&shot).unwrap();
+    // PNG signature, then IHDR's width and height.
+    assert_eq!(&header[1..4], b"PNG");
+    assert_eq!(u32::from_be_bytes(header[16..20].try_into().unwrap()), 1280);
+    assert_eq!(u32::from_be_bytes(header[20..24].try_into().unwrap()), 900);
+    assert!(
+        size > 5 * blank,
+        "screenshot {size} bytes, an empty page's {blank}: blank?"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_says_what_is_missing_rather_than_breaking() {
+    let mut stack = stack().await;
+    // An unknown campaign: a plain message, a failure exit.
+    let output = berth(stack.port, &["report", "no-such-campaign"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("no campaign no-such-campaign on this orchestrator"),
+        "{}",
+        text(&output)
+    );
+
+    // A campaign without power data: the power plots and tables say so.
+    let id = submit(
+        &mut stack.client,
+        manifest("unmeasured", "0.3", 120, false, stack.dir.path()),
+    )
+    .await;
+    wait_succeeded(
+        &mut stack.client,
+        &id,
+        12,
+        Instant::now() + Duration::from_secs(90),
+    )
+    .await;
+    let output = berth(stack.port, &["report", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    let html = String::from_utf8_lossy(&output.stdout);
+    assert_self_contained(&html);
+    assert!(
+        html.contains("no data: the campaign&#39;s runs carry no power data"),
+        "power"
+    );
+    assert!(
+        html.contains("no data: no configuration has both joules_per_tokens"),
+        "pareto"
+    );
+    assert!(
+        html.contains("latency_us per configuration"),
+        "metrics still plotted"
+    );
+
+    // A running campaign: the report says so and shows what exists.
+    let slow = "name: long\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: only}]\ncycles: 3\n\
+                run: {command: [sh, -c, 'sleep 60']}\n";
+    let running = submit(&mut stack.client, slow.into()).await;
+    wait_campaign(
+        &mut stack.client,
+        &running,
+        Duration::from_secs(30),
+        "running a run",
+        |c| c.runs.is_some_and(|r| r.running > 0),
+    )
+    .await;
+    let output = berth(stack.port, &["report", &running]);
+    assert!(output.status.success(), "{}", text(&output));
+    let html = String::from_utf8_lossy(&output.stdout);
+    assert!(html.contains("This campaign is still running"), "no banner");
+    assert!(
+        html.contains("Runs over time"),
+        "the timeline of what exists"
+    );
+    stack
+        .client
+        .cancel_campaign(CancelCampaignRequest {
+            id: running.clone(),
+        })
+        .await
+        .unwrap();
+    wait_ended(&mut stack.client, &running, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compare_flags_only_the_configuration_made_slower() {
+    let mut stack = stack().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let a = submit(
+        &mut stack.client,
+        manifest("before", "0.3", 100, false, stack.dir.path()),
+    )
+    .await;
+    wait_succeeded(&mut stack.client, &a, 12, deadline).await;
+    // `slow` 20% slower: its sleep and the latency it reports.
+    let b = submit(
+        &mut stack.client,
+        manifest("after", "0.36", 120, false, stack.dir.path()),
+    )
+    .await;
+    wait_succeeded(&mut stack.client, &b, 12, deadline).await;
+
+    let output = berth(stack.port, &["compare", &a, &b]);
+    assert!(output.status.success(), "{}", text(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let row = |config: &str, metric: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(config) && l.split_whitespace().nth(1) == Some(metric))
+            .unwrap_or_else(|| panic!("no {config} {metric} row in\n{table}"))
+            .to_string()
+    };
+    let slow_latency = row("slow", "latency_us");
+    assert!(
+        slow_latency.contains("1.200 ") && slow_latency.contains("higher (significant)"),
+        "{table}"
+    );
+    assert!(
+        row("slow", "duration_s").contains("higher (significant)"),
+        "{table}"
+    );
+    assert!(
+        row("fast", "latency_us").contains("no significant change"),
+        "{table}"
+    );
+    // Ranked by the size of the change: the slowed latency comes first.
+    let first = table.lines().nth(4).unwrap_or_default();
+    assert!(first.starts_with("slow"), "{table}");
+
+    // The CI gate: only the real regression fails it.
+    let gate = |args: &[&str]| {
+        let mut all = vec!["compare", a.as_str(), b.as_str()];
+        all.extend(args);
+        berth(stack.port, &all)
+    };
+    let failed = gate(&["--fail-on", "latency_us:+5%"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    assert!(
+        text(&failed).contains("slow latency_us: +20.0%"),
+        "{}",
+        text(&failed)
+    );
+    for passes in [
+        ["--fail-on", "latency_us:+30%"],
+        ["--fail-on", "latency_us:-5%"],
+        ["--fail-on", "tokens:+1%"],
+    ] {
+        let output = gate(&passes);
+        assert!(output.status.success(), "{passes:?}: {}", text(&output));
+    }
+    let reversed = berth(
+        stack.port,
+        &["compare", &b, &a, "--fail-on", "latency_us:+5%"],
+    );
+    assert!(
+        reversed.status.success(),
+        "an improvement is no regression: {}",
+        text(&reversed)
+    );
+    let typo = gate(&["--fail-on", "latncy_ms:+5%"]);
+    assert!(
+        !typo.status.success()
+            && text(&typo).contains("no configuration of both campaigns measured latncy_ms")
+    );
+}
