@@ -1,5 +1,9 @@
-//! What a request would cost before it is queued: its tokens, at the rate
-//! the model's sessions run at, against `server.request_cpu_budget`.
+//! What a request would cost before it is queued: the time a session takes
+//! to read its tokens, at the rate the model's sessions are measured at,
+//! against `server.request_cpu_budget`. With one thread a session (the
+//! default pool: a session per core) that time is the request's CPU time;
+//! with more, the budget bounds the sessions' time, the resource requests
+//! wait for.
 //!
 //! The size limits bound a request's memory, but one within them can still
 //! be 2048 texts × `max_tokens` (524 288 tokens): minutes of CPU. Such a
@@ -207,15 +211,14 @@ pub fn count_until_decided(
     Verdict::Within
 }
 
-/// The tokens a request may hold: its CPU budget at `tokens_per_second`
-/// per session, whose `threads` all count as busy.
-pub fn allowance(budget: Duration, tokens_per_second: f64, threads: usize) -> u64 {
-    (budget.as_secs_f64() * tokens_per_second / threads.max(1) as f64) as u64
+/// The tokens a request may hold: as many as a session reads in `budget`.
+pub fn allowance(budget: Duration, tokens_per_second: f64) -> u64 {
+    (budget.as_secs_f64() * tokens_per_second) as u64
 }
 
-/// The CPU time `tokens` take at `tokens_per_second` per session of `threads`.
-pub fn cpu_time(tokens: u64, tokens_per_second: f64, threads: usize) -> Duration {
-    Duration::from_secs_f64(tokens as f64 * threads.max(1) as f64 / tokens_per_second.max(1e-9))
+/// The session time `tokens` take at `tokens_per_second`.
+pub fn session_time(tokens: u64, tokens_per_second: f64) -> Duration {
+    Duration::from_secs_f64(tokens as f64 / tokens_per_second.max(1e-9))
 }
 
 #[cfg(test)]
@@ -294,11 +297,10 @@ mod tests {
     }
 
     #[test]
-    fn allowance_and_cpu_time_agree() {
+    fn allowance_and_session_time_agree() {
         let budget = Duration::from_secs(10);
-        // 2000 tokens/s per session of 2 threads: 1000 tokens per CPU-second.
-        assert_eq!(allowance(budget, 2000.0, 2), 10_000);
-        assert_eq!(cpu_time(10_000, 2000.0, 2), budget);
+        assert_eq!(allowance(budget, 2000.0), 20_000);
+        assert_eq!(session_time(20_000, 2000.0), budget);
     }
 
     #[test]

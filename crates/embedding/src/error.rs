@@ -35,10 +35,10 @@ pub enum EmbeddingError {
     )]
     QueueFull { model: String, capacity: usize },
     /// Refused before it is queued: its tokens, estimated as `cost.rs`
-    /// does, would take longer than the request CPU budget at the rate the
-    /// model's sessions are measured at.
+    /// does, would take a session longer than the request CPU budget at
+    /// the rate the model's sessions are measured at.
     #[error(
-        "the request would take at least {:.2} s of CPU to embed ({tokens} tokens or more, at the {tokens_per_second:.0} tokens/s a session is measured at); the budget is {} (server.request_cpu_budget, env BERTH_SERVER__REQUEST_CPU_BUDGET): send fewer or shorter texts per request",
+        "the request would take at least {:.2} s to embed ({tokens} tokens or more, at the {tokens_per_second:.0} tokens/s a session is measured at); the budget is {} (server.request_cpu_budget, env BERTH_SERVER__REQUEST_CPU_BUDGET): send fewer or shorter texts per request",
         estimate.as_secs_f64(),
         format_duration(*budget)
     )]

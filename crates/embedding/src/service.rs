@@ -20,11 +20,9 @@ pub struct Embedder {
     models: Vec<Model>,
     default: usize,
     limits: LimitsConfig,
-    /// `server.request_cpu_budget`: the most CPU time a request's
-    /// estimated cost may be.
+    /// `server.request_cpu_budget`: the most session time a request is
+    /// estimated to take (`cost.rs`).
     cpu_budget: Duration,
-    /// Threads of each session, all counted as busy while it runs a batch.
-    threads_per_session: usize,
 }
 
 struct Model {
@@ -145,7 +143,6 @@ impl Embedder {
             default,
             limits: config.limits.clone(),
             cpu_budget: config.server.request_cpu_budget,
-            threads_per_session: threads,
         })
     }
 
@@ -244,8 +241,8 @@ impl Embedder {
             })
     }
 
-    /// Hands `texts` back if embedding them takes at most the CPU budget at
-    /// the model's measured rate; refuses them otherwise (`cost.rs`).
+    /// Hands `texts` back if a session takes at most the CPU budget to embed
+    /// them at the model's measured rate; refuses them otherwise (`cost.rs`).
     async fn within_budget(
         &self,
         model: &Model,
@@ -254,7 +251,7 @@ impl Embedder {
         texts: Vec<String>,
     ) -> Result<Vec<String>, EmbeddingError> {
         let rate = batcher.throughput().tokens_per_second();
-        let allowance = cost::allowance(self.cpu_budget, rate, self.threads_per_session);
+        let allowance = cost::allowance(self.cpu_budget, rate);
         let max_tokens = model.max_tokens;
         let bounds: Vec<Bounds> = texts.iter().map(|t| Bounds::of(t, max_tokens)).collect();
         let (texts, verdict) = match cost::judge_by_bounds(&bounds, allowance) {
@@ -280,7 +277,7 @@ impl Embedder {
             Verdict::Over(tokens) => Err(EmbeddingError::RequestTooCostly {
                 tokens,
                 tokens_per_second: rate,
-                estimate: cost::cpu_time(tokens, rate, self.threads_per_session),
+                estimate: cost::session_time(tokens, rate),
                 budget: self.cpu_budget,
             }),
             Verdict::Within | Verdict::Undecided => Ok(texts),

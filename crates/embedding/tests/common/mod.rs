@@ -14,6 +14,10 @@ pub fn config() -> Config {
     config.server.listen = "127.0.0.1:0".into();
     config.server.http_listen = "127.0.0.1:0".into();
     config.models.sessions = 1;
+    // A debug build reads tokens several times slower than a release one,
+    // so the default budget (10 s) would refuse some of these tests' larger
+    // requests; tests/cost.rs sets its own.
+    config.server.request_cpu_budget = std::time::Duration::from_secs(600);
     config
 }
 

@@ -189,6 +189,10 @@ pub fn spawn(inner: Weak<Inner>, interval: Duration) {
                 seen.changes(&views)
             };
             for change in changes {
+                if change.kind == EventKind::Removed {
+                    runtime.inner.consoles.remove(&change.uuid);
+                    runtime.inner.exec_lanes.remove(&change.uuid);
+                }
                 runtime.inner.events.publish(
                     &change.uuid,
                     &change.name,
