@@ -1202,7 +1202,7 @@ run:
   command: [python3, -c, "import time, urllib.request; urllib.request.urlopen('http://{{endpoint.http}}/'); time.sleep(0.3); print('{\"ok\": 1}')"]
 power: {enabled: true, rate_hz: 100}
 "#;
-    let campaign = berth_tests::campaign::submit(&mut client, &against).await;
+    let campaign = berth_tests::campaign::submit(&mut client, against).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     berth_tests::campaign::wait_succeeded(&mut client, &campaign.id, 2, deadline).await;
     let runs = berth_tests::campaign::runs_of(&mut client, &campaign.id).await;
@@ -1222,7 +1222,7 @@ power: {enabled: true, rate_hz: 100}
     // for the one the deployment holds.
     let elsewhere = "name: host-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}]\n\
                      run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\npower: {enabled: true, rate_hz: 100}\n";
-    let waiting = berth_tests::campaign::submit(&mut client, &elsewhere).await;
+    let waiting = berth_tests::campaign::submit(&mut client, elsewhere).await;
     let said = berth_tests::campaign::wait_campaign(
         &mut client,
         &waiting.id,

@@ -1,7 +1,9 @@
 //! `berth report` and `berth compare` against real campaigns: orchestrator,
 //! agent (process runs) and the power sampler's replay source; the report
 //! opened in headless Chromium (a part: skipped loudly without it, a
-//! failure under CI) as a browser would, offline.
+//! failure under CI) as a browser would, offline: no request in its NetLog,
+//! no console message, every plot drawn, a 1280×900 screenshot that is not
+//! blank (kept in target/report/ with the HTML, for CI's artifacts).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::campaign::{Client, wait_campaign, wait_ended, wait_succeeded};
+use berth_tests::campaign::{Client, submit, wait_campaign, wait_ended, wait_succeeded};
 use berth_tests::{
     Part, Process, bin, free_port, repo_root, require_part, start_agent, start_orchestrator,
     start_replay_sampler, wait_for,
@@ -88,18 +90,6 @@ power: {{enabled: {power}, rate_hz: 100, work_metric: tokens}}
     )
 }
 
-async fn submit(client: &mut Client, manifest: String) -> String {
-    client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id
-}
-
 /// `berth --orchestrator … args…`.
 fn berth(port: u16, args: &[&str]) -> Output {
     Command::new(bin("berth"))
@@ -129,22 +119,58 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-/// Headless Chromium with the network made unreachable, so that the page
-/// could not fetch anything even if it tried.
-fn chromium(args: &[&str], url: &str) -> Output {
+/// Headless Chromium with the network made unreachable (so that the page
+/// could not fetch anything even if it tried), the page's console on stderr,
+/// and every request it makes in a NetLog at `net_log`.
+fn chromium(args: &[&str], url: &str, net_log: &Path) -> Output {
     Command::new("chromium")
         .args([
             "--headless",
             "--disable-gpu",
             "--no-sandbox",
             "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
             "--host-resolver-rules=MAP * ~NOTFOUND",
             "--proxy-server=127.0.0.1:9",
         ])
+        .arg(format!("--log-net-log={}", net_log.display()))
         .args(args)
         .arg(url)
         .output()
         .expect("running chromium")
+}
+
+/// The URLs a `file://` page asked for over the network, from Chromium's
+/// NetLog: requests whose network isolation key is the page's site (the
+/// browser's own background requests have none, or Google's).
+fn page_requests(net_log: &Path) -> Vec<String> {
+    let log: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(net_log).expect("the NetLog")).expect("NetLog JSON");
+    let events = log["events"].as_array().expect("NetLog events");
+    let mut urls: Vec<String> = events
+        .iter()
+        .map(|event| &event["params"])
+        .filter(|params| {
+            params["network_isolation_key"]
+                .as_str()
+                .is_some_and(|key| key.starts_with("file://"))
+        })
+        .filter_map(|params| params["url"].as_str())
+        .filter(|url| !url.starts_with("file:"))
+        .map(String::from)
+        .collect();
+    urls.dedup();
+    urls
+}
+
+/// The page's console messages Chromium logged.
+fn console_messages(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|line| line.contains(":CONSOLE"))
+        .map(String::from)
+        .collect()
 }
 
 /// Checks the report as a file: nothing it could fetch.
@@ -176,9 +202,10 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
     let mut stack = stack().await;
     let id = submit(
         &mut stack.client,
-        manifest("measured", "0.3", 120, true, stack.dir.path()),
+        &manifest("measured", "0.3", 120, true, stack.dir.path()),
     )
-    .await;
+    .await
+    .id;
     wait_succeeded(
         &mut stack.client,
         &id,
@@ -218,9 +245,40 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
     if require_part(Part::Chromium).is_none() {
         return;
     }
+    // The detectors first, on a page that does what the report must not.
+    let net_log = stack.dir.path().join("net.json");
+    let hostile = stack.dir.path().join("hostile.html");
+    std::fs::write(
+        &hostile,
+        "<html><body><script>console.error('boom')</script><img src=\"http://example.invalid/x.png\"></body></html>",
+    )
+    .unwrap();
+    let control = chromium(
+        &["--dump-dom"],
+        &format!("file://{}", hostile.display()),
+        &net_log,
+    );
+    assert_eq!(
+        page_requests(&net_log),
+        ["http://example.invalid/x.png"],
+        "{}",
+        text(&control)
+    );
+    assert_eq!(console_messages(&control).len(), 1, "{}", text(&control));
+
     let url = format!("file://{}", path.display());
-    let dumped = chromium(&["--dump-dom"], &url);
+    let dumped = chromium(&["--dump-dom"], &url, &net_log);
     assert!(dumped.status.success(), "{}", text(&dumped));
+    assert_eq!(
+        page_requests(&net_log),
+        Vec::<String>::new(),
+        "network requests"
+    );
+    assert_eq!(
+        console_messages(&dumped),
+        Vec::<String>::new(),
+        "console messages"
+    );
     let dom = String::from_utf8_lossy(&dumped.stdout);
     let plots = plots(&dom);
     // 6 metrics, the timeline, 2 power series (one per config), the Pareto plot.
@@ -235,8 +293,6 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
             "no axis label: {plot:.300}"
         );
     }
-    let stderr = String::from_utf8_lossy(&dumped.stderr);
-    assert!(!stderr.contains("CONSOLE"), "console messages: {stderr}");
 
     // The screenshot: compared with an empty page's, shot the same way (a
     // PNG of one colour compresses to almost nothing; a page of plots does not).
@@ -245,11 +301,11 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
     std::fs::write(&blank_page, "<!DOCTYPE html><html><body></body></html>").unwrap();
     let blank_shot = stack.dir.path().join("blank.png");
     for (page, png) in [
-        (url.clone(), &shot),
+        (url, &shot),
         (format!("file://{}", blank_page.display()), &blank_shot),
     ] {
         let screenshot = format!("--screenshot={}", png.display());
-        let output = chromium(&["--window-size=1280,900", &screenshot], &page);
+        let output = chromium(&["--window-size=1280,900", &screenshot], &page, &net_log);
         assert!(output.status.success(), "{}", text(&output));
     }
     let (size, blank) = (
@@ -282,9 +338,10 @@ async fn report_says_what_is_missing_rather_than_breaking() {
     // A campaign without power data: the power plots and tables say so.
     let id = submit(
         &mut stack.client,
-        manifest("unmeasured", "0.3", 120, false, stack.dir.path()),
+        &manifest("unmeasured", "0.3", 120, false, stack.dir.path()),
     )
-    .await;
+    .await
+    .id;
     wait_succeeded(
         &mut stack.client,
         &id,
@@ -312,7 +369,7 @@ async fn report_says_what_is_missing_rather_than_breaking() {
     // A running campaign: the report says so and shows what exists.
     let slow = "name: long\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: only}]\ncycles: 3\n\
                 run: {command: [sh, -c, 'sleep 60']}\n";
-    let running = submit(&mut stack.client, slow.into()).await;
+    let running = submit(&mut stack.client, slow).await.id;
     wait_campaign(
         &mut stack.client,
         &running,
@@ -345,16 +402,18 @@ async fn compare_flags_only_the_configuration_made_slower() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let a = submit(
         &mut stack.client,
-        manifest("before", "0.3", 100, false, stack.dir.path()),
+        &manifest("before", "0.3", 100, false, stack.dir.path()),
     )
-    .await;
+    .await
+    .id;
     wait_succeeded(&mut stack.client, &a, 12, deadline).await;
     // `slow` 20% slower: its sleep and the latency it reports.
     let b = submit(
         &mut stack.client,
-        manifest("after", "0.36", 120, false, stack.dir.path()),
+        &manifest("after", "0.36", 120, false, stack.dir.path()),
     )
-    .await;
+    .await
+    .id;
     wait_succeeded(&mut stack.client, &b, 12, deadline).await;
 
     let output = berth(stack.port, &["compare", &a, &b]);
@@ -383,6 +442,25 @@ async fn compare_flags_only_the_configuration_made_slower() {
     // Ranked by the size of the change: the slowed latency comes first.
     let first = table.lines().nth(4).unwrap_or_default();
     assert!(first.starts_with("slow"), "{table}");
+
+    // The same comparison as a section of B's report (kept beside report.html).
+    let path = artifacts().join("against.html");
+    let output = berth(
+        stack.port,
+        &["report", &b, "--against", &a, "-o", path.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_self_contained(&html);
+    assert!(
+        html.contains("B/A per configuration and metric"),
+        "no comparison plot"
+    );
+    assert!(
+        html.contains(r#"<tr class="significant"><td>slow</td><td>latency_us</td>"#),
+        "the slowed latency is not marked significant"
+    );
+    assert!(!html.contains(r#"<tr class="significant"><td>fast</td><td>latency_us</td>"#));
 
     // The CI gate: only the real regression fails it.
     let gate = |args: &[&str]| {

@@ -118,6 +118,7 @@ fn main() {
         runs,
         series,
         generated_at: "now".into(),
+        against: None,
     };
     let mut best = f64::INFINITY;
     let mut size = 0;

@@ -170,12 +170,12 @@ pub fn regressions(comparison: &Comparison, rules: &[FailOn]) -> Result<Vec<Stri
         for change in changes.into_iter().filter(|c| rule.regressed_by(c)) {
             let ratio = change.ratio.map_or(1.0, |r| r.ratio);
             found.push(format!(
-                "{} {}: {:+.1}% (limit {:+.1}%, p = {})",
+                "{} {}: {:+.1}% (limit {:+.1}%, p {})",
                 change.label,
                 change.metric,
                 (ratio - 1.0) * 100.0,
                 rule.threshold * 100.0,
-                change.test.map(|t| number(t.p)).unwrap_or_default()
+                change.test.map(|t| p_value(t.p)).unwrap_or_default()
             ));
         }
     }
@@ -189,40 +189,51 @@ fn interval(ratio: Option<Ratio>) -> String {
     }
 }
 
+/// A p-value for people: tiny ones are bounded, not shown as 0.
+fn p_value(p: f64) -> String {
+    if p < 1e-4 {
+        "<0.0001".into()
+    } else {
+        number(p)
+    }
+}
+
+/// The columns of a comparison, in the terminal and in the report.
+pub const COLUMNS: [&str; 8] = [
+    "configuration",
+    "metric",
+    "A mean (n)",
+    "B mean (n)",
+    "B/A",
+    "95% CI of B/A",
+    "p (Welch)",
+    "verdict",
+];
+
+/// A change's cells under [`COLUMNS`].
+pub fn cells(change: &Change) -> Vec<String> {
+    vec![
+        change.label.clone(),
+        change.metric.clone(),
+        format!("{} ({})", number(change.a.mean), change.a.n),
+        format!("{} ({})", number(change.b.mean), change.b.n),
+        change
+            .ratio
+            .map(|r| number(r.ratio))
+            .unwrap_or_else(|| "—".into()),
+        interval(change.ratio),
+        change
+            .test
+            .map(|t| p_value(t.p))
+            .unwrap_or_else(|| "—".into()),
+        change.verdict().to_string(),
+    ]
+}
+
 /// The comparison as a table for a terminal.
 pub fn table(comparison: &Comparison, a_id: &str, b_id: &str) -> String {
-    let mut rows = vec![
-        [
-            "configuration",
-            "metric",
-            "A mean (n)",
-            "B mean (n)",
-            "B/A",
-            "95% CI of B/A",
-            "p (Welch)",
-            "verdict",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for change in &comparison.changes {
-        rows.push(vec![
-            change.label.clone(),
-            change.metric.clone(),
-            format!("{} ({})", number(change.a.mean), change.a.n),
-            format!("{} ({})", number(change.b.mean), change.b.n),
-            change
-                .ratio
-                .map(|r| number(r.ratio))
-                .unwrap_or_else(|| "—".into()),
-            interval(change.ratio),
-            change
-                .test
-                .map(|t| number(t.p))
-                .unwrap_or_else(|| "—".into()),
-            change.verdict().to_string(),
-        ]);
-    }
+    let mut rows = vec![COLUMNS.map(String::from).to_vec()];
+    rows.extend(comparison.changes.iter().map(cells));
     let mut out = format!("A: {a_id}\nB: {b_id}\n");
     out.push_str(&aligned(&rows));
     for (side, only) in [("A", &comparison.only_a), ("B", &comparison.only_b)] {
@@ -233,15 +244,16 @@ pub fn table(comparison: &Comparison, a_id: &str, b_id: &str) -> String {
     out
 }
 
+/// A campaign's measured values per (configuration, backend), read over the API.
+pub async fn groups(client: &mut Client, id: &str) -> Result<Groups, CliError> {
+    let campaign = crate::get_campaign(client, id).await?;
+    let runs = crate::export::fetch_runs(client, id).await?;
+    Ok(Groups::of(&runs, &campaign.work_metric))
+}
+
 /// `berth compare`: prints the table; fails when a `--fail-on` rule finds a regression.
 pub async fn run(client: &mut Client, a: &str, b: &str, rules: &[FailOn]) -> Result<(), CliError> {
-    let mut sides = Vec::new();
-    for id in [a, b] {
-        let campaign = crate::get_campaign(client, id).await?;
-        let runs = crate::export::fetch_runs(client, id).await?;
-        sides.push(Groups::of(&runs, &campaign.work_metric));
-    }
-    let comparison = compare(&sides[0], &sides[1]);
+    let comparison = compare(&groups(client, a).await?, &groups(client, b).await?);
     print!("{}", table(&comparison, a, b));
     let found = regressions(&comparison, rules)?;
     if found.is_empty() {

@@ -100,6 +100,9 @@ pub enum Command {
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Add a section comparing this campaign (B) with campaign A, as `berth compare A B`.
+        #[arg(long, value_name = "A")]
+        against: Option<String>,
     },
     /// Compares campaign B with campaign A: per configuration and metric the
     /// ratio B/A with its 95% CI and Welch's t-test, largest change first.
@@ -288,8 +291,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let samples = series::fetch_series(&mut client, &run_id, &device).await?;
             write_output(output, &series::encode(&samples, format)?)
         }
-        Command::Report { id, output } => {
-            let data = report::fetch(&mut client, &id).await?;
+        Command::Report {
+            id,
+            output,
+            against,
+        } => {
+            let data = report::fetch(&mut client, &id, against.as_deref()).await?;
             write_output(output, report::render(&data).as_bytes())
         }
         Command::Compare { a, b, fail_on } => compare::run(&mut client, &a, &b, &fail_on).await,

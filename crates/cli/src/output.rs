@@ -145,18 +145,47 @@ pub fn progress_line(event: &CampaignEvent, last_status: &mut String) -> Option<
     Some(line)
 }
 
-/// Progress of a watched campaign: runs ended out of all, and an estimate
-/// of the time left from the mean duration of the runs seen to end.
+/// Progress of a watched campaign: runs ended out of all, an estimate of
+/// the time left from the mean duration of the runs seen to end, and the
+/// main metric of the last runs that succeeded.
 #[derive(Debug, Default)]
 pub struct Progress {
     done: u64,
     total: u64,
     seconds_run: f64,
     runs_timed: u32,
+    /// The metric the sparkline follows, chosen at the first run that succeeded.
+    metric: Option<String>,
+    recent: std::collections::VecDeque<f64>,
 }
 
 /// Width of the bar between its brackets, in characters.
 const BAR_WIDTH: usize = 30;
+/// Runs the sparkline shows.
+const SPARK_RUNS: usize = 24;
+const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// Values as a line of block characters from lowest to highest (all
+/// alike: the middle one).
+pub fn sparkline(values: impl IntoIterator<Item = f64> + Clone) -> String {
+    let (low, high) = values
+        .clone()
+        .into_iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    values
+        .into_iter()
+        .map(|v| {
+            let level = if high > low {
+                ((v - low) / (high - low) * 7.0).round() as usize
+            } else {
+                3
+            };
+            SPARKS[level.min(7)]
+        })
+        .collect()
+}
 
 impl Progress {
     pub fn observe(&mut self, event: &CampaignEvent) {
@@ -174,6 +203,34 @@ impl Progress {
             self.seconds_run += duration.seconds as f64 + f64::from(duration.nanos) / 1e9;
             self.runs_timed += 1;
         }
+        let succeeded = event
+            .run
+            .as_ref()
+            .filter(|run| run.state == RunState::Succeeded as i32);
+        if let Some(run) = succeeded {
+            self.follow(run, event.campaign.as_ref().map_or("", |c| &c.work_metric));
+        }
+    }
+
+    /// Adds the run's value of the followed metric: the campaign's
+    /// throughput when the run reports its work, else its first metric.
+    fn follow(&mut self, run: &berth_proto::orchestrator::v1::Run, work_metric: &str) {
+        let metrics = crate::report::metrics::run_metrics(run, work_metric);
+        let throughput = crate::report::metrics::throughput(work_metric);
+        let metric = self.metric.get_or_insert_with(|| {
+            metrics
+                .iter()
+                .find(|(name, _)| *name == throughput)
+                .or(metrics.first())
+                .map(|(name, _)| name.clone())
+                .unwrap_or_default()
+        });
+        if let Some((_, value)) = metrics.iter().find(|(name, _)| name == metric) {
+            if self.recent.len() == SPARK_RUNS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(*value);
+        }
     }
 
     /// Mean run duration so far × runs left; `None` before any run was timed.
@@ -187,7 +244,7 @@ impl Progress {
         ))
     }
 
-    /// `[#########---------]  12/24  50%  ETA 1m05s`
+    /// `[#########---------]  12/24  50%  ETA 1m05s  tokens_per_s ▃▅▇█▆ 245.3`
     pub fn bar(&self) -> String {
         let fraction = if self.total == 0 {
             0.0
@@ -196,14 +253,19 @@ impl Progress {
         };
         let filled = ((fraction * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
         let eta = self.eta().map_or_else(|| "--".to_string(), format_eta);
-        format!(
+        let mut bar = format!(
             "[{}{}] {:>4}/{}  {:>3.0}%  ETA {eta}",
             "#".repeat(filled),
             "-".repeat(BAR_WIDTH - filled),
             self.done,
             self.total,
             fraction * 100.0
-        )
+        );
+        if let (Some(metric), Some(last)) = (&self.metric, self.recent.back()) {
+            let spark = sparkline(self.recent.iter().copied());
+            let _ = write!(bar, "  {metric} {spark} {}", number(*last));
+        }
+        bar
     }
 }
 
@@ -479,6 +541,13 @@ mod tests {
     use berth_proto::orchestrator::v1::ConfigResult;
 
     #[test]
+    fn sparkline_spans_lowest_to_highest() {
+        assert_eq!(sparkline([1.0, 8.0, 4.5, 8.0]), "▁█▅█");
+        assert_eq!(sparkline([3.0, 3.0]), "▄▄");
+        assert_eq!(sparkline(std::iter::empty::<f64>()), "");
+    }
+
+    #[test]
     fn numbers_keep_four_significant_digits() {
         assert_eq!(number(612.345), "612.3");
         assert_eq!(number(0.0123456), "0.01235");
@@ -523,7 +592,9 @@ mod tests {
             bar.starts_with(&format!("[{}{}]", "#".repeat(6), "-".repeat(24))),
             "{bar}"
         );
-        assert!(bar.ends_with("2/10   20%  ETA 24s"), "{bar}");
+        assert!(bar.contains("2/10   20%  ETA 24s"), "{bar}");
+        // The runs' only metric is their duration: 2 s then 4 s.
+        assert!(bar.ends_with("ETA 24s  duration_s ▁█ 4.000"), "{bar}");
         assert_eq!(format_eta(Duration::from_secs(3725)), "1h02m");
         assert_eq!(format_eta(Duration::from_secs(65)), "1m05s");
     }

@@ -7,6 +7,7 @@
 //! Each section is its own module and returns its HTML; a section with
 //! nothing to show says so in place of its plot ("no data: why").
 
+mod comparison;
 mod distributions;
 pub mod html;
 pub mod metrics;
@@ -20,6 +21,7 @@ mod timeline;
 
 use berth_proto::orchestrator::v1::{Campaign, Host, ListHostsRequest, Run, RunPowerSample};
 
+use crate::compare::{Comparison, compare, groups};
 use crate::{CliError, Client};
 
 /// Runs whose power series are plotted: one per (configuration, backend),
@@ -38,6 +40,8 @@ pub struct ReportData {
     pub series: Vec<(String, Vec<RunPowerSample>)>,
     /// When the data was read (RFC 3339).
     pub generated_at: String,
+    /// `--against A`: A's id and this campaign compared with it.
+    pub against: Option<(String, Comparison)>,
 }
 
 /// The runs whose power series the report shows: per (configuration,
@@ -61,8 +65,13 @@ pub fn series_runs(runs: &[Run]) -> Vec<&Run> {
     chosen
 }
 
-/// Reads the campaign, its runs, its hosts and the chosen power series.
-pub async fn fetch(client: &mut Client, id: &str) -> Result<ReportData, CliError> {
+/// Reads the campaign, its runs, its hosts and the chosen power series;
+/// with `against`, that campaign's runs too, to compare with.
+pub async fn fetch(
+    client: &mut Client,
+    id: &str,
+    against: Option<&str>,
+) -> Result<ReportData, CliError> {
     let campaign = crate::get_campaign(client, id).await?;
     let runs = crate::export::fetch_runs(client, id).await?;
     let hosts = client
@@ -81,11 +90,19 @@ pub async fn fetch(client: &mut Client, id: &str) -> Result<ReportData, CliError
         let samples = crate::series::fetch_series(client, &run.id, "").await?;
         series.push((run.id.clone(), samples));
     }
+    let against = match against {
+        Some(a) => {
+            let mine = metrics::Groups::of(&runs, &campaign.work_metric);
+            Some((a.to_string(), compare(&groups(client, a).await?, &mine)))
+        }
+        None => None,
+    };
     Ok(ReportData {
         campaign,
         hosts,
         runs,
         series,
+        against,
         generated_at: prost_types::Timestamp::from(std::time::SystemTime::now()).to_string(),
     })
 }
@@ -95,6 +112,10 @@ pub fn render(data: &ReportData) -> String {
     let groups = metrics::Groups::of(&data.runs, &data.campaign.work_metric);
     let body = [
         summary::render(data),
+        data.against
+            .as_ref()
+            .map(|(a, comparison)| comparison::render(a, comparison))
+            .unwrap_or_default(),
         distributions::render(&groups),
         timeline::render(data),
         power::render(data),

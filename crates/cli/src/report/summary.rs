@@ -57,7 +57,14 @@ pub fn render(data: &ReportData) -> String {
                 .unwrap_or("not judged")
                 .to_string(),
         ),
-        ("status", campaign.status_message.clone()),
+        (
+            "status",
+            if campaign.status_message.is_empty() {
+                "—".into()
+            } else {
+                campaign.status_message.clone()
+            },
+        ),
         ("submitted", time(campaign.created_at.as_ref())),
         ("finished", time(campaign.finished_at.as_ref())),
         ("duration", duration),
