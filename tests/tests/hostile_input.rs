@@ -6,8 +6,10 @@
 //! slowloris client. Each is answered with the right status within
 //! [`ANSWER_WITHIN`], its peak RSS grows by less than [`MAX_RSS_GROWTH_KIB`]
 //! (the peak is reset before each case), and the service serves a good
-//! request afterwards, its RSS back within that of where it started. Each
-//! case prints its figures (`--nocapture`): docs/benchmarks.md has them.
+//! request afterwards, its RSS back within that of where it started and
+//! its open file descriptors (connections included) back within
+//! [`MAX_FD_GROWTH`] of where they started. Each case prints its figures
+//! (`--nocapture`): docs/benchmarks.md has them.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,6 +33,9 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 /// Most a service's peak RSS may grow in one case, and its RSS over all.
 const MAX_RSS_GROWTH_KIB: u64 = 50 << 10;
+/// Most file descriptors a service may hold after all cases beyond those it
+/// held before them: the test's own client connections still open.
+const MAX_FD_GROWTH: usize = 8;
 /// The header timeout the services are started with, so the slowloris case
 /// is short.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -45,20 +50,30 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
-/// A running service under test: its process and the RSS it started from.
+/// The file descriptors a process holds open (its sockets among them).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's fd directory")
+        .count()
+}
+
+/// A running service under test: its process and the RSS and file
+/// descriptors it started from.
 struct Target {
     name: &'static str,
     process: Process,
     baseline_kib: u64,
+    baseline_fds: usize,
 }
 
 impl Target {
     fn new(name: &'static str, process: Process) -> Self {
-        let baseline_kib = status_kib(process.child.id(), "VmRSS");
+        let pid = process.child.id();
         Self {
             name,
+            baseline_kib: status_kib(pid, "VmRSS"),
+            baseline_fds: open_fds(pid),
             process,
-            baseline_kib,
         }
     }
 
@@ -95,18 +110,32 @@ impl Target {
     }
 
     /// After all cases the service's RSS is back within the bound of where
-    /// it started.
-    fn check_memory(&self) {
+    /// it started, and it holds no more file descriptors (connections
+    /// included) than it did, but for the test's own clients. A connection
+    /// the client dropped may take the server a moment to close.
+    async fn check_nothing_held(&self) {
         let now = status_kib(self.pid(), "VmRSS");
         let growth = now.saturating_sub(self.baseline_kib);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut fds = open_fds(self.pid());
+        while fds > self.baseline_fds + MAX_FD_GROWTH && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            fds = open_fds(self.pid());
+        }
         println!(
-            "hostile {} | RSS at start {} KiB, after all cases {now} KiB (+{growth} KiB)",
-            self.name, self.baseline_kib
+            "hostile {} | RSS at start {} KiB, after all cases {now} KiB (+{growth} KiB) | fds {} → {fds}",
+            self.name, self.baseline_kib, self.baseline_fds
         );
         assert!(
             growth < MAX_RSS_GROWTH_KIB,
             "{}: RSS stayed {growth} KiB above where it started",
             self.name
+        );
+        assert!(
+            fds <= self.baseline_fds + MAX_FD_GROWTH,
+            "{}: holds {fds} file descriptors after the cases, {} before",
+            self.name,
+            self.baseline_fds
         );
     }
 }
@@ -530,7 +559,7 @@ async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
         .await,
         Code::Ok
     );
-    target.check_memory();
+    target.check_nothing_held().await;
 }
 
 /// The llm-proxy's CPU budget in [`the_llm_proxy_stops_a_body_costlier_than_its_cpu_budget`]:
@@ -588,7 +617,7 @@ async fn the_llm_proxy_stops_a_body_costlier_than_its_cpu_budget() {
         })
         .await;
     assert_eq!(http_get(&addr, "/v1/models").await, 200, "still serves");
-    target.check_memory();
+    target.check_nothing_held().await;
 }
 
 /// Waits until `path` answers 200 on `addr`.
@@ -674,7 +703,7 @@ async fn the_power_sampler_refuses_hostile_input_in_bounded_time_and_memory() {
         Code::Ok
     );
     assert_eq!(http_get(&addr, "/metrics").await, 200);
-    target.check_memory();
+    target.check_nothing_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -800,7 +829,7 @@ async fn the_agent_refuses_hostile_input_in_bounded_time_and_memory() {
     .await;
 
     agent.info(InfoRequest {}).await.expect("still serves");
-    target.check_memory();
+    target.check_nothing_held().await;
 }
 
 /// The embedding service's defaults: `server.max_message_bytes` (gRPC;
@@ -870,7 +899,7 @@ async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
                 )
             })
             .await;
-        target.check_memory();
+        target.check_nothing_held().await;
     }
 }
 
@@ -935,7 +964,7 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
         Code::Ok
     );
     assert_eq!(http_get(&addr, "/health").await, 200);
-    target.check_memory();
+    target.check_nothing_held().await;
 }
 
 /// The embedding service's CPU budget in
@@ -1075,5 +1104,5 @@ async fn the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget() 
         Code::Ok
     );
     assert_eq!(http_get(&addr, "/health").await, 200);
-    target.check_memory();
+    target.check_nothing_held().await;
 }
