@@ -119,17 +119,47 @@ pub fn start_orchestrator(dir: &Path, port: u16, settings: &[&str]) -> Process {
     let mut args = vec![
         "--listen",
         &listen,
-        "--http-listen",
-        "",
         "--set",
         &store,
         "--set",
         "scheduler.heartbeat_interval=200ms",
     ];
+    // No HTTP port unless a setting asks for one (the flag would win over it).
+    if !settings
+        .iter()
+        .any(|s| s.starts_with("server.http_listen="))
+    {
+        args.extend(["--http-listen", ""]);
+    }
     for setting in settings {
         args.extend(["--set", setting]);
     }
     Process::spawn("berth-orchestrator", &args, &[])
+}
+
+/// GET `path` from the HTTP server at `addr` (HOST:PORT), with an
+/// `authorization` header when given: the status and the body.
+pub async fn http_get(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
+    let authorization = authorization
+        .map(|value| format!("authorization: {value}\r\n"))
+        .unwrap_or_default();
+    // HTTP/1.0: the server closes after the answer and sends no chunks.
+    let request = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n{authorization}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, body.to_string())
 }
 
 /// An agent on the unix socket `socket`, with no HTTP port.

@@ -2,8 +2,9 @@
 //! agent (process runs) and the power sampler's replay source; the report
 //! opened in headless Chromium (a part: skipped loudly without it, a
 //! failure under CI) as a browser would, offline: no request in its NetLog,
-//! no console message, every plot drawn, a 1280×900 screenshot that is not
-//! blank (kept in target/report/ with the HTML, for CI's artifacts).
+//! no console message, every plot drawn, a 1280×900 screenshot whose pixels
+//! show plots (kept in target/report/ with the HTML, for CI's artifacts). The
+//! orchestrator's `GET /campaigns/{id}/report` serves the same page.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,15 +14,16 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_tests::campaign::{Client, submit, wait_campaign, wait_ended, wait_succeeded};
 use berth_tests::{
-    Part, Process, bin, free_port, repo_root, require_part, start_agent, start_orchestrator,
-    start_replay_sampler, wait_for,
+    Part, Process, bin, free_port, http_get, repo_root, require_part, start_agent,
+    start_orchestrator, start_replay_sampler, wait_for,
 };
 
 /// An orchestrator with one agent registered as `local` (with the replay
-/// power sampler), and its port.
+/// power sampler), its gRPC port and its HTTP address.
 struct Stack {
     client: Client,
     port: u16,
+    http: String,
     dir: tempfile::TempDir,
     _processes: Vec<Process>,
 }
@@ -36,7 +38,9 @@ async fn stack() -> Stack {
     let socket = dir.path().join("agent.sock");
     let agent = start_agent(&socket);
     let port = free_port();
-    let orchestrator = start_orchestrator(dir.path(), port, &[]);
+    let http = format!("127.0.0.1:{}", free_port());
+    let orchestrator =
+        start_orchestrator(dir.path(), port, &[&format!("server.http_listen={http}")]);
     let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
     wait_for(&format!("unix://{}", socket.display())).await;
     client
@@ -51,6 +55,7 @@ async fn stack() -> Stack {
     Stack {
         client,
         port,
+        http,
         dir,
         _processes: vec![sampler, agent, orchestrator],
     }
@@ -107,6 +112,14 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// The page without the time it was generated at, which two reads differ in.
+fn without_generated_time(html: &str) -> String {
+    const ROW: &str = "<td>report generated</td><td>";
+    let start = html.find(ROW).expect("a report generated row") + ROW.len();
+    let end = start + html[start..].find("</td>").unwrap();
+    format!("{}{}", &html[..start], &html[end..])
 }
 
 /// Where the report and its screenshot are kept after the test (CI's artifacts).
@@ -241,6 +254,13 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
         !html.contains("class=\"plot no-data\""),
         "every plot has data"
     );
+    // The orchestrator's HTTP endpoint serves the same page.
+    let (status, served) = http_get(&stack.http, &format!("/campaigns/{id}/report"), None).await;
+    assert_eq!(status, 200, "{served}");
+    assert!(
+        without_generated_time(&served) == without_generated_time(&html),
+        "the endpoint's page differs from berth report's:\n{served:.2000}"
+    );
 
     if require_part(Part::Chromium).is_none() {
         return;
@@ -294,8 +314,8 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
         );
     }
 
-    // The screenshot: compared with an empty page's, shot the same way (a
-    // PNG of one colour compresses to almost nothing; a page of plots does not).
+    // The screenshot, and an empty page's shot the same way: the pixel
+    // checks must tell them apart.
     let shot = artifacts().join("report.png");
     let blank_page = stack.dir.path().join("blank.html");
     std::fs::write(&blank_page, "<!DOCTYPE html><html><body></body></html>").unwrap();
@@ -308,19 +328,76 @@ async fn report_of_a_power_campaign_reads_offline_in_chromium() {
         let output = chromium(&["--window-size=1280,900", &screenshot], &page, &net_log);
         assert!(output.status.success(), "{}", text(&output));
     }
-    let (size, blank) = (
-        std::fs::metadata(&shot).unwrap().len(),
-        std::fs::metadata(&blank_shot).unwrap().len(),
-    );
-    let header = std::fs::read(&shot).unwrap();
-    // PNG signature, then IHDR's width and height.
-    assert_eq!(&header[1..4], b"PNG");
-    assert_eq!(u32::from_be_bytes(header[16..20].try_into().unwrap()), 1280);
-    assert_eq!(u32::from_be_bytes(header[20..24].try_into().unwrap()), 900);
+    let blank = Pixels::of(&blank_shot);
+    assert_eq!(blank.not_white(), 0, "the empty page");
+    assert_eq!(blank.first_plot_rows(), None, "the empty page");
+    let report = Pixels::of(&shot);
+    let not_white = report.not_white() as f64 / (1280.0 * 900.0);
     assert!(
-        size > 5 * blank,
-        "screenshot {size} bytes, an empty page's {blank}: blank?"
+        not_white > 0.02,
+        "{:.2}% of pixels not white",
+        not_white * 100.0
     );
+    // The first plot (the first row with a plot's colour, its legend) and
+    // the 100 rows below it: its dots, mean, interval, grid and axis.
+    let (top, drawn) = report.first_plot_rows().expect("no plot colour on screen");
+    assert!(drawn >= 40, "{drawn} of 100 rows drawn below y {top}");
+}
+
+/// A screenshot's pixels, as RGB.
+struct Pixels {
+    width: usize,
+    rgb: Vec<[u8; 3]>,
+}
+
+impl Pixels {
+    /// Decodes a 1280×900 PNG (8-bit RGB or RGBA, as Chromium writes them).
+    fn of(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
+        let mut buffer = vec![0; reader.output_buffer_size().unwrap()];
+        let frame = reader.next_frame(&mut buffer).unwrap();
+        assert_eq!(
+            (frame.width, frame.height),
+            (1280, 900),
+            "{}",
+            path.display()
+        );
+        assert_eq!(frame.bit_depth, png::BitDepth::Eight);
+        let channels = match frame.color_type {
+            png::ColorType::Rgb => 3,
+            png::ColorType::Rgba => 4,
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        let rgb = buffer[..frame.buffer_size()]
+            .chunks_exact(channels)
+            .map(|p| [p[0], p[1], p[2]])
+            .collect();
+        Self { width: 1280, rgb }
+    }
+
+    fn not_white(&self) -> usize {
+        self.rgb.iter().filter(|p| **p != [255, 255, 255]).count()
+    }
+
+    /// A plot's colour: saturated, where the page's text and tables are grey.
+    fn coloured(p: &[u8; 3]) -> bool {
+        p.iter().max().unwrap() - p.iter().min().unwrap() > 60
+    }
+
+    /// The first row holding a plot's colour, and how many of the 100 rows
+    /// from it are not one colour across.
+    fn first_plot_rows(&self) -> Option<(usize, usize)> {
+        let rows: Vec<&[[u8; 3]]> = self.rgb.chunks_exact(self.width).collect();
+        let top = rows.iter().position(|row| row.iter().any(Self::coloured))?;
+        let drawn = rows[top..rows.len().min(top + 100)]
+            .iter()
+            .filter(|row| row.iter().any(|p| p != &row[0]))
+            .count();
+        Some((top, drawn))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -333,6 +410,11 @@ async fn report_says_what_is_missing_rather_than_breaking() {
         text(&output).contains("no campaign no-such-campaign on this orchestrator"),
         "{}",
         text(&output)
+    );
+    let (status, body) = http_get(&stack.http, "/campaigns/no-such-campaign/report", None).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (404, "campaign `no-such-campaign` not found\n")
     );
 
     // A campaign without power data: the power plots and tables say so.
@@ -382,6 +464,13 @@ async fn report_says_what_is_missing_rather_than_breaking() {
     assert!(output.status.success(), "{}", text(&output));
     let html = String::from_utf8_lossy(&output.stdout);
     assert!(html.contains("This campaign is still running"), "no banner");
+    let (status, served) =
+        http_get(&stack.http, &format!("/campaigns/{running}/report"), None).await;
+    assert_eq!(status, 200, "{served}");
+    assert!(
+        served.contains("This campaign is still running") && served.contains("Runs over time"),
+        "the endpoint's page of a running campaign: {served:.2000}"
+    );
     assert!(
         html.contains("Runs over time"),
         "the timeline of what exists"
@@ -497,4 +586,24 @@ async fn compare_flags_only_the_configuration_made_slower() {
         !typo.status.success()
             && text(&typo).contains("no configuration of both campaigns measured latncy_ms")
     );
+}
+
+/// The page shows what the gRPC API guards, so the same token guards it.
+#[tokio::test(flavor = "multi_thread")]
+async fn report_endpoint_wants_the_api_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let http = format!("127.0.0.1:{}", free_port());
+    let _orchestrator = start_orchestrator(
+        dir.path(),
+        port,
+        &[&format!("server.http_listen={http}"), "auth.token=s3cret"],
+    );
+    wait_for(&format!("http://127.0.0.1:{port}")).await;
+    let path = "/campaigns/unknown/report";
+    assert_eq!(http_get(&http, path, None).await.0, 401);
+    assert_eq!(http_get(&http, path, Some("Bearer wrong")).await.0, 401);
+    assert_eq!(http_get(&http, path, Some("Bearer s3cret")).await.0, 404);
+    // /metrics stays open, for scrapers.
+    assert_eq!(http_get(&http, "/metrics", None).await.0, 200);
 }

@@ -1,98 +1,15 @@
-//! `berth compare <A> <B>`: per (configuration, backend) present in both
-//! campaigns and per metric both measured, the ratio of B's mean to A's with
-//! its 95% interval and Welch's t-test, ranked by the size of the change;
-//! the pairs only one side has are listed. With `--fail-on metric:+5%` it
-//! fails (for CI) when that metric moved significantly past the threshold in
-//! the named direction in any configuration.
+//! `berth compare <A> <B>`: the comparison (berth_report::compare) as a
+//! table. With `--fail-on metric:+5%` it fails (for CI) when that metric
+//! moved significantly past the threshold in the named direction in any
+//! configuration.
 
 use std::str::FromStr;
 
-use crate::output::{aligned, number};
-use crate::report::metrics::{Group, Groups};
-use crate::report::stats::{Ratio, Summary, Welch, ratio, significant, summarize, welch};
+use berth_report::compare::{COLUMNS, Change, Comparison, cells, compare, p_value};
+use berth_report::metrics::Groups;
+
+use crate::output::aligned;
 use crate::{CliError, Client};
-
-/// One metric of one (configuration, backend) in both campaigns.
-#[derive(Debug)]
-pub struct Change {
-    /// The configuration's name for people (with its backend when there are several).
-    pub label: String,
-    pub metric: String,
-    pub a: Summary,
-    pub b: Summary,
-    /// Absent when A's mean is 0 or the means' signs differ.
-    pub ratio: Option<Ratio>,
-    /// Absent when a side has a single run.
-    pub test: Option<Welch>,
-}
-
-impl Change {
-    pub fn significant(&self) -> bool {
-        self.test.is_some_and(|t| significant(t.p))
-    }
-
-    pub fn verdict(&self) -> &'static str {
-        match self.test {
-            None => "too few runs",
-            Some(_) if !self.significant() => "no significant change",
-            Some(_) if self.b.mean > self.a.mean => "higher (significant)",
-            Some(_) => "lower (significant)",
-        }
-    }
-
-    /// How big the change is, for ranking: |ln(B/A)|.
-    fn size(&self) -> f64 {
-        self.ratio.map_or(0.0, |r| r.ratio.ln().abs())
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Comparison {
-    /// Largest change first.
-    pub changes: Vec<Change>,
-    pub only_a: Vec<String>,
-    pub only_b: Vec<String>,
-}
-
-fn same_pair(x: &Group, y: &Group) -> bool {
-    x.config == y.config && x.backend == y.backend
-}
-
-pub fn compare(a: &Groups, b: &Groups) -> Comparison {
-    let mut comparison = Comparison::default();
-    for group_a in &a.groups {
-        let Some(group_b) = b.groups.iter().find(|g| same_pair(g, group_a)) else {
-            comparison.only_a.push(a.label(group_a));
-            continue;
-        };
-        for (metric, values_a) in &group_a.values {
-            let Some(values_b) = group_b.values.get(metric) else {
-                continue;
-            };
-            let (Some(sa), Some(sb)) = (summarize(values_a), summarize(values_b)) else {
-                continue;
-            };
-            comparison.changes.push(Change {
-                label: a.label(group_a),
-                metric: metric.clone(),
-                a: sa,
-                b: sb,
-                ratio: ratio(&sa, &sb),
-                test: welch(&sa, &sb),
-            });
-        }
-    }
-    comparison.only_b = b
-        .groups
-        .iter()
-        .filter(|g| !a.groups.iter().any(|x| same_pair(x, g)))
-        .map(|g| b.label(g))
-        .collect();
-    comparison
-        .changes
-        .sort_by(|x, y| y.size().total_cmp(&x.size()));
-    comparison
-}
 
 /// `--fail-on metric:+5%`: a rise of the metric past 5% is a regression
 /// (`-5%`: a fall past 5%, for metrics where more is better).
@@ -182,54 +99,6 @@ pub fn regressions(comparison: &Comparison, rules: &[FailOn]) -> Result<Vec<Stri
     Ok(found)
 }
 
-fn interval(ratio: Option<Ratio>) -> String {
-    match ratio.and_then(|r| r.ci95) {
-        Some((low, high)) => format!("{}–{}", number(low), number(high)),
-        None => "—".into(),
-    }
-}
-
-/// A p-value for people: tiny ones are bounded, not shown as 0.
-fn p_value(p: f64) -> String {
-    if p < 1e-4 {
-        "<0.0001".into()
-    } else {
-        number(p)
-    }
-}
-
-/// The columns of a comparison, in the terminal and in the report.
-pub const COLUMNS: [&str; 8] = [
-    "configuration",
-    "metric",
-    "A mean (n)",
-    "B mean (n)",
-    "B/A",
-    "95% CI of B/A",
-    "p (Welch)",
-    "verdict",
-];
-
-/// A change's cells under [`COLUMNS`].
-pub fn cells(change: &Change) -> Vec<String> {
-    vec![
-        change.label.clone(),
-        change.metric.clone(),
-        format!("{} ({})", number(change.a.mean), change.a.n),
-        format!("{} ({})", number(change.b.mean), change.b.n),
-        change
-            .ratio
-            .map(|r| number(r.ratio))
-            .unwrap_or_else(|| "—".into()),
-        interval(change.ratio),
-        change
-            .test
-            .map(|t| p_value(t.p))
-            .unwrap_or_else(|| "—".into()),
-        change.verdict().to_string(),
-    ]
-}
-
 /// The comparison as a table for a terminal.
 pub fn table(comparison: &Comparison, a_id: &str, b_id: &str) -> String {
     let mut rows = vec![COLUMNS.map(String::from).to_vec()];
@@ -266,6 +135,8 @@ pub async fn run(client: &mut Client, a: &str, b: &str, rules: &[FailOn]) -> Res
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use berth_report::metrics::Group;
 
     use super::*;
 

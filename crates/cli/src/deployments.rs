@@ -161,8 +161,8 @@ pub fn describe(d: &Deployment) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:<11} {:<12} {:>8}  {:<28} REASON",
-        "#", "STATE", "HOST", "RESTARTS", "ENDPOINTS"
+        "{:>4} {:<11} {:<12} {:>8} {:<5} {:<28} REASON",
+        "#", "STATE", "HOST", "RESTARTS", "GPUS", "ENDPOINTS"
     );
     for r in &d.replica_status {
         let endpoints: Vec<String> = r
@@ -170,13 +170,23 @@ pub fn describe(d: &Deployment) -> String {
             .iter()
             .map(|e| format!("{}={}://{}", e.name, e.protocol, e.address))
             .collect();
+        let gpus = if r.gpus.is_empty() {
+            "-".to_string()
+        } else {
+            r.gpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let _ = writeln!(
             out,
-            "{:>4} {:<11} {:<12} {:>8}  {:<28} {}",
+            "{:>4} {:<11} {:<12} {:>8} {:<5} {:<28} {}",
             r.index,
             replica_state_name(r.state),
             r.host,
             r.restarts,
+            gpus,
             endpoints.join(","),
             r.reason
         );
@@ -230,6 +240,7 @@ mod tests {
                 host: "gpu-01".into(),
                 state: ReplicaState::Running as i32,
                 restarts: 2,
+                gpus: vec![0, 3],
                 reason: "running and healthy".into(),
                 endpoints: vec![Endpoint {
                     name: "http".into(),
@@ -249,6 +260,7 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("http=http://10.0.0.2:20001"), "{line}");
+        assert!(line.contains(" 0,3 "), "its GPUs: {line}");
         assert!(line.ends_with("running and healthy"), "{line}");
     }
 }

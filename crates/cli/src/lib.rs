@@ -2,15 +2,17 @@
 //! watch campaigns, print their results, manage hosts, keep deployments
 //! running.
 
+pub mod campaigns;
 pub mod compare;
 pub mod deployments;
 pub mod export;
+pub mod hosts;
 pub mod output;
 pub mod quickstart;
 pub mod report;
 pub mod series;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -270,60 +272,32 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             file,
             validate,
             watch,
-        } => submit(&mut client, &file, validate, watch).await,
-        Command::Watch { id } => watch_until_done(&mut client, &id).await,
+        } => campaigns::submit(&mut client, &file, validate, watch).await,
+        Command::Watch { id } => campaigns::watch_until_done(&mut client, &id).await,
         Command::Results {
             id,
             format,
             runs,
             output,
-        } => {
-            let format = results_output(format, runs, output.is_some())?;
-            let bytes = results(&mut client, id, format).await?;
-            write_output(output, &bytes)
-        }
+        } => campaigns::results(&mut client, id, format, runs, output).await,
         Command::Series {
             run_id,
             device,
             format,
             output,
-        } => {
-            let samples = series::fetch_series(&mut client, &run_id, &device).await?;
-            write_output(output, &series::encode(&samples, format)?)
-        }
+        } => series::print(&mut client, &run_id, &device, format, output).await,
         Command::Report {
             id,
             output,
             against,
         } => {
             let data = report::fetch(&mut client, &id, against.as_deref()).await?;
-            write_output(output, report::render(&data).as_bytes())
+            write_output(output, berth_report::render(&data).as_bytes())
         }
         Command::Compare { a, b, fail_on } => compare::run(&mut client, &a, &b, &fail_on).await,
-        Command::Campaigns => {
-            let campaigns = client
-                .list_campaigns(ListCampaignsRequest::default())
-                .await?
-                .into_inner();
-            print!("{}", output::campaigns(&campaigns.campaigns));
-            Ok(())
-        }
-        Command::Cancel { id } => {
-            let campaign = client
-                .cancel_campaign(CancelCampaignRequest { id })
-                .await?
-                .into_inner();
-            println!("{} {}", campaign.id, output::campaign_state(campaign.state));
-            Ok(())
-        }
-        Command::Resume { id } => {
-            let campaign = client
-                .resume_campaign(ResumeCampaignRequest { id })
-                .await?
-                .into_inner();
-            println!("{} {}", campaign.id, output::campaign_state(campaign.state));
-            Ok(())
-        }
+        Command::Campaigns => campaigns::list(&mut client).await,
+        Command::Cancel { id } => campaigns::cancel(&mut client, id).await,
+        Command::Resume { id } => campaigns::resume(&mut client, id).await,
         Command::Deploy {
             file,
             watch,
@@ -339,14 +313,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             follow,
             tail,
         } => deployments::logs(&mut client, name, replica, follow, tail).await,
-        Command::Hosts { action: None } => {
-            let hosts = client
-                .list_hosts(ListHostsRequest::default())
-                .await?
-                .into_inner();
-            print!("{}", output::hosts(&hosts.hosts));
-            Ok(())
-        }
+        Command::Hosts { action: None } => hosts::list(&mut client).await,
         Command::Hosts {
             action:
                 Some(HostsAction::Add {
@@ -357,36 +324,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     agent_token_env,
                 }),
         } => {
-            let labels = labels
-                .iter()
-                .map(|l| {
-                    l.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| CliError::Usage(format!("--label {l}: expected KEY=VALUE")))
-                })
-                .collect::<Result<_, _>>()?;
-            let token = agent_token_env
-                .map(|var| std::env::var(var).unwrap_or_default())
-                .unwrap_or_default();
-            let request = RegisterHostRequest {
+            hosts::add(
+                &mut client,
                 name,
                 address,
-                token,
-                labels,
-                power_sampler: power_sampler.unwrap_or_default(),
-            };
-            let host = client.register_host(request).await?.into_inner();
-            print!("{}", output::hosts(&[host]));
-            Ok(())
+                &labels,
+                power_sampler,
+                agent_token_env,
+            )
+            .await
         }
         Command::Hosts {
             action: Some(HostsAction::Remove { name }),
-        } => {
-            client
-                .deregister_host(DeregisterHostRequest { name })
-                .await?;
-            Ok(())
-        }
+        } => hosts::remove(&mut client, name).await,
     }
 }
 
@@ -404,61 +354,6 @@ pub async fn get_campaign(client: &mut Client, id: &str) -> Result<Campaign, Cli
     }
 }
 
-/// `berth submit`: sends the manifest; prints the campaign's id (or, with
-/// `--validate`, how many runs it would have) and watches it if asked.
-async fn submit(
-    client: &mut Client,
-    file: &std::path::Path,
-    validate: bool,
-    watch: bool,
-) -> Result<(), CliError> {
-    let text = std::fs::read_to_string(file).map_err(|source| CliError::File {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    let request = SubmitCampaignRequest {
-        manifest_yaml: text,
-        source_name: file.display().to_string(),
-        validate_only: validate,
-    };
-    let campaign = client.submit_campaign(request).await?.into_inner();
-    let runs = campaign.runs.map(|r| r.total).unwrap_or_default();
-    if validate {
-        println!("{}: valid, {runs} runs", file.display());
-        return Ok(());
-    }
-    println!("{}", campaign.id);
-    if watch {
-        watch_until_done(client, &campaign.id).await?;
-    }
-    Ok(())
-}
-
-/// `berth results`: every run, or the aggregate per (config, backend), encoded.
-async fn results(
-    client: &mut Client,
-    id: String,
-    format: ResultsOutput,
-) -> Result<Vec<u8>, CliError> {
-    Ok(match format {
-        ResultsOutput::Runs(format) => {
-            let campaign = client
-                .get_campaign(GetCampaignRequest { id: id.clone() })
-                .await?
-                .into_inner();
-            let runs = export::fetch_runs(client, &id).await?;
-            export::RunTable::new(&campaign, &runs).encode(format)?
-        }
-        ResultsOutput::Aggregate(format) => {
-            let results = client
-                .get_results(GetResultsRequest { id })
-                .await?
-                .into_inner();
-            output::results(&results, format)?
-        }
-    })
-}
-
 /// Writes an export to the file, or to stdout when there is none.
 fn write_output(output: Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
     match output {
@@ -471,135 +366,5 @@ fn write_output(output: Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
                 path: "stdout".into(),
                 source,
             }),
-    }
-}
-
-/// What `berth results` writes, from its flags.
-enum ResultsOutput {
-    Aggregate(output::ResultsFormat),
-    Runs(export::RunsFormat),
-}
-
-fn results_output(format: Format, runs: bool, to_file: bool) -> Result<ResultsOutput, CliError> {
-    use export::RunsFormat;
-    use output::ResultsFormat;
-    match (format, runs) {
-        (Format::Table, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Table)),
-        (Format::Json, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Json)),
-        (Format::Csv, false) => Ok(ResultsOutput::Aggregate(ResultsFormat::Csv)),
-        (Format::Parquet, false) => Err(CliError::Usage(
-            "--format parquet is a per-run export: add --runs --output FILE".into(),
-        )),
-        (Format::Table, true) => Err(CliError::Usage(
-            "--runs exports every run: choose --format csv, json or parquet".into(),
-        )),
-        (Format::Json, true) => Ok(ResultsOutput::Runs(RunsFormat::Json)),
-        (Format::Csv, true) => Ok(ResultsOutput::Runs(RunsFormat::Csv)),
-        (Format::Parquet, true) if to_file => Ok(ResultsOutput::Runs(RunsFormat::Parquet)),
-        (Format::Parquet, true) => Err(CliError::Usage(
-            "--format parquet writes binary: give --output FILE".into(),
-        )),
-    }
-}
-
-/// Prints a line per finished run until the campaign ends, under a
-/// progress bar with an ETA when stdout is a terminal; fails, saying why,
-/// unless the campaign succeeded with every run: a green exit means every
-/// run gave its result.
-pub async fn watch_until_done(client: &mut Client, id: &str) -> Result<(), CliError> {
-    let mut events = client
-        .watch_campaign(WatchCampaignRequest { id: id.to_string() })
-        .await?
-        .into_inner();
-    let terminal = std::io::stdout().is_terminal();
-    let mut progress = output::Progress::default();
-    let mut last_status = String::new();
-    let mut campaign = None;
-    while let Some(event) = events.message().await? {
-        progress.observe(&event);
-        let line = output::progress_line(&event, &mut last_status);
-        if terminal {
-            // Clear the bar, print the line above it, draw the bar again.
-            let mut stdout = std::io::stdout().lock();
-            let _ = write!(stdout, "\r\x1b[2K");
-            if let Some(line) = line {
-                let _ = writeln!(stdout, "{line}");
-            }
-            let _ = write!(stdout, "{}", progress.bar());
-            let _ = stdout.flush();
-        } else if let Some(line) = line {
-            println!("{line}");
-        }
-        campaign = event.campaign;
-    }
-    if terminal {
-        println!();
-    }
-    let campaign = campaign.ok_or_else(|| {
-        CliError::Usage(format!("campaign {id}: the watch ended before any event"))
-    })?;
-    ended_well(campaign)
-}
-
-/// Ok for a campaign that succeeded with no failed run; otherwise the error
-/// that says how it ended and why.
-fn ended_well(campaign: Campaign) -> Result<(), CliError> {
-    if campaign.state == CampaignState::Succeeded as i32
-        && campaign.runs.is_some_and(|r| r.failed == 0)
-    {
-        Ok(())
-    } else {
-        Err(CliError::CampaignFailed {
-            id: campaign.id,
-            state: output::campaign_state(campaign.state).to_string(),
-            outcome: output::campaign_outcome(campaign.outcome),
-            message: campaign.status_message,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ended(state: CampaignState, outcome: CampaignOutcome, failed: u64) -> Campaign {
-        Campaign {
-            id: "c1".into(),
-            state: state as i32,
-            outcome: outcome as i32,
-            status_message: "no measured run succeeded; 3 of 3 runs failed".into(),
-            runs: Some(RunCounts {
-                failed,
-                total: 3,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn only_a_campaign_whose_every_run_succeeded_ends_well() {
-        assert!(
-            ended_well(ended(
-                CampaignState::Succeeded,
-                CampaignOutcome::Complete,
-                0
-            ))
-            .is_ok()
-        );
-        let error = ended_well(ended(CampaignState::Failed, CampaignOutcome::NoResults, 3))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            error,
-            "campaign c1 ended failed (no results): no measured run succeeded; 3 of 3 runs failed"
-        );
-        let partial = ended_well(ended(CampaignState::Succeeded, CampaignOutcome::Partial, 1));
-        assert!(
-            partial
-                .unwrap_err()
-                .to_string()
-                .starts_with("campaign c1 ended succeeded (partial): "),
-        );
     }
 }

@@ -4,31 +4,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignEvent, CampaignOutcome, CampaignResults, CampaignState, Host, HostStatus,
-    RunState,
+    Campaign, CampaignEvent, CampaignOutcome, CampaignResults, Host, HostStatus, RunState,
 };
 
-pub fn campaign_state(state: i32) -> &'static str {
-    match CampaignState::try_from(state).unwrap_or_default() {
-        CampaignState::Pending => "pending",
-        CampaignState::Running => "running",
-        CampaignState::Succeeded => "succeeded",
-        CampaignState::Failed => "failed",
-        CampaignState::Cancelled => "cancelled",
-        CampaignState::Unspecified => "unknown",
-    }
-}
-
-/// What an ended campaign's measured runs produced; `None` before it was judged.
-pub fn campaign_outcome(outcome: i32) -> Option<&'static str> {
-    match CampaignOutcome::try_from(outcome).unwrap_or_default() {
-        CampaignOutcome::Complete => Some("complete"),
-        CampaignOutcome::Partial => Some("partial"),
-        CampaignOutcome::MissingResults => Some("missing results"),
-        CampaignOutcome::NoResults => Some("no results"),
-        CampaignOutcome::Unspecified => None,
-    }
-}
+// The report shows them the same way as the terminal does.
+pub use berth_report::{campaign_outcome, campaign_state, number};
 
 /// Records as CSV with every field quoted, so that a value holding a comma,
 /// a quote or a line break stays one field for any reader.
@@ -58,16 +38,6 @@ fn run_state(state: i32) -> &'static str {
         RunState::Cancelled => "cancelled",
         RunState::Unspecified => "unknown",
     }
-}
-
-/// Four significant digits: enough to compare, short enough to read.
-pub(crate) fn number(value: f64) -> String {
-    if value == 0.0 || !value.is_finite() {
-        return format!("{value}");
-    }
-    let magnitude = value.abs().log10().floor() as i32;
-    let decimals = (3 - magnitude).clamp(0, 6) as usize;
-    format!("{value:.decimals$}")
 }
 
 /// A line for an event worth showing: a run that ended, the end of a
@@ -215,8 +185,8 @@ impl Progress {
     /// Adds the run's value of the followed metric: the campaign's
     /// throughput when the run reports its work, else its first metric.
     fn follow(&mut self, run: &berth_proto::orchestrator::v1::Run, work_metric: &str) {
-        let metrics = crate::report::metrics::run_metrics(run, work_metric);
-        let throughput = crate::report::metrics::throughput(work_metric);
+        let metrics = berth_report::metrics::run_metrics(run, work_metric);
+        let throughput = berth_report::metrics::throughput(work_metric);
         let metric = self.metric.get_or_insert_with(|| {
             metrics
                 .iter()
@@ -538,20 +508,13 @@ pub fn hosts(hosts: &[Host]) -> String {
 mod tests {
     use super::*;
     use berth_proto::common::v1::MetricSummary;
-    use berth_proto::orchestrator::v1::ConfigResult;
+    use berth_proto::orchestrator::v1::{CampaignState, ConfigResult};
 
     #[test]
     fn sparkline_spans_lowest_to_highest() {
         assert_eq!(sparkline([1.0, 8.0, 4.5, 8.0]), "▁█▅█");
         assert_eq!(sparkline([3.0, 3.0]), "▄▄");
         assert_eq!(sparkline(std::iter::empty::<f64>()), "");
-    }
-
-    #[test]
-    fn numbers_keep_four_significant_digits() {
-        assert_eq!(number(612.345), "612.3");
-        assert_eq!(number(0.0123456), "0.01235");
-        assert_eq!(number(12345.6), "12346");
     }
 
     fn event(done: u64, total: u64, ended_run_seconds: Option<i64>) -> CampaignEvent {

@@ -8,7 +8,8 @@ use berth_proto::orchestrator::v1::{
     GetResultsRequest, RegisterHostRequest, SubmitCampaignRequest,
 };
 
-use crate::{CliError, connect, output, watch_until_done};
+use crate::campaigns::watch_until_done;
+use crate::{CliError, connect, output};
 
 /// The built-in campaign (the same file as examples/campaigns/quickstart.yaml).
 pub const QUICKSTART_MANIFEST: &str = include_str!("../../../examples/campaigns/quickstart.yaml");

@@ -8,8 +8,10 @@ use berth_proto::orchestrator::v1::{GetRunPowerSeriesRequest, RunPowerSample};
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
+use std::path::PathBuf;
+
 use crate::output::csv_records;
-use crate::{CliError, Client};
+use crate::{CliError, Client, write_output};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SeriesFormat {
@@ -19,6 +21,18 @@ pub enum SeriesFormat {
 
 /// Samples asked for per GetRunPowerSeries call (the most the orchestrator gives).
 const PAGE_SIZE: u32 = 1000;
+
+/// `berth series`: the run's samples, encoded, to the file or stdout.
+pub async fn print(
+    client: &mut Client,
+    run_id: &str,
+    device: &str,
+    format: SeriesFormat,
+    output: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let samples = fetch_series(client, run_id, device).await?;
+    write_output(output, &encode(&samples, format)?)
+}
 
 /// Every stored sample of the run, of one device when `device` is not empty.
 pub async fn fetch_series(

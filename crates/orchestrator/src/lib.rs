@@ -12,6 +12,7 @@ pub mod hosts;
 pub mod manifest;
 pub mod placement;
 pub mod power;
+pub mod report;
 pub mod results;
 pub mod scheduler;
 pub mod service;
@@ -71,6 +72,16 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     );
     service::store_missing_results_layouts(store.as_ref(), &config.manifest)?;
     scheduler.resume_unfinished()?;
+    // One budget for SubmitCampaign, Deploy and report pages: the bound on
+    // costly work at once holds across them.
+    let budget = berth_server::budget::RequestBudget::from_config(&config.server);
+    let report_pages = Arc::new(report::ReportPages {
+        store: Arc::clone(&store),
+        scheduler: Arc::clone(&scheduler),
+        hosts: Arc::clone(&hosts),
+        auth: RequireBearer::new(&config.auth.token),
+        budget: budget.clone(),
+    });
     let service = service::OrchestratorService {
         deployments,
         store,
@@ -79,14 +90,14 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         scheduler,
         shutdown,
         manifest_limits: config.manifest.clone(),
-        budget: berth_server::budget::RequestBudget::from_config(&config.server),
+        budget,
     };
     host.add_service(InterceptedService::new(
         OrchestratorServer::new(service)
             .max_decoding_message_size(max_request_bytes(&config.manifest)),
         RequireBearer::new(&config.auth.token),
     ));
-    Ok(host.spawn(None))
+    Ok(host.spawn(Some(report::router(report_pages))))
 }
 
 /// The largest request the gRPC layer reads: tonic's default (4 MiB), or

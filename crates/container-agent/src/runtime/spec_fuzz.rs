@@ -19,7 +19,8 @@ use prost::Message;
 use super::WorkloadRuntime;
 use super::container::spec::{container_config, validate as container_validate};
 use super::container::{DockerDialect, EngineVersions, PodmanDialect};
-use super::libvirt::domain_xml::{self, BerthMetadata};
+use super::libvirt::domain_xml::BerthMetadata;
+use super::libvirt::vm_spec;
 use super::process::ProcessRuntime;
 use crate::error::AgentError;
 use crate::events::EventBus;
@@ -275,7 +276,7 @@ fn check(spec: &WorkloadSpec) -> Result<(), TestCaseError> {
             names_a_field(container_config("w", spec, "me", &DockerDialect, versions).map(drop))?;
             names_a_field(container_config("w", spec, "me", &PodmanDialect, versions).map(drop))?;
         }
-        if names_a_field(domain_xml::validate(spec).map(drop))? {
+        if names_a_field(vm_spec::validate(spec).map(drop))? {
             let metadata = BerthMetadata {
                 owner: "me".into(),
                 labels: spec.labels.clone().into_iter().collect(),

@@ -69,7 +69,7 @@ impl Scheduler {
         if campaign_is_terminal(state) {
             return Err(OrchestratorError::WrongState {
                 id: id.to_string(),
-                state: state_name(state),
+                state: berth_report::campaign_state(state as i32),
                 reason: "it has already ended",
             });
         }
@@ -95,7 +95,7 @@ impl Scheduler {
         if !matches!(state, CampaignState::Failed | CampaignState::Cancelled) {
             return Err(OrchestratorError::WrongState {
                 id: id.to_string(),
-                state: state_name(state),
+                state: berth_report::campaign_state(state as i32),
                 reason: "only a failed or cancelled campaign can be resumed",
             });
         }
@@ -253,16 +253,5 @@ impl Scheduler {
             end.describe(policy, config, backend),
         );
         Ok(true)
-    }
-}
-
-fn state_name(state: CampaignState) -> &'static str {
-    match state {
-        CampaignState::Pending => "pending",
-        CampaignState::Running => "running",
-        CampaignState::Succeeded => "succeeded",
-        CampaignState::Failed => "failed",
-        CampaignState::Cancelled => "cancelled",
-        CampaignState::Unspecified => "unknown",
     }
 }

@@ -91,24 +91,22 @@ impl ReplaySource {
 
     /// Parses a trace; `path` names it in errors and in device names.
     pub fn parse(path: &Path, text: &str) -> Result<Self, SourceError> {
-        let error = |line: u64, reason: String| SourceError::Trace {
-            path: path.to_path_buf(),
-            line,
-            reason,
+        let parser = Parser {
+            path,
+            lines: Lines::new(text),
         };
-        // Rows of the wrong length are reported below with both lengths.
+        // Rows of the wrong length are reported by `Parser::row` with both lengths.
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .comment(Some(b'#'))
             .trim(csv::Trim::All)
             .flexible(true)
             .from_reader(text.as_bytes());
-        let lines = Lines::new(text);
-        let line_at = |position: Option<&csv::Position>| lines.number(position);
-        let line_of = |record: &csv::StringRecord| line_at(record.position());
         let mut records = reader
             .records()
-            .map(|record| record.map_err(|e| error(line_at(e.position()), e.to_string())))
+            .map(|record| {
+                record.map_err(|e| parser.error(parser.line_at(e.position()), e.to_string()))
+            })
             // Neither a line of blanks nor an indented comment is a row.
             .filter(|record| {
                 !record.as_ref().is_ok_and(|r| {
@@ -117,122 +115,24 @@ impl ReplaySource {
             });
         let header = records
             .next()
-            .ok_or_else(|| error(1, "empty trace: no header".into()))??;
-        let header_line = line_of(&header);
-        let mut columns = Vec::new();
-        for name in &header {
-            let column = COLUMNS.iter().position(|c| *c == name).ok_or_else(|| {
-                error(
-                    header_line,
-                    format!("unknown column `{name}`; known: {}", COLUMNS.join(", ")),
-                )
-            })?;
-            columns.push(column);
-        }
-        for required in [0, 1] {
-            if !columns.contains(&required) {
-                return Err(error(
-                    header_line,
-                    format!("the header lacks `{}`", COLUMNS[required]),
-                ));
-            }
-        }
-
-        // Devices in order of first appearance, with their rows.
-        let mut traces: Vec<(String, Trace)> = Vec::new();
-        let mut by_name: HashMap<String, usize> = HashMap::new();
+            .ok_or_else(|| parser.error(1, "empty trace: no header".into()))??;
+        let header_line = parser.line_of(&header);
+        let columns = parser.columns(&header, header_line)?;
+        let mut devices = Devices::default();
         for record in records {
             let record = record?;
-            let number = line_of(&record);
-            if record.len() != columns.len() {
-                return Err(error(
-                    number,
-                    format!("{} cells, the header has {}", record.len(), columns.len()),
-                ));
-            }
-            let mut time_ns = 0;
-            let mut device = "";
-            let mut reading = Reading::default();
-            for (&column, cell) in columns.iter().zip(&record) {
-                let bad = |what: &str| {
-                    let what = match column {
-                        0 | 1 | 6 | 8 => what.to_string(),
-                        _ => format!("{what} within ±{MAX_MAGNITUDE:e}"),
-                    };
-                    error(
-                        number,
-                        format!("{}: `{cell}` is not {what}", COLUMNS[column]),
-                    )
-                };
-                if cell.is_empty() {
-                    if column <= 1 {
-                        return Err(error(number, format!("{} is empty", COLUMNS[column])));
-                    }
-                    continue;
-                }
-                // Bounded so that no reading, nor a looped counter, can
-                // overflow to infinity (a fuzz find).
-                let float = || {
-                    cell.parse::<f64>()
-                        .ok()
-                        .filter(|v| v.abs() <= MAX_MAGNITUDE)
-                };
-                match column {
-                    0 => {
-                        let seconds = float()
-                            .filter(|s| *s >= 0.0)
-                            .ok_or_else(|| bad("a time in seconds"))?;
-                        time_ns = (seconds * 1e9).round() as u64;
-                    }
-                    1 => {
-                        if !cell
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                        {
-                            return Err(bad("a device name (letters, digits, `_.-`)"));
-                        }
-                        device = cell;
-                    }
-                    2 => reading.power_w = Some(float().ok_or_else(|| bad("a number"))?),
-                    3 => reading.energy_j = Some(float().ok_or_else(|| bad("a number"))?),
-                    4 => reading.power_avg_w = Some(float().ok_or_else(|| bad("a number"))?),
-                    5 => {
-                        reading.utilization_pct =
-                            Some(float().ok_or_else(|| bad("a number"))? as f32)
-                    }
-                    6 => {
-                        reading.memory_used_bytes =
-                            Some(cell.parse().map_err(|_| bad("a count of bytes"))?)
-                    }
-                    7 => {
-                        reading.temperature_c = Some(float().ok_or_else(|| bad("a number"))? as f32)
-                    }
-                    _ => {
-                        reading.sm_clock_mhz =
-                            Some(cell.parse().map_err(|_| bad("a clock in MHz"))?)
-                    }
-                }
-            }
-            let index = *by_name.entry(device.to_string()).or_insert_with(|| {
-                traces.push((device.to_string(), Trace::default()));
-                traces.len() - 1
-            });
-            let trace = &mut traces[index].1;
-            if trace.times_ns.last().is_some_and(|&last| last >= time_ns) {
-                return Err(error(
-                    number,
-                    format!("time_s goes backwards or repeats for device `{device}`"),
-                ));
-            }
-            reading.device =
-                u16::try_from(index).map_err(|_| error(number, "too many devices".into()))?;
-            trace.times_ns.push(time_ns);
-            trace.rows.push(reading);
+            let number = parser.line_of(&record);
+            let row = parser.row(&columns, &record, number)?;
+            devices.push(&parser, number, row)?;
         }
-        if traces.is_empty() {
-            return Err(error(header_line, "no rows".into()));
+        if devices.traces.is_empty() {
+            return Err(parser.error(header_line, "no rows".into()));
         }
+        Ok(Self::of_devices(path, devices))
+    }
 
+    /// The source named after the trace's file, its devices after theirs.
+    fn of_devices(path: &Path, devices: Devices) -> Self {
         let file_name = path
             .file_name()
             .unwrap_or_default()
@@ -243,7 +143,8 @@ impl ReplaySource {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let devices = traces
+        let infos = devices
+            .traces
             .iter()
             .map(|(device, trace)| DeviceInfo {
                 id: format!("replay:{device}"),
@@ -254,16 +155,194 @@ impl ReplaySource {
                 counter_range_j: None,
             })
             .collect();
-        Ok(Self {
+        Self {
             name: format!("replay:{stem}"),
-            devices,
-            traces: traces.into_iter().map(|(_, trace)| trace).collect(),
-        })
+            devices: infos,
+            traces: devices.traces.into_iter().map(|(_, trace)| trace).collect(),
+        }
     }
 
     /// The reading of device `index` at `at` on the trace's own clock.
     pub fn reading_at(&self, index: usize, at: Duration) -> Reading {
         self.traces[index].reading_at(at)
+    }
+}
+
+/// Reads one trace's header and rows; its errors name the trace's `file:line`.
+struct Parser<'a> {
+    path: &'a Path,
+    lines: Lines<'a>,
+}
+
+/// One row's values, before it joins its device's trace.
+struct Row<'r> {
+    time_ns: u64,
+    device: &'r str,
+    reading: Reading,
+}
+
+impl Parser<'_> {
+    fn error(&self, line: u64, reason: String) -> SourceError {
+        SourceError::Trace {
+            path: self.path.to_path_buf(),
+            line,
+            reason,
+        }
+    }
+
+    fn line_at(&self, position: Option<&csv::Position>) -> u64 {
+        self.lines.number(position)
+    }
+
+    fn line_of(&self, record: &csv::StringRecord) -> u64 {
+        self.line_at(record.position())
+    }
+
+    /// Each header cell's index in [`COLUMNS`]; `time_s` and `device` are required.
+    fn columns(
+        &self,
+        header: &csv::StringRecord,
+        header_line: u64,
+    ) -> Result<Vec<usize>, SourceError> {
+        let mut columns = Vec::new();
+        for name in header {
+            let column = COLUMNS.iter().position(|c| *c == name).ok_or_else(|| {
+                self.error(
+                    header_line,
+                    format!("unknown column `{name}`; known: {}", COLUMNS.join(", ")),
+                )
+            })?;
+            columns.push(column);
+        }
+        for required in [0, 1] {
+            if !columns.contains(&required) {
+                return Err(self.error(
+                    header_line,
+                    format!("the header lacks `{}`", COLUMNS[required]),
+                ));
+            }
+        }
+        Ok(columns)
+    }
+
+    /// A row's cells, in the header's order; an empty cell leaves its value unset.
+    fn row<'r>(
+        &self,
+        columns: &[usize],
+        record: &'r csv::StringRecord,
+        number: u64,
+    ) -> Result<Row<'r>, SourceError> {
+        if record.len() != columns.len() {
+            return Err(self.error(
+                number,
+                format!("{} cells, the header has {}", record.len(), columns.len()),
+            ));
+        }
+        let mut row = Row {
+            time_ns: 0,
+            device: "",
+            reading: Reading::default(),
+        };
+        for (&column, cell) in columns.iter().zip(record) {
+            if cell.is_empty() {
+                if column <= 1 {
+                    return Err(self.error(number, format!("{} is empty", COLUMNS[column])));
+                }
+                continue;
+            }
+            self.cell(column, cell, number, &mut row)?;
+        }
+        Ok(row)
+    }
+
+    /// One non-empty cell of column `column` (an index in [`COLUMNS`]) into `row`.
+    fn cell<'r>(
+        &self,
+        column: usize,
+        cell: &'r str,
+        number: u64,
+        row: &mut Row<'r>,
+    ) -> Result<(), SourceError> {
+        let bad = |what: &str| {
+            let what = match column {
+                0 | 1 | 6 | 8 => what.to_string(),
+                _ => format!("{what} within ±{MAX_MAGNITUDE:e}"),
+            };
+            self.error(
+                number,
+                format!("{}: `{cell}` is not {what}", COLUMNS[column]),
+            )
+        };
+        // Bounded so that no reading, nor a looped counter, can
+        // overflow to infinity (a fuzz find).
+        let float = || {
+            cell.parse::<f64>()
+                .ok()
+                .filter(|v| v.abs() <= MAX_MAGNITUDE)
+        };
+        let reading = &mut row.reading;
+        match column {
+            0 => {
+                let seconds = float()
+                    .filter(|s| *s >= 0.0)
+                    .ok_or_else(|| bad("a time in seconds"))?;
+                row.time_ns = (seconds * 1e9).round() as u64;
+            }
+            1 => {
+                if !cell
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                {
+                    return Err(bad("a device name (letters, digits, `_.-`)"));
+                }
+                row.device = cell;
+            }
+            2 => reading.power_w = Some(float().ok_or_else(|| bad("a number"))?),
+            3 => reading.energy_j = Some(float().ok_or_else(|| bad("a number"))?),
+            4 => reading.power_avg_w = Some(float().ok_or_else(|| bad("a number"))?),
+            5 => reading.utilization_pct = Some(float().ok_or_else(|| bad("a number"))? as f32),
+            6 => {
+                reading.memory_used_bytes = Some(cell.parse().map_err(|_| bad("a count of bytes"))?)
+            }
+            7 => reading.temperature_c = Some(float().ok_or_else(|| bad("a number"))? as f32),
+            _ => reading.sm_clock_mhz = Some(cell.parse().map_err(|_| bad("a clock in MHz"))?),
+        }
+        Ok(())
+    }
+}
+
+/// Devices in order of first appearance, with their rows.
+#[derive(Default)]
+struct Devices {
+    traces: Vec<(String, Trace)>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Devices {
+    /// Adds a row to its device's trace, in which time must rise.
+    fn push(&mut self, parser: &Parser<'_>, number: u64, row: Row<'_>) -> Result<(), SourceError> {
+        let Row {
+            time_ns,
+            device,
+            mut reading,
+        } = row;
+        let traces = &mut self.traces;
+        let index = *self.by_name.entry(device.to_string()).or_insert_with(|| {
+            traces.push((device.to_string(), Trace::default()));
+            traces.len() - 1
+        });
+        let trace = &mut traces[index].1;
+        if trace.times_ns.last().is_some_and(|&last| last >= time_ns) {
+            return Err(parser.error(
+                number,
+                format!("time_s goes backwards or repeats for device `{device}`"),
+            ));
+        }
+        reading.device =
+            u16::try_from(index).map_err(|_| parser.error(number, "too many devices".into()))?;
+        trace.times_ns.push(time_ns);
+        trace.rows.push(reading);
+        Ok(())
     }
 }
 

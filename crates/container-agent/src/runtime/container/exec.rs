@@ -2,6 +2,7 @@
 //! over, the exit code at the end, a timeout, and a cancel (the caller drops
 //! the stream) that kills the exec'd process and everything it started.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,12 +10,12 @@ use berth_proto::agent::v1::{ExecOutput, ExitReason, ExitStatus, exec_output};
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::engine::{Engine, status_of};
 use crate::error::AgentError;
-use crate::process_group::{CHUNK_BYTES, EXEC_BUFFER, kill_tree};
+use crate::process_group::{CHUNK_BYTES, EXEC_BUFFER, HostCommand, kill_tree};
 use crate::runtime::ExecCommand;
 
 /// How long to wait for the engine to see an exec's process gone.
@@ -23,6 +24,9 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 const KILLED: i32 = 137;
 /// How long a kill waits for the engine to report a running exec's pid.
 const KILL_PID_WAIT: Duration = Duration::from_secs(2);
+
+/// The exec's output as the engine streams it.
+type EngineOutput = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
 
 /// Starts `exec` in `container` and streams its output and exit status.
 pub async fn start(
@@ -33,42 +37,8 @@ pub async fn start(
     permit: Option<OwnedSemaphorePermit>,
 ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
     let docker = engine.client().await?;
-    let options = CreateExecOptions {
-        cmd: Some(exec.command.argv),
-        env: Some(
-            exec.command
-                .env
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect(),
-        ),
-        working_dir: exec
-            .command
-            .working_dir
-            .map(|d| d.to_string_lossy().into_owned()),
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        ..Default::default()
-    };
-    let created = match docker.create_exec(container, options).await {
-        Ok(created) => created,
-        // Docker answers 409, podman 500 with "not running"/"state improper".
-        Err(e)
-            if status_of(&e) == Some(409)
-                || e.to_string().contains("not running")
-                || e.to_string().contains("state improper") =>
-        {
-            return Err(AgentError::NotRunning {
-                name: name.to_string(),
-                state: "not running",
-            });
-        }
-        Err(e) if status_of(&e) == Some(404) => {
-            return Err(AgentError::WorkloadNotFound(name.to_string()));
-        }
-        Err(e) => return Err(engine.error("exec", e).await),
-    };
-    let output = match docker.start_exec(&created.id, None).await {
+    let exec_id = create(&engine, &docker, container, name, exec.command).await?;
+    let output = match docker.start_exec(&exec_id, None).await {
         Ok(StartExecResults::Attached { output, .. }) => output,
         Ok(StartExecResults::Detached) => {
             return Err(AgentError::Internal(
@@ -80,71 +50,125 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(EXEC_BUFFER);
     tokio::spawn(async move {
         let _permit = permit;
-        let started = Instant::now();
-        let deadline = async {
-            match exec.timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(deadline);
-        let mut output = output;
-        let timed_out = loop {
-            tokio::select! {
-                chunk = output.next() => match chunk {
-                    Some(Ok(LogOutput::StdOut { message })) => {
-                        if !forward(&tx, &message, true).await {
-                            kill(&docker, &created.id).await;
-                            return;
-                        }
-                    }
-                    Some(Ok(LogOutput::StdErr { message })) => {
-                        if !forward(&tx, &message, false).await {
-                            kill(&docker, &created.id).await;
-                            return;
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "exec output stream broke");
-                        break false;
-                    }
-                    None => break false,
-                },
-                () = &mut deadline => {
-                    kill(&docker, &created.id).await;
-                    break true;
-                }
-                () = tx.closed() => {
-                    // The caller went away (cancelled call): kill and stop.
-                    kill(&docker, &created.id).await;
-                    return;
-                }
-            }
-        };
-        let code = exit_code(&docker, &created.id).await;
-        let exit = ExitStatus {
-            exit_code: if timed_out {
-                code.unwrap_or(KILLED)
-            } else {
-                code.unwrap_or(-1)
-            },
-            // A container exit code cannot tell `exit 137` from SIGKILL, so
-            // only what berth itself killed is reported as anything but EXITED.
-            reason: if timed_out {
-                ExitReason::TimedOut
-            } else {
-                ExitReason::Exited
-            } as i32,
-            duration: prost_types::Duration::try_from(started.elapsed()).ok(),
-        };
-        let _ = tx
-            .send(ExecOutput {
-                output: Some(exec_output::Output::Exit(exit)),
-            })
-            .await;
+        follow(docker, exec_id, output, tx, exec.timeout).await;
     });
     Ok(rx)
+}
+
+/// Creates the exec in the engine; returns its id. A container that is
+/// not running or not there is told apart from the engine failing.
+async fn create(
+    engine: &Engine,
+    docker: &Docker,
+    container: &str,
+    name: &str,
+    command: HostCommand,
+) -> Result<String, AgentError> {
+    let options = CreateExecOptions {
+        cmd: Some(command.argv),
+        env: Some(
+            command
+                .env
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
+        working_dir: command
+            .working_dir
+            .map(|d| d.to_string_lossy().into_owned()),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    match docker.create_exec(container, options).await {
+        Ok(created) => Ok(created.id),
+        // Docker answers 409, podman 500 with "not running"/"state improper".
+        Err(e)
+            if status_of(&e) == Some(409)
+                || e.to_string().contains("not running")
+                || e.to_string().contains("state improper") =>
+        {
+            Err(AgentError::NotRunning {
+                name: name.to_string(),
+                state: "not running",
+            })
+        }
+        Err(e) if status_of(&e) == Some(404) => Err(AgentError::WorkloadNotFound(name.to_string())),
+        Err(e) => Err(engine.error("exec", e).await),
+    }
+}
+
+/// Forwards the exec's output until it ends, its timeout passes (kill) or
+/// the caller goes away (kill, no exit status); then sends the exit status.
+async fn follow(
+    docker: Docker,
+    exec_id: String,
+    mut output: EngineOutput,
+    tx: mpsc::Sender<ExecOutput>,
+    timeout: Option<Duration>,
+) {
+    let started = Instant::now();
+    let deadline = async {
+        match timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let timed_out = loop {
+        tokio::select! {
+            chunk = output.next() => match chunk {
+                Some(Ok(LogOutput::StdOut { message })) => {
+                    if !forward(&tx, &message, true).await {
+                        kill(&docker, &exec_id).await;
+                        return;
+                    }
+                }
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    if !forward(&tx, &message, false).await {
+                        kill(&docker, &exec_id).await;
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "exec output stream broke");
+                    break false;
+                }
+                None => break false,
+            },
+            () = &mut deadline => {
+                kill(&docker, &exec_id).await;
+                break true;
+            }
+            () = tx.closed() => {
+                // The caller went away (cancelled call): kill and stop.
+                kill(&docker, &exec_id).await;
+                return;
+            }
+        }
+    };
+    let code = exit_code(&docker, &exec_id).await;
+    let exit = ExitStatus {
+        exit_code: if timed_out {
+            code.unwrap_or(KILLED)
+        } else {
+            code.unwrap_or(-1)
+        },
+        // A container exit code cannot tell `exit 137` from SIGKILL, so
+        // only what berth itself killed is reported as anything but EXITED.
+        reason: if timed_out {
+            ExitReason::TimedOut
+        } else {
+            ExitReason::Exited
+        } as i32,
+        duration: prost_types::Duration::try_from(started.elapsed()).ok(),
+    };
+    let _ = tx
+        .send(ExecOutput {
+            output: Some(exec_output::Output::Exit(exit)),
+        })
+        .await;
 }
 
 /// Sends one engine (or exec shim) frame, split into gRPC-sized chunks;

@@ -51,6 +51,27 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
     if spec.vm.is_some() {
         return Err(invalid("spec.vm", "VM settings need the libvirt runtime"));
     }
+    check_env(spec)?;
+    if !spec.working_dir.is_empty() && !spec.working_dir.starts_with('/') {
+        return Err(invalid("spec.working_dir", "must be an absolute path"));
+    }
+    check_mounts(spec)?;
+    check_ports(spec)?;
+    check_resources(spec)?;
+    check_ulimits(spec)?;
+    check_health_check(spec)?;
+    check_labels(spec)?;
+    RestartPolicy::try_from(spec.restart_policy)
+        .map(|_| ())
+        .map_err(|_| {
+            invalid(
+                "spec.restart_policy",
+                format!("{} is not a restart policy", spec.restart_policy),
+            )
+        })
+}
+
+fn check_env(spec: &WorkloadSpec) -> Result<(), AgentError> {
     for env in &spec.env {
         if env.name.is_empty() || env.name.contains('=') || env.name.contains('\0') {
             return Err(invalid(
@@ -59,9 +80,12 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             ));
         }
     }
-    if !spec.working_dir.is_empty() && !spec.working_dir.starts_with('/') {
-        return Err(invalid("spec.working_dir", "must be an absolute path"));
-    }
+    Ok(())
+}
+
+/// A mount's target is absolute; a volume is a plain name, a bind source an
+/// absolute path that exists here.
+fn check_mounts(spec: &WorkloadSpec) -> Result<(), AgentError> {
     for (i, mount) in spec.mounts.iter().enumerate() {
         if !mount.target.starts_with('/') {
             return Err(invalid(
@@ -106,6 +130,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             ));
         }
     }
+    Ok(())
+}
+
+fn check_ports(spec: &WorkloadSpec) -> Result<(), AgentError> {
     for (i, port) in spec.ports.iter().enumerate() {
         if port.container_port == 0 || port.container_port > 65535 {
             return Err(invalid(
@@ -138,6 +166,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             ));
         }
     }
+    Ok(())
+}
+
+fn check_resources(spec: &WorkloadSpec) -> Result<(), AgentError> {
     if let Some(r) = &spec.resources {
         for (field, cores) in [
             ("spec.resources.cpu_limit", r.cpu_limit),
@@ -166,6 +198,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             ));
         }
     }
+    Ok(())
+}
+
+fn check_ulimits(spec: &WorkloadSpec) -> Result<(), AgentError> {
     for ulimit in &spec.ulimits {
         if !ULIMITS.contains(&ulimit.name.as_str()) {
             return Err(invalid(
@@ -190,6 +226,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             ));
         }
     }
+    Ok(())
+}
+
+fn check_health_check(spec: &WorkloadSpec) -> Result<(), AgentError> {
     if let Some(check) = &spec.health_check {
         if check.command.is_empty() || check.command[0].is_empty() {
             return Err(invalid("spec.health_check.command", "must name a program"));
@@ -204,9 +244,13 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             }
         }
     }
-    // Only the labels the agent reads back to know its own containers are
-    // reserved; other `berth.` labels (the orchestrator's campaign and
-    // backend) are the caller's.
+    Ok(())
+}
+
+/// Only the labels the agent reads back to know its own containers are
+/// reserved; other `berth.` labels (the orchestrator's campaign and
+/// backend) are the caller's.
+fn check_labels(spec: &WorkloadSpec) -> Result<(), AgentError> {
     if let Some(key) = spec
         .labels
         .keys()
@@ -217,14 +261,7 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
             format!("`{key}` is set by the agent itself, to know its own containers"),
         ));
     }
-    RestartPolicy::try_from(spec.restart_policy)
-        .map(|_| ())
-        .map_err(|_| {
-            invalid(
-                "spec.restart_policy",
-                format!("{} is not a restart policy", spec.restart_policy),
-            )
-        })
+    Ok(())
 }
 
 /// The engine's container config for a validated spec.

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use berth_proto::common::v1::VmSpec;
 use tokio::process::Command;
 
-use super::domain_xml::{DiskFormat, DiskSource, DomainDisk, volume_source};
+use super::domain_xml::{DiskFormat, DiskSource, DomainDisk};
+use super::vm_spec::volume_source;
 use crate::error::AgentError;
 
 /// The first bytes of every qcow2 image.

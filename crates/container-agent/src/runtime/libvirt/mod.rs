@@ -8,20 +8,21 @@
 //! and the guest's IP addresses come from libvirt (`stats.rs`, [`addresses`]).
 
 mod console;
+mod define;
 mod disks;
 pub(super) mod domain_xml;
 mod exec;
 mod ffi;
 mod stats;
+mod view;
+pub(super) mod vm_spec;
 mod watch;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use berth_proto::agent::v1::{
-    EventKind, ExecOutput, Health, LogLine, Workload, WorkloadState, WorkloadStats,
-};
+use berth_proto::agent::v1::{EventKind, ExecOutput, LogLine, Workload, WorkloadStats};
 use berth_proto::common::v1::{Runtime, WorkloadSpec};
 use tokio::sync::mpsc;
 
@@ -29,8 +30,9 @@ use super::{ExecCommand, WorkloadRuntime, validate_name};
 use crate::config::LibvirtConfig;
 use crate::error::AgentError;
 use crate::events::EventBus;
-use domain_xml::{BerthMetadata, DomainPlan, Nic, PciAddress};
-use ffi::{AddressSource, Connection, Domain, DomainInfo, DomainState, VirError, code};
+use domain_xml::Nic;
+use ffi::{AddressSource, Connection, Domain, VirError, code};
+use view::{DomainView, metadata_of, view_of};
 
 const RUNTIME: &str = "RUNTIME_LIBVIRT";
 /// The daemon sockets `auto` looks for: the monolithic libvirtd's, then the
@@ -132,105 +134,11 @@ impl Inner {
     }
 }
 
-/// What the runtime reads about one of its domains.
-#[derive(Debug, Clone)]
-struct DomainView {
-    uuid: String,
-    name: String,
-    metadata: BerthMetadata,
-    info: DomainInfo,
-    started_at: Option<SystemTime>,
-}
-
 fn failed(action: &'static str) -> impl Fn(VirError) -> AgentError {
     move |error| AgentError::Engine {
         engine: "libvirt",
         action,
         message: error.message,
-    }
-}
-
-/// The berth metadata of `domain`; `None` when it has none.
-fn metadata_of(domain: &Domain<'_>) -> Result<Option<BerthMetadata>, AgentError> {
-    Ok(domain
-        .metadata(domain_xml::WORKLOAD_NAMESPACE)
-        .map_err(failed("read metadata"))?
-        .as_deref()
-        .and_then(BerthMetadata::parse))
-}
-
-fn view_of(domain: &Domain<'_>, metadata: BerthMetadata) -> Result<DomainView, AgentError> {
-    let info = domain.info().map_err(failed("inspect"))?;
-    let started_at = if info.state.is_active() {
-        domain
-            .metadata(domain_xml::RUN_NAMESPACE)
-            .ok()
-            .flatten()
-            .as_deref()
-            .and_then(domain_xml::parse_run)
-    } else {
-        None
-    };
-    Ok(DomainView {
-        uuid: domain.uuid().map_err(failed("inspect"))?,
-        name: domain.name().map_err(failed("inspect"))?,
-        metadata,
-        info,
-        started_at,
-    })
-}
-
-/// A workload's state from libvirt's state and its reason.
-fn workload_state(state: DomainState, reason: i32) -> WorkloadState {
-    match state {
-        state if state.is_active() => WorkloadState::Running,
-        DomainState::Crashed => WorkloadState::Exited,
-        DomainState::Shutoff => match reason {
-            ffi::shutoff_reason::UNKNOWN => WorkloadState::Created,
-            ffi::shutoff_reason::CRASHED | ffi::shutoff_reason::FAILED => WorkloadState::Exited,
-            _ => WorkloadState::Stopped,
-        },
-        _ => WorkloadState::Unspecified,
-    }
-}
-
-impl DomainView {
-    fn active(&self) -> bool {
-        self.info.state.is_active()
-    }
-
-    /// Why `rpc` cannot reach into this VM: it has no files directory, where
-    /// the agent puts the exec shim's socket and the console log.
-    fn no_files_dir(&self, rpc: &str) -> AgentError {
-        AgentError::Unimplemented(format!(
-            "{rpc}: VM `{}` has no exec shim port or console log: only VMs with a files directory \
-             (a base_image disk or a cloud-init seed) whose path fits a unix socket get them",
-            self.name
-        ))
-    }
-
-    /// The workload: its spec with libvirt's current vCPUs and memory.
-    fn workload(&self) -> Workload {
-        let mut spec = self.metadata.spec.clone().unwrap_or_default();
-        let vm = spec.vm.get_or_insert_with(Default::default);
-        vm.vcpus = self.info.vcpus;
-        vm.memory_bytes = self.info.max_memory_kib * 1024;
-        spec.labels.extend(
-            self.metadata
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        Workload {
-            id: self.uuid.clone(),
-            name: self.name.clone(),
-            spec: Some(spec),
-            state: workload_state(self.info.state, self.info.reason) as i32,
-            health: Health::None as i32,
-            created_at: self.metadata.created_at.map(Into::into),
-            started_at: self.started_at.map(Into::into),
-            ..Default::default()
-        }
     }
 }
 
@@ -372,141 +280,6 @@ impl LibvirtRuntime {
             .events
             .publish(&view.uuid, &view.name, kind, message);
     }
-
-    /// `<domain type=…>` for this connection.
-    fn domain_type(&self, connection: &Connection) -> Result<String, AgentError> {
-        if self.inner.domain_type != "auto" {
-            return Ok(self.inner.domain_type.clone());
-        }
-        let driver = connection.driver().map_err(failed("connect"))?;
-        // libvirt's test driver runs no hypervisor and knows only its own type.
-        if driver.eq_ignore_ascii_case("test") {
-            return Ok("test".to_string());
-        }
-        // KVM when the hypervisor can use it here (a /dev/kvm it may open),
-        // else qemu's emulation (TCG): slower, but the VM runs.
-        let no_kvm = match connection.domain_capabilities("kvm") {
-            Ok(_) => kvm_that_boots_only_pvm_guests(&self.inner.uri),
-            Err(why) => Some(why.message),
-        };
-        Ok(match no_kvm {
-            None => "kvm".to_string(),
-            Some(why) => {
-                tracing::warn!(
-                    uri = %self.inner.uri,
-                    "no usable KVM on this libvirt host ({why}); VMs run under emulation \
-                     (domain type qemu; libvirt.domain_type = \"kvm\" forces KVM)"
-                );
-                "qemu".to_string()
-            }
-        })
-    }
-
-    async fn define(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
-        let vm = domain_xml::validate(&spec)?.clone();
-        let taken = {
-            let name = name.to_string();
-            self.with_connection(move |connection| {
-                Ok(connection
-                    .lookup_by_name(&name)
-                    .map_err(failed("look up"))?
-                    .is_some())
-            })
-            .await?
-        };
-        if taken {
-            return Err(AgentError::NameTaken(name.to_string()));
-        }
-        let prepared = disks::prepare(name, &vm, &self.inner.disk_dir).await?;
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let metadata = BerthMetadata {
-            owner: self.inner.owner.clone(),
-            created_at: Some(SystemTime::now()),
-            labels: spec.labels.clone().into_iter().collect(),
-            files_dir: prepared.files_dir.clone(),
-            spec: Some(spec),
-        };
-        let mut plan = DomainPlan {
-            name: name.to_string(),
-            uuid: uuid.clone(),
-            domain_type: String::new(),
-            vcpus: vm.vcpus,
-            memory_bytes: vm.memory_bytes,
-            disks: prepared.disks,
-            nic: Nic::of(&vm),
-            pci_devices: vm
-                .pci_passthrough
-                .iter()
-                .filter_map(|text| PciAddress::parse(text))
-                .collect(),
-            console_log: prepared
-                .files_dir
-                .as_ref()
-                .map(|dir| dir.join("console.log")),
-            shim_socket: prepared.files_dir.as_deref().and_then(exec::socket_path),
-            metadata,
-        };
-        let runtime = self.clone();
-        let defined = self
-            .with_connection(move |connection| {
-                plan.domain_type = runtime.domain_type(connection)?;
-                let domain = connection
-                    .define(&plan.to_xml())
-                    .map_err(|error| define_error(&plan.name, error))?;
-                Ok((view_of(&domain, plan.metadata)?, plan.domain_type))
-            })
-            .await;
-        match defined {
-            Ok((view, domain_type)) => {
-                self.inner.seen().note(&view.uuid, &view.name, false);
-                self.publish(
-                    &view,
-                    EventKind::Created,
-                    format!(
-                        "libvirt domain (type {domain_type}) defined on {}",
-                        self.inner.uri
-                    ),
-                );
-                Ok(view.workload())
-            }
-            Err(error) => {
-                // Nothing of a failed create stays: the domain was not
-                // defined, so its files go.
-                if let Some(dir) = &prepared.files_dir {
-                    disks::remove_files_dir(dir, &self.inner.disk_dir);
-                }
-                Err(error)
-            }
-        }
-    }
-}
-
-/// Why KVM on this host cannot boot an ordinary guest kernel, when the
-/// daemon is local and its /dev/kvm comes from `kvm_pvm` (PVM, the
-/// "process VM" flavour of KVM some sandboxes nest in): it runs only kernels
-/// built as PVM guests, and a stock kernel hangs before its first message.
-fn kvm_that_boots_only_pvm_guests(uri: &str) -> Option<String> {
-    let local = uri.starts_with("qemu:///") || uri.starts_with("qemu+unix:///");
-    (local && std::path::Path::new("/sys/module/kvm_pvm").exists())
-        .then(|| "this host's /dev/kvm is kvm_pvm, which boots only PVM guest kernels".to_string())
-}
-
-fn define_error(name: &str, error: VirError) -> AgentError {
-    match error.code {
-        code::DOM_EXIST => AgentError::NameTaken(name.to_string()),
-        code::OPERATION_FAILED if error.message.contains("already exists") => {
-            AgentError::NameTaken(name.to_string())
-        }
-        code::XML_ERROR
-        | code::XML_DETAIL
-        | code::CONFIG_UNSUPPORTED
-        | code::OPERATION_UNSUPPORTED
-        | code::INVALID_ARG => AgentError::InvalidArgument {
-            field: "spec.vm",
-            reason: format!("libvirt refused the domain: {}", error.message),
-        },
-        _ => failed("define")(error),
-    }
 }
 
 /// Why a defined domain did not start: its host lacks something it needs
@@ -532,7 +305,7 @@ impl WorkloadRuntime for LibvirtRuntime {
     }
 
     fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError> {
-        domain_xml::validate(spec).map(|_| ())
+        vm_spec::validate(spec).map(|_| ())
     }
 
     async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {
@@ -859,60 +632,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn states_map_to_workload_states() {
-        use ffi::shutoff_reason::{CRASHED, UNKNOWN};
-        let cases = [
-            (DomainState::Running, 1, WorkloadState::Running),
-            (DomainState::Paused, 1, WorkloadState::Running),
-            (DomainState::Shutoff, UNKNOWN, WorkloadState::Created),
-            (DomainState::Shutoff, 1, WorkloadState::Stopped),
-            (DomainState::Shutoff, CRASHED, WorkloadState::Exited),
-            (DomainState::Crashed, 0, WorkloadState::Exited),
-        ];
-        for (domain, reason, expected) in cases {
-            assert_eq!(
-                workload_state(domain, reason),
-                expected,
-                "{domain:?} ({reason})"
-            );
-        }
-    }
-
-    #[test]
     fn uris_are_located() {
         assert!(locate("off").is_err());
         assert_eq!(locate("test:///x.xml").unwrap(), "test:///x.xml");
     }
 
     #[test]
-    fn define_errors_name_the_cause() {
-        let error = |code, message: &str| VirError {
-            code,
-            message: message.to_string(),
+    fn start_errors_name_the_cause() {
+        let error = VirError {
+            code: code::NO_NETWORK,
+            message: "Network not found: no network with matching name 'default'".to_string(),
         };
-        assert!(matches!(
-            define_error(
-                "a",
-                error(
-                    code::OPERATION_FAILED,
-                    "domain 'a' already exists with uuid x"
-                )
-            ),
-            AgentError::NameTaken(_)
-        ));
-        assert!(matches!(
-            define_error("a", error(code::XML_ERROR, "bad")),
-            AgentError::InvalidArgument {
-                field: "spec.vm",
-                ..
-            }
-        ));
-        assert!(matches!(
-            start_error(error(
-                code::NO_NETWORK,
-                "Network not found: no network with matching name 'default'"
-            )),
-            AgentError::Unsupported { .. }
-        ));
+        assert!(matches!(start_error(error), AgentError::Unsupported { .. }));
     }
 }

@@ -7,7 +7,7 @@ use super::html::{section, table};
 use super::metrics::{Groups, joules_per_unit, throughput};
 use super::stats::summarize;
 use super::svg::{Key, Plot, YAxis, no_data};
-use crate::output::number;
+use crate::number;
 
 const HEIGHT: f64 = 420.0;
 

@@ -10,7 +10,7 @@ use super::ReportData;
 use super::html::{escape, section, table};
 use super::metrics::{duration_seconds, seconds};
 use super::svg::{Key, Plot, YAxis, min_max_per_pixel, no_data};
-use crate::output::number;
+use crate::number;
 
 const HEIGHT: f64 = 320.0;
 /// Line classes, one per device in turn (html.rs styles four).

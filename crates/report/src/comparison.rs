@@ -10,7 +10,7 @@ use crate::compare::{self, Comparison};
 
 pub fn render(against: &str, comparison: &Comparison) -> String {
     let note = format!(
-        "This campaign (B) against {against} (A): per configuration and metric both measured, B's mean over A's with its 95% interval; bold rows differ significantly (Welch's t-test, p < 0.05)."
+        "This campaign (B) against {against} (A): per configuration and metric both measured, B's mean over A's with its 95% interval; bold rows differ significantly (p < 0.05: Welch's t-test, or a bootstrap where a side has fewer than 5 runs)."
     );
     let title = "B/A per configuration and metric";
     let plotted: Vec<_> = comparison

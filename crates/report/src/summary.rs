@@ -8,7 +8,7 @@ use berth_proto::orchestrator::v1::{CampaignState, RunState};
 
 use super::html::{escape, section, table};
 use super::{ReportData, epoch};
-use crate::output::{campaign_outcome, campaign_state, number};
+use crate::{campaign_outcome, campaign_state, number};
 
 /// Rows of the failed-or-retried table past which the rest are counted, not listed.
 const MAX_TROUBLE_ROWS: usize = 200;
@@ -33,6 +33,9 @@ pub fn render(data: &ReportData) -> String {
             escape(&data.generated_at),
             counts.total
         ));
+    }
+    for omitted in &data.omitted {
+        heading.push_str(&format!(r#"<p class="banner">{}</p>"#, escape(omitted)));
     }
     let time =
         |t: Option<&prost_types::Timestamp>| t.map(|t| t.to_string()).unwrap_or_else(|| "—".into());

@@ -7,7 +7,7 @@ use super::html::{section, table};
 use super::metrics::Groups;
 use super::stats::{Summary, summarize};
 use super::svg::{Key, Plot, YAxis, no_data};
-use crate::output::number;
+use crate::number;
 
 /// Vertical spread of a row's dots (pixels either side of its line), so
 /// that equal values side by side stay visible.

@@ -12,7 +12,7 @@ use super::ReportData;
 use super::html::{section, table};
 use super::metrics::{duration_seconds, is_measured};
 use super::power::device_facts;
-use crate::output::number;
+use crate::number;
 
 /// Coverage under which a run's energy is flagged.
 const MIN_COVERAGE: f64 = 0.9;

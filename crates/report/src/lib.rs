@@ -1,12 +1,14 @@
-//! `berth report <campaign>`: one self-contained HTML file (inline SVG, one
+//! A campaign's report: one self-contained HTML page (inline SVG, one
 //! inline stylesheet, no script, nothing fetched) that reads the same
-//! offline and printed. Everything comes over the orchestrator's gRPC API
-//! (GetCampaign, ListRuns, ListHosts, GetRunPowerSeries): the report sees a
-//! campaign as any client does.
+//! offline and printed. Input is plain data, the orchestrator's proto types
+//! ([`ReportData`]); output the page as a string. `berth report` fills it
+//! over the gRPC API; the orchestrator's `GET /campaigns/{id}/report` from
+//! its store: both pages come from [`render`], so they cannot drift apart.
 //!
 //! Each section is its own module and returns its HTML; a section with
 //! nothing to show says so in place of its plot ("no data: why").
 
+pub mod compare;
 mod comparison;
 mod distributions;
 pub mod html;
@@ -19,17 +21,18 @@ mod summary;
 pub mod svg;
 mod timeline;
 
-use berth_proto::orchestrator::v1::{Campaign, Host, ListHostsRequest, Run, RunPowerSample};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignOutcome, CampaignState, Host, Run, RunPowerSample,
+};
 
-use crate::compare::{Comparison, compare, groups};
-use crate::{CliError, Client};
+use crate::compare::Comparison;
 
 /// Runs whose power series are plotted: one per (configuration, backend),
 /// at most this many (each is fetched and drawn; the quality table covers
 /// every run from what ListRuns says of it).
 pub const MAX_SERIES: usize = 6;
 
-/// What a report is made of, as fetched.
+/// What a report is made of, as read from the orchestrator.
 #[derive(Debug, Default)]
 pub struct ReportData {
     pub campaign: Campaign,
@@ -42,6 +45,34 @@ pub struct ReportData {
     pub generated_at: String,
     /// `--against A`: A's id and this campaign compared with it.
     pub against: Option<(String, Comparison)>,
+    /// What the reader bounded and left out (runs, samples), each said in a
+    /// banner at the top: a page must not pass for the whole campaign when
+    /// it is not.
+    pub omitted: Vec<String>,
+}
+
+impl ReportData {
+    /// The campaign's data read now; of `hosts`, those its runs ran on.
+    pub fn new(
+        campaign: Campaign,
+        hosts: impl IntoIterator<Item = Host>,
+        runs: Vec<Run>,
+        series: Vec<(String, Vec<RunPowerSample>)>,
+    ) -> Self {
+        let hosts = hosts
+            .into_iter()
+            .filter(|h| runs.iter().any(|r| r.host == h.name))
+            .collect();
+        Self {
+            campaign,
+            hosts,
+            runs,
+            series,
+            generated_at: prost_types::Timestamp::from(std::time::SystemTime::now()).to_string(),
+            against: None,
+            omitted: Vec::new(),
+        }
+    }
 }
 
 /// The runs whose power series the report shows: per (configuration,
@@ -63,48 +94,6 @@ pub fn series_runs(runs: &[Run]) -> Vec<&Run> {
         }
     }
     chosen
-}
-
-/// Reads the campaign, its runs, its hosts and the chosen power series;
-/// with `against`, that campaign's runs too, to compare with.
-pub async fn fetch(
-    client: &mut Client,
-    id: &str,
-    against: Option<&str>,
-) -> Result<ReportData, CliError> {
-    let campaign = crate::get_campaign(client, id).await?;
-    let runs = crate::export::fetch_runs(client, id).await?;
-    let hosts = client
-        .list_hosts(ListHostsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .hosts
-        .into_iter()
-        .filter(|h| runs.iter().any(|r| r.host == h.name))
-        .collect();
-    let mut series = Vec::new();
-    for run in series_runs(&runs) {
-        let samples = crate::series::fetch_series(client, &run.id, "").await?;
-        series.push((run.id.clone(), samples));
-    }
-    let against = match against {
-        Some(a) => {
-            let mine = metrics::Groups::of(&runs, &campaign.work_metric);
-            Some((a.to_string(), compare(&groups(client, a).await?, &mine)))
-        }
-        None => None,
-    };
-    Ok(ReportData {
-        campaign,
-        hosts,
-        runs,
-        series,
-        against,
-        generated_at: prost_types::Timestamp::from(std::time::SystemTime::now()).to_string(),
-    })
 }
 
 /// The report as one HTML document.
@@ -158,5 +147,50 @@ pub fn axis_title(metric: &str) -> String {
     match unit {
         Some(unit) => format!("{metric} ({unit})"),
         None => metric.to_string(),
+    }
+}
+
+/// A campaign state for people.
+pub fn campaign_state(state: i32) -> &'static str {
+    match CampaignState::try_from(state).unwrap_or_default() {
+        CampaignState::Pending => "pending",
+        CampaignState::Running => "running",
+        CampaignState::Succeeded => "succeeded",
+        CampaignState::Failed => "failed",
+        CampaignState::Cancelled => "cancelled",
+        CampaignState::Unspecified => "unknown",
+    }
+}
+
+/// What an ended campaign's measured runs produced; `None` before it was judged.
+pub fn campaign_outcome(outcome: i32) -> Option<&'static str> {
+    match CampaignOutcome::try_from(outcome).unwrap_or_default() {
+        CampaignOutcome::Complete => Some("complete"),
+        CampaignOutcome::Partial => Some("partial"),
+        CampaignOutcome::MissingResults => Some("missing results"),
+        CampaignOutcome::NoResults => Some("no results"),
+        CampaignOutcome::Unspecified => None,
+    }
+}
+
+/// Four significant digits: enough to compare, short enough to read.
+pub fn number(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() {
+        return format!("{value}");
+    }
+    let magnitude = value.abs().log10().floor() as i32;
+    let decimals = (3 - magnitude).clamp(0, 6) as usize;
+    format!("{value:.decimals$}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_four_significant_digits() {
+        assert_eq!(number(612.345), "612.3");
+        assert_eq!(number(0.0123456), "0.01235");
+        assert_eq!(number(12345.6), "12346");
     }
 }

@@ -5,14 +5,14 @@
 //! made here, so the figure is the rendering alone; fetching is the
 //! orchestrator's paging (ListRuns, GetRunPowerSeries), measured elsewhere.
 //!
-//!     cargo bench -p berth-cli --bench report
+//!     cargo bench -p berth-report --bench report
 
 use std::time::Instant;
 
-use berth_cli::report::{MAX_SERIES, ReportData, render, series_runs};
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignState, Run, RunEnergy, RunPowerSample, RunState,
 };
+use berth_report::{MAX_SERIES, ReportData, render, series_runs};
 use prost_types::{Duration, Timestamp};
 
 const CONFIGS: u32 = 100;
@@ -105,21 +105,15 @@ fn series(run: &Run) -> (String, Vec<RunPowerSample>) {
 fn main() {
     let runs = runs();
     let series = series_runs(&runs).into_iter().map(series).collect();
-    let data = ReportData {
-        campaign: Campaign {
-            id: "big".into(),
-            name: "big".into(),
-            state: CampaignState::Succeeded as i32,
-            work_metric: "tokens".into(),
-            manifest_yaml: "name: big\n".into(),
-            ..Default::default()
-        },
-        hosts: Vec::new(),
-        runs,
-        series,
-        generated_at: "now".into(),
-        against: None,
+    let campaign = Campaign {
+        id: "big".into(),
+        name: "big".into(),
+        state: CampaignState::Succeeded as i32,
+        work_metric: "tokens".into(),
+        manifest_yaml: "name: big\n".into(),
+        ..Default::default()
     };
+    let data = ReportData::new(campaign, Vec::new(), runs, series);
     let mut best = f64::INFINITY;
     let mut size = 0;
     for _ in 0..5 {

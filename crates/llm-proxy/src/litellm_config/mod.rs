@@ -5,155 +5,25 @@
 //! Every key the proxy does not act on is collected by its dotted path in
 //! [`LiteLlmConfig::unsupported`], so start-up can say which parts of a
 //! LiteLLM file it ignores instead of ignoring them silently.
+//!
+//! `mod.rs` reads the text within [`LiteLlmLimits`]; `raw.rs` is the file as
+//! serde reads it, `validate.rs` turns it into the types of `types.rs`, and
+//! `env.rs` resolves `os.environ/VAR`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::fmt;
+mod env;
+mod raw;
+mod types;
+mod validate;
+
 use std::io::Read;
 use std::path::Path;
-use std::time::Duration;
 
-use berth_server::yaml_prescan::{self, YamlLimits};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use berth_server::yaml_prescan;
 
-use crate::settings::{ProviderKind, RouterSettings, Strategy};
-
-/// LiteLLM's way of saying "read this from the environment".
-const ENV_REF: &str = "os.environ/";
-
-/// Largest config accepted by default ([`LiteLlmLimits::max_bytes`]).
-pub const MAX_CONFIG_BYTES: usize = 4 << 20;
-
-/// `[proxy.litellm_limits]`: what reading one LiteLLM config may cost.
-/// The size is checked before the file is read whole, the nesting and node
-/// count by a linear pre-scan ([`berth_server::yaml_prescan`]) before
-/// serde_yaml sees the text: libyaml's scanner is quadratic in the flow
-/// depth (100 000 nested brackets take it minutes). serde_yaml bounds the
-/// rest: its recursion limit of 128 and alias expansion (its repetition
-/// limit), so time and memory stay linear in `max_bytes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LiteLlmLimits {
-    /// Largest config, in bytes: a model_list of thousands of deployments
-    /// is a few hundred KiB, and a path that names something else (a log,
-    /// `/dev/zero`) must not be read whole.
-    pub max_bytes: usize,
-    /// Deepest nesting of flow collections (`[`, `{`).
-    pub max_depth: usize,
-    /// Most YAML nodes (scalars, lists, maps, aliases) before aliases
-    /// expand: ten thousand deployments of ten keys each.
-    pub max_nodes: usize,
-}
-
-impl Default for LiteLlmLimits {
-    fn default() -> Self {
-        Self {
-            max_bytes: MAX_CONFIG_BYTES,
-            max_depth: 32,
-            max_nodes: 200_000,
-        }
-    }
-}
-
-impl LiteLlmLimits {
-    fn yaml(&self) -> YamlLimits {
-        YamlLimits {
-            max_depth: self.max_depth,
-            max_nodes: self.max_nodes,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LiteLlmConfigError {
-    #[error("cannot read LiteLLM config {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "LiteLLM config {path} is larger than the limit of {limit} bytes (proxy.litellm_limits.max_bytes, env BERTH_PROXY__LITELLM_LIMITS__MAX_BYTES)"
-    )]
-    TooLarge { path: String, limit: usize },
-    /// Past a limit of [`LiteLlmLimits`] at `line:column`, before it was parsed.
-    #[error(
-        "LiteLLM config {path}:{line}:{column}: {what}; at most {max} (proxy.litellm_limits.{field}, env BERTH_PROXY__LITELLM_LIMITS__{env})",
-        env = field.to_ascii_uppercase()
-    )]
-    Limit {
-        path: String,
-        line: usize,
-        column: usize,
-        what: &'static str,
-        field: &'static str,
-        max: usize,
-    },
-    /// serde_yaml's message carries the line and column.
-    #[error("LiteLLM config {path}: {message}")]
-    Invalid { path: String, message: String },
-}
-
-/// A secret from the config, kept out of `Debug` output and logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
-
-/// One `model_list` entry: a deployment serving a model name.
-#[derive(Debug, Clone)]
-pub struct DeploymentConfig {
-    /// `model_info.id`, else `<model_name>#<index in model_list>`.
-    pub id: String,
-    /// The name clients ask for (several deployments may share it).
-    pub model_name: String,
-    pub provider: ProviderKind,
-    /// The model name sent upstream (`litellm_params.model` without the provider).
-    pub upstream_model: String,
-    /// Base URL the endpoint path is appended to, e.g. `http://127.0.0.1:8081/v1`.
-    pub base_url: String,
-    pub api_key: Option<Secret>,
-    /// Requests per minute this deployment may take; the router skips it beyond.
-    pub rpm: Option<u64>,
-    /// Tokens per minute this deployment may take; the router skips it beyond.
-    pub tpm: Option<u64>,
-    /// Relative share of traffic under simple-shuffle (`weight`, else rpm, else 1).
-    pub weight: f64,
-    /// Whole-request timeout (non-streaming).
-    pub timeout: Option<Duration>,
-    /// Timeout to the first byte of a stream, and between its chunks.
-    pub stream_timeout: Option<Duration>,
-    pub input_cost_per_token: f64,
-    pub output_cost_per_token: f64,
-    /// `additional_drop_params`: parameters never sent to this deployment.
-    pub drop_params: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct LiteLlmConfig {
-    pub deployments: Vec<DeploymentConfig>,
-    pub router: RouterSettings,
-    pub master_key: Option<Secret>,
-    pub drop_params: bool,
-    /// Dotted paths of keys present in the file that the proxy ignores.
-    pub unsupported: Vec<String>,
-    /// Other things start-up should warn about (e.g. an unset API key variable).
-    pub warnings: Vec<String>,
-}
+use raw::RawRoot;
+pub use types::{
+    DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits, MAX_CONFIG_BYTES, Secret,
+};
 
 impl LiteLlmConfig {
     /// Reads and checks a config file within the default [`LiteLlmLimits`],
@@ -226,94 +96,7 @@ impl LiteLlmConfig {
             }
         })?;
         let root: RawRoot = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let mut unsupported = Vec::new();
-        collect_unknown("", &root.other, &mut unsupported);
-
-        let file_env = root.environment_variables.unwrap_or_default();
-        let lookup = |name: &str| file_env.get(name).cloned().or_else(|| env(name));
-        let mut warnings = Vec::new();
-
-        let general: RawGeneral =
-            section(root.general_settings, "general_settings").map_err(&invalid)?;
-        collect_unknown("general_settings", &general.other, &mut unsupported);
-        let master_key = match general.master_key {
-            Some(value) => Some(Secret(resolve(&value, &lookup).map_err(|var| {
-                invalid(format!(
-                    "general_settings.master_key: environment variable {var} is not set"
-                ))
-            })?)),
-            None => None,
-        };
-
-        let settings: RawLiteLlmSettings =
-            section(root.litellm_settings, "litellm_settings").map_err(&invalid)?;
-        collect_unknown("litellm_settings", &settings.other, &mut unsupported);
-        let routing: RawRouterSettings =
-            section(root.router_settings, "router_settings").map_err(&invalid)?;
-        collect_unknown("router_settings", &routing.other, &mut unsupported);
-
-        let mut deployments = Vec::with_capacity(root.model_list.len());
-        for (index, entry) in root.model_list.into_iter().enumerate() {
-            let deployment = deployment(index, entry, &lookup, &mut unsupported, &mut warnings)
-                .map_err(|e| invalid(format!("model_list[{index}]: {e}")))?;
-            deployments.push(deployment);
-        }
-        let mut ids = HashSet::new();
-        if let Some(dup) = deployments.iter().find(|d| !ids.insert(d.id.as_str())) {
-            return Err(invalid(format!("model_info.id `{}` is used twice", dup.id)));
-        }
-
-        let mut router = RouterSettings::default();
-        if let Some(name) = &routing.routing_strategy {
-            match Strategy::from_litellm(name) {
-                Some(strategy) => router.strategy = strategy,
-                None => unsupported.push(format!(
-                    "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)"
-                )),
-            }
-        }
-        // router_settings wins over litellm_settings where both may say it, as in LiteLLM.
-        if let Some(n) = routing.num_retries.or(settings.num_retries) {
-            router.num_retries = n;
-        }
-        if let Some(t) = routing.timeout.or(settings.request_timeout) {
-            router.timeout =
-                seconds(t).map_err(|e| invalid(format!("router_settings.timeout: {e}")))?;
-        }
-        if let Some(t) = routing.retry_after {
-            router.retry_after =
-                seconds(t).map_err(|e| invalid(format!("router_settings.retry_after: {e}")))?;
-        }
-        if let Some(n) = routing.allowed_fails.or(settings.allowed_fails) {
-            router.allowed_fails = n;
-        }
-        if let Some(t) = routing.cooldown_time.or(settings.cooldown_time) {
-            router.cooldown_time =
-                seconds(t).map_err(|e| invalid(format!("router_settings.cooldown_time: {e}")))?;
-        }
-        let names: HashSet<&str> = deployments.iter().map(|d| d.model_name.as_str()).collect();
-        for rule in routing.fallbacks.or(settings.fallbacks).unwrap_or_default() {
-            for (from, to) in rule {
-                if let Some(missing) = std::iter::once(&from)
-                    .chain(&to)
-                    .find(|m| !names.contains(m.as_str()))
-                {
-                    return Err(invalid(format!(
-                        "fallbacks: `{missing}` is not a model_name of model_list"
-                    )));
-                }
-                router.fallbacks.push((from, to));
-            }
-        }
-
-        Ok(Self {
-            deployments,
-            router,
-            master_key,
-            drop_params: settings.drop_params.unwrap_or(false),
-            unsupported,
-            warnings,
-        })
+        validate::config(root, env).map_err(invalid)
     }
 }
 
@@ -324,231 +107,13 @@ fn too_large(origin: &str, limits: &LiteLlmLimits) -> LiteLlmConfigError {
     }
 }
 
-fn deployment(
-    index: usize,
-    entry: RawEntry,
-    lookup: &dyn Fn(&str) -> Option<String>,
-    unsupported: &mut Vec<String>,
-    warnings: &mut Vec<String>,
-) -> Result<DeploymentConfig, String> {
-    let prefix = format!("model_list[{index}]");
-    collect_unknown(&prefix, &entry.other, unsupported);
-    let params = entry.litellm_params;
-    collect_unknown(
-        &format!("{prefix}.litellm_params"),
-        &params.other,
-        unsupported,
-    );
-    let info = entry.model_info.unwrap_or_default();
-    collect_unknown(&format!("{prefix}.model_info"), &info.other, unsupported);
-
-    if entry.model_name.is_empty() {
-        return Err("model_name is empty".into());
-    }
-    let required = |field: &str, value: &str| {
-        resolve(value, lookup)
-            .map_err(|var| format!("litellm_params.{field}: environment variable {var} is not set"))
-    };
-    let model = required("model", &params.model)?;
-    let (provider, upstream_model, default_base) =
-        ProviderKind::from_litellm(&model, params.custom_llm_provider.as_deref())?;
-    let api_base = match params.api_base.or(params.base_url) {
-        Some(base) => required("api_base", &base)?,
-        None => default_base
-            .ok_or_else(|| format!("litellm_params.api_base is required for `{model}`"))?
-            .to_string(),
-    };
-    let base_url = base_url(provider, &api_base);
-    base_url
-        .parse::<http::Uri>()
-        .map_err(|e| format!("litellm_params.api_base `{api_base}`: {e}"))?;
-    // An unset key variable is a warning, not an error, as in LiteLLM: the
-    // rest of the file can still serve, and this deployment will get 401s.
-    let api_key = match params.api_key {
-        Some(key) => match resolve(&key, lookup) {
-            Ok(key) => Some(Secret(key)),
-            Err(var) => {
-                warnings.push(format!(
-                    "{prefix} ({}): litellm_params.api_key: environment variable {var} is not set; requests go without a key",
-                    entry.model_name
-                ));
-                None
-            }
-        },
-        None => None,
-    };
-    let optional = |field: &str, value: Option<f64>| {
-        value
-            .map(seconds)
-            .transpose()
-            .map_err(|e| format!("litellm_params.{field}: {e}"))
-    };
-    let timeout = optional("timeout", params.timeout)?;
-    let stream_timeout = optional("stream_timeout", params.stream_timeout)?;
-    let weight = params
-        .weight
-        .or(params.rpm.map(|r| r as f64))
-        .unwrap_or(1.0);
-    if !(weight.is_finite() && weight > 0.0) {
-        return Err(format!(
-            "litellm_params.weight must be positive, got {weight}"
-        ));
-    }
-    Ok(DeploymentConfig {
-        id: info
-            .id
-            .unwrap_or_else(|| format!("{}#{index}", entry.model_name)),
-        model_name: entry.model_name,
-        provider,
-        upstream_model,
-        base_url,
-        api_key,
-        rpm: params.rpm,
-        tpm: params.tpm,
-        weight,
-        timeout,
-        stream_timeout,
-        input_cost_per_token: params
-            .input_cost_per_token
-            .or(info.input_cost_per_token)
-            .unwrap_or(0.0),
-        output_cost_per_token: params
-            .output_cost_per_token
-            .or(info.output_cost_per_token)
-            .unwrap_or(0.0),
-        drop_params: params.additional_drop_params.unwrap_or_default(),
-    })
-}
-
-/// The base URL OpenAI paths are appended to. LiteLLM's `api_base` for
-/// Ollama is the server root; its OpenAI-compatible API lives under `/v1`.
-fn base_url(provider: ProviderKind, api_base: &str) -> String {
-    let base = api_base.trim_end_matches('/');
-    match provider {
-        ProviderKind::Ollama if !base.ends_with("/v1") => format!("{base}/v1"),
-        _ => base.to_string(),
-    }
-}
-
-/// Resolves `os.environ/VAR`; the error is the name of the unset variable.
-fn resolve(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    match value.strip_prefix(ENV_REF) {
-        Some(var) => lookup(var).ok_or_else(|| var.to_string()),
-        None => Ok(value.to_string()),
-    }
-}
-
-fn seconds(value: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(value).map_err(|_| format!("{value} is not a number of seconds"))
-}
-
-fn section<T: DeserializeOwned + Default>(value: Option<Value>, name: &str) -> Result<T, String> {
-    match value {
-        None | Some(Value::Null) => Ok(T::default()),
-        Some(value) => serde_yaml::from_value(value).map_err(|e| format!("{name}: {e}")),
-    }
-}
-
-fn collect_unknown(prefix: &str, other: &BTreeMap<String, Value>, out: &mut Vec<String>) {
-    out.extend(other.keys().map(|key| {
-        if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        }
-    }));
-}
-
-// The file as LiteLLM writes it. Each struct keeps the keys it does not know
-// in `other`, so they can be reported by name.
-
-#[derive(Deserialize)]
-struct RawRoot {
-    #[serde(default)]
-    model_list: Vec<RawEntry>,
-    router_settings: Option<Value>,
-    litellm_settings: Option<Value>,
-    general_settings: Option<Value>,
-    environment_variables: Option<BTreeMap<String, String>>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize)]
-struct RawEntry {
-    model_name: String,
-    litellm_params: RawParams,
-    model_info: Option<RawModelInfo>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize)]
-struct RawParams {
-    model: String,
-    api_base: Option<String>,
-    /// LiteLLM's other spelling of `api_base`.
-    base_url: Option<String>,
-    api_key: Option<String>,
-    custom_llm_provider: Option<String>,
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    weight: Option<f64>,
-    timeout: Option<f64>,
-    stream_timeout: Option<f64>,
-    input_cost_per_token: Option<f64>,
-    output_cost_per_token: Option<f64>,
-    additional_drop_params: Option<Vec<String>>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawModelInfo {
-    id: Option<String>,
-    input_cost_per_token: Option<f64>,
-    output_cost_per_token: Option<f64>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-type Fallbacks = Vec<BTreeMap<String, Vec<String>>>;
-
-#[derive(Deserialize, Default)]
-struct RawRouterSettings {
-    routing_strategy: Option<String>,
-    num_retries: Option<u32>,
-    timeout: Option<f64>,
-    retry_after: Option<f64>,
-    allowed_fails: Option<u32>,
-    cooldown_time: Option<f64>,
-    fallbacks: Option<Fallbacks>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawLiteLlmSettings {
-    drop_params: Option<bool>,
-    num_retries: Option<u32>,
-    request_timeout: Option<f64>,
-    allowed_fails: Option<u32>,
-    cooldown_time: Option<f64>,
-    fallbacks: Option<Fallbacks>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawGeneral {
-    master_key: Option<String>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
     use super::*;
+    use crate::settings::Strategy;
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<LiteLlmConfig, LiteLlmConfigError> {
         let env: BTreeMap<String, String> = env
@@ -822,6 +387,8 @@ callbacks: []
 /// Fuzz target `litellm_config` (seeds in `tests/fuzz_corpus/litellm_config/`).
 #[cfg(test)]
 mod fuzz {
+    use std::collections::HashSet;
+
     use berth_tests::fuzz;
     use proptest::prelude::*;
 

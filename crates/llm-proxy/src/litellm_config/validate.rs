@@ -1,0 +1,235 @@
+//! From the file as serde reads it (`raw.rs`) to the checked config: each
+//! `model_list` entry a deployment, the router settings merged from
+//! `router_settings` and `litellm_settings`, every key the proxy ignores
+//! named. Errors are messages; the caller adds the file's name.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::env::resolve;
+use super::raw::{
+    RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings, collect_unknown, section,
+};
+use super::types::{DeploymentConfig, LiteLlmConfig, Secret};
+use crate::settings::{ProviderKind, RouterSettings, Strategy};
+
+/// The config `root` describes; `env` resolves `os.environ/VAR` where the
+/// file's own `environment_variables` do not.
+pub(super) fn config(
+    root: RawRoot,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<LiteLlmConfig, String> {
+    let mut unsupported = Vec::new();
+    collect_unknown("", &root.other, &mut unsupported);
+
+    let file_env = root.environment_variables.unwrap_or_default();
+    let lookup = |name: &str| file_env.get(name).cloned().or_else(|| env(name));
+    let mut warnings = Vec::new();
+
+    let general: RawGeneral = section(root.general_settings, "general_settings")?;
+    collect_unknown("general_settings", &general.other, &mut unsupported);
+    let master_key = match general.master_key {
+        Some(value) => Some(Secret::new(resolve(&value, &lookup).map_err(|var| {
+            format!("general_settings.master_key: environment variable {var} is not set")
+        })?)),
+        None => None,
+    };
+
+    let settings: RawLiteLlmSettings = section(root.litellm_settings, "litellm_settings")?;
+    collect_unknown("litellm_settings", &settings.other, &mut unsupported);
+    let routing: RawRouterSettings = section(root.router_settings, "router_settings")?;
+    collect_unknown("router_settings", &routing.other, &mut unsupported);
+
+    let deployments = deployments(root.model_list, &lookup, &mut unsupported, &mut warnings)?;
+    let drop_params = settings.drop_params.unwrap_or(false);
+    let router = router(routing, settings, &deployments, &mut unsupported)?;
+    Ok(LiteLlmConfig {
+        deployments,
+        router,
+        master_key,
+        drop_params,
+        unsupported,
+        warnings,
+    })
+}
+
+/// Every `model_list` entry, in order; no `model_info.id` twice.
+fn deployments(
+    model_list: Vec<RawEntry>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    unsupported: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<DeploymentConfig>, String> {
+    let mut deployments = Vec::with_capacity(model_list.len());
+    for (index, entry) in model_list.into_iter().enumerate() {
+        let deployment = deployment(index, entry, lookup, unsupported, warnings)
+            .map_err(|e| format!("model_list[{index}]: {e}"))?;
+        deployments.push(deployment);
+    }
+    let mut ids = HashSet::new();
+    if let Some(dup) = deployments.iter().find(|d| !ids.insert(d.id.as_str())) {
+        return Err(format!("model_info.id `{}` is used twice", dup.id));
+    }
+    Ok(deployments)
+}
+
+/// The router's settings: `router_settings` wins over `litellm_settings`
+/// where both may say it, as in LiteLLM; fallbacks name only models of
+/// `deployments`.
+fn router(
+    routing: RawRouterSettings,
+    settings: RawLiteLlmSettings,
+    deployments: &[DeploymentConfig],
+    unsupported: &mut Vec<String>,
+) -> Result<RouterSettings, String> {
+    let mut router = RouterSettings::default();
+    if let Some(name) = &routing.routing_strategy {
+        match Strategy::from_litellm(name) {
+            Some(strategy) => router.strategy = strategy,
+            None => unsupported.push(format!(
+                "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)"
+            )),
+        }
+    }
+    if let Some(n) = routing.num_retries.or(settings.num_retries) {
+        router.num_retries = n;
+    }
+    if let Some(t) = routing.timeout.or(settings.request_timeout) {
+        router.timeout = seconds(t).map_err(|e| format!("router_settings.timeout: {e}"))?;
+    }
+    if let Some(t) = routing.retry_after {
+        router.retry_after = seconds(t).map_err(|e| format!("router_settings.retry_after: {e}"))?;
+    }
+    if let Some(n) = routing.allowed_fails.or(settings.allowed_fails) {
+        router.allowed_fails = n;
+    }
+    if let Some(t) = routing.cooldown_time.or(settings.cooldown_time) {
+        router.cooldown_time =
+            seconds(t).map_err(|e| format!("router_settings.cooldown_time: {e}"))?;
+    }
+    let names: HashSet<&str> = deployments.iter().map(|d| d.model_name.as_str()).collect();
+    for rule in routing.fallbacks.or(settings.fallbacks).unwrap_or_default() {
+        for (from, to) in rule {
+            if let Some(missing) = std::iter::once(&from)
+                .chain(&to)
+                .find(|m| !names.contains(m.as_str()))
+            {
+                return Err(format!(
+                    "fallbacks: `{missing}` is not a model_name of model_list"
+                ));
+            }
+            router.fallbacks.push((from, to));
+        }
+    }
+    Ok(router)
+}
+
+fn deployment(
+    index: usize,
+    entry: RawEntry,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    unsupported: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<DeploymentConfig, String> {
+    let prefix = format!("model_list[{index}]");
+    collect_unknown(&prefix, &entry.other, unsupported);
+    let params = entry.litellm_params;
+    collect_unknown(
+        &format!("{prefix}.litellm_params"),
+        &params.other,
+        unsupported,
+    );
+    let info = entry.model_info.unwrap_or_default();
+    collect_unknown(&format!("{prefix}.model_info"), &info.other, unsupported);
+
+    if entry.model_name.is_empty() {
+        return Err("model_name is empty".into());
+    }
+    let required = |field: &str, value: &str| {
+        resolve(value, lookup)
+            .map_err(|var| format!("litellm_params.{field}: environment variable {var} is not set"))
+    };
+    let model = required("model", &params.model)?;
+    let (provider, upstream_model, default_base) =
+        ProviderKind::from_litellm(&model, params.custom_llm_provider.as_deref())?;
+    let api_base = match params.api_base.or(params.base_url) {
+        Some(base) => required("api_base", &base)?,
+        None => default_base
+            .ok_or_else(|| format!("litellm_params.api_base is required for `{model}`"))?
+            .to_string(),
+    };
+    let base_url = base_url(provider, &api_base);
+    base_url
+        .parse::<http::Uri>()
+        .map_err(|e| format!("litellm_params.api_base `{api_base}`: {e}"))?;
+    // An unset key variable is a warning, not an error, as in LiteLLM: the
+    // rest of the file can still serve, and this deployment will get 401s.
+    let api_key = match params.api_key {
+        Some(key) => match resolve(&key, lookup) {
+            Ok(key) => Some(Secret::new(key)),
+            Err(var) => {
+                warnings.push(format!(
+                    "{prefix} ({}): litellm_params.api_key: environment variable {var} is not set; requests go without a key",
+                    entry.model_name
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let optional = |field: &str, value: Option<f64>| {
+        value
+            .map(seconds)
+            .transpose()
+            .map_err(|e| format!("litellm_params.{field}: {e}"))
+    };
+    let timeout = optional("timeout", params.timeout)?;
+    let stream_timeout = optional("stream_timeout", params.stream_timeout)?;
+    let weight = params
+        .weight
+        .or(params.rpm.map(|r| r as f64))
+        .unwrap_or(1.0);
+    if !(weight.is_finite() && weight > 0.0) {
+        return Err(format!(
+            "litellm_params.weight must be positive, got {weight}"
+        ));
+    }
+    Ok(DeploymentConfig {
+        id: info
+            .id
+            .unwrap_or_else(|| format!("{}#{index}", entry.model_name)),
+        model_name: entry.model_name,
+        provider,
+        upstream_model,
+        base_url,
+        api_key,
+        rpm: params.rpm,
+        tpm: params.tpm,
+        weight,
+        timeout,
+        stream_timeout,
+        input_cost_per_token: params
+            .input_cost_per_token
+            .or(info.input_cost_per_token)
+            .unwrap_or(0.0),
+        output_cost_per_token: params
+            .output_cost_per_token
+            .or(info.output_cost_per_token)
+            .unwrap_or(0.0),
+        drop_params: params.additional_drop_params.unwrap_or_default(),
+    })
+}
+
+/// The base URL OpenAI paths are appended to. LiteLLM's `api_base` for
+/// Ollama is the server root; its OpenAI-compatible API lives under `/v1`.
+fn base_url(provider: ProviderKind, api_base: &str) -> String {
+    let base = api_base.trim_end_matches('/');
+    match provider {
+        ProviderKind::Ollama if !base.ends_with("/v1") => format!("{base}/v1"),
+        _ => base.to_string(),
+    }
+}
+
+fn seconds(value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{value} is not a number of seconds"))
+}
