@@ -1,6 +1,7 @@
 //! Hostile input, end to end: the real binaries of the llm-proxy, the power
-//! sampler, the agent (process runtime, unix socket) and the embedding
-//! service (when its model is installed), each driven with malformed
+//! sampler, the agent (process runtime, unix socket), the orchestrator and
+//! the embedding service (when its model is installed), each driven with
+//! malformed
 //! requests over gRPC and HTTP: oversized, deeply nested, invalid UTF-8,
 //! wrong types, huge repeated fields, a stream opened and abandoned, and a
 //! slowloris client. Each is answered with the right status within
@@ -628,6 +629,56 @@ async fn wait_for_http(addr: &str, path: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(http_get(addr, path).await, 200);
+}
+
+/// The orchestrator over gRPC and its HTTP listener (its manifests and
+/// recipes have their own cases in hostile_manifest.rs).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orchestrator_refuses_hostile_input_in_bounded_time_and_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let store = format!("store.path={}", data.path().join("state.db").display());
+    let process = spawn(
+        "berth-orchestrator",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--set",
+            &store,
+        ],
+        &env_of(data.path()),
+    );
+    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
+    let addr = format!("127.0.0.1:{http}");
+    let list = "/berth.orchestrator.v1.Orchestrator/ListCampaigns";
+    assert_eq!(grpc_raw(&channel, list, Vec::new()).await, Code::Ok);
+    let target = Target::new("orchestrator", process);
+
+    // RegisterHost: field 1 is the host's name, field 4 its labels (a map:
+    // repeated entries); a request may be manifest.max_bytes (1 MiB) and
+    // 64 KiB more.
+    grpc_cases(
+        &target,
+        &channel,
+        "/berth.orchestrator.v1.Orchestrator/RegisterHost",
+        (1 << 20) + (64 << 10),
+        4,
+    )
+    .await;
+    abandoned_streams(
+        &target,
+        &channel,
+        "/berth.orchestrator.v1.Orchestrator/WatchCampaign",
+        length_delimited(1, b"no-such-campaign"),
+    )
+    .await;
+    slowloris(&target, &addr, "/metrics").await;
+
+    assert_eq!(grpc_raw(&channel, list, Vec::new()).await, Code::Ok);
+    assert_eq!(http_get(&addr, "/metrics").await, 200);
+    target.check_nothing_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

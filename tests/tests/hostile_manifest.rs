@@ -93,10 +93,14 @@ fn hostile_manifests() -> Vec<(&'static str, String, Code, &'static str)> {
             Code::OutOfRange,
             "decoded message length too large",
         ),
-        // Past manifest.max_bytes but within what the gRPC layer reads.
+        // Past manifest.max_bytes (1 MiB) but within what the gRPC layer
+        // reads (the limit and 64 KiB for the request's other fields).
         (
-            "2 MB",
-            format!("{GOOD}description: '{}'\n", "x".repeat(2 << 20)),
+            "1 MiB + 32 KiB",
+            format!(
+                "{GOOD}description: '{}'\n",
+                "x".repeat((1 << 20) + (32 << 10))
+            ),
             Code::InvalidArgument,
             "manifest.max_bytes",
         ),

@@ -100,16 +100,15 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     Ok(host.spawn(Some(report::router(report_pages))))
 }
 
-/// The largest request the gRPC layer reads: tonic's default (4 MiB), or
-/// more when the manifest limit is raised past it, so that a manifest over
-/// `manifest.max_bytes` gets the error naming that limit rather than the
-/// transport's `OUT_OF_RANGE`.
+/// The largest request the gRPC layer reads: the largest manifest or
+/// recipe (`manifest.max_bytes`) and room for the request's other fields,
+/// so that a document a little over the limit gets the error naming
+/// `manifest.max_bytes`, and anything larger is refused by the transport
+/// (`OUT_OF_RANGE`) before prost builds it: a request is decoded whole
+/// before it is checked, and decoding 4 MiB of empty map entries (a
+/// RegisterHost's labels) takes about a second of a core in a debug build.
 fn max_request_bytes(limits: &manifest::ManifestLimits) -> usize {
     /// Room for the request's fields besides the manifest.
     const REQUEST_OVERHEAD: usize = 64 * 1024;
-    const TONIC_DEFAULT: usize = 4 * 1024 * 1024;
-    limits
-        .max_bytes
-        .saturating_add(REQUEST_OVERHEAD)
-        .max(TONIC_DEFAULT)
+    limits.max_bytes.saturating_add(REQUEST_OVERHEAD)
 }
