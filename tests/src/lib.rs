@@ -8,6 +8,7 @@ pub mod compose;
 pub mod fuzz;
 pub mod llm;
 pub mod parts;
+pub mod vm;
 pub use parts::{Part, require, require_part};
 
 use std::net::TcpListener;

@@ -16,7 +16,7 @@ use berth_proto::common::v1::{
     EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, RestartPolicy, Runtime, Ulimit,
 };
 use berth_tests::agent::{Agent, SpecChange, collect_exec, json_field};
-use berth_tests::{Part, repo_root, require};
+use berth_tests::{Part, require};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -789,31 +789,12 @@ async fn agent_engine_gone_is_unavailable_then_back() {
     agent.cleanup().await;
 }
 
-/// The exec shim as a static binary (it runs inside busybox, which has no
-/// C library), built once per test process into its own target directory.
+/// The static exec shim, built once per run of this file.
 fn static_exec_shim() -> &'static Path {
     static SHIM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     SHIM.get_or_init(|| {
-        let root = repo_root();
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("exec-shim");
-        let triple = "x86_64-unknown-linux-gnu";
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "berth-exec-shim",
-                "--target",
-                triple,
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the static exec shim failed");
-        target.join(triple).join("release/berth-exec-shim")
+        berth_tests::vm::static_exec_shim(Path::new(env!("CARGO_TARGET_TMPDIR")))
+            .unwrap_or_else(|e| panic!("{e}"))
     })
 }
 

@@ -561,93 +561,6 @@ async fn an_agent_without_libvirt_uri_reports_the_runtime_off() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
-/// The URI of a libvirt daemon with a qemu driver that can boot a VM here,
-/// or why there is none.
-fn real_hypervisor() -> Result<String, String> {
-    berth_tests::parts::on_path("qemu-system-x86_64")
-        .map_err(|e| format!("{e} (Debian: qemu-system-x86)"))?;
-    let uri = match std::env::var("BERTH_TEST_LIBVIRT_URI") {
-        Ok(uri) => uri,
-        Err(_)
-            if Path::new("/run/libvirt/libvirt-sock").exists()
-                || Path::new("/run/libvirt/virtqemud-sock").exists() =>
-        {
-            "qemu:///system".to_string()
-        }
-        Err(_) => {
-            return Err("no libvirt daemon: no /run/libvirt/libvirt-sock or virtqemud-sock (scripts/setup/libvirtd.sh starts one), and BERTH_TEST_LIBVIRT_URI is not set".into());
-        }
-    };
-    // The guest asks libvirt's NAT network for its address.
-    let info = Command::new("virsh")
-        .args(["-c", &uri, "net-info", "default"])
-        .output()
-        .map_err(|e| format!("cannot run virsh: {e} (Debian: libvirt-clients)"))?;
-    let active = String::from_utf8_lossy(&info.stdout)
-        .lines()
-        .any(|line| line.starts_with("Active:") && line.ends_with("yes"));
-    if !active {
-        return Err(format!(
-            "libvirt's `default` network is not active on {uri} (scripts/setup/libvirtd.sh starts it; it needs dnsmasq-base)"
-        ));
-    }
-    Ok(uri)
-}
-
-/// The exec shim as a static binary (the guest has no C library), built
-/// into a target directory of its own.
-fn static_exec_shim() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("exec-shim");
-    let triple = "x86_64-unknown-linux-gnu";
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "berth-exec-shim",
-            "--target",
-            triple,
-        ])
-        .arg("--target-dir")
-        .arg(&target)
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "building the static exec shim failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(target.join(triple).join("release/berth-exec-shim"))
-}
-
-/// The test VM's disk, built by scripts/vm/build-test-image.sh in `dir` from
-/// what is installed here (Debian's kernel, busybox, syslinux) and the static
-/// exec shim: its /init prints `berth-guest-up …` on the serial console,
-/// then serves execs on the virtio-serial port `dev.berth.shim`.
-fn boot_image(dir: &Path) -> Result<PathBuf, String> {
-    let shim = static_exec_shim()?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm/build-test-image.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg(dir)
-        .arg("--shim")
-        .arg(&shim)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(dir.join("base.qcow2"))
-}
-
 /// Waits for `marker` in the guest's console log; the log so far when it
 /// does not come in time.
 async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<String, String> {
@@ -683,7 +596,8 @@ async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<Str
 #[tokio::test]
 async fn a_real_vm_boots_and_stops() {
     let test = "real-vm";
-    let Some(uri) = berth_tests::require(berth_tests::Part::Vm, real_hypervisor()) else {
+    let Some(uri) = berth_tests::require(berth_tests::Part::Vm, berth_tests::vm::hypervisor())
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -695,7 +609,10 @@ async fn a_real_vm_boots_and_stops() {
     )
     .unwrap();
     let image_dir = dir.path().join("image");
-    let Some(base) = berth_tests::require(berth_tests::Part::Vm, boot_image(&image_dir)) else {
+    let Some(base) = berth_tests::require(
+        berth_tests::Part::Vm,
+        berth_tests::vm::boot_image(&image_dir, Path::new(env!("CARGO_TARGET_TMPDIR"))),
+    ) else {
         return;
     };
     let Some(mut agent) = Agent::start(test, dir, &uri, |c| c.server.shutdown_grace = DRAIN).await

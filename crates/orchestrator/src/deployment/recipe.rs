@@ -298,6 +298,7 @@ impl Recipe {
             resources: self.resources.clone(),
             gpus: self.gpus.clone(),
             mounts: self.mounts.clone(),
+            vm: None,
         }
     }
 

@@ -548,3 +548,71 @@ run: {command: [echo]}
 ";
     assert_eq!(refused_at(text, "resources.cpus: -1"), (10, 7));
 }
+
+#[test]
+fn a_libvirt_backend_has_its_vm_and_nothing_else_does() {
+    let with_vm = |backend: &str| {
+        format!("name: t\nbackends:\n{backend}configs: [{{name: a}}]\nrun: {{command: [true]}}\n")
+    };
+    let good = with_vm(
+        "  - name: vm\n    runtime: libvirt\n    vm:\n      vcpus: 2\n      memory: 256MiB\n      disks: [{image: /var/lib/berth/base.qcow2, size: 2GiB}]\n      network: none\n",
+    );
+    let plan = plan("t.yaml", &good).unwrap();
+    let spec = plan.manifest.backends[0]
+        .workload_spec(Default::default())
+        .vm
+        .expect("the VM");
+    assert_eq!((spec.vcpus, spec.memory_bytes), (2, 256 << 20));
+    assert_eq!(spec.disks[0].base_image, "/var/lib/berth/base.qcow2");
+    assert_eq!(spec.disks[0].size_bytes, 2 << 30);
+    assert_eq!(spec.network, "none");
+
+    let cases = [
+        (
+            "  - name: vm\n    runtime: libvirt\n",
+            "needs a `vm:` section",
+            4,
+        ),
+        (
+            "  - name: c\n    runtime: docker\n    image: i\n    vm: {memory: 256MiB, disks: [{image: /b.qcow2}]}\n",
+            "only a `runtime: libvirt` backend runs a VM",
+            6,
+        ),
+        (
+            "  - name: vm\n    runtime: libvirt\n    vm:\n      memory: 256MiB\n      disks: [{image: /b.qcow2, volume: pool/v}]\n",
+            "exactly one of `image`",
+            7,
+        ),
+        (
+            "  - name: vm\n    runtime: libvirt\n    vm:\n      memory: 256MiB\n      disks: [{image: b.qcow2}]\n",
+            "must be an absolute path",
+            7,
+        ),
+        (
+            "  - name: vm\n    runtime: libvirt\n    vm:\n      memory: 1MiB\n      disks: [{image: /b.qcow2}]\n",
+            "less than the 64 MiB",
+            6,
+        ),
+        (
+            "  - name: vm\n    runtime: libvirt\n    image: busybox\n    vm: {memory: 256MiB, disks: [{image: /b.qcow2}]}\n",
+            "a VM boots its disks",
+            5,
+        ),
+    ];
+    for (backend, needle, line) in cases {
+        let message = error(&with_vm(backend)).to_string();
+        assert!(message.contains(needle), "{message}");
+        assert!(
+            message.contains(&format!("campaign.yaml:{line}:")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn the_vm_example_is_valid() {
+    let text = include_str!("../../../../examples/campaigns/in-a-vm.yaml");
+    let plan = plan("in-a-vm.yaml", text).unwrap();
+    assert_eq!(plan.runs.len(), 12);
+    assert!(plan.manifest.backends[0].vm.is_some());
+}

@@ -141,6 +141,55 @@ pub struct Backend {
     pub gpus: Option<GpuRequest>,
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// The virtual machine of a `runtime: libvirt` backend: runs are exec'd
+    /// into it through berth-exec-shim.
+    #[serde(default)]
+    pub vm: Option<Vm>,
+}
+
+/// A libvirt backend's machine.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// Virtual CPUs; default 1.
+    #[serde(default = "one_vcpu")]
+    pub vcpus: u32,
+    /// Memory, e.g. `512MiB`.
+    pub memory: ByteSize,
+    /// Disks, the first one boots.
+    pub disks: Vec<VmDisk>,
+    /// libvirt network; empty: `default` (libvirt's NAT), `none`: no card.
+    #[serde(default)]
+    pub network: String,
+    /// A host bridge instead of a libvirt network, e.g. `br0`.
+    #[serde(default)]
+    pub bridge: String,
+    /// cloud-init user-data (YAML), written to a NoCloud seed by the agent.
+    #[serde(default)]
+    pub cloud_init: String,
+    /// PCI addresses passed through (e.g. a GPU), free for vfio on the host.
+    #[serde(default)]
+    pub pci_passthrough: Vec<String>,
+}
+
+fn one_vcpu() -> u32 {
+    1
+}
+
+/// A VM disk: a qcow2 `image` the agent makes a copy-on-write overlay of,
+/// or a `volume` used as it is.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmDisk {
+    /// Absolute path of a qcow2 base image on the agent's host.
+    #[serde(default)]
+    pub image: String,
+    /// An absolute path, or `pool/volume` of a libvirt storage pool.
+    #[serde(default)]
+    pub volume: String,
+    /// Size of the overlay; default the image's.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
 }
 
 impl Backend {

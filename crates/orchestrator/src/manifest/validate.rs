@@ -91,6 +91,7 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
         }
         check_backend_resources(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| at(path, message))?;
+        check_vm(backend).map_err(|(path, message)| at(path, message))?;
         if !backend.deployment.is_empty() {
             check_deployment_backend(backend).map_err(|(path, message)| at(path, message))?;
         }
@@ -199,6 +200,89 @@ fn check_metric_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "`{name}` must be a result field name (1 to 64 characters, no spaces)"
         ));
+    }
+    Ok(())
+}
+
+/// Smallest VM memory the agent's guests boot in.
+const MIN_VM_MEMORY: u64 = 64 << 20;
+/// Most virtual CPUs a VM is given.
+const MAX_VCPUS: u32 = 256;
+
+/// A libvirt backend's `vm:` (and only a libvirt backend has one), or the
+/// key at fault and why.
+fn check_vm(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
+    let what = format!("backends[{}]", backend.name);
+    let Some(vm) = &backend.vm else {
+        if backend.runtime == RuntimeName::Libvirt {
+            return Err((
+                &["runtime"],
+                format!("{what}: runtime: libvirt needs a `vm:` section (memory, disks, vcpus)"),
+            ));
+        }
+        return Ok(());
+    };
+    if backend.runtime != RuntimeName::Libvirt {
+        return Err((
+            &["vm"],
+            format!("{what}.vm: only a `runtime: libvirt` backend runs a VM"),
+        ));
+    }
+    let container_only: [(&'static [&'static str], bool); 3] = [
+        (&["image"], !backend.image.is_empty()),
+        (&["mounts"], !backend.mounts.is_empty()),
+        (&["gpus"], backend.gpus.is_some()),
+    ];
+    if let Some((path, _)) = container_only.into_iter().find(|(_, given)| *given) {
+        return Err((
+            path,
+            format!(
+                "{what}.{}: a VM boots its disks and takes host devices by vm.pci_passthrough",
+                path[0]
+            ),
+        ));
+    }
+    if !(1..=MAX_VCPUS).contains(&vm.vcpus) {
+        return Err((
+            &["vm", "vcpus"],
+            format!("{what}.vm.vcpus: {} must be 1 to {MAX_VCPUS}", vm.vcpus),
+        ));
+    }
+    if vm.memory.0 < MIN_VM_MEMORY {
+        return Err((
+            &["vm", "memory"],
+            format!(
+                "{what}.vm.memory: {} bytes is less than the 64 MiB a guest boots in",
+                vm.memory.0
+            ),
+        ));
+    }
+    if vm.disks.is_empty() {
+        return Err((
+            &["vm", "disks"],
+            format!("{what}.vm.disks: at least one disk (the first boots)"),
+        ));
+    }
+    for (slot, disk) in vm.disks.iter().enumerate() {
+        let disk_what = format!("{what}.vm.disks[{slot}]");
+        match (disk.image.is_empty(), disk.volume.is_empty()) {
+            (true, true) | (false, false) => {
+                return Err((
+                    &["vm", "disks"],
+                    format!("{disk_what}: exactly one of `image` (a qcow2 base) and `volume`"),
+                ));
+            }
+            (false, true) if !disk.image.starts_with('/') => {
+                return Err((
+                    &["vm", "disks"],
+                    format!(
+                        "{disk_what}.image: `{}` must be an absolute path on the agent's host",
+                        disk.image
+                    ),
+                ));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

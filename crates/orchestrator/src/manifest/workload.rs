@@ -53,6 +53,24 @@ impl Backend {
                 device_ids: g.devices.clone(),
                 ..Default::default()
             }),
+            vm: self.vm.as_ref().map(|vm| common::VmSpec {
+                vcpus: vm.vcpus,
+                memory_bytes: vm.memory.0,
+                disks: vm
+                    .disks
+                    .iter()
+                    .map(|disk| common::VmDisk {
+                        base_image: disk.image.clone(),
+                        volume: disk.volume.clone(),
+                        size_bytes: disk.size.map_or(0, |size| size.0),
+                    })
+                    .collect(),
+                network: vm.network.clone(),
+                bridge: vm.bridge.clone(),
+                cloud_init_user_data: vm.cloud_init.clone(),
+                pci_passthrough: vm.pci_passthrough.clone(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
