@@ -226,7 +226,15 @@ pub async fn remove(engine: &Engine, records: &Records, image: &str) -> Result<(
     }
     let docker = engine.client().await?;
     let options = RemoveImageOptionsBuilder::new().force(true).build();
-    match docker.remove_image(&found.id, Some(options), None).await {
+    // By the name asked for, not the id: two imports of the same rootfs in
+    // the same second get the same id, and a forced removal by id would take
+    // the other's name with it. Removing the last name removes the image.
+    let by = if found.references.iter().any(|r| r == image) {
+        image
+    } else {
+        found.id.as_str()
+    };
+    match docker.remove_image(by, Some(options), None).await {
         Ok(_) => {}
         Err(e) if status_of(&e) == Some(409) => {
             return Err(AgentError::Unsupported {
