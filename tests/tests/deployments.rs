@@ -555,20 +555,17 @@ stop_grace: 1s
     agent.cleanup().await;
 }
 
-/// Two hosts (two agents): the one holding a replica is killed (kill -9 of
-/// its agent, its processes with it); after `deployments.host_lost_grace`
-/// the replica runs on the other host, counted as a restart, and the
-/// deployment is Running again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replica_moves_off_a_lost_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let www = dir.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let mut agents: Vec<Option<Process>> = sockets.iter().map(|s| Some(start_agent(s))).collect();
+/// Two agents (`agent_args` before the usual ones), registered as hosts `a`
+/// and `b` with an orchestrator that gives a silent host 1 s
+/// (`deployments.host_lost_grace`): the agents, the orchestrator, a client.
+async fn two_hosts(dir: &Path, agent_args: &[&str]) -> (Vec<Option<Process>>, Process, Client) {
+    let sockets = [dir.join("a.sock"), dir.join("b.sock")];
+    let agents = sockets
+        .iter()
+        .map(|s| Some(berth_tests::start_agent_with(s, agent_args)))
+        .collect();
     let port = free_port();
-    let _orchestrator =
-        start_orchestrator_with(dir.path(), port, &["deployments.host_lost_grace=1s"]);
+    let orchestrator = start_orchestrator_with(dir, port, &["deployments.host_lost_grace=1s"]);
     let mut client = connect(port).await;
     for (name, socket) in ["a", "b"].iter().zip(&sockets) {
         let address = format!("unix://{}", socket.display());
@@ -582,6 +579,19 @@ async fn a_replica_moves_off_a_lost_host() {
             .await
             .expect("RegisterHost");
     }
+    (agents, orchestrator, client)
+}
+
+/// Two hosts (two agents): the one holding a replica is killed (kill -9 of
+/// its agent, its processes with it); after `deployments.host_lost_grace`
+/// the replica runs on the other host, counted as a restart, and the
+/// deployment is Running again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_moves_off_a_lost_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let (mut agents, _orchestrator, mut client) = two_hosts(dir.path(), &[]).await;
     deploy(&mut client, &web_recipe("moving", &www, 1))
         .await
         .expect("Deploy");
@@ -1253,32 +1263,8 @@ async fn a_gpu_replica_moves_only_once_its_host_is_deregistered() {
     let dir = tempfile::tempdir().unwrap();
     let www = dir.path().join("www");
     std::fs::create_dir(&www).unwrap();
-    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let mut agents: Vec<Option<Process>> = sockets
-        .iter()
-        .map(|s| {
-            Some(berth_tests::start_agent_with(
-                s,
-                &["--set", TWO_DECLARED_GPUS],
-            ))
-        })
-        .collect();
-    let port = free_port();
-    let _orchestrator =
-        start_orchestrator_with(dir.path(), port, &["deployments.host_lost_grace=1s"]);
-    let mut client = connect(port).await;
-    for (name, socket) in ["a", "b"].iter().zip(&sockets) {
-        let address = format!("unix://{}", socket.display());
-        wait_for(&address).await;
-        client
-            .register_host(RegisterHostRequest {
-                name: (*name).into(),
-                address,
-                ..Default::default()
-            })
-            .await
-            .expect("RegisterHost");
-    }
+    let (mut agents, _orchestrator, mut client) =
+        two_hosts(dir.path(), &["--set", TWO_DECLARED_GPUS]).await;
     let recipe = web_recipe("gpu-moving", &www, 1) + "gpus: {count: 1}\n";
     deploy(&mut client, &recipe).await.expect("Deploy");
     let placed = wait_until(&mut client, "gpu-moving", "running", |d| all_running(d, 1)).await;

@@ -476,6 +476,25 @@ fn spawn(binary: &str, args: &[&str], env: &[(&str, String)]) -> Process {
     Process::spawn(binary, args, &env)
 }
 
+/// A service on a gRPC and an HTTP port of its own (`args` after those),
+/// once its gRPC port answers: the process, a channel to it, and its HTTP
+/// address.
+async fn serve(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> (Process, AuthChannel, String) {
+    let (grpc, http) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let mut all = vec!["--listen", &grpc, "--http-listen", &http];
+    all.extend_from_slice(args);
+    let process = spawn(binary, &all, env);
+    let channel = wait_for(&format!("http://{grpc}")).await;
+    (process, channel, http)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
     let data = tempfile::tempdir().unwrap();
@@ -486,21 +505,9 @@ async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
         "model_list:\n  - model_name: m\n    litellm_params: {model: openai/m, api_base: 'http://127.0.0.1:9/v1'}\n",
     )
     .unwrap();
-    let (grpc, http) = (free_port(), free_port());
     let mut env = env_of(data.path());
     env.push(("BERTH_PROXY__LITELLM_CONFIG", litellm.display().to_string()));
-    let process = spawn(
-        "berth-llm-proxy",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-        ],
-        &env,
-    );
-    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
-    let addr = format!("127.0.0.1:{http}");
+    let (process, channel, addr) = serve("berth-llm-proxy", &[], &env).await;
     assert_eq!(http_get(&addr, "/v1/models").await, 200);
     let target = Target::new("llm-proxy", process);
 
@@ -636,22 +643,13 @@ async fn wait_for_http(addr: &str, path: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_orchestrator_refuses_hostile_input_in_bounded_time_and_memory() {
     let data = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
     let store = format!("store.path={}", data.path().join("state.db").display());
-    let process = spawn(
+    let (process, channel, addr) = serve(
         "berth-orchestrator",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-            "--set",
-            &store,
-        ],
+        &["--set", &store],
         &env_of(data.path()),
-    );
-    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
-    let addr = format!("127.0.0.1:{http}");
+    )
+    .await;
     let list = "/berth.orchestrator.v1.Orchestrator/ListCampaigns";
     assert_eq!(grpc_raw(&channel, list, Vec::new()).await, Code::Ok);
     let target = Target::new("orchestrator", process);
@@ -685,7 +683,6 @@ async fn the_orchestrator_refuses_hostile_input_in_bounded_time_and_memory() {
 async fn the_power_sampler_refuses_hostile_input_in_bounded_time_and_memory() {
     let data = tempfile::tempdir().unwrap();
     let trace = berth_tests::repo_root().join("examples/power/llm-inference.csv");
-    let (grpc, http) = (free_port(), free_port());
     let mut env = env_of(data.path());
     env.extend([
         ("BERTH_SAMPLER__NVML", "false".to_string()),
@@ -695,18 +692,7 @@ async fn the_power_sampler_refuses_hostile_input_in_bounded_time_and_memory() {
             format!("[\"{}\"]", trace.display()),
         ),
     ]);
-    let process = spawn(
-        "berth-power-sampler",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-        ],
-        &env,
-    );
-    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
-    let addr = format!("127.0.0.1:{http}");
+    let (process, channel, addr) = serve("berth-power-sampler", &[], &env).await;
     let list = "/berth.power.v1.PowerSampler/ListDevices";
     assert_eq!(
         grpc_raw(&channel, list, ListDevicesRequest {}.encode_to_vec()).await,
@@ -957,21 +943,9 @@ async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory() {
     let data = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
     let mut env = env_of(data.path());
     env.push(("BERTH_MODELS__SESSIONS", "1".to_string()));
-    let process = spawn(
-        "berth-embedding",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-        ],
-        &env,
-    );
-    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
-    let addr = format!("127.0.0.1:{http}");
+    let (process, channel, addr) = serve("berth-embedding", &[], &env).await;
     let embed = "/berth.embedding.v1.Embedding/Embed";
     // Refused before it is decoded, model or not, naming the limit.
     let status = grpc_raw_status(&channel, embed, oversized_message(EMBEDDING_MAX_MESSAGE)).await;
@@ -1043,7 +1017,6 @@ async fn metric(addr: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget() {
     let data = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
     let mut env = env_of(data.path());
     env.extend([
         ("BERTH_MODELS__SESSIONS", "1".to_string()),
@@ -1052,18 +1025,7 @@ async fn the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget() 
             format!("{}ms", EMBEDDING_CPU_BUDGET.as_millis()),
         ),
     ]);
-    let process = spawn(
-        "berth-embedding",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-        ],
-        &env,
-    );
-    let channel = wait_for(&format!("http://127.0.0.1:{grpc}")).await;
-    let addr = format!("127.0.0.1:{http}");
+    let (process, channel, addr) = serve("berth-embedding", &[], &env).await;
     let embed = "/berth.embedding.v1.Embedding/Embed";
     let serving = berth_tests::health(channel.clone(), "berth.embedding.v1.Embedding").await;
     let found = if serving == tonic_health::pb::health_check_response::ServingStatus::Serving {
