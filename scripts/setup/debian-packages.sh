@@ -28,6 +28,7 @@ packages=(
   linux-image-amd64  # the kernel the test VM boots (scripts/vm/build-test-image.sh)
   syslinux syslinux-common mtools  # the test VM's boot disk: FAT + syslinux, made without root or mounts
   cpio             # the test VM's initramfs
+  qemu-guest-agent # qemu-ga in the test VM's guest-agent image: the exec fallback without the shim
   python3-venv     # the venvs of the model set-up and the LLM peers
   procps ca-certificates
 )

@@ -4,24 +4,31 @@
 #   - Debian's kernel (linux-image-amd64: /boot/vmlinuz-*),
 #   - an initramfs with busybox (busybox-static), the virtio modules of that
 #     kernel and an /init that prints `berth-guest-up …` on the serial console,
-#     asks DHCP for an address when the VM has a network card (eth0), prints
+#     asks DHCP for an address when the VM has a network card (eth0), runs
+#     the cloud-init seed's user-data when it is a script (`#!`, as
+#     cloud-init does), prints
 #     `berth-guest-tick N` every 2 s (a console that keeps writing, for log
 #     tests), then waits (it runs berth-exec-shim on the virtio-serial port
-#     `dev.berth.shim` when --shim is given and the port exists),
+#     `dev.berth.shim` when --shim is given and the port exists; with
+#     --guest-agent, Debian's qemu-ga (qemu-guest-agent) with the shared
+#     libraries it needs, on the port `org.qemu.guest_agent.0`: the exec
+#     fallback for images without the shim),
 #   - on a FAT disk booted by syslinux (syslinux, mtools), converted to qcow2.
 #
-#   scripts/vm/build-test-image.sh OUT_DIR [--shim PATH] [--kernel PATH]
+#   scripts/vm/build-test-image.sh OUT_DIR [--shim PATH] [--guest-agent] [--kernel PATH]
 # Writes OUT_DIR/base.qcow2 (and OUT_DIR/work/); prints the image's path.
 set -euo pipefail
 
 out=${1:?usage: build-test-image.sh OUT_DIR [--shim PATH] [--kernel PATH]}
 shift
 shim=""
+guest_agent=""
 kernel=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --shim) shim=${2:?--shim needs a path}; shift 2 ;;
     --kernel) kernel=${2:?--kernel needs a path}; shift 2 ;;
+    --guest-agent) guest_agent=/usr/sbin/qemu-ga; shift ;;
     *) echo "build-test-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -64,7 +71,7 @@ dep_file=/lib/modules/$version/modules.dep
 [[ -r $dep_file ]] || die "no $dep_file (Debian: the kernel's package, linux-image-$version)"
 order=()
 for wanted in kernel/drivers/virtio/virtio_pci.ko kernel/drivers/char/virtio_console.ko \
-  kernel/drivers/net/virtio_net.ko; do
+  kernel/drivers/net/virtio_net.ko kernel/drivers/block/virtio_blk.ko kernel/fs/isofs/isofs.ko; do
   line=$(grep -E "^$wanted(\.xz)?:" "$dep_file" || true)
   [[ -n $line ]] || die "$wanted is not in $dep_file"
   read -r -a deps <<<"${line#*:}"
@@ -84,6 +91,16 @@ done
 if [[ -n $shim ]]; then
   is_static "$shim" || die "$shim is dynamically linked: build it with RUSTFLAGS='-C target-feature=+crt-static'"
   cp "$shim" "$work/root/sbin/berth-exec-shim"
+fi
+if [[ -n $guest_agent ]]; then
+  [[ -x $guest_agent ]] || die "no $guest_agent (Debian: apt-get install qemu-guest-agent)"
+  cp "$guest_agent" "$work/root/sbin/qemu-ga"
+  # The guest has no C library of its own: qemu-ga's shared libraries (and
+  # the loader) go where ldd found them.
+  while read -r lib; do
+    mkdir -p "$work/root$(dirname "$lib")"
+    cp -L "$lib" "$work/root$lib"
+  done < <(ldd "$guest_agent" | grep -oE '/[^ ]+')
 fi
 # udhcpc's hook: gives the leased address to the interface.
 mkdir -p "$work/root/etc"
@@ -117,11 +134,32 @@ if [ -e /sys/class/net/eth0 ]; then
   udhcpc -i eth0 -s /etc/udhcpc.script -b -q -t 10 >/dev/null 2>&1 &
 fi
 (n=0; while :; do n=$((n + 1)); echo "berth-guest-tick $n"; sleep 2; done) &
-# The shim's virtio-serial port, by its name (no udev here for the symlink).
-port=""
-for name in /sys/class/virtio-ports/*/name; do
-  [ -f "$name" ] && [ "$(cat "$name")" = dev.berth.shim ] && port=/dev/$(basename "$(dirname "$name")")
+# What cloud-init does with a user-data script (`#!` first): run it once at
+# boot. The NoCloud seed is an ISO 9660 disk labelled cidata; its output goes
+# to the console, so the VM's logs show it.
+mkdir -p /run/seed
+for disk in /dev/vd?; do
+  mount -t iso9660 -o ro "$disk" /run/seed 2>/dev/null || continue
+  if [ "$(head -c 2 /run/seed/user-data 2>/dev/null)" = "#!" ]; then
+    cp /run/seed/user-data /run/user-data && chmod 755 /run/user-data
+    echo "berth-guest: running user-data from $disk"
+    (/run/user-data 2>&1 | sed 's/^/berth-guest: user-data: /') &
+  fi
+  umount /run/seed
+  break
 done
+# A virtio-serial port by its name (no udev here for the symlinks).
+port_named() {
+  for name in /sys/class/virtio-ports/*/name; do
+    [ -f "$name" ] && [ "$(cat "$name")" = "$1" ] && echo "/dev/$(basename "$(dirname "$name")")"
+  done
+}
+qga_port=$(port_named org.qemu.guest_agent.0)
+if [ -n "$qga_port" ] && [ -x /sbin/qemu-ga ]; then
+  echo "berth-guest: qemu-ga on $qga_port"
+  (while :; do /sbin/qemu-ga -m virtio-serial -p "$qga_port" -t /run; sleep 1; done) &
+fi
+port=$(port_named dev.berth.shim)
 if [ -n "$port" ] && [ -x /sbin/berth-exec-shim ]; then
   echo "berth-guest: berth-exec-shim on $port"
   while :; do /sbin/berth-exec-shim --serial "$port"; sleep 1; done

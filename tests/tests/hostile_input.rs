@@ -37,6 +37,12 @@ const MAX_RSS_GROWTH_KIB: u64 = 50 << 10;
 /// Most file descriptors a service may hold after all cases beyond those it
 /// held before them: the test's own client connections still open.
 const MAX_FD_GROWTH: usize = 8;
+/// Most tasks a service may have alive after all cases beyond those it had
+/// before them: one for a connection of the test's still being closed. A
+/// task left behind by each refused request would be dozens.
+const MAX_TASK_GROWTH: f64 = 1.0;
+/// The gauge of the tasks alive on a service's runtime.
+const ALIVE_TASKS: &str = "berth_runtime_alive_tasks";
 /// The header timeout the services are started with, so the slowloris case
 /// is short.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -63,17 +69,22 @@ fn open_fds(pid: u32) -> usize {
 struct Target {
     name: &'static str,
     process: Process,
+    /// The HTTP address of its `/metrics`.
+    metrics_addr: String,
     baseline_kib: u64,
     baseline_fds: usize,
+    baseline_tasks: f64,
 }
 
 impl Target {
-    fn new(name: &'static str, process: Process) -> Self {
+    async fn new(name: &'static str, process: Process, metrics_addr: &str) -> Self {
         let pid = process.child.id();
         Self {
             name,
             baseline_kib: status_kib(pid, "VmRSS"),
             baseline_fds: open_fds(pid),
+            baseline_tasks: metric(metrics_addr, ALIVE_TASKS).await,
+            metrics_addr: metrics_addr.to_string(),
             process,
         }
     }
@@ -119,13 +130,18 @@ impl Target {
         let growth = now.saturating_sub(self.baseline_kib);
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut fds = open_fds(self.pid());
-        while fds > self.baseline_fds + MAX_FD_GROWTH && Instant::now() < deadline {
+        let mut tasks = metric(&self.metrics_addr, ALIVE_TASKS).await;
+        while (fds > self.baseline_fds + MAX_FD_GROWTH
+            || tasks > self.baseline_tasks + MAX_TASK_GROWTH)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
             fds = open_fds(self.pid());
+            tasks = metric(&self.metrics_addr, ALIVE_TASKS).await;
         }
         println!(
-            "hostile {} | RSS at start {} KiB, after all cases {now} KiB (+{growth} KiB) | fds {} → {fds}",
-            self.name, self.baseline_kib, self.baseline_fds
+            "hostile {} | RSS at start {} KiB, after all cases {now} KiB (+{growth} KiB) | fds {} → {fds} | tasks {} → {tasks}",
+            self.name, self.baseline_kib, self.baseline_fds, self.baseline_tasks
         );
         assert!(
             growth < MAX_RSS_GROWTH_KIB,
@@ -137,6 +153,12 @@ impl Target {
             "{}: holds {fds} file descriptors after the cases, {} before",
             self.name,
             self.baseline_fds
+        );
+        assert!(
+            tasks <= self.baseline_tasks + MAX_TASK_GROWTH,
+            "{}: {tasks} tasks alive after the cases, {} before",
+            self.name,
+            self.baseline_tasks
         );
     }
 }
@@ -509,7 +531,7 @@ async fn the_llm_proxy_refuses_hostile_input_in_bounded_time_and_memory() {
     env.push(("BERTH_PROXY__LITELLM_CONFIG", litellm.display().to_string()));
     let (process, channel, addr) = serve("berth-llm-proxy", &[], &env).await;
     assert_eq!(http_get(&addr, "/v1/models").await, 200);
-    let target = Target::new("llm-proxy", process);
+    let target = Target::new("llm-proxy", process, &addr).await;
 
     json_cases(&target, &addr, "/v1/embeddings", 8 << 20).await;
     json_cases(&target, &addr, "/v1/chat/completions", 8 << 20).await;
@@ -604,7 +626,7 @@ async fn the_llm_proxy_stops_a_body_costlier_than_its_cpu_budget() {
     );
     let addr = format!("127.0.0.1:{http}");
     wait_for_http(&addr, "/v1/models").await;
-    let target = Target::new("llm-proxy", process);
+    let target = Target::new("llm-proxy", process, &addr).await;
 
     // Within proxy.max_request_bytes (8 MiB) and max_request_json_bytes
     // (32 MiB estimated): 1M escaped characters, 6 MiB, one string.
@@ -652,7 +674,7 @@ async fn the_orchestrator_refuses_hostile_input_in_bounded_time_and_memory() {
     .await;
     let list = "/berth.orchestrator.v1.Orchestrator/ListCampaigns";
     assert_eq!(grpc_raw(&channel, list, Vec::new()).await, Code::Ok);
-    let target = Target::new("orchestrator", process);
+    let target = Target::new("orchestrator", process, &addr).await;
 
     // RegisterHost: field 1 is the host's name, field 4 its labels (a map:
     // repeated entries); a request may be manifest.max_bytes (1 MiB) and
@@ -698,7 +720,7 @@ async fn the_power_sampler_refuses_hostile_input_in_bounded_time_and_memory() {
         grpc_raw(&channel, list, ListDevicesRequest {}.encode_to_vec()).await,
         Code::Ok
     );
-    let target = Target::new("power-sampler", process);
+    let target = Target::new("power-sampler", process, &addr).await;
 
     grpc_cases(
         &target,
@@ -767,7 +789,7 @@ async fn the_agent_refuses_hostile_input_in_bounded_time_and_memory() {
     let channel = wait_for(&listen).await;
     let mut agent = ContainerAgentClient::new(channel.clone());
     agent.info(InfoRequest {}).await.expect("Info");
-    let target = Target::new("agent", process);
+    let target = Target::new("agent", process, &http).await;
     let create = "/berth.agent.v1.ContainerAgent/CreateWorkload";
 
     grpc_cases(&target, &channel, create, 1 << 20, 2).await;
@@ -884,7 +906,7 @@ async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
     let data = tempfile::tempdir().unwrap();
     let embed = "/berth.embedding.v1.Embedding/Embed";
     for limit in [EMBEDDING_MAX_MESSAGE, 100_000] {
-        let grpc = free_port();
+        let (grpc, http) = (free_port(), format!("127.0.0.1:{}", free_port()));
         let mut env = env_of(data.path());
         env.push(("BERTH_MODELS__SESSIONS", "1".to_string()));
         if limit != EMBEDDING_MAX_MESSAGE {
@@ -896,7 +918,7 @@ async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
                 "--listen",
                 &format!("127.0.0.1:{grpc}"),
                 "--http-listen",
-                "",
+                &http,
             ],
             &env,
         );
@@ -909,7 +931,7 @@ async fn the_embedding_grpc_limit_is_server_max_message_bytes() {
         };
         let first = grpc_raw(&channel, embed, good.encode_to_vec()).await;
         assert!(matches!(first, Code::Ok | Code::Unavailable), "{first:?}");
-        let target = Target::new("embedding", process);
+        let target = Target::new("embedding", process, &http).await;
         target
             .case(&format!("gRPC Embed over a {limit}-byte limit"), async {
                 let status = grpc_raw_status(&channel, embed, oversized_message(limit)).await;
@@ -978,7 +1000,7 @@ async fn the_embedding_service_refuses_hostile_input_in_bounded_time_and_memory(
         grpc_raw(&channel, embed, good.encode_to_vec()).await,
         Code::Ok
     );
-    let target = Target::new("embedding", process);
+    let target = Target::new("embedding", process, &addr).await;
 
     json_cases(&target, &addr, "/v1/embeddings", EMBEDDING_MAX_HTTP_BODY).await;
     grpc_cases(&target, &channel, embed, EMBEDDING_MAX_MESSAGE, 2).await;
@@ -1053,7 +1075,7 @@ async fn the_embedding_service_refuses_a_request_costlier_than_its_cpu_budget() 
     )
     .await;
     println!("hostile embedding | {rate:.0} tokens/s a session, measured at load");
-    let target = Target::new("embedding", process);
+    let target = Target::new("embedding", process, &addr).await;
 
     let text = "the quick brown fox jumps over the lazy dog ".repeat(23)[..990].to_string();
     let texts = vec![text; 2048];

@@ -561,6 +561,518 @@ async fn an_agent_without_libvirt_uri_reports_the_runtime_off() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
+/// Real-VM tests take turns: one stops libvirtd, and this host's cores
+/// boot one guest at a time.
+static REAL_VMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The hypervisor's URI and a directory qemu can reach that holds the test
+/// boot image; `None` (and why) when this host lacks a part.
+fn real_vm_parts() -> Option<(String, tempfile::TempDir, PathBuf)> {
+    let uri = berth_tests::require(berth_tests::Part::Vm, berth_tests::vm::hypervisor())?;
+    let dir = tempfile::tempdir().unwrap();
+    // qemu runs as libvirt-qemu: it must reach the overlays and the console
+    // log in the agent's directory.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let base = berth_tests::require(
+        berth_tests::Part::Vm,
+        berth_tests::vm::boot_image(
+            &dir.path().join("image"),
+            Path::new(env!("CARGO_TARGET_TMPDIR")),
+        ),
+    )?;
+    Some((uri, dir, base))
+}
+
+/// The boot image as a VM of 1 vCPU and 256 MiB on libvirt's `default`
+/// network.
+fn guest_spec(base: &Path) -> WorkloadSpec {
+    let mut spec = vm_spec(base);
+    let vm = spec.vm.as_mut().unwrap();
+    vm.network = "default".into();
+    vm.vcpus = 1;
+    spec
+}
+
+/// Creates and starts `name`, then waits until its guest serves an exec;
+/// the time from the start to that first exec.
+async fn boot(client: &mut Client, name: &str, spec: WorkloadSpec) -> Result<Duration, String> {
+    client
+        .create_workload(CreateWorkloadRequest {
+            name: name.to_string(),
+            spec: Some(spec),
+        })
+        .await
+        .map_err(|s| format!("create: {s:?}"))?;
+    let started_at = std::time::Instant::now();
+    client
+        .start_workload(WorkloadRef {
+            id: name.to_string(),
+        })
+        .await
+        .map_err(|s| format!("start: {s:?}"))?;
+    // An exec before the guest's shim serves is refused as UNAVAILABLE.
+    let deadline = started_at + Duration::from_secs(180);
+    loop {
+        match exec_in(client, name, &["true"], &[], "", None).await {
+            Ok(_) => return Ok(started_at.elapsed()),
+            Err(status)
+                if status.code() == Code::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => return Err(format!("the first exec into {name}: {status:?}")),
+        }
+    }
+}
+
+/// The names of every domain libvirt at `uri` has, running or not.
+fn domains_on(uri: &str) -> Vec<String> {
+    let listed = Command::new("virsh")
+        .args(["-c", uri, "list", "--all", "--name"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn virsh(uri: &str, args: &[&str]) {
+    let done = Command::new("virsh")
+        .args(["-c", uri])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(done.status.success(), "virsh {args:?}: {done:?}");
+}
+
+/// A VM that goes away, and libvirtd that does, through a real VM: libvirtd
+/// stopped with an exec in flight (the exec finishes: the shim's port is
+/// qemu's), calls meanwhile UNAVAILABLE naming libvirtd and its socket, the
+/// agent answering and back once libvirtd is; `virsh destroy` mid-exec ends
+/// the exec as killed with a note naming the domain and the cause, an exec
+/// after it is refused as a backend that is not running (what the
+/// orchestrator retries on) saying why; the remove leaves no domain,
+/// overlay, seed ISO or console log.
+#[tokio::test]
+async fn a_vm_or_libvirtd_going_away_is_named_and_nothing_leaks() {
+    let _turn = REAL_VMS.lock().await;
+    let test = "vm-gone";
+    let Some((uri, dir, base)) = real_vm_parts() else {
+        return;
+    };
+    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+        return;
+    };
+    let name = format!("berth-gone-{}", std::process::id());
+    let mut spec = guest_spec(&base);
+    // A seed ISO too, to be removed with the rest.
+    spec.vm.as_mut().unwrap().cloud_init_user_data = "#cloud-config\n".into();
+    boot(&mut agent.client, &name, spec).await.unwrap();
+    let files = agent.files_left();
+    assert_eq!(files.len(), 1, "{files:?}");
+    for made in ["disk0.qcow2", "seed.iso", "console.log"] {
+        assert!(files[0].join(made).exists(), "{made} in {files:?}");
+    }
+
+    if uri == "qemu:///system" {
+        let mut client = agent.client.clone();
+        let vm = name.clone();
+        let in_flight = tokio::spawn(async move {
+            exec_in(
+                &mut client,
+                &vm,
+                &["sh", "-c", "sleep 3; echo survived"],
+                &[],
+                "",
+                None,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stopped = berth_tests::vm::stop_libvirtd().unwrap();
+        for status in [
+            agent.inspect(&name).await.map(drop),
+            agent
+                .client
+                .list_workloads(ListWorkloadsRequest::default())
+                .await
+                .map(drop),
+            exec_in(&mut agent.client, &name, &["true"], &[], "", None)
+                .await
+                .map(drop),
+        ] {
+            let status = status.expect_err("libvirtd is gone");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            for needle in ["libvirtd", "/run/libvirt/libvirt-sock"] {
+                assert!(status.message().contains(needle), "{status:?}");
+            }
+        }
+        agent.client.info(InfoRequest {}).await.unwrap();
+        let (out, _, exit) = in_flight.await.unwrap().unwrap();
+        assert_eq!(
+            (String::from_utf8_lossy(&out).as_ref(), exit.exit_code),
+            ("survived\n", 0)
+        );
+        stopped.start().unwrap();
+        let back = agent.inspect(&name).await.unwrap();
+        assert_eq!(state(&back), WorkloadState::Running, "{back:?}");
+        let (out, _, _) = exec_in(&mut agent.client, &name, &["hostname"], &[], "", None)
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "berth-guest\n");
+    } else {
+        eprintln!("{test}: libvirt at {uri} is not the system daemon: libvirtd is not stopped");
+    }
+
+    let mut client = agent.client.clone();
+    let vm = name.clone();
+    let exec =
+        tokio::spawn(
+            async move { exec_in(&mut client, &vm, &["sleep", "60"], &[], "", None).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    virsh(&uri, &["destroy", &name]);
+    let (_, err, exit) = tokio::time::timeout(Duration::from_secs(10), exec)
+        .await
+        .expect("the exec ends with its VM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (exit.exit_code, exit.reason()),
+        (137, ExitReason::Signaled),
+        "{exit:?}"
+    );
+    let err = String::from_utf8_lossy(&err);
+    for needle in [name.as_str(), "went down while the exec ran", "destroyed"] {
+        assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+    }
+    let refused = exec_in(&mut agent.client, &name, &["true"], &[], "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        berth_server::error::has_reason(
+            &refused,
+            berth_server::error::reasons::WORKLOAD_NOT_RUNNING
+        ),
+        "{refused:?}"
+    );
+    for needle in [name.as_str(), "destroyed"] {
+        assert!(refused.message().contains(needle), "{refused:?}");
+    }
+
+    agent.remove(&name, true).await.unwrap();
+    assert!(!domains_on(&uri).contains(&name), "the domain is undefined");
+    assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+}
+
+/// libvirt's lifecycle events, not polling, tell the agent of a VM that
+/// went down outside it: with polling every 60 s, a `virsh destroy` is an
+/// event on the agent's stream within ~100 ms of virsh's return, and a
+/// `virsh start` one too.
+#[tokio::test]
+async fn a_destroyed_vm_is_an_event_at_once() {
+    let _turn = REAL_VMS.lock().await;
+    let test = "vm-events";
+    let Some((uri, dir, base)) = real_vm_parts() else {
+        return;
+    };
+    let Some(mut agent) = Agent::start(test, dir, &uri, |c| {
+        c.libvirt.poll_interval = Duration::from_secs(60);
+    })
+    .await
+    else {
+        return;
+    };
+    let name = format!("berth-events-{}", std::process::id());
+    let created = agent.create(&name, guest_spec(&base)).await.unwrap();
+    agent.start_workload(&name).await.unwrap();
+    let mut events = agent
+        .client
+        .events(EventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        // libvirt sends the event once the destroy is done, as virsh returns.
+        virsh(&uri, &["destroy", &name]);
+        let destroyed_at = std::time::Instant::now();
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event well before the 60 s poll")
+            .unwrap()
+            .unwrap();
+        delays.push(destroyed_at.elapsed());
+        assert_eq!(event.workload_id, created.id);
+        assert_eq!(event.kind(), EventKind::Stopped, "{event:?}");
+        assert!(event.message.contains("outside berth"), "{event:?}");
+        // Started again outside berth: an event too.
+        virsh(&uri, &["start", &name]);
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("a started event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.kind(), EventKind::Started, "{event:?}");
+    }
+    agent.remove(&name, true).await.unwrap();
+    assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+    let slowest = *delays.iter().max().unwrap();
+    eprintln!(
+        "{test}: `virsh destroy` (from its return) to the Stopped event: {}",
+        spread(&mut delays)
+    );
+    assert!(slowest < Duration::from_millis(250), "{delays:?}");
+}
+
+/// p50 and p99 of `samples`, in ms.
+fn percentiles(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let at =
+        |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms ({} samples)",
+        at(0.5),
+        at(0.99),
+        samples.len()
+    )
+}
+
+/// An image without the exec shim, with qemu-ga: execs go through the qemu
+/// guest agent (guest-exec, guest-exec-status): output, exit code, env,
+/// working directory and a timeout; the dispatch time of `true`.
+#[tokio::test]
+async fn execs_go_through_the_guest_agent_without_a_shim() {
+    let _turn = REAL_VMS.lock().await;
+    let test = "guest-agent";
+    let Some(uri) = berth_tests::require(berth_tests::Part::Vm, berth_tests::vm::hypervisor())
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let Some(base) = berth_tests::require(
+        berth_tests::Part::Vm,
+        berth_tests::vm::guest_agent_image(&dir.path().join("image")),
+    ) else {
+        return;
+    };
+    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+        return;
+    };
+    let name = format!("berth-qga-{}", std::process::id());
+    let first = boot(&mut agent.client, &name, guest_spec(&base))
+        .await
+        .unwrap();
+    let (out, err, exit) = exec_in(
+        &mut agent.client,
+        &name,
+        &[
+            "sh",
+            "-c",
+            "echo out; echo err >&2; echo \"$GREETING\"; pwd; exit 3",
+        ],
+        &[("GREETING", "hello from the host")],
+        "/tmp",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "out\nhello from the host\n/tmp\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+    assert_eq!((exit.exit_code, exit.reason()), (3, ExitReason::Exited));
+    let (_, _, exit) = exec_in(
+        &mut agent.client,
+        &name,
+        &["sleep", "30"],
+        &[],
+        "",
+        Some(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(exit.reason(), ExitReason::TimedOut, "{exit:?}");
+    let mut round_trips = Vec::new();
+    for _ in 0..50 {
+        let at = std::time::Instant::now();
+        let (_, _, exit) = exec_in(&mut agent.client, &name, &["true"], &[], "", None)
+            .await
+            .unwrap();
+        assert_eq!(exit.exit_code, 0);
+        round_trips.push(at.elapsed());
+    }
+    agent.remove(&name, true).await.unwrap();
+    assert!(agent.files_left().is_empty(), "{:?}", agent.files_left());
+    eprintln!(
+        "{test}: start to first exec {:.1} s; exec `true` through the guest agent {}",
+        first.as_secs_f64(),
+        percentiles(&mut round_trips)
+    );
+}
+
+/// A separate agent process (the berth-agent binary) on the test's
+/// directory and libvirt, killed on drop; its client once it answers.
+async fn agent_process(dir: &Path, uri: &str, owner: &str) -> (berth_tests::Process, Client) {
+    let socket = format!("unix://{}", dir.join("agent.sock").display());
+    let http = format!("127.0.0.1:{}", berth_tests::free_port());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .envs([
+            ("BERTH_SERVER__LISTEN", socket.as_str()),
+            ("BERTH_SERVER__HTTP_LISTEN", &http),
+            ("BERTH_ENGINES__DOCKER", "off"),
+            ("BERTH_ENGINES__PODMAN", "off"),
+            ("BERTH_ENGINES__OWNER", owner),
+            (
+                "BERTH_ENGINES__STATE_DIR",
+                &dir.join("state").display().to_string(),
+            ),
+            ("BERTH_LIBVIRT__URI", uri),
+            (
+                "BERTH_LIBVIRT__DISK_DIR",
+                &dir.join("disks").display().to_string(),
+            ),
+            ("RUST_LOG", "warn"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = berth_tests::Process {
+        child,
+        name: "berth-agent".into(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(channel) =
+            berth_server::client::connect(&socket, "", Duration::from_secs(1)).await
+        {
+            let mut client = ContainerAgentClient::new(channel);
+            if client.info(InfoRequest {}).await.is_ok() {
+                return (process, client);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// kill -9 of the agent process while a keyed exec runs in the VM: the VM
+/// runs on, and a new agent process finds it and execs into it. The
+/// in-flight command does not survive: the agent's end of the shim's port
+/// closes with its process, which the guest's shim reads as a cancel and
+/// kills the command's group; keyed execs live in the agent's memory, so
+/// the new agent answers AttachExec with NOT_FOUND, saying the agent
+/// restarted.
+#[tokio::test]
+async fn a_killed_agent_leaves_its_vm_running_for_the_next() {
+    let _turn = REAL_VMS.lock().await;
+    let test = "agent-kill";
+    let Some((uri, dir, base)) = real_vm_parts() else {
+        return;
+    };
+    let owner = format!("t-{test}");
+    let (first, mut client) = agent_process(dir.path(), &uri, &owner).await;
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    if let Some(why) = info.unavailable_runtimes.get("RUNTIME_LIBVIRT") {
+        berth_tests::require::<(), _>(berth_tests::Part::Libvirt, Err(why.clone()));
+        return;
+    }
+    let name = format!("berth-kill-{}", std::process::id());
+    boot(&mut client, &name, guest_spec(&base)).await.unwrap();
+    let mut in_flight = client
+        .exec(ExecRequest {
+            workload_id: name.clone(),
+            exec_key: "run-1".into(),
+            command: ["sh", "-c", "echo started; sleep 4; echo done >/tmp/kept"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first_output = in_flight.message().await.unwrap().unwrap();
+    assert_eq!(
+        first_output.output,
+        Some(exec_output::Output::Stdout(b"started\n".to_vec()))
+    );
+    first.kill();
+    assert!(
+        in_flight.message().await.is_err(),
+        "the stream breaks with its agent"
+    );
+    let domstate = Command::new("virsh")
+        .args(["-c", &uri, "domstate", &name])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&domstate.stdout).trim(), "running");
+
+    let (_second, mut client) = agent_process(dir.path(), &uri, &owner).await;
+    let found = client
+        .inspect_workload(WorkloadRef { id: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&found), WorkloadState::Running, "{found:?}");
+    let attached = client
+        .attach_exec(AttachExecRequest {
+            exec_key: "run-1".into(),
+        })
+        .await;
+    assert_status(attached, Code::NotFound, "the agent restarted");
+    // Past the command's end: it was killed with its connection.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (out, _, exit) = exec_in(
+        &mut client,
+        &name,
+        &[
+            "sh",
+            "-c",
+            "cat /tmp/kept 2>/dev/null; ps -o args | grep -c '[s]leep 4' || true",
+        ],
+        &[],
+        "",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(exit.exit_code, 0);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "0\n",
+        "no `done` written, no sleep left: the command was killed"
+    );
+    client
+        .remove_workload(RemoveWorkloadRequest {
+            id: name.clone(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    assert!(!domains_on(&uri).contains(&name));
+    let disks = std::fs::read_dir(dir.path().join("disks")).map_or(0, |d| d.count());
+    assert_eq!(disks, 0, "files left in the disk directory");
+}
+
 /// Waits for `marker` in the guest's console log; the log so far when it
 /// does not come in time.
 async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<String, String> {
@@ -595,6 +1107,7 @@ async fn console_shows(log: &Path, marker: &str, within: Duration) -> Result<Str
 /// KVM where it can boot this kernel, qemu (TCG) otherwise.
 #[tokio::test]
 async fn a_real_vm_boots_and_stops() {
+    let _turn = REAL_VMS.lock().await;
     let test = "real-vm";
     let Some(uri) = berth_tests::require(berth_tests::Part::Vm, berth_tests::vm::hypervisor())
     else {
@@ -1174,4 +1687,124 @@ async fn destroyed_mid_exec(client: &mut Client, name: &str, uri: &str) -> Resul
         .into_inner();
     assert_eq!(state(&gone), WorkloadState::Stopped, "{gone:?}");
     Ok(())
+}
+
+/// Creates and boots `name` from `base` on `agent`, `within` at most; the
+/// time from the start to the first exec, or why there was none.
+async fn boot_within(
+    agent: &mut Agent,
+    name: &str,
+    base: &Path,
+    within: Duration,
+) -> Result<Duration, String> {
+    let booted = tokio::time::timeout(within, boot(&mut agent.client, name, guest_spec(base)))
+        .await
+        .unwrap_or_else(|_| Err(format!("no exec within {within:?}")));
+    if booted.is_err() {
+        let _ = agent.remove(name, true).await;
+    }
+    booted
+}
+
+/// `rounds` execs of `true` into `name`; their round trips.
+async fn exec_round_trips(client: &mut Client, name: &str, rounds: usize) -> Vec<Duration> {
+    let mut round_trips = Vec::new();
+    for _ in 0..rounds {
+        let at = std::time::Instant::now();
+        let (_, _, exit) = exec_in(client, name, &["true"], &[], "", None)
+            .await
+            .unwrap();
+        assert_eq!(exit.exit_code, 0);
+        round_trips.push(at.elapsed());
+    }
+    round_trips
+}
+
+/// docs/benchmarks.md's VM figures, in one run: boot to first exec of the
+/// test VM under TCG and under KVM (forced), exec dispatch of `true` into a
+/// VM through the shim and through the qemu guest agent, and `docker exec`
+/// into a busybox container. Not part of the suite (it takes minutes):
+/// `cargo test -p berth-container-agent --test libvirt benchmark -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a benchmark: run it with --ignored"]
+async fn benchmark_vm_boot_and_exec_paths() {
+    const ROUNDS: usize = 200;
+    let _turn = REAL_VMS.lock().await;
+    let test = "bench";
+    let Some((uri, dir, shim_image)) = real_vm_parts() else {
+        return;
+    };
+    let qga_image = berth_tests::vm::guest_agent_image(&dir.path().join("qga-image")).unwrap();
+    let mut rows = Vec::new();
+    let Some(mut agent) = Agent::start(test, dir, &uri, |_| {}).await else {
+        return;
+    };
+    let pid = std::process::id();
+    for (what, image, name) in [
+        ("shim", &shim_image, format!("berth-bench-shim-{pid}")),
+        ("guest agent", &qga_image, format!("berth-bench-qga-{pid}")),
+    ] {
+        let boot = boot_within(&mut agent, &name, image, Duration::from_secs(300))
+            .await
+            .unwrap();
+        rows.push(format!(
+            "TCG (auto), {what} image: start → first exec {:.1} s",
+            boot.as_secs_f64()
+        ));
+        let mut trips = exec_round_trips(&mut agent.client, &name, ROUNDS).await;
+        rows.push(format!(
+            "exec `true` through the {what}: {}",
+            percentiles(&mut trips)
+        ));
+        agent.remove(&name, true).await.unwrap();
+    }
+
+    let kvm_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        kvm_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut kvm = Agent::start("bench-kvm", kvm_dir, &uri, |c| {
+        c.libvirt.domain_type = "kvm".into();
+    })
+    .await
+    .unwrap();
+    let name = format!("berth-bench-kvm-{pid}");
+    match boot_within(&mut kvm, &name, &shim_image, Duration::from_secs(60)).await {
+        Ok(boot) => {
+            rows.push(format!(
+                "KVM (forced), shim image: start → first exec {:.1} s",
+                boot.as_secs_f64()
+            ));
+            kvm.remove(&name, true).await.unwrap();
+        }
+        Err(why) => rows.push(format!("KVM (forced), shim image: {why}")),
+    }
+
+    if let Some(tar) = berth_tests::busybox_rootfs(&berth_tests::target_tmpdir().join("images")) {
+        let image = format!("berth-bench-busybox:{pid}");
+        let container = format!("berth-bench-{pid}");
+        let docker = |args: &[&str]| {
+            let done = Command::new("docker").args(args).output().unwrap();
+            assert!(done.status.success(), "docker {args:?}: {done:?}");
+        };
+        docker(&["import", &tar.display().to_string(), &image]);
+        docker(&["run", "-d", "--name", &container, &image, "sleep", "100000"]);
+        let mut trips = Vec::new();
+        for _ in 0..ROUNDS {
+            let at = std::time::Instant::now();
+            docker(&["exec", &container, "true"]);
+            trips.push(at.elapsed());
+        }
+        rows.push(format!(
+            "`docker exec` CLI into busybox: {}",
+            percentiles(&mut trips)
+        ));
+        docker(&["rm", "-f", &container]);
+        docker(&["rmi", &image]);
+    }
+    for row in rows {
+        eprintln!("{test}: {row}");
+    }
 }

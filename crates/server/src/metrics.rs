@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 pub const GRPC_REQUESTS: &str = "berth_grpc_requests";
 pub const GRPC_REQUEST_SECONDS: &str = "berth_grpc_request_seconds";
+pub const RUNTIME_ALIVE_TASKS: &str = "berth_runtime_alive_tasks";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -122,6 +123,42 @@ where
     }
 }
 
+/// Tasks alive on the serving tokio runtime, read at each scrape: a request
+/// that leaves a task behind (a stream nobody reads, a timer never dropped)
+/// shows as a count that does not return to its idle level.
+#[derive(Debug)]
+pub struct RuntimeTasks(tokio::runtime::Handle);
+
+impl RuntimeTasks {
+    /// Registers the gauge for the runtime this is called on; outside a
+    /// runtime there is nothing to count, so nothing is registered.
+    pub fn register(registry: &mut Registry) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            registry.register_collector(Box::new(Self(handle)));
+        }
+    }
+}
+
+impl prometheus_client::collector::Collector for RuntimeTasks {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let alive = self.0.metrics().num_alive_tasks();
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(alive).unwrap_or(i64::MAX),
+        );
+        let metric = encoder.encode_descriptor(
+            RUNTIME_ALIVE_TASKS,
+            "Tasks alive on the service's tokio runtime",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
 /// Renders a registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
@@ -148,4 +185,31 @@ pub fn router(registry: Arc<Registry>) -> axum::Router {
             }
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive_tasks(registry: &Registry) -> i64 {
+        let text = render(registry);
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(RUNTIME_ALIVE_TASKS))
+            .unwrap_or_else(|| panic!("no {RUNTIME_ALIVE_TASKS} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_alive_task_gauge_follows_the_runtime() {
+        let mut registry = Registry::default();
+        RuntimeTasks::register(&mut registry);
+        let idle = alive_tasks(&registry);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move { stopped.await.ok() });
+        assert_eq!(alive_tasks(&registry), idle + 1);
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        assert_eq!(alive_tasks(&registry), idle);
+    }
 }

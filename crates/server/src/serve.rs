@@ -153,6 +153,7 @@ impl ServiceHost {
     /// HTTP port beside `/metrics`.
     pub async fn serve(mut self, http_routes: Option<axum::Router>) -> Result<(), ServeError> {
         let grpc_metrics = GrpcMetrics::register(&mut self.registry);
+        crate::metrics::RuntimeTasks::register(&mut self.registry);
         let registry = Arc::new(self.registry);
         let grpc_addr = self.grpc.local_addr();
 

@@ -36,7 +36,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::error::OrchestratorError;
 use crate::gpu_leases::GpuLeases;
 use crate::hosts::HostRegistry;
-use crate::manifest::ManifestLimits;
+use crate::manifest::{ManifestLimits, RuntimeName};
 use crate::store::Store;
 use crate::store::deployments::{
     DeploymentRecord, Inserted, ReplicaRecord, deployment_is_terminal,
@@ -574,11 +574,20 @@ impl Deployments {
     }
 }
 
-/// The replica's endpoints: each recipe port on the host's address.
+/// The replica's endpoints: each recipe port on the replica's own address
+/// (a VM's), or else on its host's; none for a VM whose address is not
+/// known yet.
 fn endpoints(recipe: &Recipe, replica: &ReplicaRecord, host_address: &str) -> Vec<Endpoint> {
-    if replica.host.is_empty() {
+    if replica.host.is_empty()
+        || (recipe.runtime == RuntimeName::Libvirt && replica.address.is_empty())
+    {
         return Vec::new();
     }
+    let address = if replica.address.is_empty() {
+        host_address
+    } else {
+        replica.address.as_str()
+    };
     recipe
         .ports
         .iter()
@@ -587,9 +596,9 @@ fn endpoints(recipe: &Recipe, replica: &ReplicaRecord, host_address: &str) -> Ve
             Some(Endpoint {
                 name: port.name.clone(),
                 protocol: port.protocol.as_str().to_string(),
-                host: host_address.to_string(),
+                host: address.to_string(),
                 port: u32::from(host_port),
-                address: format!("{host_address}:{host_port}"),
+                address: format!("{address}:{host_port}"),
             })
         })
         .collect()

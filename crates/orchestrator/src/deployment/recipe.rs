@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::manifest::{
     self, Backend, ByteSize, GpuRequest, ManifestError, ManifestLimits, Mount, PathStep, Resources,
-    RuntimeName, Source,
+    RuntimeName, Source, Vm,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -29,7 +29,8 @@ pub struct Recipe {
     /// (state Building): hosts need no registry.
     #[serde(default)]
     pub import: Option<ImageImport>,
-    /// The long-running command; `{{port.<name>}}` and `{{replica}}` are replaced.
+    /// The long-running command; `{{port.<name>}}` and `{{replica}}` are
+    /// replaced. A VM has none: its guest starts what it serves (cloud-init).
     #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
@@ -58,6 +59,9 @@ pub struct Recipe {
     /// Time a replica gets to stop before it is killed.
     #[serde(default = "default_stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// The VM of a `runtime: libvirt` replica, as a campaign backend's.
+    #[serde(default)]
+    pub vm: Option<Vm>,
 }
 
 fn one() -> u32 {
@@ -298,7 +302,7 @@ impl Recipe {
             resources: self.resources.clone(),
             gpus: self.gpus.clone(),
             mounts: self.mounts.clone(),
-            vm: None,
+            vm: self.vm.clone(),
         }
     }
 
@@ -365,13 +369,30 @@ fn validate(
                 "image: a container deployment needs an image".into(),
             ));
         }
-        RuntimeName::Libvirt => {
+        RuntimeName::Libvirt if !recipe.command.is_empty() => {
             return Err(at(
-                &["runtime"],
-                "runtime: libvirt deployments are not supported yet (recipes have no `vm:` section; issue 18)".into(),
+                &["command"],
+                "command: a VM's guest starts what it serves itself: give it as a script in vm.cloud_init (user-data starting with `#!`)".into(),
             ));
         }
         _ => {}
+    }
+    manifest::check_vm(&recipe.backend(), "recipe").map_err(|(path, message)| at(path, message))?;
+    if recipe.runtime == RuntimeName::Libvirt {
+        let for_containers: [(&str, bool); 4] = [
+            ("env", !recipe.env.is_empty()),
+            ("working_dir", !recipe.working_dir.is_empty()),
+            ("ulimits", !recipe.ulimits.is_empty()),
+            ("resources", recipe.resources != Resources::default()),
+        ];
+        if let Some((key, _)) = for_containers.into_iter().find(|(_, given)| *given) {
+            return Err(at(
+                &[key],
+                format!(
+                    "{key}: a VM is sized by vm.vcpus and vm.memory and configured by vm.cloud_init"
+                ),
+            ));
+        }
     }
     if let Some(import) = &recipe.import {
         let at = |message: String| source.at(&["import", "archive"], message);
@@ -483,6 +504,15 @@ fn check_ports(source: Source<'_>, recipe: &Recipe) -> Result<(), ManifestError>
                     "port",
                     format!(
                         "ports[{}].port: a container port must be given (the port the image listens on)",
+                        port.name
+                    ),
+                ));
+            }
+            RuntimeName::Libvirt if port.port == 0 || port.host_port != 0 => {
+                return Err(at(
+                    if port.port == 0 { "port" } else { "host_port" },
+                    format!(
+                        "ports[{}]: a VM answers on its own address: give the guest's `port`, and no host_port",
                         port.name
                     ),
                 ));
@@ -642,6 +672,68 @@ mod tests {
         ];
         for (text, line, message) in cases {
             let error = parse_text(text).unwrap_err();
+            assert!(
+                error.message.contains(message),
+                "{text}: {} lacks {message}",
+                error.message
+            );
+            assert_eq!(error.line, line, "{text}: {error}");
+        }
+    }
+
+    const VM: &str = "name: vm-web\nruntime: libvirt\nvm:\n  memory: 256MiB\n  disks: [{image: /var/lib/berth/base.qcow2}]\n  cloud_init: |\n    #!/bin/sh\n    httpd -p 8080\n";
+
+    #[test]
+    fn a_vm_recipe_parses_and_its_workload_is_its_vm() {
+        let recipe = parse_text(&format!("{VM}ports:\n  - name: http\n    port: 8080\n")).unwrap();
+        let vm = recipe.vm.as_ref().unwrap();
+        assert_eq!(vm.memory.0, 256 << 20);
+        assert!(vm.cloud_init.starts_with("#!/bin/sh"));
+        assert_eq!(recipe.backend().vm.as_ref(), Some(vm));
+    }
+
+    #[test]
+    fn a_vm_recipe_refuses_what_a_vm_cannot_take() {
+        let cases = [
+            (
+                "name: vm-web\nruntime: libvirt\n".to_string(),
+                2,
+                "runtime: libvirt needs a `vm:` section",
+            ),
+            (
+                format!("{VM}command: [httpd]\n"),
+                9,
+                "command: a VM's guest starts what it serves itself",
+            ),
+            (
+                format!("{VM}ports:\n  - name: http\n"),
+                10,
+                "ports[http]: a VM answers on its own address",
+            ),
+            (
+                format!("{VM}ports:\n  - name: http\n    port: 80\n    host_port: 8080\n"),
+                12,
+                "give the guest's `port`, and no host_port",
+            ),
+            (
+                format!("{VM}env: {{A: b}}\n"),
+                9,
+                "env: a VM is sized by vm.vcpus and vm.memory",
+            ),
+            (
+                format!("{VM}image: busybox\n"),
+                9,
+                "recipe.image: a VM boots its disks",
+            ),
+            (
+                "name: web\nruntime: process\ncommand: [x]\nvm:\n  memory: 1GiB\n  disks: []\n"
+                    .to_string(),
+                4,
+                "recipe.vm: only a `runtime: libvirt` backend runs a VM",
+            ),
+        ];
+        for (text, line, message) in cases {
+            let error = parse_text(&text).unwrap_err();
             assert!(
                 error.message.contains(message),
                 "{text}: {} lacks {message}",

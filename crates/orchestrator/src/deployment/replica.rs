@@ -83,6 +83,8 @@ fn misfit(recipe: &Recipe, backend: &crate::manifest::Backend, view: &HostView) 
 fn has_fixed_host_ports(recipe: &Recipe) -> bool {
     recipe.ports.iter().any(|p| match recipe.runtime {
         RuntimeName::Process => p.port != 0,
+        // Each VM answers on an address of its own.
+        RuntimeName::Libvirt => false,
         _ => p.host_port != 0,
     })
 }
@@ -175,7 +177,8 @@ impl Deployments {
         let mut ports = BTreeMap::new();
         for port in &recipe.ports {
             let fixed = match recipe.runtime {
-                RuntimeName::Process => port.port,
+                // A process binds a host port; a VM its own address's.
+                RuntimeName::Process | RuntimeName::Libvirt => port.port,
                 _ => port.host_port,
             };
             let host_port = if fixed == 0 {
@@ -292,7 +295,8 @@ async fn remove(client: &mut AgentClient, id: &str) {
 
 /// The replica's workload: the recipe's, with its ports, index and GPUs in
 /// place of the placeholders and requests, `BERTH_*` variables, labels, and
-/// no restart by the engine (the orchestrator restarts, and counts it).
+/// no restart by the engine (the orchestrator restarts, and counts it). A
+/// VM's is its `vm:` and labels only.
 fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> WorkloadSpec {
     let mut values = BTreeMap::from([("replica".to_string(), replica.index.to_string())]);
     for port in &recipe.ports {
@@ -318,6 +322,12 @@ fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> 
         (REPLICA_LABEL.to_string(), replica.index.to_string()),
     ]);
     let mut spec = backend.workload_spec(labels);
+    spec.restart_policy = RestartPolicy::No as i32;
+    if recipe.runtime == RuntimeName::Libvirt {
+        // The guest is configured by its cloud-init, not by a command, an
+        // environment or published ports (refused by the agent).
+        return spec;
+    }
     spec.env.extend([
         env("BERTH_DEPLOYMENT", recipe.name.clone()),
         env("BERTH_REPLICA", replica.index.to_string()),
@@ -374,7 +384,6 @@ fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> 
             })
         };
     }
-    spec.restart_policy = RestartPolicy::No as i32;
     spec
 }
 

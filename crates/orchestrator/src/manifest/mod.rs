@@ -37,10 +37,10 @@ pub use types::{
     Backend, ConfigPoint, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, DEFAULT_WORK_METRIC,
     FailurePolicy, Gaps, GpuRequest, Grid, MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig,
     OnFailure, Order, Placement, Plan, PlannedRun, Power, Resources, RunTemplate, RuntimeName,
-    StableWarmup, Warmup, WarmupPolicy,
+    StableWarmup, Vm, Warmup, WarmupPolicy,
 };
 pub use units::{ByteSize, GpuCount};
-pub(crate) use validate::{check_backend_resources, check_identifier};
+pub(crate) use validate::{check_backend_resources, check_identifier, check_vm};
 pub use workload::workload_name;
 
 /// Parses and validates a manifest within the default [`ManifestLimits`]

@@ -91,7 +91,8 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
         }
         check_backend_resources(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| at(path, message))?;
-        check_vm(backend).map_err(|(path, message)| at(path, message))?;
+        check_vm(backend, &format!("backends[{}]", backend.name))
+            .map_err(|(path, message)| at(path, message))?;
         if !backend.deployment.is_empty() {
             check_deployment_backend(backend).map_err(|(path, message)| at(path, message))?;
         }
@@ -209,10 +210,12 @@ const MIN_VM_MEMORY: u64 = 64 << 20;
 /// Most virtual CPUs a VM is given.
 const MAX_VCPUS: u32 = 256;
 
-/// A libvirt backend's `vm:` (and only a libvirt backend has one), or the
-/// key at fault and why.
-fn check_vm(backend: &Backend) -> Result<(), (&'static [&'static str], String)> {
-    let what = format!("backends[{}]", backend.name);
+/// A libvirt backend's (or recipe's) `vm:` (and only a libvirt workload
+/// has one), or the key at fault and why; `what` starts every message.
+pub(crate) fn check_vm(
+    backend: &Backend,
+    what: &str,
+) -> Result<(), (&'static [&'static str], String)> {
     let Some(vm) = &backend.vm else {
         if backend.runtime == RuntimeName::Libvirt {
             return Err((

@@ -50,6 +50,9 @@ pub struct ReplicaRecord {
     /// Indexes of its host's GPUs given to it at placement; empty when the
     /// recipe asks for none.
     pub gpus: Vec<u32>,
+    /// Where its endpoints answer when that is not its host's address: a
+    /// VM's own address on its network, learnt once the guest has one.
+    pub address: String,
 }
 
 impl ReplicaRecord {
@@ -67,6 +70,7 @@ impl ReplicaRecord {
             since_ms: 0,
             generation: 0,
             gpus: Vec::new(),
+            address: String::new(),
         }
     }
 }

@@ -203,12 +203,20 @@ impl DomainPlan {
         // A serial console: the only window into a guest without a network,
         // copied into the VM's files directory (what a boot printed, even
         // with nobody on the pty).
+        // The shim's port, and the qemu guest agent's next to it (the
+        // fallback for images without the shim), both in the files directory.
         if let Some(socket) = &self.shim_socket {
-            xml.push_str(&format!(
-                "    <channel type='unix'>\n      <source mode='bind' path='{}'/>\n      <target type='virtio' name='{}'/>\n    </channel>\n",
-                path_text(socket),
-                super::exec::SHIM_PORT
-            ));
+            let qga = socket.with_file_name(super::guest_agent::SOCKET);
+            for (socket, port) in [
+                (socket, super::exec::SHIM_PORT),
+                (&qga, super::guest_agent::PORT),
+            ] {
+                xml.push_str(&format!(
+                    "    <channel type='unix'>\n      <source mode='bind' path='{}'/>\n      <target type='virtio' name='{}'/>\n    </channel>\n",
+                    path_text(socket),
+                    port
+                ));
+            }
         }
         match &self.console_log {
             Some(log) => xml.push_str(&format!(

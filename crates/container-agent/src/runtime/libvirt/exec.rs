@@ -15,17 +15,19 @@
 //! group.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use berth_exec_shim::protocol::{self, FrameKind};
-use berth_proto::agent::v1::ExecOutput;
+use berth_proto::agent::v1::{ExecOutput, ExitReason, exec_output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::error::AgentError;
+use crate::process_group::EXEC_BUFFER;
 use crate::runtime::ExecCommand;
 use crate::runtime::container::exec_shim;
 
@@ -40,6 +42,21 @@ const ACCEPT_WAIT: Duration = Duration::from_secs(10);
 const MAX_SOCKET_PATH: usize = 107;
 /// Execs that may wait for a VM's port while another one runs.
 pub const MAX_WAITING: usize = 4;
+/// The exit code [`exec_shim::stream_exec`] (and the guest agent's exec)
+/// reports when the way to the guest broke before the command's exit: no
+/// command exits with it.
+pub const BROKEN: i32 = -1;
+/// Exit code of a command that went down with its VM: 128 + SIGKILL, as
+/// the command was in effect killed.
+const KILLED_WITH_VM: i32 = 137;
+
+/// Why an exec's port broke before its exit, as the runtime found out.
+pub enum Broken {
+    /// The VM went down (or libvirt could not be asked): the command is gone.
+    VmDown(String),
+    /// The VM still runs: what served the exec in the guest went away.
+    VmRuns(String),
+}
 
 /// The shim socket of a VM whose files are in `files_dir`, when its path
 /// fits in a unix socket address.
@@ -161,6 +178,59 @@ pub async fn run(
         }
     }
     Ok(exec_shim::stream_exec(stream, exec, (permit, lane), false))
+}
+
+/// `output`, with an exit whose way to the guest broke explained: `why` names the
+/// cause on stderr (the one channel an exec stream has past its start), and
+/// a command that went down with its VM exits 137, signalled, which the
+/// orchestrator checks against the backend's state.
+pub fn explained<W>(
+    mut output: mpsc::Receiver<ExecOutput>,
+    why: impl FnOnce() -> W + Send + 'static,
+) -> mpsc::Receiver<ExecOutput>
+where
+    W: Future<Output = Broken> + Send,
+{
+    let (tx, rx) = mpsc::channel(EXEC_BUFFER);
+    // At most one exit comes.
+    let mut why = Some(why);
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = output.recv() => message,
+                // The caller went away: dropping `output` is the kill.
+                () = tx.closed() => return,
+            };
+            let Some(mut message) = message else {
+                return;
+            };
+            if let Some(exec_output::Output::Exit(exit)) = &mut message.output
+                && exit.exit_code == BROKEN
+                && let Some(why) = why.take()
+            {
+                let note = match why().await {
+                    Broken::VmDown(note) => {
+                        exit.exit_code = KILLED_WITH_VM;
+                        exit.reason = ExitReason::Signaled as i32;
+                        note
+                    }
+                    Broken::VmRuns(note) => note,
+                };
+                let note = ExecOutput {
+                    output: Some(exec_output::Output::Stderr(
+                        format!("berth: {note}\n").into(),
+                    )),
+                };
+                if tx.send(note).await.is_err() {
+                    return;
+                }
+            }
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 #[cfg(test)]

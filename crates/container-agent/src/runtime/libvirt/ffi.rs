@@ -13,9 +13,11 @@ use std::ffi::{
     CStr, CString, c_char, c_int, c_longlong, c_uint, c_ulong, c_ulonglong, c_ushort, c_void,
 };
 use std::ptr::NonNull;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 const LIBRARY_NAME: &str = "libvirt.so.0";
+/// libvirt's QEMU-specific calls (the guest agent's), a library of its own.
+const QEMU_LIBRARY_NAME: &str = "libvirt-qemu.so.0";
 /// `VIR_UUID_STRING_BUFLEN`: 36 characters and the NUL.
 const UUID_STRING_LEN: usize = 37;
 /// `VIR_DOMAIN_METADATA_ELEMENT`: the `<metadata>` child in a namespace.
@@ -72,8 +74,14 @@ impl DomainState {
 /// `virDomainShutoffReason` values the runtime tells apart.
 pub mod shutoff_reason {
     pub const UNKNOWN: i32 = 0;
+    pub const SHUTDOWN: i32 = 1;
+    pub const DESTROYED: i32 = 2;
     pub const CRASHED: i32 = 3;
+    pub const MIGRATED: i32 = 4;
+    pub const SAVED: i32 = 5;
     pub const FAILED: i32 = 6;
+    pub const FROM_SNAPSHOT: i32 = 7;
+    pub const DAEMON: i32 = 8;
 }
 
 /// A failed call: libvirt's error number and message.
@@ -193,6 +201,22 @@ pub struct Interface {
 
 type Ptr = *mut c_void;
 
+/// `VIR_DOMAIN_EVENT_ID_LIFECYCLE`: a domain started, stopped, crashed,
+/// was defined or undefined, …
+const EVENT_ID_LIFECYCLE: c_int = 0;
+
+/// `virConnectDomainEventCallback`, the lifecycle event's callback, which
+/// libvirt takes as its generic callback type (the same C pointer).
+type LifecycleCallback = extern "C" fn(Ptr, Ptr, c_int, c_int, *mut c_void) -> c_int;
+/// `virConnectCloseFunc`.
+type CloseCallback = extern "C" fn(Ptr, c_int, *mut c_void);
+/// `virFreeCallback`.
+type FreeCallback = extern "C" fn(*mut c_void);
+
+/// What an event calls: it runs on libvirt's event loop thread, so it only
+/// hands the news on.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
 /// `unsigned long` is 32 bits on some targets, 64 on this one.
 #[allow(clippy::useless_conversion)]
 fn widen(value: c_ulong) -> u64 {
@@ -236,18 +260,40 @@ struct Api {
         c_uint,
     ) -> c_int,
     domain_free: unsafe extern "C" fn(Ptr) -> c_int,
+    domain_get_xml_desc: unsafe extern "C" fn(Ptr, c_uint) -> *mut c_char,
     domain_list_get_stats:
         unsafe extern "C" fn(*mut Ptr, c_uint, *mut *mut *mut RawStatsRecord, c_uint) -> c_int,
     domain_stats_record_list_free: unsafe extern "C" fn(*mut *mut RawStatsRecord),
     domain_interface_addresses:
         unsafe extern "C" fn(Ptr, *mut *mut *mut RawInterface, c_uint, c_uint) -> c_int,
     domain_interface_free: unsafe extern "C" fn(*mut RawInterface),
+    connect_domain_event_register_any: unsafe extern "C" fn(
+        Ptr,
+        Ptr,
+        c_int,
+        LifecycleCallback,
+        *mut c_void,
+        FreeCallback,
+    ) -> c_int,
+    connect_domain_event_deregister_any: unsafe extern "C" fn(Ptr, c_int) -> c_int,
+    connect_register_close_callback:
+        unsafe extern "C" fn(Ptr, CloseCallback, *mut c_void, FreeCallback) -> c_int,
+    connect_unregister_close_callback: unsafe extern "C" fn(Ptr, CloseCallback) -> c_int,
     get_last_error: unsafe extern "C" fn() -> *const RawError,
     reset_last_error: unsafe extern "C" fn(),
 }
 
+/// `virDomainQemuAgentCommand` (libvirt-qemu.h).
+type QemuAgentCommand = unsafe extern "C" fn(Ptr, *const c_char, c_int, c_uint) -> *mut c_char;
+
 pub struct Library {
     api: Api,
+    /// The guest agent's entry point from libvirt-qemu, with the library
+    /// that keeps it mapped; why not when that library does not load.
+    qemu_agent: Result<(QemuAgentCommand, libloading::Library), String>,
+    /// Whether libvirt's event loop runs (on a thread of its own): events
+    /// can be subscribed to; why not otherwise.
+    events: Result<(), String>,
     /// Keeps the entry points in `api` mapped.
     _library: libloading::Library,
 }
@@ -307,10 +353,24 @@ fn load() -> Result<Library, String> {
             domain_get_metadata: symbol(&library, "virDomainGetMetadata")?,
             domain_set_metadata: symbol(&library, "virDomainSetMetadata")?,
             domain_free: symbol(&library, "virDomainFree")?,
+            domain_get_xml_desc: symbol(&library, "virDomainGetXMLDesc")?,
             domain_list_get_stats: symbol(&library, "virDomainListGetStats")?,
             domain_stats_record_list_free: symbol(&library, "virDomainStatsRecordListFree")?,
             domain_interface_addresses: symbol(&library, "virDomainInterfaceAddresses")?,
             domain_interface_free: symbol(&library, "virDomainInterfaceFree")?,
+            connect_domain_event_register_any: symbol(
+                &library,
+                "virConnectDomainEventRegisterAny",
+            )?,
+            connect_domain_event_deregister_any: symbol(
+                &library,
+                "virConnectDomainEventDeregisterAny",
+            )?,
+            connect_register_close_callback: symbol(&library, "virConnectRegisterCloseCallback")?,
+            connect_unregister_close_callback: symbol(
+                &library,
+                "virConnectUnregisterCloseCallback",
+            )?,
             get_last_error: symbol(&library, "virGetLastError")?,
             reset_last_error: symbol(&library, "virResetLastError")?,
         }
@@ -330,10 +390,86 @@ fn load() -> Result<Library, String> {
         ) = symbol(&library, "virSetErrorFunc")?;
         set_error_func(std::ptr::null_mut(), Some(ignore_error));
     }
+    let qemu_agent = load_qemu_agent();
+    let events = start_event_loop(&library);
+    if let Err(why) = &events {
+        tracing::warn!(%why, "libvirt events unavailable: domains are polled");
+    }
     Ok(Library {
         api,
+        qemu_agent,
+        events,
         _library: library,
     })
+}
+
+/// The guest agent's call from libvirt-qemu, which libvirt's packages ship
+/// next to libvirt (Debian: libvirt0).
+fn load_qemu_agent() -> Result<(QemuAgentCommand, libloading::Library), String> {
+    // SAFETY: as for libvirt itself: its constructors set up its own state.
+    let library = unsafe { libloading::Library::new(QEMU_LIBRARY_NAME) }
+        .map_err(|e| format!("cannot load {QEMU_LIBRARY_NAME}: {e}"))?;
+    // SAFETY: the signature of virDomainQemuAgentCommand in libvirt-qemu.h
+    // (since libvirt 0.10.0).
+    let command = unsafe { symbol(&library, "virDomainQemuAgentCommand")? };
+    Ok((command, library))
+}
+
+/// Registers libvirt's default event loop (before any connection is
+/// opened, as libvirt requires) and runs it on a thread of its own for the
+/// life of the process: events and close callbacks are dispatched there.
+fn start_event_loop(library: &libloading::Library) -> Result<(), String> {
+    // SAFETY: both take no arguments (libvirt-event.h); the registration
+    // happens once, here, before any connection exists.
+    let (register, run) = unsafe {
+        let register: unsafe extern "C" fn() -> c_int =
+            symbol(library, "virEventRegisterDefaultImpl")?;
+        let run: unsafe extern "C" fn() -> c_int = symbol(library, "virEventRunDefaultImpl")?;
+        (register, run)
+    };
+    // SAFETY: as above.
+    if unsafe { register() } < 0 {
+        return Err("virEventRegisterDefaultImpl failed".to_string());
+    }
+    std::thread::Builder::new()
+        .name("libvirt-events".to_string())
+        .spawn(move || {
+            loop {
+                // SAFETY: the default implementation is registered; one
+                // thread runs its iterations.
+                if unsafe { run() } < 0 {
+                    // An iteration that fails (e.g. poll interrupted) is
+                    // tried again, not too fast.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start libvirt's event loop thread: {e}"))
+}
+
+extern "C" fn on_lifecycle(
+    _connection: Ptr,
+    _domain: Ptr,
+    _event: c_int,
+    _detail: c_int,
+    wake: *mut c_void,
+) -> c_int {
+    // SAFETY: `wake` is the Box<Wake> registered with this callback, freed
+    // only by `free_wake` once libvirt no longer calls it.
+    unsafe { (*wake.cast::<Wake>())() };
+    0
+}
+
+extern "C" fn on_close(_connection: Ptr, _reason: c_int, wake: *mut c_void) {
+    // SAFETY: as in on_lifecycle.
+    unsafe { (*wake.cast::<Wake>())() };
+}
+
+extern "C" fn free_wake(wake: *mut c_void) {
+    // SAFETY: libvirt frees each registration's opaque pointer once; it is
+    // a Box<Wake> from Box::into_raw.
+    drop(unsafe { Box::from_raw(wake.cast::<Wake>()) });
 }
 
 impl Library {
@@ -510,6 +646,81 @@ impl Connection {
     }
 }
 
+/// A connection's lifecycle events and its close, each calling `wake`, until
+/// dropped.
+pub struct Subscription {
+    connection: Arc<Connection>,
+    callback: c_int,
+}
+
+impl Connection {
+    /// Calls `wake` on every lifecycle event of any domain, and when the
+    /// connection closes (the daemon went away); an error when libvirt's
+    /// event loop does not run or the driver has no events.
+    pub fn subscribe(self: &Arc<Self>, wake: Wake) -> Result<Subscription, VirError> {
+        if let Err(why) = &self.library.events {
+            return Err(VirError {
+                code: code::OPERATION_UNSUPPORTED,
+                message: why.clone(),
+            });
+        }
+        let opaque = || Box::into_raw(Box::new(wake.clone())).cast::<c_void>();
+        // SAFETY: valid connection; a null domain asks for every domain's
+        // events; `opaque` is freed by libvirt with free_wake, also when
+        // the registration fails.
+        let callback = unsafe {
+            (self.api().connect_domain_event_register_any)(
+                self.ptr.as_ptr(),
+                std::ptr::null_mut(),
+                EVENT_ID_LIFECYCLE,
+                on_lifecycle,
+                opaque(),
+                free_wake,
+            )
+        };
+        if callback < 0 {
+            return Err(self.library.last_error());
+        }
+        let subscription = Subscription {
+            connection: self.clone(),
+            callback,
+        };
+        // SAFETY: as above, for the close callback.
+        let status = unsafe {
+            (self.api().connect_register_close_callback)(
+                self.ptr.as_ptr(),
+                on_close,
+                opaque(),
+                free_wake,
+            )
+        };
+        if status < 0 {
+            return Err(self.library.last_error());
+        }
+        Ok(subscription)
+    }
+}
+
+impl Subscription {
+    /// False once the subscribed connection broke: its events stopped.
+    pub fn is_alive(&self) -> bool {
+        self.connection.is_alive()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let ptr = self.connection.ptr.as_ptr();
+        // SAFETY: the ids registered in `subscribe`, each removed once. On a
+        // broken connection libvirt may refuse; the connection then keeps
+        // its callbacks until it is freed.
+        unsafe {
+            (self.connection.api().connect_unregister_close_callback)(ptr, on_close);
+            (self.connection.api().connect_domain_event_deregister_any)(ptr, self.callback);
+        }
+    }
+}
+
 fn none_if_missing<T>(found: Result<T, VirError>) -> Result<Option<T>, VirError> {
     match found {
         Ok(found) => Ok(Some(found)),
@@ -653,6 +864,49 @@ impl Domain<'_> {
 }
 
 impl Domain<'_> {
+    /// The live domain XML (the definition when it does not run), with
+    /// runtime details such as each virtio channel's `state`.
+    pub fn xml(&self) -> Result<String, VirError> {
+        // SAFETY: valid domain; the returned string is malloc'd by libvirt,
+        // copied, then freed with free() as libvirt documents.
+        unsafe {
+            let ptr = (self.api().domain_get_xml_desc)(self.ptr.as_ptr(), 0);
+            if ptr.is_null() {
+                return Err(self.connection.library.last_error());
+            }
+            let text = owned_string(ptr);
+            libc::free(ptr.cast());
+            text.ok_or_else(|| self.connection.library.last_error())
+        }
+    }
+
+    /// Sends one QMP-style command (JSON) to the qemu guest agent in the
+    /// guest and returns its JSON answer; waits up to `timeout_s` seconds
+    /// for the agent.
+    pub fn guest_agent(&self, command: &str, timeout_s: i32) -> Result<String, VirError> {
+        let call = match &self.connection.library.qemu_agent {
+            Ok((call, _)) => *call,
+            Err(why) => {
+                return Err(VirError {
+                    code: code::OPERATION_UNSUPPORTED,
+                    message: why.clone(),
+                });
+            }
+        };
+        let command = c_string(command)?;
+        // SAFETY: valid domain and NUL-terminated command; the answer is
+        // malloc'd by libvirt, copied, then freed with free().
+        unsafe {
+            let ptr = call(self.ptr.as_ptr(), command.as_ptr(), timeout_s, 0);
+            if ptr.is_null() {
+                return Err(self.connection.library.last_error());
+            }
+            let text = owned_string(ptr);
+            libc::free(ptr.cast());
+            text.ok_or_else(|| self.connection.library.last_error())
+        }
+    }
+
     /// This domain's statistics of the `groups` ([`stats_group`]), as
     /// libvirt names them (`cpu.time`, `balloon.rss`, `block.0.rd.bytes`, …):
     /// the integer ones; others are left out.

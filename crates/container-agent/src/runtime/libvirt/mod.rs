@@ -4,8 +4,11 @@
 //! this agent's owner, so a restarted agent finds its VMs again.
 //!
 //! Exec goes to the berth exec shim in the guest over a virtio-serial port
-//! (`exec.rs`); logs are the guest's serial console (`console.rs`); stats
-//! and the guest's IP addresses come from libvirt (`stats.rs`, [`addresses`]).
+//! (`exec.rs`), or to the qemu guest agent in images without the shim
+//! (`guest_agent.rs`); logs are the guest's serial console (`console.rs`);
+//! stats and the guest's IP addresses come from libvirt (`stats.rs`,
+//! [`addresses`]); changes made outside the agent from libvirt's lifecycle
+//! events (`watch.rs`).
 
 mod console;
 mod define;
@@ -13,6 +16,7 @@ mod disks;
 pub(super) mod domain_xml;
 mod exec;
 mod ffi;
+mod guest_agent;
 mod stats;
 mod view;
 pub(super) mod vm_spec;
@@ -40,6 +44,10 @@ const RUNTIME: &str = "RUNTIME_LIBVIRT";
 const SYSTEM_SOCKETS: [&str; 2] = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"];
 /// How often a stop checks whether the guest has shut down.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+/// How long an exec whose port broke waits for libvirt to show its domain
+/// down: qemu closes the port as it exits, a moment before libvirtd
+/// records why.
+const BROKEN_EXEC_SETTLE: Duration = Duration::from_secs(2);
 /// Stats samples buffered for a slow reader.
 const STATS_BUFFER: usize = 16;
 
@@ -68,6 +76,36 @@ pub fn locate(configured: &str) -> Result<String, String> {
     }
 }
 
+/// The daemon behind `uri` and its socket, for errors: libvirt names the
+/// socket only when it cannot connect, not when a connection breaks. `None`
+/// for drivers without a daemon (`test:///`).
+fn daemon_of(uri: &str) -> Option<String> {
+    if let Some(socket) = uri
+        .split_once('?')
+        .and_then(|(_, query)| query.split('&').find_map(|p| p.strip_prefix("socket=")))
+    {
+        return Some(format!("the libvirt daemon on {socket}"));
+    }
+    let (scheme, path) = uri.split_once("://")?;
+    if scheme == "test" {
+        return None;
+    }
+    Some(match path.trim_start_matches('/') {
+        "system" => match SYSTEM_SOCKETS
+            .iter()
+            .find(|socket| std::path::Path::new(socket).exists())
+        {
+            Some(socket) if socket.ends_with("virtqemud-sock") => format!("virtqemud on {socket}"),
+            _ => format!("libvirtd on {}", SYSTEM_SOCKETS[0]),
+        },
+        "session" => {
+            "the session daemon (libvirtd --session) on $XDG_RUNTIME_DIR/libvirt/libvirt-sock"
+                .to_string()
+        }
+        _ => "the libvirt daemon".to_string(),
+    })
+}
+
 #[derive(Clone)]
 pub struct LibvirtRuntime {
     inner: Arc<Inner>,
@@ -89,7 +127,8 @@ struct Inner {
 
 impl Inner {
     fn unavailable(&self, why: impl std::fmt::Display) -> AgentError {
-        AgentError::RuntimeUnavailable(RUNTIME, format!("libvirt at {}: {why}", self.uri))
+        let daemon = daemon_of(&self.uri).map_or(String::new(), |d| format!(" ({d})"));
+        AgentError::RuntimeUnavailable(RUNTIME, format!("libvirt at {}{daemon}: {why}", self.uri))
     }
 
     /// The open connection, or a new one when there is none or it broke.
@@ -185,7 +224,9 @@ impl LibvirtRuntime {
             let result = call(&connection);
             if !connection.is_alive() {
                 inner.forget(&connection);
-                return Err(inner.unavailable("the connection was lost; the next call reconnects"));
+                return Err(inner.unavailable(
+                    "the connection to the daemon was lost (stopped or restarted?); the next call reconnects",
+                ));
             }
             result
         })
@@ -469,10 +510,10 @@ impl WorkloadRuntime for LibvirtRuntime {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
         let view = self.find_or_404(id).await?;
-        if !view.info.state.is_active() {
+        if !view.active() {
             return Err(AgentError::NotRunning {
+                state: view.down_cause(),
                 name: view.name,
-                state: "not running",
             });
         }
         let Some(socket) = view
@@ -483,15 +524,58 @@ impl WorkloadRuntime for LibvirtRuntime {
         else {
             return Err(view.no_files_dir("Exec"));
         };
-        exec::run(
-            &self.inner.exec_lanes,
-            &view.uuid,
-            &view.name,
-            &socket,
-            exec,
-            permit,
-        )
-        .await
+        // The shim when the guest has its port open, or has neither port
+        // open yet (still booting: the shim's wait says so); the guest agent
+        // when only its port is open.
+        let ports = self.connected_ports(&view).await?;
+        let (output, via) = if !ports.iter().any(|p| p == exec::SHIM_PORT)
+            && ports.iter().any(|p| p == guest_agent::PORT)
+        {
+            let output = guest_agent::run(self.clone(), view.clone(), exec, permit).await?;
+            (output, "the qemu guest agent")
+        } else {
+            match exec::run(
+                &self.inner.exec_lanes,
+                &view.uuid,
+                &view.name,
+                &socket,
+                exec,
+                permit,
+            )
+            .await
+            {
+                Ok(output) => (output, "the exec shim's port"),
+                // The port is qemu's: it breaks when the VM went down since
+                // the lookup, which is then the error to report.
+                Err(error @ AgentError::EngineUnavailable { .. }) => {
+                    return Err(match self.down_cause(&view, Duration::ZERO).await {
+                        Ok(Some(cause)) => AgentError::NotRunning {
+                            name: view.name,
+                            state: cause,
+                        },
+                        _ => error,
+                    });
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let runtime = self.clone();
+        Ok(exec::explained(output, move || async move {
+            let name = &view.name;
+            match runtime.down_cause(&view, BROKEN_EXEC_SETTLE).await {
+                Ok(Some(cause)) => exec::Broken::VmDown(format!(
+                    "libvirt domain `{name}` went down while the exec ran: {cause}"
+                )),
+                Ok(None) => exec::Broken::VmRuns(format!(
+                    "{via} in libvirt domain `{name}` broke before the command's exit, \
+                     and the domain still runs: the guest's berth-exec-shim or qemu-ga died or restarted"
+                )),
+                Err(error) => exec::Broken::VmDown(format!(
+                    "{via} in libvirt domain `{name}` broke before the command's exit, \
+                     and libvirt cannot say why: {error}"
+                )),
+            }
+        }))
     }
 
     /// The guest's serial console, as the agent read it.
@@ -572,6 +656,53 @@ impl LibvirtRuntime {
         .await
     }
 
+    /// The virtio-serial ports the guest of `view` has open.
+    async fn connected_ports(&self, view: &DomainView) -> Result<Vec<String>, AgentError> {
+        let (uuid, name) = (view.uuid.clone(), view.name.clone());
+        self.with_connection(move |connection| {
+            let domain = connection
+                .lookup_by_uuid(&uuid)
+                .map_err(failed("look up"))?
+                .ok_or(AgentError::WorkloadNotFound(name))?;
+            Ok(guest_agent::connected_ports(
+                &domain.xml().map_err(failed("read the domain XML"))?,
+            ))
+        })
+        .await
+    }
+
+    /// Why the domain of `view` is down ([`view::down_cause`]), once libvirt
+    /// shows it down within `settle`; `None` while it still runs.
+    async fn down_cause(
+        &self,
+        view: &DomainView,
+        settle: Duration,
+    ) -> Result<Option<&'static str>, AgentError> {
+        let deadline = Instant::now() + settle;
+        loop {
+            let uuid = view.uuid.clone();
+            let info = self
+                .with_connection(move |connection| {
+                    match connection
+                        .lookup_by_uuid(&uuid)
+                        .map_err(failed("look up"))?
+                    {
+                        Some(domain) => domain.info().map(Some).map_err(failed("look up")),
+                        None => Ok(None),
+                    }
+                })
+                .await?;
+            match info {
+                None => return Ok(Some("undefined (the domain is gone)")),
+                Some(info) if !info.state.is_active() => {
+                    return Ok(Some(view::down_cause(info.state, info.reason)));
+                }
+                Some(_) if Instant::now() >= deadline => return Ok(None),
+                Some(_) => tokio::time::sleep(SHUTDOWN_POLL).await,
+            }
+        }
+    }
+
     /// The guest's IP addresses from its network's DHCP leases, else from
     /// the host's ARP table (a bridge, or a network without DHCP); none,
     /// with why, when neither knows one. libvirt failing to say is a note,
@@ -630,6 +761,21 @@ impl LibvirtRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_daemon_behind_a_uri() {
+        assert!(
+            daemon_of("qemu:///system")
+                .unwrap()
+                .contains("/run/libvirt/")
+        );
+        assert_eq!(
+            daemon_of("qemu+unix:///system?socket=/tmp/s").unwrap(),
+            "the libvirt daemon on /tmp/s"
+        );
+        assert!(daemon_of("qemu:///session").unwrap().contains("session"));
+        assert_eq!(daemon_of("test:///default"), None);
+    }
 
     #[test]
     fn uris_are_located() {

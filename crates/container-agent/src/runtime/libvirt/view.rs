@@ -67,9 +67,35 @@ fn workload_state(state: DomainState, reason: i32) -> WorkloadState {
     }
 }
 
+/// Why a domain that is not running is down, as its state and reason say:
+/// what an exec into it (or one it cut short) reports.
+pub(super) fn down_cause(state: DomainState, reason: i32) -> &'static str {
+    use ffi::shutoff_reason as why;
+    match (state, reason) {
+        (DomainState::Crashed, _) | (DomainState::Shutoff, why::CRASHED) => {
+            "shut off (the guest crashed)"
+        }
+        (DomainState::Shutoff, why::DESTROYED) => {
+            "shut off (destroyed: `virsh destroy`, or a stop that powered it off)"
+        }
+        (DomainState::Shutoff, why::SHUTDOWN) => "shut off (the guest shut down)",
+        (DomainState::Shutoff, why::FAILED) => "shut off (its qemu process failed)",
+        (DomainState::Shutoff, why::DAEMON) => "shut off (by libvirtd)",
+        (DomainState::Shutoff, why::MIGRATED) => "shut off (migrated to another host)",
+        (DomainState::Shutoff, why::SAVED) => "shut off (saved to a file)",
+        (DomainState::Shutoff, why::FROM_SNAPSHOT) => "shut off (a snapshot was restored)",
+        _ => "not running",
+    }
+}
+
 impl DomainView {
     pub(super) fn active(&self) -> bool {
         self.info.state.is_active()
+    }
+
+    /// Why this domain is down ([`down_cause`]).
+    pub(super) fn down_cause(&self) -> &'static str {
+        down_cause(self.info.state, self.info.reason)
     }
 
     /// Why `rpc` cannot reach into this VM: it has no files directory, where

@@ -1,18 +1,25 @@
 //! Events for what happens to the agent's domains without the agent: a
-//! guest that powers itself off or crashes, a `virsh start` or `undefine`.
-//! The agent publishes events for its own actions itself; this loop compares
-//! libvirt's states with the last ones it knew, every `libvirt.poll_interval`,
-//! and makes sure the consoles of running VMs are followed.
-//! (Polling needs no libvirt event loop thread, and survives reconnects.)
+//! guest that powers itself off or crashes, a `virsh destroy`, `start` or
+//! `undefine`. The agent publishes events for its own actions itself; this
+//! loop compares libvirt's states with the last ones it knew whenever
+//! libvirt reports a lifecycle event (virConnectDomainEventRegisterAny, on
+//! the event loop thread ffi.rs runs), and makes sure the consoles of
+//! running VMs are followed. An event only wakes the loop: comparing whole
+//! states keeps one path for what events say, what a reconnect finds and
+//! what polling sees. Polling every `libvirt.poll_interval` is the fallback
+//! while events cannot be subscribed to; a closed connection wakes the loop
+//! to subscribe again on a new one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use berth_proto::agent::v1::EventKind;
+use tokio::sync::Notify;
 
-use super::ffi::{DomainState, shutoff_reason};
+use super::ffi::{DomainState, Subscription, shutoff_reason};
 use super::{DomainView, Inner, LibvirtRuntime};
+use crate::error::AgentError;
 
 /// The last known activity of each of the agent's domains.
 #[derive(Debug, Default)]
@@ -159,49 +166,103 @@ impl Drop for Busy {
     }
 }
 
-/// Polls until the runtime is dropped.
+/// Looks at the domains once now, then on every libvirt lifecycle event
+/// (and when the connection closes) until the runtime is dropped; every
+/// `interval` instead while events cannot be subscribed to (no event loop,
+/// a driver without events, the daemon gone).
 pub fn spawn(inner: Weak<Inner>, interval: Duration) {
     tokio::spawn(async move {
+        let wake = Arc::new(Notify::new());
+        let mut subscription: Option<Subscription> = None;
+        let mut fallback_said = false;
         loop {
-            tokio::time::sleep(interval).await;
-            let Some(inner) = inner.upgrade() else {
+            let Some(strong) = inner.upgrade() else {
                 return;
             };
-            let runtime = LibvirtRuntime { inner };
-            let generation = runtime.inner.seen().generation;
-            let views = match runtime.owned_domains().await {
-                Ok(views) => views,
-                Err(error) => {
-                    tracing::debug!(%error, "could not poll libvirt domains");
-                    continue;
+            let runtime = LibvirtRuntime { inner: strong };
+            if subscription.as_ref().is_none_or(|s| !s.is_alive()) {
+                subscription = None;
+                match runtime.subscribe(wake.clone()).await {
+                    Ok(subscribed) => {
+                        subscription = Some(subscribed);
+                        fallback_said = false;
+                    }
+                    Err(error) if !fallback_said => {
+                        tracing::info!(%error, ?interval, "no libvirt events: polling the domains");
+                        fallback_said = true;
+                    }
+                    Err(error) => tracing::debug!(%error, "still no libvirt events"),
                 }
-            };
-            // Consoles of running VMs are followed even when nobody asked
-            // for their logs yet, so that their lines are dated as they come.
-            for view in views.iter().filter(|view| view.active()) {
-                runtime.inner.console(view);
             }
-            let changes = {
-                let mut seen = runtime.inner.seen();
-                if seen.generation != generation {
-                    continue; // the agent acted meanwhile: the next poll knows better
+            // A look that raced with the agent's own action is taken again
+            // after `interval`, not at the next event.
+            let again = !look(&runtime).await;
+            drop(runtime);
+            if subscription.is_some() && !again {
+                wake.notified().await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = wake.notified() => {}
                 }
-                seen.changes(&views)
-            };
-            for change in changes {
-                if change.kind == EventKind::Removed {
-                    runtime.inner.consoles.remove(&change.uuid);
-                    runtime.inner.exec_lanes.remove(&change.uuid);
-                }
-                runtime.inner.events.publish(
-                    &change.uuid,
-                    &change.name,
-                    change.kind,
-                    change.message.to_string(),
-                );
             }
         }
     });
+}
+
+impl LibvirtRuntime {
+    /// libvirt's lifecycle events and the connection's close, each waking
+    /// `wake`.
+    async fn subscribe(&self, wake: Arc<Notify>) -> Result<Subscription, AgentError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = inner.connect()?;
+            connection
+                .subscribe(Arc::new(move || wake.notify_one()))
+                .map_err(|e| inner.unavailable(format!("cannot subscribe to events: {e}")))
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("libvirt call panicked: {e}")))?
+    }
+}
+
+/// Compares libvirt's domains with what was known and publishes the
+/// changes; false when the agent acted meanwhile (the look is dropped, to be
+/// taken again).
+async fn look(runtime: &LibvirtRuntime) -> bool {
+    let generation = runtime.inner.seen().generation;
+    let views = match runtime.owned_domains().await {
+        Ok(views) => views,
+        Err(error) => {
+            tracing::debug!(%error, "could not look at the libvirt domains");
+            return true;
+        }
+    };
+    // Consoles of running VMs are followed even when nobody asked for their
+    // logs yet, so that their lines are dated as they come.
+    for view in views.iter().filter(|view| view.active()) {
+        runtime.inner.console(view);
+    }
+    let changes = {
+        let mut seen = runtime.inner.seen();
+        if seen.generation != generation {
+            return false;
+        }
+        seen.changes(&views)
+    };
+    for change in changes {
+        if change.kind == EventKind::Removed {
+            runtime.inner.consoles.remove(&change.uuid);
+            runtime.inner.exec_lanes.remove(&change.uuid);
+        }
+        runtime.inner.events.publish(
+            &change.uuid,
+            &change.name,
+            change.kind,
+            change.message.to_string(),
+        );
+    }
+    true
 }
 
 #[cfg(test)]

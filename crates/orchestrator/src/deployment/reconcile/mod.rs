@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_proto::agent::v1::{
-    ListImagesRequest, ListWorkloadsRequest, LogsRequest, RemoveWorkloadRequest, WorkloadRef,
-    WorkloadState,
+    ListImagesRequest, ListWorkloadsRequest, LogsRequest, RemoveWorkloadRequest, Workload,
+    WorkloadRef, WorkloadState,
 };
 use berth_proto::orchestrator::v1::{DeploymentState, HostStatus, ReplicaState};
 use futures::StreamExt;
@@ -22,6 +22,7 @@ use super::replica::{DEPLOYMENT_LABEL, NotPlaced, elapsed_since, endpoint_host, 
 use super::{Deployments, now_ms};
 use crate::error::OrchestratorError;
 use crate::hosts::{AgentClient, describe_status};
+use crate::manifest::RuntimeName;
 use crate::scheduler::agent_did_not_answer;
 use crate::store::deployments::{DeploymentRecord, ReplicaRecord, deployment_is_terminal};
 
@@ -394,6 +395,9 @@ fn endpoint_address(
     port_name: &str,
 ) -> Option<(String, u16)> {
     let port = *replica.ports.get(port_name)?;
+    if !replica.address.is_empty() {
+        return Some((replica.address.clone(), port));
+    }
     let view = deployments
         .hosts
         .views()

@@ -1,6 +1,8 @@
 //! Looking at a started replica: its workload, its health check, and what
 //! follows when it went down or its host went silent.
 
+use std::ops::ControlFlow;
+
 use super::*;
 
 impl Deployments {
@@ -72,6 +74,10 @@ impl Deployments {
                 )
                 .await;
         }
+        let replica = match guest_address(recipe, replica, &workload) {
+            ControlFlow::Continue(replica) => replica,
+            ControlFlow::Break(waiting) => return waiting,
+        };
         let Some(check) = &recipe.health else {
             return self.healthy(recipe, replica, "running (the recipe has no health check)");
         };
@@ -271,5 +277,51 @@ impl Deployments {
             format!("host `{host}` was deregistered; placing the replica elsewhere")
         };
         next
+    }
+}
+
+/// A VM replica's endpoints are on the guest's own address, known once the
+/// guest has one (DHCP): it is recorded as it is learnt (and again should
+/// a restart change it), and the replica is not Running before it: `Break`
+/// is the replica left Starting with why. Other replicas are on their
+/// host's address.
+fn guest_address(
+    recipe: &Recipe,
+    replica: ReplicaRecord,
+    workload: &Workload,
+) -> ControlFlow<ReplicaRecord, ReplicaRecord> {
+    if recipe.runtime != RuntimeName::Libvirt {
+        return ControlFlow::Continue(replica);
+    }
+    // Addresses come as `192.168.122.2/24`: the prefix length is not part of
+    // where the replica answers.
+    let addresses = || {
+        workload
+            .ip_addresses
+            .iter()
+            .map(|a| a.split('/').next().unwrap_or(a))
+    };
+    let address = addresses()
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .or_else(|| addresses().next());
+    match address {
+        Some(address) => {
+            let mut next = replica;
+            next.address = address.to_string();
+            ControlFlow::Continue(next)
+        }
+        None if replica.address.is_empty() => {
+            let why = if workload.ip_addresses_note.is_empty() {
+                "the guest has no address yet".to_string()
+            } else {
+                format!(
+                    "the guest has no address yet: {}",
+                    workload.ip_addresses_note
+                )
+            };
+            ControlFlow::Break(with_reason(replica, &why))
+        }
+        // The address learnt before stays while libvirt cannot tell.
+        None => ControlFlow::Continue(replica),
     }
 }

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS replicas (
     since_ms INTEGER NOT NULL,
     generation INTEGER NOT NULL DEFAULT 1,
     gpus TEXT NOT NULL DEFAULT '[]',
+    address TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (deployment, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deployment_transitions (
@@ -53,7 +54,7 @@ const TRANSITIONS_KEPT: i64 = 1000;
 
 const DEPLOYMENT_COLUMNS: &str =
     "seq, name, recipe, source_name, replicas, state, message, created_ms, stopping, generation";
-const REPLICA_COLUMNS: &str = "deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus";
+const REPLICA_COLUMNS: &str = "deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus, address";
 
 fn deployment_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
     Ok(DeploymentRecord {
@@ -85,6 +86,7 @@ fn replica_row(row: &Row<'_>) -> rusqlite::Result<ReplicaRecord> {
         since_ms: row.get(9)?,
         generation: row.get(10)?,
         gpus: serde_json::from_str(&row.get::<_, String>(11)?).unwrap_or_default(),
+        address: row.get(12)?,
     })
 }
 
@@ -299,10 +301,10 @@ impl DeploymentStore for SqliteStore {
         let ports = serde_json::to_string(&replica.ports).unwrap_or_else(|_| "{}".into());
         let gpus = serde_json::to_string(&replica.gpus).unwrap_or_else(|_| "[]".into());
         tx.execute(
-            "INSERT INTO replicas (deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+            "INSERT INTO replicas (deployment, idx, host, workload_id, state, ports, restarts, in_a_row, reason, since_ms, generation, gpus, address) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT (deployment, idx) DO UPDATE SET host = ?3, workload_id = ?4, state = ?5, ports = ?6, \
-             restarts = ?7, in_a_row = ?8, reason = ?9, since_ms = ?10, generation = ?11, gpus = ?12",
+             restarts = ?7, in_a_row = ?8, reason = ?9, since_ms = ?10, generation = ?11, gpus = ?12, address = ?13",
             params![
                 replica.deployment,
                 replica.index,
@@ -315,7 +317,8 @@ impl DeploymentStore for SqliteStore {
                 replica.reason,
                 replica.since_ms,
                 replica.generation,
-                gpus
+                gpus,
+                replica.address
             ],
         )?;
         let changed = before.is_none_or(|(state, reason)| {

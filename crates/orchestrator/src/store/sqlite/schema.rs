@@ -157,6 +157,12 @@ pub(super) fn create_or_migrate(connection: &mut Connection) -> StoreResult<()> 
     )?;
     add_column_if_missing(connection, "placements", "gpus", "TEXT NOT NULL DEFAULT ''")?;
     add_column_if_missing(connection, "replicas", "gpus", "TEXT NOT NULL DEFAULT '[]'")?;
+    add_column_if_missing(
+        connection,
+        "replicas",
+        "address",
+        "TEXT NOT NULL DEFAULT ''",
+    )?;
     Ok(())
 }
 

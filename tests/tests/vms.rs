@@ -1,0 +1,372 @@
+//! Campaigns and deployments in libvirt VMs, end to end. A campaign whose
+//! backend is a libvirt VM: the orchestrator
+//! places the backend (`runtime: libvirt` with its `vm:` section) on an
+//! agent with a real libvirt daemon, the agent boots the test image
+//! (scripts/vm/build-test-image.sh: Debian's kernel, busybox, the static
+//! exec shim; TCG where /dev/kvm cannot boot it), and every run is exec'd
+//! into the guest through the shim and recorded once. The VM is gone when
+//! the campaign ends. A VM destroyed under a run is booted again and the
+//! run retried. A deployment whose replica is a VM serves from its guest
+//! (started by the recipe's cloud-init script) on the guest's own address.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
+use berth_proto::orchestrator::v1::{
+    DeployRequest, DeploymentState, GetDeploymentRequest, RegisterHostRequest, ReplicaState, Run,
+    RunState, StopDeploymentRequest,
+};
+use berth_server::client::AuthChannel;
+use berth_tests::{
+    Part, Process, free_port, require, start_agent_with, start_orchestrator, wait_for,
+};
+
+/// An orchestrator with one host whose agent drives the real libvirtd, and
+/// the test image to boot; `None` (after a loud skip) without a hypervisor.
+struct VmHost {
+    _dir: tempfile::TempDir,
+    uri: String,
+    base: PathBuf,
+    client: OrchestratorClient<AuthChannel>,
+    _agent: Process,
+    _orchestrator: Process,
+}
+
+impl VmHost {
+    async fn start() -> Option<Self> {
+        let uri = require(Part::Vm, berth_tests::vm::hypervisor())?;
+        let dir = tempfile::tempdir().unwrap();
+        // qemu runs as libvirt-qemu: it must reach the overlays and the console
+        // log in the agent's directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let image_dir = dir.path().join("image");
+        let target_tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let base = require(
+            Part::Vm,
+            berth_tests::vm::boot_image(&image_dir, target_tmpdir),
+        )?;
+        let socket = dir.path().join("agent.sock");
+        let agent = start_agent_with(
+            &socket,
+            &[
+                "--set",
+                &format!("libvirt.uri={uri}"),
+                "--set",
+                &format!("libvirt.disk_dir={}", dir.path().join("disks").display()),
+            ],
+        );
+        let port = free_port();
+        let orchestrator = start_orchestrator(dir.path(), port, &[]);
+        let mut client =
+            OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+        let address = format!("unix://{}", socket.display());
+        wait_for(&address).await;
+        client
+            .register_host(RegisterHostRequest {
+                name: "local".into(),
+                address,
+                ..Default::default()
+            })
+            .await
+            .expect("RegisterHost");
+        Some(Self {
+            _dir: dir,
+            uri,
+            base,
+            client,
+            _agent: agent,
+            _orchestrator: orchestrator,
+        })
+    }
+
+    /// The names of the domains libvirtd has that hold `text`.
+    fn domains_with(&self, text: &str) -> Vec<String> {
+        let listed = std::process::Command::new("virsh")
+            .args(["-c", &self.uri, "list", "--all", "--name"])
+            .output()
+            .expect("virsh list");
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|name| name.contains(text))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits for the campaign's VM to be removed once it ended.
+    async fn assert_vm_removed(&self, campaign_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = self.domains_with(campaign_id);
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the VM was left: {left:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A one-backend campaign in a VM of the test image.
+    fn manifest(&self, name: &str, grid: &str, cycles: u32, command: &str) -> String {
+        format!(
+            r#"name: {name}
+backends:
+  - name: vm
+    runtime: libvirt
+    vm:
+      vcpus: 1
+      memory: 256MiB
+      disks: [{{image: {base}}}]
+grid:
+  params:
+    {grid}
+cycles: {cycles}
+run:
+  command: [sh, -c, '{command}']
+"#,
+            base = self.base.display()
+        )
+    }
+}
+
+/// Every run of the campaign recorded once, and succeeded.
+fn assert_each_succeeded_once(runs: &[Run], expected: usize) {
+    assert_eq!(runs.len(), expected);
+    let mut ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), expected, "every run recorded once");
+    for run in runs {
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_runs_in_a_libvirt_vm() {
+    let Some(mut host) = VmHost::start().await else {
+        return;
+    };
+    // The guest's /init is the test image's: reading it proves where the
+    // run ran (the host has no such file).
+    let manifest = host.manifest(
+        "in-a-vm",
+        "n: [1, 2, 3]",
+        4,
+        r#"echo "{\"n\": {{n}}, \"guest\": \"$(hostname)\", \"marker\": $(grep -c berth-guest-up /init)}""#,
+    );
+    let client = &mut host.client;
+    let campaign = berth_tests::campaign::submit(client, &manifest).await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    berth_tests::campaign::wait_succeeded(client, &campaign.id, 12, deadline).await;
+    eprintln!(
+        "12 runs in a VM, boot included: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let runs = berth_tests::campaign::runs_of(client, &campaign.id).await;
+    assert_each_succeeded_once(&runs, 12);
+    let retried = runs.iter().filter(|r| r.attempts > 1).count();
+    eprintln!("runs retried while the guest booted: {retried}");
+    for run in &runs {
+        // A run dispatched before the guest's shim serves is answered
+        // UNAVAILABLE by the agent and retried, never recorded twice.
+        assert!(run.attempts <= 3, "{run:?}");
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        assert_eq!(result["guest"], "berth-guest", "ran in the guest: {run:?}");
+        assert_eq!(result["marker"], 1, "{run:?}");
+    }
+    // The campaign over, its VM is removed: no domain of it is left.
+    host.assert_vm_removed(&campaign.id).await;
+}
+
+/// `virsh destroy` of the backend's VM while a run executes in it: the
+/// backend is booted again and the interrupted run retried, every run
+/// recorded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_destroyed_mid_run_is_booted_again_and_the_run_retried() {
+    let Some(mut host) = VmHost::start().await else {
+        return;
+    };
+    // Each run is long enough to be caught in flight; its result says which
+    // boot of the guest ran it (the guest's uptime restarts with a boot).
+    let manifest = host.manifest(
+        "vm-destroyed",
+        "n: [1, 2]",
+        2,
+        r#"sleep 3; echo "{\"n\": {{n}}, \"guest\": \"$(hostname)\"}""#,
+    );
+    let campaign = berth_tests::campaign::submit(&mut host.client, &manifest).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let in_flight = loop {
+        let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+        if let Some(run) = runs.iter().find(|r| r.state == RunState::Running as i32) {
+            break run.id.clone();
+        }
+        assert!(Instant::now() < deadline, "no run started: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let domains = host.domains_with(&campaign.id);
+    assert_eq!(domains.len(), 1, "{domains:?}");
+    let destroyed = std::process::Command::new("virsh")
+        .args(["-c", &host.uri, "destroy", &domains[0]])
+        .output()
+        .expect("virsh destroy");
+    assert!(
+        destroyed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&destroyed.stderr)
+    );
+    let destroyed_at = Instant::now();
+    eprintln!("destroyed {} while run {in_flight} ran", domains[0]);
+
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 4, deadline).await;
+    eprintln!(
+        "all 4 runs done {:.1} s after the VM was destroyed",
+        destroyed_at.elapsed().as_secs_f64()
+    );
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    assert_each_succeeded_once(&runs, 4);
+    let retried = runs.iter().find(|r| r.id == in_flight).unwrap();
+    assert!(
+        retried.attempts >= 2,
+        "the interrupted run was retried: {retried:?}"
+    );
+    for run in &runs {
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        assert_eq!(result["guest"], "berth-guest", "ran in the guest: {run:?}");
+    }
+    host.assert_vm_removed(&campaign.id).await;
+}
+
+/// The deployment once `done` holds of it, within `limit`.
+async fn wait_deployment(
+    host: &mut VmHost,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&berth_proto::orchestrator::v1::Deployment) -> bool,
+) -> berth_proto::orchestrator::v1::Deployment {
+    let deadline = Instant::now() + limit;
+    loop {
+        let deployment = host
+            .client
+            .get_deployment(GetDeploymentRequest { name: name.into() })
+            .await
+            .expect("GetDeployment")
+            .into_inner();
+        if done(&deployment) {
+            return deployment;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deployment `{name}` never became {what}: {deployment:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// GET / on `address`: the whole answer.
+async fn http_get(address: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .unwrap_or_else(|e| panic!("{address}: {e}"));
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn running_replica(deployment: &berth_proto::orchestrator::v1::Deployment) -> bool {
+    DeploymentState::try_from(deployment.state) == Ok(DeploymentState::Running)
+        && deployment
+            .replica_status
+            .first()
+            .is_some_and(|r| r.state == ReplicaState::Running as i32)
+}
+
+/// A replica that is a VM: its guest starts the service from the recipe's
+/// cloud-init script, the replica is Running once its HTTP check passes on
+/// the guest's own address (its endpoint), `virsh destroy` has it booted
+/// again (a restart counted) and serving, and a stop removes the domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_replica_serves_from_its_guest_and_is_booted_again_when_destroyed() {
+    let Some(mut host) = VmHost::start().await else {
+        return;
+    };
+    // The example recipe as it is, but for its image and a name of this run
+    // (a domain left by an earlier run that failed cannot be taken for it).
+    let name = format!("vm-web-{}", std::process::id());
+    let example = berth_tests::repo_root().join("examples/deployments/vm/web.yaml");
+    let recipe = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace(
+            "/var/lib/berth/images/base.qcow2",
+            &host.base.display().to_string(),
+        )
+        .replace("name: vm-web", &format!("name: {name}"));
+    let started = Instant::now();
+    host.client
+        .deploy(DeployRequest {
+            recipe_yaml: recipe,
+            source_name: example.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("Deploy");
+    let limit = Duration::from_secs(300);
+    let deployment = wait_deployment(&mut host, &name, limit, "running", running_replica).await;
+    eprintln!(
+        "a VM replica Running (booted, address leased, checked) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let endpoint = &deployment.replica_status[0].endpoints[0];
+    assert!(
+        !endpoint.host.starts_with("127."),
+        "the endpoint is the guest's own address: {endpoint:?}"
+    );
+    let answer = http_get(&endpoint.address).await;
+    assert!(answer.contains("served by berth-guest"), "{answer}");
+
+    let domains = host.domains_with(&name);
+    assert_eq!(domains.len(), 1, "{domains:?}");
+    let destroyed = std::process::Command::new("virsh")
+        .args(["-c", &host.uri, "destroy", &domains[0]])
+        .output()
+        .expect("virsh destroy");
+    assert!(destroyed.status.success(), "{destroyed:?}");
+    let destroyed_at = Instant::now();
+    let deployment = wait_deployment(&mut host, &name, limit, "running again", |d| {
+        running_replica(d) && d.replica_status[0].restarts >= 1
+    })
+    .await;
+    eprintln!(
+        "booted again and serving {:.1} s after virsh destroy",
+        destroyed_at.elapsed().as_secs_f64()
+    );
+    let replica = &deployment.replica_status[0];
+    assert_eq!(replica.restarts, 1, "{replica:?}");
+    let answer = http_get(&replica.endpoints[0].address).await;
+    assert!(answer.contains("served by berth-guest"), "{answer}");
+
+    host.client
+        .stop_deployment(StopDeploymentRequest { name: name.clone() })
+        .await
+        .expect("StopDeployment");
+    wait_deployment(
+        &mut host,
+        &name,
+        Duration::from_secs(60),
+        "cancelled",
+        |d| DeploymentState::try_from(d.state) == Ok(DeploymentState::Cancelled),
+    )
+    .await;
+    host.assert_vm_removed(&name).await;
+}
