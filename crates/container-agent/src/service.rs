@@ -59,6 +59,36 @@ impl AgentService {
         }
     }
 
+    /// The keyed exec `key`: from this agent's table, else one an earlier
+    /// agent process started that a runtime still reaches (a VM's shim),
+    /// entered in the table as it is attached.
+    async fn attach_keyed(&self, key: &str) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+        match self.keyed_execs.attach(key) {
+            Err(AgentError::ExecNotFound(_)) => {}
+            known => return known,
+        }
+        for runtime in self.runtimes.values() {
+            let permit = self
+                .execs
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| AgentError::TooManyExecs(self.max_execs))?;
+            let found = async {
+                runtime
+                    .reattach(key, permit)
+                    .await?
+                    .ok_or_else(|| AgentError::ExecNotFound(key.to_string()))
+            };
+            match self.keyed_execs.start(key.to_string(), found).await {
+                Err(AgentError::ExecNotFound(_)) => {}
+                // Another attacher entered it meanwhile.
+                Err(AgentError::ExecKeyTaken(_)) => return self.keyed_execs.attach(key),
+                attached => return attached,
+            }
+        }
+        Err(AgentError::ExecNotFound(key.to_string()))
+    }
+
     fn runtime(
         &self,
         field: &'static str,
@@ -221,6 +251,7 @@ impl ContainerAgent for AgentService {
                 working_dir: (!request.working_dir.is_empty()).then(|| request.working_dir.into()),
             },
             timeout,
+            key: (!request.exec_key.is_empty()).then(|| request.exec_key.clone()),
         };
         let started = runtime.exec(&workload.id, exec, permit);
         let output = if request.exec_key.is_empty() {
@@ -237,7 +268,7 @@ impl ContainerAgent for AgentService {
         &self,
         request: Request<AttachExecRequest>,
     ) -> Result<Response<Self::AttachExecStream>, Status> {
-        let output = self.keyed_execs.attach(&request.get_ref().exec_key)?;
+        let output = self.attach_keyed(&request.get_ref().exec_key).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(output).map(Ok))))
     }
 
@@ -245,7 +276,12 @@ impl ContainerAgent for AgentService {
         &self,
         request: Request<CancelExecRequest>,
     ) -> Result<Response<CancelExecResponse>, Status> {
-        self.keyed_execs.cancel(&request.get_ref().exec_key)?;
+        let key = &request.get_ref().exec_key;
+        if let Err(AgentError::ExecNotFound(_)) = self.keyed_execs.cancel(key) {
+            // Started by an earlier agent process: attached to be cancelled.
+            drop(self.attach_keyed(key).await?);
+            self.keyed_execs.cancel(key)?;
+        }
         Ok(Response::new(CancelExecResponse {}))
     }
 

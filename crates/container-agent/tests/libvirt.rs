@@ -928,7 +928,12 @@ async fn execs_go_through_the_guest_agent_without_a_shim() {
 
 /// A separate agent process (the berth-agent binary) on the test's
 /// directory and libvirt, killed on drop; its client once it answers.
-async fn agent_process(dir: &Path, uri: &str, owner: &str) -> (berth_tests::Process, Client) {
+async fn agent_process(
+    dir: &Path,
+    uri: &str,
+    owner: &str,
+    settings: &[(&str, &str)],
+) -> (berth_tests::Process, Client) {
     let socket = format!("unix://{}", dir.join("agent.sock").display());
     let http = format!("127.0.0.1:{}", berth_tests::free_port());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth-agent"))
@@ -949,6 +954,7 @@ async fn agent_process(dir: &Path, uri: &str, owner: &str) -> (berth_tests::Proc
             ),
             ("RUST_LOG", "warn"),
         ])
+        .envs(settings.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -975,22 +981,77 @@ async fn agent_process(dir: &Path, uri: &str, owner: &str) -> (berth_tests::Proc
     }
 }
 
+/// How the guest shim's journal lines start in a VM's logs.
+const JOURNAL: &str = "berth-exec: ";
+
+/// Everything an attach to `key` streams: stdout, stderr and the exit.
+async fn attached(client: &mut Client, key: &str) -> (String, String, ExitStatus) {
+    let mut stream = client
+        .attach_exec(AttachExecRequest {
+            exec_key: key.to_string(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("AttachExec {key}: {s:?}"))
+        .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(message) = stream.message().await.unwrap() {
+        match message.output.unwrap() {
+            exec_output::Output::Stdout(d) => out.extend(d),
+            exec_output::Output::Stderr(d) => err.extend(d),
+            exec_output::Output::Exit(exit) => {
+                return (
+                    String::from_utf8_lossy(&out).into_owned(),
+                    String::from_utf8_lossy(&err).into_owned(),
+                    exit,
+                );
+            }
+            exec_output::Output::DroppedBytes(n) => panic!("{n} output bytes dropped"),
+        }
+    }
+    panic!("the attach to {key} ended without an exit status")
+}
+
+/// A keyed exec into `name`, its first output read (the command started).
+async fn keyed_exec(
+    client: &mut Client,
+    name: &str,
+    key: &str,
+    script: &str,
+) -> (tonic::Streaming<ExecOutput>, exec_output::Output) {
+    let mut stream = client
+        .exec(ExecRequest {
+            workload_id: name.to_string(),
+            exec_key: key.to_string(),
+            command: ["sh", "-c", script].map(String::from).to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap().output.unwrap();
+    (stream, first)
+}
+
 /// kill -9 of the agent process while a keyed exec runs in the VM: the VM
-/// runs on, and a new agent process finds it and execs into it. The
-/// in-flight command does not survive: the agent's end of the shim's port
-/// closes with its process, which the guest's shim reads as a cancel and
-/// kills the command's group; keyed execs live in the agent's memory, so
-/// the new agent answers AttachExec with NOT_FOUND, saying the agent
-/// restarted.
+/// and the command run on (the guest's shim keeps a keyed exec running when
+/// the agent's end of its port closes, with its exit and output), and a new
+/// agent process on the same state attaches by the key: the whole output
+/// once and exit 0, as if nothing happened; a second attach gets the same
+/// from the new agent's table. A keyed exec left with no agent for
+/// `libvirt.exec_detach_grace` is killed by the shim, saying so. CancelExec
+/// of a key an earlier agent started kills it. The VM's Logs hold the
+/// shim's journal line for each exec's start and end beside the console.
 #[tokio::test]
-async fn a_killed_agent_leaves_its_vm_running_for_the_next() {
+async fn a_killed_agent_s_keyed_exec_runs_on_and_is_attached_again() {
     let _turn = REAL_VMS.lock().await;
     let test = "agent-kill";
     let Some((uri, dir, base)) = real_vm_parts() else {
         return;
     };
     let owner = format!("t-{test}");
-    let (first, mut client) = agent_process(dir.path(), &uri, &owner).await;
+    // Long enough for a restart under emulation; short enough to see it end.
+    let grace = [("BERTH_LIBVIRT__EXEC_DETACH_GRACE", "15s")];
+    let (first, mut client) = agent_process(dir.path(), &uri, &owner, &grace).await;
     let info = client.info(InfoRequest {}).await.unwrap().into_inner();
     if let Some(why) = info.unavailable_runtimes.get("RUNTIME_LIBVIRT") {
         berth_tests::require::<(), _>(berth_tests::Part::Libvirt, Err(why.clone()));
@@ -998,23 +1059,18 @@ async fn a_killed_agent_leaves_its_vm_running_for_the_next() {
     }
     let name = format!("berth-kill-{}", std::process::id());
     boot(&mut client, &name, guest_spec(&base)).await.unwrap();
-    let mut in_flight = client
-        .exec(ExecRequest {
-            workload_id: name.clone(),
-            exec_key: "run-1".into(),
-            command: ["sh", "-c", "echo started; sleep 4; echo done >/tmp/kept"]
-                .map(String::from)
-                .to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first_output = in_flight.message().await.unwrap().unwrap();
+    let (mut in_flight, first_output) = keyed_exec(
+        &mut client,
+        &name,
+        "run-1",
+        "echo started; sleep 5; echo done; echo note >&2",
+    )
+    .await;
     assert_eq!(
-        first_output.output,
-        Some(exec_output::Output::Stdout(b"started\n".to_vec()))
+        first_output,
+        exec_output::Output::Stdout(b"started\n".to_vec())
     );
+    let killed_at = std::time::Instant::now();
     first.kill();
     assert!(
         in_flight.message().await.is_err(),
@@ -1026,29 +1082,65 @@ async fn a_killed_agent_leaves_its_vm_running_for_the_next() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&domstate.stdout).trim(), "running");
 
-    let (_second, mut client) = agent_process(dir.path(), &uri, &owner).await;
+    let (second, mut client) = agent_process(dir.path(), &uri, &owner, &grace).await;
     let found = client
         .inspect_workload(WorkloadRef { id: name.clone() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(state(&found), WorkloadState::Running, "{found:?}");
-    let attached = client
-        .attach_exec(AttachExecRequest {
-            exec_key: "run-1".into(),
+    let (out, err, exit) = attached(&mut client, "run-1").await;
+    assert_eq!(
+        (out.as_str(), err.as_str(), exit.exit_code),
+        ("started\ndone\n", "note\n", 0),
+        "the whole output once, and the exit"
+    );
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(3),
+        "the command ran to its end, not killed: {:?}",
+        killed_at.elapsed()
+    );
+    // Now in the new agent's table: the same again.
+    let again = attached(&mut client, "run-1").await;
+    assert_eq!((again.0, again.2.exit_code), (out, 0));
+    assert_status(
+        client
+            .attach_exec(AttachExecRequest {
+                exec_key: "never-run".into(),
+            })
+            .await,
+        Code::NotFound,
+        "never-run",
+    );
+
+    // A keyed exec no agent comes back for within the grace is killed.
+    let (_left, _) = keyed_exec(&mut client, &name, "run-2", "echo up; sleep 60; echo late").await;
+    second.kill();
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    let (third, mut client) = agent_process(dir.path(), &uri, &owner, &grace).await;
+    let (out, err, exit) = attached(&mut client, "run-2").await;
+    assert_eq!((out.as_str(), exit.exit_code), ("up\n", 137), "{err}");
+    assert!(
+        err.contains("no agent attached within its detach grace"),
+        "{err}"
+    );
+
+    // CancelExec of a key an earlier agent started kills its command.
+    let (_left, _) = keyed_exec(&mut client, &name, "run-3", "echo up; sleep 60").await;
+    third.kill();
+    let (_fourth, mut client) = agent_process(dir.path(), &uri, &owner, &grace).await;
+    client
+        .cancel_exec(CancelExecRequest {
+            exec_key: "run-3".into(),
         })
-        .await;
-    assert_status(attached, Code::NotFound, "the agent restarted");
-    // Past the command's end: it was killed with its connection.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+        .await
+        .unwrap();
+    let (_, _, exit) = attached(&mut client, "run-3").await;
+    assert_eq!(exit.reason(), ExitReason::Cancelled, "{exit:?}");
     let (out, _, exit) = exec_in(
         &mut client,
         &name,
-        &[
-            "sh",
-            "-c",
-            "cat /tmp/kept 2>/dev/null; ps -o args | grep -c '[s]leep 4' || true",
-        ],
+        &["sh", "-c", "ps -o args | grep -c '[s]leep 60' || true"],
         &[],
         "",
         None,
@@ -1059,8 +1151,28 @@ async fn a_killed_agent_leaves_its_vm_running_for_the_next() {
     assert_eq!(
         String::from_utf8_lossy(&out),
         "0\n",
-        "no `done` written, no sleep left: the command was killed"
+        "the cancelled and abandoned commands are gone"
     );
+
+    // The shim's journal, in the VM's Logs beside the console.
+    let lines = all_lines(logs(&mut client, &name, 0, false, None).await.unwrap())
+        .await
+        .unwrap();
+    let text: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+    for wanted in [
+        "berth-exec: started key=\"run-1\" command=\"sh -c echo started;",
+        "berth-exec: ended key=\"run-1\" exit=0 after 5.",
+        "berth-exec: ended key=\"run-2\" exit=137",
+        "berth-exec: ended key=\"run-3\" exit=137",
+        "berth-exec: started key=- command=\"true\"",
+        "berth-guest-up",
+    ] {
+        assert!(
+            text.iter().any(|line| line.contains(wanted)),
+            "no `{wanted}` in the VM's logs: {text:#?}"
+        );
+    }
+
     client
         .remove_workload(RemoveWorkloadRequest {
             id: name.clone(),
@@ -1410,7 +1522,9 @@ async fn all_lines(mut stream: tonic::Streaming<LogLine>) -> Result<Vec<LogLine>
     Ok(lines)
 }
 
-/// The first line of a following stream that contains `marker`.
+/// The first line of a following stream that contains `marker`, other than
+/// the shim's journal line of the exec that wrote it (which names its
+/// command).
 async fn line_with(
     stream: &mut tonic::Streaming<LogLine>,
     marker: &str,
@@ -1418,7 +1532,7 @@ async fn line_with(
     let deadline = Duration::from_secs(10);
     tokio::time::timeout(deadline, async {
         while let Some(line) = stream.message().await.map_err(|s| format!("{s:?}"))? {
-            if line.line.contains(marker) {
+            if line.line.contains(marker) && !line.line.starts_with(JOURNAL) {
                 return Ok(line);
             }
         }
@@ -1474,9 +1588,8 @@ async fn logs_of_the_console(client: &mut Client, name: &str) -> Result<String, 
         "{after:?}"
     );
     assert!(
-        after
-            .iter()
-            .all(|l| !l.line.starts_with("berth-guest-up") && !l.line.contains("berth-follow-")),
+        after.iter().all(|l| !l.line.starts_with("berth-guest-up")
+            && (l.line.starts_with(JOURNAL) || !l.line.contains("berth-follow-"))),
         "lines before `since`: {after:?}"
     );
     Ok(format!(

@@ -33,6 +33,7 @@ use nix::unistd::Pid;
 
 pub mod protocol {
     use std::io::{self, Read};
+    use std::time::Duration;
 
     pub const STDOUT: u8 = 1;
     pub const STDERR: u8 = 2;
@@ -41,8 +42,25 @@ pub mod protocol {
     /// (`--serial`): the request was read and the command is being started.
     /// An agent that gets nothing in time knows no shim serves the port.
     pub const ACCEPTED: u8 = 4;
+    /// Answer to an attach (serial ports only) for a key the shim does not
+    /// keep; no payload.
+    pub const UNKNOWN_KEY: u8 = 5;
+    /// Sent by the agent mid-exec on a serial port to kill the command's
+    /// group. Closing the port alone leaves a keyed exec running. A request
+    /// never starts with it, so one that came late (after the exit frame)
+    /// is skipped before the next request.
+    pub const CANCEL: u8 = 0xCA;
+    /// First bytes of a versioned message ([`Message`]). A request of the
+    /// first version starts with its length, at most [`MAX_REQUEST_BYTES`],
+    /// so the two never clash, and a shim of the first version refuses a
+    /// versioned message as too long rather than misreading it.
+    pub const MAGIC: [u8; 4] = [0xB3, b'x', b'2', 0];
     /// Largest request (command line, environment, working directory).
     pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
+    /// Longest exec key.
+    pub const MAX_KEY_BYTES: u32 = 1024;
+    const OP_KEYED: u8 = 1;
+    const OP_ATTACH: u8 = 2;
     /// Largest output frame the shim sends.
     pub const MAX_FRAME_BYTES: usize = 64 << 10;
     /// Exit code of a program that cannot be found, as a shell reports it.
@@ -74,6 +92,11 @@ pub mod protocol {
 
         pub fn decode(input: &mut impl Read) -> io::Result<Self> {
             let length = read_u32(input)?;
+            Self::decode_body(length, input)
+        }
+
+        /// The request after its length prefix.
+        fn decode_body(length: u32, input: &mut impl Read) -> io::Result<Self> {
             if length > MAX_REQUEST_BYTES {
                 return Err(invalid(format!(
                     "request of {length} bytes; at most {MAX_REQUEST_BYTES}"
@@ -108,6 +131,89 @@ pub mod protocol {
         }
     }
 
+    /// What the agent asks a shim: a first-version [`Request`] (as
+    /// containers send it), or a versioned message ([`MAGIC`], an op byte,
+    /// the op's fields) that only a shim on a serial port serves.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Message {
+        /// Runs until it exits; the connection closing kills it.
+        Exec(Request),
+        /// Runs until it exits, the connection closing or not: the shim
+        /// keeps its exit status and a bounded tail of its output under
+        /// `key` for a later [`Message::Attach`], and kills it only on a
+        /// [`CANCEL`], after `timeout`, or when no agent attached for
+        /// `detach_grace`. A key the shim keeps is attached, not run again.
+        Keyed {
+            key: String,
+            request: Request,
+            timeout: Option<Duration>,
+            detach_grace: Duration,
+        },
+        /// The kept output of the exec `key`, then the rest live, then its
+        /// exit; answered [`UNKNOWN_KEY`] when the shim keeps no such exec.
+        Attach { key: String },
+    }
+
+    impl Message {
+        pub fn encode(&self) -> Vec<u8> {
+            let (op, key) = match self {
+                Self::Exec(request) => return request.encode(),
+                Self::Keyed { key, .. } => (OP_KEYED, key),
+                Self::Attach { key } => (OP_ATTACH, key),
+            };
+            let mut out = MAGIC.to_vec();
+            out.push(op);
+            put_string(&mut out, key);
+            if let Self::Keyed {
+                request,
+                timeout,
+                detach_grace,
+                ..
+            } = self
+            {
+                // 0: none; a timeout is never zero.
+                let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                out.extend(timeout.map_or(0, millis).to_be_bytes());
+                out.extend(millis(*detach_grace).to_be_bytes());
+                out.extend(request.encode());
+            }
+            out
+        }
+
+        pub fn decode(input: &mut impl Read) -> io::Result<Self> {
+            let mut first = [0; 4];
+            input.read_exact(&mut first)?;
+            if first != MAGIC {
+                return Request::decode_body(u32::from_be_bytes(first), input).map(Self::Exec);
+            }
+            let mut op = [0; 1];
+            input.read_exact(&mut op)?;
+            let length = read_u32(input)?;
+            if length > MAX_KEY_BYTES {
+                return Err(invalid(format!(
+                    "a key of {length} bytes; at most {MAX_KEY_BYTES}"
+                )));
+            }
+            let mut key = vec![0; length as usize];
+            input.read_exact(&mut key)?;
+            let key = String::from_utf8(key).map_err(|e| invalid(e.to_string()))?;
+            match op[0] {
+                OP_KEYED => {
+                    let timeout = read_u64(input)?;
+                    let detach_grace = Duration::from_millis(read_u64(input)?);
+                    Ok(Self::Keyed {
+                        key,
+                        request: Request::decode(input)?,
+                        timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
+                        detach_grace,
+                    })
+                }
+                OP_ATTACH => Ok(Self::Attach { key }),
+                other => Err(invalid(format!("an unknown op {other}"))),
+            }
+        }
+    }
+
     /// A frame's header: tag and payload length.
     pub fn header(tag: u8, length: usize) -> [u8; 5] {
         let [a, b, c, d] = (length as u32).to_be_bytes();
@@ -123,6 +229,8 @@ pub mod protocol {
         Exit,
         /// The request was read (serial ports only); no payload.
         Accepted,
+        /// The shim keeps no exec of the key asked to attach; no payload.
+        UnknownKey,
     }
 
     /// A frame's header as the agent reads it: refused when the tag is
@@ -137,6 +245,7 @@ pub mod protocol {
             STDERR => FrameKind::Stderr,
             EXIT => FrameKind::Exit,
             ACCEPTED => FrameKind::Accepted,
+            UNKNOWN_KEY => FrameKind::UnknownKey,
             other => return Err(invalid(format!("an unknown frame tag {other}"))),
         };
         if length > MAX_FRAME_BYTES {
@@ -149,9 +258,9 @@ pub mod protocol {
                 "an exit frame of {length} bytes; it holds an i32"
             )));
         }
-        if kind == FrameKind::Accepted && length != 0 {
+        if matches!(kind, FrameKind::Accepted | FrameKind::UnknownKey) && length != 0 {
             return Err(invalid(format!(
-                "an accepted frame of {length} bytes; it holds nothing"
+                "a {kind:?} frame of {length} bytes; it holds nothing"
             )));
         }
         Ok((kind, length))
@@ -173,6 +282,12 @@ pub mod protocol {
         let mut bytes = [0; 4];
         input.read_exact(&mut bytes)?;
         Ok(u32::from_be_bytes(bytes))
+    }
+
+    fn read_u64(input: &mut impl Read) -> io::Result<u64> {
+        let mut bytes = [0; 8];
+        input.read_exact(&mut bytes)?;
+        Ok(u64::from_be_bytes(bytes))
     }
 
     fn read_string(input: &mut &[u8]) -> io::Result<String> {
@@ -202,7 +317,11 @@ pub mod protocol {
     }
 }
 
-use protocol::{ACCEPTED, EXIT, MAX_FRAME_BYTES, Request, STDERR, STDOUT};
+mod journal;
+mod keyed;
+
+use journal::Journal;
+use protocol::{ACCEPTED, EXIT, MAX_FRAME_BYTES, Message, Request, STDERR, STDOUT};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a shim on a serial port looks again for an agent while none is
@@ -244,15 +363,19 @@ pub fn serve(socket: &Path) -> io::Result<()> {
 
 /// Serves execs over a virtio-serial port inside a VM (e.g. /dev/vport1p1),
 /// whose host side is a unix socket the agent connects to, once per exec:
-/// the same frames as on a socket, after an [`ACCEPTED`] frame. One exec at
-/// a time (the host side takes one connection at a time). The agent
-/// disconnecting before the exit frame kills the command's process group,
-/// as a closed socket does.
+/// the same frames as on a socket, after an [`ACCEPTED`] frame. One
+/// connection at a time (the host side takes one at a time). A first-version
+/// request is killed when the agent disconnects before its exit frame, as on
+/// a socket; a keyed one ([`Message::Keyed`]) runs on, and the next
+/// connection may attach to it (`keyed.rs`). Each exec's start and end go
+/// to stderr, the guest's console in a VM image (`journal.rs`).
 pub fn serve_serial(port: &Path) -> io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(port)?;
+    let journal = Journal::spawn();
+    let mut kept = keyed::Kept::default();
     loop {
         // Nobody connected: reads end at once. Wait for a request's first byte.
         let mut first = [0; 1];
@@ -261,6 +384,8 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
                 std::thread::sleep(SERIAL_IDLE_POLL);
                 continue;
             }
+            // A cancel that crossed its exec's exit frame: nothing to kill.
+            Ok(_) if first[0] == protocol::CANCEL => continue,
             Ok(_) => {}
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(error),
@@ -269,8 +394,8 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
             file: &file,
             deadline: std::time::Instant::now() + REQUEST_TIMEOUT,
         };
-        let request = match Request::decode(&mut first.as_slice().chain(&mut rest)) {
-            Ok(request) => request,
+        let message = match Message::decode(&mut first.as_slice().chain(&mut rest)) {
+            Ok(message) => message,
             Err(error) => {
                 eprintln!(
                     "berth-exec-shim: {}: a bad request: {error}",
@@ -280,17 +405,31 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
                 continue;
             }
         };
-        let connection = file.try_clone()?;
-        match execute(connection, request, true) {
+        let served = match message {
             // The exit frame is sent; the watcher ends when the agent
             // disconnects, and the next request is read after that.
-            Ok(watcher) => {
-                let _ = watcher.join();
+            Message::Exec(request) => {
+                execute(file.try_clone()?, request, Some(&journal)).map(|watcher| {
+                    let _ = watcher.join();
+                })
             }
-            Err(error) => {
-                eprintln!("berth-exec-shim: exec: {error}");
-                drain_until_closed(&file);
+            Message::Keyed {
+                key,
+                request,
+                timeout,
+                detach_grace,
+            } => {
+                let exec = kept.run(key, request, timeout, detach_grace, &journal);
+                keyed::serve(&file, &exec)
             }
+            Message::Attach { key } => match kept.find(&key) {
+                Some(exec) => keyed::serve(&file, &exec),
+                None => send_to(&file, protocol::UNKNOWN_KEY, &[]),
+            },
+        };
+        if let Err(error) = served {
+            eprintln!("berth-exec-shim: exec: {error}");
+            drain_until_closed(&file);
         }
     }
 }
@@ -326,12 +465,23 @@ fn drain_until_closed(mut file: &std::fs::File) {
     }
 }
 
+/// How the agent's side of an exec's connection ended, as
+/// [`Duplex::watch`] saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// After the command finished: it went away or sent the next request.
+    Finished,
+    /// It went away before the command finished.
+    HungUp,
+    /// It sent something before the command finished: a cancel.
+    Cancelled,
+}
+
 /// A two-way byte stream an exec runs over: a unix socket or a serial port.
 trait Duplex: Read + Write + Send + Sized + 'static {
     fn duplicate(&self) -> io::Result<Self>;
-    /// Blocks until the agent goes away or sends something; true when that
-    /// happened before the command `finished` (a cancel).
-    fn watch(&mut self, finished: &AtomicBool) -> bool;
+    /// Blocks until the agent goes away or sends something.
+    fn watch(&mut self, finished: &AtomicBool) -> Watched;
 }
 
 impl Duplex for UnixStream {
@@ -339,10 +489,16 @@ impl Duplex for UnixStream {
         self.try_clone()
     }
 
-    fn watch(&mut self, finished: &AtomicBool) -> bool {
+    fn watch(&mut self, finished: &AtomicBool) -> Watched {
         let mut byte = [0; 1];
-        let _ = self.read(&mut byte);
-        !finished.load(Ordering::SeqCst)
+        let read = self.read(&mut byte);
+        if finished.load(Ordering::SeqCst) {
+            Watched::Finished
+        } else if matches!(read, Ok(1)) {
+            Watched::Cancelled
+        } else {
+            Watched::HungUp
+        }
     }
 }
 
@@ -353,13 +509,21 @@ impl Duplex for std::fs::File {
 
     /// On a virtio-serial port, poll without reading: the host side closing
     /// shows as POLLHUP, and bytes that come after the exit frame are the
-    /// next request, left for the next read. The port's open and close
-    /// messages travel apart from its data, so a hang-up seen before the
-    /// command finished counts only when it lasts (a new connection's data
-    /// can come before its open message).
-    fn watch(&mut self, finished: &AtomicBool) -> bool {
+    /// next request, left for the next read (as is a [`protocol::CANCEL`],
+    /// which the next read skips). The port's open and close messages
+    /// travel apart from its data, so a hang-up seen before the command
+    /// finished counts only when it lasts (a new connection's data can come
+    /// before its open message).
+    fn watch(&mut self, finished: &AtomicBool) -> Watched {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
+        let ended = |before: Watched| {
+            if finished.load(Ordering::SeqCst) {
+                Watched::Finished
+            } else {
+                before
+            }
+        };
         let mut hang_ups = 0;
         loop {
             let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
@@ -372,19 +536,19 @@ impl Duplex for std::fs::File {
                 Ok(0) => continue, // the pause after a hang-up
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return !finished.load(Ordering::SeqCst),
+                Err(_) => return ended(Watched::HungUp),
             }
             let events = fds[0].revents().unwrap_or(PollFlags::empty());
             let done = finished.load(Ordering::SeqCst);
             if events.contains(PollFlags::POLLHUP) {
                 hang_ups += 1;
                 if done || hang_ups >= 3 {
-                    return !done;
+                    return ended(Watched::HungUp);
                 }
                 std::thread::sleep(Duration::from_millis(10));
             } else if events.contains(PollFlags::POLLIN) {
                 // Mid-command, the agent only sends to cancel.
-                return !done;
+                return ended(Watched::Cancelled);
             } else {
                 hang_ups = 0;
             }
@@ -396,6 +560,10 @@ type Writer<S> = Arc<Mutex<S>>;
 
 fn send<S: Write>(writer: &Writer<S>, tag: u8, payload: &[u8]) -> io::Result<()> {
     let mut stream = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    send_to(&mut *stream, tag, payload)
+}
+
+fn send_to(mut stream: impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
     stream.write_all(&protocol::header(tag, payload.len()))?;
     stream.write_all(payload)?;
     stream.flush()
@@ -405,22 +573,13 @@ fn run(connection: UnixStream) -> io::Result<()> {
     connection.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     let request = Request::decode(&mut &connection)?;
     connection.set_read_timeout(None)?;
-    execute(connection, request, false).map(drop)
+    execute(connection, request, None).map(drop)
 }
 
-/// Runs one request over `connection` and sends its frames. Returns the
-/// thread watching the connection: it kills the command's process group
-/// when the connection closes (or the agent sends anything) before the
-/// command ended, and itself ends when the connection closes.
-fn execute<S: Duplex>(
-    connection: S,
-    request: Request,
-    accepted_frame: bool,
-) -> io::Result<JoinHandle<()>> {
-    let writer: Writer<S> = Arc::new(Mutex::new(connection.duplicate()?));
-    if accepted_frame {
-        send(&writer, ACCEPTED, &[])?;
-    }
+/// The command of `request`, in a process group of its own, its output
+/// piped; or, when it cannot be started, its exit code (127: not found,
+/// 126: cannot run) and why, for stderr.
+fn spawn(request: &Request) -> Result<(std::process::Child, Pid), (i32, String)> {
     let program = &request.argv[0];
     let mut command = Command::new(program);
     command
@@ -433,27 +592,62 @@ fn execute<S: Duplex>(
     if !request.working_dir.is_empty() {
         command.current_dir(&request.working_dir);
     }
-    let mut closed = connection;
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    match command.spawn() {
+        Ok(child) => {
+            let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            Ok((child, group))
+        }
         Err(error) => {
             let code = if error.kind() == io::ErrorKind::NotFound {
                 protocol::NOT_FOUND
             } else {
                 protocol::CANNOT_RUN
             };
-            send(
-                &writer,
-                STDERR,
-                format!("berth-exec-shim: {program}: {error}\n").as_bytes(),
-            )?;
+            Err((code, format!("berth-exec-shim: {program}: {error}\n")))
+        }
+    }
+}
+
+/// The exit code of a finished command: 128 + the signal that killed it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Runs one request over `connection` and sends its frames. Returns the
+/// thread watching the connection: it kills the command's process group
+/// when the connection closes (or the agent sends anything) before the
+/// command ended, and itself ends when the connection closes. On a serial
+/// port (`serial`, its journal) an [`ACCEPTED`] frame goes first, and the
+/// exec is journalled.
+fn execute<S: Duplex>(
+    connection: S,
+    request: Request,
+    serial: Option<&Journal>,
+) -> io::Result<JoinHandle<()>> {
+    let writer: Writer<S> = Arc::new(Mutex::new(connection.duplicate()?));
+    if serial.is_some() {
+        send(&writer, ACCEPTED, &[])?;
+    }
+    let started = std::time::Instant::now();
+    if let Some(journal) = serial {
+        journal.started(None, &request.argv);
+    }
+    let mut closed = connection;
+    let (mut child, group) = match spawn(&request) {
+        Ok(spawned) => spawned,
+        Err((code, why)) => {
+            if let Some(journal) = serial {
+                journal.ended(None, code, started.elapsed());
+            }
+            send(&writer, STDERR, why.as_bytes())?;
             send(&writer, EXIT, &code.to_be_bytes())?;
             return Ok(std::thread::spawn(move || {
                 closed.watch(&AtomicBool::new(true));
             }));
         }
     };
-    let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let finished = Arc::new(AtomicBool::new(false));
     // Set when the agent went away first: nothing more is sent (on a serial
     // port, bytes sent then would reach the agent's next connection).
@@ -461,7 +655,7 @@ fn execute<S: Duplex>(
     let watched = Arc::clone(&finished);
     let gone = Arc::clone(&cancelled);
     let watcher = std::thread::spawn(move || {
-        if closed.watch(&watched) {
+        if closed.watch(&watched) != Watched::Finished {
             gone.store(true, Ordering::SeqCst);
             let _ = killpg(group, Signal::SIGKILL);
         }
@@ -482,9 +676,10 @@ fn execute<S: Duplex>(
         let _ = pump.join();
     }
     finished.store(true, Ordering::SeqCst);
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = exit_code(status);
+    if let Some(journal) = serial {
+        journal.ended(None, code, started.elapsed());
+    }
     if !cancelled.load(Ordering::SeqCst) {
         send(&writer, EXIT, &code.to_be_bytes())?;
     }
@@ -553,6 +748,50 @@ mod tests {
     }
 
     #[test]
+    fn versioned_messages_round_trip_beside_first_version_requests() {
+        let request = Request {
+            argv: vec!["sh".into(), "-c".into(), "sleep 5".into()],
+            env: vec![],
+            working_dir: String::new(),
+        };
+        for message in [
+            Message::Exec(request.clone()),
+            Message::Keyed {
+                key: "camp/run 1".into(),
+                request: request.clone(),
+                timeout: Some(Duration::from_millis(1500)),
+                detach_grace: Duration::from_secs(600),
+            },
+            Message::Keyed {
+                key: String::new(),
+                request: request.clone(),
+                timeout: None,
+                detach_grace: Duration::ZERO,
+            },
+            Message::Attach { key: "k".into() },
+        ] {
+            let bytes = message.encode();
+            assert_eq!(Message::decode(&mut bytes.as_slice()).unwrap(), message);
+        }
+        // What a container's agent sends is a first-version request.
+        let bytes = request.encode();
+        assert_eq!(
+            Message::decode(&mut bytes.as_slice()).unwrap(),
+            Message::Exec(request)
+        );
+        // A shim of the first version refuses a versioned message.
+        let keyed = Message::Attach { key: "k".into() }.encode();
+        let error = Request::decode(&mut keyed.as_slice()).unwrap_err();
+        assert!(error.to_string().contains("at most"), "{error}");
+        assert_ne!(protocol::MAGIC[0], protocol::CANCEL);
+        assert!(u32::from_be_bytes(protocol::MAGIC) > protocol::MAX_REQUEST_BYTES);
+        let mut long_key = protocol::MAGIC.to_vec();
+        long_key.push(2);
+        long_key.extend((protocol::MAX_KEY_BYTES + 1).to_be_bytes());
+        assert!(Message::decode(&mut long_key.as_slice()).is_err());
+    }
+
+    #[test]
     fn frame_headers_the_shim_would_not_send_are_refused() {
         let header = protocol::header(STDOUT, MAX_FRAME_BYTES);
         assert_eq!(
@@ -586,7 +825,9 @@ mod tests {
             match kind {
                 FrameKind::Stdout => out.extend(payload),
                 FrameKind::Stderr => err.extend(payload),
-                FrameKind::Accepted => panic!("a socket shim sends no accepted frame"),
+                FrameKind::Accepted | FrameKind::UnknownKey => {
+                    panic!("a socket shim sends no {kind:?} frame")
+                }
                 FrameKind::Exit => {
                     let code = i32::from_be_bytes(payload.try_into().unwrap());
                     return (

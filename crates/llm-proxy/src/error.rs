@@ -16,6 +16,14 @@ pub enum ProxyError {
     MalformedJson(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// A field of a Messages or Responses request that cannot be served as
+    /// it is; `field` is its path (`input[2].call_id`), given to the client.
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
+    #[error(
+        "previous response `{0}` not found: it expired, was evicted, or was made with store: false"
+    )]
+    UnknownPreviousResponse(String),
     #[error("request body larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error(
@@ -95,13 +103,16 @@ pub enum ProxyError {
 impl ServiceError for ProxyError {
     fn error_code(&self) -> ErrorCode {
         match self {
-            Self::MalformedJson(_) | Self::InvalidRequest(_) | Self::UnsupportedParam { .. } => {
-                ErrorCode::BadRequest
-            }
+            Self::MalformedJson(_)
+            | Self::InvalidRequest(_)
+            | Self::InvalidField { .. }
+            | Self::UnsupportedParam { .. } => ErrorCode::BadRequest,
             // gRPC has no "too large"; the HTTP edge answers 413 (see http_status).
             Self::BodyTooLarge { .. } => ErrorCode::BadRequest,
             Self::JsonTooLarge { .. } => ErrorCode::ResourceExhausted,
-            Self::UnknownModel(_) | Self::UnknownKey(_) => ErrorCode::NotFound,
+            Self::UnknownModel(_) | Self::UnknownKey(_) | Self::UnknownPreviousResponse(_) => {
+                ErrorCode::NotFound
+            }
             Self::MissingKey | Self::InvalidKey => ErrorCode::Unauthenticated,
             Self::NotMasterKey | Self::ModelNotAllowed(_) => ErrorCode::PermissionDenied,
             Self::RateLimited { .. } | Self::BudgetExceeded { .. } | Self::NoDeployment { .. } => {
@@ -125,6 +136,8 @@ impl ServiceError for ProxyError {
         match self {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::UnknownPreviousResponse(_) => "previous_response_not_found",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::JsonTooLarge { .. } => "json_too_large",
             Self::UnknownModel(_) => "unknown_model",
@@ -215,6 +228,7 @@ impl ProxyError {
             Self::InvalidKey | Self::MissingKey => Some("invalid_api_key"),
             Self::RateLimited { .. } | Self::NoDeployment { .. } => Some("rate_limit_exceeded"),
             Self::Timeout { .. } => Some("timeout"),
+            Self::UnknownPreviousResponse(_) => Some("previous_response_not_found"),
             _ => None,
         }
     }
@@ -227,6 +241,8 @@ impl ProxyError {
                 "type": self.openai_type(),
                 "param": match self {
                     Self::UnknownModel(_) | Self::ModelNotAllowed(_) => Some("model"),
+                    Self::InvalidField { field, .. } => Some(field.as_str()),
+                    Self::UnknownPreviousResponse(_) => Some("previous_response_id"),
                     _ => None,
                 },
                 "code": self.openai_code(),
@@ -237,14 +253,40 @@ impl ProxyError {
     /// The HTTP response of this error. An upstream's own error body is
     /// passed through when it is already an OpenAI-style error object.
     pub fn into_http(self) -> Response {
-        let status = self.http_status();
-        if status.is_server_error() {
-            tracing::warn!(error = %self, "request failed");
-        }
         let body = match &self {
             Self::Upstream { body, .. } if is_openai_error(body) => body.clone(),
             _ => Bytes::from(self.to_json().to_string()),
         };
+        self.respond(body)
+    }
+
+    /// The HTTP response of this error in Anthropic's shape
+    /// (`{"type":"error","error":{"type","message"}}`), for `/v1/messages`:
+    /// Anthropic's clients read the error's type from there.
+    pub fn into_anthropic_http(self) -> Response {
+        let status = self.http_status();
+        let kind = match status.as_u16() {
+            400 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            402 | 403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        };
+        let body = serde_json::json!({
+            "type": "error",
+            "error": {"type": kind, "message": self.to_string()},
+        });
+        self.respond(Bytes::from(body.to_string()))
+    }
+
+    fn respond(self, body: Bytes) -> Response {
+        let status = self.http_status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
         let mut response = (
             status,
             [(

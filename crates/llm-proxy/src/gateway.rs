@@ -4,6 +4,7 @@
 //! usage once it ends.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,12 +14,13 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::cache::{Cached, Policy, ResponseCache};
 use crate::error::ProxyError;
 use crate::keys::VirtualKey;
 use crate::metrics::ProxyMetrics;
 use crate::providers::{self, Dialect, Endpoint};
 use crate::router::{Deployment, InFlight, Router};
-use crate::stream::PassThrough;
+use crate::stream::{PassThrough, Recorder, StreamBody};
 use crate::upstream::UpstreamClient;
 use crate::usage::{Meter, Outcome, Usage};
 
@@ -30,6 +32,8 @@ pub struct Call {
     pub stream: bool,
     /// The client's JSON body, forwarded with the model name replaced.
     pub body: Map<String, Value>,
+    /// What the response cache may do for this call.
+    pub cache: Policy,
 }
 
 impl Call {
@@ -40,8 +44,10 @@ impl Call {
         Self::from_body(endpoint, body)
     }
 
-    /// Reads `model` and `stream` from a request body.
-    pub fn from_body(endpoint: Endpoint, body: Map<String, Value>) -> Result<Self, ProxyError> {
+    /// Reads `model` and `stream` from a request body, and takes out its
+    /// `cache` settings.
+    pub fn from_body(endpoint: Endpoint, mut body: Map<String, Value>) -> Result<Self, ProxyError> {
+        let cache = Policy::take(&mut body)?;
         let model = match body.get("model") {
             Some(Value::String(model)) if !model.is_empty() => model.clone(),
             _ => {
@@ -69,17 +75,49 @@ impl Call {
             model,
             stream,
             body,
+            cache,
         })
+    }
+}
+
+/// Time a request spent waiting on upstreams, added up over its attempts,
+/// so that the edge can tell the proxy's own time from the upstream's.
+#[derive(Debug, Default)]
+pub struct UpstreamClock(AtomicU64);
+
+impl UpstreamClock {
+    fn add(&self, waited: Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
     }
 }
 
 /// The answer to a call.
 #[derive(Debug)]
 pub enum Reply {
-    /// A whole JSON response, as the upstream sent it.
-    Whole { body: Bytes, usage: Option<Usage> },
-    /// An SSE stream, passed through as it arrives.
-    Stream(PassThrough),
+    /// A whole JSON response, as the upstream sent it (`cached`: or as the
+    /// cache kept it).
+    Whole {
+        body: Bytes,
+        usage: Option<Usage>,
+        cached: bool,
+    },
+    /// An SSE stream, passed through as it arrives, or the cache's recording.
+    Stream(StreamBody),
+}
+
+impl Reply {
+    /// Whether the answer came from the response cache.
+    pub fn cached(&self) -> bool {
+        matches!(
+            self,
+            Self::Whole { cached: true, .. } | Self::Stream(StreamBody::Cached(_))
+        )
+    }
 }
 
 /// Largest non-streamed upstream response read; embeddings of big batches
@@ -94,6 +132,7 @@ pub struct Gateway {
     client: UpstreamClient,
     drop_params: bool,
     metrics: Arc<ProxyMetrics>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 /// What a request still owes once its response is on its way: the
@@ -136,17 +175,23 @@ impl Gateway {
         client: UpstreamClient,
         drop_params: bool,
         metrics: Arc<ProxyMetrics>,
+        cache: Option<Arc<ResponseCache>>,
     ) -> Self {
         Self {
             router: Arc::new(router),
             client,
             drop_params,
             metrics,
+            cache,
         }
     }
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
     }
 
     /// Warns, naming the key and the models, when the key has a budget that
@@ -172,16 +217,40 @@ impl Gateway {
     }
 
     /// Serves a call for `key` (None: the master key, or no auth configured).
+    /// The time spent waiting on upstreams is added to `clock`.
     pub async fn forward(
         &self,
         call: Call,
         key: Option<&Arc<VirtualKey>>,
+        clock: &UpstreamClock,
     ) -> Result<Reply, ProxyError> {
         if !self.router.has_model(&call.model) {
             return Err(ProxyError::UnknownModel(call.model));
         }
         let lease = key.map(|k| k.admit(&call.model)).transpose()?;
         let meter = Meter::new(self.metrics.clone(), call.model.clone(), lease);
+        // Looked up after the key's checks: a hit still counts against its
+        // request limits, and spends nothing.
+        let cache = self
+            .cache
+            .as_ref()
+            .map(|cache| (cache, ResponseCache::key(call.endpoint, &call.body)));
+        if let Some(hit) = cache
+            .filter(|_| !call.cache.no_cache)
+            .and_then(|(cache, key)| cache.get(&key))
+        {
+            meter.finish(None, None, Outcome::CacheHit);
+            return Ok(if call.stream {
+                Reply::Stream(StreamBody::Cached(Some(hit.body)))
+            } else {
+                Reply::Whole {
+                    body: hit.body,
+                    usage: hit.usage,
+                    cached: true,
+                }
+            });
+        }
+        let store = cache.filter(|_| !call.cache.no_store);
         let settings = self.router.settings();
         let mut last_error = None;
         for group in self.router.groups_for(&call.model) {
@@ -199,7 +268,7 @@ impl Gateway {
                 };
                 tried.push(deployment.clone());
                 let in_flight = deployment.start();
-                match self.attempt(&deployment, &call).await {
+                match self.attempt(&deployment, &call, clock).await {
                     Ok(answer) => {
                         let settle = Settle {
                             in_flight,
@@ -210,10 +279,25 @@ impl Gateway {
                             Answer::Whole(body) => {
                                 let usage = usage_of(&body);
                                 settle.finish(usage, Outcome::Ok);
-                                Reply::Whole { body, usage }
+                                if let Some((cache, key)) = store {
+                                    let cached = Cached {
+                                        body: body.clone(),
+                                        usage,
+                                    };
+                                    cache.insert(key, cached);
+                                }
+                                Reply::Whole {
+                                    body,
+                                    usage,
+                                    cached: false,
+                                }
                             }
                             Answer::Stream(body, idle, dialect) => {
-                                Reply::Stream(PassThrough::new(body, idle, dialect.relay(), settle))
+                                let recorder =
+                                    store.map(|(cache, key)| Recorder::new(cache.clone(), key));
+                                let relay = dialect.relay();
+                                let live = PassThrough::new(body, idle, relay, settle, recorder);
+                                Reply::Stream(StreamBody::Live(live))
                             }
                         });
                     }
@@ -236,7 +320,12 @@ impl Gateway {
 
     /// One try on one deployment, bounded by its timeout: for a stream, up
     /// to the response headers, then between chunks.
-    async fn attempt(&self, deployment: &Deployment, call: &Call) -> Result<Answer, ProxyError> {
+    async fn attempt(
+        &self,
+        deployment: &Deployment,
+        call: &Call,
+        clock: &UpstreamClock,
+    ) -> Result<Answer, ProxyError> {
         let config = &deployment.config;
         let request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
         let dialect = request.dialect;
@@ -286,14 +375,18 @@ impl Gateway {
                     reason,
                 })
         };
-        tokio::time::timeout(timeout, work)
+        let answer = tokio::time::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| {
                 Err(ProxyError::Timeout {
                     deployment: config.id.clone(),
                     timeout,
                 })
-            })
+            });
+        // Up to the headers for a stream, the whole body otherwise (with an
+        // Anthropic answer's translation, which is not worth timing apart).
+        clock.add(started.elapsed());
+        answer
     }
 }
 

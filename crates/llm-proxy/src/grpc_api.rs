@@ -21,11 +21,11 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Auth, Caller};
 use crate::error::ProxyError;
-use crate::gateway::{Call, Gateway, Reply};
+use crate::gateway::{Call, Gateway, Reply, UpstreamClock};
 use crate::keys::{KeySpec, VirtualKey};
 use crate::providers::Endpoint;
 use crate::sse::{self, Lines};
-use crate::stream::PassThrough;
+use crate::stream::StreamBody;
 use crate::usage::Usage;
 
 const DEFAULT_PAGE: usize = 100;
@@ -67,7 +67,7 @@ impl LlmProxyService {
         let call = Call::from_body(endpoint, body).map_err(status)?;
         match self
             .gateway
-            .forward(call, caller.key())
+            .forward(call, caller.key(), &UpstreamClock::default())
             .await
             .map_err(status)?
         {
@@ -320,9 +320,9 @@ fn chunks_of(payload: &[u8]) -> Vec<Result<pb::ChatCompletionChunk, Status>> {
 
 /// The SSE body as proto chunks; dropping the stream (the client cancelled)
 /// drops the body, which cancels the upstream request.
-fn chunk_stream(body: PassThrough) -> GrpcStream<pb::ChatCompletionChunk> {
+fn chunk_stream(body: StreamBody) -> GrpcStream<pb::ChatCompletionChunk> {
     struct State {
-        body: BodyStream<PassThrough>,
+        body: BodyStream<StreamBody>,
         lines: Lines,
         ready: VecDeque<Result<pb::ChatCompletionChunk, Status>>,
     }
@@ -418,7 +418,7 @@ impl LlmProxy for LlmProxyService {
         .map_err(status)?;
         match self
             .gateway
-            .forward(call, caller.key())
+            .forward(call, caller.key(), &UpstreamClock::default())
             .await
             .map_err(status)?
         {

@@ -3,9 +3,11 @@
 //! both), and virtual keys are managed at LiteLLM's `/key/*` paths.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,10 +21,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{Auth, Caller};
+use crate::chat::Translated;
 use crate::error::ProxyError;
-use crate::gateway::{Call, Gateway, Reply};
+use crate::gateway::{Call, Gateway, Reply, UpstreamClock};
 use crate::keys::{KeySpec, VirtualKey};
+use crate::messages_api;
 use crate::providers::Endpoint;
+use crate::responses_api::{self, ResponseStore};
+use crate::stream::StreamBody;
 
 #[derive(Debug)]
 pub struct HttpApi {
@@ -34,7 +40,16 @@ pub struct HttpApi {
     /// Large bodies are parsed within it (`server.request_cpu_budget`,
     /// `server.max_costly_requests`).
     pub budget: RequestBudget,
+    /// `/v1/responses` conversations kept for `previous_response_id`.
+    pub responses: Arc<ResponseStore>,
 }
+
+/// The header that tells the time an answer spent in the proxy itself, in
+/// microseconds: from the request's arrival to the answer's headers, less
+/// the time spent waiting on upstreams.
+pub const OVERHEAD_HEADER: &str = "x-berth-overhead-us";
+/// The header that marks an answer served from the response cache.
+pub const CACHE_HEADER: &str = "x-berth-cache";
 
 /// Bodies from this size on are parsed within the request budget, off the
 /// async workers. A smaller one parses in well under a millisecond, less
@@ -54,6 +69,8 @@ pub fn router(api: Arc<HttpApi>) -> Router {
             )
             .route(&format!("{prefix}/completions"), post(completions))
             .route(&format!("{prefix}/embeddings"), post(embeddings))
+            .route(&format!("{prefix}/messages"), post(messages))
+            .route(&format!("{prefix}/responses"), post(responses))
             .route(&format!("{prefix}/models"), get(models));
     }
     router
@@ -64,23 +81,59 @@ pub fn router(api: Arc<HttpApi>) -> Router {
         // The body limit is applied by `read_body`, which answers 413 with an
         // OpenAI-style error rather than axum's plain-text one.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(api.clone(), overhead))
         .with_state(api)
 }
 
-async fn chat_completions(State(api): Shared, headers: HeaderMap, body: Body) -> Response {
-    api.openai(Endpoint::ChatCompletions, &headers, body)
+/// Times every request: the overhead header on every answer (errors and
+/// unknown paths included) and the overhead histogram.
+async fn overhead(State(api): Shared, mut request: Request, next: Next) -> Response {
+    let arrived = Instant::now();
+    let clock = Arc::new(UpstreamClock::default());
+    request.extensions_mut().insert(clock.clone());
+    let mut response = next.run(request).await;
+    let own = arrived.elapsed().saturating_sub(clock.total());
+    api.gateway.metrics().overhead.observe(own.as_secs_f64());
+    let micros = u64::try_from(own.as_micros()).unwrap_or(u64::MAX);
+    response
+        .headers_mut()
+        .insert(OVERHEAD_HEADER, HeaderValue::from(micros));
+    response
+}
+
+type Clock = Extension<Arc<UpstreamClock>>;
+
+async fn chat_completions(
+    State(api): Shared,
+    clock: Clock,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    api.openai(Endpoint::ChatCompletions, &headers, body, &clock)
         .await
         .unwrap_or_else(ProxyError::into_http)
 }
 
-async fn completions(State(api): Shared, headers: HeaderMap, body: Body) -> Response {
-    api.openai(Endpoint::Completions, &headers, body)
+async fn completions(State(api): Shared, clock: Clock, headers: HeaderMap, body: Body) -> Response {
+    api.openai(Endpoint::Completions, &headers, body, &clock)
         .await
         .unwrap_or_else(ProxyError::into_http)
 }
 
-async fn embeddings(State(api): Shared, headers: HeaderMap, body: Body) -> Response {
-    api.openai(Endpoint::Embeddings, &headers, body)
+async fn embeddings(State(api): Shared, clock: Clock, headers: HeaderMap, body: Body) -> Response {
+    api.openai(Endpoint::Embeddings, &headers, body, &clock)
+        .await
+        .unwrap_or_else(ProxyError::into_http)
+}
+
+async fn messages(State(api): Shared, clock: Clock, headers: HeaderMap, body: Body) -> Response {
+    api.messages(&headers, body, &clock)
+        .await
+        .unwrap_or_else(ProxyError::into_anthropic_http)
+}
+
+async fn responses(State(api): Shared, clock: Clock, headers: HeaderMap, body: Body) -> Response {
+    api.responses(&headers, body, &clock)
         .await
         .unwrap_or_else(ProxyError::into_http)
 }
@@ -164,17 +217,31 @@ pub fn key_info(key: &VirtualKey) -> serde_json::Value {
 }
 
 impl HttpApi {
+    /// The caller by `Authorization: Bearer`, or by `x-api-key` as
+    /// Anthropic's clients send their key.
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
-        self.auth
-            .caller(headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()))
+        let x_api_key;
+        let authorization = match headers.get(AUTHORIZATION) {
+            Some(value) => value.to_str().ok(),
+            None => {
+                x_api_key = headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|key| format!("Bearer {key}"));
+                x_api_key.as_deref()
+            }
+        };
+        self.auth.caller(authorization)
     }
 
-    async fn openai(
+    /// Authenticates, reads the body within the size limits, and parses it
+    /// with `parse` (within the request budget when it is large).
+    async fn parse<T: Send + 'static>(
         &self,
-        endpoint: Endpoint,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<Response, ProxyError> {
+        parse: impl FnOnce(&[u8]) -> Result<T, ProxyError> + Send + 'static,
+    ) -> Result<(Caller, T), ProxyError> {
         // Authenticate before reading the body: a stranger's megabytes are not read.
         let caller = self.caller(headers)?;
         let bytes = read_body(body, self.max_body_bytes, headers).await?;
@@ -185,36 +252,148 @@ impl HttpApi {
                 limit: self.max_json_bytes,
             });
         }
-        let call = if bytes.len() < COSTLY_BODY_BYTES {
-            Call::parse(endpoint, &bytes)?
+        let parsed = if bytes.len() < COSTLY_BODY_BYTES {
+            parse(&bytes)?
         } else {
             self.budget
                 .run(move || {
-                    let call = Call::parse(endpoint, &bytes)?;
+                    let parsed = parse(&bytes)?;
                     // One JSON parse is not cut short: bounded by the body
                     // and JSON limits, it is measured once it ends.
                     budget::check()?;
-                    Ok::<_, ProxyError>(call)
+                    Ok::<_, ProxyError>(parsed)
                 })
                 .await?
         };
-        match self.gateway.forward(call, caller.key()).await? {
-            Reply::Whole { body, .. } => Ok((
-                [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                body,
-            )
-                .into_response()),
-            Reply::Stream(stream) => Ok((
-                StatusCode::OK,
-                [
-                    (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
-                    (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-                ],
-                Body::new(stream),
-            )
-                .into_response()),
-        }
+        Ok((caller, parsed))
     }
+
+    async fn openai(
+        &self,
+        endpoint: Endpoint,
+        headers: &HeaderMap,
+        body: Body,
+        clock: &UpstreamClock,
+    ) -> Result<Response, ProxyError> {
+        let (caller, call) = self
+            .parse(headers, body, move |bytes| Call::parse(endpoint, bytes))
+            .await?;
+        let reply = self.forward(call, &caller, headers, clock).await?;
+        answer(reply, AsOpenAi)
+    }
+
+    async fn messages(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        clock: &UpstreamClock,
+    ) -> Result<Response, ProxyError> {
+        let (caller, call) = self.parse(headers, body, messages_api::call).await?;
+        let model = call.model.clone();
+        let reply = self.forward(call, &caller, headers, clock).await?;
+        answer(reply, AsMessages(model))
+    }
+
+    async fn responses(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        clock: &UpstreamClock,
+    ) -> Result<Response, ProxyError> {
+        let store = self.responses.clone();
+        let (caller, prepared) = self
+            .parse(headers, body, move |bytes| {
+                responses_api::prepare(bytes, &store)
+            })
+            .await?;
+        let responses_api::Prepared { call, context } = prepared;
+        let reply = self.forward(call, &caller, headers, clock).await?;
+        answer(reply, AsResponses(context))
+    }
+
+    /// Forwards a call, with the cache settings of its `Cache-Control` header.
+    async fn forward(
+        &self,
+        mut call: Call,
+        caller: &Caller,
+        headers: &HeaderMap,
+        clock: &UpstreamClock,
+    ) -> Result<Reply, ProxyError> {
+        call.cache = call.cache.with_headers(headers);
+        self.gateway.forward(call, caller.key(), clock).await
+    }
+}
+
+/// How a chat reply goes out in one API's shape; one of the two is called.
+trait Render {
+    fn whole(self, body: Bytes) -> Result<Bytes, ProxyError>;
+    fn stream(self, body: StreamBody) -> Body;
+}
+
+/// OpenAI's own endpoints: as the upstream answered.
+struct AsOpenAi;
+
+impl Render for AsOpenAi {
+    fn whole(self, body: Bytes) -> Result<Bytes, ProxyError> {
+        Ok(body)
+    }
+
+    fn stream(self, body: StreamBody) -> Body {
+        Body::new(body)
+    }
+}
+
+/// `/v1/messages`, for the model the client named.
+struct AsMessages(String);
+
+impl Render for AsMessages {
+    fn whole(self, body: Bytes) -> Result<Bytes, ProxyError> {
+        messages_api::whole(&body, &self.0)
+    }
+
+    fn stream(self, body: StreamBody) -> Body {
+        Body::new(Translated::new(body, messages_api::Events::new(self.0)))
+    }
+}
+
+/// `/v1/responses`.
+struct AsResponses(responses_api::Context);
+
+impl Render for AsResponses {
+    fn whole(self, body: Bytes) -> Result<Bytes, ProxyError> {
+        responses_api::whole(&body, self.0)
+    }
+
+    fn stream(self, body: StreamBody) -> Body {
+        Body::new(Translated::new(body, responses_api::Events::new(self.0)))
+    }
+}
+
+/// The HTTP answer to a reply, marked when it came from the cache.
+fn answer(reply: Reply, render: impl Render) -> Result<Response, ProxyError> {
+    let cached = reply.cached();
+    let mut response = match reply {
+        Reply::Whole { body, .. } => (
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            render.whole(body)?,
+        )
+            .into_response(),
+        Reply::Stream(body) => (
+            StatusCode::OK,
+            [
+                (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+                (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            ],
+            render.stream(body),
+        )
+            .into_response(),
+    };
+    if cached {
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    }
+    Ok(response)
 }
 
 /// Reads a request body of at most `limit` bytes; a larger one is 413.

@@ -4,18 +4,26 @@
 //! key), serves the OpenAI API over HTTP (SSE streams passed through as they
 //! arrive) and the same operations over gRPC, routes each request to one of
 //! the deployments of its model with retries, fallbacks and cooldowns, and
-//! enforces virtual keys' limits.
+//! enforces virtual keys' limits. Anthropic's Messages API
+//! (`messages_api`) and OpenAI's Responses API (`responses_api`) are served
+//! for every model through the same chat-completions path (`chat`), with an
+//! optional response cache (`cache`) in front of the upstreams.
 
 pub mod auth;
+pub mod cache;
+pub mod chat;
 pub mod error;
+pub mod fields;
 pub mod gateway;
 pub mod grpc_api;
 pub mod http_api;
 pub mod keys;
 pub mod limits;
 pub mod litellm_config;
+pub mod messages_api;
 pub mod metrics;
 pub mod providers;
+pub mod responses_api;
 pub mod router;
 pub mod settings;
 pub mod sse;
@@ -72,6 +80,25 @@ pub struct ProxyConfig {
     /// How often spend is written to the key store.
     #[serde(with = "humantime_serde")]
     pub keys_flush_interval: Duration,
+    /// Most `/v1/responses` conversations kept for `previous_response_id`
+    /// (the oldest goes first); 0 keeps none.
+    pub responses_store_max_entries: usize,
+    /// Most bytes (as JSON) of those conversations; one takes at most a
+    /// 16th of it, a longer one cannot be continued.
+    pub responses_store_max_bytes: usize,
+    /// How long a stored response can be continued.
+    #[serde(with = "humantime_serde")]
+    pub responses_store_ttl: Duration,
+    /// The response cache (see `cache`); LiteLLM's `litellm_settings.cache:
+    /// true` turns it on as well.
+    pub cache: bool,
+    /// Most bytes of answers the cache keeps (the oldest go first); one
+    /// answer takes at most a 16th of it.
+    pub cache_max_bytes: usize,
+    /// How long a cached answer is served; LiteLLM's `cache_params.ttl`
+    /// overrides it.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -85,6 +112,12 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             keys_flush_interval: Duration::from_secs(5),
+            responses_store_max_entries: 10_000,
+            responses_store_max_bytes: 64 << 20,
+            responses_store_ttl: Duration::from_secs(3600),
+            cache: false,
+            cache_max_bytes: 64 << 20,
+            cache_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -171,7 +204,25 @@ pub async fn start_with(
     for (model, deployments) in router.models() {
         tracing::info!(%model, deployments, "serving model");
     }
-    let gateway = Arc::new(Gateway::new(router, client, litellm.drop_params, metrics));
+    let cache = (config.proxy.cache || litellm.cache.is_some()).then(|| {
+        let ttl = litellm
+            .cache
+            .and_then(|c| c.ttl)
+            .unwrap_or(config.proxy.cache_ttl);
+        tracing::info!(
+            max_bytes = config.proxy.cache_max_bytes,
+            ?ttl,
+            "response cache on"
+        );
+        Arc::new(cache::ResponseCache::new(config.proxy.cache_max_bytes, ttl))
+    });
+    let gateway = Arc::new(Gateway::new(
+        router,
+        client,
+        litellm.drop_params,
+        metrics,
+        cache,
+    ));
     for key in keys.list() {
         gateway.warn_of_unpriced_models(&key);
     }
@@ -188,6 +239,11 @@ pub async fn start_with(
         max_body_bytes: config.proxy.max_request_bytes,
         max_json_bytes: config.proxy.max_request_json_bytes,
         budget,
+        responses: Arc::new(responses_api::ResponseStore::new(
+            config.proxy.responses_store_max_entries,
+            config.proxy.responses_store_max_bytes,
+            config.proxy.responses_store_ttl,
+        )),
     }));
     spawn_key_flusher(
         keys,

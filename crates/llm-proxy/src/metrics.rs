@@ -13,6 +13,7 @@ pub const SPEND: &str = "berth_llm_spend_usd";
 pub const REQUEST_SECONDS: &str = "berth_llm_request_seconds";
 pub const UPSTREAM_FAILURES: &str = "berth_llm_upstream_failures";
 pub const IN_FLIGHT: &str = "berth_llm_requests_in_flight";
+pub const OVERHEAD_SECONDS: &str = "berth_llm_overhead_seconds";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -44,6 +45,7 @@ pub struct ProxyMetrics {
     pub seconds: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub upstream_failures: Family<DeploymentLabels, Counter>,
     pub in_flight: Gauge,
+    pub overhead: Histogram,
 }
 
 impl ProxyMetrics {
@@ -57,6 +59,8 @@ impl ProxyMetrics {
             }),
             upstream_failures: Family::default(),
             in_flight: Gauge::default(),
+            // 10 µs to 82 ms: the proxy's own time is tens of microseconds.
+            overhead: Histogram::new(exponential_buckets(1e-5, 2.0, 14)),
         };
         registry.register(
             REQUESTS,
@@ -87,6 +91,11 @@ impl ProxyMetrics {
             IN_FLIGHT,
             "Requests admitted and not yet ended (streams count until their last byte or abandonment)",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            OVERHEAD_SECONDS,
+            "Time each HTTP request spent in the proxy itself, upstream waits excluded (also the x-berth-overhead-us header)",
+            metrics.overhead.clone(),
         );
         metrics
     }

@@ -208,6 +208,18 @@ pub fn error_event(error: &serde_json::Value) -> bytes::Bytes {
     format!("data: {error}\n\n").into()
 }
 
+/// Appends one event with an `event:` line, as the Anthropic and Responses
+/// APIs send them (their clients dispatch on it), to `out`.
+pub fn put_named(out: &mut BytesMut, event: &str, payload: &serde_json::Value) {
+    use bytes::BufMut;
+    out.put_slice(b"event: ");
+    out.put_slice(event.as_bytes());
+    out.put_slice(b"\ndata: ");
+    // Writing JSON into a BytesMut cannot fail.
+    let _ = serde_json::to_writer((&mut *out).writer(), payload);
+    out.put_slice(b"\n\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +323,7 @@ mod fuzz {
     use proptest::test_runner::TestCaseError;
 
     use super::*;
+    use crate::chat::Translate;
     use crate::providers::AnthropicEvents;
 
     /// Pieces of OpenAI's and Anthropic's streams worth splicing in.
@@ -444,6 +457,29 @@ mod fuzz {
                 for line in lines_of(&chunks, max_line)? {
                     translate.line(&line, &mut translated);
                 }
+                // The same stream re-framed as /v1/messages and /v1/responses
+                // events: no panic, and each ends once.
+                let store = std::sync::Arc::new(crate::responses_api::ResponseStore::new(1, 1 << 20, std::time::Duration::from_secs(1)));
+                let context = crate::responses_api::Context {
+                    id: "resp_f".into(), model: "m".into(), created_at: 0, echo: Map::new(),
+                    conversation: Some(Vec::new()), store,
+                };
+                let mut messages = crate::messages_api::Events::new("m".into());
+                let mut responses = crate::responses_api::Events::new(context);
+                let mut reframed = BytesMut::new();
+                for line in lines_of(&chunks, max_line)? {
+                    if let Some(event) = crate::chat::Event::parse(&line) {
+                        messages.event(event, &mut reframed);
+                    }
+                    if let Some(event) = crate::chat::Event::parse(&line) {
+                        responses.event(event, &mut reframed);
+                    }
+                }
+                messages.end(&mut reframed);
+                responses.end(&mut reframed);
+                let text = String::from_utf8_lossy(&reframed);
+                prop_assert!(text.matches("event: message_stop").count() <= 1);
+                prop_assert!(text.matches("event: response.completed").count() <= 1);
                 check_usage(translate.usage())
             })??;
         }

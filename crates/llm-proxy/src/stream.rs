@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::{Cached, Key, ResponseCache};
 use crate::error::ProxyError;
 use crate::gateway::Settle;
 use crate::providers::AnthropicEvents;
@@ -36,6 +38,72 @@ pub enum Relay {
     Translate(AnthropicEvents),
 }
 
+/// A stream as the client gets it: from an upstream, or from the cache.
+#[derive(Debug)]
+pub enum StreamBody {
+    Live(PassThrough),
+    /// A recorded stream, sent in one piece (None once sent).
+    Cached(Option<Bytes>),
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Self::Live(live) => Pin::new(live).poll_frame(cx),
+            Self::Cached(recorded) => Poll::Ready(recorded.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Live(live) => live.is_end_stream(),
+            Self::Cached(recorded) => recorded.is_none(),
+        }
+    }
+}
+
+/// Records a stream as the client gets it, for the response cache; stored
+/// only when it ends well and complete (`[DONE]`), dropped when it outgrows
+/// the cache's largest entry.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    cache: Arc<ResponseCache>,
+    key: Key,
+    recorded: BytesMut,
+}
+
+impl Recorder {
+    pub(crate) fn new(cache: Arc<ResponseCache>, key: Key) -> Self {
+        Self {
+            cache,
+            key,
+            recorded: BytesMut::new(),
+        }
+    }
+
+    /// Keeps `data`; false once the stream is too large to store.
+    fn push(&mut self, data: &[u8]) -> bool {
+        if self.recorded.len() + data.len() > self.cache.max_entry_bytes() {
+            return false;
+        }
+        self.recorded.extend_from_slice(data);
+        true
+    }
+
+    fn store(self, usage: Option<Usage>) {
+        if self.recorded.ends_with(b"data: [DONE]\n\n") {
+            let body = self.recorded.freeze();
+            self.cache.insert(self.key, Cached { body, usage });
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PassThrough {
     inner: Incoming,
@@ -48,10 +116,18 @@ pub struct PassThrough {
     deadline: Pin<Box<Sleep>>,
     /// `None` once the request is settled.
     settle: Option<Settle>,
+    /// Set when the answer is to be cached.
+    recorder: Option<Recorder>,
 }
 
 impl PassThrough {
-    pub(crate) fn new(inner: Incoming, idle: Duration, relay: Relay, settle: Settle) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        idle: Duration,
+        relay: Relay,
+        settle: Settle,
+        recorder: Option<Recorder>,
+    ) -> Self {
         Self {
             inner,
             lines: Lines::default(),
@@ -60,6 +136,13 @@ impl PassThrough {
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
             settle: Some(settle),
+            recorder,
+        }
+    }
+
+    fn record(&mut self, data: &[u8]) {
+        if self.recorder.as_mut().is_some_and(|r| !r.push(data)) {
+            self.recorder = None;
         }
     }
 
@@ -103,6 +186,7 @@ impl Body for PassThrough {
                                     *usage = Some(found);
                                 }
                             });
+                            this.record(data);
                             return Poll::Ready(Some(Ok(frame)));
                         }
                         Relay::StripUsage(strip) => {
@@ -117,6 +201,7 @@ impl Body for PassThrough {
                     if out.is_empty() {
                         continue;
                     }
+                    this.record(&out);
                     Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -129,6 +214,9 @@ impl Body for PassThrough {
                 Poll::Ready(None) => {
                     if let Some(settle) = this.settle.take() {
                         settle.finish(this.usage, Outcome::Ok);
+                    }
+                    if let Some(recorder) = this.recorder.take() {
+                        recorder.store(this.usage);
                     }
                     Poll::Ready(None)
                 }

@@ -43,6 +43,8 @@ pub enum Outcome {
     Failed,
     /// The client went away before the end.
     Abandoned,
+    /// Answered from the response cache: no upstream, no tokens, no spend.
+    CacheHit,
 }
 
 impl Outcome {
@@ -51,6 +53,7 @@ impl Outcome {
             Self::Ok => "ok",
             Self::Failed => "failed",
             Self::Abandoned => "abandoned",
+            Self::CacheHit => "cache_hit",
         }
     }
 }

@@ -462,3 +462,82 @@ async fn grpc_streams_from_anthropic_too() {
     assert_eq!(usage.unwrap().total_tokens, 11);
     proxy.stop().await.unwrap();
 }
+
+/// `/v1/messages` to an Anthropic upstream: in through the chat form and
+/// out again, a tool round arrives as Anthropic's blocks and the answer,
+/// whole and streamed, comes back as Anthropic's.
+#[tokio::test]
+async fn messages_api_round_trips_through_an_anthropic_upstream() {
+    let (addr, seen) = fake_anthropic().await;
+    let proxy = proxy(&config(addr)).await;
+    let url = format!("{}/v1/messages", base(&proxy));
+    let mut request = json!({
+        "model": "claude", "max_tokens": 100, "top_k": 5, "system": "Be brief.",
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "auto"},
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "sunny"}]},
+        ],
+    });
+    let answer = send("POST", &url, None, request.to_string()).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let message = answer.json();
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["stop_reason"], "tool_use");
+    assert_eq!(
+        message["content"],
+        json!([
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ])
+    );
+    assert_eq!(
+        message["usage"],
+        json!({"input_tokens": 20, "output_tokens": 9})
+    );
+    let (_, sent) = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        sent["system"],
+        json!([{"type": "text", "text": "Be brief."}])
+    );
+    assert_eq!(sent["top_k"], 5);
+    assert_eq!(sent["max_tokens"], 100);
+    assert_eq!(sent["messages"][1]["content"][0]["type"], "tool_use");
+    assert_eq!(
+        sent["messages"][1]["content"][0]["input"],
+        json!({"city": "Paris"})
+    );
+    assert_eq!(
+        sent["messages"][2]["content"][0],
+        json!({"type": "tool_result", "tool_use_id": "toolu_0", "content": "sunny"})
+    );
+
+    request["stream"] = true.into();
+    let answer = send("POST", &url, None, request.to_string()).await;
+    assert_eq!(answer.status, 200);
+    let events: Vec<Value> = String::from_utf8_lossy(&answer.body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let start = events
+        .iter()
+        .find(|e| e["type"] == "content_block_start")
+        .unwrap();
+    assert_eq!(start["content_block"]["name"], "get_weather");
+    let arguments: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(arguments, "{\"city\": \"Oslo\"}");
+    let delta = events
+        .iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    assert_eq!(delta["usage"]["output_tokens"], 4);
+    assert_eq!(events.last().unwrap()["type"], "message_stop");
+    proxy.stop().await.unwrap();
+}

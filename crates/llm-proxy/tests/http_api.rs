@@ -446,7 +446,8 @@ async fn virtual_keys_limits_and_admin_api() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=60).contains(&retry_after));
+    // The sliding window's one-second slots count a request up to 61 s.
+    assert!((1..=61).contains(&retry_after), "{retry_after}");
 
     let listed = send(
         "GET",

@@ -226,8 +226,10 @@ impl HostRegistry {
         let mut client = self.client(name).await?;
         let mut request = tonic::Request::new(InfoRequest {});
         request.set_timeout(self.connect_timeout);
+        let sent = Instant::now();
         match client.info(request).await {
             Ok(response) => {
+                crate::metrics::metrics().heartbeat(sent.elapsed());
                 let info = response.into_inner();
                 if let Some(entry) = self.write().get_mut(name) {
                     entry.status = HostStatus::Ready;

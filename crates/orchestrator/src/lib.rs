@@ -4,12 +4,14 @@
 
 pub mod backend_watch;
 pub mod config;
+pub mod cycles;
 pub mod deployment;
 pub mod error;
 pub mod events;
 pub mod gpu_leases;
 pub mod hosts;
 pub mod manifest;
+pub mod metrics;
 pub mod placement;
 pub mod power;
 pub mod report;
@@ -50,6 +52,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         config.scheduler.connect_timeout,
         config.ssh.clone(),
     )?);
+    metrics::register(host.registry_mut(), Arc::clone(&store), Arc::clone(&hosts));
     let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();
     hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());

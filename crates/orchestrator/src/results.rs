@@ -14,6 +14,7 @@ use berth_proto::orchestrator::v1::{CampaignOutcome, ConfigResult, Run, RunCount
 
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::CyclesUntil;
 use crate::stats;
 use crate::store::MeasuredRuns;
 
@@ -61,6 +62,18 @@ pub fn run_metric(run: &Run, name: &str) -> Option<f64> {
     }
 }
 
+/// A metric of a run by name, energy included: `energy_j`,
+/// `joules_per_<work_metric>`, else as [`run_metric`] reads it.
+pub fn metric_value(run: &Run, name: &str, work_metric: &str) -> Option<f64> {
+    if name == ENERGY_METRIC {
+        energy_joules(run)
+    } else if name == joules_per_unit_metric(work_metric) {
+        joules_per_unit(run, work_metric)
+    } else {
+        run_metric(run, name)
+    }
+}
+
 /// Joules per unit of work: the run's energy over the count of work its
 /// result reports in `work_metric` (e.g. tokens); `None` without energy or
 /// without a positive count.
@@ -88,6 +101,9 @@ pub struct ResultsLayout {
     pub configs: Vec<LayoutConfig>,
     /// Backend names in manifest order.
     pub backends: Vec<String>,
+    /// `cycles: {min, max, until}`, when the manifest asks for it.
+    #[serde(default)]
+    pub cycles_until: Option<CyclesUntil>,
 }
 
 /// A configuration of a [`ResultsLayout`].
@@ -115,9 +131,10 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
     let mut rows = Vec::new();
     for config in &layout.configs {
         for backend in &layout.backends {
-            let runs = runs
+            let pair = runs
                 .iter()
                 .filter(|r| r.config == config.name && r.backend == *backend && !r.warmup);
+            let runs = pair.clone();
             let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             // Result fields keep the order in which they first appear.
             let mut metric_order: Vec<String> = Vec::new();
@@ -182,6 +199,10 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                         .map(|values| stats::summarize(name, values))
                 })
                 .collect();
+            let cycles_ended = layout.cycles_until.as_ref().and_then(|rule| {
+                crate::cycles::verdict(rule, pair.clone(), work_metric)
+                    .map(|end| end.to_proto(rule, &config.name, backend))
+            });
             rows.push(ConfigResult {
                 config: config.name.clone(),
                 params: config.params.iter().cloned().collect(),
@@ -190,6 +211,7 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                 failed,
                 metrics,
                 runs_without_energy,
+                cycles_ended,
             });
         }
     }
@@ -265,6 +287,7 @@ mod tests {
                 params: Vec::new(),
             }],
             backends: vec!["b".into()],
+            cycles_until: None,
         }
     }
 
@@ -277,8 +300,19 @@ mod tests {
                 params: vec![("n".into(), "1".into()), ("a".into(), "x".into())],
             }],
             backends: vec!["b".into(), "a".into()],
+            cycles_until: Some(CyclesUntil {
+                min: 3,
+                max: 20,
+                until: crate::manifest::KnownWhen {
+                    metric: "energy_j".into(),
+                    ci_below: crate::manifest::Fraction(0.02),
+                },
+            }),
         };
         assert_eq!(ResultsLayout::from_json(&layout.to_json()).unwrap(), layout);
+        // A layout stored before `cycles_until` existed reads as without it.
+        let older = r#"{"measures_power":false,"configs":[],"backends":["b"]}"#;
+        assert_eq!(ResultsLayout::from_json(older).unwrap().cycles_until, None);
     }
 
     #[test]

@@ -340,9 +340,8 @@ impl Orchestrator for OrchestratorService {
         let event = |campaign: Campaign, message: String| CampaignEvent {
             time: Some(std::time::SystemTime::now().into()),
             campaign: Some(campaign),
-            run: None,
             message,
-            warmup_ended: None,
+            ..Default::default()
         };
         Ok(Response::new(forward_events(
             event(first, "current state".into()),

@@ -1,16 +1,36 @@
 //! Connecting to a berth service by address: `unix:///path` or
-//! `http://host:port`, with an optional bearer token.
+//! `http://host:port`, with an optional bearer token. Every call sent on
+//! such a channel carries the caller's trace context (W3C `traceparent`,
+//! `tracestate`), so the service's span of it joins the caller's trace.
 
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::auth::AttachBearer;
 
-/// A channel that adds the bearer token to every call.
-pub type AuthChannel = InterceptedService<Channel, AttachBearer>;
+/// A channel that adds the bearer token and the trace context to every call.
+pub type AuthChannel = InterceptedService<Channel, OutgoingCall>;
+
+/// What berth's clients add to each call: the bearer token, if any, and
+/// the current span's trace context, if it is traced.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingCall {
+    bearer: AttachBearer,
+}
+
+impl Interceptor for OutgoingCall {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = self.bearer.call(request)?;
+        // The interceptor runs inside the caller's poll of the call, so the
+        // current span is the caller's.
+        crate::trace_context::inject(&tracing::Span::current(), request.metadata_mut());
+        Ok(request)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -63,7 +83,7 @@ pub async fn connect(
         address: address.to_string(),
         reason: e.message().to_string(),
     })?;
-    Ok(InterceptedService::new(channel, bearer))
+    Ok(InterceptedService::new(channel, OutgoingCall { bearer }))
 }
 
 /// The error and its causes on one line ("transport error: connection refused").

@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// OTLP/gRPC endpoint for traces, e.g. `http://127.0.0.1:4317`; empty: no export.
     pub otlp_endpoint: String,
+    /// Share of traces started here that are exported, 0.0 to 1.0; a call
+    /// that carries its caller's trace context follows the caller's choice
+    /// (parent-based), so a trace is kept or dropped whole.
+    pub trace_sample_ratio: f64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
     /// Largest gRPC message accepted, in bytes.
@@ -105,6 +109,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             shutdown_grace: Duration::from_secs(10),
             otlp_endpoint: String::new(),
+            trace_sample_ratio: 1.0,
             log_format: LogFormat::Text,
             max_message_bytes: 16 * 1024 * 1024,
             http_header_timeout: Duration::from_secs(10),

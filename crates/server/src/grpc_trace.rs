@@ -16,9 +16,11 @@ use tower_http::classify::{ClassifiedResponse, ClassifyEos, ClassifyResponse, Sh
 use tower_http::trace::{OnFailure, TraceLayer};
 use tracing::{Level, Span};
 
-/// The trace layer of every berth gRPC server.
-pub fn layer() -> TraceLayer<SharedClassifier<GrpcClassifier>, tower_http::trace::DefaultMakeSpan> {
+/// The trace layer of every berth gRPC server: one span per call, the
+/// caller's child when the call carries its trace context.
+pub fn layer() -> TraceLayer<SharedClassifier<GrpcClassifier>, crate::trace_context::ServerSpan> {
     TraceLayer::new(SharedClassifier::new(GrpcClassifier))
+        .make_span_with(crate::trace_context::ServerSpan)
 }
 
 /// A failed call: its status, or the error that ended its response.

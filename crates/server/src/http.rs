@@ -3,7 +3,13 @@
 //! (`server.http_header_timeout`). `axum::serve` sets none (hyper's own
 //! needs a timer it is not given), so a client sending its headers a byte
 //! at a time (slowloris) held a connection, and a task, for as long as it
-//! liked.
+//! liked. hyper arms the same deadline while a kept-alive connection waits
+//! for its next request, so it is the idle timeout too.
+//!
+//! Connections are capped: past the cap no more are accepted until one
+//! closes (the kernel's backlog holds the next ones), so a flood of
+//! connections cannot grow the service's memory and file descriptors
+//! without bound.
 
 use std::io;
 use std::time::Duration;
@@ -16,14 +22,39 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// Connections open at once by default: far more than the services' clients
+/// use (a proxy's clients keep a pool each); at the ~25 KiB an idle
+/// connection was measured to cost (docs/benchmarks.md), ~100 MiB at most.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
-/// the open connections finish their requests and close.
+/// the open connections finish their requests and close; at most
+/// [`DEFAULT_MAX_CONNECTIONS`] at once.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     header_timeout: Duration,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    serve_capped(
+        listener,
+        router,
+        header_timeout,
+        DEFAULT_MAX_CONNECTIONS,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with at most `max_connections` open at once.
+pub async fn serve_capped(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -31,6 +62,15 @@ pub async fn serve(
     // Each connection holds a receiver; all are gone once every one closed.
     let (closed_tx, closed_rx) = watch::channel(());
     loop {
+        // A slot first: at the cap, nothing more is accepted.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -60,6 +100,7 @@ pub async fn serve(
                 }
             }
             drop(closed_rx);
+            drop(slot);
         });
     }
     drop(closed_rx);
@@ -152,5 +193,67 @@ mod tests {
             "cut off after {waited:?}"
         );
         shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_connections_close_after_the_header_timeout() {
+        let timeout = Duration::from_millis(300);
+        let (addr, shutdown) = started(timeout).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0; 256];
+        let n = stream.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        let idle = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        assert!(
+            idle.elapsed() >= timeout,
+            "closed after {:?}",
+            idle.elapsed()
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_one_to_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        let shutdown = CancellationToken::new();
+        let timeout = Duration::from_secs(30);
+        tokio::spawn(serve_capped(listener, router, timeout, 2, shutdown.clone()));
+        let held: Vec<TcpStream> = held_connections(addr, 2).await;
+        // Held connections are accepted; a third waits in the backlog.
+        let third = tokio::spawn(get(addr));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !third.is_finished(),
+            "a third connection was served past the cap"
+        );
+        drop(held);
+        let answer = tokio::time::timeout(Duration::from_secs(5), third).await;
+        assert!(answer.unwrap().unwrap().ends_with("hi"));
+        shutdown.cancel();
+    }
+
+    async fn held_connections(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+        let mut streams = Vec::new();
+        for _ in 0..n {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            // One request each, so the server has surely accepted them.
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = [0; 256];
+            let n = stream.read(&mut answer).await.unwrap();
+            assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+            streams.push(stream);
+        }
+        streams
     }
 }

@@ -19,6 +19,7 @@ pub mod paging;
 pub mod parquet_columns;
 pub mod serve;
 pub mod telemetry;
+pub mod trace_context;
 pub mod unix_authority;
 pub mod yaml_prescan;
 

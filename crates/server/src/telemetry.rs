@@ -1,12 +1,20 @@
 //! Logs and traces. Traces go to an OTLP collector only when an endpoint is
 //! configured; otherwise no exporter exists and spans cost nothing beyond the
 //! log filter.
+//!
+//! The log filter (`RUST_LOG`) applies to the log lines only: spans at INFO
+//! and above are exported whatever it is, so a quiet log does not cut a
+//! trace short. Export runs on the batch processor's own thread from a
+//! bounded queue (2048 spans by default, `OTEL_BSP_*` to tune): when the
+//! collector is slow or gone, spans past the bound are dropped, and no
+//! request waits for it.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -32,8 +40,8 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match config.log_format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
     let (otel, provider) = if config.otlp_endpoint.is_empty() {
         (None, None)
@@ -45,20 +53,49 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
             .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
+            .with_sampler(sampler(config.trace_sample_ratio)?)
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name(service)
                     .build(),
             )
             .build();
-        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_filter(LevelFilter::INFO);
         (Some(layer), Some(provider))
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|e| e.to_string())?;
     Ok(TelemetryGuard { provider })
+}
+
+/// Parent-based: a call that carries its caller's sampling decision keeps
+/// it; a trace started here is kept with probability `ratio`.
+fn sampler(ratio: f64) -> Result<Sampler, String> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(format!(
+            "server.trace_sample_ratio = {ratio}: expected a share from 0.0 to 1.0"
+        ));
+    }
+    Ok(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+        ratio,
+    ))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_ratio_is_a_share() {
+        assert!(sampler(0.0).is_ok() && sampler(0.01).is_ok() && sampler(1.0).is_ok());
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let error = sampler(bad).unwrap_err();
+            assert!(error.contains("server.trace_sample_ratio"), "{error}");
+        }
+    }
 }

@@ -24,6 +24,11 @@ use crate::process_group::HostCommand;
 pub struct ExecCommand {
     pub command: HostCommand,
     pub timeout: Option<Duration>,
+    /// The caller's exec key. The agent's keyed-exec table serves attaches
+    /// while the agent lives; a runtime whose execs can outlive the agent
+    /// (libvirt's guest shim) also gives it to what runs the command, so a
+    /// restarted agent can find the exec again ([`WorkloadRuntime::reattach`]).
+    pub key: Option<String>,
 }
 
 #[tonic::async_trait]
@@ -45,6 +50,16 @@ pub trait WorkloadRuntime: Send + Sync {
         exec: ExecCommand,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError>;
+    /// The exec started with `key` by an earlier agent process, when this
+    /// runtime can still reach it: its output from the start (what is kept
+    /// of it), then the rest live, then its exit. `None`: no such exec here.
+    async fn reattach(
+        &self,
+        _key: &str,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Option<mpsc::Receiver<ExecOutput>>, AgentError> {
+        Ok(None)
+    }
     /// The kept log lines (the last `tail`, 0 for all), then new ones while
     /// `follow` is set.
     async fn logs(

@@ -53,11 +53,16 @@ impl Target {
     }
 }
 
+/// The header berth puts on every answer: its own time, upstream excluded.
+const OVERHEAD_HEADER: &str = "x-berth-overhead-us";
+
 /// One run at one rate.
 #[derive(Debug, Clone)]
 pub struct Run {
     /// Latencies of the successful requests, in µs, sorted.
     latencies_us: Vec<u64>,
+    /// The overhead headers of the answers that had one, in µs, sorted.
+    overheads_us: Vec<u64>,
     pub errors: usize,
     pub first_error: Option<String>,
     /// From the first send to the last answer.
@@ -72,6 +77,15 @@ impl Run {
         }
         let rank = (q * (self.latencies_us.len() - 1) as f64).round() as usize;
         Some(self.latencies_us[rank])
+    }
+
+    /// The proxy's own time by its overhead header, at quantile `q`.
+    pub fn overhead_percentile_us(&self, q: f64) -> Option<u64> {
+        if self.overheads_us.is_empty() {
+            return None;
+        }
+        let rank = (q * (self.overheads_us.len() - 1) as f64).round() as usize;
+        Some(self.overheads_us[rank])
     }
 
     pub fn answered(&self) -> usize {
@@ -94,7 +108,8 @@ impl Run {
 pub async fn run(client: &HttpClient, target: &Target, rate: u32, duration: Duration) -> Run {
     let total = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Duration, String>>();
+    type Answer = Result<(Duration, Option<u64>), String>;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut errors = 0;
     let mut first_error = None;
@@ -123,13 +138,17 @@ pub async fn run(client: &HttpClient, target: &Target, rate: u32, duration: Dura
             let answer = tokio::time::timeout(TIMEOUT, async {
                 let response = client.request(request).await.map_err(|e| e.to_string())?;
                 let status = response.status();
+                let overhead = response
+                    .headers()
+                    .get(OVERHEAD_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
                 let body = response
                     .into_body()
                     .collect()
                     .await
                     .map_err(|e| e.to_string())?;
                 if status.is_success() {
-                    Ok(sent.elapsed())
+                    Ok((sent.elapsed(), overhead))
                 } else {
                     Err(format!(
                         "{status}: {}",
@@ -145,9 +164,13 @@ pub async fn run(client: &HttpClient, target: &Target, rate: u32, duration: Dura
     }
     drop(tx);
     let mut latencies_us = Vec::with_capacity(total);
+    let mut overheads_us = Vec::new();
     while let Some(answer) = rx.recv().await {
         match answer {
-            Ok(latency) => latencies_us.push(latency.as_micros() as u64),
+            Ok((latency, overhead)) => {
+                latencies_us.push(latency.as_micros() as u64);
+                overheads_us.extend(overhead);
+            }
             Err(error) => {
                 errors += 1;
                 first_error.get_or_insert(error);
@@ -155,8 +178,10 @@ pub async fn run(client: &HttpClient, target: &Target, rate: u32, duration: Dura
         }
     }
     latencies_us.sort_unstable();
+    overheads_us.sort_unstable();
     Run {
         latencies_us,
+        overheads_us,
         errors,
         first_error,
         elapsed: start.elapsed(),

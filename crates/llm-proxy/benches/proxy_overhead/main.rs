@@ -9,6 +9,11 @@
 //!     scripts/llm/setup-peers.sh --litellm    # once
 //!     cargo bench -p berth-llm-proxy --bench proxy_overhead
 //!
+//! berth's own figures come from the same runs: its `x-berth-overhead-us`
+//! header (its time per request, upstream excluded), and a second berth
+//! with `proxy.cache=true` (`berth-cache`): the generator sends one request
+//! again and again, so every answer but the first is a cache hit.
+//!
 //! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
 //! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
 //! 25,50,100,200,500,1000,2000,4000; on 2 cores 8000/s overloads the
@@ -30,6 +35,9 @@ use load::{Run, Target};
 use procs::{Proxy, TICKS_PER_SECOND, Usage};
 
 const MASTER_KEY: &str = "sk-bench-master";
+/// The berth with its response cache on; reported apart from the proxies
+/// compared, as it answers without the upstream.
+const CACHED: &str = "berth-cache";
 /// Each measured run is preceded by this long at the same rate, unmeasured,
 /// so that connection pools are filled for that rate.
 const WARM: Duration = Duration::from_millis(500);
@@ -147,6 +155,16 @@ async fn bench() -> Result<(), String> {
     )
     .await?;
     subjects.push(subject("berth", port, Some(proxy)));
+    let port = free_port();
+    let mut cached = Command::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
+    cached
+        .args(["--listen", "127.0.0.1:0", "--http-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--set", "proxy.cache=true", "--set"])
+        .arg(format!("proxy.litellm_config={}", config.display()));
+    let log = dir.path().join("berth-cache.log");
+    let proxy = Proxy::start(CACHED, cached, port, &log, &client, Duration::from_secs(30)).await?;
+    subjects.push(subject(CACHED, port, Some(proxy)));
     if settings.peer {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llm/litellm-proxy.sh");
@@ -253,7 +271,9 @@ fn sustains(runs: &[Run], repeats: usize) -> bool {
 
 fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_after: String) {
     let direct = &subjects[0];
-    let proxies = &subjects[1..];
+    let (cached, proxies): (Vec<&Subject>, Vec<&Subject>) =
+        subjects[1..].iter().partition(|s| s.name == CACHED);
+    let proxies = &proxies[..];
     println!();
     println!(
         "proxy_overhead: {} × {} s per rate, medians over repeats; machine: {} ({} CPUs); load average before {load_before}, after {load_after}",
@@ -411,6 +431,44 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
             print!(" — |");
         }
         println!();
+    }
+    own_figures(settings, direct, proxies, &cached);
+}
+
+/// berth's own time per request by its overhead header, and its cache-hit
+/// latency (end to end, and by the header), beside the upstream's latency.
+fn own_figures(settings: &Settings, direct: &Subject, proxies: &[&Subject], cached: &[&Subject]) {
+    let (Some(berth), Some(cached)) = (proxies.iter().find(|p| p.name == "berth"), cached.first())
+    else {
+        return;
+    };
+    let header = |runs: &[Run]| {
+        let p = |q| {
+            median(
+                runs.iter()
+                    .filter_map(|r| r.overhead_percentile_us(q))
+                    .map(|v| v as f64)
+                    .collect(),
+            )
+        };
+        match (p(0.5), p(0.99)) {
+            (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
+            _ => "—".into(),
+        }
+    };
+    println!();
+    println!(
+        "| rate/s | upstream p50 / p99 µs | berth x-berth-overhead-us p50 / p99 | berth cache hit p50 / p99 µs | cache hit x-berth-overhead-us p50 / p99 |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (index, rate) in settings.rates.iter().enumerate() {
+        println!(
+            "| {rate} | {} | {} | {} | {} |",
+            latency_cell(&direct.runs[index], settings.repeats),
+            header(&berth.runs[index]),
+            latency_cell(&cached.runs[index], settings.repeats),
+            header(&cached.runs[index]),
+        );
     }
 }
 

@@ -22,7 +22,8 @@ use berth_server::yaml_prescan;
 
 use raw::RawRoot;
 pub use types::{
-    DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits, MAX_CONFIG_BYTES, Secret,
+    CacheSettings, DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits,
+    MAX_CONFIG_BYTES, Secret,
 };
 
 impl LiteLlmConfig {
@@ -223,6 +224,37 @@ callbacks: []
                 "router_settings.routing_strategy=usage-based-routing-v2 (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)",
             ]
         );
+    }
+
+    #[test]
+    fn litellm_cache_settings() {
+        let parse = |settings: &str| {
+            LiteLlmConfig::parse(
+                "c.yaml",
+                &format!("litellm_settings: {settings}\n"),
+                &|_| None,
+            )
+        };
+        let on =
+            parse("{cache: true, cache_params: {type: local, ttl: 30, namespace: x}}").unwrap();
+        assert_eq!(
+            on.cache,
+            Some(CacheSettings {
+                ttl: Some(std::time::Duration::from_secs(30))
+            })
+        );
+        assert_eq!(on.unsupported, ["litellm_settings.cache_params.namespace"]);
+        assert!(on.warnings.is_empty());
+        let redis = parse("{cache: true, cache_params: {type: redis}}").unwrap();
+        assert_eq!(redis.cache, Some(CacheSettings { ttl: None }));
+        assert!(
+            redis.warnings[0].contains("`redis` is not supported"),
+            "{:?}",
+            redis.warnings
+        );
+        assert_eq!(parse("{cache_params: {ttl: 30}}").unwrap().cache, None);
+        let bad = parse("{cache: true, cache_params: {ttl: -1}}").unwrap_err();
+        assert!(bad.to_string().contains("cache_params.ttl"), "{bad}");
     }
 
     #[test]

@@ -80,6 +80,18 @@ pub(super) struct RawLiteLlmSettings {
     pub(super) allowed_fails: Option<u32>,
     pub(super) cooldown_time: Option<f64>,
     pub(super) fallbacks: Option<Fallbacks>,
+    pub(super) cache: Option<bool>,
+    pub(super) cache_params: Option<RawCacheParams>,
+    #[serde(flatten)]
+    pub(super) other: BTreeMap<String, Value>,
+}
+
+/// `litellm_settings.cache_params`.
+#[derive(Deserialize, Default)]
+pub(super) struct RawCacheParams {
+    #[serde(rename = "type")]
+    pub(super) kind: Option<String>,
+    pub(super) ttl: Option<f64>,
     #[serde(flatten)]
     pub(super) other: BTreeMap<String, Value>,
 }

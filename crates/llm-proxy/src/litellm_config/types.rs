@@ -136,8 +136,17 @@ pub struct LiteLlmConfig {
     pub router: RouterSettings,
     pub master_key: Option<Secret>,
     pub drop_params: bool,
+    /// `litellm_settings.cache: true`: the response cache is on.
+    pub cache: Option<CacheSettings>,
     /// Dotted paths of keys present in the file that the proxy ignores.
     pub unsupported: Vec<String>,
     /// Other things start-up should warn about (e.g. an unset API key variable).
     pub warnings: Vec<String>,
+}
+
+/// What of LiteLLM's `litellm_settings.cache_params` the proxy honours.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CacheSettings {
+    /// `cache_params.ttl`, in seconds in the file.
+    pub ttl: Option<std::time::Duration>,
 }

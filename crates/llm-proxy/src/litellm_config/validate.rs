@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use super::env::resolve;
 use super::raw::{
-    RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings, collect_unknown, section,
+    RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings,
+    collect_unknown, section,
 };
-use super::types::{DeploymentConfig, LiteLlmConfig, Secret};
+use super::types::{CacheSettings, DeploymentConfig, LiteLlmConfig, Secret};
 use crate::settings::{ProviderKind, RouterSettings, Strategy};
 
 /// The config `root` describes; `env` resolves `os.environ/VAR` where the
@@ -35,8 +36,14 @@ pub(super) fn config(
         None => None,
     };
 
-    let settings: RawLiteLlmSettings = section(root.litellm_settings, "litellm_settings")?;
+    let mut settings: RawLiteLlmSettings = section(root.litellm_settings, "litellm_settings")?;
     collect_unknown("litellm_settings", &settings.other, &mut unsupported);
+    let cache = cache(
+        settings.cache,
+        settings.cache_params.take(),
+        &mut unsupported,
+        &mut warnings,
+    )?;
     let routing: RawRouterSettings = section(root.router_settings, "router_settings")?;
     collect_unknown("router_settings", &routing.other, &mut unsupported);
 
@@ -48,6 +55,7 @@ pub(super) fn config(
         router,
         master_key,
         drop_params,
+        cache,
         unsupported,
         warnings,
     })
@@ -228,6 +236,33 @@ fn base_url(provider: ProviderKind, api_base: &str) -> String {
         ProviderKind::Ollama if !base.ends_with("/v1") => format!("{base}/v1"),
         _ => base.to_string(),
     }
+}
+
+/// `litellm_settings.cache` and `cache_params`: the in-memory cache stands
+/// for LiteLLM's `local` one; another type (redis, s3, …) is warned about
+/// and served from memory as well, each proxy keeping its own.
+fn cache(
+    on: Option<bool>,
+    params: Option<RawCacheParams>,
+    unsupported: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<CacheSettings>, String> {
+    let params = params.unwrap_or_default();
+    collect_unknown("litellm_settings.cache_params", &params.other, unsupported);
+    if on != Some(true) {
+        return Ok(None);
+    }
+    if let Some(kind) = params.kind.as_deref().filter(|k| *k != "local") {
+        warnings.push(format!(
+            "litellm_settings.cache_params.type `{kind}` is not supported: answers are cached in this proxy's memory (type local)"
+        ));
+    }
+    let ttl = params
+        .ttl
+        .map(seconds)
+        .transpose()
+        .map_err(|e| format!("litellm_settings.cache_params.ttl: {e}"))?;
+    Ok(Some(CacheSettings { ttl }))
 }
 
 fn seconds(value: f64) -> Result<Duration, String> {

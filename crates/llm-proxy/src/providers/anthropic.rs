@@ -35,6 +35,7 @@ const SUPPORTED: &[&str] = &[
     "max_completion_tokens",
     "temperature",
     "top_p",
+    "top_k",
     "stop",
     "stream",
     "stream_options",
@@ -90,7 +91,8 @@ pub(super) fn prepare(
         .cloned()
         .unwrap_or(DEFAULT_MAX_TOKENS.into());
     out.insert("max_tokens".into(), max_tokens);
-    for key in ["temperature", "top_p", "stream"] {
+    // top_k is not OpenAI's, but vLLM, llama.cpp and /v1/messages clients send it.
+    for key in ["temperature", "top_p", "top_k", "stream"] {
         if let Some(value) = set(key) {
             out.insert(key.into(), value.clone());
         }
@@ -283,17 +285,7 @@ fn content_blocks(content: &Value) -> Result<Value, String> {
                     .pointer("/image_url/url")
                     .and_then(Value::as_str)
                     .ok_or("an image_url part needs image_url.url")?;
-                // data:<media type>;base64,<data>, else a URL Anthropic fetches.
-                let source = match url
-                    .strip_prefix("data:")
-                    .and_then(|rest| rest.split_once(";base64,"))
-                {
-                    Some((media_type, data)) => {
-                        json!({"type": "base64", "media_type": media_type, "data": data})
-                    }
-                    None => json!({"type": "url", "url": url}),
-                };
-                Ok(json!({"type": "image", "source": source}))
+                Ok(json!({"type": "image", "source": image_source(url)}))
             }
             other => Err(format!(
                 "content parts of type {other:?} have no anthropic translation"
@@ -330,14 +322,60 @@ fn openai_usage(prompt_tokens: u64, completion_tokens: u64) -> Usage {
     }
 }
 
+/// Anthropic's stop reasons and OpenAI's finish reasons, one table for both
+/// directions (upstream answers and `/v1/messages` answers).
+const STOP_REASONS: &[(&str, &str)] = &[
+    ("end_turn", "stop"),
+    ("max_tokens", "length"),
+    ("tool_use", "tool_calls"),
+    ("refusal", "content_filter"),
+];
+
 fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
-    Some(match stop_reason? {
-        "max_tokens" => "length",
-        "tool_use" => "tool_calls",
-        "refusal" => "content_filter",
-        // end_turn, stop_sequence, pause_turn and any newer reason.
-        _ => "stop",
-    })
+    let stop_reason = stop_reason?;
+    // stop_sequence, pause_turn and any newer reason end the turn as well.
+    Some(
+        STOP_REASONS
+            .iter()
+            .find(|(anthropic, _)| *anthropic == stop_reason)
+            .map_or("stop", |(_, openai)| openai),
+    )
+}
+
+/// OpenAI's finish reason as Anthropic's stop reason.
+pub(crate) fn stop_reason(finish_reason: &str) -> &'static str {
+    STOP_REASONS
+        .iter()
+        .find(|(_, openai)| *openai == finish_reason)
+        .map_or("end_turn", |(anthropic, _)| anthropic)
+}
+
+/// An image's URL (OpenAI's `image_url.url`) as Anthropic's `source`:
+/// `data:<media type>;base64,<data>` inline, else a URL Anthropic fetches.
+fn image_source(url: &str) -> Value {
+    match url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+    {
+        Some((media_type, data)) => {
+            json!({"type": "base64", "media_type": media_type, "data": data})
+        }
+        None => json!({"type": "url", "url": url}),
+    }
+}
+
+/// An Anthropic image `source` as OpenAI's `image_url.url`: the inverse of
+/// [`image_source`].
+pub(crate) fn image_url(source: &Value) -> Option<String> {
+    match source.get("type")?.as_str()? {
+        "base64" => Some(format!(
+            "data:{};base64,{}",
+            source.get("media_type")?.as_str()?,
+            source.get("data")?.as_str()?
+        )),
+        "url" => Some(source.get("url")?.as_str()?.to_string()),
+        _ => None,
+    }
 }
 
 fn now() -> u64 {

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderValue, Uri};
 use serde_json::{Map, Value};
 
 pub use anthropic::Events as AnthropicEvents;
+pub(crate) use anthropic::{image_url, stop_reason};
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig as Deployment;

@@ -38,7 +38,7 @@ pub(super) fn runs(
     configs: &[ConfigPoint],
     limits: &ManifestLimits,
 ) -> Result<Vec<PlannedRun>, ManifestError> {
-    let runs_per_pair = u64::from(manifest.cycles) + u64::from(warmup.max_runs());
+    let runs_per_pair = u64::from(manifest.cycles.planned()) + u64::from(warmup.max_runs());
     let runs = Count::product([
         configs.len() as u64,
         manifest.backends.len() as u64,
@@ -49,7 +49,7 @@ pub(super) fn runs(
             "runs ({} configurations × {} backends × ({} cycles + {} warmup runs))",
             configs.len(),
             manifest.backends.len(),
-            manifest.cycles,
+            manifest.cycles.planned(),
             warmup.max_runs()
         );
         let exceeded = LimitExceeded::new(Limit::Runs, what, runs, "runs", limits.max_runs);
@@ -425,7 +425,7 @@ fn schedule(
     }
     match manifest.order {
         Order::Interleaved | Order::Shuffled => {
-            for cycle in 1..=manifest.cycles {
+            for cycle in 1..=manifest.cycles.planned() {
                 let mut indexes: Vec<usize> = (0..configs.len()).collect();
                 if manifest.order == Order::Shuffled {
                     indexes.shuffle(&mut rng);
@@ -435,7 +435,8 @@ fn schedule(
         }
         Order::Grouped => {
             for c in 0..configs.len() {
-                per_backend_order.extend((1..=manifest.cycles).map(|cycle| (false, cycle, c)));
+                per_backend_order
+                    .extend((1..=manifest.cycles.planned()).map(|cycle| (false, cycle, c)));
             }
         }
     }

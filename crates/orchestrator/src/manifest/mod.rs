@@ -34,10 +34,10 @@ pub(crate) use parse::{Source, parse_document};
 pub(crate) use placeholders::{placeholder_names, substitute};
 pub(crate) use spans::PathStep;
 pub use types::{
-    Backend, ConfigPoint, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, DEFAULT_WORK_METRIC,
-    FailurePolicy, Gaps, GpuRequest, Grid, MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig,
-    OnFailure, Order, Placement, Plan, PlannedRun, Power, Resources, RunTemplate, RuntimeName,
-    StableWarmup, Vm, Warmup, WarmupPolicy,
+    Backend, ConfigPoint, Cycles, CyclesUntil, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW,
+    DEFAULT_WORK_METRIC, FailurePolicy, Fraction, Gaps, GpuRequest, Grid, KnownWhen,
+    MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig, OnFailure, Order, Placement, Plan, PlannedRun,
+    Power, Resources, RunTemplate, RuntimeName, StableWarmup, Vm, Warmup, WarmupPolicy,
 };
 pub use units::{ByteSize, GpuCount};
 pub(crate) use validate::{check_backend_resources, check_identifier, check_vm};

@@ -616,3 +616,100 @@ fn the_vm_example_is_valid() {
     assert_eq!(plan.runs.len(), 12);
     assert!(plan.manifest.backends[0].vm.is_some());
 }
+
+#[test]
+fn cycles_until_known_plan_their_cap_and_read_percentages() {
+    let text = BASE.replace(
+        "cycles: 2",
+        "cycles: {min: 3, max: 20, until: {metric: ms, ci_below: 2%}}",
+    );
+    let plan = plan("t.yaml", &text).unwrap();
+    // 4 configs × 20 cycles planned; those an answer known earlier does not
+    // need are dropped as the campaign runs.
+    assert_eq!(plan.runs.len(), 80);
+    let until = plan.manifest.cycles.until().unwrap();
+    assert_eq!((until.min, until.max), (3, 20));
+    assert!((until.until.ci_below.0 - 0.02).abs() < 1e-12);
+    assert_eq!(plan.results_layout().cycles_until.as_ref(), Some(until));
+    let fraction = BASE.replace(
+        "cycles: 2",
+        "cycles: {max: 5, until: {metric: ms, ci_below: 0.05}}",
+    );
+    let until = plan_of(&fraction);
+    assert_eq!((until.min, until.max), (3, 5));
+    assert!((until.until.ci_below.0 - 0.05).abs() < 1e-12);
+}
+
+fn plan_of(text: &str) -> crate::manifest::CyclesUntil {
+    plan("t.yaml", text)
+        .unwrap()
+        .manifest
+        .cycles
+        .until()
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn contradictory_cycles_are_refused_at_their_line() {
+    let with = |cycles: &str| BASE.replace("cycles: 2", cycles);
+    let cases = [
+        (
+            with("cycles: {min: 3, max: 20, until: {ci_below: 2%}}"),
+            "cycles.until.metric: the metric whose interval decides is needed",
+        ),
+        (
+            with("cycles: {min: 3, max: 20, until: {metric: ms}}"),
+            "missing field `ci_below`",
+        ),
+        (
+            with("cycles: {min: 1, max: 20, until: {metric: ms, ci_below: 2%}}"),
+            "cycles.min: 1: a confidence interval needs at least 2 values",
+        ),
+        (
+            with("cycles: {min: 5, max: 4, until: {metric: ms, ci_below: 2%}}"),
+            "cycles.max: 4 is below cycles.min (5)",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: ms, ci_below: 150%}}"),
+            "cycles.until.ci_below: 1.5 must be above 0 and below 1",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: ms, ci_below: lots}}"),
+            "`lots`: a percentage (`2%`) or a fraction (`0.02`)",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: energy_j, ci_below: 2%}}"),
+            "cycles.until.metric: `energy_j` is measured only with power.enabled: true",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: joules_per_items, ci_below: 2%}}")
+                + "power: {enabled: true}\n",
+            "energy per unit of work is `joules_per_tokens`",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: ms, ci_below: 2%}, often: yes}"),
+            "unknown field `often`",
+        ),
+        (with("cycles: -2"), "-2 cycles: must be at least 1"),
+    ];
+    for (text, expected) in &cases {
+        let (line, _) = refused_at(text, expected);
+        assert_eq!(line, 11, "{expected}: {text}");
+    }
+    let measured = with("cycles: {min: 3, max: 9, until: {metric: energy_j, ci_below: 2%}}")
+        + "power: {enabled: true}\n";
+    assert!(plan("t.yaml", &measured).is_ok());
+}
+
+#[test]
+fn the_until_known_example_plans_its_cap() {
+    let text = include_str!("../../../../examples/campaigns/until-known.yaml");
+    let plan = plan("until-known.yaml", text).unwrap();
+    // 2 configs × (30 cycles + 1 warmup run).
+    assert_eq!(plan.runs.len(), 62);
+    assert_eq!(
+        plan.manifest.cycles.until().unwrap().until.metric,
+        "mib_per_s"
+    );
+}

@@ -28,9 +28,10 @@ pub struct Manifest {
     pub configs: Vec<NamedConfig>,
     /// What one run executes.
     pub run: RunTemplate,
-    /// Measured repetitions of every (config, backend).
-    #[serde(default = "one")]
-    pub cycles: u32,
+    /// Measured repetitions of every (config, backend): a number, or as
+    /// many as it takes to know the answer.
+    #[serde(default)]
+    pub cycles: Cycles,
     #[serde(default)]
     pub order: Order,
     /// Seed of the `shuffled` order.
@@ -77,10 +78,6 @@ impl Power {
     pub fn work_metric(&self) -> &str {
         self.work_metric.as_deref().unwrap_or(DEFAULT_WORK_METRIC)
     }
-}
-
-fn one() -> u32 {
-    1
 }
 
 fn process_runtime() -> RuntimeName {
@@ -361,6 +358,120 @@ pub struct Warmup {
     pub max_runs: Option<u32>,
 }
 
+/// `cycles: N`, or `cycles: {min, max, until: {metric, ci_below}}`: cycles
+/// go on per (config, backend) until the 95% confidence interval of
+/// `metric` is narrow enough, at least `min` and at most `max` of them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cycles {
+    Fixed(u32),
+    UntilKnown(CyclesUntil),
+}
+
+impl Default for Cycles {
+    fn default() -> Self {
+        Self::Fixed(1)
+    }
+}
+
+impl Cycles {
+    /// The most measured runs a (config, backend) can have; all are planned
+    /// up front, and those an answer known earlier does not need are dropped.
+    pub fn planned(&self) -> u32 {
+        match self {
+            Self::Fixed(cycles) => *cycles,
+            Self::UntilKnown(until) => until.max,
+        }
+    }
+
+    pub fn until(&self) -> Option<&CyclesUntil> {
+        match self {
+            Self::Fixed(_) => None,
+            Self::UntilKnown(until) => Some(until),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cycles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CyclesVisitor;
+        impl<'de> serde::de::Visitor<'de> for CyclesVisitor {
+            type Value = Cycles;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of cycles, or {min, max, until: {metric, ci_below}}")
+            }
+            fn visit_u64<E: serde::de::Error>(self, cycles: u64) -> Result<Cycles, E> {
+                u32::try_from(cycles)
+                    .map(Cycles::Fixed)
+                    .map_err(|_| E::custom(format!("{cycles} cycles is more than {}", u32::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, cycles: i64) -> Result<Cycles, E> {
+                Err(E::custom(format!("{cycles} cycles: must be at least 1")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Cycles, A::Error> {
+                // The map's own errors (an unknown key, a wrong type) come through as they are.
+                CyclesUntil::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Cycles::UntilKnown)
+            }
+        }
+        deserializer.deserialize_any(CyclesVisitor)
+    }
+}
+
+/// The cycles of `cycles: {min, max, until}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CyclesUntil {
+    #[serde(default = "default_min_cycles")]
+    pub min: u32,
+    pub max: u32,
+    pub until: KnownWhen,
+}
+
+/// When the answer of a (config, backend) is known: the 95% CI half-width
+/// of `metric` over its |mean| is under `ci_below`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownWhen {
+    /// A numeric result field, `duration_s`, `energy_j` or
+    /// `joules_per_<work metric>`; required (checked with its line).
+    #[serde(default)]
+    pub metric: String,
+    /// `2%`, or the fraction `0.02`.
+    pub ci_below: Fraction,
+}
+
+/// A fraction written as one (`0.02`) or as a percentage (`2%`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(f64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Number(fraction) => Ok(Self(fraction)),
+            Written::Text(text) => text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|percent| percent.trim().parse::<f64>().ok())
+                .map(|percent| Self(percent / 100.0))
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "`{text}`: a percentage (`2%`) or a fraction (`0.02`)"
+                    ))
+                }),
+        }
+    }
+}
+
+fn default_min_cycles() -> u32 {
+    3
+}
+
 /// Values of `warmup.last` and `warmup.max_runs` when the manifest leaves them out.
 pub const DEFAULT_STABLE_WINDOW: u32 = 3;
 pub const DEFAULT_STABLE_CAP: u32 = 10;
@@ -477,6 +588,7 @@ impl Plan {
     pub fn results_layout(&self) -> ResultsLayout {
         ResultsLayout {
             measures_power: self.manifest.power.enabled,
+            cycles_until: self.manifest.cycles.until().cloned(),
             configs: self
                 .configs
                 .iter()

@@ -9,10 +9,11 @@ use std::collections::BTreeSet;
 use super::parse::{ManifestError, Source};
 use super::spans::PathStep;
 use super::types::{
-    Backend, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, MAX_POWER_RATE_HZ, Manifest, Resources,
-    RuntimeName, StableWarmup, Warmup, WarmupPolicy,
+    Backend, Cycles, CyclesUntil, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, MAX_POWER_RATE_HZ,
+    Manifest, Power, Resources, RuntimeName, StableWarmup, Warmup, WarmupPolicy,
 };
 use super::units::GpuCount;
+use crate::results::{ENERGY_METRIC, joules_per_unit_metric};
 
 /// Checks the manifest and returns its warmup policy.
 pub(super) fn check(
@@ -23,7 +24,7 @@ pub(super) fn check(
     if manifest.name.trim().is_empty() {
         return Err(at(&["name"], "name: must not be empty".into()));
     }
-    if manifest.cycles == 0 {
+    if manifest.cycles == Cycles::Fixed(0) {
         return Err(at(&["cycles"], "cycles: must be at least 1".into()));
     }
     if manifest.backends.is_empty() {
@@ -47,6 +48,14 @@ pub(super) fn check(
                 "power.rate_hz: {rate} is out of range (0 to {MAX_POWER_RATE_HZ}; 0 is the sampler's default)"
             ),
         ));
+    }
+    if let Some(until) = manifest.cycles.until() {
+        check_cycles_until(until, &manifest.power).map_err(|(path, message)| {
+            let path: Vec<&str> = std::iter::once("cycles")
+                .chain(path.iter().copied())
+                .collect();
+            at(&path, format!("cycles.{}: {message}", path[1..].join(".")))
+        })?;
     }
     if manifest.run.command.is_empty() || manifest.run.command[0].is_empty() {
         return Err(at(
@@ -193,6 +202,63 @@ fn warmup_policy(warmup: &Warmup) -> Result<WarmupPolicy, (&'static str, String)
         metric,
         max_runs,
     }))
+}
+
+/// `cycles: {min, max, until}`, or the key at fault (under `cycles`) and
+/// why. An energy metric needs the campaign to measure power, and the per
+/// unit of work one must be of the campaign's work metric.
+fn check_cycles_until(
+    until: &CyclesUntil,
+    power: &Power,
+) -> Result<(), (&'static [&'static str], String)> {
+    if until.min < 2 {
+        return Err((
+            &["min"],
+            format!(
+                "{}: a confidence interval needs at least 2 values",
+                until.min
+            ),
+        ));
+    }
+    if until.max < until.min {
+        return Err((
+            &["max"],
+            format!("{} is below cycles.min ({})", until.max, until.min),
+        ));
+    }
+    let ci_below = until.until.ci_below.0;
+    if !(ci_below.is_finite() && ci_below > 0.0 && ci_below < 1.0) {
+        return Err((
+            &["until", "ci_below"],
+            format!("{ci_below} must be above 0 and below 1 (e.g. `2%` or 0.02)"),
+        ));
+    }
+    let metric = until.until.metric.as_str();
+    if metric.is_empty() {
+        return Err((
+            &["until", "metric"],
+            "the metric whose interval decides is needed (a result field, duration_s, energy_j or joules_per_<work metric>)".into(),
+        ));
+    }
+    check_metric_name(metric).map_err(|e| (&["until", "metric"][..], e))?;
+    let per_unit = joules_per_unit_metric(power.work_metric());
+    let energy = metric == ENERGY_METRIC || metric.starts_with("joules_per_");
+    if energy && !power.enabled {
+        return Err((
+            &["until", "metric"],
+            format!("`{metric}` is measured only with power.enabled: true"),
+        ));
+    }
+    if metric.starts_with("joules_per_") && metric != per_unit {
+        return Err((
+            &["until", "metric"],
+            format!(
+                "`{metric}`: energy per unit of work is `{per_unit}` (power.work_metric is `{}`)",
+                power.work_metric()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A result field name: a top-level key of the run's result JSON.

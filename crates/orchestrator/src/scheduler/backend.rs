@@ -82,9 +82,10 @@ impl Scheduler {
             let Some(run) = self.store.next_pending_run(&ctx.id, &backend)? else {
                 break;
             };
-            // Normally settled right after the warmup run that ends it; this
-            // catches a restart that came between that run and the settling.
-            if run.warmup && self.settle_warmup(&ctx, &run.config, &backend)? {
+            // Normally settled right after the run that ends its warmup or
+            // cycles; this catches a restart that came between that run and
+            // the settling.
+            if self.settle(&ctx, &run, &backend)? {
                 continue;
             }
             let mut placement = match placed.take() {
@@ -129,9 +130,7 @@ impl Scheduler {
             match self.execute(&ctx, &run, &placement).await? {
                 None => {
                     placed = Some(placement);
-                    if run.warmup {
-                        self.settle_warmup(&ctx, &run.config, &backend)?;
-                    }
+                    self.settle(&ctx, &run, &backend)?;
                 }
                 Some(why) => self.lost(
                     &ctx,
@@ -146,6 +145,21 @@ impl Scheduler {
             self.remove_backend(&ctx.id, &backend, placement).await;
         }
         Ok(())
+    }
+
+    /// Ends the warmup or the measured cycles of the run's (config,
+    /// backend) when its recorded runs say so; true when they ended.
+    fn settle(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        backend: &str,
+    ) -> Result<bool, OrchestratorError> {
+        if run.warmup {
+            self.settle_warmup(ctx, &run.config, backend)
+        } else {
+            self.settle_cycles(ctx, &run.config, backend)
+        }
     }
 
     /// Counts a refusal against its host; after

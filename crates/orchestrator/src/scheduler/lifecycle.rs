@@ -13,8 +13,8 @@ use super::{CampaignRun, Scheduler};
 use crate::error::OrchestratorError;
 use crate::manifest::{self, WarmupPolicy};
 use crate::results;
-use crate::store::campaign_is_terminal;
-use crate::warmup;
+use crate::store::{RunPair, campaign_is_terminal};
+use crate::{cycles, warmup};
 
 impl Scheduler {
     /// After a restart: relaunches every unfinished campaign. Its runs that
@@ -239,18 +239,56 @@ impl Scheduler {
         let WarmupPolicy::UntilStable(policy) = &ctx.plan.warmup else {
             return Ok(false);
         };
-        let runs = self.store.warmup_runs(&ctx.id, config, backend)?;
+        let pair = RunPair {
+            campaign_id: &ctx.id,
+            config,
+            backend,
+            warmup: true,
+        };
+        let runs = self.store.runs_of_pair(pair)?;
         let Some(end) = warmup::verdict(policy, &runs) else {
             return Ok(false);
         };
-        let dropped = self
-            .store
-            .drop_pending_warmup_runs(&ctx.id, config, backend)?;
+        let dropped = self.store.drop_pending_runs(pair)?;
         tracing::info!(campaign = %ctx.id, config, backend, ?end, dropped, "warmup ended");
         self.publish_warmup_ended(
             &ctx.id,
             end.to_proto(config, backend),
             end.describe(policy, config, backend),
+        );
+        Ok(true)
+    }
+
+    /// Under `cycles.until`, ends the measured cycles of (config, backend)
+    /// once its recorded runs say the answer is known (or the cap is
+    /// reached): drops its measured runs still pending and publishes why.
+    /// True when they ended.
+    pub(super) fn settle_cycles(
+        &self,
+        ctx: &CampaignRun,
+        config: &str,
+        backend: &str,
+    ) -> Result<bool, OrchestratorError> {
+        let Some(rule) = ctx.plan.manifest.cycles.until() else {
+            return Ok(false);
+        };
+        let pair = RunPair {
+            campaign_id: &ctx.id,
+            config,
+            backend,
+            warmup: false,
+        };
+        let runs = self.store.runs_of_pair(pair)?;
+        let work_metric = ctx.plan.manifest.power.work_metric();
+        let Some(end) = cycles::verdict(rule, &runs, work_metric) else {
+            return Ok(false);
+        };
+        let dropped = self.store.drop_pending_runs(pair)?;
+        tracing::info!(campaign = %ctx.id, config, backend, ?end, dropped, "cycles ended");
+        self.publish_cycles_ended(
+            &ctx.id,
+            end.to_proto(rule, config, backend),
+            end.describe(rule, config, backend),
         );
         Ok(true)
     }

@@ -5,7 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use berth_proto::orchestrator::v1::{Campaign, CampaignEvent, Run, RunState, WarmupEnded};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignEvent, CyclesEnded, Run, RunState, WarmupEnded,
+};
 
 use super::{CampaignRun, Interrupted, Scheduler};
 use crate::error::OrchestratorError;
@@ -28,6 +30,7 @@ impl Scheduler {
         let Some(written) = self.store.transition_run(run_id, from, to, update)? else {
             return Ok(None);
         };
+        crate::metrics::metrics().run_recorded(to, update);
         let campaign_id = &written.run.campaign_id;
         if self.events.is_watched(campaign_id) {
             let message = message(&written.run);
@@ -39,7 +42,7 @@ impl Scheduler {
                 campaign_id,
                 campaign,
                 Some(written.run.clone()),
-                None,
+                CampaignEvent::default(),
                 message,
             );
         }
@@ -193,23 +196,46 @@ impl Scheduler {
     /// Publishes a campaign event without a run: the campaign as it is now.
     pub(super) fn publish(&self, id: &str, message: String) {
         if self.events.is_watched(id) {
-            self.send_event(id, self.snapshot(id), None, None, message);
+            self.send_event(
+                id,
+                self.snapshot(id),
+                None,
+                CampaignEvent::default(),
+                message,
+            );
         }
     }
 
     /// Publishes the end of a (config, backend)'s stable warmup.
     pub(super) fn publish_warmup_ended(&self, id: &str, ended: WarmupEnded, message: String) {
+        let detail = CampaignEvent {
+            warmup_ended: Some(ended),
+            ..Default::default()
+        };
         if self.events.is_watched(id) {
-            self.send_event(id, self.snapshot(id), None, Some(ended), message);
+            self.send_event(id, self.snapshot(id), None, detail, message);
         }
     }
 
+    /// Publishes the end of a (config, backend)'s cycles under `cycles.until`.
+    pub(super) fn publish_cycles_ended(&self, id: &str, ended: CyclesEnded, message: String) {
+        let detail = CampaignEvent {
+            cycles_ended: Some(ended),
+            ..Default::default()
+        };
+        if self.events.is_watched(id) {
+            self.send_event(id, self.snapshot(id), None, detail, message);
+        }
+    }
+
+    /// Publishes `detail` (what ended, if anything) with the campaign, the
+    /// run and the message.
     fn send_event(
         &self,
         id: &str,
         campaign: Result<Campaign, OrchestratorError>,
         run: Option<Run>,
-        warmup_ended: Option<WarmupEnded>,
+        detail: CampaignEvent,
         message: String,
     ) {
         match campaign {
@@ -220,7 +246,7 @@ impl Scheduler {
                     run: run.map(|run| crate::results::with_derived(run, &campaign.work_metric)),
                     campaign: Some(campaign),
                     message,
-                    warmup_ended,
+                    ..detail
                 },
             ),
             Err(error) => tracing::warn!(campaign = id, %error, "cannot publish campaign event"),

@@ -14,6 +14,7 @@ use berth_proto::agent::v1::{
 use berth_proto::common::v1::EnvVar;
 use berth_proto::orchestrator::v1::{Run, RunState};
 use berth_server::error::{has_reason, reasons};
+use tracing::Instrument as _;
 
 use super::output::RunOutput;
 use super::record::failure;
@@ -51,6 +52,31 @@ impl Scheduler {
         run: &Run,
         placed: &Placed,
     ) -> Result<Option<Interrupted>, OrchestratorError> {
+        // One trace per run attempt, rooted here rather than in whatever
+        // call started the campaign's worker: the agent's exec and the power
+        // sampler's session join it through the calls' trace context.
+        let span = tracing::info_span!(
+            parent: None,
+            "run",
+            berth.run.id = %run.id,
+            berth.campaign.id = %ctx.id,
+            berth.campaign.name = %ctx.plan.manifest.name,
+            berth.config = %run.config,
+            berth.backend = %run.backend,
+            berth.host = %placed.host,
+            berth.run.attempt = tracing::field::Empty,
+        );
+        self.execute_attempt(ctx, run, placed)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_attempt(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        placed: &Placed,
+    ) -> Result<Option<Interrupted>, OrchestratorError> {
         // Held until the run ends.
         let Some(_gpus) = self.lease_gpus(ctx, run, placed).await else {
             return Ok(None);
@@ -77,6 +103,7 @@ impl Scheduler {
             return Ok(None);
         };
         let attempt = dispatched.attempts;
+        tracing::Span::current().record("berth.run.attempt", attempt);
         let power = &ctx.plan.manifest.power;
         let mut power_session = None;
         if power.enabled {
@@ -102,6 +129,7 @@ impl Scheduler {
         let key = exec_key(&run.id, attempt);
         let request = exec_request(ctx, run, placed, &key);
         let mut client = placed.client.clone();
+        let sent = std::time::Instant::now();
         let opened = tokio::select! {
             opened = client.exec(request) => opened,
             () = ctx.token.cancelled() => {
@@ -120,6 +148,7 @@ impl Scheduler {
             }
             Err(status) => return self.exec_refused(ctx, run, attempt, &status),
         };
+        crate::metrics::metrics().dispatched(sent.elapsed());
         self.start_running(run, format!("run {} running on {}", run.id, placed.host))?;
         self.follow(
             ctx,
@@ -288,6 +317,7 @@ impl Scheduler {
         output: &RunOutput,
         power: Option<PowerRecord>,
     ) -> Result<(), OrchestratorError> {
+        let _stored = tracing::info_span!("store result").entered();
         let (energy, power_series) = power.map(|p| (p.energy, p.series)).unzip();
         let (result_json, error) = match output.result() {
             Ok(result) => (result, String::new()),

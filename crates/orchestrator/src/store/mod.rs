@@ -85,6 +85,15 @@ pub struct PowerSeries {
     pub truncated: bool,
 }
 
+/// The warmup runs, or the measured runs, of one (config, backend).
+#[derive(Debug, Clone, Copy)]
+pub struct RunPair<'a> {
+    pub campaign_id: &'a str,
+    pub config: &'a str,
+    pub backend: &'a str,
+    pub warmup: bool,
+}
+
 /// The measured (non-warmup) runs of one (config, backend) and how many of
 /// them succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,16 +169,13 @@ pub trait Store: DeploymentStore {
     /// Per (config, backend), in the order of their first run: the measured
     /// runs and how many succeeded.
     fn measured_runs(&self, campaign_id: &str) -> StoreResult<Vec<MeasuredRuns>>;
-    /// The warmup runs of one (config, backend), by sequence.
-    fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>>;
-    /// Removes the pending warmup runs of one (config, backend) that a
-    /// stable warmup no longer needs; returns how many.
-    fn drop_pending_warmup_runs(
-        &self,
-        campaign_id: &str,
-        config: &str,
-        backend: &str,
-    ) -> StoreResult<usize>;
+    /// The warmup runs (`warmup`) or measured runs of one (config,
+    /// backend), by sequence.
+    fn runs_of_pair(&self, pair: RunPair<'_>) -> StoreResult<Vec<Run>>;
+    /// Removes the pending warmup runs (`warmup`) or measured runs of one
+    /// (config, backend) that a stable warmup, or an answer known, no
+    /// longer needs; returns how many.
+    fn drop_pending_runs(&self, pair: RunPair<'_>) -> StoreResult<usize>;
     /// The first pending run of a backend, by sequence.
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>>;
     /// Moves a run to `to` if its state is one of `from`; `None` if it was

@@ -172,7 +172,8 @@ pub fn run(
     exec: ExecCommand,
     permit: Option<OwnedSemaphorePermit>,
 ) -> mpsc::Receiver<ExecOutput> {
-    stream_exec(stream, exec, permit, true)
+    let request = request_of(&exec);
+    stream_exec(stream, Some(request), exec.timeout, permit, false)
 }
 
 /// The shim's request for `exec`.
@@ -189,29 +190,31 @@ pub(crate) fn request_of(exec: &ExecCommand) -> Request {
     }
 }
 
-/// [`run`], with the request already sent when `send_request` is false (a
-/// VM's shim, which the caller first hears accept it).
-/// `guard` (exec permits) is held until the exec ends.
+/// [`run`], with the request already sent when `request` is None (a VM's
+/// shim, which the caller first hears accept it). On a VM's serial port
+/// (`serial`) a timeout or the caller going away sends a
+/// [`protocol::CANCEL`] before closing: a keyed exec outlives a closed
+/// port. `guard` (exec permits) is held until the exec ends.
 pub(crate) fn stream_exec(
     mut stream: UnixStream,
-    exec: ExecCommand,
+    request: Option<Request>,
+    timeout: Option<Duration>,
     guard: impl Send + 'static,
-    send_request: bool,
+    serial: bool,
 ) -> mpsc::Receiver<ExecOutput> {
     let (tx, rx) = mpsc::channel(EXEC_BUFFER);
     tokio::spawn(async move {
         let _guard = guard;
         let started = Instant::now();
-        let request = request_of(&exec);
         let deadline = async {
-            match exec.timeout {
+            match timeout {
                 Some(limit) => tokio::time::sleep(limit).await,
                 None => std::future::pending().await,
             }
         };
         tokio::pin!(deadline);
         let ended = async {
-            if send_request {
+            if let Some(request) = &request {
                 stream.write_all(&request.encode()).await?;
             }
             loop {
@@ -226,8 +229,8 @@ pub(crate) fn stream_exec(
                             return Err(std::io::Error::other("the caller went away"));
                         }
                     }
-                    // Only a shim on a VM's serial port sends it, first.
-                    FrameKind::Accepted => {}
+                    // Only a shim on a VM's serial port sends them, first.
+                    FrameKind::Accepted | FrameKind::UnknownKey => {}
                     FrameKind::Exit => {
                         // parse_header made sure it is 4 bytes long.
                         let code: [u8; 4] = payload.try_into().unwrap_or_default();
@@ -244,10 +247,20 @@ pub(crate) fn stream_exec(
                     (-1, ExitReason::Exited)
                 }
             },
-            () = &mut deadline => (KILLED, ExitReason::TimedOut),
+            () = &mut deadline => {
+                if serial {
+                    let _ = stream.write_all(&[protocol::CANCEL]).await;
+                }
+                (KILLED, ExitReason::TimedOut)
+            }
             // The caller went away (a cancelled call): closing the
-            // connection is the kill.
-            () = tx.closed() => return,
+            // connection (after a cancel, on a serial port) is the kill.
+            () = tx.closed() => {
+                if serial {
+                    let _ = stream.write_all(&[protocol::CANCEL]).await;
+                }
+                return;
+            }
         };
         // Closed before the exit is reported: a timed-out command is dead by then.
         drop(stream);

@@ -106,6 +106,7 @@ async fn probe(
             ..Default::default()
         },
         timeout: Some(timeout),
+        key: None,
     };
     let mut output = super::exec::start(runtime.engine().clone(), id, name, exec, None).await?;
     while let Some(message) = output.recv().await {

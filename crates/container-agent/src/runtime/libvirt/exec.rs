@@ -10,9 +10,16 @@
 //! The port is one byte stream, taken by one connection at a time: execs
 //! into one VM run one after another, in the order they came. At most
 //! [`MAX_WAITING`] wait behind the running one; more are refused with
-//! RESOURCE_EXHAUSTED rather than queued without end. Closing the connection before the exit frame (a cancel, a timeout) makes
-//! the guest see the port close, and the shim kills the command's process
-//! group.
+//! RESOURCE_EXHAUSTED rather than queued without end.
+//!
+//! An exec without a key is killed when its connection closes before the
+//! exit frame (the guest sees the port close). A keyed exec outlives its
+//! connection, and so the agent (a kill -9, a restart): the shim keeps
+//! running it for `libvirt.exec_detach_grace`, with its exit and the last
+//! MiB of its output, and the key is written to the VM's files directory
+//! ([`KEYS_FILE`]), where a new agent looks for it on AttachExec and attaches
+//! through the shim ([`Ask::Attach`]). A cancel or a timeout sends the shim
+//! a cancel byte before closing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use berth_exec_shim::protocol::{self, FrameKind};
+use berth_exec_shim::protocol::{self, FrameKind, Message};
 use berth_proto::agent::v1::{ExecOutput, ExitReason, exec_output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -120,16 +127,25 @@ impl ExecLanes {
     }
 }
 
-/// Runs `exec` in the guest of domain `name` (`uuid`) through its shim
-/// socket `socket`.
+/// What the agent asks a VM's shim over its port.
+pub enum Ask {
+    /// Run a command (keyed when the exec has a key: it then outlives this
+    /// agent process).
+    Run(ExecCommand, Duration),
+    /// Attach to the keyed exec an earlier agent process started.
+    Attach(String),
+}
+
+/// Runs `ask` in the guest of domain `name` (`uuid`) through its shim
+/// socket `socket`, whose VM keeps its files in `files_dir`. `None`: the
+/// shim keeps no exec of an attach's key.
 pub async fn run(
     lanes: &ExecLanes,
-    uuid: &str,
-    name: &str,
-    socket: &Path,
-    exec: ExecCommand,
+    (uuid, name): (&str, &str),
+    (socket, files_dir): (&Path, &Path),
+    ask: Ask,
     permit: OwnedSemaphorePermit,
-) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+) -> Result<Option<mpsc::Receiver<ExecOutput>>, AgentError> {
     let lane = lanes.enter(uuid, name).await?;
     let unavailable = |reason: String| AgentError::EngineUnavailable {
         engine: "libvirt",
@@ -139,9 +155,35 @@ pub async fn run(
     let mut stream = UnixStream::connect(socket)
         .await
         .map_err(|e| unavailable(format!("cannot reach the exec shim's port: {e}")))?;
-    let request = exec_shim::request_of(&exec);
+    let (message, timeout) = match ask {
+        Ask::Run(exec, detach_grace) => {
+            let request = exec_shim::request_of(&exec);
+            let message = match exec.key {
+                Some(key) => {
+                    // Execs into one VM are one at a time from here on, so the
+                    // file is read and written by one of them at once.
+                    note_key(files_dir, &key).map_err(|e| {
+                        unavailable(format!(
+                            "cannot record the exec key in {}: {e}",
+                            files_dir.display()
+                        ))
+                    })?;
+                    Message::Keyed {
+                        key,
+                        request,
+                        timeout: exec.timeout,
+                        detach_grace,
+                    }
+                }
+                None => Message::Exec(request),
+            };
+            (message, exec.timeout)
+        }
+        // The timeout is the shim's to enforce now: the agent that had it is gone.
+        Ask::Attach(key) => (Message::Attach { key }, None),
+    };
     let accepted = async {
-        stream.write_all(&request.encode()).await?;
+        stream.write_all(&message.encode()).await?;
         // Whole frames the shim sent after an earlier exec's agent went away
         // may still be in the port: they come before this exec's ACCEPTED.
         let mut stale = 0usize;
@@ -149,7 +191,8 @@ pub async fn run(
             let mut header = [0; 5];
             stream.read_exact(&mut header).await?;
             match protocol::parse_header(header)? {
-                (FrameKind::Accepted, _) => return Ok::<usize, std::io::Error>(stale),
+                (FrameKind::Accepted, _) => return Ok::<_, std::io::Error>((true, stale)),
+                (FrameKind::UnknownKey, _) => return Ok((false, stale)),
                 (_, length) => {
                     let mut payload = vec![0; length];
                     stream.read_exact(&mut payload).await?;
@@ -159,9 +202,12 @@ pub async fn run(
         }
     };
     match tokio::time::timeout(ACCEPT_WAIT, accepted).await {
-        Ok(Ok(stale)) => {
+        Ok(Ok((accepted, stale))) => {
             if stale > 0 {
                 tracing::debug!(vm = name, stale, "dropped frames of an earlier exec");
+            }
+            if !accepted {
+                return Ok(None);
             }
         }
         Ok(Err(error)) => {
@@ -177,7 +223,39 @@ pub async fn run(
             )));
         }
     }
-    Ok(exec_shim::stream_exec(stream, exec, (permit, lane), false))
+    Ok(Some(exec_shim::stream_exec(
+        stream,
+        None,
+        timeout,
+        (permit, lane),
+        true,
+    )))
+}
+
+/// The exec keys sent to a VM's shim, newest last, one a line (keys hold
+/// no control characters), in its files directory: where a restarted agent
+/// looks for the VM that runs a key.
+const KEYS_FILE: &str = "exec-keys";
+/// Keys remembered per VM: more than its shim keeps execs.
+const MAX_KEYS: usize = 32;
+
+/// Records that `key` was sent to the shim of the VM with `files_dir`.
+fn note_key(files_dir: &Path, key: &str) -> std::io::Result<()> {
+    let path = files_dir.join(KEYS_FILE);
+    let kept = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut keys: Vec<&str> = kept.lines().filter(|k| *k != key).collect();
+    keys.push(key);
+    let keys = &keys[keys.len().saturating_sub(MAX_KEYS)..];
+    // Whole or not at all: a reader never sees half a rewrite.
+    let new = files_dir.join(format!("{KEYS_FILE}.new"));
+    std::fs::write(&new, keys.join("\n") + "\n")?;
+    std::fs::rename(new, path)
+}
+
+/// Whether `key` was sent to the shim of the VM with `files_dir`.
+pub fn has_key(files_dir: &Path, key: &str) -> bool {
+    std::fs::read_to_string(files_dir.join(KEYS_FILE))
+        .is_ok_and(|kept| kept.lines().any(|k| k == key))
 }
 
 /// `output`, with an exit whose way to the guest broke explained: `why` names the
@@ -236,6 +314,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_keys_are_found_again_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!has_key(dir.path(), "k"));
+        for n in 0..MAX_KEYS + 5 {
+            note_key(dir.path(), &format!("camp/run {n}")).unwrap();
+        }
+        note_key(dir.path(), "camp/run 10").unwrap();
+        assert!(has_key(dir.path(), "camp/run 10"));
+        assert!(has_key(dir.path(), &format!("camp/run {}", MAX_KEYS + 4)));
+        assert!(!has_key(dir.path(), "camp/run 4"));
+        let kept = std::fs::read_to_string(dir.path().join(KEYS_FILE)).unwrap();
+        assert_eq!(kept.lines().count(), MAX_KEYS);
+        assert!(kept.ends_with("camp/run 10\n"));
+    }
 
     #[tokio::test]
     async fn one_exec_runs_a_few_wait_and_more_are_refused() {

@@ -213,6 +213,7 @@ mod tests {
                 working_dir: Some("/tmp".into()),
             },
             timeout: None,
+            key: None,
         };
         let command = start_command(&exec);
         assert_eq!(command["arguments"]["path"], "/bin/sh");

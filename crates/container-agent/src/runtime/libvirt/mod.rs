@@ -122,6 +122,8 @@ struct Inner {
     connection: Mutex<Option<Arc<Connection>>>,
     seen: Mutex<watch::Seen>,
     exec_lanes: exec::ExecLanes,
+    /// `libvirt.exec_detach_grace`.
+    exec_detach_grace: Duration,
     consoles: console::Consoles,
 }
 
@@ -204,6 +206,7 @@ impl LibvirtRuntime {
                 connection: Mutex::new(None),
                 seen: Mutex::new(watch::Seen::default()),
                 exec_lanes: exec::ExecLanes::default(),
+                exec_detach_grace: config.exec_detach_grace,
                 consoles: console::Consoles::new(log_lines),
             }),
         };
@@ -516,11 +519,11 @@ impl WorkloadRuntime for LibvirtRuntime {
                 name: view.name,
             });
         }
-        let Some(socket) = view
+        let Some((socket, files_dir)) = view
             .metadata
             .files_dir
-            .as_deref()
-            .and_then(exec::socket_path)
+            .clone()
+            .and_then(|dir| Some((exec::socket_path(&dir)?, dir)))
         else {
             return Err(view.no_files_dir("Exec"));
         };
@@ -534,17 +537,23 @@ impl WorkloadRuntime for LibvirtRuntime {
             let output = guest_agent::run(self.clone(), view.clone(), exec, permit).await?;
             (output, "the qemu guest agent")
         } else {
+            let ask = exec::Ask::Run(exec, self.inner.exec_detach_grace);
             match exec::run(
                 &self.inner.exec_lanes,
-                &view.uuid,
-                &view.name,
-                &socket,
-                exec,
+                (&view.uuid, &view.name),
+                (&socket, &files_dir),
+                ask,
                 permit,
             )
             .await
             {
-                Ok(output) => (output, "the exec shim's port"),
+                Ok(Some(output)) => (output, "the exec shim's port"),
+                Ok(None) => {
+                    return Err(AgentError::Internal(format!(
+                        "the exec shim of VM `{}` answered a run as an attach",
+                        view.name
+                    )));
+                }
                 // The port is qemu's: it breaks when the VM went down since
                 // the lookup, which is then the error to report.
                 Err(error @ AgentError::EngineUnavailable { .. }) => {
@@ -559,23 +568,32 @@ impl WorkloadRuntime for LibvirtRuntime {
                 Err(error) => return Err(error),
             }
         };
-        let runtime = self.clone();
-        Ok(exec::explained(output, move || async move {
-            let name = &view.name;
-            match runtime.down_cause(&view, BROKEN_EXEC_SETTLE).await {
-                Ok(Some(cause)) => exec::Broken::VmDown(format!(
-                    "libvirt domain `{name}` went down while the exec ran: {cause}"
-                )),
-                Ok(None) => exec::Broken::VmRuns(format!(
-                    "{via} in libvirt domain `{name}` broke before the command's exit, \
-                     and the domain still runs: the guest's berth-exec-shim or qemu-ga died or restarted"
-                )),
-                Err(error) => exec::Broken::VmDown(format!(
-                    "{via} in libvirt domain `{name}` broke before the command's exit, \
-                     and libvirt cannot say why: {error}"
-                )),
-            }
-        }))
+        Ok(self.explained(output, view, via))
+    }
+
+    /// Asks the shim of each running VM whose files directory records `key`.
+    async fn reattach(
+        &self,
+        key: &str,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Option<mpsc::Receiver<ExecOutput>>, AgentError> {
+        let views = self.owned_domains().await?;
+        let Some((view, files_dir, socket)) = views.into_iter().find_map(|view| {
+            let dir = view.metadata.files_dir.clone()?;
+            let socket = exec::socket_path(&dir)?;
+            (view.active() && exec::has_key(&dir, key)).then_some((view, dir, socket))
+        }) else {
+            return Ok(None);
+        };
+        let output = exec::run(
+            &self.inner.exec_lanes,
+            (&view.uuid, &view.name),
+            (&socket, &files_dir),
+            exec::Ask::Attach(key.to_string()),
+            permit,
+        )
+        .await?;
+        Ok(output.map(|output| self.explained(output, view, "the exec shim's port")))
     }
 
     /// The guest's serial console, as the agent read it.
@@ -631,6 +649,33 @@ impl WorkloadRuntime for LibvirtRuntime {
 }
 
 impl LibvirtRuntime {
+    /// `output`, its exit explained when the way to the guest broke
+    /// ([`exec::explained`]).
+    fn explained(
+        &self,
+        output: mpsc::Receiver<ExecOutput>,
+        view: DomainView,
+        via: &'static str,
+    ) -> mpsc::Receiver<ExecOutput> {
+        let runtime = self.clone();
+        exec::explained(output, move || async move {
+            let name = &view.name;
+            match runtime.down_cause(&view, BROKEN_EXEC_SETTLE).await {
+                Ok(Some(cause)) => exec::Broken::VmDown(format!(
+                    "libvirt domain `{name}` went down while the exec ran: {cause}"
+                )),
+                Ok(None) => exec::Broken::VmRuns(format!(
+                    "{via} in libvirt domain `{name}` broke before the command's exit, \
+                     and the domain still runs: the guest's berth-exec-shim or qemu-ga died or restarted"
+                )),
+                Err(error) => exec::Broken::VmDown(format!(
+                    "{via} in libvirt domain `{name}` broke before the command's exit, \
+                     and libvirt cannot say why: {error}"
+                )),
+            }
+        })
+    }
+
     /// One reading of a running domain's counters.
     async fn read_stats(&self, view: &DomainView) -> Result<stats::Reading, AgentError> {
         let (uuid, name) = (view.uuid.clone(), view.name.clone());

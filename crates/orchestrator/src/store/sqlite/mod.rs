@@ -25,7 +25,7 @@ use berth_proto::orchestrator::v1::{
 use rusqlite::Connection;
 
 use super::{
-    HostRecord, MeasuredRuns, Placement, RunUpdate, Store, StoreError, StoreResult,
+    HostRecord, MeasuredRuns, Placement, RunPair, RunUpdate, Store, StoreError, StoreResult,
     StoredPowerSample, Transitioned,
 };
 
@@ -164,17 +164,12 @@ impl Store for SqliteStore {
         runs::measured_runs(&self.db(), campaign_id)
     }
 
-    fn warmup_runs(&self, campaign_id: &str, config: &str, backend: &str) -> StoreResult<Vec<Run>> {
-        runs::warmup_runs(&self.db(), campaign_id, config, backend)
+    fn runs_of_pair(&self, pair: RunPair<'_>) -> StoreResult<Vec<Run>> {
+        runs::runs_of_pair(&self.db(), pair)
     }
 
-    fn drop_pending_warmup_runs(
-        &self,
-        campaign_id: &str,
-        config: &str,
-        backend: &str,
-    ) -> StoreResult<usize> {
-        runs::drop_pending_warmup_runs(&self.db(), campaign_id, config, backend)
+    fn drop_pending_runs(&self, pair: RunPair<'_>) -> StoreResult<usize> {
+        runs::drop_pending_runs(&self.db(), pair)
     }
 
     fn next_pending_run(&self, campaign_id: &str, backend: &str) -> StoreResult<Option<Run>> {

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::power::{decode_energy, encode_energy, insert_power_series};
 use super::{now_ms, timestamp};
-use crate::store::{MeasuredRuns, RunUpdate, StoreResult, Transitioned};
+use crate::store::{MeasuredRuns, RunPair, RunUpdate, StoreResult, Transitioned};
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
                            exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy, logs_tail, \
@@ -117,30 +117,29 @@ pub(super) fn measured_runs(db: &Connection, campaign_id: &str) -> StoreResult<V
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub(super) fn warmup_runs(
-    db: &Connection,
-    campaign_id: &str,
-    config: &str,
-    backend: &str,
-) -> StoreResult<Vec<Run>> {
+pub(super) fn runs_of_pair(db: &Connection, pair: RunPair<'_>) -> StoreResult<Vec<Run>> {
     let sql = format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = 1 \
+        "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = ?4 \
          ORDER BY sequence"
     );
     let mut statement = db.prepare_cached(&sql)?;
-    let rows = statement.query_map(params![campaign_id, backend, config], run_row)?;
+    let rows = statement.query_map(
+        params![pair.campaign_id, pair.backend, pair.config, pair.warmup],
+        run_row,
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub(super) fn drop_pending_warmup_runs(
-    db: &Connection,
-    campaign_id: &str,
-    config: &str,
-    backend: &str,
-) -> StoreResult<usize> {
+pub(super) fn drop_pending_runs(db: &Connection, pair: RunPair<'_>) -> StoreResult<usize> {
     Ok(db.execute(
-        "DELETE FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = 1 AND state = ?4",
-        params![campaign_id, backend, config, RunState::Pending as i32],
+        "DELETE FROM runs WHERE campaign_id = ?1 AND backend = ?2 AND config = ?3 AND warmup = ?4 AND state = ?5",
+        params![
+            pair.campaign_id,
+            pair.backend,
+            pair.config,
+            pair.warmup,
+            RunState::Pending as i32
+        ],
     )?)
 }
 

@@ -147,13 +147,27 @@ fn unneeded_warmup_runs_are_dropped_and_logs_kept() {
         ..Default::default()
     };
     moved(&store, "w1", Pending, Succeeded, &done);
-    assert_eq!(store.drop_pending_warmup_runs("c1", "a", "b").unwrap(), 2);
-    let left = store.warmup_runs("c1", "a", "b").unwrap();
+    let pair = |warmup| RunPair {
+        campaign_id: "c1",
+        config: "a",
+        backend: "b",
+        warmup,
+    };
+    assert_eq!(store.drop_pending_runs(pair(true)).unwrap(), 2);
+    let left = store.runs_of_pair(pair(true)).unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].logs_tail, "warming up\n");
     assert_eq!(store.next_pending_run("c1", "b").unwrap().unwrap().id, "m1");
     let counts = store.run_counts("c1").unwrap();
     assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 1, 2));
+    // Measured runs an answer known early no longer needs go the same way,
+    // and only those.
+    assert_eq!(store.runs_of_pair(pair(false)).unwrap().len(), 1);
+    assert_eq!(store.drop_pending_runs(pair(false)).unwrap(), 1);
+    assert_eq!(store.runs_of_pair(pair(true)).unwrap().len(), 1);
+    assert_eq!(store.next_pending_run("c1", "b").unwrap(), None);
+    let counts = store.run_counts("c1").unwrap();
+    assert_eq!((counts.succeeded, counts.pending, counts.total), (1, 0, 1));
 }
 
 #[test]
