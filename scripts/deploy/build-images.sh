@@ -12,7 +12,7 @@
 #    (or FROM the locally built busybox image with --shell): nothing is pulled, ever.
 #
 # Usage: scripts/deploy/build-images.sh [--engine docker|podman] [--tag TAG] [--shell] [--no-cargo]
-#                                       [--profile release|debug]
+#                                       [--profile release|debug] [--monitoring]
 #   --engine   docker (default, classic builder: DOCKER_BUILDKIT=0) or podman
 #   --tag      image tag (default: the workspace version); `latest` is tagged too
 #   --shell    put busybox (/bin/sh) in every image: podman-compose 1.0.x runs health checks
@@ -21,6 +21,9 @@
 #   --profile  release (default: what people deploy) or debug (the binaries of
 #              `cargo build --workspace --bins`: scripts/test.sh's images, which saves the
 #              suite a second, optimised build of the workspace)
+#   --monitoring also localhost/berth-prometheus (deploy/compose.monitoring.yaml): Debian's
+#              prometheus binary (the installed package's, else `apt-get download prometheus`)
+#              with deploy/monitoring/'s scrape config and rules
 # Env: CARGO_TARGET_DIR (default <repo>/target), BUSYBOX (path of a static busybox; default
 #   /bin/busybox, else `apt-get download busybox-static`), BERTH_IMAGE_PREFIX (default localhost/berth-).
 # Needs: cargo, docker or podman, busybox-static (or apt access to download it), ca-certificates.
@@ -33,6 +36,7 @@ TAG=""
 SHELL_IN_ALL=""
 CARGO=1
 PROFILE=release
+MONITORING=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --engine) ENGINE=$2; shift 2 ;;
@@ -40,6 +44,7 @@ while [[ $# -gt 0 ]]; do
     --shell) SHELL_IN_ALL=1; shift ;;
     --no-cargo) CARGO=0; shift ;;
     --profile) PROFILE=$2; shift 2 ;;
+    --monitoring) MONITORING=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-images: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -99,6 +104,19 @@ for name in libstdc++.so.6 libgcc_s.so.1 libm.so.6 libdl.so.2 librt.so.1 libpthr
   [[ -n $p ]] || { log "library $name not found on this machine (install libstdc++6)"; exit 1; }
   libs+=$'\n'$p
 done
+# Debian's prometheus (a Go binary linking only libc): the installed one, else the package's.
+if [[ -n $MONITORING ]]; then
+  mkdir -p "$CTX/prometheus" "$CTX/monitoring"
+  if [[ -x /usr/bin/prometheus ]]; then
+    cp /usr/bin/prometheus "$CTX/prometheus/prometheus"
+  else
+    log "no /usr/bin/prometheus: downloading Debian's prometheus"
+    (cd "$CTX" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb pm \
+      && mv pm/usr/bin/prometheus prometheus/prometheus && rm -rf pm prometheus_*.deb)
+  fi
+  cp "$REPO"/deploy/monitoring/prometheus.yml "$REPO"/deploy/monitoring/rules.yml "$CTX/monitoring/"
+  libs+=$'\n'$(ldd "$CTX/prometheus/prometheus" | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}')
+fi
 for lib in $(echo "$libs" | sort -u); do copy_lib "$lib"; done
 # The loader where the binaries look for it.
 [[ -e $CTX/glibc/lib64/ld-linux-x86-64.so.2 ]] || copy_lib /lib64/ld-linux-x86-64.so.2
@@ -149,6 +167,9 @@ build busybox
 for svc in orchestrator agent power-sampler embedding llm-proxy; do
   build "$svc" --build-arg "BASE=$BASE" --build-arg "BUSYBOX_IMAGE=${PREFIX}busybox:$TAG"
 done
+if [[ -n $MONITORING ]]; then
+  build prometheus --build-arg "BUSYBOX_IMAGE=${PREFIX}busybox:$TAG"
+fi
 # Earlier builds of these tags, now untagged (only ours: by label).
 "$ENGINE" image prune -f --filter label=io.berth.image=true >/dev/null 2>&1 || true
 t2=$(date +%s)

@@ -30,6 +30,7 @@ packages=(
   cpio             # the test VM's initramfs
   qemu-guest-agent # qemu-ga in the test VM's guest-agent image: the exec fallback without the shim
   python3-venv     # the venvs of the model set-up and the LLM peers
+  prometheus       # promtool checks deploy/monitoring/'s rules and config; the monitoring image's binary
   procps ca-certificates
 )
 

@@ -394,3 +394,110 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
         "runs that do not measure power share the GPUs (they ran one after another)"
     );
 }
+
+/// With `power.idle_baseline` each run's energy above the baseline is
+/// recorded per device, derived for the run (`energy_net_j`, net joules per
+/// unit of work), aggregated beside the gross figures, and exported by
+/// `berth results --runs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sampler, sampler_port) = start_replay_sampler(
+        dir.path(),
+        &repo_root().join("examples/power/llm-inference.csv"),
+    )
+    .await;
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let (_orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let manifest = "name: net-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 2\n\
+                    run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 2}''']}\n\
+                    power: {enabled: true, rate_hz: 200, work_metric: ok, idle_baseline: 200ms}\n";
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_succeeded(
+        &mut client,
+        &campaign.id,
+        2,
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await;
+    let runs = client
+        .list_runs(ListRunsRequest {
+            campaign_id: campaign.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    for run in &runs {
+        let per_device: Vec<f64> = run
+            .energy
+            .iter()
+            .map(|e| e.energy_net_j.expect("a net figure per device"))
+            .collect();
+        let net = run.energy_net_j.expect("the run's net energy");
+        assert!(
+            (net - per_device.iter().sum::<f64>()).abs() < 1e-9,
+            "{run:?}"
+        );
+        assert!(net < run.energy_j.unwrap(), "net below gross: {run:?}");
+        assert_eq!(run.joules_per_unit_net, Some(net / 2.0), "{run:?}");
+    }
+    let results = client
+        .get_results(GetResultsRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let row = &results.results[0];
+    for name in [
+        "energy_j",
+        "energy_net_j",
+        "joules_per_ok",
+        "net_joules_per_ok",
+    ] {
+        let metric = row.metrics.iter().find(|m| m.name == name);
+        assert_eq!(metric.map(|m| m.n), Some(2), "{name} in {row:?}");
+    }
+    let exported = std::process::Command::new(bin("berth"))
+        .args([
+            "--orchestrator",
+            &format!("http://127.0.0.1:{port}"),
+            "results",
+            &campaign.id,
+            "--runs",
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("run berth results --runs");
+    let text = String::from_utf8_lossy(&exported.stdout);
+    assert!(exported.status.success(), "{text}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).expect("JSON rows");
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in &rows {
+        let net = row["energy_net_j"].as_f64().expect("energy_net_j exported");
+        let per_unit = row["net_joules_per_ok"]
+            .as_f64()
+            .expect("net_joules_per_ok exported");
+        assert!((per_unit - net / 2.0).abs() < 1e-9, "{row}");
+    }
+}

@@ -476,3 +476,30 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
     );
     stack.stop();
 }
+
+/// The alerting rules and the Grafana dashboard name only metrics the
+/// orchestrator exports (the list above, checked against a scrape), so a
+/// rename cannot silently empty an alert or a panel.
+#[test]
+fn monitoring_rules_and_dashboard_name_only_exported_metrics() {
+    let listed: BTreeSet<&str> = ORCHESTRATOR_METRICS.iter().map(|(name, _)| *name).collect();
+    for file in [
+        "deploy/monitoring/rules.yml",
+        "deploy/monitoring/grafana-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        let named: BTreeSet<&str> = text
+            .match_indices("berth_orchestrator_")
+            .map(|(at, _)| {
+                let rest = &text[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(!named.is_empty(), "{file} names no orchestrator metric");
+        let unknown: Vec<&&str> = named.iter().filter(|n| !listed.contains(**n)).collect();
+        assert!(unknown.is_empty(), "{file} names unexported {unknown:?}");
+    }
+}

@@ -6,7 +6,8 @@
 //! exec shim; TCG where /dev/kvm cannot boot it), and every run is exec'd
 //! into the guest through the shim and recorded once. The VM is gone when
 //! the campaign ends. A VM destroyed under a run is booted again and the
-//! run retried. A deployment whose replica is a VM serves from its guest
+//! run retried; a run whose agent and orchestrator are killed (-9) and
+//! started again completes in its first attempt. A deployment whose replica is a VM serves from its guest
 //! (started by the recipe's cloud-init script) on the guest's own address.
 
 use std::path::{Path, PathBuf};
@@ -25,12 +26,28 @@ use berth_tests::{
 /// An orchestrator with one host whose agent drives the real libvirtd, and
 /// the test image to boot; `None` (after a loud skip) without a hypervisor.
 struct VmHost {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     uri: String,
     base: PathBuf,
+    port: u16,
     client: OrchestratorClient<AuthChannel>,
-    _agent: Process,
-    _orchestrator: Process,
+    agent: Process,
+    orchestrator: Process,
+}
+
+/// The host's agent, on the socket in `dir` and the real libvirtd at `uri`:
+/// started again on the same socket and disks, it is the same agent to the
+/// orchestrator and owns the same domains.
+fn start_vm_agent(dir: &Path, uri: &str) -> Process {
+    start_agent_with(
+        &dir.join("agent.sock"),
+        &[
+            "--set",
+            &format!("libvirt.uri={uri}"),
+            "--set",
+            &format!("libvirt.disk_dir={}", dir.join("disks").display()),
+        ],
+    )
 }
 
 impl VmHost {
@@ -51,15 +68,7 @@ impl VmHost {
             berth_tests::vm::boot_image(&image_dir, target_tmpdir),
         )?;
         let socket = dir.path().join("agent.sock");
-        let agent = start_agent_with(
-            &socket,
-            &[
-                "--set",
-                &format!("libvirt.uri={uri}"),
-                "--set",
-                &format!("libvirt.disk_dir={}", dir.path().join("disks").display()),
-            ],
-        );
+        let agent = start_vm_agent(dir.path(), &uri);
         let port = free_port();
         let orchestrator = start_orchestrator(dir.path(), port, &[]);
         let mut client =
@@ -75,13 +84,32 @@ impl VmHost {
             .await
             .expect("RegisterHost");
         Some(Self {
-            _dir: dir,
+            dir,
             uri,
             base,
+            port,
             client,
-            _agent: agent,
-            _orchestrator: orchestrator,
+            agent,
+            orchestrator,
         })
+    }
+
+    /// kill -9 of the orchestrator, then of the agent (the orchestrator
+    /// records nothing of the agent's death); both started again on the
+    /// same socket, store and port.
+    async fn kill_and_restart(&mut self) {
+        let dir = self.dir.path();
+        for process in [&mut self.orchestrator, &mut self.agent] {
+            process.child.kill().expect("kill -9");
+            let _ = process.child.wait();
+        }
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        self.agent = start_vm_agent(dir, &self.uri);
+        wait_for(&format!("unix://{}", socket.display())).await;
+        self.orchestrator = start_orchestrator(dir, self.port, &[]);
+        self.client =
+            OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{}", self.port)).await);
     }
 
     /// The names of the domains libvirtd has that hold `text`.
@@ -234,6 +262,58 @@ async fn a_vm_destroyed_mid_run_is_booted_again_and_the_run_retried() {
     assert!(
         retried.attempts >= 2,
         "the interrupted run was retried: {retried:?}"
+    );
+    for run in &runs {
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        assert_eq!(result["guest"], "berth-guest", "ran in the guest: {run:?}");
+    }
+    host.assert_vm_removed(&campaign.id).await;
+}
+
+/// kill -9 of the orchestrator and the agent while a run executes in the
+/// VM, both started again: the VM and the run's command run on (the
+/// guest's shim keeps a keyed exec running without its agent), the new
+/// orchestrator attaches to the run by its key, the new agent finds it in
+/// the VM's shim and attaches, and the run completes in its first attempt
+/// (adopted, not run again), every run recorded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_in_a_vm_survives_kill_9_of_its_agent_and_orchestrator() {
+    let Some(mut host) = VmHost::start().await else {
+        return;
+    };
+    let manifest = host.manifest(
+        "vm-agent-killed",
+        "n: [1, 2, 3]",
+        1,
+        r#"sleep 4; echo "{\"n\": {{n}}, \"guest\": \"$(hostname)\"}""#,
+    );
+    let campaign = berth_tests::campaign::submit(&mut host.client, &manifest).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let in_flight = loop {
+        let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+        if let Some(run) = runs.iter().find(|r| r.state == RunState::Running as i32) {
+            break run.id.clone();
+        }
+        assert!(Instant::now() < deadline, "no run started: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Mid-run: its command has started in the guest.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    host.kill_and_restart().await;
+    let restarted_at = Instant::now();
+    eprintln!("killed the agent and the orchestrator while run {in_flight} ran");
+
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 3, deadline).await;
+    eprintln!(
+        "all 3 runs done {:.1} s after the restart",
+        restarted_at.elapsed().as_secs_f64()
+    );
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    assert_each_succeeded_once(&runs, 3);
+    let adopted = runs.iter().find(|r| r.id == in_flight).unwrap();
+    assert_eq!(
+        adopted.attempts, 1,
+        "the run in flight was attached again, not run again: {adopted:?}"
     );
     for run in &runs {
         let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();

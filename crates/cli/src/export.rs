@@ -183,9 +183,14 @@ impl RunTable {
             });
         }
         columns.push(number("energy_j", &|r| r.energy_j));
+        columns.push(number("energy_net_j", &|r| r.energy_net_j));
         columns.push(number(
             &format!("joules_per_{}", campaign.work_metric),
             &|r| r.joules_per_unit,
+        ));
+        columns.push(number(
+            &format!("net_joules_per_{}", campaign.work_metric),
+            &|r| r.joules_per_unit_net,
         ));
         columns.push(text("result_json", &|r| Some(r.result_json.clone())));
         Self {
@@ -336,9 +341,12 @@ mod tests {
                     energy_j: Some(20.0),
                     ..Default::default()
                 }],
-                // As the orchestrator derives them: 20 J over 10 tokens.
+                // As the orchestrator derives them: 20 J over 10 tokens,
+                // 15 J of it above the idle baseline.
                 energy_j: Some(20.0),
                 joules_per_unit: Some(2.0),
+                energy_net_j: Some(15.0),
+                joules_per_unit_net: Some(1.5),
                 ..Default::default()
             },
             Run {
@@ -377,11 +385,13 @@ mod tests {
             ["run_id", "config", "backend", "cycle", "warmup", "state"]
         );
         assert_eq!(
-            header[header.len() - 4..],
+            header[header.len() - 6..],
             [
                 "result.tokens",
                 "energy_j",
+                "energy_net_j",
                 "joules_per_tokens",
+                "net_joules_per_tokens",
                 "result_json"
             ]
         );
@@ -413,6 +423,13 @@ mod tests {
                 rows[0]["joules_per_tokens"].as_str()
             ),
             ("10", "20", "2")
+        );
+        assert_eq!(
+            (
+                rows[0]["energy_net_j"].as_str(),
+                rows[0]["net_joules_per_tokens"].as_str()
+            ),
+            ("15", "1.5")
         );
         // A value with a comma and quotes comes back as it was, in one field.
         assert_eq!(rows[0]["param.prompt"], "say \"hi\", twice");

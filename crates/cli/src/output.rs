@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignEvent, CampaignOutcome, CampaignResults, Host, HostStatus, RunState,
+    Campaign, CampaignEvent, CampaignOutcome, CampaignResults, CyclesEnded, Host, HostStatus,
+    RunState,
 };
 
 // The report shows them the same way as the terminal does.
@@ -264,6 +265,21 @@ pub fn results(results: &CampaignResults, format: ResultsFormat) -> Result<Vec<u
     }
 }
 
+/// How `cycles.until` ended a row: `known: energy_j ±1.2% < 2%`, or
+/// `cycles.max: energy_j ±4.0% ≥ 2%`.
+fn cycles_ended(ended: &CyclesEnded) -> String {
+    let target = number(ended.ci_below * 100.0);
+    let interval = ended.ci_relative.map_or_else(
+        || "no interval".to_string(),
+        |ci| format!("±{}%", number(ci * 100.0)),
+    );
+    if ended.known {
+        format!("known: {} {interval} < {target}%", ended.metric)
+    } else {
+        format!("cycles.max: {} {interval}, target {target}%", ended.metric)
+    }
+}
+
 /// A spread that one value does not have: `n/a` rather than a 0 that would
 /// read as certainty.
 fn spread(value: Option<f64>) -> String {
@@ -300,6 +316,9 @@ pub fn results_table(results: &CampaignResults) -> String {
         }
         if row.runs_without_energy > 0 {
             lacking.push(format!("{} without energy", row.runs_without_energy));
+        }
+        if let Some(ended) = &row.cycles_ended {
+            lacking.push(cycles_ended(ended));
         }
         if !lacking.is_empty() {
             cells[2] = format!("{} ({})", row.succeeded, lacking.join(", "));
@@ -387,10 +406,17 @@ fn results_json(results: &CampaignResults) -> String {
                     (m.name.clone(), summary)
                 })
                 .collect();
+            let cycles_ended = row.cycles_ended.as_ref().map(|ended| {
+                serde_json::json!({
+                    "known": ended.known, "runs": ended.runs, "metric": ended.metric,
+                    "ci_relative": ended.ci_relative, "ci_below": ended.ci_below,
+                })
+            });
             serde_json::json!({
                 "config": row.config, "params": row.params, "backend": row.backend,
                 "succeeded": row.succeeded, "failed": row.failed,
                 "runs_without_energy": row.runs_without_energy, "metrics": metrics,
+                "cycles_ended": cycles_ended,
             })
         })
         .collect();
@@ -586,6 +612,14 @@ mod tests {
                     backend: "b".into(),
                     succeeded: 3,
                     metrics: vec![metric("tps", 20.0)],
+                    cycles_ended: Some(CyclesEnded {
+                        known: true,
+                        runs: 3,
+                        metric: "tps".into(),
+                        ci_relative: Some(0.0075),
+                        ci_below: 0.02,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
             ],
@@ -593,6 +627,12 @@ mod tests {
         let table = results_table(&results);
         assert_eq!(table.lines().count(), 4, "{table}");
         assert!(table.contains("10.00 ± 1.500"), "{table}");
+        assert!(
+            table.contains("3 (known: tps ±0.7500% < 2.000%)"),
+            "{table}"
+        );
+        let json = results_json(&results);
+        assert!(json.contains("\"known\": true"), "{json}");
         let csv = String::from_utf8(results_csv(&results).unwrap()).unwrap();
         assert!(csv.contains("\"c\",\"b\",\"tps\",\"3\",\"20\","), "{csv}");
     }

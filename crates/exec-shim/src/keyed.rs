@@ -22,8 +22,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::journal::Journal;
-use crate::protocol::{self, ACCEPTED, EXIT, MAX_FRAME_BYTES, Request, STDERR, STDOUT};
-use crate::{Duplex, Watched, send_to};
+use crate::protocol::{self, ACCEPTED, EXIT, Request, STDERR, STDOUT};
+use crate::{Duplex, MAX_PAYLOAD, Watched, send_to};
 
 /// Output bytes kept per keyed exec; older output is dropped, and an
 /// attacher told how much.
@@ -190,7 +190,7 @@ impl KeptExec {
     ) -> std::thread::JoinHandle<()> {
         let exec = Arc::clone(self);
         std::thread::spawn(move || {
-            let mut buffer = vec![0; MAX_FRAME_BYTES];
+            let mut buffer = vec![0; MAX_PAYLOAD];
             loop {
                 match pipe.read(&mut buffer) {
                     Ok(0) | Err(_) => return,
@@ -253,8 +253,8 @@ impl KeptExec {
 /// kept output (after a note of what was dropped), the rest live, then the
 /// exit frame. Returns when the exit was sent and the agent went on (or
 /// went away), or when the agent went away first, leaving the command
-/// running, or cancelled it.
-pub(crate) fn serve(port: &File, exec: &Arc<KeptExec>) -> io::Result<()> {
+/// running, or cancelled it; how the connection ended.
+pub(crate) fn serve(port: &File, exec: &Arc<KeptExec>) -> io::Result<Watched> {
     send_to(port, ACCEPTED, &[])?;
     exec.update(|output| output.detached_since = None);
     let finished = Arc::new(AtomicBool::new(false));
@@ -275,6 +275,7 @@ pub(crate) fn serve(port: &File, exec: &Arc<KeptExec>) -> io::Result<()> {
                 gone.store(true, Ordering::SeqCst);
                 exec.update(|_| {});
             }
+            watched
         })
     };
     let streamed = stream(port, exec, &gone, &finished);
@@ -283,8 +284,8 @@ pub(crate) fn serve(port: &File, exec: &Arc<KeptExec>) -> io::Result<()> {
         // agent's next connection. The command runs on, for its grace.
         exec.update(|output| output.detached_since = Some(Instant::now()));
     }
-    let _ = watcher.join();
-    streamed.map(drop)
+    let watched = watcher.join().unwrap_or(Watched::HungUp);
+    streamed.map(|_| watched)
 }
 
 /// Sends `exec`'s output and exit over `port` until `gone`; true once the

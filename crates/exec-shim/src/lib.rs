@@ -321,7 +321,7 @@ mod journal;
 mod keyed;
 
 use journal::Journal;
-use protocol::{ACCEPTED, EXIT, MAX_FRAME_BYTES, Message, Request, STDERR, STDOUT};
+use protocol::{ACCEPTED, EXIT, Message, Request, STDERR, STDOUT};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a shim on a serial port looks again for an agent while none is
@@ -376,10 +376,19 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
         .open(port)?;
     let journal = Journal::spawn();
     let mut kept = keyed::Kept::default();
+    // A request's first byte the last exec's watcher read.
+    let mut begun = None;
     loop {
         // Nobody connected: reads end at once. Wait for a request's first byte.
         let mut first = [0; 1];
-        match (&file).read(&mut first) {
+        let read = match begun.take() {
+            Some(byte) => {
+                first[0] = byte;
+                Ok(1)
+            }
+            None => (&file).read(&mut first),
+        };
+        match read {
             Ok(0) => {
                 std::thread::sleep(SERIAL_IDLE_POLL);
                 continue;
@@ -405,14 +414,11 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
                 continue;
             }
         };
+        // Each ends once its connection did (after the exit frame, when the
+        // agent disconnects), and the next request is read after that.
         let served = match message {
-            // The exit frame is sent; the watcher ends when the agent
-            // disconnects, and the next request is read after that.
-            Message::Exec(request) => {
-                execute(file.try_clone()?, request, Some(&journal)).map(|watcher| {
-                    let _ = watcher.join();
-                })
-            }
+            Message::Exec(request) => execute(file.try_clone()?, request, Some(&journal))
+                .map(|watcher| watcher.join().unwrap_or(Watched::HungUp)),
             Message::Keyed {
                 key,
                 request,
@@ -424,12 +430,16 @@ pub fn serve_serial(port: &Path) -> io::Result<()> {
             }
             Message::Attach { key } => match kept.find(&key) {
                 Some(exec) => keyed::serve(&file, &exec),
-                None => send_to(&file, protocol::UNKNOWN_KEY, &[]),
+                None => send_to(&file, protocol::UNKNOWN_KEY, &[]).map(|()| Watched::Finished),
             },
         };
-        if let Err(error) = served {
-            eprintln!("berth-exec-shim: exec: {error}");
-            drain_until_closed(&file);
+        match served {
+            Ok(Watched::Begun(byte)) => begun = Some(byte),
+            Ok(_) => {}
+            Err(error) => {
+                eprintln!("berth-exec-shim: exec: {error}");
+                drain_until_closed(&file);
+            }
         }
     }
 }
@@ -475,6 +485,10 @@ enum Watched {
     HungUp,
     /// It sent something before the command finished: a cancel.
     Cancelled,
+    /// The next connection's request began (its first byte, read here):
+    /// this one went away, whether its hang-up showed yet or not (serial
+    /// ports only).
+    Begun(u8),
 }
 
 /// A two-way byte stream an exec runs over: a unix socket or a serial port.
@@ -507,22 +521,23 @@ impl Duplex for std::fs::File {
         self.try_clone()
     }
 
-    /// On a virtio-serial port, poll without reading: the host side closing
-    /// shows as POLLHUP, and bytes that come after the exit frame are the
-    /// next request, left for the next read (as is a [`protocol::CANCEL`],
-    /// which the next read skips). The port's open and close messages
-    /// travel apart from its data, so a hang-up seen before the command
-    /// finished counts only when it lasts (a new connection's data can come
-    /// before its open message).
+    /// On a virtio-serial port, the host side closing shows as POLLHUP
+    /// (with POLLIN: a read then ends at once). Bytes that come after the
+    /// exit frame are the next request, left for the next read (as is a
+    /// late [`protocol::CANCEL`], which the next read skips). Before it, a
+    /// byte is read: a cancel, or, after a hang-up, the next connection's
+    /// first byte. The port's open and close messages travel apart from its
+    /// data, so a cancel may come with the hang-up, and a hang-up seen
+    /// before the command finished counts only when it lasts (a new
+    /// connection's data can come before its open message).
     fn watch(&mut self, finished: &AtomicBool) -> Watched {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
-        let ended = |before: Watched| {
-            if finished.load(Ordering::SeqCst) {
-                Watched::Finished
-            } else {
-                before
-            }
+        let ended = |before: Watched| match before {
+            // Read: it must reach the next request's decoding.
+            Watched::Begun(_) => before,
+            _ if finished.load(Ordering::SeqCst) => Watched::Finished,
+            _ => before,
         };
         let mut hang_ups = 0;
         loop {
@@ -540,15 +555,24 @@ impl Duplex for std::fs::File {
             }
             let events = fds[0].revents().unwrap_or(PollFlags::empty());
             let done = finished.load(Ordering::SeqCst);
-            if events.contains(PollFlags::POLLHUP) {
+            let hung_up = events.contains(PollFlags::POLLHUP);
+            if !done && events.contains(PollFlags::POLLIN) {
+                let mut byte = [0; 1];
+                match self.read(&mut byte) {
+                    Ok(1) if byte[0] == protocol::CANCEL => return ended(Watched::Cancelled),
+                    // A request: this exec's agent went away (its hang-up
+                    // may show later), e.g. one that gave up waiting for a
+                    // guest still booting, whose request was read late.
+                    Ok(1) => return ended(Watched::Begun(byte[0])),
+                    _ => {}
+                }
+            }
+            if hung_up {
                 hang_ups += 1;
                 if done || hang_ups >= 3 {
                     return ended(Watched::HungUp);
                 }
                 std::thread::sleep(Duration::from_millis(10));
-            } else if events.contains(PollFlags::POLLIN) {
-                // Mid-command, the agent only sends to cancel.
-                return ended(Watched::Cancelled);
             } else {
                 hang_ups = 0;
             }
@@ -563,9 +587,17 @@ fn send<S: Write>(writer: &Writer<S>, tag: u8, payload: &[u8]) -> io::Result<()>
     send_to(&mut *stream, tag, payload)
 }
 
+/// Largest payload the shim puts in a frame. A frame goes in one write,
+/// which a virtio-serial port takes whole (its guest driver takes up to 32
+/// KiB a write, else blocks while the host side is closed): a frame never
+/// starts on one connection and ends on the next.
+const MAX_PAYLOAD: usize = (32 << 10) - 5;
+
 fn send_to(mut stream: impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
-    stream.write_all(&protocol::header(tag, payload.len()))?;
-    stream.write_all(payload)?;
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.extend(protocol::header(tag, payload.len()));
+    frame.extend(payload);
+    stream.write_all(&frame)?;
     stream.flush()
 }
 
@@ -618,14 +650,14 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 /// Runs one request over `connection` and sends its frames. Returns the
 /// thread watching the connection: it kills the command's process group
 /// when the connection closes (or the agent sends anything) before the
-/// command ended, and itself ends when the connection closes. On a serial
+/// command ended, and itself ends when the connection closes, saying how. On a serial
 /// port (`serial`, its journal) an [`ACCEPTED`] frame goes first, and the
 /// exec is journalled.
 fn execute<S: Duplex>(
     connection: S,
     request: Request,
     serial: Option<&Journal>,
-) -> io::Result<JoinHandle<()>> {
+) -> io::Result<JoinHandle<Watched>> {
     let writer: Writer<S> = Arc::new(Mutex::new(connection.duplicate()?));
     if serial.is_some() {
         send(&writer, ACCEPTED, &[])?;
@@ -644,7 +676,7 @@ fn execute<S: Duplex>(
             send(&writer, STDERR, why.as_bytes())?;
             send(&writer, EXIT, &code.to_be_bytes())?;
             return Ok(std::thread::spawn(move || {
-                closed.watch(&AtomicBool::new(true));
+                closed.watch(&AtomicBool::new(true))
             }));
         }
     };
@@ -655,10 +687,12 @@ fn execute<S: Duplex>(
     let watched = Arc::clone(&finished);
     let gone = Arc::clone(&cancelled);
     let watcher = std::thread::spawn(move || {
-        if closed.watch(&watched) != Watched::Finished {
+        let watched = closed.watch(&watched);
+        if watched != Watched::Finished {
             gone.store(true, Ordering::SeqCst);
             let _ = killpg(group, Signal::SIGKILL);
         }
+        watched
     });
     let pumps = [
         child
@@ -695,7 +729,7 @@ fn pump<S: Write + Send + 'static>(
     let writer = Arc::clone(writer);
     let cancelled = Arc::clone(cancelled);
     std::thread::spawn(move || {
-        let mut buffer = vec![0; MAX_FRAME_BYTES];
+        let mut buffer = vec![0; MAX_PAYLOAD];
         loop {
             match pipe.read(&mut buffer) {
                 Ok(0) | Err(_) => return,
@@ -715,7 +749,7 @@ fn pump<S: Write + Send + 'static>(
 mod tests {
     use std::time::Instant;
 
-    use protocol::FrameKind;
+    use protocol::{FrameKind, MAX_FRAME_BYTES};
 
     use super::*;
 

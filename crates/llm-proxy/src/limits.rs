@@ -143,6 +143,15 @@ impl MinuteWindow {
         Ok(())
     }
 
+    /// Requests and tokens counted in the last minute, as of `now`.
+    pub fn used(&self, now: Instant) -> (u64, u64) {
+        let mut slots = self.lock();
+        let (second, _) = slots.second(now);
+        slots.live(second).iter().fold((0, 0), |(r, t), s| {
+            (r.saturating_add(s.requests), t.saturating_add(s.tokens))
+        })
+    }
+
     /// Adds the tokens of a finished request to the current second.
     pub fn add_tokens(&self, now: Instant, tokens: u64) {
         let mut slots = self.lock();

@@ -124,6 +124,12 @@ pub enum Strategy {
     LeastBusy,
     /// Lowest recent time to first byte; deployments never measured first.
     LatencyBased,
+    /// Fewest tokens used in the last minute, then fewest requests
+    /// (LiteLLM's `usage-based-routing` and its `-v2`, which differ only in
+    /// where LiteLLM keeps the counts).
+    UsageBased,
+    /// Lowest `input_cost_per_token + output_cost_per_token`.
+    CostBased,
 }
 
 impl Strategy {
@@ -135,6 +141,8 @@ impl Strategy {
             "simple-shuffle" => Some(Self::SimpleShuffle),
             "least-busy" => Some(Self::LeastBusy),
             "latency-based-routing" | "lowest-latency" => Some(Self::LatencyBased),
+            "usage-based-routing" | "usage-based-routing-v2" => Some(Self::UsageBased),
+            "cost-based-routing" => Some(Self::CostBased),
             _ => None,
         }
     }
@@ -233,16 +241,13 @@ mod tests {
             ("least-busy", Strategy::LeastBusy),
             ("latency-based-routing", Strategy::LatencyBased),
             ("lowest-latency", Strategy::LatencyBased),
+            ("usage-based-routing", Strategy::UsageBased),
+            ("usage-based-routing-v2", Strategy::UsageBased),
+            ("cost-based-routing", Strategy::CostBased),
         ] {
             assert_eq!(Strategy::from_litellm(name), Some(strategy), "{name}");
         }
-        // Known to LiteLLM, not served here: reported, not guessed at.
-        for name in [
-            "usage-based-routing",
-            "usage-based-routing-v2",
-            "cost-based-routing",
-        ] {
-            assert_eq!(Strategy::from_litellm(name), None, "{name}");
-        }
+        // Not a LiteLLM strategy: reported, not guessed at.
+        assert_eq!(Strategy::from_litellm("round-robin"), None);
     }
 }

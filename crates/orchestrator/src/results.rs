@@ -22,12 +22,19 @@ use crate::store::MeasuredRuns;
 pub const DURATION_METRIC: &str = "duration_s";
 /// Energy of a run over all measured devices, in joules.
 pub const ENERGY_METRIC: &str = "energy_j";
+/// Energy of a run above the idle baseline, over all measured devices.
+pub const ENERGY_NET_METRIC: &str = "energy_net_j";
 /// Mean power of a run over all measured devices, in watts.
 pub const POWER_METRIC: &str = "mean_power_w";
 
 /// Name of the energy-per-unit-of-work metric, e.g. `joules_per_tokens`.
 pub fn joules_per_unit_metric(work_metric: &str) -> String {
     format!("joules_per_{work_metric}")
+}
+
+/// Name of the net energy-per-unit-of-work metric, e.g. `net_joules_per_tokens`.
+pub fn net_joules_per_unit_metric(work_metric: &str) -> String {
+    format!("net_joules_per_{work_metric}")
 }
 
 /// The run's wall time in seconds, once it has one.
@@ -46,6 +53,16 @@ pub fn energy_joules(run: &Run) -> Option<f64> {
     run.energy.iter().map(|e| e.energy_j).sum()
 }
 
+/// Energy of the run above its idle baseline over all measured devices,
+/// when every device has a net figure (a baseline was measured and the
+/// device gave readings); otherwise unknown, never a smaller sum.
+pub fn energy_net_joules(run: &Run) -> Option<f64> {
+    if run.energy.is_empty() {
+        return None;
+    }
+    run.energy.iter().map(|e| e.energy_net_j).sum()
+}
+
 /// A numeric top-level field of the run's result JSON.
 pub fn result_field(run: &Run, name: &str) -> Option<f64> {
     let fields: serde_json::Map<String, serde_json::Value> =
@@ -62,13 +79,18 @@ pub fn run_metric(run: &Run, name: &str) -> Option<f64> {
     }
 }
 
-/// A metric of a run by name, energy included: `energy_j`,
-/// `joules_per_<work_metric>`, else as [`run_metric`] reads it.
+/// A metric of a run by name, energy included: `energy_j`, `energy_net_j`,
+/// `joules_per_<work_metric>`, `net_joules_per_<work_metric>`, else as
+/// [`run_metric`] reads it.
 pub fn metric_value(run: &Run, name: &str, work_metric: &str) -> Option<f64> {
     if name == ENERGY_METRIC {
         energy_joules(run)
+    } else if name == ENERGY_NET_METRIC {
+        energy_net_joules(run)
     } else if name == joules_per_unit_metric(work_metric) {
         joules_per_unit(run, work_metric)
+    } else if name == net_joules_per_unit_metric(work_metric) {
+        net_joules_per_unit(run, work_metric)
     } else {
         run_metric(run, name)
     }
@@ -78,8 +100,18 @@ pub fn metric_value(run: &Run, name: &str, work_metric: &str) -> Option<f64> {
 /// result reports in `work_metric` (e.g. tokens); `None` without energy or
 /// without a positive count.
 pub fn joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
-    let work = result_field(run, work_metric).filter(|w| *w > 0.0 && w.is_finite())?;
-    Some(energy_joules(run)? / work)
+    Some(energy_joules(run)? / work_done(run, work_metric)?)
+}
+
+/// Net joules per unit of work: as [`joules_per_unit`], over the energy
+/// above the idle baseline.
+pub fn net_joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
+    Some(energy_net_joules(run)? / work_done(run, work_metric)?)
+}
+
+/// The positive count of work the run's result reports in `work_metric`.
+fn work_done(run: &Run, work_metric: &str) -> Option<f64> {
+    result_field(run, work_metric).filter(|w| *w > 0.0 && w.is_finite())
 }
 
 /// Sets the run's derived figures that travel with it (`energy_j`,
@@ -88,6 +120,8 @@ pub fn joules_per_unit(run: &Run, work_metric: &str) -> Option<f64> {
 pub fn with_derived(mut run: Run, work_metric: &str) -> Run {
     run.energy_j = energy_joules(&run);
     run.joules_per_unit = joules_per_unit(&run, work_metric);
+    run.energy_net_j = energy_net_joules(&run);
+    run.joules_per_unit_net = net_joules_per_unit(&run, work_metric);
     run
 }
 
@@ -127,6 +161,7 @@ impl ResultsLayout {
 /// names the `joules_per_<work_metric>` metric.
 pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec<ConfigResult> {
     let per_unit_metric = joules_per_unit_metric(work_metric);
+    let net_per_unit_metric = net_joules_per_unit_metric(work_metric);
     let measures_power = layout.measures_power;
     let mut rows = Vec::new();
     for config in &layout.configs {
@@ -166,11 +201,18 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                     None if measures_power => runs_without_energy += 1,
                     None => {}
                 }
-                if let Some(per_unit) = joules_per_unit(run, work_metric) {
-                    samples
-                        .entry(per_unit_metric.clone())
-                        .or_default()
-                        .push(per_unit);
+                let net = [
+                    (ENERGY_NET_METRIC, energy_net_joules(run)),
+                    (per_unit_metric.as_str(), joules_per_unit(run, work_metric)),
+                    (
+                        net_per_unit_metric.as_str(),
+                        net_joules_per_unit(run, work_metric),
+                    ),
+                ];
+                for (name, value) in net {
+                    if let Some(value) = value {
+                        samples.entry(name.to_string()).or_default().push(value);
+                    }
                 }
                 if let Ok(serde_json::Value::Object(fields)) =
                     serde_json::from_str(&run.result_json)
@@ -187,7 +229,9 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
             }
             metric_order.extend([
                 ENERGY_METRIC.to_string(),
+                ENERGY_NET_METRIC.to_string(),
                 per_unit_metric.clone(),
+                net_per_unit_metric.clone(),
                 POWER_METRIC.to_string(),
                 DURATION_METRIC.to_string(),
             ]);
@@ -394,6 +438,53 @@ mod tests {
             .expect("joules_per_items aggregated");
         assert_eq!(per_unit.n, 2);
         assert!((per_unit.mean - 0.6).abs() < 1e-12, "{per_unit:?}");
+    }
+
+    #[test]
+    fn net_energy_is_aggregated_beside_gross_where_every_device_has_it() {
+        use berth_proto::orchestrator::v1::RunEnergy;
+        let layout = layout(true);
+        let device = |gross: f64, net: Option<f64>| RunEnergy {
+            energy_j: Some(gross),
+            energy_net_j: net,
+            ..Default::default()
+        };
+        let run = |energy: Vec<RunEnergy>| Run {
+            config: "x".into(),
+            backend: "b".into(),
+            state: RunState::Succeeded as i32,
+            result_json: "{\"tokens\": 10}".into(),
+            energy,
+            ..Default::default()
+        };
+        // 30 J + 10 J gross, 20 J + 4 J above the baseline, over 10 tokens.
+        let both = run(vec![device(30.0, Some(20.0)), device(10.0, Some(4.0))]);
+        let derived = with_derived(both.clone(), "tokens");
+        assert_eq!(
+            (derived.energy_net_j, derived.joules_per_unit_net),
+            (Some(24.0), Some(2.4))
+        );
+        // A device without a net figure leaves the run's net energy unknown.
+        let partly = run(vec![device(30.0, Some(20.0)), device(10.0, None)]);
+        assert_eq!(energy_net_joules(&partly), None);
+        assert_eq!(
+            metric_value(&both, "net_joules_per_tokens", "tokens"),
+            Some(2.4)
+        );
+        let rows = aggregate(&layout, "tokens", &[both, partly]);
+        let metric = |name: &str| rows[0].metrics.iter().find(|m| m.name == name).cloned();
+        assert_eq!(metric("energy_j").unwrap().n, 2);
+        let net = metric("energy_net_j").unwrap();
+        assert_eq!((net.n, net.mean), (1, 24.0));
+        assert_eq!(metric("net_joules_per_tokens").unwrap().mean, 2.4);
+        // Without any baseline there is no net metric at all, not 0 J.
+        let gross_only = aggregate(&layout, "tokens", &[run(vec![device(5.0, None)])]);
+        assert!(
+            gross_only[0]
+                .metrics
+                .iter()
+                .all(|m| m.name != "energy_net_j")
+        );
     }
 
     #[test]

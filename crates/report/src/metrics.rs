@@ -1,7 +1,8 @@
 //! Each run's metrics as the report and `berth compare` see them, from what
 //! ListRuns returns (never the orchestrator's internals): the numeric fields
 //! of its result JSON, its wall time, its energy and joules per unit of work
-//! as the orchestrator derived them, and its throughput (units of work per
+//! (gross, and net of the idle baseline where one was measured) as the
+//! orchestrator derived them, and its throughput (units of work per
 //! second). Values are gathered per (configuration, backend) over the
 //! measured runs: succeeded, not warmup.
 
@@ -11,6 +12,7 @@ use berth_proto::orchestrator::v1::{Run, RunState};
 
 pub const DURATION: &str = "duration_s";
 pub const ENERGY: &str = "energy_j";
+pub const ENERGY_NET: &str = "energy_net_j";
 
 pub fn seconds(duration: &prost_types::Duration) -> f64 {
     duration.seconds as f64 + f64::from(duration.nanos) / 1e9
@@ -23,6 +25,11 @@ pub fn duration_seconds(run: &Run) -> Option<f64> {
 /// The metric naming joules per unit of the campaign's work metric.
 pub fn joules_per_unit(work_metric: &str) -> String {
     format!("joules_per_{work_metric}")
+}
+
+/// The metric naming net joules (above the idle baseline) per unit of work.
+pub fn net_joules_per_unit(work_metric: &str) -> String {
+    format!("net_joules_per_{work_metric}")
 }
 
 /// The metric naming units of the campaign's work metric per second.
@@ -56,9 +63,14 @@ pub fn run_metrics(run: &Run, work_metric: &str) -> Vec<(String, f64)> {
     }
     metrics.extend(duration.map(|d| (DURATION.to_string(), d)));
     metrics.extend(run.energy_j.map(|e| (ENERGY.to_string(), e)));
+    metrics.extend(run.energy_net_j.map(|e| (ENERGY_NET.to_string(), e)));
     metrics.extend(
         run.joules_per_unit
             .map(|j| (joules_per_unit(work_metric), j)),
+    );
+    metrics.extend(
+        run.joules_per_unit_net
+            .map(|j| (net_joules_per_unit(work_metric), j)),
     );
     metrics
 }
@@ -155,6 +167,8 @@ mod tests {
             }),
             energy_j: Some(50.0),
             joules_per_unit: Some(0.5),
+            energy_net_j: Some(30.0),
+            joules_per_unit_net: Some(0.3),
             ..Default::default()
         }
     }
@@ -178,7 +192,9 @@ mod tests {
                 "tokens_per_s",
                 "duration_s",
                 "energy_j",
-                "joules_per_tokens"
+                "energy_net_j",
+                "joules_per_tokens",
+                "net_joules_per_tokens"
             ]
         );
         assert_eq!(metrics[1].1, 50.0);

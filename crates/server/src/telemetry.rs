@@ -34,10 +34,20 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber: `RUST_LOG` filter (default `info`), text
-/// or JSON lines on stderr, and an OTLP layer when `otlp_endpoint` is set.
+/// The log filter when `RUST_LOG` is unset: INFO, without the per-call
+/// spans of [`crate::trace_context::ServerSpan`], which are INFO for the
+/// exporter's sake; in the log they would only prefix each line of a call
+/// (a `RUST_LOG` that enables INFO for them shows them); with no exporter
+/// either, a span no layer wants is never built, so serving a call costs
+/// what it did untraced.
+const DEFAULT_LOG_FILTER: &str = "info,berth_server::trace_context=warn";
+
+/// Installs the global subscriber: `RUST_LOG` filter (default
+/// [`DEFAULT_LOG_FILTER`]), text or JSON lines on stderr, and an OTLP layer
+/// when `otlp_endpoint` is set.
 pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGuard, String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match config.log_format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),

@@ -114,7 +114,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::settings::Strategy;
+    use crate::settings::{ProviderKind, Strategy};
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<LiteLlmConfig, LiteLlmConfigError> {
         let env: BTreeMap<String, String> = env
@@ -198,7 +198,7 @@ model_list:
     litellm_params: {model: ollama/llama3, max_retries: 3, api_version: "1"}
     model_info: {mode: chat}
     tpm: 5
-router_settings: {routing_strategy: usage-based-routing-v2, redis_host: localhost}
+router_settings: {routing_strategy: round-robin, redis_host: localhost}
 litellm_settings: {set_verbose: true, success_callback: ["langfuse"]}
 general_settings: {database_url: "postgres://x"}
 callbacks: []
@@ -221,7 +221,7 @@ callbacks: []
                 "model_list[0].model_info.mode",
                 "model_list[0].tpm",
                 "router_settings.redis_host",
-                "router_settings.routing_strategy=usage-based-routing-v2 (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)",
+                "router_settings.routing_strategy=round-robin (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency, usage-based-routing(-v2), cost-based-routing)",
             ]
         );
     }
@@ -330,6 +330,70 @@ callbacks: []
             "{:?}",
             unset_key.warnings
         );
+    }
+
+    /// Every string field read of `litellm_params` and `cache_params` goes
+    /// through the environment, as LiteLLM's `get_secret` loops do;
+    /// `model_info` does not.
+    #[test]
+    fn os_environ_in_every_string_litellm_resolves() {
+        let config = parse(
+            r#"
+model_list:
+  - model_name: m
+    litellm_params:
+      model: os.environ/MODEL
+      custom_llm_provider: os.environ/PROVIDER
+      base_url: os.environ/BASE
+      api_key: os.environ/KEY
+    model_info: {id: os.environ/NOT_RESOLVED}
+litellm_settings: {cache: true, cache_params: {type: os.environ/CACHE_TYPE}}
+general_settings: {master_key: os.environ/MASTER}
+"#,
+            &[
+                ("MODEL", "smollm2"),
+                ("PROVIDER", "hosted_vllm"),
+                ("BASE", "http://10.0.0.3:8000/v1"),
+                ("KEY", "sk-up"),
+                ("CACHE_TYPE", "redis"),
+                ("MASTER", "sk-m"),
+            ],
+        )
+        .unwrap();
+        let d = &config.deployments[0];
+        assert_eq!(
+            (d.provider, d.upstream_model.as_str(), d.base_url.as_str()),
+            (ProviderKind::OpenAi, "smollm2", "http://10.0.0.3:8000/v1")
+        );
+        assert_eq!(d.api_key.as_ref().map(Secret::expose), Some("sk-up"));
+        assert_eq!(d.id, "os.environ/NOT_RESOLVED");
+        assert_eq!(config.master_key, Some(Secret::new("sk-m")));
+        assert!(
+            config.warnings.iter().any(|w| w.contains("type `redis`")),
+            "{:?}",
+            config.warnings
+        );
+        for (yaml, field) in [
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/x, api_base: os.environ/NOPE}\n",
+                "model_list[0]: litellm_params.api_base: environment variable NOPE is not set",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: x, custom_llm_provider: os.environ/NOPE}\n",
+                "model_list[0]: litellm_params.custom_llm_provider: environment variable NOPE is not set",
+            ),
+            (
+                "litellm_settings: {cache: true, cache_params: {type: os.environ/NOPE}}\n",
+                "litellm_settings.cache_params.type: environment variable NOPE is not set",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/x, input_cost_per_token: -1}\n",
+                "litellm_params.input_cost_per_token must be a number of USD, 0 or more, got -1",
+            ),
+        ] {
+            let error = parse(yaml, &[]).unwrap_err().to_string();
+            assert!(error.contains(field), "{error}");
+        }
     }
 
     #[test]

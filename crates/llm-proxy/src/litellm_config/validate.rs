@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::env::resolve;
 use super::raw::{
-    RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings,
-    collect_unknown, section,
+    RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawParams, RawRoot,
+    RawRouterSettings, collect_unknown, section,
 };
 use super::types::{CacheSettings, DeploymentConfig, LiteLlmConfig, Secret};
 use crate::settings::{ProviderKind, RouterSettings, Strategy};
@@ -41,6 +41,7 @@ pub(super) fn config(
     let cache = cache(
         settings.cache,
         settings.cache_params.take(),
+        &lookup,
         &mut unsupported,
         &mut warnings,
     )?;
@@ -95,7 +96,7 @@ fn router(
         match Strategy::from_litellm(name) {
             Some(strategy) => router.strategy = strategy,
             None => unsupported.push(format!(
-                "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency)"
+                "router_settings.routing_strategy={name} (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency, usage-based-routing(-v2), cost-based-routing)"
             )),
         }
     }
@@ -158,11 +159,16 @@ fn deployment(
             .map_err(|var| format!("litellm_params.{field}: environment variable {var} is not set"))
     };
     let model = required("model", &params.model)?;
+    let custom_provider = params
+        .custom_llm_provider
+        .map(|p| required("custom_llm_provider", &p))
+        .transpose()?;
     let (provider, upstream_model, default_base) =
-        ProviderKind::from_litellm(&model, params.custom_llm_provider.as_deref())?;
-    let api_base = match params.api_base.or(params.base_url) {
-        Some(base) => required("api_base", &base)?,
-        None => default_base
+        ProviderKind::from_litellm(&model, custom_provider.as_deref())?;
+    let api_base = match (params.api_base, params.base_url) {
+        (Some(base), _) => required("api_base", &base)?,
+        (None, Some(base)) => required("base_url", &base)?,
+        (None, None) => default_base
             .ok_or_else(|| format!("litellm_params.api_base is required for `{model}`"))?
             .to_string(),
     };
@@ -202,6 +208,30 @@ fn deployment(
             "litellm_params.weight must be positive, got {weight}"
         ));
     }
+    let cost = |field: &str, params: Option<f64>, info: Option<f64>| {
+        let value = params.or(info).unwrap_or(0.0);
+        if value.is_finite() && value >= 0.0 {
+            return Ok(value);
+        }
+        let section = if params.is_some() {
+            "litellm_params"
+        } else {
+            "model_info"
+        };
+        Err(format!(
+            "{section}.{field} must be a number of USD, 0 or more, got {value}"
+        ))
+    };
+    let input_cost_per_token = cost(
+        "input_cost_per_token",
+        params.input_cost_per_token,
+        info.input_cost_per_token,
+    )?;
+    let output_cost_per_token = cost(
+        "output_cost_per_token",
+        params.output_cost_per_token,
+        info.output_cost_per_token,
+    )?;
     Ok(DeploymentConfig {
         id: info
             .id
@@ -216,14 +246,8 @@ fn deployment(
         weight,
         timeout,
         stream_timeout,
-        input_cost_per_token: params
-            .input_cost_per_token
-            .or(info.input_cost_per_token)
-            .unwrap_or(0.0),
-        output_cost_per_token: params
-            .output_cost_per_token
-            .or(info.output_cost_per_token)
-            .unwrap_or(0.0),
+        input_cost_per_token,
+        output_cost_per_token,
         drop_params: params.additional_drop_params.unwrap_or_default(),
     })
 }
@@ -244,6 +268,7 @@ fn base_url(provider: ProviderKind, api_base: &str) -> String {
 fn cache(
     on: Option<bool>,
     params: Option<RawCacheParams>,
+    lookup: &dyn Fn(&str) -> Option<String>,
     unsupported: &mut Vec<String>,
     warnings: &mut Vec<String>,
 ) -> Result<Option<CacheSettings>, String> {
@@ -252,7 +277,14 @@ fn cache(
     if on != Some(true) {
         return Ok(None);
     }
-    if let Some(kind) = params.kind.as_deref().filter(|k| *k != "local") {
+    let kind = params
+        .kind
+        .map(|kind| resolve(&kind, lookup))
+        .transpose()
+        .map_err(|var| {
+            format!("litellm_settings.cache_params.type: environment variable {var} is not set")
+        })?;
+    if let Some(kind) = kind.as_deref().filter(|k| *k != "local") {
         warnings.push(format!(
             "litellm_settings.cache_params.type `{kind}` is not supported: answers are cached in this proxy's memory (type local)"
         ));

@@ -49,6 +49,11 @@ impl Deployment {
         self.latency_micros.load(Ordering::Relaxed)
     }
 
+    /// Requests and tokens in the last minute (for usage-based routing).
+    pub fn used(&self, now: Instant) -> (u64, u64) {
+        self.minute.used(now)
+    }
+
     /// Marks a request as in flight until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -313,6 +318,52 @@ pub(crate) mod tests {
         for _ in 0..20 {
             assert_eq!(router.pick("m", &[]).unwrap().config.id, a.config.id);
         }
+    }
+
+    #[test]
+    fn usage_based_prefers_fewest_tokens_then_fewest_requests() {
+        let router = router(
+            Strategy::UsageBased,
+            vec![deployment("m", "a"), deployment("m", "b")],
+        );
+        let [a, b] = [0, 1].map(|i| router.groups["m"][i].clone());
+        // Each pick counts a request: with no tokens yet, picks alternate.
+        let first = router.pick("m", &[]).unwrap();
+        let second = router.pick("m", &[]).unwrap();
+        assert_ne!(first.config.id, second.config.id);
+        a.record_tokens(500);
+        b.record_tokens(100);
+        for _ in 0..5 {
+            assert_eq!(router.pick("m", &[]).unwrap().config.id, "b");
+        }
+        // b has now taken 6 requests to a's 1, but fewer tokens still wins.
+        assert_eq!(b.used(Instant::now()), (6, 100));
+        b.record_tokens(1000);
+        assert_eq!(router.pick("m", &[]).unwrap().config.id, "a");
+    }
+
+    #[test]
+    fn cost_based_prefers_the_cheapest_per_token() {
+        let mut dear = deployment("m", "dear");
+        dear.input_cost_per_token = 0.000_01;
+        dear.output_cost_per_token = 0.000_03;
+        let mut cheap = deployment("m", "cheap");
+        // Dearer output, cheaper in sum: the sum decides, as in LiteLLM.
+        cheap.input_cost_per_token = 0.000_001;
+        cheap.output_cost_per_token = 0.000_035;
+        let mut cheap_twin = cheap.clone();
+        cheap_twin.id = "cheap-twin".into();
+        let router = router(Strategy::CostBased, vec![dear, cheap, cheap_twin]);
+        let picks: Vec<String> = (0..200)
+            .map(|_| router.pick("m", &[]).unwrap().config.id.clone())
+            .collect();
+        assert!(!picks.iter().any(|id| id == "dear"));
+        // Equal costs share the load.
+        let twin = picks.iter().filter(|id| *id == "cheap-twin").count();
+        assert!((50..150).contains(&twin), "{twin}");
+        // Once the cheap ones are tried, a retry goes to the dear one.
+        let tried = [router.groups["m"][1].clone(), router.groups["m"][2].clone()];
+        assert_eq!(router.pick("m", &tried).unwrap().config.id, "dear");
     }
 
     #[test]

@@ -685,7 +685,12 @@ fn contradictory_cycles_are_refused_at_their_line() {
         (
             with("cycles: {min: 3, max: 9, until: {metric: joules_per_items, ci_below: 2%}}")
                 + "power: {enabled: true}\n",
-            "energy per unit of work is `joules_per_tokens`",
+            "energy per unit of work is `joules_per_tokens` or `net_joules_per_tokens`",
+        ),
+        (
+            with("cycles: {min: 3, max: 9, until: {metric: energy_net_j, ci_below: 2%}}")
+                + "power: {enabled: true}\n",
+            "`energy_net_j` is above the idle baseline: it needs power.idle_baseline",
         ),
         (
             with("cycles: {min: 3, max: 9, until: {metric: ms, ci_below: 2%}, often: yes}"),
@@ -700,6 +705,10 @@ fn contradictory_cycles_are_refused_at_their_line() {
     let measured = with("cycles: {min: 3, max: 9, until: {metric: energy_j, ci_below: 2%}}")
         + "power: {enabled: true}\n";
     assert!(plan("t.yaml", &measured).is_ok());
+    let net =
+        with("cycles: {min: 3, max: 9, until: {metric: net_joules_per_tokens, ci_below: 2%}}")
+            + "power: {enabled: true, idle_baseline: 1s}\n";
+    assert!(plan("t.yaml", &net).is_ok());
 }
 
 #[test]

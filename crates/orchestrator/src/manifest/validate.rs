@@ -13,7 +13,9 @@ use super::types::{
     Manifest, Power, Resources, RuntimeName, StableWarmup, Warmup, WarmupPolicy,
 };
 use super::units::GpuCount;
-use crate::results::{ENERGY_METRIC, joules_per_unit_metric};
+use crate::results::{
+    ENERGY_METRIC, ENERGY_NET_METRIC, joules_per_unit_metric, net_joules_per_unit_metric,
+};
 
 /// Checks the manifest and returns its warmup policy.
 pub(super) fn check(
@@ -241,20 +243,32 @@ fn check_cycles_until(
         ));
     }
     check_metric_name(metric).map_err(|e| (&["until", "metric"][..], e))?;
-    let per_unit = joules_per_unit_metric(power.work_metric());
-    let energy = metric == ENERGY_METRIC || metric.starts_with("joules_per_");
+    let work = power.work_metric();
+    let per_unit = [
+        joules_per_unit_metric(work),
+        net_joules_per_unit_metric(work),
+    ];
+    let per_unit_named = metric.starts_with("joules_per_") || metric.starts_with("net_joules_per_");
+    let net = metric == ENERGY_NET_METRIC || metric.starts_with("net_joules_per_");
+    let energy = net || metric == ENERGY_METRIC || per_unit_named;
     if energy && !power.enabled {
         return Err((
             &["until", "metric"],
             format!("`{metric}` is measured only with power.enabled: true"),
         ));
     }
-    if metric.starts_with("joules_per_") && metric != per_unit {
+    if net && power.idle_baseline.is_none() {
+        return Err((
+            &["until", "metric"],
+            format!("`{metric}` is above the idle baseline: it needs power.idle_baseline"),
+        ));
+    }
+    if per_unit_named && !per_unit.iter().any(|m| m == metric) {
         return Err((
             &["until", "metric"],
             format!(
-                "`{metric}`: energy per unit of work is `{per_unit}` (power.work_metric is `{}`)",
-                power.work_metric()
+                "`{metric}`: energy per unit of work is `{}` or `{}` (power.work_metric is `{work}`)",
+                per_unit[0], per_unit[1]
             ),
         ));
     }

@@ -43,6 +43,8 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         // Derived where runs leave the service (`results::with_derived`).
         energy_j: None,
         joules_per_unit: None,
+        energy_net_j: None,
+        joules_per_unit_net: None,
     })
 }
 
