@@ -9,7 +9,8 @@
 #     cloud-init does), prints
 #     `berth-guest-tick N` every 2 s (a console that keeps writing, for log
 #     tests), then waits (it runs berth-exec-shim on the virtio-serial port
-#     `dev.berth.shim` when --shim is given and the port exists; with
+#     `dev.berth.shim` when --shim is given and the port exists, its stderr,
+#     the journal of the execs it runs, on the console; with
 #     --guest-agent, Debian's qemu-ga (qemu-guest-agent) with the shared
 #     libraries it needs, on the port `org.qemu.guest_agent.0`: the exec
 #     fallback for images without the shim),
@@ -161,6 +162,7 @@ if [ -n "$qga_port" ] && [ -x /sbin/qemu-ga ]; then
 fi
 port=$(port_named dev.berth.shim)
 if [ -n "$port" ] && [ -x /sbin/berth-exec-shim ]; then
+  # Its stderr is the console (as this script's): its exec journal goes to the VM's Logs.
   echo "berth-guest: berth-exec-shim on $port"
   while :; do /sbin/berth-exec-shim --serial "$port"; sleep 1; done
 elif [ -x /sbin/berth-exec-shim ]; then

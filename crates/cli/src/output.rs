@@ -317,6 +317,13 @@ pub fn results_table(results: &CampaignResults) -> String {
         if row.runs_without_energy > 0 {
             lacking.push(format!("{} without energy", row.runs_without_energy));
         }
+        let mut flags: Vec<_> = row.quality_flags.iter().collect();
+        flags.sort();
+        lacking.extend(
+            flags
+                .into_iter()
+                .map(|(flag, runs)| format!("{runs} {flag}")),
+        );
         if let Some(ended) = &row.cycles_ended {
             lacking.push(cycles_ended(ended));
         }
@@ -416,7 +423,7 @@ fn results_json(results: &CampaignResults) -> String {
                 "config": row.config, "params": row.params, "backend": row.backend,
                 "succeeded": row.succeeded, "failed": row.failed,
                 "runs_without_energy": row.runs_without_energy, "metrics": metrics,
-                "cycles_ended": cycles_ended,
+                "cycles_ended": cycles_ended, "quality_flags": row.quality_flags,
             })
         })
         .collect();
@@ -612,6 +619,7 @@ mod tests {
                     backend: "b".into(),
                     succeeded: 3,
                     metrics: vec![metric("tps", 20.0)],
+                    quality_flags: [("short_window".to_string(), 2)].into(),
                     cycles_ended: Some(CyclesEnded {
                         known: true,
                         runs: 3,
@@ -628,7 +636,7 @@ mod tests {
         assert_eq!(table.lines().count(), 4, "{table}");
         assert!(table.contains("10.00 ± 1.500"), "{table}");
         assert!(
-            table.contains("3 (known: tps ±0.7500% < 2.000%)"),
+            table.contains("3 (2 short_window, known: tps ±0.7500% < 2.000%)"),
             "{table}"
         );
         let json = results_json(&results);

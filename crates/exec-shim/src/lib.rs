@@ -15,6 +15,12 @@
 //! left behind) or when the agent closes the connection before the exit
 //! frame (a cancel or a timeout).
 //!
+//! In a VM (`--serial PORT`, a virtio-serial port) the same requests are
+//! served, one connection at a time, and so are versioned messages
+//! ([`protocol::Message`]): keyed execs that outlive the agent's connection
+//! and attaches to them (`keyed.rs`). Each exec there is journalled on
+//! stderr, the guest's console (`journal.rs`).
+//!
 //! std and nix only, so that it builds as a small static binary that runs in
 //! any image.
 
@@ -556,7 +562,12 @@ impl Duplex for std::fs::File {
             let events = fds[0].revents().unwrap_or(PollFlags::empty());
             let done = finished.load(Ordering::SeqCst);
             let hung_up = events.contains(PollFlags::POLLHUP);
-            if !done && events.contains(PollFlags::POLLIN) {
+            if events.contains(PollFlags::POLLIN) {
+                if done {
+                    // The hang-up, or the next request (its hang-up and the
+                    // next open can both have passed unseen).
+                    return Watched::Finished;
+                }
                 let mut byte = [0; 1];
                 match self.read(&mut byte) {
                     Ok(1) if byte[0] == protocol::CANCEL => return ended(Watched::Cancelled),

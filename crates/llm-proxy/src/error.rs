@@ -46,6 +46,17 @@ pub enum ProxyError {
     RateLimited { what: String, retry_after: Duration },
     #[error("budget exceeded: spent ${spend:.6} of ${max_budget:.6}")]
     BudgetExceeded { spend: f64, max_budget: f64 },
+    /// The most a request can cost on a deployment (its prompt and
+    /// `max_tokens` at that deployment's prices) is more than is left of
+    /// the key's budget, so it is not sent there.
+    #[error(
+        "budget exceeded: this request may cost up to ${worst:.6} on {deployment}, more than the ${left:.6} left of the key's max_budget; ask for fewer max_tokens"
+    )]
+    BudgetTooSmall {
+        deployment: String,
+        worst: f64,
+        left: f64,
+    },
     #[error("no deployment of `{model}` is available (all cooling down after failures)")]
     NoDeployment {
         model: String,
@@ -115,9 +126,10 @@ impl ServiceError for ProxyError {
             }
             Self::MissingKey | Self::InvalidKey => ErrorCode::Unauthenticated,
             Self::NotMasterKey | Self::ModelNotAllowed(_) => ErrorCode::PermissionDenied,
-            Self::RateLimited { .. } | Self::BudgetExceeded { .. } | Self::NoDeployment { .. } => {
-                ErrorCode::ResourceExhausted
-            }
+            Self::RateLimited { .. }
+            | Self::BudgetExceeded { .. }
+            | Self::BudgetTooSmall { .. }
+            | Self::NoDeployment { .. } => ErrorCode::ResourceExhausted,
             Self::Upstream { status, .. } => code_of_status(*status),
             Self::Unreachable { .. } | Self::BadAnswer { .. } => ErrorCode::Unavailable,
             Self::Timeout { .. } => ErrorCode::Timeout,
@@ -148,6 +160,7 @@ impl ServiceError for ProxyError {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::RateLimited { .. } => "rate_limited",
             Self::BudgetExceeded { .. } => "budget_exceeded",
+            Self::BudgetTooSmall { .. } => "budget_too_small",
             Self::NoDeployment { .. } => "no_deployment",
             Self::UnsupportedParam { .. } => "unsupported_param",
             Self::Upstream { .. } => "upstream_error",
@@ -207,7 +220,7 @@ impl ProxyError {
             Self::MissingKey | Self::InvalidKey => "authentication_error",
             Self::NotMasterKey | Self::ModelNotAllowed(_) => "permission_error",
             Self::RateLimited { .. } | Self::NoDeployment { .. } => "rate_limit_error",
-            Self::BudgetExceeded { .. } => "budget_exceeded",
+            Self::BudgetExceeded { .. } | Self::BudgetTooSmall { .. } => "budget_exceeded",
             Self::Unreachable { .. }
             | Self::BadAnswer { .. }
             | Self::Timeout { .. }
@@ -243,6 +256,7 @@ impl ProxyError {
                     Self::UnknownModel(_) | Self::ModelNotAllowed(_) => Some("model"),
                     Self::InvalidField { field, .. } => Some(field.as_str()),
                     Self::UnknownPreviousResponse(_) => Some("previous_response_id"),
+                    Self::BudgetTooSmall { .. } => Some("max_tokens"),
                     _ => None,
                 },
                 "code": self.openai_code(),

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use crate::cache::{Cached, Policy, ResponseCache};
 use crate::error::ProxyError;
 use crate::keys::VirtualKey;
+use crate::litellm_config::DeploymentConfig;
 use crate::metrics::ProxyMetrics;
 use crate::providers::{self, Dialect, Endpoint};
 use crate::router::{Deployment, InFlight, Router};
@@ -149,7 +150,7 @@ impl Settle {
         &self.in_flight.deployment().config.id
     }
 
-    pub(crate) fn finish(self, usage: Option<Usage>, outcome: Outcome) {
+    pub(crate) fn finish(mut self, usage: Option<Usage>, outcome: Outcome) {
         let deployment = self.in_flight.deployment();
         if let Some(usage) = &usage {
             deployment.record_tokens(usage.total());
@@ -228,7 +229,7 @@ impl Gateway {
             return Err(ProxyError::UnknownModel(call.model));
         }
         let lease = key.map(|k| k.admit(&call.model)).transpose()?;
-        let meter = Meter::new(self.metrics.clone(), call.model.clone(), lease);
+        let mut meter = Meter::new(self.metrics.clone(), call.model.clone(), lease);
         // Looked up after the key's checks: a hit still counts against its
         // request limits, and spends nothing.
         let cache = self
@@ -253,10 +254,15 @@ impl Gateway {
         let store = cache.filter(|_| !call.cache.no_store);
         let settings = self.router.settings();
         let mut last_error = None;
+        // The prompt's size, measured once for the budget's worst case.
+        let mut prompt_bytes = None;
         for group in self.router.groups_for(&call.model) {
             let mut tried: Vec<Arc<Deployment>> = Vec::new();
+            // A retry after an upstream's failure backs off; one after a
+            // deployment the budget cannot afford goes on at once.
+            let mut backoff = false;
             for attempt in 0..=settings.num_retries {
-                if attempt > 0 {
+                if backoff {
                     tokio::time::sleep(settings.backoff(attempt)).await;
                 }
                 let deployment = match self.router.pick(group, &tried) {
@@ -267,6 +273,14 @@ impl Gateway {
                     }
                 };
                 tried.push(deployment.clone());
+                let worst = || worst_cost(&call, &deployment.config, &mut prompt_bytes);
+                if let Err(error) = meter.reserve(&deployment.config, worst) {
+                    tracing::debug!(deployment = %deployment.config.id, %error, "not sent: the key's budget");
+                    last_error = Some(error);
+                    backoff = false;
+                    continue;
+                }
+                backoff = true;
                 let in_flight = deployment.start();
                 match self.attempt(&deployment, &call, clock).await {
                     Ok(answer) => {
@@ -388,6 +402,36 @@ impl Gateway {
         clock.add(started.elapsed());
         answer
     }
+}
+
+/// The most `call` can cost on `deployment`: each byte of its body a prompt
+/// token (tokenizers take at least a byte a token; an image given by URL is
+/// the exception, counted by its URL's bytes) and `max_tokens` (or
+/// `max_completion_tokens`) tokens of answer at the deployment's prices.
+/// None, unbounded, when the answer has a price and no limit.
+fn worst_cost(
+    call: &Call,
+    deployment: &DeploymentConfig,
+    prompt_bytes: &mut Option<usize>,
+) -> Option<f64> {
+    let input = deployment.input_cost_per_token;
+    let output = deployment.output_cost_per_token;
+    let prompt = if input > 0.0 {
+        *prompt_bytes.get_or_insert_with(|| {
+            serde_json::to_vec(&call.body).map_or(usize::MAX, |body| body.len())
+        }) as f64
+            * input
+    } else {
+        0.0
+    };
+    if output <= 0.0 || call.endpoint == Endpoint::Embeddings {
+        return Some(prompt);
+    }
+    let max_tokens = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|field| call.body.get(*field)?.as_u64())
+        .min()?;
+    Some(prompt + max_tokens as f64 * output)
 }
 
 /// Failures another try may not have: the upstream's, not the request's.

@@ -5,8 +5,15 @@
 //! a slow one and keeps the lookup on every request cheap.
 //!
 //! The store is one JSON file (mode 0600), rewritten whole through a
-//! temporary file and a rename on change, and flushed periodically for spend.
-//! Without a path, keys live in memory only.
+//! temporary file and a rename on change, and periodically for spend; each
+//! charge in between is appended to the spend journal (`journal`) first, and
+//! replayed on open, so no recorded spend is lost to a crash. Without a
+//! path, keys live in memory only.
+//!
+//! A key's budget holds across retries and fallbacks: before each upstream
+//! attempt the request reserves its worst-case cost at that deployment's
+//! prices ([`KeyLease::reserve`]), and only what is neither spent nor
+//! reserved by other requests in flight is available to it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ProxyError;
+use crate::journal::Journal;
 use crate::limits::{Exceeded, MinuteWindow};
 use crate::usage::Usage;
 
@@ -60,6 +68,25 @@ struct StoredKey {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
     keys: Vec<StoredKey>,
+    /// The last spend journal entry this file includes.
+    #[serde(default)]
+    journal_seq: u64,
+}
+
+/// A key's spend, and what requests in flight have reserved of its budget.
+#[derive(Debug, Default)]
+struct Ledger {
+    spent: Spent,
+    /// USD.
+    reserved: f64,
+}
+
+/// What every key of a store shares: whether spend changed since the last
+/// write, and the journal charges go to first.
+#[derive(Debug, Default)]
+struct Shared {
+    dirty: AtomicBool,
+    journal: Option<Mutex<Journal>>,
 }
 
 #[derive(Debug)]
@@ -68,15 +95,19 @@ pub struct VirtualKey {
     pub spec: KeySpec,
     pub created_at: u64,
     hash: String,
-    spent: Mutex<Spent>,
+    ledger: Mutex<Ledger>,
     minute: MinuteWindow,
     in_flight: AtomicU64,
-    dirty: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl VirtualKey {
     pub fn spent(&self) -> Spent {
-        *self.spent.lock().unwrap_or_else(|e| e.into_inner())
+        self.ledger().spent
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the key may use `model` (and see it listed).
@@ -110,7 +141,10 @@ impl VirtualKey {
         } else {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
         }
-        let lease = KeyLease(self.clone());
+        let lease = KeyLease {
+            key: self.clone(),
+            reserved: 0.0,
+        };
         self.minute
             .admit(Instant::now(), limit(spec.rpm_limit), limit(spec.tpm_limit))
             .map_err(|e| {
@@ -131,28 +165,109 @@ impl VirtualKey {
     }
 }
 
-/// A request admitted for a key: counts as in flight until dropped.
+/// A request admitted for a key: counts as in flight until dropped, and
+/// holds what it reserved of the key's budget until charged or dropped.
 #[derive(Debug)]
-pub struct KeyLease(Arc<VirtualKey>);
+pub struct KeyLease {
+    key: Arc<VirtualKey>,
+    /// USD reserved for the attempt under way.
+    reserved: f64,
+}
 
 impl KeyLease {
-    pub fn charge(&self, usage: &Usage, cost: f64) {
-        let key = &self.0;
+    /// Reserves, for one upstream attempt on `deployment`, the most it can
+    /// cost: `worst()` (None: no bound, as when no `max_tokens` limits the
+    /// answer of a priced deployment; then all that is left of the budget,
+    /// so such requests of a key run one at a time). Refused when that does
+    /// not fit in the budget less what is spent and reserved by the key's
+    /// other requests in flight. A key without a budget reserves nothing.
+    pub fn reserve(
+        &mut self,
+        deployment: &str,
+        worst: impl FnOnce() -> Option<f64>,
+    ) -> Result<(), ProxyError> {
+        self.release();
+        let Some(max_budget) = self.key.spec.max_budget.filter(|b| *b > 0.0) else {
+            return Ok(());
+        };
+        let worst = worst();
+        let mut ledger = self.key.ledger();
+        let spend = ledger.spent.spend;
+        let left = max_budget - spend;
+        if left <= 0.0 {
+            return Err(ProxyError::BudgetExceeded { spend, max_budget });
+        }
+        if let Some(worst) = worst.filter(|w| *w > left) {
+            return Err(ProxyError::BudgetTooSmall {
+                deployment: deployment.to_string(),
+                worst,
+                left,
+            });
+        }
+        let free = left - ledger.reserved;
+        let take = worst.unwrap_or(free);
+        if take > free.max(0.0) || (worst.is_none() && free <= 0.0) {
+            return Err(ProxyError::RateLimited {
+                what: format!(
+                    "${:.6} of the key's max_budget ${max_budget:.6} is reserved by its requests in flight",
+                    ledger.reserved
+                ),
+                // A request in flight ends soon.
+                retry_after: std::time::Duration::from_secs(1),
+            });
+        }
+        ledger.reserved += take;
+        self.reserved = take;
+        Ok(())
+    }
+
+    /// Gives back the reservation of an attempt that failed.
+    pub fn release(&mut self) {
+        if self.reserved > 0.0 {
+            let mut ledger = self.key.ledger();
+            ledger.reserved = (ledger.reserved - std::mem::take(&mut self.reserved)).max(0.0);
+        }
+    }
+
+    /// Settles the request: its reservation is given back and `cost` spent,
+    /// written to the spend journal before the answer ends.
+    pub fn charge(&mut self, usage: &Usage, cost: f64) {
+        let key = &self.key;
         key.minute.add_tokens(Instant::now(), usage.total());
-        let mut spent = key.spent.lock().unwrap_or_else(|e| e.into_inner());
-        spent.spend += cost;
-        // Saturating, as the usage they add is the upstream's word.
-        spent.prompt_tokens = spent.prompt_tokens.saturating_add(usage.prompt_tokens);
-        spent.completion_tokens = spent
-            .completion_tokens
-            .saturating_add(usage.completion_tokens);
-        key.dirty.store(true, Ordering::Release);
+        let reserved = std::mem::take(&mut self.reserved);
+        // The journal's lock first, so that a snapshot of the store sees
+        // every charge either in the keys or after its journal_seq.
+        let mut journal = key
+            .shared
+            .journal
+            .as_ref()
+            .map(|j| j.lock().unwrap_or_else(|e| e.into_inner()));
+        {
+            let mut ledger = key.ledger();
+            ledger.reserved = (ledger.reserved - reserved).max(0.0);
+            let spent = &mut ledger.spent;
+            spent.spend += cost;
+            // Saturating, as the usage they add is the upstream's word.
+            spent.prompt_tokens = spent.prompt_tokens.saturating_add(usage.prompt_tokens);
+            spent.completion_tokens = spent
+                .completion_tokens
+                .saturating_add(usage.completion_tokens);
+        }
+        if let Some(journal) = journal.as_mut() {
+            if let Err(error) =
+                journal.append(&key.id, cost, usage.prompt_tokens, usage.completion_tokens)
+            {
+                tracing::error!(journal = %journal.path().display(), %error, key = %key.id, "appending to the spend journal; the spend is kept until the next write of the key store");
+            }
+        }
+        key.shared.dirty.store(true, Ordering::Release);
     }
 }
 
 impl Drop for KeyLease {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.release();
+        self.key.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -160,7 +275,7 @@ impl Drop for KeyLease {
 pub struct KeyStore {
     path: Option<PathBuf>,
     by_hash: RwLock<HashMap<String, Arc<VirtualKey>>>,
-    dirty: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     /// Serialises writers of the file.
     write: Mutex<()>,
 }
@@ -175,41 +290,72 @@ fn store_error(path: &Path, e: impl std::fmt::Display) -> ProxyError {
 }
 
 impl KeyStore {
-    /// Opens the store at `path` (created on first write), or an in-memory one.
+    /// Opens the store at `path` (created on first write), or an in-memory
+    /// one, and replays the spend journal's charges the file lacks.
     pub fn open(path: Option<PathBuf>) -> Result<Self, ProxyError> {
-        let dirty = Arc::new(AtomicBool::new(false));
         let mut by_hash = HashMap::new();
+        let mut journal = path.as_deref().map(Journal::beside);
+        let mut stored = StoreFile::default();
         if let Some(path) = &path {
             match std::fs::read(path) {
                 Ok(bytes) => {
-                    let file: StoreFile =
-                        serde_json::from_slice(&bytes).map_err(|e| store_error(path, e))?;
-                    for stored in file.keys {
-                        by_hash.insert(stored.hash.clone(), Arc::new(Self::entry(stored, &dirty)));
-                    }
+                    stored = serde_json::from_slice(&bytes).map_err(|e| store_error(path, e))?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(store_error(path, e)),
             }
         }
+        let mut replayed = 0;
+        if let Some(journal) = &mut journal {
+            let entries = journal
+                .replay()
+                .map_err(|e| store_error(journal.path(), e))?;
+            for entry in entries.into_iter().filter(|e| e.seq > stored.journal_seq) {
+                // A charge to a key deleted since is dropped with it.
+                if let Some(key) = stored.keys.iter_mut().find(|k| k.id == entry.id) {
+                    key.spent.spend += entry.spend;
+                    key.spent.prompt_tokens =
+                        key.spent.prompt_tokens.saturating_add(entry.prompt_tokens);
+                    key.spent.completion_tokens = key
+                        .spent
+                        .completion_tokens
+                        .saturating_add(entry.completion_tokens);
+                    replayed += 1;
+                }
+            }
+            journal.seq = journal.seq.max(stored.journal_seq);
+        }
+        let shared = Arc::new(Shared {
+            dirty: AtomicBool::new(replayed > 0),
+            journal: journal.map(Mutex::new),
+        });
+        if replayed > 0 {
+            tracing::info!(charges = replayed, "spend replayed from the journal");
+        }
+        for key in stored.keys {
+            by_hash.insert(key.hash.clone(), Arc::new(Self::entry(key, &shared)));
+        }
         Ok(Self {
             path,
             by_hash: RwLock::new(by_hash),
-            dirty,
+            shared,
             write: Mutex::new(()),
         })
     }
 
-    fn entry(stored: StoredKey, dirty: &Arc<AtomicBool>) -> VirtualKey {
+    fn entry(stored: StoredKey, shared: &Arc<Shared>) -> VirtualKey {
         VirtualKey {
             id: stored.id,
             spec: stored.spec,
             created_at: stored.created_at,
             hash: stored.hash,
-            spent: Mutex::new(stored.spent),
+            ledger: Mutex::new(Ledger {
+                spent: stored.spent,
+                reserved: 0.0,
+            }),
             minute: MinuteWindow::default(),
             in_flight: AtomicU64::new(0),
-            dirty: dirty.clone(),
+            shared: shared.clone(),
         }
     }
 
@@ -239,7 +385,7 @@ impl KeyStore {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let key = Arc::new(Self::entry(stored, &self.dirty));
+        let key = Arc::new(Self::entry(stored, &self.shared));
         self.by_hash
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -285,8 +431,10 @@ impl KeyStore {
 
     /// Writes the store if spend changed since the last write.
     pub fn flush(&self) -> Result<(), ProxyError> {
-        if self.dirty.load(Ordering::Acquire) {
+        if self.shared.dirty.load(Ordering::Acquire) {
+            // Written again at the next flush if this one failed.
             self.save()
+                .inspect_err(|_| self.shared.dirty.store(true, Ordering::Release))
         } else {
             Ok(())
         }
@@ -297,20 +445,40 @@ impl KeyStore {
             return Ok(());
         };
         let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        self.dirty.store(false, Ordering::Release);
-        let keys = self
-            .list()
-            .iter()
-            .map(|key| StoredKey {
-                id: key.id.clone(),
-                hash: key.hash.clone(),
-                spec: key.spec.clone(),
-                spent: key.spent(),
-                created_at: key.created_at,
-            })
-            .collect();
-        let bytes =
-            serde_json::to_vec_pretty(&StoreFile { keys }).map_err(|e| store_error(path, e))?;
+        // The snapshot and the journal's rotation under the journal's lock:
+        // no charge lands between them. Charges wait for this only (the
+        // file is written after), not for the disk.
+        let (keys, journal_seq) = {
+            let mut journal = self
+                .shared
+                .journal
+                .as_ref()
+                .map(|j| j.lock().unwrap_or_else(|e| e.into_inner()));
+            self.shared.dirty.store(false, Ordering::Release);
+            let keys: Vec<StoredKey> = self
+                .list()
+                .iter()
+                .map(|key| StoredKey {
+                    id: key.id.clone(),
+                    hash: key.hash.clone(),
+                    spec: key.spec.clone(),
+                    spent: key.spent(),
+                    created_at: key.created_at,
+                })
+                .collect();
+            let seq = match journal.as_mut() {
+                Some(journal) => {
+                    journal
+                        .rotate()
+                        .map_err(|e| store_error(journal.path(), e))?;
+                    journal.seq
+                }
+                None => 0,
+            };
+            (keys, seq)
+        };
+        let bytes = serde_json::to_vec_pretty(&StoreFile { keys, journal_seq })
+            .map_err(|e| store_error(path, e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| store_error(path, e))?;
         }
@@ -329,7 +497,14 @@ impl KeyStore {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| store_error(&tmp, e))?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| store_error(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| store_error(path, e))?;
+        if let Some(journal) = &self.shared.journal {
+            let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal
+                .drop_rotated()
+                .map_err(|e| store_error(journal.path(), e))?;
+        }
+        Ok(())
     }
 }
 
@@ -348,7 +523,7 @@ mod tests {
                 ..KeySpec::default()
             })
             .unwrap();
-        let lease = key.admit("any").unwrap();
+        let mut lease = key.admit("any").unwrap();
         lease.charge(
             &Usage {
                 prompt_tokens: 2,
@@ -382,6 +557,73 @@ mod tests {
         assert!(reopened.lookup("sk-wrong").is_none());
         assert!(reopened.delete(&found.id).unwrap());
         assert!(reopened.lookup(&secret).is_none());
+    }
+
+    /// What a crash leaves: charges after the last write of the store are
+    /// in the journal only, and opening the store replays them once.
+    #[test]
+    fn spend_after_the_last_write_is_replayed_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let store = KeyStore::open(Some(path.clone())).unwrap();
+        let (key, secret) = store.create(KeySpec::default()).unwrap();
+        let usage = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            total_tokens: 3,
+        };
+        key.admit("m").unwrap().charge(&usage, 0.5);
+        store.flush().unwrap();
+        key.admit("m").unwrap().charge(&usage, 0.25);
+        // No flush: the process dies here.
+        drop(store);
+        let reopened = KeyStore::open(Some(path.clone())).unwrap();
+        let spent = reopened.lookup(&secret).unwrap().spent();
+        assert_eq!((spent.spend, spent.completion_tokens), (0.75, 4));
+        // Written, then opened again: the journal's entries count once.
+        reopened.flush().unwrap();
+        let again = KeyStore::open(Some(path)).unwrap();
+        assert_eq!(again.lookup(&secret).unwrap().spent().spend, 0.75);
+    }
+
+    #[test]
+    fn budget_reservations_bound_requests_in_flight() {
+        let store = KeyStore::open(None).unwrap();
+        let (key, _) = store
+            .create(KeySpec {
+                max_budget: Some(1.0),
+                ..KeySpec::default()
+            })
+            .unwrap();
+        let mut a = key.admit("m").unwrap();
+        a.reserve("d", || Some(0.6)).unwrap();
+        let mut b = key.admit("m").unwrap();
+        // 0.6 reserved: 0.5 more does not fit until a settles.
+        assert!(matches!(
+            b.reserve("d", || Some(0.5)),
+            Err(ProxyError::RateLimited { .. })
+        ));
+        // More than the whole budget never fits.
+        assert!(matches!(
+            b.reserve("d", || Some(1.5)),
+            Err(ProxyError::BudgetTooSmall { .. })
+        ));
+        // Unbounded: all that is left, so nothing more fits beside it.
+        b.reserve("d", || None).unwrap();
+        let mut c = key.admit("m").unwrap();
+        assert!(c.reserve("d", || Some(0.01)).is_err());
+        // A free deployment needs no budget.
+        c.reserve("d", || Some(0.0)).unwrap();
+        drop(b);
+        a.charge(&Usage::default(), 0.25);
+        // Spent 0.25, nothing reserved: 0.75 left.
+        c.reserve("d", || Some(0.75)).unwrap();
+        c.release();
+        let mut d = key.admit("m").unwrap();
+        assert!(matches!(
+            d.reserve("d", || Some(0.76)),
+            Err(ProxyError::BudgetTooSmall { .. })
+        ));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod fields;
 pub mod gateway;
 pub mod grpc_api;
 pub mod http_api;
+mod journal;
 pub mod keys;
 pub mod limits;
 pub mod litellm_config;

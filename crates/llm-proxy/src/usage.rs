@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ProxyError;
 use crate::keys::KeyLease;
 use crate::litellm_config::DeploymentConfig;
 use crate::metrics::{DeploymentLabels, ModelLabels, ProxyMetrics, RequestLabels, TokenLabels};
@@ -83,8 +84,26 @@ impl Meter {
         }
     }
 
-    /// Records a failed attempt on a deployment (the request may still succeed elsewhere).
-    pub fn attempt_failed(&self, deployment: &DeploymentConfig) {
+    /// Reserves the most an attempt on `deployment` can cost from the key's
+    /// budget ([`KeyLease::reserve`]); `worst` is only asked for when the
+    /// key has a budget.
+    pub fn reserve(
+        &mut self,
+        deployment: &DeploymentConfig,
+        worst: impl FnOnce() -> Option<f64>,
+    ) -> Result<(), ProxyError> {
+        match &mut self.key {
+            Some(key) => key.reserve(&deployment.id, worst),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed attempt on a deployment (the request may still
+    /// succeed elsewhere), and gives back what it reserved.
+    pub fn attempt_failed(&mut self, deployment: &DeploymentConfig) {
+        if let Some(key) = &mut self.key {
+            key.release();
+        }
         self.metrics
             .upstream_failures
             .get_or_create(&DeploymentLabels {
@@ -104,7 +123,7 @@ impl Meter {
     }
 
     fn record(
-        &self,
+        &mut self,
         deployment: Option<&DeploymentConfig>,
         usage: Option<Usage>,
         outcome: Outcome,
@@ -147,7 +166,7 @@ impl Meter {
                 })
                 .inc_by(cost);
         }
-        if let Some(key) = &self.key {
+        if let Some(key) = &mut self.key {
             key.charge(&usage, cost);
         }
         tracing::debug!(%model, deployment = deployment.map(|d| d.id.as_str()), prompt = usage.prompt_tokens, completion = usage.completion_tokens, cost, "usage");

@@ -144,10 +144,9 @@ impl PowerSession {
             .map_err(|status| describe_status(&status))?
             .into_inner();
         let series = self.series().await?;
-        Ok(PowerRecord {
-            energy: summary.devices.into_iter().map(run_energy).collect(),
-            series,
-        })
+        let mut energy: Vec<RunEnergy> = summary.devices.into_iter().map(run_energy).collect();
+        crate::quality::assess(&mut energy, &series);
+        Ok(PowerRecord { energy, series })
     }
 
     /// Pages through the stopped session's samples until `max_samples`.
@@ -206,6 +205,8 @@ fn run_energy(device: DeviceEnergy) -> RunEnergy {
         coverage: device.coverage,
         replay: device.replay,
         energy_net_j: device.energy_net_j,
+        // Judged from the stored samples (`quality::assess`).
+        ..Default::default()
     }
 }
 

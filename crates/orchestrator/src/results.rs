@@ -7,7 +7,7 @@
 //! metric) is stored with the campaign at submit, so that results never
 //! parse the manifest again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use berth_proto::orchestrator::v1::{CampaignOutcome, ConfigResult, Run, RunCounts, RunState};
@@ -174,6 +174,7 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
             // Result fields keep the order in which they first appear.
             let mut metric_order: Vec<String> = Vec::new();
             let (mut succeeded, mut failed, mut runs_without_energy) = (0, 0, 0);
+            let mut quality_flags: HashMap<String, u64> = HashMap::new();
             for run in runs {
                 match RunState::try_from(run.state).unwrap_or_default() {
                     RunState::Succeeded => succeeded += 1,
@@ -182,6 +183,11 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                         continue;
                     }
                     _ => continue,
+                }
+                let flags: BTreeSet<&String> =
+                    run.energy.iter().flat_map(|e| &e.quality_flags).collect();
+                for flag in flags {
+                    *quality_flags.entry(flag.clone()).or_default() += 1;
                 }
                 if let Some(duration) = duration_seconds(run) {
                     samples
@@ -256,6 +262,7 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                 metrics,
                 runs_without_energy,
                 cycles_ended,
+                quality_flags,
             });
         }
     }
@@ -477,6 +484,31 @@ mod tests {
         let net = metric("energy_net_j").unwrap();
         assert_eq!((net.n, net.mean), (1, 24.0));
         assert_eq!(metric("net_joules_per_tokens").unwrap().mean, 2.4);
+        // Quality: a run counts once per flag, whichever devices have it.
+        let flagged = |flags: &[&str]| RunEnergy {
+            energy_j: Some(1.0),
+            quality_flags: flags.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        };
+        let quality = aggregate(
+            &layout,
+            "tokens",
+            &[
+                run(vec![
+                    flagged(&["short_window"]),
+                    flagged(&["short_window", "low_coverage"]),
+                ]),
+                run(vec![flagged(&[])]),
+            ],
+        );
+        assert_eq!(
+            quality[0].quality_flags,
+            [
+                ("short_window".to_string(), 1),
+                ("low_coverage".to_string(), 1)
+            ]
+            .into()
+        );
         // Without any baseline there is no net metric at all, not 0 J.
         let gross_only = aggregate(&layout, "tokens", &[run(vec![device(5.0, None)])]);
         assert!(

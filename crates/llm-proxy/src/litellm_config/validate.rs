@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::env::resolve;
 use super::raw::{
-    RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawParams, RawRoot,
-    RawRouterSettings, collect_unknown, section,
+    RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings,
+    collect_unknown, section,
 };
 use super::types::{CacheSettings, DeploymentConfig, LiteLlmConfig, Secret};
 use crate::settings::{ProviderKind, RouterSettings, Strategy};
