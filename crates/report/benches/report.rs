@@ -72,6 +72,7 @@ fn runs() -> Vec<Run> {
                     coverage: 0.99,
                     replay: false,
                     energy_net_j: Some(energy * 0.7),
+                    ..Default::default()
                 }],
                 power_samples: u64::from(SERIES_SECONDS * RATE_HZ),
                 energy_j: Some(energy),
