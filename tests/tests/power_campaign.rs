@@ -398,7 +398,8 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
 /// With `power.idle_baseline` each run's energy above the baseline is
 /// recorded per device, derived for the run (`energy_net_j`, net joules per
 /// unit of work), aggregated beside the gross figures, and exported by
-/// `berth results --runs`.
+/// `berth results --runs`; the protocol's gap spaces the runs and its rise
+/// time gives each device a steady-state figure.
 #[tokio::test(flavor = "multi_thread")]
 async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +422,8 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
         .unwrap();
     let manifest = "name: net-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 2\n\
                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 2}''']}\n\
-                    power: {enabled: true, rate_hz: 200, work_metric: ok, idle_baseline: 200ms}\n";
+                    power: {enabled: true, rate_hz: 200, work_metric: ok, idle_baseline: 200ms,\n\
+                    protocol: {gap: {min: 400ms, max: 400ms}, rise_time: 50ms}}\n";
     let campaign = client
         .submit_campaign(SubmitCampaignRequest {
             manifest_yaml: manifest.into(),
@@ -446,7 +448,26 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
         .unwrap()
         .into_inner()
         .runs;
+    // The protocol's gap: the second run starts 400 ms (and its idle
+    // baseline) after the first ended.
+    let (first, second) = (interval(&runs[0]), interval(&runs[1]));
+    let (earlier, later) = if first.0 < second.0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let pause = later.0.duration_since(earlier.1).unwrap_or_default();
+    assert!(pause >= Duration::from_millis(400), "{pause:?}");
     for run in &runs {
+        for energy in &run.energy {
+            let steady = energy
+                .steady_mean_w
+                .expect("steady-state power past the rise time");
+            assert!(
+                steady > 0.0 && energy.energy_steady_j.unwrap() > 0.0,
+                "{energy:?}"
+            );
+        }
         let per_device: Vec<f64> = run
             .energy
             .iter()

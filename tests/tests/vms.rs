@@ -303,17 +303,31 @@ async fn a_run_in_a_vm_survives_kill_9_of_its_agent_and_orchestrator() {
     let restarted_at = Instant::now();
     eprintln!("killed the agent and the orchestrator while run {in_flight} ran");
 
-    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 3, deadline).await;
+    // Why the run was interrupted, should it be: its error while pending again.
+    let mut interrupted = Vec::new();
+    let runs = loop {
+        let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+        if let Some(run) = runs.iter().find(|r| r.id == in_flight)
+            && !run.error.is_empty()
+            && !interrupted.contains(&run.error)
+        {
+            interrupted.push(run.error.clone());
+        }
+        if runs.iter().all(|r| r.state == RunState::Succeeded as i32) && runs.len() == 3 {
+            break runs;
+        }
+        assert!(Instant::now() < deadline, "the runs did not end: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     eprintln!(
         "all 3 runs done {:.1} s after the restart",
         restarted_at.elapsed().as_secs_f64()
     );
-    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
     assert_each_succeeded_once(&runs, 3);
     let adopted = runs.iter().find(|r| r.id == in_flight).unwrap();
     assert_eq!(
         adopted.attempts, 1,
-        "the run in flight was attached again, not run again: {adopted:?}"
+        "the run in flight was attached again, not run again: {adopted:?}; interrupted: {interrupted:?}"
     );
     for run in &runs {
         let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod placement;
 pub mod power;
+pub mod protocol;
 pub mod quality;
 pub mod report;
 pub mod results;

@@ -37,6 +37,8 @@ pub struct PowerSession {
     client: Client,
     stopped: bool,
     max_samples: usize,
+    /// `power.protocol.rise_time`: left out of the steady-state figures.
+    rise_time: Option<Duration>,
     _turn: OwnedMutexGuard<()>,
 }
 
@@ -117,6 +119,7 @@ impl PowerMeter {
                 client,
                 stopped: false,
                 max_samples: self.max_samples_per_run,
+                rise_time: power.protocol.as_ref().and_then(|p| p.rise_time),
                 _turn: turn,
             }),
             Err(status) => {
@@ -145,7 +148,7 @@ impl PowerSession {
             .into_inner();
         let series = self.series().await?;
         let mut energy: Vec<RunEnergy> = summary.devices.into_iter().map(run_energy).collect();
-        crate::quality::assess(&mut energy, &series);
+        crate::quality::assess(&mut energy, &series, self.rise_time);
         Ok(PowerRecord { energy, series })
     }
 

@@ -6,6 +6,8 @@
 //! average only part of that period (Yang et al., SC24): a run spanning
 //! few updates is measured on a fraction of its time.
 
+use std::time::Duration;
+
 use berth_proto::orchestrator::v1::{RunEnergy, RunPowerSample};
 
 use crate::store::PowerSeries;
@@ -25,8 +27,9 @@ pub const FEW_READINGS: &str = "few_readings";
 pub const COUNTER_INTEGRATION_GAP: &str = "counter_integration_gap";
 pub const PARTIAL_SERIES: &str = "partial_series";
 
-/// Sets each device's quality figures and flags from its samples in `series`.
-pub fn assess(energy: &mut [RunEnergy], series: &PowerSeries) {
+/// Sets each device's quality figures and flags from its samples in
+/// `series`, and with a `rise_time` its steady-state power and energy.
+pub fn assess(energy: &mut [RunEnergy], series: &PowerSeries, rise_time: Option<Duration>) {
     for device in energy.iter_mut() {
         let samples: Vec<&RunPowerSample> = series
             .samples
@@ -34,7 +37,29 @@ pub fn assess(energy: &mut [RunEnergy], series: &PowerSeries) {
             .filter(|s| s.device == device.device)
             .collect();
         assess_device(device, &samples, series.truncated);
+        if let Some(rise_time) = rise_time {
+            steady_state(device, &samples, rise_time.as_secs_f64());
+        }
     }
+}
+
+/// The device's power and energy over its readings after `rise_seconds`.
+fn steady_state(device: &mut RunEnergy, samples: &[&RunPowerSample], rise_seconds: f64) {
+    let steady: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((elapsed(s)?, s.power_w?)))
+        .filter(|(at, _)| *at >= rise_seconds)
+        .collect();
+    if steady.is_empty() {
+        return;
+    }
+    device.steady_mean_w = Some(steady.iter().map(|(_, w)| w).sum::<f64>() / steady.len() as f64);
+    device.energy_steady_j = Some(
+        steady
+            .windows(2)
+            .map(|pair| pair[0].1 * (pair[1].0 - pair[0].0))
+            .sum(),
+    );
 }
 
 fn elapsed(sample: &RunPowerSample) -> Option<f64> {
@@ -120,7 +145,7 @@ mod tests {
         let mut energy = 0.0;
         (0..samples)
             .map(|i| {
-                let power = if (i * 10 / period_ms) % 2 == 0 {
+                let power = if (i * 10 / period_ms).is_multiple_of(2) {
                     100.0
                 } else {
                     200.0
@@ -160,7 +185,7 @@ mod tests {
             truncated: false,
         };
         let mut energy = vec![device("gpu0", 1.0)];
-        assess(&mut energy, &long);
+        assess(&mut energy, &long, None);
         let gpu = &energy[0];
         assert_eq!(gpu.distinct_readings, 20);
         assert!((gpu.update_period_s.unwrap() - 0.1).abs() < 1e-9, "{gpu:?}");
@@ -173,11 +198,42 @@ mod tests {
             truncated: true,
         };
         let mut energy = vec![device("gpu0", 0.5)];
-        assess(&mut energy, &short);
+        assess(&mut energy, &short, None);
         assert_eq!(
             energy[0].quality_flags,
             [SHORT_WINDOW, LOW_COVERAGE, PARTIAL_SERIES]
         );
+    }
+
+    #[test]
+    fn the_rise_time_is_left_out_of_the_steady_state_figures() {
+        // 1 s read every 10 ms: 300 W for the first 200 ms, then 100 W.
+        let samples: Vec<RunPowerSample> = (0..100)
+            .map(|i| RunPowerSample {
+                device: "gpu0".into(),
+                elapsed: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: i * 10_000_000,
+                }),
+                power_w: Some(if i < 20 { 300.0 } else { 100.0 }),
+                ..Default::default()
+            })
+            .collect();
+        let series = PowerSeries {
+            samples,
+            truncated: false,
+        };
+        let mut energy = vec![device("gpu0", 1.0)];
+        assess(&mut energy, &series, Some(Duration::from_millis(200)));
+        assert_eq!(energy[0].steady_mean_w, Some(100.0));
+        // 79 intervals of 10 ms at 100 W.
+        assert!((energy[0].energy_steady_j.unwrap() - 79.0).abs() < 1e-9);
+        let mut without = vec![device("gpu0", 1.0)];
+        assess(&mut without, &series, None);
+        assert_eq!(without[0].steady_mean_w, None);
+        let mut past_the_run = vec![device("gpu0", 1.0)];
+        assess(&mut past_the_run, &series, Some(Duration::from_secs(5)));
+        assert_eq!(past_the_run[0].energy_steady_j, None);
     }
 
     #[test]
@@ -194,6 +250,7 @@ mod tests {
                 samples,
                 truncated: false,
             },
+            None,
         );
         let gpu = &energy[0];
         assert_eq!((gpu.distinct_readings, gpu.update_period_s), (1, None));

@@ -722,3 +722,40 @@ fn the_until_known_example_plans_its_cap() {
         "mib_per_s"
     );
 }
+
+#[test]
+fn a_power_protocol_is_checked_with_its_line() {
+    let with = |power: &str| BASE.replace("cycles: 2", "cycles: 2\n") + power;
+    let good = with(
+        "power:\n  enabled: true\n  protocol: {gap: {min: 50ms, max: 200ms}, phase_shift: 100ms, rise_time: 1s}\n",
+    );
+    let plan = plan("t.yaml", &good).unwrap();
+    let protocol = plan.manifest.power.protocol.unwrap();
+    assert_eq!(protocol.phase_shift, Some(Duration::from_millis(100)));
+    let cases = [
+        (
+            with("power:\n  protocol: {rise_time: 1s}\n"),
+            14,
+            "power.protocol: applies only with power.enabled: true",
+        ),
+        (
+            with("power:\n  enabled: true\n  protocol:\n    gap: {min: 2s, max: 1s}\n"),
+            16,
+            "power.protocol.gap.min:",
+        ),
+        (
+            with("power:\n  enabled: true\n  protocol:\n    phase_shift: 0s\n"),
+            16,
+            "power.protocol.phase_shift: 0ns must be above 0",
+        ),
+        (
+            with("power:\n  enabled: true\n  protocol:\n    jitter: 1s\n"),
+            16,
+            "unknown field `jitter`",
+        ),
+    ];
+    for (text, line, expected) in &cases {
+        let (at, _) = refused_at(text, expected);
+        assert_eq!(at, *line, "{expected}: {text}");
+    }
+}

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::placeholders::{placeholder_names, substitute};
 use super::units::{ByteSize, GpuCount};
+use crate::protocol::Protocol;
 use crate::results::{LayoutConfig, ResultsLayout};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +70,10 @@ pub struct Power {
     /// is aggregated as `joules_per_<field>`. Default: `tokens`.
     #[serde(default)]
     pub work_metric: Option<String>,
+    /// Random gaps, phase-shifted starts and the rise time left out of the
+    /// steady-state figure (`crate::protocol`).
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
 }
 
 /// Result field counted as a run's work when `power.work_metric` is not given.

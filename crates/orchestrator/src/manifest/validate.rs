@@ -51,6 +51,24 @@ pub(super) fn check(
             ),
         ));
     }
+    if let Some(protocol) = &manifest.power.protocol {
+        let at_protocol = |path: &[&str], message: String| {
+            let path: Vec<&str> = ["power", "protocol"]
+                .into_iter()
+                .chain(path.iter().copied())
+                .collect();
+            at(&path, format!("{}: {message}", path.join(".")))
+        };
+        if !manifest.power.enabled {
+            return Err(at_protocol(
+                &[],
+                "applies only with power.enabled: true".into(),
+            ));
+        }
+        protocol
+            .check()
+            .map_err(|(path, message)| at_protocol(path, message))?;
+    }
     if let Some(until) = manifest.cycles.until() {
         check_cycles_until(until, &manifest.power).map_err(|(path, message)| {
             let path: Vec<&str> = std::iter::once("cycles")

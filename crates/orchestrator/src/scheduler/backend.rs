@@ -601,16 +601,24 @@ fn workload_spec(campaign_id: &str, backend: &Backend) -> WorkloadSpec {
 
 /// The pause the manifest asks for before `next`, after `previous`.
 fn gap_before(plan: &Plan, previous: Option<&Run>, next: &Run) -> Option<Duration> {
-    let previous = previous?;
     let gaps = &plan.manifest.gaps;
-    if previous.cycle != next.cycle || previous.warmup != next.warmup {
-        gaps.between_cycles.or(gaps.between_configs)
-    } else if previous.config != next.config {
-        gaps.between_configs
-    } else {
-        None
-    }
-    .filter(|gap| !gap.is_zero())
+    let configured = previous.and_then(|previous| {
+        if previous.cycle != next.cycle || previous.warmup != next.warmup {
+            gaps.between_cycles.or(gaps.between_configs)
+        } else if previous.config != next.config {
+            gaps.between_configs
+        } else {
+            None
+        }
+    });
+    let power = &plan.manifest.power;
+    let protocol = power
+        .protocol
+        .as_ref()
+        .filter(|_| power.enabled)
+        .map(|protocol| protocol.delay_before(next));
+    let gap = configured.unwrap_or_default() + protocol.unwrap_or_default();
+    (!gap.is_zero()).then_some(gap)
 }
 
 /// The backend's workload name on a host: the host is part of it, so a
