@@ -522,3 +522,89 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
         assert!((per_unit - net / 2.0).abs() < 1e-9, "{row}");
     }
 }
+
+/// `power.protocol.thermal_gate`: a run waits until its device is cool
+/// enough; when `max_wait` passes first it runs anyway, flagged `hot_start`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_thermal_gate_waits_for_a_cool_device_or_flags_a_hot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // `hot` stays at 80 °C; `cycling` is at 80 °C for 2 s, then 40 °C for 2 s.
+    let trace = dir.path().join("temperatures.csv");
+    std::fs::write(
+        &trace,
+        "time_s,device,power_w,energy_j,temperature_c\n\
+         0.0,hot,100,0,80\n4.0,hot,100,400,80\n\
+         0.0,cycling,100,0,80\n2.0,cycling,100,200,40\n4.0,cycling,100,400,40\n",
+    )
+    .unwrap();
+    let (_sampler, sampler_port) = start_replay_sampler(dir.path(), &trace).await;
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let (_orchestrator, _port, mut client) = start_orchestrator(dir.path()).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let campaign = |device: &str, max_wait: &str| {
+        format!(
+            "name: gate-{device}\nbackends: [{{name: b, runtime: process}}]\nconfigs: [{{name: one}}]\ncycles: 2\n\
+             run: {{command: [sh, -c, 'echo {{\"ok\": 1}}']}}\n\
+             power: {{enabled: true, rate_hz: 50, devices: ['replay:{device}'],\n\
+             protocol: {{thermal_gate: {{below_c: 50, max_wait: {max_wait}}}}}}}\n"
+        )
+    };
+    let mut flags_of = async |manifest: String| {
+        let submitted = client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: manifest,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let started = Instant::now();
+        wait_succeeded(
+            &mut client,
+            &submitted.id,
+            2,
+            Instant::now() + Duration::from_secs(60),
+        )
+        .await;
+        let runs = client
+            .list_runs(ListRunsRequest {
+                campaign_id: submitted.id,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        let flags: Vec<Vec<String>> = runs
+            .iter()
+            .map(|run| run.energy[0].quality_flags.clone())
+            .collect();
+        (flags, started.elapsed())
+    };
+    let (hot, took) = flags_of(campaign("hot", "1s")).await;
+    assert!(
+        hot.iter()
+            .all(|flags| flags.iter().any(|f| f == "hot_start")),
+        "{hot:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "each run waited 1 s: {took:?}"
+    );
+    let (cooled, _) = flags_of(campaign("cycling", "10s")).await;
+    assert!(
+        cooled
+            .iter()
+            .all(|flags| flags.iter().all(|f| f != "hot_start")),
+        "the gate waited for the cool phase: {cooled:?}"
+    );
+}

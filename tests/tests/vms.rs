@@ -112,6 +112,20 @@ impl VmHost {
             OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{}", self.port)).await);
     }
 
+    /// The console logs of the host's VMs, for a failure's message.
+    fn consoles(&self) -> String {
+        let disks = self.dir.path().join("disks");
+        std::fs::read_dir(&disks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|vm| {
+                let log = std::fs::read_to_string(vm.path().join("console.log"));
+                format!("{}:\n{}", vm.path().display(), log.unwrap_or_default())
+            })
+            .collect()
+    }
+
     /// The names of the domains libvirtd has that hold `text`.
     fn domains_with(&self, text: &str) -> Vec<String> {
         let listed = std::process::Command::new("virsh")
@@ -312,6 +326,8 @@ async fn a_run_in_a_vm_survives_kill_9_of_its_agent_and_orchestrator() {
             && !interrupted.contains(&run.error)
         {
             interrupted.push(run.error.clone());
+            // The guest's side: its console, with the shim's journal.
+            interrupted.push(host.consoles());
         }
         if runs.iter().all(|r| r.state == RunState::Succeeded as i32) && runs.len() == 3 {
             break runs;

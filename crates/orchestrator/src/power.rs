@@ -11,12 +11,14 @@ use berth_proto::orchestrator::v1::{RunEnergy, RunPowerSample};
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
 use berth_proto::power::v1::{
     DeviceEnergy, GetSeriesRequest, Sample, StartSessionRequest, StopSessionRequest,
+    StreamSamplesRequest,
 };
 use berth_server::client::AuthChannel;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::hosts::describe_status;
 use crate::manifest::Power;
+use crate::protocol::ThermalGate;
 use crate::store::PowerSeries;
 
 type Client = PowerSamplerClient<AuthChannel>;
@@ -39,6 +41,8 @@ pub struct PowerSession {
     max_samples: usize,
     /// `power.protocol.rise_time`: left out of the steady-state figures.
     rise_time: Option<Duration>,
+    /// Why the thermal gate let the run start hot, if it did.
+    hot_start: Option<String>,
     _turn: OwnedMutexGuard<()>,
 }
 
@@ -100,14 +104,19 @@ impl PowerMeter {
             Ok(client) => client,
             Err(reason) => return Err(reason),
         };
+        // The manifest's devices; else the backend's; else all.
+        let devices = if power.devices.is_empty() {
+            backend_devices.to_vec()
+        } else {
+            power.devices.clone()
+        };
+        let hot_start = match power.protocol.as_ref().and_then(|p| p.thermal_gate) {
+            Some(gate) => wait_until_cool(&mut client, run_id, &devices, gate).await?,
+            None => None,
+        };
         let request = StartSessionRequest {
             run_id: run_id.to_string(),
-            // The manifest's devices; else the backend's; else all.
-            devices: if power.devices.is_empty() {
-                backend_devices.to_vec()
-            } else {
-                power.devices.clone()
-            },
+            devices,
             rate_hz: power.rate_hz,
             idle_baseline: power
                 .idle_baseline
@@ -120,6 +129,7 @@ impl PowerMeter {
                 stopped: false,
                 max_samples: self.max_samples_per_run,
                 rise_time: power.protocol.as_ref().and_then(|p| p.rise_time),
+                hot_start,
                 _turn: turn,
             }),
             Err(status) => {
@@ -129,6 +139,82 @@ impl PowerMeter {
                     .remove(address);
                 Err(describe_status(&status))
             }
+        }
+    }
+}
+
+/// The thermal gate: a short session on the run's devices whose samples
+/// are read until every device reporting a temperature is at or under
+/// `below_c`; `Some(why)` when `max_wait` passed first (the run starts
+/// anyway, flagged `hot_start`).
+async fn wait_until_cool(
+    client: &mut Client,
+    run_id: &str,
+    devices: &[String],
+    gate: ThermalGate,
+) -> Result<Option<String>, String> {
+    let session = client
+        .start_session(StartSessionRequest {
+            run_id: format!("{run_id}/thermal-gate"),
+            devices: devices.to_vec(),
+            rate_hz: GATE_RATE_HZ,
+            idle_baseline: None,
+        })
+        .await
+        .map_err(|status| format!("thermal gate: {}", describe_status(&status)))?
+        .into_inner();
+    let started = std::time::Instant::now();
+    let read = read_until_cool(client, &session.id, gate);
+    let outcome = match tokio::time::timeout(gate.max_wait, read).await {
+        Ok(Ok(())) => Ok(None),
+        Ok(Err(reason)) => Err(format!("thermal gate: {reason}")),
+        Err(_) => Ok(Some(format!(
+            "still above {} °C after {:?}",
+            gate.below_c, gate.max_wait
+        ))),
+    };
+    let _ = client
+        .stop_session(StopSessionRequest { id: session.id })
+        .await;
+    match &outcome {
+        Ok(Some(why)) => tracing::warn!(run = run_id, why, "thermal gate: the run starts hot"),
+        Ok(None) => {
+            tracing::debug!(run = run_id, waited = ?started.elapsed(), "thermal gate passed")
+        }
+        Err(_) => {}
+    }
+    outcome
+}
+
+/// Samples the gate reads per second (temperatures change slowly; the
+/// sampler reads them at most every 100 ms).
+const GATE_RATE_HZ: f64 = 20.0;
+
+async fn read_until_cool(
+    client: &mut Client,
+    session_id: &str,
+    gate: ThermalGate,
+) -> Result<(), String> {
+    let mut stream = client
+        .stream_samples(StreamSamplesRequest {
+            session_id: session_id.to_string(),
+        })
+        .await
+        .map_err(|status| describe_status(&status))?
+        .into_inner();
+    let mut latest: HashMap<String, f64> = HashMap::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(sample)) => {
+                if let Some(celsius) = sample.temperature_c {
+                    latest.insert(sample.device, celsius);
+                }
+                if !latest.is_empty() && latest.values().all(|c| *c <= gate.below_c) {
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Err("the power sampler ended the stream".into()),
+            Err(status) => return Err(describe_status(&status)),
         }
     }
 }
@@ -149,6 +235,13 @@ impl PowerSession {
         let series = self.series().await?;
         let mut energy: Vec<RunEnergy> = summary.devices.into_iter().map(run_energy).collect();
         crate::quality::assess(&mut energy, &series, self.rise_time);
+        if self.hot_start.is_some() {
+            for device in &mut energy {
+                device
+                    .quality_flags
+                    .push(crate::quality::HOT_START.to_string());
+            }
+        }
         Ok(PowerRecord { energy, series })
     }
 

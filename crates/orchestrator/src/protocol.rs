@@ -5,7 +5,8 @@
 //! point of the sensor's cycle see the same part of it. A random gap before
 //! each measured run and starts shifted by a fraction of the update period
 //! spread the runs over the cycle; the power of the first `rise_time` of a
-//! run (clocks and power ramping up) is left out of its steady-state figure.
+//! run (clocks and power ramping up) is left out of its steady-state figure;
+//! a thermal gate waits for the devices to cool before a measured run.
 
 use std::time::Duration;
 
@@ -32,6 +33,18 @@ pub struct Protocol {
     /// steady-state power and energy (reported beside the whole run's).
     #[serde(default, with = "humantime_serde")]
     pub rise_time: Option<Duration>,
+    /// Before a measured run, wait until every device that reports a
+    /// temperature is at or under `below_c`, for at most `max_wait`.
+    #[serde(default)]
+    pub thermal_gate: Option<ThermalGate>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ThermalGate {
+    pub below_c: f64,
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -77,9 +90,21 @@ impl Protocol {
                 ));
             }
         }
-        let durations: [(&'static [&'static str], Option<Duration>); 2] = [
+        if let Some(gate) = self.thermal_gate
+            && !(gate.below_c > 0.0 && gate.below_c < 150.0)
+        {
+            return Err((
+                &["thermal_gate", "below_c"],
+                format!("{} °C must be above 0 and under 150", gate.below_c),
+            ));
+        }
+        let durations: [(&'static [&'static str], Option<Duration>); 3] = [
             (&["phase_shift"], self.phase_shift),
             (&["rise_time"], self.rise_time),
+            (
+                &["thermal_gate", "max_wait"],
+                self.thermal_gate.map(|gate| gate.max_wait),
+            ),
         ];
         for (path, value) in durations {
             if let Some(value) = value

@@ -26,6 +26,8 @@ pub const LOW_COVERAGE: &str = "low_coverage";
 pub const FEW_READINGS: &str = "few_readings";
 pub const COUNTER_INTEGRATION_GAP: &str = "counter_integration_gap";
 pub const PARTIAL_SERIES: &str = "partial_series";
+/// The thermal gate's `max_wait` passed before the devices cooled.
+pub const HOT_START: &str = "hot_start";
 
 /// Sets each device's quality figures and flags from its samples in
 /// `series`, and with a `rise_time` its steady-state power and energy.

@@ -749,6 +749,20 @@ fn a_power_protocol_is_checked_with_its_line() {
             "power.protocol.phase_shift: 0ns must be above 0",
         ),
         (
+            with(
+                "power:\n  enabled: true\n  protocol:\n    thermal_gate: {below_c: 200, max_wait: 1m}\n",
+            ),
+            16,
+            "power.protocol.thermal_gate.below_c: 200 °C must be above 0 and under 150",
+        ),
+        (
+            with(
+                "power:\n  enabled: true\n  protocol:\n    thermal_gate: {below_c: 60, max_wait: 2h}\n",
+            ),
+            16,
+            "power.protocol.thermal_gate.max_wait: 7200s must be above 0",
+        ),
+        (
             with("power:\n  enabled: true\n  protocol:\n    jitter: 1s\n"),
             16,
             "unknown field `jitter`",

@@ -281,12 +281,14 @@ impl LibvirtRuntime {
         self.with_connection(move |connection| {
             let mut views = Vec::new();
             for domain in connection.list_domains().map_err(failed("list"))? {
-                match metadata_of(&domain) {
-                    Ok(Some(metadata)) if metadata.owner == owner => {
-                        views.push(view_of(&domain, metadata)?);
-                    }
-                    Ok(_) => {}
-                    // A domain undefined between the list and this read is gone.
+                let view = match metadata_of(&domain) {
+                    Ok(Some(metadata)) if metadata.owner == owner => view_of(&domain, metadata),
+                    Ok(_) => continue,
+                    Err(error) => Err(error),
+                };
+                match view {
+                    Ok(view) => views.push(view),
+                    // A domain undefined between the list and these reads is gone.
                     Err(_) if domain.info().is_err() => {}
                     Err(error) => return Err(error),
                 }
