@@ -382,6 +382,38 @@ async fn all_runs(client: &mut Client, campaign_id: &str) -> Vec<Run> {
         .runs
 }
 
+/// Watches a campaign that waits for a host, registers the local agent at
+/// `socket`, and follows the campaign to its end: every event, and the
+/// campaign as it ended.
+async fn events_once_a_host_comes(
+    client: &mut Client,
+    campaign_id: &str,
+    socket: &Path,
+) -> (Vec<CampaignEvent>, Campaign) {
+    let mut events = client
+        .watch_campaign(WatchCampaignRequest {
+            id: campaign_id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    register_local_agent(client, socket).await;
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
+        .await
+        .expect("campaign events")
+        .unwrap()
+    {
+        seen.push(event);
+    }
+    let done = seen
+        .iter()
+        .rev()
+        .find_map(|event| event.campaign.clone())
+        .expect("the campaign in its events");
+    (seen, done)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stable_warmup_converges_or_stops_at_its_cap() {
     let dir = tempfile::tempdir().unwrap();
@@ -413,21 +445,9 @@ run:
         16,
         "6 + 6 warmup runs planned, 4 measured"
     );
-    let mut events = client
-        .watch_campaign(WatchCampaignRequest {
-            id: campaign.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    register_local_agent(&mut client, &socket).await;
+    let (events, done) = events_once_a_host_comes(&mut client, &campaign.id, &socket).await;
     let mut warmup_ends = BTreeMap::new();
-    let mut last = None;
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
-        .await
-        .expect("campaign events")
-        .unwrap()
-    {
+    for event in events {
         if let Some(end) = event.warmup_ended {
             assert!(
                 event.message.starts_with("warmup of shape="),
@@ -436,9 +456,7 @@ run:
             );
             warmup_ends.insert(end.config.clone(), (end, event.message));
         }
-        last = event.campaign;
     }
-    let done = last.unwrap();
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
 
     let (settled, message) = &warmup_ends["shape=settles"];
@@ -503,27 +521,12 @@ run:
     // No host yet: the campaign waits, so the watch sees every event.
     let campaign = submit(&mut client, manifest.into()).await;
     assert_eq!(campaign.runs.unwrap().total, 16, "2 × cycles.max planned");
-    let mut events = client
-        .watch_campaign(WatchCampaignRequest {
-            id: campaign.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    register_local_agent(&mut client, &socket).await;
-    let mut ends = BTreeMap::new();
-    let mut last = None;
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
-        .await
-        .expect("campaign events")
-        .unwrap()
-    {
-        if let Some(end) = event.cycles_ended {
-            ends.insert(end.config.clone(), (end, event.message));
-        }
-        last = event.campaign;
-    }
-    let done = last.unwrap();
+    let (events, done) = events_once_a_host_comes(&mut client, &campaign.id, &socket).await;
+    let ends: BTreeMap<String, _> = events
+        .into_iter()
+        .filter_map(|event| Some((event.cycles_ended?, event.message)))
+        .map(|(end, message)| (end.config.clone(), (end, message)))
+        .collect();
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
     let (quiet, message) = &ends["shape=quiet"];
     assert!(quiet.known && quiet.runs == 3, "{quiet:?}");

@@ -87,6 +87,72 @@ async fn start_orchestrator(dir: &Path) -> (Process, u16, OrchestratorClient<Aut
     (orchestrator, port, client)
 }
 
+/// A host whose agent runs processes and whose power sampler replays
+/// `trace`, registered with a fresh orchestrator.
+struct MeasuringHost {
+    _dir: tempfile::TempDir,
+    _sampler: Process,
+    _agent: Process,
+    _orchestrator: Process,
+    port: u16,
+    client: OrchestratorClient<AuthChannel>,
+}
+
+impl MeasuringHost {
+    async fn start(trace: impl FnOnce(&Path) -> std::path::PathBuf) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = trace(dir.path());
+        let (sampler, sampler_port) = start_replay_sampler(dir.path(), &trace).await;
+        let socket = dir.path().join("agent.sock");
+        let agent = start_agent(&socket);
+        let (orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
+        client
+            .register_host(RegisterHostRequest {
+                name: "local".into(),
+                address: format!("unix://{}", socket.display()),
+                power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        Self {
+            _dir: dir,
+            _sampler: sampler,
+            _agent: agent,
+            _orchestrator: orchestrator,
+            port,
+            client,
+        }
+    }
+
+    /// Submits `manifest`, waits for its `runs` to succeed; the campaign id
+    /// and its runs.
+    async fn run_to_end(&mut self, manifest: String, runs: u64) -> (String, Vec<Run>) {
+        let campaign = self
+            .client
+            .submit_campaign(SubmitCampaignRequest {
+                manifest_yaml: manifest,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        wait_succeeded(&mut self.client, &campaign.id, runs, deadline).await;
+        let runs = self
+            .client
+            .list_runs(ListRunsRequest {
+                campaign_id: campaign.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        (campaign.id, runs)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,52 +468,13 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
 /// time gives each device a steady-state figure.
 #[tokio::test(flavor = "multi_thread")]
 async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(
-        dir.path(),
-        &repo_root().join("examples/power/llm-inference.csv"),
-    )
-    .await;
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let (_orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
-    client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut host =
+        MeasuringHost::start(|_| repo_root().join("examples/power/llm-inference.csv")).await;
     let manifest = "name: net-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 2\n\
                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 2}''']}\n\
                     power: {enabled: true, rate_hz: 200, work_metric: ok, idle_baseline: 200ms,\n\
                     protocol: {gap: {min: 400ms, max: 400ms}, rise_time: 50ms}}\n";
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_succeeded(
-        &mut client,
-        &campaign.id,
-        2,
-        Instant::now() + Duration::from_secs(60),
-    )
-    .await;
-    let runs = client
-        .list_runs(ListRunsRequest {
-            campaign_id: campaign.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let (campaign_id, runs) = host.run_to_end(manifest.into(), 2).await;
     // The protocol's gap: the second run starts 400 ms (and its idle
     // baseline) after the first ended.
     let (first, second) = (interval(&runs[0]), interval(&runs[1]));
@@ -481,9 +508,10 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
         assert!(net < run.energy_j.unwrap(), "net below gross: {run:?}");
         assert_eq!(run.joules_per_unit_net, Some(net / 2.0), "{run:?}");
     }
-    let results = client
+    let results = host
+        .client
         .get_results(GetResultsRequest {
-            id: campaign.id.clone(),
+            id: campaign_id.clone(),
         })
         .await
         .unwrap()
@@ -501,9 +529,9 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
     let exported = std::process::Command::new(bin("berth"))
         .args([
             "--orchestrator",
-            &format!("http://127.0.0.1:{port}"),
+            &format!("http://127.0.0.1:{}", host.port),
             "results",
-            &campaign.id,
+            &campaign_id,
             "--runs",
             "--format",
             "json",
@@ -527,29 +555,19 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
 /// enough; when `max_wait` passes first it runs anyway, flagged `hot_start`.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_thermal_gate_waits_for_a_cool_device_or_flags_a_hot_start() {
-    let dir = tempfile::tempdir().unwrap();
     // `hot` stays at 80 °C; `cycling` is at 80 °C for 2 s, then 40 °C for 2 s.
-    let trace = dir.path().join("temperatures.csv");
-    std::fs::write(
-        &trace,
-        "time_s,device,power_w,energy_j,temperature_c\n\
-         0.0,hot,100,0,80\n4.0,hot,100,400,80\n\
-         0.0,cycling,100,0,80\n2.0,cycling,100,200,40\n4.0,cycling,100,400,40\n",
-    )
-    .unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(dir.path(), &trace).await;
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let (_orchestrator, _port, mut client) = start_orchestrator(dir.path()).await;
-    client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
+    let mut host = MeasuringHost::start(|dir| {
+        let trace = dir.join("temperatures.csv");
+        std::fs::write(
+            &trace,
+            "time_s,device,power_w,energy_j,temperature_c\n\
+             0.0,hot,100,0,80\n4.0,hot,100,400,80\n\
+             0.0,cycling,100,0,80\n2.0,cycling,100,200,40\n4.0,cycling,100,400,40\n",
+        )
         .unwrap();
+        trace
+    })
+    .await;
     let campaign = |device: &str, max_wait: &str| {
         format!(
             "name: gate-{device}\nbackends: [{{name: b, runtime: process}}]\nconfigs: [{{name: one}}]\ncycles: 2\n\
@@ -558,39 +576,15 @@ async fn the_thermal_gate_waits_for_a_cool_device_or_flags_a_hot_start() {
              protocol: {{thermal_gate: {{below_c: 50, max_wait: {max_wait}}}}}}}\n"
         )
     };
-    let mut flags_of = async |manifest: String| {
-        let submitted = client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: manifest,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let started = Instant::now();
-        wait_succeeded(
-            &mut client,
-            &submitted.id,
-            2,
-            Instant::now() + Duration::from_secs(60),
-        )
-        .await;
-        let runs = client
-            .list_runs(ListRunsRequest {
-                campaign_id: submitted.id,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .runs;
-        let flags: Vec<Vec<String>> = runs
-            .iter()
+    let flags = |runs: &[Run]| -> Vec<Vec<String>> {
+        runs.iter()
             .map(|run| run.energy[0].quality_flags.clone())
-            .collect();
-        (flags, started.elapsed())
+            .collect()
     };
-    let (hot, took) = flags_of(campaign("hot", "1s")).await;
+    let started = Instant::now();
+    let (_, hot) = host.run_to_end(campaign("hot", "1s"), 2).await;
+    let took = started.elapsed();
+    let hot = flags(&hot);
     assert!(
         hot.iter()
             .all(|flags| flags.iter().any(|f| f == "hot_start")),
@@ -600,7 +594,8 @@ async fn the_thermal_gate_waits_for_a_cool_device_or_flags_a_hot_start() {
         took >= Duration::from_secs(2),
         "each run waited 1 s: {took:?}"
     );
-    let (cooled, _) = flags_of(campaign("cycling", "10s")).await;
+    let (_, cooled) = host.run_to_end(campaign("cycling", "10s"), 2).await;
+    let cooled = flags(&cooled);
     assert!(
         cooled
             .iter()

@@ -194,10 +194,18 @@ async fn usage_and_cost_based_routing_end_to_end() {
     }
 }
 
-/// The real binary, started on free ports with `--set` overrides.
+/// The real binary, started on free ports with `--set` overrides; killed
+/// (SIGKILL) when dropped, a failed test's too.
 struct Binary {
     child: Child,
     http: SocketAddr,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn free_port() -> SocketAddr {
@@ -219,23 +227,15 @@ async fn start_binary(sets: &[String]) -> Binary {
             &http.to_string(),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::null());
     for set in sets {
         command.args(["--set", set]);
     }
     let child = command.spawn().expect("starting berth-llm-proxy");
     let mut binary = Binary { child, http };
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let url = format!("http://{http}/health/liveliness");
-        let ready = tokio::time::timeout(
-            Duration::from_secs(1),
-            send("GET", &url, None, Bytes::new()),
-        )
-        .await;
-        if matches!(ready, Ok(ref a) if a.status == 200) {
-            return binary;
-        }
+    // Listening once a connection is taken (the port is bound before serving).
+    while tokio::net::TcpStream::connect(http).await.is_err() {
         if let Some(status) = binary.child.try_wait().unwrap() {
             panic!("berth-llm-proxy exited at start: {status}");
         }
@@ -245,6 +245,7 @@ async fn start_binary(sets: &[String]) -> Binary {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    binary
 }
 
 /// Spend recorded before an answer ends survives `kill -9`: the key store
@@ -268,7 +269,7 @@ async fn spend_survives_kill_9_of_the_binary() {
         format!("proxy.keys_path={}", dir.path().join("keys.json").display()),
         "proxy.keys_flush_interval=1h".to_string(),
     ];
-    let mut proxy = start_binary(&sets).await;
+    let proxy = start_binary(&sets).await;
     let base = format!("http://{}", proxy.http);
     let (secret, id) = create_key(&base, json!({"key_alias": "durable"})).await;
     let url = format!("{base}/v1/chat/completions");
@@ -278,10 +279,9 @@ async fn spend_survives_kill_9_of_the_binary() {
         assert_eq!(answer.status, 200, "{:?}", answer.body);
     }
     assert!((spend(&base, &id).await - 0.065).abs() < 1e-9);
-    proxy.child.kill().unwrap(); // SIGKILL
-    proxy.child.wait().unwrap();
+    drop(proxy); // SIGKILL
 
-    let mut restarted = start_binary(&sets).await;
+    let restarted = start_binary(&sets).await;
     let base = format!("http://{}", restarted.http);
     let spent = spend(&base, &id).await;
     assert!((spent - 0.065).abs() < 1e-9, "spend after kill -9: {spent}");
@@ -294,6 +294,5 @@ async fn spend_survives_kill_9_of_the_binary() {
         200
     );
     assert!((spend(&base, &id).await - 0.078).abs() < 1e-9);
-    restarted.child.kill().unwrap();
-    restarted.child.wait().unwrap();
+    drop(restarted);
 }

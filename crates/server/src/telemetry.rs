@@ -12,9 +12,9 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -72,7 +72,7 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
             .build();
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service))
-            .with_filter(LevelFilter::INFO);
+            .with_filter(tracing_subscriber::filter::filter_fn(exported));
         (Some(layer), Some(provider))
     };
     tracing_subscriber::registry()
@@ -81,6 +81,19 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
         .try_init()
         .map_err(|e| e.to_string())?;
     Ok(TelemetryGuard { provider })
+}
+
+/// What the exporter takes: spans at INFO and above, and as their events
+/// only warnings and errors (a failed call's reason). INFO events stay the
+/// log's alone: taking them too would turn on every `info!` in the code for
+/// every call, even with `RUST_LOG=error`.
+fn exported(metadata: &tracing::Metadata<'_>) -> bool {
+    let most_verbose = if metadata.is_span() {
+        Level::INFO
+    } else {
+        Level::WARN
+    };
+    *metadata.level() <= most_verbose
 }
 
 /// Parent-based: a call that carries its caller's sampling decision keeps
