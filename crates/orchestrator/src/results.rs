@@ -447,6 +447,18 @@ mod tests {
         assert!((per_unit.mean - 0.6).abs() < 1e-12, "{per_unit:?}");
     }
 
+    /// A succeeded run of config `x` on `b` whose result counts 10 tokens.
+    fn measured_with(energy: Vec<berth_proto::orchestrator::v1::RunEnergy>) -> Run {
+        Run {
+            config: "x".into(),
+            backend: "b".into(),
+            state: RunState::Succeeded as i32,
+            result_json: "{\"tokens\": 10}".into(),
+            energy,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn net_energy_is_aggregated_beside_gross_where_every_device_has_it() {
         use berth_proto::orchestrator::v1::RunEnergy;
@@ -456,15 +468,8 @@ mod tests {
             energy_net_j: net,
             ..Default::default()
         };
-        let run = |energy: Vec<RunEnergy>| Run {
-            config: "x".into(),
-            backend: "b".into(),
-            state: RunState::Succeeded as i32,
-            result_json: "{\"tokens\": 10}".into(),
-            energy,
-            ..Default::default()
-        };
         // 30 J + 10 J gross, 20 J + 4 J above the baseline, over 10 tokens.
+        let run = measured_with;
         let both = run(vec![device(30.0, Some(20.0)), device(10.0, Some(4.0))]);
         let derived = with_derived(both.clone(), "tokens");
         assert_eq!(
@@ -528,14 +533,7 @@ mod tests {
             mean_w,
             ..Default::default()
         };
-        let run = |energy: Vec<RunEnergy>| Run {
-            config: "x".into(),
-            backend: "b".into(),
-            state: RunState::Succeeded as i32,
-            result_json: "{\"tokens\": 10}".into(),
-            energy,
-            ..Default::default()
-        };
+        let run = measured_with;
         // The second run's GPU gave no reading: its energy is unknown, not 30 J.
         let runs = [
             run(vec![device(Some(30.0), 30.0), device(Some(10.0), 10.0)]),
