@@ -63,6 +63,8 @@ pub enum Part {
     OomKill,
     /// Headless Chromium, to open `berth report`'s HTML as a browser does.
     Chromium,
+    /// Prometheus's `promtool`, to check the monitoring profile's rules and config.
+    Prometheus,
 }
 
 impl Part {
@@ -90,6 +92,7 @@ impl Part {
             Part::Cdi => "cdi",
             Part::OomKill => "oom-kill",
             Part::Chromium => "chromium",
+            Part::Prometheus => "prometheus",
         }
     }
 
@@ -120,6 +123,7 @@ impl Part {
             }
             Part::Cdi => "run the tests as root (CDI specs live in /etc/cdi)",
             Part::Chromium => "apt-get install chromium (scripts/setup/debian-packages.sh)",
+            Part::Prometheus => "apt-get install prometheus (scripts/setup/debian-packages.sh)",
             Part::OomKill => {
                 "for podman, its service started by scripts/images/podman-service.sh (conmon run in the \
                  bundle directory, where podman 4.3.1 looks for conmon 2.1.6's OOM marker)"
@@ -194,6 +198,7 @@ pub fn probe(part: Part) -> Result<(), String> {
         Part::Podman => on_path("podman").map(drop),
         Part::Busybox => on_path("busybox").map(drop),
         Part::Chromium => on_path("chromium").map(drop),
+        Part::Prometheus => on_path("promtool").map(drop),
         other => Err(format!(
             "{other} has no probe of its own: the test must look for it"
         )),

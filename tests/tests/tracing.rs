@@ -503,3 +503,29 @@ fn monitoring_rules_and_dashboard_name_only_exported_metrics() {
         assert!(unknown.is_empty(), "{file} names unexported {unknown:?}");
     }
 }
+
+/// The real `promtool` (Debian's prometheus) accepts the monitoring
+/// profile's rules (linted) and scrape config.
+#[test]
+fn promtool_accepts_the_monitoring_rules_and_config() {
+    if berth_tests::parts::require_part(berth_tests::Part::Prometheus).is_none() {
+        return;
+    }
+    let dir = repo_root().join("deploy/monitoring");
+    for args in [
+        ["check", "rules", "--lint=all", "rules.yml"].as_slice(),
+        ["check", "config", "prometheus.yml"].as_slice(),
+    ] {
+        let checked = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run promtool");
+        assert!(
+            checked.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
+}

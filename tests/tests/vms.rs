@@ -95,22 +95,26 @@ impl VmHost {
         })
     }
 
-    /// kill -9 of the orchestrator, then of the agent (the orchestrator
-    /// records nothing of the agent's death); both started again on the
-    /// same socket, store and port.
-    async fn kill_and_restart(&mut self) {
+    /// kill -9 of the agent, and first of the orchestrator when
+    /// `orchestrator_too` (then it records nothing of the agent's death);
+    /// each started again on the same socket, store and port.
+    async fn kill_and_restart(&mut self, orchestrator_too: bool) {
         let dir = self.dir.path();
-        for process in [&mut self.orchestrator, &mut self.agent] {
-            process.child.kill().expect("kill -9");
-            let _ = process.child.wait();
+        if orchestrator_too {
+            self.orchestrator.child.kill().expect("kill -9");
+            let _ = self.orchestrator.child.wait();
         }
+        self.agent.child.kill().expect("kill -9");
+        let _ = self.agent.child.wait();
         let socket = dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         self.agent = start_vm_agent(dir, &self.uri);
         wait_for(&format!("unix://{}", socket.display())).await;
-        self.orchestrator = start_orchestrator(dir, self.port, &[]);
-        self.client =
-            OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{}", self.port)).await);
+        if orchestrator_too {
+            self.orchestrator = start_orchestrator(dir, self.port, &[]);
+            self.client =
+                OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{}", self.port)).await);
+        }
     }
 
     /// The console logs of the host's VMs, for a failure's message.
@@ -293,6 +297,19 @@ async fn a_vm_destroyed_mid_run_is_booted_again_and_the_run_retried() {
 /// was running (adopted, not run again), every run recorded once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_in_a_vm_survives_kill_9_of_its_agent_and_orchestrator() {
+    a_run_in_a_vm_survives_kill_9(true).await;
+}
+
+/// kill -9 of the agent alone while a run executes in its VM: the
+/// orchestrator, its exec stream broken, attaches again once the restarted
+/// agent answers (`scheduler.reattach_grace`), and the run ends in the
+/// attempt that was running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_in_a_vm_survives_kill_9_of_its_agent() {
+    a_run_in_a_vm_survives_kill_9(false).await;
+}
+
+async fn a_run_in_a_vm_survives_kill_9(orchestrator_too: bool) {
     let Some(mut host) = VmHost::start().await else {
         return;
     };
@@ -316,9 +333,11 @@ async fn a_run_in_a_vm_survives_kill_9_of_its_agent_and_orchestrator() {
     };
     // Mid-run: its command has started in the guest.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    host.kill_and_restart().await;
+    host.kill_and_restart(orchestrator_too).await;
     let restarted_at = Instant::now();
-    eprintln!("killed the agent and the orchestrator while run {in_flight} ran");
+    eprintln!(
+        "killed the agent (the orchestrator too: {orchestrator_too}) while run {in_flight} ran"
+    );
 
     // Why the run was interrupted, should it be: its error while pending again.
     let mut interrupted = Vec::new();

@@ -1529,10 +1529,16 @@ async fn line_with(
     stream: &mut tonic::Streaming<LogLine>,
     marker: &str,
 ) -> Result<LogLine, String> {
-    let deadline = Duration::from_secs(10);
+    // A loaded machine's emulated serial console is slow.
+    let deadline = Duration::from_secs(30);
+    // The shim's journal line of the exec names its command (`echo
+    // <marker>`), and shares the console with the command's own output, so
+    // the two may land on one line: an occurrence of the marker that is not
+    // the command's text is the output.
+    let echoed = format!("echo {marker}");
     tokio::time::timeout(deadline, async {
         while let Some(line) = stream.message().await.map_err(|s| format!("{s:?}"))? {
-            if line.line.contains(marker) && !line.line.starts_with(JOURNAL) {
+            if line.line.matches(marker).count() > line.line.matches(&echoed).count() {
                 return Ok(line);
             }
         }

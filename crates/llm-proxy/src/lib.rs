@@ -21,6 +21,7 @@ mod journal;
 pub mod keys;
 pub mod limits;
 pub mod litellm_config;
+mod memory;
 pub mod messages_api;
 pub mod metrics;
 pub mod providers;
@@ -251,6 +252,7 @@ pub async fn start_with(
         config.proxy.keys_flush_interval,
         host.shutdown_token(),
     );
+    memory::spawn_trimmer(host.shutdown_token());
     Ok(host.spawn(Some(http)))
 }
 

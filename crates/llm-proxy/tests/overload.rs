@@ -1,8 +1,8 @@
 //! Bounded under overload (issue #24): the real binary takes 2,000 client
 //! connections at once, each with a request, and once they have closed its
-//! RSS comes back near where it was idle. With glibc's allocator it stayed
-//! at the peak (docs/benchmarks.md): freed memory stayed in the allocator's
-//! per-thread arenas.
+//! RSS comes back near where it was idle. Without the proxy's trimming
+//! (src/memory.rs) it stayed at the peak (docs/benchmarks.md): freed memory
+//! stayed in glibc's per-thread arenas.
 
 mod common;
 

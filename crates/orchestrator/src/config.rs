@@ -55,6 +55,11 @@ pub struct SchedulerConfig {
     /// Power samples stored with one run (all its devices together); a
     /// longer series keeps its first ones and is marked truncated.
     pub max_power_samples_per_run: usize,
+    /// How long a run whose exec stream broke keeps trying to attach again
+    /// while its agent does not answer (an agent restarting: its VM execs
+    /// live on in the guest) before its host counts as lost.
+    #[serde(with = "humantime_serde")]
+    pub reattach_grace: Duration,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -84,6 +89,7 @@ impl Default for SchedulerConfig {
             max_run_attempts: 10,
             max_create_attempts: 5,
             max_power_samples_per_run: 100_000,
+            reattach_grace: Duration::from_secs(10),
         }
     }
 }

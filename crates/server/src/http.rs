@@ -22,6 +22,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// Most bytes a connection buffers while reading a request's head (and
+/// each read of its body): hyper's default grows to ~400 KiB, so 2,000
+/// clients sending large headers slowly could pin ~800 MiB. A head larger
+/// than this gets 431. hyper's smallest is 8 KiB, where every buffer
+/// starts.
+pub const MAX_BUF_BYTES: usize = 64 << 10;
+
 /// Connections open at once by default: far more than the services' clients
 /// use (a proxy's clients keep a pool each); at the ~25 KiB an idle
 /// connection was measured to cost (docs/benchmarks.md), ~100 MiB at most.
@@ -58,7 +65,8 @@ pub async fn serve_capped(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_BUF_BYTES);
     // Each connection holds a receiver; all are gone once every one closed.
     let (closed_tx, closed_rx) = watch::channel(());
     loop {
@@ -215,6 +223,33 @@ mod tests {
             "closed after {:?}",
             idle.elapsed()
         );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_head_past_the_buffer_cap_is_refused() {
+        let (addr, shutdown) = started(Duration::from_secs(30)).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_BUF_BYTES)
+        );
+        // The server may stop reading (and close) before all is written.
+        let _ = stream.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        // A head just under the cap is served.
+        let fits = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_BUF_BYTES - 1024)
+        );
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(fits.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("hi"), "{answer}");
         shutdown.cancel();
     }
 

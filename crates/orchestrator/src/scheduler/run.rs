@@ -241,16 +241,24 @@ impl Scheduler {
         let key = exec_key(&run.id, attempt);
         let followed_since = SystemTime::now();
         let mut output = RunOutput::new();
-        let exit =
-            match read_to_exit(ctx, run, (host, &mut client), stream, &key, &mut output).await {
-                Ok(exit) => exit,
-                Err(Unfinished::Stopped) => {
-                    return self.abandon(run, &[RunState::Running], client, &key).await;
-                }
-                Err(Unfinished::Lost(why)) => {
-                    return self.requeue(ctx, run, attempt, RunState::Running, why);
-                }
-            };
+        let exit = match read_to_exit(
+            ctx,
+            run,
+            (host, &mut client),
+            stream,
+            (&key, self.config.reattach_grace),
+            &mut output,
+        )
+        .await
+        {
+            Ok(exit) => exit,
+            Err(Unfinished::Stopped) => {
+                return self.abandon(run, &[RunState::Running], client, &key).await;
+            }
+            Err(Unfinished::Lost(why)) => {
+                return self.requeue(ctx, run, attempt, RunState::Running, why);
+            }
+        };
         let ended = RunUpdate {
             exit_code: Some(exit.exit_code),
             duration_ms: exit
@@ -461,15 +469,19 @@ fn exec_request(ctx: &CampaignRun, run: &Run, placed: &Placed, key: &str) -> Exe
     }
 }
 
+/// Pause between tries to attach to an exec whose agent does not answer.
+const REATTACH_PAUSE: Duration = Duration::from_millis(250);
+
 /// Reads an exec's stream into `output` until its exit status, attaching
 /// again (up to [`MAX_REATTACHES`] times, the output starting over from the
-/// agent's replay) when the stream breaks.
+/// agent's replay) when the stream breaks; an agent that does not answer is
+/// tried again for `reattach_grace` (it may be restarting).
 async fn read_to_exit(
     ctx: &CampaignRun,
     run: &Run,
     (host, client): (&str, &mut AgentClient),
     mut stream: tonic::Streaming<ExecOutput>,
-    key: &str,
+    (key, reattach_grace): (&str, Duration),
     output: &mut RunOutput,
 ) -> Result<ExitStatus, Unfinished> {
     let mut reattached = 0;
@@ -499,7 +511,22 @@ async fn read_to_exit(
             return Err(Unfinished::Lost(Interrupted::HostLost(why)));
         }
         reattached += 1;
-        match client.attach_exec(attach_request(key)).await {
+        let deadline = tokio::time::Instant::now() + reattach_grace;
+        let attached = loop {
+            match client.attach_exec(attach_request(key)).await {
+                Err(status)
+                    if agent_did_not_answer(status.code())
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::select! {
+                        () = ctx.token.cancelled() => return Err(Unfinished::Stopped),
+                        () = tokio::time::sleep(REATTACH_PAUSE) => {}
+                    }
+                }
+                attached => break attached,
+            }
+        };
+        match attached {
             Ok(again) => {
                 tracing::info!(run = %run.id, host, lost, "exec stream broke; attached again");
                 // The agent replays what it kept from the start.
