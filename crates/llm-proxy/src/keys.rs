@@ -253,12 +253,11 @@ impl KeyLease {
                 .completion_tokens
                 .saturating_add(usage.completion_tokens);
         }
-        if let Some(journal) = journal.as_mut() {
-            if let Err(error) =
+        if let Some(journal) = journal.as_mut()
+            && let Err(error) =
                 journal.append(&key.id, cost, usage.prompt_tokens, usage.completion_tokens)
-            {
-                tracing::error!(journal = %journal.path().display(), %error, key = %key.id, "appending to the spend journal; the spend is kept until the next write of the key store");
-            }
+        {
+            tracing::error!(journal = %journal.path().display(), %error, key = %key.id, "appending to the spend journal; the spend is kept until the next write of the key store");
         }
         key.shared.dirty.store(true, Ordering::Release);
     }
