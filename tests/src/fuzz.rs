@@ -153,6 +153,26 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
+/// JSON's own pieces worth inserting into any JSON target's inputs.
+const JSON_TOKENS: &[&[u8]] = &[
+    b"{", b"}", b"[", b"]", b"\"", b",", b":", b"null", b"true", b"0", b"-1",
+];
+
+/// A JSON target's tokens: JSON's own pieces, then the target's `keys`
+/// (its field names and values worth trying).
+pub fn json_tokens(keys: &'static [&'static [u8]]) -> &'static [&'static [u8]] {
+    // Built once per target and test process: leaking it is what gives the
+    // strategy the 'static slice it keeps.
+    Box::leak(
+        JSON_TOKENS
+            .iter()
+            .chain(keys)
+            .copied()
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+    )
+}
+
 /// Inputs for a target: its seeds, the seeds with up to 8 mutations
 /// (`tokens` are pieces of the format worth inserting: brackets, keys,
 /// delimiters), and arbitrary bytes.

@@ -38,18 +38,7 @@ mod fuzz {
 
     use super::*;
 
-    const TOKENS: &[&[u8]] = &[
-        b"{",
-        b"}",
-        b"[",
-        b"]",
-        b"\"",
-        b",",
-        b":",
-        b"null",
-        b"true",
-        b"0",
-        b"-1",
+    const KEYS: &[&[u8]] = &[
         b"18446744073709551616",
         b"\"type\":\"text\"",
         b"\"type\":\"tool_use\"",
@@ -67,7 +56,7 @@ mod fuzz {
 
         #[test]
         fn any_body_is_a_call_or_a_named_refusal(
-            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "messages"), TOKENS),
+            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "messages"), fuzz::json_tokens(KEYS)),
         ) {
             fuzz::timed("messages", || match call(&input) {
                 Err(ProxyError::InvalidField { field, .. }) => {

@@ -96,18 +96,7 @@ mod fuzz {
 
     use super::*;
 
-    const TOKENS: &[&[u8]] = &[
-        b"{",
-        b"}",
-        b"[",
-        b"]",
-        b"\"",
-        b",",
-        b":",
-        b"null",
-        b"true",
-        b"0",
-        b"-1",
+    const KEYS: &[&[u8]] = &[
         b"\"type\":\"message\"",
         b"\"type\":\"function_call\"",
         b"\"type\":\"function_call_output\"",
@@ -123,7 +112,7 @@ mod fuzz {
 
         #[test]
         fn any_body_is_a_call_or_a_named_refusal(
-            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "responses"), TOKENS),
+            input in fuzz::inputs(fuzz::corpus(env!("CARGO_MANIFEST_DIR"), "responses"), fuzz::json_tokens(KEYS)),
         ) {
             let store = Arc::new(ResponseStore::new(4, 1 << 20, Duration::from_secs(60)));
             store.insert("resp_stored".into(), Arc::new(vec![json!({"role": "user", "content": "before"})]));
