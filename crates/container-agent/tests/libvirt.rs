@@ -1154,23 +1154,35 @@ async fn a_killed_agent_s_keyed_exec_runs_on_and_is_attached_again() {
         "the cancelled and abandoned commands are gone"
     );
 
-    // The shim's journal, in the VM's Logs beside the console.
-    let lines = all_lines(logs(&mut client, &name, 0, false, None).await.unwrap())
-        .await
-        .unwrap();
-    let text: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
-    for wanted in [
+    // The shim's journal, in the VM's Logs beside the console. Its lines are
+    // written by a thread of their own to a slow emulated console: the last
+    // one may come a moment after the exec ended.
+    let wanted = [
         "berth-exec: started key=\"run-1\" command=\"sh -c echo started;",
         "berth-exec: ended key=\"run-1\" exit=0 after 5.",
         "berth-exec: ended key=\"run-2\" exit=137",
         "berth-exec: ended key=\"run-3\" exit=137",
         "berth-exec: started key=- command=\"true\"",
         "berth-guest-up",
-    ] {
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = all_lines(logs(&mut client, &name, 0, false, None).await.unwrap())
+            .await
+            .unwrap();
+        let text: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+        let missing: Vec<&&str> = wanted
+            .iter()
+            .filter(|wanted| !text.iter().any(|line| line.contains(**wanted)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            text.iter().any(|line| line.contains(wanted)),
-            "no `{wanted}` in the VM's logs: {text:#?}"
+            std::time::Instant::now() < deadline,
+            "no {missing:?} in the VM's logs: {text:#?}"
         );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     client
