@@ -38,6 +38,18 @@ pub fn hypervisor() -> Result<String, String> {
     Ok(uri)
 }
 
+/// A temporary directory for an agent's VMs: qemu runs as libvirt-qemu and
+/// must reach the overlays and the console logs made in it.
+pub fn vm_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("a directory libvirt-qemu can enter");
+    dir
+}
+
 /// The exec shim as a static binary (the guest, and a container without a
 /// C library, run it), built into a target directory of its own under
 /// `target_tmpdir` (the calling test crate's `CARGO_TARGET_TMPDIR`).

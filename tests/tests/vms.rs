@@ -54,14 +54,7 @@ fn start_vm_agent(dir: &Path, uri: &str) -> Process {
 impl VmHost {
     async fn start() -> Option<Self> {
         let uri = require(Part::Vm, berth_tests::vm::hypervisor())?;
-        let dir = tempfile::tempdir().unwrap();
-        // qemu runs as libvirt-qemu: it must reach the overlays and the console
-        // log in the agent's directory.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let dir = berth_tests::vm::vm_dir();
         let image_dir = dir.path().join("image");
         let target_tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let base = require(

@@ -209,24 +209,35 @@ async fn forward(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<ExecOutput>,
         match pipe.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                let data = buffer[..n].to_vec();
-                let output = if is_stdout {
-                    exec_output::Output::Stdout(data)
-                } else {
-                    exec_output::Output::Stderr(data)
-                };
-                if tx
-                    .send(ExecOutput {
-                        output: Some(output),
-                    })
-                    .await
-                    .is_err()
-                {
+                if !send_output(&tx, &buffer[..n], is_stdout).await {
                     return;
                 }
             }
         }
     }
+}
+
+/// Sends an exec's output (a pipe's read, an engine's or shim's frame, a
+/// guest agent's answer) as stdout or stderr, in gRPC-sized chunks; false
+/// when the caller is gone.
+pub(crate) async fn send_output(tx: &mpsc::Sender<ExecOutput>, data: &[u8], stdout: bool) -> bool {
+    for chunk in data.chunks(CHUNK_BYTES) {
+        let output = if stdout {
+            exec_output::Output::Stdout(chunk.to_vec())
+        } else {
+            exec_output::Output::Stderr(chunk.to_vec())
+        };
+        if tx
+            .send(ExecOutput {
+                output: Some(output),
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -569,14 +569,7 @@ static REAL_VMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// boot image; `None` (and why) when this host lacks a part.
 fn real_vm_parts() -> Option<(String, tempfile::TempDir, PathBuf)> {
     let uri = berth_tests::require(berth_tests::Part::Vm, berth_tests::vm::hypervisor())?;
-    let dir = tempfile::tempdir().unwrap();
-    // qemu runs as libvirt-qemu: it must reach the overlays and the console
-    // log in the agent's directory.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = berth_tests::vm::vm_dir();
     let base = berth_tests::require(
         berth_tests::Part::Vm,
         berth_tests::vm::boot_image(
@@ -858,12 +851,7 @@ async fn execs_go_through_the_guest_agent_without_a_shim() {
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = berth_tests::vm::vm_dir();
     let Some(base) = berth_tests::require(
         berth_tests::Part::Vm,
         berth_tests::vm::guest_agent_image(&dir.path().join("image")),
@@ -1237,14 +1225,7 @@ async fn a_real_vm_boots_and_stops() {
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    // qemu runs as libvirt-qemu: it must reach the overlays and the console
-    // log in the agent's directory.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = berth_tests::vm::vm_dir();
     let image_dir = dir.path().join("image");
     let Some(base) = berth_tests::require(
         berth_tests::Part::Vm,
@@ -1890,12 +1871,7 @@ async fn benchmark_vm_boot_and_exec_paths() {
         agent.remove(&name, true).await.unwrap();
     }
 
-    let kvm_dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        kvm_dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let kvm_dir = berth_tests::vm::vm_dir();
     let mut kvm = Agent::start("bench-kvm", kvm_dir, &uri, |c| {
         c.libvirt.domain_type = "kvm".into();
     })

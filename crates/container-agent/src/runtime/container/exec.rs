@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::engine::{Engine, status_of};
 use crate::error::AgentError;
-use crate::process_group::{CHUNK_BYTES, EXEC_BUFFER, HostCommand, kill_tree};
+use crate::process_group::{EXEC_BUFFER, HostCommand, kill_tree, send_output};
 use crate::runtime::ExecCommand;
 
 /// How long to wait for the engine to see an exec's process gone.
@@ -119,13 +119,13 @@ async fn follow(
         tokio::select! {
             chunk = output.next() => match chunk {
                 Some(Ok(LogOutput::StdOut { message })) => {
-                    if !forward(&tx, &message, true).await {
+                    if !send_output(&tx, &message, true).await {
                         kill(&docker, &exec_id).await;
                         return;
                     }
                 }
                 Some(Ok(LogOutput::StdErr { message })) => {
-                    if !forward(&tx, &message, false).await {
+                    if !send_output(&tx, &message, false).await {
                         kill(&docker, &exec_id).await;
                         return;
                     }
@@ -169,28 +169,6 @@ async fn follow(
             output: Some(exec_output::Output::Exit(exit)),
         })
         .await;
-}
-
-/// Sends one engine (or exec shim) frame, split into gRPC-sized chunks;
-/// false when the caller is gone.
-pub(super) async fn forward(tx: &mpsc::Sender<ExecOutput>, data: &[u8], stdout: bool) -> bool {
-    for chunk in data.chunks(CHUNK_BYTES) {
-        let output = if stdout {
-            exec_output::Output::Stdout(chunk.to_vec())
-        } else {
-            exec_output::Output::Stderr(chunk.to_vec())
-        };
-        if tx
-            .send(ExecOutput {
-                output: Some(output),
-            })
-            .await
-            .is_err()
-        {
-            return false;
-        }
-    }
-    true
 }
 
 /// The exit code, once the engine says the exec stopped running (its

@@ -24,8 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-use super::exec::forward;
 use crate::process_group::EXEC_BUFFER;
+use crate::process_group::send_output;
 use crate::runtime::ExecCommand;
 
 /// Where the shim's binary and socket directory are mounted in a container.
@@ -225,7 +225,7 @@ pub(crate) fn stream_exec(
                 stream.read_exact(&mut payload).await?;
                 match kind {
                     FrameKind::Stdout | FrameKind::Stderr => {
-                        if !forward(&tx, &payload, kind == FrameKind::Stdout).await {
+                        if !send_output(&tx, &payload, kind == FrameKind::Stdout).await {
                             return Err(std::io::Error::other("the caller went away"));
                         }
                     }

@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use super::exec::BROKEN;
 use super::{DomainView, LibvirtRuntime, failed};
 use crate::error::AgentError;
-use crate::process_group::EXEC_BUFFER;
+use crate::process_group::{EXEC_BUFFER, send_output};
 use crate::runtime::ExecCommand;
 
 /// The guest agent's virtio-serial port, where qemu-ga looks for it.
@@ -121,18 +121,7 @@ pub async fn run(
                         let data = base64::engine::general_purpose::STANDARD
                             .decode(data)
                             .unwrap_or_else(|e| format!("(undecodable output: {e})").into_bytes());
-                        let output = if stdout {
-                            exec_output::Output::Stdout(data)
-                        } else {
-                            exec_output::Output::Stderr(data)
-                        };
-                        if tx
-                            .send(ExecOutput {
-                                output: Some(output),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if !send_output(&tx, &data, stdout).await {
                             return;
                         }
                     }
