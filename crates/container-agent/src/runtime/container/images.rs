@@ -229,7 +229,11 @@ pub async fn remove(engine: &Engine, records: &Records, image: &str) -> Result<(
     // By the name asked for, not the id: two imports of the same rootfs in
     // the same second get the same id, and a forced removal by id would take
     // the other's name with it. Removing the last name removes the image.
-    let by = if found.references.iter().any(|r| r == image) {
+    // Podman lists an unqualified name as `localhost/<name>`.
+    let named = |reference: &String| {
+        reference == image || reference.strip_prefix("localhost/") == Some(image)
+    };
+    let by = if found.references.iter().any(named) {
         image
     } else {
         found.id.as_str()
