@@ -31,6 +31,8 @@ packages=(
   qemu-guest-agent # qemu-ga in the test VM's guest-agent image: the exec fallback without the shim
   python3-venv     # the venvs of the model set-up and the LLM peers
   prometheus       # promtool checks deploy/monitoring/'s rules and config; the monitoring image's binary
+  slurmctld slurmd slurm-client munge slurmrestd slurm-wlm-jwt-plugin  # a real single-node SLURM: the slurm runtime's tests
+  postgresql-15    # the orchestrator's PostgreSQL store: its tests start a server of their own (initdb in a temp dir)
   procps ca-certificates
 )
 

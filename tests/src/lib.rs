@@ -8,6 +8,8 @@ pub mod compose;
 pub mod fuzz;
 pub mod llm;
 pub mod parts;
+pub mod postgres;
+pub mod slurm;
 pub mod vm;
 pub use parts::{Part, require, require_part};
 

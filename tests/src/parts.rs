@@ -65,6 +65,11 @@ pub enum Part {
     Chromium,
     /// Prometheus's `promtool`, to check the monitoring profile's rules and config.
     Prometheus,
+    /// PostgreSQL 15's server binaries (initdb, pg_ctl), for the orchestrator's
+    /// PostgreSQL store.
+    Postgres,
+    /// SLURM 22.05 (slurmctld, slurmd, slurmrestd with JWT, munge), started by tests/src/slurm.rs.
+    Slurm,
 }
 
 impl Part {
@@ -93,6 +98,8 @@ impl Part {
             Part::OomKill => "oom-kill",
             Part::Chromium => "chromium",
             Part::Prometheus => "prometheus",
+            Part::Postgres => "postgresql",
+            Part::Slurm => "slurm",
         }
     }
 
@@ -124,6 +131,11 @@ impl Part {
             Part::Cdi => "run the tests as root (CDI specs live in /etc/cdi)",
             Part::Chromium => "apt-get install chromium (scripts/setup/debian-packages.sh)",
             Part::Prometheus => "apt-get install prometheus (scripts/setup/debian-packages.sh)",
+            Part::Slurm => {
+                "apt-get install --no-install-recommends slurmctld slurmd slurm-client munge slurmrestd \
+                 slurm-wlm-jwt-plugin (scripts/setup/debian-packages.sh), and run the tests as root"
+            }
+            Part::Postgres => "apt-get install postgresql-15 (scripts/setup/debian-packages.sh)",
             Part::OomKill => {
                 "for podman, its service started by scripts/images/podman-service.sh (conmon run in the \
                  bundle directory, where podman 4.3.1 looks for conmon 2.1.6's OOM marker)"

@@ -98,6 +98,22 @@ async fn agent_lifecycle_exec_logs_stats_images() {
     assert_eq!(started.endpoints.len(), 1, "{:?}", started.endpoints);
     let id = started.id.clone();
 
+    // What decides an energy figure: the image and its id as the engine
+    // has them, the declared GPU (its settings unknown without NVML).
+    let provenance = agent
+        .client
+        .describe_provenance(WorkloadRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (provenance.image.as_str(), provenance.runtime),
+        (agent.image.as_str(), agent.engine.runtime as i32)
+    );
+    assert!(provenance.image_id.starts_with("sha256:"), "{provenance:?}");
+    assert_eq!(provenance.gpus.len(), 1, "{provenance:?}");
+    assert!(!provenance.kernel.is_empty(), "{provenance:?}");
+
     let (out, err, exit) = agent
         .exec(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"], None)
         .await

@@ -603,3 +603,130 @@ async fn the_thermal_gate_waits_for_a_cool_device_or_flags_a_hot_start() {
         "the gate waited for the cool phase: {cooled:?}"
     );
 }
+
+/// Every run records what its host reported of the settings that decide an
+/// energy figure (kernel, CPU policy, GPUs, what it runs from); where hosts
+/// differ (here their GPUs: CI has none, `agent.declared_gpus` stands in for
+/// NVML and the test says so), the results flag it and `berth results`
+/// prints it, and the per-run export carries the provenance columns.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_run_records_its_provenance_and_differences_between_hosts_are_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
+    let mut agents = Vec::new();
+    for (host, gpu) in [("host-a", "declared GPU A"), ("host-b", "declared GPU B")] {
+        let socket = dir.path().join(format!("{host}.sock"));
+        let config = dir.path().join(format!("{host}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[[agent.declared_gpus]]\nindex = 0\nuuid = \"GPU-{host}\"\nname = \"{gpu}\"\nmemory_bytes = 1073741824\n"
+            ),
+        )
+        .unwrap();
+        agents.push(start_agent_with(
+            &socket,
+            &["--config", config.to_str().unwrap()],
+        ));
+        wait_for(&format!("unix://{}", socket.display())).await;
+        client
+            .register_host(RegisterHostRequest {
+                name: host.into(),
+                address: format!("unix://{}", socket.display()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let manifest = "name: provenance\n\
+                    backends:\n  - {name: a, runtime: process, placement: {host: host-a}}\n  \
+                    - {name: b, runtime: process, placement: {host: host-b}}\n\
+                    configs: [{name: c}]\ncycles: 2\nrun: {command: [sh, -c, 'echo {\"ok\": 1}']}\n";
+    let campaign = client
+        .submit_campaign(SubmitCampaignRequest {
+            manifest_yaml: manifest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_succeeded(
+        &mut client,
+        &campaign.id,
+        4,
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await;
+    let runs = client
+        .list_runs(ListRunsRequest {
+            campaign_id: campaign.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    for run in &runs {
+        let provenance = run.provenance.as_ref().expect("provenance with every run");
+        assert_eq!(provenance.kernel, kernel.trim(), "{run:?}");
+        // A process backend is the host environment itself: no image.
+        assert_eq!(provenance.image, "", "{provenance:?}");
+        assert!(!provenance.berth_version.is_empty() && !provenance.cpu_model.is_empty());
+        let expected = if run.host == "host-a" {
+            "declared GPU A"
+        } else {
+            "declared GPU B"
+        };
+        assert_eq!(provenance.gpus.len(), 1, "{provenance:?}");
+        assert_eq!(provenance.gpus[0].name, expected);
+        assert!(
+            provenance
+                .unknown
+                .iter()
+                .any(|why| why.contains("agent.declared_gpus")),
+            "declared GPUs say their settings are unknown: {:?}",
+            provenance.unknown
+        );
+    }
+    let results = client
+        .get_results(GetResultsRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        results.provenance_differences,
+        ["gpus[0].name: declared GPU A on host-a (2 runs), declared GPU B on host-b (2 runs)"]
+    );
+    let berth = |args: &[&str]| {
+        let output = std::process::Command::new(bin("berth"))
+            .args(["--orchestrator", &format!("http://127.0.0.1:{port}")])
+            .args(args)
+            .output()
+            .expect("run berth");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "{text}");
+        text
+    };
+    let table = berth(&["results", &campaign.id]);
+    assert!(
+        table.contains("provenance differs between runs")
+            && table.contains("gpus[0].name: declared GPU A on host-a"),
+        "{table}"
+    );
+    let exported = berth(&["results", &campaign.id, "--runs", "--format", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&exported).expect("JSON rows");
+    assert_eq!(rows.len(), 4, "{exported}");
+    for row in &rows {
+        assert_eq!(row["provenance.kernel"], kernel.trim(), "{row}");
+        assert!(
+            row["gpu0.name"]
+                .as_str()
+                .unwrap()
+                .starts_with("declared GPU"),
+            "{row}"
+        );
+    }
+}

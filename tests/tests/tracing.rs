@@ -99,6 +99,8 @@ impl Receiver {
 /// the orchestrator with `settings` too; its client, and the processes.
 struct Stack {
     client: Client,
+    /// The agent's HTTP port (its `/metrics`).
+    agent_http: String,
     processes: Vec<Process>,
 }
 
@@ -127,9 +129,10 @@ impl Stack {
         );
         let socket = dir.join("agent.sock");
         let agent_listen = format!("unix://{}", socket.display());
+        let agent_http = format!("127.0.0.1:{}", free_port());
         let agent = Process::spawn(
             "berth-agent",
-            &["--listen", &agent_listen, "--http-listen", ""],
+            &["--listen", &agent_listen, "--http-listen", &agent_http],
             &env,
         );
         let listen = format!("127.0.0.1:{}", free_port());
@@ -159,6 +162,7 @@ impl Stack {
             .expect("RegisterHost");
         Self {
             client,
+            agent_http,
             processes: vec![orchestrator, agent, sampler],
         }
     }
@@ -285,9 +289,12 @@ async fn each_run_is_one_trace_across_orchestrator_agent_and_power_sampler() {
     }
 }
 
+/// Metrics as the exposition names them, each with its label names.
+type MetricList = &'static [(&'static str, &'static [&'static str])];
+
 /// The orchestrator's domain metrics, each as the exposition names it with
 /// its label names: a rename or a new label is a deliberate change here.
-const ORCHESTRATOR_METRICS: &[(&str, &[&str])] = &[
+const ORCHESTRATOR_METRICS: MetricList = &[
     ("berth_orchestrator_campaigns", &["state"]),
     ("berth_orchestrator_run_transitions_total", &["state"]),
     ("berth_orchestrator_run_attempts_total", &["outcome"]),
@@ -318,11 +325,159 @@ const ORCHESTRATOR_METRICS: &[(&str, &[&str])] = &[
     ("berth_orchestrator_run_energy_joules_sum", &["replayed"]),
 ];
 
+/// The agent's domain metrics, as [`ORCHESTRATOR_METRICS`] lists the
+/// orchestrator's.
+const AGENT_METRICS: MetricList = &[
+    ("berth_agent_workloads", &["runtime", "state"]),
+    ("berth_agent_execs_in_flight", &[]),
+    ("berth_agent_exec_start_seconds_bucket", &["le", "runtime"]),
+    ("berth_agent_exec_start_seconds_count", &["runtime"]),
+    ("berth_agent_exec_start_seconds_sum", &["runtime"]),
+    ("berth_agent_restarts_total", &["reason"]),
+    ("berth_agent_image_imports_total", &["runtime", "outcome"]),
+];
+
+/// The llm-proxy's metrics of the OpenTelemetry GenAI conventions, under
+/// the names OpenTelemetry's Prometheus exporter gives them.
+const GEN_AI_METRICS: MetricList = &[
+    (
+        "gen_ai_client_token_usage_bucket",
+        &[
+            "le",
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_token_type",
+        ],
+    ),
+    (
+        "gen_ai_client_token_usage_count",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_token_type",
+        ],
+    ),
+    (
+        "gen_ai_client_token_usage_sum",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_token_type",
+        ],
+    ),
+    (
+        "gen_ai_client_operation_duration_seconds_bucket",
+        &[
+            "le",
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "error_type",
+        ],
+    ),
+    (
+        "gen_ai_client_operation_duration_seconds_count",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "error_type",
+        ],
+    ),
+    (
+        "gen_ai_client_operation_duration_seconds_sum",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "error_type",
+        ],
+    ),
+    (
+        "gen_ai_server_time_to_first_token_seconds_bucket",
+        &[
+            "le",
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+        ],
+    ),
+    (
+        "gen_ai_server_time_to_first_token_seconds_count",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+        ],
+    ),
+    (
+        "gen_ai_server_time_to_first_token_seconds_sum",
+        &[
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+        ],
+    ),
+];
+
 /// A scraped sample: its name, labels and value.
 struct Sample {
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
+}
+
+/// A service's `/metrics`, as scraped.
+struct Scrape {
+    text: String,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    async fn of(http: &str) -> Self {
+        let (status, text) = berth_tests::http_get(http, "/metrics", None).await;
+        assert_eq!(status, 200, "{text}");
+        let samples = parse_exposition(&text);
+        Self { text, samples }
+    }
+
+    /// The names of the samples named `prefix…`, each checked to be in
+    /// `list` with exactly its label names.
+    fn listed(&self, prefix: &str, list: MetricList) -> BTreeSet<String> {
+        let expected: BTreeMap<&str, BTreeSet<&str>> = list
+            .iter()
+            .map(|(name, labels)| (*name, labels.iter().copied().collect()))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for sample in self.samples.iter().filter(|s| s.name.starts_with(prefix)) {
+            let labels: BTreeSet<&str> = sample.labels.keys().map(String::as_str).collect();
+            assert_eq!(
+                expected.get(sample.name.as_str()),
+                Some(&labels),
+                "{} with labels {labels:?} is not in the list",
+                sample.name
+            );
+            seen.insert(sample.name.clone());
+        }
+        seen
+    }
+
+    /// The value of the first sample `name` with (at least) `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{}", self.text))
+            .value
+    }
 }
 
 fn parse_exposition(text: &str) -> Vec<Sample> {
@@ -374,42 +529,19 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
     let took = started.elapsed();
     assert!(took < Duration::from_secs(20), "the campaign took {took:?}");
 
-    let (status, text) = berth_tests::http_get(&http, "/metrics", None).await;
-    assert_eq!(status, 200, "{text}");
-    let samples = parse_exposition(&text);
-    let expected: BTreeMap<&str, BTreeSet<&str>> = ORCHESTRATOR_METRICS
+    let scrape = Scrape::of(&http).await;
+    let seen = scrape.listed("berth_orchestrator_", ORCHESTRATOR_METRICS);
+    let missing: Vec<&&str> = ORCHESTRATOR_METRICS
         .iter()
-        .map(|(name, labels)| (*name, labels.iter().copied().collect()))
+        .map(|(name, _)| name)
+        .filter(|n| !seen.contains(**n))
         .collect();
-    let mut seen = BTreeSet::new();
-    for sample in samples
-        .iter()
-        .filter(|s| s.name.starts_with("berth_orchestrator_"))
-    {
-        let labels: BTreeSet<&str> = sample.labels.keys().map(String::as_str).collect();
-        assert_eq!(
-            expected.get(sample.name.as_str()),
-            Some(&labels),
-            "{} with labels {labels:?} is not in the list",
-            sample.name
-        );
-        seen.insert(sample.name.as_str());
-    }
-    let missing: Vec<&&str> = expected.keys().filter(|n| !seen.contains(**n)).collect();
-    assert!(missing.is_empty(), "not exported: {missing:?}\n{text}");
-
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        samples
-            .iter()
-            .find(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{text}"))
-            .value
-    };
+    assert!(
+        missing.is_empty(),
+        "not exported: {missing:?}\n{}",
+        scrape.text
+    );
+    let value = |name: &str, labels: &[(&str, &str)]| scrape.value(name, labels);
     let runs = 4.0;
     assert_eq!(
         value(
@@ -474,33 +606,66 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
         value("berth_orchestrator_replicas", &[("state", "running")]),
         0.0
     );
+
+    // The agent's: each run's exec timed, none left running.
+    let agent = Scrape::of(&stack.agent_http).await;
+    agent.listed("berth_agent_", AGENT_METRICS);
+    assert!(
+        agent.value(
+            "berth_agent_exec_start_seconds_count",
+            &[("runtime", "process")]
+        ) >= runs
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let in_flight = Scrape::of(&stack.agent_http)
+            .await
+            .value("berth_agent_execs_in_flight", &[]);
+        if in_flight == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{in_flight} execs still in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stack.stop();
 }
 
 /// The alerting rules and the Grafana dashboard name only metrics the
-/// orchestrator exports (the list above, checked against a scrape), so a
-/// rename cannot silently empty an alert or a panel.
+/// services export (the lists above, checked against scrapes), so a rename
+/// cannot silently empty an alert or a panel. A metric name is told from a
+/// label name by its prefix (`gen_ai_client_…`, not `gen_ai_request_model`).
 #[test]
 fn monitoring_rules_and_dashboard_name_only_exported_metrics() {
-    let listed: BTreeSet<&str> = ORCHESTRATOR_METRICS.iter().map(|(name, _)| *name).collect();
+    let lists: [(&str, MetricList); 4] = [
+        ("berth_orchestrator_", ORCHESTRATOR_METRICS),
+        ("berth_agent_", AGENT_METRICS),
+        ("gen_ai_client_", GEN_AI_METRICS),
+        ("gen_ai_server_", GEN_AI_METRICS),
+    ];
     for file in [
         "deploy/monitoring/rules.yml",
         "deploy/monitoring/grafana-dashboard.json",
     ] {
         let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
-        let named: BTreeSet<&str> = text
-            .match_indices("berth_orchestrator_")
-            .map(|(at, _)| {
-                let rest = &text[at..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len());
-                &rest[..end]
-            })
-            .collect();
-        assert!(!named.is_empty(), "{file} names no orchestrator metric");
-        let unknown: Vec<&&str> = named.iter().filter(|n| !listed.contains(**n)).collect();
-        assert!(unknown.is_empty(), "{file} names unexported {unknown:?}");
+        for (prefix, list) in lists {
+            let listed: BTreeSet<&str> = list.iter().map(|(name, _)| *name).collect();
+            let named: BTreeSet<&str> = text
+                .match_indices(prefix)
+                .map(|(at, _)| {
+                    let rest = &text[at..];
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len());
+                    &rest[..end]
+                })
+                .collect();
+            assert!(!named.is_empty(), "{file} names no {prefix}* metric");
+            let unknown: Vec<&&str> = named.iter().filter(|n| !listed.contains(**n)).collect();
+            assert!(unknown.is_empty(), "{file} names unexported {unknown:?}");
+        }
     }
 }
 
@@ -528,4 +693,573 @@ fn promtool_accepts_the_monitoring_rules_and_config() {
             String::from_utf8_lossy(&checked.stderr)
         );
     }
+}
+
+/// A real HTTP/1 server between the llm-proxy and its upstream: it records
+/// the `traceparent` of each request it is sent, and relays the request to
+/// the upstream, one per connection (both answers say `connection: close`,
+/// so the proxy's pool reuses none).
+struct RecordingRelay {
+    port: u16,
+    traceparents: Arc<Mutex<Vec<String>>>,
+}
+
+impl RecordingRelay {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let traceparents = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&traceparents);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let kept = Arc::clone(&kept);
+                tokio::spawn(async move {
+                    if let Err(error) = relay_one(client, upstream, &kept).await {
+                        eprintln!("relay: {error}");
+                    }
+                });
+            }
+        });
+        Self { port, traceparents }
+    }
+
+    fn traceparents(&self) -> Vec<String> {
+        self.traceparents.lock().unwrap().clone()
+    }
+}
+
+/// Relays one request (head and `content-length` body) and its answer.
+async fn relay_one(
+    mut client: tokio::net::TcpStream,
+    upstream: u16,
+    traceparents: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let head_end = loop {
+        let read = client.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        received.extend_from_slice(&chunk[..read]);
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        assert!(received.len() < 1 << 20, "a request head over 1 MiB");
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let mut content_length = 0;
+    let mut lines = Vec::new();
+    for line in head.split("\r\n").filter(|line| !line.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => content_length = value.trim().parse().unwrap(),
+            "traceparent" => traceparents.lock().unwrap().push(value.trim().to_string()),
+            "connection" => continue,
+            _ => {}
+        }
+        lines.push(line);
+    }
+    while received.len() < head_end + content_length {
+        let read = client.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        received.extend_from_slice(&chunk[..read]);
+    }
+    let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let request = format!("{}\r\nconnection: close\r\n\r\n", lines.join("\r\n"));
+    upstream.write_all(request.as_bytes()).await?;
+    upstream.write_all(&received[head_end..]).await?;
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer).await?;
+    let status_line_end = answer
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(answer.len(), |at| at + 2);
+    client.write_all(&answer[..status_line_end]).await?;
+    client.write_all(b"connection: close\r\n").await?;
+    client.write_all(&answer[status_line_end..]).await?;
+    client.shutdown().await
+}
+
+/// POSTs `body` as JSON to `addr` with `headers`; the status and the body.
+async fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    // HTTP/1.0: the server closes after the answer and sends no chunks.
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, body.to_string())
+}
+
+/// Until `GET path` on `addr` answers 200, within `limit`.
+async fn wait_for_http(addr: &str, path: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && berth_tests::http_get(addr, path, None).await.0 == 200
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path} did not answer within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Until the receiver holds a span `matching`, within 15 s.
+async fn span_where(receiver: &Receiver, matching: impl Fn(&Received) -> bool) -> Received {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(found) = receiver.spans().into_iter().find(&matching) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such span among {:#?}",
+            receiver
+                .spans()
+                .iter()
+                .map(|r| (&r.service, &r.span.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A string-array attribute's values.
+fn string_array(received: &Received, key: &str) -> Vec<String> {
+    let value = received
+        .span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref());
+    match value {
+        Some(any_value::Value::ArrayValue(array)) => array
+            .values
+            .iter()
+            .filter_map(|v| match v.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        other => panic!("{key} is {other:?}, not an array of strings"),
+    }
+}
+
+/// The caller's trace and span, as a client sends them in `traceparent`.
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+/// The W3C trace-context test id with span `span`: `00-<trace>-<span>-01`.
+fn traceparent(trace: &str, span: &str) -> String {
+    format!("00-{trace}-{span}-01")
+}
+
+fn span_kind(received: &Received) -> opentelemetry_proto::tonic::trace::v1::span::SpanKind {
+    opentelemetry_proto::tonic::trace::v1::span::SpanKind::try_from(received.span.kind).unwrap()
+}
+
+/// A chat completion through the real berth-llm-proxy to llama.cpp's server
+/// with SmolLM2, a recording relay between them: the proxy's spans reach
+/// the OTLP receiver, its HTTP span the child of the caller's
+/// `traceparent`, its GenAI span (`chat smollm2`) carrying the GenAI
+/// conventions' attributes; the upstream receives a `traceparent` of the
+/// same trace, the GenAI span its parent. A streamed completion with a
+/// malformed `traceparent` starts a trace of its own, and the GenAI metrics
+/// (time to first token included) are exported as listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chat_completion_is_one_trace_from_the_caller_to_the_upstream() {
+    let Some((python, gguf)) =
+        berth_tests::require(berth_tests::Part::LlmPeers, berth_tests::llm::llama_cpp())
+    else {
+        return;
+    };
+    let (receiver, endpoint) = Receiver::start().await;
+    let llama_port = free_port();
+    let llama = Process {
+        child: std::process::Command::new(python)
+            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1"])
+            .args(["--n_ctx", "2048", "--model_alias", "smollm2"])
+            .arg("--model")
+            .arg(gguf)
+            .args(["--port", &llama_port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting llama_cpp.server"),
+        name: "llama_cpp.server".into(),
+    };
+    let relay = RecordingRelay::start(llama_port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let litellm = dir.path().join("litellm.yaml");
+    std::fs::write(
+        &litellm,
+        format!(
+            "model_list:\n\
+             \x20 - model_name: smollm2\n    litellm_params: {{model: openai/smollm2, api_base: http://127.0.0.1:{}/v1, timeout: 120}}\n\
+             \x20 - model_name: gone\n    litellm_params: {{model: openai/gone, api_base: http://127.0.0.1:{}/v1}}\n",
+            relay.port,
+            free_port()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let proxy = Process::spawn(
+        "berth-llm-proxy",
+        &[
+            "--listen",
+            &listen,
+            "--http-listen",
+            &http,
+            "--set",
+            &format!("proxy.litellm_config={}", litellm.display()),
+        ],
+        &[
+            ("BERTH_SERVER__OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    wait_for(&format!("http://{listen}")).await;
+    wait_for_http(
+        &format!("127.0.0.1:{llama_port}"),
+        "/v1/models",
+        Duration::from_secs(120),
+    )
+    .await;
+
+    let caller = traceparent(CALLER_TRACE, CALLER_SPAN);
+    let (status, answer) = http_post(
+        &http,
+        "/v1/chat/completions",
+        &[("traceparent", &caller), ("tracestate", "caller=1")],
+        r#"{"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // A forged parent (all-zero span id): ignored, a trace of its own.
+    let forged = traceparent(CALLER_TRACE, "0000000000000000");
+    let (status, answer) = http_post(
+        &http,
+        "/v1/chat/completions",
+        &[("traceparent", &forged)],
+        r#"{"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "stream": true}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("data: [DONE]"), "{answer}");
+    // An upstream nobody listens on: the failure is typed on span and metric.
+    let (status, answer) = http_post(
+        &http,
+        "/v1/chat/completions",
+        &[("traceparent", &caller)],
+        r#"{"model": "gone", "messages": [{"role": "user", "content": "Hello?"}]}"#,
+    )
+    .await;
+    assert!(status >= 500, "{status} {answer}");
+
+    let scrape = Scrape::of(&http).await;
+    let seen = scrape.listed("gen_ai_", GEN_AI_METRICS);
+    assert_eq!(
+        seen.len(),
+        GEN_AI_METRICS.len(),
+        "not all exported: {seen:?}\n{}",
+        scrape.text
+    );
+    let chat = [
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_provider_name", "openai"),
+        ("gen_ai_request_model", "smollm2"),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut labels = chat.to_vec();
+        labels.push(extra);
+        labels
+    };
+    assert_eq!(
+        scrape.value(
+            "gen_ai_client_operation_duration_seconds_count",
+            &with(("error_type", ""))
+        ),
+        2.0
+    );
+    assert!(
+        scrape.value(
+            "gen_ai_client_token_usage_sum",
+            &with(("gen_ai_token_type", "input"))
+        ) > 0.0
+    );
+    assert!(
+        scrape.value(
+            "gen_ai_client_token_usage_sum",
+            &with(("gen_ai_token_type", "output"))
+        ) > 0.0
+    );
+    assert_eq!(
+        scrape.value("gen_ai_server_time_to_first_token_seconds_count", &chat),
+        1.0
+    );
+    let failed = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.name == "gen_ai_client_operation_duration_seconds_count"
+                && s.labels.get("gen_ai_request_model").map(String::as_str) == Some("gone")
+        })
+        .unwrap_or_else(|| panic!("no failed operation in\n{}", scrape.text));
+    let error_type = failed.labels["error_type"].clone();
+    assert!(
+        error_type.starts_with("upstream_") || error_type == "no_deployment",
+        "{error_type}"
+    );
+    assert_eq!(failed.value, 1.0);
+    assert_eq!(proxy.terminate(), Some(0), "the proxy did not stop cleanly");
+
+    let trace = (0..CALLER_TRACE.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&CALLER_TRACE[at..at + 2], 16).unwrap())
+        .collect::<Vec<u8>>();
+    let is_proxy_span =
+        |r: &Received, name: &str| r.service == "berth-llm-proxy" && r.span.name == name;
+    let gen_ai = span_where(&receiver, |r| {
+        is_proxy_span(r, "chat smollm2") && r.span.trace_id == trace
+    })
+    .await;
+    let http_span = span_where(&receiver, |r| {
+        is_proxy_span(r, "POST") && r.span.span_id == gen_ai.span.parent_span_id
+    })
+    .await;
+    assert_eq!(http_span.span.trace_id, trace);
+    assert_eq!(hex(&http_span.span.parent_span_id), CALLER_SPAN);
+    assert_eq!(span_kind(&http_span).as_str_name(), "SPAN_KIND_SERVER");
+    assert_eq!(
+        http_span.attribute("url.path").as_deref(),
+        Some("/v1/chat/completions")
+    );
+    assert_eq!(
+        http_span.attribute("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(span_kind(&gen_ai).as_str_name(), "SPAN_KIND_CLIENT");
+    for (key, expected) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.request.model", "smollm2"),
+        ("gen_ai.provider.name", "openai"),
+        ("gen_ai.system", "openai"),
+        ("server.address", "127.0.0.1"),
+    ] {
+        assert_eq!(gen_ai.attribute(key).as_deref(), Some(expected), "{key}");
+    }
+    assert_eq!(
+        gen_ai.attribute("server.port"),
+        Some(relay.port.to_string())
+    );
+    assert!(gen_ai.attribute("gen_ai.response.model").is_some());
+    assert!(gen_ai.attribute("error.type").is_none());
+    for key in ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"] {
+        let tokens: u64 = gen_ai.attribute(key).unwrap().parse().unwrap();
+        assert!(tokens > 0, "{key} = {tokens}");
+    }
+    let reasons = string_array(&gen_ai, "gen_ai.response.finish_reasons");
+    assert!(
+        reasons == ["length"] || reasons == ["stop"],
+        "finish reasons {reasons:?}"
+    );
+
+    // The upstream received the trace, the GenAI span its parent; the
+    // streamed request with the forged parent another trace.
+    let received = relay.traceparents();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(
+        received[0],
+        traceparent(CALLER_TRACE, &hex(&gen_ai.span.span_id))
+    );
+    assert!(
+        !received[1].contains(CALLER_TRACE) && received[1].starts_with("00-"),
+        "{received:?}"
+    );
+    let failed = span_where(&receiver, |r| {
+        is_proxy_span(r, "chat gone") && r.span.trace_id == trace
+    })
+    .await;
+    assert_eq!(failed.attribute("error.type"), Some(error_type));
+    assert_eq!(
+        failed.span.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    let streamed = span_where(&receiver, |r| {
+        is_proxy_span(r, "chat smollm2") && r.span.trace_id != trace
+    })
+    .await;
+    let streamed_http = receiver
+        .spans()
+        .into_iter()
+        .find(|r| r.span.span_id == streamed.span.parent_span_id)
+        .expect("the streamed request's HTTP span");
+    assert!(
+        streamed_http.span.parent_span_id.is_empty(),
+        "the forged parent was taken"
+    );
+    assert_eq!(
+        received[1],
+        traceparent(&hex(&streamed.span.trace_id), &hex(&streamed.span.span_id))
+    );
+    drop(llama);
+}
+
+/// The embedding service's HTTP API joins the caller's trace too (with or
+/// without its model: the span is the request's, whatever it answers).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedding_request_joins_the_callers_trace() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let embedding = Process::spawn(
+        "berth-embedding",
+        &["--listen", &listen, "--http-listen", &http],
+        &[
+            ("BERTH_SERVER__OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    wait_for(&format!("http://{listen}")).await;
+    let caller = traceparent(CALLER_TRACE, CALLER_SPAN);
+    let (status, answer) = http_post(
+        &http,
+        "/v1/embeddings",
+        &[("traceparent", &caller)],
+        r#"{"input": "a cat"}"#,
+    )
+    .await;
+    // 200 with the model, 503 without it: traced either way.
+    assert!(status == 200 || status == 503, "{status} {answer}");
+    assert_eq!(embedding.terminate(), Some(0));
+    let span = span_where(&receiver, |r| {
+        r.service == "berth-embedding" && r.span.name == "POST"
+    })
+    .await;
+    assert_eq!(hex(&span.span.trace_id), CALLER_TRACE);
+    assert_eq!(hex(&span.span.parent_span_id), CALLER_SPAN);
+    assert_eq!(
+        span.attribute("url.path").as_deref(),
+        Some("/v1/embeddings")
+    );
+    assert_eq!(
+        span.attribute("http.response.status_code"),
+        Some(status.to_string())
+    );
+}
+
+/// The agent's domain metrics on a real engine (docker, or podman with
+/// `BERTH_TEST_ENGINE=podman`): the test image's import counted, a workload
+/// with restart policy `always` killed and started again by the engine
+/// counted as a restart (`exited`), and the workload in the gauge by
+/// runtime and state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_count_imports_restarts_and_workloads() {
+    use berth_proto::agent::v1::EventKind;
+    use berth_proto::common::v1::{RestartPolicy, Runtime};
+    let http = format!("127.0.0.1:{}", free_port());
+    let settings = vec![("BERTH_SERVER__HTTP_LISTEN", http.clone())];
+    let Some(mut agent) = berth_tests::agent::Agent::start_with("metrics", settings).await else {
+        return;
+    };
+    let runtime = match agent.engine.runtime {
+        Runtime::Podman => "podman",
+        _ => "docker",
+    };
+    let mut spec = agent.spec(&["sleep", "1000"]);
+    spec.restart_policy = RestartPolicy::Always as i32;
+    let id = agent.run("backend", spec).await.id;
+    let mut events = agent.events(&id).await;
+    let (_, details) = agent.engine_get(&format!("/containers/{id}/json"));
+    let pid: i32 = berth_tests::agent::json_field(&details, "Pid")
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    berth_tests::agent::Agent::wait_event(&mut events, Duration::from_secs(10), |e| {
+        e.kind() == EventKind::Died
+    })
+    .await;
+    berth_tests::agent::Agent::wait_event(&mut events, Duration::from_secs(20), |e| {
+        matches!(e.kind(), EventKind::Started | EventKind::Restarted)
+    })
+    .await;
+    // The census counts a second after a burst of events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let scrape = loop {
+        let scrape = Scrape::of(&http).await;
+        scrape.listed("berth_agent_", AGENT_METRICS);
+        let counted = |name: &str, labels: &[(&str, &str)]| {
+            scrape.samples.iter().any(|s| {
+                s.name == name
+                    && s.value >= 1.0
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+        };
+        if counted("berth_agent_restarts_total", &[("reason", "exited")])
+            && counted(
+                "berth_agent_workloads",
+                &[("runtime", runtime), ("state", "running")],
+            )
+        {
+            break scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restart or running workload counted:\n{}",
+            scrape.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // One restart, not one per event of it.
+    let restarts: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.name == "berth_agent_restarts_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(restarts, 1.0, "{}", scrape.text);
+    assert_eq!(
+        scrape.value(
+            "berth_agent_image_imports_total",
+            &[("runtime", runtime), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(scrape.value("berth_agent_execs_in_flight", &[]), 0.0);
+    agent.cleanup().await;
 }

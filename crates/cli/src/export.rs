@@ -2,12 +2,14 @@
 //! fetched a page at a time with ListRuns, as CSV, JSON or Parquet with the
 //! same columns: the run's identity and outcome, then `param.<name>` for
 //! each configuration parameter and `result.<field>` for each numeric field
-//! of the result JSON, then its energy. The figures derived from a run
+//! of the result JSON, then its energy, then its provenance (`provenance.*`
+//! and `gpu<N>.*`: what its host reported when it started). The figures derived from a run
 //! (its energy over all devices, joules per unit of work) come from the
 //! orchestrator with the run; the work metric with the campaign.
 
 use std::sync::Arc;
 
+use berth_proto::agent::v1::{GpuProvenance, Provenance};
 use berth_proto::orchestrator::v1::{Campaign, ListRunsRequest, Run, RunState};
 use berth_server::parquet_columns::write_optional;
 use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
@@ -66,6 +68,72 @@ enum Cells {
 struct Column {
     name: String,
     cells: Cells,
+}
+
+/// GPUs exported per run at most: a column group each.
+const MAX_EXPORTED_GPUS: usize = 16;
+
+/// What the run's host reported of the settings that decide its energy
+/// figure (`provenance.*`, and a group of `gpu<N>.*` per GPU position).
+fn provenance_columns(runs: &[Run]) -> Vec<Column> {
+    let text = |name: &str, cell: &dyn Fn(&Provenance) -> String| Column {
+        name: format!("provenance.{name}"),
+        cells: Cells::Text(
+            runs.iter()
+                .map(|r| r.provenance.as_ref().map(cell))
+                .collect(),
+        ),
+    };
+    let mut columns = vec![
+        text("berth_version", &|p| p.berth_version.clone()),
+        text("kernel", &|p| p.kernel.clone()),
+        text("cpu_model", &|p| p.cpu_model.clone()),
+        text("cpu_governor", &|p| p.cpu_governor.clone()),
+        text("image", &|p| p.image.clone()),
+        text("image_id", &|p| p.image_id.clone()),
+        text("unknown", &|p| p.unknown.join("; ")),
+    ];
+    let gpus = runs
+        .iter()
+        .filter_map(|r| r.provenance.as_ref())
+        .map(|p| p.gpus.len())
+        .max()
+        .unwrap_or(0)
+        .min(MAX_EXPORTED_GPUS);
+    for position in 0..gpus {
+        let gpu = |run: &Run| {
+            run.provenance
+                .as_ref()
+                .and_then(|p| p.gpus.get(position))
+                .cloned()
+        };
+        let name = |field: &str| format!("gpu{position}.{field}");
+        let texts = |field: &str, cell: fn(&GpuProvenance) -> String| Column {
+            name: name(field),
+            cells: Cells::Text(runs.iter().map(|r| gpu(r).map(|g| cell(&g))).collect()),
+        };
+        let numbers = |field: &str, cell: fn(&GpuProvenance) -> Option<f64>| Column {
+            name: name(field),
+            cells: Cells::Number(runs.iter().map(|r| gpu(r).and_then(|g| cell(&g))).collect()),
+        };
+        let flags = |field: &str, cell: fn(&GpuProvenance) -> Option<bool>| Column {
+            name: name(field),
+            cells: Cells::Flag(runs.iter().map(|r| gpu(r).and_then(|g| cell(&g))).collect()),
+        };
+        columns.extend([
+            texts("name", |g| g.name.clone()),
+            texts("uuid", |g| g.uuid.clone()),
+            texts("driver_version", |g| g.driver_version.clone()),
+            numbers("power_limit_w", |g| g.power_limit_w),
+            numbers("applications_graphics_clock_mhz", |g| {
+                g.applications_graphics_clock_mhz.map(f64::from)
+            }),
+            numbers("temperature_c", |g| g.temperature_c),
+            flags("persistence_mode", |g| g.persistence_mode),
+            flags("ecc_enabled", |g| g.ecc_enabled),
+        ]);
+    }
+    columns
 }
 
 /// The runs of a campaign as columns.
@@ -192,6 +260,7 @@ impl RunTable {
             &format!("net_joules_per_{}", campaign.work_metric),
             &|r| r.joules_per_unit_net,
         ));
+        columns.extend(provenance_columns(runs));
         columns.push(text("result_json", &|r| Some(r.result_json.clone())));
         Self {
             columns,
@@ -347,6 +416,18 @@ mod tests {
                 joules_per_unit: Some(2.0),
                 energy_net_j: Some(15.0),
                 joules_per_unit_net: Some(1.5),
+                provenance: Some(Provenance {
+                    kernel: "6.1.0".into(),
+                    cpu_governor: "performance".into(),
+                    gpus: vec![GpuProvenance {
+                        name: "NVIDIA H100".into(),
+                        power_limit_w: Some(700.0),
+                        persistence_mode: Some(true),
+                        ..Default::default()
+                    }],
+                    unknown: vec!["cpu frequency policy: none".into()],
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             Run {
@@ -384,17 +465,24 @@ mod tests {
             header[..6],
             ["run_id", "config", "backend", "cycle", "warmup", "state"]
         );
+        let energy = header.iter().position(|h| h == "energy_j").unwrap();
         assert_eq!(
-            header[header.len() - 6..],
+            header[energy - 1..energy + 4],
             [
                 "result.tokens",
                 "energy_j",
                 "energy_net_j",
                 "joules_per_tokens",
                 "net_joules_per_tokens",
-                "result_json"
             ]
         );
+        // Then the provenance: the host's, a group per GPU, the result last.
+        assert_eq!(header[energy + 4], "provenance.berth_version");
+        assert!(
+            header.iter().any(|h| h == "gpu0.power_limit_w"),
+            "{header:?}"
+        );
+        assert_eq!(header.last().unwrap(), "result_json");
         // Parameters come before, in the order the runs' maps give them.
         for param in ["param.n", "param.prompt"] {
             assert!(header.iter().any(|h| h == param), "{header:?}");
@@ -431,6 +519,17 @@ mod tests {
             ),
             ("15", "1.5")
         );
+        assert_eq!(
+            (
+                rows[0]["provenance.cpu_governor"].as_str(),
+                rows[0]["gpu0.power_limit_w"].as_str(),
+                rows[0]["gpu0.persistence_mode"].as_str(),
+                rows[0]["provenance.unknown"].as_str(),
+            ),
+            ("performance", "700", "true", "cpu frequency policy: none")
+        );
+        // A run without provenance (recorded before) has empty fields.
+        assert_eq!(rows[1]["provenance.kernel"], "");
         // A value with a comma and quotes comes back as it was, in one field.
         assert_eq!(rows[0]["param.prompt"], "say \"hi\", twice");
         assert_eq!(
@@ -473,5 +572,7 @@ mod tests {
         assert_eq!(field(0, "result.tokens"), Field::Double(10.0));
         assert_eq!(field(1, "exit_code"), Field::Null);
         assert_eq!(field(1, "state"), Field::Str("failed".into()));
+        assert_eq!(field(0, "gpu0.power_limit_w"), Field::Double(700.0));
+        assert_eq!(field(1, "gpu0.name"), Field::Null);
     }
 }

@@ -21,6 +21,7 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::{AuthChannel, error_chain};
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing::Instrument as _;
 
 pub type Client = OrchestratorClient<AuthChannel>;
 
@@ -238,7 +239,12 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let subcommand = matches.subcommand_name().unwrap_or("berth").to_string();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -246,7 +252,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(traced(cli, &subcommand)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("berth: error: {}", error_chain(&error));
@@ -259,6 +265,25 @@ pub async fn connect(address: &str, token_env: &str) -> Result<Client, CliError>
     let token = std::env::var(token_env).unwrap_or_default();
     let channel = berth_server::client::connect(address, &token, Duration::from_secs(5)).await?;
     Ok(OrchestratorClient::new(channel))
+}
+
+/// The command in a span `berth <subcommand>` exported over OTLP when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OpenTelemetry's variable): the
+/// orchestrator's calls are its children, and the runs of a campaign it
+/// submits link to it. The quickstart runs its own services and logs.
+async fn traced(cli: Cli, subcommand: &str) -> Result<(), CliError> {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    if endpoint.is_empty() || matches!(cli.command, Command::Quickstart { .. }) {
+        return run(cli).await;
+    }
+    let config = berth_server::config::ServerConfig {
+        otlp_endpoint: endpoint,
+        ..Default::default()
+    };
+    let _telemetry = berth_server::telemetry::init("berth-cli", &config)
+        .map_err(|error| CliError::Usage(format!("OTEL_EXPORTER_OTLP_ENDPOINT: {error}")))?;
+    let span = tracing::info_span!("berth", otel.name = %format!("berth {subcommand}"));
+    run(cli).instrument(span).await
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {

@@ -359,6 +359,12 @@ pub fn results_table(results: &CampaignResults) -> String {
         out.push('\n');
     }
     out.push_str(&aligned(&rows));
+    if !results.provenance_differences.is_empty() {
+        out.push_str("\nprovenance differs between runs (their figures may not compare):\n");
+        for line in &results.provenance_differences {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     out
 }
 
@@ -443,6 +449,7 @@ fn results_json(results: &CampaignResults) -> String {
         "outcome": outcome,
         "status_message": campaign.map(|c| c.status_message.clone()),
         "results": rows,
+        "provenance_differences": results.provenance_differences,
     });
     format!(
         "{}\n",
@@ -631,6 +638,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            provenance_differences: Vec::new(),
         };
         let table = results_table(&results);
         assert_eq!(table.lines().count(), 4, "{table}");
@@ -643,6 +651,21 @@ mod tests {
         assert!(json.contains("\"known\": true"), "{json}");
         let csv = String::from_utf8(results_csv(&results).unwrap()).unwrap();
         assert!(csv.contains("\"c\",\"b\",\"tps\",\"3\",\"20\","), "{csv}");
+        let differing = CampaignResults {
+            provenance_differences: vec![
+                "gpus[0].power_limit_w: 700 on host-a (2 runs), 500 on host-b (1 run)".into(),
+            ],
+            ..results
+        };
+        let table = results_table(&differing);
+        assert!(
+            table.ends_with(
+                "provenance differs between runs (their figures may not compare):\n  \
+                 gpus[0].power_limit_w: 700 on host-a (2 runs), 500 on host-b (1 run)\n"
+            ),
+            "{table}"
+        );
+        assert!(results_json(&differing).contains("\"provenance_differences\": ["));
     }
 
     /// One run of `a`: its interval is undefined; two runs of `b`, one of
@@ -688,6 +711,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            provenance_differences: Vec::new(),
         }
     }
 

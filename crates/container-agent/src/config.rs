@@ -1,4 +1,4 @@
-//! The agent's config: `[server]`, `[agent]`, `[engines]` and `[libvirt]`.
+//! The agent's config: `[server]`, `[agent]`, `[engines]`, `[libvirt]` and `[slurm]`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub engines: EnginesConfig,
     pub libvirt: LibvirtConfig,
+    pub slurm: SlurmConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +239,63 @@ impl Default for LibvirtConfig {
     }
 }
 
+/// The slurm runtime: workloads are SLURM batch jobs submitted through
+/// slurmrestd's REST API (OpenAPI v0.0.38); execs are job steps started
+/// with the cluster's `srun`, so the agent runs where both reach the
+/// cluster (a login node).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmConfig {
+    /// slurmrestd: `http://host:port` or `unix:///path/to/slurmrestd.sock`;
+    /// `off` (the default) leaves the runtime off.
+    pub rest_url: String,
+    /// The user jobs are submitted as (`X-SLURM-USER-NAME`); empty: the
+    /// user the agent runs as.
+    pub user: String,
+    /// The user's JWT (`scontrol token`), sent as `X-SLURM-USER-TOKEN`.
+    pub token: String,
+    /// A file holding the JWT instead of `token`, read at each request so a
+    /// renewed token is used without a restart.
+    pub token_file: PathBuf,
+    /// Partition of a job whose spec names none; empty: the cluster's default.
+    pub default_partition: String,
+    /// Where jobs write their stdout and stderr (`<job name>.out`/`.err`),
+    /// which `Logs` reads: a directory the compute nodes and the agent share.
+    pub output_dir: PathBuf,
+    /// The `srun` that starts exec steps.
+    pub srun: PathBuf,
+    /// slurm.conf for `srun` (`SLURM_CONF`); empty: srun's own default.
+    pub slurm_conf: PathBuf,
+    /// How long StartWorkload waits for a released job to leave PENDING
+    /// before it answers with the job still pending (and its reason).
+    #[serde(with = "humantime_serde")]
+    pub start_wait: Duration,
+    /// How often job states are read for events (a job ending, timing out).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest wait for one slurmrestd answer.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        Self {
+            rest_url: "off".to_string(),
+            user: String::new(),
+            token: String::new(),
+            token_file: PathBuf::new(),
+            default_partition: String::new(),
+            output_dir: berth_server::config::data_dir().join("agent").join("slurm"),
+            srun: PathBuf::from("srun"),
+            slurm_conf: PathBuf::new(),
+            start_wait: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -251,6 +309,7 @@ impl Default for Config {
             agent: AgentConfig::default(),
             engines: EnginesConfig::default(),
             libvirt: LibvirtConfig::default(),
+            slurm: SlurmConfig::default(),
         }
     }
 }
@@ -298,6 +357,27 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("url"), "{error}");
+    }
+
+    #[test]
+    fn slurm_settings_come_from_file_and_env() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "[slurm]\nrest_url = \"http://login1:6820\"\nuser = \"alice\"\nstart_wait = \"5s\"\n",
+        )
+        .unwrap();
+        let env = vec![(
+            "BERTH_SLURM__DEFAULT_PARTITION".to_string(),
+            "gpu".to_string(),
+        )];
+        let config: Config =
+            berth_server::config::load_from_env(Some(file.path()), &[], env).unwrap();
+        assert_eq!(config.slurm.rest_url, "http://login1:6820");
+        assert_eq!(config.slurm.user, "alice");
+        assert_eq!(config.slurm.default_partition, "gpu");
+        assert_eq!(config.slurm.start_wait, Duration::from_secs(5));
+        assert_eq!(Config::default().slurm.rest_url, "off");
     }
 
     #[test]

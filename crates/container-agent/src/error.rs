@@ -67,6 +67,9 @@ pub enum AgentError {
     /// A subscriber to the events stream fell behind and missed some.
     #[error("subscriber too slow: {0} events dropped")]
     EventsDropped(u64),
+    /// The slurm runtime's errors, with their own codes.
+    #[error(transparent)]
+    Slurm(#[from] crate::runtime::slurm::SlurmError),
     #[error("{0}")]
     Unimplemented(String),
     #[error("{0}")]
@@ -93,6 +96,7 @@ impl ServiceError for AgentError {
             Self::FileNotFound { .. } => ErrorCode::NotFound,
             Self::NotOwned(_) => ErrorCode::PermissionDenied,
             Self::EventsDropped(_) => ErrorCode::DataLoss,
+            Self::Slurm(error) => error.code(),
             Self::Unimplemented(_) => ErrorCode::Unimplemented,
             Self::Internal(_) => ErrorCode::Internal,
         }
@@ -119,6 +123,7 @@ impl ServiceError for AgentError {
             Self::FileNotFound { .. } => "file_not_found",
             Self::NotOwned(_) => "not_owned",
             Self::EventsDropped(_) => "events_dropped",
+            Self::Slurm(error) => error.reason(),
             Self::Unimplemented(_) => "unimplemented",
             Self::Internal(_) => "internal",
         }

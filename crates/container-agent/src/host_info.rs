@@ -72,42 +72,43 @@ pub fn gpus(config: &AgentConfig) -> Vec<Gpu> {
     discover(&config.nvml_library)
 }
 
-/// NVIDIA GPUs through NVML loaded from `library` (empty: the driver's
-/// `libnvidia-ml.so.1`). Never fails: a host without NVML has no GPUs.
-fn discover(library: &str) -> Vec<Gpu> {
+/// NVML loaded from `library` (empty: the driver's `libnvidia-ml.so.1`), or
+/// why it cannot be.
+pub(crate) fn open_nvml(library: &str) -> Result<Nvml, String> {
     if cfg!(target_feature = "crt-static") {
         // The agent image's static-pie build: a static glibc binary cannot
         // dlopen NVML reliably (docs/operations.md, "Images"), and a crash
         // here would stop the agent.
-        tracing::info!(
-            "no NVIDIA GPUs reported: this agent is a static binary, which does not load NVML{}; \
-             set agent.declared_gpus, or run the dynamically linked agent",
+        return Err(format!(
+            "this agent is a static binary, which does not load NVML{}",
             if library.is_empty() {
                 String::new()
             } else {
                 format!(" (agent.nvml_library = {library:?} ignored)")
             }
-        );
-        return Vec::new();
+        ));
     }
-    let nvml = if library.is_empty() {
-        Nvml::init()
+    if library.is_empty() {
+        Nvml::init().map_err(|error| format!("NVML (libnvidia-ml.so.1) unavailable: {error}"))
     } else {
-        Nvml::builder().lib_path(OsStr::new(library)).init()
-    };
-    let nvml = match nvml {
+        Nvml::builder()
+            .lib_path(OsStr::new(library))
+            .init()
+            .map_err(|error| {
+                format!("agent.nvml_library = {library:?} could not be loaded: {error}")
+            })
+    }
+}
+
+/// NVIDIA GPUs through NVML loaded from `library`. Never fails: a host
+/// without NVML has no GPUs.
+fn discover(library: &str) -> Vec<Gpu> {
+    let nvml = match open_nvml(library) {
         Ok(nvml) => nvml,
-        Err(error) if library.is_empty() => {
+        Err(reason) => {
             // The usual case on hosts without an NVIDIA driver.
             tracing::info!(
-                "no NVIDIA GPUs reported: NVML (libnvidia-ml.so.1) unavailable: {error}; \
-                 set agent.declared_gpus for GPUs NVML cannot see"
-            );
-            return Vec::new();
-        }
-        Err(error) => {
-            tracing::warn!(
-                "no GPUs reported: agent.nvml_library = {library:?} could not be loaded: {error}"
+                "no NVIDIA GPUs reported: {reason}; set agent.declared_gpus for GPUs NVML cannot see"
             );
             return Vec::new();
         }
@@ -173,7 +174,7 @@ fn mem_total_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn kernel_release() -> Option<String> {
+pub(crate) fn kernel_release() -> Option<String> {
     Some(
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .ok()?

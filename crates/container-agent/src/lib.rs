@@ -1,12 +1,14 @@
 //! berth agent: one per host, the only part of berth that touches the host's
-//! processes, container engines and VMs (libvirt).
+//! processes, container engines, VMs (libvirt) and SLURM jobs (slurmrestd).
 
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod host_info;
 pub mod keyed_exec;
+pub mod metrics;
 pub mod process_group;
+pub mod provenance;
 pub mod runtime;
 pub mod service;
 pub mod spec_limits;
@@ -66,6 +68,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         }
     }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
+    metrics::register(host.registry_mut());
     // NVML can take hundreds of milliseconds to load and probe: on a
     // blocking thread, while the runtimes start, and once, before serving.
     let gpus = tokio::task::spawn_blocking({
@@ -116,16 +119,19 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
                 .insert(Runtime::Libvirt.as_str_name().to_string(), why);
         }
     }
+    match runtime::slurm::locate(&config.slurm, &config.engines.owner, events.clone()) {
+        Ok(slurm) => runtimes.push(Arc::new(slurm)),
+        Err(why) => {
+            info.unavailable_runtimes
+                .insert(Runtime::Slurm.as_str_name().to_string(), why);
+        }
+    }
     info.runtimes = runtimes.iter().map(|r| r.kind() as i32).collect();
     info.gpus = gpus.await.unwrap_or_else(|error| {
         tracing::warn!("no GPUs reported: GPU discovery failed: {error}");
         Vec::new()
     });
     info.labels = config.agent.labels.clone().into_iter().collect();
-    info.unavailable_runtimes.insert(
-        Runtime::Slurm.as_str_name().to_string(),
-        "not built into this agent yet".to_string(),
-    );
     let service = service::AgentService::new(
         runtimes,
         events,
@@ -137,6 +143,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         }),
         config.engines.max_image_bytes,
         info,
+        provenance::ProvenanceProbe::new(&config.agent),
     );
     host.add_service(InterceptedService::new(
         ContainerAgentServer::new(service)

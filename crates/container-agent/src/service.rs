@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::AgentError;
 use crate::events::EventBus;
 use crate::keyed_exec::KeyedExecs;
+use crate::metrics::{Census, metrics};
 use crate::process_group::HostCommand;
+use crate::provenance::ProvenanceProbe;
 use crate::runtime::{ExecCommand, WorkloadRuntime, validate_name};
 use crate::spec_limits;
 
@@ -37,6 +39,9 @@ pub struct AgentService {
     keyed_execs: KeyedExecs,
     max_image_bytes: u64,
     host: HostInfo,
+    provenance: Arc<ProvenanceProbe>,
+    /// Counts the workloads and execs for the metrics while the service lives.
+    _census: Arc<Census>,
 }
 
 impl AgentService {
@@ -47,15 +52,20 @@ impl AgentService {
         keyed_execs: KeyedExecs,
         max_image_bytes: u64,
         host: HostInfo,
+        provenance: ProvenanceProbe,
     ) -> Self {
+        let execs = Arc::new(Semaphore::new(max_execs));
+        let census = Census::start(&runtimes, events.subscribe(), execs.clone(), max_execs);
         Self {
             runtimes: runtimes.into_iter().map(|r| (r.kind() as i32, r)).collect(),
             events,
-            execs: Arc::new(Semaphore::new(max_execs)),
+            execs,
             max_execs,
             keyed_execs,
             max_image_bytes,
             host,
+            provenance: Arc::new(provenance),
+            _census: census,
         }
     }
 
@@ -235,6 +245,7 @@ impl ContainerAgent for AgentService {
         &self,
         request: Request<ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
+        let arrived = std::time::Instant::now();
         let request = request.into_inner();
         spec_limits::check_exec(&request.command, &request.env, &request.working_dir)?;
         let timeout = duration("timeout", request.timeout)?;
@@ -259,6 +270,7 @@ impl ContainerAgent for AgentService {
         } else {
             self.keyed_execs.start(request.exec_key, started).await?
         };
+        metrics().exec_started(runtime.kind(), arrived.elapsed());
         Ok(Response::new(Box::pin(ReceiverStream::new(output).map(Ok))))
     }
 
@@ -368,8 +380,12 @@ impl ContainerAgent for AgentService {
             }
         };
         let runtime = self.runtime("metadata.runtime", metadata.runtime)?.clone();
+        let kind = runtime.kind();
         let (tx, rx) = mpsc::channel(IMPORT_BUFFER);
         let limit = self.max_image_bytes;
+        // Read by the metrics: a refusal for size is no failure of the engine.
+        let too_large = std::sync::atomic::AtomicBool::new(false);
+        let refused_for_size = &too_large;
         // The engine reads the tar while the client still sends it; neither
         // side holds more than IMPORT_BUFFER chunks.
         let feed = async move {
@@ -392,6 +408,7 @@ impl ContainerAgent for AgentService {
                     };
                     // Breaking the body makes the engine abandon the import.
                     let _ = tx.send(Err(std::io::Error::other(error.to_string()))).await;
+                    refused_for_size.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Err(Status::from(error));
                 }
                 if tx.send(Ok(data.into())).await.is_err() {
@@ -401,6 +418,14 @@ impl ContainerAgent for AgentService {
             Ok::<(), Status>(())
         };
         let (imported, fed) = tokio::join!(runtime.import_image(metadata, rx), feed);
+        let outcome = if too_large.into_inner() {
+            "too_large"
+        } else if fed.is_ok() && imported.is_ok() {
+            "ok"
+        } else {
+            "failed"
+        };
+        metrics().image_imported(kind, outcome);
         fed?;
         Ok(Response::new(imported?))
     }
@@ -444,5 +469,23 @@ impl ContainerAgent for AgentService {
             .remove_image(&request.image)
             .await?;
         Ok(Response::new(RemoveImageResponse {}))
+    }
+
+    async fn describe_provenance(
+        &self,
+        request: Request<WorkloadRef>,
+    ) -> Result<Response<Provenance>, Status> {
+        let (runtime, workload) = self.owner(&request.get_ref().id).await?;
+        let spec = workload.spec.unwrap_or_default();
+        let image_id = runtime.image_id(&workload.id).await;
+        let probe = self.provenance.clone();
+        let mut provenance = tokio::task::spawn_blocking(move || probe.describe(&spec))
+            .await
+            .map_err(|error| AgentError::Internal(format!("reading provenance: {error}")))?;
+        match image_id {
+            Ok(id) => provenance.image_id = id.unwrap_or_default(),
+            Err(error) => provenance.unknown.push(format!("image id: {error}")),
+        }
+        Ok(Response::new(provenance))
     }
 }

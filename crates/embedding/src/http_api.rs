@@ -32,6 +32,11 @@ pub fn router(embedder: Arc<Embedder>, max_body_bytes: usize) -> Router {
         .route("/health", get(health))
         .route("/v1/embeddings", post(openai_embeddings))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Each request in a span of its own, the caller's child when it
+        // sends `traceparent`.
+        .layer(axum::middleware::from_fn(
+            berth_server::trace_context::traced_http,
+        ))
         .with_state(embedder)
 }
 

@@ -11,11 +11,11 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::cache::{Cached, Policy, ResponseCache};
 use crate::error::ProxyError;
+use crate::gen_ai::OperationSpan;
 use crate::keys::VirtualKey;
 use crate::litellm_config::DeploymentConfig;
 use crate::metrics::ProxyMetrics;
@@ -150,7 +150,21 @@ impl Settle {
         &self.in_flight.deployment().config.id
     }
 
-    pub(crate) fn finish(mut self, usage: Option<Usage>, outcome: Outcome) {
+    pub(crate) fn finish(self, usage: Option<Usage>, outcome: Outcome) {
+        self.settle(usage, outcome, None);
+    }
+
+    /// Ends a stream that broke with `error`.
+    pub(crate) fn fail(self, usage: Option<Usage>, error: &ProxyError) {
+        self.settle(usage, Outcome::Failed, Some(error));
+    }
+
+    /// A streamed answer's first chunk arrived.
+    pub(crate) fn first_chunk(&mut self) {
+        self.meter.first_chunk();
+    }
+
+    fn settle(mut self, usage: Option<Usage>, outcome: Outcome, error: Option<&ProxyError>) {
         let deployment = self.in_flight.deployment();
         if let Some(usage) = &usage {
             deployment.record_tokens(usage.total());
@@ -159,7 +173,10 @@ impl Settle {
             self.meter.attempt_failed(&deployment.config);
             deployment.record_failure(self.router.settings());
         }
-        self.meter.finish(Some(&deployment.config), usage, outcome);
+        match error {
+            Some(error) => self.meter.fail(Some(&deployment.config), usage, error),
+            None => self.meter.finish(Some(&deployment.config), usage, outcome),
+        }
     }
 }
 
@@ -229,7 +246,12 @@ impl Gateway {
             return Err(ProxyError::UnknownModel(call.model));
         }
         let lease = key.map(|k| k.admit(&call.model)).transpose()?;
-        let mut meter = Meter::new(self.metrics.clone(), call.model.clone(), lease);
+        let mut meter = Meter::new(
+            self.metrics.clone(),
+            call.endpoint,
+            call.model.clone(),
+            lease,
+        );
         // Looked up after the key's checks: a hit still counts against its
         // request limits, and spends nothing.
         let cache = self
@@ -282,7 +304,8 @@ impl Gateway {
                 }
                 backoff = true;
                 let in_flight = deployment.start();
-                match self.attempt(&deployment, &call, clock).await {
+                meter.attempting(&deployment.config);
+                match self.attempt(&deployment, &call, meter.span(), clock).await {
                     Ok(answer) => {
                         let settle = Settle {
                             in_flight,
@@ -291,7 +314,7 @@ impl Gateway {
                         };
                         return Ok(match answer {
                             Answer::Whole(body) => {
-                                let usage = usage_of(&body);
+                                let usage = settle.meter.span().whole_answer(&body);
                                 settle.finish(usage, Outcome::Ok);
                                 if let Some((cache, key)) = store {
                                     let cached = Cached {
@@ -322,14 +345,15 @@ impl Gateway {
                         last_error = Some(error);
                     }
                     Err(error) => {
-                        meter.finish(Some(&deployment.config), None, Outcome::Failed);
+                        meter.fail(Some(&deployment.config), None, &error);
                         return Err(error);
                     }
                 }
             }
         }
-        meter.finish(None, None, Outcome::Failed);
-        Err(last_error.unwrap_or(ProxyError::UnknownModel(call.model)))
+        let error = last_error.unwrap_or(ProxyError::UnknownModel(call.model));
+        meter.fail(None, None, &error);
+        Err(error)
     }
 
     /// One try on one deployment, bounded by its timeout: for a stream, up
@@ -338,10 +362,12 @@ impl Gateway {
         &self,
         deployment: &Deployment,
         call: &Call,
+        span: &OperationSpan,
         clock: &UpstreamClock,
     ) -> Result<Answer, ProxyError> {
         let config = &deployment.config;
-        let request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
+        let mut request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
+        span.attempt(config, &mut request);
         let dialect = request.dialect;
         let timeout = if call.stream {
             config.stream_timeout.or(config.timeout)
@@ -453,14 +479,6 @@ async fn read(body: Incoming, limit: usize) -> Result<Bytes, String> {
         .await
         .map(|c| c.to_bytes())
         .map_err(|e| e.to_string())
-}
-
-fn usage_of(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct WithUsage {
-        usage: Option<Usage>,
-    }
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
 /// `error.message` of an OpenAI-style error body, else the body as text.

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use berth_server::budget::{self, RequestBudget};
 use berth_server::json_budget;
+use berth_server::trace_context;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -82,6 +83,8 @@ pub fn router(api: Arc<HttpApi>) -> Router {
         // OpenAI-style error rather than axum's plain-text one.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(api.clone(), overhead))
+        // Outermost: the request's span covers all the proxy does for it.
+        .layer(middleware::from_fn(trace_context::traced_http))
         .with_state(api)
 }
 

@@ -15,6 +15,7 @@ pub mod chat;
 pub mod error;
 pub mod fields;
 pub mod gateway;
+pub mod gen_ai;
 pub mod grpc_api;
 pub mod http_api;
 mod journal;

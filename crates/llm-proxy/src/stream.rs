@@ -151,7 +151,7 @@ impl PassThrough {
         tracing::warn!(%error, "upstream stream failed");
         let event = sse::error_event(&error.to_json());
         if let Some(settle) = self.settle.take() {
-            settle.finish(self.usage, Outcome::Failed);
+            settle.fail(self.usage, error);
         }
         Poll::Ready(Some(Ok(Frame::data(event))))
     }
@@ -166,13 +166,14 @@ impl Body for PassThrough {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let Some(settle) = &this.settle else {
+        let Some(settle) = &mut this.settle else {
             return Poll::Ready(None);
         };
         // Loops only while rewritten chunks complete no line.
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    settle.first_chunk();
                     this.deadline.as_mut().reset(Instant::now() + this.idle);
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));

@@ -4,12 +4,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use berth_server::ServiceError as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProxyError;
+use crate::gen_ai::{self, OperationSpan};
 use crate::keys::KeyLease;
 use crate::litellm_config::DeploymentConfig;
-use crate::metrics::{DeploymentLabels, ModelLabels, ProxyMetrics, RequestLabels, TokenLabels};
+use crate::metrics::{
+    DeploymentLabels, GenAiLabels, GenAiOutcomeLabels, GenAiTokenLabels, ModelLabels, ProxyMetrics,
+    RequestLabels, TokenLabels,
+};
+use crate::providers::Endpoint;
 
 /// OpenAI's `usage` object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +68,8 @@ impl Outcome {
 /// Measures one client request from admission to its end; whoever ends it
 /// calls [`finish`](Self::finish) once. A meter dropped unfinished (the
 /// client went away before any answer) counts the request as abandoned, and
-/// the in-flight gauge goes down however the request ends.
+/// the in-flight gauge goes down however the request ends. It holds the
+/// request's GenAI span, which ends with it.
 #[derive(Debug)]
 pub struct Meter {
     metrics: Arc<ProxyMetrics>,
@@ -70,17 +77,63 @@ pub struct Meter {
     key: Option<KeyLease>,
     started: Instant,
     finished: bool,
+    operation: &'static str,
+    /// `gen_ai.provider.name` of the last deployment tried; empty before.
+    provider: &'static str,
+    /// A stream's first chunk was timed.
+    first_chunk_seen: bool,
+    span: OperationSpan,
 }
 
 impl Meter {
-    pub fn new(metrics: Arc<ProxyMetrics>, model: String, key: Option<KeyLease>) -> Self {
+    pub fn new(
+        metrics: Arc<ProxyMetrics>,
+        endpoint: Endpoint,
+        model: String,
+        key: Option<KeyLease>,
+    ) -> Self {
         metrics.in_flight.inc();
+        let operation = gen_ai::operation_name(endpoint);
+        let span = OperationSpan::start(operation, &model);
         Self {
             metrics,
             model,
             key,
             started: Instant::now(),
             finished: false,
+            operation,
+            provider: "",
+            first_chunk_seen: false,
+            span,
+        }
+    }
+
+    pub fn span(&self) -> &OperationSpan {
+        &self.span
+    }
+
+    /// An attempt is made on `deployment`.
+    pub fn attempting(&mut self, deployment: &DeploymentConfig) {
+        self.provider = gen_ai::provider_name(deployment.provider);
+    }
+
+    /// A streamed answer's first chunk arrived from the upstream.
+    pub fn first_chunk(&mut self) {
+        if std::mem::replace(&mut self.first_chunk_seen, true) {
+            return;
+        }
+        let labels = self.gen_ai_labels();
+        self.metrics
+            .gen_ai_first_token
+            .get_or_create(&labels)
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    fn gen_ai_labels(&self) -> GenAiLabels {
+        GenAiLabels {
+            gen_ai_operation_name: self.operation,
+            gen_ai_provider_name: self.provider,
+            gen_ai_request_model: self.model.clone(),
         }
     }
 
@@ -119,7 +172,18 @@ impl Meter {
         outcome: Outcome,
     ) {
         self.finished = true;
-        self.record(deployment, usage, outcome);
+        self.record(deployment, usage, outcome, None);
+    }
+
+    /// Ends a request that failed with `error`.
+    pub fn fail(
+        mut self,
+        deployment: Option<&DeploymentConfig>,
+        usage: Option<Usage>,
+        error: &ProxyError,
+    ) {
+        self.finished = true;
+        self.record(deployment, usage, Outcome::Failed, Some(error));
     }
 
     fn record(
@@ -127,7 +191,9 @@ impl Meter {
         deployment: Option<&DeploymentConfig>,
         usage: Option<Usage>,
         outcome: Outcome,
+        error: Option<&ProxyError>,
     ) {
+        self.record_gen_ai(usage.as_ref(), outcome, error);
         let model = &self.model;
         self.metrics
             .requests
@@ -173,10 +239,54 @@ impl Meter {
     }
 }
 
+impl Meter {
+    /// The GenAI span's and metrics' share of [`record`](Self::record). A
+    /// cache hit is no operation on a model: only the span says it was one.
+    fn record_gen_ai(&self, usage: Option<&Usage>, outcome: Outcome, error: Option<&ProxyError>) {
+        let error_type = match (outcome, error) {
+            (Outcome::CacheHit, _) => {
+                self.span.cache_hit();
+                return;
+            }
+            (Outcome::Ok, _) => "",
+            (Outcome::Failed, Some(error)) => error.reason(),
+            // The conventions' value for a failure of no known type; every
+            // failure the gateway sees ends with `fail`, which names it.
+            (Outcome::Failed, None) => "_OTHER",
+            (Outcome::Abandoned, _) => "cancelled",
+        };
+        if !error_type.is_empty() {
+            self.span.failed(error_type);
+        }
+        let operation = self.gen_ai_labels();
+        if let Some(usage) = usage {
+            self.span.usage(usage, self.operation);
+            let output = (self.operation != "embeddings").then_some(usage.completion_tokens);
+            for (token_type, count) in [("input", Some(usage.prompt_tokens)), ("output", output)] {
+                let Some(count) = count else { continue };
+                self.metrics
+                    .gen_ai_tokens
+                    .get_or_create(&GenAiTokenLabels {
+                        operation: operation.clone(),
+                        gen_ai_token_type: token_type,
+                    })
+                    .observe(count as f64);
+            }
+        }
+        self.metrics
+            .gen_ai_duration
+            .get_or_create(&GenAiOutcomeLabels {
+                operation,
+                error_type,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 impl Drop for Meter {
     fn drop(&mut self) {
         if !self.finished {
-            self.record(None, None, Outcome::Abandoned);
+            self.record(None, None, Outcome::Abandoned, None);
         }
         self.metrics.in_flight.dec();
     }

@@ -24,8 +24,20 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// SQLite file holding all of the orchestrator's state.
+    /// SQLite file holding all of the orchestrator's state (when `url` is empty).
     pub path: PathBuf,
+    /// A PostgreSQL database to hold the state instead
+    /// (`postgres://user:password@host:5432/database`); empty: the SQLite
+    /// file at `path`.
+    pub url: String,
+    /// Connections to the PostgreSQL database at most (each on a thread of
+    /// its own); calls past them wait for one.
+    pub max_connections: usize,
+    /// With `url`: orchestrators sharing the database elect one leader by a
+    /// lease in it; one that has not renewed it for this long is taken over
+    /// from (it renews every third of it).
+    #[serde(with = "humantime_serde")]
+    pub leader_lease: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +87,9 @@ impl Default for StoreConfig {
             path: berth_server::config::data_dir()
                 .join("orchestrator")
                 .join("state.db"),
+            url: String::new(),
+            max_connections: 4,
+            leader_lease: Duration::from_secs(3),
         }
     }
 }

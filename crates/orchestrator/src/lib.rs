@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod placement;
 pub mod power;
 pub mod protocol;
+pub mod provenance;
 pub mod quality;
 pub mod report;
 pub mod results;
@@ -38,7 +39,7 @@ pub use config::Config;
 pub enum StartError {
     #[error(transparent)]
     Serve(#[from] berth_server::ServeError),
-    #[error("store.path: {0}")]
+    #[error("{}", store_error_named(.0))]
     Store(#[from] store::StoreError),
     #[error(transparent)]
     State(#[from] error::OrchestratorError),
@@ -46,9 +47,15 @@ pub enum StartError {
 
 /// Opens the store, resumes unfinished campaigns and serves in the background.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
+    let (store, leader) = open_store(&config.store)?;
+    if let Some(leader) = &leader {
+        // A follower listens only once it leads: until then callers go to
+        // the leader.
+        leader
+            .wait_to_lead(&leader_name(&config), config.store.leader_lease)
+            .await;
+    }
     let mut host = ServiceHost::bind(config.server.clone()).await?;
-    let store: Arc<dyn store::Store> =
-        Arc::new(store::sqlite::SqliteStore::open(&config.store.path)?);
     let hosts = Arc::new(hosts::HostRegistry::load(
         Arc::clone(&store),
         config.scheduler.connect_timeout,
@@ -57,6 +64,9 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     metrics::register(host.registry_mut(), Arc::clone(&store), Arc::clone(&hosts));
     let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();
+    if let Some(leader) = leader {
+        leader.keep_leading(config.store.leader_lease, shutdown.clone());
+    }
     hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());
     let deployments = deployment::Deployments::new(
         Arc::clone(&store),
@@ -103,6 +113,54 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         RequireBearer::new(&config.auth.token),
     ));
     Ok(host.spawn(Some(report::router(report_pages))))
+}
+
+/// The PostgreSQL store when `store.url` is set (also returned as itself:
+/// its leader lease), else the SQLite file at `store.path`.
+pub fn open_store(
+    config: &config::StoreConfig,
+) -> Result<
+    (
+        Arc<dyn store::Store>,
+        Option<Arc<store::postgres::PostgresStore>>,
+    ),
+    store::StoreError,
+> {
+    if config.url.is_empty() {
+        return Ok((
+            Arc::new(store::sqlite::SqliteStore::open(&config.path)?),
+            None,
+        ));
+    }
+    let postgres = Arc::new(store::postgres::PostgresStore::open(
+        &config.url,
+        config.max_connections,
+    )?);
+    Ok((
+        Arc::clone(&postgres) as Arc<dyn store::Store>,
+        Some(postgres),
+    ))
+}
+
+/// How this orchestrator is named in the leader lease: its listen address
+/// and its process, so that a restarted one is not taken for the old.
+fn leader_name(config: &Config) -> String {
+    format!(
+        "{} (pid {}, {})",
+        config.server.listen,
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    )
+}
+
+/// A store error at start, naming the setting of the store (the
+/// PostgreSQL store's errors name `store.url` themselves).
+fn store_error_named(error: &store::StoreError) -> String {
+    if error.names_its_setting() {
+        error.to_string()
+    } else {
+        format!("store.path: {error}")
+    }
 }
 
 /// The largest request the gRPC layer reads: the largest manifest or

@@ -129,6 +129,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
+mod sensor_model;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

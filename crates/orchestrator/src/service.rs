@@ -397,6 +397,7 @@ impl Orchestrator for OrchestratorService {
         Ok(Response::new(CampaignResults {
             campaign: Some(campaign),
             results,
+            provenance_differences: crate::provenance::differences(&runs),
         }))
     }
 

@@ -1,10 +1,13 @@
-//! W3C trace context (`traceparent`, `tracestate`) across gRPC hops, so
-//! that one campaign run is one trace from the orchestrator down to the
-//! agent's exec and the power sampler's session. Servers read it from the
-//! call's metadata and make the call's span its child ([`ServerSpan`]);
-//! berth's clients write the current span's context into every call they
-//! send ([`inject`], from [`crate::client`]). A malformed header is ignored:
-//! the call's span starts a trace of its own and nothing of the header is
+//! W3C trace context (`traceparent`, `tracestate`) across gRPC and HTTP
+//! hops, so that one campaign run is one trace from the orchestrator down
+//! to the agent's exec and the power sampler's session, and an LLM request
+//! one trace from its client through the proxy to the upstream. Servers
+//! read it from the call's metadata or the request's headers and make the
+//! call's span its child ([`ServerSpan`] for gRPC, [`traced_http`] for the
+//! HTTP APIs); berth's clients write the current span's context into every
+//! call they send ([`inject`], from [`crate::client`]; [`inject_http`] for
+//! the LLM proxy's upstream requests). A malformed header is ignored: the
+//! call's span starts a trace of its own and nothing of the header is
 //! passed on.
 
 use http::HeaderMap;
@@ -15,7 +18,16 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tower_http::trace::MakeSpan;
 use tracing::Span;
+use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of the spans made for each served request (gRPC calls, HTTP
+/// requests, the LLM proxy's GenAI operations): the default log filter
+/// (`crate::telemetry`) keeps it out of the log, where these spans would
+/// only prefix each line, so with no exporter they are never built and a
+/// request costs what it did untraced. They are exported whatever the log
+/// filter says.
+pub const REQUEST_SPAN_TARGET: &str = module_path!();
 
 /// The remote parent named by `headers`, when they name a valid one.
 pub fn extract(headers: &HeaderMap) -> Option<Context> {
@@ -56,13 +68,108 @@ fn well_formed(value: &[u8]) -> bool {
         && hex(flags, 2)
 }
 
+/// Makes `span` a child of the remote parent `headers` name, when they name
+/// a valid one; otherwise it stays the root of a trace of its own.
+pub fn set_parent(span: &Span, headers: &HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(parent) = extract(headers) {
+        // Fails only when no OpenTelemetry layer is installed (nothing is
+        // exported, so there is no trace to join) or the span is filtered
+        // out: either way there is nothing to link.
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// Writes `span`'s trace context into `metadata`; nothing when the span is
 /// not traced (no exporter configured, or filtered out).
 pub fn inject(span: &Span, metadata: &mut MetadataMap) {
+    inject_into(
+        span,
+        &mut NonEmpty(|key: &str, value: String| {
+            if let (Ok(key), Ok(value)) = (
+                MetadataKey::from_bytes(key.as_bytes()),
+                MetadataValue::try_from(value),
+            ) {
+                metadata.insert(key, value);
+            }
+        }),
+    );
+}
+
+/// Writes `span`'s trace context into the headers of an HTTP request;
+/// nothing when the span is not traced.
+pub fn inject_http(span: &Span, headers: &mut HeaderMap) {
+    inject_into(
+        span,
+        &mut NonEmpty(|key: &str, value: String| {
+            if let (Ok(key), Ok(value)) = (
+                http::HeaderName::from_bytes(key.as_bytes()),
+                http::HeaderValue::try_from(value),
+            ) {
+                headers.insert(key, value);
+            }
+        }),
+    );
+}
+
+fn inject_into(span: &Span, injector: &mut dyn Injector) {
+    // A disabled span (no exporter) has no context: skip the lookup.
+    if span.is_disabled() {
+        return;
+    }
     let cx = span.context();
     if cx.span().span_context().is_valid() {
-        TraceContextPropagator::new().inject_context(&cx, &mut Metadata(metadata));
+        TraceContextPropagator::new().inject_context(&cx, injector);
     }
+}
+
+/// Sets a string-array attribute on `span`'s exported span (a `tracing`
+/// field holds one value only), e.g. `gen_ai.response.finish_reasons`.
+pub fn set_string_array(span: &Span, key: &'static str, values: Vec<String>) {
+    if span.is_disabled() {
+        return;
+    }
+    let values = values.into_iter().map(Into::into).collect();
+    span.set_attribute(
+        key,
+        opentelemetry::Value::Array(opentelemetry::Array::String(values)),
+    );
+}
+
+/// Serves an HTTP request in a span of its own, at INFO (see
+/// [`REQUEST_SPAN_TARGET`]), named by its method as the HTTP semantic
+/// conventions name a span without a route, a child of the caller's span
+/// when the request carries a valid `traceparent`. For an axum router:
+/// `.layer(axum::middleware::from_fn(traced_http))`. A streamed answer's
+/// span ends at its headers; what the stream does after is the spans'
+/// made inside it (the LLM proxy's GenAI span lasts to the stream's end).
+pub async fn traced_http(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let method = request.method();
+    let span = tracing::info_span!(
+        target: REQUEST_SPAN_TARGET,
+        "http",
+        otel.name = method.as_str(),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = method.as_str(),
+        url.path = request.uri().path(),
+        http.response.status_code = Empty,
+    );
+    set_parent(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    // Server spans are errors for 5xx only: a 4xx is the client's.
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
 }
 
 /// The span of a served gRPC call, at INFO (tower-http's default is DEBUG,
@@ -87,12 +194,7 @@ impl<B> MakeSpan<B> for ServerSpan {
             rpc.service = service,
             rpc.method = method,
         );
-        if let Some(parent) = extract(request.headers()) {
-            // Fails only when no OpenTelemetry layer is installed (nothing
-            // is exported, so there is no trace to join) or the span is
-            // filtered out: either way there is nothing to link.
-            let _ = span.set_parent(parent);
-        }
+        set_parent(&span, request.headers());
         span
     }
 }
@@ -109,21 +211,15 @@ impl Extractor for Headers<'_> {
     }
 }
 
-struct Metadata<'a>(&'a mut MetadataMap);
+/// An injector writing through `F` what is worth sending: the propagator
+/// writes only its own two keys, and an empty `tracestate` says nothing.
+/// `F` drops a value that is no valid header rather than send it broken.
+struct NonEmpty<F>(F);
 
-impl Injector for Metadata<'_> {
+impl<F: FnMut(&str, String)> Injector for NonEmpty<F> {
     fn set(&mut self, key: &str, value: String) {
-        // The propagator writes only its own two keys; an empty
-        // `tracestate` says nothing, and a value that is no valid header is
-        // dropped rather than sent broken.
-        if value.is_empty() {
-            return;
-        }
-        if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value),
-        ) {
-            self.0.insert(key, value);
+        if !value.is_empty() {
+            (self.0)(key, value);
         }
     }
 }
@@ -255,5 +351,59 @@ mod tests {
                 "{traceparent}"
             );
         });
+    }
+
+    /// An HTTP request's span joins the `traceparent` it carries; what the
+    /// handler sends on (an upstream request's headers) carries that trace;
+    /// a malformed one starts a trace of its own, and no request fails for it.
+    #[tokio::test]
+    async fn an_http_request_joins_its_traceparent() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tower::ServiceExt as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _default = tracing::subscriber::set_default(subscriber);
+        // The handler answers with the traceparent it would send upstream.
+        let router = axum::Router::new()
+            .route(
+                "/call",
+                axum::routing::post(|| async {
+                    let mut upstream = HeaderMap::new();
+                    inject_http(&Span::current(), &mut upstream);
+                    upstream
+                        .get("traceparent")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default()
+                }),
+            )
+            .layer(axum::middleware::from_fn(traced_http));
+        let sent = |traceparent: &'static str| {
+            let router = router.clone();
+            async move {
+                let request = http::Request::post("/call")
+                    .header("traceparent", traceparent)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let response = router.oneshot(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let body = axum::body::to_bytes(response.into_body(), 1024)
+                    .await
+                    .unwrap();
+                String::from_utf8(body.to_vec()).unwrap()
+            }
+        };
+        let joined = sent(VALID).await;
+        assert!(
+            joined.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+                && !joined.contains("00f067aa0ba902b7"),
+            "{joined}"
+        );
+        let own = sent("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01").await;
+        assert!(
+            own.starts_with("00-") && !own.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{own}"
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! How the agent runs workloads. Each runtime (process, docker, podman,
-//! libvirt) implements [`WorkloadRuntime`]; the gRPC service routes
+//! libvirt, slurm) implements [`WorkloadRuntime`]; the gRPC service routes
 //! each call to the runtime that owns the workload.
 
 pub mod container;
 pub mod libvirt;
 pub mod process;
+pub mod slurm;
 #[cfg(test)]
 mod spec_fuzz;
 
@@ -92,6 +93,11 @@ pub trait WorkloadRuntime: Send + Sync {
     /// Removes an image this agent imported.
     async fn remove_image(&self, _image: &str) -> Result<(), AgentError> {
         Err(self.no_images_or_stats("RemoveImage"))
+    }
+    /// The id (digest) of the image the workload runs from, where the
+    /// runtime has images.
+    async fn image_id(&self, _id: &str) -> Result<Option<String>, AgentError> {
+        Ok(None)
     }
     /// Why a runtime without images or resource accounting refuses a call.
     fn no_images_or_stats(&self, rpc: &str) -> AgentError {

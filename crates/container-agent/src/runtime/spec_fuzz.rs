@@ -7,8 +7,8 @@
 //! and what a VM keeps of its spec reads back the same.
 
 use berth_proto::common::v1::{
-    EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, Runtime, Ulimit, VmDisk,
-    VmSpec, WorkloadSpec,
+    EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, Runtime, SlurmSpec, Ulimit,
+    VmDisk, VmSpec, WorkloadSpec,
 };
 use berth_tests::fuzz;
 use proptest::collection::{btree_map, vec};
@@ -22,6 +22,7 @@ use super::container::{DockerDialect, EngineVersions, PodmanDialect};
 use super::libvirt::domain_xml::BerthMetadata;
 use super::libvirt::vm_spec;
 use super::process::ProcessRuntime;
+use super::slurm;
 use crate::error::AgentError;
 use crate::events::EventBus;
 use crate::spec_limits::{self, MAX_STRING_BYTES};
@@ -127,6 +128,24 @@ fn vm() -> impl Strategy<Value = VmSpec> {
 }
 
 /// Specs of arbitrary field values, each field present or not.
+fn slurm() -> impl Strategy<Value = SlurmSpec> {
+    (
+        (text(), text(), text()),
+        (duration(), any::<u32>(), text(), text()),
+    )
+        .prop_map(
+            |((partition, account, qos), (time_limit, nodes, constraints, gres))| SlurmSpec {
+                partition,
+                account,
+                qos,
+                time_limit,
+                nodes,
+                constraints,
+                gres,
+            },
+        )
+}
+
 fn spec() -> impl Strategy<Value = WorkloadSpec> {
     let env = vec(
         (text(), text()).prop_map(|(name, value)| EnvVar { name, value }),
@@ -195,13 +214,14 @@ fn spec() -> impl Strategy<Value = WorkloadSpec> {
             -1..6i32,
             btree_map(text(), text(), 0..4),
             proptest::option::of(vm()),
+            proptest::option::of(slurm()),
         ),
     )
         .prop_map(
             |(
                 (runtime, image, command, env, working_dir),
                 (mounts, ports, resources, ulimits),
-                (gpus, health_check, restart_policy, labels, vm),
+                (gpus, health_check, restart_policy, labels, vm, slurm),
             )| WorkloadSpec {
                 runtime,
                 image,
@@ -217,6 +237,7 @@ fn spec() -> impl Strategy<Value = WorkloadSpec> {
                 restart_policy,
                 labels: labels.into_iter().collect(),
                 vm,
+                slurm,
             },
         )
 }
@@ -275,6 +296,19 @@ fn check(spec: &WorkloadSpec) -> Result<(), TestCaseError> {
             };
             names_a_field(container_config("w", spec, "me", &DockerDialect, versions).map(drop))?;
             names_a_field(container_config("w", spec, "me", &PodmanDialect, versions).map(drop))?;
+        }
+        if names_a_field(slurm::job::validate(spec))? {
+            let submission = slurm::job::Submission {
+                name: "w",
+                owner: "me",
+                default_partition: "",
+                output_dir: std::path::Path::new("/jobs"),
+            };
+            let body = slurm::job::submit_body(spec, &submission);
+            prop_assert!(
+                body["job"]["hold"].as_bool() == Some(true),
+                "a job is submitted held"
+            );
         }
         if names_a_field(vm_spec::validate(spec).map(drop))? {
             let metadata = BerthMetadata {

@@ -303,6 +303,7 @@ impl Recipe {
             gpus: self.gpus.clone(),
             mounts: self.mounts.clone(),
             vm: self.vm.clone(),
+            slurm: None,
         }
     }
 
@@ -373,6 +374,12 @@ fn validate(
             return Err(at(
                 &["command"],
                 "command: a VM's guest starts what it serves itself: give it as a script in vm.cloud_init (user-data starting with `#!`)".into(),
+            ));
+        }
+        RuntimeName::Slurm => {
+            return Err(at(
+                &["runtime"],
+                "runtime: slurm runs campaign backends; deployments as SLURM jobs are not supported yet".into(),
             ));
         }
         _ => {}
@@ -668,6 +675,11 @@ mod tests {
                 "name: web\nruntime: process\ncommand: [x]\nports:\n  - name: a\n  - name: a\n",
                 6,
                 "duplicate port name `a`",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\n",
+                2,
+                "deployments as SLURM jobs are not supported yet",
             ),
         ];
         for (text, line, message) in cases {

@@ -610,6 +610,53 @@ fn a_libvirt_backend_has_its_vm_and_nothing_else_does() {
 }
 
 #[test]
+fn a_slurm_backend_is_a_job_and_only_it_has_slurm_settings() {
+    let text = include_str!("../../../../examples/campaigns/slurm.yaml");
+    let plan = plan("slurm.yaml", text).unwrap();
+    assert_eq!(plan.runs.len(), 20);
+    let spec = plan.manifest.backends[0].workload_spec(Default::default());
+    assert_eq!(spec.runtime, berth_proto::common::v1::Runtime::Slurm as i32);
+    let job = spec.slurm.expect("the job's settings");
+    assert_eq!(job.partition, "debug");
+    assert_eq!(job.time_limit.map(|t| t.seconds), Some(30 * 60));
+    assert_eq!(spec.resources.map(|r| r.memory_limit_bytes), Some(1 << 30));
+
+    let with = |backend: &str| {
+        format!("name: t\nbackends:\n{backend}configs: [{{name: a}}]\nrun: {{command: [true]}}\n")
+    };
+    let cases = [
+        (
+            "  - name: c\n    runtime: process\n    slurm: {partition: debug}\n",
+            "backends[c].slurm: only a `runtime: slurm` backend",
+            5,
+        ),
+        (
+            "  - name: c\n    runtime: slurm\n    image: busybox\n",
+            "backends[c].image: wrapping a job in a container image",
+            5,
+        ),
+        (
+            "  - name: c\n    runtime: slurm\n    gpus: {count: 1}\n",
+            "ask with slurm.gres",
+            5,
+        ),
+        (
+            "  - name: c\n    runtime: slurm\n    slurm:\n      time_limit: 0s\n",
+            "backends[c].slurm.time_limit: must be positive",
+            6,
+        ),
+    ];
+    for (backend, needle, line) in cases {
+        let message = error(&with(backend)).to_string();
+        assert!(message.contains(needle), "{message}");
+        assert!(
+            message.contains(&format!("campaign.yaml:{line}:")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn the_vm_example_is_valid() {
     let text = include_str!("../../../../examples/campaigns/in-a-vm.yaml");
     let plan = plan("in-a-vm.yaml", text).unwrap();

@@ -96,6 +96,8 @@ pub enum RuntimeName {
     Docker,
     Podman,
     Libvirt,
+    /// SLURM batch jobs through the agent's slurmrestd (the agent on a login node).
+    Slurm,
 }
 
 impl RuntimeName {
@@ -106,6 +108,7 @@ impl RuntimeName {
             Self::Docker => Runtime::Docker,
             Self::Podman => Runtime::Podman,
             Self::Libvirt => Runtime::Libvirt,
+            Self::Slurm => Runtime::Slurm,
         }
     }
 }
@@ -147,6 +150,34 @@ pub struct Backend {
     /// into it through berth-exec-shim.
     #[serde(default)]
     pub vm: Option<Vm>,
+    /// The batch job of a `runtime: slurm` backend: an allocation that
+    /// runs are started in as job steps.
+    #[serde(default)]
+    pub slurm: Option<Slurm>,
+}
+
+/// A slurm backend's job: what sbatch's options of the same names ask.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Slurm {
+    #[serde(default)]
+    pub partition: String,
+    #[serde(default)]
+    pub account: String,
+    #[serde(default)]
+    pub qos: String,
+    /// Wall-clock limit, e.g. `2h` (whole minutes, rounded up).
+    #[serde(default, with = "humantime_serde")]
+    pub time_limit: Option<Duration>,
+    /// Nodes; default 1.
+    #[serde(default)]
+    pub nodes: u32,
+    /// Node features (sbatch --constraint), e.g. `a100&ib`.
+    #[serde(default)]
+    pub constraints: String,
+    /// Generic resources per node (sbatch --gres), e.g. `gpu:a100:2`.
+    #[serde(default)]
+    pub gres: String,
 }
 
 /// A libvirt backend's machine.

@@ -106,9 +106,8 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
                 format!("backends: duplicate backend name `{}`", backend.name),
             ));
         }
-        if backend.runtime != RuntimeName::Process
+        if matches!(backend.runtime, RuntimeName::Docker | RuntimeName::Podman)
             && backend.image.is_empty()
-            && backend.runtime != RuntimeName::Libvirt
         {
             return Err(at(
                 &["image"],
@@ -121,6 +120,8 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
         check_backend_resources(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| at(path, message))?;
         check_vm(backend, &format!("backends[{}]", backend.name))
+            .map_err(|(path, message)| at(path, message))?;
+        check_slurm(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| at(path, message))?;
         if !backend.deployment.is_empty() {
             check_deployment_backend(backend).map_err(|(path, message)| at(path, message))?;
@@ -384,6 +385,83 @@ pub(crate) fn check_vm(
             }
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// Most nodes a slurm backend's job may ask for.
+const MAX_SLURM_NODES: u32 = 100_000;
+
+/// A slurm backend's `slurm:` (and only a slurm backend has one), or the
+/// key at fault and why; `what` starts every message.
+fn check_slurm(backend: &Backend, what: &str) -> Result<(), (&'static [&'static str], String)> {
+    if backend.runtime != RuntimeName::Slurm {
+        if backend.slurm.is_some() {
+            return Err((
+                &["slurm"],
+                format!("{what}.slurm: only a `runtime: slurm` backend is a SLURM job"),
+            ));
+        }
+        return Ok(());
+    }
+    let not_on_a_cluster: [(&'static [&'static str], bool, &str); 3] = [
+        (
+            &["image"],
+            !backend.image.is_empty(),
+            "wrapping a job in a container image (Apptainer) is not supported yet",
+        ),
+        (
+            &["mounts"],
+            !backend.mounts.is_empty(),
+            "a job sees the nodes' files as they are",
+        ),
+        (
+            &["gpus"],
+            backend.gpus.is_some(),
+            "SLURM gives a job its GPUs: ask with slurm.gres (e.g. `gpu:2`)",
+        ),
+    ];
+    if let Some((path, _, why)) = not_on_a_cluster.into_iter().find(|(_, given, _)| *given) {
+        return Err((path, format!("{what}.{}: {why}", path[0])));
+    }
+    let Some(job) = &backend.slurm else {
+        return Ok(());
+    };
+    if job.nodes > MAX_SLURM_NODES {
+        return Err((
+            &["slurm", "nodes"],
+            format!(
+                "{what}.slurm.nodes: {} is more than {MAX_SLURM_NODES}",
+                job.nodes
+            ),
+        ));
+    }
+    if job.time_limit.is_some_and(|limit| limit.is_zero()) {
+        return Err((
+            &["slurm", "time_limit"],
+            format!(
+                "{what}.slurm.time_limit: must be positive (leave it out for the partition's default)"
+            ),
+        ));
+    }
+    let texts: [(&'static [&'static str], &String); 5] = [
+        (&["slurm", "partition"], &job.partition),
+        (&["slurm", "account"], &job.account),
+        (&["slurm", "qos"], &job.qos),
+        (&["slurm", "constraints"], &job.constraints),
+        (&["slurm", "gres"], &job.gres),
+    ];
+    if let Some((path, _)) = texts
+        .into_iter()
+        .find(|(_, value)| value.len() > 1024 || value.chars().any(char::is_control))
+    {
+        return Err((
+            path,
+            format!(
+                "{what}.slurm.{}: at most 1024 characters, no control characters",
+                path[1]
+            ),
+        ));
     }
     Ok(())
 }

@@ -71,6 +71,17 @@ impl Backend {
                 pci_passthrough: vm.pci_passthrough.clone(),
                 ..Default::default()
             }),
+            slurm: self.slurm.as_ref().map(|job| common::SlurmSpec {
+                partition: job.partition.clone(),
+                account: job.account.clone(),
+                qos: job.qos.clone(),
+                time_limit: job
+                    .time_limit
+                    .and_then(|limit| prost_types::Duration::try_from(limit).ok()),
+                nodes: job.nodes,
+                constraints: job.constraints.clone(),
+                gres: job.gres.clone(),
+            }),
             ..Default::default()
         }
     }

@@ -467,6 +467,7 @@ impl Scheduler {
             workload_id: placement.workload_id.clone(),
             client,
             endpoints,
+            provenance: tokio::sync::OnceCell::new(),
         }
     }
 

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_proto::orchestrator::v1::{Campaign, CampaignOutcome, CampaignState, RunState};
 use berth_server::CancellationToken;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{CampaignRun, Scheduler};
 use crate::error::OrchestratorError;
@@ -43,9 +45,13 @@ impl Scheduler {
             running.insert(id.clone(), token.clone());
             token
         };
+        let launched_by = traced_caller();
         let scheduler = Arc::clone(self);
         tokio::spawn(async move {
-            let result = scheduler.clone().run_campaign(&id, token).await;
+            let result = scheduler
+                .clone()
+                .run_campaign(&id, token, launched_by)
+                .await;
             if let Err(error) = result {
                 tracing::error!(campaign = %id, %error, "campaign task failed");
                 let _ = scheduler.store.set_campaign_state(
@@ -133,6 +139,7 @@ impl Scheduler {
         self: Arc<Self>,
         id: &str,
         token: CancellationToken,
+        launched_by: Option<SpanContext>,
     ) -> Result<(), OrchestratorError> {
         let _slot = tokio::select! {
             slot = self.campaign_slots.clone().acquire_owned() => slot.ok(),
@@ -146,6 +153,7 @@ impl Scheduler {
             plan,
             token,
             stopped_by_policy: AtomicBool::new(false),
+            launched_by,
         });
         let workers: Vec<_> = ctx
             .plan
@@ -292,4 +300,12 @@ impl Scheduler {
         );
         Ok(true)
     }
+}
+
+/// The span of the call being served, when it is traced: the caller's
+/// context (the CLI's `traceparent`) is its parent.
+fn traced_caller() -> Option<SpanContext> {
+    let context = tracing::Span::current().context();
+    let span = context.span().span_context().clone();
+    (span.is_valid() && span.is_sampled()).then_some(span)
 }

@@ -69,6 +69,10 @@ struct CampaignRun {
     plan: Plan,
     token: CancellationToken,
     stopped_by_policy: AtomicBool,
+    /// The traced call that launched it (a submit from the CLI, a resume):
+    /// each run is a trace of its own, linked to this one, so a slow run
+    /// leads back to who asked for it. None after a restart.
+    launched_by: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// A backend placed on a host and running there.
@@ -86,6 +90,10 @@ struct Placed {
     /// none: the GPUs of the replica a deployment backend measures; empty
     /// for every device of the host.
     power_devices: Vec<String>,
+    /// What its host reported of the settings that decide a figure, asked
+    /// by the first run that measures no power and kept for the others
+    /// (runs that measure power ask again: temperatures change).
+    provenance: tokio::sync::OnceCell<berth_proto::agent::v1::Provenance>,
     watch: BackendWatch,
     /// The endpoints of the deployment the backend measures (port name →
     /// host:port); empty for a backend of its own.

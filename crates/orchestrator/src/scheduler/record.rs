@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use berth_proto::agent::v1::Provenance;
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignEvent, CyclesEnded, Run, RunState, WarmupEnded,
 };
@@ -49,18 +50,22 @@ impl Scheduler {
         Ok(Some(written.run))
     }
 
-    /// Records a dispatched run running (its exec is open on the agent) and
-    /// publishes `message`.
+    /// Records a dispatched run running (its exec is open on the agent),
+    /// with its host's provenance when it was asked, and publishes `message`.
     pub(super) fn start_running(
         &self,
         run: &Run,
+        provenance: Option<Provenance>,
         message: String,
     ) -> Result<(), OrchestratorError> {
         self.record(
             &run.id,
             &[RunState::Dispatched],
             RunState::Running,
-            &RunUpdate::default(),
+            &RunUpdate {
+                provenance,
+                ..Default::default()
+            },
             |_| message,
         )?;
         Ok(())

@@ -9,12 +9,13 @@ use std::time::{Duration, SystemTime};
 
 use berth_proto::agent::v1::{
     AttachExecRequest, CancelExecRequest, ExecOutput, ExecRequest, ExitReason, ExitStatus,
-    WorkloadRef, WorkloadState, exec_output,
+    Provenance, WorkloadRef, WorkloadState, exec_output,
 };
 use berth_proto::common::v1::EnvVar;
 use berth_proto::orchestrator::v1::{Run, RunState};
 use berth_server::error::{has_reason, reasons};
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::output::RunOutput;
 use super::record::failure;
@@ -66,6 +67,9 @@ impl Scheduler {
             berth.host = %placed.host,
             berth.run.attempt = tracing::field::Empty,
         );
+        if let Some(caller) = &ctx.launched_by {
+            span.add_link(caller.clone());
+        }
         self.execute_attempt(ctx, run, placed)
             .instrument(span)
             .await
@@ -105,6 +109,10 @@ impl Scheduler {
         let attempt = dispatched.attempts;
         tracing::Span::current().record("berth.run.attempt", attempt);
         let power = &ctx.plan.manifest.power;
+        // Before the power session opens, so that asking adds nothing to
+        // the measured window (the temperature is then the one before any
+        // thermal gate).
+        let provenance = provenance(placed, power.enabled).await;
         let mut power_session = None;
         if power.enabled {
             match self
@@ -149,7 +157,11 @@ impl Scheduler {
             Err(status) => return self.exec_refused(ctx, run, attempt, &status),
         };
         crate::metrics::metrics().dispatched(sent.elapsed());
-        self.start_running(run, format!("run {} running on {}", run.id, placed.host))?;
+        self.start_running(
+            run,
+            Some(provenance),
+            format!("run {} running on {}", run.id, placed.host),
+        )?;
         self.follow(
             ctx,
             run,
@@ -209,6 +221,7 @@ impl Scheduler {
             let _gpus = self.lease_adopted_gpus(ctx, &run).await;
             self.start_running(
                 &run,
+                None,
                 format!(
                     "run {} adopted on {} after a restart (attempt {attempt})",
                     run.id, run.host
@@ -588,6 +601,21 @@ async fn backend_state_since(
 /// The idempotency key of one attempt of a run on its agent. Run id and
 /// attempt are both recorded (`→ dispatched`) before the exec is sent, so a
 /// restarted orchestrator derives the same key to attach to it.
+/// The provenance of a run on `placed`: asked anew for a run that measures
+/// power, else the backend's, asked once (one call per run would cost a
+/// trivial run's dispatch a tenth of its rate).
+async fn provenance(placed: &Placed, measures_power: bool) -> Provenance {
+    let describe = || async {
+        let mut client = placed.client.clone();
+        crate::provenance::describe(&mut client, &placed.host, &placed.workload_id).await
+    };
+    if measures_power {
+        describe().await
+    } else {
+        placed.provenance.get_or_init(describe).await.clone()
+    }
+}
+
 fn exec_key(run_id: &str, attempt: u32) -> String {
     format!("{run_id}/attempt-{attempt}")
 }

@@ -4,7 +4,10 @@
 //! record a result twice.
 
 pub mod deployments;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +23,40 @@ pub enum StoreError {
     Database(String),
     #[error("state store holds a value it cannot read: {0}")]
     Corrupt(String),
+    /// The PostgreSQL store failed: `url` is `store.url` with its password
+    /// hidden.
+    #[error("store.url {url}: {reason}")]
+    Postgres { url: String, reason: String },
+    /// The database was migrated by a newer orchestrator: this one would
+    /// not know its tables.
+    #[error(
+        "store.url {url}: the database's schema is version {found}, newer than the {supported} this \
+         orchestrator knows: run the berth-orchestrator that migrated it (or a newer one), or point \
+         store.url at another database"
+    )]
+    NewerSchema {
+        url: String,
+        found: i64,
+        supported: i64,
+    },
+    /// This orchestrator led under `term`, and another took the leader
+    /// lease over: its writes are refused, so two never schedule at once.
+    #[error(
+        "store.url {url}: this orchestrator's leader lease (term {term}) was taken over by another \
+         orchestrator: its writes are refused"
+    )]
+    Fenced { url: String, term: i64 },
+}
+
+impl StoreError {
+    /// Whether the message already names the setting that chose the store
+    /// (`store.url`); SQLite's errors are named `store.path` by the caller.
+    pub fn names_its_setting(&self) -> bool {
+        matches!(
+            self,
+            Self::Postgres { .. } | Self::NewerSchema { .. } | Self::Fenced { .. }
+        )
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -67,6 +104,9 @@ pub struct RunUpdate {
     /// The run's power samples, written with the transition (replacing any
     /// stored before) only when it happens.
     pub power_series: Option<PowerSeries>,
+    /// What the run's host reported of the settings that decide its energy
+    /// figure, when the run started.
+    pub provenance: Option<berth_proto::agent::v1::Provenance>,
 }
 
 /// A run transition as it was written: the run with its new state and

@@ -38,6 +38,9 @@ pub struct ContainerDetails {
     pub state: ContainerState,
     #[serde(default)]
     pub restart_count: u32,
+    /// The id of the image it was created from ("sha256:…").
+    #[serde(default)]
+    pub image: String,
     #[serde(default)]
     pub config: ContainerConfig,
     #[serde(default)]

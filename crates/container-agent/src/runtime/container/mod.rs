@@ -406,6 +406,17 @@ impl WorkloadRuntime for ContainerRuntime {
         }
     }
 
+    async fn image_id(&self, id: &str) -> Result<Option<String>, AgentError> {
+        let Some((id, _)) = self.resolve(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .details(&id)
+            .await?
+            .map(|details| details.image)
+            .filter(|image| !image.is_empty()))
+    }
+
     async fn list(&self) -> Result<Vec<Workload>, AgentError> {
         let ids: Vec<String> = self.owned().keys().cloned().collect();
         let mut workloads = Vec::with_capacity(ids.len());

@@ -1,7 +1,9 @@
 //! Runs: their rows, their counts per state (kept by triggers), reads in
 //! the orders the scheduler needs, and transitions as compare-and-set on
 //! the state that return the run as written with its campaign's counts.
+use berth_proto::agent::v1::Provenance;
 use berth_proto::orchestrator::v1::{Run, RunCounts, RunState};
+use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::power::{decode_energy, encode_energy, insert_power_series};
@@ -10,7 +12,7 @@ use crate::store::{MeasuredRuns, RunPair, RunUpdate, StoreResult, Transitioned};
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
                            exit_code, result_json, duration_ms, error, started_ms, finished_ms, energy, logs_tail, \
-                           power_samples, power_series_truncated";
+                           power_samples, power_series_truncated, provenance";
 
 fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let params: String = row.get(4)?;
@@ -40,6 +42,9 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         logs_tail: row.get(18)?,
         power_samples: row.get(19)?,
         power_series_truncated: row.get(20)?,
+        provenance: row
+            .get::<_, Option<Vec<u8>>>(21)?
+            .and_then(|bytes| Provenance::decode(bytes.as_slice()).ok()),
         // Derived where runs leave the service (`results::with_derived`).
         energy_j: None,
         joules_per_unit: None,
@@ -183,7 +188,8 @@ pub(super) fn transition_run(
             energy = COALESCE(?12, energy),
             logs_tail = COALESCE(?13, logs_tail),
             power_samples = COALESCE(?14, power_samples),
-            power_series_truncated = COALESCE(?15, power_series_truncated)
+            power_series_truncated = COALESCE(?15, power_series_truncated),
+            provenance = COALESCE(?16, provenance)
          WHERE id = ?1 AND state IN ({})
          RETURNING {RUN_COLUMNS}",
         state_list(from)
@@ -208,7 +214,8 @@ pub(super) fn transition_run(
                 update.energy.as_deref().map(encode_energy),
                 update.logs_tail,
                 series.map(|s| s.samples.len() as i64),
-                series.map(|s| s.truncated)
+                series.map(|s| s.truncated),
+                update.provenance.as_ref().map(Message::encode_to_vec)
             ],
             run_row,
         )

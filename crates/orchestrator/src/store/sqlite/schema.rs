@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS runs (
     energy BLOB,
     logs_tail TEXT NOT NULL DEFAULT '',
     power_samples INTEGER NOT NULL DEFAULT 0,
-    power_series_truncated INTEGER NOT NULL DEFAULT 0
+    power_series_truncated INTEGER NOT NULL DEFAULT 0,
+    provenance BLOB
 );
 CREATE INDEX IF NOT EXISTS runs_by_campaign ON runs(campaign_id, sequence);
 CREATE INDEX IF NOT EXISTS runs_by_backend_state ON runs(campaign_id, backend, state, sequence);
@@ -137,6 +138,7 @@ pub(super) fn create_or_migrate(connection: &mut Connection) -> StoreResult<()> 
     )?;
     add_column_if_missing(connection, "runs", "energy", "BLOB")?;
     add_column_if_missing(connection, "runs", "logs_tail", "TEXT NOT NULL DEFAULT ''")?;
+    add_column_if_missing(connection, "runs", "provenance", "BLOB")?;
     add_column_if_missing(
         connection,
         "runs",

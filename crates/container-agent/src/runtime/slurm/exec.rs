@@ -1,0 +1,163 @@
+//! Exec into a running job: a job step started by the cluster's `srun
+//! --jobid=<id> --overlap` on the agent's host (a login node), which SLURM
+//! runs on the job's first node beside whatever else the job runs. Its
+//! output, exit code, timeout and cancel are those of the srun process
+//! ([`process_group::run_streaming`]). srun killed outright (a cancel, a
+//! timeout) cannot tell slurmd to end the step, which then stays in the
+//! job: every step is named after the exec, and one left behind is found by
+//! that name with `squeue` and cancelled with `scancel`.
+
+use std::path::{Path, PathBuf};
+
+use berth_proto::agent::v1::{ExecOutput, ExitReason, exec_output};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use super::job::Job;
+use crate::error::AgentError;
+use crate::process_group::{self, EXEC_BUFFER, HostCommand};
+use crate::runtime::ExecCommand;
+
+/// The cluster's client programs as the agent runs them.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub srun: PathBuf,
+    /// `SLURM_CONF` for them; empty: their own default.
+    pub slurm_conf: PathBuf,
+}
+
+impl Clients {
+    /// A client installed beside srun (`squeue`, `scancel`), else on PATH.
+    fn sibling(&self, program: &str) -> PathBuf {
+        match self.srun.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(program),
+            _ => PathBuf::from(program),
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        if self.slurm_conf.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            vec![("SLURM_CONF".into(), self.slurm_conf.display().to_string())]
+        }
+    }
+
+    /// The srun command line of an exec in `job`, as step `step_name`, with
+    /// the workload's environment under the exec's own.
+    pub fn step(
+        &self,
+        job: &Job,
+        workload_env: &[(String, String)],
+        exec: &ExecCommand,
+        step_name: &str,
+        default_dir: &Path,
+    ) -> HostCommand {
+        let working_dir = exec
+            .command
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| default_dir.to_path_buf());
+        let mut argv = vec![
+            self.srun.display().to_string(),
+            format!("--jobid={}", job.id),
+            // Runs share the allocation with the job's own script.
+            "--overlap".into(),
+            "--quiet".into(),
+            "--nodes=1".into(),
+            "--ntasks=1".into(),
+            format!("--job-name={step_name}"),
+            format!("--chdir={}", working_dir.display()),
+            // The task gets srun's environment: the one set here.
+            "--export=ALL".into(),
+            "--".into(),
+        ];
+        argv.extend(exec.command.argv.iter().cloned());
+        let mut env = self.env();
+        env.extend(workload_env.iter().cloned());
+        env.extend(exec.command.env.iter().cloned());
+        HostCommand {
+            argv,
+            env,
+            working_dir: None,
+        }
+    }
+
+    /// Cancels what is left of the step named `step_name` in job `job_id`.
+    async fn cancel_step(&self, job_id: u64, step_name: &str) {
+        let listed = Command::new(self.sibling("squeue"))
+            .args(["-h", "-s", "-j", &job_id.to_string(), "-o", "%i %j"])
+            .envs(self.env())
+            .output()
+            .await;
+        let Ok(listed) = listed else {
+            return;
+        };
+        let steps: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (id, name) = line.trim().split_once(' ')?;
+                (name == step_name).then(|| id.to_string())
+            })
+            .collect();
+        for step in steps {
+            let cancelled = Command::new(self.sibling("scancel"))
+                .arg(&step)
+                .envs(self.env())
+                .status()
+                .await;
+            if !cancelled.is_ok_and(|s| s.success()) {
+                tracing::warn!(
+                    step,
+                    "an exec's step outlived its srun and could not be cancelled"
+                );
+            }
+        }
+    }
+}
+
+/// Runs the step and streams its output and exit; a cancel (the receiver
+/// dropped) or a timeout also cancels the step in SLURM.
+pub fn run(
+    clients: Clients,
+    job_id: u64,
+    command: HostCommand,
+    step_name: String,
+    timeout: Option<std::time::Duration>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+    let mut srun = process_group::run_streaming(&command, timeout, permit)?;
+    let (tx, rx) = mpsc::channel(EXEC_BUFFER);
+    tokio::spawn(async move {
+        let abandoned = loop {
+            tokio::select! {
+                message = srun.recv() => {
+                    let Some(message) = message else { break true };
+                    let timed_out = matches!(
+                        &message.output,
+                        Some(exec_output::Output::Exit(exit)) if exit.reason == ExitReason::TimedOut as i32
+                    );
+                    let exited = matches!(&message.output, Some(exec_output::Output::Exit(_)));
+                    if timed_out {
+                        // Before the caller hears of it, so a run that
+                        // follows finds the step gone.
+                        clients.cancel_step(job_id, &step_name).await;
+                    }
+                    if tx.send(message).await.is_err() {
+                        break true;
+                    }
+                    if exited {
+                        break false;
+                    }
+                }
+                () = tx.closed() => break true,
+            }
+        };
+        if abandoned {
+            // Dropping srun's stream kills srun; the step may stay behind.
+            drop(srun);
+            clients.cancel_step(job_id, &step_name).await;
+        }
+    });
+    Ok(rx)
+}
