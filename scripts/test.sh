@@ -44,7 +44,7 @@ printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime =
 if docker info >/dev/null 2>&1; then
   # From the binaries just built: a release build of the workspace would
   # double the suite's compile time (12 of 26 minutes on 2 cores).
-  scripts/deploy/build-images.sh --profile debug --no-cargo
+  scripts/deploy/build-images.sh --profile debug --no-cargo --monitoring
   if command -v podman >/dev/null; then
     CONTAINERS_CONF=$podman_conf scripts/deploy/build-images.sh --engine podman --profile debug --no-cargo
   fi

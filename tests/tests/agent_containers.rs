@@ -113,6 +113,18 @@ async fn agent_lifecycle_exec_logs_stats_images() {
     assert!(provenance.image_id.starts_with("sha256:"), "{provenance:?}");
     assert_eq!(provenance.gpus.len(), 1, "{provenance:?}");
     assert!(!provenance.kernel.is_empty(), "{provenance:?}");
+    let unknown = agent
+        .client
+        .describe_provenance(WorkloadRef {
+            id: "berth-no-such-workload".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert!(
+        unknown.message().contains("berth-no-such-workload"),
+        "{unknown:?}"
+    );
 
     let (out, err, exit) = agent
         .exec(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"], None)

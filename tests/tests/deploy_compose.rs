@@ -438,3 +438,136 @@ async fn docker_compose_bad_input_names_the_problem_and_stops_retrying() {
     let left = project.leftovers();
     assert!(left.is_empty(), "down -v left: {left:?}");
 }
+
+/// Prometheus's HTTP API at `port`: the JSON of `path` (a query or the targets).
+async fn prometheus(port: u16, path: &str) -> serde_json::Value {
+    let (status, body) = berth_tests::http_get(&format!("127.0.0.1:{port}"), path, None).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// The monitoring profile (deploy/compose.monitoring.yaml) for real: the real Prometheus (Debian's,
+/// in localhost/berth-prometheus) scrapes every service of the stack; its HTTP API reports each
+/// berth target up, and after a campaign the orchestrator's run metrics are there.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_compose_monitoring_profile_scrapes_every_service() {
+    if !docker_present() {
+        return;
+    }
+    ensure_images();
+    let prometheus_image = "localhost/berth-prometheus:latest";
+    if !run(Command::new("docker").args(["image", "inspect", prometheus_image]))
+        .status
+        .success()
+    {
+        // scripts/test.sh builds it with the others; a test run alone builds it here.
+        let status = build_images_command()
+            .args(["--monitoring", "--profile", "debug", "--no-cargo"])
+            .current_dir(repo_root())
+            .status()
+            .expect("run build-images.sh --monitoring");
+        assert!(status.success(), "build-images.sh --monitoring failed");
+    }
+    let mut project = Project::new("mon");
+    project
+        .extra_files
+        .push(repo_root().join("deploy/compose.monitoring.yaml"));
+    let prometheus_port = berth_tests::free_port();
+    project
+        .env
+        .insert("BERTH_PORT_PROMETHEUS".into(), prometheus_port.to_string());
+    let up = project.compose(&["--profile", "monitoring", "up", "-d"]);
+    assert!(
+        up.status.success(),
+        "docker-compose up failed:\n{}",
+        text(&up)
+    );
+    let mut services = SERVICES.to_vec();
+    services.push("prometheus");
+    wait_healthy(&project, &services, Duration::from_secs(120)).await;
+
+    // Every berth job up: the first scrape comes within one interval (15 s).
+    let jobs = [
+        "berth-orchestrator",
+        "berth-agent",
+        "berth-power-sampler",
+        "berth-embedding",
+        "berth-llm-proxy",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let targets = prometheus(prometheus_port, "/api/v1/targets").await;
+        let health: BTreeMap<String, String> = targets["data"]["activeTargets"]
+            .as_array()
+            .expect("activeTargets")
+            .iter()
+            .map(|t| {
+                (
+                    t["labels"]["job"].as_str().unwrap_or_default().to_string(),
+                    format!(
+                        "{} {}",
+                        t["health"].as_str().unwrap_or_default(),
+                        t["lastError"].as_str().unwrap_or_default()
+                    ),
+                )
+            })
+            .collect();
+        if jobs
+            .iter()
+            .all(|job| health.get(*job).map(|h| h.trim()) == Some("up"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every berth target is up after 60 s: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let (_client, finished) = campaign_through_agent(
+        project.port("BERTH_PORT_ORCHESTRATOR"),
+        "compose-agent",
+        CAMPAIGN,
+        "compose.yaml",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        CampaignState::try_from(finished.state).unwrap(),
+        CampaignState::Succeeded,
+        "{}",
+        finished.status_message
+    );
+    // The runs' transitions, as Prometheus scraped them after the campaign.
+    let query = "/api/v1/query?query=sum(berth_orchestrator_run_transitions_total%7Bstate%3D%22succeeded%22%7D)";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = prometheus(prometheus_port, query).await;
+        let succeeded = answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok());
+        if succeeded == Some(8.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus has not scraped the campaign's 8 succeeded runs after 60 s: {answer}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The rules file is loaded: its groups are listed.
+    let rules = prometheus(prometheus_port, "/api/v1/rules").await;
+    assert!(
+        !rules["data"]["groups"]
+            .as_array()
+            .expect("groups")
+            .is_empty(),
+        "{rules}"
+    );
+
+    let down = project.compose(&["--profile", "monitoring", "down", "-v"]);
+    assert!(down.status.success(), "{}", text(&down));
+    let left = project.leftovers();
+    assert!(left.is_empty(), "down -v left: {left:?}");
+}

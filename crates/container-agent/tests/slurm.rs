@@ -22,7 +22,7 @@ type Client = ContainerAgentClient<AuthChannel>;
 struct Agent {
     client: Client,
     dir: tempfile::TempDir,
-    _service: RunningService,
+    service: RunningService,
 }
 
 impl Agent {
@@ -59,7 +59,7 @@ impl Agent {
         Self {
             client,
             dir,
-            _service: service,
+            service,
         }
     }
 
@@ -170,6 +170,22 @@ fn allocation(time_limit: Option<Duration>) -> WorkloadSpec {
     }
 }
 
+/// Waits until job `id` runs no exec step (a cancelled or timed-out one
+/// goes once SLURM has ended it).
+async fn wait_no_exec_steps(cluster: &Cluster, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let steps = cluster
+            .client("squeue", &["-h", "-s", "-j", id, "-o", "%j"])
+            .unwrap();
+        if !steps.contains("berth-exec") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "steps left in job {id}: {steps}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn job_id(workload: &Workload) -> String {
     workload.id.strip_prefix("slurm-").unwrap().to_string()
 }
@@ -245,22 +261,7 @@ async fn a_job_runs_and_runs_are_steps_in_it() {
         )
         .await;
     assert_eq!(exit.reason, ExitReason::TimedOut as i32);
-    let steps_left = || {
-        cluster
-            .client("squeue", &["-h", "-s", "-j", &id, "-o", "%i"])
-            .unwrap()
-            .lines()
-            .filter(|step| !step.ends_with(".batch") && !step.ends_with(".extern"))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while steps_left() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the timed-out step is still in the job"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_exec_steps(&cluster, &id).await;
 
     // Cancel: the call dropped while the step runs.
     let marker = agent.dir.path().join("cancelled-step-ran-on");
@@ -274,14 +275,7 @@ async fn a_job_runs_and_runs_are_steps_in_it() {
         ..Default::default()
     });
     let _ = tokio::time::timeout(Duration::from_millis(1000), call).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while steps_left() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled step is still in the job"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_exec_steps(&cluster, &id).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!marker.exists(), "the cancelled step ran on");
 
@@ -335,6 +329,89 @@ async fn a_job_runs_and_runs_are_steps_in_it() {
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
 }
 
+/// A keyed exec (a campaign run) is a step that outlives the agent: a new
+/// agent attaches to it by its key and gets its whole output and exit, and
+/// cancels another one started by the agent before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_step_outlives_the_agent_and_is_attached_again() {
+    let Some(cluster) = slurm::cluster() else {
+        return;
+    };
+    let mut agent = Agent::start(&cluster, |_| {}).await;
+    let created = agent.create("keyed", allocation(None)).await.unwrap();
+    agent.start_workload(&created.id).await;
+    let keyed = |key: &str, script: &str| ExecRequest {
+        workload_id: "keyed".into(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        exec_key: key.into(),
+        ..Default::default()
+    };
+    let mut first = agent
+        .client
+        .exec(keyed(
+            "camp/run-1/1",
+            "echo before; sleep 3; echo after; exit 5",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let head = first.message().await.unwrap().unwrap();
+    assert_eq!(
+        head.output,
+        Some(exec_output::Output::Stdout(b"before\n".to_vec()))
+    );
+    let marker = agent.dir.path().join("cancelled-by-the-new-agent");
+    agent
+        .client
+        .exec(keyed(
+            "camp/run-2/1",
+            &format!("sleep 4; touch {}", marker.display()),
+        ))
+        .await
+        .unwrap();
+    drop(first);
+    agent.service.stop().await.unwrap();
+
+    let mut agent = Agent::start(&cluster, |_| {}).await;
+    let attached = agent
+        .client
+        .attach_exec(AttachExecRequest {
+            exec_key: "camp/run-1/1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (out, _, exit) = collect_exec(attached).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "before\nafter\n");
+    assert_eq!(exit.exit_code, 5);
+    agent
+        .client
+        .cancel_exec(CancelExecRequest {
+            exec_key: "camp/run-2/1".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!marker.exists(), "the cancelled step ran on");
+    let id = job_id(&created);
+    wait_no_exec_steps(&cluster, &id).await;
+    // A keyed step past its timeout is killed and cancelled in SLURM.
+    let mut timed = keyed("camp/run-3/1", "sleep 60");
+    timed.timeout = Some(Duration::from_millis(1500).try_into().unwrap());
+    let stream = agent.client.exec(timed).await.unwrap().into_inner();
+    let (_, _, exit) = collect_exec(stream).await.unwrap();
+    assert_eq!(exit.reason, ExitReason::TimedOut as i32);
+    wait_no_exec_steps(&cluster, &id).await;
+    let unknown = agent
+        .client
+        .attach_exec(AttachExecRequest {
+            exec_key: "camp/never/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_time_limit_is_timeout_with_the_reason() {
     let Some(cluster) = slurm::cluster() else {
@@ -361,11 +438,17 @@ async fn a_job_past_its_time_limit_is_timeout_with_the_reason() {
         .await;
     assert_eq!(ended.state_reason, "TIMEOUT (TimeLimit)");
     assert_eq!(ended.exit_code, Some(128 + 15), "SIGTERM at the limit");
-    let died = tokio::time::timeout(Duration::from_secs(10), events.message())
-        .await
-        .expect("an event for the timeout")
-        .unwrap()
-        .unwrap();
+    // Started came first (SLURM started the job), then Died at the limit.
+    let died = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = events.message().await.unwrap().expect("an event");
+            if event.kind() != EventKind::Started {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("an event for the timeout");
     assert_eq!(died.kind(), EventKind::Died);
     assert!(
         died.message.contains("TIMEOUT (TimeLimit)"),

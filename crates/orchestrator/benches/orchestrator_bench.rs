@@ -12,13 +12,19 @@
 //!    `berth-agent` process on its own unix socket (no engines), after
 //!    several heartbeat rounds.
 //!
-//! No external peer: the targets are DESIGN.md's (≥500 runs/s scheduled,
-//! resume < 1 s, RSS < 50 MB).
+//! 4. protocol: what measuring costs a run beyond what the manifest asks:
+//!    the same trivial runs with no power measurement, with a power session
+//!    per run (a replay sampler: its own process, as on a host), and with
+//!    `power.protocol` (a fixed 20 ms gap and a rise time) on top; the
+//!    per-run time in the steady state, minus the configured gap.
 //!
-//! `cargo build --release -p berth-container-agent` first (the agent binary
-//! is looked up next to the orchestrator's), then
+//! No external peer: the targets are DESIGN.md's (≥500 runs/s scheduled,
+//! resume < 1 s, RSS < 50 MB) and issue 22's (< 5 ms per measured run).
+//!
+//! `cargo build --release -p berth-container-agent -p berth-power-sampler`
+//! first (their binaries are looked up next to the orchestrator's), then
 //! `cargo bench -p berth-orchestrator --bench orchestrator_bench`.
-//! Settings: BENCH_ONLY (dispatch,resume,rss), BENCH_RUNS (process runs per
+//! Settings: BENCH_ONLY (dispatch,resume,rss,protocol), BENCH_RUNS (process runs per
 //! campaign, 2000), BENCH_DOCKER_RUNS (200), BENCH_RESUME_RUNS (10000),
 //! BENCH_RESUME_FINISHED (fraction finished before the kill, 0.9),
 //! BENCH_HOSTS (100), BENCH_HEARTBEAT (1s), BENCH_REPEATS (3).
@@ -709,6 +715,92 @@ async fn bench_rss() {
     );
 }
 
+/// Issue 22's bound: what measuring adds to a run beyond its configured
+/// gap, per measured run.
+const PROTOCOL_OVERHEAD_TARGET_MS: f64 = 5.0;
+
+async fn bench_protocol() {
+    let runs: usize = setting("BENCH_PROTOCOL_RUNS", 300);
+    let repeats: usize = setting("BENCH_REPEATS", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = spawn_agent(
+        dir.path(),
+        &socket,
+        "off",
+        &format!("bench{}", std::process::id()),
+    );
+    let sampler_port = free_port();
+    let trace =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/power/llm-inference.csv");
+    let sampler_config = dir.path().join("power.toml");
+    std::fs::write(
+        &sampler_config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{sampler_port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
+            trace.display()
+        ),
+    )
+    .unwrap();
+    let _sampler = Proc::spawn(
+        &sibling_binary("berth-power-sampler", "berth-power-sampler"),
+        &["--config", sampler_config.to_str().unwrap()],
+        &[],
+    );
+    wait_for(&format!("http://127.0.0.1:{sampler_port}")).await;
+    let port = free_port();
+    let _orchestrator = spawn_orchestrator(dir.path(), port, "5s");
+    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+    wait_for(&format!("unix://{}", socket.display())).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost");
+    const GAP_MS: f64 = 20.0;
+    let variants = [
+        ("no power measurement", "power: {enabled: false}", 0.0),
+        (
+            "a power session per run",
+            "power: {enabled: true, rate_hz: 100}",
+            0.0,
+        ),
+        (
+            "a power session + protocol (gap 20 ms, rise_time 10 ms)",
+            "power: {enabled: true, rate_hz: 100, protocol: {gap: {min: 20ms, max: 20ms}, rise_time: 10ms}}",
+            GAP_MS,
+        ),
+    ];
+    let mut per_run: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for repeat in 0..repeats {
+        for (i, (_, power, _)) in variants.iter().enumerate() {
+            let manifest = format!(
+                "name: protocol-{repeat}-{i}\nbackends: [{{name: b, runtime: process}}]\nconfigs: [{{name: a}}]\n\
+                 cycles: {runs}\n{TRIVIAL_RUN}\n{power}\n"
+            );
+            if let Some(d) = dispatch_campaign(&mut client, manifest, false).await {
+                per_run[i].push(1e3 / d.steady_rate);
+            }
+        }
+    }
+    let mut medians: Vec<f64> = per_run.iter_mut().map(|v| median(v)).collect();
+    for ((label, _, gap), ms) in variants.iter().zip(&mut medians) {
+        println!(
+            "protocol: {runs} runs, {label}: {ms:.2} ms per run (median of {repeats}), {gap} ms of it configured"
+        );
+    }
+    let session = medians[1] - medians[0];
+    let protocol = medians[2] - GAP_MS - medians[0];
+    println!(
+        "protocol: measuring adds {session:.2} ms per run (a power session), {protocol:.2} ms with the protocol beyond its gap (target < {PROTOCOL_OVERHEAD_TARGET_MS} ms: {})",
+        met(protocol < PROTOCOL_OVERHEAD_TARGET_MS)
+    );
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -728,6 +820,9 @@ fn main() {
         }
         if wanted("rss") {
             bench_rss().await;
+        }
+        if wanted("protocol") {
+            bench_protocol().await;
         }
     });
     println!("load average {} at the end", load_average());

@@ -55,10 +55,15 @@ pub fn wanted(section: &str) -> bool {
 }
 
 pub fn agent_binary() -> PathBuf {
-    let path = Path::new(ORCHESTRATOR).with_file_name("berth-agent");
+    sibling_binary("berth-agent", "berth-container-agent")
+}
+
+/// A binary built next to the orchestrator's (`package` builds it).
+pub fn sibling_binary(name: &str, package: &str) -> PathBuf {
+    let path = Path::new(ORCHESTRATOR).with_file_name(name);
     if !path.exists() {
         eprintln!(
-            "{} is not built: run `cargo build --release -p berth-container-agent` first",
+            "{} is not built: run `cargo build --release -p {package}` first",
             path.display()
         );
         std::process::exit(2);

@@ -712,15 +712,19 @@ const RATE_RUNS: u32 = 2_000;
 #[ignore = "a measurement: cargo test -p berth-orchestrator --lib transition_rate -- --ignored --nocapture"]
 fn transition_rate_on_sqlite_and_postgres() {
     let sqlite = Sqlite::new();
-    let mut backends: Vec<(&str, &dyn Backend)> = vec![("sqlite", &sqlite)];
+    let mut stores: Vec<(&str, Box<dyn Store>)> = vec![("sqlite", sqlite.open())];
     let postgres = Postgres::start();
     if let Some(postgres) = &postgres {
-        backends.push(("postgres", postgres));
+        stores.push(("postgres", postgres.open()));
+        // As an orchestrator runs on it: leading, every write fenced.
+        let leading = PostgresStore::open(&postgres.0.url(), 4).unwrap();
+        let lease = std::time::Duration::from_secs(600);
+        assert!(leading.try_lead("bench", lease).unwrap().is_some());
+        stores.push(("postgres, leading (writes fenced)", Box::new(leading)));
     }
-    for (name, backend) in backends {
-        let store = backend.open();
+    for (index, (name, store)) in stores.into_iter().enumerate() {
         for threads in [1_u32, 4] {
-            let campaign_id = format!("rate-{threads}");
+            let campaign_id = format!("rate-{index}-{threads}");
             let runs: Vec<Run> = (0..RATE_RUNS)
                 .map(|i| run_of(&campaign_id, &format!("{campaign_id}/{i}"), i))
                 .collect();

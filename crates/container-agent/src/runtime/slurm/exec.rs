@@ -5,7 +5,8 @@
 //! ([`process_group::run_streaming`]). srun killed outright (a cancel, a
 //! timeout) cannot tell slurmd to end the step, which then stays in the
 //! job: every step is named after the exec, and one left behind is found by
-//! that name with `squeue` and cancelled with `scancel`.
+//! that name with `squeue` and cancelled with `scancel`. A keyed exec runs
+//! the same step detached from the agent instead ([`super::detached`]).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,10 @@ use super::job::Job;
 use crate::error::AgentError;
 use crate::process_group::{self, EXEC_BUFFER, HostCommand};
 use crate::runtime::ExecCommand;
+
+/// How many times a step left behind is cancelled, and how far apart.
+const CANCEL_TRIES: u32 = 10;
+const CANCEL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The cluster's client programs as the agent runs them.
 #[derive(Debug, Clone)]
@@ -83,36 +88,48 @@ impl Clients {
         }
     }
 
-    /// Cancels what is left of the step named `step_name` in job `job_id`.
-    async fn cancel_step(&self, job_id: u64, step_name: &str) {
+    /// Cancels what is left of the step named `step_name` in job `job_id`,
+    /// until SLURM no longer lists it: a step whose srun was killed as the
+    /// cancel reached it can stay listed past the first one.
+    pub(super) async fn cancel_step(&self, job_id: u64, step_name: &str) {
+        for _ in 0..CANCEL_TRIES {
+            let steps = self.steps_named(job_id, step_name).await;
+            if steps.is_empty() {
+                return;
+            }
+            for step in steps {
+                let _ = Command::new(self.sibling("scancel"))
+                    .arg(&step)
+                    .envs(self.env())
+                    .status()
+                    .await;
+            }
+            tokio::time::sleep(CANCEL_EVERY).await;
+        }
+        tracing::warn!(
+            job_id,
+            step_name,
+            "an exec's step is still listed after {CANCEL_TRIES} cancels"
+        );
+    }
+
+    /// The ids (`<job>.<step>`) of job `job_id`'s steps named `step_name`.
+    async fn steps_named(&self, job_id: u64, step_name: &str) -> Vec<String> {
         let listed = Command::new(self.sibling("squeue"))
             .args(["-h", "-s", "-j", &job_id.to_string(), "-o", "%i %j"])
             .envs(self.env())
             .output()
             .await;
         let Ok(listed) = listed else {
-            return;
+            return Vec::new();
         };
-        let steps: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        String::from_utf8_lossy(&listed.stdout)
             .lines()
             .filter_map(|line| {
                 let (id, name) = line.trim().split_once(' ')?;
                 (name == step_name).then(|| id.to_string())
             })
-            .collect();
-        for step in steps {
-            let cancelled = Command::new(self.sibling("scancel"))
-                .arg(&step)
-                .envs(self.env())
-                .status()
-                .await;
-            if !cancelled.is_ok_and(|s| s.success()) {
-                tracing::warn!(
-                    step,
-                    "an exec's step outlived its srun and could not be cancelled"
-                );
-            }
-        }
+            .collect()
     }
 }
 
@@ -154,9 +171,10 @@ pub fn run(
             }
         };
         if abandoned {
-            // Dropping srun's stream kills srun; the step may stay behind.
-            drop(srun);
+            // SLURM ends the step first, and srun with it; dropping srun's
+            // stream then kills whatever of it is left.
             clients.cancel_step(job_id, &step_name).await;
+            drop(srun);
         }
     });
     Ok(rx)

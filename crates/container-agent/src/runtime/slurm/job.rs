@@ -321,7 +321,9 @@ impl Job {
 
     pub fn workload_state(&self) -> WorkloadState {
         match self.state.as_str() {
-            "RUNNING" | "CONFIGURING" => WorkloadState::Running,
+            // COMPLETING: the job's processes are being ended; it is not
+            // done (its end state, e.g. TIMEOUT, follows).
+            "RUNNING" | "CONFIGURING" | "COMPLETING" => WorkloadState::Running,
             "PENDING" => WorkloadState::Created,
             "CANCELLED" | "SUSPENDED" | "STOPPED" => WorkloadState::Stopped,
             "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING" => WorkloadState::Restarting,
@@ -515,6 +517,9 @@ mod tests {
         assert_eq!(timeout.exit_code, Some(128 + 15));
         assert_eq!(job("FAILED", "NonZeroExitCode", 3 << 8).exit_code(), 3);
         assert_eq!(job("RUNNING", "None", 0).state_reason(), "RUNNING");
+        let completing = job("COMPLETING", "TimeLimit", 0);
+        assert_eq!(completing.workload_state(), WorkloadState::Running);
+        assert!(!completing.finished());
         assert!(job("PENDING", "JobHeldUser", 0).held());
         assert_eq!(
             job("RUNNING", "None", 0).output_path("out/%x.%j.out"),

@@ -13,9 +13,10 @@
 //! that file), so a restarted agent finds its workloads, running or ended,
 //! by asking slurmrestd.
 
+mod detached;
 pub mod error;
 mod exec;
-pub mod job;
+pub(crate) mod job;
 mod logs;
 mod rest;
 
@@ -43,8 +44,8 @@ use crate::events::EventBus;
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How often a job is looked at while start or stop waits for it.
 const WAIT_STEP: Duration = Duration::from_millis(200);
-/// Longest exec step name SLURM is given.
-const MAX_STEP_NAME: usize = 64;
+/// The characters of an exec's key its step's name shows.
+const MAX_STEP_KEY_CHARS: usize = 32;
 
 #[derive(Clone)]
 pub struct SlurmRuntime {
@@ -92,6 +93,11 @@ pub fn locate(config: &SlurmConfig, owner: &str, events: EventBus) -> Result<Slu
 }
 
 impl Inner {
+    /// Where keyed execs keep their output and exit, a directory per job.
+    fn exec_root(&self) -> PathBuf {
+        self.output_dir.join(".berth").join("exec")
+    }
+
     fn spec_path(&self, job_id: u64) -> PathBuf {
         self.output_dir
             .join(".berth")
@@ -272,7 +278,10 @@ impl Inner {
 /// own (it starts, ends, times out), read every `slurm.poll_interval`
 /// until the runtime is dropped.
 async fn watch_jobs(inner: std::sync::Weak<Inner>) {
-    let mut seen: HashMap<u64, String> = HashMap::new();
+    // Jobs' workload states at the last look (an event is a change of
+    // those, not of SLURM's finer states); None before the first, whose
+    // jobs the agent found rather than saw change (no events for them).
+    let mut seen: Option<HashMap<u64, WorkloadState>> = None;
     loop {
         let Some(runtime) = inner.upgrade() else {
             return;
@@ -280,22 +289,29 @@ async fn watch_jobs(inner: std::sync::Weak<Inner>) {
         let every = runtime.poll_interval;
         // An agent with no job of its own does not ask (a cluster's job
         // list is large).
-        let has_jobs = std::fs::read_dir(runtime.output_dir.join(".berth"))
-            .is_ok_and(|mut entries| entries.next().is_some());
+        let has_jobs = std::fs::read_dir(runtime.output_dir.join(".berth")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|entry| entry.file_name().to_string_lossy().ends_with(".spec"))
+        });
         if !has_jobs {
-            seen.clear();
+            seen = Some(HashMap::new());
         } else if let Ok(jobs) = runtime.jobs().await {
             let mut now = HashMap::new();
             for (job, _) in jobs {
-                let state = job.state.clone();
-                if seen.get(&job.id).is_some_and(|before| *before != state)
+                let state = job.workload_state();
+                // A job new since the last look was submitted (held) then.
+                let before = seen
+                    .as_ref()
+                    .map(|seen| seen.get(&job.id).copied().unwrap_or(WorkloadState::Created));
+                if before.is_some_and(|before| before != state)
                     && let Some((kind, message)) = event_of(&job)
                 {
                     runtime.publish(&job, kind, message);
                 }
                 now.insert(job.id, state);
             }
-            seen = now;
+            seen = Some(now);
         }
         drop(runtime);
         tokio::time::sleep(every).await;
@@ -306,7 +322,10 @@ async fn watch_jobs(inner: std::sync::Weak<Inner>) {
 fn event_of(job: &Job) -> Option<(EventKind, String)> {
     let what = job.state_reason();
     match job.workload_state() {
-        WorkloadState::Running => Some((EventKind::Started, format!("job {}: {what}", job.id))),
+        WorkloadState::Running => Some((
+            EventKind::Started,
+            format!("job {} on {}: {what}", job.id, job.nodes),
+        )),
         WorkloadState::Stopped => Some((EventKind::Stopped, format!("job {}: {what}", job.id))),
         WorkloadState::Exited if job.state == "OUT_OF_MEMORY" => {
             Some((EventKind::OomKilled, format!("job {}: {what}", job.id)))
@@ -330,11 +349,15 @@ fn state_name(state: WorkloadState) -> &'static str {
     }
 }
 
-/// A step name SLURM takes, unique to the exec: its key when it has one.
+/// A step name SLURM takes, unique to the exec: for a keyed exec, the
+/// key's readable start and its hash (so a restarted agent names it alike).
 fn step_name(key: Option<&str>) -> String {
-    let id = key.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
-    let name: String = format!("berth-exec-{id}")
+    let Some(key) = key else {
+        return format!("berth-exec-{}", uuid::Uuid::new_v4().simple());
+    };
+    let readable: String = key
         .chars()
+        .take(MAX_STEP_KEY_CHARS)
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
@@ -343,7 +366,7 @@ fn step_name(key: Option<&str>) -> String {
             }
         })
         .collect();
-    name.chars().take(MAX_STEP_NAME).collect()
+    format!("berth-exec-{readable}-{}", detached::key_hash(key))
 }
 
 #[tonic::async_trait]
@@ -457,13 +480,6 @@ impl WorkloadRuntime for SlurmRuntime {
         let job = inner
             .wait_for(job, inner.start_wait, |job| job.state != "PENDING")
             .await?;
-        if job.workload_state() == WorkloadState::Running {
-            inner.publish(
-                &job,
-                EventKind::Started,
-                format!("job {}: {}", job.id, job.state_reason()),
-            );
-        }
         Ok(job.workload(Some(spec)))
     }
 
@@ -509,6 +525,8 @@ impl WorkloadRuntime for SlurmRuntime {
                     .into());
             }
         }
+        // Its keyed execs' output and exits go with it.
+        let _ = std::fs::remove_dir_all(inner.exec_root().join(job.id.to_string()));
         match std::fs::remove_file(inner.spec_path(job.id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -571,14 +589,43 @@ impl WorkloadRuntime for SlurmRuntime {
         let command = inner
             .clients
             .step(&job, &workload_env, &exec, &step, &default_dir);
-        exec::run(
-            inner.clients.clone(),
-            job.id,
-            command,
-            step,
-            exec.timeout,
+        match &exec.key {
+            // Outlives the agent, to be attached again by its key.
+            Some(key) => detached::start(
+                inner.clients.clone(),
+                &inner.exec_root(),
+                key,
+                detached::Step {
+                    job_id: job.id,
+                    name: step,
+                    command,
+                },
+                exec.timeout,
+                permit,
+            ),
+            None => exec::run(
+                inner.clients.clone(),
+                job.id,
+                command,
+                step,
+                exec.timeout,
+                permit,
+            ),
+        }
+    }
+
+    async fn reattach(
+        &self,
+        key: &str,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Option<mpsc::Receiver<ExecOutput>>, AgentError> {
+        Ok(detached::reattach(
+            self.inner.clients.clone(),
+            &self.inner.exec_root(),
+            key,
+            step_name(Some(key)),
             permit,
-        )
+        ))
     }
 
     async fn logs(

@@ -62,6 +62,20 @@ impl From<StoreError> for Failure {
 }
 
 impl Failure {
+    /// The connection was closed, or the server ended the session (class
+    /// 57P: shut down, crashed): the statement did not run on it.
+    fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Sql(error) => {
+                error.is_closed()
+                    || error
+                        .code()
+                        .is_some_and(|code| code.code().starts_with("57P"))
+            }
+            _ => false,
+        }
+    }
+
     fn into_store_error(self, url: &str) -> StoreError {
         match self {
             Self::Sql(error) => StoreError::Postgres {
@@ -165,30 +179,30 @@ impl Pool {
         &self.url
     }
 
-    /// Runs `job` on a connection and waits for its answer.
+    /// Runs `job` on a connection and waits for its answer. A job that
+    /// finds its connection lost (the server restarted: a connection learns
+    /// it only when next used) runs once more on a new one: the server ran
+    /// none of it, or rolled it back, unless it lost the answer to a COMMIT
+    /// it did apply; then the second try finds the write already there (a
+    /// transition's state moved, a row present) as a racing writer would.
     pub(super) fn call<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Session) -> PgResult<T> + Send + 'static,
+        job: impl Fn(&mut Session) -> PgResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let (answer, answered) = sync_channel(1);
         let url = Arc::clone(&self.url);
         let job: Job = Box::new(move |connection: &mut Connection| {
-            let result = connection
-                .session()
-                .and_then(|session| {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| job(session))).unwrap_or_else(
-                        |_| {
-                            Err(Failure::Store(StoreError::Database(
-                                "a PostgreSQL store thread panicked".into(),
-                            )))
-                        },
-                    )
-                })
-                .map_err(|failure| failure.into_store_error(&url));
+            let result = match connection.run(&job) {
+                Err(failure) if failure.is_connection_lost() => {
+                    connection.session = None;
+                    connection.run(&job)
+                }
+                result => result,
+            };
             if result.is_err() {
                 connection.forget_if_broken();
             }
-            let _ = answer.send(result);
+            let _ = answer.send(result.map_err(|failure| failure.into_store_error(&url)));
         });
         let gone = || self.failed("the store's connection threads are gone");
         self.jobs.send(job).map_err(|_| gone())?;
@@ -290,6 +304,15 @@ struct Connection {
 }
 
 impl Connection {
+    fn run<T>(&mut self, job: &impl Fn(&mut Session) -> PgResult<T>) -> PgResult<T> {
+        let session = self.session()?;
+        std::panic::catch_unwind(AssertUnwindSafe(|| job(session))).unwrap_or_else(|_| {
+            Err(Failure::Store(StoreError::Database(
+                "a PostgreSQL store thread panicked".into(),
+            )))
+        })
+    }
+
     fn session(&mut self) -> PgResult<&mut Session> {
         if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
