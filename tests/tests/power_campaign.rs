@@ -730,3 +730,53 @@ async fn each_run_records_its_provenance_and_differences_between_hosts_are_flagg
         );
     }
 }
+
+/// `power.idle_baseline_every`: the idle baseline is measured on the host
+/// by the first run only and subtracted from the next ones (each says the
+/// idle power it subtracted and how old it was), so they do not wait for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_s_idle_baseline_is_measured_once_and_reused_within_its_period() {
+    let mut host =
+        MeasuringHost::start(|_| repo_root().join("examples/power/llm-inference.csv")).await;
+    let manifest = "name: host-baseline\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 3\n\
+                    run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\n\
+                    power: {enabled: true, rate_hz: 200, idle_baseline: 600ms, idle_baseline_every: 1h}\n";
+    let (_, mut runs) = host.run_to_end(manifest.into(), 3).await;
+    runs.sort_by_key(|run| run.cycle);
+    let waited = |run: &Run| {
+        let (start, end) = interval(run);
+        let wall = end.duration_since(start).unwrap_or_default();
+        let duration = run.duration.map_or(Duration::ZERO, |d| {
+            Duration::new(d.seconds as u64, d.nanos as u32)
+        });
+        wall.saturating_sub(duration)
+    };
+    let first = &runs[0];
+    assert!(
+        waited(first) >= Duration::from_millis(600),
+        "{:?}",
+        waited(first)
+    );
+    for later in &runs[1..] {
+        assert!(
+            waited(later) < Duration::from_millis(600),
+            "run {} waited {:?}: its baseline should have been the host's",
+            later.cycle,
+            waited(later)
+        );
+    }
+    for (run, fresh) in runs.iter().zip([true, false, false]) {
+        assert!(!run.energy.is_empty(), "{run:?}");
+        for (device, first_device) in run.energy.iter().zip(&first.energy) {
+            assert_eq!(
+                device.idle_baseline_w, first_device.idle_baseline_w,
+                "{device:?}"
+            );
+            let age = device.idle_baseline_age_s.expect("the baseline's age");
+            assert_eq!(age == 0.0, fresh, "{device:?}");
+            let (gross, net) = (device.energy_j.unwrap(), device.energy_net_j.unwrap());
+            assert!(net < gross, "{device:?}");
+        }
+        assert!(run.energy_net_j.is_some(), "{run:?}");
+    }
+}

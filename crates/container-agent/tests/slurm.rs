@@ -361,11 +361,13 @@ async fn a_keyed_step_outlives_the_agent_and_is_attached_again() {
         Some(exec_output::Output::Stdout(b"before\n".to_vec()))
     );
     let marker = agent.dir.path().join("cancelled-by-the-new-agent");
+    // Long enough to outlast the restart and the attach before its cancel.
+    let writes_at = Instant::now() + Duration::from_secs(12);
     agent
         .client
         .exec(keyed(
             "camp/run-2/1",
-            &format!("sleep 4; touch {}", marker.display()),
+            &format!("sleep 10; touch {}", marker.display()),
         ))
         .await
         .unwrap();
@@ -391,10 +393,14 @@ async fn a_keyed_step_outlives_the_agent_and_is_attached_again() {
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(!marker.exists(), "the cancelled step ran on");
     let id = job_id(&created);
     wait_no_exec_steps(&cluster, &id).await;
+    assert!(
+        Instant::now() < writes_at,
+        "the cancel came too late to tell"
+    );
+    tokio::time::sleep(writes_at.saturating_duration_since(Instant::now())).await;
+    assert!(!marker.exists(), "the cancelled step ran on");
     // A keyed step past its timeout is killed and cancelled in SLURM.
     let mut timed = keyed("camp/run-3/1", "sleep 60");
     timed.timeout = Some(Duration::from_millis(1500).try_into().unwrap());

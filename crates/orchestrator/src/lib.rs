@@ -47,7 +47,10 @@ pub enum StartError {
 
 /// Opens the store, resumes unfinished campaigns and serves in the background.
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
-    let (store, leader) = open_store(&config.store)?;
+    let OpenedStore {
+        store,
+        leader_lease: leader,
+    } = open_store(&config.store)?;
     if let Some(leader) = &leader {
         // A follower listens only once it leads: until then callers go to
         // the leader.
@@ -115,31 +118,30 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
     Ok(host.spawn(Some(report::router(report_pages))))
 }
 
-/// The PostgreSQL store when `store.url` is set (also returned as itself:
-/// its leader lease), else the SQLite file at `store.path`.
-pub fn open_store(
-    config: &config::StoreConfig,
-) -> Result<
-    (
-        Arc<dyn store::Store>,
-        Option<Arc<store::postgres::PostgresStore>>,
-    ),
-    store::StoreError,
-> {
+/// The store the orchestrator keeps its state in.
+pub struct OpenedStore {
+    pub store: Arc<dyn store::Store>,
+    /// The PostgreSQL store again, for its leader lease; None on SQLite.
+    pub leader_lease: Option<Arc<store::postgres::PostgresStore>>,
+}
+
+/// The PostgreSQL store when `store.url` is set, else the SQLite file at
+/// `store.path`.
+pub fn open_store(config: &config::StoreConfig) -> Result<OpenedStore, store::StoreError> {
     if config.url.is_empty() {
-        return Ok((
-            Arc::new(store::sqlite::SqliteStore::open(&config.path)?),
-            None,
-        ));
+        return Ok(OpenedStore {
+            store: Arc::new(store::sqlite::SqliteStore::open(&config.path)?),
+            leader_lease: None,
+        });
     }
     let postgres = Arc::new(store::postgres::PostgresStore::open(
         &config.url,
         config.max_connections,
     )?);
-    Ok((
-        Arc::clone(&postgres) as Arc<dyn store::Store>,
-        Some(postgres),
-    ))
+    Ok(OpenedStore {
+        store: Arc::clone(&postgres) as Arc<dyn store::Store>,
+        leader_lease: Some(postgres),
+    })
 }
 
 /// How this orchestrator is named in the leader lease: its listen address

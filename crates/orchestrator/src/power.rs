@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::{RunEnergy, RunPowerSample};
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
@@ -29,8 +29,34 @@ const SERIES_PAGE_SIZE: u32 = 10_000;
 pub struct PowerMeter {
     clients: Mutex<HashMap<String, Client>>,
     host_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    baselines: Baselines,
     connect_timeout: Duration,
     max_samples_per_run: usize,
+}
+
+/// A host's idle power per device, kept for `power.idle_baseline_every`.
+#[derive(Debug, Clone)]
+struct HostBaseline {
+    measured: Instant,
+    watts: HashMap<String, f64>,
+}
+
+/// Whose baseline: the host, the devices asked for (sorted; empty for all)
+/// and how long it was measured.
+type BaselineKey = (String, Vec<String>, Duration);
+
+/// The kept baselines, bounded by the hosts × device sets × durations that
+/// manifests name.
+type Baselines = Arc<Mutex<HashMap<BaselineKey, HostBaseline>>>;
+
+/// Where a run's idle baseline comes from.
+enum Baseline {
+    /// The sampler measures it before the run (as `power.idle_baseline`
+    /// asks, or not at all); kept under the key for later runs with
+    /// `power.idle_baseline_every`.
+    Measured(Option<BaselineKey>),
+    /// The host's, measured earlier: subtracted from this run's energy.
+    Reused(HostBaseline),
 }
 
 /// An open power session; closed (without a result) if dropped unstopped.
@@ -43,6 +69,8 @@ pub struct PowerSession {
     rise_time: Option<Duration>,
     /// Why the thermal gate let the run start hot, if it did.
     hot_start: Option<String>,
+    baseline: Baseline,
+    baselines: Baselines,
     _turn: OwnedMutexGuard<()>,
 }
 
@@ -57,6 +85,7 @@ impl PowerMeter {
         Self {
             clients: Mutex::default(),
             host_turns: Mutex::default(),
+            baselines: Baselines::default(),
             connect_timeout,
             max_samples_per_run,
         }
@@ -114,13 +143,16 @@ impl PowerMeter {
             Some(gate) => wait_until_cool(&mut client, run_id, &devices, gate).await?,
             None => None,
         };
+        let baseline = self.baseline_for(host, &devices, power);
+        let idle_baseline = match baseline {
+            Baseline::Reused(_) => None,
+            Baseline::Measured(_) => power.idle_baseline,
+        };
         let request = StartSessionRequest {
             run_id: run_id.to_string(),
             devices,
             rate_hz: power.rate_hz,
-            idle_baseline: power
-                .idle_baseline
-                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            idle_baseline: idle_baseline.and_then(|d| prost_types::Duration::try_from(d).ok()),
         };
         match client.start_session(request).await {
             Ok(session) => Ok(PowerSession {
@@ -130,6 +162,8 @@ impl PowerMeter {
                 max_samples: self.max_samples_per_run,
                 rise_time: power.protocol.as_ref().and_then(|p| p.rise_time),
                 hot_start,
+                baseline,
+                baselines: Arc::clone(&self.baselines),
                 _turn: turn,
             }),
             Err(status) => {
@@ -139,6 +173,30 @@ impl PowerMeter {
                     .remove(address);
                 Err(describe_status(&status))
             }
+        }
+    }
+}
+
+impl PowerMeter {
+    /// With `power.idle_baseline_every`, the host's kept baseline while it
+    /// is younger than that; else one to measure (and keep).
+    fn baseline_for(&self, host: &str, devices: &[String], power: &Power) -> Baseline {
+        let (Some(duration), Some(every)) = (power.idle_baseline, power.idle_baseline_every) else {
+            return Baseline::Measured(None);
+        };
+        let mut devices = devices.to_vec();
+        devices.sort();
+        let key = (host.to_string(), devices, duration);
+        let kept = self
+            .baselines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .filter(|kept| kept.measured.elapsed() < every)
+            .cloned();
+        match kept {
+            Some(kept) => Baseline::Reused(kept),
+            None => Baseline::Measured(Some(key)),
         }
     }
 }
@@ -233,7 +291,25 @@ impl PowerSession {
             .map_err(|status| describe_status(&status))?
             .into_inner();
         let series = self.series().await?;
-        let mut energy: Vec<RunEnergy> = summary.devices.into_iter().map(run_energy).collect();
+        let mut devices = summary.devices;
+        let baseline_age_s = match &self.baseline {
+            Baseline::Measured(key) => {
+                if let Some(key) = key {
+                    self.keep_baseline(key.clone(), &devices);
+                }
+                0.0
+            }
+            Baseline::Reused(kept) => {
+                for device in &mut devices {
+                    subtract_baseline(device, kept);
+                }
+                kept.measured.elapsed().as_secs_f64()
+            }
+        };
+        let mut energy: Vec<RunEnergy> = devices
+            .into_iter()
+            .map(|device| run_energy(device, baseline_age_s))
+            .collect();
         crate::quality::assess(&mut energy, &series, self.rise_time);
         if self.hot_start.is_some() {
             for device in &mut energy {
@@ -243,6 +319,23 @@ impl PowerSession {
             }
         }
         Ok(PowerRecord { energy, series })
+    }
+
+    /// The idle power the sampler measured before this run, kept as the
+    /// host's for the runs of the next `idle_baseline_every`.
+    fn keep_baseline(&self, key: BaselineKey, devices: &[DeviceEnergy]) {
+        let watts: HashMap<String, f64> = devices
+            .iter()
+            .filter_map(|d| Some((d.device.clone(), d.idle_baseline_w?)))
+            .collect();
+        if watts.is_empty() {
+            return;
+        }
+        let measured = Instant::now();
+        self.baselines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, HostBaseline { measured, watts });
     }
 
     /// Pages through the stopped session's samples until `max_samples`.
@@ -285,7 +378,23 @@ impl Drop for PowerSession {
 
 /// The run's figures for one device. A device that gave no reading has no
 /// energy: absent, never 0 J, so that no sum or mean takes it for one.
-fn run_energy(device: DeviceEnergy) -> RunEnergy {
+/// A kept baseline subtracted as the sampler subtracts its own: idle power
+/// over the device's span.
+fn subtract_baseline(device: &mut DeviceEnergy, kept: &HostBaseline) {
+    let Some(&watts) = kept.watts.get(&device.device) else {
+        return;
+    };
+    let span_s = device.span.map_or(0.0, |span| {
+        span.seconds as f64 + f64::from(span.nanos) * 1e-9
+    });
+    device.idle_baseline_w = Some(watts);
+    device.energy_net_j = device
+        .energy_counter_j
+        .or(device.energy_integrated_j)
+        .map(|energy| energy - watts * span_s);
+}
+
+fn run_energy(device: DeviceEnergy, baseline_age_s: f64) -> RunEnergy {
     let (energy_j, method) = match (device.energy_counter_j, device.energy_integrated_j) {
         (Some(counter), _) => (Some(counter), "counter"),
         (None, Some(integrated)) => (Some(integrated), "integrated"),
@@ -301,6 +410,8 @@ fn run_energy(device: DeviceEnergy) -> RunEnergy {
         coverage: device.coverage,
         replay: device.replay,
         energy_net_j: device.energy_net_j,
+        idle_baseline_age_s: device.idle_baseline_w.map(|_| baseline_age_s),
+        idle_baseline_w: device.idle_baseline_w,
         // Judged from the stored samples (`quality::assess`).
         ..Default::default()
     }
@@ -350,7 +461,7 @@ mod tests {
             energy_integrated_j: Some(9.5),
             ..Default::default()
         };
-        let energy = run_energy(both);
+        let energy = run_energy(both, 0.0);
         assert_eq!(
             (energy.energy_j, energy.method.as_str()),
             (Some(10.0), "counter")
@@ -359,7 +470,7 @@ mod tests {
             energy_integrated_j: Some(3.0),
             ..Default::default()
         };
-        assert_eq!(run_energy(integrated).method, "integrated");
+        assert_eq!(run_energy(integrated, 0.0).method, "integrated");
     }
 
     #[test]
@@ -369,8 +480,43 @@ mod tests {
             samples: 0,
             ..Default::default()
         };
-        let energy = run_energy(silent);
+        let energy = run_energy(silent, 0.0);
         assert_eq!((energy.energy_j, energy.method.as_str()), (None, "none"));
+    }
+
+    #[test]
+    fn a_kept_baseline_is_subtracted_over_the_device_s_span() {
+        let kept = HostBaseline {
+            measured: Instant::now(),
+            watts: HashMap::from([("nvml:0".to_string(), 50.0)]),
+        };
+        let mut measured = DeviceEnergy {
+            device: "nvml:0".into(),
+            energy_counter_j: Some(300.0),
+            span: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 500_000_000,
+            }),
+            ..Default::default()
+        };
+        subtract_baseline(&mut measured, &kept);
+        let energy = run_energy(measured, 30.0);
+        assert_eq!(
+            (
+                energy.energy_net_j,
+                energy.idle_baseline_w,
+                energy.idle_baseline_age_s
+            ),
+            (Some(175.0), Some(50.0), Some(30.0))
+        );
+        // A device the kept baseline does not know keeps no net figure.
+        let mut other = DeviceEnergy {
+            device: "rapl:package-0".into(),
+            energy_counter_j: Some(10.0),
+            ..Default::default()
+        };
+        subtract_baseline(&mut other, &kept);
+        assert_eq!((other.energy_net_j, other.idle_baseline_w), (None, None));
     }
 
     fn samples(count: usize) -> Vec<Sample> {

@@ -140,6 +140,33 @@ fn power_rate_out_of_range_rejected() {
 }
 
 #[test]
+fn a_host_baseline_period_needs_a_baseline_and_a_bound() {
+    let with = |power: &str| format!("{BASE}power:\n  enabled: true\n{power}");
+    for (power, expected) in [
+        (
+            "  idle_baseline_every: 10m\n",
+            "power.idle_baseline_every: says how often the idle baseline is measured; set power.idle_baseline too",
+        ),
+        (
+            "  idle_baseline: 2s\n  idle_baseline_every: 2days\n",
+            "power.idle_baseline_every: 172800s must be above 0 and at most 86400s",
+        ),
+    ] {
+        let e = error(&with(power));
+        assert!(e.message.contains(expected), "{e}");
+    }
+    let ok = plan(
+        "t",
+        &with("  idle_baseline: 2s\n  idle_baseline_every: 10m\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.manifest.power.idle_baseline_every,
+        Some(Duration::from_secs(600))
+    );
+}
+
+#[test]
 fn stable_warmup_plans_its_cap_and_defaults() {
     let plan = plan(
         "t",

@@ -51,6 +51,9 @@ pub struct Manifest {
 /// Highest power sampling rate a manifest may ask for.
 pub const MAX_POWER_RATE_HZ: f64 = 10_000.0;
 
+/// Longest period a host's idle baseline may be reused for.
+pub const MAX_IDLE_BASELINE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
 /// Energy measurement around every run, by the host's power sampler.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +69,11 @@ pub struct Power {
     /// Idle power measured before each run and reported as a baseline.
     #[serde(default, with = "humantime_serde")]
     pub idle_baseline: Option<Duration>,
+    /// With `idle_baseline`: measure it on a host (over the same devices)
+    /// once per this period, and subtract that for the runs in between,
+    /// instead of before every run.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_baseline_every: Option<Duration>,
     /// Numeric result field that counts a run's work; energy per unit of it
     /// is aggregated as `joules_per_<field>`. Default: `tokens`.
     #[serde(default)]

@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use super::parse::{ManifestError, Source};
 use super::spans::PathStep;
 use super::types::{
-    Backend, Cycles, CyclesUntil, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW, MAX_POWER_RATE_HZ,
-    Manifest, Power, Resources, RuntimeName, StableWarmup, Warmup, WarmupPolicy,
+    Backend, Cycles, CyclesUntil, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW,
+    MAX_IDLE_BASELINE_EVERY, MAX_POWER_RATE_HZ, Manifest, Power, Resources, RuntimeName,
+    StableWarmup, Warmup, WarmupPolicy,
 };
 use super::units::GpuCount;
 use crate::results::{
@@ -50,6 +51,23 @@ pub(super) fn check(
                 "power.rate_hz: {rate} is out of range (0 to {MAX_POWER_RATE_HZ}; 0 is the sampler's default)"
             ),
         ));
+    }
+    if let Some(every) = manifest.power.idle_baseline_every {
+        let field = &["power", "idle_baseline_every"];
+        if manifest.power.idle_baseline.is_none() {
+            return Err(at(
+                field,
+                "power.idle_baseline_every: says how often the idle baseline is measured; set power.idle_baseline too".into(),
+            ));
+        }
+        if every.is_zero() || every > MAX_IDLE_BASELINE_EVERY {
+            return Err(at(
+                field,
+                format!(
+                    "power.idle_baseline_every: {every:?} must be above 0 and at most {MAX_IDLE_BASELINE_EVERY:?}"
+                ),
+            ));
+        }
     }
     if let Some(protocol) = &manifest.power.protocol {
         let at_protocol = |path: &[&str], message: String| {

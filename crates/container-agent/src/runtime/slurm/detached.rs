@@ -223,13 +223,12 @@ fn shell_pid(dir: &Path) -> Option<u32> {
         .then_some(pid)
 }
 
-/// Cancels the step (SLURM ends it, and srun with it), then kills what is
-/// left of the exec's shell and srun.
+/// Kills the exec's shell and srun, then cancels the step srun leaves.
 async fn kill(clients: &Clients, dir: &Path, job_id: u64, step_name: &str) {
-    clients.cancel_step(job_id, step_name).await;
     if let Some(pid) = shell_pid(dir) {
         process_group::signal_group(pid, Signal::SIGKILL);
     }
+    clients.cancel_step(job_id, step_name).await;
 }
 
 /// One output file, read as it grows.

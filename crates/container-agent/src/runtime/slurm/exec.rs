@@ -89,13 +89,20 @@ impl Clients {
     }
 
     /// Cancels what is left of the step named `step_name` in job `job_id`,
-    /// until SLURM no longer lists it: a step whose srun was killed as the
-    /// cancel reached it can stay listed past the first one.
+    /// until SLURM has not listed it twice in a row: a step whose srun was
+    /// killed as it started can show up a moment later, and one killed as
+    /// the cancel reached it can stay listed past the first cancel.
     pub(super) async fn cancel_step(&self, job_id: u64, step_name: &str) {
+        let mut unlisted = 0;
         for _ in 0..CANCEL_TRIES {
             let steps = self.steps_named(job_id, step_name).await;
             if steps.is_empty() {
-                return;
+                unlisted += 1;
+                if unlisted == 2 {
+                    return;
+                }
+            } else {
+                unlisted = 0;
             }
             for step in steps {
                 let _ = Command::new(self.sibling("scancel"))
@@ -171,10 +178,10 @@ pub fn run(
             }
         };
         if abandoned {
-            // SLURM ends the step first, and srun with it; dropping srun's
-            // stream then kills whatever of it is left.
-            clients.cancel_step(job_id, &step_name).await;
+            // Dropping srun's stream kills srun; the step it may have made
+            // is then cancelled in SLURM.
             drop(srun);
+            clients.cancel_step(job_id, &step_name).await;
         }
     });
     Ok(rx)
