@@ -99,6 +99,8 @@ impl Receiver {
 /// the orchestrator with `settings` too; its client, and the processes.
 struct Stack {
     client: Client,
+    /// The orchestrator's gRPC address, `http://host:port`.
+    address: String,
     /// The agent's HTTP port (its `/metrics`).
     agent_http: String,
     processes: Vec<Process>,
@@ -162,6 +164,7 @@ impl Stack {
             .expect("RegisterHost");
         Self {
             client,
+            address: format!("http://{listen}"),
             agent_http,
             processes: vec![orchestrator, agent, sampler],
         }
@@ -285,6 +288,95 @@ async fn each_run_is_one_trace_across_orchestrator_agent_and_power_sampler() {
                 |r| r.span.name == "store result" && r.span.parent_span_id == root.span.span_id
             ),
             "{run_id}: the stored result is in the run's trace"
+        );
+    }
+}
+
+/// `berth submit` with OpenTelemetry's `OTEL_EXPORTER_OTLP_ENDPOINT`: the
+/// CLI's span `berth submit` is the parent of the orchestrator's
+/// SubmitCampaign, and each run's trace (a root of its own) links to that
+/// call, so a slow run leads back to the command that asked for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_s_submit_is_traced_and_each_run_links_to_it() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut stack = Stack::start(dir.path(), &endpoint, &[]).await;
+    let manifest = dir.path().join("traced.yaml");
+    std::fs::write(&manifest, MEASURED).unwrap();
+    let submitted = std::process::Command::new(berth_tests::bin("berth"))
+        .args(["--orchestrator", &stack.address, "submit", "--watch"])
+        .arg(&manifest)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output()
+        .expect("run berth submit");
+    assert!(
+        submitted.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&submitted.stdout),
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let campaigns = stack
+        .client
+        .list_campaigns(berth_proto::orchestrator::v1::ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .campaigns;
+    let campaign = &campaigns[0];
+    let runs = runs_of(&mut stack.client, &campaign.id).await;
+    assert_eq!(runs.len(), 4);
+    stack.stop();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (cli, submit_call, run_spans) = loop {
+        let spans = receiver.spans();
+        let cli = spans
+            .iter()
+            .find(|r| r.service == "berth-cli" && r.span.name == "berth submit")
+            .cloned();
+        let submit_call = spans
+            .iter()
+            .find(|r| {
+                r.service == "berth-orchestrator"
+                    && r.attribute("rpc.method").as_deref() == Some("SubmitCampaign")
+            })
+            .cloned();
+        let run_spans: Vec<Received> = spans
+            .iter()
+            .filter(|r| r.service == "berth-orchestrator" && r.span.name == "run")
+            .cloned()
+            .collect();
+        if let (Some(cli), Some(submit_call)) = (&cli, &submit_call)
+            && run_spans.len() >= runs.len()
+        {
+            break (cli.clone(), submit_call.clone(), run_spans);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 15 s: CLI span {cli:?}, SubmitCampaign span {submit_call:?}, {} run spans",
+            run_spans.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (&submit_call.span.trace_id, &submit_call.span.parent_span_id),
+        (&cli.span.trace_id, &cli.span.span_id),
+        "the orchestrator's SubmitCampaign is the CLI span's child"
+    );
+    for run in &run_spans {
+        assert_ne!(
+            run.span.trace_id, cli.span.trace_id,
+            "a run is a trace of its own"
+        );
+        assert!(
+            run.span.links.iter().any(|link| {
+                link.trace_id == submit_call.span.trace_id
+                    && link.span_id == submit_call.span.span_id
+            }),
+            "run {:?} does not link to the SubmitCampaign call: {:?}",
+            run.attribute("berth.run.id"),
+            run.span.links
         );
     }
 }

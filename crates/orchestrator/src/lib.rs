@@ -19,6 +19,7 @@ pub mod provenance;
 pub mod quality;
 pub mod report;
 pub mod results;
+pub mod role;
 pub mod scheduler;
 pub mod service;
 pub mod ssh_tunnel;
@@ -45,69 +46,65 @@ pub enum StartError {
     State(#[from] error::OrchestratorError),
 }
 
-/// Opens the store, resumes unfinished campaigns and serves in the background.
+/// Opens the store and serves in the background. The leader (the one
+/// orchestrator on SQLite, the lease's holder on PostgreSQL) resumes
+/// unfinished campaigns at once; a follower serves the read APIs from the
+/// store and leads once it takes the lease over (`role`).
 pub async fn start(config: Config) -> Result<RunningService, StartError> {
     let OpenedStore {
         store,
-        leader_lease: leader,
+        leader_lease,
     } = open_store(&config.store)?;
-    if let Some(leader) = &leader {
-        // A follower listens only once it leads: until then callers go to
-        // the leader.
-        leader
-            .wait_to_lead(&leader_name(&config), config.store.leader_lease)
-            .await;
-    }
+    let holder = leader_name(&config);
+    let leads_now = match &leader_lease {
+        Some(lease) => lease
+            .try_lead(&holder, config.store.leader_lease)?
+            .is_some(),
+        None => true,
+    };
+    let config = Arc::new(config);
     let mut host = ServiceHost::bind(config.server.clone()).await?;
-    let hosts = Arc::new(hosts::HostRegistry::load(
-        Arc::clone(&store),
-        config.scheduler.connect_timeout,
-        config.ssh.clone(),
-    )?);
-    metrics::register(host.registry_mut(), Arc::clone(&store), Arc::clone(&hosts));
-    let events = Arc::new(events::CampaignEvents::default());
     let shutdown = host.shutdown_token();
-    if let Some(leader) = leader {
-        leader.keep_leading(config.store.leader_lease, shutdown.clone());
+    // On the leader these are the parts it runs; on a follower they stay
+    // idle, and /metrics and report pages read through them.
+    let parts = Arc::new(role::Parts::assemble(&store, &config, &shutdown)?);
+    metrics::register(
+        host.registry_mut(),
+        Arc::clone(&store),
+        Arc::clone(&parts.hosts),
+    );
+    let role = role::Role::new(leader_lease.clone());
+    match leader_lease {
+        Some(lease) if leads_now => {
+            tracing::info!("leading: this orchestrator holds the leader lease");
+            lease.keep_leading(config.store.leader_lease, shutdown.clone());
+        }
+        Some(_) => role.lead_when_elected(
+            holder,
+            Arc::clone(&store),
+            Arc::clone(&config),
+            shutdown.clone(),
+        ),
+        None => {}
     }
-    hosts.spawn_heartbeats(config.scheduler.heartbeat_interval, shutdown.clone());
-    let deployments = deployment::Deployments::new(
-        Arc::clone(&store),
-        Arc::clone(&hosts),
-        config.deployments.clone(),
-        config.manifest.clone(),
-        shutdown.clone(),
-    );
-    deployments.resume()?;
-    let scheduler = scheduler::Scheduler::new(
-        Arc::clone(&store),
-        Arc::clone(&hosts),
-        Arc::clone(&events),
-        config.scheduler.clone(),
-        config.manifest.clone(),
-        Arc::clone(&deployments),
-        shutdown.clone(),
-    );
-    service::store_missing_results_layouts(store.as_ref(), &config.manifest)?;
-    scheduler.resume_unfinished()?;
+    if leads_now {
+        role.lead(Arc::clone(&parts), store.as_ref(), &config, &shutdown)?;
+    }
     // One budget for SubmitCampaign, Deploy and report pages: the bound on
     // costly work at once holds across them.
     let budget = berth_server::budget::RequestBudget::from_config(&config.server);
     let report_pages = Arc::new(report::ReportPages {
         store: Arc::clone(&store),
-        scheduler: Arc::clone(&scheduler),
-        hosts: Arc::clone(&hosts),
+        scheduler: Arc::clone(&parts.scheduler),
+        hosts: Arc::clone(&parts.hosts),
         auth: RequireBearer::new(&config.auth.token),
         budget: budget.clone(),
     });
     let service = service::OrchestratorService {
-        deployments,
         store,
-        hosts,
-        events,
-        scheduler,
+        role,
+        config: Arc::clone(&config),
         shutdown,
-        manifest_limits: config.manifest.clone(),
         budget,
     };
     host.add_service(InterceptedService::new(

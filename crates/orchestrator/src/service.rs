@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_proto::orchestrator::v1::orchestrator_server::Orchestrator;
 use berth_proto::orchestrator::v1::*;
@@ -11,27 +12,30 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::config::Config;
 use crate::deployment::Deployments;
 use crate::error::OrchestratorError;
-use crate::events::CampaignEvents;
 use crate::hosts::HostRegistry;
 use crate::manifest::{self, ManifestLimits, Plan};
 use crate::placement;
 use crate::results;
-use crate::scheduler::Scheduler;
+use crate::role::{Parts, Role};
 use crate::store::{HostRecord, Store, StoreError, StoreResult, campaign_is_terminal};
 
 const WATCH_BUFFER: usize = 64;
 const MAX_LABELS: usize = 64;
 
+/// How often a follower's WatchCampaign and WatchDeployment read the store
+/// for changes: it has none of the leader's events. Each watch costs one
+/// snapshot read per interval, on the store's bounded pool.
+const FOLLOWER_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
 pub struct OrchestratorService {
-    pub(crate) deployments: Arc<Deployments>,
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) hosts: Arc<HostRegistry>,
-    pub(crate) events: Arc<CampaignEvents>,
-    pub(crate) scheduler: Arc<Scheduler>,
+    /// Leading (writes served with its parts) or following (reads only).
+    pub(crate) role: Arc<Role>,
+    pub(crate) config: Arc<Config>,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) manifest_limits: ManifestLimits,
     /// SubmitCampaign's and Deploy's parsing, validation and expansion run
     /// within it (`server.request_cpu_budget`, `server.max_costly_requests`).
     pub(crate) budget: RequestBudget,
@@ -179,6 +183,22 @@ fn is_terminal(campaign: &Campaign) -> bool {
     campaign_is_terminal(CampaignState::try_from(campaign.state).unwrap_or_default())
 }
 
+impl OrchestratorService {
+    /// The parts to read through: the leader's own, or on a follower ones
+    /// assembled (not started) over the hosts stored now, so that what the
+    /// leader registered since is seen.
+    fn reading(&self) -> Result<Arc<Parts>, OrchestratorError> {
+        match self.role.leading() {
+            Ok(parts) => Ok(Arc::clone(parts)),
+            Err(_) => Ok(Arc::new(Parts::assemble(
+                &self.store,
+                &self.config,
+                &self.shutdown,
+            )?)),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Orchestrator for OrchestratorService {
     async fn register_host(
@@ -200,14 +220,18 @@ impl Orchestrator for OrchestratorService {
             labels: request.labels.into_iter().collect(),
             power_sampler: request.power_sampler,
         };
-        Ok(Response::new(self.hosts.register(record).await?))
+        let hosts = Arc::clone(&self.role.leading()?.hosts);
+        Ok(Response::new(hosts.register(record).await?))
     }
 
     async fn deregister_host(
         &self,
         request: Request<DeregisterHostRequest>,
     ) -> Result<Response<DeregisterHostResponse>, Status> {
-        self.hosts.deregister(&request.get_ref().name)?;
+        self.role
+            .leading()?
+            .hosts
+            .deregister(&request.get_ref().name)?;
         Ok(Response::new(DeregisterHostResponse {}))
     }
 
@@ -216,12 +240,18 @@ impl Orchestrator for OrchestratorService {
         request: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
         let request = request.into_inner();
+        let hosts = if self.role.is_leading() {
+            self.reading()?.hosts.list()
+        } else {
+            followed_hosts(&self.reading()?.hosts)
+        };
         let (hosts, next_page_token) =
-            berth_server::paging::page(&self.hosts.list(), request.page_size, &request.page_token)
-                .map_err(|e| OrchestratorError::InvalidArgument {
+            berth_server::paging::page(&hosts, request.page_size, &request.page_token).map_err(
+                |e| OrchestratorError::InvalidArgument {
                     field: "page_token",
                     reason: e.to_string(),
-                })?;
+                },
+            )?;
         Ok(Response::new(ListHostsResponse {
             hosts,
             next_page_token,
@@ -232,6 +262,7 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<SubmitCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
+        let parts = Arc::clone(self.role.leading()?);
         let request = request.into_inner();
         let source = if request.source_name.is_empty() {
             "manifest".to_string()
@@ -240,9 +271,9 @@ impl Orchestrator for OrchestratorService {
         };
         let id = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let planner = SubmissionPlanner {
-            deployments: Arc::clone(&self.deployments),
-            hosts: Arc::clone(&self.hosts),
-            limits: self.manifest_limits.clone(),
+            deployments: Arc::clone(&parts.deployments),
+            hosts: Arc::clone(&parts.hosts),
+            limits: self.config.manifest.clone(),
         };
         let validate_only = request.validate_only;
         let runs_for = (!validate_only).then(|| id.clone());
@@ -285,8 +316,8 @@ impl Orchestrator for OrchestratorService {
             .insert_campaign(&campaign, &source, &plan.results_layout().to_json(), &runs)
             .map_err(OrchestratorError::from)?;
         tracing::info!(campaign = %id, name = %campaign.name, runs = runs.len(), "campaign submitted");
-        self.scheduler.launch(id.clone());
-        Ok(Response::new(self.scheduler.snapshot(&id)?))
+        parts.scheduler.launch(id.clone());
+        Ok(Response::new(parts.scheduler.snapshot(&id)?))
     }
 
     async fn get_campaign(
@@ -294,7 +325,7 @@ impl Orchestrator for OrchestratorService {
         request: Request<GetCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
         Ok(Response::new(
-            self.scheduler.snapshot(&request.get_ref().id)?,
+            self.reading()?.scheduler.snapshot(&request.get_ref().id)?,
         ))
     }
 
@@ -333,16 +364,27 @@ impl Orchestrator for OrchestratorService {
         request: Request<WatchCampaignRequest>,
     ) -> Result<Response<Self::WatchCampaignStream>, Status> {
         let id = request.into_inner().id;
-        // Subscribe before the snapshot so that nothing falls between them.
-        let events = self.events.subscribe(&id);
-        let first = self.scheduler.snapshot(&id)?;
-        let scheduler = Arc::clone(&self.scheduler);
+        let parts = self.reading()?;
+        let scheduler = Arc::clone(&parts.scheduler);
         let event = |campaign: Campaign, message: String| CampaignEvent {
             time: Some(std::time::SystemTime::now().into()),
             campaign: Some(campaign),
             message,
             ..Default::default()
         };
+        if !self.role.is_leading() {
+            let first = scheduler.snapshot(&id)?;
+            return Ok(Response::new(poll_changes(
+                first,
+                move || scheduler.snapshot(&id),
+                is_terminal,
+                event,
+                self.shutdown.clone(),
+            )));
+        }
+        // Subscribe before the snapshot so that nothing falls between them.
+        let events = parts.events.subscribe(&id);
+        let first = scheduler.snapshot(&id)?;
         Ok(Response::new(forward_events(
             event(first, "current state".into()),
             events,
@@ -356,14 +398,24 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<CancelCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
-        Ok(Response::new(self.scheduler.cancel(&request.get_ref().id)?))
+        Ok(Response::new(
+            self.role
+                .leading()?
+                .scheduler
+                .cancel(&request.get_ref().id)?,
+        ))
     }
 
     async fn resume_campaign(
         &self,
         request: Request<ResumeCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
-        Ok(Response::new(self.scheduler.resume(&request.get_ref().id)?))
+        Ok(Response::new(
+            self.role
+                .leading()?
+                .scheduler
+                .resume(&request.get_ref().id)?,
+        ))
     }
 
     async fn get_results(
@@ -371,7 +423,7 @@ impl Orchestrator for OrchestratorService {
         request: Request<GetResultsRequest>,
     ) -> Result<Response<CampaignResults>, Status> {
         let id = request.into_inner().id;
-        let campaign = self.scheduler.snapshot(&id)?;
+        let campaign = self.reading()?.scheduler.snapshot(&id)?;
         let layout = self
             .store
             .results_layout(&id)
@@ -406,7 +458,7 @@ impl Orchestrator for OrchestratorService {
         request: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
         let request = request.into_inner();
-        let campaign = self.scheduler.snapshot(&request.campaign_id)?;
+        let campaign = self.reading()?.scheduler.snapshot(&request.campaign_id)?;
         let limit = berth_server::paging::page_size(request.page_size);
         let after = page_token::<u32>(&request.page_token)?;
         let state = RunState::try_from(request.state)
@@ -458,8 +510,8 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<DeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let deployments = Arc::clone(&self.role.leading()?.deployments);
         let request = request.into_inner();
-        let deployments = Arc::clone(&self.deployments);
         // The recipe is parsed and validated inside `deploy`; its YAML walk
         // checks the budget, and nothing is stored before it has passed.
         let deployment = self
@@ -481,7 +533,9 @@ impl Orchestrator for OrchestratorService {
         request: Request<GetDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
         Ok(Response::new(
-            self.deployments.snapshot(&request.get_ref().name)?,
+            self.reading()?
+                .deployments
+                .snapshot(&request.get_ref().name)?,
         ))
     }
 
@@ -492,16 +546,26 @@ impl Orchestrator for OrchestratorService {
         request: Request<WatchDeploymentRequest>,
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
         let name = request.into_inner().name;
-        // Subscribe before the snapshot so that nothing falls between them.
-        let events = self.deployments.subscribe(&name);
-        let first = self.deployments.snapshot(&name)?;
-        let deployments = Arc::clone(&self.deployments);
+        let deployments = Arc::clone(&self.reading()?.deployments);
         let event = |deployment: Deployment, message: String| DeploymentEvent {
             time: Some(std::time::SystemTime::now().into()),
             deployment: Some(deployment),
             replica: None,
             message,
         };
+        if !self.role.is_leading() {
+            let first = deployments.snapshot(&name)?;
+            return Ok(Response::new(poll_changes(
+                first,
+                move || deployments.snapshot(&name),
+                deployment_ended,
+                event,
+                self.shutdown.clone(),
+            )));
+        }
+        // Subscribe before the snapshot so that nothing falls between them.
+        let events = deployments.subscribe(&name);
+        let first = deployments.snapshot(&name)?;
         Ok(Response::new(forward_events(
             event(first, "current state".into()),
             events,
@@ -517,7 +581,10 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<Deployment>, Status> {
         let request = request.into_inner();
         Ok(Response::new(
-            self.deployments.scale(&request.name, request.replicas)?,
+            self.role
+                .leading()?
+                .deployments
+                .scale(&request.name, request.replicas)?,
         ))
     }
 
@@ -526,7 +593,10 @@ impl Orchestrator for OrchestratorService {
         request: Request<StopDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
         Ok(Response::new(
-            self.deployments.stop(&request.get_ref().name)?,
+            self.role
+                .leading()?
+                .deployments
+                .stop(&request.get_ref().name)?,
         ))
     }
 
@@ -537,7 +607,7 @@ impl Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let limit = berth_server::paging::page_size(request.page_size);
         let before = page_token::<i64>(&request.page_token)?;
-        let mut rows = self.deployments.list(before, limit + 1)?;
+        let mut rows = self.reading()?.deployments.list(before, limit + 1)?;
         let next_page_token = next_page(&mut rows, limit, |(seq, _)| *seq);
         Ok(Response::new(ListDeploymentsResponse {
             deployments: rows.into_iter().map(|(_, d)| d).collect(),
@@ -552,8 +622,9 @@ impl Orchestrator for OrchestratorService {
         request: Request<DeploymentLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
+        let deployments = Arc::clone(&self.reading()?.deployments);
         Ok(Response::new(
-            self.deployments
+            deployments
                 .logs(&request.name, request.replica, request.tail, request.follow)
                 .await?,
         ))
@@ -593,6 +664,69 @@ fn forward_events<E: Clone + Send + 'static>(
         }
     });
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// A follower's watch: `first`, then the value read every
+/// FOLLOWER_WATCH_INTERVAL whenever it changed, until one that `ends` it
+/// (or the caller hangs up, the service stops, or the store cannot be
+/// read: the stream ends with that error).
+fn poll_changes<T, E>(
+    first: T,
+    read: impl Fn() -> Result<T, OrchestratorError> + Send + 'static,
+    ends: impl Fn(&T) -> bool + Send + 'static,
+    event: impl Fn(T, String) -> E + Send + 'static,
+    shutdown: CancellationToken,
+) -> GrpcStream<E>
+where
+    T: Clone + PartialEq + Send + 'static,
+    E: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    tokio::spawn(async move {
+        let mut last = first.clone();
+        let mut next = Some(event(first, "current state".into()));
+        loop {
+            if let Some(sent) = next.take()
+                && tx.send(Ok(sent)).await.is_err()
+            {
+                return;
+            }
+            if ends(&last) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOWER_WATCH_INTERVAL) => {}
+                () = tx.closed() => return,
+                () = shutdown.cancelled() => return,
+            }
+            match read() {
+                Ok(now) if now != last => {
+                    last = now.clone();
+                    next = Some(event(now, "changed (read from the store)".into()));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// The hosts as a follower shows them: it does not contact them (the
+/// leader does), so their status is unknown here and says where to look.
+fn followed_hosts(hosts: &HostRegistry) -> Vec<Host> {
+    hosts
+        .list()
+        .into_iter()
+        .map(|host| Host {
+            status: HostStatus::Unknown as i32,
+            status_message: "this orchestrator follows: the leader contacts the hosts".into(),
+            ..host
+        })
+        .collect()
 }
 
 fn deployment_ended(deployment: &Deployment) -> bool {
