@@ -57,7 +57,17 @@ pub enum ProxyError {
         worst: f64,
         left: f64,
     },
-    #[error("no deployment of `{model}` is available (all cooling down after failures)")]
+    /// A deployment's own budget (`litellm_params.max_budget`) cannot take
+    /// the request: spent, or smaller than what the request may cost.
+    #[error("deployment {deployment}: its max_budget {why}")]
+    DeploymentBudget {
+        deployment: String,
+        why: String,
+        retry_after: Option<Duration>,
+    },
+    #[error(
+        "no deployment of `{model}` is available (cooling down after failures, at their rpm/tpm, or their max_budget spent)"
+    )]
     NoDeployment {
         model: String,
         retry_after: Duration,
@@ -129,7 +139,8 @@ impl ServiceError for ProxyError {
             Self::RateLimited { .. }
             | Self::BudgetExceeded { .. }
             | Self::BudgetTooSmall { .. }
-            | Self::NoDeployment { .. } => ErrorCode::ResourceExhausted,
+            | Self::NoDeployment { .. }
+            | Self::DeploymentBudget { .. } => ErrorCode::ResourceExhausted,
             Self::Upstream { status, .. } => code_of_status(*status),
             Self::Unreachable { .. } | Self::BadAnswer { .. } => ErrorCode::Unavailable,
             Self::Timeout { .. } => ErrorCode::Timeout,
@@ -162,6 +173,7 @@ impl ServiceError for ProxyError {
             Self::BudgetExceeded { .. } => "budget_exceeded",
             Self::BudgetTooSmall { .. } => "budget_too_small",
             Self::NoDeployment { .. } => "no_deployment",
+            Self::DeploymentBudget { .. } => "deployment_budget_exceeded",
             Self::UnsupportedParam { .. } => "unsupported_param",
             Self::Upstream { .. } => "upstream_error",
             Self::Unreachable { .. } => "upstream_unreachable",
@@ -210,6 +222,7 @@ impl ProxyError {
             Self::RateLimited { retry_after, .. } | Self::NoDeployment { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::DeploymentBudget { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -220,7 +233,9 @@ impl ProxyError {
             Self::MissingKey | Self::InvalidKey => "authentication_error",
             Self::NotMasterKey | Self::ModelNotAllowed(_) => "permission_error",
             Self::RateLimited { .. } | Self::NoDeployment { .. } => "rate_limit_error",
-            Self::BudgetExceeded { .. } | Self::BudgetTooSmall { .. } => "budget_exceeded",
+            Self::BudgetExceeded { .. }
+            | Self::BudgetTooSmall { .. }
+            | Self::DeploymentBudget { .. } => "budget_exceeded",
             Self::Unreachable { .. }
             | Self::BadAnswer { .. }
             | Self::Timeout { .. }

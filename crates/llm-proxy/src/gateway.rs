@@ -165,6 +165,10 @@ impl Settle {
     }
 
     fn settle(mut self, usage: Option<Usage>, outcome: Outcome, error: Option<&ProxyError>) {
+        let cost = usage
+            .as_ref()
+            .map(|usage| usage.cost(&self.in_flight.deployment().config));
+        self.in_flight.charge(cost);
         let deployment = self.in_flight.deployment();
         if let Some(usage) = &usage {
             deployment.record_tokens(usage.total());
@@ -295,15 +299,29 @@ impl Gateway {
                     }
                 };
                 tried.push(deployment.clone());
-                let worst = || worst_cost(&call, &deployment.config, &mut prompt_bytes);
-                if let Err(error) = meter.reserve(&deployment.config, worst) {
+                // Measured at most once, and only for a budget.
+                let mut worst_seen = None;
+                let mut worst = || {
+                    *worst_seen.get_or_insert_with(|| {
+                        worst_cost(&call, &deployment.config, &mut prompt_bytes)
+                    })
+                };
+                if let Err(error) = meter.reserve(&deployment.config, &mut worst) {
                     tracing::debug!(deployment = %deployment.config.id, %error, "not sent: the key's budget");
                     last_error = Some(error);
                     backoff = false;
                     continue;
                 }
+                let in_flight = match deployment.start(&mut worst) {
+                    Ok(in_flight) => in_flight,
+                    Err(error) => {
+                        tracing::debug!(deployment = %deployment.config.id, %error, "not sent: the deployment's budget");
+                        last_error = Some(error);
+                        backoff = false;
+                        continue;
+                    }
+                };
                 backoff = true;
-                let in_flight = deployment.start();
                 meter.attempting(&deployment.config);
                 match self.attempt(&deployment, &call, meter.span(), clock).await {
                     Ok(answer) => {

@@ -119,6 +119,58 @@ async fn a_fallback_the_budget_cannot_afford_is_not_sent() {
     proxy.stop().await.unwrap();
 }
 
+/// A deployment's own budget (`litellm_params.max_budget` per
+/// `budget_duration`, LiteLLM's model budgets), whoever's key asks: the
+/// fake's answers cost $0.10 at `dear`, whose budget is $0.25 a day. Two
+/// answers fit; a third whose worst case does not fit goes to the other
+/// deployment of the group; once both budgets are spent, nothing is sent
+/// and the client is told which budget and when to retry.
+#[tokio::test]
+async fn a_deployment_s_own_budget_is_never_passed() {
+    let (dear, dear_seen) = fake_upstream().await;
+    let (spare, spare_seen) = fake_upstream().await;
+    let yaml = format!(
+        "model_list:\n\
+         \x20 - model_name: m\n    litellm_params: {{model: openai/ok, api_base: http://{dear}/v1, output_cost_per_token: 0.02, max_budget: 0.25, budget_duration: 1d}}\n    model_info: {{id: dear}}\n\
+         \x20 - model_name: m\n    litellm_params: {{model: openai/ok, api_base: http://{spare}/v1, output_cost_per_token: 0.02, max_budget: 0.1}}\n    model_info: {{id: spare}}\n\
+         router_settings: {{routing_strategy: least-busy, num_retries: 1, retry_after: 0}}\n\
+         general_settings: {{master_key: sk-master}}\n"
+    );
+    let proxy = proxy(&yaml).await;
+    let base = base(&proxy);
+    let url = format!("{base}/v1/chat/completions");
+    // Worst case 5 tokens × $0.02 = $0.10, as the fake answers.
+    let mut served = 0;
+    for _ in 0..3 {
+        let answer = send("POST", &url, Some("sk-master"), ask("m", 5, false)).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        served += 1;
+    }
+    let (at_dear, at_spare) = (
+        dear_seen.hits.load(Ordering::SeqCst),
+        spare_seen.hits.load(Ordering::SeqCst),
+    );
+    assert_eq!((served, at_dear + at_spare), (3, 3));
+    assert!(
+        at_dear <= 2 && at_spare <= 1,
+        "dear {at_dear}, spare {at_spare}"
+    );
+    // $0.05 left at dear (if it took two), nothing at spare: a fourth
+    // request, worst case $0.10, fits nowhere.
+    let refused = send("POST", &url, Some("sk-master"), ask("m", 5, false)).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    let error = &refused.json()["error"];
+    assert_eq!(error["type"], "budget_exceeded", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("max_budget"), "{message}");
+    assert_eq!(
+        dear_seen.hits.load(Ordering::SeqCst) + spare_seen.hits.load(Ordering::SeqCst),
+        3,
+        "nothing more was sent"
+    );
+    proxy.stop().await.unwrap();
+}
+
 /// Ten streams at once, each able to cost $0.10, on a key with $0.35: three
 /// reserve their worst case and are sent, the others are told to retry,
 /// and the key never spends past its budget.

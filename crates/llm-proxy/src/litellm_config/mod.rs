@@ -22,7 +22,7 @@ use berth_server::yaml_prescan;
 
 use raw::RawRoot;
 pub use types::{
-    CacheSettings, DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits,
+    BudgetLimit, CacheSettings, DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits,
     MAX_CONFIG_BYTES, Secret,
 };
 
@@ -330,6 +330,64 @@ callbacks: []
             "{:?}",
             unset_key.warnings
         );
+    }
+
+    #[test]
+    fn a_deployment_budget_is_read_and_bad_ones_are_named() {
+        let entry = |params: &str| {
+            parse(
+                &format!(
+                    "model_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, {params}}}\n"
+                ),
+                &[],
+            )
+        };
+        let daily = entry("max_budget: 10, budget_duration: 1d").unwrap();
+        assert_eq!(
+            daily.deployments[0].budget,
+            Some(BudgetLimit {
+                max_usd: 10.0,
+                period: Some(Duration::from_secs(86_400))
+            })
+        );
+        assert!(daily.unsupported.is_empty(), "{:?}", daily.unsupported);
+        let monthly = entry("max_budget: 0.5, budget_duration: 2mo").unwrap();
+        assert_eq!(
+            monthly.deployments[0].budget.unwrap().period,
+            Some(Duration::from_secs(60 * 86_400))
+        );
+        assert_eq!(
+            entry("max_budget: 3").unwrap().deployments[0]
+                .budget
+                .unwrap()
+                .period,
+            None
+        );
+        for (params, expected) in [
+            (
+                "budget_duration: 1d",
+                "model_list[0]: litellm_params.budget_duration needs litellm_params.max_budget",
+            ),
+            (
+                "max_budget: -1",
+                "model_list[0]: litellm_params.max_budget must be a number of USD above 0, got -1",
+            ),
+            (
+                "max_budget: 1, budget_duration: 3 days",
+                "litellm_params.budget_duration: `3 days`: the unit must be s, m, h, d, w or mo",
+            ),
+            (
+                "max_budget: 1, budget_duration: 0d",
+                "litellm_params.budget_duration: `0d` must be above 0",
+            ),
+            (
+                "max_budget: 1, budget_duration: d",
+                "`d`: expected a whole number and a unit",
+            ),
+        ] {
+            let error = entry(params).unwrap_err().to_string();
+            assert!(error.contains(expected), "{params}: {error}");
+        }
     }
 
     /// Every string field read of `litellm_params` and `cache_params` goes

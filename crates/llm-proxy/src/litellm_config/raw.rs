@@ -44,6 +44,10 @@ pub(super) struct RawParams {
     pub(super) input_cost_per_token: Option<f64>,
     pub(super) output_cost_per_token: Option<f64>,
     pub(super) additional_drop_params: Option<Vec<String>>,
+    /// The deployment's own budget in USD, per `budget_duration` (LiteLLM's
+    /// model budgets).
+    pub(super) max_budget: Option<f64>,
+    pub(super) budget_duration: Option<String>,
     #[serde(flatten)]
     pub(super) other: BTreeMap<String, Value>,
 }

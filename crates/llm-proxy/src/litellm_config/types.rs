@@ -128,6 +128,16 @@ pub struct DeploymentConfig {
     pub output_cost_per_token: f64,
     /// `additional_drop_params`: parameters never sent to this deployment.
     pub drop_params: Vec<String>,
+    /// `max_budget` (USD) per `budget_duration` (None: for the process's
+    /// life): the router skips the deployment once it is spent.
+    pub budget: Option<BudgetLimit>,
+}
+
+/// A deployment's own budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetLimit {
+    pub max_usd: f64,
+    pub period: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

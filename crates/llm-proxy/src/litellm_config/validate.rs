@@ -11,7 +11,7 @@ use super::raw::{
     RawCacheParams, RawEntry, RawGeneral, RawLiteLlmSettings, RawRoot, RawRouterSettings,
     collect_unknown, section,
 };
-use super::types::{CacheSettings, DeploymentConfig, LiteLlmConfig, Secret};
+use super::types::{BudgetLimit, CacheSettings, DeploymentConfig, LiteLlmConfig, Secret};
 use crate::settings::{ProviderKind, RouterSettings, Strategy};
 
 /// The config `root` describes; `env` resolves `os.environ/VAR` where the
@@ -232,6 +232,24 @@ fn deployment(
         params.output_cost_per_token,
         info.output_cost_per_token,
     )?;
+    let budget = match (params.max_budget, params.budget_duration) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err("litellm_params.budget_duration needs litellm_params.max_budget".into());
+        }
+        (Some(max_usd), period) => {
+            if !(max_usd.is_finite() && max_usd > 0.0) {
+                return Err(format!(
+                    "litellm_params.max_budget must be a number of USD above 0, got {max_usd}"
+                ));
+            }
+            let period = period
+                .map(|text| budget_duration(&text))
+                .transpose()
+                .map_err(|e| format!("litellm_params.budget_duration: {e}"))?;
+            Some(BudgetLimit { max_usd, period })
+        }
+    };
     Ok(DeploymentConfig {
         id: info
             .id
@@ -249,8 +267,45 @@ fn deployment(
         input_cost_per_token,
         output_cost_per_token,
         drop_params: params.additional_drop_params.unwrap_or_default(),
+        budget,
     })
 }
+
+/// LiteLLM's budget periods: a whole number and a unit, `30s`, `10m`,
+/// `1h`, `1d`, `1w`, `1mo` (30 days).
+fn budget_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (count, unit) = text.split_at(split);
+    let count: u64 = count
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a whole number and a unit, e.g. `1d`"))?;
+    let unit_seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "mo" => 30 * 86_400,
+        _ => {
+            return Err(format!("`{text}`: the unit must be s, m, h, d, w or mo"));
+        }
+    };
+    match count.checked_mul(unit_seconds) {
+        Some(seconds) if seconds > 0 && seconds <= MAX_BUDGET_PERIOD_SECONDS => {
+            Ok(Duration::from_secs(seconds))
+        }
+        _ => Err(format!(
+            "`{text}` must be above 0 and at most {} days",
+            MAX_BUDGET_PERIOD_SECONDS / 86_400
+        )),
+    }
+}
+
+/// Longest budget period: ten years.
+const MAX_BUDGET_PERIOD_SECONDS: u64 = 3650 * 86_400;
 
 /// The base URL OpenAI paths are appended to. LiteLLM's `api_base` for
 /// Ollama is the server root; its OpenAI-compatible API lives under `/v1`.

@@ -4,6 +4,7 @@
 //! flight, latency). Retries and fallbacks are driven by the gateway, which
 //! asks the router again after each failure.
 
+mod budget;
 mod cooldown;
 mod strategy;
 
@@ -17,6 +18,7 @@ use crate::settings::{RouterSettings, Strategy};
 use crate::error::ProxyError;
 use crate::limits::MinuteWindow;
 use crate::litellm_config::DeploymentConfig;
+use budget::{BudgetRefusal, DeploymentBudget};
 use cooldown::Cooldown;
 
 /// A deployment and what the router knows about it right now.
@@ -28,16 +30,21 @@ pub struct Deployment {
     latency_micros: AtomicU64,
     cooldown: Cooldown,
     minute: MinuteWindow,
+    budget: Option<DeploymentBudget>,
 }
 
 impl Deployment {
     fn new(config: DeploymentConfig) -> Self {
+        let budget = config
+            .budget
+            .map(|limit| DeploymentBudget::new(limit, Instant::now()));
         Self {
             config,
             in_flight: AtomicU64::new(0),
             latency_micros: AtomicU64::new(0),
             cooldown: Cooldown::default(),
             minute: MinuteWindow::default(),
+            budget,
         }
     }
 
@@ -54,10 +61,43 @@ impl Deployment {
         self.minute.used(now)
     }
 
-    /// Marks a request as in flight until the guard is dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    /// Marks a request as in flight until the guard is dropped, with the
+    /// most it can cost (`worst`, asked only of a deployment with a
+    /// budget; None: unbounded) reserved from the deployment's own budget.
+    pub fn start(
+        self: &Arc<Self>,
+        worst: impl FnOnce() -> Option<f64>,
+    ) -> Result<InFlight, ProxyError> {
+        let reserved = match &self.budget {
+            None => 0.0,
+            Some(budget) => budget.reserve(worst(), Instant::now()).map_err(|refusal| {
+                let (why, retry_after) = match refusal {
+                    BudgetRefusal::Spent { ends_in } => (
+                        format!(
+                            "${:.6} is spent for this period",
+                            self.config.budget.map_or(0.0, |b| b.max_usd)
+                        ),
+                        ends_in,
+                    ),
+                    BudgetRefusal::TooSmall { worst, left } => (
+                        format!(
+                            "has ${left:.6} left, and this request may cost up to ${worst:.6}; ask for fewer max_tokens"
+                        ),
+                        None,
+                    ),
+                };
+                ProxyError::DeploymentBudget {
+                    deployment: self.config.id.clone(),
+                    why,
+                    retry_after,
+                }
+            })?,
+        };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        Ok(InFlight {
+            deployment: self.clone(),
+            reserved,
+        })
     }
 
     pub fn record_latency(&self, latency: Duration) {
@@ -92,20 +132,39 @@ impl Deployment {
     }
 }
 
-/// A request in flight on a deployment (for least-busy); ends on drop, so a
-/// cancelled or abandoned request ends too.
+/// A request in flight on a deployment (for least-busy), holding what it
+/// reserved of the deployment's budget; ends on drop, so a cancelled or
+/// abandoned request ends too (its reservation given back, nothing spent).
 #[derive(Debug)]
-pub struct InFlight(Arc<Deployment>);
+pub struct InFlight {
+    deployment: Arc<Deployment>,
+    reserved: f64,
+}
 
 impl InFlight {
     pub fn deployment(&self) -> &Arc<Deployment> {
-        &self.0
+        &self.deployment
+    }
+
+    /// Charges the attempt's cost to the deployment's budget (None: the
+    /// upstream did not say what it used: what was reserved is spent, so
+    /// an answer without usage cannot pass the budget unseen).
+    pub fn charge(&mut self, cost: Option<f64>) {
+        if let Some(budget) = &self.deployment.budget {
+            let reserved = std::mem::take(&mut self.reserved);
+            budget.settle(reserved, cost.unwrap_or(reserved), Instant::now());
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.deployment.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(budget) = &self.deployment.budget
+            && self.reserved > 0.0
+        {
+            budget.settle(self.reserved, 0.0, Instant::now());
+        }
     }
 }
 
@@ -192,13 +251,17 @@ impl Router {
         let mut available = Vec::with_capacity(group.len());
         for deployment in group {
             let config = &deployment.config;
-            let wait = deployment.cooldown.remaining(now).or_else(|| {
-                deployment
-                    .minute
-                    .check(now, config.rpm, config.tpm)
-                    .err()
-                    .map(|e| e.retry_after())
-            });
+            let wait = deployment
+                .cooldown
+                .remaining(now)
+                .or_else(|| {
+                    deployment
+                        .minute
+                        .check(now, config.rpm, config.tpm)
+                        .err()
+                        .map(|e| e.retry_after())
+                })
+                .or_else(|| deployment.budget.as_ref()?.spent_for(now));
             match wait {
                 Some(wait) => soonest = soonest.min(wait),
                 None => available.push(deployment.as_ref()),
@@ -255,6 +318,7 @@ pub(crate) mod tests {
             input_cost_per_token: 0.0,
             output_cost_per_token: 0.0,
             drop_params: Vec::new(),
+            budget: None,
         }
     }
 
@@ -297,7 +361,7 @@ pub(crate) mod tests {
             vec![deployment("m", "a"), deployment("m", "b")],
         );
         let first = router.pick("m", &[]).unwrap();
-        let _busy = first.start();
+        let _busy = first.start(|| None).unwrap();
         for _ in 0..20 {
             assert_ne!(router.pick("m", &[]).unwrap().config.id, first.config.id);
         }
