@@ -40,6 +40,7 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     conf: PathBuf,
     daemons: Vec<(&'static str, Child)>,
+    rest_port: u16,
     pub rest_url: String,
 }
 
@@ -123,6 +124,7 @@ impl Cluster {
         set_mode(&conf, 0o644)?;
         let mut cluster = Self {
             rest_url: format!("http://127.0.0.1:{rest_port}"),
+            rest_port,
             conf,
             daemons: Vec::new(),
             dir,
@@ -146,21 +148,28 @@ impl Cluster {
         cluster.wait("the node to be idle", |cluster| {
             Ok(cluster.client("sinfo", &["-h", "-n", NODE, "-o", "%T"])? == "idle")
         })?;
-        cluster.spawn(
+        cluster.start_rest()?;
+        Ok(cluster)
+    }
+
+    /// Starts slurmrestd on `rest_url`'s port and waits until it listens:
+    /// at start, or again after [`Self::stop_rest`].
+    pub fn start_rest(&mut self) -> Result<(), String> {
+        let port = self.rest_port;
+        self.spawn(
             "slurmrestd",
             &[
                 "-s",
                 "openapi/v0.0.38",
                 "-a",
                 "rest_auth/jwt",
-                &format!("127.0.0.1:{rest_port}"),
+                &format!("127.0.0.1:{port}"),
             ],
             Some("nobody"),
         )?;
-        cluster.wait("slurmrestd to listen", |_| {
-            Ok(TcpStream::connect(("127.0.0.1", rest_port)).is_ok())
-        })?;
-        Ok(cluster)
+        self.wait("slurmrestd to listen", |_| {
+            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })
     }
 
     /// slurm.conf, for SLURM's clients (`SLURM_CONF`).
@@ -241,7 +250,12 @@ impl Cluster {
         args: &[&str],
         as_user: Option<&str>,
     ) -> Result<(), String> {
-        let log = std::fs::File::create(self.dir.path().join("log").join(format!("{program}.out")))
+        // Appended to: a daemon started again (slurmrestd) keeps the first
+        // one's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log").join(format!("{program}.out")))
             .map_err(|e| format!("{program}'s log: {e}"))?;
         let stderr = log.try_clone().map_err(|e| e.to_string())?;
         let mut command = match as_user {

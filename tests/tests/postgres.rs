@@ -2,9 +2,13 @@
 //! campaign run with its state in a real PostgreSQL 15 (started by the test,
 //! see berth_tests::postgres), the orchestrator killed with SIGKILL mid-run
 //! and started again on the same database, and the campaign finished with
-//! every run recorded once; two orchestrators on one database, the leader
-//! killed mid-run and the follower taking over; and a database it cannot
-//! use refused at start with the setting named and the password hidden.
+//! every run recorded once; two orchestrators on one database, the follower
+//! serving reads and WatchCampaign from the store during the leader's
+//! campaign and refusing writes naming the leader, the CLI given both
+//! addresses going to the leader, the leader killed mid-run and the
+//! follower taking over; a database it cannot use refused at start with
+//! the setting named and the password hidden; and a SQLite store's state
+//! copied into PostgreSQL (`berth-orchestrator store copy`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,9 +17,17 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::campaign::{Client, runs_of, submit, wait_ended};
+use berth_server::error::has_reason;
+use berth_tests::campaign::{Client, get_campaign, runs_of, submit, wait_ended};
 use berth_tests::postgres::require_postgres;
-use berth_tests::{Process, bin, free_port, register_local_agent, start_agent, wait_for};
+use berth_tests::{
+    Process, bin, free_port, register_local_agent, repo_root, start_agent, start_replay_sampler,
+    wait_for,
+};
+
+/// The reason (`berth-error-code`) a follower gives a write: the wire
+/// contract clients match on (berth_orchestrator::role::NOT_LEADER).
+const NOT_LEADER: &str = "not_leader";
 
 /// How long the campaign may take to get where it is awaited.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -145,40 +157,264 @@ async fn kill_9_of_the_leader_of_two_orchestrators_the_follower_takes_over_withi
     let log = dir.path().join("finished.log");
     let campaign = submit(&mut client, &slow_campaign(&log)).await;
     let in_flight = a_run_in_flight(&mut client, &campaign.id).await;
+    let mut follower = connect(follower_port).await;
     assert!(
-        !answers(follower_port).await,
-        "a follower listens only once it leads"
+        !leads(&mut follower).await,
+        "the second orchestrator follows"
     );
     leader.kill();
     let killed_at = Instant::now();
 
-    let mut client = connect(follower_port).await;
+    let deadline = killed_at + LIMIT;
+    while !leads(&mut follower).await {
+        assert!(Instant::now() < deadline, "the follower never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let failover = killed_at.elapsed();
-    eprintln!("failover: the follower answered {failover:?} after the leader's kill -9");
+    eprintln!("failover: the follower took writes {failover:?} after the leader's kill -9");
     assert!(
         failover < Duration::from_secs(6),
         "took over in {failover:?}"
     );
-    assert_every_run_recorded_once(&mut client, &campaign.id, &in_flight, &log).await;
+    assert_every_run_recorded_once(&mut follower, &campaign.id, &in_flight, &log).await;
 
-    // The old leader started again follows: it does not listen.
+    // The old leader started again follows: it serves reads and sends
+    // writes to the new leader.
     let _old_leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut old_leader = connect(leader_port).await;
+    assert_eq!(
+        get_campaign(&mut old_leader, &campaign.id).await.state,
+        CampaignState::Succeeded as i32
+    );
+    let refused = refused_as_follower(&mut old_leader).await;
     assert!(
-        !answers(leader_port).await,
-        "the old leader follows the new one"
+        refused.contains(&format!("127.0.0.1:{follower_port}")),
+        "{refused}"
     );
 }
 
-/// Whether an orchestrator answers on `port` now.
-async fn answers(port: u16) -> bool {
-    berth_server::client::connect(
-        &format!("http://127.0.0.1:{port}"),
-        "",
-        Duration::from_millis(500),
-    )
-    .await
-    .is_ok()
+/// Whether the orchestrator takes writes: asked with one that changes
+/// nothing (a validation), which a follower refuses.
+async fn leads(client: &mut Client) -> bool {
+    let validation = SubmitCampaignRequest {
+        manifest_yaml: "name: probe\nbackends: [{name: b, runtime: process}]\n\
+                        configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n"
+            .into(),
+        validate_only: true,
+        ..Default::default()
+    };
+    match client.submit_campaign(validation).await {
+        Ok(_) => true,
+        Err(status) if has_reason(&status, NOT_LEADER) => false,
+        Err(status) => panic!("neither validated nor refused as a follower: {status:?}"),
+    }
+}
+
+/// A write sent to a follower: refused UNAVAILABLE as not the leader; its
+/// message, which names the leader.
+async fn refused_as_follower(client: &mut Client) -> String {
+    let status = client
+        .cancel_campaign(CancelCampaignRequest { id: "c0".into() })
+        .await
+        .expect_err("a follower refuses writes");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(has_reason(&status, NOT_LEADER), "{status:?}");
+    status.message().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_naming_the_leader() {
+    let Some(postgres) = require_postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let (leader_port, follower_port) = (free_port(), free_port());
+    let _leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
+    let mut leader = connect(leader_port).await;
+    let follower_dir = tempfile::tempdir().unwrap();
+    let _follower = start_orchestrator(follower_dir.path(), follower_port, &postgres.url());
+    let mut follower = connect(follower_port).await;
+
+    // Writes: refused, naming the leader; nothing done.
+    let refused = refused_as_follower(&mut follower).await;
+    assert!(
+        refused.contains("not the leader") && refused.contains(&format!("127.0.0.1:{leader_port}")),
+        "{refused}"
+    );
+    let registered = follower
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a follower refuses RegisterHost");
+    assert_eq!(
+        registered.code(),
+        tonic::Code::Unavailable,
+        "{registered:?}"
+    );
+
+    register_local_agent(&mut leader, &socket).await;
+    let log = dir.path().join("finished.log");
+    let campaign = submit(&mut leader, &slow_campaign(&log)).await;
+    let watch_started = Instant::now();
+    let mut watch = follower
+        .watch_campaign(WatchCampaignRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Reads during the run, from the follower.
+    let in_flight = a_run_in_flight(&mut follower, &campaign.id).await;
+    assert_eq!(in_flight.campaign_id, campaign.id);
+    let listed = follower
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .campaigns;
+    assert!(
+        listed
+            .iter()
+            .any(|c| c.id == campaign.id && c.state == CampaignState::Running as i32),
+        "{listed:?}"
+    );
+    let hosts = follower
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert!(
+        hosts[0]
+            .status_message
+            .contains("the leader contacts the hosts"),
+        "{hosts:?}"
+    );
+
+    // The watch on the follower streams the campaign's progress to its end.
+    let mut succeeded_seen = Vec::new();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(LIMIT, watch.message())
+        .await
+        .expect("an event within the limit")
+        .unwrap()
+    {
+        let campaign = event.campaign.unwrap();
+        succeeded_seen.push(campaign.runs.unwrap_or_default().succeeded);
+        last = Some(campaign);
+    }
+    let last = last.unwrap();
+    eprintln!(
+        "the follower's watch: {} events over {:?}",
+        succeeded_seen.len(),
+        watch_started.elapsed()
+    );
+    assert_eq!(last.state, CampaignState::Succeeded as i32, "{last:?}");
+    assert!(
+        succeeded_seen.windows(2).all(|w| w[0] <= w[1]) && succeeded_seen.len() >= 4,
+        "progress streamed: {succeeded_seen:?}"
+    );
+    assert_eq!(succeeded_seen.last(), Some(&12));
+    assert_every_run_recorded_once(&mut follower, &campaign.id, &in_flight, &log).await;
+    let results = follower
+        .get_results(GetResultsRequest {
+            id: campaign.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        results.campaign.unwrap().state,
+        CampaignState::Succeeded as i32
+    );
+
+    // A deployment of the leader's, watched on the follower to its end.
+    leader
+        .deploy(DeployRequest {
+            recipe_yaml: CRASHING_RECIPE.into(),
+            source_name: "crashing.yaml".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut watch = follower
+        .watch_deployment(WatchDeploymentRequest {
+            name: "crashing".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(LIMIT, watch.message())
+        .await
+        .expect("an event within the limit")
+        .unwrap()
+    {
+        last = event.deployment;
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, DeploymentState::Failed as i32, "{last:?}");
+    let listed = follower
+        .list_deployments(ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let stopped = follower
+        .stop_deployment(StopDeploymentRequest {
+            name: "crashing".into(),
+        })
+        .await
+        .expect_err("a follower refuses StopDeployment");
+    assert!(has_reason(&stopped, NOT_LEADER), "{stopped:?}");
+}
+
+/// A deployment whose one replica exits at once, restarted once, then
+/// failed.
+const CRASHING_RECIPE: &str = "name: crashing\nruntime: process\ncommand: [sh, -c, 'exit 3']\n\
+                               restart:\n  max_restarts: 1\n  backoff: 100ms\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_given_a_follower_then_the_leader_submits_and_watches_a_campaign_to_its_end() {
+    let Some(postgres) = require_postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let (leader_port, follower_port) = (free_port(), free_port());
+    let _leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
+    let mut leader = connect(leader_port).await;
+    let follower_dir = tempfile::tempdir().unwrap();
+    let _follower = start_orchestrator(follower_dir.path(), follower_port, &postgres.url());
+    let mut follower = connect(follower_port).await;
+    assert!(!leads(&mut follower).await);
+    register_local_agent(&mut leader, &socket).await;
+    let manifest = dir.path().join("campaign.yaml");
+    std::fs::write(&manifest, slow_campaign(&dir.path().join("finished.log"))).unwrap();
+
+    let both = format!("http://127.0.0.1:{follower_port},http://127.0.0.1:{leader_port}");
+    let output = Command::new(bin("berth"))
+        .args(["--orchestrator", &both, "submit", "--watch"])
+        .arg(&manifest)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run berth submit");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let id = stdout.lines().next().unwrap().trim();
+    let done = get_campaign(&mut follower, id).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.runs.unwrap().succeeded, 12);
 }
 
 /// Starts the orchestrator on `url`; what it printed when it exited (it
@@ -244,4 +480,174 @@ async fn the_database_restarted_mid_campaign_the_orchestrator_reconnects_and_con
     tokio::time::sleep(Duration::from_millis(500)).await;
     postgres.start_server().unwrap();
     assert_every_run_recorded_once(&mut client, &campaign.id, &in_flight, &log).await;
+}
+
+/// What an orchestrator shows of campaign `id` and of the rest of its
+/// state: the campaign, its runs, each run's power series, the hosts (as
+/// registered: their status is the heartbeats'), and deployment `name`.
+async fn shown_state(
+    client: &mut Client,
+    id: &str,
+    deployment: &str,
+) -> (
+    Campaign,
+    Vec<Run>,
+    Vec<Vec<RunPowerSample>>,
+    Vec<(String, String, String)>,
+    Deployment,
+) {
+    let campaign = get_campaign(client, id).await;
+    let runs = runs_of(client, id).await;
+    let mut series = Vec::new();
+    for run in &runs {
+        let page = client
+            .get_run_power_series(GetRunPowerSeriesRequest {
+                run_id: run.id.clone(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.next_page_token.is_empty(), "a series of one page");
+        series.push(page.samples);
+    }
+    let hosts = client
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts
+        .into_iter()
+        .map(|h| (h.name, h.address, h.power_sampler))
+        .collect();
+    let deployment = client
+        .get_deployment(GetDeploymentRequest {
+            name: deployment.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (campaign, runs, series, hosts, deployment)
+}
+
+/// `berth-orchestrator store copy --from <sqlite> --to <url>`: its exit
+/// status, stdout and stderr.
+fn store_copy(from: &Path, to: &str) -> (bool, String, String) {
+    let output = Command::new(bin("berth-orchestrator"))
+        .args(["store", "copy", "--from"])
+        .arg(from)
+        .args(["--to", to])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run berth-orchestrator store copy");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_copy_moves_a_sqlite_state_into_an_empty_database_and_refuses_a_full_one() {
+    let Some(postgres) = require_postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_sampler, sampler_port) = start_replay_sampler(
+        dir.path(),
+        &repo_root().join("examples/power/llm-inference.csv"),
+    )
+    .await;
+    let socket = dir.path().join("agent.sock");
+    let _agent = start_agent(&socket);
+    let sqlite_port = free_port();
+    let on_sqlite = berth_tests::start_orchestrator(dir.path(), sqlite_port, &[]);
+    let mut client = connect(sqlite_port).await;
+    client
+        .register_host(RegisterHostRequest {
+            name: "local".into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let campaign = submit(
+        &mut client,
+        "name: measured\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: short}, {name: long}]\n\
+         cycles: 2\nrun: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\n\
+         power: {enabled: true, rate_hz: 200, work_metric: ok}\n",
+    )
+    .await;
+    let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
+    assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
+    client
+        .deploy(DeployRequest {
+            recipe_yaml: CRASHING_RECIPE.into(),
+            source_name: "crashing.yaml".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (.., deployment) = shown_state(&mut client, &campaign.id, "crashing").await;
+        if deployment.state == DeploymentState::Failed as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never failed: {deployment:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = shown_state(&mut client, &campaign.id, "crashing").await;
+    assert!(before.2.iter().all(|series| !series.is_empty()));
+    let samples: usize = before.2.iter().map(Vec::len).sum();
+    on_sqlite.terminate();
+
+    let state = dir.path().join("state.db");
+    let (copied, stdout, stderr) = store_copy(&state, &postgres.url());
+    assert!(copied, "{stdout}\n{stderr}");
+    eprintln!("{stdout}");
+    for table in [
+        "campaigns: 1 rows".to_string(),
+        "runs: 4 rows".to_string(),
+        format!("run_power_samples: {samples} rows"),
+        "hosts: 1 rows".to_string(),
+        "deployments: 1 rows".to_string(),
+        "replicas: 1 rows".to_string(),
+    ] {
+        assert!(stdout.contains(&table), "{table}: {stdout}");
+    }
+    let (again, _, refused) = store_copy(&state, &postgres.url());
+    assert!(
+        !again
+            && refused.contains("--to postgres://berth:***@127.0.0.1:")
+            && refused.contains("already holds 1 rows of table campaigns"),
+        "{refused}"
+    );
+
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg_port = free_port();
+    let _on_postgres = start_orchestrator(pg_dir.path(), pg_port, &postgres.url());
+    let mut client = connect(pg_port).await;
+    let after = shown_state(&mut client, &campaign.id, "crashing").await;
+    assert_eq!(before.0, after.0, "the campaign");
+    assert_eq!(before.1, after.1, "its runs");
+    assert_eq!(before.2, after.2, "their power series");
+    assert_eq!(before.3, after.3, "the hosts");
+    assert_eq!(before.4, after.4, "the deployment");
+    // Numbers go on after the copied ones.
+    let next = submit(&mut client, &slow_campaign(&dir.path().join("next.log"))).await;
+    let listed = client
+        .list_campaigns(ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .campaigns;
+    let ids: Vec<&str> = listed.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [next.id.as_str(), campaign.id.as_str()],
+        "newest first"
+    );
 }

@@ -3,6 +3,8 @@
 //! single-node SLURM 22.05 (tests/src/slurm.rs). The backend is one
 //! allocation; each run is a job step started in it with srun, so the
 //! orchestrator drives it exactly as it drives a long-running container.
+//! kill -9 of the agent or of the orchestrator mid-run leaves the job and
+//! the run's step running; they are adopted, and nothing runs twice.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -19,7 +21,8 @@ struct SlurmHost {
     dir: tempfile::TempDir,
     client: Client,
     agent: Process,
-    _orchestrator: Process,
+    orchestrator: Process,
+    orchestrator_port: u16,
 }
 
 /// An agent whose slurm runtime reaches `cluster` as root.
@@ -50,8 +53,7 @@ impl SlurmHost {
         let agent = start_slurm_agent(dir.path(), &cluster, &token);
         let port = free_port();
         let orchestrator = start_orchestrator(dir.path(), port, &[]);
-        let mut client =
-            OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+        let mut client = connect(port).await;
         let address = format!("unix://{}", dir.path().join("agent.sock").display());
         wait_for(&address).await;
         client
@@ -67,8 +69,40 @@ impl SlurmHost {
             dir,
             client,
             agent,
-            _orchestrator: orchestrator,
+            orchestrator,
+            orchestrator_port: port,
         })
+    }
+
+    /// kill -9 of the orchestrator, then one started again on the same
+    /// store and port.
+    async fn kill_and_restart_orchestrator(&mut self) {
+        self.orchestrator.child.kill().expect("kill -9");
+        let _ = self.orchestrator.child.wait();
+        self.orchestrator = start_orchestrator(self.dir.path(), self.orchestrator_port, &[]);
+        self.client = connect(self.orchestrator_port).await;
+    }
+
+    /// Submits [`manifest`]'s campaign, its runs logging to [`Self::run_log`].
+    async fn submit(&mut self, name: &str, values: &str, cycles: u32, sleep: &str) -> Campaign {
+        let manifest = manifest(name, values, cycles, sleep, &self.run_log());
+        berth_tests::campaign::submit(&mut self.client, &manifest).await
+    }
+
+    /// Where each run appends its id when it finishes (the steps run on
+    /// this machine).
+    fn run_log(&self) -> std::path::PathBuf {
+        self.dir.path().join("finished.log")
+    }
+
+    /// Asserts each of `runs` finished on the cluster exactly once.
+    fn assert_each_run_ran_once(&self, runs: &[Run]) {
+        let finished = std::fs::read_to_string(self.run_log()).unwrap_or_default();
+        let mut lines: Vec<&str> = finished.lines().collect();
+        lines.sort_unstable();
+        let mut ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(lines, ids, "every run ran on the cluster exactly once");
     }
 
     /// kill -9 of the agent, then the same agent started again.
@@ -83,9 +117,14 @@ impl SlurmHost {
     }
 }
 
-/// A campaign of `runs_per_cycle` × `cycles` runs in one SLURM allocation;
-/// each run prints the job and step it ran in.
-fn manifest(name: &str, values: &str, cycles: u32, sleep: &str) -> String {
+async fn connect(port: u16) -> Client {
+    OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await)
+}
+
+/// A campaign of `values` × `cycles` runs in one SLURM allocation; each run
+/// sleeps `sleep` seconds, appends its id to `run_log` and prints the job
+/// and step it ran in.
+fn manifest(name: &str, values: &str, cycles: u32, sleep: &str, run_log: &Path) -> String {
     format!(
         r#"name: {name}
 backends:
@@ -104,10 +143,11 @@ grid:
     n: [{values}]
 cycles: {cycles}
 run:
-  command: [sh, -c, 'sleep {sleep}; echo "{{\"n\": {{{{n}}}}, \"job\": \"$SLURM_JOB_ID\", \"step\": \"$SLURM_STEP_ID\", \"env\": \"$FROM_BACKEND\"}}"']
+  command: [sh, -c, 'sleep {sleep}; echo {{{{run_id}}}} >> {run_log}; echo "{{\"n\": {{{{n}}}}, \"job\": \"$SLURM_JOB_ID\", \"step\": \"$SLURM_STEP_ID\", \"env\": \"$FROM_BACKEND\"}}"']
   timeout: 60s
 "#,
         partition = slurm::PARTITION,
+        run_log = run_log.display(),
     )
 }
 
@@ -151,16 +191,25 @@ async fn assert_allocation_released(cluster: &Cluster, job: &str) {
     }
 }
 
+/// A run of campaign `id` in flight (Running), polled for up to a minute.
+async fn a_run_in_flight(client: &mut Client, id: &str) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = berth_tests::campaign::runs_of(client, id).await;
+        if let Some(running) = runs.iter().find(|r| r.state == RunState::Running as i32) {
+            return running.clone();
+        }
+        assert!(Instant::now() < deadline, "no run started: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
     let Some(mut host) = SlurmHost::start().await else {
         return;
     };
-    let campaign = berth_tests::campaign::submit(
-        &mut host.client,
-        &manifest("on-slurm", "1, 2, 3, 4, 5", 4, "0"),
-    )
-    .await;
+    let campaign = host.submit("on-slurm", "1, 2, 3, 4, 5", 4, "0").await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(180);
     berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 20, deadline).await;
@@ -171,6 +220,7 @@ async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
     let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
     let job = assert_runs_were_steps_of_one_job(&runs, 20);
     assert!(runs.iter().all(|r| r.attempts == 1), "{runs:?}");
+    host.assert_each_run_ran_once(&runs);
     assert_allocation_released(&host.cluster, &job).await;
     assert_eq!(
         host.cluster.jobs(),
@@ -188,19 +238,8 @@ async fn the_allocation_outlives_a_killed_agent_and_is_adopted() {
     let Some(mut host) = SlurmHost::start().await else {
         return;
     };
-    let campaign =
-        berth_tests::campaign::submit(&mut host.client, &manifest("agent-killed", "1, 2", 3, "1"))
-            .await;
-    // Wait for a run in flight.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
-        if runs.iter().any(|r| r.state == RunState::Running as i32) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no run started: {runs:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let campaign = host.submit("agent-killed", "1, 2", 3, "1").await;
+    a_run_in_flight(&mut host.client, &campaign.id).await;
     let before = host.cluster.jobs();
     assert_eq!(before.len(), 1, "{before:?}");
     host.kill_and_restart_agent().await;
@@ -215,7 +254,147 @@ async fn the_allocation_outlives_a_killed_agent_and_is_adopted() {
     let job = assert_runs_were_steps_of_one_job(&runs, 6);
     // The run in flight was attached again by its key, not run again.
     assert!(runs.iter().all(|r| r.attempts == 1), "{runs:?}");
+    host.assert_each_run_ran_once(&runs);
     assert_eq!(job, before[0], "the same allocation, adopted");
+    assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
+    assert_allocation_released(&host.cluster, &job).await;
+}
+
+/// kill -9 of the orchestrator while a run executes in the allocation: the
+/// job and the run's step keep running; the orchestrator started again on
+/// the same store adopts the job by its recorded id and the run by its key
+/// (recording its exit itself), and nothing is submitted or run twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_allocation_outlives_a_killed_orchestrator_and_is_adopted() {
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let campaign = host.submit("orchestrator-killed", "1, 2", 3, "1.5").await;
+    let in_flight = a_run_in_flight(&mut host.client, &campaign.id).await;
+    let before = host.cluster.jobs();
+    assert_eq!(before.len(), 1, "{before:?}");
+    host.kill_and_restart_orchestrator().await;
+    let killed_at = std::time::SystemTime::now();
+    assert_eq!(
+        host.cluster.job_state(&before[0]),
+        "RUNNING",
+        "the allocation outlived the orchestrator"
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 6, deadline).await;
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    let job = assert_runs_were_steps_of_one_job(&runs, 6);
+    assert!(runs.iter().all(|r| r.attempts == 1), "{runs:?}");
+    let adopted = runs.iter().find(|r| r.id == in_flight.id).unwrap();
+    let recorded_at = std::time::SystemTime::try_from(adopted.finished_at.unwrap()).unwrap();
+    assert!(
+        recorded_at > killed_at,
+        "the new orchestrator recorded the run in flight at the kill: {adopted:?}"
+    );
+    host.assert_each_run_ran_once(&runs);
+    assert_eq!(job, before[0], "the same allocation, adopted");
+    assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
+    assert_allocation_released(&host.cluster, &job).await;
+}
+
+/// The one host as ListHosts shows it.
+async fn the_host(client: &mut Client) -> Host {
+    let hosts = client
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .expect("ListHosts")
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    hosts.into_iter().next().unwrap()
+}
+
+/// Polls the host until `done` holds (`what` names it for the panic).
+async fn wait_host(client: &mut Client, what: &str, done: impl Fn(&Host) -> bool) -> Host {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let host = the_host(client).await;
+        if done(&host) {
+            return host;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host never became {what}: {host:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// slurmrestd killed mid-campaign: the run in flight finishes (its step
+/// needs only slurmctld), the host is reported degraded naming slurmrestd's
+/// URL and the campaign waits for it; once slurmrestd is back the host is
+/// ready again and the campaign goes on in the same allocation, every run
+/// run once. The run whose exec met the outage is charged that attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_wait_while_slurmrestd_is_down_and_the_host_is_degraded() {
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let campaign = host.submit("rest-down", "1, 2", 3, "1").await;
+    a_run_in_flight(&mut host.client, &campaign.id).await;
+    let before = host.cluster.jobs();
+    assert_eq!(before.len(), 1, "{before:?}");
+    host.cluster.stop_rest();
+
+    let url = host.cluster.rest_url.clone();
+    let degraded = wait_host(&mut host.client, "degraded", |h| {
+        h.status_message.starts_with("degraded: RUNTIME_SLURM: ")
+    })
+    .await;
+    assert_eq!(degraded.status, HostStatus::Ready as i32, "{degraded:?}");
+    assert!(
+        degraded
+            .status_message
+            .contains(&format!("slurmrestd at {url} is unavailable")),
+        "{degraded:?}"
+    );
+    let waiting = berth_tests::campaign::wait_campaign(
+        &mut host.client,
+        &campaign.id,
+        Duration::from_secs(30),
+        "waiting for slurmrestd with nothing in flight",
+        |c| {
+            c.status_message.contains(&url)
+                && c.runs
+                    .as_ref()
+                    .is_some_and(|r| r.running + r.dispatched == 0)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = berth_tests::campaign::get_campaign(&mut host.client, &campaign.id).await;
+    assert_eq!(
+        still.runs, waiting.runs,
+        "no run goes on while slurmrestd is down: {still:?}"
+    );
+    assert_eq!(still.state, CampaignState::Running as i32, "{still:?}");
+
+    host.cluster.start_rest().expect("slurmrestd started again");
+    wait_host(&mut host.client, "ready again", |h| {
+        h.status == HostStatus::Ready as i32 && h.status_message.is_empty()
+    })
+    .await;
+    berth_tests::campaign::wait_ended(&mut host.client, &campaign.id, Duration::from_secs(180))
+        .await;
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    for r in &runs {
+        eprintln!(
+            "DEBUG {} {} attempts {} err {}",
+            r.id, r.state, r.attempts, r.error
+        );
+    }
+    let job = assert_runs_were_steps_of_one_job(&runs, 6);
+    assert!(runs.iter().all(|r| r.attempts <= 2), "{runs:?}");
+    host.assert_each_run_ran_once(&runs);
+    assert_eq!(
+        job, before[0],
+        "the same allocation, kept through the outage"
+    );
     assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
     assert_allocation_released(&host.cluster, &job).await;
 }

@@ -409,6 +409,8 @@ const ORCHESTRATOR_METRICS: MetricList = &[
     ("berth_orchestrator_deployments", &["state"]),
     ("berth_orchestrator_replicas", &["state"]),
     ("berth_orchestrator_replica_restarts", &[]),
+    // Only while a campaign has pending runs (checked with one queued).
+    ("berth_orchestrator_queue_depth", &["backend"]),
     (
         "berth_orchestrator_run_energy_joules_bucket",
         &["le", "replayed"],
@@ -626,7 +628,7 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
     let missing: Vec<&&str> = ORCHESTRATOR_METRICS
         .iter()
         .map(|(name, _)| name)
-        .filter(|n| !seen.contains(**n))
+        .filter(|n| !seen.contains(**n) && **n != "berth_orchestrator_queue_depth")
         .collect();
     assert!(
         missing.is_empty(),
@@ -722,6 +724,42 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A campaign with runs waiting: its backend's queue is exported.
+    let queued = submit(
+        &mut stack.client,
+        "name: queued\nbackends: [{name: queued, runtime: process}]\nconfigs: [{name: c}]\ncycles: 20\n\
+         run: {command: [sleep, '5']}\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = Scrape::of(&http).await;
+        scrape.listed("berth_orchestrator_", ORCHESTRATOR_METRICS);
+        let depth = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.name == "berth_orchestrator_queue_depth"
+                    && s.labels.get("backend").map(String::as_str) == Some("queued")
+            })
+            .map(|s| s.value);
+        // 20 pending, then 19 once the first is dispatched.
+        if matches!(depth, Some(d) if (19.0..=20.0).contains(&d)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue depth of `queued`: {depth:?}\n{}",
+            scrape.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack
+        .client
+        .cancel_campaign(berth_proto::orchestrator::v1::CancelCampaignRequest { id: queued.id })
+        .await
+        .unwrap();
     stack.stop();
 }
 

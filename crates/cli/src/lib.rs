@@ -32,7 +32,9 @@ pub type Client = OrchestratorClient<AuthChannel>;
     about = "Run LLM and AI workloads across GPU hosts, measured"
 )]
 pub struct Cli {
-    /// Orchestrator address (http://host:port or unix:///path).
+    /// Orchestrator address (http://host:port or unix:///path), or several
+    /// separated by commas (orchestrators sharing one PostgreSQL database):
+    /// the first that answers and leads is used.
     #[arg(
         long,
         global = true,
@@ -261,10 +263,59 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub async fn connect(address: &str, token_env: &str) -> Result<Client, CliError> {
+/// Connects to the orchestrator at `addresses`: one address, or several
+/// separated by commas (orchestrators sharing one PostgreSQL database, of
+/// which one leads). Of several, the first that answers and leads is used;
+/// when none leads (a failover under way), the first that answers, which
+/// serves reads and answers writes naming the leader.
+pub async fn connect(addresses: &str, token_env: &str) -> Result<Client, CliError> {
     let token = std::env::var(token_env).unwrap_or_default();
-    let channel = berth_server::client::connect(address, &token, Duration::from_secs(5)).await?;
-    Ok(OrchestratorClient::new(channel))
+    let addresses: Vec<&str> = addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .collect();
+    let mut first_answering = None;
+    let mut last_error = None;
+    for address in &addresses {
+        let channel =
+            match berth_server::client::connect(address, &token, Duration::from_secs(5)).await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+        let mut client = OrchestratorClient::new(channel);
+        if addresses.len() == 1 || leads(&mut client).await {
+            return Ok(client);
+        }
+        first_answering.get_or_insert(client);
+    }
+    match (first_answering, last_error) {
+        (Some(client), _) => Ok(client),
+        (None, Some(error)) => Err(error.into()),
+        (None, None) => Err(CliError::Usage(
+            "--orchestrator (BERTH_ORCHESTRATOR): no address given".into(),
+        )),
+    }
+}
+
+/// Whether the orchestrator leads: asked with a write that changes
+/// nothing, validating an empty manifest, which a follower refuses as not
+/// the leader before looking at it and the leader refuses as invalid.
+async fn leads(client: &mut Client) -> bool {
+    let validation = SubmitCampaignRequest {
+        validate_only: true,
+        ..Default::default()
+    };
+    match client.submit_campaign(validation).await {
+        Ok(_) => true,
+        Err(status) => {
+            !berth_server::error::has_reason(&status, berth_orchestrator::role::NOT_LEADER)
+                && status.code() != tonic::Code::Unavailable
+        }
+    }
 }
 
 /// The command in a span `berth <subcommand>` exported over OTLP when

@@ -164,7 +164,16 @@ fn duration(
 #[tonic::async_trait]
 impl ContainerAgent for AgentService {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<HostInfo>, Status> {
-        Ok(Response::new(self.host.clone()))
+        let mut host = self.host.clone();
+        // Still offered (its workloads are there, and come back with it),
+        // yet unavailable now: the host is degraded rather than unable.
+        for runtime in self.runtimes.values() {
+            if let Some(why) = runtime.failing() {
+                host.unavailable_runtimes
+                    .insert(runtime.kind().as_str_name().to_string(), why);
+            }
+        }
+        Ok(Response::new(host))
     }
 
     async fn create_workload(

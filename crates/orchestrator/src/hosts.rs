@@ -1,6 +1,8 @@
 //! The host registry: agents by address, their connections, heartbeats and
 //! what each offers. A host that does not answer is marked unreachable with
-//! the reason; the registry keeps trying.
+//! the reason; the registry keeps trying. A host that answers while one of
+//! the runtimes it offers fails (the slurm runtime's slurmrestd down) stays
+//! ready, its message saying it is degraded and why.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
 use berth_proto::agent::v1::{Gpu, HostInfo, InfoRequest};
+use berth_proto::common::v1::Runtime;
 use berth_proto::orchestrator::v1::{Host, HostStatus};
 use berth_server::CancellationToken;
 use berth_server::client::AuthChannel;
@@ -232,8 +235,12 @@ impl HostRegistry {
                 crate::metrics::metrics().heartbeat(sent.elapsed());
                 let info = response.into_inner();
                 if let Some(entry) = self.write().get_mut(name) {
+                    let degraded = degraded_message(&info);
+                    if !degraded.is_empty() && degraded != entry.message {
+                        tracing::warn!(host = name, reason = degraded, "host degraded");
+                    }
                     entry.status = HostStatus::Ready;
-                    entry.message.clear();
+                    entry.message = degraded;
                     entry.last_seen = Some(SystemTime::now());
                     entry.info = Some(info.clone());
                 }
@@ -390,6 +397,28 @@ impl ReconnectBackoff {
     }
 }
 
+/// "degraded: RUNTIME_X: why; …" for the runtimes the agent offers yet lists
+/// as unavailable too: it answers, but they fail now (the slurm runtime
+/// while slurmrestd is down); empty when none does. The host stays ready:
+/// its other runtimes, and what already runs, go on.
+fn degraded_message(info: &HostInfo) -> String {
+    let failing: Vec<String> = info
+        .runtimes
+        .iter()
+        .filter_map(|kind| Runtime::try_from(*kind).ok())
+        .filter_map(|runtime| {
+            let name = runtime.as_str_name();
+            let why = info.unavailable_runtimes.get(name)?;
+            Some(format!("{name}: {why}"))
+        })
+        .collect();
+    if failing.is_empty() {
+        String::new()
+    } else {
+        format!("degraded: {}", failing.join("; "))
+    }
+}
+
 pub fn describe_status(status: &tonic::Status) -> String {
     let message = status.message();
     let code = format!("{:?}", status.code());
@@ -486,6 +515,28 @@ fn to_proto(entry: &HostEntry) -> Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_degraded_by_an_offered_runtime_that_fails_not_by_one_it_lacks() {
+        let mut info = HostInfo {
+            runtimes: vec![Runtime::Process as i32, Runtime::Slurm as i32],
+            unavailable_runtimes: [(
+                "RUNTIME_DOCKER".to_string(),
+                "engines.docker is \"off\"".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        assert_eq!(degraded_message(&info), "", "docker is not offered at all");
+        info.unavailable_runtimes.insert(
+            "RUNTIME_SLURM".into(),
+            "slurmrestd at http://login1:6820 is unavailable: connecting: refused".into(),
+        );
+        assert_eq!(
+            degraded_message(&info),
+            "degraded: RUNTIME_SLURM: slurmrestd at http://login1:6820 is unavailable: connecting: refused"
+        );
+    }
 
     #[test]
     fn reconnect_backoff_doubles_up_to_its_cap_and_resets_on_success() {

@@ -54,6 +54,12 @@ pub const REPLICAS: &str = "berth_orchestrator_replicas";
 /// Restarts of those deployments' replicas, all together (a rise is a
 /// replica restarting).
 pub const REPLICA_RESTARTS: &str = "berth_orchestrator_replica_restarts";
+/// Pending runs of unfinished campaigns per backend name (the scheduler's
+/// queues); backends past [`MAX_QUEUE_SERIES`] names are summed under
+/// `(other)`, so manifests cannot grow the series without bound.
+pub const QUEUE_DEPTH: &str = "berth_orchestrator_queue_depth";
+/// Backend names given a series of their own in [`QUEUE_DEPTH`].
+pub const MAX_QUEUE_SERIES: usize = 64;
 /// Energy of each succeeded measured run over all its devices, by whether
 /// the readings were replayed from a recorded trace.
 pub const RUN_ENERGY_JOULES: &str = "berth_orchestrator_run_energy_joules";
@@ -61,6 +67,11 @@ pub const RUN_ENERGY_JOULES: &str = "berth_orchestrator_run_energy_joules";
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -219,6 +230,27 @@ impl StateCollector {
         counts
     }
 
+    /// Pending runs per backend name over the unfinished campaigns.
+    fn queues(&self) -> BTreeMap<String, i64> {
+        let mut queues: BTreeMap<String, i64> = BTreeMap::new();
+        for campaign in self.store.unfinished_campaigns().unwrap_or_default() {
+            let pending = self
+                .store
+                .pending_runs_by_backend(&campaign.id)
+                .unwrap_or_default();
+            for (backend, count) in pending {
+                let known = queues.contains_key(&backend) || queues.len() < MAX_QUEUE_SERIES;
+                let series = if known {
+                    backend
+                } else {
+                    "(other)".to_string()
+                };
+                *queues.entry(series).or_default() += count as i64;
+            }
+        }
+        queues
+    }
+
     fn hosts(&self) -> BTreeMap<String, i64> {
         let mut counts = zeros(
             [
@@ -305,6 +337,13 @@ impl Collector for StateCollector {
             "Replicas of deployments not yet ended, by state",
             replicas,
             |state| StateLabels { state },
+        )?;
+        encode_by(
+            &mut encoder,
+            QUEUE_DEPTH,
+            "Pending runs of unfinished campaigns, by backend name",
+            self.queues(),
+            |backend| BackendLabels { backend },
         )?;
         let gauge = Gauge::<i64>::default();
         gauge.set(restarts);

@@ -154,18 +154,20 @@ impl Role {
         Ok(())
     }
 
-    /// The started parts, or who to send a write to instead.
+    /// The started parts while leading; None while following.
+    pub fn started(&self) -> Option<&Arc<Parts>> {
+        self.leading.get()
+    }
+
+    /// The started parts, or who to send a write to instead (read from
+    /// the lease row).
     pub fn leading(&self) -> Result<&Arc<Parts>, NotLeader> {
-        self.leading.get().ok_or_else(|| NotLeader {
+        self.started().ok_or_else(|| NotLeader {
             leader: match &self.lease {
                 Some(lease) => lease.lease_holder().map_err(|error| error.to_string()),
                 None => Ok(None),
             },
         })
-    }
-
-    pub fn is_leading(&self) -> bool {
-        self.leading.get().is_some()
     }
 
     /// On a follower: waits (in the background) until this orchestrator

@@ -188,9 +188,9 @@ impl OrchestratorService {
     /// assembled (not started) over the hosts stored now, so that what the
     /// leader registered since is seen.
     fn reading(&self) -> Result<Arc<Parts>, OrchestratorError> {
-        match self.role.leading() {
-            Ok(parts) => Ok(Arc::clone(parts)),
-            Err(_) => Ok(Arc::new(Parts::assemble(
+        match self.role.started() {
+            Some(parts) => Ok(Arc::clone(parts)),
+            None => Ok(Arc::new(Parts::assemble(
                 &self.store,
                 &self.config,
                 &self.shutdown,
@@ -240,10 +240,9 @@ impl Orchestrator for OrchestratorService {
         request: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
         let request = request.into_inner();
-        let hosts = if self.role.is_leading() {
-            self.reading()?.hosts.list()
-        } else {
-            followed_hosts(&self.reading()?.hosts)
+        let hosts = match self.role.started() {
+            Some(parts) => parts.hosts.list(),
+            None => followed_hosts(&self.reading()?.hosts),
         };
         let (hosts, next_page_token) =
             berth_server::paging::page(&hosts, request.page_size, &request.page_token).map_err(
@@ -372,7 +371,7 @@ impl Orchestrator for OrchestratorService {
             message,
             ..Default::default()
         };
-        if !self.role.is_leading() {
+        if self.role.started().is_none() {
             let first = scheduler.snapshot(&id)?;
             return Ok(Response::new(poll_changes(
                 first,
@@ -553,7 +552,7 @@ impl Orchestrator for OrchestratorService {
             replica: None,
             message,
         };
-        if !self.role.is_leading() {
+        if self.role.started().is_none() {
             let first = deployments.snapshot(&name)?;
             return Ok(Response::new(poll_changes(
                 first,

@@ -99,6 +99,13 @@ pub trait WorkloadRuntime: Send + Sync {
     async fn image_id(&self, _id: &str) -> Result<Option<String>, AgentError> {
         Ok(None)
     }
+    /// Why this runtime, though offered, fails now because a service it
+    /// depends on does not answer (the slurm runtime's slurmrestd); `None`
+    /// while it works. Info lists it among the unavailable runtimes
+    /// meanwhile, for the orchestrator to report the host degraded.
+    fn failing(&self) -> Option<String> {
+        None
+    }
     /// Why a runtime without images or resource accounting refuses a call.
     fn no_images_or_stats(&self, rpc: &str) -> AgentError {
         AgentError::Unimplemented(format!(

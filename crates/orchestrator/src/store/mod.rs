@@ -197,6 +197,23 @@ pub trait Store: DeploymentStore {
     ) -> StoreResult<()>;
     fn set_campaign_message(&self, id: &str, message: &str) -> StoreResult<()>;
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts>;
+    /// The campaign's pending runs per backend (its backends' queues), by
+    /// backend name. This default pages through the pending runs; a store
+    /// that can count them in one query does.
+    fn pending_runs_by_backend(&self, campaign_id: &str) -> StoreResult<BTreeMap<String, u64>> {
+        let mut queues = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = self.runs(campaign_id, Some(RunState::Pending), after, 10_000)?;
+            let Some(last) = page.last() else {
+                return Ok(queues);
+            };
+            after = Some(last.sequence);
+            for run in &page {
+                *queues.entry(run.backend.clone()).or_default() += 1;
+            }
+        }
+    }
     /// Runs by sequence after `after_sequence`, optionally of one state.
     fn runs(
         &self,

@@ -99,6 +99,7 @@ store_suite!(
     hosts_and_placements_are_kept,
     a_live_deployment_name_is_taken_an_ended_one_is_replaced,
     every_change_of_replica_state_or_reason_is_one_transition,
+    pending_runs_are_counted_per_backend,
 );
 
 pub(crate) fn campaign(id: &str) -> Campaign {
@@ -335,6 +336,31 @@ fn run_of(campaign_id: &str, id: &str, sequence: u32) -> Run {
         campaign_id: campaign_id.into(),
         ..run(id, sequence)
     }
+}
+
+/// The backends' queues, as the queue-depth metric reads them.
+fn pending_runs_are_counted_per_backend(backend: &dyn Backend) {
+    let on = |id: &str, sequence, backend: &str| Run {
+        backend: backend.into(),
+        ..run(id, sequence)
+    };
+    let store = store_with(
+        backend,
+        &[
+            on("a1", 0, "a"),
+            on("a2", 1, "a"),
+            on("b1", 2, "b"),
+            on("a3", 3, "a"),
+        ],
+    );
+    let store = store.as_ref();
+    moved(store, "a1", Pending, Running, &RunUpdate::default());
+    let expected: BTreeMap<String, u64> = [("a".to_string(), 2), ("b".to_string(), 1)].into();
+    assert_eq!(store.pending_runs_by_backend("c1").unwrap(), expected);
+    moved(store, "b1", Pending, Running, &RunUpdate::default());
+    let expected: BTreeMap<String, u64> = [("a".to_string(), 2)].into();
+    assert_eq!(store.pending_runs_by_backend("c1").unwrap(), expected);
+    assert!(store.pending_runs_by_backend("nope").unwrap().is_empty());
 }
 
 fn measured_runs_are_counted_per_pair_and_the_outcome_kept_until_cleared(backend: &dyn Backend) {

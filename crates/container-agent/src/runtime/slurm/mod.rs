@@ -276,7 +276,9 @@ impl Inner {
 
 /// Publishes an event for each change of a job's state SLURM makes on its
 /// own (it starts, ends, times out), read every `slurm.poll_interval`
-/// until the runtime is dropped.
+/// until the runtime is dropped. These reads also keep what Info says of
+/// slurmrestd current (`failing`): an agent with no job pings instead, at
+/// its first look and while slurmrestd does not answer.
 async fn watch_jobs(inner: std::sync::Weak<Inner>) {
     // Jobs' workload states at the last look (an event is a change of
     // those, not of SLURM's finer states); None before the first, whose
@@ -295,6 +297,9 @@ async fn watch_jobs(inner: std::sync::Weak<Inner>) {
                 .any(|entry| entry.file_name().to_string_lossy().ends_with(".spec"))
         });
         if !has_jobs {
+            if seen.is_none() || runtime.rest.unreachable().is_some() {
+                let _ = runtime.rest.ping().await;
+            }
             seen = Some(HashMap::new());
         } else if let Ok(jobs) = runtime.jobs().await {
             let mut now = HashMap::new();
@@ -377,6 +382,10 @@ impl WorkloadRuntime for SlurmRuntime {
 
     fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError> {
         job::validate(spec)
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.inner.rest.unreachable()
     }
 
     async fn create(&self, name: &str, spec: WorkloadSpec) -> Result<Workload, AgentError> {

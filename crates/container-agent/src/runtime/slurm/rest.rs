@@ -39,6 +39,9 @@ pub struct RestClient {
     token_file: PathBuf,
     timeout: Duration,
     version_checked: OnceCell<()>,
+    /// Why the last request got no answer from slurmrestd; None once one
+    /// does (see [`RestClient::unreachable`]).
+    unreachable: std::sync::Mutex<Option<String>>,
 }
 
 /// slurmrestd's answer: its HTTP status and JSON body.
@@ -131,11 +134,27 @@ impl RestClient {
             token_file: config.token_file.clone(),
             timeout: config.request_timeout,
             version_checked: OnceCell::new(),
+            unreachable: std::sync::Mutex::new(None),
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Why slurmrestd did not answer the last request (it is down, or
+    /// hangs), naming its URL; None when it answered, whatever it said.
+    pub fn unreachable(&self) -> Option<String> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// slurmrestd's ping: whether slurmctld answers it, for this token.
+    pub async fn ping(&self) -> Result<Answer, SlurmError> {
+        self.request(Method::GET, &format!("/slurm/{API_VERSION}/ping"), None)
+            .await
     }
 
     /// A request to `/slurm/v0.0.38/<path>`, after the version check; an
@@ -159,9 +178,7 @@ impl RestClient {
         if answer.status == StatusCode::UNAUTHORIZED
             || (!answer.ok() && answer.errors().iter().any(|(n, _)| *n == -1))
         {
-            let ping = self
-                .request(Method::GET, &format!("/slurm/{API_VERSION}/ping"), None)
-                .await?;
+            let ping = self.ping().await?;
             if !ping.ok() {
                 return Err(self.rejected(&ping));
             }
@@ -171,9 +188,7 @@ impl RestClient {
 
     /// The served API must be v0.0.38: its ping answers, and says it is.
     async fn check_version(&self) -> Result<(), SlurmError> {
-        let ping = self
-            .request(Method::GET, &format!("/slurm/{API_VERSION}/ping"), None)
-            .await?;
+        let ping = self.ping().await?;
         if ping.status == StatusCode::NOT_FOUND {
             let served = self.served_versions().await;
             return Err(SlurmError::UnsupportedVersion {
@@ -301,14 +316,24 @@ impl RestClient {
             });
             Ok::<_, String>(Answer { status, body })
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let failure = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(reason)) => Err(unavailable(format!("{method} {path}: {reason}"))),
-            Err(_) => Err(unavailable(format!(
-                "{method} {path}: no answer within {:?} (slurm.request_timeout)",
+            Ok(Err(reason)) => Err(reason),
+            Err(_) => Err(format!(
+                "no answer within {:?} (slurm.request_timeout)",
                 self.timeout
-            ))),
-        }
+            )),
+        };
+        // Without the request, so that it reads the same whatever was asked
+        // while slurmrestd stays down.
+        *self
+            .unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = failure
+            .as_ref()
+            .err()
+            .map(|reason| unavailable(reason.clone()).to_string());
+        failure.map_err(|reason| unavailable(format!("{method} {path}: {reason}")))
     }
 }
 

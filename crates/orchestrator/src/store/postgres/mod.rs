@@ -8,9 +8,11 @@
 //! on a thread of its own (`pool`, which says why); each module of a job
 //! takes the connection: `schema` (numbered migrations), `campaigns`,
 //! `runs` (rows, counts, transitions, power series), `hosts` (hosts and
-//! placements) and `deployments`.
+//! placements) and `deployments`. `copy` moves a SQLite store's state in
+//! (`berth-orchestrator store copy`).
 
 mod campaigns;
+pub mod copy;
 mod deployments;
 mod hosts;
 mod lease;

@@ -15,6 +15,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -144,6 +145,10 @@ impl Store for SqliteStore {
 
     fn run_counts(&self, campaign_id: &str) -> StoreResult<RunCounts> {
         runs::run_counts(&self.db(), campaign_id)
+    }
+
+    fn pending_runs_by_backend(&self, campaign_id: &str) -> StoreResult<BTreeMap<String, u64>> {
+        runs::pending_runs_by_backend(&self.db(), campaign_id)
     }
 
     fn runs(

@@ -85,6 +85,24 @@ fn state_list(states: &[RunState]) -> String {
         .join(",")
 }
 
+pub(super) fn pending_runs_by_backend(
+    db: &Connection,
+    campaign_id: &str,
+) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+    let mut statement = db.prepare_cached(
+        "SELECT backend, COUNT(*) FROM runs WHERE campaign_id = ?1 AND state = ?2 GROUP BY backend",
+    )?;
+    let rows = statement.query_map(params![campaign_id, RunState::Pending as i32], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })?;
+    let mut queues = std::collections::BTreeMap::new();
+    for row in rows {
+        let (backend, count) = row?;
+        queues.insert(backend, count.max(0) as u64);
+    }
+    Ok(queues)
+}
+
 pub(super) fn runs(
     db: &Connection,
     campaign_id: &str,
