@@ -75,17 +75,22 @@ pub struct HostRegistry {
     connecting: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Every stored host, not yet contacted.
+fn stored_hosts(store: &dyn Store) -> Result<BTreeMap<String, HostEntry>, OrchestratorError> {
+    Ok(store
+        .hosts()?
+        .into_iter()
+        .map(|record| (record.name.clone(), HostEntry::new(record)))
+        .collect())
+}
+
 impl HostRegistry {
     pub fn load(
         store: Arc<dyn Store>,
         connect_timeout: Duration,
         ssh: SshConfig,
     ) -> Result<Self, OrchestratorError> {
-        let hosts = store
-            .hosts()?
-            .into_iter()
-            .map(|record| (record.name.clone(), HostEntry::new(record)))
-            .collect();
+        let hosts = stored_hosts(store.as_ref())?;
         Ok(Self {
             store,
             hosts: RwLock::new(hosts),
@@ -93,6 +98,14 @@ impl HostRegistry {
             ssh,
             connecting: std::sync::Mutex::default(),
         })
+    }
+
+    /// The hosts as stored now, in place of those loaded before: a follower
+    /// taking the lease over knows the hosts the old leader registered.
+    pub fn reload(&self) -> Result<(), OrchestratorError> {
+        let hosts = stored_hosts(self.store.as_ref())?;
+        *self.write() = hosts;
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, HostEntry>> {

@@ -81,6 +81,7 @@ pub async fn start(config: Config) -> Result<RunningService, StartError> {
         }
         Some(_) => role.lead_when_elected(
             holder,
+            Arc::clone(&parts),
             Arc::clone(&store),
             Arc::clone(&config),
             shutdown.clone(),

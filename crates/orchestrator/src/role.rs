@@ -171,12 +171,14 @@ impl Role {
     }
 
     /// On a follower: waits (in the background) until this orchestrator
-    /// holds the lease as `holder`, then keeps it and leads with parts
-    /// assembled over the hosts stored by then. A leader that cannot start
-    /// stops the orchestrator rather than hold the lease idle.
+    /// holds the lease as `holder`, then keeps it and leads with `parts`
+    /// (those `/metrics` and the report pages read through), their hosts
+    /// read anew from the store. A leader that cannot start stops the
+    /// orchestrator rather than hold the lease idle.
     pub fn lead_when_elected(
         self: &Arc<Self>,
         holder: String,
+        parts: Arc<Parts>,
         store: Arc<dyn Store>,
         config: Arc<Config>,
         shutdown: CancellationToken,
@@ -192,8 +194,10 @@ impl Role {
                 () = shutdown.cancelled() => return,
             }
             lease.keep_leading(ttl, shutdown.clone());
-            let led = Parts::assemble(&store, &config, &shutdown)
-                .and_then(|parts| role.lead(Arc::new(parts), store.as_ref(), &config, &shutdown));
+            let led = parts
+                .hosts
+                .reload()
+                .and_then(|()| role.lead(parts, store.as_ref(), &config, &shutdown));
             if let Err(error) = led {
                 tracing::error!(%error, "elected leader but could not start leading: stopping");
                 shutdown.cancel();
