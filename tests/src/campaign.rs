@@ -2,12 +2,14 @@
 //! (GetCampaign until a condition holds, or a panic naming what never
 //! happened, with the last answer).
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignState, GetCampaignRequest, ListCampaignsRequest, ListRunsRequest, Run,
-    SubmitCampaignRequest,
+    Campaign, CampaignResults, CampaignState, GetCampaignRequest, GetResultsRequest, Host,
+    ListCampaignsRequest, ListHostsRequest, ListRunsRequest, Run, RunState, SubmitCampaignRequest,
 };
 use berth_server::client::AuthChannel;
 
@@ -137,6 +139,25 @@ pub async fn submit(client: &mut Client, manifest: &str) -> Campaign {
         .into_inner()
 }
 
+/// The campaign's results (GetResults).
+pub async fn results_of(client: &mut Client, id: &str) -> CampaignResults {
+    client
+        .get_results(GetResultsRequest { id: id.to_string() })
+        .await
+        .expect("GetResults")
+        .into_inner()
+}
+
+/// The registered hosts (ListHosts).
+pub async fn hosts_of(client: &mut Client) -> Vec<Host> {
+    client
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .expect("ListHosts")
+        .into_inner()
+        .hosts
+}
+
 /// The campaign's runs (the first page: the tests' campaigns are small).
 pub async fn runs_of(client: &mut Client, id: &str) -> Vec<Run> {
     client
@@ -148,4 +169,81 @@ pub async fn runs_of(client: &mut Client, id: &str) -> Vec<Run> {
         .expect("ListRuns")
         .into_inner()
         .runs
+}
+
+/// A campaign of 4 configs × 3 cycles whose runs take `seconds` (those of
+/// `n=4` take `n4_seconds`) and append their id to `log` on the host when
+/// they finish.
+pub fn slow_campaign(name: &str, log: &Path, seconds: f64, n4_seconds: f64) -> String {
+    r#"name: NAME
+backends: [{name: b, runtime: process}]
+grid: {params: {n: [1, 2, 3, 4]}}
+cycles: 3
+run:
+  command:
+    - sh
+    - -c
+    - |
+      if [ {{n}} = 4 ]; then sleep N4_SECONDS; else sleep SECONDS; fi
+      echo {{run_id}} >> LOG
+      echo '{"n": {{n}}}'
+"#
+    .replace("NAME", name)
+    .replace("N4_SECONDS", &n4_seconds.to_string())
+    .replace("SECONDS", &seconds.to_string())
+    .replace("LOG", &log.display().to_string())
+}
+
+/// Waits (at most `limit`) until `enough` runs succeeded and a run of
+/// config `config` is running; returns that one.
+pub async fn a_run_in_flight(
+    client: &mut Client,
+    campaign_id: &str,
+    enough: usize,
+    config: &str,
+    limit: Duration,
+) -> Run {
+    let deadline = Instant::now() + limit;
+    loop {
+        let runs = client
+            .list_runs(ListRunsRequest {
+                campaign_id: campaign_id.into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("ListRuns")
+            .into_inner()
+            .runs;
+        let succeeded = runs
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded as i32)
+            .count();
+        let running = runs
+            .iter()
+            .find(|r| r.state == RunState::Running as i32 && r.config == config);
+        if let Some(running) = running.filter(|_| succeeded >= enough) {
+            return running.clone();
+        }
+        assert!(Instant::now() < deadline, "no run in flight: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every (config, cycle) of a finished campaign recorded once, succeeded,
+/// with a result.
+pub fn assert_each_recorded_once(runs: &[Run], expected: usize) {
+    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for run in runs {
+        *per_config_cycle
+            .entry((run.config.clone(), run.cycle))
+            .or_default() += 1;
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+        assert!(run.result_json.contains("\"n\""), "{run:?}");
+    }
+    assert_eq!(per_config_cycle.len(), expected, "{per_config_cycle:?}");
+    assert!(
+        per_config_cycle.values().all(|n| *n == 1),
+        "every (config, cycle) recorded exactly once: {per_config_cycle:?}"
+    );
 }

@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{Campaign, RegisterHostRequest, SubmitCampaignRequest};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignState, RegisterHostRequest, SubmitCampaignRequest,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::campaign::wait_ended;
@@ -183,6 +185,16 @@ pub async fn campaign_through_agent(
         .into_inner();
     let finished = wait_ended(&mut client, &campaign.id, limit).await;
     (client, finished)
+}
+
+/// The campaign ended succeeded (else its status message says why not).
+pub fn assert_succeeded(finished: &Campaign) {
+    assert_eq!(
+        CampaignState::try_from(finished.state).unwrap(),
+        CampaignState::Succeeded,
+        "{}",
+        finished.status_message
+    );
 }
 
 /// What a project left: one line per container, volume, network (or pod)

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{HostStatus, RegisterHostRequest};
+use berth_proto::orchestrator::v1::{Host, HostStatus, RegisterHostRequest};
 use berth_server::client::{AuthChannel, connect};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -143,15 +143,22 @@ pub fn start_orchestrator(dir: &Path, port: u16, settings: &[&str]) -> Process {
 /// GET `path` from the HTTP server at `addr` (HOST:PORT), with an
 /// `authorization` header when given: the status and the body.
 pub async fn http_get(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("{addr}: {e}"));
     let authorization = authorization
         .map(|value| format!("authorization: {value}\r\n"))
         .unwrap_or_default();
     // HTTP/1.0: the server closes after the answer and sends no chunks.
     let request = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n{authorization}\r\n");
+    http_exchange(addr, &request).await
+}
+
+/// Sends `request` (an HTTP/1.0 request, whole) to the HTTP server at
+/// `addr` (HOST:PORT) and reads the answer to its end: the status and the
+/// body.
+pub async fn http_exchange(addr: &str, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
@@ -177,6 +184,12 @@ pub fn start_agent_with(socket: &Path, args: &[&str]) -> Process {
     let mut all = args.to_vec();
     all.extend(["--listen", &listen, "--http-listen", ""]);
     Process::spawn("berth-agent", &all, &[])
+}
+
+/// A power sampler (as [`start_replay_sampler`]) replaying
+/// examples/power/llm-inference.csv.
+pub async fn start_llm_inference_sampler(dir: &Path) -> (Process, u16) {
+    start_replay_sampler(dir, &repo_root().join("examples/power/llm-inference.csv")).await
 }
 
 /// A power sampler serving only the replay source, from `trace` (CI has no
@@ -229,6 +242,26 @@ pub async fn register_local_agent(client: &mut OrchestratorClient<AuthChannel>, 
         .expect("RegisterHost")
         .into_inner();
     assert_eq!(host.status, HostStatus::Ready as i32, "{host:?}");
+}
+
+/// Registers the agent listening on `socket` as host `name`, its power
+/// measured by the sampler on `sampler_port`; the host as registered.
+pub async fn register_measured_host(
+    client: &mut OrchestratorClient<AuthChannel>,
+    name: &str,
+    socket: &Path,
+    sampler_port: u16,
+) -> Host {
+    client
+        .register_host(RegisterHostRequest {
+            name: name.into(),
+            address: format!("unix://{}", socket.display()),
+            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
+            ..Default::default()
+        })
+        .await
+        .expect("RegisterHost")
+        .into_inner()
 }
 
 /// grpc.health.v1 Check for `service` ("" for the server as a whole).

@@ -13,7 +13,8 @@ use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
 use berth_server::error_reason;
 use berth_tests::campaign::{
-    Client, assert_no_campaigns, refused_at_submit, wait_campaign, wait_ended,
+    Client, a_run_in_flight, assert_each_recorded_once, assert_no_campaigns, refused_at_submit,
+    slow_campaign, wait_campaign, wait_ended,
 };
 use berth_tests::{Process, bin, free_port, register_local_agent, start_agent, wait_for};
 
@@ -151,74 +152,13 @@ async fn unreachable_agent_leaves_campaign_pending_until_it_appears() {
     assert_eq!(done.runs.unwrap().succeeded, 2);
 }
 
-/// A campaign of 4 configs × 3 cycles whose runs take `seconds` (those of
-/// `n=4` take `n4_seconds`) and append their id to `log` on the host when
-/// they finish.
-fn slow_campaign(name: &str, log: &Path, seconds: f64, n4_seconds: f64) -> String {
-    r#"name: NAME
-backends: [{name: b, runtime: process}]
-grid: {params: {n: [1, 2, 3, 4]}}
-cycles: 3
-run:
-  command:
-    - sh
-    - -c
-    - |
-      if [ {{n}} = 4 ]; then sleep N4_SECONDS; else sleep SECONDS; fi
-      echo {{run_id}} >> LOG
-      echo '{"n": {{n}}}'
-"#
-    .replace("NAME", name)
-    .replace("N4_SECONDS", &n4_seconds.to_string())
-    .replace("SECONDS", &seconds.to_string())
-    .replace("LOG", &log.display().to_string())
-}
-
-/// Waits until `enough` runs succeeded and a run of config `config` is
-/// running; returns that one.
-async fn a_run_in_flight(client: &mut Client, campaign_id: &str, enough: u32, config: &str) -> Run {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let runs = all_runs(client, campaign_id).await;
-        let succeeded = runs
-            .iter()
-            .filter(|r| r.state == RunState::Succeeded as i32)
-            .count();
-        let running = runs
-            .iter()
-            .find(|r| r.state == RunState::Running as i32 && r.config == config);
-        if let Some(running) = running.filter(|_| succeeded >= enough as usize) {
-            return running.clone();
-        }
-        assert!(Instant::now() < deadline, "no run in flight: {runs:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Every (config, cycle) of a finished campaign recorded once, with a result.
-fn assert_each_recorded_once(runs: &[Run], expected: usize) {
-    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
-    for run in runs {
-        *per_config_cycle
-            .entry((run.config.clone(), run.cycle))
-            .or_default() += 1;
-        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
-        assert!(run.result_json.contains("\"n\""), "{run:?}");
-    }
-    assert_eq!(per_config_cycle.len(), expected);
-    assert!(
-        per_config_cycle.values().all(|n| *n == 1),
-        "every (config, cycle) recorded exactly once: {per_config_cycle:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_the_orchestrator_mid_campaign_loses_and_repeats_nothing() {
     let (local, mut client) = start_local(&[]).await;
     let log = local.dir.path().join("finished.log");
     let campaign = submit(&mut client, slow_campaign("crash", &log, 0.2, 1.5)).await;
     // A long run, so that it is still running when the old orchestrator dies.
-    let in_flight = a_run_in_flight(&mut client, &campaign.id, 3, "n=4").await;
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 3, "n=4", LIMIT).await;
     local.orchestrator.kill();
     let killed_at = std::time::SystemTime::now();
 
@@ -265,7 +205,7 @@ async fn restart_the_agent_mid_run(settings: &[&str]) -> (Campaign, Vec<Run>, St
     let (local, mut client) = start_local(settings).await;
     let log = local.dir.path().join("finished.log");
     let campaign = submit(&mut client, slow_campaign("agent-restart", &log, 0.2, 1.0)).await;
-    let in_flight = a_run_in_flight(&mut client, &campaign.id, 2, "n=4").await;
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 2, "n=4", LIMIT).await;
     // The new agent knows nothing of the old one's execs or environments.
     local.agent.kill();
     let _ = std::fs::remove_file(&local.socket);
@@ -307,7 +247,7 @@ async fn cancelling_a_campaign_kills_its_run_in_flight_on_the_agent() {
     let (local, mut client) = start_local(&[]).await;
     let log = local.dir.path().join("finished.log");
     let campaign = submit(&mut client, slow_campaign("cancel", &log, 1.5, 1.5)).await;
-    let in_flight = a_run_in_flight(&mut client, &campaign.id, 0, "n=1").await;
+    let in_flight = a_run_in_flight(&mut client, &campaign.id, 0, "n=1", LIMIT).await;
     client
         .cancel_campaign(CancelCampaignRequest {
             id: campaign.id.clone(),

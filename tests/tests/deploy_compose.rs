@@ -22,15 +22,31 @@ use berth_proto::embedding::v1::embedding_client::EmbeddingClient;
 use berth_proto::llmproxy::v1::ListModelsRequest as ProxyListModelsRequest;
 use berth_proto::llmproxy::v1::llm_proxy_client::LlmProxyClient;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{CampaignState, GetCampaignRequest, GetResultsRequest};
+use berth_proto::orchestrator::v1::{Campaign, GetCampaignRequest, GetResultsRequest};
 use berth_proto::power::v1::ListDevicesRequest;
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
 use berth_tests::compose::{
-    SERVICES, assert_grpc_services_answer, build_images_command, campaign_through_agent,
-    ensure_images as ensure_images_with, free_ports, leftovers, nofile_limit, run, text,
+    SERVICES, assert_grpc_services_answer, assert_succeeded, build_images_command,
+    campaign_through_agent, ensure_images as ensure_images_with, free_ports, leftovers,
+    nofile_limit, run, text,
 };
 use berth_tests::{Part, health, repo_root, require, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The campaign [`CAMPAIGN`] run through the project's agent, succeeded:
+/// the client and the ended campaign.
+async fn compose_campaign(project: &Project) -> (berth_tests::campaign::Client, Campaign) {
+    let (client, finished) = campaign_through_agent(
+        project.port("BERTH_PORT_ORCHESTRATOR"),
+        "compose-agent",
+        CAMPAIGN,
+        "compose.yaml",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_succeeded(&finished);
+    (client, finished)
+}
 
 /// Whether docker and docker-compose answer (else the test skips, or fails on CI).
 fn docker_present() -> bool {
@@ -279,21 +295,8 @@ async fn docker_compose_stack_runs_a_campaign_and_leaves_nothing_behind() {
 
     // The campaign: the orchestrator (uid 10001) dials the agent's 0600 socket (uid 10001)
     // through the shared volume; the runs are busybox commands inside the agent container.
-    let (mut client, finished) = campaign_through_agent(
-        project.port("BERTH_PORT_ORCHESTRATOR"),
-        "compose-agent",
-        CAMPAIGN,
-        "compose.yaml",
-        Duration::from_secs(120),
-    )
-    .await;
+    let (mut client, finished) = compose_campaign(&project).await;
     let counts = finished.runs.unwrap_or_default();
-    assert_eq!(
-        CampaignState::try_from(finished.state).unwrap(),
-        CampaignState::Succeeded,
-        "{}",
-        finished.status_message
-    );
     assert_eq!((counts.succeeded, counts.failed), (8, 0), "{counts:?}");
     let results = client
         .get_results(GetResultsRequest {
@@ -525,20 +528,7 @@ async fn docker_compose_monitoring_profile_scrapes_every_service() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    let (_client, finished) = campaign_through_agent(
-        project.port("BERTH_PORT_ORCHESTRATOR"),
-        "compose-agent",
-        CAMPAIGN,
-        "compose.yaml",
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(
-        CampaignState::try_from(finished.state).unwrap(),
-        CampaignState::Succeeded,
-        "{}",
-        finished.status_message
-    );
+    let (_client, _) = compose_campaign(&project).await;
     // The runs' transitions, as Prometheus scraped them after the campaign.
     let query = "/api/v1/query?query=sum(berth_orchestrator_run_transitions_total%7Bstate%3D%22succeeded%22%7D)";
     let deadline = Instant::now() + Duration::from_secs(60);

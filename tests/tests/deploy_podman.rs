@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_proto::orchestrator::v1::CampaignState;
 use berth_tests::compose::{
-    SERVICES, assert_grpc_services_answer, build_images_command, campaign_through_agent,
-    ensure_images as ensure_images_with, free_ports, leftovers, nofile_limit, run, text,
+    SERVICES, assert_grpc_services_answer, assert_succeeded, build_images_command,
+    campaign_through_agent, ensure_images as ensure_images_with, free_ports, leftovers,
+    nofile_limit, run, text,
 };
 use berth_tests::{Part, repo_root, require};
 
@@ -271,12 +271,7 @@ async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
         Duration::from_secs(90),
     )
     .await;
-    assert_eq!(
-        CampaignState::try_from(finished.state).unwrap(),
-        CampaignState::Succeeded,
-        "{}",
-        finished.status_message
-    );
+    assert_succeeded(&finished);
     assert_eq!(finished.runs.unwrap_or_default().succeeded, 2);
 
     let down = project.compose(&["down", "-v"]);

@@ -10,19 +10,21 @@
 //! the setting named and the password hidden; and a SQLite store's state
 //! copied into PostgreSQL (`berth-orchestrator store copy`).
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::error::has_reason;
-use berth_tests::campaign::{Client, get_campaign, runs_of, submit, wait_ended};
+use berth_tests::campaign::{
+    Client, a_run_in_flight, assert_each_recorded_once, get_campaign, hosts_of, results_of,
+    runs_of, slow_campaign, submit, wait_ended,
+};
 use berth_tests::postgres::require_postgres;
 use berth_tests::{
-    Process, bin, free_port, register_local_agent, repo_root, start_agent, start_replay_sampler,
-    wait_for,
+    Process, bin, free_port, register_local_agent, register_measured_host, start_agent,
+    start_llm_inference_sampler, wait_for,
 };
 
 /// The reason (`berth-error-code`) a follower gives a write: the wire
@@ -40,42 +42,89 @@ async fn connect(port: u16) -> Client {
     OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await)
 }
 
-/// 4 configs × 3 cycles; the runs of `n=4` take 1.5 s, the others 0.2 s,
-/// and each appends its id to `log` when it finishes.
-fn slow_campaign(log: &Path) -> String {
-    r#"name: on-postgres
-backends: [{name: b, runtime: process}]
-grid: {params: {n: [1, 2, 3, 4]}}
-cycles: 3
-run:
-  command:
-    - sh
-    - -c
-    - |
-      if [ {{n}} = 4 ]; then sleep 1.5; else sleep 0.2; fi
-      echo {{run_id}} >> LOG
-      echo '{"n": {{n}}}'
-"#
-    .replace("LOG", &log.display().to_string())
+/// An agent listening on a socket in a new directory: the directory, the
+/// socket, the agent.
+fn agent_in_tempdir() -> (tempfile::TempDir, PathBuf, Process) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent = start_agent(&socket);
+    (dir, socket, agent)
 }
 
-/// Waits until 3 runs succeeded and a run of `n=4` is running; that one.
-async fn a_run_in_flight(client: &mut Client, campaign_id: &str) -> Run {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let runs = runs_of(client, campaign_id).await;
-        let succeeded = runs
-            .iter()
-            .filter(|r| r.state == RunState::Succeeded as i32)
-            .count();
-        let running = runs
-            .iter()
-            .find(|r| r.state == RunState::Running as i32 && r.config == "n=4");
-        if let Some(running) = running.filter(|_| succeeded >= 3) {
-            return running.clone();
-        }
-        assert!(Instant::now() < deadline, "no run in flight: {runs:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// The agent on `socket` registered, the campaign of 12 runs (the runs of
+/// `n=4` take 1.5 s, the others 0.2 s; each appends its id to the log in
+/// `dir` when it finishes) submitted, and waited on until 3 runs succeeded
+/// and a run of `n=4` is running: the campaign, that run, the log.
+async fn a_campaign_in_flight(
+    client: &mut Client,
+    socket: &Path,
+    dir: &Path,
+) -> (Campaign, Run, PathBuf) {
+    register_local_agent(client, socket).await;
+    let log = dir.join("finished.log");
+    let campaign = submit(client, &slow_campaign("on-postgres", &log, 0.2, 1.5)).await;
+    let in_flight = a_run_in_flight(client, &campaign.id, 3, "n=4", LIMIT).await;
+    (campaign, in_flight, log)
+}
+
+/// An agent and an orchestrator on the database at `url`, with the
+/// campaign of [`a_campaign_in_flight`] in flight.
+struct InFlight {
+    _dir: tempfile::TempDir,
+    _agent: Process,
+    orchestrator: Process,
+    port: u16,
+    client: Client,
+    campaign: Campaign,
+    in_flight: Run,
+    log: PathBuf,
+}
+
+async fn in_flight_on(url: &str) -> InFlight {
+    let (dir, socket, agent) = agent_in_tempdir();
+    let port = free_port();
+    let orchestrator = start_orchestrator(dir.path(), port, url);
+    let mut client = connect(port).await;
+    let (campaign, in_flight, log) = a_campaign_in_flight(&mut client, &socket, dir.path()).await;
+    InFlight {
+        _dir: dir,
+        _agent: agent,
+        orchestrator,
+        port,
+        client,
+        campaign,
+        in_flight,
+        log,
+    }
+}
+
+/// Two orchestrators on the database at `url`: the first (in `dir`) up
+/// before the second starts, so that it leads.
+struct LeaderAndFollower {
+    leader: Process,
+    leader_port: u16,
+    leader_client: Client,
+    _follower: Process,
+    _follower_dir: tempfile::TempDir,
+    follower_port: u16,
+    follower_client: Client,
+}
+
+async fn leader_and_follower(dir: &Path, url: &str) -> LeaderAndFollower {
+    let (leader_port, follower_port) = (free_port(), free_port());
+    let leader = start_orchestrator(dir, leader_port, url);
+    let leader_client = connect(leader_port).await;
+    let follower_dir = tempfile::tempdir().unwrap();
+    let follower = start_orchestrator(follower_dir.path(), follower_port, url);
+    let follower_client = connect(follower_port).await;
+    LeaderAndFollower {
+        leader,
+        leader_port,
+        leader_client,
+        _follower: follower,
+        _follower_dir: follower_dir,
+        follower_port,
+        follower_client,
     }
 }
 
@@ -84,16 +133,16 @@ async fn kill_9_of_an_orchestrator_on_postgres_mid_campaign_loses_and_repeats_no
     let Some(postgres) = require_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let orchestrator = start_orchestrator(dir.path(), port, &postgres.url());
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
-    let log = dir.path().join("finished.log");
-    let campaign = submit(&mut client, &slow_campaign(&log)).await;
-    let in_flight = a_run_in_flight(&mut client, &campaign.id).await;
+    let InFlight {
+        _dir,
+        _agent,
+        orchestrator,
+        port,
+        client: _,
+        campaign,
+        in_flight,
+        log,
+    } = in_flight_on(&postgres.url()).await;
     orchestrator.kill();
 
     // On the same database, with no file of its own to resume from.
@@ -117,16 +166,7 @@ async fn assert_every_run_recorded_once(
     let counts = done.runs.unwrap();
     assert_eq!((counts.succeeded, counts.total), (12, 12), "{counts:?}");
     let runs = runs_of(client, campaign_id).await;
-    let mut per_config_cycle: BTreeMap<(String, u32), usize> = BTreeMap::new();
-    for run in &runs {
-        *per_config_cycle
-            .entry((run.config.clone(), run.cycle))
-            .or_default() += 1;
-        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
-        assert!(run.result_json.contains("\"n\""), "{run:?}");
-    }
-    assert_eq!(per_config_cycle.len(), 12, "{per_config_cycle:?}");
-    assert!(per_config_cycle.values().all(|n| *n == 1));
+    assert_each_recorded_once(&runs, 12);
     let adopted = runs.iter().find(|r| r.id == in_flight.id).unwrap();
     assert_eq!(
         adopted.attempts, 1,
@@ -145,19 +185,17 @@ async fn kill_9_of_the_leader_of_two_orchestrators_the_follower_takes_over_withi
     let Some(postgres) = require_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let (leader_port, follower_port) = (free_port(), free_port());
-    let leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
-    let mut client = connect(leader_port).await;
-    let follower_dir = tempfile::tempdir().unwrap();
-    let _follower = start_orchestrator(follower_dir.path(), follower_port, &postgres.url());
-    register_local_agent(&mut client, &socket).await;
-    let log = dir.path().join("finished.log");
-    let campaign = submit(&mut client, &slow_campaign(&log)).await;
-    let in_flight = a_run_in_flight(&mut client, &campaign.id).await;
-    let mut follower = connect(follower_port).await;
+    let (dir, socket, _agent) = agent_in_tempdir();
+    let LeaderAndFollower {
+        leader,
+        leader_port,
+        leader_client: mut client,
+        _follower,
+        _follower_dir,
+        follower_port,
+        follower_client: mut follower,
+    } = leader_and_follower(dir.path(), &postgres.url()).await;
+    let (campaign, in_flight, log) = a_campaign_in_flight(&mut client, &socket, dir.path()).await;
     assert!(
         !leads(&mut follower).await,
         "the second orchestrator follows"
@@ -227,15 +265,13 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
     let Some(postgres) = require_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let (leader_port, follower_port) = (free_port(), free_port());
-    let _leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
-    let mut leader = connect(leader_port).await;
-    let follower_dir = tempfile::tempdir().unwrap();
-    let _follower = start_orchestrator(follower_dir.path(), follower_port, &postgres.url());
-    let mut follower = connect(follower_port).await;
+    let (dir, socket, _agent) = agent_in_tempdir();
+    let orchestrators = leader_and_follower(dir.path(), &postgres.url()).await;
+    let (leader_port, mut leader) = (
+        orchestrators.leader_port,
+        orchestrators.leader_client.clone(),
+    );
+    let mut follower = orchestrators.follower_client.clone();
 
     // Writes: refused, naming the leader; nothing done.
     let refused = refused_as_follower(&mut follower).await;
@@ -259,7 +295,7 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
 
     register_local_agent(&mut leader, &socket).await;
     let log = dir.path().join("finished.log");
-    let campaign = submit(&mut leader, &slow_campaign(&log)).await;
+    let campaign = submit(&mut leader, &slow_campaign("on-postgres", &log, 0.2, 1.5)).await;
     let watch_started = Instant::now();
     let mut watch = follower
         .watch_campaign(WatchCampaignRequest {
@@ -270,7 +306,7 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
         .into_inner();
 
     // Reads during the run, from the follower.
-    let in_flight = a_run_in_flight(&mut follower, &campaign.id).await;
+    let in_flight = a_run_in_flight(&mut follower, &campaign.id, 3, "n=4", LIMIT).await;
     assert_eq!(in_flight.campaign_id, campaign.id);
     let listed = follower
         .list_campaigns(ListCampaignsRequest::default())
@@ -284,12 +320,7 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
             .any(|c| c.id == campaign.id && c.state == CampaignState::Running as i32),
         "{listed:?}"
     );
-    let hosts = follower
-        .list_hosts(ListHostsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .hosts;
+    let hosts = hosts_of(&mut follower).await;
     assert_eq!(hosts.len(), 1, "{hosts:?}");
     assert!(
         hosts[0]
@@ -323,27 +354,14 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
     );
     assert_eq!(succeeded_seen.last(), Some(&12));
     assert_every_run_recorded_once(&mut follower, &campaign.id, &in_flight, &log).await;
-    let results = follower
-        .get_results(GetResultsRequest {
-            id: campaign.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let results = results_of(&mut follower, &campaign.id).await;
     assert_eq!(
         results.campaign.unwrap().state,
         CampaignState::Succeeded as i32
     );
 
     // A deployment of the leader's, watched on the follower to its end.
-    leader
-        .deploy(DeployRequest {
-            recipe_yaml: CRASHING_RECIPE.into(),
-            source_name: "crashing.yaml".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deploy_crashing(&mut leader).await;
     let mut watch = follower
         .watch_deployment(WatchDeploymentRequest {
             name: "crashing".into(),
@@ -382,24 +400,35 @@ async fn a_follower_serves_reads_and_watches_from_the_store_and_refuses_writes_n
 const CRASHING_RECIPE: &str = "name: crashing\nruntime: process\ncommand: [sh, -c, 'exit 3']\n\
                                restart:\n  max_restarts: 1\n  backoff: 100ms\n";
 
+/// Deploys `crashing` ([`CRASHING_RECIPE`]).
+async fn deploy_crashing(client: &mut Client) {
+    client
+        .deploy(DeployRequest {
+            recipe_yaml: CRASHING_RECIPE.into(),
+            source_name: "crashing.yaml".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Deploy");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_given_a_follower_then_the_leader_submits_and_watches_a_campaign_to_its_end() {
     let Some(postgres) = require_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let (leader_port, follower_port) = (free_port(), free_port());
-    let _leader = start_orchestrator(dir.path(), leader_port, &postgres.url());
-    let mut leader = connect(leader_port).await;
-    let follower_dir = tempfile::tempdir().unwrap();
-    let _follower = start_orchestrator(follower_dir.path(), follower_port, &postgres.url());
-    let mut follower = connect(follower_port).await;
+    let (dir, socket, _agent) = agent_in_tempdir();
+    let orchestrators = leader_and_follower(dir.path(), &postgres.url()).await;
+    let (leader_port, follower_port) = (orchestrators.leader_port, orchestrators.follower_port);
+    let (mut leader, mut follower) = (
+        orchestrators.leader_client.clone(),
+        orchestrators.follower_client.clone(),
+    );
     assert!(!leads(&mut follower).await);
     register_local_agent(&mut leader, &socket).await;
     let manifest = dir.path().join("campaign.yaml");
-    std::fs::write(&manifest, slow_campaign(&dir.path().join("finished.log"))).unwrap();
+    let log = dir.path().join("finished.log");
+    std::fs::write(&manifest, slow_campaign("on-postgres", &log, 0.2, 1.5)).unwrap();
 
     let both = format!("http://127.0.0.1:{follower_port},http://127.0.0.1:{leader_port}");
     let output = Command::new(bin("berth"))
@@ -465,21 +494,12 @@ async fn the_database_restarted_mid_campaign_the_orchestrator_reconnects_and_con
     let Some(postgres) = require_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = start_agent(&socket);
-    let port = free_port();
-    let _orchestrator = start_orchestrator(dir.path(), port, &postgres.url());
-    let mut client = connect(port).await;
-    register_local_agent(&mut client, &socket).await;
-    let log = dir.path().join("finished.log");
-    let campaign = submit(&mut client, &slow_campaign(&log)).await;
-    let in_flight = a_run_in_flight(&mut client, &campaign.id).await;
+    let mut on = in_flight_on(&postgres.url()).await;
     // A fast shutdown ends every session; back within the leader lease.
     postgres.stop().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     postgres.start_server().unwrap();
-    assert_every_run_recorded_once(&mut client, &campaign.id, &in_flight, &log).await;
+    assert_every_run_recorded_once(&mut on.client, &on.campaign.id, &on.in_flight, &on.log).await;
 }
 
 /// What an orchestrator shows of campaign `id` and of the rest of its
@@ -512,12 +532,8 @@ async fn shown_state(
         assert!(page.next_page_token.is_empty(), "a series of one page");
         series.push(page.samples);
     }
-    let hosts = client
-        .list_hosts(ListHostsRequest::default())
+    let hosts = hosts_of(client)
         .await
-        .unwrap()
-        .into_inner()
-        .hosts
         .into_iter()
         .map(|h| (h.name, h.address, h.power_sampler))
         .collect();
@@ -554,25 +570,13 @@ async fn store_copy_moves_a_sqlite_state_into_an_empty_database_and_refuses_a_fu
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(
-        dir.path(),
-        &repo_root().join("examples/power/llm-inference.csv"),
-    )
-    .await;
+    let (_sampler, sampler_port) = start_llm_inference_sampler(dir.path()).await;
     let socket = dir.path().join("agent.sock");
     let _agent = start_agent(&socket);
     let sqlite_port = free_port();
     let on_sqlite = berth_tests::start_orchestrator(dir.path(), sqlite_port, &[]);
     let mut client = connect(sqlite_port).await;
-    client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    register_measured_host(&mut client, "local", &socket, sampler_port).await;
     let campaign = submit(
         &mut client,
         "name: measured\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: short}, {name: long}]\n\
@@ -582,14 +586,7 @@ async fn store_copy_moves_a_sqlite_state_into_an_empty_database_and_refuses_a_fu
     .await;
     let done = wait_ended(&mut client, &campaign.id, LIMIT).await;
     assert_eq!(done.state, CampaignState::Succeeded as i32, "{done:?}");
-    client
-        .deploy(DeployRequest {
-            recipe_yaml: CRASHING_RECIPE.into(),
-            source_name: "crashing.yaml".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deploy_crashing(&mut client).await;
     let deadline = Instant::now() + LIMIT;
     loop {
         let (.., deployment) = shown_state(&mut client, &campaign.id, "crashing").await;
@@ -637,7 +634,11 @@ async fn store_copy_moves_a_sqlite_state_into_an_empty_database_and_refuses_a_fu
     assert_eq!(before.3, after.3, "the hosts");
     assert_eq!(before.4, after.4, "the deployment");
     // Numbers go on after the copied ones.
-    let next = submit(&mut client, &slow_campaign(&dir.path().join("next.log"))).await;
+    let next = submit(
+        &mut client,
+        &slow_campaign("on-postgres", &dir.path().join("next.log"), 0.2, 1.5),
+    )
+    .await;
     let listed = client
         .list_campaigns(ListCampaignsRequest::default())
         .await

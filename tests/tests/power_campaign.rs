@@ -8,10 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::client::AuthChannel;
-use berth_tests::campaign::{wait_campaign, wait_succeeded};
+use berth_tests::campaign::{results_of, submit, wait_campaign, wait_succeeded};
 use berth_tests::{
-    Process, bin, free_port, repo_root, start_agent, start_agent_with, start_replay_sampler,
-    wait_for,
+    Process, bin, free_port, register_measured_host, repo_root, start_agent, start_agent_with,
+    start_llm_inference_sampler, start_replay_sampler, wait_for,
 };
 
 /// Every stored sample of a run, `page_size` at a time, checking each page's bound.
@@ -106,15 +106,7 @@ impl MeasuringHost {
         let socket = dir.path().join("agent.sock");
         let agent = start_agent(&socket);
         let (orchestrator, port, mut client) = start_orchestrator(dir.path()).await;
-        client
-            .register_host(RegisterHostRequest {
-                name: "local".into(),
-                address: format!("unix://{}", socket.display()),
-                power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        register_measured_host(&mut client, "local", &socket, sampler_port).await;
         Self {
             _dir: dir,
             _sampler: sampler,
@@ -125,18 +117,15 @@ impl MeasuringHost {
         }
     }
 
+    /// One whose sampler replays examples/power/llm-inference.csv.
+    async fn replaying_llm_inference() -> Self {
+        Self::start(|_| repo_root().join("examples/power/llm-inference.csv")).await
+    }
+
     /// Submits `manifest`, waits for its `runs` to succeed; the campaign id
     /// and its runs.
     async fn run_to_end(&mut self, manifest: String, runs: u64) -> (String, Vec<Run>) {
-        let campaign = self
-            .client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: manifest,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let campaign = submit(&mut self.client, &manifest).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         wait_succeeded(&mut self.client, &campaign.id, runs, deadline).await;
         let runs = self
@@ -156,11 +145,7 @@ impl MeasuringHost {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(
-        dir.path(),
-        &repo_root().join("examples/power/llm-inference.csv"),
-    )
-    .await;
+    let (_sampler, sampler_port) = start_llm_inference_sampler(dir.path()).await;
 
     let socket = dir.path().join("agent.sock");
     let _agent = start_agent(&socket);
@@ -177,14 +162,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .unwrap();
     let manifest = "name: energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: short}, {name: long}]\ncycles: 2\n\
                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\npower: {enabled: true, rate_hz: 200, work_metric: ok}\n";
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let campaign = submit(&mut client, manifest).await;
     let now = wait_campaign(
         &mut client,
         &campaign.id,
@@ -195,15 +173,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
     .await;
     assert_eq!(now.state, CampaignState::Pending as i32);
 
-    client
-        .register_host(RegisterHostRequest {
-            name: "no-sampler".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    register_measured_host(&mut client, "no-sampler", &socket, sampler_port).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     wait_succeeded(&mut client, &campaign.id, 4, deadline).await;
     let runs = client
@@ -318,11 +288,7 @@ async fn every_measured_run_records_its_energy_and_results_aggregate_it() {
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 
-    let results = client
-        .get_results(GetResultsRequest { id: campaign.id })
-        .await
-        .unwrap()
-        .into_inner();
+    let results = results_of(&mut client, &campaign.id).await;
     let campaign = results.campaign.as_ref().expect("the campaign");
     assert_eq!(campaign.work_metric, "ok", "stored at submit");
     for row in &results.results {
@@ -367,11 +333,7 @@ fn overlap(a: &Run, b: &Run) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_measures_power_has_its_gpus_to_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let (_sampler, sampler_port) = start_replay_sampler(
-        dir.path(),
-        &repo_root().join("examples/power/llm-inference.csv"),
-    )
-    .await;
+    let (_sampler, sampler_port) = start_llm_inference_sampler(dir.path()).await;
     let socket = dir.path().join("agent.sock");
     let agent_config = dir.path().join("agent.toml");
     std::fs::write(
@@ -383,16 +345,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
     let _agent = start_agent_with(&socket, &["--config", agent_config.to_str().unwrap()]);
     wait_for(&format!("unix://{}", socket.display())).await;
     let (_orchestrator, _, mut client) = start_orchestrator(dir.path()).await;
-    let host = client
-        .register_host(RegisterHostRequest {
-            name: "gpu-host".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let host = register_measured_host(&mut client, "gpu-host", &socket, sampler_port).await;
     assert_eq!(host.gpu_count, 2, "{host:?}");
     assert_eq!(
         host.gpus
@@ -414,14 +367,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
         ("measuring", true),
         ("sharing-2", false),
     ] {
-        let submitted = client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: campaign(name, power),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let submitted = submit(&mut client, &campaign(name, power)).await;
         ids.push(submitted.id);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -468,8 +414,7 @@ async fn a_run_that_measures_power_has_its_gpus_to_itself() {
 /// time gives each device a steady-state figure.
 #[tokio::test(flavor = "multi_thread")]
 async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported() {
-    let mut host =
-        MeasuringHost::start(|_| repo_root().join("examples/power/llm-inference.csv")).await;
+    let mut host = MeasuringHost::replaying_llm_inference().await;
     let manifest = "name: net-energy\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 2\n\
                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 2}''']}\n\
                     power: {enabled: true, rate_hz: 200, work_metric: ok, idle_baseline: 200ms,\n\
@@ -508,14 +453,7 @@ async fn net_energy_above_the_idle_baseline_is_recorded_aggregated_and_exported(
         assert!(net < run.energy_j.unwrap(), "net below gross: {run:?}");
         assert_eq!(run.joules_per_unit_net, Some(net / 2.0), "{run:?}");
     }
-    let results = host
-        .client
-        .get_results(GetResultsRequest {
-            id: campaign_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let results = results_of(&mut host.client, &campaign_id).await;
     let row = &results.results[0];
     for name in [
         "energy_j",
@@ -642,14 +580,7 @@ async fn each_run_records_its_provenance_and_differences_between_hosts_are_flagg
                     backends:\n  - {name: a, runtime: process, placement: {host: host-a}}\n  \
                     - {name: b, runtime: process, placement: {host: host-b}}\n\
                     configs: [{name: c}]\ncycles: 2\nrun: {command: [sh, -c, 'echo {\"ok\": 1}']}\n";
-    let campaign = client
-        .submit_campaign(SubmitCampaignRequest {
-            manifest_yaml: manifest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let campaign = submit(&mut client, manifest).await;
     wait_succeeded(
         &mut client,
         &campaign.id,
@@ -689,13 +620,7 @@ async fn each_run_records_its_provenance_and_differences_between_hosts_are_flagg
             provenance.unknown
         );
     }
-    let results = client
-        .get_results(GetResultsRequest {
-            id: campaign.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let results = results_of(&mut client, &campaign.id).await;
     assert_eq!(
         results.provenance_differences,
         ["gpus[0].name: declared GPU A on host-a (2 runs), declared GPU B on host-b (2 runs)"]
@@ -736,8 +661,7 @@ async fn each_run_records_its_provenance_and_differences_between_hosts_are_flagg
 /// idle power it subtracted and how old it was), so they do not wait for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_s_idle_baseline_is_measured_once_and_reused_within_its_period() {
-    let mut host =
-        MeasuringHost::start(|_| repo_root().join("examples/power/llm-inference.csv")).await;
+    let mut host = MeasuringHost::replaying_llm_inference().await;
     let manifest = "name: host-baseline\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: one}]\ncycles: 3\n\
                     run: {command: [sh, -c, 'sleep 0.2; echo ''{\"ok\": 1}''']}\n\
                     power: {enabled: true, rate_hz: 200, idle_baseline: 600ms, idle_baseline_every: 1h}\n";

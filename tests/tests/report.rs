@@ -14,8 +14,8 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_tests::campaign::{Client, submit, wait_campaign, wait_ended, wait_succeeded};
 use berth_tests::{
-    Part, Process, bin, free_port, http_get, repo_root, require_part, start_agent,
-    start_orchestrator, start_replay_sampler, wait_for,
+    Part, Process, bin, free_port, http_get, register_measured_host, require_part, start_agent,
+    start_llm_inference_sampler, start_orchestrator, wait_for,
 };
 
 /// An orchestrator with one agent registered as `local` (with the replay
@@ -30,11 +30,7 @@ struct Stack {
 
 async fn stack() -> Stack {
     let dir = tempfile::tempdir().unwrap();
-    let (sampler, sampler_port) = start_replay_sampler(
-        dir.path(),
-        &repo_root().join("examples/power/llm-inference.csv"),
-    )
-    .await;
+    let (sampler, sampler_port) = start_llm_inference_sampler(dir.path()).await;
     let socket = dir.path().join("agent.sock");
     let agent = start_agent(&socket);
     let port = free_port();
@@ -43,15 +39,7 @@ async fn stack() -> Stack {
         start_orchestrator(dir.path(), port, &[&format!("server.http_listen={http}")]);
     let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
     wait_for(&format!("unix://{}", socket.display())).await;
-    client
-        .register_host(RegisterHostRequest {
-            name: "local".into(),
-            address: format!("unix://{}", socket.display()),
-            power_sampler: format!("http://127.0.0.1:{sampler_port}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    register_measured_host(&mut client, "local", &socket, sampler_port).await;
     Stack {
         client,
         port,

@@ -191,19 +191,6 @@ async fn assert_allocation_released(cluster: &Cluster, job: &str) {
     }
 }
 
-/// A run of campaign `id` in flight (Running), polled for up to a minute.
-async fn a_run_in_flight(client: &mut Client, id: &str) -> Run {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let runs = berth_tests::campaign::runs_of(client, id).await;
-        if let Some(running) = runs.iter().find(|r| r.state == RunState::Running as i32) {
-            return running.clone();
-        }
-        assert!(Instant::now() < deadline, "no run started: {runs:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
     let Some(mut host) = SlurmHost::start().await else {
@@ -239,7 +226,7 @@ async fn the_allocation_outlives_a_killed_agent_and_is_adopted() {
         return;
     };
     let campaign = host.submit("agent-killed", "1, 2", 3, "1").await;
-    a_run_in_flight(&mut host.client, &campaign.id).await;
+    in_flight(&mut host.client, &campaign.id).await;
     let before = host.cluster.jobs();
     assert_eq!(before.len(), 1, "{before:?}");
     host.kill_and_restart_agent().await;
@@ -270,7 +257,7 @@ async fn the_allocation_outlives_a_killed_orchestrator_and_is_adopted() {
         return;
     };
     let campaign = host.submit("orchestrator-killed", "1, 2", 3, "1.5").await;
-    let in_flight = a_run_in_flight(&mut host.client, &campaign.id).await;
+    let in_flight = in_flight(&mut host.client, &campaign.id).await;
     let before = host.cluster.jobs();
     assert_eq!(before.len(), 1, "{before:?}");
     host.kill_and_restart_orchestrator().await;
@@ -297,23 +284,19 @@ async fn the_allocation_outlives_a_killed_orchestrator_and_is_adopted() {
     assert_allocation_released(&host.cluster, &job).await;
 }
 
-/// The one host as ListHosts shows it.
-async fn the_host(client: &mut Client) -> Host {
-    let hosts = client
-        .list_hosts(ListHostsRequest::default())
-        .await
-        .expect("ListHosts")
-        .into_inner()
-        .hosts;
-    assert_eq!(hosts.len(), 1, "{hosts:?}");
-    hosts.into_iter().next().unwrap()
+/// The first run of a campaign of [`manifest`] (`n=1` of its first
+/// cycle) while it runs.
+async fn in_flight(client: &mut Client, id: &str) -> Run {
+    berth_tests::campaign::a_run_in_flight(client, id, 0, "n=1", Duration::from_secs(60)).await
 }
 
 /// Polls the host until `done` holds (`what` names it for the panic).
 async fn wait_host(client: &mut Client, what: &str, done: impl Fn(&Host) -> bool) -> Host {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let host = the_host(client).await;
+        let hosts = berth_tests::campaign::hosts_of(client).await;
+        assert_eq!(hosts.len(), 1, "{hosts:?}");
+        let host = hosts.into_iter().next().unwrap();
         if done(&host) {
             return host;
         }
@@ -336,7 +319,7 @@ async fn runs_wait_while_slurmrestd_is_down_and_the_host_is_degraded() {
         return;
     };
     let campaign = host.submit("rest-down", "1, 2", 3, "1").await;
-    a_run_in_flight(&mut host.client, &campaign.id).await;
+    in_flight(&mut host.client, &campaign.id).await;
     let before = host.cluster.jobs();
     assert_eq!(before.len(), 1, "{before:?}");
     host.cluster.stop_rest();
@@ -379,15 +362,9 @@ async fn runs_wait_while_slurmrestd_is_down_and_the_host_is_degraded() {
         h.status == HostStatus::Ready as i32 && h.status_message.is_empty()
     })
     .await;
-    berth_tests::campaign::wait_ended(&mut host.client, &campaign.id, Duration::from_secs(180))
-        .await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 6, deadline).await;
     let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
-    for r in &runs {
-        eprintln!(
-            "DEBUG {} {} attempts {} err {}",
-            r.id, r.state, r.attempts, r.error
-        );
-    }
     let job = assert_runs_were_steps_of_one_job(&runs, 6);
     assert!(runs.iter().all(|r| r.attempts <= 2), "{runs:?}");
     host.assert_each_run_ran_once(&runs);
@@ -397,4 +374,155 @@ async fn runs_wait_while_slurmrestd_is_down_and_the_host_is_degraded() {
     );
     assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
     assert_allocation_released(&host.cluster, &job).await;
+}
+
+/// The middle of `samples` (sorted here).
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+/// Waits until job `id` holds no resources any more (cancelled, ended), so
+/// that the next job measured does not wait for them.
+async fn wait_job_released(cluster: &Cluster, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(
+        cluster.job_state(id).as_str(),
+        "PENDING" | "RUNNING" | "COMPLETING"
+    ) {
+        assert!(Instant::now() < deadline, "job {id} never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// docs/benchmarks.md, "SLURM runtime": the time from asking to a running
+/// job, through berth's agent (CreateWorkload submits it held,
+/// StartWorkload releases it and answers once it runs) and through plain
+/// `sbatch` of the same job (squeue polled every 10 ms until it leaves
+/// PENDING), alternated on the same cluster; then a sweep of short runs as
+/// steps of one allocation through the orchestrator. Run with
+/// `cargo test --release -p berth-tests --test slurm -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: prints its figures"]
+async fn bench_submission_through_berth_vs_sbatch_and_sweep_throughput() {
+    const JOBS: usize = 15;
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let socket = host.dir.path().join("agent.sock");
+    let mut agent = berth_proto::agent::v1::container_agent_client::ContainerAgentClient::new(
+        wait_for(&format!("unix://{}", socket.display())).await,
+    );
+    let spec = berth_proto::common::v1::WorkloadSpec {
+        runtime: berth_proto::common::v1::Runtime::Slurm as i32,
+        command: vec!["sleep".into(), "600".into()],
+        resources: Some(berth_proto::common::v1::Resources {
+            cpu_limit: 1.0,
+            memory_limit_bytes: 100 << 20,
+            ..Default::default()
+        }),
+        slurm: Some(berth_proto::common::v1::SlurmSpec {
+            partition: slurm::PARTITION.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Asked to submitted (the answer with the job id), and to running.
+    let (mut berth_submitted, mut sbatch_submitted) = (Vec::new(), Vec::new());
+    let (mut through_berth, mut through_sbatch) = (Vec::new(), Vec::new());
+    for i in 0..JOBS {
+        let asked = Instant::now();
+        let created = agent
+            .create_workload(berth_proto::agent::v1::CreateWorkloadRequest {
+                name: format!("bench-{i}"),
+                spec: Some(spec.clone()),
+            })
+            .await
+            .expect("CreateWorkload")
+            .into_inner();
+        berth_submitted.push(asked.elapsed());
+        let started = agent
+            .start_workload(berth_proto::agent::v1::WorkloadRef {
+                id: created.id.clone(),
+            })
+            .await
+            .expect("StartWorkload")
+            .into_inner();
+        through_berth.push(asked.elapsed());
+        assert_eq!(
+            started.state,
+            berth_proto::agent::v1::WorkloadState::Running as i32,
+            "{started:?}"
+        );
+        agent
+            .remove_workload(berth_proto::agent::v1::RemoveWorkloadRequest {
+                id: created.id.clone(),
+                force: true,
+            })
+            .await
+            .expect("RemoveWorkload");
+        wait_job_released(&host.cluster, created.id.trim_start_matches("slurm-")).await;
+
+        let asked = Instant::now();
+        let job = host
+            .cluster
+            .client(
+                "sbatch",
+                &[
+                    "--parsable",
+                    &format!("--partition={}", slurm::PARTITION),
+                    "--cpus-per-task=1",
+                    "--mem=100M",
+                    "--output=/dev/null",
+                    "--wrap=sleep 600",
+                ],
+            )
+            .expect("sbatch");
+        sbatch_submitted.push(asked.elapsed());
+        while host.cluster.job_state(&job) == "PENDING" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        through_sbatch.push(asked.elapsed());
+        host.cluster.client("scancel", &[&job]).expect("scancel");
+        wait_job_released(&host.cluster, &job).await;
+    }
+    let ms = |samples: &mut Vec<Duration>| median(samples).as_secs_f64() * 1e3;
+    eprintln!(
+        "medians of {JOBS}: submitted: berth CreateWorkload (held) {:.0} ms, sbatch {:.0} ms; \
+         running: berth CreateWorkload + StartWorkload {:.0} ms, sbatch + squeue {:.0} ms",
+        ms(&mut berth_submitted),
+        ms(&mut sbatch_submitted),
+        ms(&mut through_berth),
+        ms(&mut through_sbatch)
+    );
+
+    // 10 configurations × 10 cycles, each run a step that prints a line.
+    const SWEEP_RUNS: u64 = 100;
+    let submitted = Instant::now();
+    let campaign = host
+        .submit("sweep", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10", 10, "0")
+        .await;
+    let deadline = submitted + Duration::from_secs(600);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, SWEEP_RUNS, deadline)
+        .await;
+    let wall = submitted.elapsed();
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    let first_started = runs
+        .iter()
+        .filter_map(|r| std::time::SystemTime::try_from(r.started_at?).ok())
+        .min()
+        .unwrap();
+    let last_finished = runs
+        .iter()
+        .filter_map(|r| std::time::SystemTime::try_from(r.finished_at?).ok())
+        .max()
+        .unwrap();
+    let steady = last_finished.duration_since(first_started).unwrap();
+    eprintln!(
+        "sweep of {SWEEP_RUNS} runs as steps of one allocation: {:.1} s from submit ({:.1} runs/s), \
+         {:.1} runs/s from the first run's start to the last's end",
+        wall.as_secs_f64(),
+        SWEEP_RUNS as f64 / wall.as_secs_f64(),
+        SWEEP_RUNS as f64 / steady.as_secs_f64()
+    );
 }

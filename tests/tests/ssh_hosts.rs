@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
-use berth_tests::campaign::{assert_no_campaigns, refused_at_submit, wait_succeeded};
+use berth_tests::campaign::{
+    assert_no_campaigns, hosts_of, refused_at_submit, submit, wait_succeeded,
+};
 use berth_tests::{Part, Process, free_port, register_local_agent, require_part, wait_for};
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -176,14 +178,7 @@ async fn campaign_runs_on_an_agent_behind_ssh_and_a_wrong_host_key_is_refused() 
         );
         let manifest = "name: ssh\nbackends: [{name: b, runtime: process}]\nconfigs: [{name: a}, {name: c}]\ncycles: 2\n\
                         run: {command: [sh, -c, 'echo {\"ok\": 1}']}\n";
-        let campaign = client
-            .submit_campaign(SubmitCampaignRequest {
-                manifest_yaml: manifest.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let campaign = submit(&mut client, manifest).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         wait_succeeded(&mut client, &campaign.id, 4, deadline).await;
         // A clean stop closes the tunnel (its ssh is killed with it).
@@ -245,12 +240,8 @@ async fn a_wrong_agent_token_is_named_in_the_host_status() {
     assert_eq!(host.status, HostStatus::Unreachable as i32, "{host:?}");
     for message in [
         host.status_message.clone(),
-        client
-            .list_hosts(ListHostsRequest::default())
+        hosts_of(&mut client)
             .await
-            .unwrap()
-            .into_inner()
-            .hosts
             .into_iter()
             .find(|h| h.name == "tcp-01")
             .expect("listed")

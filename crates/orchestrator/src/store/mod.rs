@@ -3,6 +3,7 @@
 //! transitions are compare-and-set, so replaying one after a crash cannot
 //! record a result twice.
 
+mod codec;
 pub mod deployments;
 pub mod postgres;
 pub mod sqlite;

@@ -89,12 +89,20 @@ pub fn start(
             command: program.clone(),
             reason: e.to_string(),
         })?;
-    std::fs::write(dir.join("pid"), child.id().to_string()).map_err(io)?;
+    // The shell's pid and start time: what tells it from a later process
+    // given the same pid, from the fork on (its command line is empty, then
+    // the agent's, until its exec is through).
+    let pid = child.id();
+    let started = start_time(pid);
     // Reaped by a thread, so it leaves no zombie while the agent lives.
     std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();
     });
+    let started = started.ok_or_else(|| {
+        AgentError::Internal(format!("the exec's shell (pid {pid}) ended as it started"))
+    })?;
+    std::fs::write(dir.join("pid"), format!("{pid} {started}")).map_err(io)?;
     Ok(follow(clients, dir, job_id, step_name, permit))
 }
 
@@ -207,20 +215,29 @@ fn read_exit(dir: &Path) -> Option<i32> {
         .ok()
 }
 
-/// The exec's shell, while it runs: its pid, when that process is still
-/// the shell of this directory (a pid is reused once its process is gone).
+/// The exec's shell, while it runs: its pid, when the process of that pid
+/// started when the shell did (a pid is reused once its process is gone)
+/// and has not ended (a zombie not reaped yet).
 fn shell_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let dir = dir.as_os_str().as_encoded_bytes();
-    cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg == dir)
-        .then_some(pid)
+    let written = std::fs::read_to_string(dir.join("pid")).ok()?;
+    let (pid, started) = written.trim().split_once(' ')?;
+    let pid: u32 = pid.parse().ok()?;
+    let started: u64 = started.parse().ok()?;
+    (start_time(pid) == Some(started)).then_some(pid)
+}
+
+/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat`'s
+/// 22nd field), unless it is gone or a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces and parentheses.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // Fields 4 to 21 lie between the state (3) and the start time (22).
+    fields.nth(18)?.parse().ok()
 }
 
 /// Kills the exec's shell and srun, then cancels the step srun leaves.

@@ -5,6 +5,7 @@ use postgres::{GenericClient, Row};
 
 use super::pool::{PgResult, Session};
 use super::{PostgresStore, now_ms, unsigned};
+use crate::store::codec::replica_transition;
 use crate::store::deployments::{
     DeploymentRecord, DeploymentStore, DeploymentTransition, Inserted, ReplicaRecord,
     deployment_is_terminal,
@@ -71,10 +72,6 @@ fn record_transition(
         &[&deployment, &TRANSITIONS_KEPT],
     )?;
     Ok(())
-}
-
-fn state_name(state: ReplicaState) -> &'static str {
-    state.as_str_name().trim_start_matches("REPLICA_STATE_")
 }
 
 fn insert_deployment(
@@ -214,20 +211,7 @@ fn put_replica(db: &mut Session, replica: &ReplicaRecord) -> PgResult<()> {
             &replica.address,
         ],
     )?;
-    let changed = before
-        .is_none_or(|(state, reason)| state != replica.state as i32 || reason != replica.reason);
-    if changed {
-        let host = if replica.host.is_empty() {
-            String::new()
-        } else {
-            format!(" on `{}`", replica.host)
-        };
-        let message = format!(
-            "replica {}{host}: {}: {}",
-            replica.index,
-            state_name(replica.state),
-            replica.reason
-        );
+    if let Some(message) = replica_transition(before, replica) {
         record_transition(&mut tx, &replica.deployment, Some(replica.index), &message)?;
     }
     tx.commit()?;

@@ -22,13 +22,11 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunEnergy, RunState,
+    Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunState,
 };
-use prost::Message;
 
+use super::codec::{decode_energy, encode_energy, now_ms, timestamp, timestamp_ms};
 use super::{
     HostRecord, MeasuredRuns, Placement, RunPair, RunUpdate, Store, StoreError, StoreResult,
     StoredPowerSample, Transitioned,
@@ -75,46 +73,6 @@ impl PostgresStore {
 /// Whether `url` names a PostgreSQL database (what selects this store).
 pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
-    ms.map(|ms| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
-}
-
-fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
-    ts.as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-}
-
-/// Energy records as length-delimited protobuf messages, one after another
-/// (the SQLite store's encoding, so that state moves between them as is).
-fn encode_energy(energy: &[RunEnergy]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    for record in energy {
-        let _ = record.encode_length_delimited(&mut bytes);
-    }
-    bytes
-}
-
-fn decode_energy(mut bytes: &[u8]) -> Vec<RunEnergy> {
-    let mut energy = Vec::new();
-    while !bytes.is_empty() {
-        match RunEnergy::decode_length_delimited(&mut bytes) {
-            Ok(record) => energy.push(record),
-            Err(_) => break,
-        }
-    }
-    energy
 }
 
 /// A value the schema keeps non-negative, read back into its unsigned type.

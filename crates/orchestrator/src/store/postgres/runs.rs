@@ -3,12 +3,13 @@
 //! compare-and-set on the state that return the run as written with its
 //! campaign's counts, and the power series written with a transition.
 use berth_proto::agent::v1::Provenance;
-use berth_proto::orchestrator::v1::{Run, RunCounts, RunPowerSample, RunState};
+use berth_proto::orchestrator::v1::{Run, RunCounts, RunState};
 use postgres::{GenericClient, Row, Statement, Transaction};
 use prost::Message;
 
 use super::pool::{PgResult, Session};
 use super::{decode_energy, encode_energy, now_ms, timestamp, unsigned};
+use crate::store::codec::{count_state, power_sample, to_nanos};
 use crate::store::{
     MeasuredRuns, PowerSeries, RunPair, RunUpdate, StoreError, StoredPowerSample, Transitioned,
 };
@@ -90,16 +91,7 @@ fn counts_of(
     let mut counts = RunCounts::default();
     for row in rows {
         let count: u64 = unsigned(row.get(1), "run_state_counts.runs")?;
-        counts.total += count;
-        match RunState::try_from(row.get::<_, i32>(0)).unwrap_or_default() {
-            RunState::Pending => counts.pending = count,
-            RunState::Dispatched => counts.dispatched = count,
-            RunState::Running => counts.running = count,
-            RunState::Succeeded => counts.succeeded = count,
-            RunState::Failed => counts.failed = count,
-            RunState::Cancelled => counts.cancelled = count,
-            RunState::Unspecified => {}
-        }
+        count_state(&mut counts, row.get(0), count);
     }
     Ok(counts)
 }
@@ -290,23 +282,6 @@ pub(super) fn transition_all(
     Ok(moved as usize)
 }
 
-const NANOS_PER_SECOND: i64 = 1_000_000_000;
-
-/// Seconds and nanoseconds (of a timestamp or a duration) as nanoseconds;
-/// i64 holds them until the year 2262.
-fn to_nanos(seconds: i64, nanos: i32) -> i64 {
-    seconds
-        .saturating_mul(NANOS_PER_SECOND)
-        .saturating_add(i64::from(nanos))
-}
-
-fn from_nanos(total: i64) -> (i64, i32) {
-    (
-        total.div_euclid(NANOS_PER_SECOND),
-        total.rem_euclid(NANOS_PER_SECOND) as i32,
-    )
-}
-
 /// Replaces the run's samples, as arrays of columns unnested by the server:
 /// one statement per batch instead of one per sample.
 fn insert_power_series(
@@ -348,23 +323,9 @@ fn insert_power_series(
 }
 
 fn power_sample_row(row: &Row) -> Result<StoredPowerSample, StoreError> {
-    let time_ns: Option<i64> = row.get(2);
-    let elapsed_ns: Option<i64> = row.get(3);
     Ok((
         unsigned(row.get(0), "run_power_samples.position")?,
-        RunPowerSample {
-            device: row.get(1),
-            time: time_ns.map(|ns| {
-                let (seconds, nanos) = from_nanos(ns);
-                prost_types::Timestamp { seconds, nanos }
-            }),
-            elapsed: elapsed_ns.map(|ns| {
-                let (seconds, nanos) = from_nanos(ns);
-                prost_types::Duration { seconds, nanos }
-            }),
-            power_w: row.get(4),
-            energy_j: row.get(5),
-        },
+        power_sample(row.get(1), row.get(2), row.get(3), row.get(4), row.get(5)),
     ))
 }
 

@@ -78,6 +78,15 @@ fn wrong_credentials_a_closed_port_and_a_bad_url_are_named_without_the_password(
     }
 }
 
+/// A store on `backend` holding campaign `c1` with its run `r1`, pending.
+fn with_campaign_c1(backend: &Postgres) -> Box<dyn Store> {
+    let store = backend.open();
+    store
+        .insert_campaign(&campaign("c1"), "m", "", &[run("r1", 0)])
+        .unwrap();
+    store
+}
+
 /// The trait is called from async code: a call on a current-thread runtime
 /// must not start a runtime of its own there (tokio would panic).
 #[tokio::test(flavor = "current_thread")]
@@ -85,10 +94,7 @@ async fn calls_from_a_current_thread_runtime_block_only_briefly() {
     let Some(backend) = Postgres::start() else {
         return;
     };
-    let store = backend.open();
-    store
-        .insert_campaign(&campaign("c1"), "m", "", &[run("r1", 0)])
-        .unwrap();
+    let store = with_campaign_c1(&backend);
     assert_eq!(store.run_counts("c1").unwrap().pending, 1);
 }
 
@@ -123,10 +129,7 @@ fn a_database_gone_is_named_and_one_back_is_reconnected() {
     let Some(backend) = Postgres::start() else {
         return;
     };
-    let store = backend.open();
-    store
-        .insert_campaign(&campaign("c1"), "m", "", &[run("r1", 0)])
-        .unwrap();
+    let store = with_campaign_c1(&backend);
     backend.0.stop().unwrap();
     let gone = store.campaign("c1").expect_err("no server").to_string();
     assert!(

@@ -5,6 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{SqliteStore, now_ms};
 use crate::store::StoreResult;
+use crate::store::codec::replica_transition;
 use crate::store::deployments::{
     DeploymentRecord, DeploymentStore, DeploymentTransition, Inserted, ReplicaRecord,
     deployment_is_terminal,
@@ -106,10 +107,6 @@ fn record_transition(
         params![deployment, TRANSITIONS_KEPT],
     )?;
     Ok(())
-}
-
-fn state_name(state: ReplicaState) -> &'static str {
-    state.as_str_name().trim_start_matches("REPLICA_STATE_")
 }
 
 impl DeploymentStore for SqliteStore {
@@ -321,21 +318,7 @@ impl DeploymentStore for SqliteStore {
                 replica.address
             ],
         )?;
-        let changed = before.is_none_or(|(state, reason)| {
-            state != replica.state as i32 || reason != replica.reason
-        });
-        if changed {
-            let host = if replica.host.is_empty() {
-                String::new()
-            } else {
-                format!(" on `{}`", replica.host)
-            };
-            let message = format!(
-                "replica {}{host}: {}: {}",
-                replica.index,
-                state_name(replica.state),
-                replica.reason
-            );
+        if let Some(message) = replica_transition(before, replica) {
             record_transition(&tx, &replica.deployment, Some(replica.index), &message)?;
         }
         tx.commit()?;
@@ -370,87 +353,5 @@ impl DeploymentStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         rows.reverse();
         Ok(rows)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::store::sqlite::SqliteStore;
-
-    fn record(name: &str) -> DeploymentRecord {
-        DeploymentRecord {
-            name: name.into(),
-            recipe_yaml: "name: web".into(),
-            source_name: "web.yaml".into(),
-            replicas: 2,
-            state: DeploymentState::Pending,
-            message: "deployed".into(),
-            created_ms: 1,
-            stopping: false,
-            generation: 1,
-            seq: 0,
-        }
-    }
-
-    #[test]
-    fn a_live_name_is_taken_an_ended_one_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        assert_eq!(
-            store.insert_deployment(&record("web"), false).unwrap(),
-            Inserted::Stored
-        );
-        assert_eq!(
-            store.insert_deployment(&record("web"), false).unwrap(),
-            Inserted::NameTaken
-        );
-        let mut replica = ReplicaRecord::pending("web", 0, "to be placed");
-        replica.ports = BTreeMap::from([("http".into(), 20001)]);
-        store.put_replica(&replica).unwrap();
-        assert_eq!(store.replicas("web").unwrap(), vec![replica]);
-        store
-            .set_deployment_state("web", DeploymentState::Cancelled, "stopped")
-            .unwrap();
-        assert!(store.live_deployments().unwrap().is_empty());
-        assert_eq!(
-            store.insert_deployment(&record("web"), false).unwrap(),
-            Inserted::Stored
-        );
-        assert!(
-            store.replicas("web").unwrap().is_empty(),
-            "the ended one's replicas went with it"
-        );
-        assert_eq!(store.live_deployments().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn every_change_of_state_or_reason_is_one_transition() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        store.insert_deployment(&record("web"), false).unwrap();
-        let mut replica = ReplicaRecord::pending("web", 1, "to be placed");
-        store.put_replica(&replica).unwrap();
-        store.put_replica(&replica).unwrap();
-        replica.state = ReplicaState::Running;
-        replica.host = "h1".into();
-        replica.reason = "healthy".into();
-        store.put_replica(&replica).unwrap();
-        let messages: Vec<String> = store
-            .deployment_transitions("web", 10)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.message)
-            .collect();
-        assert_eq!(
-            messages,
-            [
-                "deployed",
-                "replica 1: PENDING: to be placed",
-                "replica 1 on `h1`: RUNNING: healthy"
-            ]
-        );
     }
 }

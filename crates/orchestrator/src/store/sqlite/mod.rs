@@ -18,13 +18,13 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignOutcome, CampaignState, Run, RunCounts, RunState,
 };
 use rusqlite::Connection;
 
+use super::codec::{now_ms, timestamp, timestamp_ms};
 use super::{
     HostRecord, MeasuredRuns, Placement, RunPair, RunUpdate, Store, StoreError, StoreResult,
     StoredPowerSample, Transitioned,
@@ -60,25 +60,6 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
-    ms.map(|ms| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
-}
-
-fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
-    ts.as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
 impl Store for SqliteStore {

@@ -6,8 +6,9 @@ use berth_proto::orchestrator::v1::{Run, RunCounts, RunState};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::power::{decode_energy, encode_energy, insert_power_series};
+use super::power::insert_power_series;
 use super::{now_ms, timestamp};
+use crate::store::codec::{count_state, decode_energy, encode_energy};
 use crate::store::{MeasuredRuns, RunPair, RunUpdate, StoreResult, Transitioned};
 
 const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, cycle, warmup, state, host, attempts, \
@@ -63,16 +64,7 @@ pub(super) fn run_counts(db: &Connection, campaign_id: &str) -> StoreResult<RunC
     })?;
     for row in rows {
         let (state, count) = row?;
-        counts.total += count;
-        match RunState::try_from(state).unwrap_or_default() {
-            RunState::Pending => counts.pending = count,
-            RunState::Dispatched => counts.dispatched = count,
-            RunState::Running => counts.running = count,
-            RunState::Succeeded => counts.succeeded = count,
-            RunState::Failed => counts.failed = count,
-            RunState::Cancelled => counts.cancelled = count,
-            RunState::Unspecified => {}
-        }
+        count_state(&mut counts, state, count);
     }
     Ok(counts)
 }
