@@ -376,8 +376,6 @@ impl Drop for PowerSession {
     }
 }
 
-/// The run's figures for one device. A device that gave no reading has no
-/// energy: absent, never 0 J, so that no sum or mean takes it for one.
 /// A kept baseline subtracted as the sampler subtracts its own: idle power
 /// over the device's span.
 fn subtract_baseline(device: &mut DeviceEnergy, kept: &HostBaseline) {
@@ -394,6 +392,8 @@ fn subtract_baseline(device: &mut DeviceEnergy, kept: &HostBaseline) {
         .map(|energy| energy - watts * span_s);
 }
 
+/// The run's figures for one device. A device that gave no reading has no
+/// energy: absent, never 0 J, so that no sum or mean takes it for one.
 fn run_energy(device: DeviceEnergy, baseline_age_s: f64) -> RunEnergy {
     let (energy_j, method) = match (device.energy_counter_j, device.energy_integrated_j) {
         (Some(counter), _) => (Some(counter), "counter"),

@@ -598,12 +598,9 @@ async fn backend_state_since(
     restarted.then(|| format!("backend `{}` restarted during the run", run.backend))
 }
 
-/// The idempotency key of one attempt of a run on its agent. Run id and
-/// attempt are both recorded (`→ dispatched`) before the exec is sent, so a
-/// restarted orchestrator derives the same key to attach to it.
 /// The provenance of a run on `placed`: asked anew for a run that measures
-/// power, else the backend's, asked once (one call per run would cost a
-/// trivial run's dispatch a tenth of its rate).
+/// power (its GPUs' temperature and clocks now), else the backend's, asked
+/// once (one more call in every dispatch would slow trivial runs).
 async fn provenance(placed: &Placed, measures_power: bool) -> Provenance {
     let describe = || async {
         let mut client = placed.client.clone();
@@ -616,6 +613,9 @@ async fn provenance(placed: &Placed, measures_power: bool) -> Provenance {
     }
 }
 
+/// The idempotency key of one attempt of a run on its agent. Run id and
+/// attempt are both recorded (`→ dispatched`) before the exec is sent, so a
+/// restarted orchestrator derives the same key to attach to it.
 fn exec_key(run_id: &str, attempt: u32) -> String {
     format!("{run_id}/attempt-{attempt}")
 }
