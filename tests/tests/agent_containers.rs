@@ -812,7 +812,24 @@ async fn agent_engine_gone_is_unavailable_then_back() {
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
 
     let _proxy_task = serve(proxy.clone(), real);
-    let workload = agent.run("back", agent.spec(&["sleep", "1000"])).await;
+    // A connection the agent's client pooled before the cut may fail its
+    // first use; the engine counts as back once a create goes through.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let created = loop {
+        match agent.create("back", agent.spec(&["sleep", "1000"])).await {
+            Ok(created) => break created,
+            Err(error) if error.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("the engine did not come back: {error:?}"),
+        }
+    };
+    let workload = agent
+        .client
+        .start_workload(WorkloadRef { id: created.id })
+        .await
+        .expect("start once the engine is back")
+        .into_inner();
     assert_eq!(workload.state(), WorkloadState::Running);
     agent.cleanup().await;
 }

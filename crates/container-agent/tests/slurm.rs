@@ -475,9 +475,27 @@ async fn a_job_past_its_time_limit_is_timeout_with_the_reason() {
         .await
         .unwrap()
         .into_inner();
-    let first = logs.message().await.unwrap().expect("a log line");
-    assert_eq!(first.line, "started");
-    assert_eq!(first.stream(), LogStream::Stdout);
+    // Stdout and stderr are read side by side, so only each stream's own
+    // order is known: the workload's line on one, slurmstepd's on the other.
+    let mut lines = Vec::new();
+    while let Some(line) = logs.message().await.unwrap() {
+        lines.push((line.stream(), line.line));
+    }
+    let stdout: Vec<_> = lines
+        .iter()
+        .filter(|(stream, _)| *stream == LogStream::Stdout)
+        .collect();
+    assert_eq!(
+        stdout.first().map(|l| l.1.as_str()),
+        Some("started"),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(
+            |(stream, line)| *stream == LogStream::Stderr && line.contains("DUE TO TIME LIMIT")
+        ),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,8 @@
 //! Settings: BENCH_ONLY (dispatch,resume,rss,protocol), BENCH_RUNS (process runs per
 //! campaign, 2000), BENCH_DOCKER_RUNS (200), BENCH_RESUME_RUNS (10000),
 //! BENCH_RESUME_FINISHED (fraction finished before the kill, 0.9),
-//! BENCH_HOSTS (100), BENCH_HEARTBEAT (1s), BENCH_REPEATS (3).
+//! BENCH_HOSTS (100), BENCH_HEARTBEAT (1s), BENCH_REPEATS (3), BENCH_STORES (where
+//! dispatch and resume keep the state, each in turn: sqlite, postgres; sqlite).
 
 mod support;
 
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 use support::*;
 
 use berth_orchestrator::store::Store;
+use berth_orchestrator::store::postgres::PostgresStore;
 use berth_orchestrator::store::sqlite::SqliteStore;
 use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
 use berth_proto::agent::v1::{
@@ -57,6 +59,11 @@ const TRIVIAL_RUN: &str = r#"run: {command: [echo, '{"x":1}']}"#;
 
 fn spawn_orchestrator(dir: &Path, port: u16, heartbeat: &str) -> Proc {
     let store = format!("store.path={}", dir.join("state.db").display());
+    spawn_orchestrator_on(&store, port, heartbeat)
+}
+
+/// An orchestrator keeping its state where `store` (a `--set`) says.
+fn spawn_orchestrator_on(store: &str, port: u16, heartbeat: &str) -> Proc {
     let heartbeat = format!("scheduler.heartbeat_interval={heartbeat}");
     Proc::spawn(
         Path::new(ORCHESTRATOR),
@@ -66,7 +73,7 @@ fn spawn_orchestrator(dir: &Path, port: u16, heartbeat: &str) -> Proc {
             "--http-listen",
             "",
             "--set",
-            &store,
+            store,
             "--set",
             &heartbeat,
         ],
@@ -124,6 +131,56 @@ fn exec_shim_binary() -> Result<PathBuf, String> {
              -p berth-exec-shim --target x86_64-unknown-linux-gnu)",
             path.display()
         ))
+    }
+}
+
+/// Where the dispatch and resume benches keep the orchestrator's state:
+/// `BENCH_STORES` lists them (`sqlite`, `postgres`), each measured in turn.
+enum StateStore {
+    Sqlite(PathBuf),
+    /// A local PostgreSQL 15 cluster (Debian's; `fsync=off` as SQLite's
+    /// `synchronous=NORMAL` skips the sync per commit), started for the bench.
+    Postgres(berth_tests::postgres::Postgres),
+}
+
+impl StateStore {
+    fn all(dir: &Path) -> Vec<Self> {
+        let listed: String = setting("BENCH_STORES", "sqlite".to_string());
+        listed
+            .split(',')
+            .map(|name| match name.trim() {
+                "sqlite" => Self::Sqlite(dir.join("state.db")),
+                "postgres" => Self::Postgres(
+                    berth_tests::postgres::Postgres::start()
+                        .unwrap_or_else(|e| panic!("BENCH_STORES=postgres: {e}")),
+                ),
+                other => panic!("BENCH_STORES: `{other}` is neither sqlite nor postgres"),
+            })
+            .collect()
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The orchestrator's `--set` for this store.
+    fn setting(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("store.path={}", path.display()),
+            Self::Postgres(cluster) => format!("store.url={}", cluster.url()),
+        }
+    }
+
+    fn open(&self) -> Box<dyn Store> {
+        match self {
+            Self::Sqlite(path) => Box::new(SqliteStore::open(path).expect("the SQLite store")),
+            Self::Postgres(cluster) => {
+                Box::new(PostgresStore::open(&cluster.url(), 1).expect("the PostgreSQL store"))
+            }
+        }
     }
 }
 
@@ -412,11 +469,6 @@ async fn bench_dispatch() {
     let _agent_process = spawn_agent(dir.path(), &socket, docker, &owner);
     let mut agent =
         ContainerAgentClient::new(wait_for(&format!("unix://{}", socket.display())).await);
-    let port = free_port();
-    let orchestrator = spawn_orchestrator(dir.path(), port, "5s");
-    let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
-    register(&mut client, "local", &socket).await;
-
     let process_spec = WorkloadSpec {
         runtime: Runtime::Process as i32,
         ..Default::default()
@@ -426,24 +478,41 @@ async fn bench_dispatch() {
         "bare agent Exec round trip, process runtime, 200 sequential: p50 {exec_ms:.2} ms → at most {:.0} runs/s per backend",
         1e3 / exec_ms
     );
-    // Warm-up: connections, page cache, SQLite.
-    dispatch_campaign(
-        &mut client,
-        manifest("warm", 1, 50, "runtime: process"),
-        false,
-    )
-    .await;
-    for (backends, watched) in [(1, false), (4, false), (1, true)] {
-        let d = dispatch_campaign(
-            &mut client,
-            manifest("process", backends, runs / backends, "runtime: process"),
-            watched,
+    // The process rows on every store; the docker rows on the last one's
+    // orchestrator (the engine bounds them, not the store).
+    let mut orchestrator = None;
+    let mut client = None;
+    for store in StateStore::all(dir.path()) {
+        drop(orchestrator.take());
+        let port = free_port();
+        orchestrator = Some(spawn_orchestrator_on(&store.setting(), port, "5s"));
+        let mut on_store =
+            OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
+        register(&mut on_store, "local", &socket).await;
+        // Warm-up: connections, page cache, the store's statements.
+        dispatch_campaign(
+            &mut on_store,
+            manifest("warm", 1, 50, "runtime: process"),
+            false,
         )
         .await;
-        if let Some(d) = d {
-            print_dispatch(if watched { "watched" } else { "process" }, backends, &d);
+        for (backends, watched) in [(1, false), (4, false), (1, true)] {
+            let d = dispatch_campaign(
+                &mut on_store,
+                manifest("process", backends, runs / backends, "runtime: process"),
+                watched,
+            )
+            .await;
+            if let Some(d) = d {
+                let label = if watched { "watched" } else { "process" };
+                print_dispatch(&format!("{label} ({})", store.name()), backends, &d);
+            }
         }
+        client = Some((on_store, store));
     }
+    let (Some(orchestrator), Some((mut client, _store))) = (orchestrator, client) else {
+        panic!("BENCH_STORES lists no store");
+    };
 
     let ready = if docker == "off" {
         Err("no docker socket at /var/run/docker.sock".to_string())
@@ -552,15 +621,22 @@ fn finished(counts: &RunCounts) -> u64 {
 }
 
 async fn bench_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in StateStore::all(dir.path()) {
+        resume_on(dir.path(), &store).await;
+    }
+}
+
+async fn resume_on(dir: &Path, store: &StateStore) {
     let total: usize = setting("BENCH_RESUME_RUNS", 10_000);
     let fraction: f64 = setting("BENCH_RESUME_FINISHED", 0.9);
     let repeats: usize = setting("BENCH_REPEATS", 3);
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = spawn_agent(dir.path(), &socket, "off", "resume");
+    let name = store.name();
+    let socket = dir.join(format!("agent-{name}.sock"));
+    let _agent = spawn_agent(dir, &socket, "off", &format!("resume-{name}"));
     wait_for(&format!("unix://{}", socket.display())).await;
     let port = free_port();
-    let mut orchestrator = spawn_orchestrator(dir.path(), port, "5s");
+    let mut orchestrator = spawn_orchestrator_on(&store.setting(), port, "5s");
     let mut client = OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await);
     register(&mut client, "local", &socket).await;
     let campaign = client
@@ -589,7 +665,7 @@ async fn bench_resume() {
     }
     let (_, hwm) = rss_mb(orchestrator.pid());
     println!(
-        "resume: {} runs recorded in {:.1} s; orchestrator VmHWM while running them {hwm:.1} MB",
+        "resume ({name}): {} runs recorded in {:.1} s; orchestrator VmHWM while running them {hwm:.1} MB",
         total,
         filling.elapsed().as_secs_f64()
     );
@@ -598,11 +674,12 @@ async fn bench_resume() {
 
     let (mut serving_ms, mut resumed_ms) = (Vec::new(), Vec::new());
     for repeat in 1..=repeats {
-        let before = SqliteStore::open(&dir.path().join("state.db"))
-            .and_then(|store| store.run_counts(&id))
+        let before = store
+            .open()
+            .run_counts(&id)
             .expect("reading the store after the kill");
         let spawned = Instant::now();
-        let mut orchestrator = spawn_orchestrator(dir.path(), port, "5s");
+        let mut orchestrator = spawn_orchestrator_on(&store.setting(), port, "5s");
         while !health_serving(port).await {
             assert!(spawned.elapsed() < Duration::from_secs(60), "never SERVING");
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -638,7 +715,7 @@ async fn bench_resume() {
         let (rss, _) = rss_mb(orchestrator.pid());
         orchestrator.kill9();
         println!(
-            "resume {repeat}: {} of {} runs finished, {} pending at the kill; spawn → health SERVING {:.0} ms, \
+            "resume {repeat} ({name}): {} of {} runs finished, {} pending at the kill; spawn → health SERVING {:.0} ms, \
              spawn → first run event {:.0} ms{}; VmRSS {rss:.1} MB",
             finished(&before),
             before.total,
@@ -656,7 +733,7 @@ async fn bench_resume() {
     }
     let (serving, resumed) = (median(&mut serving_ms), median(&mut resumed_ms));
     println!(
-        "resume after kill -9 with {total} recorded runs, median of {repeats}: health SERVING {serving:.0} ms, \
+        "resume ({name}) after kill -9 with {total} recorded runs, median of {repeats}: health SERVING {serving:.0} ms, \
          first run event {resumed:.0} ms (target <1000 ms: {})",
         met(resumed < 1000.0)
     );

@@ -56,6 +56,9 @@ impl ServiceError for NotLeader {
 
 impl From<NotLeader> for tonic::Status {
     fn from(error: NotLeader) -> Self {
+        // At WARN: a client that keeps writing here has this orchestrator
+        // first in its list while another leads, which its operator fixes.
+        tracing::warn!(%error, "a write refused on a follower");
         berth_server::error::into_status(error)
     }
 }

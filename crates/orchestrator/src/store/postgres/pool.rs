@@ -243,7 +243,7 @@ impl Session {
     /// this orchestrator leads (shadows the client's own `transaction`, so
     /// every write of the store goes through the fence).
     pub(super) fn transaction(&mut self) -> PgResult<Transaction<'_>> {
-        let term = self.fence.load(Ordering::SeqCst);
+        let term = self.fence_term();
         if term == 0 {
             return Ok(self.client.transaction()?);
         }
@@ -257,13 +257,18 @@ impl Session {
 
     /// One statement that writes, fenced as [`Self::transaction`] is.
     pub(super) fn write(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> PgResult<u64> {
-        if self.fence.load(Ordering::SeqCst) == 0 {
+        if self.fence_term() == 0 {
             return Ok(self.client.execute(sql, params)?);
         }
         let mut tx = self.transaction()?;
         let written = tx.execute(sql, params)?;
         tx.commit()?;
         Ok(written)
+    }
+
+    /// The term this connection's writes are fenced at (0: none).
+    pub(super) fn fence_term(&self) -> i64 {
+        self.fence.load(Ordering::SeqCst)
     }
 
     /// The client itself, for what must not be fenced (the lease).

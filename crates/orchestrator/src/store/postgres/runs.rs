@@ -4,10 +4,11 @@
 //! campaign's counts, and the power series written with a transition.
 use berth_proto::agent::v1::Provenance;
 use berth_proto::orchestrator::v1::{Run, RunCounts, RunState};
-use postgres::{GenericClient, Row, Statement, Transaction};
+use postgres::types::ToSql;
+use postgres::{Row, Transaction};
 use prost::Message;
 
-use super::pool::{PgResult, Session};
+use super::pool::{Failure, PgResult, Session};
 use super::{decode_energy, encode_energy, now_ms, timestamp, unsigned};
 use crate::store::codec::{count_state, power_sample, to_nanos};
 use crate::store::{
@@ -73,21 +74,11 @@ fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-const COUNTS_SQL: &str = "SELECT state, runs FROM run_state_counts WHERE campaign_id = $1";
-
 /// The campaign's runs per state, as the triggers keep them.
 pub(super) fn run_counts(db: &mut Session, campaign_id: &str) -> PgResult<RunCounts> {
-    let read_counts = db.prepared(COUNTS_SQL)?;
-    counts_of(&mut **db, &read_counts, campaign_id)
-}
-
-/// [`run_counts`] on `db` (a transaction, to read them with a change).
-fn counts_of(
-    db: &mut impl GenericClient,
-    read_counts: &Statement,
-    campaign_id: &str,
-) -> PgResult<RunCounts> {
-    let rows = db.query(read_counts, &[&campaign_id])?;
+    let read_counts =
+        db.prepared("SELECT state, runs FROM run_state_counts WHERE campaign_id = $1")?;
+    let rows = db.query(&read_counts, &[&campaign_id])?;
     let mut counts = RunCounts::default();
     for row in rows {
         let count: u64 = unsigned(row.get(1), "run_state_counts.runs")?;
@@ -200,10 +191,18 @@ pub(super) fn next_pending_run(
     Ok(row.as_ref().map(run_row).transpose()?)
 }
 
-/// The compare-and-set: the UPDATE applies only to a run whose state is in
-/// `from`; a transaction that races it for the same run waits for this one
-/// to commit, then finds the state moved and updates nothing. The samples
-/// and the counts are written and read in the same transaction.
+/// SQLSTATE of the schema's `transition_run` when the lease moved on.
+const FENCED_STATE: &str = "BF001";
+
+const TRANSITION_SQL: &str = "SELECT * FROM transition_run($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                              $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+
+/// The compare-and-set, by the schema's `transition_run`: the UPDATE
+/// applies only to a run whose state is in `from`; a transaction that races
+/// it for the same run waits for this one to commit, then finds the state
+/// moved and updates nothing. The fence and the counts are in the call's
+/// transaction, so without a power series a transition is one round trip
+/// (the dispatch path); with one, the samples join that transaction.
 pub(super) fn transition_run(
     db: &mut Session,
     id: &str,
@@ -211,61 +210,66 @@ pub(super) fn transition_run(
     to: RunState,
     update: &RunUpdate,
 ) -> PgResult<Option<Transitioned>> {
-    let sql = format!(
-        "UPDATE runs SET state = $2,
-            host = COALESCE($3, host),
-            attempts = attempts + $4,
-            exit_code = COALESCE($5, exit_code),
-            result_json = COALESCE($6, result_json),
-            duration_ms = COALESCE($7, duration_ms),
-            error = COALESCE($8, error),
-            started_ms = CASE WHEN $9 THEN $11 ELSE started_ms END,
-            finished_ms = CASE WHEN $10 THEN $11 ELSE finished_ms END,
-            energy = COALESCE($12, energy),
-            logs_tail = COALESCE($13, logs_tail),
-            power_samples = COALESCE($14, power_samples),
-            power_series_truncated = COALESCE($15, power_series_truncated),
-            provenance = COALESCE($17, provenance)
-         WHERE id = $1 AND state = ANY($16)
-         RETURNING {RUN_COLUMNS}"
-    );
+    let call = db.prepared(TRANSITION_SQL)?;
+    let term = db.fence_term();
     let series = update.power_series.as_ref();
-    let update_run = db.prepared(&sql)?;
-    let read_counts = db.prepared(COUNTS_SQL)?;
-    let mut tx = db.transaction()?;
-    let row = tx.query_opt(
-        &update_run,
-        &[
-            &id,
-            &(to as i32),
-            &update.host,
-            &i64::from(update.add_attempt),
-            &update.exit_code,
-            &update.result_json,
-            &update
-                .duration_ms
-                .map(|d| i64::try_from(d).unwrap_or(i64::MAX)),
-            &update.error,
-            &update.started_now,
-            &update.finished_now,
-            &now_ms(),
-            &update.energy.as_deref().map(encode_energy),
-            &update.logs_tail,
-            &series.map(|s| s.samples.len() as i64),
-            &series.map(|s| s.truncated),
-            &states(from),
-            &update.provenance.as_ref().map(Message::encode_to_vec),
-        ],
-    )?;
+    let (from, to) = (states(from), to as i32);
+    let add_attempts = i64::from(update.add_attempt);
+    let duration_ms = update
+        .duration_ms
+        .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
+    let now = now_ms();
+    let energy = update.energy.as_deref().map(encode_energy);
+    let samples = series.map(|s| s.samples.len() as i64);
+    let truncated = series.map(|s| s.truncated);
+    let provenance = update.provenance.as_ref().map(Message::encode_to_vec);
+    let params: [&(dyn ToSql + Sync); 18] = [
+        &term,
+        &id,
+        &from,
+        &to,
+        &update.host,
+        &add_attempts,
+        &update.exit_code,
+        &update.result_json,
+        &duration_ms,
+        &update.error,
+        &update.started_now,
+        &update.finished_now,
+        &now,
+        &energy,
+        &update.logs_tail,
+        &samples,
+        &truncated,
+        &provenance,
+    ];
+    let fenced = |error: postgres::Error| match error.code() {
+        Some(code) if code.code() == FENCED_STATE => Failure::Fenced { term },
+        _ => Failure::Sql(error),
+    };
+    let row = match series {
+        None => db.query_opt(&call, &params).map_err(fenced)?,
+        Some(series) => {
+            // The call fences the transaction itself.
+            let mut tx = db.unfenced().transaction()?;
+            let row = tx.query_opt(&call, &params).map_err(fenced)?;
+            if row.is_some() {
+                insert_power_series(&mut tx, id, series)?;
+                tx.commit()?;
+            }
+            row
+        }
+    };
     let Some(row) = row else {
         return Ok(None);
     };
     let run = run_row(&row)?;
-    if let Some(series) = series {
-        insert_power_series(&mut tx, id, series)?;
+    let count_states: Vec<i32> = row.get(22);
+    let count_runs: Vec<i64> = row.get(23);
+    let mut counts = RunCounts::default();
+    for (state, runs) in count_states.into_iter().zip(count_runs) {
+        count_state(&mut counts, state, unsigned(runs, "run_state_counts.runs")?);
     }
-    let counts = counts_of(&mut tx, &read_counts, &run.campaign_id)?;
-    tx.commit()?;
     Ok(Some(Transitioned { run, counts }))
 }
 
