@@ -12,7 +12,7 @@
 #    (or FROM the locally built busybox image with --shell): nothing is pulled, ever.
 #
 # Usage: scripts/deploy/build-images.sh [--engine docker|podman] [--tag TAG] [--shell] [--no-cargo]
-#                                       [--profile release|debug] [--monitoring]
+#                                       [--profile release|debug] [--monitoring] [--postgres]
 #   --engine   docker (default, classic builder: DOCKER_BUILDKIT=0) or podman
 #   --tag      image tag (default: the workspace version); `latest` is tagged too
 #   --shell    put busybox (/bin/sh) in every image: podman-compose 1.0.x runs health checks
@@ -24,9 +24,14 @@
 #   --monitoring also localhost/berth-prometheus (deploy/compose.monitoring.yaml): Debian's
 #              prometheus binary (the installed package's, else `apt-get download prometheus`)
 #              with deploy/monitoring/'s scrape config and rules
+#   --postgres also localhost/berth-postgres (deploy/compose.postgres.yaml): Debian's PostgreSQL 15
+#              as installed here (apt-get install postgresql-15): its server and client binaries,
+#              modules (not llvmjit: no JIT), share files, the time zones and the libraries ldd
+#              names; deploy/images/postgres-entrypoint.sh creates the cluster on first start
 # Env: CARGO_TARGET_DIR (default <repo>/target), BUSYBOX (path of a static busybox; default
 #   /bin/busybox, else `apt-get download busybox-static`), BERTH_IMAGE_PREFIX (default localhost/berth-).
-# Needs: cargo, docker or podman, busybox-static (or apt access to download it), ca-certificates.
+# Needs: cargo, docker or podman, busybox-static (or apt access to download it), ca-certificates;
+#   postgresql-15 for --postgres.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,6 +42,7 @@ SHELL_IN_ALL=""
 CARGO=1
 PROFILE=release
 MONITORING=""
+POSTGRES=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --engine) ENGINE=$2; shift 2 ;;
@@ -45,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --no-cargo) CARGO=0; shift ;;
     --profile) PROFILE=$2; shift 2 ;;
     --monitoring) MONITORING=1; shift ;;
+    --postgres) POSTGRES=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-images: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -120,6 +127,35 @@ fi
 for lib in $(echo "$libs" | sort -u); do copy_lib "$lib"; done
 # The loader where the binaries look for it.
 [[ -e $CTX/glibc/lib64/ld-linux-x86-64.so.2 ]] || copy_lib /lib64/ld-linux-x86-64.so.2
+# Debian's PostgreSQL 15 at the paths it was built for (it finds its modules and share files
+# relative to its binaries, the time zones at /usr/share/zoneinfo). Its libraries (ICU alone is
+# 30 MB) go into postgres/root, not glibc/, which every image copies.
+if [[ -n $POSTGRES ]]; then
+  PG=/usr/lib/postgresql/15
+  [[ -x $PG/bin/postgres && -d /usr/share/postgresql/15 ]] \
+    || { log "$PG/bin/postgres is missing (apt-get install postgresql-15)"; exit 1; }
+  PGROOT=$CTX/postgres/root
+  mkdir -p "$PGROOT$PG/bin" "$PGROOT$PG/lib" "$PGROOT/usr/share/postgresql" "$PGROOT/usr/local/bin" "$PGROOT/etc"
+  # psql, pg_dump and pg_restore for `docker-compose exec postgres …` (backups, a look inside).
+  for b in postgres initdb pg_isready pg_ctl psql pg_dump pg_dumpall pg_restore; do
+    cp "$PG/bin/$b" "$PGROOT$PG/bin/"
+  done
+  # Every module but llvmjit, whose libLLVM is 100 MB; the server runs with jit=off.
+  find "$PG/lib" -maxdepth 1 -name '*.so' ! -name 'llvmjit*' -exec cp {} "$PGROOT$PG/lib/" \;
+  cp -a /usr/share/postgresql/15 "$PGROOT/usr/share/postgresql/"
+  rm -rf "$PGROOT/usr/share/postgresql/15/man"
+  cp -a /usr/share/zoneinfo "$PGROOT/usr/share/"
+  rm -f "$PGROOT/usr/share/zoneinfo/localtime"
+  strip "$PGROOT$PG"/bin/* "$PGROOT$PG"/lib/*.so 2>/dev/null || true
+  install -m 0755 "$REPO/deploy/images/postgres-entrypoint.sh" "$PGROOT/usr/local/bin/berth-postgres-entrypoint"
+  pglibs=$( { for f in "$PGROOT$PG"/bin/* "$PGROOT$PG"/lib/*.so; do ldd "$f"; done; } \
+    | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | sort -u)
+  for lib in $pglibs; do
+    [[ -e $CTX/glibc$lib ]] && continue
+    mkdir -p "$PGROOT$(dirname "$lib")"
+    cp "$(readlink -f "$lib")" "$PGROOT$lib"
+  done
+fi
 
 # busybox: a static binary from Debian's busybox-static.
 BUSYBOX=${BUSYBOX:-/bin/busybox}
@@ -142,6 +178,11 @@ berth:x:10001:
 nogroup:x:65534:
 GROUP
 echo "hosts: files dns" > "$CTX/etc/nsswitch.conf"
+if [[ -n $POSTGRES ]]; then
+  # initdb and the server look their user up by uid: the others' passwd and postgres (10002).
+  { cat "$CTX/etc/passwd"; echo 'postgres:x:10002:10002:PostgreSQL:/var/lib/postgresql:/sbin/nologin'; } > "$PGROOT/etc/passwd"
+  { cat "$CTX/etc/group"; echo 'postgres:x:10002:'; } > "$PGROOT/etc/group"
+fi
 cp "$REPO"/deploy/config/*.toml "$REPO"/deploy/config/*.yaml "$CTX/config/"
 cp "$REPO/examples/power/llm-inference.csv" "$CTX/config/"
 CA=/etc/ssl/certs/ca-certificates.crt
@@ -167,6 +208,9 @@ build busybox
 for svc in orchestrator agent power-sampler embedding llm-proxy; do
   build "$svc" --build-arg "BASE=$BASE" --build-arg "BUSYBOX_IMAGE=${PREFIX}busybox:$TAG"
 done
+if [[ -n $POSTGRES ]]; then
+  build postgres --build-arg "BUSYBOX_IMAGE=${PREFIX}busybox:$TAG"
+fi
 if [[ -n $MONITORING ]]; then
   build prometheus --build-arg "BUSYBOX_IMAGE=${PREFIX}busybox:$TAG"
 fi

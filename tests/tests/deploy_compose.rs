@@ -4,7 +4,9 @@
 //! agent registered with the orchestrator through the shared socket volume, a small campaign run
 //! inside the agent container, and `down -v` leaving no container, volume or network behind.
 //! Then bad input: a missing config file, a port in use, a missing secret and a missing engine
-//! socket each end with a message naming the problem, not a silent restart loop.
+//! socket each end with a message naming the problem, not a silent restart loop. The optional
+//! profiles: `monitoring` (Prometheus scraping every service) and `postgres` (PostgreSQL 15 with
+//! two orchestrators on its database: one leads, the other reads and takes over when it dies).
 //!
 //! Needs docker and docker-compose (berth_tests::parts: a missing one skips the test, or fails it
 //! on CI). Images: scripts/test.sh builds them once per run; a test run alone builds them with
@@ -22,9 +24,16 @@ use berth_proto::embedding::v1::embedding_client::EmbeddingClient;
 use berth_proto::llmproxy::v1::ListModelsRequest as ProxyListModelsRequest;
 use berth_proto::llmproxy::v1::llm_proxy_client::LlmProxyClient;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{Campaign, GetCampaignRequest, GetResultsRequest};
+use berth_proto::orchestrator::v1::{
+    Campaign, CampaignState, CancelCampaignRequest, GetCampaignRequest, GetResultsRequest, Run,
+    RunState, SubmitCampaignRequest,
+};
 use berth_proto::power::v1::ListDevicesRequest;
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
+use berth_server::error::has_reason;
+use berth_tests::campaign::{
+    Client, get_campaign, hosts_of, results_of, runs_of, submit, wait_ended,
+};
 use berth_tests::compose::{
     SERVICES, assert_grpc_services_answer, assert_succeeded, build_images_command,
     campaign_through_agent, ensure_images as ensure_images_with, free_ports, leftovers,
@@ -84,6 +93,8 @@ struct Project {
     name: String,
     env: BTreeMap<String, String>,
     extra_files: Vec<PathBuf>,
+    /// A profile given to every command: `ps` and `down` see the profile's services only then.
+    profile: Option<&'static str>,
     ports: BTreeMap<&'static str, u16>,
 }
 
@@ -113,6 +124,7 @@ impl Project {
             name,
             env,
             extra_files: Vec::new(),
+            profile: None,
             ports,
         };
         // Whatever an earlier, killed run left under this name.
@@ -127,6 +139,9 @@ impl Project {
             .args(["-p", &self.name, "-f", "compose.yaml"]);
         for file in &self.extra_files {
             command.arg("-f").arg(file);
+        }
+        if let Some(profile) = self.profile {
+            command.args(["--profile", profile]);
         }
         run(command.args(args).envs(&self.env))
     }
@@ -442,6 +457,23 @@ async fn docker_compose_bad_input_names_the_problem_and_stops_retrying() {
     assert!(left.is_empty(), "down -v left: {left:?}");
 }
 
+/// Builds `image` with build-images.sh's `flag` unless it is there: scripts/test.sh builds it
+/// with the others; a test run alone builds it here.
+fn ensure_profile_image(image: &str, flag: &str) {
+    if run(Command::new("docker").args(["image", "inspect", image]))
+        .status
+        .success()
+    {
+        return;
+    }
+    let status = build_images_command()
+        .args([flag, "--profile", "debug", "--no-cargo"])
+        .current_dir(repo_root())
+        .status()
+        .unwrap_or_else(|e| panic!("run build-images.sh {flag}: {e}"));
+    assert!(status.success(), "build-images.sh {flag} failed");
+}
+
 /// Prometheus's HTTP API at `port`: the JSON of `path` (a query or the targets).
 async fn prometheus(port: u16, path: &str) -> serde_json::Value {
     let (status, body) = berth_tests::http_get(&format!("127.0.0.1:{port}"), path, None).await;
@@ -458,19 +490,7 @@ async fn docker_compose_monitoring_profile_scrapes_every_service() {
         return;
     }
     ensure_images();
-    let prometheus_image = "localhost/berth-prometheus:latest";
-    if !run(Command::new("docker").args(["image", "inspect", prometheus_image]))
-        .status
-        .success()
-    {
-        // scripts/test.sh builds it with the others; a test run alone builds it here.
-        let status = build_images_command()
-            .args(["--monitoring", "--profile", "debug", "--no-cargo"])
-            .current_dir(repo_root())
-            .status()
-            .expect("run build-images.sh --monitoring");
-        assert!(status.success(), "build-images.sh --monitoring failed");
-    }
+    ensure_profile_image("localhost/berth-prometheus:latest", "--monitoring");
     let mut project = Project::new("mon");
     project
         .extra_files
@@ -560,4 +580,263 @@ async fn docker_compose_monitoring_profile_scrapes_every_service() {
     assert!(down.status.success(), "{}", text(&down));
     let left = project.leftovers();
     assert!(left.is_empty(), "down -v left: {left:?}");
+}
+
+/// The reason (`berth-error-code`) a follower gives a write: the wire contract clients match on
+/// (berth_orchestrator::role::NOT_LEADER).
+const NOT_LEADER: &str = "not_leader";
+
+/// The postgres profile's orchestrators: the service and the variable of its gRPC port.
+const ORCHESTRATORS: [(&str, &str); 2] = [
+    ("orchestrator", "BERTH_PORT_ORCHESTRATOR"),
+    ("orchestrator-b", "BERTH_PORT_ORCHESTRATOR_B"),
+];
+
+/// Whether the orchestrator takes writes: asked with one that changes nothing (a validation),
+/// which a follower refuses as not the leader.
+async fn leads(client: &mut Client) -> bool {
+    let validation = SubmitCampaignRequest {
+        manifest_yaml: "name: probe\nbackends: [{name: b, runtime: process}]\n\
+                        configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n"
+            .into(),
+        validate_only: true,
+        ..Default::default()
+    };
+    match client.submit_campaign(validation).await {
+        Ok(_) => true,
+        Err(status) if has_reason(&status, NOT_LEADER) => false,
+        Err(status) => panic!("neither validated nor refused as a follower: {status:?}"),
+    }
+}
+
+/// The index in [`ORCHESTRATORS`] of the one that leads, once exactly one does (a lease left by
+/// an orchestrator that restarted while starting takes up to a lease to expire).
+async fn the_leader(clients: &mut [Client; 2]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut leading = Vec::new();
+        for (i, client) in clients.iter_mut().enumerate() {
+            if leads(client).await {
+                leading.push(i);
+            }
+        }
+        if let [one] = leading[..] {
+            return one;
+        }
+        assert!(leading.len() < 2, "both orchestrators lead on one database");
+        assert!(
+            Instant::now() < deadline,
+            "no orchestrator leads after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every (config, cycle) of the campaign recorded once, succeeded at its first attempt.
+fn assert_each_run_once(runs: &[Run], expected: usize) {
+    let mut seen: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for run in runs {
+        *seen.entry((run.config.clone(), run.cycle)).or_default() += 1;
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(run.attempts, 1, "{run:?}");
+    }
+    assert_eq!(seen.len(), expected, "{seen:?}");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "recorded more than once: {seen:?}"
+    );
+}
+
+/// The runs as a reader compares them: id, state, attempts, result.
+fn run_rows(runs: &[Run]) -> Vec<(String, i32, u32, String)> {
+    let mut rows: Vec<_> = runs
+        .iter()
+        .map(|r| (r.id.clone(), r.state, r.attempts, r.result_json.clone()))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The postgres profile (deploy/compose.postgres.yaml) for real: Debian's PostgreSQL 15 in
+/// localhost/berth-postgres and two orchestrators on its database. One leads and runs a campaign
+/// through the agent; the other serves the same campaign, runs and results from the database
+/// and refuses writes; `docker kill` of the leader and the other takes writes within 5 s, then
+/// runs a campaign of its own through the same agent; the killed one started again follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_compose_postgres_profile_two_orchestrators_one_database() {
+    if !docker_present() {
+        return;
+    }
+    let postgres_image = "localhost/berth-postgres:latest";
+    let image_there = run(Command::new("docker").args(["image", "inspect", postgres_image]))
+        .status
+        .success();
+    // The image is made of this machine's postgresql-15: without it, skip (or fail on CI).
+    let server = Path::new("/usr/lib/postgresql/15/bin/postgres");
+    if !image_there
+        && require(
+            Part::Postgres,
+            if server.is_file() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} is missing, and so is {postgres_image}",
+                    server.display()
+                ))
+            },
+        )
+        .is_none()
+    {
+        return;
+    }
+    ensure_images();
+    ensure_profile_image(postgres_image, "--postgres");
+    let mut project = Project::new("pg");
+    project
+        .extra_files
+        .push(repo_root().join("deploy/compose.postgres.yaml"));
+    project.profile = Some("postgres");
+    project.env.insert(
+        "BERTH_POSTGRES_PASSWORD".into(),
+        format!("compose-test-{}", std::process::id()),
+    );
+    for var in [
+        "BERTH_PORT_ORCHESTRATOR_B",
+        "BERTH_PORT_ORCHESTRATOR_B_HTTP",
+    ] {
+        let port = berth_tests::free_port();
+        project.ports.insert(var, port);
+        project.env.insert(var.into(), port.to_string());
+    }
+
+    let started = Instant::now();
+    let up = project.compose(&["up", "-d"]);
+    assert!(
+        up.status.success(),
+        "docker-compose up failed:\n{}",
+        text(&up)
+    );
+    let mut services = SERVICES.to_vec();
+    services.extend(["postgres", "orchestrator-b"]);
+    wait_healthy(&project, &services, Duration::from_secs(180)).await;
+    eprintln!(
+        "compose up (postgres profile) → all 7 healthy in {:.1?}",
+        started.elapsed()
+    );
+
+    let mut clients = [
+        connect(project.port(ORCHESTRATORS[0].1)).await,
+        connect(project.port(ORCHESTRATORS[1].1)).await,
+    ];
+    let leader = the_leader(&mut clients).await;
+    let follower = 1 - leader;
+    let (leader_service, leader_port_var) = ORCHESTRATORS[leader];
+    let follower_service = ORCHESTRATORS[follower].0;
+    eprintln!("{leader_service} leads, {follower_service} follows");
+
+    // A campaign through the leader, every run recorded once.
+    let (mut leader_client, finished) = campaign_through_agent(
+        project.port(leader_port_var),
+        "compose-agent",
+        CAMPAIGN,
+        "compose.postgres.yaml",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_succeeded(&finished);
+    let counts = finished.runs.unwrap_or_default();
+    assert_eq!((counts.succeeded, counts.failed), (8, 0), "{counts:?}");
+    let runs = runs_of(&mut leader_client, &finished.id).await;
+    assert_each_run_once(&runs, 8);
+    let results = results_of(&mut leader_client, &finished.id).await;
+    assert_eq!(results.results.len(), 4, "{results:?}");
+
+    // The follower reads the same from the database, and refuses a write.
+    let follower_client = &mut clients[follower];
+    let seen = get_campaign(follower_client, &finished.id).await;
+    assert_eq!(
+        (seen.state, seen.runs),
+        (finished.state, finished.runs),
+        "the follower's GetCampaign"
+    );
+    assert_eq!(
+        run_rows(&runs_of(follower_client, &finished.id).await),
+        run_rows(&runs),
+        "the follower's ListRuns"
+    );
+    assert_eq!(
+        results_of(follower_client, &finished.id).await,
+        results,
+        "the follower's GetResults"
+    );
+    assert!(
+        hosts_of(follower_client)
+            .await
+            .iter()
+            .any(|h| h.name == "compose-agent"),
+        "the follower lists the stored host"
+    );
+    let refused = follower_client
+        .cancel_campaign(CancelCampaignRequest {
+            id: finished.id.clone(),
+        })
+        .await
+        .expect_err("a follower refuses writes");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(has_reason(&refused, NOT_LEADER), "{refused:?}");
+
+    // The leader killed (SIGKILL: no lease given up): the follower takes writes within 5 s.
+    let leader_container = project.container(leader_service);
+    let kill = run(Command::new("docker").args(["kill", &leader_container]));
+    assert!(kill.status.success(), "{}", text(&kill));
+    let killed_at = Instant::now();
+    while !leads(follower_client).await {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "{follower_service} never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = killed_at.elapsed();
+    eprintln!(
+        "failover: {follower_service} took writes {failover:.1?} after docker kill of {leader_service}"
+    );
+    assert!(
+        failover < Duration::from_secs(5),
+        "took over in {failover:?}"
+    );
+
+    // The new leader schedules: a campaign through the same agent (the host is stored).
+    let second = submit(follower_client, CAMPAIGN).await;
+    let second = wait_ended(follower_client, &second.id, Duration::from_secs(120)).await;
+    assert_succeeded(&second);
+    assert_each_run_once(&runs_of(follower_client, &second.id).await, 8);
+    assert_eq!(
+        get_campaign(follower_client, &finished.id).await.state,
+        CampaignState::Succeeded as i32,
+        "the first campaign as it was"
+    );
+
+    // The killed one, started again, follows.
+    let start = project.compose(&["start", leader_service]);
+    assert!(start.status.success(), "{}", text(&start));
+    wait_healthy(&project, &[leader_service], Duration::from_secs(60)).await;
+    let mut old_leader = connect(project.port(leader_port_var)).await;
+    assert!(
+        !leads(&mut old_leader).await,
+        "the old leader follows after its restart"
+    );
+    assert_eq!(
+        get_campaign(&mut old_leader, &second.id).await.state,
+        CampaignState::Succeeded as i32
+    );
+
+    let down = project.compose(&["down", "-v"]);
+    assert!(down.status.success(), "{}", text(&down));
+    let left = project.leftovers();
+    assert!(left.is_empty(), "down -v left: {left:?}");
+}
+
+async fn connect(port: u16) -> Client {
+    OrchestratorClient::new(wait_for(&format!("http://127.0.0.1:{port}")).await)
 }
