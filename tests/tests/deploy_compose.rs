@@ -784,6 +784,13 @@ async fn docker_compose_postgres_profile_two_orchestrators_one_database() {
         .expect_err("a follower refuses writes");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(has_reason(&refused, NOT_LEADER), "{refused:?}");
+    // Named by its store.advertise, so the operator knows which container leads.
+    assert!(
+        refused
+            .message()
+            .contains(&format!("the leader is {leader_service}:7700 (pid")),
+        "{refused:?}"
+    );
 
     // The leader killed (SIGKILL: no lease given up): the follower takes writes within 5 s.
     let leader_container = project.container(leader_service);

@@ -38,6 +38,10 @@ pub struct StoreConfig {
     /// from (it renews every third of it).
     #[serde(with = "humantime_serde")]
     pub leader_lease: Duration,
+    /// With `url`: the address clients reach this orchestrator at, shown by
+    /// the followers as the leader's (`orchestrator-b:7700`); empty:
+    /// `server.listen`, which says little behind NAT or in a container.
+    pub advertise: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +94,7 @@ impl Default for StoreConfig {
             url: String::new(),
             max_connections: 4,
             leader_lease: Duration::from_secs(3),
+            advertise: String::new(),
         }
     }
 }

@@ -142,12 +142,18 @@ pub fn open_store(config: &config::StoreConfig) -> Result<OpenedStore, store::St
     })
 }
 
-/// How this orchestrator is named in the leader lease: its listen address
-/// and its process, so that a restarted one is not taken for the old.
+/// How this orchestrator is named in the leader lease: the address it is
+/// reached at and its process, so that a restarted one is not taken for
+/// the old.
 fn leader_name(config: &Config) -> String {
+    let address = if config.store.advertise.is_empty() {
+        &config.server.listen
+    } else {
+        &config.store.advertise
+    };
     format!(
         "{} (pid {}, {})",
-        config.server.listen,
+        address,
         std::process::id(),
         uuid::Uuid::new_v4()
     )
