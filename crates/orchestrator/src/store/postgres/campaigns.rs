@@ -90,8 +90,11 @@ pub(super) fn insert_campaign(
 }
 
 pub(super) fn campaign(db: &mut Session, id: &str) -> PgResult<Option<Campaign>> {
-    let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1");
-    Ok(db.query_opt(&sql, &[&id])?.map(|row| campaign_row(&row).1))
+    // Prepared once: a watched campaign is read at every event.
+    let read = db.prepared(&format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1"
+    ))?;
+    Ok(db.query_opt(&read, &[&id])?.map(|row| campaign_row(&row).1))
 }
 
 pub(super) fn results_layout(db: &mut Session, id: &str) -> PgResult<Option<String>> {

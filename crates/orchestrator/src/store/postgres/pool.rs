@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Statement, Transaction};
+use tokio::runtime::RuntimeFlavor;
 
 use crate::store::{StoreError, StoreResult};
 
@@ -206,7 +207,19 @@ impl Pool {
         });
         let gone = || self.failed("the store's connection threads are gone");
         self.jobs.send(job).map_err(|_| gone())?;
-        match answered.recv_timeout(ANSWER_TIMEOUT) {
+        let wait = || answered.recv_timeout(ANSWER_TIMEOUT);
+        // The scheduler's tasks call from tokio's worker threads (as many as
+        // cores): waiting there for a round trip would hold up every other
+        // backend's task queued on that worker, so the worker's other tasks
+        // move to another thread while this one waits. A current-thread
+        // runtime (tests) has nowhere to move them.
+        let answer = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        match answer {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => {
                 Err(self.failed(&format!("no answer within {} s", ANSWER_TIMEOUT.as_secs())))
