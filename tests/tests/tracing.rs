@@ -431,6 +431,14 @@ const AGENT_METRICS: MetricList = &[
     ("berth_agent_image_imports_total", &["runtime", "outcome"]),
 ];
 
+/// Every service's counts of what became of its ended spans
+/// (crates/server/src/span_export.rs).
+const TRACE_EXPORT_METRICS: MetricList = &[
+    ("berth_trace_spans_dropped_total", &[]),
+    ("berth_trace_spans_exported_total", &[]),
+    ("berth_trace_spans_export_failed_total", &[]),
+];
+
 /// The llm-proxy's metrics of the OpenTelemetry GenAI conventions, under
 /// the names OpenTelemetry's Prometheus exporter gives them.
 const GEN_AI_METRICS: MetricList = &[
@@ -701,9 +709,35 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
         0.0
     );
 
+    // The spans of the campaign went to no collector: counted as failed
+    // exports (every 100 ms here), none exported, none dropped (the queue
+    // holds them all).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let scrape = Scrape::of(&http).await;
+        assert_eq!(
+            scrape.listed("berth_trace_", TRACE_EXPORT_METRICS).len(),
+            TRACE_EXPORT_METRICS.len(),
+            "{}",
+            scrape.text
+        );
+        assert_eq!(scrape.value("berth_trace_spans_exported_total", &[]), 0.0);
+        assert_eq!(scrape.value("berth_trace_spans_dropped_total", &[]), 0.0);
+        if scrape.value("berth_trace_spans_export_failed_total", &[]) > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed export counted\n{}",
+            scrape.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The agent's: each run's exec timed, none left running.
     let agent = Scrape::of(&stack.agent_http).await;
     agent.listed("berth_agent_", AGENT_METRICS);
+    agent.listed("berth_trace_", TRACE_EXPORT_METRICS);
     assert!(
         agent.value(
             "berth_agent_exec_start_seconds_count",
@@ -769,9 +803,10 @@ async fn an_unreachable_collector_costs_nothing_and_metrics_count_the_campaign()
 /// label name by its prefix (`gen_ai_client_…`, not `gen_ai_request_model`).
 #[test]
 fn monitoring_rules_and_dashboard_name_only_exported_metrics() {
-    let lists: [(&str, MetricList); 4] = [
+    let lists: [(&str, MetricList); 5] = [
         ("berth_orchestrator_", ORCHESTRATOR_METRICS),
         ("berth_agent_", AGENT_METRICS),
+        ("berth_trace_", TRACE_EXPORT_METRICS),
         ("gen_ai_client_", GEN_AI_METRICS),
         ("gen_ai_server_", GEN_AI_METRICS),
     ];
@@ -1004,9 +1039,10 @@ fn span_kind(received: &Received) -> opentelemetry_proto::tonic::trace::v1::span
 /// the OTLP receiver, its HTTP span the child of the caller's
 /// `traceparent`, its GenAI span (`chat smollm2`) carrying the GenAI
 /// conventions' attributes; the upstream receives a `traceparent` of the
-/// same trace, the GenAI span its parent. A streamed completion with a
-/// malformed `traceparent` starts a trace of its own, and the GenAI metrics
-/// (time to first token included) are exported as listed.
+/// same trace, the GenAI span's try its parent. A streamed completion with
+/// a malformed `traceparent` starts a trace of its own, its span describing
+/// the streamed answer, and the GenAI metrics (time to first token
+/// included) are exported as listed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chat_completion_is_one_trace_from_the_caller_to_the_upstream() {
     let Some((python, gguf)) =
@@ -1208,13 +1244,26 @@ async fn a_chat_completion_is_one_trace_from_the_caller_to_the_upstream() {
         "finish reasons {reasons:?}"
     );
 
-    // The upstream received the trace, the GenAI span its parent; the
-    // streamed request with the forged parent another trace.
+    // The upstream received the trace, the GenAI span's one try its
+    // parent; the streamed request with the forged parent another trace.
     let received = relay.traceparents();
     assert_eq!(received.len(), 2, "{received:?}");
+    let try_of = |gen_ai: &Received| {
+        let tries: Vec<Received> = receiver
+            .spans()
+            .into_iter()
+            .filter(|r| r.span.parent_span_id == gen_ai.span.span_id)
+            .collect();
+        assert_eq!(tries.len(), 1, "{tries:#?}");
+        assert_eq!(
+            tries[0].attribute("berth.llm.attempt").as_deref(),
+            Some("1")
+        );
+        tries[0].clone()
+    };
     assert_eq!(
         received[0],
-        traceparent(CALLER_TRACE, &hex(&gen_ai.span.span_id))
+        traceparent(CALLER_TRACE, &hex(&try_of(&gen_ai).span.span_id))
     );
     assert!(
         !received[1].contains(CALLER_TRACE) && received[1].starts_with("00-"),
@@ -1244,13 +1293,266 @@ async fn a_chat_completion_is_one_trace_from_the_caller_to_the_upstream() {
     );
     assert_eq!(
         received[1],
-        traceparent(&hex(&streamed.span.trace_id), &hex(&streamed.span.span_id))
+        traceparent(
+            &hex(&streamed.span.trace_id),
+            &hex(&try_of(&streamed).span.span_id)
+        )
+    );
+    // The stream described as a whole answer is.
+    assert!(streamed.attribute("gen_ai.response.model").is_some());
+    let reasons = string_array(&streamed, "gen_ai.response.finish_reasons");
+    assert!(
+        reasons == ["length"] || reasons == ["stop"],
+        "finish reasons {reasons:?}"
     );
     drop(llama);
 }
 
+/// An upstream that answers each request with the next of its scripted
+/// HTTP/1 answers (then closes the connection), keeping the `traceparent`
+/// each request came with.
+struct ScriptedUpstream {
+    port: u16,
+    traceparents: Arc<Mutex<Vec<String>>>,
+}
+
+impl ScriptedUpstream {
+    async fn start(answers: Vec<String>) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let traceparents = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&traceparents);
+        tokio::spawn(async move {
+            for answer in answers {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut received = Vec::new();
+                let mut chunk = [0u8; 16 << 10];
+                // The head, then as much body as it announces.
+                let (head_end, length) = loop {
+                    let read = client.read(&mut chunk).await.unwrap();
+                    assert!(read > 0, "the proxy closed before its request's end");
+                    received.extend_from_slice(&chunk[..read]);
+                    if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&received[..at]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                        if let Some(parent) =
+                            head.lines().find_map(|l| l.strip_prefix("traceparent:"))
+                        {
+                            kept.lock().unwrap().push(parent.trim().to_string());
+                        }
+                        break (at + 4, length);
+                    }
+                };
+                while received.len() < head_end + length {
+                    let read = client.read(&mut chunk).await.unwrap();
+                    assert!(read > 0, "the proxy closed before its request's end");
+                    received.extend_from_slice(&chunk[..read]);
+                }
+                client.write_all(answer.as_bytes()).await.unwrap();
+                client.shutdown().await.unwrap();
+            }
+        });
+        Self { port, traceparents }
+    }
+
+    fn traceparents(&self) -> Vec<String> {
+        self.traceparents.lock().unwrap().clone()
+    }
+}
+
+/// An SSE answer of OpenAI's shape: `events` as `data:` events, then
+/// `[DONE]`; its body ends with the connection.
+fn sse_answer(events: &[&str]) -> String {
+    let mut answer = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+    );
+    for event in events {
+        answer.push_str(&format!("data: {event}\n\n"));
+    }
+    answer.push_str("data: [DONE]\n\n");
+    answer
+}
+
+/// A streamed chat completion through the real berth-llm-proxy to a
+/// scripted upstream that refuses the first try (503) and streams the
+/// second: the request's GenAI span carries what the stream said (the
+/// model, id and finish reasons of its chunks, the usage of its usage
+/// chunk — one the proxy asked for and the client did not get), and each
+/// try is a child span of it with the deployment, model, try number and
+/// outcome, whose `traceparent` the upstream received. A second stream,
+/// with the usage the client asked for passed untouched, is described the
+/// same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_chat_completion_s_span_describes_the_answer_and_each_try() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let chunk = |delta: &str, reason: &str| {
+        format!(
+            r#"{{"id":"chatcmpl-7","object":"chat.completion.chunk","model":"tiny-q8","choices":[{{"index":0,"delta":{delta},"finish_reason":{reason}}}]}}"#
+        )
+    };
+    let usage = r#"{"id":"chatcmpl-7","object":"chat.completion.chunk","model":"tiny-q8","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}}"#;
+    let (first, second, last) = (
+        chunk(r#"{"role":"assistant","content":"Hi"}"#, "null"),
+        chunk(r#"{"content":"!"}"#, "null"),
+        chunk("{}", r#""length""#),
+    );
+    let stream = sse_answer(&[&first, &second, &last, usage]);
+    let error = r#"{"error": {"message": "loading"}}"#;
+    let refused = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{error}",
+        error.len()
+    );
+    let upstream = ScriptedUpstream::start(vec![refused, stream.clone(), stream]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let litellm = dir.path().join("litellm.yaml");
+    std::fs::write(
+        &litellm,
+        format!(
+            "model_list:\n\
+             \x20 - model_name: tiny\n    litellm_params: {{model: openai/tiny-upstream, api_base: http://127.0.0.1:{}/v1}}\n    model_info: {{id: tiny-a}}\n",
+            upstream.port
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let proxy = Process::spawn(
+        "berth-llm-proxy",
+        &[
+            "--listen",
+            &listen,
+            "--http-listen",
+            &http,
+            "--set",
+            &format!("proxy.litellm_config={}", litellm.display()),
+        ],
+        &[
+            ("BERTH_SERVER__OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    wait_for(&format!("http://{listen}")).await;
+
+    let caller = traceparent(CALLER_TRACE, CALLER_SPAN);
+    let (status, answer) = http_post(
+        &http,
+        "/v1/chat/completions",
+        &[("traceparent", &caller)],
+        r#"{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], "stream": true}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("data: [DONE]"), "{answer}");
+    assert!(
+        !answer.contains("usage"),
+        "usage the client did not ask for: {answer}"
+    );
+    let (status, answer) = http_post(
+        &http,
+        "/v1/chat/completions",
+        &[],
+        r#"{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], "stream": true, "stream_options": {"include_usage": true}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"usage\""), "{answer}");
+    assert_eq!(proxy.terminate(), Some(0), "the proxy did not stop cleanly");
+
+    let trace = (0..CALLER_TRACE.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&CALLER_TRACE[at..at + 2], 16).unwrap())
+        .collect::<Vec<u8>>();
+    let is_proxy_span =
+        |r: &Received, name: &str| r.service == "berth-llm-proxy" && r.span.name == name;
+    let described = |gen_ai: &Received| {
+        for (key, expected) in [
+            ("gen_ai.response.model", "tiny-q8"),
+            ("gen_ai.response.id", "chatcmpl-7"),
+            ("gen_ai.usage.input_tokens", "11"),
+            ("gen_ai.usage.output_tokens", "2"),
+            ("berth.llm.deployment", "tiny-a"),
+        ] {
+            assert_eq!(gen_ai.attribute(key).as_deref(), Some(expected), "{key}");
+        }
+        assert_eq!(
+            string_array(gen_ai, "gen_ai.response.finish_reasons"),
+            ["length"]
+        );
+        assert!(gen_ai.attribute("error.type").is_none());
+    };
+    let gen_ai = span_where(&receiver, |r| {
+        is_proxy_span(r, "chat tiny") && r.span.trace_id == trace
+    })
+    .await;
+    described(&gen_ai);
+    let untouched = span_where(&receiver, |r| {
+        is_proxy_span(r, "chat tiny") && r.span.trace_id != trace
+    })
+    .await;
+    described(&untouched);
+
+    // The retried request's tries, in order, each the GenAI span's child.
+    let mut tries: Vec<Received> = receiver
+        .spans()
+        .into_iter()
+        .filter(|r| {
+            is_proxy_span(r, "attempt tiny-a") && r.span.parent_span_id == gen_ai.span.span_id
+        })
+        .collect();
+    tries.sort_by_key(|r| r.attribute("berth.llm.attempt"));
+    assert_eq!(tries.len(), 2, "{tries:#?}");
+    for (at, attempt) in tries.iter().enumerate() {
+        assert_eq!(span_kind(attempt).as_str_name(), "SPAN_KIND_CLIENT");
+        assert_eq!(
+            attempt.attribute("berth.llm.attempt"),
+            Some((at + 1).to_string())
+        );
+        for (key, expected) in [
+            ("berth.llm.deployment", "tiny-a"),
+            ("gen_ai.request.model", "tiny-upstream"),
+            ("gen_ai.provider.name", "openai"),
+            ("server.address", "127.0.0.1"),
+        ] {
+            assert_eq!(attempt.attribute(key).as_deref(), Some(expected), "{key}");
+        }
+        assert_eq!(
+            attempt.attribute("server.port"),
+            Some(upstream.port.to_string())
+        );
+    }
+    let error = opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32;
+    assert_eq!(
+        tries[0].attribute("error.type").as_deref(),
+        Some("upstream_error")
+    );
+    assert_eq!(
+        tries[0].attribute("http.response.status_code").as_deref(),
+        Some("503")
+    );
+    assert_eq!(tries[0].span.status.as_ref().map(|s| s.code), Some(error));
+    assert!(tries[1].attribute("error.type").is_none());
+    assert_ne!(tries[1].span.status.as_ref().map(|s| s.code), Some(error));
+    // Each try sent its own span as the upstream's parent.
+    let received = upstream.traceparents();
+    assert_eq!(received.len(), 3, "{received:?}");
+    for (sent, attempt) in received.iter().zip(&tries) {
+        assert_eq!(
+            *sent,
+            traceparent(CALLER_TRACE, &hex(&attempt.span.span_id))
+        );
+    }
+}
+
 /// The embedding service's HTTP API joins the caller's trace too (with or
-/// without its model: the span is the request's, whatever it answers).
+/// without its model: the span is the request's, whatever it answers), and
+/// its `/metrics` counts the spans the collector took.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedding_request_joins_the_callers_trace() {
     let (receiver, endpoint) = Receiver::start().await;
@@ -1277,6 +1579,26 @@ async fn an_embedding_request_joins_the_callers_trace() {
     .await;
     // 200 with the model, 503 without it: traced either way.
     assert!(status == 200 || status == 503, "{status} {answer}");
+    // Every 100 ms a batch leaves: the collector's acceptance is counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let scrape = Scrape::of(&http).await;
+        scrape.listed("berth_trace_", TRACE_EXPORT_METRICS);
+        if scrape.value("berth_trace_spans_exported_total", &[]) > 0.0 {
+            assert_eq!(scrape.value("berth_trace_spans_dropped_total", &[]), 0.0);
+            assert_eq!(
+                scrape.value("berth_trace_spans_export_failed_total", &[]),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exported span counted\n{}",
+            scrape.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(embedding.terminate(), Some(0));
     let span = span_where(&receiver, |r| {
         r.service == "berth-embedding" && r.span.name == "POST"

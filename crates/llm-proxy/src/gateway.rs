@@ -150,6 +150,11 @@ impl Settle {
         &self.in_flight.deployment().config.id
     }
 
+    /// The request's GenAI span.
+    pub(crate) fn span(&self) -> &OperationSpan {
+        self.meter.span()
+    }
+
     pub(crate) fn finish(self, usage: Option<Usage>, outcome: Outcome) {
         self.settle(usage, outcome, None);
     }
@@ -282,6 +287,8 @@ impl Gateway {
         let mut last_error = None;
         // The prompt's size, measured once for the budget's worst case.
         let mut prompt_bytes = None;
+        // Tries sent upstream, fallbacks included: each one's span says which.
+        let mut tries = 0;
         for group in self.router.groups_for(&call.model) {
             let mut tried: Vec<Arc<Deployment>> = Vec::new();
             // A retry after an upstream's failure backs off; one after a
@@ -323,7 +330,11 @@ impl Gateway {
                 };
                 backoff = true;
                 meter.attempting(&deployment.config);
-                match self.attempt(&deployment, &call, meter.span(), clock).await {
+                tries += 1;
+                match self
+                    .attempt(&deployment, &call, meter.span(), tries, clock)
+                    .await
+                {
                     Ok(answer) => {
                         let settle = Settle {
                             in_flight,
@@ -381,11 +392,12 @@ impl Gateway {
         deployment: &Deployment,
         call: &Call,
         span: &OperationSpan,
+        number: u32,
         clock: &UpstreamClock,
     ) -> Result<Answer, ProxyError> {
         let config = &deployment.config;
         let mut request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
-        span.attempt(config, &mut request);
+        let attempt = span.attempt(number, config, &mut request);
         let dialect = request.dialect;
         let timeout = if call.stream {
             config.stream_timeout.or(config.timeout)
@@ -444,6 +456,9 @@ impl Gateway {
         // Up to the headers for a stream, the whole body otherwise (with an
         // Anthropic answer's translation, which is not worth timing apart).
         clock.add(started.elapsed());
+        if let Err(error) = &answer {
+            attempt.failed(error);
+        }
         answer
     }
 }

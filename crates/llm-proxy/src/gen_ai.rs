@@ -3,19 +3,24 @@
 //! {gen_ai.request.model}`, kind client: the proxy is the GenAI client of
 //! its upstreams), a child of the request's HTTP or gRPC span and so of
 //! the caller's trace, lasting to the end of the answer (a stream's last
-//! byte). Each upstream attempt sends its trace context in `traceparent`,
-//! and the span takes the provider and address of the last deployment
+//! byte). Each try on an upstream deployment (retries and fallbacks) is a
+//! child span of it that sends its trace context in `traceparent`, and the
+//! request's span takes the provider and address of the last deployment
 //! tried. The metrics of the conventions are in `crate::metrics`.
 //!
 //! With no exporter the span is disabled (see
 //! `berth_server::trace_context::REQUEST_SPAN_TARGET`) and every method
 //! here returns at once: nothing is formatted, parsed or looked up for it.
 
+use std::collections::BTreeMap;
+
+use berth_server::ServiceError as _;
 use berth_server::trace_context::{self, REQUEST_SPAN_TARGET};
 use serde::Deserialize;
 use tracing::Span;
 use tracing::field::Empty;
 
+use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig;
 use crate::providers::{Endpoint, UpstreamRequest};
 use crate::settings::ProviderKind;
@@ -78,29 +83,55 @@ impl OperationSpan {
         self.0.is_disabled()
     }
 
-    /// An attempt on `deployment`: the span names its provider and address,
-    /// and `request` carries the span's trace context to the upstream.
-    pub fn attempt(&self, deployment: &DeploymentConfig, request: &mut UpstreamRequest) {
+    /// The `number`th try (from 1, fallbacks included) of the request, on
+    /// `deployment`: a child span of this one, which this one names the
+    /// provider and address of too (the last tried), and `request` carries
+    /// the attempt's trace context to the upstream.
+    pub fn attempt(
+        &self,
+        number: u32,
+        deployment: &DeploymentConfig,
+        request: &mut UpstreamRequest,
+    ) -> AttemptSpan {
         if self.is_disabled() {
-            return;
+            return AttemptSpan(Span::none());
         }
         let provider = provider_name(deployment.provider);
+        let attempt = tracing::info_span!(
+            target: REQUEST_SPAN_TARGET,
+            parent: &self.0,
+            "gen_ai.attempt",
+            otel.name = %format_args!("attempt {}", deployment.id),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            gen_ai.provider.name = provider,
+            gen_ai.request.model = deployment.upstream_model.as_str(),
+            berth.llm.deployment = deployment.id.as_str(),
+            berth.llm.attempt = number,
+            server.address = Empty,
+            server.port = Empty,
+            http.response.status_code = Empty,
+            "error.type" = Empty,
+        );
         self.0.record("gen_ai.provider.name", provider);
         self.0.record("gen_ai.system", provider);
         self.0
             .record("berth.llm.deployment", deployment.id.as_str());
-        if let Some(host) = request.uri.host() {
-            self.0.record("server.address", host);
-        }
         let port = request.uri.port_u16().or(match request.uri.scheme_str() {
             Some("https") => Some(443),
             Some("http") => Some(80),
             _ => None,
         });
-        if let Some(port) = port {
-            self.0.record("server.port", port);
+        for span in [&self.0, &attempt] {
+            if let Some(host) = request.uri.host() {
+                span.record("server.address", host);
+            }
+            if let Some(port) = port {
+                span.record("server.port", port);
+            }
         }
-        trace_context::inject_http(&self.0, &mut request.headers);
+        trace_context::inject_http(&attempt, &mut request.headers);
+        AttemptSpan(attempt)
     }
 
     /// A whole answer's usage, and on the span its model, id and finish
@@ -143,6 +174,28 @@ impl OperationSpan {
         described.usage
     }
 
+    /// A reader of a streamed answer's chunks for the span; None while
+    /// the span is not recorded, so an untraced stream parses nothing more.
+    pub fn streamed_answer(&self) -> Option<StreamedAnswer> {
+        (!self.is_disabled()).then(StreamedAnswer::default)
+    }
+
+    /// What a streamed answer said of itself, however far it got: as
+    /// [`whole_answer`](Self::whole_answer) records for a whole one (the
+    /// usage comes with the request's, from the stream's usage chunk).
+    pub fn streamed(&self, answer: StreamedAnswer) {
+        if let Some(model) = &answer.model {
+            self.0.record("gen_ai.response.model", model.as_str());
+        }
+        if let Some(id) = &answer.id {
+            self.0.record("gen_ai.response.id", id.as_str());
+        }
+        if !answer.finish_reasons.is_empty() {
+            let reasons = answer.finish_reasons.into_values().collect();
+            trace_context::set_string_array(&self.0, "gen_ai.response.finish_reasons", reasons);
+        }
+    }
+
     /// The request's usage, once known.
     pub fn usage(&self, usage: &Usage, operation: &'static str) {
         self.0
@@ -164,5 +217,95 @@ impl OperationSpan {
     pub fn failed(&self, error_type: &'static str) {
         self.0.record("error.type", error_type);
         self.0.record("otel.status_code", "error");
+    }
+}
+
+/// The span of one try on one upstream deployment, from sending the
+/// request to the whole answer (a stream: to its response headers; the
+/// stream's own end is the request span's); it ends when dropped.
+#[derive(Debug)]
+pub struct AttemptSpan(Span);
+
+impl AttemptSpan {
+    /// The try failed (the request may go on elsewhere): the error's
+    /// `reason` as `error.type`, and an upstream's refusal's status.
+    pub fn failed(&self, error: &ProxyError) {
+        if self.0.is_disabled() {
+            return;
+        }
+        if let ProxyError::Upstream { status, .. } = error {
+            self.0.record("http.response.status_code", status.as_u16());
+        }
+        self.0.record("error.type", error.reason());
+        self.0.record("otel.status_code", "error");
+    }
+}
+
+/// Reads along a streamed chat or text completion (OpenAI's chunks) what
+/// the span says of a whole answer: the model and id the chunks carry and
+/// each choice's finish reason, which only its last chunk has.
+#[derive(Debug, Default)]
+pub struct StreamedAnswer {
+    model: Option<String>,
+    id: Option<String>,
+    /// By choice index, so that `n` choices give their reasons in order.
+    finish_reasons: BTreeMap<u64, String>,
+}
+
+impl StreamedAnswer {
+    /// One event's `data:` payload; anything but a chunk (`[DONE]`, an
+    /// error event) is passed over.
+    pub fn chunk(&mut self, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Choice {
+            #[serde(default)]
+            index: u64,
+            finish_reason: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Chunk {
+            model: Option<String>,
+            id: Option<String>,
+            #[serde(default)]
+            choices: Vec<Choice>,
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(payload) else {
+            return;
+        };
+        if self.model.is_none() {
+            self.model = chunk.model;
+        }
+        if self.id.is_none() {
+            self.id = chunk.id;
+        }
+        for choice in chunk.choices {
+            if let Some(reason) = choice.finish_reason {
+                self.finish_reasons.insert(choice.index, reason);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_gives_its_model_id_and_each_choice_s_last_reason() {
+        let mut answer = StreamedAnswer::default();
+        for payload in [
+            r#"{"id":"c1","model":"smollm2-q8","choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"smollm2-q8","choices":[{"index":1,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"smollm2-q8","choices":[{"index":1,"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"id":"c1","model":"smollm2-q8","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c1","model":"smollm2-q8","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+            "[DONE]",
+        ] {
+            answer.chunk(payload.as_bytes());
+        }
+        assert_eq!(answer.model.as_deref(), Some("smollm2-q8"));
+        assert_eq!(answer.id.as_deref(), Some("c1"));
+        let reasons: Vec<&str> = answer.finish_reasons.values().map(String::as_str).collect();
+        assert_eq!(reasons, ["stop", "length"]);
     }
 }

@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 use crate::cache::{Cached, Key, ResponseCache};
 use crate::error::ProxyError;
 use crate::gateway::Settle;
+use crate::gen_ai::StreamedAnswer;
 use crate::providers::AnthropicEvents;
 use crate::sse::{self, Lines, StripUsage};
 use crate::usage::{Outcome, Usage};
@@ -118,6 +119,11 @@ pub struct PassThrough {
     settle: Option<Settle>,
     /// Set when the answer is to be cached.
     recorder: Option<Recorder>,
+    /// Reads the chunks for the request's GenAI span; None when untraced.
+    answer: Option<StreamedAnswer>,
+    /// Splits the client's lines of a rewritten stream for `answer` (an
+    /// untouched one is split by `lines` already).
+    answer_lines: Lines,
 }
 
 impl PassThrough {
@@ -128,6 +134,7 @@ impl PassThrough {
         settle: Settle,
         recorder: Option<Recorder>,
     ) -> Self {
+        let answer = settle.span().streamed_answer();
         Self {
             inner,
             lines: Lines::default(),
@@ -137,7 +144,19 @@ impl PassThrough {
             deadline: Box::pin(tokio::time::sleep(idle)),
             settle: Some(settle),
             recorder,
+            answer,
+            answer_lines: Lines::default(),
         }
+    }
+
+    /// The request's accounting, to settle it now, with what the stream
+    /// said of itself recorded on its span first.
+    fn take_settle(&mut self) -> Option<Settle> {
+        let settle = self.settle.take()?;
+        if let Some(answer) = self.answer.take() {
+            settle.span().streamed(answer);
+        }
+        Some(settle)
     }
 
     fn record(&mut self, data: &[u8]) {
@@ -150,7 +169,7 @@ impl PassThrough {
     fn fail(&mut self, error: &ProxyError) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         tracing::warn!(%error, "upstream stream failed");
         let event = sse::error_event(&error.to_json());
-        if let Some(settle) = self.settle.take() {
+        if let Some(settle) = self.take_settle() {
             settle.fail(self.usage, error);
         }
         Poll::Ready(Some(Ok(Frame::data(event))))
@@ -182,9 +201,16 @@ impl Body for PassThrough {
                     match &mut this.relay {
                         Relay::Untouched => {
                             let usage = &mut this.usage;
+                            let answer = &mut this.answer;
                             this.lines.push(data, |line| {
-                                if let Some(found) = sse::data(line).and_then(sse::usage) {
+                                let Some(payload) = sse::data(line) else {
+                                    return;
+                                };
+                                if let Some(found) = sse::usage(payload) {
                                     *usage = Some(found);
+                                }
+                                if let Some(answer) = answer {
+                                    answer.chunk(payload);
                                 }
                             });
                             this.record(data);
@@ -202,6 +228,13 @@ impl Body for PassThrough {
                     if out.is_empty() {
                         continue;
                     }
+                    if let Some(answer) = &mut this.answer {
+                        this.answer_lines.push(&out, |line| {
+                            if let Some(payload) = sse::data(line) {
+                                answer.chunk(payload);
+                            }
+                        });
+                    }
                     this.record(&out);
                     Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
                 }
@@ -213,7 +246,7 @@ impl Body for PassThrough {
                     })
                 }
                 Poll::Ready(None) => {
-                    if let Some(settle) = this.settle.take() {
+                    if let Some(settle) = this.take_settle() {
                         settle.finish(this.usage, Outcome::Ok);
                     }
                     if let Some(recorder) = this.recorder.take() {
@@ -242,7 +275,7 @@ impl Body for PassThrough {
 
 impl Drop for PassThrough {
     fn drop(&mut self) {
-        if let Some(settle) = self.settle.take() {
+        if let Some(settle) = self.take_settle() {
             settle.finish(self.usage, Outcome::Abandoned);
         }
     }

@@ -18,6 +18,7 @@ pub mod paging;
 #[cfg(feature = "parquet")]
 pub mod parquet_columns;
 pub mod serve;
+pub mod span_export;
 pub mod telemetry;
 pub mod trace_context;
 pub mod unix_authority;

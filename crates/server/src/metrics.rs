@@ -15,6 +15,11 @@ use prometheus_client::registry::Registry;
 pub const GRPC_REQUESTS: &str = "berth_grpc_requests";
 pub const GRPC_REQUEST_SECONDS: &str = "berth_grpc_request_seconds";
 pub const RUNTIME_ALIVE_TASKS: &str = "berth_runtime_alive_tasks";
+/// Counters of what became of ended spans (crate::span_export); the
+/// exposition adds `_total`.
+pub const TRACE_SPANS_DROPPED: &str = "berth_trace_spans_dropped";
+pub const TRACE_SPANS_EXPORTED: &str = "berth_trace_spans_exported";
+pub const TRACE_SPANS_EXPORT_FAILED: &str = "berth_trace_spans_export_failed";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {

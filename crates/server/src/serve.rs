@@ -154,6 +154,7 @@ impl ServiceHost {
     pub async fn serve(mut self, http_routes: Option<axum::Router>) -> Result<(), ServeError> {
         let grpc_metrics = GrpcMetrics::register(&mut self.registry);
         crate::metrics::RuntimeTasks::register(&mut self.registry);
+        crate::span_export::SpanCounts::global().register(&mut self.registry);
         let registry = Arc::new(self.registry);
         let grpc_addr = self.grpc.local_addr();
 

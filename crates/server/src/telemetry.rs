@@ -4,10 +4,10 @@
 //!
 //! The log filter (`RUST_LOG`) applies to the log lines only: spans at INFO
 //! and above are exported whatever it is, so a quiet log does not cut a
-//! trace short. Export runs on the batch processor's own thread from a
-//! bounded queue (2048 spans by default, `OTEL_BSP_*` to tune): when the
-//! collector is slow or gone, spans past the bound are dropped, and no
-//! request waits for it.
+//! trace short. Export runs on a thread of its own from a bounded queue
+//! ([`crate::span_export`]: 2048 spans by default, `OTEL_BSP_*` to tune):
+//! when the collector is slow or gone, spans past the bound are dropped and
+//! counted on `/metrics`, and no request waits for it.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -19,6 +19,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, ServerConfig};
+use crate::span_export::{BoundedBatchProcessor, ExportConfig, SpanCounts};
 
 /// Flushes and stops trace export when dropped.
 #[derive(Debug)]
@@ -61,8 +62,11 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
             .with_endpoint(config.otlp_endpoint.clone())
             .build()
             .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
+        let export = ExportConfig::from_env().map_err(|e| e.to_string())?;
+        let processor = BoundedBatchProcessor::new(exporter, export, SpanCounts::global().clone())
+            .map_err(|e| format!("cannot start the span export thread: {e}"))?;
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(processor)
             .with_sampler(sampler(config.trace_sample_ratio)?)
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
