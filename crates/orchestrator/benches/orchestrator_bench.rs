@@ -514,7 +514,9 @@ async fn bench_dispatch() {
         panic!("BENCH_STORES lists no store");
     };
 
-    let ready = if docker == "off" {
+    let ready = if docker_runs == 0 {
+        Err("BENCH_DOCKER_RUNS=0".to_string())
+    } else if docker == "off" {
         Err("no docker socket at /var/run/docker.sock".to_string())
     } else {
         match busybox_tar() {
@@ -853,6 +855,10 @@ async fn bench_protocol() {
         ),
     ];
     let mut per_run: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    // Where a run's time goes: between one run's end and the next one's
+    // start (the gap, what is prepared after it) or from start to end (the
+    // power session, the exec).
+    let mut between: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for repeat in 0..repeats {
         for (i, (_, power, _)) in variants.iter().enumerate() {
             let manifest = format!(
@@ -861,13 +867,16 @@ async fn bench_protocol() {
             );
             if let Some(d) = dispatch_campaign(&mut client, manifest, false).await {
                 per_run[i].push(1e3 / d.steady_rate);
+                between[i].push(d.gap_ms);
             }
         }
     }
     let mut medians: Vec<f64> = per_run.iter_mut().map(|v| median(v)).collect();
-    for ((label, _, gap), ms) in variants.iter().zip(&mut medians) {
+    for (i, ((label, _, gap), ms)) in variants.iter().zip(&mut medians).enumerate() {
         println!(
-            "protocol: {runs} runs, {label}: {ms:.2} ms per run (median of {repeats}), {gap} ms of it configured"
+            "protocol: {runs} runs, {label}: {ms:.2} ms per run (median of {repeats}), {gap} ms of it configured; \
+             p50 {:.2} ms from a run's end to the next one's start",
+            median(&mut between[i])
         );
     }
     let session = medians[1] - medians[0];

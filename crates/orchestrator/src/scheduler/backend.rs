@@ -14,7 +14,10 @@ use berth_proto::agent::v1::{
 };
 use berth_proto::common::v1::{self as common, WorkloadSpec};
 use berth_proto::orchestrator::v1::{HostStatus, Run};
+use tokio::time::Instant;
+use tracing::Instrument;
 
+use super::run::Unprepared;
 use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer, index_list};
 use crate::backend_watch::BackendWatch;
 use crate::deployment::Serving;
@@ -75,6 +78,9 @@ impl Scheduler {
         // Refused tries to start the backend, per host, since it was last placed.
         let mut refusals: HashMap<String, u32> = HashMap::new();
         let mut previous: Option<Run> = None;
+        // Since when the backend has been without a run: the gap before the
+        // next run counts from here.
+        let mut idle_since = Instant::now();
         loop {
             if ctx.token.is_cancelled() {
                 break;
@@ -101,6 +107,7 @@ impl Scheduler {
                         backoff = FIRST_BACKOFF;
                         refusals.clear();
                         self.mark_running(&ctx.id)?;
+                        idle_since = Instant::now();
                         placement
                     }
                     Err(error) => {
@@ -119,15 +126,26 @@ impl Scheduler {
                     }
                 },
             };
-            if let Some(gap) = gap_before(&ctx.plan, previous.as_ref(), &run) {
-                tokio::select! {
-                    () = ctx.token.cancelled() => { placed = Some(placement); break }
-                    () = tokio::time::sleep(gap) => {}
-                    // Started again at once; the gap starts over after it.
-                    _ = placement.watch.went_down() => { placed = Some(placement); continue }
+            let gap = gap_before(&ctx.plan, previous.as_ref(), &run).map(|gap| (idle_since, gap));
+            let prepared = match self.prepare(&ctx, &run, &mut placement, gap).await {
+                Ok(prepared) => prepared,
+                Err(Unprepared::Stopped) => {
+                    placed = Some(placement);
+                    break;
                 }
-            }
-            match self.execute(&ctx, &run, &placement).await? {
+                // Started again at once; the gap starts over after it.
+                Err(Unprepared::WentDown) => {
+                    placed = Some(placement);
+                    continue;
+                }
+            };
+            let span = prepared.span.clone();
+            let executed = self
+                .execute(&ctx, &run, &placement, prepared)
+                .instrument(span)
+                .await?;
+            idle_since = Instant::now();
+            match executed {
                 None => {
                     placed = Some(placement);
                     self.settle(&ctx, &run, &backend)?;

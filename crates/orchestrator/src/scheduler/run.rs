@@ -1,5 +1,6 @@
-//! One run on a placed backend: dispatched (recorded before the exec is
-//! sent, with the key derived from what was recorded), its exec followed to
+//! One run on a placed backend: prepared in the gap before it (its GPUs
+//! leased, its host's provenance asked), dispatched (recorded before the
+//! exec is sent, with the key derived from what was recorded), its exec followed to
 //! its end and attached again when the stream breaks, the outcome handed to
 //! [`record`](super::record); runs found in flight after a restart are
 //! attached and followed the same way. A failed exit is first checked
@@ -14,13 +15,16 @@ use berth_proto::agent::v1::{
 use berth_proto::common::v1::EnvVar;
 use berth_proto::orchestrator::v1::{Run, RunState};
 use berth_server::error::{has_reason, reasons};
+use tokio::time::Instant;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::output::RunOutput;
 use super::record::failure;
 use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer};
+use crate::backend_watch::BackendWatch;
 use crate::error::OrchestratorError;
+use crate::gpu_leases::GpuLease;
 use crate::hosts::{AgentClient, describe_status};
 use crate::manifest::PlannedRun;
 use crate::power::{PowerRecord, PowerSession};
@@ -44,18 +48,59 @@ enum Unfinished {
     Lost(Interrupted),
 }
 
+/// How long before its gap ends a run's GPUs are leased and its host is
+/// asked for its provenance: time enough for the host to answer (it reads
+/// its GPUs' clocks and temperatures) before the run is due, little enough
+/// that what it describes is the state the run starts in.
+const PREPARE_AHEAD: Duration = Duration::from_millis(50);
+
+/// What a run was prepared with, in the gap before it.
+pub(super) struct Prepared {
+    /// The run's trace (one per attempt), rooted here rather than in
+    /// whatever call started the campaign's worker: the agent's calls and
+    /// the power sampler's session join it through the calls' trace context.
+    pub(super) span: tracing::Span,
+    /// Held until the run ends.
+    gpus: GpuLease,
+    provenance: Provenance,
+}
+
+/// Why a run's preparation was left; the run is still pending.
+pub(super) enum Unprepared {
+    /// The campaign stops.
+    Stopped,
+    /// The backend went down.
+    WentDown,
+}
+
 impl Scheduler {
-    /// Executes one run. `Ok(None)`: the run reached an end state (or was
-    /// taken by someone else); `Ok(Some(_))`: it is pending again.
-    pub(super) async fn execute(
+    /// Prepares `run` in the `gap` before it (since when, how long) and
+    /// returns when the gap is over. The gap counts from the end of the
+    /// backend's previous run, so that what does not depend on the time
+    /// (fetching the run, settling the previous one's cycles, the lease,
+    /// the provenance) is done within it instead of after it; the pause is
+    /// to a deadline fixed before that work, so the work does not lengthen
+    /// the gap, and its end is slept precisely ([`TIMER_SLACK`]).
+    ///
+    /// The run stays pending until the gap is over: its `→ dispatched` is
+    /// its start (`started_at`, which the gap is there to keep apart from
+    /// the previous run's end), and a dispatched run is one whose exec may
+    /// have been sent, so a backend going down in the gap, or a restart,
+    /// would charge it an attempt. Its power session opens after the
+    /// dispatch too: the session's window is the run's measured window, and
+    /// the thermal gate before it waits for the devices as the run finds
+    /// them.
+    pub(super) async fn prepare(
         &self,
         ctx: &CampaignRun,
         run: &Run,
-        placed: &Placed,
-    ) -> Result<Option<Interrupted>, OrchestratorError> {
-        // One trace per run attempt, rooted here rather than in whatever
-        // call started the campaign's worker: the agent's exec and the power
-        // sampler's session join it through the calls' trace context.
+        placed: &mut Placed,
+        gap: Option<(Instant, Duration)>,
+    ) -> Result<Prepared, Unprepared> {
+        if let Some((since, gap)) = gap {
+            let ahead = since + gap.saturating_sub(PREPARE_AHEAD);
+            pause(ctx, &mut placed.watch, tokio::time::sleep_until(ahead)).await?;
+        }
         let span = tracing::info_span!(
             parent: None,
             "run",
@@ -70,21 +115,44 @@ impl Scheduler {
         if let Some(caller) = &ctx.launched_by {
             span.add_link(caller.clone());
         }
-        self.execute_attempt(ctx, run, placed)
-            .instrument(span)
+        // The provenance after the lease, which may wait for another run,
+        // and before the power session, so that asking adds nothing to the
+        // measured window: it describes the host as this run finds it.
+        let leased = async {
+            let gpus = self.lease_gpus(ctx, run, placed).await?;
+            let provenance = provenance(placed, ctx.plan.manifest.power.enabled).await;
+            Some((gpus, provenance))
+        };
+        let (gpus, provenance) = leased
+            .instrument(span.clone())
             .await
+            .ok_or(Unprepared::Stopped)?;
+        if let Some((since, gap)) = gap {
+            pause(ctx, &mut placed.watch, sleep_until_precisely(since + gap)).await?;
+        }
+        Ok(Prepared {
+            span,
+            gpus,
+            provenance,
+        })
     }
 
-    async fn execute_attempt(
+    /// Executes one prepared run, in its span (`Prepared::span`: the
+    /// caller instruments the call with it). `Ok(None)`: the run reached an
+    /// end state (or was taken by someone else); `Ok(Some(_))`: it is
+    /// pending again.
+    pub(super) async fn execute(
         &self,
         ctx: &CampaignRun,
         run: &Run,
         placed: &Placed,
+        prepared: Prepared,
     ) -> Result<Option<Interrupted>, OrchestratorError> {
-        // Held until the run ends.
-        let Some(_gpus) = self.lease_gpus(ctx, run, placed).await else {
-            return Ok(None);
-        };
+        let Prepared {
+            gpus: _gpus,
+            provenance,
+            ..
+        } = prepared;
         let dispatch = RunUpdate {
             host: Some(placed.host.clone()),
             add_attempt: true,
@@ -109,10 +177,6 @@ impl Scheduler {
         let attempt = dispatched.attempts;
         tracing::Span::current().record("berth.run.attempt", attempt);
         let power = &ctx.plan.manifest.power;
-        // Before the power session opens, so that asking adds nothing to
-        // the measured window (the temperature is then the one before any
-        // thermal gate).
-        let provenance = provenance(placed, power.enabled).await;
         let mut power_session = None;
         if power.enabled {
             match self
@@ -610,6 +674,38 @@ async fn provenance(placed: &Placed, measures_power: bool) -> Provenance {
         describe().await
     } else {
         placed.provenance.get_or_init(describe).await.clone()
+    }
+}
+
+/// Waits for `sleep`, unless the campaign stops or the backend goes down
+/// first.
+async fn pause(
+    ctx: &CampaignRun,
+    watch: &mut BackendWatch,
+    sleep: impl Future<Output = ()>,
+) -> Result<(), Unprepared> {
+    tokio::select! {
+        () = ctx.token.cancelled() => Err(Unprepared::Stopped),
+        () = sleep => Ok(()),
+        _ = watch.went_down() => Err(Unprepared::WentDown),
+    }
+}
+
+/// tokio's timer fires on the first millisecond tick after a deadline and
+/// its driver sleeps in whole milliseconds, so a run would start up to 2 ms
+/// after its gap (and its phase shift would blur by as much). The gap's
+/// last stretch is slept by a thread instead, which the kernel wakes within
+/// tens of microseconds of the deadline, never before it.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
+async fn sleep_until_precisely(deadline: Instant) {
+    if let Some(coarse) = deadline.checked_sub(TIMER_SLACK) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let rest = deadline.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        // Left to finish its few milliseconds when the pause is abandoned.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
 
