@@ -25,9 +25,11 @@ struct SlurmHost {
     orchestrator_port: u16,
 }
 
-/// An agent whose slurm runtime reaches `cluster` as root.
-fn start_slurm_agent(dir: &Path, cluster: &Cluster, token: &str) -> Process {
+/// An agent whose slurm runtime reaches `cluster` as root; a start answers
+/// after `start_wait` with the job still pending.
+fn start_slurm_agent(dir: &Path, cluster: &Cluster, token: &str, start_wait: &str) -> Process {
     let settings = [
+        format!("slurm.start_wait={start_wait}"),
         format!("slurm.rest_url={}", cluster.rest_url),
         "slurm.user=root".to_string(),
         format!("slurm.token={token}"),
@@ -45,12 +47,19 @@ fn start_slurm_agent(dir: &Path, cluster: &Cluster, token: &str) -> Process {
     start_agent_with(&dir.join("agent.sock"), &args)
 }
 
+/// The agent's own default.
+const START_WAIT: &str = "30s";
+
 impl SlurmHost {
     async fn start() -> Option<Self> {
+        Self::start_with(START_WAIT).await
+    }
+
+    async fn start_with(start_wait: &str) -> Option<Self> {
         let cluster = slurm::cluster()?;
         let dir = tempfile::tempdir().unwrap();
         let token = cluster.token("root", Duration::from_secs(3600));
-        let agent = start_slurm_agent(dir.path(), &cluster, &token);
+        let agent = start_slurm_agent(dir.path(), &cluster, &token, start_wait);
         let port = free_port();
         let orchestrator = start_orchestrator(dir.path(), port, &[]);
         let mut client = connect(port).await;
@@ -112,7 +121,7 @@ impl SlurmHost {
         let socket = self.dir.path().join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         let token = self.cluster.token("root", Duration::from_secs(3600));
-        self.agent = start_slurm_agent(self.dir.path(), &self.cluster, &token);
+        self.agent = start_slurm_agent(self.dir.path(), &self.cluster, &token, START_WAIT);
         wait_for(&format!("unix://{}", socket.display())).await;
     }
 }
@@ -214,6 +223,77 @@ async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
         vec![job],
         "one job submitted for the whole campaign"
     );
+}
+
+/// An allocation that has to wait for the cluster's resources (another
+/// job holds the node's CPUs): its start answers with the job PENDING, the
+/// campaign says what it waits for in SLURM's words, and its runs wait for
+/// it instead of failing at their exec; once the other job ends every run
+/// succeeds at its first attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_wait_for_an_allocation_pending_for_resources_with_the_reason_shown() {
+    let Some(mut host) = SlurmHost::start_with("1s").await else {
+        return;
+    };
+    let cpus = slurm::NODE_CPUS.to_string();
+    let blocker = host
+        .cluster
+        .client(
+            "sbatch",
+            &[
+                "--parsable",
+                "-p",
+                slurm::PARTITION,
+                "-c",
+                &cpus,
+                "--mem=100",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 12",
+            ],
+        )
+        .expect("sbatch of a job holding every CPU");
+    let running = Instant::now() + Duration::from_secs(30);
+    while host.cluster.job_state(&blocker) != "RUNNING" {
+        assert!(Instant::now() < running, "the blocking job never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let campaign = host.submit("queued", "1, 2", 2, "0").await;
+    let shown = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = host
+            .client
+            .get_campaign(GetCampaignRequest {
+                id: campaign.id.clone(),
+            })
+            .await
+            .expect("GetCampaign")
+            .into_inner();
+        if now.status_message.contains("waits to run: PENDING (Resources)") {
+            assert!(
+                now.status_message.contains("backend `cluster` on host `login1`"),
+                "{}",
+                now.status_message
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < shown,
+            "the campaign never said its allocation waits: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 4, deadline).await;
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    let job = assert_runs_were_steps_of_one_job(&runs, 4);
+    assert!(
+        runs.iter().all(|r| r.attempts == 1),
+        "no run was charged for the wait: {runs:?}"
+    );
+    host.assert_each_run_ran_once(&runs);
+    assert_allocation_released(&host.cluster, &job).await;
 }
 
 /// kill -9 of the agent while a run executes: the allocation and the run's

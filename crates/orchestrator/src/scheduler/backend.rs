@@ -29,6 +29,9 @@ use crate::placement;
 use crate::store::{Placement, StoreError};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How often a backend waiting to run (a pending SLURM allocation) is
+/// looked at again.
+const PENDING_POLL: Duration = Duration::from_secs(1);
 
 /// Why a backend is not placed.
 enum PlaceError {
@@ -303,7 +306,7 @@ impl Scheduler {
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
-            if let Some(placed) = self.adopt(backend, &recorded, &measured).await? {
+            if let Some(placed) = self.adopt(ctx, backend, &recorded, &measured).await? {
                 return Ok(placed);
             }
             self.store
@@ -364,7 +367,45 @@ impl Scheduler {
                 backend.name
             ),
         );
+        self.await_running(ctx, &mut client, &host, &backend.name, workload)
+            .await;
         Ok(self.placed(backend, &placement, client, &host_gpus, measured))
+    }
+
+    /// A backend that its start left waiting (a SLURM allocation PENDING
+    /// until the cluster has the resources): its runs wait for it instead
+    /// of failing at their exec, and the campaign's status says what it
+    /// waits for, in the cluster's words (`PENDING (Resources)`). A host
+    /// that stops answering ends the wait: the backend's watch and the
+    /// run's exec deal with it.
+    async fn await_running(
+        &self,
+        ctx: &CampaignRun,
+        client: &mut AgentClient,
+        host: &str,
+        backend: &str,
+        mut workload: Workload,
+    ) {
+        let mut shown = String::new();
+        while workload.state() == WorkloadState::Created {
+            if workload.state_reason != shown {
+                shown.clone_from(&workload.state_reason);
+                let message = format!("backend `{backend}` on host `{host}` waits to run: {shown}");
+                if let Err(error) = self.store.set_campaign_message(&ctx.id, &message) {
+                    tracing::warn!(campaign = %ctx.id, %error, "could not record why a backend waits");
+                }
+                self.publish(&ctx.id, message);
+            }
+            tokio::select! {
+                () = ctx.token.cancelled() => return,
+                () = tokio::time::sleep(PENDING_POLL) => {}
+            }
+            let id = workload.id.clone();
+            match client.inspect_workload(WorkloadRef { id }).await {
+                Ok(now) => workload = now.into_inner(),
+                Err(_) => return,
+            }
+        }
     }
 
     /// The backend as placed: itself, or for one that measures a deployment,
@@ -398,6 +439,7 @@ impl Scheduler {
     /// if stopped) and where the backend must be.
     async fn adopt(
         &self,
+        ctx: &CampaignRun,
         backend: &Backend,
         recorded: &Placement,
         measured: &Option<Serving>,
@@ -422,7 +464,7 @@ impl Scheduler {
             }
         };
         if workload.state != WorkloadState::Running as i32 {
-            client
+            let started = client
                 .start_workload(WorkloadRef {
                     id: recorded.workload_id.clone(),
                 })
@@ -435,7 +477,10 @@ impl Scheduler {
                         describe_status(&s)
                     );
                     place_error(&recorded.host, &s, reason)
-                })?;
+                })?
+                .into_inner();
+            self.await_running(ctx, &mut client, &recorded.host, &backend.name, started)
+                .await;
         }
         self.gpu_leases
             .note_assigned(&recorded.host, &recorded.gpus);
@@ -490,8 +535,9 @@ impl Scheduler {
     }
 
     /// Creates (or finds, when an earlier attempt created it) and starts the
-    /// backend's workload. A workload that does not start is removed, so a
-    /// refused start leaves nothing behind on the host.
+    /// backend's workload: the workload as its start left it. A workload
+    /// that does not start is removed, so a refused start leaves nothing
+    /// behind on the host.
     async fn create_backend(
         &self,
         client: &mut AgentClient,
@@ -529,22 +575,23 @@ impl Scheduler {
                 id: workload.id.clone(),
             })
             .await;
-        if let Err(status) = started {
-            let removal = RemoveWorkloadRequest {
-                id: workload.id.clone(),
-                force: true,
-            };
-            if let Err(removed) = client.remove_workload(removal).await {
-                tracing::warn!(host, backend = backend.name, workload = workload.id, status = %describe_status(&removed), "could not remove a backend that did not start");
-            }
-            let reason = format!(
-                "host `{host}`: starting backend `{}`: {}",
-                backend.name,
-                describe_status(&status)
-            );
-            return Err(place_error(host, &status, reason));
+        let status = match started {
+            Ok(started) => return Ok(started.into_inner()),
+            Err(status) => status,
+        };
+        let removal = RemoveWorkloadRequest {
+            id: workload.id.clone(),
+            force: true,
+        };
+        if let Err(removed) = client.remove_workload(removal).await {
+            tracing::warn!(host, backend = backend.name, workload = workload.id, status = %describe_status(&removed), "could not remove a backend that did not start");
         }
-        Ok(workload)
+        let reason = format!(
+            "host `{host}`: starting backend `{}`: {}",
+            backend.name,
+            describe_status(&status)
+        );
+        Err(place_error(host, &status, reason))
     }
 
     /// The ready host that fits the backend, has refused it the fewest
