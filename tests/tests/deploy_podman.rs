@@ -236,11 +236,20 @@ async fn podman_compose_stack_is_healthy_and_runs_a_campaign() {
             }
             assert!(
                 Instant::now() < deadline,
-                "{svc} never healthy: {}\n{}",
+                "{svc} never healthy: {}\n{}\nits state: {}\npodman-compose up said:\n{}",
                 text(&check),
                 text(&run(
                     podman_command("podman").args(["logs", &project.container(svc)])
-                ))
+                )),
+                // A container that never started (a port it could not
+                // bind, say) has no logs: its state says why.
+                text(&run(podman_command("podman").args([
+                    "inspect",
+                    "--format",
+                    "{{.State.Status}} exit {{.State.ExitCode}} {{.State.Error}}",
+                    &project.container(svc)
+                ]))),
+                text(&up)
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -270,9 +270,13 @@ async fn runs_wait_for_an_allocation_pending_for_resources_with_the_reason_shown
             .await
             .expect("GetCampaign")
             .into_inner();
-        if now.status_message.contains("waits to run: PENDING (Resources)") {
+        if now
+            .status_message
+            .contains("waits to run: PENDING (Resources)")
+        {
             assert!(
-                now.status_message.contains("backend `cluster` on host `login1`"),
+                now.status_message
+                    .contains("backend `cluster` on host `login1`"),
                 "{}",
                 now.status_message
             );
