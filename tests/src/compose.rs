@@ -74,13 +74,8 @@ pub fn text(output: &Output) -> String {
 pub fn free_ports() -> (BTreeMap<&'static str, u16>, BTreeMap<String, String>) {
     let mut ports = BTreeMap::new();
     let mut env = BTreeMap::new();
-    // Held until every port is chosen: ports taken one after the other and
-    // let go at once may repeat, and two services then race for one.
-    let mut held = Vec::new();
     for var in PORT_VARS {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        let port = listener.local_addr().expect("its address").port();
-        held.push(listener);
+        let port = crate::free_port();
         ports.insert(var, port);
         env.insert(var.to_string(), port.to_string());
     }

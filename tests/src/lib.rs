@@ -56,11 +56,25 @@ pub fn target_tmpdir() -> PathBuf {
 }
 
 /// A TCP port free right now on 127.0.0.1.
+///
+/// Never the same twice in one test process: the kernel may hand a port
+/// just let go of out again, and two servers of one test (a service's gRPC
+/// and HTTP listeners) would then race for it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A child process killed (SIGKILL) when dropped.
