@@ -88,7 +88,23 @@ impl Agent {
             dir,
             settings,
         };
-        agent.import(&tar, false).await;
+        // A layer of its own, so that its image id is its own: tests that
+        // import the same rootfs share an id, and podman's forced removal of
+        // one test's image by id takes every test's name with it.
+        let own = agent.dir.path().join("rootfs.tar");
+        std::fs::copy(&tar, &own).expect("copy of the rootfs");
+        std::fs::write(agent.dir.path().join("berth-test-owner"), &agent.owner)
+            .expect("the owner file");
+        let appended = Command::new("tar")
+            .arg("-rf")
+            .arg(&own)
+            .arg("-C")
+            .arg(agent.dir.path())
+            .arg("berth-test-owner")
+            .status()
+            .expect("tar");
+        assert!(appended.success(), "tar -rf failed");
+        agent.import(&own, false).await;
         Some(agent)
     }
 
