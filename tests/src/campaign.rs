@@ -247,3 +247,24 @@ pub fn assert_each_recorded_once(runs: &[Run], expected: usize) {
         "every (config, cycle) recorded exactly once: {per_config_cycle:?}"
     );
 }
+
+/// The reason (`berth-error-code`) a follower gives a write: the wire
+/// contract clients match on (berth_orchestrator::role::NOT_LEADER).
+pub const NOT_LEADER: &str = "not_leader";
+
+/// Whether the orchestrator takes writes: asked with one that changes
+/// nothing (a validation), which a follower refuses as not the leader.
+pub async fn leads(client: &mut Client) -> bool {
+    let validation = SubmitCampaignRequest {
+        manifest_yaml: "name: probe\nbackends: [{name: b, runtime: process}]\n\
+                        configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n"
+            .into(),
+        validate_only: true,
+        ..Default::default()
+    };
+    match client.submit_campaign(validation).await {
+        Ok(_) => true,
+        Err(status) if berth_server::error::has_reason(&status, NOT_LEADER) => false,
+        Err(status) => panic!("neither validated nor refused as a follower: {status:?}"),
+    }
+}

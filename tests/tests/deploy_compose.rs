@@ -26,13 +26,13 @@ use berth_proto::llmproxy::v1::llm_proxy_client::LlmProxyClient;
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
     Campaign, CampaignState, CancelCampaignRequest, GetCampaignRequest, GetResultsRequest, Run,
-    RunState, SubmitCampaignRequest,
+    RunState,
 };
 use berth_proto::power::v1::ListDevicesRequest;
 use berth_proto::power::v1::power_sampler_client::PowerSamplerClient;
 use berth_server::error::has_reason;
 use berth_tests::campaign::{
-    Client, get_campaign, hosts_of, results_of, runs_of, submit, wait_ended,
+    Client, NOT_LEADER, get_campaign, hosts_of, leads, results_of, runs_of, submit, wait_ended,
 };
 use berth_tests::compose::{
     SERVICES, assert_grpc_services_answer, assert_succeeded, build_images_command,
@@ -582,32 +582,11 @@ async fn docker_compose_monitoring_profile_scrapes_every_service() {
     assert!(left.is_empty(), "down -v left: {left:?}");
 }
 
-/// The reason (`berth-error-code`) a follower gives a write: the wire contract clients match on
-/// (berth_orchestrator::role::NOT_LEADER).
-const NOT_LEADER: &str = "not_leader";
-
 /// The postgres profile's orchestrators: the service and the variable of its gRPC port.
 const ORCHESTRATORS: [(&str, &str); 2] = [
     ("orchestrator", "BERTH_PORT_ORCHESTRATOR"),
     ("orchestrator-b", "BERTH_PORT_ORCHESTRATOR_B"),
 ];
-
-/// Whether the orchestrator takes writes: asked with one that changes nothing (a validation),
-/// which a follower refuses as not the leader.
-async fn leads(client: &mut Client) -> bool {
-    let validation = SubmitCampaignRequest {
-        manifest_yaml: "name: probe\nbackends: [{name: b, runtime: process}]\n\
-                        configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n"
-            .into(),
-        validate_only: true,
-        ..Default::default()
-    };
-    match client.submit_campaign(validation).await {
-        Ok(_) => true,
-        Err(status) if has_reason(&status, NOT_LEADER) => false,
-        Err(status) => panic!("neither validated nor refused as a follower: {status:?}"),
-    }
-}
 
 /// The index in [`ORCHESTRATORS`] of the one that leads, once exactly one does (a lease left by
 /// an orchestrator that restarted while starting takes up to a lease to expire).

@@ -18,18 +18,14 @@ use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::*;
 use berth_server::error::has_reason;
 use berth_tests::campaign::{
-    Client, a_run_in_flight, assert_each_recorded_once, get_campaign, hosts_of, results_of,
-    runs_of, slow_campaign, submit, wait_ended,
+    Client, NOT_LEADER, a_run_in_flight, assert_each_recorded_once, get_campaign, hosts_of, leads,
+    results_of, runs_of, slow_campaign, submit, wait_ended,
 };
 use berth_tests::postgres::require_postgres;
 use berth_tests::{
     Process, bin, free_port, register_local_agent, register_measured_host, start_agent,
     start_llm_inference_sampler, wait_for,
 };
-
-/// The reason (`berth-error-code`) a follower gives a write: the wire
-/// contract clients match on (berth_orchestrator::role::NOT_LEADER).
-const NOT_LEADER: &str = "not_leader";
 
 /// How long the campaign may take to get where it is awaited.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -229,23 +225,6 @@ async fn kill_9_of_the_leader_of_two_orchestrators_the_follower_takes_over_withi
         refused.contains(&format!("127.0.0.1:{follower_port}")),
         "{refused}"
     );
-}
-
-/// Whether the orchestrator takes writes: asked with one that changes
-/// nothing (a validation), which a follower refuses.
-async fn leads(client: &mut Client) -> bool {
-    let validation = SubmitCampaignRequest {
-        manifest_yaml: "name: probe\nbackends: [{name: b, runtime: process}]\n\
-                        configs: [{name: x, params: {n: 1}}]\nrun: {command: [true]}\n"
-            .into(),
-        validate_only: true,
-        ..Default::default()
-    };
-    match client.submit_campaign(validation).await {
-        Ok(_) => true,
-        Err(status) if has_reason(&status, NOT_LEADER) => false,
-        Err(status) => panic!("neither validated nor refused as a follower: {status:?}"),
-    }
 }
 
 /// A write sent to a follower: refused UNAVAILABLE as not the leader; its

@@ -1080,25 +1080,7 @@ async fn a_chat_completion_is_one_trace_from_the_caller_to_the_upstream() {
         ),
     )
     .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
-    let proxy = Process::spawn(
-        "berth-llm-proxy",
-        &[
-            "--listen",
-            &listen,
-            "--http-listen",
-            &http,
-            "--set",
-            &format!("proxy.litellm_config={}", litellm.display()),
-        ],
-        &[
-            ("BERTH_SERVER__OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
-        ],
-    );
-    wait_for(&format!("http://{listen}")).await;
+    let (proxy, http) = start_traced_proxy(dir.path(), &litellm, &endpoint).await;
     wait_for_http(
         &format!("127.0.0.1:{llama_port}"),
         "/v1/models",
@@ -1420,25 +1402,7 @@ async fn a_streamed_chat_completion_s_span_describes_the_answer_and_each_try() {
         ),
     )
     .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
-    let proxy = Process::spawn(
-        "berth-llm-proxy",
-        &[
-            "--listen",
-            &listen,
-            "--http-listen",
-            &http,
-            "--set",
-            &format!("proxy.litellm_config={}", litellm.display()),
-        ],
-        &[
-            ("BERTH_SERVER__OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
-        ],
-    );
-    wait_for(&format!("http://{listen}")).await;
+    let (proxy, http) = start_traced_proxy(dir.path(), &litellm, &endpoint).await;
 
     let caller = traceparent(CALLER_TRACE, CALLER_SPAN);
     let (status, answer) = http_post(
@@ -1702,4 +1666,29 @@ async fn agent_metrics_count_imports_restarts_and_workloads() {
     );
     assert_eq!(scrape.value("berth_agent_execs_in_flight", &[]), 0.0);
     agent.cleanup().await;
+}
+
+/// berth-llm-proxy serving `litellm`'s models and exporting its spans to
+/// `endpoint` every 100 ms, once it answers: the process and its HTTP address.
+async fn start_traced_proxy(dir: &Path, litellm: &Path, endpoint: &str) -> (Process, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let proxy = Process::spawn(
+        "berth-llm-proxy",
+        &[
+            "--listen",
+            &listen,
+            "--http-listen",
+            &http,
+            "--set",
+            &format!("proxy.litellm_config={}", litellm.display()),
+        ],
+        &[
+            ("BERTH_SERVER__OTLP_ENDPOINT", endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("XDG_DATA_HOME", dir.to_str().unwrap()),
+        ],
+    );
+    wait_for(&format!("http://{listen}")).await;
+    (proxy, http)
 }
