@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod campaign;
 pub mod compose;
+pub mod deployment;
 pub mod fuzz;
 pub mod llm;
 pub mod parts;

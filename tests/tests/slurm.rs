@@ -50,6 +50,9 @@ fn start_slurm_agent(dir: &Path, cluster: &Cluster, token: &str, start_wait: &st
 /// The agent's own default.
 const START_WAIT: &str = "30s";
 
+/// Deployments looked at every 200 ms (campaigns are not concerned).
+const ORCHESTRATOR_SETTINGS: &[&str] = &["deployments.reconcile_interval=200ms"];
+
 impl SlurmHost {
     async fn start() -> Option<Self> {
         Self::start_with(START_WAIT).await
@@ -61,7 +64,7 @@ impl SlurmHost {
         let token = cluster.token("root", Duration::from_secs(3600));
         let agent = start_slurm_agent(dir.path(), &cluster, &token, start_wait);
         let port = free_port();
-        let orchestrator = start_orchestrator(dir.path(), port, &[]);
+        let orchestrator = start_orchestrator(dir.path(), port, ORCHESTRATOR_SETTINGS);
         let mut client = connect(port).await;
         let address = format!("unix://{}", dir.path().join("agent.sock").display());
         wait_for(&address).await;
@@ -88,13 +91,32 @@ impl SlurmHost {
     async fn kill_and_restart_orchestrator(&mut self) {
         self.orchestrator.child.kill().expect("kill -9");
         let _ = self.orchestrator.child.wait();
-        self.orchestrator = start_orchestrator(self.dir.path(), self.orchestrator_port, &[]);
+        self.orchestrator = start_orchestrator(
+            self.dir.path(),
+            self.orchestrator_port,
+            ORCHESTRATOR_SETTINGS,
+        );
         self.client = connect(self.orchestrator_port).await;
     }
 
     /// Submits [`manifest`]'s campaign, its runs logging to [`Self::run_log`].
     async fn submit(&mut self, name: &str, values: &str, cycles: u32, sleep: &str) -> Campaign {
         let manifest = manifest(name, values, cycles, sleep, &self.run_log());
+        berth_tests::campaign::submit(&mut self.client, &manifest).await
+    }
+
+    /// As [`Self::submit`], its runs the tasks of job arrays (`array:` the
+    /// backend's `slurm.array` settings, in YAML flow style).
+    async fn submit_arrays(
+        &mut self,
+        name: &str,
+        (values, cycles): (&str, u32),
+        array: &str,
+    ) -> Campaign {
+        let manifest = manifest(name, values, cycles, "0", &self.run_log()).replace(
+            "      time_limit: 10m\n",
+            &format!("      time_limit: 10m\n      array: {array}\n"),
+        );
         berth_tests::campaign::submit(&mut self.client, &manifest).await
     }
 
@@ -152,7 +174,7 @@ grid:
     n: [{values}]
 cycles: {cycles}
 run:
-  command: [sh, -c, 'sleep {sleep}; echo {{{{run_id}}}} >> {run_log}; echo "{{\"n\": {{{{n}}}}, \"job\": \"$SLURM_JOB_ID\", \"step\": \"$SLURM_STEP_ID\", \"env\": \"$FROM_BACKEND\"}}"']
+  command: [sh, -c, 'sleep {sleep}; echo {{{{run_id}}}} >> {run_log}; echo "{{\"n\": {{{{n}}}}, \"job\": \"$SLURM_JOB_ID\", \"step\": \"$SLURM_STEP_ID\", \"array\": \"$SLURM_ARRAY_JOB_ID\", \"task\": \"$SLURM_ARRAY_TASK_ID\", \"env\": \"$FROM_BACKEND\"}}"']
   timeout: 60s
 "#,
         partition = slurm::PARTITION,
@@ -223,6 +245,55 @@ async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
         vec![job],
         "one job submitted for the whole campaign"
     );
+}
+
+/// A campaign whose runs are the tasks of job arrays, one array a cycle
+/// (5 runs, two at once): 20 runs in 4 arrays, every run recorded once in
+/// one attempt and run once on the cluster, each in a task of its own, the
+/// runs of a cycle in one array; the arrays are gone when it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_of_20_runs_runs_as_job_arrays_a_cycle_each() {
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let started = Instant::now();
+    let campaign = host
+        .submit_arrays("arrays", ("1, 2, 3, 4, 5", 4), "{parallel: 2}")
+        .await;
+    let deadline = started + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 20, deadline).await;
+    eprintln!(
+        "20 runs as the tasks of job arrays: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    assert_eq!(runs.len(), 20);
+    let mut arrays: std::collections::BTreeMap<String, BTreeSet<u32>> = Default::default();
+    let mut tasks = BTreeSet::new();
+    for run in &runs {
+        assert_eq!(run.state, RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(run.attempts, 1, "{run:?}");
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        assert_eq!(
+            result["env"], "b",
+            "the backend's env reaches the task: {run:?}"
+        );
+        assert_eq!(result["step"], "", "a task, not a step: {run:?}");
+        let array = result["array"].as_str().unwrap().to_string();
+        assert!(!array.is_empty(), "ran as an array task: {run:?}");
+        arrays.entry(array.clone()).or_default().insert(run.cycle);
+        tasks.insert((array, result["task"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(tasks.len(), 20, "a task per run: {tasks:?}");
+    assert_eq!(arrays.len(), 4, "an array per cycle: {arrays:?}");
+    assert!(
+        arrays.values().all(|cycles| cycles.len() == 1),
+        "each array holds one cycle's runs: {arrays:?}"
+    );
+    host.assert_each_run_ran_once(&runs);
+    for array in arrays.keys() {
+        assert_allocation_released(&host.cluster, array).await;
+    }
 }
 
 /// An allocation that has to wait for the cluster's resources (another
@@ -366,6 +437,117 @@ async fn the_allocation_outlives_a_killed_orchestrator_and_is_adopted() {
     assert_eq!(job, before[0], "the same allocation, adopted");
     assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
     assert_allocation_released(&host.cluster, &job).await;
+}
+
+/// A deployment whose replica is a SLURM job kept running: the job serves
+/// HTTP on a port berth allocated, the replica's endpoint is the address of
+/// the node the job landed on (slurmrestd's NodeAddr), its health check
+/// passes there; `scancel` of the job has the replica submitted again as a
+/// new job (a restart counted), and stopping the deployment cancels it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_replica_is_a_slurm_job_kept_running_on_its_node() {
+    use berth_tests::deployment::{cancelled, running_replica, wait_deployment};
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let site = host.dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "served by a SLURM job\n").unwrap();
+    let recipe = format!(
+        r#"name: web
+runtime: slurm
+command: [sh, -c, 'echo $SLURM_JOB_ID > {site}/job-$BERTH_REPLICA && exec python3 -m http.server {{{{port.http}}}} --directory {site}']
+ports:
+  - name: http
+    protocol: http
+resources:
+  cpus: 1
+  memory: 200MiB
+slurm:
+  partition: {partition}
+  time_limit: 10m
+health:
+  check: http
+  port: http
+  path: /index.html
+  interval: 200ms
+  timeout: 1s
+  retries: 2
+  start_period: 20s
+restart:
+  backoff: 100ms
+  max_backoff: 1s
+stop_grace: 2s
+"#,
+        site = site.display(),
+        partition = slurm::PARTITION,
+    );
+    let started = Instant::now();
+    host.client
+        .deploy(DeployRequest {
+            recipe_yaml: recipe,
+            source_name: "web.yaml".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Deploy");
+    let limit = Duration::from_secs(90);
+    let deployment =
+        wait_deployment(&mut host.client, "web", limit, "running", running_replica).await;
+    eprintln!(
+        "a SLURM replica Running (submitted, started, checked) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let endpoint = &deployment.replica_status[0].endpoints[0];
+    assert_eq!(
+        endpoint.host, "127.0.0.1",
+        "the endpoint is the node's NodeAddr: {endpoint:?}"
+    );
+    let (status, body) = berth_tests::http_get(&endpoint.address, "/index.html", None).await;
+    assert_eq!((status, body.as_str()), (200, "served by a SLURM job\n"));
+    let job_file = site.join("job-0");
+    let first_job = std::fs::read_to_string(&job_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(host.cluster.job_state(&first_job), "RUNNING");
+
+    host.cluster
+        .client("scancel", &[first_job.as_str()])
+        .expect("scancel");
+    let cancelled_at = Instant::now();
+    let deployment = wait_deployment(&mut host.client, "web", limit, "running again", |d| {
+        running_replica(d) && d.replica_status[0].restarts >= 1
+    })
+    .await;
+    eprintln!(
+        "submitted again and serving {:.1} s after scancel",
+        cancelled_at.elapsed().as_secs_f64()
+    );
+    let replica = &deployment.replica_status[0];
+    assert_eq!(replica.restarts, 1, "{replica:?}");
+    let second_job = std::fs::read_to_string(&job_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(second_job, first_job, "a new job serves");
+    let (status, _) =
+        berth_tests::http_get(&replica.endpoints[0].address, "/index.html", None).await;
+    assert_eq!(status, 200);
+
+    host.client
+        .stop_deployment(StopDeploymentRequest { name: "web".into() })
+        .await
+        .expect("StopDeployment");
+    wait_deployment(&mut host.client, "web", limit, "cancelled", cancelled).await;
+    assert_allocation_released(&host.cluster, &second_job).await;
+    let mut jobs = host.cluster.jobs();
+    jobs.sort_by_key(|id| id.parse::<u64>().unwrap_or(0));
+    assert_eq!(
+        jobs,
+        vec![first_job, second_job],
+        "one job per start of the replica, nothing else submitted"
+    );
 }
 
 /// The first run of a campaign of [`manifest`] (`n=1` of its first

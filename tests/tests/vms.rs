@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use berth_proto::orchestrator::v1::{
-    DeployRequest, DeploymentState, GetDeploymentRequest, RegisterHostRequest, ReplicaState, Run,
-    RunState, StopDeploymentRequest,
+    DeployRequest, RegisterHostRequest, Run, RunState, StopDeploymentRequest,
 };
 use berth_server::client::AuthChannel;
+use berth_tests::deployment::{cancelled, running_replica, wait_deployment};
 use berth_tests::{
     Part, Process, free_port, require, start_agent_with, start_orchestrator, wait_for,
 };
@@ -367,33 +367,6 @@ async fn a_run_in_a_vm_survives_kill_9(orchestrator_too: bool) {
     host.assert_vm_removed(&campaign.id).await;
 }
 
-/// The deployment once `done` holds of it, within `limit`.
-async fn wait_deployment(
-    host: &mut VmHost,
-    name: &str,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&berth_proto::orchestrator::v1::Deployment) -> bool,
-) -> berth_proto::orchestrator::v1::Deployment {
-    let deadline = Instant::now() + limit;
-    loop {
-        let deployment = host
-            .client
-            .get_deployment(GetDeploymentRequest { name: name.into() })
-            .await
-            .expect("GetDeployment")
-            .into_inner();
-        if done(&deployment) {
-            return deployment;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deployment `{name}` never became {what}: {deployment:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// GET / on `address`: the whole answer.
 async fn http_get(address: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,14 +380,6 @@ async fn http_get(address: &str) -> String {
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-fn running_replica(deployment: &berth_proto::orchestrator::v1::Deployment) -> bool {
-    DeploymentState::try_from(deployment.state) == Ok(DeploymentState::Running)
-        && deployment
-            .replica_status
-            .first()
-            .is_some_and(|r| r.state == ReplicaState::Running as i32)
 }
 
 /// A replica that is a VM: its guest starts the service from the recipe's
@@ -447,7 +412,8 @@ async fn a_vm_replica_serves_from_its_guest_and_is_booted_again_when_destroyed()
         .await
         .expect("Deploy");
     let limit = Duration::from_secs(300);
-    let deployment = wait_deployment(&mut host, &name, limit, "running", running_replica).await;
+    let deployment =
+        wait_deployment(&mut host.client, &name, limit, "running", running_replica).await;
     eprintln!(
         "a VM replica Running (booted, address leased, checked) in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -468,7 +434,7 @@ async fn a_vm_replica_serves_from_its_guest_and_is_booted_again_when_destroyed()
         .expect("virsh destroy");
     assert!(destroyed.status.success(), "{destroyed:?}");
     let destroyed_at = Instant::now();
-    let deployment = wait_deployment(&mut host, &name, limit, "running again", |d| {
+    let deployment = wait_deployment(&mut host.client, &name, limit, "running again", |d| {
         running_replica(d) && d.replica_status[0].restarts >= 1
     })
     .await;
@@ -486,11 +452,11 @@ async fn a_vm_replica_serves_from_its_guest_and_is_booted_again_when_destroyed()
         .await
         .expect("StopDeployment");
     wait_deployment(
-        &mut host,
+        &mut host.client,
         &name,
         Duration::from_secs(60),
         "cancelled",
-        |d| DeploymentState::try_from(d.state) == Ok(DeploymentState::Cancelled),
+        cancelled,
     )
     .await;
     host.assert_vm_removed(&name).await;

@@ -7,8 +7,8 @@
 //! and what a VM keeps of its spec reads back the same.
 
 use berth_proto::common::v1::{
-    EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, Runtime, SlurmSpec, Ulimit,
-    VmDisk, VmSpec, WorkloadSpec,
+    EnvVar, GpuRequest, HealthCheck, Mount, PortMapping, Resources, Runtime, SlurmArrayTask,
+    SlurmSpec, Ulimit, VmDisk, VmSpec, WorkloadSpec,
 };
 use berth_tests::fuzz;
 use proptest::collection::{btree_map, vec};
@@ -127,14 +127,35 @@ fn vm() -> impl Strategy<Value = VmSpec> {
         )
 }
 
-/// Specs of arbitrary field values, each field present or not.
+/// Specs of arbitrary field values, each field present or not, an array's
+/// tasks among them.
 fn slurm() -> impl Strategy<Value = SlurmSpec> {
+    let task = (
+        text(),
+        vec(text(), 0..3),
+        vec(
+            (text(), text()).prop_map(|(name, value)| EnvVar { name, value }),
+            0..2,
+        ),
+        text(),
+    )
+        .prop_map(|(exec_key, command, env, working_dir)| SlurmArrayTask {
+            exec_key,
+            command,
+            env,
+            working_dir,
+        });
     (
         (text(), text(), text()),
         (duration(), any::<u32>(), text(), text()),
+        (vec(task, 0..3), any::<u32>()),
     )
         .prop_map(
-            |((partition, account, qos), (time_limit, nodes, constraints, gres))| SlurmSpec {
+            |(
+                (partition, account, qos),
+                (time_limit, nodes, constraints, gres),
+                (array_tasks, array_parallelism),
+            )| SlurmSpec {
                 partition,
                 account,
                 qos,
@@ -142,6 +163,8 @@ fn slurm() -> impl Strategy<Value = SlurmSpec> {
                 nodes,
                 constraints,
                 gres,
+                array_tasks,
+                array_parallelism,
             },
         )
 }
@@ -303,6 +326,7 @@ fn check(spec: &WorkloadSpec) -> Result<(), TestCaseError> {
                 owner: "me",
                 default_partition: "",
                 output_dir: std::path::Path::new("/jobs"),
+                exec_root: std::path::Path::new("/jobs/.berth/exec"),
             };
             let body = slurm::job::submit_body(spec, &submission);
             prop_assert!(

@@ -36,7 +36,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::error::OrchestratorError;
 use crate::gpu_leases::GpuLeases;
 use crate::hosts::HostRegistry;
-use crate::manifest::{ManifestLimits, RuntimeName};
+use crate::manifest::ManifestLimits;
 use crate::store::Store;
 use crate::store::deployments::{
     DeploymentRecord, Inserted, ReplicaRecord, deployment_is_terminal,
@@ -575,11 +575,11 @@ impl Deployments {
 }
 
 /// The replica's endpoints: each recipe port on the replica's own address
-/// (a VM's), or else on its host's; none for a VM whose address is not
-/// known yet.
+/// (a VM's, a SLURM job's node's), or else on its host's; none for one
+/// whose own address is not known yet.
 fn endpoints(recipe: &Recipe, replica: &ReplicaRecord, host_address: &str) -> Vec<Endpoint> {
     if replica.host.is_empty()
-        || (recipe.runtime == RuntimeName::Libvirt && replica.address.is_empty())
+        || (recipe.runtime.answers_on_its_own_address() && replica.address.is_empty())
     {
         return Vec::new();
     }

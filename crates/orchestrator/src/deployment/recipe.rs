@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::manifest::{
     self, Backend, ByteSize, GpuRequest, ManifestError, ManifestLimits, Mount, PathStep, Resources,
-    RuntimeName, Source, Vm,
+    RuntimeName, Slurm, Source, Vm,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +62,11 @@ pub struct Recipe {
     /// The VM of a `runtime: libvirt` replica, as a campaign backend's.
     #[serde(default)]
     pub vm: Option<Vm>,
+    /// The batch job of a `runtime: slurm` replica (partition, account,
+    /// time limit, …), as a campaign backend's: a replica is a job kept
+    /// running, submitted again when it ends (its time limit included).
+    #[serde(default)]
+    pub slurm: Option<Slurm>,
 }
 
 fn one() -> u32 {
@@ -303,7 +308,7 @@ impl Recipe {
             gpus: self.gpus.clone(),
             mounts: self.mounts.clone(),
             vm: self.vm.clone(),
-            slurm: None,
+            slurm: self.slurm.clone(),
         }
     }
 
@@ -376,15 +381,29 @@ fn validate(
                 "command: a VM's guest starts what it serves itself: give it as a script in vm.cloud_init (user-data starting with `#!`)".into(),
             ));
         }
-        RuntimeName::Slurm => {
+        RuntimeName::Slurm if recipe.command.is_empty() => {
             return Err(at(
                 &["runtime"],
-                "runtime: slurm runs campaign backends; deployments as SLURM jobs are not supported yet".into(),
+                "command: a SLURM deployment needs the command its job serves with".into(),
+            ));
+        }
+        RuntimeName::Slurm if recipe.backend().array().is_some() => {
+            return Err(at(
+                &["slurm", "array"],
+                "slurm.array: a replica is one job kept running, not an array of runs".into(),
+            ));
+        }
+        RuntimeName::Slurm if !recipe.ulimits.is_empty() => {
+            return Err(at(
+                &["ulimits"],
+                "ulimits: a SLURM job has the limits its cluster sets".into(),
             ));
         }
         _ => {}
     }
     manifest::check_vm(&recipe.backend(), "recipe").map_err(|(path, message)| at(path, message))?;
+    manifest::check_slurm(&recipe.backend(), "recipe")
+        .map_err(|(path, message)| at(path, message))?;
     if recipe.runtime == RuntimeName::Libvirt {
         let for_containers: [(&str, bool); 4] = [
             ("env", !recipe.env.is_empty()),
@@ -497,11 +516,11 @@ fn check_ports(source: Source<'_>, recipe: &Recipe) -> Result<(), ManifestError>
             ));
         }
         match recipe.runtime {
-            RuntimeName::Process if port.host_port != 0 => {
+            runtime if runtime.binds_its_ports() && port.host_port != 0 => {
                 return Err(at(
                     "host_port",
                     format!(
-                        "ports[{}].host_port: a host process binds its port itself; give it as `port`",
+                        "ports[{}].host_port: a host process or SLURM job binds its port itself; give it as `port`",
                         port.name
                     ),
                 ));
@@ -639,6 +658,17 @@ mod tests {
     }
 
     #[test]
+    fn a_slurm_recipe_is_a_job_with_its_settings() {
+        let recipe = parse_text(
+            "name: web\nruntime: slurm\ncommand: [httpd, -f, -p, '{{port.http}}']\nports:\n  - name: http\nresources: {cpus: 1, memory: 256MiB}\nslurm:\n  partition: debug\n  time_limit: 1h\n",
+        )
+        .unwrap();
+        let job = recipe.backend().slurm.expect("the job's settings");
+        assert_eq!(job.partition, "debug");
+        assert_eq!(job.time_limit, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
     fn errors_name_the_field_and_its_line() {
         let cases = [
             (
@@ -664,7 +694,7 @@ mod tests {
             (
                 "name: web\nruntime: process\ncommand: [x]\nports:\n  - name: http\n    host_port: 80\n",
                 6,
-                "a host process binds its port itself",
+                "a host process or SLURM job binds its port itself",
             ),
             (
                 "name: web\nruntime: process\ncommand: [x]\nrestart:\n  policy: sometimes\n",
@@ -677,9 +707,39 @@ mod tests {
                 "duplicate port name `a`",
             ),
             (
-                "name: web\nruntime: slurm\ncommand: [x]\n",
+                "name: web\nruntime: slurm\n",
                 2,
-                "deployments as SLURM jobs are not supported yet",
+                "command: a SLURM deployment needs the command its job serves with",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\nports:\n  - name: http\n    host_port: 80\n",
+                6,
+                "a host process or SLURM job binds its port itself",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\nulimits: {nofile: 10}\n",
+                4,
+                "ulimits: a SLURM job has the limits its cluster sets",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\ngpus: {count: 1}\n",
+                4,
+                "recipe.gpus: SLURM gives a job its GPUs: ask with slurm.gres",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\nslurm:\n  array: {runs: 4}\n",
+                5,
+                "slurm.array: a replica is one job kept running",
+            ),
+            (
+                "name: web\nruntime: process\ncommand: [x]\nslurm: {partition: debug}\n",
+                4,
+                "recipe.slurm: only a `runtime: slurm` backend is a SLURM job",
+            ),
+            (
+                "name: web\nruntime: slurm\ncommand: [x]\nslurm:\n  time_limit: 0s\n",
+                5,
+                "recipe.slurm.time_limit: must be positive",
             ),
         ];
         for (text, line, message) in cases {

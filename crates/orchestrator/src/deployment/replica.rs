@@ -82,7 +82,9 @@ fn misfit(recipe: &Recipe, backend: &crate::manifest::Backend, view: &HostView) 
 /// `host_port`): two replicas of it cannot share a host.
 fn has_fixed_host_ports(recipe: &Recipe) -> bool {
     recipe.ports.iter().any(|p| match recipe.runtime {
-        RuntimeName::Process => p.port != 0,
+        // A SLURM job's node is the cluster's choice: two replicas may land
+        // on one, so a fixed port is a clash there too.
+        runtime if runtime.binds_its_ports() => p.port != 0,
         // Each VM answers on an address of its own.
         RuntimeName::Libvirt => false,
         _ => p.host_port != 0,
@@ -176,11 +178,13 @@ impl Deployments {
     ) -> Result<BTreeMap<String, u16>, String> {
         let mut ports = BTreeMap::new();
         for port in &recipe.ports {
-            let fixed = match recipe.runtime {
-                // A process binds a host port; a VM its own address's.
-                RuntimeName::Process | RuntimeName::Libvirt => port.port,
-                _ => port.host_port,
-            };
+            // A process or a job binds its node's port; a VM its own address's.
+            let fixed =
+                if recipe.runtime.binds_its_ports() || recipe.runtime == RuntimeName::Libvirt {
+                    port.port
+                } else {
+                    port.host_port
+                };
             let host_port = if fixed == 0 {
                 self.allocate_port(host, index)?
             } else {
@@ -300,11 +304,12 @@ async fn remove(client: &mut AgentClient, id: &str) {
 fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> WorkloadSpec {
     let mut values = BTreeMap::from([("replica".to_string(), replica.index.to_string())]);
     for port in &recipe.ports {
-        // What the workload itself binds: the host port for a process, the
-        // container's own port for a container.
-        let bound = match recipe.runtime {
-            RuntimeName::Process => replica.ports.get(&port.name).copied().unwrap_or(port.port),
-            _ => port.port,
+        // What the workload itself binds: the host port for a process or a
+        // job, the container's own port for a container.
+        let bound = if recipe.runtime.binds_its_ports() {
+            replica.ports.get(&port.name).copied().unwrap_or(port.port)
+        } else {
+            port.port
         };
         values.insert(format!("port.{}", port.name), bound.to_string());
     }
@@ -341,7 +346,7 @@ fn replica_spec(recipe: &Recipe, replica: &ReplicaRecord, host_gpus: &[Gpu]) -> 
             value.clone(),
         ));
     }
-    if recipe.runtime != RuntimeName::Process {
+    if !recipe.runtime.binds_its_ports() {
         spec.ports = recipe
             .ports
             .iter()

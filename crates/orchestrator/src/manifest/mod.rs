@@ -37,10 +37,11 @@ pub use types::{
     Backend, ConfigPoint, Cycles, CyclesUntil, DEFAULT_STABLE_CAP, DEFAULT_STABLE_WINDOW,
     DEFAULT_WORK_METRIC, FailurePolicy, Fraction, Gaps, GpuRequest, Grid, KnownWhen,
     MAX_POWER_RATE_HZ, Manifest, Mount, NamedConfig, OnFailure, Order, Placement, Plan, PlannedRun,
-    Power, Resources, RunTemplate, RuntimeName, StableWarmup, Vm, Warmup, WarmupPolicy,
+    Power, Resources, RunTemplate, RuntimeName, Slurm, SlurmArray, StableWarmup, Vm, Warmup,
+    WarmupPolicy,
 };
 pub use units::{ByteSize, GpuCount};
-pub(crate) use validate::{check_backend_resources, check_identifier, check_vm};
+pub(crate) use validate::{check_backend_resources, check_identifier, check_slurm, check_vm};
 pub use workload::workload_name;
 
 /// Parses and validates a manifest within the default [`ManifestLimits`]

@@ -684,6 +684,55 @@ fn a_slurm_backend_is_a_job_and_only_it_has_slurm_settings() {
 }
 
 #[test]
+fn a_slurm_array_is_refused_with_what_needs_a_run_s_own_moment() {
+    let backend =
+        "  - name: c\n    runtime: slurm\n    slurm:\n      array: {runs: 4, parallel: 2}\n";
+    let with = |rest: &str| {
+        format!(
+            "name: t\nbackends:\n{backend}configs: [{{name: a}}, {{name: b}}]\nrun: {{command: [true]}}\n{rest}"
+        )
+    };
+    let plan = plan("a.yaml", &with("cycles: 3\n")).unwrap();
+    let array = plan.manifest.backends[0].array().expect("an array backend");
+    assert_eq!((array.runs, array.parallel), (Some(4), 2));
+    let spec = plan.manifest.backends[0].workload_spec(Default::default());
+    assert_eq!(spec.slurm.unwrap().array_parallelism, 2);
+    let cases = [
+        (
+            "power: {enabled: true}\n",
+            "power cannot be measured per run",
+        ),
+        (
+            "gaps: {between_cycles: 1s}\n",
+            "gaps between runs need steps",
+        ),
+        ("failure: {retries: 1}\n", "failure.retries needs steps"),
+        (
+            "cycles: {min: 3, max: 9, until: {metric: ms, ci_below: 2%}}\n",
+            "cycles until known",
+        ),
+    ];
+    for (rest, needle) in cases {
+        let message = error(&with(rest)).to_string();
+        assert!(message.contains("backends[c].slurm.array: "), "{message}");
+        assert!(message.contains(needle), "{message}");
+        assert!(message.contains("campaign.yaml:6:"), "{message}");
+    }
+    let too_many = with("").replace("runs: 4", "runs: 1001");
+    let message = error(&too_many).to_string();
+    assert!(
+        message.contains("backends[c].slurm.array.runs: must be 1 to 1000"),
+        "{message}"
+    );
+    let command = with("").replace("runtime: slurm\n", "runtime: slurm\n    command: [x]\n");
+    assert!(
+        error(&command)
+            .to_string()
+            .contains("has no command of its own")
+    );
+}
+
+#[test]
 fn the_vm_example_is_valid() {
     let text = include_str!("../../../../examples/campaigns/in-a-vm.yaml");
     let plan = plan("in-a-vm.yaml", text).unwrap();

@@ -119,6 +119,20 @@ impl RuntimeName {
             Self::Slurm => Runtime::Slurm,
         }
     }
+
+    /// Whether its workload binds its ports itself on the machine it runs
+    /// on (a host process, a SLURM job on its node), rather than having
+    /// them published by an engine (containers) or answering on its own
+    /// network address (VMs).
+    pub fn binds_its_ports(self) -> bool {
+        matches!(self, Self::Process | Self::Slurm)
+    }
+
+    /// Whether its workload is reached at an address of its own rather
+    /// than its host's: a VM's (DHCP), a SLURM job's node.
+    pub fn answers_on_its_own_address(self) -> bool {
+        matches!(self, Self::Libvirt | Self::Slurm)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,9 +173,18 @@ pub struct Backend {
     #[serde(default)]
     pub vm: Option<Vm>,
     /// The batch job of a `runtime: slurm` backend: an allocation that
-    /// runs are started in as job steps.
+    /// runs are started in as job steps, or with `array`, job arrays whose
+    /// tasks are the runs.
     #[serde(default)]
     pub slurm: Option<Slurm>,
+}
+
+impl Backend {
+    /// The job arrays its runs are the tasks of, for a slurm backend that
+    /// asks for them.
+    pub fn array(&self) -> Option<&SlurmArray> {
+        self.slurm.as_ref()?.array.as_ref()
+    }
 }
 
 /// A slurm backend's job: what sbatch's options of the same names ask.
@@ -186,6 +209,24 @@ pub struct Slurm {
     /// Generic resources per node (sbatch --gres), e.g. `gpu:a100:2`.
     #[serde(default)]
     pub gres: String,
+    /// Runs as the tasks of job arrays instead of steps of one allocation:
+    /// the cluster runs an array's tasks side by side as it has room.
+    #[serde(default)]
+    pub array: Option<SlurmArray>,
+}
+
+/// How a slurm backend's runs are grouped into job arrays.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmArray {
+    /// Runs per array, taken in the campaign's order; default: one cycle's
+    /// (a run of each configuration).
+    #[serde(default)]
+    pub runs: Option<u32>,
+    /// Most of an array's tasks running at once (`--array=…%N`); default:
+    /// as many as the cluster allows.
+    #[serde(default)]
+    pub parallel: u32,
 }
 
 /// A libvirt backend's machine.

@@ -141,6 +141,7 @@ fn check_backends(source: Source<'_>, manifest: &Manifest) -> Result<(), Manifes
             .map_err(|(path, message)| at(path, message))?;
         check_slurm(backend, &format!("backends[{}]", backend.name))
             .map_err(|(path, message)| at(path, message))?;
+        check_slurm_array(manifest, backend).map_err(|(path, message)| at(path, message))?;
         if !backend.deployment.is_empty() {
             check_deployment_backend(backend).map_err(|(path, message)| at(path, message))?;
         }
@@ -410,9 +411,12 @@ pub(crate) fn check_vm(
 /// Most nodes a slurm backend's job may ask for.
 const MAX_SLURM_NODES: u32 = 100_000;
 
-/// A slurm backend's `slurm:` (and only a slurm backend has one), or the
-/// key at fault and why; `what` starts every message.
-fn check_slurm(backend: &Backend, what: &str) -> Result<(), (&'static [&'static str], String)> {
+/// A slurm backend's (or recipe's) `slurm:` (and only a slurm one has one),
+/// or the key at fault and why; `what` starts every message.
+pub(crate) fn check_slurm(
+    backend: &Backend,
+    what: &str,
+) -> Result<(), (&'static [&'static str], String)> {
     if backend.runtime != RuntimeName::Slurm {
         if backend.slurm.is_some() {
             return Err((
@@ -483,6 +487,65 @@ fn check_slurm(backend: &Backend, what: &str) -> Result<(), (&'static [&'static 
     }
     Ok(())
 }
+
+/// A slurm backend's `array:` against the rest of the manifest: its tasks
+/// are the runs, run side by side as the cluster decides, so what needs a
+/// run's own moment (power measured per run, gaps, warmup or cycles decided
+/// as they go, a retry in the same array) is refused.
+fn check_slurm_array(
+    manifest: &Manifest,
+    backend: &Backend,
+) -> Result<(), (&'static [&'static str], String)> {
+    let Some(array) = backend.slurm.as_ref().and_then(|job| job.array.as_ref()) else {
+        return Ok(());
+    };
+    let what = format!("backends[{}].slurm.array", backend.name);
+    if array
+        .runs
+        .is_some_and(|runs| runs == 0 || runs as usize > MAX_ARRAY_RUNS)
+    {
+        return Err((
+            &["slurm", "array", "runs"],
+            format!("{what}.runs: must be 1 to {MAX_ARRAY_RUNS} (SLURM's default MaxArraySize)"),
+        ));
+    }
+    let gaps = &manifest.gaps;
+    let side_by_side: [(bool, &str); 6] = [
+        (
+            !backend.command.is_empty(),
+            "an array's tasks are the runs: the backend has no command of its own",
+        ),
+        (
+            manifest.power.enabled,
+            "the tasks run side by side, so power cannot be measured per run: measure with steps (leave array out)",
+        ),
+        (
+            gaps.between_configs.is_some_and(|g| !g.is_zero())
+                || gaps.between_cycles.is_some_and(|g| !g.is_zero()),
+            "the tasks start as the cluster decides: gaps between runs need steps (leave array out)",
+        ),
+        (
+            manifest.warmup.cv_below.is_some(),
+            "a warmup until stable is decided run by run: give warmup.runs, or use steps",
+        ),
+        (
+            manifest.cycles.until().is_some(),
+            "cycles until known are decided run by run: give a number of cycles, or use steps",
+        ),
+        (
+            manifest.failure.retries > 0,
+            "a failed task is not retried in its array: failure.retries needs steps (leave array out)",
+        ),
+    ];
+    match side_by_side.into_iter().find(|(refused, _)| *refused) {
+        Some((_, why)) => Err((&["slurm", "array"], format!("{what}: {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// Most runs of one job array: SLURM's default `MaxArraySize` (1001) allows
+/// task indexes 0 to 1000.
+pub(crate) const MAX_ARRAY_RUNS: usize = 1000;
 
 /// Resources, GPUs and mounts of a backend (or of a deployment recipe's
 /// workload), or the key at fault and why; `what` starts every message

@@ -81,6 +81,9 @@ impl Backend {
                 nodes: job.nodes,
                 constraints: job.constraints.clone(),
                 gres: job.gres.clone(),
+                // The tasks are the runs the array is made for, when it is.
+                array_tasks: Vec::new(),
+                array_parallelism: job.array.as_ref().map_or(0, |array| array.parallel),
             }),
             ..Default::default()
         }

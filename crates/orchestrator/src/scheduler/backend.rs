@@ -5,7 +5,7 @@
 //! the backend again when it went down between runs and placing it again
 //! when a run found it lost. At the end the workload is removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use berth_proto::orchestrator::v1::{HostStatus, Run};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::array;
 use super::run::Unprepared;
 use super::{CampaignRun, Interrupted, Placed, Scheduler, agent_did_not_answer, index_list};
 use crate::backend_watch::BackendWatch;
@@ -97,15 +98,28 @@ impl Scheduler {
             if self.settle(&ctx, &run, &backend)? {
                 continue;
             }
+            // A job array serves the runs it holds whatever its state (a
+            // task that ended is read from what it left); any other run
+            // needs an array of its own.
+            let array_key = ctx
+                .plan
+                .backend(&backend)
+                .and_then(Backend::array)
+                .map(|_| array::next_key(&run));
             let mut placement = match placed.take() {
-                Some(placement) => match placement.watch.down() {
-                    None => placement,
-                    Some(why) => {
+                Some(placement) => match (&array_key, placement.watch.down()) {
+                    (Some(key), _) if placement.array_keys.contains(key) => placement,
+                    (Some(_), _) => {
+                        self.remove_backend(&ctx.id, &backend, placement).await;
+                        continue;
+                    }
+                    (None, None) => placement,
+                    (None, Some(why)) => {
                         self.went_down(&ctx.id, &placement, &why);
                         continue;
                     }
                 },
-                None => match self.place(&ctx, &backend, &refusals).await {
+                None => match self.place(&ctx, &backend, &run, &refusals).await {
                     Ok(placement) => {
                         backoff = FIRST_BACKOFF;
                         refusals.clear();
@@ -292,6 +306,7 @@ impl Scheduler {
         &self,
         ctx: &CampaignRun,
         backend_name: &str,
+        run: &Run,
         refusals: &HashMap<String, u32>,
     ) -> Result<Placed, PlaceError> {
         let backend = ctx.plan.backend(backend_name).ok_or_else(|| {
@@ -306,7 +321,7 @@ impl Scheduler {
             .into_iter()
             .find(|p| p.backend == backend_name);
         if let Some(recorded) = recorded {
-            if let Some(placed) = self.adopt(ctx, backend, &recorded, &measured).await? {
+            if let Some(placed) = self.adopt(ctx, backend, &recorded, &measured, run).await? {
                 return Ok(placed);
             }
             self.store
@@ -321,8 +336,24 @@ impl Scheduler {
             .client(&host)
             .await
             .map_err(|reason| PlaceError::Waiting(format!("host `{host}`: {reason}")))?;
-        let name = backend_workload_name(&ctx.id, &backend.name, &host);
+        let mut name = backend_workload_name(&ctx.id, &backend.name, &host);
         let mut spec = workload_spec(&ctx.id, backend);
+        if let (Some(array), Some(job)) = (backend.array(), spec.slurm.as_mut()) {
+            job.array_tasks = self
+                .array_tasks(ctx, backend, array, run)
+                .map_err(waiting)?;
+            // Each task is a run: without a limit of the backend's own, the
+            // run's timeout is the task's (SLURM ends it TIMEOUT).
+            if job.time_limit.is_none() {
+                job.time_limit = ctx
+                    .plan
+                    .manifest
+                    .run
+                    .timeout
+                    .and_then(|t| prost_types::Duration::try_from(t).ok());
+            }
+            name = array::array_workload_name(&name, run);
+        }
         let host_gpus = self.hosts.gpus(&host);
         let assigned_gpus = gpu_leases::to_assign(backend)
             .filter(|_| !host_gpus.is_empty())
@@ -367,9 +398,16 @@ impl Scheduler {
                 backend.name
             ),
         );
+        let array_keys = array::task_keys(workload.spec.as_ref());
         self.await_running(ctx, &mut client, &host, &backend.name, workload)
             .await;
-        Ok(self.placed(backend, &placement, client, &host_gpus, measured))
+        Ok(self.placed(
+            backend,
+            &placement,
+            client,
+            &host_gpus,
+            (measured, array_keys),
+        ))
     }
 
     /// A backend that its start left waiting (a SLURM allocation PENDING
@@ -443,6 +481,7 @@ impl Scheduler {
         backend: &Backend,
         recorded: &Placement,
         measured: &Option<Serving>,
+        run: &Run,
     ) -> Result<Option<Placed>, PlaceError> {
         if !backend.placement.host.is_empty() && backend.placement.host != recorded.host {
             return Ok(None);
@@ -463,7 +502,21 @@ impl Scheduler {
                 return Err(place_error(&recorded.host, &status, reason));
             }
         };
-        if workload.state != WorkloadState::Running as i32 {
+        let array_keys = array::task_keys(workload.spec.as_ref());
+        if backend.array().is_some() {
+            // An array that holds the run serves it as it is; any other is
+            // done with (cancelled if it still runs) for a new one.
+            if !array_keys.contains(&array::next_key(run)) {
+                let removal = RemoveWorkloadRequest {
+                    id: recorded.workload_id.clone(),
+                    force: true,
+                };
+                if let Err(status) = client.remove_workload(removal).await {
+                    tracing::warn!(campaign = %ctx.id, backend = backend.name, status = %describe_status(&status), "could not remove a job array whose runs are done");
+                }
+                return Ok(None);
+            }
+        } else if workload.state != WorkloadState::Running as i32 {
             let started = client
                 .start_workload(WorkloadRef {
                     id: recorded.workload_id.clone(),
@@ -490,7 +543,7 @@ impl Scheduler {
             recorded,
             client,
             &host_gpus,
-            measured.clone(),
+            (measured.clone(), array_keys),
         )))
     }
 
@@ -502,7 +555,7 @@ impl Scheduler {
         placement: &Placement,
         client: AgentClient,
         host_gpus: &[Gpu],
-        measured: Option<Serving>,
+        (measured, array_keys): (Option<Serving>, HashSet<String>),
     ) -> Placed {
         let host = &placement.host;
         self.count_placed(host);
@@ -531,6 +584,7 @@ impl Scheduler {
             client,
             endpoints,
             provenance: tokio::sync::OnceCell::new(),
+            array_keys,
         }
     }
 

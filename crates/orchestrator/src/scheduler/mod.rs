@@ -13,12 +13,15 @@
 //! - `run`: one run on a placed backend: its exec, followed to its end
 //!   (attached again when the stream breaks), runs found in flight after a
 //!   restart, and whether a failed exit was the backend dying under it.
+//! - `array`: a slurm backend's runs as the tasks of job arrays, each run's
+//!   exec following its task.
 //! - `leases`: the GPUs a run leases from its backend's.
 //! - `output`: what a run's exec printed: bounded tails and the result line.
 //! - `record`: a run's transitions in the store (running, requeue, fail,
 //!   give up, cancelled) and the campaign events that publish what was
 //!   written.
 
+mod array;
 mod backend;
 mod leases;
 mod lifecycle;
@@ -98,6 +101,9 @@ struct Placed {
     /// The endpoints of the deployment the backend measures (port name →
     /// host:port); empty for a backend of its own.
     endpoints: BTreeMap<String, String>,
+    /// The exec keys of the runs a job array backend holds as its tasks;
+    /// empty for any other backend.
+    array_keys: std::collections::HashSet<String>,
 }
 
 /// Why a run could not go on where it was; the run is pending again.

@@ -365,7 +365,14 @@ impl Scheduler {
             self.record_success(run, ended, &output, power)?;
             return Ok(None);
         }
+        // An array's task ending does not end its backend's other tasks:
+        // its failure is its own.
+        let in_array = ctx
+            .plan
+            .backend(&run.backend)
+            .is_some_and(|backend| backend.array().is_some());
         if !timed_out
+            && !in_array
             && let Some(why) = self
                 .backend_died(ctx, run, &mut client, (followed_since, exit.exit_code))
                 .await
@@ -521,6 +528,26 @@ impl Scheduler {
 /// What the agent runs for one attempt of a run: the manifest's command and
 /// env with the run's placeholders filled in, under the attempt's key.
 fn exec_request(ctx: &CampaignRun, run: &Run, placed: &Placed, key: &str) -> ExecRequest {
+    let template = &ctx.plan.manifest.run;
+    let (command, env) = run_command(ctx, run, &placed.endpoints);
+    ExecRequest {
+        exec_key: key.to_string(),
+        workload_id: placed.workload_id.clone(),
+        command,
+        env,
+        working_dir: template.working_dir.clone(),
+        timeout: template
+            .timeout
+            .and_then(|t| prost_types::Duration::try_from(t).ok()),
+    }
+}
+
+/// The run's command and env: the manifest's, its placeholders filled in.
+pub(super) fn run_command(
+    ctx: &CampaignRun,
+    run: &Run,
+    endpoints: &std::collections::BTreeMap<String, String>,
+) -> (Vec<String>, Vec<EnvVar>) {
     let planned = PlannedRun {
         config: run.config.clone(),
         backend: run.backend.clone(),
@@ -528,22 +555,14 @@ fn exec_request(ctx: &CampaignRun, run: &Run, placed: &Placed, key: &str) -> Exe
         warmup: run.warmup,
         sequence: run.sequence,
     };
-    let template = &ctx.plan.manifest.run;
-    ExecRequest {
-        exec_key: key.to_string(),
-        workload_id: placed.workload_id.clone(),
-        command: ctx.plan.command_for(&planned, &run.id, &placed.endpoints),
-        env: ctx
-            .plan
-            .env_for(&planned, &run.id, &placed.endpoints)
-            .into_iter()
-            .map(|(name, value)| EnvVar { name, value })
-            .collect(),
-        working_dir: template.working_dir.clone(),
-        timeout: template
-            .timeout
-            .and_then(|t| prost_types::Duration::try_from(t).ok()),
-    }
+    let command = ctx.plan.command_for(&planned, &run.id, endpoints);
+    let env = ctx
+        .plan
+        .env_for(&planned, &run.id, endpoints)
+        .into_iter()
+        .map(|(name, value)| EnvVar { name, value })
+        .collect();
+    (command, env)
 }
 
 /// Pause between tries to attach to an exec whose agent does not answer.
@@ -712,7 +731,7 @@ async fn sleep_until_precisely(deadline: Instant) {
 /// The idempotency key of one attempt of a run on its agent. Run id and
 /// attempt are both recorded (`→ dispatched`) before the exec is sent, so a
 /// restarted orchestrator derives the same key to attach to it.
-fn exec_key(run_id: &str, attempt: u32) -> String {
+pub(super) fn exec_key(run_id: &str, attempt: u32) -> String {
     format!("{run_id}/attempt-{attempt}")
 }
 

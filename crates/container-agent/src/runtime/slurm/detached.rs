@@ -8,7 +8,9 @@
 //! streams the output from the start, then the rest, then the exit, so a
 //! run in flight when the agent was killed is adopted rather than run
 //! again. A cancel or the timeout kills the shell's group and cancels the
-//! step by its name.
+//! step by its name. An array task's directory ([`super::array`]) is
+//! followed the same way, its liveness read from SLURM, its cancel a
+//! `scancel` of the task.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ use crate::process_group::{self, CHUNK_BYTES, EXEC_BUFFER, HostCommand};
 
 /// How often the output files are read for more, and the exit looked for.
 const POLL: Duration = Duration::from_millis(20);
+/// How often an array task's state is read from SLURM while it is followed.
+const TASK_POLL: Duration = Duration::from_secs(1);
 /// Exit code of an exec whose shell vanished without writing its exit
 /// (killed from outside): 128 + SIGKILL, as it was in effect killed.
 const VANISHED: i32 = 137;
@@ -129,6 +133,22 @@ pub fn reattach(
     Some(follow(clients, dir, job_id, step_name, permit))
 }
 
+/// The task of job array `job_id` whose exec key is `key` (its directory
+/// made at create): streamed from its first byte, whether it has run yet
+/// or not.
+pub fn attach_task(
+    clients: Clients,
+    root: &Path,
+    job_id: u64,
+    key: &str,
+    permit: OwnedSemaphorePermit,
+) -> Option<mpsc::Receiver<ExecOutput>> {
+    let dir = root.join(job_id.to_string()).join(key_hash(key));
+    let written = std::fs::read_to_string(dir.join("key")).ok()?;
+    (written == key && task_index(&dir).is_some())
+        .then(|| follow(clients, dir, job_id, String::new(), permit))
+}
+
 /// `key`'s FNV-1a hash in hex: its directory's name (the key itself is
 /// in the directory's `key` file), and part of its step's name.
 pub(super) fn key_hash(key: &str) -> String {
@@ -157,6 +177,10 @@ fn follow(
             .and_then(|s| s.trim().parse::<f64>().ok())
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .map(|since_epoch| UNIX_EPOCH + since_epoch);
+        // An array task's own state, read from SLURM now and then: it
+        // runs on a node, where no pid of it can be looked at.
+        let task = task_index(&dir);
+        let mut task_checked = std::time::Instant::now();
         let exit = loop {
             if !(out.send_more(&tx).await && err.send_more(&tx).await) {
                 kill(&clients, &dir, job_id, &step_name).await;
@@ -173,7 +197,25 @@ fn follow(
                 kill(&clients, &dir, job_id, &step_name).await;
                 break exit_status(VANISHED, ExitReason::TimedOut);
             }
-            if shell_pid(&dir).is_none() && read_exit(&dir).is_none() {
+            if let Some(task) = task {
+                if task_checked.elapsed() >= TASK_POLL {
+                    task_checked = std::time::Instant::now();
+                    if let Some(ended) = clients.task_ended(job_id, task).await
+                        && read_exit(&dir).is_none()
+                    {
+                        let said = format!(
+                            "berth: SLURM ended array task {job_id}_{task} before it wrote its exit: {ended}\n"
+                        );
+                        let _ = process_group::send_output(&tx, said.as_bytes(), false).await;
+                        let reason = if ended.starts_with("TIMEOUT") {
+                            ExitReason::TimedOut
+                        } else {
+                            ExitReason::Signaled
+                        };
+                        break exit_status(VANISHED, reason);
+                    }
+                }
+            } else if shell_pid(&dir).is_none() && read_exit(&dir).is_none() {
                 let _ = process_group::send_output(
                     &tx,
                     b"berth: the exec's srun was killed from outside the agent\n",
@@ -205,6 +247,16 @@ fn exit_status(code: i32, reason: ExitReason) -> ExitStatus {
         reason: reason as i32,
         duration: None,
     }
+}
+
+/// The index of the array task whose directory `dir` is; None for a
+/// detached step's.
+fn task_index(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(super::array::TASK_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn read_exit(dir: &Path) -> Option<i32> {
@@ -240,8 +292,13 @@ fn start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// Kills the exec's shell and srun, then cancels the step srun leaves.
+/// Kills the exec's shell and srun, then cancels the step srun leaves; an
+/// array task is cancelled in SLURM.
 async fn kill(clients: &Clients, dir: &Path, job_id: u64, step_name: &str) {
+    if let Some(task) = task_index(dir) {
+        clients.cancel_task(job_id, task).await;
+        return;
+    }
     if let Some(pid) = shell_pid(dir) {
         process_group::signal_group(pid, Signal::SIGKILL);
     }

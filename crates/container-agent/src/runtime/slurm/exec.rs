@@ -120,6 +120,61 @@ impl Clients {
         );
     }
 
+    /// How array task `<job_id>_<task>` ended (`TIMEOUT`, `CANCELLED`, …),
+    /// or None while it is pending or running, or when squeue cannot say
+    /// now. A task slurmctld no longer knows ended long ago.
+    pub(super) async fn task_ended(&self, job_id: u64, task: u32) -> Option<String> {
+        let listed = Command::new(self.sibling("squeue"))
+            .args([
+                "-h",
+                "-t",
+                "all",
+                "-j",
+                &format!("{job_id}_{task}"),
+                "-o",
+                "%T %r",
+            ])
+            .envs(self.env())
+            .output()
+            .await
+            .ok()?;
+        if !listed.status.success() {
+            let error = String::from_utf8_lossy(&listed.stderr);
+            return error
+                .contains("Invalid job id")
+                .then(|| "forgotten by slurmctld".to_string());
+        }
+        let text = String::from_utf8_lossy(&listed.stdout);
+        let (state, reason) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
+        let running = matches!(
+            state,
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SUSPENDED"
+        );
+        if running || state.is_empty() {
+            return None;
+        }
+        Some(if reason.is_empty() || reason == "None" {
+            state.to_string()
+        } else {
+            format!("{state} ({reason})")
+        })
+    }
+
+    /// Cancels array task `<job_id>_<task>`.
+    pub(super) async fn cancel_task(&self, job_id: u64, task: u32) {
+        let _ = Command::new(self.sibling("scancel"))
+            .arg(format!("{job_id}_{task}"))
+            .envs(self.env())
+            .status()
+            .await;
+    }
+
     /// The ids (`<job>.<step>`) of job `job_id`'s steps named `step_name`.
     async fn steps_named(&self, job_id: u64, step_name: &str) -> Vec<String> {
         let listed = Command::new(self.sibling("squeue"))

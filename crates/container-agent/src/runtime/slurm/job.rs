@@ -1,6 +1,7 @@
 //! A workload spec as a SLURM batch job (the v0.0.38 submit body), and a
 //! job as slurmrestd describes it read back as a berth workload.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -8,6 +9,7 @@ use berth_proto::agent::v1::{Workload, WorkloadState};
 use berth_proto::common::v1::WorkloadSpec;
 use serde_json::{Map, Value, json};
 
+use super::array::{self, ArrayTasks};
 use crate::error::AgentError;
 
 /// Workload ids are the job id behind this prefix.
@@ -28,6 +30,8 @@ pub struct Submission<'a> {
     pub owner: &'a str,
     pub default_partition: &'a str,
     pub output_dir: &'a Path,
+    /// Where keyed execs and array tasks keep their output and exit.
+    pub exec_root: &'a Path,
 }
 
 /// Checks the spec's SLURM settings, naming the first field that is wrong.
@@ -78,6 +82,7 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
     let Some(slurm) = &spec.slurm else {
         return Ok(());
     };
+    array::validate(spec, &slurm.array_tasks)?;
     for (field, value) in [
         ("spec.slurm.partition", &slurm.partition),
         ("spec.slurm.account", &slurm.account),
@@ -167,12 +172,30 @@ pub fn submit_body(spec: &WorkloadSpec, submission: &Submission<'_>) -> Value {
         spec.working_dir.clone()
     };
     set("current_working_directory", json!(working_dir));
+    // An array's tasks each have their own: `%A_%a` is `<job>_<task>`.
+    let id = if slurm.array_tasks.is_empty() {
+        "%j"
+    } else {
+        "%A_%a"
+    };
     let output = |stream: &str| {
         submission
             .output_dir
-            .join(format!("{}.%j.{stream}", submission.name))
+            .join(format!("{}.{id}.{stream}", submission.name))
             .display()
             .to_string()
+    };
+    let script = if slurm.array_tasks.is_empty() {
+        script(&spec.command)
+    } else {
+        set(
+            "array",
+            json!(array::array_option(
+                slurm.array_tasks.len(),
+                slurm.array_parallelism
+            )),
+        );
+        array::script(&slurm.array_tasks, submission.exec_root)
     };
     set("standard_output", json!(output("out")));
     set("standard_error", json!(output("err")));
@@ -183,7 +206,7 @@ pub fn submit_body(spec: &WorkloadSpec, submission: &Submission<'_>) -> Value {
         environment.insert(var.name.clone(), json!(var.value));
     }
     set("environment", Value::Object(environment));
-    json!({ "script": script(&spec.command), "job": job })
+    json!({ "script": script, "job": job })
 }
 
 /// The batch script: the command, or (with none) a shell that holds the
@@ -267,11 +290,15 @@ pub struct Job {
     /// The batch script's wait status (`exit_code`), as waitpid gives it.
     pub wait_status: i64,
     pub nodes: String,
+    /// The node the batch script runs on (its first); empty before it runs.
+    pub batch_host: String,
     pub standard_output: String,
     pub standard_error: String,
     pub submit_time: u64,
     pub start_time: u64,
     pub working_dir: String,
+    /// A job array's tasks; its state is then theirs, merged.
+    pub array: Option<ArrayTasks>,
 }
 
 impl Job {
@@ -286,11 +313,83 @@ impl Job {
             reason: text("state_reason"),
             wait_status: job["exit_code"].as_i64().unwrap_or(0),
             nodes: text("nodes"),
+            batch_host: text("batch_host"),
             standard_output: text("standard_output"),
             standard_error: text("standard_error"),
             submit_time: time("submit_time"),
             start_time: time("start_time"),
             working_dir: text("current_working_directory"),
+            array: None,
+        })
+    }
+
+    /// The jobs slurmrestd's records describe: a record per plain job, and
+    /// the records of one array (a task each, and its pending tasks) merged
+    /// into one job of the array's id.
+    pub fn from_records(records: &[Value]) -> Vec<Self> {
+        let mut jobs = Vec::new();
+        let mut arrays: BTreeMap<u64, Vec<(Self, Option<u32>)>> = BTreeMap::new();
+        for record in records {
+            let Some(job) = Self::from_json(record) else {
+                continue;
+            };
+            match record["array_job_id"].as_u64().filter(|id| *id > 0) {
+                Some(array_id) => {
+                    let task = record["array_task_id"]
+                        .as_u64()
+                        .and_then(|t| u32::try_from(t).ok());
+                    arrays.entry(array_id).or_default().push((job, task));
+                }
+                None => jobs.push(job),
+            }
+        }
+        jobs.extend(
+            arrays
+                .into_iter()
+                .filter_map(|(id, records)| Self::merged(id, records)),
+        );
+        jobs
+    }
+
+    /// An array's records as one job: held or running while any task is,
+    /// else pending while any is, else ended as its first task that did not
+    /// complete (or COMPLETED).
+    fn merged(id: u64, records: Vec<(Self, Option<u32>)>) -> Option<Self> {
+        let mut tasks = ArrayTasks::default();
+        for (job, task) in &records {
+            match task {
+                Some(index) => {
+                    tasks.started.insert(*index, job.state.clone());
+                }
+                None => tasks.rest = Some(job.state.clone()),
+            }
+        }
+        let (first, _) = records.first()?;
+        let by_state = |wanted: &dyn Fn(&Self) -> bool| {
+            records
+                .iter()
+                .filter(|(job, _)| wanted(job))
+                .min_by_key(|(_, task)| task.unwrap_or(u32::MAX))
+                .map(|(job, _)| job)
+        };
+        let leading = by_state(&|job| job.held())
+            .or_else(|| by_state(&|job| job.workload_state() == WorkloadState::Running))
+            .or_else(|| by_state(&|job| !job.finished()))
+            .or_else(|| by_state(&|job| job.state != "COMPLETED"))
+            .unwrap_or(first);
+        // A pending record's start time is SLURM's guess of it.
+        let start_time = records
+            .iter()
+            .filter(|(job, task)| task.is_some() && job.state != "PENDING")
+            .map(|(job, _)| job.start_time)
+            .filter(|t| *t > 0)
+            .min()
+            .unwrap_or(0);
+        Some(Self {
+            id,
+            start_time,
+            array: Some(tasks),
+            ..leading.clone()
         })
     }
 
@@ -333,10 +432,14 @@ impl Job {
 
     /// SLURM's own state and its reason, e.g. `PENDING (Resources)`.
     pub fn state_reason(&self) -> String {
-        if self.reason.is_empty() || self.reason == "None" {
+        let state = if self.reason.is_empty() || self.reason == "None" {
             self.state.clone()
         } else {
             format!("{} ({})", self.state, self.reason)
+        };
+        match &self.array {
+            Some(tasks) => format!("{state}; array tasks: {}", tasks.summary()),
+            None => state,
         }
     }
 
@@ -404,6 +507,7 @@ mod tests {
             owner: "berth-agent",
             default_partition: "batch",
             output_dir: Path::new("/scratch/berth"),
+            exec_root: Path::new("/scratch/berth/.berth/exec"),
         }
     }
 
@@ -493,6 +597,49 @@ mod tests {
     }
 
     #[test]
+    fn an_array_s_records_are_one_job_in_its_tasks_state() {
+        let record = |id: u64, task: Option<u64>, state: &str, reason: &str, status: i64| {
+            json!({
+                "job_id": id, "array_job_id": 7, "array_task_id": task,
+                "array_task_string": if task.is_none() { "2-4%2" } else { "" },
+                "name": "sweep", "comment": "berth:a", "job_state": state,
+                "state_reason": reason, "exit_code": status, "start_time": id * 10,
+            })
+        };
+        let plain =
+            json!({"job_id": 3, "array_job_id": 0, "name": "alloc", "job_state": "RUNNING"});
+        let running = [
+            record(7, None, "PENDING", "JobArrayTaskLimit", 0),
+            record(9, Some(1), "RUNNING", "None", 0),
+            record(8, Some(0), "COMPLETED", "None", 0),
+            plain,
+        ];
+        let jobs = Job::from_records(&running);
+        assert_eq!(jobs.len(), 2, "{jobs:?}");
+        let array = jobs.iter().find(|j| j.id == 7).unwrap();
+        assert_eq!(array.workload_state(), WorkloadState::Running);
+        assert_eq!(array.start_time, 80, "the first task's start");
+        assert_eq!(
+            array.state_reason(),
+            "RUNNING; array tasks: 1 COMPLETED, 1 RUNNING, the rest PENDING"
+        );
+        let ended = [
+            record(7, Some(2), "COMPLETED", "None", 0),
+            record(9, Some(1), "FAILED", "NonZeroExitCode", 3 << 8),
+            record(8, Some(0), "COMPLETED", "None", 0),
+        ];
+        let array = Job::from_records(&ended).remove(0);
+        assert!(array.finished());
+        assert_eq!(
+            array.state, "FAILED",
+            "the first task that did not complete"
+        );
+        assert_eq!(array.exit_code(), 3);
+        let held = [record(7, None, "PENDING", "JobHeldUser", 0)];
+        assert!(Job::from_records(&held)[0].held());
+    }
+
+    #[test]
     fn job_states_keep_slurms_reason() {
         let job = |state: &str, reason: &str, status: i64| Job {
             id: 7,
@@ -502,11 +649,13 @@ mod tests {
             reason: reason.into(),
             wait_status: status,
             nodes: String::new(),
+            batch_host: String::new(),
             standard_output: "out/%x.%j.out".into(),
             standard_error: String::new(),
             submit_time: 1,
             start_time: 2,
             working_dir: "/w".into(),
+            array: None,
         };
         let pending = job("PENDING", "Resources", 0).workload(None);
         assert_eq!(pending.state, WorkloadState::Created as i32);

@@ -13,6 +13,7 @@
 //! that file), so a restarted agent finds its workloads, running or ended,
 //! by asking slurmrestd.
 
+mod array;
 mod detached;
 pub mod error;
 mod exec;
@@ -120,11 +121,9 @@ impl Inner {
         if !answer.ok() {
             return Err(self.failed("listing jobs", &answer).into());
         }
-        Ok(answer.body["jobs"]
-            .as_array()
+        let records = answer.body["jobs"].as_array().cloned().unwrap_or_default();
+        Ok(Job::from_records(&records)
             .into_iter()
-            .flatten()
-            .filter_map(Job::from_json)
             .filter_map(|job| {
                 let spec = self.spec(&job)?;
                 Some((job, spec))
@@ -147,7 +146,11 @@ impl Inner {
                 .failed(&format!("reading job {job_id}"), &answer)
                 .into());
         }
-        Ok(answer.body["jobs"].get(0).and_then(Job::from_json))
+        // An array's records (a task each) come together under its id.
+        let records = answer.body["jobs"].as_array().cloned().unwrap_or_default();
+        Ok(Job::from_records(&records)
+            .into_iter()
+            .find(|job| job.id == job_id))
     }
 
     /// The workload `id` (`slurm-<job id>`) or named `id`: its job and spec.
@@ -166,6 +169,58 @@ impl Inner {
             .into_iter()
             .filter(|(job, _)| job.name == id)
             .max_by_key(|(job, _)| job.id))
+    }
+
+    /// The address SLURM reaches `node` at (its NodeAddr), or why it is not
+    /// known.
+    async fn node_address(&self, node: &str) -> Result<String, String> {
+        if node.is_empty() {
+            return Err("SLURM names no batch host for the job yet".into());
+        }
+        let answer = self
+            .rest
+            .call(Method::GET, &format!("node/{node}"), None)
+            .await
+            .map_err(|e| format!("reading node `{node}`: {e}"))?;
+        if !answer.ok() {
+            return Err(self
+                .failed(&format!("reading node `{node}`"), &answer)
+                .to_string());
+        }
+        let found = &answer.body["nodes"][0];
+        [&found["address"], &found["hostname"]]
+            .into_iter()
+            .filter_map(|field| field.as_str())
+            .find(|address| !address.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| format!("slurmrestd gives no address for node `{node}`"))
+    }
+
+    /// An exec into a job array: following its task of the exec's key,
+    /// whatever its state (it runs the command it was created with).
+    fn attach_task(
+        &self,
+        job: &Job,
+        key: Option<&str>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
+        let no_task = |reason: String| AgentError::InvalidArgument {
+            field: "exec_key",
+            reason,
+        };
+        let key = key.ok_or_else(|| {
+            no_task(format!(
+                "job array {} runs the commands it was created with: exec into it by a task's key",
+                job.id
+            ))
+        })?;
+        detached::attach_task(self.clients.clone(), &self.exec_root(), job.id, key, permit)
+            .ok_or_else(|| {
+                no_task(format!(
+                    "job array {} (`{}`) has no task with exec key `{key}`",
+                    job.id, job.name
+                ))
+            })
     }
 
     async fn find_or_404(&self, id: &str) -> Result<(Job, WorkloadSpec), AgentError> {
@@ -413,6 +468,7 @@ impl WorkloadRuntime for SlurmRuntime {
                 owner: &inner.owner,
                 default_partition: &inner.default_partition,
                 output_dir: &inner.output_dir,
+                exec_root: &inner.exec_root(),
             },
         );
         let answer = inner
@@ -438,7 +494,13 @@ impl WorkloadRuntime for SlurmRuntime {
             }
             .into());
         };
-        if let Err(error) = std::fs::write(inner.spec_path(job_id), spec.encode_to_vec()) {
+        let tasks = spec
+            .slurm
+            .as_ref()
+            .map_or(&[][..], |slurm| &slurm.array_tasks[..]);
+        let kept = std::fs::write(inner.spec_path(job_id), spec.encode_to_vec())
+            .and_then(|()| array::make_task_dirs(&inner.exec_root(), job_id, tasks));
+        if let Err(error) = kept {
             let _ = inner
                 .rest
                 .call(Method::DELETE, &format!("job/{job_id}"), None)
@@ -480,7 +542,12 @@ impl WorkloadRuntime for SlurmRuntime {
                     Some(&json!({"hold": false})),
                 )
                 .await?;
-            if !answer.ok() {
+            // Releasing an array answers an error for its tasks that are
+            // no longer held ("Job has already finished") beside releasing
+            // the others: the job as it is now says whether it worked.
+            let released = answer.ok()
+                || (job.array.is_some() && inner.job(job.id).await?.is_some_and(|now| !now.held()));
+            if !released {
                 return Err(inner
                     .failed(&format!("releasing job {}", job.id), &answer)
                     .into());
@@ -551,12 +618,20 @@ impl WorkloadRuntime for SlurmRuntime {
         Ok(())
     }
 
+    /// The job as a workload; a running one with the address of the node
+    /// its batch script runs on (where a deployment's replica answers).
     async fn inspect(&self, id: &str) -> Result<Option<Workload>, AgentError> {
-        Ok(self
-            .inner
-            .find(id)
-            .await?
-            .map(|(job, spec)| job.workload(Some(spec))))
+        let Some((job, spec)) = self.inner.find(id).await? else {
+            return Ok(None);
+        };
+        let mut workload = job.workload(Some(spec));
+        if job.workload_state() == WorkloadState::Running {
+            match self.inner.node_address(&job.batch_host).await {
+                Ok(address) => workload.ip_addresses = vec![address],
+                Err(why) => workload.ip_addresses_note = why,
+            }
+        }
+        Ok(Some(workload))
     }
 
     async fn list(&self) -> Result<Vec<Workload>, AgentError> {
@@ -577,6 +652,9 @@ impl WorkloadRuntime for SlurmRuntime {
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
         let inner = &self.inner;
         let (job, spec) = inner.find_or_404(id).await?;
+        if job.array.is_some() {
+            return inner.attach_task(&job, exec.key.as_deref(), permit);
+        }
         let state = job.workload_state();
         if state != WorkloadState::Running {
             return Err(AgentError::NotRunning {

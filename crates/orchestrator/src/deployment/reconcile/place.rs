@@ -162,6 +162,16 @@ impl Deployments {
             Ok(client) => client,
             Err(reason) => return self.host_silent(recipe, replica, state, &reason),
         };
+        if recipe.runtime == RuntimeName::Slurm {
+            // A SLURM job that ended does not run again: the ended one goes
+            // (its spec and files with it) and a new job is submitted.
+            if let Err(reason) = self.remove_replica(recipe, &replica).await {
+                return self.count_failure(recipe, replica, state, &reason);
+            }
+            let mut ended = replica;
+            ended.workload_id.clear();
+            return self.place(recipe, generation, ended, peers, state).await;
+        }
         match self.bounded(start(&mut client, &replica.workload_id)).await {
             Ok(_) => {
                 state.failed_checks = 0;

@@ -46,6 +46,12 @@ impl Deployments {
             }
         };
         state.host_silent_since = None;
+        // A SLURM job the cluster has not started yet (PENDING): the
+        // replica waits, in SLURM's words, without counting a restart.
+        if recipe.runtime == RuntimeName::Slurm && workload.state == WorkloadState::Created as i32 {
+            let why = format!("waits to run: {}", workload.state_reason);
+            return with_reason(replica, &why);
+        }
         if workload.state != WorkloadState::Running as i32 {
             let last_words = self.last_lines(&mut client, &replica.workload_id).await;
             let why = match workload.exit_code {
@@ -74,7 +80,7 @@ impl Deployments {
                 )
                 .await;
         }
-        let replica = match guest_address(recipe, replica, &workload) {
+        let replica = match own_address(recipe, replica, &workload) {
             ControlFlow::Continue(replica) => replica,
             ControlFlow::Break(waiting) => return waiting,
         };
@@ -281,16 +287,17 @@ impl Deployments {
 }
 
 /// A VM replica's endpoints are on the guest's own address, known once the
-/// guest has one (DHCP): it is recorded as it is learnt (and again should
-/// a restart change it), and the replica is not Running before it: `Break`
-/// is the replica left Starting with why. Other replicas are on their
-/// host's address.
-fn guest_address(
+/// guest has one (DHCP), a SLURM replica's on the address of the node its
+/// job runs on: it is recorded as it is learnt (and again should a restart
+/// change it), and the replica is not Running before it: `Break` is the
+/// replica left Starting with why. Other replicas are on their host's
+/// address.
+fn own_address(
     recipe: &Recipe,
     replica: ReplicaRecord,
     workload: &Workload,
 ) -> ControlFlow<ReplicaRecord, ReplicaRecord> {
-    if recipe.runtime != RuntimeName::Libvirt {
+    if !recipe.runtime.answers_on_its_own_address() {
         return ControlFlow::Continue(replica);
     }
     // Addresses come as `192.168.122.2/24`: the prefix length is not part of
@@ -311,17 +318,19 @@ fn guest_address(
             ControlFlow::Continue(next)
         }
         None if replica.address.is_empty() => {
-            let why = if workload.ip_addresses_note.is_empty() {
-                "the guest has no address yet".to_string()
+            let what = if recipe.runtime == RuntimeName::Slurm {
+                "the job's node has no known address yet"
             } else {
-                format!(
-                    "the guest has no address yet: {}",
-                    workload.ip_addresses_note
-                )
+                "the guest has no address yet"
+            };
+            let why = if workload.ip_addresses_note.is_empty() {
+                what.to_string()
+            } else {
+                format!("{what}: {}", workload.ip_addresses_note)
             };
             ControlFlow::Break(with_reason(replica, &why))
         }
-        // The address learnt before stays while libvirt cannot tell.
+        // The address learnt before stays while the runtime cannot tell.
         None => ControlFlow::Continue(replica),
     }
 }
