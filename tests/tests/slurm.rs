@@ -110,10 +110,10 @@ impl SlurmHost {
     async fn submit_arrays(
         &mut self,
         name: &str,
-        (values, cycles): (&str, u32),
+        (values, cycles, sleep): (&str, u32, &str),
         array: &str,
     ) -> Campaign {
-        let manifest = manifest(name, values, cycles, "0", &self.run_log()).replace(
+        let manifest = manifest(name, values, cycles, sleep, &self.run_log()).replace(
             "      time_limit: 10m\n",
             &format!("      time_limit: 10m\n      array: {array}\n"),
         );
@@ -258,7 +258,7 @@ async fn a_campaign_of_20_runs_runs_as_job_arrays_a_cycle_each() {
     };
     let started = Instant::now();
     let campaign = host
-        .submit_arrays("arrays", ("1, 2, 3, 4, 5", 4), "{parallel: 2}")
+        .submit_arrays("arrays", ("1, 2, 3, 4, 5", 4, "0"), "{parallel: 2}")
         .await;
     let deadline = started + Duration::from_secs(180);
     berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 20, deadline).await;
@@ -437,6 +437,45 @@ async fn the_allocation_outlives_a_killed_orchestrator_and_is_adopted() {
     assert_eq!(job, before[0], "the same allocation, adopted");
     assert_eq!(host.cluster.jobs(), before, "nothing submitted twice");
     assert_allocation_released(&host.cluster, &job).await;
+}
+
+/// kill -9 of the agent and of the orchestrator while a run of a job
+/// array is in flight: the array's tasks run on, the new agent follows a
+/// task by its key from the files it writes, the new orchestrator adopts
+/// the array by its recorded placement and the run in flight by its key;
+/// every run is recorded once in one attempt and run once, in one array per
+/// cycle and no more.
+#[tokio::test(flavor = "multi_thread")]
+async fn job_arrays_outlive_a_killed_agent_and_orchestrator() {
+    let Some(mut host) = SlurmHost::start().await else {
+        return;
+    };
+    let campaign = host
+        .submit_arrays("arrays-killed", ("1, 2, 3", 2, "1.5"), "{parallel: 1}")
+        .await;
+    in_flight(&mut host.client, &campaign.id).await;
+    host.kill_and_restart_agent().await;
+    host.kill_and_restart_orchestrator().await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 6, deadline).await;
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    assert!(runs.iter().all(|r| r.attempts == 1), "{runs:?}");
+    host.assert_each_run_ran_once(&runs);
+    let arrays: BTreeSet<String> = runs
+        .iter()
+        .map(|run| {
+            let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+            result["array"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(arrays.len(), 2, "an array per cycle: {arrays:?}");
+    let submitted: BTreeSet<String> = host
+        .cluster
+        .jobs()
+        .iter()
+        .map(|id| id.split('_').next().unwrap_or(id).to_string())
+        .collect();
+    assert_eq!(submitted, arrays, "no array submitted twice");
 }
 
 /// A deployment whose replica is a SLURM job kept running: the job serves
@@ -665,8 +704,9 @@ async fn wait_job_released(cluster: &Cluster, id: &str) {
 /// job, through berth's agent (CreateWorkload submits it held,
 /// StartWorkload releases it and answers once it runs) and through plain
 /// `sbatch` of the same job (squeue polled every 10 ms until it leaves
-/// PENDING), alternated on the same cluster; then a sweep of short runs as
-/// steps of one allocation through the orchestrator. Run with
+/// PENDING), alternated on the same cluster; then a sweep of 1,000 short runs
+/// through the orchestrator as steps of one allocation and as job arrays,
+/// and the same tasks as one plain `sbatch --array`. Run with
 /// `cargo test --release -p berth-tests --test slurm -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark: prints its figures"]
@@ -762,33 +802,80 @@ async fn bench_submission_through_berth_vs_sbatch_and_sweep_throughput() {
         ms(&mut through_sbatch)
     );
 
-    // 10 configurations × 10 cycles, each run a step that prints a line.
-    const SWEEP_RUNS: u64 = 100;
+    // 100 configurations × 10 cycles, each run printing a line: as steps
+    // of one allocation, as job arrays (a cycle's 100 runs each, and all
+    // 1,000 in one), and the same 1,000 tasks as one plain `sbatch --array`.
+    const CONFIGS: u32 = 100;
+    const CYCLES: u32 = 10;
+    let values: Vec<String> = (1..=CONFIGS).map(|n| n.to_string()).collect();
+    let values = values.join(", ");
+    for (way, array) in [
+        ("steps of one allocation", None),
+        ("job arrays of a cycle (100 runs) each", Some("{}")),
+        ("one job array of 1,000 runs", Some("{runs: 1000}")),
+    ] {
+        let submitted = Instant::now();
+        let name = format!(
+            "sweep-{}",
+            array.map_or("steps", |a| if a == "{}" { "cycle" } else { "all" })
+        );
+        let campaign = match array {
+            None => host.submit(&name, &values, CYCLES, "0").await,
+            Some(array) => {
+                host.submit_arrays(&name, (&values, CYCLES, "0"), array)
+                    .await
+            }
+        };
+        let runs = u64::from(CONFIGS * CYCLES);
+        let deadline = submitted + Duration::from_secs(1800);
+        berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, runs, deadline).await;
+        let wall = submitted.elapsed();
+        let done = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+        host.assert_each_run_ran_once(&done);
+        let _ = std::fs::remove_file(host.run_log());
+        eprintln!(
+            "sweep of {runs} runs as {way}: {:.1} s from submit to the last run recorded, {:.1} runs/s",
+            wall.as_secs_f64(),
+            runs as f64 / wall.as_secs_f64(),
+        );
+    }
+    let tasks = CONFIGS * CYCLES;
     let submitted = Instant::now();
-    let campaign = host
-        .submit("sweep", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10", 10, "0")
-        .await;
-    let deadline = submitted + Duration::from_secs(600);
-    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, SWEEP_RUNS, deadline)
-        .await;
+    let array = host
+        .cluster
+        .client(
+            "sbatch",
+            &[
+                "--parsable",
+                &format!("--partition={}", slurm::PARTITION),
+                &format!("--array=0-{}", tasks - 1),
+                "--cpus-per-task=1",
+                "--mem=200M",
+                "--output=/dev/null",
+                "--wrap=echo $SLURM_ARRAY_TASK_ID",
+            ],
+        )
+        .expect("sbatch --array");
+    // squeue lists the array's tasks that are pending or running, a line each.
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !host.cluster.job_state(&array).is_empty() {
+        assert!(Instant::now() < deadline, "array {array} never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let wall = submitted.elapsed();
-    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
-    let first_started = runs
-        .iter()
-        .filter_map(|r| std::time::SystemTime::try_from(r.started_at?).ok())
-        .min()
-        .unwrap();
-    let last_finished = runs
-        .iter()
-        .filter_map(|r| std::time::SystemTime::try_from(r.finished_at?).ok())
-        .max()
-        .unwrap();
-    let steady = last_finished.duration_since(first_started).unwrap();
+    let completed = host
+        .cluster
+        .client("squeue", &["-h", "-t", "CD", "-j", &array, "-o", "%i"])
+        .unwrap_or_default();
+    assert_eq!(
+        completed.lines().count(),
+        tasks as usize,
+        "every task completed"
+    );
     eprintln!(
-        "sweep of {SWEEP_RUNS} runs as steps of one allocation: {:.1} s from submit ({:.1} runs/s), \
-         {:.1} runs/s from the first run's start to the last's end",
+        "plain sbatch --array=0-{} of the same tasks: {:.1} s from submit to the last task's end, {:.1} tasks/s",
+        tasks - 1,
         wall.as_secs_f64(),
-        SWEEP_RUNS as f64 / wall.as_secs_f64(),
-        SWEEP_RUNS as f64 / steady.as_secs_f64()
+        f64::from(tasks) / wall.as_secs_f64(),
     );
 }
