@@ -158,17 +158,27 @@ pub async fn hosts_of(client: &mut Client) -> Vec<Host> {
         .hosts
 }
 
-/// The campaign's runs (the first page: the tests' campaigns are small).
+/// The campaign's runs, every page.
 pub async fn runs_of(client: &mut Client, id: &str) -> Vec<Run> {
-    client
-        .list_runs(ListRunsRequest {
-            campaign_id: id.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("ListRuns")
-        .into_inner()
-        .runs
+    let mut runs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_runs(ListRunsRequest {
+                campaign_id: id.to_string(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("ListRuns")
+            .into_inner();
+        runs.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return runs;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// A campaign of 4 configs × 3 cycles whose runs take `seconds` (those of

@@ -266,6 +266,9 @@ pub struct SlurmConfig {
     pub srun: PathBuf,
     /// slurm.conf for `srun` (`SLURM_CONF`); empty: srun's own default.
     pub slurm_conf: PathBuf,
+    /// What the nodes run a workload's `image` with (`apptainer`,
+    /// `singularity`, `podman`); `off`: images are refused.
+    pub container_runtime: crate::runtime::slurm::container::ContainerRuntime,
     /// How long StartWorkload waits for a released job to leave PENDING
     /// before it answers with the job still pending (and its reason).
     #[serde(with = "humantime_serde")]
@@ -289,6 +292,7 @@ impl Default for SlurmConfig {
             output_dir: berth_server::config::data_dir().join("agent").join("slurm"),
             srun: PathBuf::from("srun"),
             slurm_conf: PathBuf::new(),
+            container_runtime: Default::default(),
             start_wait: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),

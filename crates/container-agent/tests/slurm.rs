@@ -124,6 +124,26 @@ impl Agent {
         )
     }
 
+    /// The workload's logs as they are, stdout and stderr, a line each.
+    async fn logs(&mut self, id: &str) -> String {
+        let mut stream = self
+            .client
+            .logs(LogsRequest {
+                workload_id: id.into(),
+                follow: false,
+                tail: 0,
+                since: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut lines = Vec::new();
+        while let Some(line) = stream.message().await.unwrap() {
+            lines.push(line.line);
+        }
+        lines.join("\n")
+    }
+
     /// Polls the workload until `done` holds, at most `limit`.
     async fn wait(
         &mut self,
@@ -332,6 +352,126 @@ async fn a_job_runs_and_runs_are_steps_in_it() {
 /// A keyed exec (a campaign run) is a step that outlives the agent: a new
 /// agent attaches to it by its key and gets its whole output and exit, and
 /// cancels another one started by the agent before it.
+/// A workload with an image, on an agent whose `slurm.container_runtime`
+/// is podman (real, the site's runtime here; Apptainer is not packaged for
+/// Debian 12): a job's batch command and each step of an allocation run in
+/// the image (a busybox rootfs, which has no /etc/debian_version) with the
+/// job's environment and a bind of a node directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_and_its_steps_run_in_the_image_with_the_site_s_container_runtime() {
+    let Some(cluster) = slurm::cluster() else {
+        return;
+    };
+    let Some(()) = berth_tests::require_part(berth_tests::Part::Podman) else {
+        return;
+    };
+    let Some(rootfs) = berth_tests::busybox_rootfs(&berth_tests::target_tmpdir().join("images"))
+    else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let podman_env = podman_store(store.path());
+    let image = format!("localhost/berth-slurm-image:{}", std::process::id());
+    let imported = std::process::Command::new("podman")
+        .args(["import", &rootfs.display().to_string(), &image])
+        .envs(podman_env.iter().map(|v| (&v.name, &v.value)))
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    let shared = store.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("note"), "from the node").unwrap();
+
+    let mut agent = Agent::start(&cluster, |config| {
+        config.slurm.container_runtime =
+            berth_container_agent::runtime::slurm::container::ContainerRuntime::Podman;
+    })
+    .await;
+    let in_image =
+        "test ! -e /etc/debian_version && echo \"in the image: $FROM_WORKLOAD $(cat /data/note)\"";
+    let mut spec = allocation(None);
+    spec.image = image;
+    spec.mounts = vec![berth_proto::common::v1::Mount {
+        source: shared.display().to_string(),
+        target: "/data".into(),
+        read_only: true,
+        volume: false,
+    }];
+    spec.env.extend(podman_env);
+
+    let mut batch = spec.clone();
+    batch.command = vec!["sh".into(), "-c".into(), in_image.into()];
+    let job = agent.create("in-image-batch", batch).await.unwrap();
+    agent.start_workload(&job.id).await;
+    let ended = agent
+        .wait(&job.id, Duration::from_secs(60), |w| {
+            w.state() == WorkloadState::Exited
+        })
+        .await;
+    let logs = agent.logs(&job.id).await;
+    assert_eq!(ended.exit_code, Some(0), "{ended:?}: {logs}");
+    assert!(logs.contains("in the image: w from the node"), "{logs}");
+
+    let allocation = agent.create("in-image", spec).await.unwrap();
+    let started = agent.start_workload(&allocation.id).await;
+    assert_eq!(started.state(), WorkloadState::Running, "{started:?}");
+    let (out, err, exit) = agent
+        .exec(&allocation.id, &["sh", "-c", in_image], &[], "", None)
+        .await;
+    assert_eq!(exit.exit_code, 0, "{out} {err}");
+    assert_eq!(out.trim(), "in the image: w from the node", "{err}");
+    for id in [job.id, allocation.id] {
+        agent
+            .client
+            .remove_workload(RemoveWorkloadRequest { id, force: true })
+            .await
+            .unwrap();
+    }
+}
+
+/// podman's settings and storage for the test, in `dir`: the settings a
+/// sandbox without systemd needs (scripts/images/podman-service.sh), vfs
+/// storage of its own. As env for podman and for the jobs that run it.
+fn podman_store(dir: &std::path::Path) -> Vec<EnvVar> {
+    let hard = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Hu"])
+        .output()
+        .unwrap();
+    let nproc = String::from_utf8_lossy(&hard.stdout)
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(u64::MAX)
+        .min(32_768);
+    let conf = dir.join("containers.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc={nproc}:{nproc}\"]\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n"
+        ),
+    )
+    .unwrap();
+    let storage = dir.join("storage.conf");
+    std::fs::write(
+        &storage,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{0}/root\"\nrunroot = \"{0}/run\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    [
+        ("CONTAINERS_CONF", conf),
+        ("CONTAINERS_STORAGE_CONF", storage),
+    ]
+    .into_iter()
+    .map(|(name, path)| EnvVar {
+        name: name.into(),
+        value: path.display().to_string(),
+    })
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_step_outlives_the_agent_and_is_attached_again() {
     let Some(cluster) = slurm::cluster() else {

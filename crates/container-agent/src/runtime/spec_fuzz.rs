@@ -320,13 +320,15 @@ fn check(spec: &WorkloadSpec) -> Result<(), TestCaseError> {
             names_a_field(container_config("w", spec, "me", &DockerDialect, versions).map(drop))?;
             names_a_field(container_config("w", spec, "me", &PodmanDialect, versions).map(drop))?;
         }
-        if names_a_field(slurm::job::validate(spec))? {
+        let container = slurm::container::ContainerRuntime::Podman;
+        if names_a_field(slurm::job::validate(spec, container))? {
             let submission = slurm::job::Submission {
                 name: "w",
                 owner: "me",
                 default_partition: "",
                 output_dir: std::path::Path::new("/jobs"),
                 exec_root: std::path::Path::new("/jobs/.berth/exec"),
+                container,
             };
             let body = slurm::job::submit_body(spec, &submission);
             prop_assert!(

@@ -658,8 +658,8 @@ fn a_slurm_backend_is_a_job_and_only_it_has_slurm_settings() {
             5,
         ),
         (
-            "  - name: c\n    runtime: slurm\n    image: busybox\n",
-            "backends[c].image: wrapping a job in a container image",
+            "  - name: c\n    runtime: slurm\n    mounts: [{source: /scratch, target: /data}]\n",
+            "backends[c].mounts: a job sees the nodes' files as they are",
             5,
         ),
         (

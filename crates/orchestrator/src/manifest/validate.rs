@@ -426,16 +426,18 @@ pub(crate) fn check_slurm(
         }
         return Ok(());
     }
+    // An image runs in the nodes' container runtime, its mounts bound
+    // there (the agent's `slurm.container_runtime` says which, or refuses).
     let not_on_a_cluster: [(&'static [&'static str], bool, &str); 3] = [
         (
-            &["image"],
-            !backend.image.is_empty(),
-            "wrapping a job in a container image (Apptainer) is not supported yet",
+            &["mounts"],
+            backend.image.is_empty() && !backend.mounts.is_empty(),
+            "a job sees the nodes' files as they are: mounts bind them into an image",
         ),
         (
             &["mounts"],
-            !backend.mounts.is_empty(),
-            "a job sees the nodes' files as they are",
+            backend.mounts.iter().any(|m| m.volume),
+            "a cluster's jobs bind the nodes' paths, not named volumes",
         ),
         (
             &["gpus"],

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use berth_proto::agent::v1::{Workload, WorkloadState};
-use berth_proto::common::v1::WorkloadSpec;
+use berth_proto::common::v1::{SlurmArrayTask, WorkloadSpec};
 use serde_json::{Map, Value, json};
 
 use super::array::{self, ArrayTasks};
+use super::container::ContainerRuntime;
 use crate::error::AgentError;
 
 /// Workload ids are the job id behind this prefix.
@@ -32,20 +33,17 @@ pub struct Submission<'a> {
     pub output_dir: &'a Path,
     /// Where keyed execs and array tasks keep their output and exit.
     pub exec_root: &'a Path,
+    /// What the nodes run an image with.
+    pub container: ContainerRuntime,
 }
 
-/// Checks the spec's SLURM settings, naming the first field that is wrong.
-pub fn validate(spec: &WorkloadSpec) -> Result<(), AgentError> {
+/// Checks the spec's SLURM settings, naming the first field that is wrong;
+/// an image and its binds against the nodes' `container` runtime.
+pub fn validate(spec: &WorkloadSpec, container: ContainerRuntime) -> Result<(), AgentError> {
     let invalid =
         |field: &'static str, reason: String| AgentError::InvalidArgument { field, reason };
-    if !spec.image.is_empty() {
-        return Err(AgentError::Unsupported {
-            field: "spec.image",
-            reason: "the slurm runtime runs the job's command on the nodes as it is; wrapping it in a container image (Apptainer) is not supported yet".into(),
-        });
-    }
-    let host_only: [(&'static str, bool); 5] = [
-        ("spec.mounts", !spec.mounts.is_empty()),
+    container.validate(spec)?;
+    let host_only: [(&'static str, bool); 4] = [
         ("spec.ports", !spec.ports.is_empty()),
         ("spec.ulimits", !spec.ulimits.is_empty()),
         ("spec.health_check", spec.health_check.is_some()),
@@ -185,8 +183,15 @@ pub fn submit_body(spec: &WorkloadSpec, submission: &Submission<'_>) -> Value {
             .display()
             .to_string()
     };
+    // What the job's environment hands a command run in an image.
+    let spec_env = || spec.env.iter().map(|var| var.name.as_str());
     let script = if slurm.array_tasks.is_empty() {
-        script(&spec.command)
+        let command = if spec.command.is_empty() {
+            Vec::new()
+        } else {
+            submission.container.wrap(spec, &spec.command, spec_env())
+        };
+        script(&command)
     } else {
         set(
             "array",
@@ -195,7 +200,18 @@ pub fn submit_body(spec: &WorkloadSpec, submission: &Submission<'_>) -> Value {
                 slurm.array_parallelism
             )),
         );
-        array::script(&slurm.array_tasks, submission.exec_root)
+        let tasks: Vec<_> = slurm
+            .array_tasks
+            .iter()
+            .map(|task| {
+                let names = spec_env().chain(task.env.iter().map(|var| var.name.as_str()));
+                SlurmArrayTask {
+                    command: submission.container.wrap(spec, &task.command, names),
+                    ..task.clone()
+                }
+            })
+            .collect();
+        array::script(&tasks, submission.exec_root)
     };
     set("standard_output", json!(output("out")));
     set("standard_error", json!(output("err")));
@@ -508,6 +524,7 @@ mod tests {
             default_partition: "batch",
             output_dir: Path::new("/scratch/berth"),
             exec_root: Path::new("/scratch/berth/.berth/exec"),
+            container: ContainerRuntime::Off,
         }
     }
 
@@ -540,7 +557,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        validate(&spec).unwrap();
+        validate(&spec, ContainerRuntime::Off).unwrap();
         let body = submit_body(&spec, &submission());
         let job = &body["job"];
         assert_eq!(body["script"], "#!/bin/sh\nexec 'python' 'it'\\''s.py'\n");
@@ -561,7 +578,7 @@ mod tests {
 
     #[test]
     fn what_a_job_cannot_have_is_named() {
-        let field = |spec: WorkloadSpec| match validate(&spec) {
+        let field = |spec: WorkloadSpec| match validate(&spec, ContainerRuntime::Off) {
             Err(
                 AgentError::InvalidArgument { field, .. } | AgentError::Unsupported { field, .. },
             ) => field,

@@ -14,6 +14,7 @@
 //! by asking slurmrestd.
 
 mod array;
+pub mod container;
 mod detached;
 pub mod error;
 mod exec;
@@ -60,6 +61,7 @@ struct Inner {
     owner: String,
     default_partition: String,
     output_dir: PathBuf,
+    container: container::ContainerRuntime,
     start_wait: Duration,
     poll_interval: Duration,
     events: EventBus,
@@ -84,6 +86,7 @@ pub fn locate(config: &SlurmConfig, owner: &str, events: EventBus) -> Result<Slu
             owner: owner.to_string(),
             default_partition: config.default_partition.clone(),
             output_dir: config.output_dir.clone(),
+            container: config.container_runtime,
             start_wait: config.start_wait,
             poll_interval: config.poll_interval,
             events,
@@ -436,7 +439,7 @@ impl WorkloadRuntime for SlurmRuntime {
     }
 
     fn validate(&self, spec: &WorkloadSpec) -> Result<(), AgentError> {
-        job::validate(spec)
+        job::validate(spec, self.inner.container)
     }
 
     fn failing(&self) -> Option<String> {
@@ -469,6 +472,7 @@ impl WorkloadRuntime for SlurmRuntime {
                 default_partition: &inner.default_partition,
                 output_dir: &inner.output_dir,
                 exec_root: &inner.exec_root(),
+                container: inner.container,
             },
         );
         let answer = inner
@@ -673,6 +677,18 @@ impl WorkloadRuntime for SlurmRuntime {
             PathBuf::from(&spec.working_dir)
         };
         let step = step_name(exec.key.as_deref());
+        // In the workload's image, the step sees srun's environment: the
+        // workload's and the exec's variables.
+        let mut exec = exec;
+        let names: Vec<String> = workload_env
+            .iter()
+            .chain(&exec.command.env)
+            .map(|(name, _)| name.clone())
+            .collect();
+        exec.command.argv =
+            inner
+                .container
+                .wrap(&spec, &exec.command.argv, names.iter().map(String::as_str));
         let command = inner
             .clients
             .step(&job, &workload_env, &exec, &step, &default_dir);
