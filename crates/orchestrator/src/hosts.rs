@@ -177,6 +177,16 @@ impl HostRegistry {
             .collect()
     }
 
+    /// Why `runtime` fails on `host` now, when its agent lists it as
+    /// unavailable (the slurm runtime while slurmrestd is down): the
+    /// agent answers, so runs of that runtime wait rather than be refused.
+    pub fn runtime_failing(&self, host: &str, runtime: Runtime) -> Option<String> {
+        let hosts = self.read();
+        let info = hosts.get(host)?.info.as_ref()?;
+        let why = info.unavailable_runtimes.get(runtime.as_str_name())?;
+        Some(format!("host `{host}`: {}: {why}", runtime.as_str_name()))
+    }
+
     /// The cached client of a host, if it has a live one, and its record.
     fn cached(&self, name: &str) -> Result<(HostRecord, Option<AgentClient>), String> {
         let hosts = self.read();

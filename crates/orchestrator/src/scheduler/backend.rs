@@ -85,6 +85,8 @@ impl Scheduler {
         // Since when the backend has been without a run: the gap before the
         // next run counts from here.
         let mut idle_since = Instant::now();
+        // What the campaign's status says while the backend's runtime fails.
+        let mut runtime_wait = String::new();
         loop {
             if ctx.token.is_cancelled() {
                 break;
@@ -143,6 +145,30 @@ impl Scheduler {
                     }
                 },
             };
+            // A runtime its host's agent says fails now (slurmrestd down):
+            // the run waits, not dispatched, so it is not charged an
+            // attempt for an outage the heartbeat already knows of.
+            let runtime = ctx.plan.backend(&backend).map(|b| b.runtime.proto());
+            if let Some(why) =
+                runtime.and_then(|runtime| self.hosts.runtime_failing(&placement.host, runtime))
+            {
+                let message = format!("backend `{backend}` waits for its runtime: {why}");
+                if message != runtime_wait {
+                    self.store.set_campaign_message(&ctx.id, &message)?;
+                    self.publish(&ctx.id, message.clone());
+                    runtime_wait = message;
+                }
+                placed = Some(placement);
+                tokio::select! {
+                    () = ctx.token.cancelled() => break,
+                    () = tokio::time::sleep(PENDING_POLL) => {}
+                }
+                continue;
+            }
+            if !runtime_wait.is_empty() {
+                runtime_wait.clear();
+                self.mark_running(&ctx.id)?;
+            }
             let gap = gap_before(&ctx.plan, previous.as_ref(), &run).map(|gap| (idle_since, gap));
             let prepared = match self.prepare(&ctx, &run, &mut placement, gap).await {
                 Ok(prepared) => prepared,
