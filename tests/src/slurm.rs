@@ -90,6 +90,8 @@ impl Cluster {
             (crate::free_port(), crate::free_port(), crate::free_port());
         let conf = path("slurm.conf");
         let d = root.display();
+        // batch_sched_delay=0: a batch job (an array task) is scheduled when
+        // it can run, not up to 3 s later, as high-throughput sites set it.
         let text = format!(
             "ClusterName=berthtest\n\
              SlurmctldHost={hostname}(127.0.0.1)\n\
@@ -117,6 +119,7 @@ impl Cluster {
              KillWait=2\n\
              InactiveLimit=0\n\
              MinJobAge=600\n\
+             SchedulerParameters=batch_sched_delay=0\n\
              NodeName={NODE} NodeHostname={hostname} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} State=UNKNOWN\n\
              PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n"
         );
