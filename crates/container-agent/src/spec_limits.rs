@@ -227,6 +227,26 @@ pub fn check_spec(spec: &WorkloadSpec) -> Result<(), AgentError> {
             MAX_STRING_BYTES,
         )?;
     }
+    if let Some(slurm) = &spec.slurm {
+        count(
+            "spec.slurm.array_tasks",
+            slurm.array_tasks.len(),
+            crate::runtime::slurm::MAX_ARRAY_TASKS,
+        )?;
+        for task in &slurm.array_tasks {
+            command_line("spec.slurm.array_tasks.command", &task.command)?;
+            environment("spec.slurm.array_tasks.env", &task.env)?;
+            for (field, text) in [
+                ("spec.slurm.array_tasks.exec_key", &task.exec_key),
+                ("spec.slurm.array_tasks.working_dir", &task.working_dir),
+            ] {
+                length(field, String::new, text, MAX_STRING_BYTES)?;
+                if text.contains('\0') {
+                    return Err(invalid(field, "holds a NUL byte".into()));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -350,5 +370,21 @@ mod tests {
             .is_ok()
         );
         assert!(check_spec(&WorkloadSpec::default()).is_ok());
+        let task = berth_proto::common::v1::SlurmArrayTask {
+            exec_key: "run/attempt-1".into(),
+            command: nul.to_vec(),
+            ..Default::default()
+        };
+        let array = WorkloadSpec {
+            slurm: Some(berth_proto::common::v1::SlurmSpec {
+                array_tasks: vec![task],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            reason(check_spec(&array)),
+            "spec.slurm.array_tasks.command: argument 1 holds a NUL byte"
+        );
     }
 }

@@ -34,6 +34,7 @@ use prost::Message;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+pub use array::MAX_TASKS as MAX_ARRAY_TASKS;
 pub use error::SlurmError;
 use job::{ID_PREFIX, Job, Submission};
 
