@@ -492,40 +492,22 @@ async fn a_deployment_replica_is_a_slurm_job_kept_running_on_its_node() {
     let site = host.dir.path().join("site");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "served by a SLURM job\n").unwrap();
-    let recipe = format!(
-        r#"name: web
-runtime: slurm
-command: [sh, -c, 'echo $SLURM_JOB_ID > {site}/job-$BERTH_REPLICA && exec python3 -m http.server {{{{port.http}}}} --directory {site}']
-ports:
-  - name: http
-    protocol: http
-resources:
-  cpus: 1
-  memory: 200MiB
-slurm:
-  partition: {partition}
-  time_limit: 10m
-health:
-  check: http
-  port: http
-  path: /index.html
-  interval: 200ms
-  timeout: 1s
-  retries: 2
-  start_period: 20s
-restart:
-  backoff: 100ms
-  max_backoff: 1s
-stop_grace: 2s
-"#,
-        site = site.display(),
-        partition = slurm::PARTITION,
-    );
+    // The example recipe as it is, but for the directory it serves and
+    // quicker health checks and restarts.
+    let example = berth_tests::repo_root().join("examples/deployments/slurm/web.yaml");
+    let recipe = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("/shared/www", &site.display().to_string())
+        .replace("name: web-on-slurm", "name: web")
+        .replace("interval: 2s", "interval: 200ms")
+        .replace("backoff: 1s", "backoff: 100ms")
+        .replace("max_backoff: 30s", "max_backoff: 1s");
+    assert!(recipe.contains(&format!("partition: {}", slurm::PARTITION)));
     let started = Instant::now();
     host.client
         .deploy(DeployRequest {
             recipe_yaml: recipe,
-            source_name: "web.yaml".into(),
+            source_name: example.display().to_string(),
             ..Default::default()
         })
         .await

@@ -684,6 +684,16 @@ fn a_slurm_backend_is_a_job_and_only_it_has_slurm_settings() {
 }
 
 #[test]
+fn the_slurm_arrays_example_is_valid() {
+    let text = include_str!("../../../../examples/campaigns/slurm-arrays.yaml");
+    let plan = plan("slurm-arrays.yaml", text).unwrap();
+    assert_eq!(plan.runs.len(), 500);
+    assert_eq!(plan.configs.len(), 50, "an array a cycle: 50 runs each");
+    let array = plan.manifest.backends[0].array().expect("runs as arrays");
+    assert_eq!((array.runs, array.parallel), (None, 8));
+}
+
+#[test]
 fn a_slurm_array_is_refused_with_what_needs_a_run_s_own_moment() {
     let backend =
         "  - name: c\n    runtime: slurm\n    slurm:\n      array: {runs: 4, parallel: 2}\n";
