@@ -26,7 +26,7 @@ log() { echo "test.sh: $*" >&2; }
 scripts/setup/debian-packages.sh
 scripts/setup/libvirtd.sh
 scripts/setup-embedding-model.sh --quiet >/dev/null
-scripts/llm/setup-peers.sh --quiet >/dev/null
+scripts/llm/setup-peers.sh --litellm --quiet >/dev/null
 setup_done=$(date +%s)
 
 mkdir -p target

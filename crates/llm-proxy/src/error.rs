@@ -65,6 +65,15 @@ pub enum ProxyError {
         why: String,
         retry_after: Option<Duration>,
     },
+    /// A key's budget for one model (its `model_max_budget`) cannot take
+    /// an attempt on that model: spent, or smaller than what the request
+    /// may cost.
+    #[error("the key's model_max_budget for `{model}` {why}")]
+    ModelBudget {
+        model: String,
+        why: String,
+        retry_after: Option<Duration>,
+    },
     #[error(
         "no deployment of `{model}` is available (cooling down after failures, at their rpm/tpm, or their max_budget spent)"
     )]
@@ -140,7 +149,8 @@ impl ServiceError for ProxyError {
             | Self::BudgetExceeded { .. }
             | Self::BudgetTooSmall { .. }
             | Self::NoDeployment { .. }
-            | Self::DeploymentBudget { .. } => ErrorCode::ResourceExhausted,
+            | Self::DeploymentBudget { .. }
+            | Self::ModelBudget { .. } => ErrorCode::ResourceExhausted,
             Self::Upstream { status, .. } => code_of_status(*status),
             Self::Unreachable { .. } | Self::BadAnswer { .. } => ErrorCode::Unavailable,
             Self::Timeout { .. } => ErrorCode::Timeout,
@@ -174,6 +184,7 @@ impl ServiceError for ProxyError {
             Self::BudgetTooSmall { .. } => "budget_too_small",
             Self::NoDeployment { .. } => "no_deployment",
             Self::DeploymentBudget { .. } => "deployment_budget_exceeded",
+            Self::ModelBudget { .. } => "model_budget_exceeded",
             Self::UnsupportedParam { .. } => "unsupported_param",
             Self::Upstream { .. } => "upstream_error",
             Self::Unreachable { .. } => "upstream_unreachable",
@@ -222,7 +233,9 @@ impl ProxyError {
             Self::RateLimited { retry_after, .. } | Self::NoDeployment { retry_after, .. } => {
                 Some(*retry_after)
             }
-            Self::DeploymentBudget { retry_after, .. } => *retry_after,
+            Self::DeploymentBudget { retry_after, .. } | Self::ModelBudget { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
     }
@@ -235,7 +248,8 @@ impl ProxyError {
             Self::RateLimited { .. } | Self::NoDeployment { .. } => "rate_limit_error",
             Self::BudgetExceeded { .. }
             | Self::BudgetTooSmall { .. }
-            | Self::DeploymentBudget { .. } => "budget_exceeded",
+            | Self::DeploymentBudget { .. }
+            | Self::ModelBudget { .. } => "budget_exceeded",
             Self::Unreachable { .. }
             | Self::BadAnswer { .. }
             | Self::Timeout { .. }

@@ -290,6 +290,12 @@ impl Gateway {
         // Tries sent upstream, fallbacks included: each one's span says which.
         let mut tries = 0;
         for group in self.router.groups_for(&call.model) {
+            // A passed-through Responses request can only go where the
+            // Responses API is served: a fallback that lacks it is passed over.
+            if call.endpoint == Endpoint::Responses && !self.router.serves_responses(group) {
+                tracing::debug!(%group, "fallback not tried: it does not serve the Responses API");
+                continue;
+            }
             let mut tried: Vec<Arc<Deployment>> = Vec::new();
             // A retry after an upstream's failure backs off; one after a
             // deployment the budget cannot afford goes on at once.
@@ -359,8 +365,9 @@ impl Gateway {
                                 }
                             }
                             Answer::Stream(body, idle, dialect) => {
-                                let recorder =
-                                    store.map(|(cache, key)| Recorder::new(cache.clone(), key));
+                                let recorder = store.map(|(cache, key)| {
+                                    Recorder::new(cache.clone(), key, call.endpoint)
+                                });
                                 let relay = dialect.relay();
                                 let live = PassThrough::new(body, idle, relay, settle, recorder);
                                 Reply::Stream(StreamBody::Live(live))
@@ -466,7 +473,7 @@ impl Gateway {
 /// The most `call` can cost on `deployment`: each byte of its body a prompt
 /// token (tokenizers take at least a byte a token; an image given by URL is
 /// the exception, counted by its URL's bytes) and `max_tokens` (or
-/// `max_completion_tokens`) tokens of answer at the deployment's prices.
+/// `max_completion_tokens`, or the Responses API's `max_output_tokens`) tokens of answer at the deployment's prices.
 /// None, unbounded, when the answer has a price and no limit.
 fn worst_cost(
     call: &Call,
@@ -486,7 +493,7 @@ fn worst_cost(
     if output <= 0.0 || call.endpoint == Endpoint::Embeddings {
         return Some(prompt);
     }
-    let max_tokens = ["max_tokens", "max_completion_tokens"]
+    let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .filter_map(|field| call.body.get(*field)?.as_u64())
         .min()?;

@@ -11,6 +11,8 @@
 //! With no exporter the span is disabled (see
 //! `berth_server::trace_context::REQUEST_SPAN_TARGET`) and every method
 //! here returns at once: nothing is formatted, parsed or looked up for it.
+//! The same holds for a span the sampler left out (`trace_sample_ratio`
+//! below 1): only the trace context still goes to the upstream.
 
 use std::collections::BTreeMap;
 
@@ -26,11 +28,11 @@ use crate::providers::{Endpoint, UpstreamRequest};
 use crate::settings::ProviderKind;
 use crate::usage::Usage;
 
-/// `gen_ai.operation.name` of an endpoint (Anthropic's Messages and
-/// OpenAI's Responses APIs are served as chat completions).
+/// `gen_ai.operation.name` of an endpoint (Anthropic's Messages API, and
+/// OpenAI's Responses API whether passed through or translated, are chats).
 pub fn operation_name(endpoint: Endpoint) -> &'static str {
     match endpoint {
-        Endpoint::ChatCompletions => "chat",
+        Endpoint::ChatCompletions | Endpoint::Responses => "chat",
         Endpoint::Completions => "text_completion",
         Endpoint::Embeddings => "embeddings",
     }
@@ -48,12 +50,17 @@ pub fn provider_name(provider: ProviderKind) -> &'static str {
 
 /// The span of one GenAI operation; it ends when dropped.
 #[derive(Debug)]
-pub struct OperationSpan(Span);
+pub struct OperationSpan {
+    span: Span,
+    /// Sampled, and so exported: what only the span would use is worth
+    /// reading.
+    recorded: bool,
+}
 
 impl OperationSpan {
     /// A child of the current span (the request's).
     pub fn start(operation: &'static str, model: &str) -> Self {
-        Self(tracing::info_span!(
+        let span = tracing::info_span!(
             target: REQUEST_SPAN_TARGET,
             "gen_ai",
             otel.name = %format_args!("{operation} {model}"),
@@ -74,13 +81,15 @@ impl OperationSpan {
             "error.type" = Empty,
             berth.llm.deployment = Empty,
             berth.llm.cache_hit = Empty,
-        ))
+        );
+        let recorded = trace_context::is_sampled(&span);
+        Self { span, recorded }
     }
 
-    /// Whether nothing is recorded (no exporter): callers skip work that
-    /// only the span would use.
+    /// Whether nothing is recorded (no exporter, or the trace is not
+    /// sampled): callers skip work that only the span would use.
     pub fn is_disabled(&self) -> bool {
-        self.0.is_disabled()
+        !self.recorded
     }
 
     /// The `number`th try (from 1, fallbacks included) of the request, on
@@ -94,12 +103,21 @@ impl OperationSpan {
         request: &mut UpstreamRequest,
     ) -> AttemptSpan {
         if self.is_disabled() {
+            // Not sampled: the upstream still joins the trace (its
+            // `traceparent` says not sampled), with no span per try.
+            trace_context::inject_http(&self.span, &mut request.headers);
             return AttemptSpan(Span::none());
         }
         let provider = provider_name(deployment.provider);
+        let host = request.uri.host();
+        let port = request.uri.port_u16().or(match request.uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
         let attempt = tracing::info_span!(
             target: REQUEST_SPAN_TARGET,
-            parent: &self.0,
+            parent: &self.span,
             "gen_ai.attempt",
             otel.name = %format_args!("attempt {}", deployment.id),
             otel.kind = "client",
@@ -108,27 +126,20 @@ impl OperationSpan {
             gen_ai.request.model = deployment.upstream_model.as_str(),
             berth.llm.deployment = deployment.id.as_str(),
             berth.llm.attempt = number,
-            server.address = Empty,
-            server.port = Empty,
+            server.address = host,
+            server.port = port,
             http.response.status_code = Empty,
             "error.type" = Empty,
         );
-        self.0.record("gen_ai.provider.name", provider);
-        self.0.record("gen_ai.system", provider);
-        self.0
+        self.span.record("gen_ai.provider.name", provider);
+        self.span.record("gen_ai.system", provider);
+        self.span
             .record("berth.llm.deployment", deployment.id.as_str());
-        let port = request.uri.port_u16().or(match request.uri.scheme_str() {
-            Some("https") => Some(443),
-            Some("http") => Some(80),
-            _ => None,
-        });
-        for span in [&self.0, &attempt] {
-            if let Some(host) = request.uri.host() {
-                span.record("server.address", host);
-            }
-            if let Some(port) = port {
-                span.record("server.port", port);
-            }
+        if let Some(host) = host {
+            self.span.record("server.address", host);
+        }
+        if let Some(port) = port {
+            self.span.record("server.port", port);
         }
         trace_context::inject_http(&attempt, &mut request.headers);
         AttemptSpan(attempt)
@@ -158,10 +169,10 @@ impl OperationSpan {
         }
         let described = serde_json::from_slice::<Described>(body).ok()?;
         if let Some(model) = &described.model {
-            self.0.record("gen_ai.response.model", model.as_str());
+            self.span.record("gen_ai.response.model", model.as_str());
         }
         if let Some(id) = &described.id {
-            self.0.record("gen_ai.response.id", id.as_str());
+            self.span.record("gen_ai.response.id", id.as_str());
         }
         let reasons: Vec<String> = described
             .choices
@@ -169,7 +180,7 @@ impl OperationSpan {
             .filter_map(|choice| choice.finish_reason)
             .collect();
         if !reasons.is_empty() {
-            trace_context::set_string_array(&self.0, "gen_ai.response.finish_reasons", reasons);
+            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", reasons);
         }
         described.usage
     }
@@ -185,38 +196,47 @@ impl OperationSpan {
     /// usage comes with the request's, from the stream's usage chunk).
     pub fn streamed(&self, answer: StreamedAnswer) {
         if let Some(model) = &answer.model {
-            self.0.record("gen_ai.response.model", model.as_str());
+            self.span.record("gen_ai.response.model", model.as_str());
         }
         if let Some(id) = &answer.id {
-            self.0.record("gen_ai.response.id", id.as_str());
+            self.span.record("gen_ai.response.id", id.as_str());
         }
         if !answer.finish_reasons.is_empty() {
             let reasons = answer.finish_reasons.into_values().collect();
-            trace_context::set_string_array(&self.0, "gen_ai.response.finish_reasons", reasons);
+            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", reasons);
         }
     }
 
     /// The request's usage, once known.
     pub fn usage(&self, usage: &Usage, operation: &'static str) {
-        self.0
+        if self.is_disabled() {
+            return;
+        }
+        self.span
             .record("gen_ai.usage.input_tokens", usage.prompt_tokens);
         // Embeddings have no output tokens.
         if operation != "embeddings" {
-            self.0
+            self.span
                 .record("gen_ai.usage.output_tokens", usage.completion_tokens);
         }
     }
 
     /// Answered from the response cache: no upstream was asked.
     pub fn cache_hit(&self) {
-        self.0.record("berth.llm.cache_hit", true);
+        if self.is_disabled() {
+            return;
+        }
+        self.span.record("berth.llm.cache_hit", true);
     }
 
     /// The operation failed; `error_type` is low-cardinality (a
     /// `ProxyError::reason`).
     pub fn failed(&self, error_type: &'static str) {
-        self.0.record("error.type", error_type);
-        self.0.record("otel.status_code", "error");
+        if self.is_disabled() {
+            return;
+        }
+        self.span.record("error.type", error_type);
+        self.span.record("otel.status_code", "error");
     }
 }
 

@@ -522,6 +522,8 @@ impl LlmProxy for LlmProxyService {
             tpm_limit: positive(r.tpm_limit),
             max_parallel_requests: positive(r.max_parallel_requests.into()),
             max_budget: (r.max_budget > 0.0).then_some(r.max_budget),
+            // Not in the gRPC API's messages: HTTP's `/key/generate` only.
+            ..KeySpec::default()
         };
         let (key, secret) = self.auth.keys().create(spec).map_err(status)?;
         self.gateway.warn_of_unpriced_models(&key);

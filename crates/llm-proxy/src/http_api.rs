@@ -28,7 +28,7 @@ use crate::gateway::{Call, Gateway, Reply, UpstreamClock};
 use crate::keys::{KeySpec, VirtualKey};
 use crate::messages_api;
 use crate::providers::Endpoint;
-use crate::responses_api::{self, ResponseStore};
+use crate::responses_api::{self, Prepared, ResponseStore};
 use crate::stream::StreamBody;
 
 #[derive(Debug)]
@@ -51,6 +51,10 @@ pub struct HttpApi {
 pub const OVERHEAD_HEADER: &str = "x-berth-overhead-us";
 /// The header that marks an answer served from the response cache.
 pub const CACHE_HEADER: &str = "x-berth-cache";
+/// The header that names the API a `/v1/responses` request was sent
+/// upstream in: `responses` (passed through) or `chat.completions`
+/// (translated).
+pub const UPSTREAM_API_HEADER: &str = "x-berth-upstream-api";
 
 /// Bodies from this size on are parsed within the request budget, off the
 /// async workers. A smaller one parses in well under a millisecond, less
@@ -304,14 +308,29 @@ impl HttpApi {
         clock: &UpstreamClock,
     ) -> Result<Response, ProxyError> {
         let store = self.responses.clone();
+        let gateway = self.gateway.clone();
         let (caller, prepared) = self
             .parse(headers, body, move |bytes| {
-                responses_api::prepare(bytes, &store)
+                responses_api::prepare(bytes, &store, |model| {
+                    gateway.router().serves_responses(model)
+                })
             })
             .await?;
-        let responses_api::Prepared { call, context } = prepared;
-        let reply = self.forward(call, &caller, headers, clock).await?;
-        answer(reply, AsResponses(context))
+        let upstream_api = HeaderValue::from_static(prepared.upstream_api());
+        let mut response = match prepared {
+            Prepared::PassThrough(call) => {
+                let reply = self.forward(call, &caller, headers, clock).await?;
+                answer(reply, AsOpenAi)
+            }
+            Prepared::Translated { call, context } => {
+                let reply = self.forward(call, &caller, headers, clock).await?;
+                answer(reply, AsResponses(context))
+            }
+        }?;
+        response
+            .headers_mut()
+            .insert(UPSTREAM_API_HEADER, upstream_api);
+        Ok(response)
     }
 
     /// Forwards a call, with the cache settings of its `Cache-Control` header.
@@ -333,7 +352,8 @@ trait Render {
     fn stream(self, body: StreamBody) -> Body;
 }
 
-/// OpenAI's own endpoints: as the upstream answered.
+/// OpenAI's own endpoints, and Responses passed through: as the upstream
+/// answered.
 struct AsOpenAi;
 
 impl Render for AsOpenAi {

@@ -13,9 +13,13 @@
 //! A key's budget holds across retries and fallbacks: before each upstream
 //! attempt the request reserves its worst-case cost at that deployment's
 //! prices ([`KeyLease::reserve`]), and only what is neither spent nor
-//! reserved by other requests in flight is available to it.
+//! reserved by other requests in flight is available to it. So does its
+//! budget for one model (LiteLLM's `model_max_budget`): each attempt on a
+//! deployment of that model reserves from it too, whichever model the
+//! client asked for (a fallback to it spends from it); these are kept in
+//! memory, each for its `time_period`, as LiteLLM keeps them without Redis.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,6 +31,8 @@ use sha2::{Digest, Sha256};
 use crate::error::ProxyError;
 use crate::journal::Journal;
 use crate::limits::{Exceeded, MinuteWindow};
+use crate::litellm_config::{BudgetLimit, DeploymentConfig, budget_duration};
+use crate::router::budget::PeriodBudget;
 use crate::usage::Usage;
 
 /// What a key may do; LiteLLM's `/key/generate` field names. Unset or 0: unlimited.
@@ -41,6 +47,70 @@ pub struct KeySpec {
     pub max_parallel_requests: Option<u64>,
     /// USD.
     pub max_budget: Option<f64>,
+    /// Budgets for single models (model names), LiteLLM's shape:
+    /// `{"gpt-4o": {"budget_limit": 0.5, "time_period": "1d"}}`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_max_budget: BTreeMap<String, ModelMaxBudget>,
+}
+
+/// A key's budget for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMaxBudget {
+    /// USD; LiteLLM's clients send it as a number or a string.
+    #[serde(deserialize_with = "usd")]
+    pub budget_limit: f64,
+    /// `30s`, `10m`, `1h`, `1d`, `1w`, `1mo`; none: for the process's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_period: Option<String>,
+}
+
+/// A number of USD, written as a JSON number or a string of one.
+fn usd<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Usd {
+        Number(f64),
+        Text(String),
+    }
+    match Usd::deserialize(deserializer)? {
+        Usd::Number(usd) => Ok(usd),
+        Usd::Text(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{text}` is not a number of USD"))),
+    }
+}
+
+impl KeySpec {
+    /// The budget of each model of `model_max_budget`, refusing one that is
+    /// not a positive amount per a period LiteLLM knows, by its field.
+    fn model_budgets(&self, now: Instant) -> Result<HashMap<String, PeriodBudget>, ProxyError> {
+        self.model_max_budget
+            .iter()
+            .map(|(model, budget)| {
+                let field = |name: &str| format!("model_max_budget.{model}.{name}");
+                let max_usd = budget.budget_limit;
+                if !(max_usd.is_finite() && max_usd > 0.0) {
+                    return Err(ProxyError::InvalidField {
+                        field: field("budget_limit"),
+                        message: format!("must be a number of USD above 0, got {max_usd}"),
+                    });
+                }
+                let period = budget
+                    .time_period
+                    .as_deref()
+                    .map(budget_duration)
+                    .transpose()
+                    .map_err(|message| ProxyError::InvalidField {
+                        field: field("time_period"),
+                        message,
+                    })?;
+                let limit = BudgetLimit { max_usd, period };
+                Ok((model.clone(), PeriodBudget::new(limit, now)))
+            })
+            .collect()
+    }
 }
 
 /// What a key has used so far.
@@ -99,6 +169,8 @@ pub struct VirtualKey {
     minute: MinuteWindow,
     in_flight: AtomicU64,
     shared: Arc<Shared>,
+    /// `spec.model_max_budget`, by model name.
+    model_budgets: HashMap<String, PeriodBudget>,
 }
 
 impl VirtualKey {
@@ -144,6 +216,7 @@ impl VirtualKey {
         let lease = KeyLease {
             key: self.clone(),
             reserved: 0.0,
+            model_reserved: None,
         };
         self.minute
             .admit(Instant::now(), limit(spec.rpm_limit), limit(spec.tpm_limit))
@@ -172,6 +245,8 @@ pub struct KeyLease {
     key: Arc<VirtualKey>,
     /// USD reserved for the attempt under way.
     reserved: f64,
+    /// The model budget the attempt under way reserved from, and how much.
+    model_reserved: Option<(String, f64)>,
 }
 
 impl KeyLease {
@@ -181,16 +256,49 @@ impl KeyLease {
     /// so such requests of a key run one at a time). Refused when that does
     /// not fit in the budget less what is spent and reserved by the key's
     /// other requests in flight. A key without a budget reserves nothing.
+    ///
+    /// The key's budget for the deployment's model, when it has one, is
+    /// reserved from first, the same way (see [`PeriodBudget::reserve`]).
     pub fn reserve(
         &mut self,
-        deployment: &str,
+        deployment: &DeploymentConfig,
         worst: impl FnOnce() -> Option<f64>,
     ) -> Result<(), ProxyError> {
         self.release();
-        let Some(max_budget) = self.key.spec.max_budget.filter(|b| *b > 0.0) else {
+        let max_budget = self.key.spec.max_budget.filter(|b| *b > 0.0);
+        let model_budget = self.key.model_budgets.get(&deployment.model_name);
+        if max_budget.is_none() && model_budget.is_none() {
+            return Ok(());
+        }
+        let worst = worst();
+        if let Some(budget) = model_budget {
+            let reserved = budget.reserve(worst, Instant::now()).map_err(|refusal| {
+                let (why, retry_after) = refusal.explain(budget.max_usd());
+                ProxyError::ModelBudget {
+                    model: deployment.model_name.clone(),
+                    why,
+                    retry_after,
+                }
+            })?;
+            self.model_reserved = Some((deployment.model_name.clone(), reserved));
+        }
+        let Some(max_budget) = max_budget else {
             return Ok(());
         };
-        let worst = worst();
+        let result = self.reserve_from_key(&deployment.id, max_budget, worst);
+        if result.is_err() {
+            self.release();
+        }
+        result
+    }
+
+    /// The key's own share of [`reserve`](Self::reserve).
+    fn reserve_from_key(
+        &mut self,
+        deployment: &str,
+        max_budget: f64,
+        worst: Option<f64>,
+    ) -> Result<(), ProxyError> {
         let mut ledger = self.key.ledger();
         let spend = ledger.spent.spend;
         let left = max_budget - spend;
@@ -227,11 +335,22 @@ impl KeyLease {
             let mut ledger = self.key.ledger();
             ledger.reserved = (ledger.reserved - std::mem::take(&mut self.reserved)).max(0.0);
         }
+        self.settle_model(0.0);
+    }
+
+    /// Ends the attempt's reservation from a model budget, `cost` spent.
+    fn settle_model(&mut self, cost: f64) {
+        if let Some((model, reserved)) = self.model_reserved.take()
+            && let Some(budget) = self.key.model_budgets.get(&model)
+        {
+            budget.settle(reserved, cost, Instant::now());
+        }
     }
 
     /// Settles the request: its reservation is given back and `cost` spent,
     /// written to the spend journal before the answer ends.
     pub fn charge(&mut self, usage: &Usage, cost: f64) {
+        self.settle_model(cost);
         let key = &self.key;
         key.minute.add_tokens(Instant::now(), usage.total());
         let reserved = std::mem::take(&mut self.reserved);
@@ -332,7 +451,12 @@ impl KeyStore {
             tracing::info!(charges = replayed, "spend replayed from the journal");
         }
         for key in stored.keys {
-            by_hash.insert(key.hash.clone(), Arc::new(Self::entry(key, &shared)));
+            let id = key.id.clone();
+            let entry = Self::entry(key, &shared).map_err(|e| {
+                let path = path.as_deref().unwrap_or(Path::new("(memory)"));
+                store_error(path, format!("key {id}: {e}"))
+            })?;
+            by_hash.insert(entry.hash.clone(), Arc::new(entry));
         }
         Ok(Self {
             path,
@@ -342,8 +466,9 @@ impl KeyStore {
         })
     }
 
-    fn entry(stored: StoredKey, shared: &Arc<Shared>) -> VirtualKey {
-        VirtualKey {
+    fn entry(stored: StoredKey, shared: &Arc<Shared>) -> Result<VirtualKey, ProxyError> {
+        let model_budgets = stored.spec.model_budgets(Instant::now())?;
+        Ok(VirtualKey {
             id: stored.id,
             spec: stored.spec,
             created_at: stored.created_at,
@@ -355,7 +480,8 @@ impl KeyStore {
             minute: MinuteWindow::default(),
             in_flight: AtomicU64::new(0),
             shared: shared.clone(),
-        }
+            model_budgets,
+        })
     }
 
     /// Creates a key; the secret is returned once and never stored.
@@ -384,7 +510,7 @@ impl KeyStore {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let key = Arc::new(Self::entry(stored, &self.shared));
+        let key = Arc::new(Self::entry(stored, &self.shared)?);
         self.by_hash
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -594,35 +720,127 @@ mod tests {
                 ..KeySpec::default()
             })
             .unwrap();
+        let d = &crate::router::tests::deployment("m", "d");
         let mut a = key.admit("m").unwrap();
-        a.reserve("d", || Some(0.6)).unwrap();
+        a.reserve(d, || Some(0.6)).unwrap();
         let mut b = key.admit("m").unwrap();
         // 0.6 reserved: 0.5 more does not fit until a settles.
         assert!(matches!(
-            b.reserve("d", || Some(0.5)),
+            b.reserve(d, || Some(0.5)),
             Err(ProxyError::RateLimited { .. })
         ));
         // More than the whole budget never fits.
         assert!(matches!(
-            b.reserve("d", || Some(1.5)),
+            b.reserve(d, || Some(1.5)),
             Err(ProxyError::BudgetTooSmall { .. })
         ));
         // Unbounded: all that is left, so nothing more fits beside it.
-        b.reserve("d", || None).unwrap();
+        b.reserve(d, || None).unwrap();
         let mut c = key.admit("m").unwrap();
-        assert!(c.reserve("d", || Some(0.01)).is_err());
+        assert!(c.reserve(d, || Some(0.01)).is_err());
         // A free deployment needs no budget.
-        c.reserve("d", || Some(0.0)).unwrap();
+        c.reserve(d, || Some(0.0)).unwrap();
         drop(b);
         a.charge(&Usage::default(), 0.25);
         // Spent 0.25, nothing reserved: 0.75 left.
-        c.reserve("d", || Some(0.75)).unwrap();
+        c.reserve(d, || Some(0.75)).unwrap();
         c.release();
-        let mut d = key.admit("m").unwrap();
+        let mut e = key.admit("m").unwrap();
         assert!(matches!(
-            d.reserve("d", || Some(0.76)),
+            e.reserve(d, || Some(0.76)),
             Err(ProxyError::BudgetTooSmall { .. })
         ));
+    }
+
+    /// A key's budget for one model: reserved from by attempts on that
+    /// model only, beside the key's whole budget, and settled with what the
+    /// attempt cost; bad ones are refused by their field.
+    #[test]
+    fn a_model_budget_bounds_attempts_on_its_model_only() {
+        let store = KeyStore::open(None).unwrap();
+        let spec: KeySpec = serde_json::from_value(serde_json::json!({
+            "max_budget": 10.0,
+            "model_max_budget": {"dear": {"budget_limit": "0.5", "time_period": "1d"}},
+        }))
+        .unwrap();
+        let (key, _) = store.create(spec).unwrap();
+        let dear = &crate::router::tests::deployment("dear", "dear-1");
+        let cheap = &crate::router::tests::deployment("cheap", "cheap-1");
+        let mut a = key.admit("dear").unwrap();
+        a.reserve(dear, || Some(0.4)).unwrap();
+        let mut b = key.admit("dear").unwrap();
+        // 0.4 of the model's 0.5 reserved: 0.2 more does not fit on it…
+        match b.reserve(dear, || Some(0.2)) {
+            Err(error @ ProxyError::ModelBudget { .. }) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains("model_max_budget for `dear`") && text.contains("$0.100000 left"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // …and nothing of the key's budget was reserved for it.
+        assert_eq!(key.ledger().reserved, 0.4);
+        // Another model (a fallback) spends from the key's budget only.
+        b.reserve(cheap, || Some(5.0)).unwrap();
+        b.release();
+        // Settled at its cost: 0.5 - 0.3 is left for the model.
+        a.charge(&Usage::default(), 0.3);
+        b.reserve(dear, || Some(0.2)).unwrap();
+        assert!(matches!(
+            key.admit("dear").unwrap().reserve(dear, || Some(0.01)),
+            Err(ProxyError::ModelBudget { .. })
+        ));
+        b.charge(&Usage::default(), 0.2);
+        let spent = key.model_budgets["dear"].spent(Instant::now());
+        assert!((spent - 0.5).abs() < 1e-12, "{spent}");
+        match key.admit("dear").unwrap().reserve(dear, || Some(0.0)) {
+            Err(error) => assert!(error.retry_after().is_some(), "{error}"),
+            Ok(()) => panic!("a spent model budget let an attempt through"),
+        }
+
+        // Refused by the key's whole budget: the model's reservation is
+        // given back with it.
+        let spec: KeySpec = serde_json::from_value(serde_json::json!({
+            "max_budget": 0.1,
+            "model_max_budget": {"dear": {"budget_limit": 1}},
+        }))
+        .unwrap();
+        let (small, _) = store.create(spec).unwrap();
+        assert!(matches!(
+            small.admit("dear").unwrap().reserve(dear, || Some(0.5)),
+            Err(ProxyError::BudgetTooSmall { .. })
+        ));
+        let model = &small.model_budgets["dear"];
+        assert_eq!(model.reserve(Some(1.0), Instant::now()), Ok(1.0));
+
+        for (budget, field) in [
+            (
+                serde_json::json!({"budget_limit": 0}),
+                "model_max_budget.m.budget_limit",
+            ),
+            (
+                serde_json::json!({"budget_limit": 1, "time_period": "1 day"}),
+                "model_max_budget.m.time_period",
+            ),
+        ] {
+            let spec: KeySpec =
+                serde_json::from_value(serde_json::json!({"model_max_budget": {"m": budget}}))
+                    .unwrap();
+            match store.create(spec) {
+                Err(ProxyError::InvalidField { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{other:?}"),
+            }
+        }
+        let error = serde_json::from_value::<KeySpec>(
+            serde_json::json!({"model_max_budget": {"m": {"budget_limit": "lots"}}}),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("`lots` is not a number of USD"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -68,18 +68,25 @@ pub fn data(line: &[u8]) -> Option<&[u8]> {
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
-/// The usage in an event's payload, when it carries one (the last chunk,
-/// with `stream_options.include_usage`).
+/// The usage in an event's payload, when it carries one: a chat stream's
+/// last chunk (with `stream_options.include_usage`), or the Responses
+/// API's `response.completed` event (in its `response`).
 pub fn usage(payload: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct WithUsage {
+        usage: Option<Usage>,
+        response: Option<Response>,
+    }
+    #[derive(Deserialize)]
+    struct Response {
         usage: Option<Usage>,
     }
     // Cheap test first: almost no chunk carries usage.
     if !payload.windows(7).any(|w| w == b"\"usage\"") {
         return None;
     }
-    serde_json::from_slice::<WithUsage>(payload).ok()?.usage
+    let event = serde_json::from_slice::<WithUsage>(payload).ok()?;
+    event.usage.or_else(|| event.response?.usage)
 }
 
 /// Takes out of an OpenAI stream the usage the proxy asked for on a client's
@@ -238,6 +245,17 @@ mod tests {
         assert_eq!(usage(payloads[0]), None);
         let found = usage(payloads[1]).unwrap();
         assert_eq!((found.prompt_tokens, found.completion_tokens), (3, 4));
+    }
+
+    #[test]
+    fn usage_of_a_responses_stream_is_in_its_completed_event() {
+        let created = br#"{"type":"response.created","response":{"id":"resp_1","usage":null}}"#;
+        let delta = br#"{"type":"response.output_text.delta","delta":"hi"}"#;
+        let completed = br#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":9,"output_tokens":2,"total_tokens":11}}}"#;
+        assert_eq!(usage(created), None);
+        assert_eq!(usage(delta), None);
+        let found = usage(completed).unwrap();
+        assert_eq!((found.prompt_tokens, found.completion_tokens), (9, 2));
     }
 
     /// What a client that did not ask for usage receives of `stream`, cut

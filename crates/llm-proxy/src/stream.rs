@@ -24,7 +24,7 @@ use crate::cache::{Cached, Key, ResponseCache};
 use crate::error::ProxyError;
 use crate::gateway::Settle;
 use crate::gen_ai::StreamedAnswer;
-use crate::providers::AnthropicEvents;
+use crate::providers::{AnthropicEvents, Endpoint};
 use crate::sse::{self, Lines, StripUsage};
 use crate::usage::{Outcome, Usage};
 
@@ -70,21 +70,40 @@ impl Body for StreamBody {
 }
 
 /// Records a stream as the client gets it, for the response cache; stored
-/// only when it ends well and complete (`[DONE]`), dropped when it outgrows
-/// the cache's largest entry.
+/// only when it ends well and complete (`[DONE]`, or for the Responses API
+/// its `response.completed` event), dropped when it outgrows the cache's
+/// largest entry.
 #[derive(Debug)]
 pub(crate) struct Recorder {
     cache: Arc<ResponseCache>,
     key: Key,
+    endpoint: Endpoint,
     recorded: BytesMut,
 }
 
 impl Recorder {
-    pub(crate) fn new(cache: Arc<ResponseCache>, key: Key) -> Self {
+    pub(crate) fn new(cache: Arc<ResponseCache>, key: Key, endpoint: Endpoint) -> Self {
         Self {
             cache,
             key,
+            endpoint,
             recorded: BytesMut::new(),
+        }
+    }
+
+    /// Whether the recording is a whole answer: a stream cut short (an
+    /// upstream that ended its connection early) is not one.
+    fn complete(&self) -> bool {
+        match self.endpoint {
+            // Its events end with the response in its final state, and no
+            // `[DONE]`; a failed or incomplete one ends otherwise.
+            Endpoint::Responses => {
+                let completed: &[u8] = b"\"response.completed\"";
+                self.recorded
+                    .windows(completed.len())
+                    .any(|window| window == completed)
+            }
+            _ => self.recorded.ends_with(b"data: [DONE]\n\n"),
         }
     }
 
@@ -98,7 +117,7 @@ impl Recorder {
     }
 
     fn store(self, usage: Option<Usage>) {
-        if self.recorded.ends_with(b"data: [DONE]\n\n") {
+        if self.complete() {
             let body = self.recorded.freeze();
             self.cache.insert(self.key, Cached { body, usage });
         }

@@ -17,15 +17,37 @@ use crate::metrics::{
 };
 use crate::providers::Endpoint;
 
-/// OpenAI's `usage` object.
+/// OpenAI's `usage` object: chat completions' (`prompt_tokens`,
+/// `completion_tokens`), or the Responses API's (`input_tokens`,
+/// `output_tokens`), read into the same counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "UsageWire")]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
+}
+
+/// Either API's `usage` as it is written (an answer that has both names
+/// for a count is read by the chat-completions one).
+#[derive(Deserialize)]
+struct UsageWire {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: u64,
+}
+
+impl From<UsageWire> for Usage {
+    fn from(wire: UsageWire) -> Self {
+        Self {
+            prompt_tokens: wire.prompt_tokens.or(wire.input_tokens).unwrap_or(0),
+            completion_tokens: wire.completion_tokens.or(wire.output_tokens).unwrap_or(0),
+            total_tokens: wire.total_tokens,
+        }
+    }
 }
 
 impl Usage {
@@ -146,7 +168,7 @@ impl Meter {
         worst: impl FnOnce() -> Option<f64>,
     ) -> Result<(), ProxyError> {
         match &mut self.key {
-            Some(key) => key.reserve(&deployment.id, worst),
+            Some(key) => key.reserve(deployment, worst),
             None => Ok(()),
         }
     }
@@ -299,6 +321,22 @@ mod tests {
     /// Found by the `sse` fuzz target: a usage of u64::MAX prompt tokens
     /// overflowed the total (a panic in a debug build, a wrap to a small
     /// count that escapes the tpm limits in a release one).
+    #[test]
+    fn usage_of_either_api_reads_the_same() {
+        let chat: Usage =
+            serde_json::from_str(r#"{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}"#)
+                .unwrap();
+        let responses: Usage = serde_json::from_str(
+            r#"{"input_tokens":3,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,"total_tokens":8}"#,
+        )
+        .unwrap();
+        assert_eq!(chat, responses);
+        assert_eq!(
+            serde_json::from_str::<Usage>("{}").unwrap(),
+            Usage::default()
+        );
+    }
+
     #[test]
     fn absurd_token_counts_saturate() {
         let usage = Usage {

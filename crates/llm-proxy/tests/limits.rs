@@ -1,5 +1,5 @@
-//! Limits that hold: a key's budget across fallbacks, retries and requests
-//! in flight; spend that survives `kill -9` of the real binary; usage- and
+//! Limits that hold: a key's budget, and its budget for one model, across
+//! fallbacks, retries and requests in flight; spend that survives `kill -9` of the real binary; usage- and
 //! cost-based routing, each upstream a real HTTP server that counts what
 //! reaches it.
 
@@ -168,6 +168,68 @@ async fn a_deployment_s_own_budget_is_never_passed() {
         3,
         "nothing more was sent"
     );
+    proxy.stop().await.unwrap();
+}
+
+/// A key's budget for one model (LiteLLM's `model_max_budget`) holds
+/// across fallbacks and requests in flight: `first` always fails and falls
+/// back to `second`, whose answers cost $0.10; the key may spend $0.25 on
+/// `second` (and has no budget of its own). Ten streams at once: two
+/// reserve their worst case on `second` and are sent, the others are not,
+/// and the model's budget is never passed; a third request later fits
+/// nowhere either, and nothing more reaches `second`'s upstream.
+#[tokio::test]
+async fn a_key_s_model_budget_holds_across_fallbacks() {
+    let (first, first_seen) = fake_upstream().await;
+    let (second, second_seen) = fake_upstream().await;
+    let yaml = format!(
+        "model_list:\n\
+         \x20 - model_name: first\n    litellm_params: {{model: openai/fail, api_base: http://{first}/v1, output_cost_per_token: 0.02}}\n\
+         \x20 - model_name: second\n    litellm_params: {{model: openai/ok, api_base: http://{second}/v1, output_cost_per_token: 0.02}}\n\
+         router_settings: {{num_retries: 0, allowed_fails: 1000, fallbacks: [{{first: [second]}}]}}\n\
+         general_settings: {{master_key: sk-master}}\n"
+    );
+    let proxy = proxy(&yaml).await;
+    let base = base(&proxy);
+    let url = format!("{base}/v1/chat/completions");
+    let (secret, id) = create_key(
+        &base,
+        json!({"model_max_budget": {"second": {"budget_limit": "0.25", "time_period": "1d"}}}),
+    )
+    .await;
+
+    let answers =
+        join_all((0..10).map(|_| send("POST", &url, Some(&secret), ask("first", 5, true)))).await;
+    let served = answers.iter().filter(|a| a.status == 200).count();
+    for refused in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(refused.status, 429, "{:?}", refused.body);
+        let error = refused.json()["error"].clone();
+        assert_eq!(error["type"], "budget_exceeded", "{error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("model_max_budget for `second`"),
+            "{error}"
+        );
+    }
+    assert_eq!(served, 2, "{answers:?}");
+    assert_eq!(second_seen.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        first_seen.hits.load(Ordering::SeqCst),
+        10,
+        "every request tried `first`"
+    );
+    let spent = spend(&base, &id).await;
+    assert!((spent - 0.2).abs() < 1e-9, "{spent}");
+    // $0.05 left on `second`: a request asking for it directly is refused
+    // too, before anything is sent, and told when to retry.
+    let refused = send("POST", &url, Some(&secret), ask("second", 5, false)).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(second_seen.hits.load(Ordering::SeqCst), 2);
+    // The master key has no model budget: the same request is served.
+    let served = send("POST", &url, Some("sk-master"), ask("second", 5, false)).await;
+    assert_eq!(served.status, 200, "{:?}", served.body);
     proxy.stop().await.unwrap();
 }
 

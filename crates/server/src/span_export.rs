@@ -4,11 +4,18 @@
 //! same way but keeps its count of dropped spans to itself; this one counts
 //! what it drops, exports and fails to export, for every service's
 //! `/metrics`.
+//!
+//! Ending a span costs a short uncontended lock and a push: the export
+//! thread is woken only when a batch is full (or a flush or shutdown asks
+//! for it), and otherwise wakes on its schedule. Waking it for every span,
+//! as a channel does, cost a futex call and a context switch per span
+//! (issue #20).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::thread::JoinHandle;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
@@ -19,10 +26,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::{TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORT_FAILED, TRACE_SPANS_EXPORTED};
-
-/// Room in the channel beyond the span bound, so that a flush, a shutdown
-/// or the resource still get through to a worker whose queue is full.
-const CONTROL_SLOTS: usize = 4;
 
 /// How the queue is bounded and drained; OpenTelemetry's defaults and
 /// variables, as the SDK's batch processor reads them.
@@ -129,25 +132,51 @@ impl SpanCounts {
     }
 }
 
+/// What the export thread is asked besides exporting on its schedule.
 #[derive(Debug)]
-enum Message {
-    // Boxed: the channel allocates a slot per message it may hold up
-    // front, and a span is many times the size of the other messages.
-    Span(Box<SpanData>),
+enum Control {
     Flush(SyncSender<OTelSdkResult>),
     Shutdown(SyncSender<OTelSdkResult>),
     Resource(Resource),
 }
 
+/// What the processor and its export thread share.
+#[derive(Debug)]
+struct Queue {
+    /// Spans ended and not yet taken by the export thread.
+    spans: Mutex<VecDeque<SpanData>>,
+    max_queue_size: usize,
+    batch_size: usize,
+    /// Set once the export thread stops taking spans.
+    stopped: AtomicBool,
+    counts: SpanCounts,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<SpanData>> {
+        // A panic while holding it leaves a queue of whole spans: go on.
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Up to a batch of the oldest spans, when there are at least `least`.
+    fn take(&self, least: usize) -> Option<Vec<SpanData>> {
+        let mut spans = self.lock();
+        if spans.is_empty() || spans.len() < least {
+            return None;
+        }
+        let n = spans.len().min(self.batch_size);
+        Some(spans.drain(..n).collect())
+    }
+}
+
 /// A batching span processor with a bounded queue and counted drops.
 #[derive(Debug)]
 pub struct BoundedBatchProcessor {
-    sender: SyncSender<Message>,
-    /// Spans sent and not yet taken by the worker: the channel also carries
-    /// control messages, so its own bound is not the span bound.
-    queued: Arc<AtomicUsize>,
-    max_queue_size: usize,
-    counts: SpanCounts,
+    queue: Arc<Queue>,
+    /// None once dropped, so that the export thread sees it gone.
+    control: Mutex<Option<Sender<Control>>>,
+    /// The export thread, to wake.
+    thread: Thread,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -160,48 +189,68 @@ impl BoundedBatchProcessor {
         E: SpanExporter + 'static,
     {
         let max_queue_size = config.max_queue_size.max(1);
-        let (sender, receiver) = std::sync::mpsc::sync_channel(max_queue_size + CONTROL_SLOTS);
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(VecDeque::new()),
+            max_queue_size,
+            batch_size: config.max_export_batch_size.clamp(1, max_queue_size),
+            stopped: AtomicBool::new(false),
+            counts,
+        });
+        let (control, receiver) = std::sync::mpsc::channel();
         let worker = Worker {
             exporter,
             receiver,
-            queued: queued.clone(),
-            counts: counts.clone(),
-            batch_size: config.max_export_batch_size.clamp(1, max_queue_size),
+            queue: queue.clone(),
             delay: config.scheduled_delay,
         };
         let handle = std::thread::Builder::new()
             .name("berth-span-export".into())
             .spawn(move || worker.run())?;
         Ok(Self {
-            sender,
-            queued,
-            max_queue_size,
-            counts,
+            queue,
+            control: Mutex::new(Some(control)),
+            thread: handle.thread().clone(),
             worker: Mutex::new(Some(handle)),
         })
     }
 
-    /// Sends a control message and waits for the worker's answer.
+    /// Sends a control message, wakes the export thread and waits for its
+    /// answer.
     fn ask(
         &self,
-        message: impl FnOnce(SyncSender<OTelSdkResult>) -> Message,
+        message: impl FnOnce(SyncSender<OTelSdkResult>) -> Control,
         timeout: Duration,
     ) -> OTelSdkResult {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        match self.sender.try_send(message(reply)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(OTelSdkError::InternalFailure(
-                    "the span export thread has flushes pending".into(),
-                ));
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(OTelSdkError::AlreadyShutdown),
-        }
+        self.send(message(reply))?;
         answer.recv_timeout(timeout).map_err(|error| match error {
             RecvTimeoutError::Timeout => OTelSdkError::Timeout(timeout),
             RecvTimeoutError::Disconnected => OTelSdkError::AlreadyShutdown,
         })?
+    }
+
+    fn send(&self, message: Control) -> OTelSdkResult {
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or(OTelSdkError::AlreadyShutdown)?
+            .send(message)
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        self.thread.unpark();
+        Ok(())
+    }
+}
+
+impl Drop for BoundedBatchProcessor {
+    fn drop(&mut self) {
+        // Dropped without a shutdown: the export thread exports what is
+        // queued and stops now rather than at its next scheduled wake.
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.thread.unpark();
     }
 }
 
@@ -209,24 +258,32 @@ impl SpanProcessor for BoundedBatchProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue_size {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            self.counts.dropped.inc();
-            return;
-        }
-        if self.sender.try_send(Message::Span(Box::new(span))).is_err() {
-            // Full with control messages, or the worker has stopped.
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            self.counts.dropped.inc();
+        let queue = &*self.queue;
+        let queued = {
+            let mut spans = queue.lock();
+            if spans.len() >= queue.max_queue_size || queue.stopped.load(Ordering::Relaxed) {
+                None
+            } else {
+                spans.push_back(span);
+                Some(spans.len())
+            }
+        };
+        match queued {
+            // A batch is full: the export thread need not wait out its delay.
+            Some(len) if len == queue.batch_size => self.thread.unpark(),
+            Some(_) => {}
+            None => {
+                queue.counts.dropped.inc();
+            }
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Message::Flush, Duration::from_secs(5))
+        self.ask(Control::Flush, Duration::from_secs(5))
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.ask(Message::Shutdown, timeout)?;
+        self.ask(Control::Shutdown, timeout)?;
         // The worker answered and returns: joining cannot hang.
         let worker = self
             .worker
@@ -242,17 +299,14 @@ impl SpanProcessor for BoundedBatchProcessor {
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        // Sent before any span (the provider sets it when built), so a slot is free.
-        let _ = self.sender.try_send(Message::Resource(resource.clone()));
+        let _ = self.send(Control::Resource(resource.clone()));
     }
 }
 
 struct Worker<E> {
     exporter: E,
-    receiver: Receiver<Message>,
-    queued: Arc<AtomicUsize>,
-    counts: SpanCounts,
-    batch_size: usize,
+    receiver: Receiver<Control>,
+    queue: Arc<Queue>,
     delay: Duration,
 }
 
@@ -260,56 +314,71 @@ impl<E: SpanExporter> Worker<E> {
     fn run(mut self) {
         // The exporter's own instrumentation (tonic, h2) must not feed spans back in.
         let _suppressed = Context::enter_telemetry_suppressed_scope();
-        let mut batch = Vec::with_capacity(self.batch_size);
         let mut due = Instant::now() + self.delay;
         loop {
-            match self
-                .receiver
-                .recv_timeout(due.saturating_duration_since(Instant::now()))
-            {
-                Ok(Message::Span(span)) => {
-                    self.queued.fetch_sub(1, Ordering::AcqRel);
-                    batch.push(*span);
-                    if batch.len() >= self.batch_size {
-                        let _ = self.export(&mut batch);
-                        due = Instant::now() + self.delay;
+            loop {
+                match self.receiver.try_recv() {
+                    Ok(Control::Flush(reply)) => {
+                        let _ = reply.send(self.export_all());
+                    }
+                    Ok(Control::Resource(resource)) => self.exporter.set_resource(&resource),
+                    Ok(Control::Shutdown(reply)) => {
+                        let result = self.stop();
+                        let _ = reply.send(result);
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // The processor is gone without a shutdown.
+                    Err(TryRecvError::Disconnected) => {
+                        let _ = self.stop();
+                        return;
                     }
                 }
-                Ok(Message::Flush(reply)) => {
-                    let _ = reply.send(self.export(&mut batch));
-                }
-                Ok(Message::Resource(resource)) => self.exporter.set_resource(&resource),
-                Ok(Message::Shutdown(reply)) => {
-                    let result = self.export(&mut batch);
-                    let _ = self.exporter.shutdown();
-                    let _ = reply.send(result);
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.export(&mut batch);
-                    due = Instant::now() + self.delay;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.export(&mut batch);
-                    let _ = self.exporter.shutdown();
-                    return;
+            }
+            if Instant::now() >= due {
+                let _ = self.export_all();
+                due = Instant::now() + self.delay;
+            } else {
+                // Full batches only; the rest waits for its delay.
+                while let Some(batch) = self.queue.take(self.queue.batch_size) {
+                    let _ = self.export(batch);
                 }
             }
+            // Woken early by a full batch or a control message.
+            std::thread::park_timeout(due.saturating_duration_since(Instant::now()));
         }
     }
 
-    fn export(&self, batch: &mut Vec<SpanData>) -> OTelSdkResult {
-        if batch.is_empty() {
-            return Ok(());
+    /// Exports what is queued, a batch at a time; the first failure.
+    fn export_all(&self) -> OTelSdkResult {
+        let mut result = Ok(());
+        while let Some(batch) = self.queue.take(1) {
+            let exported = self.export(batch);
+            if result.is_ok() {
+                result = exported;
+            }
         }
+        result
+    }
+
+    /// Exports what is queued and stops taking spans: those ended later
+    /// are dropped.
+    fn stop(&self) -> OTelSdkResult {
+        self.queue.stopped.store(true, Ordering::Relaxed);
+        let result = self.export_all();
+        let _ = self.exporter.shutdown();
+        result
+    }
+
+    fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
-        let result = futures_executor::block_on(self.exporter.export(std::mem::take(batch)));
+        let result = futures_executor::block_on(self.exporter.export(batch));
         match &result {
             Ok(()) => {
-                self.counts.exported.inc_by(spans);
+                self.queue.counts.exported.inc_by(spans);
             }
             Err(error) => {
-                self.counts.failed.inc_by(spans);
+                self.queue.counts.failed.inc_by(spans);
                 tracing::warn!(spans, %error, "span export failed");
             }
         }

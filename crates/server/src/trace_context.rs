@@ -125,6 +125,14 @@ fn inject_into(span: &Span, injector: &mut dyn Injector) {
     }
 }
 
+/// Whether `span` is exported: traced (an exporter is configured and the
+/// span is not filtered out) and sampled. A span that is not can skip the
+/// work only its attributes would use. It starts the span's OpenTelemetry
+/// span, as its first child or [`inject`] would.
+pub fn is_sampled(span: &Span) -> bool {
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
+}
+
 /// Sets a string-array attribute on `span`'s exported span (a `tracing`
 /// field holds one value only), e.g. `gen_ai.response.finish_reasons`.
 pub fn set_string_array(span: &Span, key: &'static str, values: Vec<String>) {
@@ -351,6 +359,32 @@ mod tests {
                 "{traceparent}"
             );
         });
+    }
+
+    /// A span is sampled when exported: not with no layer, nor when the
+    /// sampler leaves its trace out.
+    #[test]
+    fn a_span_is_sampled_only_when_exported() {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::Sampler;
+        use tracing_subscriber::layer::SubscriberExt;
+        assert!(!is_sampled(&tracing::info_span!("untraced")));
+        for (sampler, sampled) in [(Sampler::AlwaysOn, true), (Sampler::AlwaysOff, false)] {
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_sampler(sampler)
+                .build();
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+            tracing::subscriber::with_default(subscriber, || {
+                let span = tracing::info_span!("call");
+                assert_eq!(is_sampled(&span), sampled);
+                // Not sampled, its context still goes on (flags 00).
+                let mut sent = HeaderMap::new();
+                inject_http(&span, &mut sent);
+                let traceparent = sent.get("traceparent").unwrap().to_str().unwrap();
+                assert!(traceparent.ends_with(if sampled { "-01" } else { "-00" }));
+            });
+        }
     }
 
     /// An HTTP request's span joins the `traceparent` it carries; what the

@@ -25,6 +25,7 @@ pub use types::{
     BudgetLimit, CacheSettings, DeploymentConfig, LiteLlmConfig, LiteLlmConfigError, LiteLlmLimits,
     MAX_CONFIG_BYTES, Secret,
 };
+pub(crate) use validate::budget_duration;
 
 impl LiteLlmConfig {
     /// Reads and checks a config file within the default [`LiteLlmLimits`],
@@ -224,6 +225,42 @@ callbacks: []
                 "router_settings.routing_strategy=round-robin (using simple-shuffle; supported: simple-shuffle, least-busy, latency-based-routing or lowest-latency, usage-based-routing(-v2), cost-based-routing)",
             ]
         );
+    }
+
+    /// LiteLLM's rule, but for `openai/` deployments at another base URL
+    /// (any OpenAI-compatible server in berth): see `serves_responses`.
+    #[test]
+    fn which_deployments_serve_the_responses_api() {
+        let config = parse(
+            r#"
+model_list:
+  - model_name: openai
+    litellm_params: {model: openai/gpt-4o}
+  - model_name: openai-as-chat
+    litellm_params: {model: openai/gpt-4o, use_chat_completions_api: true}
+  - model_name: llama-cpp
+    litellm_params: {model: openai/smollm2, api_base: http://127.0.0.1:8081/v1}
+  - model_name: said-so
+    litellm_params: {model: hosted_vllm/m, api_base: http://10.0.0.2:8000/v1}
+    model_info: {supported_endpoints: ["/v1/chat/completions", "/v1/responses"]}
+  - model_name: openai-said-chat-only
+    litellm_params: {model: openai/gpt-4o}
+    model_info: {supported_endpoints: ["/v1/chat/completions"]}
+  - model_name: anthropic
+    litellm_params: {model: anthropic/claude-x}
+    model_info: {supported_endpoints: ["/v1/responses"]}
+"#,
+            &[],
+        )
+        .unwrap();
+        assert!(config.unsupported.is_empty(), "{:?}", config.unsupported);
+        let serving: Vec<&str> = config
+            .deployments
+            .iter()
+            .filter(|d| d.responses_api)
+            .map(|d| d.model_name.as_str())
+            .collect();
+        assert_eq!(serving, ["openai", "said-so"]);
     }
 
     #[test]

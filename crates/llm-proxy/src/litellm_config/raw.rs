@@ -48,6 +48,8 @@ pub(super) struct RawParams {
     /// model budgets).
     pub(super) max_budget: Option<f64>,
     pub(super) budget_duration: Option<String>,
+    /// LiteLLM's switch that sends `/v1/responses` as chat completions.
+    pub(super) use_chat_completions_api: Option<bool>,
     #[serde(flatten)]
     pub(super) other: BTreeMap<String, Value>,
 }
@@ -57,6 +59,9 @@ pub(super) struct RawModelInfo {
     pub(super) id: Option<String>,
     pub(super) input_cost_per_token: Option<f64>,
     pub(super) output_cost_per_token: Option<f64>,
+    /// The OpenAI paths the deployment serves (`/v1/responses` among them
+    /// or not), as LiteLLM's model_info says it.
+    pub(super) supported_endpoints: Option<Vec<String>>,
     #[serde(flatten)]
     pub(super) other: BTreeMap<String, Value>,
 }

@@ -131,6 +131,10 @@ pub struct DeploymentConfig {
     /// `max_budget` (USD) per `budget_duration` (None: for the process's
     /// life): the router skips the deployment once it is spent.
     pub budget: Option<BudgetLimit>,
+    /// The upstream serves OpenAI's Responses API itself: `/v1/responses`
+    /// is passed through to it rather than translated to chat completions
+    /// (the rule: `validate::serves_responses`).
+    pub responses_api: bool,
 }
 
 /// A deployment's own budget.

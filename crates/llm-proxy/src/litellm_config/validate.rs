@@ -250,6 +250,12 @@ fn deployment(
             Some(BudgetLimit { max_usd, period })
         }
     };
+    let responses_api = serves_responses(
+        provider,
+        &base_url,
+        info.supported_endpoints.as_deref(),
+        params.use_chat_completions_api,
+    );
     Ok(DeploymentConfig {
         id: info
             .id
@@ -268,12 +274,47 @@ fn deployment(
         output_cost_per_token,
         drop_params: params.additional_drop_params.unwrap_or_default(),
         budget,
+        responses_api,
     })
+}
+
+/// OpenAI's own API, the one base URL known to serve `/v1/responses`
+/// without being told.
+const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Whether a deployment serves OpenAI's Responses API itself, so that
+/// `/v1/responses` is passed through to it, as LiteLLM decides between its
+/// native Responses call and its chat-completions bridge:
+/// - `litellm_params.use_chat_completions_api: true` says no (LiteLLM's
+///   switch to the bridge);
+/// - else `model_info.supported_endpoints`, when given, says (it lists
+///   `/v1/responses`, as LiteLLM reads it);
+/// - else only OpenAI itself (an OpenAI-compatible deployment at
+///   `https://api.openai.com/v1`). LiteLLM also assumes it of `openai/`
+///   deployments with another `api_base`, but in berth those are any
+///   OpenAI-compatible server (llama.cpp, vLLM, LM Studio), most of which
+///   have no `/v1/responses`.
+///
+/// Only OpenAI-compatible deployments can: Anthropic's and Ollama's are
+/// always translated.
+fn serves_responses(
+    provider: ProviderKind,
+    base_url: &str,
+    supported_endpoints: Option<&[String]>,
+    use_chat_completions_api: Option<bool>,
+) -> bool {
+    if provider != ProviderKind::OpenAi || use_chat_completions_api == Some(true) {
+        return false;
+    }
+    match supported_endpoints {
+        Some(endpoints) => endpoints.iter().any(|e| e == "/v1/responses"),
+        None => base_url == OPENAI_BASE_URL,
+    }
 }
 
 /// LiteLLM's budget periods: a whole number and a unit, `30s`, `10m`,
 /// `1h`, `1d`, `1w`, `1mo` (30 days).
-fn budget_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn budget_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())

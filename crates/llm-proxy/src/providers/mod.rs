@@ -25,6 +25,9 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// OpenAI's Responses API, passed through to a deployment that serves
+    /// it (`DeploymentConfig::responses_api`).
+    Responses,
 }
 
 impl Endpoint {
@@ -34,6 +37,7 @@ impl Endpoint {
             Self::ChatCompletions => "chat/completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
         }
     }
 }

@@ -35,7 +35,9 @@ pub(super) fn prepare(
         headers.insert(AUTHORIZATION, value);
     }
     let forwarded = |key: &str| keep(key) && !deployment.drop_params.iter().any(|d| d == key);
-    let streams_tokens = endpoint != Endpoint::Embeddings
+    // The Responses API's streams always end with their usage (in
+    // `response.completed`), and it has no `include_usage`.
+    let streams_tokens = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
         && body.get("stream") == Some(&Value::Bool(true))
         // A deployment that drops stream_options has a server that rejects it.
         && forwarded("stream_options");

@@ -1,10 +1,11 @@
-//! A deployment's own budget (LiteLLM's `litellm_params.max_budget` per
-//! `budget_duration`): as with a key's, the most an attempt can cost is
-//! reserved before it is sent and what it cost is charged when it ends, so
-//! concurrent requests, retries and fallbacks cannot spend past it; once it
-//! is spent the router skips the deployment until its period ends. Kept in
-//! memory: a restarted proxy starts a new period (as LiteLLM does without
-//! Redis).
+//! A budget per period: a deployment's own (LiteLLM's
+//! `litellm_params.max_budget` per `budget_duration`), and a key's for one
+//! model (LiteLLM's `model_max_budget`). As with a key's whole budget, the
+//! most an attempt can cost is reserved before it is sent and what it cost
+//! is charged when it ends, so concurrent requests, retries and fallbacks
+//! cannot spend past it; once a deployment's is spent the router skips the
+//! deployment until its period ends. Kept in memory: a restarted proxy
+//! starts a new period (as LiteLLM does without Redis).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::litellm_config::BudgetLimit;
 
 #[derive(Debug)]
-pub struct DeploymentBudget {
+pub struct PeriodBudget {
     limit: BudgetLimit,
     window: Mutex<Window>,
 }
@@ -33,7 +34,23 @@ pub enum BudgetRefusal {
     TooSmall { worst: f64, left: f64 },
 }
 
-impl DeploymentBudget {
+impl BudgetRefusal {
+    /// Why a budget of `max_usd` refused, for the client, and when it can
+    /// take a request again, when that is known.
+    pub fn explain(self, max_usd: f64) -> (String, Option<Duration>) {
+        match self {
+            Self::Spent { ends_in } => (format!("${max_usd:.6} is spent for this period"), ends_in),
+            Self::TooSmall { worst, left } => (
+                format!(
+                    "has ${left:.6} left, and this request may cost up to ${worst:.6}; ask for fewer max_tokens"
+                ),
+                None,
+            ),
+        }
+    }
+}
+
+impl PeriodBudget {
     pub fn new(limit: BudgetLimit, now: Instant) -> Self {
         Self {
             limit,
@@ -72,7 +89,7 @@ impl DeploymentBudget {
 
     /// Reserves the most an attempt can cost (`worst`; None: unbounded,
     /// then all that is left, so such attempts run one at a time); the USD
-    /// reserved, to give to [`DeploymentBudget::settle`].
+    /// reserved, to give to [`PeriodBudget::settle`].
     pub fn reserve(&self, worst: Option<f64>, now: Instant) -> Result<f64, BudgetRefusal> {
         let mut window = self.window(now);
         let left = self.limit.max_usd - window.spent - window.reserved;
@@ -101,9 +118,13 @@ impl DeploymentBudget {
         window.spent += cost;
     }
 
+    pub fn max_usd(&self) -> f64 {
+        self.limit.max_usd
+    }
+
     /// USD spent in the current period.
     #[cfg(test)]
-    fn spent(&self, now: Instant) -> f64 {
+    pub(crate) fn spent(&self, now: Instant) -> f64 {
         self.window(now).spent
     }
 }
@@ -112,12 +133,9 @@ impl DeploymentBudget {
 mod tests {
     use super::*;
 
-    fn budget(max_usd: f64, period: Option<Duration>) -> (DeploymentBudget, Instant) {
+    fn budget(max_usd: f64, period: Option<Duration>) -> (PeriodBudget, Instant) {
         let now = Instant::now();
-        (
-            DeploymentBudget::new(BudgetLimit { max_usd, period }, now),
-            now,
-        )
+        (PeriodBudget::new(BudgetLimit { max_usd, period }, now), now)
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! flight, latency). Retries and fallbacks are driven by the gateway, which
 //! asks the router again after each failure.
 
-mod budget;
+pub(crate) mod budget;
 mod cooldown;
 mod strategy;
 
@@ -18,7 +18,7 @@ use crate::settings::{RouterSettings, Strategy};
 use crate::error::ProxyError;
 use crate::limits::MinuteWindow;
 use crate::litellm_config::DeploymentConfig;
-use budget::{BudgetRefusal, DeploymentBudget};
+use budget::PeriodBudget;
 use cooldown::Cooldown;
 
 /// A deployment and what the router knows about it right now.
@@ -30,14 +30,14 @@ pub struct Deployment {
     latency_micros: AtomicU64,
     cooldown: Cooldown,
     minute: MinuteWindow,
-    budget: Option<DeploymentBudget>,
+    budget: Option<PeriodBudget>,
 }
 
 impl Deployment {
     fn new(config: DeploymentConfig) -> Self {
         let budget = config
             .budget
-            .map(|limit| DeploymentBudget::new(limit, Instant::now()));
+            .map(|limit| PeriodBudget::new(limit, Instant::now()));
         Self {
             config,
             in_flight: AtomicU64::new(0),
@@ -71,21 +71,7 @@ impl Deployment {
         let reserved = match &self.budget {
             None => 0.0,
             Some(budget) => budget.reserve(worst(), Instant::now()).map_err(|refusal| {
-                let (why, retry_after) = match refusal {
-                    BudgetRefusal::Spent { ends_in } => (
-                        format!(
-                            "${:.6} is spent for this period",
-                            self.config.budget.map_or(0.0, |b| b.max_usd)
-                        ),
-                        ends_in,
-                    ),
-                    BudgetRefusal::TooSmall { worst, left } => (
-                        format!(
-                            "has ${left:.6} left, and this request may cost up to ${worst:.6}; ask for fewer max_tokens"
-                        ),
-                        None,
-                    ),
-                };
+                let (why, retry_after) = refusal.explain(budget.max_usd());
                 ProxyError::DeploymentBudget {
                     deployment: self.config.id.clone(),
                     why,
@@ -224,6 +210,14 @@ impl Router {
         self.groups.contains_key(model)
     }
 
+    /// Whether every deployment of `model` serves the Responses API itself
+    /// (see `DeploymentConfig::responses_api`); false for an unknown model.
+    pub fn serves_responses(&self, model: &str) -> bool {
+        self.groups
+            .get(model)
+            .is_some_and(|group| group.iter().all(|d| d.config.responses_api))
+    }
+
     /// The model groups to try for `model`: itself, then its fallbacks.
     pub fn groups_for<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a str> {
         let fallbacks = self
@@ -319,7 +313,24 @@ pub(crate) mod tests {
             output_cost_per_token: 0.0,
             drop_params: Vec::new(),
             budget: None,
+            responses_api: false,
         }
+    }
+
+    #[test]
+    fn a_model_serves_the_responses_api_when_all_its_deployments_do() {
+        let mut native = deployment("native", "a");
+        native.responses_api = true;
+        let mut mixed = native.clone();
+        mixed.model_name = "mixed".into();
+        mixed.id = "b".into();
+        let router = router(
+            Strategy::SimpleShuffle,
+            vec![native, mixed, deployment("mixed", "c")],
+        );
+        assert!(router.serves_responses("native"));
+        assert!(!router.serves_responses("mixed"));
+        assert!(!router.serves_responses("unknown"));
     }
 
     #[test]

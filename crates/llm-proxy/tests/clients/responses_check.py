@@ -11,6 +11,8 @@ import sys
 
 import openai
 
+from responses_stream import read_stream
+
 
 def main() -> None:
     base_url, api_key, model = sys.argv[1:4]
@@ -25,20 +27,8 @@ def main() -> None:
     assert first.usage.output_tokens > 0, first.usage
     seen["plain"] = {"text": first.output_text, "status": first.status, "usage": first.usage.model_dump()}
 
-    deltas, types, completed = [], [], None
-    stream = client.responses.create(
-        model=model, input="Say hello in five words.", max_output_tokens=16, temperature=0, stream=True
-    )
-    for event in stream:
-        types.append(event.type)
-        if event.type == "response.output_text.delta":
-            deltas.append(event.delta)
-        elif event.type == "response.completed":
-            completed = event.response
-    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    types, deltas, completed = read_stream(client, model)
     assert "response.output_text.done" in types, types
-    assert len(deltas) > 1, deltas
-    assert completed.output_text == "".join(deltas), (completed, deltas)
     seen["stream"] = {"deltas": len(deltas), "text": "".join(deltas), "events": sorted(set(types))}
 
     # The continuation carries the first exchange: more input tokens.

@@ -35,7 +35,9 @@ pub struct Seen {
     pub last_body: std::sync::Mutex<Option<Value>>,
 }
 
-/// Model names the fake understands:
+/// Model names the fake understands (on `/v1/responses` as well, which
+/// answers a Responses API `response` echoing its `input`, or streams its
+/// events, ending with `response.completed` and its usage):
 /// - `ok`: answers (streams: 3 content chunks 50 ms apart, then, as real
 ///   servers do only when asked with `stream_options.include_usage`, a chunk
 ///   with the usage and no choices, and `"usage": null` on the others as
@@ -52,6 +54,7 @@ pub async fn fake_upstream() -> (SocketAddr, Arc<Seen>) {
         .route("/v1/chat/completions", post(fake_chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(fake_responses))
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -192,6 +195,59 @@ where
         let _ = &guard;
         item
     })
+}
+
+async fn fake_responses(State(seen): State<Arc<Seen>>, Json(body): Json<Value>) -> Response {
+    if let Err(response) = behaviour(&seen, &body).await {
+        return response;
+    }
+    let input = body["input"].as_str().unwrap_or("(items)").to_string();
+    let response = |status: &str, text: &str, usage: Value| {
+        json!({"id": "resp_fake_1", "object": "response", "created_at": 1, "status": status,
+               "model": body["model"], "previous_response_id": body["previous_response_id"],
+               "output": [{"type": "message", "id": "msg_1", "status": status, "role": "assistant",
+                           "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+               "usage": usage})
+    };
+    let usage = json!({"input_tokens": 3, "output_tokens": 5, "total_tokens": 8});
+    let text = format!("echo: {input}");
+    if body["stream"] != json!(true) {
+        return Json(response("completed", &text, usage)).into_response();
+    }
+    let event = |kind: &str, data: Value| {
+        let mut data = data;
+        data["type"] = kind.into();
+        Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    };
+    let events = vec![
+        event(
+            "response.created",
+            json!({"response": response("in_progress", "", Value::Null)}),
+        ),
+        event(
+            "response.output_text.delta",
+            json!({"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "echo: "}),
+        ),
+        event(
+            "response.output_text.delta",
+            json!({"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": input}),
+        ),
+        event(
+            "response.completed",
+            json!({"response": response("completed", &text, usage)}),
+        ),
+    ];
+    let stream = async_stream(move |tx| async move {
+        for piece in events {
+            let _ = tx.send(Ok(piece)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (
+        [(http::header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn completions(State(seen): State<Arc<Seen>>, Json(body): Json<Value>) -> Response {
