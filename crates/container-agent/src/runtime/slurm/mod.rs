@@ -200,11 +200,23 @@ impl Inner {
             .ok_or_else(|| format!("slurmrestd gives no address for node `{node}`"))
     }
 
-    /// An exec into a job array: following its task of the exec's key,
-    /// whatever its state (it runs the command it was created with).
+    /// The job array `id` (`slurm-<job id>`) names, from the spec this
+    /// agent keeps of it: an exec into an array needs nothing of SLURM's
+    /// (its thousand task records), only the task's directory.
+    fn array_id(&self, id: &str) -> Option<u64> {
+        let job_id = id.strip_prefix(ID_PREFIX)?.parse().ok()?;
+        let bytes = std::fs::read(self.spec_path(job_id)).ok()?;
+        let spec = WorkloadSpec::decode(bytes.as_slice()).ok()?;
+        spec.slurm
+            .is_some_and(|slurm| !slurm.array_tasks.is_empty())
+            .then_some(job_id)
+    }
+
+    /// An exec into job array `job_id`: following its task of the exec's
+    /// key, whatever its state (it runs the command it was created with).
     fn attach_task(
         &self,
-        job: &Job,
+        job_id: u64,
         key: Option<&str>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
@@ -214,15 +226,13 @@ impl Inner {
         };
         let key = key.ok_or_else(|| {
             no_task(format!(
-                "job array {} runs the commands it was created with: exec into it by a task's key",
-                job.id
+                "job array {job_id} runs the commands it was created with: exec into it by a task's key"
             ))
         })?;
-        detached::attach_task(self.clients.clone(), &self.exec_root(), job.id, key, permit)
+        detached::attach_task(self.clients.clone(), &self.exec_root(), job_id, key, permit)
             .ok_or_else(|| {
                 no_task(format!(
-                    "job array {} (`{}`) has no task with exec key `{key}`",
-                    job.id, job.name
+                    "job array {job_id} has no task with exec key `{key}`"
                 ))
             })
     }
@@ -656,10 +666,10 @@ impl WorkloadRuntime for SlurmRuntime {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<mpsc::Receiver<ExecOutput>, AgentError> {
         let inner = &self.inner;
-        let (job, spec) = inner.find_or_404(id).await?;
-        if job.array.is_some() {
-            return inner.attach_task(&job, exec.key.as_deref(), permit);
+        if let Some(array_id) = inner.array_id(id) {
+            return inner.attach_task(array_id, exec.key.as_deref(), permit);
         }
+        let (job, spec) = inner.find_or_404(id).await?;
         let state = job.workload_state();
         if state != WorkloadState::Running {
             return Err(AgentError::NotRunning {
