@@ -40,13 +40,13 @@ impl Scheduler {
                 .runs(&ctx.id, Some(RunState::Pending), after, PAGE)?;
             let Some(last) = page.last() else { break };
             after = Some(last.sequence);
-            let full = page.len() < PAGE;
+            let last_page = page.len() < PAGE;
             runs.extend(
                 page.into_iter()
                     .filter(|run| run.backend == backend.name && run.sequence >= first.sequence)
                     .take(wanted - runs.len()),
             );
-            if full {
+            if last_page {
                 break;
             }
         }
