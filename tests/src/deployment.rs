@@ -4,10 +4,22 @@
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::{
-    Deployment, DeploymentState, GetDeploymentRequest, ReplicaState,
+    DeployRequest, Deployment, DeploymentState, GetDeploymentRequest, ReplicaState,
 };
 
 use crate::campaign::Client;
+
+/// Deploys `recipe`, read from the file `source` (which errors name).
+pub async fn deploy(client: &mut Client, recipe: String, source: &std::path::Path) {
+    client
+        .deploy(DeployRequest {
+            recipe_yaml: recipe,
+            source_name: source.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("Deploy");
+}
 
 /// GetDeployment until `done` holds (asserting it does within `limit`,
 /// saying `what` it waited for): the deployment then.

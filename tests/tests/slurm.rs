@@ -504,14 +504,7 @@ async fn a_deployment_replica_is_a_slurm_job_kept_running_on_its_node() {
         .replace("max_backoff: 30s", "max_backoff: 1s");
     assert!(recipe.contains(&format!("partition: {}", slurm::PARTITION)));
     let started = Instant::now();
-    host.client
-        .deploy(DeployRequest {
-            recipe_yaml: recipe,
-            source_name: example.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("Deploy");
+    berth_tests::deployment::deploy(&mut host.client, recipe, &example).await;
     let limit = Duration::from_secs(90);
     let deployment =
         wait_deployment(&mut host.client, "web", limit, "running", running_replica).await;

@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
-use berth_proto::orchestrator::v1::{
-    DeployRequest, RegisterHostRequest, Run, RunState, StopDeploymentRequest,
-};
+use berth_proto::orchestrator::v1::{RegisterHostRequest, Run, RunState, StopDeploymentRequest};
 use berth_server::client::AuthChannel;
 use berth_tests::deployment::{cancelled, running_replica, wait_deployment};
 use berth_tests::{
@@ -403,14 +401,7 @@ async fn a_vm_replica_serves_from_its_guest_and_is_booted_again_when_destroyed()
         )
         .replace("name: vm-web", &format!("name: {name}"));
     let started = Instant::now();
-    host.client
-        .deploy(DeployRequest {
-            recipe_yaml: recipe,
-            source_name: example.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("Deploy");
+    berth_tests::deployment::deploy(&mut host.client, recipe, &example).await;
     let limit = Duration::from_secs(300);
     let deployment =
         wait_deployment(&mut host.client, &name, limit, "running", running_replica).await;

@@ -147,16 +147,6 @@ async fn stream_is_passed_through_chunk_by_chunk() {
     proxy.stop().await.unwrap();
 }
 
-/// The JSON payloads of an SSE body's `data:` events, `[DONE]` left out.
-fn events(body: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(body)
-        .split("\n\n")
-        .filter_map(|event| event.strip_prefix("data: "))
-        .filter(|payload| *payload != "[DONE]")
-        .map(|payload| serde_json::from_str(payload).unwrap())
-        .collect()
-}
-
 /// Creates a virtual key through the admin API; its secret and id.
 async fn create_key(base: &str, spec: serde_json::Value) -> (String, String) {
     let created = send(

@@ -25,15 +25,6 @@ fn config(addr: std::net::SocketAddr) -> String {
     )
 }
 
-/// The `data:` payloads of an SSE body.
-fn events(body: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(body)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
-}
-
 fn overhead_us(answer: &Answer) -> u64 {
     answer.headers["x-berth-overhead-us"]
         .to_str()

@@ -159,6 +159,17 @@ async fn litellm_proxy(llama_port: u16) -> (Child, u16, tempfile::TempDir) {
 /// Runs a client check script against the proxy and returns the JSON line
 /// it prints of what it saw.
 async fn client_check(python: &Path, script: &Path, base_url: &str) -> serde_json::Value {
+    client_check_or_say(python, script, base_url, String::new).await
+}
+
+/// [`client_check`], with what `context` says beside the script's output
+/// when it fails (an upstream's log).
+async fn client_check_or_say(
+    python: &Path,
+    script: &Path,
+    base_url: &str,
+    context: impl FnOnce() -> String,
+) -> serde_json::Value {
     let output = Command::new(python)
         .arg(script)
         .arg(base_url)
@@ -169,9 +180,10 @@ async fn client_check(python: &Path, script: &Path, base_url: &str) -> serde_jso
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "{} failed:\n{stdout}\n{}",
+        "{} failed:\n{stdout}\n{}\n{}",
         script.display(),
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&output.stderr),
+        context()
     );
     let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     eprintln!("{} saw: {seen}", script.display());
@@ -282,22 +294,16 @@ async fn openai_responses_passed_through_to_litellm() {
         "    model_info: {supported_endpoints: [/v1/chat/completions, /v1/responses]}\n",
     )
     .await;
-    let output = Command::new(&python)
-        .arg(script("tests/clients/responses_passthrough_check.py"))
-        .arg(format!("{}/v1", base(&proxy)))
-        .args(["sk-e2e", "smollm2"])
-        .output()
-        .await
-        .expect("running the client check");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "responses_passthrough_check.py failed:\n{stdout}\n{}\nLiteLLM's log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        std::fs::read_to_string(litellm_dir.path().join("litellm.log")).unwrap_or_default()
-    );
-    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    eprintln!("responses_passthrough_check.py saw: {seen}");
+    let seen = client_check_or_say(
+        &python,
+        &script("tests/clients/responses_passthrough_check.py"),
+        &format!("{}/v1", base(&proxy)),
+        || {
+            let log = std::fs::read_to_string(litellm_dir.path().join("litellm.log"));
+            format!("LiteLLM's log:\n{}", log.unwrap_or_default())
+        },
+    )
+    .await;
     assert_eq!(seen["plain"]["upstream_api"], "responses");
     assert_eq!(seen["upstream_refusal"]["status"], 400);
     assert!(seen["stream"]["deltas"].as_u64().unwrap() > 1);

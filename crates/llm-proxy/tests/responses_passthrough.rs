@@ -34,15 +34,6 @@ fn upstream_api(answer: &Answer) -> &str {
     answer.headers["x-berth-upstream-api"].to_str().unwrap()
 }
 
-/// The `data:` payloads of an SSE body.
-fn events(body: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(body)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn passed_through_whole_and_streamed_metered_and_cached() {
     let (addr, seen) = fake_upstream().await;

@@ -388,3 +388,15 @@ pub fn venv() -> std::path::PathBuf {
         });
     cache.join("berth/llm-venv")
 }
+
+/// The JSON payloads of an SSE body's `data:` lines (`[DONE]` left out),
+/// whether its events are named (`event:` lines, Anthropic's and the
+/// Responses API's) or not.
+pub fn events(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|payload| *payload != "[DONE]")
+        .map(|payload| serde_json::from_str(payload).unwrap())
+        .collect()
+}
