@@ -32,6 +32,7 @@ packages=(
   python3-venv     # the venvs of the model set-up and the LLM peers
   prometheus       # promtool checks deploy/monitoring/'s rules and config; the monitoring image's binary
   slurmctld slurmd slurm-client munge slurmrestd slurm-wlm-jwt-plugin  # a real single-node SLURM: the slurm runtime's tests
+  slurmdbd mariadb-server  # SLURM's job accounting (sacct's energy): the test cluster's slurmdbd on a MariaDB of its own
   postgresql-15    # the orchestrator's PostgreSQL store: its tests start a server of their own (initdb in a temp dir)
   procps ca-certificates
 )

@@ -210,13 +210,32 @@ pub async fn start_llm_inference_sampler(dir: &Path) -> (Process, u16) {
 /// A power sampler serving only the replay source, from `trace` (CI has no
 /// GPU: its readings say they are replayed); its port once it answers.
 pub async fn start_replay_sampler(dir: &Path, trace: &Path) -> (Process, u16) {
+    start_sampler(
+        dir,
+        &format!(
+            "powercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
+            trace.display()
+        ),
+    )
+    .await
+}
+
+/// A power sampler reading only the RAPL zones of the powercap tree at
+/// `root` (a fake one where the machine has no RAPL); its port once it
+/// answers.
+pub async fn start_powercap_sampler(dir: &Path, root: &Path) -> (Process, u16) {
+    start_sampler(dir, &format!("powercap_root = \"{}\"\n", root.display())).await
+}
+
+/// A power sampler without NVML, its `[sampler]` section's other settings
+/// `sources`.
+async fn start_sampler(dir: &Path, sources: &str) -> (Process, u16) {
     let port = free_port();
     let config = dir.join("power.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\npowercap_root = \"\"\nreplay_traces = [\"{}\"]\n",
-            trace.display()
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\n\n[sampler]\nnvml = false\n{sources}"
         ),
     )
     .unwrap();

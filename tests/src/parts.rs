@@ -70,6 +70,10 @@ pub enum Part {
     Postgres,
     /// SLURM 22.05 (slurmctld, slurmd, slurmrestd with JWT, munge), started by tests/src/slurm.rs.
     Slurm,
+    /// [`Part::Slurm`] with job accounting: slurmdbd on a MariaDB of the
+    /// test's own, and SLURM's RAPL energy plugin reading a fake counter
+    /// (tests/src/slurm.rs, `cluster_with_energy`).
+    SlurmAccounting,
 }
 
 impl Part {
@@ -100,6 +104,7 @@ impl Part {
             Part::Prometheus => "prometheus",
             Part::Postgres => "postgresql",
             Part::Slurm => "slurm",
+            Part::SlurmAccounting => "slurm-accounting",
         }
     }
 
@@ -134,6 +139,10 @@ impl Part {
             Part::Slurm => {
                 "apt-get install --no-install-recommends slurmctld slurmd slurm-client munge slurmrestd \
                  slurm-wlm-jwt-plugin (scripts/setup/debian-packages.sh), and run the tests as root"
+            }
+            Part::SlurmAccounting => {
+                "what slurm needs, and apt-get install --no-install-recommends slurmdbd mariadb-server \
+                 (scripts/setup/debian-packages.sh); /dev/cpu must exist (the cpuid module)"
             }
             Part::Postgres => "apt-get install postgresql-15 (scripts/setup/debian-packages.sh)",
             Part::OomKill => {

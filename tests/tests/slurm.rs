@@ -59,7 +59,12 @@ impl SlurmHost {
     }
 
     async fn start_with(start_wait: &str) -> Option<Self> {
-        let cluster = slurm::cluster()?;
+        Some(Self::start_on(slurm::cluster()?, start_wait, String::new()).await)
+    }
+
+    /// A host reaching `cluster`, its power sampler `power_sampler` (empty:
+    /// none).
+    async fn start_on(cluster: Cluster, start_wait: &str, power_sampler: String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = cluster.token("root", Duration::from_secs(3600));
         let agent = start_slurm_agent(dir.path(), &cluster, &token, start_wait);
@@ -72,18 +77,19 @@ impl SlurmHost {
             .register_host(RegisterHostRequest {
                 name: "login1".into(),
                 address,
+                power_sampler,
                 ..Default::default()
             })
             .await
             .expect("RegisterHost");
-        Some(Self {
+        Self {
             cluster,
             dir,
             client,
             agent,
             orchestrator,
             orchestrator_port: port,
-        })
+        }
     }
 
     /// kill -9 of the orchestrator, then one started again on the same
@@ -238,6 +244,15 @@ async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
     let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
     let job = assert_runs_were_steps_of_one_job(&runs, 20);
     assert!(runs.iter().all(|r| r.attempts == 1), "{runs:?}");
+    // This cluster keeps no accounting: each run's record says so.
+    for run in &runs {
+        let cluster = run.cluster_accounting.as_ref().expect("asked of every run");
+        assert_eq!(cluster.consumed_energy_j, None, "{run:?}");
+        assert!(
+            cluster.note.contains("accounting storage is disabled"),
+            "{run:?}"
+        );
+    }
     host.assert_each_run_ran_once(&runs);
     assert_allocation_released(&host.cluster, &job).await;
     assert_eq!(
@@ -245,6 +260,120 @@ async fn a_campaign_of_20_runs_runs_as_steps_of_one_slurm_job() {
         vec![job],
         "one job submitted for the whole campaign"
     );
+}
+
+/// The power the fake energy counter of [`slurm::cluster_with_energy`]
+/// draws: what both SLURM's energy plugin and berth's power sampler read.
+const FAKE_WATTS: f64 = 50.0;
+/// How long each run of the energy test lasts.
+const ENERGY_RUN_S: f64 = 4.0;
+
+/// A campaign measuring power on a cluster that records energy itself
+/// (slurmdbd on MariaDB, SLURM's acct_gather_energy/rapl plugin): each
+/// run's own energy, from berth's power sampler, is kept beside the
+/// ConsumedEnergy `sacct` reports for its step, with their difference, in
+/// ListRuns, GetResults and the CSV export. The energy both read is a
+/// fake counter (this machine has no RAPL: tests/src/slurm.rs), drawing
+/// [`FAKE_WATTS`], so each figure is known: watts × the run's time.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_runs_energy_is_kept_beside_the_energy_slurm_accounted() {
+    let Some(cluster) = slurm::cluster_with_energy(FAKE_WATTS) else {
+        return;
+    };
+    let sampler_dir = tempfile::tempdir().unwrap();
+    let powercap = cluster.powercap_root().expect("a fake powercap tree");
+    let (_sampler, sampler_port) =
+        berth_tests::start_powercap_sampler(sampler_dir.path(), powercap).await;
+    let mut host = SlurmHost::start_on(
+        cluster,
+        START_WAIT,
+        format!("http://127.0.0.1:{sampler_port}"),
+    )
+    .await;
+    let manifest = manifest(
+        "energy",
+        "1, 2, 3",
+        1,
+        &ENERGY_RUN_S.to_string(),
+        &host.run_log(),
+    )
+    .replace("run:\n", "power: {enabled: true, rate_hz: 20}\nrun:\n");
+    let campaign = berth_tests::campaign::submit(&mut host.client, &manifest).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 3, deadline).await;
+    let runs = berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await;
+    let job = assert_runs_were_steps_of_one_job(&runs, 3);
+    let expected = FAKE_WATTS * ENERGY_RUN_S;
+    for run in &runs {
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        let step = format!("{job}.{}", result["step"].as_str().unwrap());
+        let cluster = run
+            .cluster_accounting
+            .as_ref()
+            .expect("the cluster's record");
+        assert_eq!(cluster.accounting_id, step, "{run:?}");
+        let slurm_j = cluster
+            .consumed_energy_j
+            .unwrap_or_else(|| panic!("SLURM counted no energy: {}", cluster.note));
+        let berth_j = run.energy_j.expect("berth's own energy");
+        eprintln!(
+            "run {}: berth {berth_j:.1} J, SLURM {slurm_j:.0} J (step {step}), difference {:+.1} J",
+            run.id,
+            berth_j - slurm_j
+        );
+        // What sacct itself says, not only what berth stored.
+        assert_eq!(
+            host.cluster.consumed_energy(&step).map(|j| j as f64),
+            Some(slurm_j)
+        );
+        for (who, joules) in [("berth", berth_j), ("SLURM", slurm_j)] {
+            assert!(
+                (0.75 * expected..=1.5 * expected).contains(&joules),
+                "{who} measured {joules} J for {ENERGY_RUN_S} s at {FAKE_WATTS} W"
+            );
+        }
+        assert_eq!(run.energy_vs_cluster_j, Some(berth_j - slurm_j), "{run:?}");
+    }
+    let results = berth_tests::campaign::results_of(&mut host.client, &campaign.id).await;
+    let metrics: Vec<&str> = results.results[0]
+        .metrics
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    for name in ["energy_j", "cluster_energy_j", "energy_vs_cluster_j"] {
+        assert!(metrics.contains(&name), "{name} among {metrics:?}");
+    }
+    // Runs as array tasks (one at a time: SLURM counts the node's energy
+    // for each job on it) have the cluster's figure alone: berth does not
+    // measure power per task.
+    let sleep = ENERGY_RUN_S.to_string();
+    let campaign = host
+        .submit_arrays("energy-arrays", ("1, 2", 1, &sleep), "{parallel: 1}")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 2, deadline).await;
+    for run in berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await {
+        let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
+        let task = format!(
+            "{}_{}",
+            result["array"].as_str().unwrap(),
+            result["task"].as_str().unwrap()
+        );
+        let cluster = run
+            .cluster_accounting
+            .as_ref()
+            .expect("the cluster's record");
+        assert_eq!(cluster.accounting_id, task, "{run:?}");
+        let slurm_j = cluster
+            .consumed_energy_j
+            .unwrap_or_else(|| panic!("SLURM counted no energy: {}", cluster.note));
+        eprintln!("run {}: SLURM {slurm_j:.0} J (array task {task})", run.id);
+        assert!(
+            (0.75 * expected..=1.5 * expected).contains(&slurm_j),
+            "SLURM counted {slurm_j} J for {ENERGY_RUN_S} s at {FAKE_WATTS} W"
+        );
+        assert_eq!((run.energy_j, run.energy_vs_cluster_j), (None, None));
+    }
 }
 
 /// A campaign whose runs are the tasks of job arrays, one array a cycle

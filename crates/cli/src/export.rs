@@ -260,6 +260,17 @@ impl RunTable {
             &format!("net_joules_per_{}", campaign.work_metric),
             &|r| r.joules_per_unit_net,
         ));
+        if runs.iter().any(|r| r.cluster_accounting.is_some()) {
+            let cluster = |r: &Run| r.cluster_accounting.clone().unwrap_or_default();
+            columns.push(text("cluster_accounting_id", &|r| {
+                Some(cluster(r).accounting_id)
+            }));
+            columns.push(number("cluster_energy_j", &|r| {
+                cluster(r).consumed_energy_j
+            }));
+            columns.push(number("energy_vs_cluster_j", &|r| r.energy_vs_cluster_j));
+            columns.push(text("cluster_accounting_note", &|r| Some(cluster(r).note)));
+        }
         columns.extend(provenance_columns(runs));
         columns.push(text("result_json", &|r| Some(r.result_json.clone())));
         Self {
@@ -546,6 +557,34 @@ mod tests {
         assert_eq!(json[1]["state"], "failed");
         assert_eq!(json[1]["result.tokens"], serde_json::Value::Null);
         assert_eq!(json[0]["joules_per_tokens"], 2.0);
+    }
+
+    #[test]
+    fn the_clusters_energy_is_a_column_beside_berths_only_where_a_run_has_it() {
+        let plain = RunTable::new(&campaign(), &runs()).json();
+        assert!(!plain.contains("cluster_energy_j"), "{plain}");
+        let mut runs = runs();
+        runs[0].cluster_accounting = Some(berth_proto::agent::v1::ExecAccounting {
+            accounting_id: "12.3".into(),
+            consumed_energy_j: Some(18.0),
+            note: String::new(),
+        });
+        runs[0].energy_vs_cluster_j = Some(2.0);
+        runs[1].cluster_accounting = Some(berth_proto::agent::v1::ExecAccounting {
+            note: "sacct: Slurm accounting storage is disabled".into(),
+            ..Default::default()
+        });
+        let json: serde_json::Value =
+            serde_json::from_str(&RunTable::new(&campaign(), &runs).json()).unwrap();
+        assert_eq!(json[0]["energy_j"], 20.0);
+        assert_eq!(json[0]["cluster_energy_j"], 18.0);
+        assert_eq!(json[0]["energy_vs_cluster_j"], 2.0);
+        assert_eq!(json[0]["cluster_accounting_id"], "12.3");
+        assert_eq!(json[1]["cluster_energy_j"], serde_json::Value::Null);
+        assert_eq!(
+            json[1]["cluster_accounting_note"],
+            "sacct: Slurm accounting storage is disabled"
+        );
     }
 
     #[test]

@@ -300,7 +300,13 @@ fn output_len(output: &ExecOutput) -> usize {
     }
 }
 
-fn validate_key(key: &str) -> Result<(), AgentError> {
+pub fn validate_key(key: &str) -> Result<(), AgentError> {
+    if key.is_empty() {
+        return Err(AgentError::InvalidArgument {
+            field: "exec_key",
+            reason: "must name a keyed exec".into(),
+        });
+    }
     if key.len() > MAX_EXEC_KEY_BYTES || key.chars().any(char::is_control) {
         return Err(AgentError::InvalidArgument {
             field: "exec_key",

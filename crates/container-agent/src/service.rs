@@ -28,6 +28,8 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// shorter; a longer one would only travel to every engine to be unknown.
 const MAX_WORKLOAD_REF_BYTES: usize = 256;
 const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest DescribeExecAccounting waits for a record (a call held open).
+const MAX_ACCOUNTING_WAIT: Duration = Duration::from_secs(60);
 /// Tar chunks buffered between the client and the engine during an import.
 const IMPORT_BUFFER: usize = 16;
 
@@ -496,5 +498,26 @@ impl ContainerAgent for AgentService {
             Err(error) => provenance.unknown.push(format!("image id: {error}")),
         }
         Ok(Response::new(provenance))
+    }
+
+    async fn describe_exec_accounting(
+        &self,
+        request: Request<DescribeExecAccountingRequest>,
+    ) -> Result<Response<ExecAccounting>, Status> {
+        let request = request.into_inner();
+        crate::keyed_exec::validate_key(&request.exec_key)?;
+        let wait = duration("wait", request.wait)?.unwrap_or_default();
+        if wait > MAX_ACCOUNTING_WAIT {
+            return Err(AgentError::InvalidArgument {
+                field: "wait",
+                reason: format!("{wait:?} is above {MAX_ACCOUNTING_WAIT:?}"),
+            }
+            .into());
+        }
+        let (runtime, workload) = self.owner(&request.workload_id).await?;
+        let accounting = runtime
+            .exec_accounting(&workload.id, &request.exec_key, wait)
+            .await?;
+        Ok(Response::new(accounting))
     }
 }

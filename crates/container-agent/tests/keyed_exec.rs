@@ -157,3 +157,29 @@ async fn cancel_exec_kills_a_keyed_exec() {
         .expect_err("keys are bounded");
     assert_eq!(too_long.code(), tonic::Code::InvalidArgument);
 }
+
+/// A host process keeps no accounting of its execs: DescribeExecAccounting
+/// is UNIMPLEMENTED saying which runtime does, never an empty record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_exec_has_no_cluster_accounting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client) = agent(&dir).await;
+    drain(
+        client
+            .exec(keyed("c1/r1/1", "true"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let refused = client
+        .describe_exec_accounting(DescribeExecAccountingRequest {
+            workload_id: "env".into(),
+            exec_key: "c1/r1/1".into(),
+            wait: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    assert!(refused.message().contains("RUNTIME_SLURM"), "{refused:?}");
+}

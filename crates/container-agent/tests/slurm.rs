@@ -560,6 +560,51 @@ async fn a_keyed_step_outlives_the_agent_and_is_attached_again() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert_accounting_is_asked_by_key(&mut agent.client).await;
+}
+
+/// DescribeExecAccounting of the keyed steps of workload `keyed` on a
+/// cluster without accounting: no figure, sacct's reason; an unknown key,
+/// an empty one and a wait too long are named.
+async fn assert_accounting_is_asked_by_key(client: &mut Client) {
+    let ask = |key: &str, wait: Duration| DescribeExecAccountingRequest {
+        workload_id: "keyed".into(),
+        exec_key: key.into(),
+        wait: wait.try_into().ok(),
+    };
+    let record = client
+        .describe_exec_accounting(ask("camp/run-1/1", Duration::from_secs(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("without slurmdbd: {record:?}");
+    assert_eq!(record.consumed_energy_j, None, "{record:?}");
+    assert!(
+        record.note.contains("accounting storage is disabled"),
+        "{record:?}"
+    );
+    for (key, wait, code, named) in [
+        (
+            "camp/never/1",
+            Duration::ZERO,
+            Code::NotFound,
+            "camp/never/1",
+        ),
+        ("", Duration::ZERO, Code::InvalidArgument, "exec_key"),
+        (
+            "camp/run-1/1",
+            Duration::from_secs(61),
+            Code::InvalidArgument,
+            "wait",
+        ),
+    ] {
+        let refused = client
+            .describe_exec_accounting(ask(key, wait))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), code, "{refused:?}");
+        assert!(refused.message().contains(named), "{refused:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,10 @@ pub const ENERGY_METRIC: &str = "energy_j";
 pub const ENERGY_NET_METRIC: &str = "energy_net_j";
 /// Mean power of a run over all measured devices, in watts.
 pub const POWER_METRIC: &str = "mean_power_w";
+/// Energy the cluster's own accounting counted for a run (SLURM's
+/// ConsumedEnergy), and berth's energy minus it.
+pub const CLUSTER_ENERGY_METRIC: &str = "cluster_energy_j";
+pub const ENERGY_VS_CLUSTER_METRIC: &str = "energy_vs_cluster_j";
 
 /// Name of the energy-per-unit-of-work metric, e.g. `joules_per_tokens`.
 pub fn joules_per_unit_metric(work_metric: &str) -> String {
@@ -63,6 +67,17 @@ pub fn energy_net_joules(run: &Run) -> Option<f64> {
     run.energy.iter().map(|e| e.energy_net_j).sum()
 }
 
+/// Energy the cluster's own accounting counted for the run, where it has
+/// a record with a figure.
+pub fn cluster_energy_joules(run: &Run) -> Option<f64> {
+    run.cluster_accounting.as_ref()?.consumed_energy_j
+}
+
+/// berth's energy of the run minus the cluster's, where both are known.
+pub fn energy_vs_cluster_joules(run: &Run) -> Option<f64> {
+    Some(energy_joules(run)? - cluster_energy_joules(run)?)
+}
+
 /// A numeric top-level field of the run's result JSON.
 pub fn result_field(run: &Run, name: &str) -> Option<f64> {
     let fields: serde_json::Map<String, serde_json::Value> =
@@ -87,6 +102,10 @@ pub fn metric_value(run: &Run, name: &str, work_metric: &str) -> Option<f64> {
         energy_joules(run)
     } else if name == ENERGY_NET_METRIC {
         energy_net_joules(run)
+    } else if name == CLUSTER_ENERGY_METRIC {
+        cluster_energy_joules(run)
+    } else if name == ENERGY_VS_CLUSTER_METRIC {
+        energy_vs_cluster_joules(run)
     } else if name == joules_per_unit_metric(work_metric) {
         joules_per_unit(run, work_metric)
     } else if name == net_joules_per_unit_metric(work_metric) {
@@ -122,6 +141,7 @@ pub fn with_derived(mut run: Run, work_metric: &str) -> Run {
     run.joules_per_unit = joules_per_unit(&run, work_metric);
     run.energy_net_j = energy_net_joules(&run);
     run.joules_per_unit_net = net_joules_per_unit(&run, work_metric);
+    run.energy_vs_cluster_j = energy_vs_cluster_joules(&run);
     run
 }
 
@@ -214,6 +234,8 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                         net_per_unit_metric.as_str(),
                         net_joules_per_unit(run, work_metric),
                     ),
+                    (CLUSTER_ENERGY_METRIC, cluster_energy_joules(run)),
+                    (ENERGY_VS_CLUSTER_METRIC, energy_vs_cluster_joules(run)),
                 ];
                 for (name, value) in net {
                     if let Some(value) = value {
@@ -239,6 +261,8 @@ pub fn aggregate(layout: &ResultsLayout, work_metric: &str, runs: &[Run]) -> Vec
                 per_unit_metric.clone(),
                 net_per_unit_metric.clone(),
                 POWER_METRIC.to_string(),
+                CLUSTER_ENERGY_METRIC.to_string(),
+                ENERGY_VS_CLUSTER_METRIC.to_string(),
                 DURATION_METRIC.to_string(),
             ]);
             let metrics = metric_order
@@ -522,6 +546,42 @@ mod tests {
                 .iter()
                 .all(|m| m.name != "energy_net_j")
         );
+    }
+
+    #[test]
+    fn the_clusters_energy_and_the_difference_are_metrics_where_known() {
+        use berth_proto::agent::v1::ExecAccounting;
+        use berth_proto::orchestrator::v1::RunEnergy;
+        let device = |joules: f64| RunEnergy {
+            energy_j: Some(joules),
+            ..Default::default()
+        };
+        let cluster = |joules: Option<f64>| ExecAccounting {
+            accounting_id: "7.1".into(),
+            consumed_energy_j: joules,
+            note: String::new(),
+        };
+        let mut both = measured_with(vec![device(52.0)]);
+        both.cluster_accounting = Some(cluster(Some(50.0)));
+        let mut cluster_only = measured_with(Vec::new());
+        cluster_only.cluster_accounting = Some(cluster(Some(40.0)));
+        let mut no_figure = measured_with(vec![device(30.0)]);
+        no_figure.cluster_accounting = Some(cluster(None));
+        assert_eq!(
+            with_derived(both.clone(), "tokens").energy_vs_cluster_j,
+            Some(2.0)
+        );
+        assert_eq!(
+            with_derived(cluster_only.clone(), "tokens").energy_vs_cluster_j,
+            None
+        );
+        assert_eq!(metric_value(&no_figure, "cluster_energy_j", "tokens"), None);
+        let rows = aggregate(&layout(true), "tokens", &[both, cluster_only, no_figure]);
+        let metric = |name: &str| rows[0].metrics.iter().find(|m| m.name == name).cloned();
+        let cluster = metric("cluster_energy_j").unwrap();
+        assert_eq!((cluster.n, cluster.mean), (2, 45.0));
+        let difference = metric("energy_vs_cluster_j").unwrap();
+        assert_eq!((difference.n, difference.mean), (1, 2.0));
     }
 
     #[test]

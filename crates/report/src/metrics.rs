@@ -13,6 +13,10 @@ use berth_proto::orchestrator::v1::{Run, RunState};
 pub const DURATION: &str = "duration_s";
 pub const ENERGY: &str = "energy_j";
 pub const ENERGY_NET: &str = "energy_net_j";
+/// The cluster's own count of a run's energy (SLURM's ConsumedEnergy), and
+/// berth's energy minus it.
+pub const CLUSTER_ENERGY: &str = "cluster_energy_j";
+pub const ENERGY_VS_CLUSTER: &str = "energy_vs_cluster_j";
 
 pub fn seconds(duration: &prost_types::Duration) -> f64 {
     duration.seconds as f64 + f64::from(duration.nanos) / 1e9
@@ -71,6 +75,16 @@ pub fn run_metrics(run: &Run, work_metric: &str) -> Vec<(String, f64)> {
     metrics.extend(
         run.joules_per_unit_net
             .map(|j| (net_joules_per_unit(work_metric), j)),
+    );
+    metrics.extend(
+        run.cluster_accounting
+            .as_ref()
+            .and_then(|cluster| cluster.consumed_energy_j)
+            .map(|e| (CLUSTER_ENERGY.to_string(), e)),
+    );
+    metrics.extend(
+        run.energy_vs_cluster_j
+            .map(|e| (ENERGY_VS_CLUSTER.to_string(), e)),
     );
     metrics
 }

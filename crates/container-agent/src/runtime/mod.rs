@@ -12,7 +12,7 @@ mod spec_fuzz;
 use std::time::Duration;
 
 use berth_proto::agent::v1::{
-    ExecOutput, Image, ImportImageMetadata, LogLine, Workload, WorkloadStats,
+    ExecAccounting, ExecOutput, Image, ImportImageMetadata, LogLine, Workload, WorkloadStats,
 };
 use berth_proto::common::v1::{Runtime, WorkloadSpec};
 use tokio::sync::mpsc;
@@ -60,6 +60,19 @@ pub trait WorkloadRuntime: Send + Sync {
         _permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Option<mpsc::Receiver<ExecOutput>>, AgentError> {
         Ok(None)
+    }
+    /// What the cluster's own accounting recorded of the keyed exec `key`
+    /// in workload `id` once it ended, waited for up to `wait`.
+    async fn exec_accounting(
+        &self,
+        _id: &str,
+        _key: &str,
+        _wait: Duration,
+    ) -> Result<ExecAccounting, AgentError> {
+        Err(AgentError::Unimplemented(format!(
+            "DescribeExecAccounting: the {} runtime keeps no accounting of its execs; RUNTIME_SLURM does (sacct)",
+            self.kind().as_str_name()
+        )))
     }
     /// The kept log lines (the last `tail`, 0 for all), then new ones while
     /// `follow` is set.

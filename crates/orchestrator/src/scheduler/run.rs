@@ -9,10 +9,11 @@
 use std::time::{Duration, SystemTime};
 
 use berth_proto::agent::v1::{
-    AttachExecRequest, CancelExecRequest, ExecOutput, ExecRequest, ExitReason, ExitStatus,
-    Provenance, WorkloadRef, WorkloadState, exec_output,
+    AttachExecRequest, CancelExecRequest, DescribeExecAccountingRequest, ExecAccounting,
+    ExecOutput, ExecRequest, ExitReason, ExitStatus, Provenance, WorkloadRef, WorkloadState,
+    exec_output,
 };
-use berth_proto::common::v1::EnvVar;
+use berth_proto::common::v1::{EnvVar, Runtime};
 use berth_proto::orchestrator::v1::{Run, RunState};
 use berth_server::error::{has_reason, reasons};
 use tokio::time::Instant;
@@ -39,6 +40,9 @@ const MAX_REATTACHES: u32 = 3;
 /// In-flight runs of one backend looked at after a restart; a backend's
 /// worker runs one at a time, so more means the store was edited by hand.
 const MAX_IN_FLIGHT_PER_BACKEND: usize = 64;
+/// How long the agent may wait for a SLURM run's record to reach the
+/// cluster's accounting database (it lags the step's end by a moment).
+const CLUSTER_ACCOUNTING_WAIT: Duration = Duration::from_secs(5);
 
 /// Why an exec's stream was left before its exit status.
 enum Unfinished {
@@ -362,6 +366,11 @@ impl Scheduler {
                 },
                 None => None,
             };
+            let cluster_accounting = self.cluster_accounting(ctx, run, &mut client, &key).await;
+            let ended = RunUpdate {
+                cluster_accounting,
+                ..ended
+            };
             self.record_success(run, ended, &output, power)?;
             return Ok(None);
         }
@@ -398,6 +407,42 @@ impl Scheduler {
         };
         self.fail(ctx, run, attempt, RunState::Running, update)?;
         Ok(None)
+    }
+
+    /// The cluster's own record of a run that succeeded on a SLURM backend
+    /// (its step's or array task's ConsumedEnergy), kept beside berth's
+    /// measurement; None on other runtimes. Not getting it is a note in
+    /// the record, never the run's failure.
+    async fn cluster_accounting(
+        &self,
+        ctx: &CampaignRun,
+        run: &Run,
+        client: &mut AgentClient,
+        key: &str,
+    ) -> Option<ExecAccounting> {
+        let backend = ctx.plan.backend(&run.backend)?;
+        if backend.runtime.proto() != Runtime::Slurm {
+            return None;
+        }
+        let placed = self.store.placements(&ctx.id).map(|placements| {
+            placements
+                .into_iter()
+                .find(|placement| placement.backend == run.backend)
+        });
+        let workload_id = match placed {
+            Ok(Some(placement)) => placement.workload_id,
+            Ok(None) => return Some(unasked("the backend is no longer placed".into())),
+            Err(error) => return Some(unasked(format!("reading its placement: {error}"))),
+        };
+        let request = DescribeExecAccountingRequest {
+            workload_id,
+            exec_key: key.to_string(),
+            wait: CLUSTER_ACCOUNTING_WAIT.try_into().ok(),
+        };
+        Some(match client.describe_exec_accounting(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => unasked(format!("the agent: {}", describe_status(&status))),
+        })
     }
 
     /// Records a run that exited 0: its result line (or why it has none),
@@ -567,6 +612,14 @@ pub(super) fn run_command(
 
 /// Pause between tries to attach to an exec whose agent does not answer.
 const REATTACH_PAUSE: Duration = Duration::from_millis(250);
+
+/// A cluster accounting record saying why it has no figure.
+fn unasked(note: String) -> ExecAccounting {
+    ExecAccounting {
+        note,
+        ..Default::default()
+    }
+}
 
 /// Reads an exec's stream into `output` until its exit status, attaching
 /// again (up to [`MAX_REATTACHES`] times, the output starting over from the

@@ -5,9 +5,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use berth_proto::agent::v1::ExecAccounting;
 use berth_proto::orchestrator::v1::{ReplicaState, RunCounts, RunEnergy, RunPowerSample, RunState};
 use prost::Message;
 
+use super::RunUpdate;
 use super::deployments::ReplicaRecord;
 
 pub(super) fn now_ms() -> i64 {
@@ -70,23 +72,58 @@ pub(super) fn power_sample(
 }
 
 /// Energy records as length-delimited protobuf messages, one after another.
-pub(super) fn encode_energy(energy: &[RunEnergy]) -> Vec<u8> {
+/// The method of the record that carries the cluster's own accounting of
+/// the run (Run.cluster_accounting) in the energy column, after the
+/// devices' records: written by the same transition as the run's result,
+/// with no column of its own. Its device is the accounting id, its note the
+/// one quality flag.
+const CLUSTER_ACCOUNTING: &str = "cluster_accounting";
+
+/// The energy column of `update`: its devices' records, then the cluster's
+/// accounting; None when it sets neither.
+pub(super) fn encode_energy(update: &RunUpdate) -> Option<Vec<u8>> {
+    if update.energy.is_none() && update.cluster_accounting.is_none() {
+        return None;
+    }
     let mut bytes = Vec::new();
-    for record in energy {
+    for record in update.energy.iter().flatten() {
         let _ = record.encode_length_delimited(&mut bytes);
     }
-    bytes
+    if let Some(accounting) = &update.cluster_accounting {
+        let record = RunEnergy {
+            device: accounting.accounting_id.clone(),
+            method: CLUSTER_ACCOUNTING.into(),
+            energy_j: accounting.consumed_energy_j,
+            quality_flags: (!accounting.note.is_empty())
+                .then(|| accounting.note.clone())
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let _ = record.encode_length_delimited(&mut bytes);
+    }
+    Some(bytes)
 }
 
-pub(super) fn decode_energy(mut bytes: &[u8]) -> Vec<RunEnergy> {
+/// The devices' energy records and the cluster's accounting, from the
+/// energy column.
+pub(super) fn decode_energy(mut bytes: &[u8]) -> (Vec<RunEnergy>, Option<ExecAccounting>) {
     let mut energy = Vec::new();
+    let mut accounting = None;
     while !bytes.is_empty() {
         match RunEnergy::decode_length_delimited(&mut bytes) {
+            Ok(record) if record.method == CLUSTER_ACCOUNTING => {
+                accounting = Some(ExecAccounting {
+                    accounting_id: record.device,
+                    consumed_energy_j: record.energy_j,
+                    note: record.quality_flags.into_iter().next().unwrap_or_default(),
+                });
+            }
             Ok(record) => energy.push(record),
             Err(_) => break,
         }
     }
-    energy
+    (energy, accounting)
 }
 
 /// Adds the `count` runs stored in `state` (as its number) to `counts`.

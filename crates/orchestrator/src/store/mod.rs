@@ -108,6 +108,9 @@ pub struct RunUpdate {
     /// What the run's host reported of the settings that decide its energy
     /// figure, when the run started.
     pub provenance: Option<berth_proto::agent::v1::Provenance>,
+    /// The cluster's own record of the run (a SLURM step's ConsumedEnergy),
+    /// written with the energy records.
+    pub cluster_accounting: Option<berth_proto::agent::v1::ExecAccounting>,
 }
 
 /// A run transition as it was written: the run with its new state and

@@ -8,9 +8,10 @@
 use std::collections::BTreeMap;
 
 use RunState::{Pending, Running, Succeeded};
+use berth_proto::agent::v1::ExecAccounting;
 use berth_proto::orchestrator::v1::{
-    Campaign, CampaignOutcome, CampaignState, DeploymentState, ReplicaState, Run, RunPowerSample,
-    RunState,
+    Campaign, CampaignOutcome, CampaignState, DeploymentState, ReplicaState, Run, RunEnergy,
+    RunPowerSample, RunState,
 };
 
 use super::deployments::{DeploymentRecord, Inserted, ReplicaRecord};
@@ -100,6 +101,7 @@ store_suite!(
     a_live_deployment_name_is_taken_an_ended_one_is_replaced,
     every_change_of_replica_state_or_reason_is_one_transition,
     pending_runs_are_counted_per_backend,
+    the_clusters_accounting_is_kept_beside_the_devices_energy,
 );
 
 pub(crate) fn campaign(id: &str) -> Campaign {
@@ -480,6 +482,48 @@ fn power_series_is_written_with_the_transition_only(backend: &dyn Backend) {
     assert_eq!((run.power_samples, run.power_series_truncated), (3, false));
     // A run without power has an empty series, not an error.
     assert!(store.power_series("r2", None, None, 10).unwrap().is_empty());
+}
+
+/// The cluster's record of a run is written with its result and read back
+/// apart from the devices' energy (which it is not part of), with or
+/// without devices, its figure absent where the cluster had none.
+fn the_clusters_accounting_is_kept_beside_the_devices_energy(backend: &dyn Backend) {
+    let store = store_with(backend, &[run("r1", 0), run("r2", 1), run("r3", 2)]);
+    let store = store.as_ref();
+    let gpu = RunEnergy {
+        device: "rapl:package-0".into(),
+        energy_j: Some(151.5),
+        method: "counter".into(),
+        ..Default::default()
+    };
+    let slurm = ExecAccounting {
+        accounting_id: "12.3".into(),
+        consumed_energy_j: Some(150.0),
+        note: String::new(),
+    };
+    let unrecorded = ExecAccounting {
+        note: "sacct: Slurm accounting storage is disabled".into(),
+        ..Default::default()
+    };
+    let cases = [
+        ("r1", Some(vec![gpu.clone()]), Some(slurm)),
+        ("r2", None, Some(unrecorded)),
+        ("r3", Some(vec![gpu]), None),
+    ];
+    for (id, energy, cluster_accounting) in cases.clone() {
+        let update = RunUpdate {
+            energy,
+            cluster_accounting,
+            finished_now: true,
+            ..Default::default()
+        };
+        assert!(moved(store, id, Pending, Succeeded, &update));
+    }
+    for (id, energy, cluster_accounting) in cases {
+        let read = store.run(id).unwrap().unwrap();
+        assert_eq!(read.energy, energy.unwrap_or_default(), "{id}");
+        assert_eq!(read.cluster_accounting, cluster_accounting, "{id}");
+    }
 }
 
 fn replayed_transition_neither_duplicates_nor_mixes_samples(backend: &dyn Backend) {

@@ -22,6 +22,7 @@ use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
+use super::accounting::Accounted;
 use super::exec::Clients;
 use crate::error::AgentError;
 use crate::process_group::{self, CHUNK_BYTES, EXEC_BUFFER, HostCommand};
@@ -119,8 +120,28 @@ pub fn reattach(
     step_name: String,
     permit: OwnedSemaphorePermit,
 ) -> Option<mpsc::Receiver<ExecOutput>> {
+    let (job_id, dir) = locate(root, key)?;
+    Some(follow(clients, dir, job_id, step_name, permit))
+}
+
+/// What the exec of `key` under `root` is to SLURM (a step named
+/// `step_name`, or an array task), for its accounting record; None when no
+/// exec of that key is there.
+pub fn accounted(root: &Path, key: &str, step_name: String) -> Option<Accounted> {
+    let (job_id, dir) = locate(root, key)?;
+    Some(match task_index(&dir) {
+        Some(task) => Accounted::Task { job_id, task },
+        None => Accounted::Step {
+            job_id,
+            name: step_name,
+        },
+    })
+}
+
+/// The job and directory of the exec of `key` under `root`.
+fn locate(root: &Path, key: &str) -> Option<(u64, PathBuf)> {
     let name = key_hash(key);
-    let (job_id, dir) = std::fs::read_dir(root)
+    std::fs::read_dir(root)
         .ok()?
         .flatten()
         .filter_map(|job| {
@@ -129,8 +150,7 @@ pub fn reattach(
             let written = std::fs::read_to_string(dir.join("key")).ok()?;
             (written == key).then_some((job_id, dir))
         })
-        .next()?;
-    Some(follow(clients, dir, job_id, step_name, permit))
+        .next()
 }
 
 /// The task of job array `job_id` whose exec key is `key` (its directory

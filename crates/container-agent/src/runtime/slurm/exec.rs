@@ -33,14 +33,14 @@ pub struct Clients {
 
 impl Clients {
     /// A client installed beside srun (`squeue`, `scancel`), else on PATH.
-    fn sibling(&self, program: &str) -> PathBuf {
+    pub(super) fn sibling(&self, program: &str) -> PathBuf {
         match self.srun.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join(program),
             _ => PathBuf::from(program),
         }
     }
 
-    fn env(&self) -> Vec<(String, String)> {
+    pub(super) fn env(&self) -> Vec<(String, String)> {
         if self.slurm_conf.as_os_str().is_empty() {
             Vec::new()
         } else {

@@ -13,6 +13,7 @@
 //! that file), so a restarted agent finds its workloads, running or ended,
 //! by asking slurmrestd.
 
+mod accounting;
 mod array;
 pub mod container;
 mod detached;
@@ -27,7 +28,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_proto::agent::v1::{EventKind, ExecOutput, LogLine, LogStream, Workload, WorkloadState};
+use berth_proto::agent::v1::{
+    EventKind, ExecAccounting, ExecOutput, LogLine, LogStream, Workload, WorkloadState,
+};
 use berth_proto::common::v1::{Runtime, WorkloadSpec};
 use hyper::Method;
 use prost::Message;
@@ -740,6 +743,21 @@ impl WorkloadRuntime for SlurmRuntime {
             step_name(Some(key)),
             permit,
         ))
+    }
+
+    async fn exec_accounting(
+        &self,
+        id: &str,
+        key: &str,
+        wait: Duration,
+    ) -> Result<ExecAccounting, AgentError> {
+        // The service found `id` to be this runtime's; the exec is found by
+        // its key, as an attach finds it.
+        let _ = id;
+        let inner = &self.inner;
+        let what = detached::accounted(&inner.exec_root(), key, step_name(Some(key)))
+            .ok_or_else(|| AgentError::ExecNotFound(key.to_string()))?;
+        Ok(inner.clients.accounting(&what, wait).await)
     }
 
     async fn logs(

@@ -25,6 +25,8 @@ const SAMPLES_PER_INSERT: usize = 10_000;
 fn run_row(row: &Row) -> Result<Run, StoreError> {
     let params: String = row.get(4);
     let duration_ms: Option<i64> = row.get(13);
+    let (energy, cluster_accounting) =
+        decode_energy(&row.get::<_, Option<Vec<u8>>>(17).unwrap_or_default());
     Ok(Run {
         id: row.get(0),
         campaign_id: row.get(1),
@@ -46,7 +48,8 @@ fn run_row(row: &Row) -> Result<Run, StoreError> {
         error: row.get(14),
         started_at: timestamp(row.get(15)),
         finished_at: timestamp(row.get(16)),
-        energy: decode_energy(&row.get::<_, Option<Vec<u8>>>(17).unwrap_or_default()),
+        energy,
+        cluster_accounting,
         logs_tail: row.get(18),
         power_samples: unsigned(row.get(19), "runs.power_samples")?,
         power_series_truncated: row.get(20),
@@ -55,6 +58,7 @@ fn run_row(row: &Row) -> Result<Run, StoreError> {
         joules_per_unit: None,
         energy_net_j: None,
         joules_per_unit_net: None,
+        energy_vs_cluster_j: None,
         // Encoded as the message (as the SQLite store does).
         provenance: row
             .get::<_, Option<Vec<u8>>>(21)
@@ -219,7 +223,7 @@ pub(super) fn transition_run(
         .duration_ms
         .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
     let now = now_ms();
-    let energy = update.energy.as_deref().map(encode_energy);
+    let energy = encode_energy(update);
     let samples = series.map(|s| s.samples.len() as i64);
     let truncated = series.map(|s| s.truncated);
     let provenance = update.provenance.as_ref().map(Message::encode_to_vec);

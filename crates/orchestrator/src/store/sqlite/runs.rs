@@ -18,6 +18,8 @@ const RUN_COLUMNS: &str = "id, campaign_id, sequence, config, params, backend, c
 fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let params: String = row.get(4)?;
     let duration_ms: Option<i64> = row.get(13)?;
+    let (energy, cluster_accounting) =
+        decode_energy(&row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default());
     Ok(Run {
         id: row.get(0)?,
         campaign_id: row.get(1)?,
@@ -39,7 +41,8 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         error: row.get(14)?,
         started_at: timestamp(row.get(15)?),
         finished_at: timestamp(row.get(16)?),
-        energy: decode_energy(&row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default()),
+        energy,
+        cluster_accounting,
         logs_tail: row.get(18)?,
         power_samples: row.get(19)?,
         power_series_truncated: row.get(20)?,
@@ -51,6 +54,7 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<Run> {
         joules_per_unit: None,
         energy_net_j: None,
         joules_per_unit_net: None,
+        energy_vs_cluster_j: None,
     })
 }
 
@@ -221,7 +225,7 @@ pub(super) fn transition_run(
                 update.started_now,
                 update.finished_now,
                 now,
-                update.energy.as_deref().map(encode_energy),
+                encode_energy(update),
                 update.logs_tail,
                 series.map(|s| s.samples.len() as i64),
                 series.map(|s| s.truncated),
