@@ -810,7 +810,8 @@ async fn wait_job_released(cluster: &Cluster, id: &str) {
 /// `sbatch` of the same job (squeue polled every 10 ms until it leaves
 /// PENDING), alternated on the same cluster; then a sweep of 1,000 short runs
 /// through the orchestrator as steps of one allocation and as job arrays,
-/// and the same tasks as one plain `sbatch --array`. Run with
+/// and the same tasks as one plain `sbatch --array` (`BENCH_SLURM_SWEEPS`
+/// picks some: `steps,cycle,all,sbatch`). Run with
 /// `cargo test --release -p berth-tests --test slurm -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark: prints its figures"]
@@ -913,16 +914,20 @@ async fn bench_submission_through_berth_vs_sbatch_and_sweep_throughput() {
     const CYCLES: u32 = 10;
     let values: Vec<String> = (1..=CONFIGS).map(|n| n.to_string()).collect();
     let values = values.join(", ");
-    for (way, array) in [
-        ("steps of one allocation", None),
-        ("job arrays of a cycle (100 runs) each", Some("{}")),
-        ("one job array of 1,000 runs", Some("{runs: 1000}")),
+    // BENCH_SLURM_SWEEPS picks some of them: steps,cycle,all,sbatch.
+    let sweeps =
+        std::env::var("BENCH_SLURM_SWEEPS").unwrap_or_else(|_| "steps,cycle,all,sbatch".into());
+    let wanted = |sweep: &str| sweeps.split(',').any(|s| s.trim() == sweep);
+    for (sweep, way, array) in [
+        ("steps", "steps of one allocation", None),
+        ("cycle", "job arrays of a cycle (100 runs) each", Some("{}")),
+        ("all", "one job array of 1,000 runs", Some("{runs: 1000}")),
     ] {
+        if !wanted(sweep) {
+            continue;
+        }
         let submitted = Instant::now();
-        let name = format!(
-            "sweep-{}",
-            array.map_or("steps", |a| if a == "{}" { "cycle" } else { "all" })
-        );
+        let name = format!("sweep-{sweep}");
         let campaign = match array {
             None => host.submit(&name, &values, CYCLES, "0").await,
             Some(array) => {
@@ -942,6 +947,9 @@ async fn bench_submission_through_berth_vs_sbatch_and_sweep_throughput() {
             wall.as_secs_f64(),
             runs as f64 / wall.as_secs_f64(),
         );
+    }
+    if !wanted("sbatch") {
+        return;
     }
     let tasks = CONFIGS * CYCLES;
     let submitted = Instant::now();

@@ -514,10 +514,20 @@ impl ContainerAgent for AgentService {
             }
             .into());
         }
-        let (runtime, workload) = self.owner(&request.workload_id).await?;
-        let accounting = runtime
-            .exec_accounting(&workload.id, &request.exec_key, wait)
-            .await?;
-        Ok(Response::new(accounting))
+        for runtime in self.runtimes.values() {
+            if let Some(record) = runtime.exec_accounting(&request.exec_key, wait).await? {
+                return Ok(Response::new(record));
+            }
+        }
+        let (runtime, _) = self.owner(&request.workload_id).await?;
+        Err(if runtime.keeps_exec_accounting() {
+            AgentError::ExecNotFound(request.exec_key)
+        } else {
+            AgentError::Unimplemented(format!(
+                "DescribeExecAccounting: the {} runtime keeps no accounting of its execs; RUNTIME_SLURM does (sacct)",
+                runtime.kind().as_str_name()
+            ))
+        }
+        .into())
     }
 }

@@ -62,17 +62,18 @@ pub trait WorkloadRuntime: Send + Sync {
         Ok(None)
     }
     /// What the cluster's own accounting recorded of the keyed exec `key`
-    /// in workload `id` once it ended, waited for up to `wait`.
+    /// once it ended, waited for up to `wait`; `None` when this runtime
+    /// has no exec of that key.
     async fn exec_accounting(
         &self,
-        _id: &str,
         _key: &str,
         _wait: Duration,
-    ) -> Result<ExecAccounting, AgentError> {
-        Err(AgentError::Unimplemented(format!(
-            "DescribeExecAccounting: the {} runtime keeps no accounting of its execs; RUNTIME_SLURM does (sacct)",
-            self.kind().as_str_name()
-        )))
+    ) -> Result<Option<ExecAccounting>, AgentError> {
+        Ok(None)
+    }
+    /// Whether this runtime's execs have a cluster's accounting record.
+    fn keeps_exec_accounting(&self) -> bool {
+        false
     }
     /// The kept log lines (the last `tail`, 0 for all), then new ones while
     /// `follow` is set.

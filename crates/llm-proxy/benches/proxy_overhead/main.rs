@@ -17,7 +17,10 @@
 //! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
 //! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
 //! 25,50,100,200,500,1000,2000,4000; on 2 cores 8000/s overloads the
-//! load generator and the fake upstream themselves), `BENCH_PEER=0` to leave LiteLLM out.
+//! load generator and the fake upstream themselves), `BENCH_PEER=0` to leave LiteLLM out,
+//! `BENCH_PROXY_CPUS` (e.g. `1`: the proxies run on these CPUs only, the
+//! generator and the fake upstream on the others, so that neither side
+//! takes the other's core; berth then gets one tokio worker per CPU given).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike; a target is
 //! not driven past the first rate it fails within a repeat.
@@ -47,6 +50,8 @@ struct Settings {
     repeats: usize,
     rates: Vec<u32>,
     peer: bool,
+    /// The CPUs the proxies are pinned to (taskset's list), if any.
+    proxy_cpus: Option<String>,
 }
 
 impl Settings {
@@ -68,6 +73,7 @@ impl Settings {
                 None => vec![25, 50, 100, 200, 500, 1000, 2000, 4000],
             },
             peer: var("BENCH_PEER").is_none_or(|v| v != "0"),
+            proxy_cpus: var("BENCH_PROXY_CPUS"),
         })
     }
 }
@@ -137,9 +143,18 @@ async fn bench() -> Result<(), String> {
         loaded_rss_kb: 0,
     };
 
+    let pinning = match &settings.proxy_cpus {
+        Some(cpus) => Some(Pinning::apply(cpus)?),
+        None => None,
+    };
+    let proxy_command = |program: &Path| match &pinning {
+        Some(pinning) => pinning.command(program),
+        None => Command::new(program),
+    };
     let mut subjects = vec![subject("upstream", upstream.port(), None)];
     let port = free_port();
-    let mut berth = Command::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
+    let berth_bin = Path::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
+    let mut berth = proxy_command(berth_bin);
     berth
         .args(["--listen", "127.0.0.1:0", "--http-listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -156,7 +171,7 @@ async fn bench() -> Result<(), String> {
     .await?;
     subjects.push(subject("berth", port, Some(proxy)));
     let port = free_port();
-    let mut cached = Command::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
+    let mut cached = proxy_command(berth_bin);
     cached
         .args(["--listen", "127.0.0.1:0", "--http-listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -169,7 +184,7 @@ async fn bench() -> Result<(), String> {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llm/litellm-proxy.sh");
         let port = free_port();
-        let mut litellm = Command::new(script);
+        let mut litellm = proxy_command(&script);
         litellm.arg(&config).arg(port.to_string());
         let log = dir.path().join("litellm.log");
         let proxy = Proxy::start("litellm", litellm, port, &log, &client, Duration::from_secs(120))
@@ -243,6 +258,74 @@ async fn bench() -> Result<(), String> {
     Ok(())
 }
 
+/// The proxies on some CPUs, this process (the generator and the fake
+/// upstream) on the rest.
+struct Pinning {
+    proxy_cpus: String,
+    workers: usize,
+}
+
+impl Pinning {
+    /// Moves every thread of this process off `proxy_cpus` (a taskset list
+    /// such as `1` or `2-3`).
+    fn apply(proxy_cpus: &str) -> Result<Self, String> {
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let given = cpu_list(proxy_cpus, all)?;
+        let rest: Vec<String> = (0..all)
+            .filter(|cpu| !given.contains(cpu))
+            .map(|cpu| cpu.to_string())
+            .collect();
+        if rest.is_empty() {
+            return Err(format!(
+                "BENCH_PROXY_CPUS={proxy_cpus} leaves no CPU for the generator"
+            ));
+        }
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", &rest.join(",")])
+            .arg(std::process::id().to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("taskset: {e}"))?;
+        if !status.success() {
+            return Err(format!("taskset of the bench process: {status}"));
+        }
+        eprintln!(
+            "proxies on CPUs {proxy_cpus}, the generator and the upstream on {}",
+            rest.join(",")
+        );
+        Ok(Self {
+            proxy_cpus: proxy_cpus.to_string(),
+            workers: given.len(),
+        })
+    }
+
+    /// `program` started on the proxies' CPUs, a tokio worker per CPU.
+    fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", &self.proxy_cpus])
+            .arg(program)
+            .env("TOKIO_WORKER_THREADS", self.workers.to_string());
+        command
+    }
+}
+
+/// The CPUs of a taskset list (`1`, `0,2`, `2-3`), each below `all`.
+fn cpu_list(list: &str, all: usize) -> Result<Vec<usize>, String> {
+    let bad = || format!("BENCH_PROXY_CPUS={list}: a list of CPUs below {all}, e.g. 1 or 2-3");
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let first: usize = first.trim().parse().map_err(|_| bad())?;
+        let last: usize = last.trim().parse().map_err(|_| bad())?;
+        if first > last || last >= all {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
+    }
+    Ok(cpus)
+}
+
 /// Median of a repeat-wise figure, over the repeats that have it.
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -276,11 +359,17 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
     let proxies = &proxies[..];
     println!();
     println!(
-        "proxy_overhead: {} × {} s per rate, medians over repeats; machine: {} ({} CPUs); load average before {load_before}, after {load_after}",
+        "proxy_overhead: {} × {} s per rate, medians over repeats; machine: {} ({} CPUs); load average before {load_before}, after {load_after}{}",
         settings.repeats,
         settings.seconds,
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings
+            .proxy_cpus
+            .as_ref()
+            .map_or(String::new(), |cpus| format!(
+                "; proxies pinned to CPUs {cpus}, the generator and upstream to the others"
+            )),
     );
     println!();
     print!("| rate/s | upstream p50 / p99 µs |");

@@ -747,17 +747,20 @@ impl WorkloadRuntime for SlurmRuntime {
 
     async fn exec_accounting(
         &self,
-        id: &str,
         key: &str,
         wait: Duration,
-    ) -> Result<ExecAccounting, AgentError> {
-        // The service found `id` to be this runtime's; the exec is found by
-        // its key, as an attach finds it.
-        let _ = id;
+    ) -> Result<Option<ExecAccounting>, AgentError> {
+        // Found by its key in the agent's own files: nothing is asked of
+        // slurmrestd (an array's thousand task records).
         let inner = &self.inner;
-        let what = detached::accounted(&inner.exec_root(), key, step_name(Some(key)))
-            .ok_or_else(|| AgentError::ExecNotFound(key.to_string()))?;
-        Ok(inner.clients.accounting(&what, wait).await)
+        let Some(what) = detached::accounted(&inner.exec_root(), key, step_name(Some(key))) else {
+            return Ok(None);
+        };
+        Ok(Some(inner.clients.accounting(&what, wait).await))
+    }
+
+    fn keeps_exec_accounting(&self) -> bool {
+        true
     }
 
     async fn logs(
