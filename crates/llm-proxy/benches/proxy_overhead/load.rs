@@ -24,10 +24,19 @@ const MAX_IN_FLIGHT: usize = 2000;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// How long the generator keeps an idle connection: under the 10 s after
+/// which berth's HTTP serving closes one (`server.http_header_timeout`), as
+/// well-behaved clients do (httpx keeps one 5 s), so that a request is
+/// never sent on a connection the proxy is closing while the other
+/// subjects are measured.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
 pub fn client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(MAX_IN_FLIGHT)
         .build(connector)
 }

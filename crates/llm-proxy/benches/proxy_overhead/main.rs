@@ -16,8 +16,8 @@
 //!
 //! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
 //! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
-//! 25,50,100,200,500,1000,2000,4000; on 2 cores 8000/s overloads the
-//! load generator and the fake upstream themselves), `BENCH_PEER=0` to leave LiteLLM out,
+//! 25,50,100,200,500,1000,2000,4000; 8000 and 10000 are about what 2 cores
+//! can generate and answer beside the proxy), `BENCH_PEER=0` to leave LiteLLM out,
 //! `BENCH_PROXY_CPUS` (e.g. `1`: the proxies run on these CPUs only, the
 //! generator and the fake upstream on the others, so that neither side
 //! takes the other's core; berth then gets one tokio worker per CPU given).
@@ -52,6 +52,8 @@ struct Settings {
     peer: bool,
     /// The CPUs the proxies are pinned to (taskset's list), if any.
     proxy_cpus: Option<String>,
+    /// The machine's CPUs, counted before any pinning.
+    cpus: usize,
 }
 
 impl Settings {
@@ -74,6 +76,7 @@ impl Settings {
             },
             peer: var("BENCH_PEER").is_none_or(|v| v != "0"),
             proxy_cpus: var("BENCH_PROXY_CPUS"),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         })
     }
 }
@@ -363,7 +366,7 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
         settings.repeats,
         settings.seconds,
         cpu_model(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings.cpus,
         settings
             .proxy_cpus
             .as_ref()
