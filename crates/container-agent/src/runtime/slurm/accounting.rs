@@ -8,7 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use std::process::Stdio;
+
 use berth_proto::agent::v1::ExecAccounting;
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use super::exec::Clients;
@@ -19,6 +22,8 @@ const REREAD_EVERY: Duration = Duration::from_millis(250);
 const SACCT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most of sacct's output read (a job of 10,000 steps is ~1 MB).
 const MAX_SACCT_BYTES: usize = 4 << 20;
+/// The most of its error output read, for the note.
+const MAX_SACCT_ERROR_BYTES: u64 = 4 << 10;
 
 /// What an exec was to SLURM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,26 +89,47 @@ impl Clients {
         }
     }
 
-    /// One read of sacct for `what`.
+    /// One read of sacct for `what`: at most [`MAX_SACCT_BYTES`] of its
+    /// output are read, however many steps the job has.
     async fn sacct(&self, what: &Accounted) -> Result<Found, String> {
         let program = self.sibling("sacct");
-        let mut command = Command::new(&program);
-        command
+        let mut child = Command::new(&program)
             .args(["-n", "-P", "--noconvert", "-j", &what.job_arg()])
             .args(["-o", "JobID,JobName,State,ConsumedEnergyRaw"])
             .envs(self.env())
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(SACCT_TIMEOUT, command.output())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("sacct ({}): {e}", program.display()))?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err("sacct: no pipes to read".into());
+        };
+        let read = async {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let (mut stdout, mut stderr) = (
+                stdout.take(MAX_SACCT_BYTES as u64),
+                stderr.take(MAX_SACCT_ERROR_BYTES),
+            );
+            let (read_out, read_err) =
+                tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err),);
+            read_out.and(read_err)?;
+            // Past the cap, the rest is not waited for.
+            if out.len() >= MAX_SACCT_BYTES {
+                let _ = child.start_kill();
+            }
+            let status = child.wait().await?;
+            Ok::<_, std::io::Error>((status, out, err))
+        };
+        let (status, out, err) = tokio::time::timeout(SACCT_TIMEOUT, read)
             .await
             .map_err(|_| format!("sacct did not answer in {SACCT_TIMEOUT:?}"))?
-            .map_err(|e| format!("sacct ({}): {e}", program.display()))?;
-        if !output.status.success() {
-            let said = String::from_utf8_lossy(&output.stderr);
-            return Err(format!("sacct: {}", said.trim()));
+            .map_err(|e| format!("sacct: {e}"))?;
+        if !status.success() && out.len() < MAX_SACCT_BYTES {
+            return Err(format!("sacct: {}", String::from_utf8_lossy(&err).trim()));
         }
-        let text = &output.stdout[..output.stdout.len().min(MAX_SACCT_BYTES)];
-        Ok(find(what, &String::from_utf8_lossy(text)))
+        Ok(find(what, &String::from_utf8_lossy(&out)))
     }
 }
 
