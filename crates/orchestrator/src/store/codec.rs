@@ -71,7 +71,6 @@ pub(super) fn power_sample(
     }
 }
 
-/// Energy records as length-delimited protobuf messages, one after another.
 /// The method of the record that carries the cluster's own accounting of
 /// the run (Run.cluster_accounting) in the energy column, after the
 /// devices' records: written by the same transition as the run's result,
@@ -80,7 +79,8 @@ pub(super) fn power_sample(
 const CLUSTER_ACCOUNTING: &str = "cluster_accounting";
 
 /// The energy column of `update`: its devices' records, then the cluster's
-/// accounting; None when it sets neither.
+/// accounting, as length-delimited protobuf messages one after another;
+/// None when it sets neither.
 pub(super) fn encode_energy(update: &RunUpdate) -> Option<Vec<u8>> {
     if update.energy.is_none() && update.cluster_accounting.is_none() {
         return None;
