@@ -272,7 +272,9 @@ const ENERGY_RUN_S: f64 = 4.0;
 /// (slurmdbd on MariaDB, SLURM's acct_gather_energy/rapl plugin): each
 /// run's own energy, from berth's power sampler, is kept beside the
 /// ConsumedEnergy `sacct` reports for its step, with their difference, in
-/// ListRuns, GetResults and the CSV export. The energy both read is a
+/// ListRuns and GetResults (the export's columns: crates/cli's unit
+/// tests). The two agree within what berth's window adds (srun's start)
+/// and SLURM's whole joules. The energy both read is a
 /// fake counter (this machine has no RAPL: tests/src/slurm.rs), drawing
 /// [`FAKE_WATTS`], so each figure is known: watts × the run's time.
 #[tokio::test(flavor = "multi_thread")]
@@ -333,6 +335,10 @@ async fn each_runs_energy_is_kept_beside_the_energy_slurm_accounted() {
             );
         }
         assert_eq!(run.energy_vs_cluster_j, Some(berth_j - slurm_j), "{run:?}");
+        assert!(
+            (berth_j - slurm_j).abs() <= 0.15 * expected,
+            "berth {berth_j} J and SLURM {slurm_j} J measured different things"
+        );
     }
     let results = berth_tests::campaign::results_of(&mut host.client, &campaign.id).await;
     let metrics: Vec<&str> = results.results[0]
