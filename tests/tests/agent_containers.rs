@@ -934,6 +934,11 @@ async fn agent_execs_through_the_exec_shim() {
         .await
         .unwrap();
     assert_ne!(exit.exit_code, 0);
+    // The killed shim's listener closes with its last thread, a moment
+    // after this exec's connection: an exec connecting in that moment is
+    // reset unread (exit -1; seen once under a loaded CI run). The probes
+    // start once it is gone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut via_engine = false;
     loop {
