@@ -309,14 +309,7 @@ async fn each_runs_energy_is_kept_beside_the_energy_slurm_accounted() {
     for run in &runs {
         let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
         let step = format!("{job}.{}", result["step"].as_str().unwrap());
-        let cluster = run
-            .cluster_accounting
-            .as_ref()
-            .expect("the cluster's record");
-        assert_eq!(cluster.accounting_id, step, "{run:?}");
-        let slurm_j = cluster
-            .consumed_energy_j
-            .unwrap_or_else(|| panic!("SLURM counted no energy: {}", cluster.note));
+        let slurm_j = slurm_energy(run, &step);
         let berth_j = run.energy_j.expect("berth's own energy");
         eprintln!(
             "run {}: berth {berth_j:.1} J, SLURM {slurm_j:.0} J (step {step}), difference {:+.1} J",
@@ -358,21 +351,14 @@ async fn each_runs_energy_is_kept_beside_the_energy_slurm_accounted() {
         .await;
     let deadline = Instant::now() + Duration::from_secs(180);
     berth_tests::campaign::wait_succeeded(&mut host.client, &campaign.id, 2, deadline).await;
-    for run in berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await {
+    for run in &berth_tests::campaign::runs_of(&mut host.client, &campaign.id).await {
         let result: serde_json::Value = serde_json::from_str(&run.result_json).unwrap();
         let task = format!(
             "{}_{}",
             result["array"].as_str().unwrap(),
             result["task"].as_str().unwrap()
         );
-        let cluster = run
-            .cluster_accounting
-            .as_ref()
-            .expect("the cluster's record");
-        assert_eq!(cluster.accounting_id, task, "{run:?}");
-        let slurm_j = cluster
-            .consumed_energy_j
-            .unwrap_or_else(|| panic!("SLURM counted no energy: {}", cluster.note));
+        let slurm_j = slurm_energy(run, &task);
         eprintln!("run {}: SLURM {slurm_j:.0} J (array task {task})", run.id);
         assert!(
             (0.75 * expected..=1.5 * expected).contains(&slurm_j),
@@ -380,6 +366,19 @@ async fn each_runs_energy_is_kept_beside_the_energy_slurm_accounted() {
         );
         assert_eq!((run.energy_j, run.energy_vs_cluster_j), (None, None));
     }
+}
+
+/// The energy SLURM counted for `run`, whose cluster record must name
+/// `accounting_id` (its step or array task).
+fn slurm_energy(run: &Run, accounting_id: &str) -> f64 {
+    let cluster = run
+        .cluster_accounting
+        .as_ref()
+        .expect("the cluster's record");
+    assert_eq!(cluster.accounting_id, accounting_id, "{run:?}");
+    cluster
+        .consumed_energy_j
+        .unwrap_or_else(|| panic!("SLURM counted no energy: {}", cluster.note))
 }
 
 /// A campaign whose runs are the tasks of job arrays, one array a cycle
