@@ -20,7 +20,14 @@ struct Held {
     rss_kb: u64,
 }
 
-fn held() -> Held {
+/// What the process holds; its live tasks are those of every runtime of
+/// the proxy (the test's and the HTTP port's threads'), from `/metrics`.
+async fn held(proxy: &berth_server::RunningService) -> Held {
+    let tasks = metric(proxy, "berth_runtime_alive_tasks ").await;
+    let tasks = tasks
+        .first()
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no berth_runtime_alive_tasks on /metrics: {tasks:?}"));
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let rss_kb = status
         .lines()
@@ -28,9 +35,7 @@ fn held() -> Held {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     Held {
-        tasks: tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks(),
+        tasks,
         fds: std::fs::read_dir("/proc/self/fd").unwrap().count(),
         rss_kb,
     }
@@ -88,7 +93,7 @@ async fn settle(proxy: &berth_server::RunningService) -> Held {
     assert_eq!(in_flight(proxy).await, "berth_llm_requests_in_flight 0");
     // Longer than the pool's idle timeout below: idle upstream connections close.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    held()
+    held(proxy).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,10 @@ pub struct ServerConfig {
     /// HTTP port; a slower one gets 408 and its connection closed.
     #[serde(with = "humantime_serde")]
     pub http_header_timeout: Duration,
+    /// Threads that serve the HTTP port, each with a runtime of its own
+    /// that reads, handles and answers its connections' requests; 0 serves
+    /// it on the service's shared runtime.
+    pub http_threads: usize,
     /// CPU time the costly synchronous part of one request (parsing,
     /// validating, expanding what it sent) may take before it is stopped
     /// and refused with RESOURCE_EXHAUSTED / 429 (`budget.rs`).
@@ -113,6 +117,7 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             max_message_bytes: 16 * 1024 * 1024,
             http_header_timeout: Duration::from_secs(10),
+            http_threads: 0,
             request_cpu_budget: Duration::from_secs(10),
             max_costly_requests: 4,
         }

@@ -10,17 +10,27 @@
 //! closes (the kernel's backlog holds the next ones), so a flood of
 //! connections cannot grow the service's memory and file descriptors
 //! without bound.
+//!
+//! Connections are served on the service's shared runtime, or
+//! (`server.http_threads`) on threads of their own, each a single-threaded
+//! runtime that accepts connections and serves them to the end, like an
+//! nginx worker: on the shared runtime a request read by one worker was
+//! answered by the other, which had to be woken for it (a futex call and a
+//! context switch per request, measured on the LLM proxy, issue #24).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::metrics::RuntimeTasks;
 
 /// Most bytes a connection buffers while reading a request's head (and
 /// each read of its body): hyper's default grows to ~400 KiB, so 2,000
@@ -34,39 +44,103 @@ pub const MAX_BUF_BYTES: usize = 64 << 10;
 /// connection was measured to cost (docs/benchmarks.md), ~100 MiB at most.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
+/// How the HTTP port is served.
+#[derive(Debug, Clone)]
+pub struct HttpServing {
+    /// `server.http_header_timeout`.
+    pub header_timeout: Duration,
+    /// Connections open at once, over all threads.
+    pub max_connections: usize,
+    /// `server.http_threads`: 0 serves on the caller's runtime; more start
+    /// that many threads, each with a runtime of its own.
+    pub threads: usize,
+    /// Where those threads' runtimes are counted on `/metrics`.
+    pub tasks: RuntimeTasks,
+}
+
+impl HttpServing {
+    /// On the caller's runtime, at most [`DEFAULT_MAX_CONNECTIONS`] at once.
+    pub fn new(header_timeout: Duration) -> Self {
+        Self {
+            header_timeout,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            threads: 0,
+            tasks: RuntimeTasks::default(),
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
-/// the open connections finish their requests and close; at most
-/// [`DEFAULT_MAX_CONNECTIONS`] at once.
+/// the open connections finish their requests and close.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
-    header_timeout: Duration,
+    serving: HttpServing,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    serve_capped(
-        listener,
-        router,
-        header_timeout,
-        DEFAULT_MAX_CONNECTIONS,
-        shutdown,
-    )
-    .await
-}
-
-/// [`serve`] with at most `max_connections` open at once.
-pub async fn serve_capped(
-    listener: TcpListener,
-    router: axum::Router,
-    header_timeout: Duration,
-    max_connections: usize,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(serving.max_connections.max(1)));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(serving.header_timeout)
         .max_buf_size(MAX_BUF_BYTES);
+    if serving.threads == 0 {
+        return accept_until_shutdown(listener, router, builder, slots, shutdown).await;
+    }
+    // Every thread waits on the same listening socket; the kernel hands
+    // each new connection to one of them.
+    let listener = listener.into_std()?;
+    let mut finished = Vec::with_capacity(serving.threads);
+    for index in 0..serving.threads {
+        let listener = listener.try_clone()?;
+        let (router, builder, slots, shutdown, tasks) = (
+            router.clone(),
+            builder.clone(),
+            slots.clone(),
+            shutdown.clone(),
+            serving.tasks.clone(),
+        );
+        let (done, wait) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("http-{index}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| {
+                        tasks.count(runtime.handle().clone());
+                        runtime.block_on(async {
+                            let listener = TcpListener::from_std(listener)?;
+                            accept_until_shutdown(listener, router, builder, slots, shutdown).await
+                        })
+                    });
+                let _ = done.send(result);
+            })?;
+        finished.push(wait);
+    }
+    let mut outcome = Ok(());
+    for wait in finished {
+        let result = wait
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("an HTTP serving thread panicked")));
+        if let Err(error) = result {
+            // One thread failing stops the others: the port is served whole or not at all.
+            shutdown.cancel();
+            outcome = outcome.and(Err(error));
+        }
+    }
+    outcome
+}
+
+/// Accepts and serves connections until `shutdown` is cancelled, then waits
+/// for those it accepted to finish their requests and close.
+async fn accept_until_shutdown(
+    listener: TcpListener,
+    router: axum::Router,
+    builder: hyper::server::conn::http1::Builder,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     // Each connection holds a receiver; all are gone once every one closed.
     let (closed_tx, closed_rx) = watch::channel(());
     loop {
@@ -150,23 +224,102 @@ mod tests {
     use super::*;
 
     async fn started(header_timeout: Duration) -> (std::net::SocketAddr, CancellationToken) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, router, header_timeout, shutdown.clone()));
+        let (addr, shutdown, _) = started_with(HttpServing::new(header_timeout)).await;
         (addr, shutdown)
     }
 
-    async fn get(addr: std::net::SocketAddr) -> String {
+    async fn started_with(
+        serving: HttpServing,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "hi" }))
+            .route(
+                "/thread",
+                axum::routing::get(|| async {
+                    std::thread::current().name().unwrap_or("").to_string()
+                }),
+            )
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    "slow"
+                }),
+            );
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(serve(listener, router, serving, shutdown.clone()));
+        (addr, shutdown, serving)
+    }
+
+    async fn get_path(addr: std::net::SocketAddr, path: &str) -> String {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
             .await
             .unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.unwrap();
         answer
+    }
+
+    fn alive_tasks(registry: &prometheus_client::registry::Registry) -> usize {
+        let text = crate::metrics::render(registry);
+        text.lines()
+            .find_map(|line| line.strip_prefix(crate::metrics::RUNTIME_ALIVE_TASKS))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no alive tasks in:\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn threads_of_their_own_serve_every_connection_and_drain_at_shutdown() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let tasks = RuntimeTasks::register(&mut registry);
+        let (addr, shutdown, serving) = started_with(HttpServing {
+            threads: 2,
+            tasks,
+            ..HttpServing::new(Duration::from_secs(10))
+        })
+        .await;
+        let mut threads = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let answer = get_path(addr, "/thread").await;
+            let name = answer.rsplit("\r\n\r\n").next().unwrap().to_string();
+            assert!(name.starts_with("http-"), "served on {name:?}: {answer}");
+            threads.insert(name);
+        }
+        assert!(
+            threads.iter().all(|t| t == "http-0" || t == "http-1"),
+            "{threads:?}"
+        );
+        // A request in flight at shutdown is answered before serving ends;
+        // its connection's task, on a serving thread, is counted on /metrics.
+        let idle = alive_tasks(&registry);
+        let slow = tokio::spawn(get_path(addr, "/slow"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            alive_tasks(&registry) >= idle + 2,
+            "the serving threads' tasks are not counted: {idle} idle"
+        );
+        shutdown.cancel();
+        assert!(slow.await.unwrap().ends_with("slow"));
+        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port is still served after shutdown"
+        );
+    }
+
+    async fn get(addr: std::net::SocketAddr) -> String {
+        get_path(addr, "/").await
     }
 
     #[tokio::test]
@@ -263,7 +416,11 @@ mod tests {
         let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
         let shutdown = CancellationToken::new();
         let timeout = Duration::from_secs(30);
-        tokio::spawn(serve_capped(listener, router, timeout, 2, shutdown.clone()));
+        let serving = HttpServing {
+            max_connections: 2,
+            ..HttpServing::new(timeout)
+        };
+        tokio::spawn(serve(listener, router, serving, shutdown.clone()));
         let held: Vec<TcpStream> = held_connections(addr, 2).await;
         // Held connections are accepted; a third waits in the backlog.
         let third = tokio::spawn(get(addr));

@@ -128,19 +128,33 @@ where
     }
 }
 
-/// Tasks alive on the serving tokio runtime, read at each scrape: a request
-/// that leaves a task behind (a stream nobody reads, a timer never dropped)
-/// shows as a count that does not return to its idle level.
-#[derive(Debug)]
-pub struct RuntimeTasks(tokio::runtime::Handle);
+/// Tasks alive on the service's tokio runtimes (the shared one and those of
+/// the HTTP port's threads), read at each scrape: a request that leaves a
+/// task behind (a stream nobody reads, a timer never dropped) shows as a
+/// count that does not return to its idle level.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeTasks(Arc<std::sync::Mutex<Vec<tokio::runtime::Handle>>>);
 
 impl RuntimeTasks {
-    /// Registers the gauge for the runtime this is called on; outside a
-    /// runtime there is nothing to count, so nothing is registered.
-    pub fn register(registry: &mut Registry) {
+    /// Registers the gauge, counting the runtime this is called on, if any.
+    pub fn register(registry: &mut Registry) -> Self {
+        let tasks = Self::default();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            registry.register_collector(Box::new(Self(handle)));
+            tasks.count(handle);
         }
+        registry.register_collector(Box::new(tasks.clone()));
+        tasks
+    }
+
+    /// Counts the tasks of one more runtime too.
+    pub fn count(&self, runtime: tokio::runtime::Handle) {
+        self.runtimes().push(runtime);
+    }
+
+    fn runtimes(&self) -> std::sync::MutexGuard<'_, Vec<tokio::runtime::Handle>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -150,13 +164,17 @@ impl prometheus_client::collector::Collector for RuntimeTasks {
         mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
-        let alive = self.0.metrics().num_alive_tasks();
+        let alive: usize = self
+            .runtimes()
+            .iter()
+            .map(|runtime| runtime.metrics().num_alive_tasks())
+            .sum();
         let gauge = prometheus_client::metrics::gauge::ConstGauge::new(
             i64::try_from(alive).unwrap_or(i64::MAX),
         );
         let metric = encoder.encode_descriptor(
             RUNTIME_ALIVE_TASKS,
-            "Tasks alive on the service's tokio runtime",
+            "Tasks alive on the service's tokio runtimes",
             None,
             gauge.metric_type(),
         )?;

@@ -153,7 +153,7 @@ impl ServiceHost {
     /// HTTP port beside `/metrics`.
     pub async fn serve(mut self, http_routes: Option<axum::Router>) -> Result<(), ServeError> {
         let grpc_metrics = GrpcMetrics::register(&mut self.registry);
-        crate::metrics::RuntimeTasks::register(&mut self.registry);
+        let tasks = crate::metrics::RuntimeTasks::register(&mut self.registry);
         crate::span_export::SpanCounts::global().register(&mut self.registry);
         let registry = Arc::new(self.registry);
         let grpc_addr = self.grpc.local_addr();
@@ -178,10 +178,14 @@ impl ServiceHost {
                     router = router.merge(extra);
                 }
                 let token = self.shutdown.clone();
-                let header_timeout = self.config.http_header_timeout;
+                let serving = crate::http::HttpServing {
+                    threads: self.config.http_threads,
+                    tasks,
+                    ..crate::http::HttpServing::new(self.config.http_header_timeout)
+                };
                 tracing::info!(%addr, "serving HTTP");
                 Some(tokio::spawn(async move {
-                    crate::http::serve(listener, router, header_timeout, token)
+                    crate::http::serve(listener, router, serving, token)
                         .await
                         .map_err(|source| ServeError::Http { addr, source })
                 }))

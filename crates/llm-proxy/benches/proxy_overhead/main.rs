@@ -14,10 +14,15 @@
 //! with `proxy.cache=true` (`berth-cache`): the generator sends one request
 //! again and again, so every answer but the first is a cache hit.
 //!
+//! The floor beside them: nginx as a plain reverse proxy (`nginx`, Debian's
+//! package), which does none of a gateway's work, so what it adds is what a
+//! second HTTP hop costs on this machine; berth's figures less nginx's are
+//! what berth's own work adds.
+//!
 //! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
 //! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
 //! 25,50,100,200,500,1000,2000,4000; 8000 and 10000 are about what 2 cores
-//! can generate and answer beside the proxy), `BENCH_PEER=0` to leave LiteLLM out,
+//! can generate and answer beside the proxy), `BENCH_PEER=0` to leave LiteLLM out, `BENCH_FLOOR=0` to leave nginx out,
 //! `BENCH_PROXY_CPUS` (e.g. `1`: the proxies run on these CPUs only, the
 //! generator and the fake upstream on the others, so that neither side
 //! takes the other's core; berth then gets one tokio worker per CPU given).
@@ -26,6 +31,7 @@
 //! not driven past the first rate it fails within a repeat.
 
 mod load;
+mod nginx;
 mod procs;
 mod upstream;
 
@@ -41,6 +47,8 @@ const MASTER_KEY: &str = "sk-bench-master";
 /// The berth with its response cache on; reported apart from the proxies
 /// compared, as it answers without the upstream.
 const CACHED: &str = "berth-cache";
+/// nginx, the floor; reported apart too, as it is no LLM gateway.
+const FLOOR: &str = "nginx";
 /// Each measured run is preceded by this long at the same rate, unmeasured,
 /// so that connection pools are filled for that rate.
 const WARM: Duration = Duration::from_millis(500);
@@ -50,6 +58,8 @@ struct Settings {
     repeats: usize,
     rates: Vec<u32>,
     peer: bool,
+    /// nginx measured as the floor.
+    floor: bool,
     /// The CPUs the proxies are pinned to (taskset's list), if any.
     proxy_cpus: Option<String>,
     /// The machine's CPUs, counted before any pinning.
@@ -75,6 +85,7 @@ impl Settings {
                 None => vec![25, 50, 100, 200, 500, 1000, 2000, 4000],
             },
             peer: var("BENCH_PEER").is_none_or(|v| v != "0"),
+            floor: var("BENCH_FLOOR").is_none_or(|v| v != "0"),
             proxy_cpus: var("BENCH_PROXY_CPUS"),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         })
@@ -94,6 +105,22 @@ struct Subject {
     idle: Usage,
     /// Highest RSS seen right after a run it sustained.
     loaded_rss_kb: u64,
+}
+
+impl Subject {
+    /// CPU time per answer over the runs it sustained, in µs.
+    fn cpu_per_request_us(&self) -> Option<f64> {
+        (self.answered > 0)
+            .then(|| self.cpu_ticks as f64 / TICKS_PER_SECOND * 1e6 / self.answered as f64)
+    }
+
+    /// The highest rate up to which it sustained every rate, in most repeats.
+    fn highest_sustained(&self, settings: &Settings) -> Option<u32> {
+        (0..settings.rates.len())
+            .take_while(|&i| sustains(&self.runs[i], settings.repeats))
+            .last()
+            .map(|i| settings.rates[i])
+    }
 }
 
 fn main() -> ExitCode {
@@ -183,6 +210,17 @@ async fn bench() -> Result<(), String> {
     let log = dir.path().join("berth-cache.log");
     let proxy = Proxy::start(CACHED, cached, port, &log, &client, Duration::from_secs(30)).await?;
     subjects.push(subject(CACHED, port, Some(proxy)));
+    if settings.floor {
+        let port = free_port();
+        let workers = pinning.as_ref().map_or(settings.cpus, |p| p.workers);
+        let mut command = proxy_command(Path::new(nginx::NGINX));
+        command.args(nginx::args(dir.path(), port, upstream, workers)?);
+        let log = dir.path().join("nginx.log");
+        let proxy = Proxy::start(FLOOR, command, port, &log, &client, Duration::from_secs(30))
+            .await
+            .map_err(|e| format!("{e}\n(set BENCH_FLOOR=0 to run without nginx)"))?;
+        subjects.push(subject(FLOOR, port, Some(proxy)));
+    }
     if settings.peer {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llm/litellm-proxy.sh");
@@ -357,8 +395,11 @@ fn sustains(runs: &[Run], repeats: usize) -> bool {
 
 fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_after: String) {
     let direct = &subjects[0];
-    let (cached, proxies): (Vec<&Subject>, Vec<&Subject>) =
-        subjects[1..].iter().partition(|s| s.name == CACHED);
+    let (apart, proxies): (Vec<&Subject>, Vec<&Subject>) = subjects[1..]
+        .iter()
+        .partition(|s| s.name == CACHED || s.name == FLOOR);
+    let cached: Vec<&Subject> = apart.iter().copied().filter(|s| s.name == CACHED).collect();
+    let floor = apart.iter().copied().find(|s| s.name == FLOOR);
     let proxies = &proxies[..];
     println!();
     println!(
@@ -435,24 +476,13 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
         "highest rate sustained without errors (/s)".into(),
         proxies
             .iter()
-            .map(|p| {
-                (0..settings.rates.len())
-                    .take_while(|&i| sustains(&p.runs[i], settings.repeats))
-                    .last()
-                    .map(|i| f64::from(settings.rates[i]))
-            })
+            .map(|p| p.highest_sustained(settings).map(f64::from))
             .collect(),
         false,
     ));
     rows.push((
         "CPU per request (µs)".into(),
-        proxies
-            .iter()
-            .map(|p| {
-                (p.answered > 0)
-                    .then(|| p.cpu_ticks as f64 / TICKS_PER_SECOND * 1e6 / p.answered as f64)
-            })
-            .collect(),
+        proxies.iter().map(|p| p.cpu_per_request_us()).collect(),
         true,
     ));
     let mb = |kb: u64| Some(kb as f64 / 1024.0);
@@ -525,6 +555,50 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
         println!();
     }
     own_figures(settings, direct, proxies, &cached);
+    if let (Some(floor), Some(berth)) = (floor, proxies.iter().find(|p| p.name == "berth")) {
+        floor_figures(settings, direct, floor, berth);
+    }
+}
+
+/// nginx's added latency beside berth's, and what berth adds beyond it.
+fn floor_figures(settings: &Settings, direct: &Subject, floor: &Subject, berth: &Subject) {
+    let added = |subject: &Subject, index: usize, q: f64| {
+        added_us(&direct.runs[index], &subject.runs[index], q)
+    };
+    let cell = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
+    println!();
+    println!(
+        "| rate/s | nginx p50 / p99 µs | nginx added p50 / p99 µs | berth added p50 / p99 µs | berth beyond nginx p50 / p99 µs |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (index, rate) in settings.rates.iter().enumerate() {
+        let beyond = |q| Some(added(berth, index, q)? - added(floor, index, q)?);
+        println!(
+            "| {rate} | {} | {} / {} | {} / {} | {} / {} |",
+            latency_cell(&floor.runs[index], settings.repeats),
+            cell(added(floor, index, 0.5)),
+            cell(added(floor, index, 0.99)),
+            cell(added(berth, index, 0.5)),
+            cell(added(berth, index, 0.99)),
+            cell(beyond(0.5)),
+            cell(beyond(0.99)),
+        );
+    }
+    let highest = |subject: &Subject| {
+        subject
+            .highest_sustained(settings)
+            .map_or("—".into(), |rate| rate.to_string())
+    };
+    let cpu = |subject: &Subject| cell(subject.cpu_per_request_us());
+    println!();
+    println!("| figure | nginx | berth |");
+    println!("|---|---:|---:|");
+    println!(
+        "| highest rate sustained without errors (/s) | {} | {} |",
+        highest(floor),
+        highest(berth)
+    );
+    println!("| CPU per request (µs) | {} | {} |", cpu(floor), cpu(berth));
 }
 
 /// berth's own time per request by its overhead header, and its cache-hit
