@@ -26,22 +26,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::providers::UpstreamRequest;
 
-/// The timer makes the idle timeout close idle connections when it
-/// expires; without one they would linger until the next checkout.
-fn new_pool(connector: &HttpsConnector<HttpConnector>, idle_timeout: Duration) -> Pool {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(IDLE_PER_UPSTREAM)
-        .build(connector.clone())
-}
-
 /// Idle connections kept per upstream by each pool: far more than the
 /// proxy keeps busy at 10,000 requests/s (~0.5 ms each, ~10 in a burst),
 /// while after an overload of 2,000 in flight 256 of them held ~10 MB for
 /// the idle timeout (tests/overload.rs). On its own threads, 16 per thread
-/// held 10,000/s in 0 of 6 repeats where 32 held it in 3 of 6, as the shared
-/// runtime does (docs/benchmarks.md).
+/// held 10,000/s in 0 of 6 repeats where 32 held it in 3 of 6, as often as
+/// the shared runtime (docs/benchmarks.md).
 const IDLE_PER_UPSTREAM: usize = 32;
 
 type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -53,6 +43,16 @@ thread_local! {
 
 /// Tells clients apart in [`POOLS`].
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// The timer makes the idle timeout close idle connections when it
+/// expires; without one they would linger until the next checkout.
+fn new_pool(connector: &HttpsConnector<HttpConnector>, idle_timeout: Duration) -> Pool {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(IDLE_PER_UPSTREAM)
+        .build(connector.clone())
+}
 
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {

@@ -92,31 +92,17 @@ pub async fn serve(
     let listener = listener.into_std()?;
     let mut finished = Vec::with_capacity(serving.threads);
     for index in 0..serving.threads {
-        let listener = listener.try_clone()?;
-        let (router, builder, slots, shutdown, tasks) = (
-            router.clone(),
-            builder.clone(),
-            slots.clone(),
-            shutdown.clone(),
-            serving.tasks.clone(),
+        let started = spawn_serving_thread(
+            index, &listener, &router, &builder, &slots, &serving, &shutdown,
         );
-        let (done, wait) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("http-{index}"))
-            .spawn(move || {
-                let result = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .and_then(|runtime| {
-                        tasks.count(runtime.handle().clone());
-                        runtime.block_on(async {
-                            let listener = TcpListener::from_std(listener)?;
-                            accept_until_shutdown(listener, router, builder, slots, shutdown).await
-                        })
-                    });
-                let _ = done.send(result);
-            })?;
-        finished.push(wait);
+        match started {
+            Ok(wait) => finished.push(wait),
+            Err(error) => {
+                // The threads started stop, and the port is not served at all.
+                shutdown.cancel();
+                return Err(error);
+            }
+        }
     }
     let mut outcome = Ok(());
     for wait in finished {
@@ -130,6 +116,44 @@ pub async fn serve(
         }
     }
     outcome
+}
+
+/// Starts the `index`th serving thread: a runtime of its own that accepts
+/// from `listener` until shutdown; the receiver gets its outcome.
+fn spawn_serving_thread(
+    index: usize,
+    listener: &std::net::TcpListener,
+    router: &axum::Router,
+    builder: &hyper::server::conn::http1::Builder,
+    slots: &Arc<Semaphore>,
+    serving: &HttpServing,
+    shutdown: &CancellationToken,
+) -> io::Result<tokio::sync::oneshot::Receiver<io::Result<()>>> {
+    let listener = listener.try_clone()?;
+    let (router, builder, slots, shutdown, tasks) = (
+        router.clone(),
+        builder.clone(),
+        slots.clone(),
+        shutdown.clone(),
+        serving.tasks.clone(),
+    );
+    let (done, wait) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("http-{index}"))
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    tasks.count(runtime.handle().clone());
+                    runtime.block_on(async {
+                        let listener = TcpListener::from_std(listener)?;
+                        accept_until_shutdown(listener, router, builder, slots, shutdown).await
+                    })
+                });
+            let _ = done.send(result);
+        })?;
+    Ok(wait)
 }
 
 /// Accepts and serves connections until `shutdown` is cancelled, then waits
