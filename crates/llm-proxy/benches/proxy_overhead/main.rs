@@ -22,10 +22,11 @@
 //! Knobs: `BENCH_SECONDS` (length of each measured run, default 3),
 //! `BENCH_REPEATS` (default 3), `BENCH_RATES` (requests/s, default
 //! 25,50,100,200,500,1000,2000,4000; 8000 and 10000 are about what 2 cores
-//! can generate and answer beside the proxy), `BENCH_PEER=0` to leave LiteLLM out, `BENCH_FLOOR=0` to leave nginx out,
-//! `BENCH_PROXY_CPUS` (e.g. `1`: the proxies run on these CPUs only, the
-//! generator and the fake upstream on the others, so that neither side
-//! takes the other's core; berth then gets one tokio worker per CPU given).
+//! can generate and answer beside the proxy), `BENCH_PEER=0` to leave
+//! LiteLLM out, `BENCH_FLOOR=0` to leave nginx out, `BENCH_PROXY_CPUS`
+//! (e.g. `1`: the proxies run on these CPUs only, the generator and the
+//! fake upstream on the others, so that neither side takes the other's
+//! core; berth then gets one tokio worker per CPU given).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike; a target is
 //! not driven past the first rate it fails within a repeat.
@@ -395,11 +396,12 @@ fn sustains(runs: &[Run], repeats: usize) -> bool {
 
 fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_after: String) {
     let direct = &subjects[0];
-    let (apart, proxies): (Vec<&Subject>, Vec<&Subject>) = subjects[1..]
+    let cached: Vec<&Subject> = subjects.iter().filter(|s| s.name == CACHED).collect();
+    let floor = subjects.iter().find(|s| s.name == FLOOR);
+    let proxies: Vec<&Subject> = subjects[1..]
         .iter()
-        .partition(|s| s.name == CACHED || s.name == FLOOR);
-    let cached: Vec<&Subject> = apart.iter().copied().filter(|s| s.name == CACHED).collect();
-    let floor = apart.iter().copied().find(|s| s.name == FLOOR);
+        .filter(|s| s.name != CACHED && s.name != FLOOR)
+        .collect();
     let proxies = &proxies[..];
     println!();
     println!(

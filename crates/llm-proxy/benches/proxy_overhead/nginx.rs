@@ -4,7 +4,7 @@
 //! second HTTP hop costs on this machine, the least any proxy can add.
 //! HTTP/1.1 kept alive to the upstream with up to 32 idle connections per
 //! worker, no access log, a worker process per CPU it is given (as berth
-//! has a serving thread per CPU).
+//! has a tokio worker per CPU).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
