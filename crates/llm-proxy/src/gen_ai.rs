@@ -180,7 +180,7 @@ impl OperationSpan {
             .filter_map(|choice| choice.finish_reason)
             .collect();
         if !reasons.is_empty() {
-            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", reasons);
+            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
         }
         described.usage
     }
@@ -202,8 +202,8 @@ impl OperationSpan {
             self.span.record("gen_ai.response.id", id.as_str());
         }
         if !answer.finish_reasons.is_empty() {
-            let reasons = answer.finish_reasons.into_values().collect();
-            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", reasons);
+            let reasons: Vec<String> = answer.finish_reasons.into_values().collect();
+            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
         }
     }
 

@@ -14,11 +14,13 @@ pub mod http;
 pub mod json_budget;
 pub mod listen;
 pub mod metrics;
+pub mod otlp;
 pub mod paging;
 #[cfg(feature = "parquet")]
 pub mod parquet_columns;
 pub mod serve;
 pub mod span_export;
+pub mod span_layer;
 pub mod telemetry;
 pub mod trace_context;
 pub mod unix_authority;

@@ -1,9 +1,8 @@
-//! The span processor between the tracing layer and the OTLP exporter: a
-//! bounded queue that ending a span never waits on, drained by a thread of
-//! its own that exports in batches. The SDK's `BatchSpanProcessor` works the
-//! same way but keeps its count of dropped spans to itself; this one counts
-//! what it drops, exports and fails to export, for every service's
-//! `/metrics`.
+//! Between the span layer ([`crate::span_layer`]) and the OTLP collector:
+//! a bounded queue of encoded spans that ending a span never waits on,
+//! drained by a thread of its own that sends them in batches over OTLP/gRPC.
+//! What it drops, exports and fails to export is counted for every
+//! service's `/metrics`.
 //!
 //! Ending a span costs a short uncontended lock and a push: the export
 //! thread is woken only when a batch is full (or a flush or shutdown asks
@@ -18,10 +17,6 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use opentelemetry::Context;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
@@ -37,6 +32,9 @@ pub struct ExportConfig {
     pub max_export_batch_size: usize,
     /// The longest a span waits for a batch to fill before it is exported.
     pub scheduled_delay: Duration,
+    /// The longest one export may take; while one hangs, the queue fills
+    /// and spans past it are dropped.
+    pub timeout: Duration,
 }
 
 impl Default for ExportConfig {
@@ -45,6 +43,7 @@ impl Default for ExportConfig {
             max_queue_size: 2048,
             max_export_batch_size: 512,
             scheduled_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -60,7 +59,8 @@ pub struct BadExportSetting {
 impl ExportConfig {
     /// The defaults, each overridden by its variable when set:
     /// `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` and
-    /// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds).
+    /// `OTEL_BSP_SCHEDULE_DELAY` and `OTEL_EXPORTER_OTLP_TIMEOUT`
+    /// (milliseconds).
     pub fn from_env() -> Result<Self, BadExportSetting> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -81,14 +81,16 @@ impl ExportConfig {
             defaults.max_export_batch_size,
         )?
         .min(max_queue_size);
-        let delay_ms = number(
-            "OTEL_BSP_SCHEDULE_DELAY",
-            usize::try_from(defaults.scheduled_delay.as_millis()).unwrap_or(usize::MAX),
-        )?;
+        let millis = |name: &'static str, default: Duration| {
+            let default = usize::try_from(default.as_millis()).unwrap_or(usize::MAX);
+            number(name, default)
+                .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+        };
         Ok(Self {
             max_queue_size,
             max_export_batch_size,
-            scheduled_delay: Duration::from_millis(u64::try_from(delay_ms).unwrap_or(u64::MAX)),
+            scheduled_delay: millis("OTEL_BSP_SCHEDULE_DELAY", defaults.scheduled_delay)?,
+            timeout: millis("OTEL_EXPORTER_OTLP_TIMEOUT", defaults.timeout)?,
         })
     }
 }
@@ -132,19 +134,144 @@ impl SpanCounts {
     }
 }
 
+/// An export that failed: the collector refused, was unreachable, or
+/// took longer than the timeout.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the collector answered {0}")]
+    Refused(tonic::Status),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("span export has stopped")]
+    Stopped,
+}
+
+/// Where batches of encoded spans go: OTLP/gRPC ([`GrpcExporter`]), or a
+/// test's stand-in.
+pub trait Exporter: Send + 'static {
+    /// Sends one batch, each span as [`crate::otlp::span`] encoded it.
+    fn export(&mut self, spans: &[Vec<u8>]) -> Result<(), ExportError>;
+}
+
+/// The OTLP/gRPC exporter: each batch is one `TraceService/Export` call to
+/// the collector, on a runtime of the export thread's own.
+pub struct GrpcExporter {
+    service: &'static str,
+    runtime: tokio::runtime::Runtime,
+    channel: tonic::transport::Channel,
+    timeout: Duration,
+}
+
+impl GrpcExporter {
+    /// Connects lazily (at the first export) to `endpoint`, e.g.
+    /// `http://collector:4317`; an endpoint that is no URI is an error now.
+    pub fn new(service: &'static str, endpoint: &str, timeout: Duration) -> Result<Self, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|error| error.to_string())?
+            .timeout(timeout);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string())?;
+        let channel = {
+            let _entered = runtime.enter();
+            endpoint.connect_lazy()
+        };
+        Ok(Self {
+            service,
+            runtime,
+            channel,
+            timeout,
+        })
+    }
+}
+
+impl Exporter for GrpcExporter {
+    fn export(&mut self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
+        const PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+        let request = bytes::Bytes::from(crate::otlp::export_request(self.service, spans));
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let call = async {
+            grpc.ready().await.map_err(|error| {
+                ExportError::Refused(tonic::Status::unavailable(error.to_string()))
+            })?;
+            let path = http::uri::PathAndQuery::from_static(PATH);
+            grpc.unary(tonic::Request::new(request), path, EncodedCodec)
+                .await
+                .map_err(ExportError::Refused)
+        };
+        // The timer is made inside the runtime, whose timer it is.
+        let timeout = self.timeout;
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, call).await })
+        {
+            Ok(answer) => answer.map(|_| ()),
+            Err(_) => Err(ExportError::TimedOut(self.timeout)),
+        }
+    }
+}
+
+/// A gRPC codec for a request already encoded, whose answer is not read
+/// (an `ExportTraceServiceResponse` only reports partial success).
+#[derive(Debug, Clone, Copy, Default)]
+struct EncodedCodec;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = bytes::Bytes;
+    type Decode = ();
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for EncodedCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Self::Item,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EncodedCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        let len = bytes::Buf::remaining(src);
+        bytes::Buf::advance(src, len);
+        Ok(Some(()))
+    }
+}
+
 /// What the export thread is asked besides exporting on its schedule.
 #[derive(Debug)]
 enum Control {
-    Flush(SyncSender<OTelSdkResult>),
-    Shutdown(SyncSender<OTelSdkResult>),
-    Resource(Resource),
+    Flush(SyncSender<Result<(), ExportError>>),
+    Shutdown(SyncSender<Result<(), ExportError>>),
 }
 
-/// What the processor and its export thread share.
+/// What the span layer and the export thread share.
 #[derive(Debug)]
 struct Queue {
-    /// Spans ended and not yet taken by the export thread.
-    spans: Mutex<VecDeque<SpanData>>,
+    /// Spans ended and not yet taken by the export thread, encoded.
+    spans: Mutex<VecDeque<Vec<u8>>>,
     max_queue_size: usize,
     batch_size: usize,
     /// Set once the export thread stops taking spans.
@@ -153,13 +280,13 @@ struct Queue {
 }
 
 impl Queue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<SpanData>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Vec<u8>>> {
         // A panic while holding it leaves a queue of whole spans: go on.
         self.spans.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Up to a batch of the oldest spans, when there are at least `least`.
-    fn take(&self, least: usize) -> Option<Vec<SpanData>> {
+    fn take(&self, least: usize) -> Option<Vec<Vec<u8>>> {
         let mut spans = self.lock();
         if spans.is_empty() || spans.len() < least {
             return None;
@@ -169,25 +296,24 @@ impl Queue {
     }
 }
 
-/// A batching span processor with a bounded queue and counted drops.
+/// The bounded queue and its export thread.
 #[derive(Debug)]
-pub struct BoundedBatchProcessor {
+pub struct SpanExport {
     queue: Arc<Queue>,
-    /// None once dropped, so that the export thread sees it gone.
+    /// None once shut down, so that the export thread sees it gone.
     control: Mutex<Option<Sender<Control>>>,
     /// The export thread, to wake.
     thread: Thread,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl BoundedBatchProcessor {
-    /// Starts the export thread. Each export call is bounded by the
-    /// exporter's own timeout (OTLP: `OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s);
-    /// while one hangs, the queue fills and spans past it are dropped.
-    pub fn new<E>(exporter: E, config: ExportConfig, counts: SpanCounts) -> std::io::Result<Self>
-    where
-        E: SpanExporter + 'static,
-    {
+impl SpanExport {
+    /// Starts the export thread, sending batches to `exporter`.
+    pub fn start<E: Exporter>(
+        exporter: E,
+        config: &ExportConfig,
+        counts: SpanCounts,
+    ) -> std::io::Result<Self> {
         let max_queue_size = config.max_queue_size.max(1);
         let queue = Arc::new(Queue {
             spans: Mutex::new(VecDeque::new()),
@@ -214,50 +340,8 @@ impl BoundedBatchProcessor {
         })
     }
 
-    /// Sends a control message, wakes the export thread and waits for its
-    /// answer.
-    fn ask(
-        &self,
-        message: impl FnOnce(SyncSender<OTelSdkResult>) -> Control,
-        timeout: Duration,
-    ) -> OTelSdkResult {
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        self.send(message(reply))?;
-        answer.recv_timeout(timeout).map_err(|error| match error {
-            RecvTimeoutError::Timeout => OTelSdkError::Timeout(timeout),
-            RecvTimeoutError::Disconnected => OTelSdkError::AlreadyShutdown,
-        })?
-    }
-
-    fn send(&self, message: Control) -> OTelSdkResult {
-        self.control
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .ok_or(OTelSdkError::AlreadyShutdown)?
-            .send(message)
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
-        self.thread.unpark();
-        Ok(())
-    }
-}
-
-impl Drop for BoundedBatchProcessor {
-    fn drop(&mut self) {
-        // Dropped without a shutdown: the export thread exports what is
-        // queued and stops now rather than at its next scheduled wake.
-        self.control
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        self.thread.unpark();
-    }
-}
-
-impl SpanProcessor for BoundedBatchProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
+    /// Queues an ended span, or drops and counts it when the queue is full.
+    pub fn push(&self, span: Vec<u8>) {
         let queue = &*self.queue;
         let queued = {
             let mut spans = queue.lock();
@@ -278,28 +362,63 @@ impl SpanProcessor for BoundedBatchProcessor {
         }
     }
 
-    fn force_flush(&self) -> OTelSdkResult {
+    /// Exports what is queued now; the first failure.
+    pub fn flush(&self) -> Result<(), ExportError> {
         self.ask(Control::Flush, Duration::from_secs(5))
     }
 
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+    /// Exports what is queued and stops the export thread: spans ended
+    /// later are dropped.
+    pub fn shutdown(&self, timeout: Duration) -> Result<(), ExportError> {
         self.ask(Control::Shutdown, timeout)?;
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         // The worker answered and returns: joining cannot hang.
         let worker = self
             .worker
             .lock()
-            .map_err(|_| OTelSdkError::InternalFailure("span export lock poisoned".into()))?
+            .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(worker) = worker {
-            worker
-                .join()
-                .map_err(|_| OTelSdkError::InternalFailure("span export thread panicked".into()))?;
+            let _ = worker.join();
         }
         Ok(())
     }
 
-    fn set_resource(&mut self, resource: &Resource) {
-        let _ = self.send(Control::Resource(resource.clone()));
+    /// Sends a control message, wakes the export thread and waits for its
+    /// answer.
+    fn ask(
+        &self,
+        message: impl FnOnce(SyncSender<Result<(), ExportError>>) -> Control,
+        timeout: Duration,
+    ) -> Result<(), ExportError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or(ExportError::Stopped)?
+            .send(message(reply))
+            .map_err(|_| ExportError::Stopped)?;
+        self.thread.unpark();
+        answer.recv_timeout(timeout).map_err(|error| match error {
+            RecvTimeoutError::Timeout => ExportError::TimedOut(timeout),
+            RecvTimeoutError::Disconnected => ExportError::Stopped,
+        })?
+    }
+}
+
+impl Drop for SpanExport {
+    fn drop(&mut self) {
+        // Dropped without a shutdown: the export thread exports what is
+        // queued and stops now rather than at its next scheduled wake.
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.thread.unpark();
     }
 }
 
@@ -310,10 +429,8 @@ struct Worker<E> {
     delay: Duration,
 }
 
-impl<E: SpanExporter> Worker<E> {
+impl<E: Exporter> Worker<E> {
     fn run(mut self) {
-        // The exporter's own instrumentation (tonic, h2) must not feed spans back in.
-        let _suppressed = Context::enter_telemetry_suppressed_scope();
         let mut due = Instant::now() + self.delay;
         loop {
             loop {
@@ -321,14 +438,13 @@ impl<E: SpanExporter> Worker<E> {
                     Ok(Control::Flush(reply)) => {
                         let _ = reply.send(self.export_all());
                     }
-                    Ok(Control::Resource(resource)) => self.exporter.set_resource(&resource),
                     Ok(Control::Shutdown(reply)) => {
                         let result = self.stop();
                         let _ = reply.send(result);
                         return;
                     }
                     Err(TryRecvError::Empty) => break,
-                    // The processor is gone without a shutdown.
+                    // Dropped without a shutdown.
                     Err(TryRecvError::Disconnected) => {
                         let _ = self.stop();
                         return;
@@ -341,7 +457,7 @@ impl<E: SpanExporter> Worker<E> {
             } else {
                 // Full batches only; the rest waits for its delay.
                 while let Some(batch) = self.queue.take(self.queue.batch_size) {
-                    let _ = self.export(batch);
+                    let _ = self.export(&batch);
                 }
             }
             // Woken early by a full batch or a control message.
@@ -350,10 +466,10 @@ impl<E: SpanExporter> Worker<E> {
     }
 
     /// Exports what is queued, a batch at a time; the first failure.
-    fn export_all(&self) -> OTelSdkResult {
+    fn export_all(&mut self) -> Result<(), ExportError> {
         let mut result = Ok(());
         while let Some(batch) = self.queue.take(1) {
-            let exported = self.export(batch);
+            let exported = self.export(&batch);
             if result.is_ok() {
                 result = exported;
             }
@@ -361,18 +477,15 @@ impl<E: SpanExporter> Worker<E> {
         result
     }
 
-    /// Exports what is queued and stops taking spans: those ended later
-    /// are dropped.
-    fn stop(&self) -> OTelSdkResult {
+    /// Exports what is queued and stops taking spans.
+    fn stop(&mut self) -> Result<(), ExportError> {
         self.queue.stopped.store(true, Ordering::Relaxed);
-        let result = self.export_all();
-        let _ = self.exporter.shutdown();
-        result
+        self.export_all()
     }
 
-    fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+    fn export(&mut self, batch: &[Vec<u8>]) -> Result<(), ExportError> {
         let spans = batch.len() as u64;
-        let result = futures_executor::block_on(self.exporter.export(batch));
+        let result = self.exporter.export(batch);
         match &result {
             Ok(()) => {
                 self.queue.counts.exported.inc_by(spans);
@@ -389,42 +502,27 @@ impl<E: SpanExporter> Worker<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
-    use opentelemetry_sdk::trace::SdkTracerProvider;
 
     /// An exporter whose exports hang until the test lets them go, as a
     /// collector that accepted the connection and never answers.
-    #[derive(Debug)]
     struct Stalled {
-        release: Mutex<Receiver<()>>,
+        release: Receiver<()>,
     }
 
-    impl SpanExporter for Stalled {
-        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
-            let _ = self.release.lock().unwrap().recv();
+    impl Exporter for Stalled {
+        fn export(&mut self, _spans: &[Vec<u8>]) -> Result<(), ExportError> {
+            let _ = self.release.recv();
             Ok(())
         }
     }
 
-    #[derive(Debug)]
     struct Unreachable;
 
-    impl SpanExporter for Unreachable {
-        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
-            Err(OTelSdkError::InternalFailure("connection refused".into()))
-        }
-    }
-
-    fn provider(processor: BoundedBatchProcessor) -> SdkTracerProvider {
-        SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .build()
-    }
-
-    fn end_spans(provider: &SdkTracerProvider, count: usize) {
-        let tracer = provider.tracer("test");
-        for _ in 0..count {
-            tracer.start("request").end();
+    impl Exporter for Unreachable {
+        fn export(&mut self, _spans: &[Vec<u8>]) -> Result<(), ExportError> {
+            Err(ExportError::Refused(tonic::Status::unavailable(
+                "connection refused",
+            )))
         }
     }
 
@@ -436,16 +534,16 @@ mod tests {
             max_queue_size: 4,
             max_export_batch_size: 2,
             scheduled_delay: Duration::from_millis(10),
+            ..ExportConfig::default()
         };
-        let exporter = Stalled {
-            release: Mutex::new(released),
-        };
-        let provider =
-            provider(BoundedBatchProcessor::new(exporter, config, counts.clone()).unwrap());
+        let exporter = Stalled { release: released };
+        let export = SpanExport::start(exporter, &config, counts.clone()).unwrap();
 
         let spans = 1000;
         let started = Instant::now();
-        end_spans(&provider, spans);
+        for _ in 0..spans {
+            export.push(vec![0; 16]);
+        }
         let took = started.elapsed();
         // One export holds at most a batch, and the queue the rest: all
         // others are dropped, and ending them never waited for the exporter.
@@ -457,7 +555,7 @@ mod tests {
         for _ in 0..spans {
             let _ = release.send(());
         }
-        provider.shutdown().unwrap();
+        export.shutdown(Duration::from_secs(5)).unwrap();
         assert_eq!(
             counts.dropped.get() + counts.exported.get(),
             spans as u64,
@@ -470,15 +568,18 @@ mod tests {
     #[test]
     fn failed_exports_count_their_spans() {
         let counts = SpanCounts::default();
-        let processor =
-            BoundedBatchProcessor::new(Unreachable, ExportConfig::default(), counts.clone())
-                .unwrap();
-        let provider = provider(processor);
-        end_spans(&provider, 3);
-        provider.force_flush().unwrap_err();
+        let export =
+            SpanExport::start(Unreachable, &ExportConfig::default(), counts.clone()).unwrap();
+        for _ in 0..3 {
+            export.push(vec![0; 16]);
+        }
+        export.flush().unwrap_err();
         assert_eq!(counts.failed.get(), 3);
         assert_eq!(counts.dropped.get() + counts.exported.get(), 0);
-        let _ = provider.shutdown();
+        let _ = export.shutdown(Duration::from_secs(5));
+        // Stopped: what ends later is dropped, and counted.
+        export.push(vec![0; 16]);
+        assert_eq!(counts.dropped.get(), 1);
     }
 
     #[test]
@@ -499,6 +600,7 @@ mod tests {
             ("OTEL_BSP_MAX_QUEUE_SIZE", "8"),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ]))
         .unwrap();
         assert_eq!(
@@ -507,6 +609,7 @@ mod tests {
                 max_queue_size: 8,
                 max_export_batch_size: 8,
                 scheduled_delay: Duration::from_millis(100),
+                timeout: Duration::from_millis(2500),
             }
         );
         for bad in ["0", "-1", "lots"] {

@@ -4,33 +4,36 @@
 //!
 //! The log filter (`RUST_LOG`) applies to the log lines only: spans at INFO
 //! and above are exported whatever it is, so a quiet log does not cut a
-//! trace short. Export runs on a thread of its own from a bounded queue
+//! trace short. Spans are encoded as they record ([`crate::span_layer`]);
+//! export runs on a thread of its own from a bounded queue
 //! ([`crate::span_export`]: 2048 spans by default, `OTEL_BSP_*` to tune):
 //! when the collector is slow or gone, spans past the bound are dropped and
 //! counted on `/metrics`, and no request waits for it.
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use std::sync::Arc;
+use std::time::Duration;
+
 use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::FilterFn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, ServerConfig};
-use crate::span_export::{BoundedBatchProcessor, ExportConfig, SpanCounts};
+use crate::span_export::{ExportConfig, GrpcExporter, SpanCounts, SpanExport};
+use crate::span_layer::{Sampler, SpanLayer};
 
 /// Flushes and stops trace export when dropped.
 #[derive(Debug)]
 pub struct TelemetryGuard {
-    provider: Option<SdkTracerProvider>,
+    export: Option<Arc<SpanExport>>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            let _ = provider.shutdown();
+        if let Some(export) = self.export.take() {
+            let _ = export.shutdown(Duration::from_secs(5));
         }
     }
 }
@@ -54,91 +57,39 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
-    let (otel, provider) = if config.otlp_endpoint.is_empty() {
+    let (spans, export) = if config.otlp_endpoint.is_empty() {
         (None, None)
     } else {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(config.otlp_endpoint.clone())
-            .build()
+        let sampler = Sampler::ratio(config.trace_sample_ratio)?;
+        let settings = ExportConfig::from_env().map_err(|e| e.to_string())?;
+        let exporter = GrpcExporter::new(service, &config.otlp_endpoint, settings.timeout)
             .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
-        let export = ExportConfig::from_env().map_err(|e| e.to_string())?;
-        let processor = BoundedBatchProcessor::new(exporter, export, SpanCounts::global().clone())
+        let export = SpanExport::start(exporter, &settings, SpanCounts::global().clone())
             .map_err(|e| format!("cannot start the span export thread: {e}"))?;
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_sampler(sampler(config.trace_sample_ratio)?)
-            .with_resource(
-                opentelemetry_sdk::Resource::builder()
-                    .with_service_name(service)
-                    .build(),
-            )
-            .build();
-        let layer = tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(service))
-            // What the layer adds to every span by default and no reader
-            // of berth's traces uses, at a cost per span (issue #20): the
-            // source location and target (4 attributes), the thread's id
-            // and name (a String), busy/idle times (a clock read at every
-            // poll of an instrumented future), and the OpenTelemetry
-            // context made current at every poll (no OpenTelemetry
-            // instrumentation in berth reads it: parents come from the
-            // `tracing` span, trace context from `trace_context`).
-            .with_location(false)
-            .with_target(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_filter(
-                tracing_subscriber::filter::filter_fn(exported)
-                    .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
-            );
-        (Some(layer), Some(provider))
+        let export = Arc::new(export);
+        let layer = SpanLayer::new(export.clone(), sampler).with_filter(exported_filter());
+        (Some(layer), Some(export))
     };
     tracing_subscriber::registry()
         .with(fmt)
-        .with(otel)
+        .with(spans)
         .try_init()
         .map_err(|e| e.to_string())?;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { export })
 }
 
 /// What the exporter takes: spans at INFO and above, and as their events
 /// only warnings and errors (a failed call's reason). INFO events stay the
 /// log's alone: taking them too would turn on every `info!` in the code for
 /// every call, even with `RUST_LOG=error`.
-fn exported(metadata: &tracing::Metadata<'_>) -> bool {
-    let most_verbose = if metadata.is_span() {
-        Level::INFO
-    } else {
-        Level::WARN
+pub(crate) fn exported_filter() -> FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
+    let exported: fn(&tracing::Metadata<'_>) -> bool = |metadata| {
+        let most_verbose = if metadata.is_span() {
+            Level::INFO
+        } else {
+            Level::WARN
+        };
+        *metadata.level() <= most_verbose
     };
-    *metadata.level() <= most_verbose
-}
-
-/// Parent-based: a call that carries its caller's sampling decision keeps
-/// it; a trace started here is kept with probability `ratio`.
-fn sampler(ratio: f64) -> Result<Sampler, String> {
-    if !(0.0..=1.0).contains(&ratio) {
-        return Err(format!(
-            "server.trace_sample_ratio = {ratio}: expected a share from 0.0 to 1.0"
-        ));
-    }
-    Ok(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-        ratio,
-    ))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sample_ratio_is_a_share() {
-        assert!(sampler(0.0).is_ok() && sampler(0.01).is_ok() && sampler(1.0).is_ok());
-        for bad in [-0.1, 1.5, f64::NAN] {
-            let error = sampler(bad).unwrap_err();
-            assert!(error.contains("server.trace_sample_ratio"), "{error}");
-        }
-    }
+    FilterFn::new(exported).with_max_level_hint(tracing::level_filters::LevelFilter::INFO)
 }

@@ -10,16 +10,16 @@
 //! call's span starts a trace of its own and nothing of the header is
 //! passed on.
 
+use std::fmt::Write as _;
+use std::sync::Arc;
+
 use http::HeaderMap;
-use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tower_http::trace::MakeSpan;
 use tracing::Span;
 use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::span_layer::with_recording;
 
 /// The target of the spans made for each served request (gRPC calls, HTTP
 /// requests, the LLM proxy's GenAI operations): the default log filter
@@ -29,121 +29,198 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// filter says.
 pub const REQUEST_SPAN_TARGET: &str = module_path!();
 
-/// The remote parent named by `headers`, when they name a valid one.
-pub fn extract(headers: &HeaderMap) -> Option<Context> {
+/// A span's place in its trace, as `traceparent` and `tracestate` carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+    /// The `tracestate` the trace arrived with, passed on unchanged.
+    pub trace_state: Option<Arc<str>>,
+}
+
+impl SpanContext {
+    /// The `traceparent` header naming this span (version 00).
+    pub fn traceparent(&self) -> String {
+        let mut header = String::with_capacity(55);
+        header.push_str("00-");
+        for byte in self.trace_id {
+            let _ = write!(header, "{byte:02x}");
+        }
+        header.push('-');
+        for byte in self.span_id {
+            let _ = write!(header, "{byte:02x}");
+        }
+        header.push_str(if self.sampled { "-01" } else { "-00" });
+        header
+    }
+}
+
+/// The remote parent named by `headers`, when they name a valid one; its
+/// `tracestate` too when that is well formed.
+pub fn extract(headers: &HeaderMap) -> Option<SpanContext> {
     let mut traceparents = headers.get_all("traceparent").iter();
     let (Some(traceparent), None) = (traceparents.next(), traceparents.next()) else {
         // None, or several (which the W3C spec makes invalid).
         return None;
     };
-    if !well_formed(traceparent.as_bytes()) {
-        return None;
+    let mut context = parse_traceparent(traceparent.as_bytes())?;
+    let mut states = headers.get_all("tracestate").iter();
+    if let (Some(state), None) = (states.next(), states.next())
+        && let Ok(state) = state.to_str()
+        && well_formed_tracestate(state)
+    {
+        context.trace_state = Some(state.trim().into());
     }
-    // From an empty context, not the current one: a header that does not
-    // parse must leave no parent at all.
-    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &Headers(headers));
-    cx.span().span_context().is_valid().then_some(cx)
+    Some(context)
 }
 
 /// `traceparent` as the W3C spec writes it: `vv-<32 hex>-<16 hex>-ff`,
 /// lowercase, version `ff` forbidden, version `00` with nothing after the
-/// flags. The propagator's own parser reads ids of any length (a short
-/// trace id is taken zero-padded), so the lengths are checked here.
-fn well_formed(value: &[u8]) -> bool {
-    let hex = |part: &[u8], len: usize| {
-        part.len() == len && part.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
+/// flags, neither id all zeros.
+fn parse_traceparent(value: &[u8]) -> Option<SpanContext> {
+    fn hex<const N: usize>(part: &[u8]) -> Option<[u8; N]> {
+        if part.len() != 2 * N {
+            return None;
+        }
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        let mut out = [0; N];
+        for (byte, pair) in out.iter_mut().zip(part.chunks_exact(2)) {
+            *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(out)
+    }
     let mut parts = value.splitn(5, |b| *b == b'-');
     let (Some(version), Some(trace_id), Some(span_id), Some(flags)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return false;
+        return None;
     };
     let rest = parts.next();
-    hex(version, 2)
-        && version != b"ff"
-        && !(version == b"00" && rest.is_some())
-        && hex(trace_id, 32)
-        && hex(span_id, 16)
-        && hex(flags, 2)
+    let [version] = hex::<1>(version)?;
+    if version == 0xff || (version == 0 && rest.is_some()) {
+        return None;
+    }
+    let trace_id = hex::<16>(trace_id)?;
+    let span_id = hex::<8>(span_id)?;
+    let [flags] = hex::<1>(flags)?;
+    if trace_id == [0; 16] || span_id == [0; 8] {
+        return None;
+    }
+    Some(SpanContext {
+        trace_id,
+        span_id,
+        sampled: flags & 1 == 1,
+        trace_state: None,
+    })
+}
+
+/// `tracestate` as the W3C spec bounds it: at most 32 `key=value` members
+/// separated by commas, keys of lowercase letters, digits and `_-*/@`,
+/// values of printable ASCII but `,` and `=`, the whole at most 512 bytes.
+/// One that is not is dropped; the parent is kept.
+fn well_formed_tracestate(state: &str) -> bool {
+    let member = |member: &str| {
+        let Some((key, value)) = member.trim().split_once('=') else {
+            return false;
+        };
+        let key_ok = (1..=256).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/' | b'@'));
+        let value_ok = (1..=256).contains(&value.len())
+            && value
+                .bytes()
+                .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=')
+            && !value.ends_with(' ');
+        key_ok && value_ok
+    };
+    let members: Vec<&str> = state.split(',').filter(|m| !m.trim().is_empty()).collect();
+    !members.is_empty()
+        && members.len() <= 32
+        && state.len() <= 512
+        && members.into_iter().all(member)
 }
 
 /// Makes `span` a child of the remote parent `headers` name, when they name
-/// a valid one; otherwise it stays the root of a trace of its own.
+/// a valid one; otherwise it stays the root of a trace of its own. Called
+/// before the span has children or sends its context anywhere.
 pub fn set_parent(span: &Span, headers: &HeaderMap) {
     if span.is_disabled() {
         return;
     }
     if let Some(parent) = extract(headers) {
-        // Fails only when no OpenTelemetry layer is installed (nothing is
-        // exported, so there is no trace to join) or the span is filtered
-        // out: either way there is nothing to link.
-        let _ = span.set_parent(parent);
+        // Nothing to do when the span is not traced: no trace to join.
+        with_recording(span, |recording| recording.set_remote_parent(parent));
     }
 }
 
+/// `span`'s trace context; None when it is not traced (no exporter, or
+/// filtered out).
+pub fn context(span: &Span) -> Option<SpanContext> {
+    if span.is_disabled() {
+        return None;
+    }
+    with_recording(span, |recording| recording.context.clone())
+}
+
 /// Writes `span`'s trace context into `metadata`; nothing when the span is
-/// not traced (no exporter configured, or filtered out).
+/// not traced.
 pub fn inject(span: &Span, metadata: &mut MetadataMap) {
-    inject_into(
-        span,
-        &mut NonEmpty(|key: &str, value: String| {
-            if let (Ok(key), Ok(value)) = (
-                MetadataKey::from_bytes(key.as_bytes()),
-                MetadataValue::try_from(value),
-            ) {
-                metadata.insert(key, value);
-            }
-        }),
-    );
+    if let Some(context) = context(span) {
+        if let Ok(value) = MetadataValue::try_from(context.traceparent()) {
+            metadata.insert(MetadataKey::from_static("traceparent"), value);
+        }
+        if let Some(state) = context.trace_state.as_deref()
+            && let Ok(value) = MetadataValue::try_from(state)
+        {
+            metadata.insert(MetadataKey::from_static("tracestate"), value);
+        }
+    }
 }
 
 /// Writes `span`'s trace context into the headers of an HTTP request;
 /// nothing when the span is not traced.
 pub fn inject_http(span: &Span, headers: &mut HeaderMap) {
-    inject_into(
-        span,
-        &mut NonEmpty(|key: &str, value: String| {
-            if let (Ok(key), Ok(value)) = (
-                http::HeaderName::from_bytes(key.as_bytes()),
-                http::HeaderValue::try_from(value),
-            ) {
-                headers.insert(key, value);
-            }
-        }),
-    );
-}
-
-fn inject_into(span: &Span, injector: &mut dyn Injector) {
-    // A disabled span (no exporter) has no context: skip the lookup.
-    if span.is_disabled() {
-        return;
-    }
-    let cx = span.context();
-    if cx.span().span_context().is_valid() {
-        TraceContextPropagator::new().inject_context(&cx, injector);
+    if let Some(context) = context(span) {
+        if let Ok(value) = http::HeaderValue::try_from(context.traceparent()) {
+            headers.insert(http::header::HeaderName::from_static("traceparent"), value);
+        }
+        if let Some(state) = context.trace_state.as_deref()
+            && let Ok(value) = http::HeaderValue::try_from(state)
+        {
+            headers.insert(http::header::HeaderName::from_static("tracestate"), value);
+        }
     }
 }
 
 /// Whether `span` is exported: traced (an exporter is configured and the
 /// span is not filtered out) and sampled. A span that is not can skip the
-/// work only its attributes would use. It starts the span's OpenTelemetry
-/// span, as its first child or [`inject`] would.
+/// work only its attributes would use.
 pub fn is_sampled(span: &Span) -> bool {
-    !span.is_disabled() && span.context().span().span_context().is_sampled()
+    context(span).is_some_and(|context| context.sampled)
 }
 
 /// Sets a string-array attribute on `span`'s exported span (a `tracing`
 /// field holds one value only), e.g. `gen_ai.response.finish_reasons`.
-pub fn set_string_array(span: &Span, key: &'static str, values: Vec<String>) {
+pub fn set_string_array(span: &Span, key: &'static str, values: &[String]) {
     if span.is_disabled() {
         return;
     }
-    let values = values.into_iter().map(Into::into).collect();
-    span.set_attribute(
-        key,
-        opentelemetry::Value::Array(opentelemetry::Array::String(values)),
-    );
+    with_recording(span, |recording| recording.set_string_array(key, values));
+}
+
+/// Links `span` to a span of another trace (a campaign's runs to the call
+/// that submitted it).
+pub fn add_link(span: &Span, to: &SpanContext) {
+    if span.is_disabled() {
+        return;
+    }
+    with_recording(span, |recording| recording.add_link(to));
 }
 
 /// Serves an HTTP request in a span of its own, at INFO (see
@@ -207,35 +284,10 @@ impl<B> MakeSpan<B> for ServerSpan {
     }
 }
 
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// An injector writing through `F` what is worth sending: the propagator
-/// writes only its own two keys, and an empty `tracestate` says nothing.
-/// `F` drops a value that is no valid header rather than send it broken.
-struct NonEmpty<F>(F);
-
-impl<F: FnMut(&str, String)> Injector for NonEmpty<F> {
-    fn set(&mut self, key: &str, value: String) {
-        if !value.is_empty() {
-            (self.0)(key, value);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{SpanId, TraceId};
+    use crate::span_layer::testing::traced;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -249,29 +301,35 @@ mod tests {
 
     #[test]
     fn a_valid_traceparent_and_tracestate_are_the_parent() {
-        let cx = extract(&headers(&[
+        let parent = extract(&headers(&[
             ("traceparent", VALID),
             ("tracestate", "vendor=abc"),
         ]))
         .expect("a valid traceparent");
-        let parent = cx.span().span_context().clone();
         assert_eq!(
-            parent.trace_id(),
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+            parent.trace_id,
+            [
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36
+            ]
         );
         assert_eq!(
-            parent.span_id(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+            parent.span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
         );
-        assert!(parent.is_remote() && parent.is_sampled());
-        assert_eq!(parent.trace_state().get("vendor"), Some("abc"));
+        assert!(parent.sampled);
+        assert_eq!(parent.trace_state.as_deref(), Some("vendor=abc"));
+        // Written back as it was read.
+        assert_eq!(parent.traceparent(), VALID);
         // A tracestate that does not parse is dropped, the parent kept.
-        let cx = extract(&headers(&[
-            ("traceparent", VALID),
-            ("tracestate", "no pairs"),
-        ]))
-        .expect("a valid traceparent");
-        assert_eq!(cx.span().span_context().trace_state().header(), "");
+        for malformed in ["no pairs", "Upper=x", "a=b=c", "a=", &"k=v,".repeat(33)] {
+            let parent = extract(&headers(&[
+                ("traceparent", VALID),
+                ("tracestate", malformed),
+            ]))
+            .expect("a valid traceparent");
+            assert_eq!(parent.trace_state, None, "{malformed:?}");
+        }
     }
 
     #[test]
@@ -315,11 +373,7 @@ mod tests {
     /// trace, not the header's text.
     #[test]
     fn a_malformed_traceparent_is_not_propagated() {
-        use opentelemetry::trace::TracerProvider as _;
-        use tracing_subscriber::layer::SubscriberExt;
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let (subscriber, _spans) = traced(1.0);
         tracing::subscriber::with_default(subscriber, || {
             let forged = "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01";
             let request = http::Request::builder()
@@ -365,16 +419,9 @@ mod tests {
     /// sampler leaves its trace out.
     #[test]
     fn a_span_is_sampled_only_when_exported() {
-        use opentelemetry::trace::TracerProvider as _;
-        use opentelemetry_sdk::trace::Sampler;
-        use tracing_subscriber::layer::SubscriberExt;
         assert!(!is_sampled(&tracing::info_span!("untraced")));
-        for (sampler, sampled) in [(Sampler::AlwaysOn, true), (Sampler::AlwaysOff, false)] {
-            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-                .with_sampler(sampler)
-                .build();
-            let subscriber = tracing_subscriber::registry()
-                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        for (ratio, sampled) in [(1.0, true), (0.0, false)] {
+            let (subscriber, _spans) = traced(ratio);
             tracing::subscriber::with_default(subscriber, || {
                 let span = tracing::info_span!("call");
                 assert_eq!(is_sampled(&span), sampled);
@@ -392,12 +439,8 @@ mod tests {
     /// a malformed one starts a trace of its own, and no request fails for it.
     #[tokio::test]
     async fn an_http_request_joins_its_traceparent() {
-        use opentelemetry::trace::TracerProvider as _;
         use tower::ServiceExt as _;
-        use tracing_subscriber::layer::SubscriberExt;
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let (subscriber, _spans) = traced(1.0);
         let _default = tracing::subscriber::set_default(subscriber);
         // The handler answers with the traceparent it would send upstream.
         let router = axum::Router::new()

@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_proto::orchestrator::v1::{Campaign, CampaignOutcome, CampaignState, RunState};
 use berth_server::CancellationToken;
-use opentelemetry::trace::{SpanContext, TraceContextExt as _};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use berth_server::trace_context::SpanContext;
 
 use super::{CampaignRun, Scheduler};
 use crate::error::OrchestratorError;
@@ -305,7 +304,5 @@ impl Scheduler {
 /// The span of the call being served, when it is traced: the caller's
 /// context (the CLI's `traceparent`) is its parent.
 fn traced_caller() -> Option<SpanContext> {
-    let context = tracing::Span::current().context();
-    let span = context.span().span_context().clone();
-    (span.is_valid() && span.is_sampled()).then_some(span)
+    berth_server::trace_context::context(&tracing::Span::current()).filter(|caller| caller.sampled)
 }

@@ -75,7 +75,7 @@ struct CampaignRun {
     /// The traced call that launched it (a submit from the CLI, a resume):
     /// each run is a trace of its own, linked to this one, so a slow run
     /// leads back to who asked for it. None after a restart.
-    launched_by: Option<opentelemetry::trace::SpanContext>,
+    launched_by: Option<berth_server::trace_context::SpanContext>,
 }
 
 /// A backend placed on a host and running there.

@@ -18,7 +18,6 @@ use berth_proto::orchestrator::v1::{Run, RunState};
 use berth_server::error::{has_reason, reasons};
 use tokio::time::Instant;
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::output::RunOutput;
 use super::record::failure;
@@ -117,7 +116,7 @@ impl Scheduler {
             berth.run.attempt = tracing::field::Empty,
         );
         if let Some(caller) = &ctx.launched_by {
-            span.add_link(caller.clone());
+            berth_server::trace_context::add_link(&span, caller);
         }
         // The provenance after the lease, which may wait for another run,
         // and before the power session, so that asking adds nothing to the
