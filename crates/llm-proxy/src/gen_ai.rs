@@ -14,6 +14,7 @@
 //! The same holds for a span the sampler left out (`trace_sample_ratio`
 //! below 1): only the trace context still goes to the upstream.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use berth_server::ServiceError as _;
@@ -152,32 +153,37 @@ impl OperationSpan {
         struct WithUsage {
             usage: Option<Usage>,
         }
+        // Borrowed from the body: nothing is copied for the span but what
+        // JSON escapes make different.
         #[derive(Deserialize)]
-        struct Choice {
-            finish_reason: Option<String>,
+        struct Choice<'a> {
+            #[serde(borrow)]
+            finish_reason: Option<Cow<'a, str>>,
         }
         #[derive(Deserialize)]
-        struct Described {
+        struct Described<'a> {
             usage: Option<Usage>,
-            model: Option<String>,
-            id: Option<String>,
-            #[serde(default)]
-            choices: Vec<Choice>,
+            #[serde(borrow)]
+            model: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            id: Option<Cow<'a, str>>,
+            #[serde(default, borrow)]
+            choices: Vec<Choice<'a>>,
         }
         if self.is_disabled() {
             return serde_json::from_slice::<WithUsage>(body).ok()?.usage;
         }
-        let described = serde_json::from_slice::<Described>(body).ok()?;
+        let described = serde_json::from_slice::<Described<'_>>(body).ok()?;
         if let Some(model) = &described.model {
-            self.span.record("gen_ai.response.model", model.as_str());
+            self.span.record("gen_ai.response.model", model.as_ref());
         }
         if let Some(id) = &described.id {
-            self.span.record("gen_ai.response.id", id.as_str());
+            self.span.record("gen_ai.response.id", id.as_ref());
         }
-        let reasons: Vec<String> = described
+        let reasons: Vec<&str> = described
             .choices
-            .into_iter()
-            .filter_map(|choice| choice.finish_reason)
+            .iter()
+            .filter_map(|choice| choice.finish_reason.as_deref())
             .collect();
         if !reasons.is_empty() {
             trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
@@ -202,7 +208,7 @@ impl OperationSpan {
             self.span.record("gen_ai.response.id", id.as_str());
         }
         if !answer.finish_reasons.is_empty() {
-            let reasons: Vec<String> = answer.finish_reasons.into_values().collect();
+            let reasons: Vec<&str> = answer.finish_reasons.values().map(String::as_str).collect();
             trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
         }
     }

@@ -46,7 +46,7 @@ pub enum Value<'a> {
     Bool(bool),
     Int(i64),
     Double(f64),
-    StrArray(&'a [String]),
+    StrArray(&'a [&'a str]),
 }
 
 fn varint(out: &mut Vec<u8>, mut value: u64) {
@@ -187,9 +187,12 @@ pub struct SpanHeader<'a> {
     pub remote_parent: bool,
 }
 
-/// A whole `Span` message (without its own tag and length).
-pub fn span(header: &SpanHeader<'_>, recorded: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96 + header.name.len() + recorded.len());
+/// A whole `Span` message (without its own tag and length): the header's
+/// fields written after what the span recorded, in the same buffer
+/// (protobuf fields may come in any order), so that ending a span copies
+/// nothing.
+pub fn span(header: &SpanHeader<'_>, mut out: Vec<u8>) -> Vec<u8> {
+    out.reserve(96 + header.name.len() + header.trace_state.len());
     bytes_field(&mut out, 1, &header.trace_id);
     bytes_field(&mut out, 2, &header.span_id);
     if !header.trace_state.is_empty() {
@@ -202,7 +205,6 @@ pub fn span(header: &SpanHeader<'_>, recorded: &[u8]) -> Vec<u8> {
     varint_field(&mut out, 6, header.kind as u64);
     fixed64_field(&mut out, 7, header.start_unix_nano);
     fixed64_field(&mut out, 8, header.end_unix_nano);
-    out.extend_from_slice(recorded);
     if let Some(message) = header.error {
         // Status { string message = 2; StatusCode code = 3 (ERROR = 2) }
         let message_len = if message.is_empty() {
@@ -296,7 +298,8 @@ mod tests {
             Value::Int(-3),
         );
         attribute(&mut recorded, SPAN_ATTRIBUTES, "ratio", Value::Double(0.25));
-        let reasons = ["stop".to_string(), "x".repeat(200)];
+        let long = "x".repeat(200);
+        let reasons = ["stop", long.as_str()];
         attribute(
             &mut recorded,
             SPAN_ATTRIBUTES,
@@ -325,14 +328,14 @@ mod tests {
             remote_parent: true,
         };
         let spans = vec![
-            span(&header, &recorded),
+            span(&header, recorded),
             span(
                 &SpanHeader {
                     error: None,
                     parent_span_id: None,
                     ..header
                 },
-                &[],
+                Vec::new(),
             ),
         ];
         let request =
@@ -388,7 +391,7 @@ mod tests {
             items,
             reasons
                 .iter()
-                .map(|r| Any::StringValue(r.clone()))
+                .map(|r| Any::StringValue(r.to_string()))
                 .collect::<Vec<_>>()
         );
         assert_eq!(first.events[0].name, "upstream slow");

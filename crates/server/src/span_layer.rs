@@ -101,7 +101,7 @@ impl Recording {
         }
     }
 
-    pub(crate) fn set_string_array(&mut self, key: &str, values: &[String]) {
+    pub(crate) fn set_string_array(&mut self, key: &str, values: &[&str]) {
         if self.records() {
             otlp::attribute(
                 &mut self.recorded,
@@ -132,6 +132,11 @@ impl Recording {
 /// Passes each field's value on as an OTLP value.
 trait OnValue {
     fn value(&mut self, field: &Field, value: Value<'_>);
+
+    /// A value formatted (`%` or `?`), which may be kept as it is.
+    fn text(&mut self, field: &Field, text: String) {
+        self.value(field, Value::Str(&text));
+    }
 }
 
 /// `tracing`'s visitor over [`OnValue`]: a value shown with `%` or `?` is
@@ -140,8 +145,7 @@ struct Fields<'a, T>(&'a mut T);
 
 impl<T: OnValue> Visit for Fields<'_, T> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let text = format!("{value:?}");
-        self.0.value(field, Value::Str(&text));
+        self.0.text(field, format!("{value:?}"));
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -172,6 +176,13 @@ impl OnValue for Recording {
     fn value(&mut self, field: &Field, value: Value<'_>) {
         self.field(field.name(), value);
     }
+
+    fn text(&mut self, field: &Field, text: String) {
+        match field.name() {
+            "otel.name" => self.name = Some(text),
+            name => self.field(name, Value::Str(&text)),
+        }
+    }
 }
 
 /// An event's message (its name in OTLP) and other fields.
@@ -182,6 +193,13 @@ struct EventFields {
 }
 
 impl OnValue for EventFields {
+    fn text(&mut self, field: &Field, text: String) {
+        match field.name() {
+            "message" => self.message = Some(text),
+            _ => self.value(field, Value::Str(&text)),
+        }
+    }
+
     fn value(&mut self, field: &Field, value: Value<'_>) {
         match (field.name(), value) {
             ("message", Value::Str(text)) => self.message = Some(text.to_owned()),
@@ -355,7 +373,7 @@ where
                 .then(|| recording.status_message.as_deref().unwrap_or_default()),
             remote_parent: recording.remote_parent,
         };
-        self.export.push(otlp::span(&header, &recording.recorded));
+        self.export.push(otlp::span(&header, recording.recorded));
     }
 }
 
@@ -482,7 +500,7 @@ mod tests {
             trace_context::set_string_array(
                 &operation,
                 "gen_ai.response.finish_reasons",
-                &["stop".into()],
+                &["stop"],
             );
             operation.in_scope(|| tracing::warn!(attempt = 2, "upstream slow"));
             // Below the exporter's level: neither a span nor an event.

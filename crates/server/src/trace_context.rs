@@ -10,7 +10,6 @@
 //! call's span starts a trace of its own and nothing of the header is
 //! passed on.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use http::HeaderMap;
@@ -42,17 +41,21 @@ pub struct SpanContext {
 impl SpanContext {
     /// The `traceparent` header naming this span (version 00).
     pub fn traceparent(&self) -> String {
-        let mut header = String::with_capacity(55);
-        header.push_str("00-");
-        for byte in self.trace_id {
-            let _ = write!(header, "{byte:02x}");
+        fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            for byte in bytes {
+                out.push(DIGITS[usize::from(byte >> 4)]);
+                out.push(DIGITS[usize::from(byte & 0xf)]);
+            }
         }
-        header.push('-');
-        for byte in self.span_id {
-            let _ = write!(header, "{byte:02x}");
-        }
-        header.push_str(if self.sampled { "-01" } else { "-00" });
-        header
+        let mut header = Vec::with_capacity(55);
+        header.extend_from_slice(b"00-");
+        hex(&mut header, &self.trace_id);
+        header.push(b'-');
+        hex(&mut header, &self.span_id);
+        header.extend_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        // Only ASCII was written.
+        String::from_utf8(header).unwrap_or_default()
     }
 }
 
@@ -207,7 +210,7 @@ pub fn is_sampled(span: &Span) -> bool {
 
 /// Sets a string-array attribute on `span`'s exported span (a `tracing`
 /// field holds one value only), e.g. `gen_ai.response.finish_reasons`.
-pub fn set_string_array(span: &Span, key: &'static str, values: &[String]) {
+pub fn set_string_array(span: &Span, key: &'static str, values: &[&str]) {
     if span.is_disabled() {
         return;
     }
@@ -366,6 +369,39 @@ mod tests {
         // A later version may add fields after the flags.
         let future = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes";
         assert!(extract(&headers(&[("traceparent", future)])).is_some());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Any header text: parsed or refused, never a panic, and what is
+        /// taken is written back as it was read (version 00).
+        #[test]
+        fn any_traceparent_is_parsed_or_refused(
+            text in "0[0-9a-f]-[0-9a-f]{32}-[0-9a-f]{16}-0[01]|[0-9a-f-]{0,70}|\\PC{0,80}"
+        ) {
+            if let Some(context) = parse_traceparent(text.as_bytes()) {
+                proptest::prop_assert!(context.trace_id != [0; 16] && context.span_id != [0; 8]);
+                if text.starts_with("00-") && (text.ends_with("-00") || text.ends_with("-01")) {
+                    proptest::prop_assert_eq!(context.traceparent(), text.clone());
+                }
+            }
+            let _ = well_formed_tracestate(&text);
+        }
+
+        #[test]
+        fn written_contexts_read_back(trace_id: [u8; 16], span_id: [u8; 8], sampled: bool) {
+            let context = SpanContext { trace_id, span_id, sampled, trace_state: None };
+            let read = parse_traceparent(context.traceparent().as_bytes());
+            if trace_id == [0; 16] || span_id == [0; 8] {
+                proptest::prop_assert!(read.is_none());
+            } else {
+                proptest::prop_assert_eq!(read, Some(context));
+            }
+        }
     }
 
     /// A served call with a malformed `traceparent` gets a span of its own
