@@ -185,6 +185,8 @@ pub struct SpanHeader<'a> {
     pub error: Option<&'a str>,
     /// Whether the parent is in another process (`SpanFlags`' bits 8 and 9).
     pub remote_parent: bool,
+    /// Attributes, events and links left out (the span's limits).
+    pub dropped: [u32; 3],
 }
 
 /// A whole `Span` message (without its own tag and length): the header's
@@ -205,6 +207,12 @@ pub fn span(header: &SpanHeader<'_>, mut out: Vec<u8>) -> Vec<u8> {
     varint_field(&mut out, 6, header.kind as u64);
     fixed64_field(&mut out, 7, header.start_unix_nano);
     fixed64_field(&mut out, 8, header.end_unix_nano);
+    // dropped_attributes_count, dropped_events_count, dropped_links_count
+    for (field, dropped) in [10, 12, 14].into_iter().zip(header.dropped) {
+        if dropped > 0 {
+            varint_field(&mut out, field, u64::from(dropped));
+        }
+    }
     if let Some(message) = header.error {
         // Status { string message = 2; StatusCode code = 3 (ERROR = 2) }
         let message_len = if message.is_empty() {
@@ -326,6 +334,7 @@ mod tests {
             end_unix_nano: 2_000,
             error: Some("boom"),
             remote_parent: true,
+            dropped: [1, 2, 3],
         };
         let spans = vec![
             span(&header, recorded),
@@ -333,6 +342,7 @@ mod tests {
                 &SpanHeader {
                     error: None,
                     parent_span_id: None,
+                    dropped: [0; 3],
                     ..header
                 },
                 Vec::new(),
@@ -367,6 +377,14 @@ mod tests {
             (1_000, 2_000)
         );
         assert_eq!(first.flags, 0x300);
+        assert_eq!(
+            (
+                first.dropped_attributes_count,
+                first.dropped_events_count,
+                first.dropped_links_count
+            ),
+            (1, 2, 3)
+        );
         let values: Vec<_> = first
             .attributes
             .iter()

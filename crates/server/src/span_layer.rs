@@ -48,7 +48,7 @@ impl Sampler {
                 "server.trace_sample_ratio = {ratio}: expected a share from 0.0 to 1.0"
             ));
         }
-        // The float-to-int cast saturates: 1.0 is 2^63, above every id.
+        // 1.0 gives 2^63: above every id's low 63 bits.
         Ok(Self {
             bound: (ratio * (1u64 << 63) as f64) as u64,
         })
@@ -57,6 +57,32 @@ impl Sampler {
     fn samples(self, trace_id: [u8; 16]) -> bool {
         let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default());
         (low >> 1) < self.bound
+    }
+}
+
+/// The most attributes, events and links one span keeps (OpenTelemetry's
+/// default span limits): a span that lives long (a run's, an exec's) and
+/// logs warning after warning grows no further; what is left out is
+/// counted in the span's `dropped_*_count`.
+const MOST_PER_SPAN: u32 = 128;
+
+/// Kept within [`MOST_PER_SPAN`], and what was not.
+#[derive(Debug, Default, Clone, Copy)]
+struct Kept {
+    kept: u32,
+    dropped: u32,
+}
+
+impl Kept {
+    /// Whether one more is kept; counts it either way.
+    fn admit(&mut self) -> bool {
+        if self.kept < MOST_PER_SPAN {
+            self.kept += 1;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
     }
 }
 
@@ -74,6 +100,9 @@ pub(crate) struct Recording {
     recorded: Vec<u8>,
     error: bool,
     status_message: Option<String>,
+    attributes: Kept,
+    events: Kept,
+    links: Kept,
 }
 
 impl Recording {
@@ -95,14 +124,14 @@ impl Recording {
     }
 
     pub(crate) fn add_link(&mut self, to: &SpanContext) {
-        if self.records() {
+        if self.records() && self.links.admit() {
             let state = to.trace_state.as_deref().unwrap_or_default();
             otlp::link(&mut self.recorded, to.trace_id, to.span_id, state);
         }
     }
 
     pub(crate) fn set_string_array(&mut self, key: &str, values: &[&str]) {
-        if self.records() {
+        if self.records() && self.attributes.admit() {
             otlp::attribute(
                 &mut self.recorded,
                 otlp::SPAN_ATTRIBUTES,
@@ -124,7 +153,11 @@ impl Recording {
             ("otel.status_description" | "otel.status_message", Value::Str(text)) => {
                 self.status_message = Some(text.to_owned());
             }
-            _ => otlp::attribute(&mut self.recorded, otlp::SPAN_ATTRIBUTES, name, value),
+            _ => {
+                if self.attributes.admit() {
+                    otlp::attribute(&mut self.recorded, otlp::SPAN_ATTRIBUTES, name, value);
+                }
+            }
         }
     }
 }
@@ -298,6 +331,9 @@ where
             recorded: Vec::new(),
             error: false,
             status_message: None,
+            attributes: Kept::default(),
+            events: Kept::default(),
+            links: Kept::default(),
         };
         if recording.records() {
             recording.recorded.reserve(256);
@@ -324,7 +360,7 @@ where
         let Some(recording) = extensions.get_mut::<Recording>() else {
             return;
         };
-        if !recording.records() {
+        if !recording.records() || !recording.events.admit() {
             return;
         }
         let mut fields = EventFields::default();
@@ -372,6 +408,11 @@ where
                 .error
                 .then(|| recording.status_message.as_deref().unwrap_or_default()),
             remote_parent: recording.remote_parent,
+            dropped: [
+                recording.attributes.dropped,
+                recording.events.dropped,
+                recording.links.dropped,
+            ],
         };
         self.export.push(otlp::span(&header, recording.recorded));
     }
@@ -600,6 +641,36 @@ mod tests {
         assert_eq!(served.flags, 0x300, "the parent is remote");
         assert_eq!(attribute(served, "berth.kept"), Some(Any::BoolValue(true)));
         assert_eq!(named(&spans, "child").flags, 0x100, "the parent is local");
+    }
+
+    /// A span that warns on and on keeps its first events and counts the
+    /// rest; its attributes and links are bounded alike.
+    #[test]
+    fn a_long_span_keeps_at_most_its_limits() {
+        let (subscriber, exports) = traced(1.0);
+        let other = SpanContext {
+            trace_id: [7; 16],
+            span_id: [3; 8],
+            sampled: true,
+            trace_state: None,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let run = tracing::info_span!("exec");
+            for round in 0..300 {
+                run.in_scope(|| tracing::warn!(round, "still waiting"));
+                trace_context::add_link(&run, &other);
+                trace_context::set_string_array(&run, "tried", &["a"]);
+            }
+        });
+        let spans = exports.spans();
+        let run = named(&spans, "exec");
+        assert_eq!((run.events.len(), run.dropped_events_count), (128, 172));
+        assert_eq!((run.links.len(), run.dropped_links_count), (128, 172));
+        assert_eq!(
+            (run.attributes.len(), run.dropped_attributes_count),
+            (128, 172)
+        );
+        assert_eq!(run.events[0].name, "still waiting");
     }
 
     #[test]
