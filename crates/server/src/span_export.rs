@@ -134,12 +134,12 @@ impl SpanCounts {
     }
 }
 
-/// An export that failed: the collector refused, was unreachable, or
-/// took longer than the timeout.
+/// An export that failed: the collector was unreachable or refused the
+/// batch, or took longer than the timeout.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("the collector answered {0}")]
-    Refused(tonic::Status),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Grpc(tonic::Status),
     #[error("no answer within {0:?}")]
     TimedOut(Duration),
     #[error("span export has stopped")]
@@ -193,12 +193,12 @@ impl Exporter for GrpcExporter {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         let call = async {
             grpc.ready().await.map_err(|error| {
-                ExportError::Refused(tonic::Status::unavailable(error.to_string()))
+                ExportError::Grpc(tonic::Status::unavailable(error.to_string()))
             })?;
             let path = http::uri::PathAndQuery::from_static(PATH);
             grpc.unary(tonic::Request::new(request), path, EncodedCodec)
                 .await
-                .map_err(ExportError::Refused)
+                .map_err(ExportError::Grpc)
         };
         // The timer is made inside the runtime, whose timer it is.
         let timeout = self.timeout;
@@ -520,7 +520,7 @@ mod tests {
 
     impl Exporter for Unreachable {
         fn export(&mut self, _spans: &[Vec<u8>]) -> Result<(), ExportError> {
-            Err(ExportError::Refused(tonic::Status::unavailable(
+            Err(ExportError::Grpc(tonic::Status::unavailable(
                 "connection refused",
             )))
         }
