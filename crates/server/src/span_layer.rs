@@ -115,11 +115,11 @@ impl Recording {
     /// Makes the span the child of a caller in another process, taking
     /// its trace and its sampling decision.
     pub(crate) fn set_remote_parent(&mut self, parent: SpanContext) {
+        self.parent_span_id = Some(parent.span_id);
         self.context = SpanContext {
             span_id: self.context.span_id,
-            ..parent.clone()
+            ..parent
         };
-        self.parent_span_id = Some(parent.span_id);
         self.remote_parent = true;
     }
 
@@ -303,13 +303,10 @@ where
         });
         let span_id = new_span_id();
         let (context, parent_span_id) = match parent {
-            Some(parent) => (
-                SpanContext {
-                    span_id,
-                    ..parent.clone()
-                },
-                Some(parent.span_id),
-            ),
+            Some(parent) => {
+                let parent_span_id = Some(parent.span_id);
+                (SpanContext { span_id, ..parent }, parent_span_id)
+            }
             None => {
                 let trace_id = new_trace_id();
                 let context = SpanContext {
