@@ -640,17 +640,22 @@ mod tests {
         assert_eq!(named(&spans, "child").flags, 0x100, "the parent is local");
     }
 
+    /// A span of another trace, to link to.
+    fn another_trace() -> SpanContext {
+        SpanContext {
+            trace_id: [7; 16],
+            span_id: [3; 8],
+            sampled: true,
+            trace_state: None,
+        }
+    }
+
     /// A span that warns on and on keeps its first events and counts the
     /// rest; its attributes and links are bounded alike.
     #[test]
     fn a_long_span_keeps_at_most_its_limits() {
         let (subscriber, exports) = traced(1.0);
-        let other = SpanContext {
-            trace_id: [7; 16],
-            span_id: [3; 8],
-            sampled: true,
-            trace_state: None,
-        };
+        let other = another_trace();
         tracing::subscriber::with_default(subscriber, || {
             let run = tracing::info_span!("exec");
             for round in 0..300 {
@@ -673,12 +678,7 @@ mod tests {
     #[test]
     fn a_link_names_the_other_trace() {
         let (subscriber, exports) = traced(1.0);
-        let submitted = SpanContext {
-            trace_id: [7; 16],
-            span_id: [3; 8],
-            sampled: true,
-            trace_state: None,
-        };
+        let submitted = another_trace();
         tracing::subscriber::with_default(subscriber, || {
             let run = tracing::info_span!(parent: None, "run");
             trace_context::add_link(&run, &submitted);
