@@ -108,6 +108,9 @@ impl Process {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+                    eprintln!("{} ended by signal {signal} after SIGTERM", self.name);
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -1532,7 +1532,8 @@ async fn an_embedding_request_joins_the_callers_trace() {
             ("XDG_DATA_HOME", dir.path().to_str().unwrap()),
         ],
     );
-    wait_for(&format!("http://{listen}")).await;
+    // The HTTP listener is bound just after the gRPC one: wait for it.
+    wait_for_http(&http, "/metrics", Duration::from_secs(30)).await;
     let caller = traceparent(CALLER_TRACE, CALLER_SPAN);
     let (status, answer) = http_post(
         &http,

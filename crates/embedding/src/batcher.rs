@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -49,14 +50,14 @@ impl Engine for Session {
     }
 }
 
-/// The queue and sessions of one model.
+/// The queue and sessions of one model. Dropping it lets the sessions
+/// finish what is queued and waits for every thread it started (sessions and
+/// their loader) to end: ONNX Runtime's globals are torn down when the
+/// process exits, and a thread still building or running a session then
+/// crashes it (SIGSEGV) instead of a clean exit.
 pub struct Batcher {
     shared: Arc<Shared>,
 }
-
-/// Adds sessions to a batcher from another thread (sessions after the first
-/// load while the service already serves).
-pub struct SessionAdder(Arc<Shared>);
 
 struct Shared {
     model: String,
@@ -66,6 +67,8 @@ struct Shared {
     sessions: AtomicUsize,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Every thread started for the model, joined when the batcher drops.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -99,13 +102,47 @@ impl Batcher {
             sessions: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
         });
         Shared::add(&shared, first);
         Self { shared }
     }
 
-    pub fn adder(&self) -> SessionAdder {
-        SessionAdder(self.shared.clone())
+    /// Builds `count` more sessions with `build`, one after another on a
+    /// thread of its own, each serving as soon as it is built (the first
+    /// serves meanwhile); stops at the first failure, or once the batcher is
+    /// dropped.
+    pub fn add_later<E: Engine>(
+        &self,
+        count: usize,
+        mut build: impl FnMut() -> Result<E, EmbeddingError> + Send + 'static,
+    ) {
+        if count == 0 {
+            return;
+        }
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("embed-load".into())
+            .spawn(move || {
+                for _ in 0..count {
+                    if shared.lock().closed {
+                        return;
+                    }
+                    match build() {
+                        Ok(session) => Shared::add(&shared, session),
+                        Err(error) => {
+                            tracing::error!(model = %shared.model, %error, "cannot load another session; serving with fewer");
+                            return;
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(loader) => self.shared.keep(loader),
+            Err(error) => {
+                tracing::error!(model = %self.shared.model, %error, "cannot start the session loader; serving with one session");
+            }
+        }
     }
 
     /// The tokens per second one of its sessions reads, as measured.
@@ -201,16 +238,29 @@ fn cut_pieces(work: &[usize], sessions: usize, max_texts: usize) -> Vec<Range<us
 }
 
 impl Drop for Batcher {
-    /// Lets the session threads finish what is queued, then end.
+    /// Lets the session threads finish what is queued, then waits for them
+    /// and the loader to end.
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
-    }
-}
-
-impl SessionAdder {
-    pub fn add(&self, session: impl Engine) {
-        Shared::add(&self.0, session);
+        // The loader may start one last session thread while these are
+        // joined (it ends at once, on a closed queue): join until none is
+        // left.
+        loop {
+            let threads = std::mem::take(
+                &mut *self
+                    .shared
+                    .threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -222,10 +272,20 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name(format!("embed-{index}"))
             .spawn(move || runner.run(session));
-        if let Err(error) = spawned {
-            shared.sessions.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!(%error, model = %shared.model, "cannot start a session thread");
+        match spawned {
+            Ok(thread) => shared.keep(thread),
+            Err(error) => {
+                shared.sessions.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(%error, model = %shared.model, "cannot start a session thread");
+            }
         }
+    }
+
+    fn keep(&self, thread: JoinHandle<()>) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(thread);
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -363,6 +423,64 @@ mod tests {
         batches: Arc<Mutex<Vec<Vec<String>>>>,
         started: mpsc::Receiver<()>,
         release: mpsc::Sender<()>,
+    }
+
+    /// A FAKE session that counts how many of its kind are alive.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Engine for Counted {
+        fn embed(&mut self, texts: &[&str]) -> Result<Vec<Pooled>, EmbeddingError> {
+            Ok(texts
+                .iter()
+                .map(|_| Pooled {
+                    vector: vec![0.0],
+                    tokens: 1,
+                })
+                .collect())
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Once the batcher is dropped nothing of the model runs: the loader,
+    /// caught building a session, finished it and built no more, and every
+    /// session thread ended, its session dropped (at process exit, ONNX
+    /// Runtime's teardown crashes under a thread still in it).
+    #[test]
+    fn dropping_the_batcher_waits_for_its_loader_and_sessions() {
+        let Fake {
+            batcher, started, ..
+        } = fake(4);
+        let alive = Arc::new(AtomicUsize::new(0));
+        let building = Arc::new(AtomicUsize::new(0));
+        let (began, building_began) = mpsc::channel();
+        batcher.add_later(3, {
+            let (alive, building) = (alive.clone(), building.clone());
+            move || {
+                building.fetch_add(1, Ordering::SeqCst);
+                let _ = began.send(());
+                std::thread::sleep(Duration::from_millis(200));
+                alive.fetch_add(1, Ordering::SeqCst);
+                building.fetch_sub(1, Ordering::SeqCst);
+                Ok(Counted(alive.clone()))
+            }
+        });
+        building_began
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the loader starts building");
+        let batcher = Arc::into_inner(batcher).expect("the test holds the only batcher");
+        drop(batcher);
+        assert_eq!(building.load(Ordering::SeqCst), 0, "still building");
+        assert_eq!(alive.load(Ordering::SeqCst), 0, "a session outlived it");
+        assert!(
+            building_began.try_recv().is_err(),
+            "the loader went on building once closed"
+        );
+        drop(started);
     }
 
     /// A batcher with one fake session whose first batch waits for `release`.

@@ -10,7 +10,6 @@ use tokenizers::Tokenizer;
 
 use crate::EmbeddingError;
 use crate::batcher::Batcher;
-use crate::batcher::SessionAdder;
 use crate::config::{Config, LimitsConfig};
 use crate::cost::{self, Bounds, Throughput, Verdict};
 use crate::metrics::Metrics;
@@ -120,7 +119,13 @@ impl Embedder {
                         "model loaded; serving with one session while the others load");
                     let batcher =
                         Batcher::start(&name, first, config.batching.clone(), metrics, throughput);
-                    add_sessions_later(files, sessions - 1, threads, batcher.adder());
+                    // The service serves (and the cold start ends) once one
+                    // session is ready. The files loaded once already, so a
+                    // failure of the others is rare (memory): logged, and the
+                    // model serves with the sessions it has.
+                    batcher.add_later(sessions - 1, move || {
+                        files.session(threads).map(|(session, _)| session)
+                    });
                     State::Ready {
                         info,
                         batcher,
@@ -307,31 +312,5 @@ impl Embedder {
             });
         }
         Ok(())
-    }
-}
-
-/// Loads the sessions after the first on a thread of their own: the service
-/// serves (and the cold start ends) once one session is ready. The files
-/// already loaded once, so a failure here is rare (memory); it is logged and
-/// the model serves with the sessions it has.
-fn add_sessions_later(files: ModelFiles, count: usize, threads: usize, adder: SessionAdder) {
-    if count == 0 {
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("embed-load".into())
-        .spawn(move || {
-            for _ in 0..count {
-                match files.session(threads) {
-                    Ok((session, _)) => adder.add(session),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot load another session; serving with fewer");
-                        return;
-                    }
-                }
-            }
-        });
-    if let Err(error) = spawned {
-        tracing::error!(%error, "cannot start the session loader; serving with one session");
     }
 }

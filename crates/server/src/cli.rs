@@ -48,23 +48,34 @@ impl CommonArgs {
     }
 }
 
-/// Cancels `token` on the first SIGTERM or SIGINT.
-pub fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, caught from the moment this is made: a stop asked
+/// for while the service starts (or the instant it is ready) is a graceful
+/// stop, never the default action that kills the process.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Registers both handlers now; needs a running tokio runtime.
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Cancels `token` on the first of them.
+    fn cancel_on_first(mut self, token: CancellationToken) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-            () = terminate => tracing::info!("SIGTERM received"),
-        }
-        token.cancel();
-    });
+            token.cancel();
+        });
+    }
 }
 
 /// Prints a start-up or serving error the way every binary does, and gives
@@ -137,11 +148,12 @@ where
         Err(error) => return exit_with(name, Err(error.into())),
     };
     let result = runtime.block_on(async move {
+        let signals = StopSignals::catch()?;
         let config: C = args.common.load()?;
         let _telemetry = crate::telemetry::init(name, config.server_config())?;
         let running = start(config).await?;
         tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, "{name} started");
-        cancel_on_signal(running.shutdown_token());
+        signals.cancel_on_first(running.shutdown_token());
         running.wait().await?;
         Ok(())
     });
