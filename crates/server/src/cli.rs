@@ -49,8 +49,8 @@ impl CommonArgs {
 }
 
 /// SIGTERM and SIGINT, caught from the moment this is made: a stop asked
-/// for while the service starts (or the instant it is ready) is a graceful
-/// stop, never the default action that kills the process.
+/// for while the service starts (or the instant it is ready) is a clean
+/// exit, never the default action that kills the process mid-write.
 struct StopSignals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -66,13 +66,19 @@ impl StopSignals {
         })
     }
 
+    /// The next of them to arrive, by name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+
     /// Cancels `token` on the first of them.
     fn cancel_on_first(mut self, token: CancellationToken) {
         tokio::spawn(async move {
-            tokio::select! {
-                _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
-                _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
-            }
+            let signal = self.next().await;
+            tracing::info!("{signal} received");
             token.cancel();
         });
     }
@@ -148,10 +154,19 @@ where
         Err(error) => return exit_with(name, Err(error.into())),
     };
     let result = runtime.block_on(async move {
-        let signals = StopSignals::catch()?;
+        let mut signals = StopSignals::catch()?;
         let config: C = args.common.load()?;
         let _telemetry = crate::telemetry::init(name, config.server_config())?;
-        let running = start(config).await?;
+        // A stop while starting (a model loading, a store recovering) ends
+        // the start where it is, as the signal's default would, but through
+        // the usual exit: what was started is dropped, spans are flushed.
+        let running = tokio::select! {
+            running = start(config) => running?,
+            signal = signals.next() => {
+                tracing::info!("{signal} received while starting");
+                return Ok(());
+            }
+        };
         tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, "{name} started");
         signals.cancel_on_first(running.shutdown_token());
         running.wait().await?;
