@@ -8,20 +8,24 @@
 //! request's span takes the provider and address of the last deployment
 //! tried. The metrics of the conventions are in `crate::metrics`.
 //!
-//! With no exporter the span is disabled (see
-//! `berth_server::trace_context::REQUEST_SPAN_TARGET`) and every method
-//! here returns at once: nothing is formatted, parsed or looked up for it.
-//! The same holds for a span the sampler left out (`trace_sample_ratio`
-//! below 1): only the trace context still goes to the upstream.
+//! Both are direct spans (`berth_server::direct_span`), not `tracing`
+//! spans: nothing runs inside them, and a `tracing` span's registry slot
+//! and layer callbacks were half of what tracing cost a proxied request.
+//! What is known only later (the deployment tried, the answer's model and
+//! usage, an error) is set several attributes in one go.
+//!
+//! With no exporter the span is disabled and every method here returns at
+//! once: nothing is formatted, parsed or looked up for it. The same holds
+//! for a span the sampler left out (`trace_sample_ratio` below 1): only the
+//! trace context still goes to the upstream.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use berth_server::ServiceError as _;
-use berth_server::trace_context::{self, REQUEST_SPAN_TARGET};
+use berth_server::direct_span::DirectSpan;
+use berth_server::otlp::{SpanKind, Value};
 use serde::Deserialize;
-use tracing::Span;
-use tracing::field::Empty;
 
 use crate::error::ProxyError;
 use crate::litellm_config::DeploymentConfig;
@@ -52,45 +56,27 @@ pub fn provider_name(provider: ProviderKind) -> &'static str {
 /// The span of one GenAI operation; it ends when dropped.
 #[derive(Debug)]
 pub struct OperationSpan {
-    span: Span,
-    /// Sampled, and so exported: what only the span would use is worth
-    /// reading.
-    recorded: bool,
+    span: DirectSpan,
 }
 
 impl OperationSpan {
     /// A child of the current span (the request's).
     pub fn start(operation: &'static str, model: &str) -> Self {
-        let span = tracing::info_span!(
-            target: REQUEST_SPAN_TARGET,
-            "gen_ai",
-            otel.name = %format_args!("{operation} {model}"),
-            otel.kind = "client",
-            otel.status_code = Empty,
-            gen_ai.operation.name = operation,
-            gen_ai.request.model = model,
-            gen_ai.provider.name = Empty,
-            // The attribute's name before `gen_ai.provider.name`, which
-            // many backends still read.
-            gen_ai.system = Empty,
-            gen_ai.response.model = Empty,
-            gen_ai.response.id = Empty,
-            gen_ai.usage.input_tokens = Empty,
-            gen_ai.usage.output_tokens = Empty,
-            server.address = Empty,
-            server.port = Empty,
-            "error.type" = Empty,
-            berth.llm.deployment = Empty,
-            berth.llm.cache_hit = Empty,
+        let span = DirectSpan::in_current(
+            || format!("{operation} {model}"),
+            SpanKind::Client,
+            &[
+                ("gen_ai.operation.name", Value::Str(operation)),
+                ("gen_ai.request.model", Value::Str(model)),
+            ],
         );
-        let recorded = trace_context::is_sampled(&span);
-        Self { span, recorded }
+        Self { span }
     }
 
     /// Whether nothing is recorded (no exporter, or the trace is not
     /// sampled): callers skip work that only the span would use.
     pub fn is_disabled(&self) -> bool {
-        !self.recorded
+        !self.span.is_sampled()
     }
 
     /// The `number`th try (from 1, fallbacks included) of the request, on
@@ -106,8 +92,8 @@ impl OperationSpan {
         if self.is_disabled() {
             // Not sampled: the upstream still joins the trace (its
             // `traceparent` says not sampled), with no span per try.
-            trace_context::inject_http(&self.span, &mut request.headers);
-            return AttemptSpan(Span::none());
+            self.span.inject_http(&mut request.headers);
+            return AttemptSpan(DirectSpan::none());
         }
         let provider = provider_name(deployment.provider);
         let host = request.uri.host();
@@ -116,33 +102,42 @@ impl OperationSpan {
             Some("http") => Some(80),
             _ => None,
         });
-        let attempt = tracing::info_span!(
-            target: REQUEST_SPAN_TARGET,
-            parent: &self.span,
-            "gen_ai.attempt",
-            otel.name = %format_args!("attempt {}", deployment.id),
-            otel.kind = "client",
-            otel.status_code = Empty,
-            gen_ai.provider.name = provider,
-            gen_ai.request.model = deployment.upstream_model.as_str(),
-            berth.llm.deployment = deployment.id.as_str(),
-            berth.llm.attempt = number,
-            server.address = host,
-            server.port = port,
-            http.response.status_code = Empty,
-            "error.type" = Empty,
+        let provider = ("gen_ai.provider.name", Value::Str(provider));
+        let deployment_id = ("berth.llm.deployment", Value::Str(&deployment.id));
+        let server = [
+            host.map(|host| ("server.address", Value::Str(host))),
+            port.map(|port| ("server.port", Value::Int(i64::from(port)))),
+        ];
+        // The request's span names the last deployment tried.
+        let last: Vec<_> = [
+            provider,
+            // The attribute's name before `gen_ai.provider.name`, which
+            // many backends still read.
+            ("gen_ai.system", provider.1),
+            deployment_id,
+        ]
+        .into_iter()
+        .chain(server.into_iter().flatten())
+        .collect();
+        self.span.set_attributes(&last);
+        let tried: Vec<_> = [
+            provider,
+            (
+                "gen_ai.request.model",
+                Value::Str(&deployment.upstream_model),
+            ),
+            deployment_id,
+            ("berth.llm.attempt", Value::Int(i64::from(number))),
+        ]
+        .into_iter()
+        .chain(server.into_iter().flatten())
+        .collect();
+        let attempt = self.span.child(
+            || format!("attempt {}", deployment.id),
+            SpanKind::Client,
+            &tried,
         );
-        self.span.record("gen_ai.provider.name", provider);
-        self.span.record("gen_ai.system", provider);
-        self.span
-            .record("berth.llm.deployment", deployment.id.as_str());
-        if let Some(host) = host {
-            self.span.record("server.address", host);
-        }
-        if let Some(port) = port {
-            self.span.record("server.port", port);
-        }
-        trace_context::inject_http(&attempt, &mut request.headers);
+        attempt.inject_http(&mut request.headers);
         AttemptSpan(attempt)
     }
 
@@ -174,20 +169,16 @@ impl OperationSpan {
             return serde_json::from_slice::<WithUsage>(body).ok()?.usage;
         }
         let described = serde_json::from_slice::<Described<'_>>(body).ok()?;
-        if let Some(model) = &described.model {
-            self.span.record("gen_ai.response.model", model.as_ref());
-        }
-        if let Some(id) = &described.id {
-            self.span.record("gen_ai.response.id", id.as_ref());
-        }
         let reasons: Vec<&str> = described
             .choices
             .iter()
             .filter_map(|choice| choice.finish_reason.as_deref())
             .collect();
-        if !reasons.is_empty() {
-            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
-        }
+        self.answered(
+            described.model.as_deref(),
+            described.id.as_deref(),
+            &reasons,
+        );
         described.usage
     }
 
@@ -201,16 +192,26 @@ impl OperationSpan {
     /// [`whole_answer`](Self::whole_answer) records for a whole one (the
     /// usage comes with the request's, from the stream's usage chunk).
     pub fn streamed(&self, answer: StreamedAnswer) {
-        if let Some(model) = &answer.model {
-            self.span.record("gen_ai.response.model", model.as_str());
+        let reasons: Vec<&str> = answer.finish_reasons.values().map(String::as_str).collect();
+        self.answered(answer.model.as_deref(), answer.id.as_deref(), &reasons);
+    }
+
+    /// What an answer said of itself, whole or streamed.
+    fn answered(&self, model: Option<&str>, id: Option<&str>, finish_reasons: &[&str]) {
+        let mut said = Vec::with_capacity(3);
+        if let Some(model) = model {
+            said.push(("gen_ai.response.model", Value::Str(model)));
         }
-        if let Some(id) = &answer.id {
-            self.span.record("gen_ai.response.id", id.as_str());
+        if let Some(id) = id {
+            said.push(("gen_ai.response.id", Value::Str(id)));
         }
-        if !answer.finish_reasons.is_empty() {
-            let reasons: Vec<&str> = answer.finish_reasons.values().map(String::as_str).collect();
-            trace_context::set_string_array(&self.span, "gen_ai.response.finish_reasons", &reasons);
+        if !finish_reasons.is_empty() {
+            said.push((
+                "gen_ai.response.finish_reasons",
+                Value::StrArray(finish_reasons),
+            ));
         }
+        self.span.set_attributes(&said);
     }
 
     /// The request's usage, once known.
@@ -218,31 +219,31 @@ impl OperationSpan {
         if self.is_disabled() {
             return;
         }
-        self.span
-            .record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+        let tokens = |count: u64| Value::Int(i64::try_from(count).unwrap_or(i64::MAX));
+        let input = ("gen_ai.usage.input_tokens", tokens(usage.prompt_tokens));
+        let output = (
+            "gen_ai.usage.output_tokens",
+            tokens(usage.completion_tokens),
+        );
         // Embeddings have no output tokens.
-        if operation != "embeddings" {
-            self.span
-                .record("gen_ai.usage.output_tokens", usage.completion_tokens);
-        }
+        let counted: &[_] = if operation == "embeddings" {
+            &[input]
+        } else {
+            &[input, output]
+        };
+        self.span.set_attributes(counted);
     }
 
     /// Answered from the response cache: no upstream was asked.
     pub fn cache_hit(&self) {
-        if self.is_disabled() {
-            return;
-        }
-        self.span.record("berth.llm.cache_hit", true);
+        self.span
+            .set_attributes(&[("berth.llm.cache_hit", Value::Bool(true))]);
     }
 
     /// The operation failed; `error_type` is low-cardinality (a
     /// `ProxyError::reason`).
     pub fn failed(&self, error_type: &'static str) {
-        if self.is_disabled() {
-            return;
-        }
-        self.span.record("error.type", error_type);
-        self.span.record("otel.status_code", "error");
+        self.span.set_attributes(&failure(error_type));
     }
 }
 
@@ -250,21 +251,30 @@ impl OperationSpan {
 /// request to the whole answer (a stream: to its response headers; the
 /// stream's own end is the request span's); it ends when dropped.
 #[derive(Debug)]
-pub struct AttemptSpan(Span);
+pub struct AttemptSpan(DirectSpan);
 
 impl AttemptSpan {
     /// The try failed (the request may go on elsewhere): the error's
     /// `reason` as `error.type`, and an upstream's refusal's status.
     pub fn failed(&self, error: &ProxyError) {
-        if self.0.is_disabled() {
+        if !self.0.is_sampled() {
             return;
         }
+        let mut failed = failure(error.reason()).to_vec();
         if let ProxyError::Upstream { status, .. } = error {
-            self.0.record("http.response.status_code", status.as_u16());
+            let status = Value::Int(i64::from(status.as_u16()));
+            failed.push(("http.response.status_code", status));
         }
-        self.0.record("error.type", error.reason());
-        self.0.record("otel.status_code", "error");
+        self.0.set_attributes(&failed);
     }
+}
+
+/// A span's attributes for a failure whose `error.type` is `error_type`.
+fn failure(error_type: &str) -> [(&'static str, Value<'_>); 2] {
+    [
+        ("error.type", Value::Str(error_type)),
+        ("otel.status_code", Value::Str("error")),
+    ]
 }
 
 /// Reads along a streamed chat or text completion (OpenAI's chunks) what

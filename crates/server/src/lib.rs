@@ -8,6 +8,7 @@ pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod direct_span;
 pub mod error;
 pub mod grpc_trace;
 pub mod http;

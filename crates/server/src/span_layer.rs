@@ -106,6 +106,74 @@ pub(crate) struct Recording {
 }
 
 impl Recording {
+    /// A span's recording as it begins: a child of `parent`, or the root of
+    /// a trace of its own that `sampler` keeps or not.
+    pub(crate) fn begin(parent: Option<SpanContext>, sampler: Sampler) -> Self {
+        let span_id = new_span_id();
+        let (context, parent_span_id) = match parent {
+            Some(parent) => {
+                let parent_span_id = Some(parent.span_id);
+                (SpanContext { span_id, ..parent }, parent_span_id)
+            }
+            None => {
+                let trace_id = new_trace_id();
+                let context = SpanContext {
+                    trace_id,
+                    span_id,
+                    sampled: sampler.samples(trace_id),
+                    trace_state: None,
+                };
+                (context, None)
+            }
+        };
+        let mut recording = Self {
+            context,
+            parent_span_id,
+            remote_parent: false,
+            name: None,
+            kind: SpanKind::Internal,
+            start_unix_nano: now_unix_nano(),
+            recorded: Vec::new(),
+            error: false,
+            status_message: None,
+            attributes: Kept::default(),
+            events: Kept::default(),
+            links: Kept::default(),
+        };
+        if recording.records() {
+            recording.recorded.reserve(256);
+        }
+        recording
+    }
+
+    /// The span as it ends, encoded for export (named `name` unless it was
+    /// given `otel.name`); None when it is not sampled.
+    pub(crate) fn finish(self, name: &str) -> Option<Vec<u8>> {
+        if !self.context.sampled {
+            return None;
+        }
+        let header = SpanHeader {
+            trace_id: self.context.trace_id,
+            span_id: self.context.span_id,
+            trace_state: self.context.trace_state.as_deref().unwrap_or_default(),
+            parent_span_id: self.parent_span_id,
+            name: self.name.as_deref().unwrap_or(name),
+            kind: self.kind,
+            start_unix_nano: self.start_unix_nano,
+            end_unix_nano: now_unix_nano(),
+            error: self
+                .error
+                .then(|| self.status_message.as_deref().unwrap_or_default()),
+            remote_parent: self.remote_parent,
+            dropped: [
+                self.attributes.dropped,
+                self.events.dropped,
+                self.links.dropped,
+            ],
+        };
+        Some(otlp::span(&header, self.recorded))
+    }
+
     /// Whether what the span records is kept: it is sampled, or it is a
     /// root, whose decision a remote parent may still change.
     fn records(&self) -> bool {
@@ -130,15 +198,18 @@ impl Recording {
         }
     }
 
-    pub(crate) fn set_string_array(&mut self, key: &str, values: &[&str]) {
-        if self.records() && self.attributes.admit() {
-            otlp::attribute(
-                &mut self.recorded,
-                otlp::SPAN_ATTRIBUTES,
-                key,
-                Value::StrArray(values),
-            );
+    /// An attribute set after the span began, as a field of the span
+    /// would set it.
+    pub(crate) fn set(&mut self, key: &str, value: Value<'_>) {
+        if self.records() {
+            self.field(key, value);
         }
+    }
+
+    /// The name and kind of a span with no `tracing` span behind it.
+    pub(crate) fn set_name(&mut self, name: String, kind: SpanKind) {
+        self.name = Some(name);
+        self.kind = kind;
     }
 
     fn field(&mut self, name: &str, value: Value<'_>) {
@@ -254,6 +325,14 @@ impl SpanLayer {
     pub fn new(export: Arc<SpanExport>, sampler: Sampler) -> Self {
         Self { export, sampler }
     }
+
+    pub(crate) fn export(&self) -> &Arc<SpanExport> {
+        &self.export
+    }
+
+    pub(crate) fn sampler(&self) -> Sampler {
+        self.sampler
+    }
 }
 
 fn now_unix_nano() -> u64 {
@@ -301,39 +380,8 @@ where
                 .get::<Recording>()
                 .map(|r| r.context.clone())
         });
-        let span_id = new_span_id();
-        let (context, parent_span_id) = match parent {
-            Some(parent) => {
-                let parent_span_id = Some(parent.span_id);
-                (SpanContext { span_id, ..parent }, parent_span_id)
-            }
-            None => {
-                let trace_id = new_trace_id();
-                let context = SpanContext {
-                    trace_id,
-                    span_id,
-                    sampled: self.sampler.samples(trace_id),
-                    trace_state: None,
-                };
-                (context, None)
-            }
-        };
-        let mut recording = Recording {
-            context,
-            parent_span_id,
-            remote_parent: false,
-            name: None,
-            kind: SpanKind::Internal,
-            start_unix_nano: now_unix_nano(),
-            recorded: Vec::new(),
-            error: false,
-            status_message: None,
-            attributes: Kept::default(),
-            events: Kept::default(),
-            links: Kept::default(),
-        };
+        let mut recording = Recording::begin(parent, self.sampler);
         if recording.records() {
-            recording.recorded.reserve(256);
             attrs.record(&mut Fields(&mut recording));
         }
         span.extensions_mut().insert(recording);
@@ -389,29 +437,9 @@ where
         let Some(recording) = span.extensions_mut().remove::<Recording>() else {
             return;
         };
-        if !recording.context.sampled {
-            return;
+        if let Some(encoded) = recording.finish(span.name()) {
+            self.export.push(encoded);
         }
-        let header = SpanHeader {
-            trace_id: recording.context.trace_id,
-            span_id: recording.context.span_id,
-            trace_state: recording.context.trace_state.as_deref().unwrap_or_default(),
-            parent_span_id: recording.parent_span_id,
-            name: recording.name.as_deref().unwrap_or(span.name()),
-            kind: recording.kind,
-            start_unix_nano: recording.start_unix_nano,
-            end_unix_nano: now_unix_nano(),
-            error: recording
-                .error
-                .then(|| recording.status_message.as_deref().unwrap_or_default()),
-            remote_parent: recording.remote_parent,
-            dropped: [
-                recording.attributes.dropped,
-                recording.events.dropped,
-                recording.links.dropped,
-            ],
-        };
-        self.export.push(otlp::span(&header, recording.recorded));
     }
 }
 
@@ -494,6 +522,7 @@ mod tests {
     use super::*;
 
     use super::testing::traced;
+    use crate::direct_span::DirectSpan;
     use crate::trace_context::{self, SpanContext};
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
     use opentelemetry_proto::tonic::trace::v1::Span as Exported;
@@ -535,11 +564,6 @@ mod tests {
             );
             operation.record("gen_ai.usage.input_tokens", 12u64);
             operation.record("otel.status_code", "error");
-            trace_context::set_string_array(
-                &operation,
-                "gen_ai.response.finish_reasons",
-                &["stop"],
-            );
             operation.in_scope(|| tracing::warn!(attempt = 2, "upstream slow"));
             // Below the exporter's level: neither a span nor an event.
             operation.in_scope(|| {
@@ -576,10 +600,6 @@ mod tests {
             Some(Any::BoolValue(false))
         );
         assert_eq!(attribute(operation, "ratio"), Some(Any::DoubleValue(0.5)));
-        assert!(matches!(
-            attribute(operation, "gen_ai.response.finish_reasons"),
-            Some(Any::ArrayValue(_))
-        ));
         // What sets the span's name, kind and status is no attribute.
         assert!(
             operation
@@ -658,18 +678,21 @@ mod tests {
         let other = another_trace();
         tracing::subscriber::with_default(subscriber, || {
             let run = tracing::info_span!("exec");
+            let tries =
+                run.in_scope(|| DirectSpan::in_current(|| "tries".into(), SpanKind::Internal, &[]));
             for round in 0..300 {
                 run.in_scope(|| tracing::warn!(round, "still waiting"));
                 trace_context::add_link(&run, &other);
-                trace_context::set_string_array(&run, "tried", &["a"]);
+                tries.set_attributes(&[("tried", Value::StrArray(&["a"]))]);
             }
         });
         let spans = exports.spans();
         let run = named(&spans, "exec");
         assert_eq!((run.events.len(), run.dropped_events_count), (128, 172));
         assert_eq!((run.links.len(), run.dropped_links_count), (128, 172));
+        let tries = named(&spans, "tries");
         assert_eq!(
-            (run.attributes.len(), run.dropped_attributes_count),
+            (tries.attributes.len(), tries.dropped_attributes_count),
             (128, 172)
         );
         assert_eq!(run.events[0].name, "still waiting");

@@ -50,6 +50,28 @@ const DEFAULT_LOG_FILTER: &str = "info,berth_server::trace_context=warn";
 /// [`DEFAULT_LOG_FILTER`]), text or JSON lines on stderr, and an OTLP layer
 /// when `otlp_endpoint` is set.
 pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGuard, String> {
+    let export = if config.otlp_endpoint.is_empty() {
+        None
+    } else {
+        let settings = ExportConfig::from_env().map_err(|e| e.to_string())?;
+        let exporter = GrpcExporter::new(service, &config.otlp_endpoint, settings.timeout)
+            .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
+        let export = SpanExport::start(exporter, &settings, SpanCounts::global().clone())
+            .map_err(|e| format!("cannot start the span export thread: {e}"))?;
+        Some(Arc::new(export))
+    };
+    subscriber(config, export.clone())?
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(TelemetryGuard { export })
+}
+
+/// The subscriber [`init`] installs, spans going to `export` when there is
+/// one (benchmarks build it with an exporter of their own).
+pub fn subscriber(
+    config: &ServerConfig,
+    export: Option<Arc<SpanExport>>,
+) -> Result<impl tracing::Subscriber + Send + Sync + 'static, String> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -57,25 +79,14 @@ pub fn init(service: &'static str, config: &ServerConfig) -> Result<TelemetryGua
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
-    let (spans, export) = if config.otlp_endpoint.is_empty() {
-        (None, None)
-    } else {
-        let sampler = Sampler::ratio(config.trace_sample_ratio)?;
-        let settings = ExportConfig::from_env().map_err(|e| e.to_string())?;
-        let exporter = GrpcExporter::new(service, &config.otlp_endpoint, settings.timeout)
-            .map_err(|e| format!("server.otlp_endpoint = \"{}\": {e}", config.otlp_endpoint))?;
-        let export = SpanExport::start(exporter, &settings, SpanCounts::global().clone())
-            .map_err(|e| format!("cannot start the span export thread: {e}"))?;
-        let export = Arc::new(export);
-        let layer = SpanLayer::new(export.clone(), sampler).with_filter(exported_filter());
-        (Some(layer), Some(export))
+    let spans = match export {
+        None => None,
+        Some(export) => {
+            let sampler = Sampler::ratio(config.trace_sample_ratio)?;
+            Some(SpanLayer::new(export, sampler).with_filter(exported_filter()))
+        }
     };
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(spans)
-        .try_init()
-        .map_err(|e| e.to_string())?;
-    Ok(TelemetryGuard { export })
+    Ok(tracing_subscriber::registry().with(fmt).with(spans))
 }
 
 /// What the exporter takes: spans at INFO and above, and as their events

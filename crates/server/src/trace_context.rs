@@ -190,14 +190,19 @@ pub fn inject(span: &Span, metadata: &mut MetadataMap) {
 /// nothing when the span is not traced.
 pub fn inject_http(span: &Span, headers: &mut HeaderMap) {
     if let Some(context) = context(span) {
-        if let Ok(value) = http::HeaderValue::try_from(context.traceparent()) {
-            headers.insert(http::header::HeaderName::from_static("traceparent"), value);
-        }
-        if let Some(state) = context.trace_state.as_deref()
-            && let Ok(value) = http::HeaderValue::try_from(state)
-        {
-            headers.insert(http::header::HeaderName::from_static("tracestate"), value);
-        }
+        write_http(&context, headers);
+    }
+}
+
+/// Writes `context` as `traceparent` (and `tracestate`) headers.
+pub(crate) fn write_http(context: &SpanContext, headers: &mut HeaderMap) {
+    if let Ok(value) = http::HeaderValue::try_from(context.traceparent()) {
+        headers.insert(http::header::HeaderName::from_static("traceparent"), value);
+    }
+    if let Some(state) = context.trace_state.as_deref()
+        && let Ok(value) = http::HeaderValue::try_from(state)
+    {
+        headers.insert(http::header::HeaderName::from_static("tracestate"), value);
     }
 }
 
@@ -206,15 +211,6 @@ pub fn inject_http(span: &Span, headers: &mut HeaderMap) {
 /// work only its attributes would use.
 pub fn is_sampled(span: &Span) -> bool {
     context(span).is_some_and(|context| context.sampled)
-}
-
-/// Sets a string-array attribute on `span`'s exported span (a `tracing`
-/// field holds one value only), e.g. `gen_ai.response.finish_reasons`.
-pub fn set_string_array(span: &Span, key: &'static str, values: &[&str]) {
-    if span.is_disabled() {
-        return;
-    }
-    with_recording(span, |recording| recording.set_string_array(key, values));
 }
 
 /// Links `span` to a span of another trace (a campaign's runs to the call

@@ -1,0 +1,330 @@
+//! Spans recorded by berth's span layer with no `tracing` span behind them,
+//! for the spans of a request's hot path that nothing runs inside: no event
+//! is logged in them and no span begins while they are current (the LLM
+//! proxy's GenAI span and each of its tries). A `tracing` span takes a slot
+//! in the registry and every layer's callbacks when it begins, when a field
+//! is recorded and when it ends, and each attribute set later looks it up
+//! again; a direct span is its recording alone, its attributes written
+//! straight into it, and it goes to the export queue when dropped (issue
+//! #20: half of what tracing cost a proxied request).
+//!
+//! Its parent is the nearest traced span that is current (the request's
+//! HTTP or gRPC span), or another direct span. With no span layer installed
+//! (no exporter) a direct span is disabled: nothing is made and every
+//! method returns at once.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use http::HeaderMap;
+use tracing_subscriber::Registry;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::otlp::{SpanKind, Value};
+use crate::span_export::SpanExport;
+use crate::span_layer::{Recording, Sampler, SpanLayer};
+use crate::trace_context::{self, SpanContext};
+
+/// See the module's documentation; it ends when dropped.
+#[derive(Debug)]
+pub struct DirectSpan(Option<Box<Direct>>);
+
+#[derive(Debug)]
+struct Direct {
+    export: Arc<SpanExport>,
+    sampler: Sampler,
+    /// Exported when it ends (a direct span never changes its decision:
+    /// no remote parent is set on it).
+    sampled: bool,
+    recording: Mutex<Recording>,
+}
+
+impl DirectSpan {
+    /// A disabled span, as when no span layer is installed.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// A span of `kind` with `attributes`, a child of the current traced
+    /// span, or the root of a trace of its own when none is current;
+    /// `name` is called only when the span is sampled.
+    pub fn in_current(
+        name: impl FnOnce() -> String,
+        kind: SpanKind,
+        attributes: &[(&str, Value<'_>)],
+    ) -> Self {
+        let found = tracing::dispatcher::get_default(|dispatch| {
+            let layer = dispatch.downcast_ref::<SpanLayer>()?;
+            let parent = dispatch.current_span().id().and_then(|id| {
+                let registry = dispatch.downcast_ref::<Registry>()?;
+                registry.span(id)?.scope().find_map(|span| {
+                    span.extensions()
+                        .get::<Recording>()
+                        .map(|recording| recording.context.clone())
+                })
+            });
+            Some((layer.export().clone(), layer.sampler(), parent))
+        });
+        match found {
+            Some((export, sampler, parent)) => {
+                Self::begin(export, sampler, parent, name, kind, attributes)
+            }
+            None => Self(None),
+        }
+    }
+
+    /// A child of this span, as [`Self::in_current`] makes one; disabled
+    /// when this one is.
+    pub fn child(
+        &self,
+        name: impl FnOnce() -> String,
+        kind: SpanKind,
+        attributes: &[(&str, Value<'_>)],
+    ) -> Self {
+        match &self.0 {
+            Some(direct) => {
+                let parent = direct.lock().context.clone();
+                Self::begin(
+                    direct.export.clone(),
+                    direct.sampler,
+                    Some(parent),
+                    name,
+                    kind,
+                    attributes,
+                )
+            }
+            None => Self(None),
+        }
+    }
+
+    fn begin(
+        export: Arc<SpanExport>,
+        sampler: Sampler,
+        parent: Option<SpanContext>,
+        name: impl FnOnce() -> String,
+        kind: SpanKind,
+        attributes: &[(&str, Value<'_>)],
+    ) -> Self {
+        let mut recording = Recording::begin(parent, sampler);
+        let sampled = recording.context.sampled;
+        if sampled {
+            recording.set_name(name(), kind);
+            for &(key, value) in attributes {
+                recording.set(key, value);
+            }
+        }
+        Self(Some(Box::new(Direct {
+            export,
+            sampler,
+            sampled,
+            recording: Mutex::new(recording),
+        })))
+    }
+
+    /// Whether the span is exported when it ends: a span layer is installed
+    /// and the trace is sampled. Work only its attributes would use can be
+    /// skipped otherwise.
+    pub fn is_sampled(&self) -> bool {
+        self.0.as_ref().is_some_and(|direct| direct.sampled)
+    }
+
+    /// Sets attributes (`otel.status_code` and the like as a `tracing`
+    /// span's fields would); nothing unless the span is sampled.
+    pub fn set_attributes(&self, attributes: &[(&str, Value<'_>)]) {
+        if let Some(direct) = &self.0
+            && direct.sampled
+        {
+            let mut recording = direct.lock();
+            for &(key, value) in attributes {
+                recording.set(key, value);
+            }
+        }
+    }
+
+    /// Writes the span's trace context into the headers of an HTTP request
+    /// (sampled or not, so that the callee takes the same decision);
+    /// nothing when the span is disabled.
+    pub fn inject_http(&self, headers: &mut HeaderMap) {
+        if let Some(direct) = &self.0 {
+            let context = direct.lock().context.clone();
+            trace_context::write_http(&context, headers);
+        }
+    }
+}
+
+impl Direct {
+    fn lock(&self) -> MutexGuard<'_, Recording> {
+        // A recording is consistent between any two of its statements.
+        self.recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for DirectSpan {
+    fn drop(&mut self) {
+        if let Some(direct) = self.0.take()
+            && direct.sampled
+        {
+            let Direct {
+                export, recording, ..
+            } = *direct;
+            let recording = recording
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(encoded) = recording.finish("") {
+                export.push(encoded);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use opentelemetry_proto::tonic::trace::v1::Span as Exported;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind as ExportedKind;
+
+    use super::*;
+    use crate::span_layer::testing::traced;
+
+    fn attribute(span: &Exported, key: &str) -> Option<Any> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    }
+
+    fn named<'a>(spans: &'a [Exported], name: &str) -> &'a Exported {
+        spans
+            .iter()
+            .find(|span| span.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
+    }
+
+    /// A direct span inside a traced one is its child, its own child is
+    /// its, and each carries its name, kind and attributes, set when it
+    /// began or later (an array, an error) — exported as a `tracing`
+    /// span's would be; the upstream gets the child's context.
+    #[test]
+    fn direct_spans_nest_under_the_current_span_and_carry_their_attributes() {
+        let (subscriber, exports) = traced(1.0);
+        let mut headers = HeaderMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!("http", otel.name = "POST", otel.kind = "server");
+            let _entered = request.enter();
+            // A span below the exporter's level between the two: the direct
+            // span's parent is the nearest traced one.
+            let quiet = tracing::debug_span!("quiet");
+            let _quiet = quiet.enter();
+            let operation = DirectSpan::in_current(
+                || "chat smollm2".to_string(),
+                SpanKind::Client,
+                &[("gen_ai.request.model", Value::Str("smollm2"))],
+            );
+            assert!(operation.is_sampled());
+            let attempt = operation.child(
+                || "attempt smollm2#0".to_string(),
+                SpanKind::Client,
+                &[("berth.llm.attempt", Value::Int(1))],
+            );
+            attempt.inject_http(&mut headers);
+            attempt.set_attributes(&[
+                ("error.type", Value::Str("upstream")),
+                ("otel.status_code", Value::Str("error")),
+            ]);
+            drop(attempt);
+            operation.set_attributes(&[
+                (
+                    "gen_ai.response.finish_reasons",
+                    Value::StrArray(&["stop", "length"]),
+                ),
+                ("gen_ai.usage.input_tokens", Value::Int(12)),
+            ]);
+        });
+        let spans = exports.spans();
+        let request = named(&spans, "POST");
+        let operation = named(&spans, "chat smollm2");
+        let attempt = named(&spans, "attempt smollm2#0");
+        assert_eq!(operation.trace_id, request.trace_id);
+        assert_eq!(operation.parent_span_id, request.span_id);
+        assert_eq!(attempt.trace_id, request.trace_id);
+        assert_eq!(attempt.parent_span_id, operation.span_id);
+        assert_eq!(operation.kind, ExportedKind::Client as i32);
+        assert_eq!(
+            attribute(operation, "gen_ai.request.model"),
+            Some(Any::StringValue("smollm2".into()))
+        );
+        assert_eq!(
+            attribute(operation, "gen_ai.usage.input_tokens"),
+            Some(Any::IntValue(12))
+        );
+        let Some(Any::ArrayValue(reasons)) = attribute(operation, "gen_ai.response.finish_reasons")
+        else {
+            panic!("no finish reasons in {operation:?}");
+        };
+        let reasons: Vec<_> = reasons.values.into_iter().filter_map(|v| v.value).collect();
+        assert_eq!(
+            reasons,
+            [
+                Any::StringValue("stop".into()),
+                Any::StringValue("length".into())
+            ]
+        );
+        assert_eq!(
+            attribute(attempt, "berth.llm.attempt"),
+            Some(Any::IntValue(1))
+        );
+        assert_eq!(
+            attribute(attempt, "error.type"),
+            Some(Any::StringValue("upstream".into()))
+        );
+        assert_eq!(attempt.status.as_ref().map(|s| s.code), Some(2));
+        assert!(operation.status.as_ref().is_none_or(|s| s.code != 2));
+        let sent = headers
+            .get("traceparent")
+            .expect("traceparent")
+            .to_str()
+            .unwrap();
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            sent,
+            format!("00-{}-{}-01", hex(&attempt.trace_id), hex(&attempt.span_id))
+        );
+    }
+
+    /// Not sampled: nothing is exported, and the upstream still gets the
+    /// trace's context, marked not sampled. With no span layer: disabled,
+    /// nothing sent at all.
+    #[test]
+    fn an_unsampled_or_untraced_direct_span_exports_nothing() {
+        let (subscriber, exports) = traced(0.0);
+        let mut headers = HeaderMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!("http");
+            let _entered = request.enter();
+            let operation = DirectSpan::in_current(
+                || unreachable!("named only when sampled"),
+                SpanKind::Client,
+                &[],
+            );
+            assert!(!operation.is_sampled());
+            operation.set_attributes(&[("gen_ai.usage.input_tokens", Value::Int(1))]);
+            operation.inject_http(&mut headers);
+        });
+        assert!(exports.spans().is_empty());
+        let sent = headers
+            .get("traceparent")
+            .expect("traceparent")
+            .to_str()
+            .unwrap();
+        assert!(sent.ends_with("-00"), "{sent}");
+
+        let mut headers = HeaderMap::new();
+        let untraced = DirectSpan::in_current(String::new, SpanKind::Client, &[]);
+        assert!(!untraced.is_sampled());
+        untraced
+            .child(String::new, SpanKind::Client, &[])
+            .inject_http(&mut headers);
+        assert!(headers.is_empty());
+    }
+}
