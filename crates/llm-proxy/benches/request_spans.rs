@@ -29,7 +29,9 @@ use berth_llm_proxy::gen_ai::OperationSpan;
 use berth_llm_proxy::litellm_config::{DeploymentConfig, LiteLlmConfig};
 use berth_llm_proxy::providers::{Dialect, UpstreamRequest};
 use berth_server::ServerConfig;
-use berth_server::span_export::{ExportConfig, ExportError, Exporter, SpanCounts, SpanExport};
+use berth_server::span_export::{
+    Batch, ExportConfig, ExportError, Exporter, SpanCounts, SpanExport,
+};
 use tower::ServiceExt as _;
 
 /// Requests per round, and rounds of each way.
@@ -44,8 +46,8 @@ const ANSWER: &[u8] = br#"{"choices":[{"finish_reason":"stop","index":0,"message
 struct Discard;
 
 impl Exporter for Discard {
-    fn export(&mut self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
-        black_box(berth_server::otlp::export_request("bench", spans));
+    fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+        black_box(berth_server::otlp::export_request("bench", batch.encoded()));
         Ok(())
     }
 }

@@ -172,7 +172,7 @@ impl Drop for DirectSpan {
                 .into_inner()
                 .unwrap_or_else(PoisonError::into_inner);
             if let Some(encoded) = recording.finish("") {
-                export.push(encoded);
+                export.push(&encoded);
             }
         }
     }

@@ -233,18 +233,47 @@ pub fn span(header: &SpanHeader<'_>, mut out: Vec<u8>) -> Vec<u8> {
     out
 }
 
-/// An `ExportTraceServiceRequest` of `spans` (each as [`span`] wrote it),
-/// from the service named `service`.
-pub fn export_request(service: &str, spans: &[Vec<u8>]) -> Vec<u8> {
+/// Appends `span` (as [`span`] wrote it) to `spans`, the `spans` field of a
+/// `ScopeSpans` being written: spans queued for export are this one buffer,
+/// which [`export_request`] wraps as it is.
+pub fn push_scope_span(spans: &mut Vec<u8>, span: &[u8]) {
+    bytes_field(spans, 2, span);
+}
+
+/// Where the `count`th span of `spans` (as [`push_scope_span`] wrote them)
+/// ends, or None when there are fewer.
+pub fn scope_spans_end(spans: &[u8], count: usize) -> Option<usize> {
+    let mut at = 0;
+    for _ in 0..count {
+        // The tag (one byte, field 2) and the length, a varint.
+        at += 1;
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let byte = *spans.get(at)?;
+            at += 1;
+            len |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte < 0x80 {
+                break;
+            }
+        }
+        at = at.checked_add(len).filter(|&end| end <= spans.len())?;
+    }
+    Some(at)
+}
+
+/// An `ExportTraceServiceRequest` of `spans` (as [`push_scope_span`] wrote
+/// them), from the service named `service`.
+pub fn export_request(service: &str, spans: &[u8]) -> Vec<u8> {
     let len_field = |len: usize| 1 + varint_len(len as u64) + len;
     // Resource { repeated KeyValue attributes = 1 }
     let mut resource = Vec::with_capacity(32 + service.len());
     attribute(&mut resource, 1, "service.name", Value::Str(service));
     // InstrumentationScope { string name = 1 }
     let scope = len_field(service.len());
-    let spans_len: usize = spans.iter().map(|span| len_field(span.len())).sum();
     // ScopeSpans { scope = 1; repeated Span spans = 2 }
-    let scope_spans = len_field(scope) + spans_len;
+    let scope_spans = len_field(scope) + spans.len();
     // ResourceSpans { resource = 1; repeated ScopeSpans scope_spans = 2 }
     let resource_spans = len_field(resource.len()) + len_field(scope_spans);
     let mut out = Vec::with_capacity(len_field(resource_spans));
@@ -253,9 +282,7 @@ pub fn export_request(service: &str, spans: &[Vec<u8>]) -> Vec<u8> {
     len_header(&mut out, 2, scope_spans);
     len_header(&mut out, 1, scope);
     bytes_field(&mut out, 1, service.as_bytes());
-    for span in spans {
-        bytes_field(&mut out, 2, span);
-    }
+    out.extend_from_slice(spans);
     out
 }
 
@@ -281,6 +308,37 @@ mod tests {
             let mut out = Vec::new();
             varint(&mut out, value);
             assert_eq!(out.len(), varint_len(value), "{value}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Queued spans of any sizes are found where they end, and a
+        /// buffer cut short never reads past its end.
+        #[test]
+        fn scope_spans_end_where_they_were_pushed(
+            spans in proptest::collection::vec(proptest::collection::vec(0u8..=255, 0..300), 0..20),
+            cut in 0usize..8000,
+        ) {
+            let mut queued = Vec::new();
+            let mut ends = vec![0];
+            for span in &spans {
+                push_scope_span(&mut queued, span);
+                ends.push(queued.len());
+            }
+            for (count, end) in ends.iter().enumerate() {
+                proptest::prop_assert_eq!(scope_spans_end(&queued, count), Some(*end));
+            }
+            proptest::prop_assert_eq!(scope_spans_end(&queued, spans.len() + 1), None);
+            let short = &queued[..cut.min(queued.len())];
+            for (count, &end) in ends.iter().enumerate() {
+                let found = scope_spans_end(short, count);
+                proptest::prop_assert!(found.is_none_or(|found| found <= short.len() && found == end));
+            }
         }
     }
 
@@ -336,9 +394,12 @@ mod tests {
             remote_parent: true,
             dropped: [1, 2, 3],
         };
-        let spans = vec![
-            span(&header, recorded),
-            span(
+        let mut spans = Vec::new();
+        push_scope_span(&mut spans, &span(&header, recorded));
+        let first_end = spans.len();
+        push_scope_span(
+            &mut spans,
+            &span(
                 &SpanHeader {
                     error: None,
                     parent_span_id: None,
@@ -347,7 +408,12 @@ mod tests {
                 },
                 Vec::new(),
             ),
-        ];
+        );
+        assert_eq!(scope_spans_end(&spans, 0), Some(0));
+        assert_eq!(scope_spans_end(&spans, 1), Some(first_end));
+        assert_eq!(scope_spans_end(&spans, 2), Some(spans.len()));
+        assert_eq!(scope_spans_end(&spans, 3), None);
+        assert_eq!(scope_spans_end(&spans[..spans.len() - 1], 2), None);
         let request =
             ExportTraceServiceRequest::decode(&export_request("berth-llm-proxy", &spans)[..])
                 .unwrap();

@@ -438,7 +438,7 @@ where
             return;
         };
         if let Some(encoded) = recording.finish(span.name()) {
-            self.export.push(encoded);
+            self.export.push(&encoded);
         }
     }
 }
@@ -461,18 +461,20 @@ pub(crate) fn with_recording<R>(span: &Span, f: impl FnOnce(&mut Recording) -> R
 pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
+    use opentelemetry_proto::tonic::trace::v1::ScopeSpans;
     use opentelemetry_proto::tonic::trace::v1::Span as Exported;
     use prost::Message as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
     use super::{Sampler, SpanLayer};
-    use crate::span_export::{ExportConfig, ExportError, Exporter, SpanCounts, SpanExport};
+    use crate::span_export::{Batch, ExportConfig, ExportError, Exporter, SpanCounts, SpanExport};
 
+    /// Each batch as it was exported.
     struct Memory(Arc<Mutex<Vec<Vec<u8>>>>);
 
     impl Exporter for Memory {
-        fn export(&mut self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
-            self.0.lock().unwrap().extend_from_slice(spans);
+        fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+            self.0.lock().unwrap().push(batch.encoded().to_vec());
             Ok(())
         }
     }
@@ -487,10 +489,11 @@ pub(crate) mod testing {
         /// Every span ended so far, decoded as a collector reads it.
         pub(crate) fn spans(&self) -> Vec<Exported> {
             self.export.flush().unwrap();
-            let spans = self.spans.lock().unwrap();
-            spans
+            let batches = self.spans.lock().unwrap();
+            // A batch is the `spans` of a `ScopeSpans`, and decodes as one.
+            batches
                 .iter()
-                .map(|span| Exported::decode(&span[..]).unwrap())
+                .flat_map(|batch| ScopeSpans::decode(&batch[..]).unwrap().spans)
                 .collect()
         }
     }
