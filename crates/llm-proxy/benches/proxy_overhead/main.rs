@@ -26,7 +26,12 @@
 //! LiteLLM out, `BENCH_FLOOR=0` to leave nginx out, `BENCH_PROXY_CPUS`
 //! (e.g. `1`: the proxies run on these CPUs only, the generator and the
 //! fake upstream on the others, so that neither side takes the other's
-//! core; berth then gets one tokio worker per CPU given).
+//! core; berth then gets one tokio worker per CPU given),
+//! `BENCH_TRACED_OTLP` (an OTLP/gRPC endpoint, e.g. the tests'
+//! `otlp_sink`: a third berth, `berth-traced`, exports every span there at
+//! `BENCH_TRACED_RATIO`, default 1.0, measured in the same repeats as the
+//! untraced one; run it with `BENCH_PEER=0`, and the ratio column is what
+//! tracing costs).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike; a target is
 //! not driven past the first rate it fails within a repeat.
@@ -48,6 +53,8 @@ const MASTER_KEY: &str = "sk-bench-master";
 /// The berth with its response cache on; reported apart from the proxies
 /// compared, as it answers without the upstream.
 const CACHED: &str = "berth-cache";
+/// The berth exporting its spans (`BENCH_TRACED_OTLP`).
+const TRACED: &str = "berth-traced";
 /// nginx, the floor; reported apart too, as it is no LLM gateway.
 const FLOOR: &str = "nginx";
 /// Each measured run is preceded by this long at the same rate, unmeasured,
@@ -65,6 +72,8 @@ struct Settings {
     proxy_cpus: Option<String>,
     /// The machine's CPUs, counted before any pinning.
     cpus: usize,
+    /// Where `berth-traced` exports, and at which sample ratio.
+    traced: Option<(String, f64)>,
 }
 
 impl Settings {
@@ -89,6 +98,14 @@ impl Settings {
             floor: var("BENCH_FLOOR").is_none_or(|v| v != "0"),
             proxy_cpus: var("BENCH_PROXY_CPUS"),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            traced: match var("BENCH_TRACED_OTLP") {
+                Some(endpoint) => {
+                    let ratio = var("BENCH_TRACED_RATIO")
+                        .map_or(Ok(1.0), |v| parse("BENCH_TRACED_RATIO", &v))?;
+                    Some((endpoint, ratio))
+                }
+                None => None,
+            },
         })
     }
 }
@@ -183,14 +200,22 @@ async fn bench() -> Result<(), String> {
         None => Command::new(program),
     };
     let mut subjects = vec![subject("upstream", upstream.port(), None)];
-    let port = free_port();
     let berth_bin = Path::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
-    let mut berth = proxy_command(berth_bin);
-    berth
-        .args(["--listen", "127.0.0.1:0", "--http-listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--set")
-        .arg(format!("proxy.litellm_config={}", config.display()));
+    let berth_command = |port: u16, settings: &[&str]| {
+        let mut berth = proxy_command(berth_bin);
+        berth
+            .args(["--listen", "127.0.0.1:0", "--http-listen"])
+            .arg(format!("127.0.0.1:{port}"));
+        for setting in settings {
+            berth.args(["--set", setting]);
+        }
+        berth
+            .arg("--set")
+            .arg(format!("proxy.litellm_config={}", config.display()));
+        berth
+    };
+    let port = free_port();
+    let berth = berth_command(port, &[]);
     let proxy = Proxy::start(
         "berth",
         berth,
@@ -201,13 +226,19 @@ async fn bench() -> Result<(), String> {
     )
     .await?;
     subjects.push(subject("berth", port, Some(proxy)));
+    if let Some((endpoint, ratio)) = &settings.traced {
+        let port = free_port();
+        let mut traced = berth_command(port, &[]);
+        traced
+            .env("BERTH_SERVER__OTLP_ENDPOINT", endpoint)
+            .env("BERTH_SERVER__TRACE_SAMPLE_RATIO", ratio.to_string());
+        let log = dir.path().join("berth-traced.log");
+        let proxy =
+            Proxy::start(TRACED, traced, port, &log, &client, Duration::from_secs(30)).await?;
+        subjects.push(subject(TRACED, port, Some(proxy)));
+    }
     let port = free_port();
-    let mut cached = proxy_command(berth_bin);
-    cached
-        .args(["--listen", "127.0.0.1:0", "--http-listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--set", "proxy.cache=true", "--set"])
-        .arg(format!("proxy.litellm_config={}", config.display()));
+    let cached = berth_command(port, &["proxy.cache=true"]);
     let log = dir.path().join("berth-cache.log");
     let proxy = Proxy::start(CACHED, cached, port, &log, &client, Duration::from_secs(30)).await?;
     subjects.push(subject(CACHED, port, Some(proxy)));
