@@ -771,13 +771,15 @@ mod tests {
             export.push(&[0; 16]);
             std::thread::sleep(Duration::from_millis(2));
         }
-        // 100 full batches in about 0.4 s: one try, maybe a second.
+        // 100 full batches in about 0.4 s: one try, a second if the
+        // machine is slow (without the back-off: about 100). Five would
+        // take 12 s of back-off.
         let tried = calls.load(Ordering::SeqCst);
-        assert!((1..=2).contains(&tried), "{tried} exports tried");
+        assert!((1..5).contains(&tried), "{tried} exports tried");
         let _ = export.shutdown(Duration::from_secs(5));
         assert_eq!(counts.failed.get() + counts.dropped.get(), 200);
         assert_eq!(counts.exported.get(), 0);
-        assert!(calls.load(Ordering::SeqCst) <= 3);
+        assert!(calls.load(Ordering::SeqCst) <= 5);
     }
 
     #[test]
