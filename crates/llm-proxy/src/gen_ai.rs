@@ -9,9 +9,9 @@
 //! tried. The metrics of the conventions are in `crate::metrics`.
 //!
 //! Both are direct spans (`berth_server::direct_span`), not `tracing`
-//! spans: nothing runs inside them, and a `tracing` span's registry slot
-//! and layer callbacks were half of what tracing cost a proxied request.
-//! What is known only later (the deployment tried, the answer's model and
+//! spans: nothing runs inside them, so they need no registry slot or layer
+//! callbacks, and an array attribute (the finish reasons) is one of their
+//! attributes like any other. What is known only later (the deployment tried, the answer's model and
 //! usage, an error) is set several attributes in one go.
 //!
 //! With no exporter the span is disabled and every method here returns at

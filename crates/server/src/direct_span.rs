@@ -5,8 +5,10 @@
 //! in the registry and every layer's callbacks when it begins, when a field
 //! is recorded and when it ends, and each attribute set later looks it up
 //! again; a direct span is its recording alone, its attributes written
-//! straight into it, and it goes to the export queue when dropped (issue
-//! #20: half of what tracing cost a proxied request).
+//! straight into it, and it goes to the export queue when dropped. It can
+//! also carry array attributes, which a `tracing` field cannot. (Measured
+//! in issue #20: about 0.1 µs less per proxied request than the two
+//! `tracing` spans it replaced, of 3 µs that tracing then cost in process.)
 //!
 //! Its parent is the nearest traced span that is current (the request's
 //! HTTP or gRPC span), or another direct span. With no span layer installed
