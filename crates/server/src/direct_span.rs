@@ -183,25 +183,10 @@ impl Drop for DirectSpan {
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-    use opentelemetry_proto::tonic::trace::v1::Span as Exported;
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind as ExportedKind;
 
     use super::*;
-    use crate::span_layer::testing::traced;
-
-    fn attribute(span: &Exported, key: &str) -> Option<Any> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone()?.value)
-    }
-
-    fn named<'a>(spans: &'a [Exported], name: &str) -> &'a Exported {
-        spans
-            .iter()
-            .find(|span| span.name == name)
-            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
-    }
+    use crate::span_layer::testing::{attribute, named, traced};
 
     /// A direct span inside a traced one is its child, its own child is
     /// its, and each carries its name, kind and attributes, set when it

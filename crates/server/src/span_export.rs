@@ -649,10 +649,13 @@ mod tests {
         }
     }
 
-    struct Unreachable;
+    /// Refuses every export, counting the tries.
+    #[derive(Default)]
+    struct Unreachable(Arc<std::sync::atomic::AtomicUsize>);
 
     impl Exporter for Unreachable {
         fn export(&mut self, _batch: &Batch) -> Result<(), ExportError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
             Err(ExportError::Grpc(tonic::Status::unavailable(
                 "connection refused",
             )))
@@ -751,15 +754,6 @@ mod tests {
     /// every span is still counted once.
     #[test]
     fn failed_exports_back_off() {
-        struct Counting(Arc<std::sync::atomic::AtomicUsize>);
-        impl Exporter for Counting {
-            fn export(&mut self, _batch: &Batch) -> Result<(), ExportError> {
-                self.0.fetch_add(1, Ordering::SeqCst);
-                Err(ExportError::Grpc(tonic::Status::unavailable(
-                    "connection refused",
-                )))
-            }
-        }
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counts = SpanCounts::default();
         let config = ExportConfig {
@@ -768,7 +762,8 @@ mod tests {
             scheduled_delay: Duration::from_millis(10),
             ..ExportConfig::default()
         };
-        let export = SpanExport::start(Counting(calls.clone()), &config, counts.clone()).unwrap();
+        let export =
+            SpanExport::start(Unreachable(calls.clone()), &config, counts.clone()).unwrap();
         for _ in 0..200 {
             export.push(&[0; 16]);
             std::thread::sleep(Duration::from_millis(2));
@@ -787,8 +782,12 @@ mod tests {
     #[test]
     fn failed_exports_count_their_spans() {
         let counts = SpanCounts::default();
-        let export =
-            SpanExport::start(Unreachable, &ExportConfig::default(), counts.clone()).unwrap();
+        let export = SpanExport::start(
+            Unreachable::default(),
+            &ExportConfig::default(),
+            counts.clone(),
+        )
+        .unwrap();
         for _ in 0..3 {
             export.push(&[0; 16]);
         }

@@ -461,6 +461,7 @@ pub(crate) fn with_recording<R>(span: &Span, f: impl FnOnce(&mut Recording) -> R
 pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
     use opentelemetry_proto::tonic::trace::v1::ScopeSpans;
     use opentelemetry_proto::tonic::trace::v1::Span as Exported;
     use prost::Message as _;
@@ -477,6 +478,22 @@ pub(crate) mod testing {
             self.0.lock().unwrap().push(batch.encoded().to_vec());
             Ok(())
         }
+    }
+
+    /// The value of `span`'s attribute `key`.
+    pub(crate) fn attribute(span: &Exported, key: &str) -> Option<Any> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    }
+
+    /// The span of `spans` named `name`.
+    pub(crate) fn named<'a>(spans: &'a [Exported], name: &str) -> &'a Exported {
+        spans
+            .iter()
+            .find(|span| span.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
     }
 
     /// The spans a [`traced`] subscriber exported.
@@ -524,25 +541,10 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
-    use super::testing::traced;
+    use super::testing::{attribute, named, traced};
     use crate::direct_span::DirectSpan;
     use crate::trace_context::{self, SpanContext};
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-    use opentelemetry_proto::tonic::trace::v1::Span as Exported;
-
-    fn attribute(span: &Exported, key: &str) -> Option<Any> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone()?.value)
-    }
-
-    fn named<'a>(spans: &'a [Exported], name: &str) -> &'a Exported {
-        spans
-            .iter()
-            .find(|span| span.name == name)
-            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
-    }
 
     #[test]
     fn spans_carry_their_names_kinds_attributes_and_parents() {
