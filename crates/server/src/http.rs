@@ -17,16 +17,19 @@
 //! nginx worker: on the shared runtime a request read by one worker was
 //! answered by the other, which had to be woken for it (a futex call and a
 //! context switch per request, measured on the LLM proxy, issue #24).
+//! Those threads take turns to accept, so that a client's connections are
+//! spread over them ([`Balance`]).
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -85,15 +88,20 @@ pub async fn serve(
         .header_read_timeout(serving.header_timeout)
         .max_buf_size(MAX_BUF_BYTES);
     if serving.threads == 0 {
-        return accept_until_shutdown(listener, router, builder, slots, shutdown).await;
+        return accept_until_shutdown(listener, router, builder, slots, None, shutdown).await;
     }
     // Every thread waits on the same listening socket; the kernel hands
-    // each new connection to one of them.
+    // each new connection to one of those accepting.
     let listener = listener.into_std()?;
+    let balance = Arc::new(Balance::new(serving.threads));
     let mut finished = Vec::with_capacity(serving.threads);
     for index in 0..serving.threads {
+        let turn = Turn {
+            balance: balance.clone(),
+            thread: index,
+        };
         let started = spawn_serving_thread(
-            index, &listener, &router, &builder, &slots, &serving, &shutdown,
+            turn, &listener, &router, &builder, &slots, &serving, &shutdown,
         );
         match started {
             Ok(wait) => finished.push(wait),
@@ -118,10 +126,10 @@ pub async fn serve(
     outcome
 }
 
-/// Starts the `index`th serving thread: a runtime of its own that accepts
-/// from `listener` until shutdown; the receiver gets its outcome.
+/// Starts the serving thread `turn` names: a runtime of its own that
+/// accepts from `listener` until shutdown; the receiver gets its outcome.
 fn spawn_serving_thread(
-    index: usize,
+    turn: Turn,
     listener: &std::net::TcpListener,
     router: &axum::Router,
     builder: &hyper::server::conn::http1::Builder,
@@ -139,7 +147,7 @@ fn spawn_serving_thread(
     );
     let (done, wait) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name(format!("http-{index}"))
+        .name(format!("http-{}", turn.thread))
         .spawn(move || {
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -148,7 +156,15 @@ fn spawn_serving_thread(
                     tasks.count(runtime.handle().clone());
                     runtime.block_on(async {
                         let listener = TcpListener::from_std(listener)?;
-                        accept_until_shutdown(listener, router, builder, slots, shutdown).await
+                        accept_until_shutdown(
+                            listener,
+                            router,
+                            builder,
+                            slots,
+                            Some(turn),
+                            shutdown,
+                        )
+                        .await
                     })
                 });
             let _ = done.send(result);
@@ -156,18 +172,111 @@ fn spawn_serving_thread(
     Ok(wait)
 }
 
+/// Open connections per serving thread. A thread accepts only while it
+/// serves no more of them than the least loaded thread: every thread
+/// waiting on the socket is woken by a new connection and an idle one wins
+/// the race, so without turns the few connections of a client that keeps
+/// them open could all land on one thread and leave the others idle.
+/// Connections are counted, not requests: a busy one and an idle one
+/// weigh the same.
+struct Balance {
+    open: Vec<AtomicUsize>,
+    changed: Notify,
+}
+
+impl Balance {
+    fn new(threads: usize) -> Self {
+        Self {
+            open: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        }
+    }
+
+    fn add(&self, thread: usize, opened: bool) {
+        if opened {
+            self.open[thread].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.open[thread].fetch_sub(1, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// One serving thread's place in the [`Balance`].
+struct Turn {
+    balance: Arc<Balance>,
+    thread: usize,
+}
+
+impl Turn {
+    fn may_accept(&self) -> bool {
+        let open = &self.balance.open;
+        let least = open.iter().map(|n| n.load(Ordering::Relaxed)).min();
+        least.is_none_or(|least| open[self.thread].load(Ordering::Relaxed) <= least)
+    }
+
+    /// Returns once this thread may accept, or false at shutdown.
+    async fn wait(&self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = self.until(true) => true,
+            () = shutdown.cancelled() => false,
+        }
+    }
+
+    /// Returns once whether this thread may accept is `may`.
+    async fn until(&self, may: bool) {
+        loop {
+            // Armed before the check, so that a change in between is not missed.
+            let changed = self.balance.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.may_accept() == may {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Counts a connection this thread accepted until the guard is dropped.
+    fn opened(&self) -> OpenConnection {
+        self.balance.add(self.thread, true);
+        OpenConnection {
+            balance: self.balance.clone(),
+            thread: self.thread,
+        }
+    }
+}
+
+struct OpenConnection {
+    balance: Arc<Balance>,
+    thread: usize,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.balance.add(self.thread, false);
+    }
+}
+
 /// Accepts and serves connections until `shutdown` is cancelled, then waits
-/// for those it accepted to finish their requests and close.
+/// for those it accepted to finish their requests and close. A serving
+/// thread accepts on its `turn` only.
 async fn accept_until_shutdown(
     listener: TcpListener,
     router: axum::Router,
     builder: hyper::server::conn::http1::Builder,
     slots: Arc<Semaphore>,
+    turn: Option<Turn>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     // Each connection holds a receiver; all are gone once every one closed.
     let (closed_tx, closed_rx) = watch::channel(());
     loop {
+        if let Some(turn) = &turn
+            && !turn.wait(&shutdown).await
+        {
+            break;
+        }
         // A slot first: at the cap, nothing more is accepted.
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -177,6 +286,12 @@ async fn accept_until_shutdown(
             },
             () = shutdown.cancelled() => break,
         };
+        let turn_lost = async {
+            match &turn {
+                Some(turn) => turn.until(false).await,
+                None => std::future::pending().await,
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -185,8 +300,11 @@ async fn accept_until_shutdown(
                     continue;
                 }
             },
+            // Another thread closed one: it accepts next. (accept is cancel-safe.)
+            () = turn_lost => continue,
             () = shutdown.cancelled() => break,
         };
+        let counted = turn.as_ref().map(Turn::opened);
         let service = router
             .clone()
             .map_request(|request: http::Request<Incoming>| request.map(axum::body::Body::new));
@@ -205,8 +323,7 @@ async fn accept_until_shutdown(
                     log_connection_end(connection.await);
                 }
             }
-            drop(closed_rx);
-            drop(slot);
+            drop((closed_rx, slot, counted));
         });
     }
     drop(closed_rx);
@@ -325,6 +442,9 @@ mod tests {
         );
         // A request in flight at shutdown is answered before serving ends;
         // its connection's task, on a serving thread, is counted on /metrics.
+        // The last connections' tasks end a moment after their clients read
+        // the answer: idle is counted once they have.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let idle = alive_tasks(&registry);
         let slow = tokio::spawn(get_path(addr, "/slow"));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -340,6 +460,54 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "the port is still served after shutdown"
         );
+    }
+
+    #[tokio::test]
+    async fn threads_take_turns_to_accept_a_clients_connections() {
+        let (addr, shutdown, _) = started_with(HttpServing {
+            threads: 3,
+            ..HttpServing::new(Duration::from_secs(10))
+        })
+        .await;
+        // Nine connections kept open, one after the other: three on each thread.
+        let mut held = Vec::new();
+        for _ in 0..9 {
+            held.push(held_on_thread(addr).await);
+        }
+        let count = |held: &[(TcpStream, String)]| {
+            let mut per_thread = std::collections::BTreeMap::<String, usize>::new();
+            for (_, thread) in held {
+                *per_thread.entry(thread.clone()).or_default() += 1;
+            }
+            per_thread
+        };
+        let even: std::collections::BTreeMap<String, usize> =
+            (0..3).map(|i| (format!("http-{i}"), 3)).collect();
+        assert_eq!(count(&held), even);
+        // http-1's connections close: the next three are its.
+        held.retain(|(_, thread)| thread != "http-1");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..3 {
+            let (stream, thread) = held_on_thread(addr).await;
+            assert_eq!(thread, "http-1");
+            held.push((stream, thread));
+        }
+        assert_eq!(count(&held), even);
+        shutdown.cancel();
+    }
+
+    /// A connection kept open, and the thread its first request was served on.
+    async fn held_on_thread(addr: std::net::SocketAddr) -> (TcpStream, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /thread HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0; 256];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        let thread = answer.rsplit("\r\n\r\n").next().unwrap().to_string();
+        (stream, thread)
     }
 
     async fn get(addr: std::net::SocketAddr) -> String {

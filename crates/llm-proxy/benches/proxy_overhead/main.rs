@@ -31,7 +31,10 @@
 //! `otlp_sink`: a third berth, `berth-traced`, exports every span there at
 //! `BENCH_TRACED_RATIO`, default 1.0, measured in the same repeats as the
 //! untraced one; run it with `BENCH_PEER=0`, and the ratio column is what
-//! tracing costs).
+//! tracing costs), `BENCH_VARIANT` (settings, e.g.
+//! `server.http_threads=0`, space-separated: another berth,
+//! `berth-variant`, started with them and measured in the same repeats;
+//! with `BENCH_PEER=0` the ratio column compares the two).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike; a target is
 //! not driven past the first rate it fails within a repeat.
@@ -55,6 +58,8 @@ const MASTER_KEY: &str = "sk-bench-master";
 const CACHED: &str = "berth-cache";
 /// The berth exporting its spans (`BENCH_TRACED_OTLP`).
 const TRACED: &str = "berth-traced";
+/// The berth started with `BENCH_VARIANT`'s settings.
+const VARIANT: &str = "berth-variant";
 /// nginx, the floor; reported apart too, as it is no LLM gateway.
 const FLOOR: &str = "nginx";
 /// Each measured run is preceded by this long at the same rate, unmeasured,
@@ -74,6 +79,8 @@ struct Settings {
     cpus: usize,
     /// Where `berth-traced` exports, and at which sample ratio.
     traced: Option<(String, f64)>,
+    /// The settings `berth-variant` is started with (`BENCH_VARIANT`).
+    variant: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -106,6 +113,8 @@ impl Settings {
                 }
                 None => None,
             },
+            variant: var("BENCH_VARIANT")
+                .map(|settings| settings.split_whitespace().map(String::from).collect()),
         })
     }
 }
@@ -236,6 +245,22 @@ async fn bench() -> Result<(), String> {
         let proxy =
             Proxy::start(TRACED, traced, port, &log, &client, Duration::from_secs(30)).await?;
         subjects.push(subject(TRACED, port, Some(proxy)));
+    }
+    if let Some(variant) = &settings.variant {
+        let port = free_port();
+        let variant_settings: Vec<&str> = variant.iter().map(String::as_str).collect();
+        let command = berth_command(port, &variant_settings);
+        let log = dir.path().join("berth-variant.log");
+        let proxy = Proxy::start(
+            VARIANT,
+            command,
+            port,
+            &log,
+            &client,
+            Duration::from_secs(30),
+        )
+        .await?;
+        subjects.push(subject(VARIANT, port, Some(proxy)));
     }
     let port = free_port();
     let cached = berth_command(port, &["proxy.cache=true"]);
