@@ -34,7 +34,9 @@
 //! tracing costs), `BENCH_VARIANT` (settings, e.g.
 //! `server.http_threads=0`, space-separated: another berth,
 //! `berth-variant`, started with them and measured in the same repeats;
-//! with `BENCH_PEER=0` the ratio column compares the two).
+//! with `BENCH_PEER=0` the ratio column compares the two),
+//! `BENCH_VARIANT_BIN` (the `berth-variant` runs this binary instead, e.g.
+//! a copy of an earlier build: two builds compared in one run).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike; a target is
 //! not driven past the first rate it fails within a repeat.
@@ -44,7 +46,7 @@ mod nginx;
 mod procs;
 mod upstream;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
@@ -79,8 +81,9 @@ struct Settings {
     cpus: usize,
     /// Where `berth-traced` exports, and at which sample ratio.
     traced: Option<(String, f64)>,
-    /// The settings `berth-variant` is started with (`BENCH_VARIANT`).
-    variant: Option<Vec<String>>,
+    /// The settings `berth-variant` is started with (`BENCH_VARIANT`), and
+    /// its binary if not this build's (`BENCH_VARIANT_BIN`).
+    variant: Option<(Vec<String>, Option<PathBuf>)>,
 }
 
 impl Settings {
@@ -113,8 +116,17 @@ impl Settings {
                 }
                 None => None,
             },
-            variant: var("BENCH_VARIANT")
-                .map(|settings| settings.split_whitespace().map(String::from).collect()),
+            variant: match (var("BENCH_VARIANT"), var("BENCH_VARIANT_BIN")) {
+                (None, None) => None,
+                (settings, bin) => Some((
+                    settings
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect(),
+                    bin.map(PathBuf::from),
+                )),
+            },
         })
     }
 }
@@ -210,8 +222,8 @@ async fn bench() -> Result<(), String> {
     };
     let mut subjects = vec![subject("upstream", upstream.port(), None)];
     let berth_bin = Path::new(env!("CARGO_BIN_EXE_berth-llm-proxy"));
-    let berth_command = |port: u16, settings: &[&str]| {
-        let mut berth = proxy_command(berth_bin);
+    let berth_command_of = |bin: &Path, port: u16, settings: &[&str]| {
+        let mut berth = proxy_command(bin);
         berth
             .args(["--listen", "127.0.0.1:0", "--http-listen"])
             .arg(format!("127.0.0.1:{port}"));
@@ -223,6 +235,7 @@ async fn bench() -> Result<(), String> {
             .arg(format!("proxy.litellm_config={}", config.display()));
         berth
     };
+    let berth_command = |port: u16, settings: &[&str]| berth_command_of(berth_bin, port, settings);
     let port = free_port();
     let berth = berth_command(port, &[]);
     let proxy = Proxy::start(
@@ -246,10 +259,11 @@ async fn bench() -> Result<(), String> {
             Proxy::start(TRACED, traced, port, &log, &client, Duration::from_secs(30)).await?;
         subjects.push(subject(TRACED, port, Some(proxy)));
     }
-    if let Some(variant) = &settings.variant {
+    if let Some((variant, bin)) = &settings.variant {
         let port = free_port();
         let variant_settings: Vec<&str> = variant.iter().map(String::as_str).collect();
-        let command = berth_command(port, &variant_settings);
+        let bin = bin.as_deref().unwrap_or(berth_bin);
+        let command = berth_command_of(bin, port, &variant_settings);
         let log = dir.path().join("berth-variant.log");
         let proxy = Proxy::start(
             VARIANT,
