@@ -181,24 +181,43 @@ fn spawn_serving_thread(
 /// weigh the same.
 struct Balance {
     open: Vec<AtomicUsize>,
-    changed: Notify,
+    /// Each thread's: woken when its turn may have come or gone.
+    changed: Vec<Notify>,
 }
 
 impl Balance {
     fn new(threads: usize) -> Self {
         Self {
             open: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
-            changed: Notify::new(),
+            changed: (0..threads).map(|_| Notify::new()).collect(),
         }
     }
 
+    fn least(&self) -> usize {
+        let counts = self.open.iter().map(|n| n.load(Ordering::Relaxed));
+        counts.min().unwrap_or(0)
+    }
+
+    /// Counts a connection `thread` opened or closed, and wakes only the
+    /// threads whose turn that may change: waking another thread costs a
+    /// system call, so a client opening a connection per request would
+    /// otherwise pay a few for each.
     fn add(&self, thread: usize, opened: bool) {
+        let least = self.least();
         if opened {
             self.open[thread].fetch_add(1, Ordering::Relaxed);
+            // The last thread at the least took one: the others' turn came.
+            if self.least() > least {
+                self.changed.iter().for_each(Notify::notify_waiters);
+            }
         } else {
             self.open[thread].fetch_sub(1, Ordering::Relaxed);
+            self.changed[thread].notify_waiters();
+            // It fell below the others: their turn is gone, this one's next.
+            if self.least() < least {
+                self.changed.iter().for_each(Notify::notify_waiters);
+            }
         }
-        self.changed.notify_waiters();
     }
 }
 
@@ -210,9 +229,7 @@ struct Turn {
 
 impl Turn {
     fn may_accept(&self) -> bool {
-        let open = &self.balance.open;
-        let least = open.iter().map(|n| n.load(Ordering::Relaxed)).min();
-        least.is_none_or(|least| open[self.thread].load(Ordering::Relaxed) <= least)
+        self.balance.open[self.thread].load(Ordering::Relaxed) <= self.balance.least()
     }
 
     /// Returns once this thread may accept, or false at shutdown.
@@ -227,7 +244,7 @@ impl Turn {
     async fn until(&self, may: bool) {
         loop {
             // Armed before the check, so that a change in between is not missed.
-            let changed = self.balance.changed.notified();
+            let changed = self.balance.changed[self.thread].notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
             if self.may_accept() == may {
@@ -494,6 +511,37 @@ mod tests {
         }
         assert_eq!(count(&held), even);
         shutdown.cancel();
+    }
+
+    #[test]
+    fn a_connection_opened_or_closed_wakes_only_the_threads_whose_turn_changed() {
+        let balance = Balance::new(2);
+        // Which threads a change wakes, each having waited for it.
+        let woken = |change: &dyn Fn()| -> Vec<bool> {
+            let mut waits: Vec<_> = balance
+                .changed
+                .iter()
+                .map(|n| Box::pin(n.notified()))
+                .collect();
+            waits.iter_mut().for_each(|w| {
+                w.as_mut().enable();
+            });
+            change();
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            waits
+                .iter_mut()
+                .map(|w| w.as_mut().poll(&mut context).is_ready())
+                .collect()
+        };
+        // [1, 0]: thread 1 was already the least.
+        assert_eq!(woken(&|| balance.add(0, true)), [false, false]);
+        // [1, 1]: thread 0's turn came.
+        assert_eq!(woken(&|| balance.add(1, true)), [true, true]);
+        // [2, 1], then [1, 1]: only the closing thread may have its turn back.
+        assert_eq!(woken(&|| balance.add(0, true)), [false, false]);
+        assert_eq!(woken(&|| balance.add(0, false)), [true, false]);
+        // [0, 1]: thread 1's turn went.
+        assert_eq!(woken(&|| balance.add(0, false)), [true, true]);
     }
 
     /// A connection kept open, and the thread its first request was served on.
