@@ -34,7 +34,9 @@ const IDLE_PER_UPSTREAM: usize = 32;
 
 /// The same for each serving thread's pool: with 32 each, two threads
 /// ended an overload ~1.5 MB higher than the shared pool; with 16, ~0.7 MB
-/// (tests/overload.rs, debug build).
+/// (tests/overload.rs, debug build), and two threads of 16 held 10,000
+/// requests/s in 4 of 5 repeats, as often as the shared runtime, once the
+/// threads took turns to accept (docs/benchmarks.md).
 const IDLE_PER_UPSTREAM_PER_THREAD: usize = 16;
 
 type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
