@@ -546,16 +546,23 @@ mod tests {
 
     /// A connection kept open, and the thread its first request was served on.
     async fn held_on_thread(addr: std::net::SocketAddr) -> (TcpStream, String) {
+        let (stream, answer) = held(addr, "/thread").await;
+        let thread = answer.rsplit("\r\n\r\n").next().unwrap().to_string();
+        (stream, thread)
+    }
+
+    /// A kept-alive connection that was asked for `path` once (so the
+    /// server has surely accepted it), and the first read of its answer.
+    async fn held(addr: std::net::SocketAddr, path: &str) -> (TcpStream, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
-            .write_all(b"GET /thread HTTP/1.1\r\nhost: x\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut answer = [0; 256];
         let n = stream.read(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        let thread = answer.rsplit("\r\n\r\n").next().unwrap().to_string();
-        (stream, thread)
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        (stream, answer)
     }
 
     async fn get(addr: std::net::SocketAddr) -> String {
@@ -600,16 +607,11 @@ mod tests {
     async fn idle_keep_alive_connections_close_after_the_header_timeout() {
         let timeout = Duration::from_millis(300);
         let (addr, shutdown) = started(timeout).await;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = [0; 256];
-        let n = stream.read(&mut answer).await.unwrap();
-        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        let (mut stream, answer) = held(addr, "/").await;
+        assert!(answer.starts_with("HTTP/1.1 200"));
         let idle = Instant::now();
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+        let mut rest = [0; 256];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest)).await;
         assert!(matches!(read, Ok(Ok(0))), "{read:?}");
         assert!(
             idle.elapsed() >= timeout,
@@ -678,15 +680,8 @@ mod tests {
     async fn held_connections(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
         let mut streams = Vec::new();
         for _ in 0..n {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            // One request each, so the server has surely accepted them.
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut answer = [0; 256];
-            let n = stream.read(&mut answer).await.unwrap();
-            assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+            let (stream, answer) = held(addr, "/").await;
+            assert!(answer.starts_with("HTTP/1.1 200"));
             streams.push(stream);
         }
         streams
