@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
-use berth_llm_proxy::gen_ai::OperationSpan;
+use berth_llm_proxy::gen_ai::{DeploymentSpans, OperationSpan};
 use berth_llm_proxy::litellm_config::{DeploymentConfig, LiteLlmConfig};
 use berth_llm_proxy::providers::{Dialect, UpstreamRequest};
 use berth_server::ServerConfig;
@@ -71,7 +71,7 @@ fn deployment() -> DeploymentConfig {
 }
 
 /// What the proxy does for one whole answer's spans.
-fn serve(deployment: &DeploymentConfig) {
+fn serve(deployment: &DeploymentSpans) {
     let span = OperationSpan::start("chat", "smollm2");
     let mut upstream = UpstreamRequest {
         uri: "http://127.0.0.1:8081/v1/chat/completions"
@@ -140,7 +140,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let deployment = Arc::new(deployment());
+    let deployment = Arc::new(DeploymentSpans::new(&deployment()));
     let router = axum::Router::new()
         .route(
             "/v1/chat/completions",

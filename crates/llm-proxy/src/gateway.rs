@@ -404,7 +404,7 @@ impl Gateway {
     ) -> Result<Answer, ProxyError> {
         let config = &deployment.config;
         let mut request = providers::prepare(config, call.endpoint, &call.body, self.drop_params)?;
-        let attempt = span.attempt(number, config, &mut request);
+        let attempt = span.attempt(number, &deployment.spans, &mut request);
         let dialect = request.dialect;
         let timeout = if call.stream {
             config.stream_timeout.or(config.timeout)

@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 
 use berth_server::ServiceError as _;
 use berth_server::direct_span::DirectSpan;
-use berth_server::otlp::{SpanKind, Value};
+use berth_server::otlp::{EncodedAttributes, SpanKind, Value};
+use http::Uri;
 use serde::Deserialize;
 
 use crate::error::ProxyError;
@@ -50,6 +51,69 @@ pub fn provider_name(provider: ProviderKind) -> &'static str {
         ProviderKind::OpenAi => "openai",
         ProviderKind::Ollama => "ollama",
         ProviderKind::Anthropic => "anthropic",
+    }
+}
+
+/// What the spans of every try on one deployment say of it, encoded once
+/// when the deployment is configured rather than at each try.
+#[derive(Debug)]
+pub struct DeploymentSpans {
+    /// The name of a try's span.
+    attempt_name: String,
+    /// A try's span's attributes: provider, upstream model, deployment,
+    /// and the upstream's address and port.
+    tried: EncodedAttributes,
+    /// What the request's span says of the last deployment tried.
+    last_tried: EncodedAttributes,
+}
+
+impl DeploymentSpans {
+    pub fn new(deployment: &DeploymentConfig) -> Self {
+        let provider = (
+            "gen_ai.provider.name",
+            Value::Str(provider_name(deployment.provider)),
+        );
+        let deployment_id = ("berth.llm.deployment", Value::Str(&deployment.id));
+        // Every try goes to the base URL's host (`crate::providers`).
+        let base = deployment.base_url.parse::<Uri>().ok();
+        let host = base.as_ref().and_then(Uri::host);
+        let port = base.as_ref().and_then(|base| {
+            base.port_u16().or(match base.scheme_str() {
+                Some("https") => Some(443),
+                Some("http") => Some(80),
+                _ => None,
+            })
+        });
+        let server = [
+            host.map(|host| ("server.address", Value::Str(host))),
+            port.map(|port| ("server.port", Value::Int(i64::from(port)))),
+        ];
+        let last_tried: Vec<_> = [
+            provider,
+            // The attribute's name before `gen_ai.provider.name`, which
+            // many backends still read.
+            ("gen_ai.system", provider.1),
+            deployment_id,
+        ]
+        .into_iter()
+        .chain(server.into_iter().flatten())
+        .collect();
+        let tried: Vec<_> = [
+            provider,
+            (
+                "gen_ai.request.model",
+                Value::Str(&deployment.upstream_model),
+            ),
+            deployment_id,
+        ]
+        .into_iter()
+        .chain(server.into_iter().flatten())
+        .collect();
+        Self {
+            attempt_name: format!("attempt {}", deployment.id),
+            tried: EncodedAttributes::new(&tried),
+            last_tried: EncodedAttributes::new(&last_tried),
+        }
     }
 }
 
@@ -80,13 +144,13 @@ impl OperationSpan {
     }
 
     /// The `number`th try (from 1, fallbacks included) of the request, on
-    /// `deployment`: a child span of this one, which this one names the
-    /// provider and address of too (the last tried), and `request` carries
-    /// the attempt's trace context to the upstream.
+    /// the deployment `spans` describes: a child span of this one, which
+    /// this one names the provider and address of too (the last tried),
+    /// and `request` carries the attempt's trace context to the upstream.
     pub fn attempt(
         &self,
         number: u32,
-        deployment: &DeploymentConfig,
+        deployment: &DeploymentSpans,
         request: &mut UpstreamRequest,
     ) -> AttemptSpan {
         if self.is_disabled() {
@@ -95,48 +159,13 @@ impl OperationSpan {
             self.span.inject_http(&mut request.headers);
             return AttemptSpan(DirectSpan::none());
         }
-        let provider = provider_name(deployment.provider);
-        let host = request.uri.host();
-        let port = request.uri.port_u16().or(match request.uri.scheme_str() {
-            Some("https") => Some(443),
-            Some("http") => Some(80),
-            _ => None,
-        });
-        let provider = ("gen_ai.provider.name", Value::Str(provider));
-        let deployment_id = ("berth.llm.deployment", Value::Str(&deployment.id));
-        let server = [
-            host.map(|host| ("server.address", Value::Str(host))),
-            port.map(|port| ("server.port", Value::Int(i64::from(port)))),
-        ];
-        // The request's span names the last deployment tried.
-        let last: Vec<_> = [
-            provider,
-            // The attribute's name before `gen_ai.provider.name`, which
-            // many backends still read.
-            ("gen_ai.system", provider.1),
-            deployment_id,
-        ]
-        .into_iter()
-        .chain(server.into_iter().flatten())
-        .collect();
-        self.span.set_attributes(&last);
-        let tried: Vec<_> = [
-            provider,
-            (
-                "gen_ai.request.model",
-                Value::Str(&deployment.upstream_model),
-            ),
-            deployment_id,
-            ("berth.llm.attempt", Value::Int(i64::from(number))),
-        ]
-        .into_iter()
-        .chain(server.into_iter().flatten())
-        .collect();
+        self.span.set_encoded_attributes(&deployment.last_tried);
         let attempt = self.span.child(
-            || format!("attempt {}", deployment.id),
+            || deployment.attempt_name.clone(),
             SpanKind::Client,
-            &tried,
+            &[("berth.llm.attempt", Value::Int(i64::from(number)))],
         );
+        attempt.set_encoded_attributes(&deployment.tried);
         attempt.inject_http(&mut request.headers);
         AttemptSpan(attempt)
     }

@@ -21,7 +21,7 @@ use http::HeaderMap;
 use tracing_subscriber::Registry;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::otlp::{SpanKind, Value};
+use crate::otlp::{EncodedAttributes, SpanKind, Value};
 use crate::span_export::SpanExport;
 use crate::span_layer::{Recording, Sampler, SpanLayer};
 use crate::trace_context::{self, SpanContext};
@@ -142,6 +142,16 @@ impl DirectSpan {
         }
     }
 
+    /// Sets attributes encoded beforehand; nothing unless the span is
+    /// sampled.
+    pub fn set_encoded_attributes(&self, attributes: &EncodedAttributes) {
+        if let Some(direct) = &self.0
+            && direct.sampled
+        {
+            direct.lock().set_encoded(attributes);
+        }
+    }
+
     /// Writes the span's trace context into the headers of an HTTP request
     /// (sampled or not, so that the callee takes the same decision);
     /// nothing when the span is disabled.
@@ -170,12 +180,10 @@ impl Drop for DirectSpan {
             let Direct {
                 export, recording, ..
             } = *direct;
-            let recording = recording
+            recording
                 .into_inner()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(encoded) = recording.finish("") {
-                export.push(&encoded);
-            }
+                .unwrap_or_else(PoisonError::into_inner)
+                .finish("", &export);
         }
     }
 }
@@ -277,6 +285,47 @@ mod tests {
             sent,
             format!("00-{}-{}-01", hex(&attempt.trace_id), hex(&attempt.span_id))
         );
+    }
+
+    /// Attributes encoded beforehand land in the span as those set one by
+    /// one do, as often as they are set; past the span's limit a set is
+    /// dropped whole and counted.
+    #[test]
+    fn encoded_attributes_are_the_span_s_and_count_toward_its_limit() {
+        let (subscriber, exports) = traced(1.0);
+        let deployment = EncodedAttributes::new(&[
+            ("gen_ai.provider.name", Value::Str("openai")),
+            ("server.port", Value::Int(8081)),
+        ]);
+        tracing::subscriber::with_default(subscriber, || {
+            let tried = DirectSpan::in_current(
+                || "attempt smollm2#0".to_string(),
+                SpanKind::Client,
+                &[("berth.llm.attempt", Value::Int(1))],
+            );
+            tried.set_encoded_attributes(&deployment);
+            let crowded = DirectSpan::in_current(|| "crowded".to_string(), SpanKind::Client, &[]);
+            for i in 0..127 {
+                crowded.set_attributes(&[("n", Value::Int(i))]);
+            }
+            crowded.set_encoded_attributes(&deployment);
+        });
+        let spans = exports.spans();
+        let tried = named(&spans, "attempt smollm2#0");
+        assert_eq!(
+            attribute(tried, "gen_ai.provider.name"),
+            Some(Any::StringValue("openai".into()))
+        );
+        assert_eq!(attribute(tried, "server.port"), Some(Any::IntValue(8081)));
+        assert_eq!(
+            attribute(tried, "berth.llm.attempt"),
+            Some(Any::IntValue(1))
+        );
+        assert_eq!(tried.attributes.len(), 3);
+        let crowded = named(&spans, "crowded");
+        assert_eq!(crowded.attributes.len(), 127);
+        assert_eq!(crowded.dropped_attributes_count, 2);
+        assert_eq!(attribute(crowded, "server.port"), None);
     }
 
     /// Not sampled: nothing is exported, and the upstream still gets the

@@ -189,58 +189,127 @@ pub struct SpanHeader<'a> {
     pub dropped: [u32; 3],
 }
 
-/// A whole `Span` message (without its own tag and length): the header's
-/// fields written after what the span recorded, in the same buffer
-/// (protobuf fields may come in any order), so that ending a span copies
-/// nothing.
-pub fn span(header: &SpanHeader<'_>, mut out: Vec<u8>) -> Vec<u8> {
-    out.reserve(96 + header.name.len() + header.trace_state.len());
-    bytes_field(&mut out, 1, &header.trace_id);
-    bytes_field(&mut out, 2, &header.span_id);
+/// The encoded length of a `Span` message with this header and
+/// `recorded` bytes of attributes, events and links.
+fn span_len(header: &SpanHeader<'_>, recorded: usize) -> usize {
+    let len_field = |len: usize| 1 + varint_len(len as u64) + len;
+    let mut len = recorded
+        + len_field(16)
+        + len_field(8)
+        + len_field(header.name.len())
+        + 1
+        + varint_len(header.kind as u64)
+        // start and end (fixed64), flags (field 16: a two-byte tag, fixed32)
+        + 2 * 9
+        + 6;
     if !header.trace_state.is_empty() {
-        bytes_field(&mut out, 3, header.trace_state.as_bytes());
+        len += len_field(header.trace_state.len());
+    }
+    if header.parent_span_id.is_some() {
+        len += len_field(8);
+    }
+    for dropped in header.dropped {
+        if dropped > 0 {
+            len += 1 + varint_len(u64::from(dropped));
+        }
+    }
+    if let Some(message) = header.error {
+        len += len_field(status_len(message));
+    }
+    len
+}
+
+/// The encoded length of an error `Status` with `message`.
+fn status_len(message: &str) -> usize {
+    let message_len = if message.is_empty() {
+        0
+    } else {
+        1 + varint_len(message.len() as u64) + message.len()
+    };
+    message_len + 2
+}
+
+/// Appends a whole span, as the `spans` field of a `ScopeSpans` being
+/// written: what it recorded (attributes, events and links, already
+/// encoded), then its header's fields (protobuf fields may come in any
+/// order). Spans queued for export are one such buffer, which
+/// [`export_request`] wraps as it is: ending a span copies what it recorded
+/// once, into the queue.
+pub fn push_span(spans: &mut Vec<u8>, header: &SpanHeader<'_>, recorded: &[u8]) {
+    let len = span_len(header, recorded.len());
+    spans.reserve(1 + varint_len(len as u64) + len);
+    len_header(spans, 2, len);
+    let start = spans.len();
+    spans.extend_from_slice(recorded);
+    bytes_field(spans, 1, &header.trace_id);
+    bytes_field(spans, 2, &header.span_id);
+    if !header.trace_state.is_empty() {
+        bytes_field(spans, 3, header.trace_state.as_bytes());
     }
     if let Some(parent) = header.parent_span_id {
-        bytes_field(&mut out, 4, &parent);
+        bytes_field(spans, 4, &parent);
     }
-    bytes_field(&mut out, 5, header.name.as_bytes());
-    varint_field(&mut out, 6, header.kind as u64);
-    fixed64_field(&mut out, 7, header.start_unix_nano);
-    fixed64_field(&mut out, 8, header.end_unix_nano);
+    bytes_field(spans, 5, header.name.as_bytes());
+    varint_field(spans, 6, header.kind as u64);
+    fixed64_field(spans, 7, header.start_unix_nano);
+    fixed64_field(spans, 8, header.end_unix_nano);
     // dropped_attributes_count, dropped_events_count, dropped_links_count
     for (field, dropped) in [10, 12, 14].into_iter().zip(header.dropped) {
         if dropped > 0 {
-            varint_field(&mut out, field, u64::from(dropped));
+            varint_field(spans, field, u64::from(dropped));
         }
     }
     if let Some(message) = header.error {
         // Status { string message = 2; StatusCode code = 3 (ERROR = 2) }
-        let message_len = if message.is_empty() {
-            0
-        } else {
-            1 + varint_len(message.len() as u64) + message.len()
-        };
-        len_header(&mut out, 15, message_len + 2);
+        len_header(spans, 15, status_len(message));
         if !message.is_empty() {
-            bytes_field(&mut out, 2, message.as_bytes());
+            bytes_field(spans, 2, message.as_bytes());
         }
-        varint_field(&mut out, 3, 2);
+        varint_field(spans, 3, 2);
     }
     // SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE (0x100), and IS_REMOTE (0x200).
     let flags: u32 = 0x100 | if header.remote_parent { 0x200 } else { 0 };
-    tag(&mut out, 16, FIXED32);
-    out.extend_from_slice(&flags.to_le_bytes());
-    out
+    tag(spans, 16, FIXED32);
+    spans.extend_from_slice(&flags.to_le_bytes());
+    debug_assert_eq!(
+        spans.len() - start,
+        len,
+        "span_len disagrees with push_span"
+    );
 }
 
-/// Appends `span` (as [`span`] wrote it) to `spans`, the `spans` field of a
-/// `ScopeSpans` being written: spans queued for export are this one buffer,
-/// which [`export_request`] wraps as it is.
-pub fn push_scope_span(spans: &mut Vec<u8>, span: &[u8]) {
-    bytes_field(spans, 2, span);
+/// Attributes encoded once for many spans: those of an upstream
+/// deployment, which every try on it carries. Only plain attributes: an
+/// `otel.*` field (name, kind, status) is not interpreted here.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedAttributes {
+    bytes: Vec<u8>,
+    count: u32,
 }
 
-/// Where the `count`th span of `spans` (as [`push_scope_span`] wrote them)
+impl EncodedAttributes {
+    pub fn new(attributes: &[(&str, Value<'_>)]) -> Self {
+        let mut bytes = Vec::new();
+        for &(key, value) in attributes {
+            debug_assert!(!key.starts_with("otel."), "{key} is not a plain attribute");
+            attribute(&mut bytes, SPAN_ATTRIBUTES, key, value);
+        }
+        Self {
+            bytes,
+            count: u32::try_from(attributes.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+/// Where the `count`th span of `spans` (as [`push_span`] wrote them)
 /// ends, or None when there are fewer.
 pub fn scope_spans_end(spans: &[u8], count: usize) -> Option<usize> {
     let mut at = 0;
@@ -263,7 +332,7 @@ pub fn scope_spans_end(spans: &[u8], count: usize) -> Option<usize> {
     Some(at)
 }
 
-/// An `ExportTraceServiceRequest` of `spans` (as [`push_scope_span`] wrote
+/// An `ExportTraceServiceRequest` of `spans` (as [`push_span`] wrote
 /// them), from the service named `service`.
 pub fn export_request(service: &str, spans: &[u8]) -> Vec<u8> {
     let len_field = |len: usize| 1 + varint_len(len as u64) + len;
@@ -321,13 +390,29 @@ mod tests {
         /// buffer cut short never reads past its end.
         #[test]
         fn scope_spans_end_where_they_were_pushed(
-            spans in proptest::collection::vec(proptest::collection::vec(0u8..=255, 0..300), 0..20),
+            spans in proptest::collection::vec(
+                (proptest::collection::vec(0u8..=255, 0..300), "[a-z ]{0,200}"),
+                0..20,
+            ),
             cut in 0usize..8000,
         ) {
             let mut queued = Vec::new();
             let mut ends = vec![0];
-            for span in &spans {
-                push_scope_span(&mut queued, span);
+            for (recorded, name) in &spans {
+                let header = SpanHeader {
+                    trace_id: [1; 16],
+                    span_id: [2; 8],
+                    trace_state: "",
+                    parent_span_id: None,
+                    name,
+                    kind: SpanKind::Internal,
+                    start_unix_nano: 0,
+                    end_unix_nano: 0,
+                    error: (name.len() % 2 == 1).then_some(name.as_str()),
+                    remote_parent: false,
+                    dropped: [0, u32::try_from(recorded.len()).unwrap(), 0],
+                };
+                push_span(&mut queued, &header, recorded);
                 ends.push(queued.len());
             }
             for (count, end) in ends.iter().enumerate() {
@@ -395,19 +480,17 @@ mod tests {
             dropped: [1, 2, 3],
         };
         let mut spans = Vec::new();
-        push_scope_span(&mut spans, &span(&header, recorded));
+        push_span(&mut spans, &header, &recorded);
         let first_end = spans.len();
-        push_scope_span(
+        push_span(
             &mut spans,
-            &span(
-                &SpanHeader {
-                    error: None,
-                    parent_span_id: None,
-                    dropped: [0; 3],
-                    ..header
-                },
-                Vec::new(),
-            ),
+            &SpanHeader {
+                error: None,
+                parent_span_id: None,
+                dropped: [0; 3],
+                ..header
+            },
+            &[],
         );
         assert_eq!(scope_spans_end(&spans, 0), Some(0));
         assert_eq!(scope_spans_end(&spans, 1), Some(first_end));

@@ -30,7 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::{TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORT_FAILED, TRACE_SPANS_EXPORTED};
-use crate::otlp;
+use crate::otlp::{self, SpanHeader};
 
 /// How the queue is bounded and drained; OpenTelemetry's defaults and
 /// variables, as the SDK's batch processor reads them.
@@ -159,7 +159,7 @@ pub enum ExportError {
 /// Spans taken from the queue for one export.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// As [`otlp::push_scope_span`] writes them.
+    /// As [`otlp::push_span`] writes them.
     spans: Vec<u8>,
     count: usize,
 }
@@ -418,9 +418,10 @@ impl SpanExport {
         })
     }
 
-    /// Queues an ended span (as [`otlp::span`] encoded it), or drops and
-    /// counts it when the queue is full.
-    pub fn push(&self, span: &[u8]) {
+    /// Queues an ended span (its header, and the attributes, events and
+    /// links it recorded, encoded), or drops and counts it when the queue
+    /// is full.
+    pub fn push(&self, header: &SpanHeader<'_>, recorded: &[u8]) {
         let queue = &*self.queue;
         let queued = {
             let mut pending = queue.lock();
@@ -428,7 +429,7 @@ impl SpanExport {
             if queued.count >= queue.max_queue_size || queue.stopped.load(Ordering::Relaxed) {
                 None
             } else {
-                otlp::push_scope_span(&mut queued.spans, span);
+                otlp::push_span(&mut queued.spans, header, recorded);
                 queued.count += 1;
                 Some(queued.count)
             }
@@ -635,6 +636,26 @@ impl<E: Exporter> Worker<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::otlp::{SpanHeader, SpanKind};
+
+    /// Queues a span that recorded `recorded` (the rest of every test
+    /// span is alike).
+    fn push(export: &SpanExport, recorded: &[u8]) {
+        let header = SpanHeader {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            trace_state: "",
+            parent_span_id: None,
+            name: "t",
+            kind: SpanKind::Internal,
+            start_unix_nano: 0,
+            end_unix_nano: 0,
+            error: None,
+            remote_parent: false,
+            dropped: [0; 3],
+        };
+        export.push(&header, recorded);
+    }
 
     /// An exporter whose exports hang until the test lets them go, as a
     /// collector that accepted the connection and never answers.
@@ -678,7 +699,7 @@ mod tests {
         let spans = 1000;
         let started = Instant::now();
         for _ in 0..spans {
-            export.push(&[0; 16]);
+            push(&export, &[0; 16]);
         }
         let took = started.elapsed();
         // One export holds at most a batch, and the queue the rest: all
@@ -736,7 +757,7 @@ mod tests {
         let export = SpanExport::start(Recorder(batches.clone()), &config, counts.clone()).unwrap();
         for burst in 0..3u8 {
             for i in 0..10 {
-                export.push(&[burst * 10 + i; 3]);
+                push(&export, &[burst * 10 + i; 3]);
             }
             export.flush().unwrap();
         }
@@ -765,7 +786,7 @@ mod tests {
         let export =
             SpanExport::start(Unreachable(calls.clone()), &config, counts.clone()).unwrap();
         for _ in 0..200 {
-            export.push(&[0; 16]);
+            push(&export, &[0; 16]);
             std::thread::sleep(Duration::from_millis(2));
         }
         // 100 full batches in about 0.4 s: one try, a second if the
@@ -789,14 +810,14 @@ mod tests {
         )
         .unwrap();
         for _ in 0..3 {
-            export.push(&[0; 16]);
+            push(&export, &[0; 16]);
         }
         export.flush().unwrap_err();
         assert_eq!(counts.failed.get(), 3);
         assert_eq!(counts.dropped.get() + counts.exported.get(), 0);
         let _ = export.shutdown(Duration::from_secs(5));
         // Stopped: what ends later is dropped, and counted.
-        export.push(&[0; 16]);
+        push(&export, &[0; 16]);
         assert_eq!(counts.dropped.get(), 1);
     }
 

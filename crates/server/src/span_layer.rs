@@ -26,7 +26,7 @@ use tracing_subscriber::Registry;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::otlp::{self, SpanHeader, SpanKind, Value};
+use crate::otlp::{self, EncodedAttributes, SpanHeader, SpanKind, Value};
 use crate::span_export::SpanExport;
 use crate::trace_context::SpanContext;
 
@@ -81,6 +81,17 @@ impl Kept {
             true
         } else {
             self.dropped += 1;
+            false
+        }
+    }
+
+    /// Whether `count` more are kept, all of them; counts them either way.
+    fn admit_all(&mut self, count: u32) -> bool {
+        if self.kept.saturating_add(count) <= MOST_PER_SPAN {
+            self.kept += count;
+            true
+        } else {
+            self.dropped = self.dropped.saturating_add(count);
             false
         }
     }
@@ -146,11 +157,11 @@ impl Recording {
         recording
     }
 
-    /// The span as it ends, encoded for export (named `name` unless it was
-    /// given `otel.name`); None when it is not sampled.
-    pub(crate) fn finish(self, name: &str) -> Option<Vec<u8>> {
+    /// The span as it ends, queued for export (named `name` unless it was
+    /// given `otel.name`) when it is sampled.
+    pub(crate) fn finish(self, name: &str, export: &SpanExport) {
         if !self.context.sampled {
-            return None;
+            return;
         }
         let header = SpanHeader {
             trace_id: self.context.trace_id,
@@ -171,7 +182,7 @@ impl Recording {
                 self.links.dropped,
             ],
         };
-        Some(otlp::span(&header, self.recorded))
+        export.push(&header, &self.recorded);
     }
 
     /// Whether what the span records is kept: it is sampled, or it is a
@@ -195,6 +206,14 @@ impl Recording {
         if self.records() && self.links.admit() {
             let state = to.trace_state.as_deref().unwrap_or_default();
             otlp::link(&mut self.recorded, to.trace_id, to.span_id, state);
+        }
+    }
+
+    /// Attributes encoded beforehand, all kept or (past the span's limit)
+    /// all dropped.
+    pub(crate) fn set_encoded(&mut self, attributes: &EncodedAttributes) {
+        if self.records() && self.attributes.admit_all(attributes.count()) {
+            self.recorded.extend_from_slice(attributes.bytes());
         }
     }
 
@@ -437,9 +456,7 @@ where
         let Some(recording) = span.extensions_mut().remove::<Recording>() else {
             return;
         };
-        if let Some(encoded) = recording.finish(span.name()) {
-            self.export.push(&encoded);
-        }
+        recording.finish(span.name(), &self.export);
     }
 }
 

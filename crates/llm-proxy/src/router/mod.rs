@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::settings::{RouterSettings, Strategy};
 
 use crate::error::ProxyError;
+use crate::gen_ai::DeploymentSpans;
 use crate::limits::MinuteWindow;
 use crate::litellm_config::DeploymentConfig;
 use budget::PeriodBudget;
@@ -25,6 +26,8 @@ use cooldown::Cooldown;
 #[derive(Debug)]
 pub struct Deployment {
     pub config: DeploymentConfig,
+    /// What every try's span says of it.
+    pub spans: DeploymentSpans,
     in_flight: AtomicU64,
     /// Exponentially weighted time to first byte, in µs; 0 until measured.
     latency_micros: AtomicU64,
@@ -39,6 +42,7 @@ impl Deployment {
             .budget
             .map(|limit| PeriodBudget::new(limit, Instant::now()));
         Self {
+            spans: DeploymentSpans::new(&config),
             config,
             in_flight: AtomicU64::new(0),
             latency_micros: AtomicU64::new(0),
