@@ -144,7 +144,7 @@ impl OperationSpan {
     }
 
     /// The `number`th try (from 1, fallbacks included) of the request, on
-    /// the deployment `spans` describes: a child span of this one, which
+    /// the deployment that `deployment` describes: a child span of this one, which
     /// this one names the provider and address of too (the last tried),
     /// and `request` carries the attempt's trace context to the upstream.
     pub fn attempt(

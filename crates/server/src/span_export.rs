@@ -327,7 +327,8 @@ const MOST_KEPT_BYTES: usize = 4 << 20;
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         // A panic while holding it leaves whole spans queued: each is
-        // copied in by one statement.
+        // written once room for all of it is reserved, by appends that
+        // cannot fail.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -636,7 +637,7 @@ impl<E: Exporter> Worker<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::otlp::{SpanHeader, SpanKind};
+    use crate::otlp::SpanKind;
 
     /// Queues a span that recorded `recorded` (the rest of every test
     /// span is alike).
