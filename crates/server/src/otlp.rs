@@ -62,6 +62,12 @@ fn varint_len(value: u64) -> usize {
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+/// The encoded length of a length-delimited field (of a one-byte tag)
+/// holding `len` bytes.
+fn len_field(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
 fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
     varint(out, u64::from(field << 3 | u32::from(wire)));
 }
@@ -89,7 +95,6 @@ fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
 
 /// The encoded length of `AnyValue` holding `value`.
 fn any_value_len(value: Value<'_>) -> usize {
-    let len_field = |len: usize| 1 + varint_len(len as u64) + len;
     match value {
         Value::Str(s) => len_field(s.len()),
         Value::Bool(_) => 2,
@@ -115,10 +120,7 @@ fn any_value(out: &mut Vec<u8>, value: Value<'_>) {
         Value::StrArray(items) => {
             let array: usize = items
                 .iter()
-                .map(|item| {
-                    let len = any_value_len(Value::Str(item));
-                    1 + varint_len(len as u64) + len
-                })
+                .map(|item| len_field(any_value_len(Value::Str(item))))
                 .sum();
             len_header(out, 5, array);
             for item in items {
@@ -133,7 +135,7 @@ fn any_value(out: &mut Vec<u8>, value: Value<'_>) {
 /// (a span's, an event's or a link's attributes).
 pub fn attribute(out: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
     let value_len = any_value_len(value);
-    let key_value = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(value_len as u64);
+    let key_value = len_field(key.len()) + 1 + varint_len(value_len as u64);
     len_header(out, field, key_value + value_len);
     bytes_field(out, 1, key.as_bytes());
     len_header(out, 2, value_len);
@@ -148,7 +150,7 @@ pub const EVENT_ATTRIBUTES: u32 = 3;
 /// Appends a `Span.Event` (field 11 of a span): its time, name and the
 /// attributes already encoded as [`EVENT_ATTRIBUTES`].
 pub fn event(out: &mut Vec<u8>, time_unix_nano: u64, name: &str, attributes: &[u8]) {
-    let len = 9 + 1 + varint_len(name.len() as u64) + name.len() + attributes.len();
+    let len = 9 + len_field(name.len()) + attributes.len();
     len_header(out, 11, len);
     fixed64_field(out, 1, time_unix_nano);
     bytes_field(out, 2, name.as_bytes());
@@ -160,7 +162,7 @@ pub fn link(out: &mut Vec<u8>, trace_id: [u8; 16], span_id: [u8; 8], trace_state
     let state = if trace_state.is_empty() {
         0
     } else {
-        1 + varint_len(trace_state.len() as u64) + trace_state.len()
+        len_field(trace_state.len())
     };
     len_header(out, 13, 18 + 10 + state);
     bytes_field(out, 1, &trace_id);
@@ -192,7 +194,6 @@ pub struct SpanHeader<'a> {
 /// The encoded length of a `Span` message with this header and
 /// `recorded` bytes of attributes, events and links.
 fn span_len(header: &SpanHeader<'_>, recorded: usize) -> usize {
-    let len_field = |len: usize| 1 + varint_len(len as u64) + len;
     let mut len = recorded
         + len_field(16)
         + len_field(8)
@@ -224,7 +225,7 @@ fn status_len(message: &str) -> usize {
     let message_len = if message.is_empty() {
         0
     } else {
-        1 + varint_len(message.len() as u64) + message.len()
+        len_field(message.len())
     };
     message_len + 2
 }
@@ -237,7 +238,7 @@ fn status_len(message: &str) -> usize {
 /// once, into the queue.
 pub fn push_span(spans: &mut Vec<u8>, header: &SpanHeader<'_>, recorded: &[u8]) {
     let len = span_len(header, recorded.len());
-    spans.reserve(1 + varint_len(len as u64) + len);
+    spans.reserve(len_field(len));
     len_header(spans, 2, len);
     let start = spans.len();
     spans.extend_from_slice(recorded);
@@ -335,7 +336,6 @@ pub fn scope_spans_end(spans: &[u8], count: usize) -> Option<usize> {
 /// An `ExportTraceServiceRequest` of `spans` (as [`push_span`] wrote
 /// them), from the service named `service`.
 pub fn export_request(service: &str, spans: &[u8]) -> Vec<u8> {
-    let len_field = |len: usize| 1 + varint_len(len as u64) + len;
     // Resource { repeated KeyValue attributes = 1 }
     let mut resource = Vec::with_capacity(32 + service.len());
     attribute(&mut resource, 1, "service.name", Value::Str(service));
