@@ -202,6 +202,12 @@ impl Recording {
         self.remote_parent = true;
     }
 
+    /// Marks the parent the span began with as a caller in another
+    /// process.
+    pub(crate) fn mark_parent_remote(&mut self) {
+        self.remote_parent = true;
+    }
+
     pub(crate) fn add_link(&mut self, to: &SpanContext) {
         if self.records() && self.links.admit() {
             let state = to.trace_state.as_deref().unwrap_or_default();

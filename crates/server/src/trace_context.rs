@@ -5,8 +5,9 @@
 //! read it from the call's metadata or the request's headers and make the
 //! call's span its child ([`ServerSpan`] for gRPC, [`traced_http`] for the
 //! HTTP APIs); berth's clients write the current span's context into every
-//! call they send ([`inject`], from [`crate::client`]; [`inject_http`] for
-//! the LLM proxy's upstream requests). A malformed header is ignored: the
+//! call they send ([`inject`], from [`crate::client`]; the LLM proxy's
+//! upstream requests take their try's, [`DirectSpan::inject_http`]). A
+//! malformed header is ignored: the
 //! call's span starts a trace of its own and nothing of the header is
 //! passed on.
 
@@ -16,17 +17,10 @@ use http::HeaderMap;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tower_http::trace::MakeSpan;
 use tracing::Span;
-use tracing::field::Empty;
 
+use crate::direct_span::DirectSpan;
+use crate::otlp::Value;
 use crate::span_layer::with_recording;
-
-/// The target of the spans made for each served request (gRPC calls, HTTP
-/// requests, the LLM proxy's GenAI operations): the default log filter
-/// (`crate::telemetry`) keeps it out of the log, where these spans would
-/// only prefix each line, so with no exporter they are never built and a
-/// request costs what it did untraced. They are exported whatever the log
-/// filter says.
-pub const REQUEST_SPAN_TARGET: &str = module_path!();
 
 /// A span's place in its trace, as `traceparent` and `tracestate` carry it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,10 +216,11 @@ pub fn add_link(span: &Span, to: &SpanContext) {
     with_recording(span, |recording| recording.add_link(to));
 }
 
-/// Serves an HTTP request in a span of its own, at INFO (see
-/// [`REQUEST_SPAN_TARGET`]), named by its method as the HTTP semantic
-/// conventions name a span without a route, a child of the caller's span
-/// when the request carries a valid `traceparent`. For an axum router:
+/// Serves an HTTP request in a span of its own ([`DirectSpan::server`]),
+/// named by its method as the HTTP semantic conventions name a span
+/// without a route, a child of the caller's span when the request carries
+/// a valid `traceparent`, and the parent of the direct spans its handler
+/// begins. For an axum router:
 /// `.layer(axum::middleware::from_fn(traced_http))`. A streamed answer's
 /// span ends at its headers; what the stream does after is the spans'
 /// made inside it (the LLM proxy's GenAI span lasts to the stream's end).
@@ -233,25 +228,24 @@ pub async fn traced_http(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use tracing::Instrument as _;
     let method = request.method();
-    let span = tracing::info_span!(
-        target: REQUEST_SPAN_TARGET,
-        "http",
-        otel.name = method.as_str(),
-        otel.kind = "server",
-        otel.status_code = Empty,
-        http.request.method = method.as_str(),
-        url.path = request.uri().path(),
-        http.response.status_code = Empty,
+    let span = DirectSpan::server(
+        || method.as_str().to_owned(),
+        &[
+            ("http.request.method", Value::Str(method.as_str())),
+            ("url.path", Value::Str(request.uri().path())),
+        ],
+        || extract(request.headers()),
     );
-    set_parent(&span, request.headers());
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = span.serve(next.run(request)).await;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    span.set_attributes(&[(
+        "http.response.status_code",
+        Value::Int(i64::from(status.as_u16())),
+    )]);
     // Server spans are errors for 5xx only: a 4xx is the client's.
     if status.is_server_error() {
-        span.record("otel.status_code", "error");
+        span.set_attributes(&[("otel.status_code", Value::Str("error"))]);
     }
     response
 }
@@ -286,6 +280,7 @@ impl<B> MakeSpan<B> for ServerSpan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::otlp::SpanKind;
     use crate::span_layer::testing::traced;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -480,7 +475,8 @@ mod tests {
                 "/call",
                 axum::routing::post(|| async {
                     let mut upstream = HeaderMap::new();
-                    inject_http(&Span::current(), &mut upstream);
+                    DirectSpan::in_current(String::new, SpanKind::Client, &[])
+                        .inject_http(&mut upstream);
                     upstream
                         .get("traceparent")
                         .map(|v| v.to_str().unwrap().to_string())
@@ -514,5 +510,85 @@ mod tests {
             own.starts_with("00-") && !own.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
             "{own}"
         );
+    }
+
+    /// An HTTP request's span is a server span named by its method, with
+    /// its path and status, the remote caller's child, and the parent of
+    /// the spans its handler begins; a 5xx makes it an error, a 4xx not.
+    #[tokio::test]
+    async fn an_http_request_s_span_describes_it_and_parents_its_handler_s_spans() {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use opentelemetry_proto::tonic::trace::v1::span::SpanKind as ExportedKind;
+        use tower::ServiceExt as _;
+
+        use crate::span_layer::testing::{attribute, named};
+        let (subscriber, exports) = traced(1.0);
+        let _default = tracing::subscriber::set_default(subscriber);
+        let router = axum::Router::new()
+            .route(
+                "/ok",
+                axum::routing::post(|| async {
+                    // Begun across an await, as a handler's are.
+                    tokio::task::yield_now().await;
+                    let _operation =
+                        DirectSpan::in_current(|| "handled".into(), SpanKind::Client, &[]);
+                    tokio::task::yield_now().await;
+                }),
+            )
+            .route(
+                "/broken",
+                axum::routing::get(|| async { http::StatusCode::BAD_GATEWAY }),
+            )
+            .route(
+                "/refused",
+                axum::routing::get(|| async { http::StatusCode::FORBIDDEN }),
+            )
+            .layer(axum::middleware::from_fn(traced_http));
+        for (method, path, traceparent) in [
+            ("POST", "/ok", Some(VALID)),
+            ("GET", "/broken", None),
+            ("GET", "/refused", None),
+        ] {
+            let mut request = http::Request::builder().method(method).uri(path);
+            if let Some(traceparent) = traceparent {
+                request = request.header("traceparent", traceparent);
+            }
+            let request = request.body(axum::body::Body::empty()).unwrap();
+            router.clone().oneshot(request).await.unwrap();
+        }
+        let spans = exports.spans();
+        let path = |path: &str| {
+            spans
+                .iter()
+                .find(|span| attribute(span, "url.path") == Some(Any::StringValue(path.into())))
+                .unwrap_or_else(|| panic!("no span of {path} in {spans:?}"))
+        };
+        let served = path("/ok");
+        assert_eq!(served.name, "POST");
+        assert_eq!(served.kind, ExportedKind::Server as i32);
+        assert_eq!(
+            attribute(served, "http.request.method"),
+            Some(Any::StringValue("POST".into()))
+        );
+        assert_eq!(
+            attribute(served, "http.response.status_code"),
+            Some(Any::IntValue(200))
+        );
+        assert_eq!(
+            served.parent_span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!(served.flags, 0x300, "the parent is remote");
+        let handled = named(&spans, "handled");
+        assert_eq!(handled.trace_id, served.trace_id);
+        assert_eq!(handled.parent_span_id, served.span_id);
+        assert_eq!(handled.flags & 0x200, 0, "its parent is local");
+        let broken = path("/broken");
+        assert_eq!(broken.name, "GET");
+        assert!(broken.parent_span_id.is_empty());
+        assert_eq!(broken.status.as_ref().map(|s| s.code), Some(2));
+        let refused = path("/refused");
+        assert!(refused.status.as_ref().is_none_or(|s| s.code != 2));
+        assert_eq!(spans.len(), 4, "{spans:?}");
     }
 }
