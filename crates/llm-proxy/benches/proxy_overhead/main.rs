@@ -38,8 +38,10 @@
 //! `BENCH_VARIANT_BIN` (the `berth-variant` runs this binary instead, e.g.
 //! a copy of an earlier build: two builds compared in one run).
 //! Rates are interleaved (each repeat walks every rate for every target) so
-//! that a burst of load from elsewhere hurts all targets alike; a target is
-//! not driven past the first rate it fails within a repeat.
+//! that a burst of load from elsewhere hurts all targets alike, and each
+//! repeat takes the targets in a rotated order (with as many repeats as
+//! targets, each is measured once in each place); a target is not driven
+//! past the first rate it fails within a repeat.
 
 mod load;
 mod nginx;
@@ -326,8 +328,15 @@ async fn bench() -> Result<(), String> {
     let measured = Duration::from_secs_f64(settings.seconds);
     for repeat in 0..settings.repeats {
         let mut failed = vec![false; subjects.len()];
+        // Each repeat starts one subject further along: in a fixed order,
+        // the same build measured third cost up to several points more CPU
+        // per request than measured second (issue #20), which a comparison
+        // of neighbours would take for their difference.
+        let count = subjects.len();
+        let order: Vec<usize> = (0..count).map(|i| (i + repeat) % count).collect();
         for (index, &rate) in settings.rates.iter().enumerate() {
-            for (subject, failed) in subjects.iter_mut().zip(&mut failed) {
+            for &place in &order {
+                let (subject, failed) = (&mut subjects[place], &mut failed[place]);
                 if *failed {
                     continue;
                 }
