@@ -7,9 +7,8 @@
 //! HTTP APIs); berth's clients write the current span's context into every
 //! call they send ([`inject`], from [`crate::client`]; the LLM proxy's
 //! upstream requests take their try's, [`DirectSpan::inject_http`]). A
-//! malformed header is ignored: the
-//! call's span starts a trace of its own and nothing of the header is
-//! passed on.
+//! malformed header is ignored: the call's span starts a trace of its own
+//! and nothing of the header is passed on.
 
 use std::sync::Arc;
 
