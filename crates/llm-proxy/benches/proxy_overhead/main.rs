@@ -143,6 +143,8 @@ struct Subject {
     /// CPU ticks and answers over the measured runs it sustained.
     cpu_ticks: u64,
     answered: u64,
+    /// The same, repeat by repeat.
+    cpu_by_repeat: Vec<(u64, u64)>,
     idle: Usage,
     /// Highest RSS seen right after a run it sustained.
     loaded_rss_kb: u64,
@@ -153,6 +155,23 @@ impl Subject {
     fn cpu_per_request_us(&self) -> Option<f64> {
         (self.answered > 0)
             .then(|| self.cpu_ticks as f64 / TICKS_PER_SECOND * 1e6 / self.answered as f64)
+    }
+
+    /// Its CPU per request against `other`'s, repeat by repeat (in per
+    /// cent, where both answered): measured within one repeat (about a
+    /// minute), the two share whatever else loads the machine then, which
+    /// figures over the whole run mix.
+    fn cpu_ratios_to(&self, other: &Subject) -> Vec<f64> {
+        self.cpu_by_repeat
+            .iter()
+            .zip(&other.cpu_by_repeat)
+            .filter(|((_, ours), (_, theirs))| *ours > 0 && *theirs > 0)
+            .map(|(&(ticks, answered), &(other_ticks, other_answered))| {
+                let ours = ticks as f64 / answered as f64;
+                let theirs = other_ticks as f64 / other_answered as f64;
+                (ours / theirs - 1.0) * 100.0
+            })
+            .collect()
     }
 
     /// The highest rate up to which it sustained every rate, in most repeats.
@@ -210,6 +229,7 @@ async fn bench() -> Result<(), String> {
         runs: vec![Vec::new(); settings.rates.len()],
         cpu_ticks: 0,
         answered: 0,
+        cpu_by_repeat: vec![(0, 0); settings.repeats],
         idle: Usage::default(),
         loaded_rss_kb: 0,
     };
@@ -348,6 +368,9 @@ async fn bench() -> Result<(), String> {
                 {
                     let after = proxy.usage();
                     subject.cpu_ticks += after.cpu_ticks - before.cpu_ticks;
+                    let (ticks, answered) = &mut subject.cpu_by_repeat[repeat];
+                    *ticks += after.cpu_ticks - before.cpu_ticks;
+                    *answered += run.answered() as u64;
                     subject.loaded_rss_kb = subject.loaded_rss_kb.max(after.rss_kb);
                     subject.answered += run.answered() as u64;
                 }
@@ -634,6 +657,19 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
             print!(" — |");
         }
         println!();
+    }
+    if let Some(berth) = proxies.iter().find(|p| p.name == "berth") {
+        for proxy in proxies.iter().filter(|p| p.name != "berth") {
+            let ratios = proxy.cpu_ratios_to(berth);
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:+.1}")).collect();
+            if let Some(median) = median(ratios) {
+                println!(
+                    "CPU per request of {} against berth, median of the repeats' ratios: {median:+.1} % (repeats: {} %)",
+                    proxy.name,
+                    each.join(", ")
+                );
+            }
+        }
     }
     own_figures(settings, direct, proxies, &cached);
     if let (Some(floor), Some(berth)) = (floor, proxies.iter().find(|p| p.name == "berth")) {
