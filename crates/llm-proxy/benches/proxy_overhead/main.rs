@@ -141,10 +141,8 @@ struct Subject {
     proxy: Option<Proxy>,
     /// Runs by rate index, one per repeat that reached the rate.
     runs: Vec<Vec<Run>>,
-    /// CPU ticks and answers over the measured runs it sustained.
-    cpu_ticks: u64,
-    answered: u64,
-    /// The same, repeat by repeat.
+    /// CPU ticks and answers over the measured runs it sustained, repeat
+    /// by repeat.
     cpu_by_repeat: Vec<(u64, u64)>,
     idle: Usage,
     /// Highest RSS seen right after a run it sustained.
@@ -154,8 +152,13 @@ struct Subject {
 impl Subject {
     /// CPU time per answer over the runs it sustained, in µs.
     fn cpu_per_request_us(&self) -> Option<f64> {
-        (self.answered > 0)
-            .then(|| self.cpu_ticks as f64 / TICKS_PER_SECOND * 1e6 / self.answered as f64)
+        let (ticks, answered) = self
+            .cpu_by_repeat
+            .iter()
+            .fold((0, 0), |(ticks, answered), &(t, a)| {
+                (ticks + t, answered + a)
+            });
+        (answered > 0).then(|| ticks as f64 / TICKS_PER_SECOND * 1e6 / answered as f64)
     }
 
     /// Its CPU per request against `other`'s, repeat by repeat (in per
@@ -228,8 +231,6 @@ async fn bench() -> Result<(), String> {
         },
         proxy,
         runs: vec![Vec::new(); settings.rates.len()],
-        cpu_ticks: 0,
-        answered: 0,
         cpu_by_repeat: vec![(0, 0); settings.repeats],
         idle: Usage::default(),
         loaded_rss_kb: 0,
@@ -368,12 +369,10 @@ async fn bench() -> Result<(), String> {
                     && run.sustained()
                 {
                     let after = proxy.usage();
-                    subject.cpu_ticks += after.cpu_ticks - before.cpu_ticks;
                     let (ticks, answered) = &mut subject.cpu_by_repeat[repeat];
                     *ticks += after.cpu_ticks - before.cpu_ticks;
                     *answered += run.answered() as u64;
                     subject.loaded_rss_kb = subject.loaded_rss_kb.max(after.rss_kb);
-                    subject.answered += run.answered() as u64;
                 }
                 eprintln!(
                     "repeat {} {:>8} {rate:>5}/s: p50 {:>7} µs  p99 {:>7} µs  errors {}{}",
