@@ -80,7 +80,7 @@ impl DirectSpan {
         attributes: &[(&str, Value<'_>)],
     ) -> Self {
         let found = tracing::dispatcher::get_default(|dispatch| {
-            let layer = dispatch.downcast_ref::<SpanLayer>()?;
+            let (export, sampler) = span_layer(dispatch)?;
             let parent = dispatch.current_span().id().and_then(|id| {
                 let registry = dispatch.downcast_ref::<Registry>()?;
                 registry.span(id)?.scope().find_map(|span| {
@@ -89,7 +89,7 @@ impl DirectSpan {
                         .map(|recording| recording.context.clone())
                 })
             });
-            Some((layer.export().clone(), layer.sampler(), parent))
+            Some((export, sampler, parent))
         });
         match found {
             Some((export, sampler, Some(parent))) => {
@@ -112,11 +112,7 @@ impl DirectSpan {
         attributes: &[(&str, Value<'_>)],
         remote_parent: impl FnOnce() -> Option<SpanContext>,
     ) -> Self {
-        let found = tracing::dispatcher::get_default(|dispatch| {
-            let layer = dispatch.downcast_ref::<SpanLayer>()?;
-            Some((layer.export().clone(), layer.sampler()))
-        });
-        let Some((export, sampler)) = found else {
+        let Some((export, sampler)) = tracing::dispatcher::get_default(span_layer) else {
             return Self(None);
         };
         let remote_parent = remote_parent();
@@ -229,6 +225,12 @@ impl DirectSpan {
             trace_context::write_http(&context, headers);
         }
     }
+}
+
+/// The export queue and sampler of the span layer `dispatch` has, if any.
+fn span_layer(dispatch: &tracing::Dispatch) -> Option<(Arc<SpanExport>, Sampler)> {
+    let layer = dispatch.downcast_ref::<SpanLayer>()?;
+    Some((layer.export().clone(), layer.sampler()))
 }
 
 impl Parent {
