@@ -3,8 +3,8 @@
 //! driven by the same open-loop load generator at fixed request rates. It
 //! prints, per rate, the latency of calling the upstream directly and
 //! through each proxy, the latency each proxy adds (medians over repeats),
-//! the highest rate each sustains without errors, CPU time per request and
-//! RSS, with berth's figure, LiteLLM's and the ratio, and each proxy's CPU
+//! the highest rate each sustains without errors, CPU time per request (its
+//! threads' time on CPU, to the nanosecond) and RSS, with berth's figure, LiteLLM's and the ratio, and each proxy's CPU
 //! per request against berth's repeat by repeat, with their median.
 //!
 //!     scripts/llm/setup-peers.sh --litellm    # once
@@ -37,7 +37,11 @@
 //! `berth-variant`, started with them and measured in the same repeats;
 //! with `BENCH_PEER=0` the ratio column compares the two),
 //! `BENCH_VARIANT_BIN` (the `berth-variant` runs this binary instead, e.g.
-//! a copy of an earlier build: two builds compared in one run).
+//! a copy of an earlier build: two builds compared in one run),
+//! `BENCH_TOGETHER=1` (berth, `berth-traced` and `berth-variant` are driven
+//! at the same time, each at the rate, so that whatever else loads the
+//! machine loads them alike and their CPU per request compares over the
+//! same seconds; their latencies are then under each other's load).
 //! Rates are interleaved (each repeat walks every rate for every target) so
 //! that a burst of load from elsewhere hurts all targets alike, and each
 //! repeat takes the targets in a rotated order (with as many repeats as
@@ -53,11 +57,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use futures::future::join_all;
 use http::HeaderValue;
 use load::{Run, Target};
-use procs::{Proxy, TICKS_PER_SECOND, Usage};
+use procs::{Proxy, Usage};
 
 const MASTER_KEY: &str = "sk-bench-master";
+/// berth at its defaults, the one every other subject is compared with.
+const BERTH: &str = "berth";
 /// The berth with its response cache on; reported apart from the proxies
 /// compared, as it answers without the upstream.
 const CACHED: &str = "berth-cache";
@@ -84,6 +91,9 @@ struct Settings {
     cpus: usize,
     /// Where `berth-traced` exports, and at which sample ratio.
     traced: Option<(String, f64)>,
+    /// The berths compared (berth, `berth-traced`, `berth-variant`) driven
+    /// at the same time (`BENCH_TOGETHER=1`).
+    together: bool,
     /// The settings `berth-variant` is started with (`BENCH_VARIANT`), and
     /// its binary if not this build's (`BENCH_VARIANT_BIN`).
     variant: Option<(Vec<String>, Option<PathBuf>)>,
@@ -110,6 +120,7 @@ impl Settings {
             peer: var("BENCH_PEER").is_none_or(|v| v != "0"),
             floor: var("BENCH_FLOOR").is_none_or(|v| v != "0"),
             proxy_cpus: var("BENCH_PROXY_CPUS"),
+            together: var("BENCH_TOGETHER").is_some_and(|v| v != "0"),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             traced: match var("BENCH_TRACED_OTLP") {
                 Some(endpoint) => {
@@ -141,7 +152,7 @@ struct Subject {
     proxy: Option<Proxy>,
     /// Runs by rate index, one per repeat that reached the rate.
     runs: Vec<Vec<Run>>,
-    /// CPU ticks and answers over the measured runs it sustained, repeat
+    /// CPU time (ns) and answers over the measured runs it sustained, repeat
     /// by repeat.
     cpu_by_repeat: Vec<(u64, u64)>,
     idle: Usage,
@@ -152,13 +163,11 @@ struct Subject {
 impl Subject {
     /// CPU time per answer over the runs it sustained, in µs.
     fn cpu_per_request_us(&self) -> Option<f64> {
-        let (ticks, answered) = self
+        let (ns, answered) = self
             .cpu_by_repeat
             .iter()
-            .fold((0, 0), |(ticks, answered), &(t, a)| {
-                (ticks + t, answered + a)
-            });
-        (answered > 0).then(|| ticks as f64 / TICKS_PER_SECOND * 1e6 / answered as f64)
+            .fold((0, 0), |(ns, answered), &(t, a)| (ns + t, answered + a));
+        (answered > 0).then(|| ns as f64 / 1e3 / answered as f64)
     }
 
     /// Its CPU per request against `other`'s, repeat by repeat (in per
@@ -170,12 +179,40 @@ impl Subject {
             .iter()
             .zip(&other.cpu_by_repeat)
             .filter(|((_, ours), (_, theirs))| *ours > 0 && *theirs > 0)
-            .map(|(&(ticks, answered), &(other_ticks, other_answered))| {
-                let ours = ticks as f64 / answered as f64;
-                let theirs = other_ticks as f64 / other_answered as f64;
+            .map(|(&(ns, answered), &(other_ns, other_answered))| {
+                let ours = ns as f64 / answered as f64;
+                let theirs = other_ns as f64 / other_answered as f64;
                 (ours / theirs - 1.0) * 100.0
             })
             .collect()
+    }
+
+    /// Keeps a measured run at `rate` (the `index`th) of `repeat`, with
+    /// its CPU time and RSS when it was sustained, and prints it.
+    fn record(&mut self, repeat: usize, index: usize, rate: u32, before: Option<Usage>, run: Run) {
+        if let (Some(proxy), Some(before)) = (&self.proxy, before)
+            && run.sustained()
+        {
+            let after = proxy.usage();
+            let (ns, answered) = &mut self.cpu_by_repeat[repeat];
+            *ns += after.cpu_ns_since(&before);
+            *answered += run.answered() as u64;
+            self.loaded_rss_kb = self.loaded_rss_kb.max(after.rss_kb);
+        }
+        eprintln!(
+            "repeat {} {:>8} {rate:>5}/s: p50 {:>7} µs  p99 {:>7} µs  errors {}{}",
+            repeat + 1,
+            self.name,
+            run.percentile_us(0.5).unwrap_or(0),
+            run.percentile_us(0.99).unwrap_or(0),
+            run.errors,
+            match (&run.first_error, run.sustained()) {
+                (Some(error), _) => format!(" (first: {})", truncate(error, 120)),
+                (None, false) => format!(" (fell behind: {:.0}/s answered)", run.achieved()),
+                (None, true) => String::new(),
+            }
+        );
+        self.runs[index].push(run);
     }
 
     /// The highest rate up to which it sustained every rate, in most repeats.
@@ -263,7 +300,7 @@ async fn bench() -> Result<(), String> {
     let port = free_port();
     let berth = berth_command(port, &[]);
     let proxy = Proxy::start(
-        "berth",
+        BERTH,
         berth,
         port,
         &dir.path().join("berth.log"),
@@ -271,7 +308,7 @@ async fn bench() -> Result<(), String> {
         Duration::from_secs(30),
     )
     .await?;
-    subjects.push(subject("berth", port, Some(proxy)));
+    subjects.push(subject(BERTH, port, Some(proxy)));
     if let Some((endpoint, ratio)) = &settings.traced {
         let port = free_port();
         let mut traced = berth_command(port, &[]);
@@ -356,40 +393,55 @@ async fn bench() -> Result<(), String> {
         // of neighbours would take for their difference.
         let count = subjects.len();
         let order: Vec<usize> = (0..count).map(|i| (i + repeat) % count).collect();
+        // With `BENCH_TOGETHER`, the berths compared are driven at once.
+        let together: Vec<usize> = if settings.together {
+            order
+                .iter()
+                .copied()
+                .filter(|&i| [BERTH, TRACED, VARIANT].contains(&subjects[i].name))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (index, &rate) in settings.rates.iter().enumerate() {
             for &place in &order {
-                let (subject, failed) = (&mut subjects[place], &mut failed[place]);
-                if *failed {
+                // The berths driven together take their turn where the
+                // first of them comes in this repeat's order.
+                let group: Vec<usize> = if together.first() == Some(&place) {
+                    let mut group: Vec<usize> = together
+                        .iter()
+                        .copied()
+                        .filter(|&other| !failed[other])
+                        .collect();
+                    // Requests due in the same timer tick leave in the
+                    // group's order, and the berth sent to first paid ~7 %
+                    // more CPU per request than the one sent to last (issue
+                    // #20): each run starts the round with another one.
+                    let step = repeat * settings.rates.len() + index;
+                    let len = group.len().max(1);
+                    group.rotate_left(step % len);
+                    group
+                } else if together.contains(&place) || failed[place] {
                     continue;
+                } else {
+                    vec![place]
+                };
+                let targets: Vec<&Target> = group.iter().map(|&i| &subjects[i].target).collect();
+                join_all(targets.iter().map(|t| load::run(&client, t, rate, WARM))).await;
+                let before: Vec<Option<Usage>> = group
+                    .iter()
+                    .map(|&i| subjects[i].proxy.as_ref().map(Proxy::usage))
+                    .collect();
+                let runs = join_all(
+                    targets
+                        .iter()
+                        .map(|t| load::run(&client, t, rate, measured)),
+                )
+                .await;
+                for ((&place, before), run) in group.iter().zip(before).zip(runs) {
+                    failed[place] = !run.sustained();
+                    subjects[place].record(repeat, index, rate, before, run);
                 }
-                load::run(&client, &subject.target, rate, WARM).await;
-                let before = subject.proxy.as_ref().map(Proxy::usage);
-                let run = load::run(&client, &subject.target, rate, measured).await;
-                if let (Some(proxy), Some(before)) = (&subject.proxy, before)
-                    && run.sustained()
-                {
-                    let after = proxy.usage();
-                    let (ticks, answered) = &mut subject.cpu_by_repeat[repeat];
-                    *ticks += after.cpu_ticks - before.cpu_ticks;
-                    *answered += run.answered() as u64;
-                    subject.loaded_rss_kb = subject.loaded_rss_kb.max(after.rss_kb);
-                }
-                eprintln!(
-                    "repeat {} {:>8} {rate:>5}/s: p50 {:>7} µs  p99 {:>7} µs  errors {}{}",
-                    repeat + 1,
-                    subject.name,
-                    run.percentile_us(0.5).unwrap_or(0),
-                    run.percentile_us(0.99).unwrap_or(0),
-                    run.errors,
-                    match (&run.first_error, run.sustained()) {
-                        (Some(error), _) => format!(" (first: {})", truncate(error, 120)),
-                        (None, false) =>
-                            format!(" (fell behind: {:.0}/s answered)", run.achieved()),
-                        (None, true) => String::new(),
-                    }
-                );
-                *failed = !run.sustained();
-                subject.runs[index].push(run);
             }
         }
     }
@@ -470,13 +522,20 @@ fn cpu_list(list: &str, all: usize) -> Result<Vec<usize>, String> {
     Ok(cpus)
 }
 
-/// Median of a repeat-wise figure, over the repeats that have it.
+/// Median of a repeat-wise figure, over the repeats that have it (of an
+/// even count, the mean of the middle two: the upper one alone would make
+/// every figure of two repeats the higher of the two).
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
     values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
+    let middle = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    })
 }
 
 /// Latency added over the direct call, repeat by repeat, at quantile `q`.
@@ -658,8 +717,8 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
         }
         println!();
     }
-    if let Some(berth) = proxies.iter().find(|p| p.name == "berth") {
-        for proxy in proxies.iter().filter(|p| p.name != "berth") {
+    if let Some(berth) = proxies.iter().find(|p| p.name == BERTH) {
+        for proxy in proxies.iter().filter(|p| p.name != BERTH) {
             let ratios = proxy.cpu_ratios_to(berth);
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:+.1}")).collect();
             if let Some(median) = median(ratios) {
@@ -672,7 +731,7 @@ fn report(settings: &Settings, subjects: &[Subject], load_before: String, load_a
         }
     }
     own_figures(settings, direct, proxies, &cached);
-    if let (Some(floor), Some(berth)) = (floor, proxies.iter().find(|p| p.name == "berth")) {
+    if let (Some(floor), Some(berth)) = (floor, proxies.iter().find(|p| p.name == BERTH)) {
         floor_figures(settings, direct, floor, berth);
     }
 }
@@ -721,7 +780,7 @@ fn floor_figures(settings: &Settings, direct: &Subject, floor: &Subject, berth: 
 /// berth's own time per request by its overhead header, and its cache-hit
 /// latency (end to end, and by the header), beside the upstream's latency.
 fn own_figures(settings: &Settings, direct: &Subject, proxies: &[&Subject], cached: &[&Subject]) {
-    let (Some(berth), Some(cached)) = (proxies.iter().find(|p| p.name == "berth"), cached.first())
+    let (Some(berth), Some(cached)) = (proxies.iter().find(|p| p.name == BERTH), cached.first())
     else {
         return;
     };

@@ -14,12 +14,32 @@ pub struct Proxy {
 
 /// Memory and CPU time of a process and its descendants (LiteLLM may fork
 /// workers; berth does not).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Usage {
     pub rss_kb: u64,
     pub peak_rss_kb: u64,
-    /// User + system, in clock ticks.
-    pub cpu_ticks: u64,
+    /// Time on CPU of each thread, by thread id, in ns.
+    threads: Vec<(u32, u64)>,
+}
+
+impl Usage {
+    /// CPU time (ns) its threads took since `before`: to the nanosecond,
+    /// where /proc/PID/stat gives clock ticks of 10 ms, a few per cent of
+    /// a run of a few seconds. A thread that ended in between is not
+    /// counted (berth's threads live as long as it does).
+    pub fn cpu_ns_since(&self, before: &Usage) -> u64 {
+        self.threads
+            .iter()
+            .map(|&(tid, ns)| {
+                let earlier = before
+                    .threads
+                    .iter()
+                    .find(|&&(other, _)| other == tid)
+                    .map_or(0, |&(_, ns)| ns);
+                ns.saturating_sub(earlier)
+            })
+            .sum()
+    }
 }
 
 impl Proxy {
@@ -76,7 +96,7 @@ impl Proxy {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             usage.rss_kb += status_kb(&status, "VmRSS:");
             usage.peak_rss_kb += status_kb(&status, "VmHWM:");
-            usage.cpu_ticks += cpu_ticks(pid);
+            usage.threads.extend(thread_cpu_ns(pid));
             pending.extend(children(pid));
         }
         usage
@@ -109,19 +129,20 @@ fn status_kb(status: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, counted
-/// after the command name, which may hold spaces).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, after_name)) = stat.rsplit_once(')') else {
-        return 0;
+/// Time on CPU of each thread of a process: the first field of
+/// /proc/PID/task/TID/schedstat, in ns.
+fn thread_cpu_ns(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
     };
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // after_name starts at field 3 (state).
-    [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum()
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((tid, stat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -138,7 +159,3 @@ fn children(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
-
-/// Clock ticks per second for /proc/PID/stat: USER_HZ, 100 on every Linux
-/// that berth runs on (reading it needs sysconf, i.e. libc).
-pub const TICKS_PER_SECOND: f64 = 100.0;
