@@ -4,8 +4,9 @@
 //! prints, per rate, the latency of calling the upstream directly and
 //! through each proxy, the latency each proxy adds (medians over repeats),
 //! the highest rate each sustains without errors, CPU time per request (its
-//! threads' time on CPU, to the nanosecond) and RSS, with berth's figure, LiteLLM's and the ratio, and each proxy's CPU
-//! per request against berth's repeat by repeat, with their median.
+//! threads' time on CPU, to the nanosecond) and RSS, with berth's figure,
+//! LiteLLM's and the ratio, and each proxy's CPU per request against
+//! berth's repeat by repeat, with their median.
 //!
 //!     scripts/llm/setup-peers.sh --litellm    # once
 //!     cargo bench -p berth-llm-proxy --bench proxy_overhead

@@ -26,7 +26,9 @@ impl Usage {
     /// CPU time (ns) its threads took since `before`: to the nanosecond,
     /// where /proc/PID/stat gives clock ticks of 10 ms, a few per cent of
     /// a run of a few seconds. A thread that ended in between is not
-    /// counted (berth's threads live as long as it does).
+    /// counted: berth's threads and nginx's workers live as long as they
+    /// do; a proxy that ends threads while it serves (Python's thread pools
+    /// may, in LiteLLM) reads low by what they took.
     pub fn cpu_ns_since(&self, before: &Usage) -> u64 {
         self.threads
             .iter()
