@@ -79,9 +79,11 @@ impl DirectSpan {
         kind: SpanKind,
         attributes: &[(&str, Value<'_>)],
     ) -> Self {
+        // The export queue and sampler are taken from the layer only for
+        // a span that does not take them from the HTTP request's.
         let found = tracing::dispatcher::get_default(|dispatch| {
-            let (export, sampler) = span_layer(dispatch)?;
-            let parent = dispatch.current_span().id().and_then(|id| {
+            let layer = dispatch.downcast_ref::<SpanLayer>()?;
+            let traced = dispatch.current_span().id().and_then(|id| {
                 let registry = dispatch.downcast_ref::<Registry>()?;
                 registry.span(id)?.scope().find_map(|span| {
                     span.extensions()
@@ -89,16 +91,17 @@ impl DirectSpan {
                         .map(|recording| recording.context.clone())
                 })
             });
-            Some((export, sampler, parent))
+            let parent = match traced {
+                Some(context) => Some(Parent::of(layer, context)),
+                None => SERVING.try_with(Parent::clone).ok(),
+            };
+            Some(parent.ok_or_else(|| exporting(layer)))
         });
         match found {
-            Some((export, sampler, Some(parent))) => {
-                Self::begin(export, sampler, Some(parent), name, kind, attributes)
+            Some(Ok(parent)) => parent.child(name, kind, attributes),
+            Some(Err((export, sampler))) => {
+                Self::begin(export, sampler, None, name, kind, attributes)
             }
-            Some((export, sampler, None)) => match SERVING.try_with(Parent::clone) {
-                Ok(serving) => serving.child(name, kind, attributes),
-                Err(_) => Self::begin(export, sampler, None, name, kind, attributes),
-            },
             None => Self(None),
         }
     }
@@ -112,7 +115,10 @@ impl DirectSpan {
         attributes: &[(&str, Value<'_>)],
         remote_parent: impl FnOnce() -> Option<SpanContext>,
     ) -> Self {
-        let Some((export, sampler)) = tracing::dispatcher::get_default(span_layer) else {
+        let found = tracing::dispatcher::get_default(|dispatch| {
+            dispatch.downcast_ref::<SpanLayer>().map(exporting)
+        });
+        let Some((export, sampler)) = found else {
             return Self(None);
         };
         let remote_parent = remote_parent();
@@ -227,13 +233,22 @@ impl DirectSpan {
     }
 }
 
-/// The export queue and sampler of the span layer `dispatch` has, if any.
-fn span_layer(dispatch: &tracing::Dispatch) -> Option<(Arc<SpanExport>, Sampler)> {
-    let layer = dispatch.downcast_ref::<SpanLayer>()?;
-    Some((layer.export().clone(), layer.sampler()))
+/// The export queue and sampler of a span layer, for a span of its own.
+fn exporting(layer: &SpanLayer) -> (Arc<SpanExport>, Sampler) {
+    (layer.export().clone(), layer.sampler())
 }
 
 impl Parent {
+    /// The span of `context`, recorded by `layer`.
+    fn of(layer: &SpanLayer, context: SpanContext) -> Self {
+        let (export, sampler) = exporting(layer);
+        Self {
+            export,
+            sampler,
+            context,
+        }
+    }
+
     fn child(
         self,
         name: impl FnOnce() -> String,
