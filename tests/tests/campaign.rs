@@ -309,6 +309,28 @@ async fn submit(client: &mut Client, manifest_yaml: String) -> Campaign {
         .into_inner()
 }
 
+/// The workloads an agent holds for one campaign. The agent also lists what
+/// the shared engines hold for others (docker containers, libvirt domains of
+/// tests running beside this one), so a test looks at its own only.
+async fn campaign_workloads(
+    agent: &mut berth_proto::agent::v1::container_agent_client::ContainerAgentClient<AuthChannel>,
+    campaign_id: &str,
+) -> Vec<berth_proto::agent::v1::Workload> {
+    let workloads = agent
+        .list_workloads(berth_proto::agent::v1::ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workloads;
+    workloads
+        .into_iter()
+        .filter(|w| {
+            w.spec.as_ref().and_then(|spec| spec.labels.get("berth.campaign"))
+                == Some(&campaign_id.to_string())
+        })
+        .collect()
+}
+
 async fn all_runs(client: &mut Client, campaign_id: &str) -> Vec<Run> {
     client
         .list_runs(ListRunsRequest {
@@ -645,9 +667,7 @@ run:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_that_goes_down_between_runs_is_started_again_before_the_next() {
     use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
-    use berth_proto::agent::v1::{
-        ListWorkloadsRequest, StopWorkloadRequest, WorkloadRef, WorkloadState,
-    };
+    use berth_proto::agent::v1::{StopWorkloadRequest, WorkloadRef, WorkloadState};
 
     let (local, mut client) = start_local(&[]).await;
     let manifest = r#"name: watched
@@ -680,12 +700,7 @@ run: {command: [echo, '{"n": 1}']}
     // Now in the 4 s gap before cycle 2.
     let mut agent =
         ContainerAgentClient::new(wait_for(&format!("unix://{}", local.socket.display())).await);
-    let workloads = agent
-        .list_workloads(ListWorkloadsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .workloads;
+    let workloads = campaign_workloads(&mut agent, &campaign.id).await;
     let backend = workloads
         .iter()
         .find(|w| w.spec.as_ref().unwrap().labels.get("berth.backend") == Some(&"b".into()))
@@ -833,7 +848,6 @@ async fn assert_every_run_failed_naming(client: &mut Client, campaign: &Campaign
 /// reason instead of waiting for a host forever, and nothing is left behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_that_can_never_start_fails_its_runs_with_the_agents_reason() {
-    use berth_proto::agent::v1::ListWorkloadsRequest;
     use berth_proto::agent::v1::container_agent_client::ContainerAgentClient;
 
     let (local, mut client) = start_local(&[]).await;
@@ -847,12 +861,7 @@ run: {command: [echo, '{"n": 1}']}
     assert_every_run_failed_naming(&mut client, &campaign, "berth-no-such-command").await;
     let mut agent =
         ContainerAgentClient::new(wait_for(&format!("unix://{}", local.socket.display())).await);
-    let workloads = agent
-        .list_workloads(ListWorkloadsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .workloads;
+    let workloads = campaign_workloads(&mut agent, &campaign.id).await;
     assert!(
         workloads.is_empty(),
         "a backend that did not start is removed: {workloads:?}"
