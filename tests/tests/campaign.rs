@@ -325,7 +325,9 @@ async fn campaign_workloads(
     workloads
         .into_iter()
         .filter(|w| {
-            w.spec.as_ref().and_then(|spec| spec.labels.get("berth.campaign"))
+            w.spec
+                .as_ref()
+                .and_then(|spec| spec.labels.get("berth.campaign"))
                 == Some(&campaign_id.to_string())
         })
         .collect()

@@ -120,10 +120,15 @@ impl UpstreamClient {
     /// which is how a client's disconnect reaches the upstream.
     pub async fn send(&self, request: UpstreamRequest) -> Result<http::Response<Incoming>, String> {
         let mut upstream = http::Request::post(request.uri)
-            .header(CONTENT_TYPE, "application/json")
             .body(Full::new(request.body))
             .map_err(|e| e.to_string())?;
-        upstream.headers_mut().extend(request.headers);
+        // The request's own headers (a key, the trace context) become the
+        // upstream request's map: no second map is filled and dropped.
+        *upstream.headers_mut() = request.headers;
+        upstream
+            .headers_mut()
+            .entry(CONTENT_TYPE)
+            .or_insert(http::HeaderValue::from_static("application/json"));
         self.pool().request(upstream).await.map_err(|e| {
             // hyper-util's error says only "client error (Connect)"; the cause says why.
             let mut message = e.to_string();

@@ -61,6 +61,9 @@ struct Direct {
     /// Exported when it ends (decided as it begins: a direct span's
     /// parent, remote or not, is known by then).
     sampled: bool,
+    /// The recording's, which a direct span never changes: read by its
+    /// children and the headers it is written into without the lock.
+    context: SpanContext,
     recording: Mutex<Recording>,
 }
 
@@ -164,7 +167,7 @@ impl DirectSpan {
         self.0.as_ref().map(|direct| Parent {
             export: direct.export.clone(),
             sampler: direct.sampler,
-            context: direct.lock().context.clone(),
+            context: direct.context.clone(),
         })
     }
 
@@ -188,6 +191,7 @@ impl DirectSpan {
             export,
             sampler,
             sampled,
+            context: recording.context.clone(),
             recording: Mutex::new(recording),
         })))
     }
@@ -227,8 +231,7 @@ impl DirectSpan {
     /// nothing when the span is disabled.
     pub fn inject_http(&self, headers: &mut HeaderMap) {
         if let Some(direct) = &self.0 {
-            let context = direct.lock().context.clone();
-            trace_context::write_http(&context, headers);
+            trace_context::write_http(&direct.context, headers);
         }
     }
 }
