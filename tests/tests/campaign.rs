@@ -310,8 +310,9 @@ async fn submit(client: &mut Client, manifest_yaml: String) -> Campaign {
 }
 
 /// The workloads an agent holds for one campaign. The agent also lists what
-/// the shared engines hold for others (docker containers, libvirt domains of
-/// tests running beside this one), so a test looks at its own only.
+/// the shared engines hold under its owner for others (docker containers,
+/// libvirt domains of other tests, or left by a run that was killed), so a
+/// test looks at its own only.
 async fn campaign_workloads(
     agent: &mut berth_proto::agent::v1::container_agent_client::ContainerAgentClient<AuthChannel>,
     campaign_id: &str,
@@ -328,7 +329,8 @@ async fn campaign_workloads(
             w.spec
                 .as_ref()
                 .and_then(|spec| spec.labels.get("berth.campaign"))
-                == Some(&campaign_id.to_string())
+                .map(String::as_str)
+                == Some(campaign_id)
         })
         .collect()
 }
