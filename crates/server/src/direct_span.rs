@@ -58,11 +58,10 @@ struct Parent {
 struct Direct {
     export: Arc<SpanExport>,
     sampler: Sampler,
-    /// Exported when it ends (decided as it begins: a direct span's
-    /// parent, remote or not, is known by then).
-    sampled: bool,
     /// The recording's, which a direct span never changes: read by its
-    /// children and the headers it is written into without the lock.
+    /// children and the headers it is written into without the lock. Its
+    /// `sampled` says whether the span is exported when it ends (decided as
+    /// it begins: a direct span's parent, remote or not, is known by then).
     context: SpanContext,
     recording: Mutex<Recording>,
 }
@@ -180,8 +179,7 @@ impl DirectSpan {
         attributes: &[(&str, Value<'_>)],
     ) -> Self {
         let mut recording = Recording::begin(parent, sampler);
-        let sampled = recording.context.sampled;
-        if sampled {
+        if recording.context.sampled {
             recording.set_name(name(), kind);
             for &(key, value) in attributes {
                 recording.set(key, value);
@@ -190,7 +188,6 @@ impl DirectSpan {
         Self(Some(Box::new(Direct {
             export,
             sampler,
-            sampled,
             context: recording.context.clone(),
             recording: Mutex::new(recording),
         })))
@@ -200,14 +197,14 @@ impl DirectSpan {
     /// and the trace is sampled. Work only its attributes would use can be
     /// skipped otherwise.
     pub fn is_sampled(&self) -> bool {
-        self.0.as_ref().is_some_and(|direct| direct.sampled)
+        self.0.as_ref().is_some_and(|direct| direct.context.sampled)
     }
 
     /// Sets attributes (`otel.status_code` and the like as a `tracing`
     /// span's fields would); nothing unless the span is sampled.
     pub fn set_attributes(&self, attributes: &[(&str, Value<'_>)]) {
         if let Some(direct) = &self.0
-            && direct.sampled
+            && direct.context.sampled
         {
             let mut recording = direct.lock();
             for &(key, value) in attributes {
@@ -220,7 +217,7 @@ impl DirectSpan {
     /// sampled.
     pub fn set_encoded_attributes(&self, attributes: &EncodedAttributes) {
         if let Some(direct) = &self.0
-            && direct.sampled
+            && direct.context.sampled
         {
             direct.lock().set_encoded(attributes);
         }
@@ -281,7 +278,7 @@ impl Direct {
 impl Drop for DirectSpan {
     fn drop(&mut self) {
         if let Some(direct) = self.0.take()
-            && direct.sampled
+            && direct.context.sampled
         {
             let Direct {
                 export, recording, ..
